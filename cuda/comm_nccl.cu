@@ -1,0 +1,1 @@
+// comm_nccl.cu: placeholder.

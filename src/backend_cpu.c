@@ -1,0 +1,2 @@
+// backend_cpu.c: placeholder until the module lands.
+#include "common.h"

@@ -1,0 +1,2 @@
+// comm.c: placeholder until the module lands.
+#include "common.h"

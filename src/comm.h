@@ -1,0 +1,59 @@
+// comm.h: collectives over one process group (one dimension of the device mesh).
+//
+// Two implementations sit behind one struct of function pointers: MPI (comm_mpi.c; works for host
+// buffers and, staging through host memory, for device buffers) and NCCL (cuda/comm_nccl.c; device
+// buffers, ordered on the backend's stream). Callers never know which one they hold.
+// Buffers are backend memory of the backend the comm was created with.
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "backend.h"
+
+enum comm_op { COMM_SUM = 0, COMM_MAX, COMM_AVG };
+enum comm_dtype { COMM_F32 = 0, COMM_BF16, COMM_I32, COMM_U8 };
+
+struct comm_i {
+    const char *(*name)(void *ctx);   // "mpi", "nccl", "self"
+    // buf (count) = op over ranks of buf, in place
+    void (*all_reduce)(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op);
+    // out (size * count) = concatenation of every rank's in (count), rank order
+    void (*all_gather)(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt);
+    // out (count) = this rank's block of op over ranks of in (size * count)
+    void (*reduce_scatter)(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                           enum comm_op op);
+    // buf (count) = root's buf
+    void (*broadcast)(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root);
+    // waits until every collective issued so far has completed (and checks for async errors)
+    void (*synchronize)(void *ctx);
+    void (*destroy)(void *ctx);
+};
+
+struct comm {
+    const struct comm_i *iface;
+    void *ctx;
+    int rank;  // rank inside this group
+    int size;  // ranks in this group
+};
+
+size_t comm_dtype_size(enum comm_dtype dt);
+
+// MPI implementation over an MPI communicator (passed as a pointer to MPI_Comm to keep mpi.h out
+// of this header). be says where the buffers live; device buffers are staged through host memory.
+struct comm comm_mpi_create(const void *mpi_comm, struct backend be);
+
+// NCCL implementation (GPU builds only). Bootstraps its unique id inside mpi_comm.
+// Returns false with a message in err on failure.
+bool comm_nccl_available(void);
+bool comm_nccl_create(struct comm *out, const void *mpi_comm, struct backend be, char *err,
+                      size_t errlen);
+
+static inline void comm_all_reduce(struct comm *c, float *buf, size_t n, enum comm_op op) {
+    if (c->size > 1) c->iface->all_reduce(c->ctx, buf, n, COMM_F32, op);
+}
+
+static inline void comm_destroy(struct comm *c) {
+    if (c->iface && c->iface->destroy) c->iface->destroy(c->ctx);
+    c->iface = NULL;
+}

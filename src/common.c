@@ -1,0 +1,35 @@
+// common.c: error reporting, checked allocation and timing.
+#define _POSIX_C_SOURCE 200809L
+#include "common.h"
+
+#include <stdarg.h>
+#include <time.h>
+
+void tp_die(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("tptrain: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    fflush(stderr);
+    exit(code);
+}
+
+void *tp_malloc_impl(size_t bytes, const char *file, int line) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) tp_die(TP_EXIT_RUNTIME, "%s:%d: out of host memory allocating %zu bytes", file, line, bytes);
+    return p;
+}
+
+void *tp_calloc_impl(size_t n, size_t size, const char *file, int line) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) tp_die(TP_EXIT_RUNTIME, "%s:%d: out of host memory allocating %zu x %zu bytes", file, line, n, size);
+    return p;
+}
+
+double tp_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}

@@ -1,0 +1,2 @@
+// data.c: placeholder until the module lands.
+#include "common.h"

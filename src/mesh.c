@@ -1,0 +1,2 @@
+// mesh.c: placeholder until the module lands.
+#include "common.h"

@@ -1,0 +1,21 @@
+// testutil.h: helpers shared by the Criterion suites: temp dirs, running the binary, reading logs.
+#pragma once
+
+#include <stddef.h>
+
+// A fresh directory under $TMPDIR (or /tmp); removed by the caller with tu_rmtree if wanted.
+void tu_tmpdir(char *out, size_t outlen, const char *tag);
+void tu_rmtree(const char *path);
+// Writes text to dir/name and returns the full path in out.
+void tu_write_file(char *out, size_t outlen, const char *dir, const char *name, const char *text);
+// Runs a shell command, captures stdout+stderr (truncated to outlen) and returns the exit status
+// (or -1 if it could not run, 128+signal if killed).
+int tu_run(char *out, size_t outlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+// Path of the built tptrain binary ($TPTRAIN), of the source root and of mpiexec ("" if none).
+const char *tu_tptrain(void);
+const char *tu_source_root(void);
+const char *tu_mpiexec(void);
+// Reads the "loss" field of every "train" record of a JSON-lines log, in order; returns count.
+int tu_read_losses(const char *jsonl_path, double *losses, int max);
+// Relative difference |a - b| / max(|a|, |b|, tiny).
+double tu_rel(double a, double b);
