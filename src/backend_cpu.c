@@ -1,2 +1,804 @@
-// backend_cpu.c: placeholder until the module lands.
+// backend_cpu.c: the fp32 CPU reference backend, the numerical yardstick for every other backend.
+//
+// Every op is deterministic and independent of the thread count: work is split over output
+// elements (rows, columns, tiles) only, and each output element is produced by the same fixed
+// sequence of float operations whichever thread computes it. Reductions that span many elements
+// (sum, sumsq_acc) use fixed-size chunks whose partial sums are combined in chunk order.
+// OpenMP is used when the build provides it; without it the pragmas are ignored and the code runs
+// serially with identical results.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "backend.h"
 #include "common.h"
+
+// OpenMP pragmas that vanish (without an unknown-pragma warning) in a build without OpenMP.
+#ifdef _OPENMP
+#define CPU_OMP(directive) _Pragma(#directive)
+#else
+#define CPU_OMP(directive)
+#endif
+
+// Below this much work (in floats touched) an op runs on one thread: spawning costs more.
+#define CPU_PAR_MIN 32768
+
+struct cpu_ctx {
+    int max_threads; // OpenMP threads available at creation (1 without OpenMP)
+};
+
+// ---- identity and memory
+
+static const char *cpu_name(void *ctx) {
+    (void)ctx;
+    return "cpu";
+}
+
+static void *cpu_alloc(void *ctx, size_t bytes) {
+    (void)ctx;
+    // aligned_alloc wants a size that is a multiple of the alignment, and a non-zero one.
+    size_t padded = tp_round_up(bytes ? bytes : 1, 64);
+    void *p = aligned_alloc(64, padded);
+    if (!p)
+        tp_die(TP_EXIT_RUNTIME,
+               "cpu backend: out of host memory allocating %zu bytes (reduce batch size, "
+               "sequence length or model size)",
+               bytes);
+    memset(p, 0, padded);
+    return p;
+}
+
+static void cpu_free(void *ctx, void *ptr) {
+    (void)ctx;
+    free(ptr);
+}
+
+static void cpu_zero(void *ctx, void *ptr, size_t bytes) {
+    (void)ctx;
+    if (bytes) memset(ptr, 0, bytes);
+}
+
+static void cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+    (void)ctx;
+    if (bytes && dst != src) memmove(dst, src, bytes);
+}
+
+static void cpu_synchronize(void *ctx) { (void)ctx; } // every op has finished when it returns
+
+static void *cpu_native_stream(void *ctx) {
+    (void)ctx;
+    return NULL;
+}
+
+static void cpu_destroy(void *ctx) { free(ctx); }
+
+// ---- embeddings
+
+static void cpu_vocab_embedding_fwd(void *ctx, float *out, const int *tokens, const float *wte,
+                                    int N, int C, int vocab_start, int n_vocab) {
+    // out (N, C), tokens (N), wte (n_vocab, C)
+    (void)ctx;
+    size_t Cs = (size_t)C;
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * Cs >= CPU_PAR_MIN))
+    for (int n = 0; n < N; n++) {
+        float *o = out + (size_t)n * Cs;
+        int row = tokens[n] - vocab_start;
+        if (row >= 0 && row < n_vocab)
+            memcpy(o, wte + (size_t)row * Cs, Cs * sizeof(float));
+        else
+            memset(o, 0, Cs * sizeof(float));
+    }
+}
+
+static void cpu_vocab_embedding_bwd(void *ctx, float *dwte, const float *dout, const int *tokens,
+                                    int N, int C, int vocab_start, int n_vocab) {
+    // dwte (n_vocab, C), dout (N, C), tokens (N)
+    // Repeated tokens hit the same row, so split over columns: each column block sees the rows
+    // in token order, whichever thread owns it.
+    (void)ctx;
+    enum { CB = 64 };
+    size_t Cs = (size_t)C;
+    int nblocks = (C + CB - 1) / CB;
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * Cs >= CPU_PAR_MIN))
+    for (int cb = 0; cb < nblocks; cb++) {
+        size_t c0 = (size_t)cb * CB;
+        size_t c1 = c0 + CB < Cs ? c0 + CB : Cs;
+        for (int n = 0; n < N; n++) {
+            int row = tokens[n] - vocab_start;
+            if (row < 0 || row >= n_vocab) continue;
+            float *dw = dwte + (size_t)row * Cs;
+            const float *d = dout + (size_t)n * Cs;
+            for (size_t c = c0; c < c1; c++) dw[c] += d[c];
+        }
+    }
+}
+
+static void cpu_position_embedding_fwd(void *ctx, float *x, const float *wpe, int B, int T, int C) {
+    // x (B, T, C), wpe (T, C)
+    (void)ctx;
+    size_t TC = (size_t)T * C;
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)B * TC >= CPU_PAR_MIN))
+    for (int b = 0; b < B; b++) {
+        float *xb = x + (size_t)b * TC;
+        for (size_t i = 0; i < TC; i++) xb[i] += wpe[i];
+    }
+}
+
+static void cpu_position_embedding_bwd(void *ctx, float *dwpe, const float *dout, int B, int T,
+                                       int C) {
+    // dwpe (T, C), dout (B, T, C)
+    (void)ctx;
+    size_t Cs = (size_t)C, TC = (size_t)T * Cs;
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)B * TC >= CPU_PAR_MIN))
+    for (int t = 0; t < T; t++) {
+        float *dw = dwpe + (size_t)t * Cs;
+        for (size_t c = 0; c < Cs; c++) {
+            float acc = 0.0f;
+            for (int b = 0; b < B; b++) acc += dout[(size_t)b * TC + (size_t)t * Cs + c];
+            dw[c] += acc;
+        }
+    }
+}
+
+// ---- layernorm
+
+static void cpu_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C) {
+    // out (N, C), mean (N), rstd (N), inp (N, C), w (C), b (C)
+    (void)ctx;
+    size_t Cs = (size_t)C;
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * Cs >= CPU_PAR_MIN))
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * Cs;
+        float *o = out + (size_t)n * Cs;
+        // Statistics in double: they are cheap and set the accuracy of everything downstream.
+        double s = 0.0;
+        for (size_t c = 0; c < Cs; c++) s += x[c];
+        float m = (float)(s / C);
+        double v = 0.0;
+        for (size_t c = 0; c < Cs; c++) {
+            double d = (double)x[c] - m;
+            v += d * d;
+        }
+        float r = (float)(1.0 / sqrt(v / C + 1e-5));
+        for (size_t c = 0; c < Cs; c++) o[c] = (x[c] - m) * r * w[c] + b[c];
+        mean[n] = m;
+        rstd[n] = r;
+    }
+}
+
+static void cpu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout,
+                              const float *inp, const float *w, const float *mean,
+                              const float *rstd, int N, int C) {
+    // dinp (N, C), dw (C), db (C), dout (N, C), inp (N, C), w (C), mean (N), rstd (N)
+    (void)ctx;
+    size_t Cs = (size_t)C;
+    int par = (size_t)N * Cs >= CPU_PAR_MIN;
+    (void)par; // only read by OpenMP
+    // dinp: rows are independent.
+    CPU_OMP(omp parallel for schedule(static) if (par))
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * Cs;
+        const float *d = dout + (size_t)n * Cs;
+        float *di = dinp + (size_t)n * Cs;
+        float m = mean[n], r = rstd[n];
+        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+        for (size_t c = 0; c < Cs; c++) {
+            float norm = (x[c] - m) * r;
+            float dnorm = w[c] * d[c];
+            dnorm_mean += dnorm;
+            dnorm_norm_mean += dnorm * norm;
+        }
+        dnorm_mean /= (float)C;
+        dnorm_norm_mean /= (float)C;
+        for (size_t c = 0; c < Cs; c++) {
+            float norm = (x[c] - m) * r;
+            float dnorm = w[c] * d[c];
+            di[c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * r;
+        }
+    }
+    // dw, db: reductions over rows, so split over column blocks and walk rows in order.
+    enum { CB = 16 };
+    int nblocks = (C + CB - 1) / CB;
+    CPU_OMP(omp parallel for schedule(static) if (par))
+    for (int cb = 0; cb < nblocks; cb++) {
+        size_t c0 = (size_t)cb * CB;
+        size_t nc = c0 + CB <= Cs ? CB : Cs - c0;
+        float accw[CB] = {0}, accb[CB] = {0};
+        for (int n = 0; n < N; n++) {
+            const float *x = inp + (size_t)n * Cs + c0;
+            const float *d = dout + (size_t)n * Cs + c0;
+            float m = mean[n], r = rstd[n];
+            for (size_t j = 0; j < nc; j++) {
+                accw[j] += d[j] * ((x[j] - m) * r);
+                accb[j] += d[j];
+            }
+        }
+        for (size_t j = 0; j < nc; j++) {
+            dw[c0 + j] += accw[j];
+            db[c0 + j] += accb[j];
+        }
+    }
+}
+
+// ---- matmul kernels
+//
+// All three products of a linear layer are one register-tiled kernel:
+//   c (MR x NR tile) = sum over k of a(r, k) * b(k, j),  a(r, k) = a[r*ars + k*aks],
+//                                                         b(k, j) = b[k*bks + j]  (j contiguous)
+// Each output element is acc = 0; acc = fmaf(a, b, acc) for k = 0, 1, ... in order, so the result
+// does not depend on the tiling, on the K chunking (partial sums are exact float values stored
+// in place) or on which thread computes a tile. The inner loop broadcasts one a value per row and
+// streams NR contiguous b values; GCC turns it into NR/16 zmm (or NR/8 ymm) FMAs per row.
+#if defined(__AVX512F__)
+#define MM_MR 8
+#define MM_NR 32
+#else
+#define MM_MR 6
+#define MM_NR 16
+#endif
+// K chunk of dinp = dout @ w: keeps a (dout) and b (w) chunks resident in L2 across all tiles.
+#define MM_KC 512
+
+enum mm_mode {
+    MM_SET,      // c = acc (+ bias)
+    MM_CONTINUE, // acc starts from c (a later K chunk), c = acc
+    MM_ADD,      // c += acc
+};
+
+// Full-width tile (NR columns of b readable). Rows beyond mr reuse the last valid row of a and
+// are not stored, so the kernel needs no row tail of its own; columns beyond nc are not stored.
+static inline void mm_tile(float *restrict c, size_t crs, int mr, int nc, enum mm_mode mode,
+                           const float *restrict bias, const float *restrict a, size_t ars,
+                           size_t aks, const float *restrict b, size_t bks, size_t K) {
+    float acc[MM_MR][MM_NR];
+    if (mode == MM_CONTINUE) {
+        for (int r = 0; r < MM_MR; r++) {
+            const float *cr = c + (size_t)(r < mr ? r : mr - 1) * crs;
+            for (int j = 0; j < MM_NR; j++) acc[r][j] = j < nc ? cr[j] : 0.0f;
+        }
+    } else {
+        for (int r = 0; r < MM_MR; r++)
+            for (int j = 0; j < MM_NR; j++) acc[r][j] = 0.0f;
+    }
+    size_t aoff[MM_MR];
+    for (int r = 0; r < MM_MR; r++) aoff[r] = (size_t)(r < mr ? r : mr - 1) * ars;
+    for (size_t k = 0; k < K; k++) {
+        const float *ak = a + k * aks;
+        const float *bk = b + k * bks;
+        for (int r = 0; r < MM_MR; r++) {
+            float av = ak[aoff[r]];
+            for (int j = 0; j < MM_NR; j++) acc[r][j] = fmaf(av, bk[j], acc[r][j]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        float *cr = c + (size_t)r * crs;
+        if (mode == MM_ADD) {
+            for (int j = 0; j < nc; j++) cr[j] += acc[r][j];
+        } else if (bias) {
+            for (int j = 0; j < nc; j++) cr[j] = acc[r][j] + bias[j];
+        } else {
+            for (int j = 0; j < nc; j++) cr[j] = acc[r][j];
+        }
+    }
+}
+
+// Narrow tile (fewer than NR columns of b exist; backward only, the forward pads its packed panel):
+// the same per-element arithmetic, one row at a time with a runtime column count.
+static void mm_tile_narrow(float *restrict c, size_t crs, int mr, int nc, enum mm_mode mode,
+                           const float *restrict a, size_t ars, size_t aks,
+                           const float *restrict b, size_t bks, size_t K) {
+    for (int r = 0; r < mr; r++) {
+        const float *ar = a + (size_t)r * ars;
+        float *cr = c + (size_t)r * crs;
+        float acc[MM_NR];
+        for (int j = 0; j < nc; j++) acc[j] = mode == MM_CONTINUE ? cr[j] : 0.0f;
+        for (size_t k = 0; k < K; k++) {
+            float av = ar[k * aks];
+            const float *bk = b + k * bks;
+            for (int j = 0; j < nc; j++) acc[j] = fmaf(av, bk[j], acc[j]);
+        }
+        for (int j = 0; j < nc; j++) cr[j] = mode == MM_ADD ? cr[j] + acc[j] : acc[j];
+    }
+}
+
+static void cpu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w,
+                           const float *bias, int N, int IC, int OC) {
+    // out (N, OC), inp (N, IC), w (OC, IC), bias (OC) or NULL
+    // b(k, j) = w[j, k] is strided, so each thread packs one (IC, NR) panel of w^T at a time
+    // (zero-padded past OC) and sweeps every row tile of inp with it.
+    (void)ctx;
+    size_t Ks = (size_t)IC, OCs = (size_t)OC;
+    size_t n_oblocks = (OCs + MM_NR - 1) / MM_NR;
+    int par = (double)N * IC * OC >= 4.0 * CPU_PAR_MIN;
+    (void)par; // only read by OpenMP
+    CPU_OMP(omp parallel if (par))
+    {
+        float *panel = tp_malloc(Ks * MM_NR * sizeof(float)); // (IC, NR)
+        CPU_OMP(omp for schedule(static))
+        for (size_t ob = 0; ob < n_oblocks; ob++) {
+            size_t o0 = ob * MM_NR;
+            int nc = (int)(OCs - o0 < MM_NR ? OCs - o0 : MM_NR);
+            for (int j = 0; j < MM_NR; j++) {
+                const float *wr = w + (o0 + (size_t)(j < nc ? j : 0)) * Ks;
+                float keep = j < nc ? 1.0f : 0.0f; // padding columns become exact zeros
+                for (size_t k = 0; k < Ks; k++) panel[k * MM_NR + (size_t)j] = wr[k] * keep;
+            }
+            for (int n0 = 0; n0 < N; n0 += MM_MR) {
+                int mr = N - n0 < MM_MR ? N - n0 : MM_MR;
+                mm_tile(out + (size_t)n0 * OCs + o0, OCs, mr, nc, MM_SET, bias ? bias + o0 : NULL,
+                        inp + (size_t)n0 * Ks, Ks, 1, panel, MM_NR, Ks);
+            }
+        }
+        free(panel);
+    }
+}
+
+// dinp (N, IC) = dout (N, OC) @ w (OC, IC): K = OC can be the whole vocabulary, so K is chunked
+// and every tile keeps its partial sum in dinp between chunks.
+static void matmul_bwd_dinp(float *dinp, const float *dout, const float *w, int N, int IC, int OC,
+                            int par) {
+    (void)par; // only read by OpenMP
+    size_t ICs = (size_t)IC, OCs = (size_t)OC;
+    size_t n_rt = ((size_t)N + MM_MR - 1) / MM_MR, n_ct = (ICs + MM_NR - 1) / MM_NR;
+    size_t n_tiles = n_rt * n_ct;
+    if (OCs == 0) { // no chunk would run, but "=" still owes zeros
+        memset(dinp, 0, (size_t)N * ICs * sizeof(float));
+        return;
+    }
+    CPU_OMP(omp parallel if (par))
+    for (size_t k0 = 0; k0 < OCs; k0 += MM_KC) {
+        size_t kc = OCs - k0 < MM_KC ? OCs - k0 : MM_KC;
+        enum mm_mode mode = k0 == 0 ? MM_SET : MM_CONTINUE;
+        // A static schedule over the same iteration count maps each tile to the same thread in
+        // every chunk, so no barrier is needed between chunks.
+        CPU_OMP(omp for schedule(static) nowait)
+        for (size_t t = 0; t < n_tiles; t++) {
+            size_t n0 = (t / n_ct) * MM_MR, i0 = (t % n_ct) * MM_NR;
+            int mr = (int)((size_t)N - n0 < MM_MR ? (size_t)N - n0 : MM_MR);
+            int nc = (int)(ICs - i0 < MM_NR ? ICs - i0 : MM_NR);
+            float *c = dinp + n0 * ICs + i0;
+            const float *a = dout + n0 * OCs + k0;
+            const float *b = w + k0 * ICs + i0;
+            if (nc == MM_NR)
+                mm_tile(c, ICs, mr, nc, mode, NULL, a, OCs, 1, b, ICs, kc);
+            else
+                mm_tile_narrow(c, ICs, mr, nc, mode, a, OCs, 1, b, ICs, kc);
+        }
+    }
+}
+
+// dw (OC, IC) += dout^T (OC, N) @ inp (N, IC): tiles over (OC, IC), K = N rows in full.
+static void matmul_bwd_dw(float *dw, const float *dout, const float *inp, int N, int IC, int OC,
+                          int par) {
+    (void)par; // only read by OpenMP
+    size_t ICs = (size_t)IC, OCs = (size_t)OC;
+    size_t n_rt = (OCs + MM_MR - 1) / MM_MR, n_ct = (ICs + MM_NR - 1) / MM_NR;
+    size_t n_tiles = n_rt * n_ct;
+    // Column tiles of one row block are neighbours, so they share the dout lines they read.
+    CPU_OMP(omp parallel for schedule(static) if (par))
+    for (size_t t = 0; t < n_tiles; t++) {
+        size_t o0 = (t / n_ct) * MM_MR, i0 = (t % n_ct) * MM_NR;
+        int mr = (int)(OCs - o0 < MM_MR ? OCs - o0 : MM_MR);
+        int nc = (int)(ICs - i0 < MM_NR ? ICs - i0 : MM_NR);
+        float *c = dw + o0 * ICs + i0;
+        const float *a = dout + o0;
+        const float *b = inp + i0;
+        if (nc == MM_NR)
+            mm_tile(c, ICs, mr, nc, MM_ADD, NULL, a, 1, OCs, b, ICs, (size_t)N);
+        else
+            mm_tile_narrow(c, ICs, mr, nc, MM_ADD, a, 1, OCs, b, ICs, (size_t)N);
+    }
+}
+
+// dbias (OC) += column sums of dout (N, OC), split over column blocks.
+static void matmul_bwd_dbias(float *dbias, const float *dout, int N, int OC, int par) {
+    (void)par; // only read by OpenMP
+    enum { CB = 64 };
+    size_t OCs = (size_t)OC;
+    size_t nblocks = (OCs + CB - 1) / CB;
+    CPU_OMP(omp parallel for schedule(static) if (par))
+    for (size_t cb = 0; cb < nblocks; cb++) {
+        size_t o0 = cb * CB;
+        size_t nc = OCs - o0 < CB ? OCs - o0 : CB;
+        float acc[CB] = {0};
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * OCs + o0;
+            for (size_t j = 0; j < nc; j++) acc[j] += d[j];
+        }
+        for (size_t j = 0; j < nc; j++) dbias[o0 + j] += acc[j];
+    }
+}
+
+static void cpu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float *dout,
+                           const float *inp, const float *w, int N, int IC, int OC) {
+    // dinp (N, IC) or NULL, dw (OC, IC), dbias (OC) or NULL, dout (N, OC), inp (N, IC), w (OC, IC)
+    (void)ctx;
+    int par = (double)N * IC * OC >= 4.0 * CPU_PAR_MIN;
+    if (dinp) matmul_bwd_dinp(dinp, dout, w, N, IC, OC, par);
+    matmul_bwd_dw(dw, dout, inp, N, IC, OC, par);
+    if (dbias) matmul_bwd_dbias(dbias, dout, N, OC, (size_t)N * OC >= CPU_PAR_MIN);
+}
+
+static void cpu_residual_fwd(void *ctx, float *out, const float *res, const float *x,
+                             const float *bias, int N, int C) {
+    // out (N, C) may alias res (N, C) or x (N, C); bias (C) or NULL
+    (void)ctx;
+    size_t Cs = (size_t)C;
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * Cs >= CPU_PAR_MIN))
+    for (int n = 0; n < N; n++) {
+        size_t off = (size_t)n * Cs;
+        if (bias)
+            for (size_t c = 0; c < Cs; c++) out[off + c] = res[off + c] + x[off + c] + bias[c];
+        else
+            for (size_t c = 0; c < Cs; c++) out[off + c] = res[off + c] + x[off + c];
+    }
+}
+
+// ---- GELU (tanh approximation)
+
+#define GELU_K 0.7978845608028654f // sqrt(2 / pi)
+#define GELU_A 0.044715f
+
+static void cpu_gelu_fwd(void *ctx, float *out, const float *inp, size_t n) {
+    (void)ctx;
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float t = tanhf(GELU_K * (x + GELU_A * x * x * x));
+        out[i] = 0.5f * x * (1.0f + t);
+    }
+}
+
+static void cpu_gelu_bwd(void *ctx, float *dinp, const float *inp, const float *dout, size_t n) {
+    (void)ctx;
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float t = tanhf(GELU_K * (x + GELU_A * x * x * x));
+        float dt = (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_A * x * x);
+        float g = 0.5f * (1.0f + t) + 0.5f * x * dt;
+        dinp[i] = g * dout[i];
+    }
+}
+
+// ---- causal self-attention
+//
+// saved (B, NH, T, T) holds the softmax probabilities (zero above the diagonal); scratch holds one
+// row of dP per (b, h) for the backward.
+
+static size_t cpu_attention_saved_floats(void *ctx, int B, int T, int NH, int HS) {
+    (void)ctx;
+    (void)HS;
+    return (size_t)B * NH * T * T;
+}
+
+static size_t cpu_attention_scratch_floats(void *ctx, int B, int T, int NH, int HS) {
+    (void)ctx;
+    (void)HS;
+    return (size_t)B * NH * T;
+}
+
+static void cpu_attention_fwd(void *ctx, float *out, float *saved, float *scratch,
+                              const float *qkv, int B, int T, int NH, int HS) {
+    // out (B, T, NH*HS), saved (B, NH, T, T), qkv (B, T, 3*NH*HS)
+    (void)ctx;
+    (void)scratch;
+    size_t C = (size_t)NH * HS, C3 = 3 * C, Ts = (size_t)T, HSs = (size_t)HS;
+    float scale = 1.0f / sqrtf((float)HS);
+    size_t rows = (size_t)B * NH * Ts;
+    CPU_OMP(omp parallel for schedule(static) if (rows * Ts * HSs >= CPU_PAR_MIN))
+    for (size_t idx = 0; idx < rows; idx++) {
+        size_t t = idx % Ts, h = (idx / Ts) % (size_t)NH, b = idx / (Ts * NH);
+        const float *q = qkv + (b * Ts + t) * C3 + h * HSs;
+        float *p = saved + idx * Ts; // (T) row t of head (b, h)
+        float mx = -INFINITY;
+        for (size_t t2 = 0; t2 <= t; t2++) {
+            const float *k = qkv + (b * Ts + t2) * C3 + C + h * HSs;
+            float s = 0.0f;
+            for (size_t d = 0; d < HSs; d++) s += q[d] * k[d];
+            s *= scale;
+            p[t2] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0.0f;
+        for (size_t t2 = 0; t2 <= t; t2++) {
+            p[t2] = expf(p[t2] - mx);
+            sum += p[t2];
+        }
+        float inv = 1.0f / sum;
+        for (size_t t2 = 0; t2 <= t; t2++) p[t2] *= inv;
+        for (size_t t2 = t + 1; t2 < Ts; t2++) p[t2] = 0.0f;
+        float *o = out + (b * Ts + t) * C + h * HSs;
+        for (size_t d = 0; d < HSs; d++) o[d] = 0.0f;
+        for (size_t t2 = 0; t2 <= t; t2++) {
+            const float *v = qkv + (b * Ts + t2) * C3 + 2 * C + h * HSs;
+            for (size_t d = 0; d < HSs; d++) o[d] += p[t2] * v[d];
+        }
+    }
+}
+
+static void cpu_attention_bwd(void *ctx, float *dqkv, float *scratch, const float *dout,
+                              const float *qkv, const float *out, const float *saved, int B, int T,
+                              int NH, int HS) {
+    // dqkv (B, T, 3*NH*HS), scratch (B, NH, T), dout (B, T, NH*HS), qkv (B, T, 3*NH*HS),
+    // saved (B, NH, T, T)
+    // One (b, h) per task: dk and dv rows collect from every later query, so they must not be
+    // split across threads.
+    (void)ctx;
+    (void)out;
+    size_t C = (size_t)NH * HS, C3 = 3 * C, Ts = (size_t)T, HSs = (size_t)HS;
+    float scale = 1.0f / sqrtf((float)HS);
+    size_t heads = (size_t)B * NH;
+    CPU_OMP(omp parallel for schedule(static) if (heads * Ts * Ts * HSs >= CPU_PAR_MIN))
+    for (size_t bh = 0; bh < heads; bh++) {
+        size_t h = bh % (size_t)NH, b = bh / (size_t)NH;
+        float *dp = scratch + bh * Ts; // (T) dP of the current query row
+        for (size_t t = 0; t < Ts; t++) {
+            float *row = dqkv + (b * Ts + t) * C3 + h * HSs;
+            for (size_t d = 0; d < HSs; d++) row[d] = row[C + d] = row[2 * C + d] = 0.0f;
+        }
+        for (size_t t = 0; t < Ts; t++) {
+            const float *p = saved + (bh * Ts + t) * Ts;
+            const float *q = qkv + (b * Ts + t) * C3 + h * HSs;
+            const float *dout_t = dout + (b * Ts + t) * C + h * HSs;
+            float *dq = dqkv + (b * Ts + t) * C3 + h * HSs;
+            float pdp = 0.0f; // sum over t2 of P * dP
+            for (size_t t2 = 0; t2 <= t; t2++) {
+                const float *v = qkv + (b * Ts + t2) * C3 + 2 * C + h * HSs;
+                float *dv = dqkv + (b * Ts + t2) * C3 + 2 * C + h * HSs;
+                float s = 0.0f;
+                for (size_t d = 0; d < HSs; d++) {
+                    s += dout_t[d] * v[d];
+                    dv[d] += p[t2] * dout_t[d];
+                }
+                dp[t2] = s;
+                pdp += p[t2] * s;
+            }
+            for (size_t t2 = 0; t2 <= t; t2++) {
+                const float *k = qkv + (b * Ts + t2) * C3 + C + h * HSs;
+                float *dk = dqkv + (b * Ts + t2) * C3 + C + h * HSs;
+                float ds = p[t2] * (dp[t2] - pdp) * scale; // through softmax and the scale
+                for (size_t d = 0; d < HSs; d++) {
+                    dq[d] += ds * k[d];
+                    dk[d] += ds * q[d];
+                }
+            }
+        }
+    }
+}
+
+// ---- vocab-parallel cross-entropy
+//
+// The LM head's softmax touches N * V logits twice per step, so exp is a vectorisable polynomial
+// instead of libm's scalar expf: Cody-Waite reduction to r in [-ln2/2, ln2/2] and a degree-7
+// Taylor polynomial, within 2 ulp of exp over the range used here (x <= 0 after the max shift).
+static inline float cpu_expf(float x) {
+    const float magic = 12582912.0f; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float n = (xc * 1.44269504088896341f + magic) - magic;
+    float r = fmaf(n, -0.693145751953125f, xc); // ln2 split in a high part exact in float ...
+    r = fmaf(n, -1.428606765330187045e-06f, r); // ... and the remainder
+    float p = 1.0f / 5040.0f;
+    p = fmaf(p, r, 1.0f / 720.0f);
+    p = fmaf(p, r, 1.0f / 120.0f);
+    p = fmaf(p, r, 1.0f / 24.0f);
+    p = fmaf(p, r, 1.0f / 6.0f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    // exp(-87) is still a normal float; below it (and for -inf) the true value is negligible.
+    return x < -87.0f ? 0.0f : p * s;
+}
+
+// Real (unpadded) columns held by a rank: global index vocab_start + j < vocab_size.
+static inline int xent_real_cols(int vocab_start, int n_vocab, int vocab_size) {
+    int r = vocab_size - vocab_start;
+    return r < 0 ? 0 : (r > n_vocab ? n_vocab : r);
+}
+
+// Independent lanes let the compiler vectorise the sum of exponentials without reassociating it;
+// the lanes are combined in a fixed order.
+#define XENT_LANES 16
+
+static void cpu_xent_max(void *ctx, float *maxes, const float *logits, int N, int vocab_start,
+                         int n_vocab, int vocab_size) {
+    // maxes (N), logits (N, n_vocab)
+    (void)ctx;
+    size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * nr >= CPU_PAR_MIN))
+    for (int i = 0; i < N; i++) {
+        const float *l = logits + (size_t)i * V;
+        float mx = -INFINITY;
+        // max is exact in any order, so letting OpenMP reorder it keeps results deterministic.
+        CPU_OMP(omp simd reduction(max : mx))
+        for (size_t j = 0; j < nr; j++) mx = l[j] > mx ? l[j] : mx;
+        maxes[i] = mx;
+    }
+}
+
+static void cpu_xent_sums(void *ctx, float *sums, const float *logits, const float *maxes,
+                          const int *targets, int N, int vocab_start, int n_vocab, int vocab_size) {
+    // sums (2, N), logits (N, n_vocab), maxes (N), targets (N)
+    (void)ctx;
+    size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * nr >= CPU_PAR_MIN))
+    for (int i = 0; i < N; i++) {
+        const float *l = logits + (size_t)i * V;
+        float mx = maxes[i];
+        float s = 0.0f;
+        // The max is the global one; a -inf max means no real column anywhere, and -inf - -inf
+        // would be NaN, so such a row (and a rank without real columns) contributes 0.
+        if (nr > 0 && mx != -INFINITY) {
+            float lane[XENT_LANES] = {0};
+            size_t j = 0;
+            for (; j + XENT_LANES <= nr; j += XENT_LANES)
+                for (int k = 0; k < XENT_LANES; k++) lane[k] += cpu_expf(l[j + k] - mx);
+            for (; j < nr; j++) s += cpu_expf(l[j] - mx);
+            for (int k = 0; k < XENT_LANES; k++) s += lane[k];
+        }
+        sums[i] = s;
+        int tj = targets[i] - vocab_start;
+        sums[(size_t)N + (size_t)i] = tj >= 0 && (size_t)tj < nr ? l[tj] : 0.0f;
+    }
+}
+
+static void cpu_xent_loss(void *ctx, float *losses, const float *maxes, const float *sums, int N) {
+    // losses (N), maxes (N), sums (2, N)
+    (void)ctx;
+    for (int i = 0; i < N; i++) losses[i] = logf(sums[i]) + maxes[i] - sums[(size_t)N + (size_t)i];
+}
+
+static void cpu_xent_bwd(void *ctx, float *dlogits, const float *logits, const float *maxes,
+                         const float *sums, const int *targets, float dloss, int N, int vocab_start,
+                         int n_vocab, int vocab_size) {
+    // dlogits (N, n_vocab) may alias logits (N, n_vocab); maxes (N), sums (2, N), targets (N)
+    (void)ctx;
+    size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * V >= CPU_PAR_MIN))
+    for (int i = 0; i < N; i++) {
+        const float *l = logits + (size_t)i * V;
+        float *dl = dlogits + (size_t)i * V;
+        float mx = maxes[i];
+        float scale = dloss / sums[i]; // softmax = exp(l - max) / sum
+        for (size_t j = 0; j < nr; j++) dl[j] = cpu_expf(l[j] - mx) * scale;
+        for (size_t j = nr; j < V; j++) dl[j] = 0.0f;
+        int tj = targets[i] - vocab_start;
+        if (tj >= 0 && (size_t)tj < nr) dl[tj] -= dloss;
+    }
+}
+
+// ---- reductions and elementwise helpers
+//
+// sum and sumsq_acc accumulate in double over chunks whose size depends only on n, and add the
+// chunk partials in order: the result is the same for any thread count.
+#define RED_MAX_CHUNKS 256
+#define RED_MIN_CHUNK 16384
+#define RED_LANES 8
+
+static size_t red_chunk_size(size_t n) {
+    size_t per = (n + RED_MAX_CHUNKS - 1) / RED_MAX_CHUNKS;
+    return per < RED_MIN_CHUNK ? RED_MIN_CHUNK : tp_round_up(per, RED_LANES);
+}
+
+static double red_chunk(const float *x, size_t n, int squares) {
+    double lane[RED_LANES] = {0};
+    size_t i = 0;
+    if (squares) {
+        for (; i + RED_LANES <= n; i += RED_LANES)
+            for (int k = 0; k < RED_LANES; k++) lane[k] += (double)x[i + k] * (double)x[i + k];
+    } else {
+        for (; i + RED_LANES <= n; i += RED_LANES)
+            for (int k = 0; k < RED_LANES; k++) lane[k] += (double)x[i + k];
+    }
+    double s = 0.0;
+    for (; i < n; i++) s += squares ? (double)x[i] * (double)x[i] : (double)x[i];
+    for (int k = 0; k < RED_LANES; k++) s += lane[k];
+    return s;
+}
+
+static double red_total(const float *x, size_t n, int squares) {
+    size_t chunk = red_chunk_size(n);
+    size_t nchunks = (n + chunk - 1) / chunk;
+    double part[RED_MAX_CHUNKS];
+    CPU_OMP(omp parallel for schedule(static) if (nchunks > 1))
+    for (size_t c = 0; c < nchunks; c++) {
+        size_t i0 = c * chunk;
+        part[c] = red_chunk(x + i0, n - i0 < chunk ? n - i0 : chunk, squares);
+    }
+    double s = 0.0;
+    for (size_t c = 0; c < nchunks; c++) s += part[c];
+    return s;
+}
+
+static void cpu_sum(void *ctx, float *out, const float *x, size_t n) {
+    (void)ctx;
+    *out = (float)red_total(x, n, 0);
+}
+
+static void cpu_sumsq_acc(void *ctx, float *out, const float *x, size_t n) {
+    (void)ctx;
+    *out = (float)((double)*out + red_total(x, n, 1));
+}
+
+static void cpu_scale(void *ctx, float *x, float s, size_t n) {
+    (void)ctx;
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) x[i] *= s;
+}
+
+// ---- optimiser
+
+static void cpu_adamw(void *ctx, float *p, const float *g, float *m, float *v, size_t n, float lr,
+                      float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+                      int t) {
+    // p, g, m, v (n)
+    (void)ctx;
+    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i] * grad_scale;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float mhat = mi / bc1, vhat = vi / bc2;
+        p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + weight_decay * p[i]);
+    }
+}
+
+// ---- the table
+
+static const struct backend_i cpu_iface = {
+    .name = cpu_name,
+    .host_accessible = true,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .zero = cpu_zero,
+    .copy_to_device = cpu_copy,
+    .copy_to_host = cpu_copy,
+    .copy = cpu_copy,
+    .synchronize = cpu_synchronize,
+    .native_stream = cpu_native_stream,
+    .destroy = cpu_destroy,
+    .vocab_embedding_fwd = cpu_vocab_embedding_fwd,
+    .vocab_embedding_bwd = cpu_vocab_embedding_bwd,
+    .position_embedding_fwd = cpu_position_embedding_fwd,
+    .position_embedding_bwd = cpu_position_embedding_bwd,
+    .layernorm_fwd = cpu_layernorm_fwd,
+    .layernorm_bwd = cpu_layernorm_bwd,
+    .matmul_fwd = cpu_matmul_fwd,
+    .matmul_bwd = cpu_matmul_bwd,
+    .residual_fwd = cpu_residual_fwd,
+    .gelu_fwd = cpu_gelu_fwd,
+    .gelu_bwd = cpu_gelu_bwd,
+    .attention_saved_floats = cpu_attention_saved_floats,
+    .attention_scratch_floats = cpu_attention_scratch_floats,
+    .attention_fwd = cpu_attention_fwd,
+    .attention_bwd = cpu_attention_bwd,
+    .xent_max = cpu_xent_max,
+    .xent_sums = cpu_xent_sums,
+    .xent_loss = cpu_xent_loss,
+    .xent_bwd = cpu_xent_bwd,
+    .sum = cpu_sum,
+    .sumsq_acc = cpu_sumsq_acc,
+    .scale = cpu_scale,
+    .adamw = cpu_adamw,
+};
+
+struct backend backend_cpu_create(void) {
+    struct cpu_ctx *ctx = tp_malloc(sizeof *ctx);
+#ifdef _OPENMP
+    ctx->max_threads = omp_get_max_threads();
+#else
+    ctx->max_threads = 1;
+#endif
+    return (struct backend){.iface = &cpu_iface, .ctx = ctx};
+}

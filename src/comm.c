@@ -1,2 +1,14 @@
-// comm.c: placeholder until the module lands.
-#include "common.h"
+// comm.c: helpers shared by the comm implementations.
+#include "comm.h"
+
+#include <stdint.h>
+
+size_t comm_dtype_size(enum comm_dtype dt) {
+    switch (dt) {
+    case COMM_F32: return 4;
+    case COMM_BF16: return 2;
+    case COMM_I32: return 4;
+    case COMM_U8: return 1;
+    }
+    return 0;
+}

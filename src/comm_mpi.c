@@ -1,2 +1,162 @@
-// comm_mpi.c: placeholder until the module lands.
+// comm_mpi.c: the comm interface on MPI.
+//
+// Host buffers go straight to MPI. Device buffers (a backend that is not host-accessible, e.g.
+// several ranks sharing one GPU, where NCCL refuses to run) are staged through a host buffer:
+// wait for the backend's queue, copy down, run the MPI collective, copy back up.
+#include <limits.h>
+#include <math.h>
+#include <mpi.h>
+#include <string.h>
+
+#include "comm.h"
 #include "common.h"
+
+struct mpi_ctx {
+    MPI_Comm comm;
+    struct backend be;
+    int rank, size;
+    void *stage;        // host staging buffer (device backends only)
+    size_t stage_bytes;
+};
+
+static MPI_Datatype mpi_type(enum comm_dtype dt) {
+    switch (dt) {
+    case COMM_F32: return MPI_FLOAT;
+    case COMM_I32: return MPI_INT;
+    case COMM_U8: return MPI_UNSIGNED_CHAR;
+    case COMM_BF16: break;
+    }
+    tp_die(TP_EXIT_RUNTIME, "comm mpi: bf16 collectives need NCCL or fp32 staging (internal error)");
+}
+
+static MPI_Op mpi_op(enum comm_op op) {
+    return op == COMM_MAX ? MPI_MAX : MPI_SUM; // AVG = SUM then a scale
+}
+
+static void mpi_check(int rc, const char *what) {
+    if (rc == MPI_SUCCESS) return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    fprintf(stderr, "tptrain: MPI %s failed: %s\n", what, msg);
+    MPI_Abort(MPI_COMM_WORLD, TP_EXIT_RUNTIME);
+}
+
+static void *stage_buffer(struct mpi_ctx *c, size_t bytes) {
+    if (bytes > c->stage_bytes) {
+        free(c->stage);
+        c->stage = tp_malloc(bytes);
+        c->stage_bytes = bytes;
+    }
+    return c->stage;
+}
+
+// Host view of a buffer: the buffer itself, or a staged copy of `bytes` of it.
+static void *host_view(struct mpi_ctx *c, void *buf, size_t bytes, size_t cap, bool fill) {
+    if (c->be.iface->host_accessible) return buf;
+    void *h = stage_buffer(c, cap);
+    if (fill) c->be.iface->copy_to_host(c->be.ctx, h, buf, bytes);
+    return h;
+}
+
+static void host_done(struct mpi_ctx *c, void *dev, const void *host, size_t bytes) {
+    if (!c->be.iface->host_accessible) c->be.iface->copy_to_device(c->be.ctx, dev, host, bytes);
+}
+
+// MPI counts are int: split very large collectives into chunks.
+#define CHUNK ((size_t)1 << 30)
+
+static void scale_avg(void *h, size_t count, enum comm_dtype dt, int size) {
+    if (dt != COMM_F32) tp_die(TP_EXIT_RUNTIME, "comm mpi: average is defined for f32 only");
+    float *f = h;
+    float inv = 1.0f / (float)size;
+    for (size_t i = 0; i < count; i++) f[i] *= inv;
+}
+
+static void mpi_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    struct mpi_ctx *c = ctx;
+    size_t es = comm_dtype_size(dt), bytes = count * es;
+    char *h = host_view(c, buf, bytes, bytes, true);
+    for (size_t off = 0; off < count; off += CHUNK) {
+        size_t n = count - off < CHUNK ? count - off : CHUNK;
+        mpi_check(MPI_Allreduce(MPI_IN_PLACE, h + off * es, (int)n, mpi_type(dt), mpi_op(op), c->comm),
+                  "all_reduce");
+    }
+    if (op == COMM_AVG) scale_avg(h, count, dt, c->size);
+    host_done(c, buf, h, bytes);
+}
+
+static void mpi_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    struct mpi_ctx *c = ctx;
+    size_t es = comm_dtype_size(dt), bytes = count * es;
+    if (count > (size_t)INT_MAX) tp_die(TP_EXIT_RUNTIME, "comm mpi: all_gather of %zu elements is too large", count);
+    char *h = host_view(c, out, bytes * (size_t)c->size, bytes * (size_t)c->size, false);
+    // The rank's own block goes in place first, then MPI fills the others.
+    if (c->be.iface->host_accessible) memmove(h + (size_t)c->rank * bytes, in, bytes);
+    else c->be.iface->copy_to_host(c->be.ctx, h + (size_t)c->rank * bytes, in, bytes);
+    mpi_check(MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, h, (int)count, mpi_type(dt), c->comm),
+              "all_gather");
+    host_done(c, out, h, bytes * (size_t)c->size);
+}
+
+static void mpi_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                               enum comm_op op) {
+    struct mpi_ctx *c = ctx;
+    size_t es = comm_dtype_size(dt), bytes = count * es;
+    if (count > (size_t)INT_MAX) tp_die(TP_EXIT_RUNTIME, "comm mpi: reduce_scatter of %zu elements is too large", count);
+    // Stage the full input, reduce in place, keep this rank's block.
+    char *h = stage_buffer(c, bytes * (size_t)c->size);
+    if (c->be.iface->host_accessible) memcpy(h, in, bytes * (size_t)c->size);
+    else c->be.iface->copy_to_host(c->be.ctx, h, in, bytes * (size_t)c->size);
+    mpi_check(MPI_Reduce_scatter_block(MPI_IN_PLACE, h, (int)count, mpi_type(dt), mpi_op(op), c->comm),
+              "reduce_scatter");
+    if (op == COMM_AVG) scale_avg(h, count, dt, c->size);
+    if (c->be.iface->host_accessible) memcpy(out, h, bytes);
+    else c->be.iface->copy_to_device(c->be.ctx, out, h, bytes);
+}
+
+static void mpi_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
+    struct mpi_ctx *c = ctx;
+    size_t es = comm_dtype_size(dt), bytes = count * es;
+    char *h = host_view(c, buf, bytes, bytes, c->rank == root);
+    for (size_t off = 0; off < count; off += CHUNK) {
+        size_t n = count - off < CHUNK ? count - off : CHUNK;
+        mpi_check(MPI_Bcast(h + off * es, (int)n, mpi_type(dt), root, c->comm), "broadcast");
+    }
+    host_done(c, buf, h, bytes);
+}
+
+static void mpi_synchronize(void *ctx) {
+    struct mpi_ctx *c = ctx;
+    c->be.iface->synchronize(c->be.ctx); // MPI calls are blocking: only the backend's queue remains
+}
+
+static const char *mpi_name(void *ctx) {
+    (void)ctx;
+    return "mpi";
+}
+
+static void mpi_destroy(void *ctx) {
+    struct mpi_ctx *c = ctx;
+    free(c->stage);
+    free(c);
+}
+
+static const struct comm_i mpi_iface = {
+    .name = mpi_name,
+    .all_reduce = mpi_all_reduce,
+    .all_gather = mpi_all_gather,
+    .reduce_scatter = mpi_reduce_scatter,
+    .broadcast = mpi_broadcast,
+    .synchronize = mpi_synchronize,
+    .destroy = mpi_destroy,
+};
+
+struct comm comm_mpi_create(const void *mpi_comm, struct backend be) {
+    struct mpi_ctx *c = tp_calloc(1, sizeof *c);
+    c->comm = *(const MPI_Comm *)mpi_comm; // the handle is copied: callers may pass a temporary
+    c->be = be;
+    MPI_Comm_rank(c->comm, &c->rank);
+    MPI_Comm_size(c->comm, &c->size);
+    return (struct comm){.iface = &mpi_iface, .ctx = c, .rank = c->rank, .size = c->size};
+}

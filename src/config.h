@@ -74,6 +74,16 @@ struct tp_init_config {
 
 struct tp_debug_config {
     bool check_replicas;       // hash replicated parameters across the TP group every step
+    char dump_init[TP_PATH_MAX]; // "" = none, else a .safetensors file for the initial weights
+    bool grad_norms;           // log per-tensor gradient norms of the first step
+};
+
+// Room in the private origin table below; config.c checks that its key table fits.
+#define TP_CONFIG_MAX_KEYS 64
+
+// Where one key's current value came from, so that validation can point at it.
+struct tp_config_origin {
+    int line, col; // 1-based position in tp_config.source; line 0 = default, line -1 = --set
 };
 
 struct tp_config {
@@ -87,6 +97,8 @@ struct tp_config {
     struct tp_log_config log;
     struct tp_init_config init;
     struct tp_debug_config debug;
+    // Private to config.c: one entry per key of its key table, in table order.
+    struct tp_config_origin origin[TP_CONFIG_MAX_KEYS];
 };
 
 // Fills every field with its default (the values documented in README.md).

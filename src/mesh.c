@@ -1,2 +1,117 @@
-// mesh.c: placeholder until the module lands.
+// mesh.c: MPI bootstrap of the (dp, tp) mesh, GPU choice and per-dimension comms.
+#include "mesh.h"
+
+#include <stdio.h>
+#include <string.h>
+
 #include "common.h"
+
+void mesh_init(struct mesh *m, const struct tp_config *cfg) {
+    memset(m, 0, sizeof *m);
+    m->world = MPI_COMM_WORLD;
+    MPI_Comm_rank(m->world, &m->world_rank);
+    MPI_Comm_size(m->world, &m->world_size);
+    m->tp_size = cfg->parallel.tp;
+    m->dp_size = m->world_size / m->tp_size;
+    m->tp_rank = m->world_rank % m->tp_size;
+    m->dp_rank = m->world_rank / m->tp_size;
+    // One sub-communicator per mesh dimension: same dp coordinate -> one TP group, and vice versa.
+    MPI_Comm_split(m->world, m->dp_rank, m->tp_rank, &m->tp_comm);
+    MPI_Comm_split(m->world, m->tp_rank, m->dp_rank, &m->dp_comm);
+    MPI_Comm node;
+    MPI_Comm_split_type(m->world, MPI_COMM_TYPE_SHARED, m->world_rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &m->local_rank);
+    MPI_Comm_size(node, &m->local_size);
+    MPI_Comm_free(&node);
+    m->device = -1;
+}
+
+int mesh_agree(const struct mesh *m, int status) {
+    int worst = status;
+    MPI_Allreduce(&status, &worst, 1, MPI_INT, MPI_MAX, m->world);
+    return worst;
+}
+
+void mesh_abort(const struct mesh *m, int code, const char *msg) {
+    if (msg) {
+        fprintf(stderr, "tptrain: rank %d: %s\n", m->world_rank, msg);
+        fflush(stderr);
+    }
+    MPI_Abort(m->world, code);
+    exit(code); // not reached
+}
+
+int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct backend *be, char *err,
+                        size_t errlen) {
+    enum tp_device_kind want = cfg->parallel.device;
+    int ndev = backend_cuda_available() ? backend_cuda_device_count() : 0;
+    int status = 0;
+    if (want == TP_DEVICE_CUDA && ndev == 0) {
+        snprintf(err, errlen, "parallel.device: cuda requested but %s; use device: cpu or auto",
+                 backend_cuda_available() ? "no CUDA device is visible" : "this build has no CUDA backend");
+        status = TP_EXIT_USAGE;
+    }
+    // Every rank must pick the same kind of backend, so agree on whether all ranks see a GPU.
+    int has_gpu = ndev > 0, all_gpu = 0;
+    MPI_Allreduce(&has_gpu, &all_gpu, 1, MPI_INT, MPI_MIN, m->world);
+    status = mesh_agree(m, status);
+    if (status) {
+        if (!err[0]) snprintf(err, errlen, "parallel.device: another rank could not use its device");
+        return status;
+    }
+    bool use_cuda = want == TP_DEVICE_CUDA || (want == TP_DEVICE_AUTO && all_gpu);
+    if (use_cuda) {
+        m->device = m->local_rank % ndev;
+        int shared = m->local_size > ndev, any_shared = 0;
+        MPI_Allreduce(&shared, &any_shared, 1, MPI_INT, MPI_MAX, m->world);
+        m->gpu_shared = any_shared;
+        status = backend_cuda_create(be, m->device, err, errlen) ? 0 : TP_EXIT_RUNTIME;
+    } else {
+        *be = backend_cpu_create();
+    }
+    status = mesh_agree(m, status);
+    if (status && !err[0]) snprintf(err, errlen, "another rank failed to create its backend");
+    return status;
+}
+
+static int make_comm(struct comm *out, MPI_Comm c, bool nccl, struct backend be, char *err, size_t errlen) {
+    if (nccl) return comm_nccl_create(out, &c, be, err, errlen) ? 0 : TP_EXIT_RUNTIME;
+    *out = comm_mpi_create(&c, be);
+    return 0;
+}
+
+int mesh_create_comms(struct mesh *m, const struct tp_config *cfg, struct backend be, char *err,
+                      size_t errlen) {
+    bool on_gpu = m->device >= 0;
+    bool nccl = false;
+    switch (cfg->parallel.comm) {
+    case TP_COMM_MPI: nccl = false; break;
+    case TP_COMM_NCCL:
+        if (!on_gpu || m->gpu_shared) {
+            snprintf(err, errlen,
+                     "parallel.comm: nccl needs one GPU per rank, but %s; use comm: mpi or auto",
+                     on_gpu ? "ranks share a GPU on this node" : "the run is on the CPU backend");
+            return TP_EXIT_USAGE;
+        }
+        nccl = true;
+        break;
+    case TP_COMM_AUTO:
+        nccl = on_gpu && !m->gpu_shared && comm_nccl_available();
+        if (on_gpu && m->gpu_shared && m->world_rank == 0)
+            fprintf(stderr, "tptrain: notice: %d ranks share the GPUs of a node; collectives use MPI "
+                            "staged through host memory (NCCL needs one GPU per rank)\n", m->local_size);
+        break;
+    }
+    int status = make_comm(&m->tp, m->tp_comm, nccl, be, err, errlen);
+    if (!status) status = make_comm(&m->dp, m->dp_comm, nccl, be, err, errlen);
+    status = mesh_agree(m, status);
+    if (status && !err[0]) snprintf(err, errlen, "another rank failed to create its communicators");
+    return status;
+}
+
+void mesh_destroy(struct mesh *m) {
+    comm_destroy(&m->tp);
+    comm_destroy(&m->dp);
+    if (m->tp_comm != MPI_COMM_NULL) MPI_Comm_free(&m->tp_comm);
+    if (m->dp_comm != MPI_COMM_NULL) MPI_Comm_free(&m->dp_comm);
+}

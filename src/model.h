@@ -1,0 +1,136 @@
+// model.h: GPT-2 with Megatron tensor parallelism over the TP group.
+//
+// Parameter plan (P = tp size; see ARCHITECTURE.md):
+//   wte             (Vp, C)     Shard(0)   vocab-parallel embedding, tied with the LM head
+//   wpe             (T, C)      Replicate
+//   ln_1/ln_2/ln_f  (C)         Replicate
+//   attn.c_attn     (3, C, C)   Shard(1)   column-parallel by head: q, k, v rows of this rank's heads
+//   attn.c_attn.bias (3, C)     Shard(1)
+//   attn.c_proj     (C, C)      Shard(1)   row-parallel (input dim = this rank's heads)
+//   mlp.c_fc        (4C, C)     Shard(0)   column-parallel, bias (4C) Shard(0)
+//   mlp.c_proj      (C, 4C)     Shard(1)   row-parallel
+//   row-parallel biases (C)     Replicate, added once after the all-reduce
+// Weights are stored (out, in); checkpoints transpose to Hugging Face's Conv1D (in, out).
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "backend.h"
+#include "comm.h"
+#include "config.h"
+#include "layout.h"
+
+enum param_init { PARAM_INIT_NORMAL = 0, PARAM_INIT_NORMAL_RESID, PARAM_INIT_ZEROS, PARAM_INIT_ONES };
+
+struct param_tensor {
+    char name[64];             // Hugging Face GPT-2 name, e.g. "h.3.attn.c_attn.weight"
+    struct dtensor_spec spec;  // global shape (wte padded to Vp) and placement on the TP group
+    size_t real_rows;          // rows that exist in checkpoints (wte: V; others: global_shape[0])
+    bool transpose_hf;         // a 2-D Linear weight: HF stores it as (in, out)
+    bool decay;                // AdamW weight decay applies (2-D weights only)
+    enum param_init init;
+    size_t offset;             // into the flat local buffers, in floats
+    size_t numel;              // local elements
+};
+
+struct layer_params {
+    float *ln1w, *ln1b;         // (C), (C)
+    float *qkvw, *qkvb;         // (3*Cl, C), (3*Cl)  Cl = C/P, this rank's heads
+    float *attprojw, *attprojb; // (C, Cl), (C)
+    float *ln2w, *ln2b;         // (C), (C)
+    float *fcw, *fcb;           // (Fl, C), (Fl)       Fl = 4C/P
+    float *fcprojw, *fcprojb;   // (C, Fl), (C)
+};
+
+struct gpt2_params {
+    float *wte;                 // (Vl, C)  Vl = Vp/P rows of the padded vocabulary
+    float *wpe;                 // (T, C)
+    struct layer_params *layers; // (L)
+    float *lnfw, *lnfb;         // (C), (C)
+};
+
+struct layer_acts {
+    float *ln1, *ln1_mean, *ln1_rstd; // (N, C), (N), (N)
+    float *qkv;                       // (N, 3*Cl)
+    float *atty;                      // (N, Cl)
+    float *att_saved;                 // backend-defined, attention_saved_floats
+    float *res2;                      // (N, C) residual after attention
+    float *ln2, *ln2_mean, *ln2_rstd; // (N, C), (N), (N)
+    float *fch, *fch_gelu;            // (N, Fl), (N, Fl)
+    float *res3;                      // (N, C) residual after the MLP = next layer's input
+};
+
+struct gpt2_acts {
+    float *encoded;                   // (N, C) embeddings
+    struct layer_acts *layers;        // (L)
+    float *proj;                      // (N, C) row-parallel partial output, reduced in place
+    float *lnf, *lnf_mean, *lnf_rstd; // (N, C), (N), (N)
+    float *logits;                    // (N, Vl) this rank's vocab columns; dlogits in place
+    float *maxes, *sums, *losses;     // (N), (2, N), (N)
+    float *dres;                      // (N, C) gradient of the residual stream
+    float *dln;                       // (N, C) gradient into a layernorm output
+    float *dqkv;                      // (N, 3*Cl)
+    float *datty;                     // (N, Cl)
+    float *dfch, *dfch_gelu;          // (N, Fl), (N, Fl)
+    float *att_scratch;               // backend-defined, attention_scratch_floats
+};
+
+// Sizes that follow from the config and the TP size; computed identically for --dry-run.
+struct model_dims {
+    int L, C, NH, HS, T, B, V;  // global model shape, micro-batch B
+    int P, tp_rank;             // TP group size and this rank's place in it
+    int Vp, Vl, vocab_start;    // padded vocab, rows per rank, first row of this rank
+    int NHl, Cl, Fl;            // local heads, local attention width, local MLP width
+    size_t N;                   // B*T
+};
+
+struct model_memory {
+    size_t param_floats;        // local parameters (= gradients = each AdamW moment)
+    size_t act_floats;          // activations, all layers, plus backward buffers
+    size_t total_bytes;         // params + grads + m + v + activations + tokens
+};
+
+struct model {
+    struct model_dims d;
+    struct backend be;
+    struct param_tensor *tensors; // (n_tensors) in buffer order
+    int n_tensors;
+    size_t n_params_local;        // floats in each flat buffer
+    size_t n_params_global;       // real parameters counted once (tied wte once, no padding)
+    float *params, *grads;        // (n_params_local) backend memory
+    struct gpt2_params p, g;      // views into params / grads
+    float *act_memory;            // one allocation for all activations
+    struct gpt2_acts a;
+    int *inputs, *targets;        // (N) backend memory
+    size_t bytes_allocated;       // everything this model allocated on the backend
+};
+
+// Derives dims for TP rank `tp_rank` of `tp`. The config must already be validated.
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp, int tp_rank);
+
+// Parameter table for the given dims (n_tensors written to *count; caller frees).
+struct param_tensor *model_param_table(const struct model_dims *d, int *count, size_t *n_local,
+                                       size_t *n_global);
+
+// Memory the run allocates on the backend per rank, from the same plan model_create uses.
+struct model_memory model_memory_plan(const struct model_dims *d, struct backend be);
+
+// Allocates parameters, gradients and activations on be; initialises the weights (TP-invariant:
+// every element is a pure function of seed, tensor name and global index).
+void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed);
+void model_destroy(struct model *m);
+
+// The init value of one global element (exposed for tests).
+float model_init_value(unsigned long long seed, const struct param_tensor *t, size_t global_index, int n_layer);
+
+// Forward pass over one micro-batch (host token ids, (N) each), loss included. Leaves the sum of
+// the N token losses in *loss_sum (1 float, backend memory). tp: the TP group's comm.
+void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets,
+                   float *loss_sum);
+// Backward pass for the last forward; gradients accumulate into m->grads. dloss: the weight of
+// each token's loss in the objective (1 / (N * grad_accum)).
+void model_backward(struct model *m, struct comm *tp, float dloss);
+
+// Collectives issued per micro-batch by forward and backward (for logs and tests).
+void model_count_collectives(const struct model_dims *d, int *forward, int *backward);
