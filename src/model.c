@@ -1,2 +1,426 @@
-// model.c: placeholder until the module lands.
+// model.c: the tensor-parallel GPT-2 graph: parameter plan, TP-invariant init, forward, backward.
+//
+// Collectives live in two places only, named after Megatron's mappings so a reader can count them:
+//   copy_to_tp_region (f):      identity forward, all-reduce of the input gradient backward
+//   reduce_from_tp_region (g):  all-reduce forward, identity backward
+// Per layer that is 2 all-reduces forward and 2 backward; plus the vocab-parallel embedding
+// (1 forward), the LM head's f (1 backward) and the vocab-parallel cross-entropy (2 forward).
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
 #include "common.h"
+
+// ---- dims and parameter table
+
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp, int tp_rank) {
+    struct model_dims d = {0};
+    d.L = mc->n_layer;
+    d.C = mc->n_embd;
+    d.NH = mc->n_head;
+    d.HS = mc->n_embd / mc->n_head;
+    d.T = mc->seq_len;
+    d.B = micro_batch;
+    d.V = mc->vocab_size;
+    d.P = tp;
+    d.tp_rank = tp_rank;
+    // Padding to a multiple of 128*P gives every rank an equal, aligned block; padded rows are
+    // zero and masked out of the softmax, so the padded size changes nothing in the math.
+    d.Vp = (int)tp_round_up((size_t)d.V, (size_t)128 * (size_t)tp);
+    d.Vl = d.Vp / tp;
+    d.vocab_start = tp_rank * d.Vl;
+    d.NHl = d.NH / tp;
+    d.Cl = d.C / tp;
+    d.Fl = 4 * d.C / tp;
+    d.N = (size_t)d.B * (size_t)d.T;
+    return d;
+}
+
+static void add_tensor(struct param_tensor *t, int *n, const char *name, int ndim, const size_t *shape,
+                       struct layout layout, enum param_init init, bool decay, bool transpose_hf) {
+    struct param_tensor *p = &t[(*n)++];
+    memset(p, 0, sizeof *p);
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->spec.ndim = ndim;
+    for (int i = 0; i < ndim; i++) p->spec.global_shape[i] = shape[i];
+    p->spec.layout = layout;
+    p->real_rows = shape[0];
+    p->init = init;
+    p->decay = decay;
+    p->transpose_hf = transpose_hf;
+}
+
+struct param_tensor *model_param_table(const struct model_dims *d, int *count, size_t *n_local,
+                                       size_t *n_global) {
+    int cap = 12 * d->L + 4, n = 0;
+    struct param_tensor *t = tp_calloc((size_t)cap, sizeof *t);
+    size_t C = (size_t)d->C;
+    char name[64];
+    add_tensor(t, &n, "wte.weight", 2, (size_t[]){(size_t)d->Vp, C}, layout_shard(0), PARAM_INIT_NORMAL, true, false);
+    t[0].real_rows = (size_t)d->V;
+    add_tensor(t, &n, "wpe.weight", 2, (size_t[]){(size_t)d->T, C}, layout_replicate(), PARAM_INIT_NORMAL, true, false);
+    for (int l = 0; l < d->L; l++) {
+#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "h.%d.%s", l, suffix), name)
+        add_tensor(t, &n, LAYER_NAME("ln_1.weight"), 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ONES, false, false);
+        add_tensor(t, &n, LAYER_NAME("ln_1.bias"), 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ZEROS, false, false);
+        // (3, C, C) sharded on dim 1: each rank holds the q, k and v rows of its own heads.
+        add_tensor(t, &n, LAYER_NAME("attn.c_attn.weight"), 3, (size_t[]){3, C, C}, layout_shard(1), PARAM_INIT_NORMAL, true, true);
+        add_tensor(t, &n, LAYER_NAME("attn.c_attn.bias"), 2, (size_t[]){3, C}, layout_shard(1), PARAM_INIT_ZEROS, false, false);
+        add_tensor(t, &n, LAYER_NAME("attn.c_proj.weight"), 2, (size_t[]){C, C}, layout_shard(1), PARAM_INIT_NORMAL_RESID, true, true);
+        add_tensor(t, &n, LAYER_NAME("attn.c_proj.bias"), 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ZEROS, false, false);
+        add_tensor(t, &n, LAYER_NAME("ln_2.weight"), 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ONES, false, false);
+        add_tensor(t, &n, LAYER_NAME("ln_2.bias"), 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ZEROS, false, false);
+        add_tensor(t, &n, LAYER_NAME("mlp.c_fc.weight"), 2, (size_t[]){4 * C, C}, layout_shard(0), PARAM_INIT_NORMAL, true, true);
+        add_tensor(t, &n, LAYER_NAME("mlp.c_fc.bias"), 1, (size_t[]){4 * C}, layout_shard(0), PARAM_INIT_ZEROS, false, false);
+        add_tensor(t, &n, LAYER_NAME("mlp.c_proj.weight"), 2, (size_t[]){C, 4 * C}, layout_shard(1), PARAM_INIT_NORMAL_RESID, true, true);
+        add_tensor(t, &n, LAYER_NAME("mlp.c_proj.bias"), 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ZEROS, false, false);
+#undef LAYER_NAME
+    }
+    add_tensor(t, &n, "ln_f.weight", 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ONES, false, false);
+    add_tensor(t, &n, "ln_f.bias", 1, (size_t[]){C}, layout_replicate(), PARAM_INIT_ZEROS, false, false);
+    size_t off = 0, global = 0;
+    for (int i = 0; i < n; i++) {
+        t[i].offset = off;
+        t[i].numel = layout_local_numel(&t[i].spec, d->P);
+        off += t[i].numel;
+        global += layout_global_numel(&t[i].spec) / t[i].spec.global_shape[0] * t[i].real_rows;
+    }
+    *count = n;
+    *n_local = off;
+    *n_global = global;
+    return t;
+}
+
+// ---- TP-invariant initialisation
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static uint64_t fnv1a(const char *s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
+    return h;
+}
+
+float model_init_value(unsigned long long seed, const struct param_tensor *t, size_t global_index, int n_layer) {
+    switch (t->init) {
+    case PARAM_INIT_ZEROS: return 0.0f;
+    case PARAM_INIT_ONES: return 1.0f;
+    case PARAM_INIT_NORMAL:
+    case PARAM_INIT_NORMAL_RESID: break;
+    }
+    size_t row_elems = layout_global_numel(&t->spec) / t->spec.global_shape[0];
+    if (global_index / row_elems >= t->real_rows) return 0.0f; // vocabulary padding
+    // Counter-based: two hashed uniforms per element, then Box-Muller. No state, so any rank can
+    // produce any element, and a shard's values do not depend on the TP size.
+    uint64_t key = splitmix64((uint64_t)seed ^ fnv1a(t->name));
+    uint64_t a = splitmix64(key ^ splitmix64(2 * (uint64_t)global_index));
+    uint64_t b = splitmix64(key ^ splitmix64(2 * (uint64_t)global_index + 1));
+    double u1 = ((double)(a >> 11) + 1.0) * 0x1.0p-53; // (0, 1]
+    double u2 = (double)(b >> 11) * 0x1.0p-53;         // [0, 1)
+    double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    double std = 0.02;
+    if (t->init == PARAM_INIT_NORMAL_RESID) std = 0.02 / sqrt(2.0 * n_layer);
+    return (float)(z * std);
+}
+
+static void init_params(struct model *m, unsigned long long seed) {
+    size_t max_numel = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (m->tensors[i].numel > max_numel) max_numel = m->tensors[i].numel;
+    float *host = tp_malloc(max_numel * sizeof(float));
+    for (int i = 0; i < m->n_tensors; i++) {
+        const struct param_tensor *t = &m->tensors[i];
+#pragma omp parallel for schedule(static)
+        for (size_t j = 0; j < t->numel; j++) {
+            size_t g = layout_global_index(&t->spec, m->d.tp_rank, m->d.P, j);
+            host[j] = model_init_value(seed, t, g, m->d.L);
+        }
+        m->be.iface->copy_to_device(m->be.ctx, m->params + t->offset, host, t->numel * sizeof(float));
+    }
+    free(host);
+}
+
+// ---- views into the flat buffers
+
+static void carve_params(struct gpt2_params *p, float *base, const struct param_tensor *t, int L) {
+    int i = 0;
+    p->wte = base + t[i++].offset;
+    p->wpe = base + t[i++].offset;
+    for (int l = 0; l < L; l++) {
+        struct layer_params *lp = &p->layers[l];
+        float **slots[12] = {&lp->ln1w, &lp->ln1b, &lp->qkvw, &lp->qkvb, &lp->attprojw, &lp->attprojb,
+                             &lp->ln2w, &lp->ln2b, &lp->fcw, &lp->fcb, &lp->fcprojw, &lp->fcprojb};
+        for (int k = 0; k < 12; k++) *slots[k] = base + t[i++].offset;
+    }
+    p->lnfw = base + t[i++].offset;
+    p->lnfb = base + t[i++].offset;
+}
+
+// Walks the activation plan once: with base == NULL it only counts floats, otherwise it also
+// assigns pointers. Counting and carving share this code so the plan and the allocation agree.
+static size_t carve_acts(struct gpt2_acts *a, float *base, const struct model_dims *d, struct backend be) {
+    size_t N = d->N, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
+    size_t saved = be.iface->attention_saved_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
+    size_t scratch = be.iface->attention_scratch_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
+    size_t off = 0;
+#define TAKE(ptr, n)                                              \
+    do {                                                          \
+        if (base) (ptr) = base + off;                             \
+        off += tp_round_up((n), 16); /* 64-byte aligned starts */ \
+    } while (0)
+    struct gpt2_acts tmpa, *aa = a && base ? a : &tmpa;
+    TAKE(aa->encoded, N * C);
+    for (int l = 0; l < d->L; l++) {
+        struct layer_acts tmp, *la = a && base ? &a->layers[l] : &tmp;
+        TAKE(la->ln1, N * C);
+        TAKE(la->ln1_mean, N);
+        TAKE(la->ln1_rstd, N);
+        TAKE(la->qkv, N * 3 * Cl);
+        TAKE(la->atty, N * Cl);
+        TAKE(la->att_saved, saved);
+        TAKE(la->res2, N * C);
+        TAKE(la->ln2, N * C);
+        TAKE(la->ln2_mean, N);
+        TAKE(la->ln2_rstd, N);
+        TAKE(la->fch, N * Fl);
+        TAKE(la->fch_gelu, N * Fl);
+        TAKE(la->res3, N * C);
+    }
+    TAKE(aa->proj, N * C);
+    TAKE(aa->lnf, N * C);
+    TAKE(aa->lnf_mean, N);
+    TAKE(aa->lnf_rstd, N);
+    TAKE(aa->logits, N * Vl);
+    TAKE(aa->maxes, N);
+    TAKE(aa->sums, 2 * N);
+    TAKE(aa->losses, N);
+    TAKE(aa->dres, N * C);
+    TAKE(aa->dln, N * C);
+    TAKE(aa->dqkv, N * 3 * Cl);
+    TAKE(aa->datty, N * Cl);
+    TAKE(aa->dfch, N * Fl);
+    TAKE(aa->dfch_gelu, N * Fl);
+    TAKE(aa->att_scratch, scratch);
+#undef TAKE
+    return off;
+}
+
+struct model_memory model_memory_plan(const struct model_dims *d, struct backend be) {
+    struct model_memory mm = {0};
+    int n;
+    size_t global;
+    free(model_param_table(d, &n, &mm.param_floats, &global));
+    mm.act_floats = carve_acts(NULL, NULL, d, be);
+    mm.total_bytes = (4 * mm.param_floats + mm.act_floats) * sizeof(float) + 2 * d->N * sizeof(int);
+    return mm;
+}
+
+static void *be_alloc(struct model *m, size_t bytes) {
+    m->bytes_allocated += bytes;
+    return m->be.iface->alloc(m->be.ctx, bytes);
+}
+
+void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed) {
+    memset(m, 0, sizeof *m);
+    m->d = *d;
+    m->be = be;
+    m->tensors = model_param_table(d, &m->n_tensors, &m->n_params_local, &m->n_params_global);
+    m->params = be_alloc(m, m->n_params_local * sizeof(float));
+    m->grads = be_alloc(m, m->n_params_local * sizeof(float));
+    m->p.layers = tp_calloc((size_t)d->L, sizeof(struct layer_params));
+    m->g.layers = tp_calloc((size_t)d->L, sizeof(struct layer_params));
+    carve_params(&m->p, m->params, m->tensors, d->L);
+    carve_params(&m->g, m->grads, m->tensors, d->L);
+    m->a.layers = tp_calloc((size_t)d->L, sizeof(struct layer_acts));
+    size_t act_floats = carve_acts(NULL, NULL, d, be);
+    m->act_memory = be_alloc(m, act_floats * sizeof(float));
+    carve_acts(&m->a, m->act_memory, d, be);
+    m->inputs = be_alloc(m, d->N * sizeof(int));
+    m->targets = be_alloc(m, d->N * sizeof(int));
+    init_params(m, seed);
+}
+
+void model_destroy(struct model *m) {
+    const struct backend_i *b = m->be.iface;
+    if (!b) return;
+    b->free(m->be.ctx, m->params);
+    b->free(m->be.ctx, m->grads);
+    b->free(m->be.ctx, m->act_memory);
+    b->free(m->be.ctx, m->inputs);
+    b->free(m->be.ctx, m->targets);
+    free(m->p.layers);
+    free(m->g.layers);
+    free(m->a.layers);
+    free(m->tensors);
+    memset(m, 0, sizeof *m);
+}
+
+// ---- tensor-parallel mappings (Megatron's f and g)
+
+// f forward: the input is already replicated on every rank of the group.
+static void copy_to_tp_region_fwd(struct comm *tp, float *x, size_t n) {
+    (void)tp;
+    (void)x;
+    (void)n;
+}
+
+// f backward: each rank holds the gradient through its own shard only; sum them.
+static void copy_to_tp_region_bwd(struct comm *tp, float *dx, size_t n) { comm_all_reduce(tp, dx, n, COMM_SUM); }
+
+// g forward: row-parallel partial products are summed across the group.
+static void reduce_from_tp_region_fwd(struct comm *tp, float *x, size_t n) { comm_all_reduce(tp, x, n, COMM_SUM); }
+
+// g backward: the output gradient is replicated, so every shard's input gets it unchanged.
+static void reduce_from_tp_region_bwd(struct comm *tp, float *dx, size_t n) {
+    (void)tp;
+    (void)dx;
+    (void)n;
+}
+
+void model_count_collectives(const struct model_dims *d, int *forward, int *backward) {
+    *forward = 1 + 2 * d->L + 2; // embedding, g per block twice, cross-entropy max and sums
+    *backward = 2 * d->L + 1;    // f per block twice, LM head's f
+}
+
+// ---- parallel layers
+
+// Vocab-parallel embedding: each rank looks up the tokens in its vocab rows (zeros elsewhere);
+// the all-reduce assembles full rows. Positions are replicated and added once, after it.
+static void vocab_parallel_embedding_fwd(struct model *m, struct comm *tp) {
+    const struct backend_i *b = m->be.iface;
+    const struct model_dims *d = &m->d;
+    b->vocab_embedding_fwd(m->be.ctx, m->a.encoded, m->inputs, m->p.wte, (int)d->N, d->C, d->vocab_start, d->Vl);
+    reduce_from_tp_region_fwd(tp, m->a.encoded, d->N * (size_t)d->C);
+    b->position_embedding_fwd(m->be.ctx, m->a.encoded, m->p.wpe, d->B, d->T, d->C);
+}
+
+static void vocab_parallel_embedding_bwd(struct model *m, const float *dx) {
+    const struct backend_i *b = m->be.iface;
+    const struct model_dims *d = &m->d;
+    b->position_embedding_bwd(m->be.ctx, m->g.wpe, dx, d->B, d->T, d->C);
+    b->vocab_embedding_bwd(m->be.ctx, m->g.wte, dx, m->inputs, (int)d->N, d->C, d->vocab_start, d->Vl);
+}
+
+// Column-parallel linear: replicated input, output sharded along features. No forward collective.
+static void column_parallel_linear_fwd(struct model *m, struct comm *tp, float *out, float *inp,
+                                       const float *w, const float *bias, int IC, int OCl) {
+    copy_to_tp_region_fwd(tp, inp, m->d.N * (size_t)IC);
+    m->be.iface->matmul_fwd(m->be.ctx, out, inp, w, bias, (int)m->d.N, IC, OCl);
+}
+
+// dinp gets the sum over ranks of each shard's contribution (f backward).
+static void column_parallel_linear_bwd(struct model *m, struct comm *tp, float *dinp, float *dw,
+                                       float *dbias, const float *dout, const float *inp,
+                                       const float *w, int IC, int OCl) {
+    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, (int)m->d.N, IC, OCl);
+    copy_to_tp_region_bwd(tp, dinp, m->d.N * (size_t)IC);
+}
+
+// Row-parallel linear + residual: input sharded along features, partial outputs all-reduced,
+// then bias and residual added once (adding the bias before the reduction would count it P times).
+static void row_parallel_linear_residual_fwd(struct model *m, struct comm *tp, float *out, const float *res,
+                                             const float *inp, const float *w, const float *bias,
+                                             int ICl, int OC) {
+    const struct backend_i *b = m->be.iface;
+    b->matmul_fwd(m->be.ctx, m->a.proj, inp, w, NULL, (int)m->d.N, ICl, OC);
+    reduce_from_tp_region_fwd(tp, m->a.proj, m->d.N * (size_t)OC);
+    b->residual_fwd(m->be.ctx, out, res, m->a.proj, bias, (int)m->d.N, OC);
+}
+
+// dout is the replicated residual gradient; the bias gradient is identical on every rank.
+static void row_parallel_linear_bwd(struct model *m, struct comm *tp, float *dinp, float *dw, float *dbias,
+                                    float *dout, const float *inp, const float *w, int ICl, int OC) {
+    reduce_from_tp_region_bwd(tp, dout, m->d.N * (size_t)OC);
+    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, (int)m->d.N, ICl, OC);
+}
+
+// Vocab-parallel cross-entropy: logits stay sharded; only per-token max and (sum-exp, target
+// logit) cross the group, packed into two all-reduces of N and 2N floats.
+static void vocab_parallel_cross_entropy_fwd(struct model *m, struct comm *tp, float *loss_sum) {
+    const struct backend_i *b = m->be.iface;
+    const struct model_dims *d = &m->d;
+    struct gpt2_acts *a = &m->a;
+    int N = (int)d->N;
+    b->xent_max(m->be.ctx, a->maxes, a->logits, N, d->vocab_start, d->Vl, d->V);
+    comm_all_reduce(tp, a->maxes, d->N, COMM_MAX);
+    b->xent_sums(m->be.ctx, a->sums, a->logits, a->maxes, m->targets, N, d->vocab_start, d->Vl, d->V);
+    comm_all_reduce(tp, a->sums, 2 * d->N, COMM_SUM);
+    b->xent_loss(m->be.ctx, a->losses, a->maxes, a->sums, N);
+    b->sum(m->be.ctx, loss_sum, a->losses, d->N);
+}
+
+// ---- forward and backward
+
+void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets, float *loss_sum) {
+    const struct backend_i *b = m->be.iface;
+    void *ctx = m->be.ctx;
+    const struct model_dims *d = &m->d;
+    struct gpt2_acts *a = &m->a;
+    int N = (int)d->N, C = d->C;
+    b->copy_to_device(ctx, m->inputs, inputs, d->N * sizeof(int));
+    b->copy_to_device(ctx, m->targets, targets, d->N * sizeof(int));
+
+    vocab_parallel_embedding_fwd(m, tp);
+    float *x = a->encoded; // (N, C) residual stream, replicated across the TP group
+    for (int l = 0; l < d->L; l++) {
+        struct layer_params *p = &m->p.layers[l];
+        struct layer_acts *la = &a->layers[l];
+        // attention block: ln1 -> f -> qkv (local heads) -> attention -> proj -> g -> +bias -> +x
+        b->layernorm_fwd(ctx, la->ln1, la->ln1_mean, la->ln1_rstd, x, p->ln1w, p->ln1b, N, C);
+        column_parallel_linear_fwd(m, tp, la->qkv, la->ln1, p->qkvw, p->qkvb, C, 3 * d->Cl);
+        b->attention_fwd(ctx, la->atty, la->att_saved, a->att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
+        row_parallel_linear_residual_fwd(m, tp, la->res2, x, la->atty, p->attprojw, p->attprojb, d->Cl, C);
+        // MLP block: ln2 -> f -> fc -> gelu -> fc_proj -> g -> +bias -> +res2
+        b->layernorm_fwd(ctx, la->ln2, la->ln2_mean, la->ln2_rstd, la->res2, p->ln2w, p->ln2b, N, C);
+        column_parallel_linear_fwd(m, tp, la->fch, la->ln2, p->fcw, p->fcb, C, d->Fl);
+        b->gelu_fwd(ctx, la->fch_gelu, la->fch, d->N * (size_t)d->Fl);
+        row_parallel_linear_residual_fwd(m, tp, la->res3, la->res2, la->fch_gelu, p->fcprojw, p->fcprojb, d->Fl, C);
+        x = la->res3;
+    }
+    b->layernorm_fwd(ctx, a->lnf, a->lnf_mean, a->lnf_rstd, x, m->p.lnfw, m->p.lnfb, N, C);
+    // LM head tied with wte: column-parallel over the vocabulary, logits stay sharded.
+    column_parallel_linear_fwd(m, tp, a->logits, a->lnf, m->p.wte, NULL, C, d->Vl);
+    vocab_parallel_cross_entropy_fwd(m, tp, loss_sum);
+}
+
+void model_backward(struct model *m, struct comm *tp, float dloss) {
+    const struct backend_i *b = m->be.iface;
+    void *ctx = m->be.ctx;
+    const struct model_dims *d = &m->d;
+    struct gpt2_acts *a = &m->a;
+    int N = (int)d->N, C = d->C;
+    size_t NC = d->N * (size_t)C;
+
+    // The cross-entropy backward needs no communication: softmax - onehot on the local columns.
+    b->xent_bwd(ctx, a->logits, a->logits, a->maxes, a->sums, m->targets, dloss, N, d->vocab_start, d->Vl, d->V);
+    column_parallel_linear_bwd(m, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, C, d->Vl);
+    b->zero(ctx, a->dres, NC * sizeof(float));
+    const float *x_last = d->L ? a->layers[d->L - 1].res3 : a->encoded;
+    b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, x_last, m->p.lnfw, a->lnf_mean, a->lnf_rstd, N, C);
+
+    for (int l = d->L - 1; l >= 0; l--) {
+        struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
+        struct layer_acts *la = &a->layers[l];
+        const float *x = l ? a->layers[l - 1].res3 : a->encoded;
+        // a->dres holds dL/d(res3); res3 = res2 + fcproj + bias, so it is also part of dL/d(res2).
+        row_parallel_linear_bwd(m, tp, a->dfch_gelu, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, d->Fl, C);
+        b->gelu_bwd(ctx, a->dfch, la->fch, a->dfch_gelu, d->N * (size_t)d->Fl);
+        column_parallel_linear_bwd(m, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, C, d->Fl);
+        b->layernorm_bwd(ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd, N, C);
+        // a->dres now holds dL/d(res2)
+        row_parallel_linear_bwd(m, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, d->Cl, C);
+        b->attention_bwd(ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T, d->NHl, d->HS);
+        column_parallel_linear_bwd(m, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, C, 3 * d->Cl);
+        b->layernorm_bwd(ctx, a->dres, g->ln1w, g->ln1b, a->dln, x, p->ln1w, la->ln1_mean, la->ln1_rstd, N, C);
+        // a->dres now holds dL/d(x), the block's input
+    }
+    // The embedding's forward all-reduce summed disjoint partial rows: its backward is the identity.
+    vocab_parallel_embedding_bwd(m, a->dres);
+}

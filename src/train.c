@@ -1,2 +1,362 @@
-// train.c: placeholder until the module lands.
+// train.c: the loop: forward, loss, backward, DP reduce, clip, update, log, validate.
+#include "train.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ckpt.h"
 #include "common.h"
+#include "data.h"
+#include "mesh.h"
+#include "model.h"
+#include "optim.h"
+
+struct trainer {
+    const struct tp_config *cfg;
+    struct mesh mesh;
+    struct backend be;
+    struct model model;
+    struct optim opt;
+    struct data_loader train_data, val_data;
+    bool have_val;
+    float *loss_sums;   // (grad_accum) backend memory: per micro-step loss sums
+    FILE *jsonl;        // rank 0 only
+    bool is_root;       // world rank 0 prints
+    double flops_per_token, peak_flops;
+};
+
+// ---- errors across ranks
+
+// Agrees on status across all ranks; the ranks that failed print their own message.
+static int agree(struct trainer *tr, int status, const char *err) {
+    if (status && err && err[0]) fprintf(stderr, "tptrain: %s\n", err);
+    return mesh_agree(&tr->mesh, status);
+}
+
+// ---- logging
+
+static void log_jsonl(struct trainer *tr, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void log_jsonl(struct trainer *tr, const char *fmt, ...) {
+    if (!tr->jsonl) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(tr->jsonl, fmt, ap);
+    va_end(ap);
+    fputc('\n', tr->jsonl);
+    fflush(tr->jsonl);
+}
+
+static void fmt_duration(double s, char *buf, size_t len) {
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(buf, len, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+    else if (t >= 60) snprintf(buf, len, "%ldm%02lds", t / 60, t % 60);
+    else snprintf(buf, len, "%lds", t);
+}
+
+double train_flops_per_token(const struct tp_config *cfg) {
+    struct model_dims d = model_dims_make(&cfg->model, 1, 1, 0);
+    int n;
+    size_t local, global;
+    free(model_param_table(&d, &n, &local, &global));
+    return 6.0 * (double)global + 6.0 * d.L * (double)d.C * d.T;
+}
+
+static double peak_flops(const struct trainer *tr) {
+    if (tr->cfg->log.peak_tflops > 0) return tr->cfg->log.peak_tflops * 1e12;
+    if (tr->mesh.device < 0) return 0.0; // no meaningful peak for the CPU backend
+    // H100/H200 SXM dense: bf16 989 TFLOP/s, plain fp32 67 (TF32 is off in fp32 mode)
+    return tr->cfg->train.precision == TP_PREC_BF16 ? 989e12 : 67e12;
+}
+
+// ---- setup and teardown
+
+static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
+    char err[2048] = "";
+    memset(tr, 0, sizeof *tr);
+    tr->cfg = cfg;
+    mesh_init(&tr->mesh, cfg);
+    tr->is_root = tr->mesh.world_rank == 0;
+    int st = mesh_create_backend(&tr->mesh, cfg, &tr->be, err, sizeof err);
+    if (st) return agree(tr, st, tr->is_root ? err : NULL);
+    st = mesh_create_comms(&tr->mesh, cfg, tr->be, err, sizeof err);
+    if (st) return agree(tr, st, tr->is_root ? err : NULL);
+
+    const struct tp_train_config *tc = &cfg->train;
+    struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp_size, tr->mesh.tp_rank);
+    st = data_open(&tr->train_data, cfg->data.train, d.B, d.T, tr->mesh.dp_rank, tr->mesh.dp_size,
+                   d.V, err, sizeof err);
+    if (!st && cfg->data.val[0]) {
+        st = data_open(&tr->val_data, cfg->data.val, d.B, d.T, tr->mesh.dp_rank, tr->mesh.dp_size, d.V,
+                       err, sizeof err);
+        tr->have_val = st == 0;
+    }
+    if ((st = agree(tr, st, err))) return st;
+
+    model_create(&tr->model, &d, tr->be, tc->seed);
+    optim_create(&tr->opt, &tr->model);
+    tr->loss_sums = tr->be.iface->alloc(tr->be.ctx, (size_t)tc->grad_accum * sizeof(float));
+    tr->flops_per_token = train_flops_per_token(cfg);
+    tr->peak_flops = peak_flops(tr);
+
+    if (tr->is_root && cfg->log.jsonl[0]) {
+        tr->jsonl = fopen(cfg->log.jsonl, "w");
+        if (!tr->jsonl) snprintf(err, sizeof err, "log.jsonl: cannot create '%s': %s", cfg->log.jsonl, strerror(errno));
+        st = tr->jsonl ? 0 : TP_EXIT_USAGE;
+    }
+    if ((st = agree(tr, st, err))) return st;
+    if (cfg->debug.dump_init[0]) {
+        st = ckpt_export_safetensors(&tr->model, &tr->mesh, tr->model.params, cfg->debug.dump_init, err, sizeof err);
+        if ((st = agree(tr, st, tr->is_root ? err : NULL))) return st;
+    }
+    return 0;
+}
+
+static void trainer_teardown(struct trainer *tr) {
+    if (tr->jsonl) fclose(tr->jsonl);
+    if (tr->model.be.iface) {
+        tr->be.iface->free(tr->be.ctx, tr->loss_sums);
+        optim_destroy(&tr->opt, &tr->model);
+        model_destroy(&tr->model);
+    }
+    data_close(&tr->train_data);
+    if (tr->have_val) data_close(&tr->val_data);
+    mesh_destroy(&tr->mesh);
+    backend_destroy(&tr->be);
+}
+
+// ---- one step
+
+// Reads the next micro-batch; any rank's bad data ends every rank.
+static int next_batch(struct trainer *tr, struct data_loader *dl) {
+    char err[2048] = "";
+    int st = data_next(dl, err, sizeof err);
+    return agree(tr, st, err);
+}
+
+// Mean loss over `count` per-micro-step sums held in tr->loss_sums, averaged over DP ranks.
+static double mean_loss(struct trainer *tr, int count) {
+    struct backend_i const *b = tr->be.iface;
+    comm_all_reduce(&tr->mesh.dp, tr->loss_sums, (size_t)count, COMM_AVG);
+    float h[1024];
+    double total = 0.0;
+    for (int off = 0; off < count; off += 1024) {
+        int n = count - off < 1024 ? count - off : 1024;
+        b->copy_to_host(tr->be.ctx, h, tr->loss_sums + off, (size_t)n * sizeof(float));
+        for (int i = 0; i < n; i++) total += h[i];
+    }
+    return total / ((double)count * (double)tr->model.d.N);
+}
+
+struct step_result {
+    double loss, lr, ms;
+    float norm;
+};
+
+static int train_step(struct trainer *tr, int step, struct step_result *res) {
+    const struct tp_train_config *tc = &tr->cfg->train;
+    struct model *m = &tr->model;
+    struct mesh *mesh = &tr->mesh;
+    const struct backend_i *b = tr->be.iface;
+    double t0 = tp_now();
+    b->zero(tr->be.ctx, m->grads, m->n_params_local * sizeof(float));
+    float dloss = 1.0f / ((float)m->d.N * (float)tc->grad_accum);
+    for (int micro = 0; micro < tc->grad_accum; micro++) {
+        int st = next_batch(tr, &tr->train_data);
+        if (st) return st;
+        model_forward(m, &mesh->tp, tr->train_data.inputs, tr->train_data.targets, tr->loss_sums + micro);
+        model_backward(m, &mesh->tp, dloss);
+    }
+    comm_all_reduce(&mesh->dp, m->grads, m->n_params_local, COMM_AVG);
+    if (step == 0 && tr->cfg->debug.grad_norms) {
+        double *norms = tp_malloc((size_t)m->n_tensors * sizeof(double));
+        optim_tensor_norms(&tr->opt, m, &mesh->tp, norms);
+        if (tr->jsonl) {
+            fprintf(tr->jsonl, "{\"kind\":\"grad_norms\",\"step\":1,\"norms\":{");
+            for (int i = 0; i < m->n_tensors; i++)
+                fprintf(tr->jsonl, "%s\"%s\":%.9g", i ? "," : "", m->tensors[i].name, norms[i]);
+            fprintf(tr->jsonl, "}}\n");
+        }
+        free(norms);
+    }
+    res->norm = optim_grad_norm(&tr->opt, m, &mesh->tp);
+    res->lr = optim_lr(tc, step);
+    optim_step(&tr->opt, m, tc, (float)res->lr, optim_clip_scale(res->norm, tc->grad_clip));
+    res->loss = mean_loss(tr, tc->grad_accum); // waits: the step's last host sync
+    res->ms = 1e3 * (tp_now() - t0);
+    return 0;
+}
+
+static int evaluate(struct trainer *tr, double *loss) {
+    struct model *m = &tr->model;
+    int batches = tr->cfg->eval.batches;
+    float *sums = tr->be.iface->alloc(tr->be.ctx, (size_t)batches * sizeof(float));
+    float *saved = tr->loss_sums;
+    data_seek(&tr->val_data, 0);
+    int st = 0;
+    for (int i = 0; i < batches && !st; i++) {
+        st = next_batch(tr, &tr->val_data);
+        if (!st) model_forward(m, &tr->mesh.tp, tr->val_data.inputs, tr->val_data.targets, sums + i);
+    }
+    if (!st) {
+        tr->loss_sums = sums;
+        *loss = mean_loss(tr, batches);
+        tr->loss_sums = saved;
+    }
+    tr->be.iface->free(tr->be.ctx, sums);
+    return st;
+}
+
+// ---- replica check
+
+static uint64_t hash_bytes(const void *p, size_t n) {
+    const unsigned char *c = p;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001b3ull;
+    return h;
+}
+
+// Replicated parameters must stay bitwise identical across the TP group; drift means some rank
+// computed a different gradient for them. Returns TP_EXIT_RUNTIME on mismatch (all ranks agree).
+static int check_replicas(struct trainer *tr, int step) {
+    struct model *m = &tr->model;
+    int P = tr->mesh.tp_size, bad = -1;
+    uint64_t *all = tp_malloc((size_t)P * sizeof(uint64_t));
+    for (int i = 0; i < m->n_tensors && bad < 0; i++) {
+        const struct param_tensor *t = &m->tensors[i];
+        if (t->spec.layout.kind != LAYOUT_REPLICATE) continue;
+        float *h = tp_malloc(t->numel * sizeof(float));
+        tr->be.iface->copy_to_host(tr->be.ctx, h, m->params + t->offset, t->numel * sizeof(float));
+        uint64_t mine = hash_bytes(h, t->numel * sizeof(float));
+        free(h);
+        MPI_Allgather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, tr->mesh.tp_comm);
+        for (int r = 1; r < P; r++)
+            if (all[r] != all[0]) bad = i;
+        if (bad >= 0 && tr->mesh.tp_rank == 0)
+            fprintf(stderr, "tptrain: debug.check_replicas: replicated tensor '%s' differs across the TP group "
+                            "(dp rank %d) after step %d\n", t->name, tr->mesh.dp_rank, step);
+    }
+    free(all);
+    return mesh_agree(&tr->mesh, bad >= 0 ? TP_EXIT_RUNTIME : 0);
+}
+
+// ---- the loop
+
+static void print_header(const struct trainer *tr) {
+    const struct tp_config *cfg = tr->cfg;
+    const struct model *m = &tr->model;
+    printf("tptrain %s | %s backend, comm %s | mesh dp=%d x tp=%d (%d ranks)\n", TP_VERSION,
+           tr->be.iface->name(tr->be.ctx), tr->mesh.tp.iface->name(tr->mesh.tp.ctx), tr->mesh.dp_size,
+           tr->mesh.tp_size, tr->mesh.world_size);
+    printf("model: %d layers, %d heads, width %d, vocab %d (padded %d), seq %d | %.2fM parameters | %s\n",
+           cfg->model.n_layer, cfg->model.n_head, cfg->model.n_embd, cfg->model.vocab_size, m->d.Vp,
+           cfg->model.seq_len, (double)m->n_params_global / 1e6, config_precision_name(cfg->train.precision));
+    printf("batch: %d x %d tokens per rank, grad_accum %d, global %ld tokens | %d steps | rank memory %.2f GiB\n",
+           cfg->train.micro_batch, cfg->model.seq_len, cfg->train.grad_accum, cfg->train.global_batch,
+           cfg->train.steps, (double)m->bytes_allocated / (1u << 30));
+    fflush(stdout);
+}
+
+static void log_step(struct trainer *tr, int step, const struct step_result *r, double elapsed) {
+    const struct tp_config *cfg = tr->cfg;
+    double tok_s = (double)cfg->train.global_batch / (r->ms / 1e3);
+    double mfu = tr->peak_flops > 0 ? tok_s * tr->flops_per_token / (tr->peak_flops * tr->mesh.world_size) : -1.0;
+    double mem = (double)tr->model.bytes_allocated / (1u << 30);
+    double eta = elapsed / (step + 1) * (cfg->train.steps - step - 1);
+    log_jsonl(tr, "{\"kind\":\"train\",\"step\":%d,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"ms\":%.3f,"
+                  "\"tok_per_s\":%.1f,\"mfu\":%.5f,\"mem_gib\":%.3f}",
+              step + 1, r->loss, r->lr, (double)r->norm, r->ms, tok_s, mfu, mem);
+    bool last = step + 1 == cfg->train.steps;
+    if (!tr->is_root || (!last && (step + 1) % cfg->log.every != 0 && step != 0)) return;
+    char eta_s[32], mfu_s[32];
+    fmt_duration(eta, eta_s, sizeof eta_s);
+    if (mfu >= 0) snprintf(mfu_s, sizeof mfu_s, "%.1f%%", 100.0 * mfu);
+    else snprintf(mfu_s, sizeof mfu_s, "-");
+    printf("step %5d/%d | loss %.6f | lr %.3e | norm %.4f | %.1f ms | %.0f tok/s | MFU %s | mem %.2f GiB | ETA %s\n",
+           step + 1, cfg->train.steps, r->loss, r->lr, (double)r->norm, r->ms, tok_s, mfu_s, mem, eta_s);
+    fflush(stdout);
+}
+
+static int validate_and_log(struct trainer *tr, int step) {
+    double loss;
+    int st = evaluate(tr, &loss);
+    if (st) return st;
+    log_jsonl(tr, "{\"kind\":\"val\",\"step\":%d,\"loss\":%.9g,\"tokens\":%zu}", step, loss,
+              (size_t)tr->cfg->eval.batches * tr->model.d.N * (size_t)tr->mesh.dp_size);
+    if (tr->is_root) {
+        printf("val   %5d | loss %.6f | perplexity %.2f\n", step, loss, exp(loss));
+        fflush(stdout);
+    }
+    return 0;
+}
+
+int train_run(const struct tp_config *cfg) {
+    struct trainer tr;
+    int st = trainer_setup(&tr, cfg);
+    if (!st && tr.is_root) print_header(&tr);
+    double start = tp_now();
+    for (int step = 0; !st && step < cfg->train.steps; step++) {
+        struct step_result r;
+        st = train_step(&tr, step, &r);
+        if (st) break;
+        if (!isfinite(r.loss)) {
+            if (tr.is_root) fprintf(stderr, "tptrain: loss became %g at step %d; lower train.lr or check the data\n", r.loss, step + 1);
+            st = TP_EXIT_RUNTIME;
+            break;
+        }
+        log_step(&tr, step, &r, tp_now() - start);
+        if (cfg->debug.check_replicas) st = check_replicas(&tr, step + 1);
+        bool last = step + 1 == cfg->train.steps;
+        if (!st && tr.have_val && (last || (cfg->eval.every > 0 && (step + 1) % cfg->eval.every == 0)))
+            st = validate_and_log(&tr, step + 1);
+    }
+    trainer_teardown(&tr);
+    return st;
+}
+
+// ---- --dry-run
+
+int train_dry_run(const struct tp_config *cfg, int world_size) {
+    int P = cfg->parallel.tp, dp = world_size / P;
+    config_print(cfg, stdout);
+    printf("\n# mesh: %d ranks = dp %d x tp %d (row-major, tp fastest)\n", world_size, dp, P);
+    for (int r = 0; r < world_size; r++) printf("#   rank %d -> (dp %d, tp %d)\n", r, r / P, r % P);
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P, 0);
+    int n;
+    size_t local, global;
+    struct param_tensor *t = model_param_table(&d, &n, &local, &global);
+    printf("\n# parameters (%.2fM; vocab %d padded to %d = %d rows per rank)\n", (double)global / 1e6,
+           d.V, d.Vp, d.Vl);
+    printf("# %-28s %-18s %-10s %-18s\n", "tensor", "global", "layout", "per rank");
+    for (int i = 0; i < n; i++) {
+        // blocks repeat: show layer 0 as h.*
+        if (strncmp(t[i].name, "h.", 2) == 0 && strncmp(t[i].name, "h.0.", 4) != 0) continue;
+        char name[64], gs[64], ls[64], lay[32];
+        size_t lshape[LAYOUT_MAX_DIMS];
+        layout_local_shape(&t[i].spec, P, lshape);
+        if (strncmp(t[i].name, "h.0.", 4) == 0) snprintf(name, sizeof name, "h.*.%s", t[i].name + 4);
+        else snprintf(name, sizeof name, "%s", t[i].name);
+        printf("#   %-28s %-18s %-10s %-18s\n", name, layout_shape_str(t[i].spec.global_shape, t[i].spec.ndim, gs, sizeof gs),
+               layout_describe(t[i].spec.layout, lay, sizeof lay), layout_shape_str(lshape, t[i].spec.ndim, ls, sizeof ls));
+    }
+    free(t);
+    // Size with the backend the run would use on this machine (attention buffers differ).
+    struct backend be;
+    char err[256] = "";
+    bool cuda = cfg->parallel.device != TP_DEVICE_CPU && backend_cuda_available() && backend_cuda_device_count() > 0;
+    if (!cuda || !backend_cuda_create(&be, 0, err, sizeof err)) be = backend_cpu_create();
+    struct model_memory mm = model_memory_plan(&d, be);
+    double gib = 1024.0 * 1024.0 * 1024.0;
+    printf("\n# memory per rank (%s backend): parameters %.3f GiB, gradients %.3f, AdamW %.3f, "
+           "activations %.3f -> total %.3f GiB\n", be.iface->name(be.ctx),
+           (double)mm.param_floats * 4 / gib, (double)mm.param_floats * 4 / gib, (double)mm.param_floats * 8 / gib,
+           (double)mm.act_floats * 4 / gib, (double)mm.total_bytes / gib);
+    int fwd, bwd;
+    model_count_collectives(&d, &fwd, &bwd);
+    printf("# collectives per micro-batch on the TP group: %d forward, %d backward\n", P > 1 ? fwd : 0, P > 1 ? bwd : 0);
+    backend_destroy(&be);
+    return 0;
+}
