@@ -1,11 +1,15 @@
 // main.c: the tptrain command line: train (default), --dry-run, --eval, --bench.
+#include <errno.h>
 #include <getopt.h>
 #include <mpi.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
+#include "bench.h"
 #include "config.h"
+#include "eval.h"
 #include "train.h"
 
 #define MAX_SETS 256
@@ -16,10 +20,12 @@ static const char usage_text[] =
     "      Train the model the config describes (the built-in configs/tiny.yaml when no file is\n"
     "      given). Run under mpirun/srun for tensor and data parallelism:\n"
     "        mpirun -np 4 tptrain configs/tiny.yaml --set parallel.tp=2\n"
-    "  tptrain --eval CHECKPOINT_DIR [--data GLOB] [--batches N]\n"
-    "      Evaluate a checkpoint's validation loss.\n"
-    "  tptrain --bench layer M K N | allreduce SIZES... | model CONFIG.yaml\n"
-    "      Benchmark parallel layers, the all-reduce, or one training step.\n"
+    "  tptrain --eval CHECKPOINT_DIR [--data GLOB] [--batches N] [--set KEY=VALUE]...\n"
+    "          [--generate N [--temperature T] [--top-k K] [--seed S] [--prompt-tokens FILE]]\n"
+    "      Evaluate a checkpoint's validation loss (any TP size), or sample text from it.\n"
+    "  tptrain --bench layer M K N | allreduce SIZES... | allreduce MIN:MAX:FACTOR | model CONFIG.yaml\n"
+    "          [--json FILE] [--set KEY=VALUE]...\n"
+    "      Benchmark parallel layers, the all-reduce, or one training step (N ranks = TP size).\n"
     "\n"
     "options:\n"
     "  -s, --set KEY=VALUE   override one config key (e.g. --set train.lr=3e-4); repeatable\n"
@@ -27,6 +33,14 @@ static const char usage_text[] =
     "                        global and per-rank shape and layout, and per-rank memory; exit\n"
     "  -e, --eval DIR        evaluation mode\n"
     "  -b, --bench           benchmark mode\n"
+    "      --data GLOB       --eval: validation shards (default: the checkpoint's data.val)\n"
+    "      --batches N       --eval: micro-batches to evaluate (default: eval.batches)\n"
+    "      --generate N      --eval: sample N tokens through the GPT-2 decode table\n"
+    "      --temperature T   --eval: sampling temperature (default 1.0)\n"
+    "      --top-k K         --eval: sample among the K most likely tokens (default: all)\n"
+    "      --seed S          --eval: sampling seed (default: train.seed)\n"
+    "      --prompt-tokens F --eval: file of whitespace-separated token ids to start from\n"
+    "      --json FILE       --bench: also write the results as JSON\n"
     "  -h, --help            this text\n"
     "  -V, --version         print the version\n"
     "\n"
@@ -39,8 +53,35 @@ struct cli {
     bool dry_run;
     const char *eval_dir;
     bool bench;
-    int first_positional; // index into argv after option parsing
+    char *pos[MAX_SETS];  // positional arguments in order
+    int n_pos;
+    struct eval_opts eval;
+    const char *json_path;
 };
+
+static int parse_int(const char *s, const char *opt, int min, int *out, bool root) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < min || v > 2147483647L) {
+        if (root) fprintf(stderr, "tptrain: %s %s: expected an integer >= %d\n", opt, s, min);
+        return TP_EXIT_USAGE;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_double(const char *s, const char *opt, double *out, bool root) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || !(v > 0)) {
+        if (root) fprintf(stderr, "tptrain: %s %s: expected a positive number\n", opt, s);
+        return TP_EXIT_USAGE;
+    }
+    *out = v;
+    return 0;
+}
 
 // Parses argv; returns -1 to continue, or an exit code.
 static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
@@ -48,20 +89,23 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         {"set", required_argument, NULL, 's'},    {"dry-run", no_argument, NULL, 'n'},
         {"eval", required_argument, NULL, 'e'},   {"bench", no_argument, NULL, 'b'},
         {"help", no_argument, NULL, 'h'},         {"version", no_argument, NULL, 'V'},
+        {"data", required_argument, NULL, 1},     {"batches", required_argument, NULL, 2},
+        {"generate", required_argument, NULL, 3}, {"temperature", required_argument, NULL, 4},
+        {"top-k", required_argument, NULL, 5},    {"seed", required_argument, NULL, 6},
+        {"prompt-tokens", required_argument, NULL, 7}, {"json", required_argument, NULL, 8},
         {NULL, 0, NULL, 0},
     };
     memset(cli, 0, sizeof *cli);
+    cli->eval.temperature = 1.0;
     opterr = 0;
     int c;
     while ((c = getopt_long(argc, argv, "+s:ne:bhV", opts, NULL)) != -1 || optind < argc) {
-        if (c == -1) { // a positional argument; keep scanning options after it
-            if (!cli->config_path && !cli->bench) cli->config_path = argv[optind];
-            else if (!cli->bench) {
-                if (root) fprintf(stderr, "tptrain: unexpected argument '%s' (one config file at most); see tptrain --help\n", argv[optind]);
+        if (c == -1) { // a positional argument; options may follow it
+            if (cli->n_pos == MAX_SETS) {
+                if (root) fprintf(stderr, "tptrain: too many arguments\n");
                 return TP_EXIT_USAGE;
             }
-            if (cli->bench) break; // the bench arguments follow
-            optind++;
+            cli->pos[cli->n_pos++] = argv[optind++];
             continue;
         }
         switch (c) {
@@ -75,6 +119,22 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         case 'n': cli->dry_run = true; break;
         case 'e': cli->eval_dir = optarg; break;
         case 'b': cli->bench = true; break;
+        case 1: cli->eval.data = optarg; break;
+        case 2: if (parse_int(optarg, "--batches", 1, &cli->eval.batches, root)) return TP_EXIT_USAGE; break;
+        case 3: if (parse_int(optarg, "--generate", 1, &cli->eval.generate, root)) return TP_EXIT_USAGE; break;
+        case 4:
+            if (parse_double(optarg, "--temperature", &cli->eval.temperature, root)) return TP_EXIT_USAGE;
+            break;
+        case 5: if (parse_int(optarg, "--top-k", 1, &cli->eval.top_k, root)) return TP_EXIT_USAGE; break;
+        case 6: {
+            int s;
+            if (parse_int(optarg, "--seed", 0, &s, root)) return TP_EXIT_USAGE;
+            cli->eval.seed = (unsigned long long)s;
+            cli->eval.seed_set = true;
+            break;
+        }
+        case 7: cli->eval.prompt_tokens = optarg; break;
+        case 8: cli->json_path = optarg; break;
         case 'h':
             if (root) fputs(usage_text, stdout);
             return TP_EXIT_OK;
@@ -89,7 +149,11 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
             return TP_EXIT_USAGE;
         }
     }
-    cli->first_positional = optind;
+    if (!cli->bench && cli->n_pos > 1) {
+        if (root) fprintf(stderr, "tptrain: unexpected argument '%s' (one config file at most); see tptrain --help\n", cli->pos[1]);
+        return TP_EXIT_USAGE;
+    }
+    if (!cli->bench && cli->n_pos == 1) cli->config_path = cli->pos[0];
     return -1;
 }
 
@@ -108,13 +172,24 @@ static int run(int argc, char **argv, int rank, int world_size) {
     struct cli cli;
     int st = parse_cli(&cli, argc, argv, root);
     if (st >= 0) return st;
-    if (cli.eval_dir) {
-        if (root) fprintf(stderr, "tptrain: --eval is not built yet in this version\n");
+    if (cli.eval_dir && cli.bench) {
+        if (root) fprintf(stderr, "tptrain: --eval and --bench are separate modes; give one\n");
         return TP_EXIT_USAGE;
     }
+    if (cli.eval_dir) {
+        if (cli.config_path) {
+            if (root) fprintf(stderr, "tptrain: --eval takes its config from the checkpoint; drop '%s' (use --set to override keys)\n", cli.config_path);
+            return TP_EXIT_USAGE;
+        }
+        cli.eval.checkpoint = cli.eval_dir;
+        cli.eval.sets = cli.sets;
+        cli.eval.n_sets = cli.n_sets;
+        return eval_run(&cli.eval);
+    }
     if (cli.bench) {
-        if (root) fprintf(stderr, "tptrain: --bench is not built yet in this version\n");
-        return TP_EXIT_USAGE;
+        struct bench_opts bo = {.argc = cli.n_pos, .argv = cli.pos,
+                                .json_path = cli.json_path, .sets = cli.sets, .n_sets = cli.n_sets};
+        return bench_run(&bo);
     }
     static struct tp_config cfg;
     char err[2048] = "";

@@ -1,0 +1,21 @@
+// eval.h: --eval mode: validation loss of a checkpoint, and text generation.
+#pragma once
+
+#include <stdbool.h>
+
+struct eval_opts {
+    const char *checkpoint;     // checkpoint directory (or a checkpoints dir: its `latest`)
+    const char *data;           // validation shard glob (NULL = the one in the checkpoint's config)
+    int batches;                // micro-batches to evaluate (0 = the config's eval.batches)
+    int generate;               // tokens to sample (0 = evaluate only)
+    double temperature;         // sampling temperature (default 1.0)
+    int top_k;                  // 0 = full distribution
+    unsigned long long seed;    // sampling seed
+    bool seed_set;
+    const char *prompt_tokens;  // file of whitespace-separated token ids (NULL = start from EOT)
+    const char *const *sets;    // --set overrides applied to the checkpoint's config (e.g. parallel.tp)
+    int n_sets;
+};
+
+// Runs under MPI (already initialised) on every rank; returns the exit code.
+int eval_run(const struct eval_opts *o);
