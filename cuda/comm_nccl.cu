@@ -6,6 +6,9 @@
 // ordered with the kernels around them. synchronize polls the stream and NCCL's asynchronous
 // error state together, so a peer that dies ends this rank with a message instead of a hang.
 #include <cuda_runtime.h>
+// Open MPI's deprecated C++ bindings are not wanted (and warn under -Wextra).
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 #include <nccl.h>
 #include <sched.h>
