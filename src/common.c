@@ -16,6 +16,16 @@ void tp_die(int code, const char *fmt, ...) {
     exit(code);
 }
 
+int tp_errf(char *err, size_t errlen, const char *fmt, ...) {
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return TP_EXIT_USAGE;
+}
+
 void *tp_malloc_impl(size_t bytes, const char *file, int line) {
     void *p = malloc(bytes ? bytes : 1);
     if (!p) tp_die(TP_EXIT_RUNTIME, "%s:%d: out of host memory allocating %zu bytes", file, line, bytes);

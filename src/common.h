@@ -19,6 +19,10 @@ enum tp_exit {
 // one rank only use mesh_abort() instead so that no peer hangs in a collective.
 _Noreturn void tp_die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+// Formats one line into err (err may be NULL) and returns TP_EXIT_USAGE, so input checks can
+// `return tp_errf(err, errlen, "...")`.
+int tp_errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 // malloc/calloc that die with the size and call site on failure.
 void *tp_malloc_impl(size_t bytes, const char *file, int line);
 void *tp_calloc_impl(size_t n, size_t size, const char *file, int line);

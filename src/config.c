@@ -227,18 +227,6 @@ static int key_suggest(const char *section, const char *name) {
 
 // ---- messages
 
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return TP_EXIT_USAGE;
-}
-
 // The user's text for a message: control characters shown as '?',
 // long values cut so the message stays one readable line.
 static void show_text(const char *text, char *out, size_t outlen) {
@@ -557,7 +545,7 @@ static int walk_fail(struct yaml_walk *w, const yaml_node_t *at, const char *pat
     va_start(ap, fmt);
     vsnprintf(reason, sizeof reason, fmt, ap);
     va_end(ap);
-    return fail(w->err, w->errlen, "%s:%d:%d: %s: %s", w->name, line_of(at), col_of(at), path,
+    return tp_errf(w->err, w->errlen, "%s:%d:%d: %s: %s", w->name, line_of(at), col_of(at), path,
                 reason);
 }
 
@@ -675,11 +663,11 @@ static int parser_fail(const yaml_parser_t *p, const char *yaml, size_t len, con
                        char *err, size_t errlen) {
     const char *problem = p->problem ? p->problem : "unknown error";
     if (p->error == YAML_MEMORY_ERROR)
-        return fail(err, errlen, "%s: out of memory while parsing", name);
+        return tp_errf(err, errlen, "%s: out of memory while parsing", name);
     if (p->error == YAML_READER_ERROR) {
         int line, col;
         offset_position(yaml, len, p->problem_offset, &line, &col);
-        return fail(err, errlen, "%s:%d:%d: invalid YAML: %s (byte 0x%02x)", name, line, col,
+        return tp_errf(err, errlen, "%s:%d:%d: invalid YAML: %s (byte 0x%02x)", name, line, col,
                     problem, (unsigned)p->problem_value & 0xffu);
     }
     int line = (int)p->problem_mark.line + 1, col = (int)p->problem_mark.column + 1;
@@ -687,10 +675,10 @@ static int parser_fail(const yaml_parser_t *p, const char *yaml, size_t len, con
                            ? "; YAML indents with spaces only, replace the tab"
                            : "";
     if (p->context)
-        return fail(err, errlen, "%s:%d:%d: invalid YAML: %s (%s at line %d, column %d)%s", name,
+        return tp_errf(err, errlen, "%s:%d:%d: invalid YAML: %s (%s at line %d, column %d)%s", name,
                     line, col, problem, p->context, (int)p->context_mark.line + 1,
                     (int)p->context_mark.column + 1, hint);
-    return fail(err, errlen, "%s:%d:%d: invalid YAML: %s%s", name, line, col, problem, hint);
+    return tp_errf(err, errlen, "%s:%d:%d: invalid YAML: %s%s", name, line, col, problem, hint);
 }
 
 // Walks a parsed document into cfg (a scratch copy: the caller keeps it only on success).
@@ -700,7 +688,7 @@ static int walk_document(struct tp_config *cfg, yaml_document_t *doc, const char
     if (!root || scalar_is_null(root)) {
         char known[256];
         list_names(sections, known, sizeof known);
-        return fail(err, errlen, "%s: empty config; expected a mapping with sections %s", name,
+        return tp_errf(err, errlen, "%s: empty config; expected a mapping with sections %s", name,
                     known);
     }
     struct yaml_walk w = {.name = name, .doc = doc, .err = err, .errlen = errlen};
@@ -724,7 +712,7 @@ int config_load_string(struct tp_config *cfg, const char *yaml, size_t len, cons
     if (!name) name = "(string)";
     if (!yaml) yaml = "", len = 0;
     yaml_parser_t parser;
-    if (!yaml_parser_initialize(&parser)) return fail(err, errlen, "%s: out of memory", name);
+    if (!yaml_parser_initialize(&parser)) return tp_errf(err, errlen, "%s: out of memory", name);
     yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
 
     // Parse into a scratch copy so that a failed load leaves cfg as it was.
@@ -744,7 +732,7 @@ int config_load_string(struct tp_config *cfg, const char *yaml, size_t len, cons
             } else {
                 yaml_node_t *extra = yaml_document_get_root_node(&doc);
                 if (extra)
-                    rc = fail(err, errlen,
+                    rc = tp_errf(err, errlen,
                               "%s:%d:%d: (top level): a second YAML document; a config holds "
                               "exactly one",
                               name, (int)doc.start_mark.line + 1, (int)doc.start_mark.column + 1);
@@ -763,7 +751,7 @@ int config_load_string(struct tp_config *cfg, const char *yaml, size_t len, cons
 
 int config_load_file(struct tp_config *cfg, const char *path, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
-    if (!f) return fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+    if (!f) return tp_errf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
     size_t cap = 1 << 16, len = 0;
     char *text = tp_malloc(cap);
     for (;;) {
@@ -774,13 +762,13 @@ int config_load_file(struct tp_config *cfg, const char *path, char *err, size_t 
         if (!grown) {
             free(text);
             fclose(f);
-            return fail(err, errlen, "%s: out of memory reading the file", path);
+            return tp_errf(err, errlen, "%s: out of memory reading the file", path);
         }
         text = grown;
     }
     int read_errno = ferror(f) ? errno : 0;
     fclose(f);
-    int rc = read_errno ? fail(err, errlen, "%s: cannot read: %s", path, strerror(read_errno))
+    int rc = read_errno ? tp_errf(err, errlen, "%s: cannot read: %s", path, strerror(read_errno))
                         : config_load_string(cfg, text, len, path, err, errlen);
     free(text);
     return rc;
@@ -798,16 +786,16 @@ static void trim(char *s) {
 int config_apply_set(struct tp_config *cfg, const char *assignment, char *err, size_t errlen) {
     const char *eq = strchr(assignment, '=');
     if (!eq)
-        return fail(err, errlen, "--set %s: expected key.path=value (e.g. --set model.n_layer=4)",
+        return tp_errf(err, errlen, "--set %s: expected key.path=value (e.g. --set model.n_layer=4)",
                     assignment);
     char key[160], value[TP_PATH_MAX + 8];
     size_t key_len = (size_t)(eq - assignment);
-    if (key_len >= sizeof key) return fail(err, errlen, "--set %s: key is too long", assignment);
+    if (key_len >= sizeof key) return tp_errf(err, errlen, "--set %s: key is too long", assignment);
     memcpy(key, assignment, key_len);
     key[key_len] = '\0';
     trim(key);
     if (strlen(eq + 1) >= sizeof value)
-        return fail(err, errlen, "--set %s: value is too long (at most %d bytes)", assignment,
+        return tp_errf(err, errlen, "--set %s: value is too long (at most %d bytes)", assignment,
                     TP_PATH_MAX - 1);
     snprintf(value, sizeof value, "%s", eq + 1);
     trim(value);
@@ -821,9 +809,9 @@ int config_apply_set(struct tp_config *cfg, const char *assignment, char *err, s
     if (idx < 0) {
         int s = key_suggest(section, name);
         if (s >= 0)
-            return fail(err, errlen, "--set %s: unknown key '%s'; did you mean '%s.%s'?",
+            return tp_errf(err, errlen, "--set %s: unknown key '%s'; did you mean '%s.%s'?",
                         assignment, path, keys[s].section, keys[s].name);
-        return fail(err, errlen, "--set %s: unknown key '%s'; keys are written section.key, "
+        return tp_errf(err, errlen, "--set %s: unknown key '%s'; keys are written section.key, "
                     "e.g. model.n_layer", assignment, path);
     }
 
@@ -838,7 +826,7 @@ int config_apply_set(struct tp_config *cfg, const char *assignment, char *err, s
     }
     char why[512];
     if (!key_set(cfg, &keys[idx], value, plain, why, sizeof why))
-        return fail(err, errlen, "--set %s: %s", assignment, why);
+        return tp_errf(err, errlen, "--set %s: %s", assignment, why);
     cfg->origin[idx] = (struct tp_config_origin){-1, 0};
     return 0;
 }
@@ -859,14 +847,14 @@ static int fail_at(const struct tp_config *cfg, int idx, char *err, size_t errle
     const struct key_def *k = &keys[idx];
     const struct tp_config_origin *o = &cfg->origin[idx];
     if (o->line > 0)
-        return fail(err, errlen, "%s:%d:%d: %s.%s: %s", cfg->source, o->line, o->col, k->section,
+        return tp_errf(err, errlen, "%s:%d:%d: %s.%s: %s", cfg->source, o->line, o->col, k->section,
                     k->name, reason);
     if (o->line < 0) {
         char value[TP_PATH_MAX + 8];
         key_format(cfg, k, false, value, sizeof value);
-        return fail(err, errlen, "--set %s.%s=%s: %s", k->section, k->name, value, reason);
+        return tp_errf(err, errlen, "--set %s.%s=%s: %s", k->section, k->name, value, reason);
     }
-    return fail(err, errlen, "(default): %s.%s: %s", k->section, k->name, reason);
+    return tp_errf(err, errlen, "(default): %s.%s: %s", k->section, k->name, reason);
 }
 
 // Of two keys in conflict, the one to cite: the first that the user set, else the first.

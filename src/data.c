@@ -26,18 +26,6 @@ static const char *const regen_hint = "regenerate it with scripts/prepare_data.p
 
 // ---- errors
 
-// Formats one line into err (which may be NULL) and returns TP_EXIT_USAGE so callers can
-// `return set_err(...)`.
-__attribute__((format(printf, 3, 4))) static int set_err(char *err, size_t errlen, const char *fmt,
-                                                         ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return TP_EXIT_USAGE;
-}
 
 // ---- opening shards
 
@@ -46,36 +34,36 @@ static int shard_open(struct data_shard *sh, const char *path, char *err, size_t
     memset(sh, 0, sizeof *sh);
     size_t plen = strlen(path);
     if (plen >= sizeof sh->path)
-        return set_err(err, errlen, "%s: path is %zu bytes, longer than the %zu the loader supports; "
+        return tp_errf(err, errlen, "%s: path is %zu bytes, longer than the %zu the loader supports; "
                        "move the shards to a shorter path", path, plen, sizeof sh->path - 1);
     memcpy(sh->path, path, plen + 1);
 
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return set_err(err, errlen, "%s: cannot open: %s; check the path and its permissions", path,
+        return tp_errf(err, errlen, "%s: cannot open: %s; check the path and its permissions", path,
                        strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
         close(fd);
-        return set_err(err, errlen, "%s: cannot stat: %s", path, strerror(e));
+        return tp_errf(err, errlen, "%s: cannot stat: %s", path, strerror(e));
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        return set_err(err, errlen, "%s: not a regular file; the data pattern should match only "
+        return tp_errf(err, errlen, "%s: not a regular file; the data pattern should match only "
                        "token shards", path);
     }
     size_t bytes = (size_t)st.st_size;
     if (bytes < DATA_HEADER_BYTES) {
         close(fd);
-        return set_err(err, errlen, "%s: truncated header: %zu bytes, a shard starts with a "
+        return tp_errf(err, errlen, "%s: truncated header: %zu bytes, a shard starts with a "
                        "%zu-byte header; %s", path, bytes, DATA_HEADER_BYTES, regen_hint);
     }
     void *map = mmap(NULL, bytes, PROT_READ, MAP_PRIVATE, fd, 0);
     int map_errno = errno;
     close(fd); // the mapping keeps the file alive
     if (map == MAP_FAILED)
-        return set_err(err, errlen, "%s: cannot mmap %zu bytes: %s", path, bytes,
+        return tp_errf(err, errlen, "%s: cannot mmap %zu bytes: %s", path, bytes,
                        strerror(map_errno));
 
     const int32_t *header = map; // (DATA_HEADER_INTS)
@@ -104,7 +92,7 @@ static int shard_open(struct data_shard *sh, const char *path, char *err, size_t
     }
     if (why) {
         munmap(map, bytes);
-        return set_err(err, errlen, "%s: %s", path, why);
+        return tp_errf(err, errlen, "%s: %s", path, why);
     }
     sh->map = map;
     sh->map_bytes = bytes;
@@ -115,12 +103,12 @@ static int shard_open(struct data_shard *sh, const char *path, char *err, size_t
 static int check_args(const char *pattern, int B, int T, int dp_rank, int dp_size, int vocab_size,
                       char *err, size_t errlen) {
     if (B <= 0 || T <= 0)
-        return set_err(err, errlen, "%s: batch %d x seq_len %d: both must be positive", pattern, B, T);
+        return tp_errf(err, errlen, "%s: batch %d x seq_len %d: both must be positive", pattern, B, T);
     if (dp_size <= 0 || dp_rank < 0 || dp_rank >= dp_size)
-        return set_err(err, errlen, "%s: DP rank %d is outside a DP group of size %d", pattern,
+        return tp_errf(err, errlen, "%s: DP rank %d is outside a DP group of size %d", pattern,
                        dp_rank, dp_size);
     if (vocab_size <= 0)
-        return set_err(err, errlen, "%s: vocab_size %d must be positive", pattern, vocab_size);
+        return tp_errf(err, errlen, "%s: vocab_size %d must be positive", pattern, vocab_size);
     return 0;
 }
 
@@ -134,11 +122,11 @@ int data_open(struct data_loader *dl, const char *glob_pattern, int B, int T, in
     int grc = glob(glob_pattern, GLOB_ERR, NULL, &g); // glob sorts its matches by default
     if (grc == GLOB_NOMATCH || (grc == 0 && g.gl_pathc == 0)) {
         if (grc == 0) globfree(&g);
-        return set_err(err, errlen, "%s: no file matches; check the data path in the config, or "
+        return tp_errf(err, errlen, "%s: no file matches; check the data path in the config, or "
                        "make shards with scripts/prepare_data.py", glob_pattern);
     }
     if (grc != 0)
-        return set_err(err, errlen, "%s: cannot expand the pattern (%s); check that its "
+        return tp_errf(err, errlen, "%s: cannot expand the pattern (%s); check that its "
                        "directories exist and are readable", glob_pattern,
                        grc == GLOB_NOSPACE ? "out of memory" : "read error");
 
@@ -162,7 +150,7 @@ int data_open(struct data_loader *dl, const char *glob_pattern, int B, int T, in
     dl->dp_size = dp_size;
     dl->vocab_size = vocab_size;
     if (dl->total_tokens < (size_t)T + 1) {
-        set_err(err, errlen, "%s: the token stream is too short: %zu tokens in %zu file(s), one "
+        tp_errf(err, errlen, "%s: the token stream is too short: %zu tokens in %zu file(s), one "
                 "sequence needs seq_len+1 = %zu; add data or lower seq_len", glob_pattern,
                 dl->total_tokens, n_files, (size_t)T + 1);
         data_close(dl);
@@ -172,7 +160,7 @@ int data_open(struct data_loader *dl, const char *glob_pattern, int B, int T, in
     dl->n_seqs = (dl->total_tokens - 1) / (size_t)T;
     size_t per_step = (size_t)B * (size_t)dp_size;
     if (dl->n_seqs < per_step) {
-        set_err(err, errlen, "%s: only %zu sequences of %d+1 tokens in %zu tokens, but one "
+        tp_errf(err, errlen, "%s: only %zu sequences of %d+1 tokens in %zu tokens, but one "
                 "micro-batch of %d on each of %d DP ranks needs %zu; add data or lower the batch "
                 "size or seq_len", glob_pattern, dl->n_seqs, T, dl->total_tokens, B, dp_size,
                 per_step);
@@ -211,12 +199,12 @@ static int read_tokens(const struct data_loader *dl, size_t start, size_t n, int
             s++;
         }
         if (s >= dl->n_shards) // n_seqs guarantees this never happens
-            return set_err(err, errlen, "data: internal error: token %zu is past the end of the "
+            return tp_errf(err, errlen, "data: internal error: token %zu is past the end of the "
                            "%zu-token stream", start + i, dl->total_tokens);
         const struct data_shard *sh = &dl->shards[s];
         uint16_t tok = sh->tokens[off];
         if ((int)tok >= dl->vocab_size)
-            return set_err(err, errlen, "%s: token %u at byte offset %zu is out of range for "
+            return tp_errf(err, errlen, "%s: token %u at byte offset %zu is out of range for "
                            "vocab_size %d; check the model's vocab_size, or the shard was made with another "
                            "tokenizer: %s",
                            sh->path, (unsigned)tok, DATA_HEADER_BYTES + off * sizeof(uint16_t),
@@ -229,7 +217,7 @@ static int read_tokens(const struct data_loader *dl, size_t start, size_t n, int
 
 int data_next(struct data_loader *dl, char *err, size_t errlen) {
     size_t per_epoch = data_batches_per_epoch(dl);
-    if (per_epoch == 0) return set_err(err, errlen, "data: data_next on a loader that is not open");
+    if (per_epoch == 0) return tp_errf(err, errlen, "data: data_next on a loader that is not open");
     size_t B = (size_t)dl->B, T = (size_t)dl->T, D = (size_t)dl->dp_size;
     size_t k = dl->position % per_epoch;
     // Rank d's micro-batch k is the (k*D + d)-th block of B consecutive sequences, so DP ranks
@@ -314,28 +302,28 @@ int tokenizer_load(struct tokenizer *tk, const char *path, char *err, size_t err
     memset(tk, 0, sizeof *tk);
     FILE *f = fopen(path, "rb");
     if (!f)
-        return set_err(err, errlen, "%s: cannot open the tokenizer: %s; it ships as "
+        return tp_errf(err, errlen, "%s: cannot open the tokenizer: %s; it ships as "
                        "data/gpt2_tokenizer.bin", path, strerror(errno));
     uint32_t header[TOKENIZER_HEADER_INTS];
     size_t got = fread(header, sizeof(uint32_t), TOKENIZER_HEADER_INTS, f);
     if (got != TOKENIZER_HEADER_INTS) {
         fclose(f);
-        return set_err(err, errlen, "%s: truncated header: %zu of %zu bytes; restore it from "
+        return tp_errf(err, errlen, "%s: truncated header: %zu of %zu bytes; restore it from "
                        "data/gpt2_tokenizer.bin", path, got * sizeof(uint32_t), sizeof header);
     }
     if (header[0] != TOKENIZER_MAGIC || header[1] != TOKENIZER_VERSION) {
         fclose(f);
         if (header[0] != TOKENIZER_MAGIC)
-            return set_err(err, errlen, "%s: bad magic %u (expected %u): not a GPT-2 tokenizer "
+            return tp_errf(err, errlen, "%s: bad magic %u (expected %u): not a GPT-2 tokenizer "
                            "file; restore it from data/gpt2_tokenizer.bin", path, header[0],
                            TOKENIZER_MAGIC);
-        return set_err(err, errlen, "%s: unsupported tokenizer version %u (expected %u); restore it "
+        return tp_errf(err, errlen, "%s: unsupported tokenizer version %u (expected %u); restore it "
                        "from data/gpt2_tokenizer.bin", path, header[1], TOKENIZER_VERSION);
     }
     uint32_t vocab = header[2], eot = header[3];
     if (vocab == 0 || vocab > (1u << 24) || eot >= vocab) {
         fclose(f);
-        return set_err(err, errlen, "%s: implausible header at byte offset 8: vocab size %u, EOT id "
+        return tp_errf(err, errlen, "%s: implausible header at byte offset 8: vocab size %u, EOT id "
                        "%u; restore it from data/gpt2_tokenizer.bin", path, vocab, eot);
     }
 
@@ -350,7 +338,7 @@ int tokenizer_load(struct tokenizer *tk, const char *path, char *err, size_t err
         int c = fgetc(f);
         size_t len = c == EOF ? 0 : (size_t)c;
         if (c == EOF) {
-            set_err(err, errlen, "%s: truncated at byte offset %zu: the table ends at token %u of "
+            tp_errf(err, errlen, "%s: truncated at byte offset %zu: the table ends at token %u of "
                     "%u; restore it from data/gpt2_tokenizer.bin", path, offset, i, vocab);
             goto fail;
         }
@@ -361,7 +349,7 @@ int tokenizer_load(struct tokenizer *tk, const char *path, char *err, size_t err
             blob = grown;
         }
         if (fread(blob + used, 1, len, f) != len) {
-            set_err(err, errlen, "%s: truncated at byte offset %zu: token %u needs %zu bytes; "
+            tp_errf(err, errlen, "%s: truncated at byte offset %zu: token %u needs %zu bytes; "
                     "restore it from data/gpt2_tokenizer.bin", path, offset + 1, i, len);
             goto fail;
         }
