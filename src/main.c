@@ -172,6 +172,7 @@ static int run(int argc, char **argv, int rank, int world_size) {
     struct cli cli;
     int st = parse_cli(&cli, argc, argv, root);
     if (st >= 0) return st;
+    st = 0;
     if (cli.eval_dir && cli.bench) {
         if (root) fprintf(stderr, "tptrain: --eval and --bench are separate modes; give one\n");
         return TP_EXIT_USAGE;
@@ -208,6 +209,9 @@ static int run(int argc, char **argv, int rank, int world_size) {
         return root ? train_dry_run(&cfg, world) : 0;
     }
     st = load_config(&cfg, &cli, world_size, err, sizeof err);
+    if (!st && cfg.train.precision == TP_PREC_BF16)
+        st = tp_errf(err, sizeof err, "%s: train.precision: bf16 is not available in this version yet; use fp32",
+                     cfg.source);
     if (st) {
         // Every rank read the same file and failed alike: one message from rank 0.
         if (root) fprintf(stderr, "%s\n", err);
