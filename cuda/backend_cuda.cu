@@ -437,6 +437,40 @@ __global__ void attn_softmax_bwd_kernel(float *datt, const float *att, int BNH, 
     for (int j = lane; j < T; j += TPC_WARP) da[j] = j <= t ? a[j] * (da[j] - s) * scale : 0.0f;
 }
 
+// One query row against a KV cache (generation): one block per head. scores (NH, n_ctx) in
+// global memory, so the context length is not bounded by shared memory.
+__global__ void attn_decode_kernel(float *out, float *scores, const float *q, const float *kc,
+                                   const float *vc, int n_ctx, int NH, int HS, float scale) {
+    __shared__ float sh[TPC_WARP];
+    int h = blockIdx.x;
+    size_t C = (size_t)NH * HS;
+    const float *qh = q + (size_t)h * HS;       // (HS)
+    float *s = scores + (size_t)h * n_ctx;      // (n_ctx)
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n_ctx; j += blockDim.x) {
+        const float *k = kc + (size_t)j * C + (size_t)h * HS;
+        float acc = 0.0f;
+        for (int d = 0; d < HS; d++) acc += qh[d] * k[d];
+        acc *= scale;
+        s[j] = acc;
+        mx = fmaxf(mx, acc);
+    }
+    mx = block_max_f(mx, sh);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < n_ctx; j += blockDim.x) {
+        float e = expf(s[j] - mx);
+        s[j] = e;
+        sum += e;
+    }
+    sum = block_sum_f(sum, sh); // its barriers also publish s[] to the whole block
+    float inv = 1.0f / sum;
+    for (int d = threadIdx.x; d < HS; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < n_ctx; j++) acc += s[j] * vc[(size_t)j * C + (size_t)h * HS + d];
+        out[(size_t)h * HS + d] = acc * inv;
+    }
+}
+
 // -- vocab-parallel cross-entropy: one block per row
 
 __global__ void xent_max_kernel(float *maxes, const float *logits, int n_real, int n_vocab) {
@@ -867,6 +901,16 @@ static void cuda_attention_bwd(void *ctx, float *dqkv, float *scratch, const flo
     CUDA_CHECK_LAUNCH("attn_unpermute_qkv_kernel");
 }
 
+static void cuda_attention_decode(void *ctx, float *out, float *scratch, const float *q,
+                                  const float *kcache, const float *vcache, int n_ctx, int NH,
+                                  int HS) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (n_ctx <= 0 || NH <= 0 || HS <= 0) return;
+    attn_decode_kernel<<<NH, TPC_BLOCK, 0, c->stream>>>(out, scratch, q, kcache, vcache, n_ctx,
+                                                        NH, HS, 1.0f / sqrtf((float)HS));
+    CUDA_CHECK_LAUNCH("attn_decode_kernel");
+}
+
 // -- vocab-parallel cross-entropy
 
 // Columns of this rank that are real vocabulary (not padding): [0, n_real).
@@ -966,6 +1010,36 @@ static void cuda_adamw(void *ctx, float *p, const float *g, float *m, float *v, 
     CUDA_CHECK_LAUNCH("adamw_kernel");
 }
 
+// ---- timing events
+
+// Events time the stream, not the host: what lies between two records is the GPU work queued
+// between them, including any idle gap while the host waits (e.g. an MPI collective staged
+// through host memory). Created with timing on; reused across records.
+static void *cuda_event_create(void *ctx) {
+    (void)ctx_of(ctx);
+    cudaEvent_t ev;
+    CUDA_CHECK(cudaEventCreate(&ev));
+    return (void *)ev;
+}
+
+static void cuda_event_record(void *ctx, void *ev) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    CUDA_CHECK(cudaEventRecord((cudaEvent_t)ev, c->stream));
+}
+
+static float cuda_event_elapsed_ms(void *ctx, void *start, void *end) {
+    (void)ctx_of(ctx);
+    CUDA_CHECK(cudaEventSynchronize((cudaEvent_t)end));
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, (cudaEvent_t)start, (cudaEvent_t)end));
+    return ms;
+}
+
+static void cuda_event_destroy(void *ctx, void *ev) {
+    (void)ctx_of(ctx);
+    CUDA_CHECK(cudaEventDestroy((cudaEvent_t)ev));
+}
+
 // ---- backend table
 
 static const struct backend_i cuda_iface = {
@@ -995,6 +1069,7 @@ static const struct backend_i cuda_iface = {
     .attention_scratch_floats = cuda_attention_scratch_floats,
     .attention_fwd = cuda_attention_fwd,
     .attention_bwd = cuda_attention_bwd,
+    .attention_decode = cuda_attention_decode,
     .xent_max = cuda_xent_max,
     .xent_sums = cuda_xent_sums,
     .xent_loss = cuda_xent_loss,
@@ -1003,6 +1078,10 @@ static const struct backend_i cuda_iface = {
     .sumsq_acc = cuda_sumsq_acc,
     .scale = cuda_scale,
     .adamw = cuda_adamw,
+    .event_create = cuda_event_create,
+    .event_record = cuda_event_record,
+    .event_elapsed_ms = cuda_event_elapsed_ms,
+    .event_destroy = cuda_event_destroy,
 };
 
 // ---- public entry points

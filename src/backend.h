@@ -84,6 +84,11 @@ struct backend_i {
     void (*attention_bwd)(void *ctx, float *dqkv, float *scratch, const float *dout,
                           const float *qkv, const float *out, const float *saved,
                           int B, int T, int NH, int HS);
+    // Generation with a KV cache: one query token against the first n_ctx cached positions.
+    // out (NH*HS) = per head softmax(q . k^T * scale) @ v over rows [0, n_ctx) of
+    // kcache, vcache (>= n_ctx, NH*HS); q (NH*HS); scratch (NH * n_ctx) floats.
+    void (*attention_decode)(void *ctx, float *out, float *scratch, const float *q,
+                             const float *kcache, const float *vcache, int n_ctx, int NH, int HS);
 
     // ---- vocab-parallel cross-entropy. logits (N, n_vocab) are this rank's columns
     // [vocab_start, vocab_start + n_vocab) of the padded vocabulary; columns >= vocab_size (the real,
@@ -115,6 +120,13 @@ struct backend_i {
     // g is multiplied by grad_scale (clipping, averaging) before use; m, v, p updated in place.
     void (*adamw)(void *ctx, float *p, const float *g, float *m, float *v, size_t n, float lr,
                   float beta1, float beta2, float eps, float weight_decay, float grad_scale, int t);
+
+    // ---- timing events (all optional; NULL on a backend whose ops run synchronously on the
+    // host, where callers time with synchronize + the host clock instead)
+    void *(*event_create)(void *ctx);                   // (optional) a reusable marker in the op queue
+    void (*event_record)(void *ctx, void *ev);          // (optional) ev completes after every op issued so far
+    float (*event_elapsed_ms)(void *ctx, void *start, void *end); // (optional) waits for end; ms from start to end
+    void (*event_destroy)(void *ctx, void *ev);         // (optional)
 };
 
 struct backend {

@@ -572,6 +572,42 @@ static void cpu_attention_bwd(void *ctx, float *dqkv, float *scratch, const floa
     }
 }
 
+// One query row against a KV cache (generation): heads are independent, so one task per head.
+static void cpu_attention_decode(void *ctx, float *out, float *scratch, const float *q,
+                                 const float *kcache, const float *vcache, int n_ctx, int NH,
+                                 int HS) {
+    // out (NH*HS), scratch (NH, n_ctx), q (NH*HS), kcache/vcache (>= n_ctx, NH*HS)
+    (void)ctx;
+    size_t C = (size_t)NH * HS, HSs = (size_t)HS, n = (size_t)n_ctx;
+    float scale = 1.0f / sqrtf((float)HS);
+    CPU_OMP(omp parallel for schedule(static) if (C * n >= CPU_PAR_MIN))
+    for (int h = 0; h < NH; h++) {
+        const float *qh = q + (size_t)h * HSs;
+        float *p = scratch + (size_t)h * n; // (n_ctx)
+        float mx = -INFINITY;
+        for (size_t j = 0; j < n; j++) {
+            const float *k = kcache + j * C + (size_t)h * HSs;
+            float s = 0.0f;
+            for (size_t d = 0; d < HSs; d++) s += qh[d] * k[d];
+            p[j] = s * scale;
+            if (p[j] > mx) mx = p[j];
+        }
+        float sum = 0.0f;
+        for (size_t j = 0; j < n; j++) {
+            p[j] = expf(p[j] - mx);
+            sum += p[j];
+        }
+        float inv = 1.0f / sum;
+        float *o = out + (size_t)h * HSs;
+        for (size_t d = 0; d < HSs; d++) o[d] = 0.0f;
+        for (size_t j = 0; j < n; j++) {
+            const float *v = vcache + j * C + (size_t)h * HSs;
+            float w = p[j] * inv;
+            for (size_t d = 0; d < HSs; d++) o[d] += w * v[d];
+        }
+    }
+}
+
 // ---- vocab-parallel cross-entropy
 //
 // The LM head's softmax touches N * V logits twice per step, so exp is a vectorisable polynomial
@@ -783,6 +819,7 @@ static const struct backend_i cpu_iface = {
     .attention_scratch_floats = cpu_attention_scratch_floats,
     .attention_fwd = cpu_attention_fwd,
     .attention_bwd = cpu_attention_bwd,
+    .attention_decode = cpu_attention_decode,
     .xent_max = cpu_xent_max,
     .xent_sums = cpu_xent_sums,
     .xent_loss = cpu_xent_loss,

@@ -1,6 +1,9 @@
 // bench.h: --bench mode: column/row-parallel layer, all-reduce and whole-step benchmarks.
 #pragma once
 
+#include <stdbool.h>
+#include <stddef.h>
+
 struct bench_opts {
     int argc;                   // the positional arguments after --bench: "layer M K N", ...
     char **argv;
@@ -10,4 +13,20 @@ struct bench_opts {
 };
 
 // Runs under MPI (already initialised) on every rank; returns the exit code.
+// The environment variable TPTRAIN_BENCH_ITERS="N" or "W+N" fixes the timed iterations (N) and
+// the warm-up ones (W) of every timed phase, in place of the per-mode defaults.
 int bench_run(const struct bench_opts *o);
+
+// Matmul FLOPs per rank of each `--bench layer M K N` phase over P ranks (M tokens, width K,
+// hidden width N, N/P per rank). A forward (M, K) x (K, N/P) matmul costs 2*M*K*N/P; its backward
+// twice that (input and weight gradients). Bias, GELU and all-reduce work is not counted.
+struct bench_layer_flops {
+    double column_fwd, column_bwd;  // K -> N/P
+    double row_fwd, row_bwd;        // N/P -> K
+    double mlp_fwd, mlp_bwd;        // column, GELU, row
+};
+struct bench_layer_flops bench_layer_flops(long M, long K, long N, int P);
+
+// Parses a byte count as all_reduce_perf takes it: digits with an optional K, M or G suffix
+// (binary multiples, either case). False for anything else, for 0 and on overflow.
+bool bench_parse_size(const char *s, size_t *out);

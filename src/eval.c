@@ -1,11 +1,387 @@
-// eval.c: placeholder until --eval lands.
-#include <stdio.h>
-
-#include "common.h"
+// eval.c: --eval: the validation loss of a checkpoint at any TP size, and text generation with a
+// KV cache across the TP group.
+//
+// The run is rebuilt from the checkpoint's config.yaml with --set overrides on top; by default
+// every rank joins one TP group (parallel.tp = world size). Mesh, backend, model and the loss
+// figure come from the same code the training loop uses (train.h), so the printed validation
+// loss is the one training logged for that step when the data, batches and DP size agree.
 #include "eval.h"
 
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ckpt.h"
+#include "common.h"
+#include "config.h"
+#include "data.h"
+#include "mesh.h"
+#include "model.h"
+#include "train.h"
+
+#define EVAL_TOKENIZER_PATH "data/gpt2_tokenizer.bin"
+#define EVAL_EOT 50256
+
+// ---- config
+
+// Builds the run config from the checkpoint's config.yaml. Keys that only training uses are
+// cleared so that their files need not exist here; the derived batch keys are recomputed for
+// this world size. Returns 0 or TP_EXIT_USAGE with err set (identical on every rank).
+static int eval_config(struct tp_config *cfg, const struct eval_opts *o, const char *dir, int world_size,
+                       char *err, size_t errlen) {
+    char path[2 * TP_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/config.yaml", dir);
+    config_defaults(cfg);
+    int st = config_load_file(cfg, path, err, errlen);
+    if (st) return st;
+    cfg->checkpoint.dir[0] = cfg->checkpoint.resume[0] = '\0';
+    cfg->init.from[0] = cfg->log.jsonl[0] = cfg->debug.dump_init[0] = '\0';
+    cfg->parallel.tp = world_size;
+    cfg->parallel.dp = 0;
+    cfg->train.global_batch = 0;
+    if (o->generate) cfg->train.micro_batch = 1; // the decoder keeps its own (1-token) buffers
+    for (int i = 0; i < o->n_sets && !st; i++) st = config_apply_set(cfg, o->sets[i], err, errlen);
+    if (st) return st;
+    char data[TP_PATH_MAX];
+    snprintf(data, sizeof data, "%s", o->generate ? "" : o->data ? o->data : cfg->data.val);
+    if (!o->generate && !data[0])
+        return snprintf(err, errlen, "--eval: the checkpoint's config has no data.val; pass --data GLOB"), TP_EXIT_USAGE;
+    snprintf(cfg->data.val, sizeof cfg->data.val, "%s", data);
+    // Validation insists that data.train names files; point it at one this run reads anyway.
+    const char *train = o->generate ? path : data;
+    if (strlen(train) >= sizeof cfg->data.train)
+        return snprintf(err, errlen, "%s: path too long", train), TP_EXIT_USAGE;
+    memcpy(cfg->data.train, train, strlen(train) + 1);
+    return config_validate(cfg, world_size, err, errlen);
+}
+
+// ---- validation loss
+
+static int eval_loss(struct model *m, struct mesh *mesh, const struct tp_config *cfg, const struct eval_opts *o,
+                     const struct ckpt_state *cs, const char *dir) {
+    char err[2048] = "";
+    int batches = o->batches;
+    bool root = mesh->world_rank == 0;
+    if (batches == 0) {
+        // Training evaluated eval.batches micro-batches on each of its DP ranks, i.e. the first
+        // batches * dp blocks of the stream; the same blocks here give the same figure.
+        long want = (long)cfg->eval.batches * cs->dp_size;
+        batches = want % mesh->dp_size == 0 ? (int)(want / mesh->dp_size) : cfg->eval.batches;
+    }
+    struct data_loader dl;
+    int st = data_open(&dl, cfg->data.val, m->d.B, m->d.T, mesh->dp_rank, mesh->dp_size, m->d.V, err, sizeof err);
+    if ((st = train_agree(mesh, st, err))) return st;
+    double loss = 0.0;
+    double t0 = tp_now();
+    st = train_val_loss(m, mesh, &dl, batches, &loss);
+    data_close(&dl);
+    if (st) return st;
+    size_t tokens = (size_t)batches * m->d.N * (size_t)mesh->dp_size;
+    if (root) {
+        printf("eval %s (step %d) | mesh dp=%d x tp=%d | data %s | %d micro-batches of %d x %d per rank | %.2f s\n",
+               dir, cs->step, mesh->dp_size, mesh->tp_size, cfg->data.val, batches, m->d.B, m->d.T, tp_now() - t0);
+        if (cs->has_val) printf("training logged val loss %.6f at step %d\n", cs->val_loss, cs->step);
+        printf("val loss %.6f | perplexity %.2f | tokens %zu\n", loss, exp(loss), tokens);
+        fflush(stdout);
+    }
+    return 0;
+}
+
+// ---- generation with a KV cache
+
+// One-token forward through the model with per-layer caches of this rank's keys and values. It
+// mirrors model_forward (model.c) for a single position: the same backend ops and the same two
+// all-reduces per layer, with attention reading the cache instead of the whole sequence.
+struct decoder {
+    struct model *m;
+    struct comm *tp;
+    int cap;          // positions the cache holds (= seq_len: wpe has no more rows)
+    float *kc, *vc;   // (L, cap, Cl) each
+    float *x;         // (C) residual stream
+    float *ln;        // (C)
+    float *stats;     // (2) layernorm mean, rstd
+    float *qkv;       // (3*Cl)
+    float *atty;      // (Cl)
+    float *proj;      // (C)
+    float *fch, *fch_gelu; // (Fl) each
+    float *logits;    // (Vl) this rank's vocabulary columns
+    float *gathered;  // (Vp) every rank's columns in rank order
+    float *scores;    // (NHl * cap) attention scratch
+    int *token;       // (1)
+    float *host;      // (Vp) host copy of the logits
+};
+
+static void decoder_create(struct decoder *dec, struct model *m, struct comm *tp) {
+    const struct model_dims *d = &m->d;
+    const struct backend_i *b = m->be.iface;
+    void *ctx = m->be.ctx;
+    memset(dec, 0, sizeof *dec);
+    dec->m = m;
+    dec->tp = tp;
+    dec->cap = d->T;
+    size_t cache = (size_t)d->L * (size_t)d->T * (size_t)d->Cl;
+#define DEC_ALLOC(ptr, n) ((ptr) = b->alloc(ctx, (size_t)(n) * sizeof *(ptr)))
+    DEC_ALLOC(dec->kc, cache);
+    DEC_ALLOC(dec->vc, cache);
+    DEC_ALLOC(dec->x, d->C);
+    DEC_ALLOC(dec->ln, d->C);
+    DEC_ALLOC(dec->stats, 2);
+    DEC_ALLOC(dec->qkv, 3 * d->Cl);
+    DEC_ALLOC(dec->atty, d->Cl);
+    DEC_ALLOC(dec->proj, d->C);
+    DEC_ALLOC(dec->fch, d->Fl);
+    DEC_ALLOC(dec->fch_gelu, d->Fl);
+    DEC_ALLOC(dec->logits, d->Vl);
+    DEC_ALLOC(dec->gathered, d->Vp);
+    DEC_ALLOC(dec->scores, (size_t)d->NHl * (size_t)d->T);
+    DEC_ALLOC(dec->token, 1);
+#undef DEC_ALLOC
+    dec->host = tp_malloc((size_t)d->Vp * sizeof(float));
+}
+
+static void decoder_destroy(struct decoder *dec) {
+    const struct backend_i *b = dec->m->be.iface;
+    void *ctx = dec->m->be.ctx;
+    void *bufs[] = {dec->kc, dec->vc, dec->x, dec->ln, dec->stats, dec->qkv, dec->atty, dec->proj, dec->fch,
+                    dec->fch_gelu, dec->logits, dec->gathered, dec->scores, dec->token};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) b->free(ctx, bufs[i]);
+    free(dec->host);
+}
+
+// Feeds `token` at position pos (< cap; the cache holds positions [0, pos)) and leaves the logits
+// of the whole (padded) vocabulary in dec->host.
+static void decoder_step(struct decoder *dec, int token, int pos) {
+    struct model *m = dec->m;
+    const struct model_dims *d = &m->d;
+    const struct backend_i *b = m->be.iface;
+    void *ctx = m->be.ctx;
+    int C = d->C, Cl = d->Cl;
+    size_t layer_cache = (size_t)dec->cap * (size_t)Cl;
+    b->copy_to_device(ctx, dec->token, &token, sizeof token);
+    // vocab-parallel embedding: local rows, all-reduce, then this position's wpe row
+    b->vocab_embedding_fwd(ctx, dec->x, dec->token, m->p.wte, 1, C, d->vocab_start, d->Vl);
+    comm_all_reduce(dec->tp, dec->x, (size_t)C, COMM_SUM);
+    b->position_embedding_fwd(ctx, dec->x, m->p.wpe + (size_t)pos * (size_t)C, 1, 1, C);
+    for (int l = 0; l < d->L; l++) {
+        const struct layer_params *p = &m->p.layers[l];
+        float *kc = dec->kc + (size_t)l * layer_cache, *vc = dec->vc + (size_t)l * layer_cache; // (cap, Cl)
+        b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, p->ln1w, p->ln1b, 1, C);
+        b->matmul_fwd(ctx, dec->qkv, dec->ln, p->qkvw, p->qkvb, 1, C, 3 * Cl);
+        // qkv holds [q | k | v] of this rank's heads: append k and v to the cache
+        b->copy(ctx, kc + (size_t)pos * Cl, dec->qkv + Cl, (size_t)Cl * sizeof(float));
+        b->copy(ctx, vc + (size_t)pos * Cl, dec->qkv + 2 * Cl, (size_t)Cl * sizeof(float));
+        b->attention_decode(ctx, dec->atty, dec->scores, dec->qkv, kc, vc, pos + 1, d->NHl, d->HS);
+        b->matmul_fwd(ctx, dec->proj, dec->atty, p->attprojw, NULL, 1, Cl, C);
+        comm_all_reduce(dec->tp, dec->proj, (size_t)C, COMM_SUM);
+        b->residual_fwd(ctx, dec->x, dec->x, dec->proj, p->attprojb, 1, C);
+        b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, p->ln2w, p->ln2b, 1, C);
+        b->matmul_fwd(ctx, dec->fch, dec->ln, p->fcw, p->fcb, 1, C, d->Fl);
+        b->gelu_fwd(ctx, dec->fch_gelu, dec->fch, (size_t)d->Fl);
+        b->matmul_fwd(ctx, dec->proj, dec->fch_gelu, p->fcprojw, NULL, 1, d->Fl, C);
+        comm_all_reduce(dec->tp, dec->proj, (size_t)C, COMM_SUM);
+        b->residual_fwd(ctx, dec->x, dec->x, dec->proj, p->fcprojb, 1, C);
+    }
+    b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, m->p.lnfw, m->p.lnfb, 1, C);
+    b->matmul_fwd(ctx, dec->logits, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
+    // Logits are vocab-sharded: every rank needs all of them to draw the same token.
+    if (dec->tp->size > 1) dec->tp->iface->all_gather(dec->tp->ctx, dec->gathered, dec->logits, (size_t)d->Vl, COMM_F32);
+    else b->copy(ctx, dec->gathered, dec->logits, (size_t)d->Vl * sizeof(float));
+    b->copy_to_host(ctx, dec->host, dec->gathered, (size_t)d->Vp * sizeof(float));
+}
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static int cmp_desc(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+// Draws token number `index` of the sample from logits (V real entries): softmax at temperature,
+// restricted to the top_k largest (0 = all). Counter-based: the uniform is a hash of (seed,
+// index), so every rank draws the same token from the same logits with no shared state.
+static int sample_token(const float *logits, int V, double temperature, int top_k, unsigned long long seed,
+                        uint64_t index, float *tmp) {
+    float threshold = -INFINITY;
+    if (top_k > 0 && top_k < V) {
+        memcpy(tmp, logits, (size_t)V * sizeof(float));
+        qsort(tmp, (size_t)V, sizeof(float), cmp_desc);
+        threshold = tmp[top_k - 1];
+    }
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++)
+        if (logits[i] > mx) mx = logits[i];
+    double total = 0.0;
+    for (int i = 0; i < V; i++)
+        if (logits[i] >= threshold) total += exp(((double)logits[i] - mx) / temperature);
+    uint64_t r = splitmix64((uint64_t)seed ^ splitmix64(index + 0x5851F42D4C957F2Dull));
+    double u = (double)(r >> 11) * 0x1.0p-53 * total;
+    double acc = 0.0;
+    int last = 0;
+    for (int i = 0; i < V; i++) {
+        if (logits[i] < threshold) continue;
+        acc += exp(((double)logits[i] - mx) / temperature);
+        last = i;
+        if (u < acc) return i;
+    }
+    return last; // rounding left u at the very top
+}
+
+// Reads whitespace-separated token ids; each must be below vocab_size.
+static int read_prompt(const char *path, int vocab_size, int **out, int *count, char *err, size_t errlen) {
+    *out = NULL;
+    *count = 0;
+    FILE *f = fopen(path, "r");
+    if (!f) return snprintf(err, errlen, "--prompt-tokens %s: cannot open: %s", path, strerror(errno)), TP_EXIT_USAGE;
+    int cap = 256, n = 0, *ids = tp_malloc((size_t)cap * sizeof *ids);
+    long v;
+    int rc = 0;
+    while ((rc = fscanf(f, "%ld", &v)) == 1) {
+        if (v < 0 || v >= vocab_size) {
+            fclose(f);
+            free(ids);
+            return snprintf(err, errlen, "--prompt-tokens %s: token %d is %ld, outside the model's vocabulary "
+                            "[0, %d)", path, n + 1, v, vocab_size), TP_EXIT_USAGE;
+        }
+        if (n == cap) {
+            int *t = tp_malloc((size_t)cap * 2 * sizeof *t);
+            memcpy(t, ids, (size_t)cap * sizeof *t);
+            free(ids);
+            ids = t;
+            cap *= 2;
+        }
+        ids[n++] = (int)v;
+    }
+    bool bad = rc != EOF || ferror(f);
+    fclose(f);
+    if (bad || n == 0) {
+        free(ids);
+        return snprintf(err, errlen, "--prompt-tokens %s: %s; the file holds token ids separated by whitespace",
+                        path, n ? "a word that is not an integer" : "no token ids"), TP_EXIT_USAGE;
+    }
+    *out = ids;
+    *count = n;
+    return 0;
+}
+
+static void print_token(const struct tokenizer *tk, int token) {
+    if (token >= 0 && token < tk->vocab_size) fwrite(tk->pieces[token], 1, tk->lengths[token], stdout);
+}
+
+// Samples o->generate tokens after the prompt. The cache holds seq_len positions (wpe has no
+// more); when it is full the context slides: the newest seq_len/2 tokens are fed again from
+// position 0 and sampling continues.
+static int generate(struct model *m, struct mesh *mesh, const struct tp_config *cfg, const struct eval_opts *o,
+                    const struct tokenizer *tk) {
+    char err[2048] = "";
+    bool root = mesh->world_rank == 0;
+    int V = m->d.V, T = m->d.T;
+    int *prompt = NULL, n_prompt = 0;
+    int st = 0;
+    if (o->prompt_tokens) st = read_prompt(o->prompt_tokens, V, &prompt, &n_prompt, err, sizeof err);
+    if ((st = train_agree(mesh, st, err))) return st;
+    if (!prompt) {
+        // End-of-text starts a fresh document; a smaller test vocabulary has no such token.
+        prompt = tp_malloc(sizeof *prompt);
+        prompt[0] = V > EVAL_EOT ? EVAL_EOT : V - 1;
+        n_prompt = 1;
+    }
+    unsigned long long seed = o->seed_set ? o->seed : cfg->train.seed;
+    int total = n_prompt + o->generate;
+    int *ctx = tp_malloc((size_t)total * sizeof *ctx); // every token so far
+    memcpy(ctx, prompt, (size_t)n_prompt * sizeof *ctx);
+    free(prompt);
+    float *tmp = tp_malloc((size_t)V * sizeof(float));
+    struct decoder dec;
+    decoder_create(&dec, m, &mesh->tp);
+    if (root) {
+        printf("generating %d tokens | seed %llu | temperature %g | top-k %d | prompt %d tokens | mesh dp=%d x tp=%d\n",
+               o->generate, seed, o->temperature, o->top_k, n_prompt, mesh->dp_size, mesh->tp_size);
+        for (int i = 0; i < n_prompt; i++) print_token(tk, ctx[i]);
+        fflush(stdout);
+    }
+    double t0 = tp_now();
+    // ctx[0, n) is the text so far; the cache holds the keys and values of its last pos tokens,
+    // and dec.host the logits after ctx[n - 1]. A prompt longer than T slides like generation.
+    int n = n_prompt, pos = 0;
+    for (int i = n > T ? n - T / 2 : 0; i < n; i++) decoder_step(&dec, ctx[i], pos++);
+    while (n < total) {
+        int tok = sample_token(dec.host, V, o->temperature, o->top_k, seed, (uint64_t)(n - n_prompt), tmp);
+        // The host code above is identical on every rank; the broadcast only guards against
+        // a math library that differs between nodes.
+        MPI_Bcast(&tok, 1, MPI_INT, 0, mesh->tp_comm);
+        ctx[n++] = tok;
+        if (root) {
+            print_token(tk, tok);
+            fflush(stdout);
+        }
+        if (n == total) break;
+        if (pos == T) { // the cache is full: slide to the newest T/2 tokens
+            pos = 0;
+            for (int i = n - T / 2; i < n - 1; i++) decoder_step(&dec, ctx[i], pos++);
+        }
+        decoder_step(&dec, tok, pos++);
+    }
+    double secs = tp_now() - t0;
+    if (root) {
+        printf("\n");
+        fprintf(stderr, "tptrain: %d tokens in %.2f s (%.1f tokens/s)\n", o->generate, secs, o->generate / secs);
+        fflush(stdout);
+    }
+    decoder_destroy(&dec);
+    free(tmp);
+    free(ctx);
+    return 0;
+}
+
+// ---- entry
+
 int eval_run(const struct eval_opts *o) {
-    (void)o;
-    fprintf(stderr, "tptrain: --eval is not built yet in this version\n");
-    return TP_EXIT_USAGE;
+    int rank = 0, world = 1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    bool root = rank == 0;
+    char err[2048] = "", dir[2 * TP_PATH_MAX] = "";
+    // Every rank reads the same files, so they fail alike: rank 0 speaks for all.
+    int st = ckpt_resolve(o->checkpoint, dir, sizeof dir, err, sizeof err);
+    if (st == 1) {
+        snprintf(err, sizeof err, "--eval %s: holds no checkpoint (no state.json, no `latest`, no step_N directory)",
+                 o->checkpoint);
+        st = TP_EXIT_USAGE;
+    }
+    struct ckpt_state cs;
+    if (!st) st = ckpt_read_state(dir, &cs, err, sizeof err);
+    static struct tp_config cfg;
+    if (!st) st = eval_config(&cfg, o, dir, world, err, sizeof err);
+    struct tokenizer tk = {0};
+    if (!st && o->generate) st = tokenizer_load(&tk, EVAL_TOKENIZER_PATH, err, sizeof err);
+    if (st) {
+        if (root) fprintf(stderr, "tptrain: %s\n", err);
+        return st;
+    }
+    if (o->generate && tk.vocab_size < cfg.model.vocab_size && root)
+        fprintf(stderr, "tptrain: notice: the decode table has %d tokens, the model %d; ids beyond it print as nothing\n",
+                tk.vocab_size, cfg.model.vocab_size);
+
+    struct mesh mesh;
+    struct backend be;
+    st = train_open_mesh(&cfg, &mesh, &be);
+    if (!st) {
+        struct model m;
+        struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp_size, mesh.tp_rank);
+        model_create(&m, &d, be, cfg.train.seed);
+        st = ckpt_load_params(&m, &mesh, dir, CKPT_LOAD_EXACT, err, sizeof err);
+        st = train_agree(&mesh, st, err);
+        if (!st) st = o->generate ? generate(&m, &mesh, &cfg, o, &tk) : eval_loss(&m, &mesh, &cfg, o, &cs, dir);
+        model_destroy(&m);
+    }
+    train_close_mesh(&mesh, &be);
+    tokenizer_free(&tk);
+    return st;
 }

@@ -1,12 +1,16 @@
-// train.c: the loop: forward, loss, backward, DP reduce, clip, update, log, validate.
+// train.c: the loop: forward, loss, backward, DP reduce, clip, update, log, validate, checkpoint;
+// and the setup --eval shares with it.
 #include "train.h"
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ckpt.h"
 #include "common.h"
@@ -27,15 +31,27 @@ struct trainer {
     FILE *jsonl;        // rank 0 only
     bool is_root;       // world rank 0 prints
     double flops_per_token, peak_flops;
+    int start_step;     // optimizer steps already done (resumed runs)
+    char resumed_from[2 * TP_PATH_MAX]; // checkpoint directory, "" for a fresh start
 };
 
 // ---- errors across ranks
 
-// Agrees on status across all ranks; the ranks that failed print their own message.
-static int agree(struct trainer *tr, int status, const char *err) {
-    if (status && err && err[0]) fprintf(stderr, "tptrain: %s\n", err);
-    return mesh_agree(&tr->mesh, status);
+int train_agree(const struct mesh *mesh, int status, const char *err) {
+    int worst = mesh_agree(mesh, status);
+    if (!worst) return 0;
+    // Ranks usually fail alike (same files, same config): one line from the lowest failed rank.
+    int me = status ? mesh->world_rank : mesh->world_size, first = me;
+    MPI_Allreduce(&me, &first, 1, MPI_INT, MPI_MIN, mesh->world);
+    if (mesh->world_rank == first) {
+        if (err && err[0]) fprintf(stderr, "tptrain: %s\n", err);
+        else fprintf(stderr, "tptrain: rank %d failed (exit code %d)\n", me, status);
+        fflush(stderr);
+    }
+    return worst;
 }
+
+static int agree(struct trainer *tr, int status, const char *err) { return train_agree(&tr->mesh, status, err); }
 
 // ---- logging
 
@@ -74,16 +90,79 @@ static double peak_flops(const struct trainer *tr) {
 
 // ---- setup and teardown
 
+int train_open_mesh(const struct tp_config *cfg, struct mesh *mesh, struct backend *be) {
+    char err[2048] = "";
+    memset(be, 0, sizeof *be);
+    mesh_init(mesh, cfg);
+    int st = mesh_create_backend(mesh, cfg, be, err, sizeof err);
+    if (!st) st = mesh_create_comms(mesh, cfg, *be, err, sizeof err);
+    return train_agree(mesh, st, err);
+}
+
+void train_close_mesh(struct mesh *mesh, struct backend *be) {
+    mesh_destroy(mesh);
+    backend_destroy(be);
+}
+
+// Continues a run from a checkpoint (checkpoint.resume): weights, AdamW state, step counter and
+// data position. "auto" with an empty checkpoint.dir starts fresh.
+static int resume(struct trainer *tr) {
+    const struct tp_config *cfg = tr->cfg;
+    char err[2048] = "", dir[2 * TP_PATH_MAX] = "";
+    bool is_auto = strcmp(cfg->checkpoint.resume, "auto") == 0;
+    const char *ref = is_auto ? cfg->checkpoint.dir : cfg->checkpoint.resume;
+    int st = 0;
+    if (!is_auto || access(ref, F_OK) == 0) {
+        st = ckpt_resolve(ref, dir, sizeof dir, err, sizeof err);
+        if (st == 1 && !is_auto) {
+            snprintf(err, sizeof err, "checkpoint.resume: '%s' holds no checkpoint (no state.json, no `latest`, no "
+                     "step_N directory)", ref);
+            st = TP_EXIT_USAGE;
+        } else if (st == 1) {
+            st = 0;
+            dir[0] = '\0';
+        }
+    }
+    if ((st = agree(tr, st, err))) return st;
+    if (!dir[0]) {
+        if (tr->is_root) printf("checkpoint.resume: auto: no checkpoint in '%s' yet, starting fresh\n", ref);
+        return 0;
+    }
+    struct ckpt_state cs;
+    st = ckpt_read_state(dir, &cs, err, sizeof err);
+    if (!st && cs.step > cfg->train.steps) {
+        snprintf(err, sizeof err, "checkpoint.resume: %s is at step %d, past train.steps=%d; raise train.steps to "
+                 "continue", dir, cs.step, cfg->train.steps);
+        st = TP_EXIT_USAGE;
+    }
+    if ((st = agree(tr, st, err))) return st;
+    if ((st = ckpt_load_params(&tr->model, &tr->mesh, dir, CKPT_LOAD_EXACT, err, sizeof err)) ||
+        (st = ckpt_load_optim(&tr->model, &tr->opt, &tr->mesh, dir, err, sizeof err)))
+        return agree(tr, st, err);
+    // The position counts micro-batches per DP rank; carry the sequences consumed over to this
+    // run's DP size and micro-batch so that the data order continues where it stopped.
+    size_t seqs = cs.data_position * (size_t)cs.dp_size * (size_t)cs.micro_batch;
+    size_t per = (size_t)tr->mesh.dp_size * (size_t)cfg->train.micro_batch;
+    data_seek(&tr->train_data, (seqs + per - 1) / per);
+    if (seqs % per && tr->is_root)
+        fprintf(stderr, "tptrain: notice: the checkpoint read %zu sequences, not a multiple of dp*micro_batch = %zu "
+                "here; the data order skips %zu sequences\n", seqs, per, per - seqs % per);
+    tr->start_step = cs.step;
+    snprintf(tr->resumed_from, sizeof tr->resumed_from, "%s", dir);
+    if (tr->is_root) {
+        printf("resumed from %s: step %d, data position %zu\n", dir, cs.step, tr->train_data.position);
+        fflush(stdout);
+    }
+    return 0;
+}
+
 static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     char err[2048] = "";
     memset(tr, 0, sizeof *tr);
     tr->cfg = cfg;
-    mesh_init(&tr->mesh, cfg);
+    int st = train_open_mesh(cfg, &tr->mesh, &tr->be);
     tr->is_root = tr->mesh.world_rank == 0;
-    int st = mesh_create_backend(&tr->mesh, cfg, &tr->be, err, sizeof err);
-    if (st) return agree(tr, st, tr->is_root ? err : NULL);
-    st = mesh_create_comms(&tr->mesh, cfg, tr->be, err, sizeof err);
-    if (st) return agree(tr, st, tr->is_root ? err : NULL);
+    if (st) return st;
 
     const struct tp_train_config *tc = &cfg->train;
     struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp_size, tr->mesh.tp_rank);
@@ -102,12 +181,29 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     tr->flops_per_token = train_flops_per_token(cfg);
     tr->peak_flops = peak_flops(tr);
 
+    if (cfg->checkpoint.resume[0]) {
+        if ((st = resume(tr))) return st;
+    }
+    if (!tr->resumed_from[0] && cfg->init.from[0]) {
+        st = ckpt_load_params(&tr->model, &tr->mesh, cfg->init.from, CKPT_LOAD_INIT, err, sizeof err);
+        if (st) {
+            char msg[2300];
+            snprintf(msg, sizeof msg, "init.from: %s", err);
+            return agree(tr, st, err[0] ? msg : NULL);
+        }
+        if (tr->is_root) printf("init.from: loaded weights from %s\n", cfg->init.from);
+    }
+
     if (tr->is_root && cfg->log.jsonl[0]) {
-        tr->jsonl = fopen(cfg->log.jsonl, "w");
+        // A resumed run continues its log rather than replacing it.
+        tr->jsonl = fopen(cfg->log.jsonl, tr->resumed_from[0] ? "a" : "w");
         if (!tr->jsonl) snprintf(err, sizeof err, "log.jsonl: cannot create '%s': %s", cfg->log.jsonl, strerror(errno));
         st = tr->jsonl ? 0 : TP_EXIT_USAGE;
     }
     if ((st = agree(tr, st, err))) return st;
+    if (tr->resumed_from[0]) {
+        log_jsonl(tr, "{\"kind\":\"resume\",\"step\":%d,\"from\":\"%s\"}", tr->start_step, tr->resumed_from);
+    }
     if (cfg->debug.dump_init[0]) {
         st = ckpt_export_safetensors(&tr->model, &tr->mesh, tr->model.params, cfg->debug.dump_init, err, sizeof err);
         if ((st = agree(tr, st, tr->is_root ? err : NULL))) return st;
@@ -124,8 +220,7 @@ static void trainer_teardown(struct trainer *tr) {
     }
     data_close(&tr->train_data);
     if (tr->have_val) data_close(&tr->val_data);
-    mesh_destroy(&tr->mesh);
-    backend_destroy(&tr->be);
+    train_close_mesh(&tr->mesh, &tr->be);
 }
 
 // ---- one step
@@ -137,18 +232,22 @@ static int next_batch(struct trainer *tr, struct data_loader *dl) {
     return agree(tr, st, err);
 }
 
-// Mean loss over `count` per-micro-step sums held in tr->loss_sums, averaged over DP ranks.
-static double mean_loss(struct trainer *tr, int count) {
-    struct backend_i const *b = tr->be.iface;
-    comm_all_reduce(&tr->mesh.dp, tr->loss_sums, (size_t)count, COMM_AVG);
+// Mean loss per token over `count` per-micro-step loss sums (backend memory), averaged over DP.
+static double mean_loss_of(struct model *m, struct mesh *mesh, float *sums, int count) {
+    struct backend_i const *b = m->be.iface;
+    comm_all_reduce(&mesh->dp, sums, (size_t)count, COMM_AVG);
     float h[1024];
     double total = 0.0;
     for (int off = 0; off < count; off += 1024) {
         int n = count - off < 1024 ? count - off : 1024;
-        b->copy_to_host(tr->be.ctx, h, tr->loss_sums + off, (size_t)n * sizeof(float));
+        b->copy_to_host(m->be.ctx, h, sums + off, (size_t)n * sizeof(float));
         for (int i = 0; i < n; i++) total += h[i];
     }
-    return total / ((double)count * (double)tr->model.d.N);
+    return total / ((double)count * (double)m->d.N);
+}
+
+static double mean_loss(struct trainer *tr, int count) {
+    return mean_loss_of(&tr->model, &tr->mesh, tr->loss_sums, count);
 }
 
 struct step_result {
@@ -190,24 +289,22 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
     return 0;
 }
 
-static int evaluate(struct trainer *tr, double *loss) {
-    struct model *m = &tr->model;
-    int batches = tr->cfg->eval.batches;
-    float *sums = tr->be.iface->alloc(tr->be.ctx, (size_t)batches * sizeof(float));
-    float *saved = tr->loss_sums;
-    data_seek(&tr->val_data, 0);
+int train_val_loss(struct model *m, struct mesh *mesh, struct data_loader *dl, int batches, double *loss) {
+    float *sums = m->be.iface->alloc(m->be.ctx, (size_t)batches * sizeof(float)); // (batches)
+    data_seek(dl, 0);
     int st = 0;
+    char err[2048] = "";
     for (int i = 0; i < batches && !st; i++) {
-        st = next_batch(tr, &tr->val_data);
-        if (!st) model_forward(m, &tr->mesh.tp, tr->val_data.inputs, tr->val_data.targets, sums + i);
+        st = train_agree(mesh, data_next(dl, err, sizeof err), err);
+        if (!st) model_forward(m, &mesh->tp, dl->inputs, dl->targets, sums + i);
     }
-    if (!st) {
-        tr->loss_sums = sums;
-        *loss = mean_loss(tr, batches);
-        tr->loss_sums = saved;
-    }
-    tr->be.iface->free(tr->be.ctx, sums);
+    if (!st) *loss = mean_loss_of(m, mesh, sums, batches);
+    m->be.iface->free(m->be.ctx, sums);
     return st;
+}
+
+static int evaluate(struct trainer *tr, double *loss) {
+    return train_val_loss(&tr->model, &tr->mesh, &tr->val_data, tr->cfg->eval.batches, loss);
 }
 
 // ---- replica check
@@ -265,12 +362,12 @@ static void log_step(struct trainer *tr, int step, const struct step_result *r, 
     double tok_s = (double)cfg->train.global_batch / (r->ms / 1e3);
     double mfu = tr->peak_flops > 0 ? tok_s * tr->flops_per_token / (tr->peak_flops * tr->mesh.world_size) : -1.0;
     double mem = (double)tr->model.bytes_allocated / (1u << 30);
-    double eta = elapsed / (step + 1) * (cfg->train.steps - step - 1);
+    double eta = elapsed / (step + 1 - tr->start_step) * (cfg->train.steps - step - 1);
     log_jsonl(tr, "{\"kind\":\"train\",\"step\":%d,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"ms\":%.3f,"
                   "\"tok_per_s\":%.1f,\"mfu\":%.5f,\"mem_gib\":%.3f}",
               step + 1, r->loss, r->lr, (double)r->norm, r->ms, tok_s, mfu, mem);
     bool last = step + 1 == cfg->train.steps;
-    if (!tr->is_root || (!last && (step + 1) % cfg->log.every != 0 && step != 0)) return;
+    if (!tr->is_root || (!last && (step + 1) % cfg->log.every != 0 && step != tr->start_step)) return;
     char eta_s[32], mfu_s[32];
     fmt_duration(eta, eta_s, sizeof eta_s);
     if (mfu >= 0) snprintf(mfu_s, sizeof mfu_s, "%.1f%%", 100.0 * mfu);
@@ -280,7 +377,7 @@ static void log_step(struct trainer *tr, int step, const struct step_result *r, 
     fflush(stdout);
 }
 
-static int validate_and_log(struct trainer *tr, int step) {
+static int validate_and_log(struct trainer *tr, int step, double *out) {
     double loss;
     int st = evaluate(tr, &loss);
     if (st) return st;
@@ -290,15 +387,57 @@ static int validate_and_log(struct trainer *tr, int step) {
         printf("val   %5d | loss %.6f | perplexity %.2f\n", step, loss, exp(loss));
         fflush(stdout);
     }
+    *out = loss;
     return 0;
+}
+
+// ---- checkpoints
+
+static int save_checkpoint(struct trainer *tr, int steps_done, bool has_val, double val_loss) {
+    const struct tp_config *cfg = tr->cfg;
+    struct ckpt_state cs = {
+        .step = steps_done,
+        .data_position = tr->train_data.position,
+        .dp_size = tr->mesh.dp_size,
+        .micro_batch = cfg->train.micro_batch,
+        .optim_t = tr->opt.t,
+        .seed = cfg->train.seed,
+        .has_val = has_val,
+        .val_loss = val_loss,
+    };
+    char err[2048] = "", path[2 * TP_PATH_MAX] = "";
+    double t0 = tp_now();
+    int st = ckpt_save(&tr->model, &tr->opt, &tr->mesh, cfg, &cs, path, sizeof path, err, sizeof err);
+    if (st) return agree(tr, st, err);
+    double s = tp_now() - t0;
+    log_jsonl(tr, "{\"kind\":\"checkpoint\",\"step\":%d,\"seconds\":%.3f}", steps_done, s);
+    if (tr->is_root) {
+        printf("checkpoint %5d | saved %s in %.2f s\n", steps_done, path, s);
+        fflush(stdout);
+    }
+    return 0;
+}
+
+// A run resumed at its last step trains nothing; it still writes the final checkpoint when that
+// lands somewhere new (which also reshards a checkpoint into another directory).
+static bool final_checkpoint_missing(const struct trainer *tr) {
+    char want[2 * TP_PATH_MAX + 32], a[PATH_MAX], b[PATH_MAX];
+    snprintf(want, sizeof want, "%s/step_%08d", tr->cfg->checkpoint.dir, tr->start_step);
+    if (!realpath(want, a) || !realpath(tr->resumed_from, b)) return true;
+    return strcmp(a, b) != 0;
 }
 
 int train_run(const struct tp_config *cfg) {
     struct trainer tr;
     int st = trainer_setup(&tr, cfg);
     if (!st && tr.is_root) print_header(&tr);
+    bool ckpt = cfg->checkpoint.dir[0] != '\0';
+    if (!st && tr.start_step == cfg->train.steps) {
+        if (tr.is_root) printf("the checkpoint is at train.steps=%d: nothing left to train\n", cfg->train.steps);
+        if (ckpt && final_checkpoint_missing(&tr)) st = save_checkpoint(&tr, tr.start_step, false, 0.0);
+    }
     double start = tp_now();
-    for (int step = 0; !st && step < cfg->train.steps; step++) {
+    for (int step = tr.start_step; !st && step < cfg->train.steps; step++) {
         struct step_result r;
         st = train_step(&tr, step, &r);
         if (st) break;
@@ -310,8 +449,14 @@ int train_run(const struct tp_config *cfg) {
         log_step(&tr, step, &r, tp_now() - start);
         if (cfg->debug.check_replicas) st = check_replicas(&tr, step + 1);
         bool last = step + 1 == cfg->train.steps;
-        if (!st && tr.have_val && (last || (cfg->eval.every > 0 && (step + 1) % cfg->eval.every == 0)))
-            st = validate_and_log(&tr, step + 1);
+        bool has_val = false;
+        double val_loss = 0.0;
+        if (!st && tr.have_val && (last || (cfg->eval.every > 0 && (step + 1) % cfg->eval.every == 0))) {
+            st = validate_and_log(&tr, step + 1, &val_loss);
+            has_val = st == 0;
+        }
+        if (!st && ckpt && (last || (cfg->checkpoint.every > 0 && (step + 1) % cfg->checkpoint.every == 0)))
+            st = save_checkpoint(&tr, step + 1, has_val, val_loss);
     }
     trainer_teardown(&tr);
     return st;

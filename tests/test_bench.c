@@ -1,0 +1,353 @@
+// test_bench.c: --bench: FLOP counts and size parsing against hand values, then the real binary on
+// the CPU backend (one rank and under mpiexec -np 2): every phase reported, the one-rank
+// all-reduce costing nothing, complete multi-rank tables, JSON output and clear size errors.
+#include <criterion/criterion.h>
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "testutil.h"
+
+#define OUT_CAP (1 << 16)
+// Few iterations keep the CPU runs short; the numbers are not what these tests check.
+#define FAST_ITERS "TPTRAIN_BENCH_ITERS=1+3"
+
+// ---- helpers
+
+static void require_mpiexec(void) {
+    if (!tu_mpiexec()[0]) cr_skip_test("no mpiexec was found at configure time: multi-rank cases skipped");
+}
+
+// Open MPI refuses more ranks than cores unless told; MPICH needs nothing.
+static const char *mpiexec_flags(void) {
+    static char flags[64];
+    static bool known = false;
+    if (!known) {
+        char out[4096];
+        tu_run(out, sizeof out, "'%s' --version", tu_mpiexec());
+        snprintf(flags, sizeof flags, "%s", strstr(out, "Open MPI") || strstr(out, "OpenRTE") ? "--oversubscribe" : "");
+        known = true;
+    }
+    return flags;
+}
+
+// Runs `tptrain --bench ARGS` on the CPU backend with np ranks (0: a plain process); output
+// into out (OUT_CAP). Returns the exit status; a hang fails the test.
+static int run_bench(char *out, int np, const char *args) {
+    char launcher[1024] = "";
+    if (np > 0) snprintf(launcher, sizeof launcher, "'%s' %s -np %d", tu_mpiexec(), mpiexec_flags(), np);
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && " FAST_ITERS " timeout 120 %s '%s' --bench %s --set parallel.device=cpu",
+                    tu_source_root(), launcher, tu_tptrain(), args);
+    cr_assert_neq(rc, 124, "--bench %s hung and was stopped:\n%s", args, out);
+    return rc;
+}
+
+// The line of out that starts with prefix, the n-th such (0-based); copied into line.
+static bool find_line(const char *out, const char *prefix, int nth, char *line, size_t len) {
+    const char *p = out;
+    while (p && *p) {
+        const char *eol = strchr(p, '\n');
+        size_t n = eol ? (size_t)(eol - p) : strlen(p);
+        if (strncmp(p, prefix, strlen(prefix)) == 0 && nth-- == 0) {
+            snprintf(line, len, "%.*s", (int)n, p);
+            return true;
+        }
+        p = eol ? eol + 1 : NULL;
+    }
+    return false;
+}
+
+static char *read_text(const char *path) {
+    FILE *f = fopen(path, "r");
+    cr_assert_not_null(f, "cannot read %s", path);
+    char *buf = calloc(1, OUT_CAP);
+    cr_assert_not_null(buf);
+    size_t n = fread(buf, 1, OUT_CAP - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+static bool have_python(void) {
+    char out[256];
+    return tu_run(out, sizeof out, "command -v python3") == 0;
+}
+
+// The file parses as JSON (when python3 is there to say so).
+static void assert_json_parses(const char *path) {
+    if (!have_python()) return;
+    char out[4096];
+    int rc = tu_run(out, sizeof out, "python3 -c 'import json,sys; json.load(open(sys.argv[1]))' '%s'", path);
+    cr_assert_eq(rc, 0, "%s is not valid JSON:\n%s", path, out);
+}
+
+static const char *const layer_phases[] = {"column fwd", "column bwd", "row fwd", "row bwd", "mlp fwd", "mlp bwd"};
+#define N_LAYER_PHASES 6
+
+// Both tables (compute, then all-reduce) list every phase.
+static void assert_every_layer_phase(const char *out) {
+    char line[512];
+    for (int i = 0; i < N_LAYER_PHASES; i++) {
+        cr_assert(find_line(out, layer_phases[i], 0, line, sizeof line), "no '%s' row:\n%s", layer_phases[i], out);
+        cr_assert(find_line(out, layer_phases[i], 1, line, sizeof line), "no '%s' all-reduce row:\n%s",
+                  layer_phases[i], out);
+    }
+}
+
+// ---- FLOP counts
+
+Test(bench, layer_flops_match_hand_counts) {
+    // M=64, K=32, N=128 over 2 ranks: one forward matmul is (64, 32) x (32, 64): 2*64*32*64 FLOPs.
+    struct bench_layer_flops f = bench_layer_flops(64, 32, 128, 2);
+    cr_assert_eq(f.column_fwd, 262144.0);
+    cr_assert_eq(f.column_bwd, 524288.0);
+    cr_assert_eq(f.row_fwd, 262144.0);
+    cr_assert_eq(f.row_bwd, 524288.0);
+    cr_assert_eq(f.mlp_fwd, 524288.0);
+    cr_assert_eq(f.mlp_bwd, 1048576.0);
+    // GPT-2 124M's MLP at 8 x 1024 tokens on one GPU: 2*8192*768*3072 = 38654705664 per matmul.
+    f = bench_layer_flops(8192, 768, 3072, 1);
+    cr_assert_eq(f.column_fwd, 38654705664.0);
+    cr_assert_eq(f.mlp_bwd, 4 * 38654705664.0);
+    // Splitting over 4 ranks quarters the work of each rank.
+    struct bench_layer_flops q = bench_layer_flops(8192, 768, 3072, 4);
+    cr_assert_eq(q.column_fwd, 9663676416.0);
+    cr_assert_eq(q.row_bwd, 2 * 9663676416.0);
+}
+
+Test(bench, parse_size_takes_binary_suffixes) {
+    size_t v = 0;
+    cr_assert(bench_parse_size("4096", &v));
+    cr_assert_eq(v, 4096);
+    cr_assert(bench_parse_size("1K", &v));
+    cr_assert_eq(v, 1024);
+    cr_assert(bench_parse_size("8m", &v));
+    cr_assert_eq(v, 8u << 20);
+    cr_assert(bench_parse_size("2G", &v));
+    cr_assert_eq(v, (size_t)2 << 30);
+    const char *bad[] = {"0", "-5", "abc", "", "1.5K", "1KB", "K", " 8", "99999999999999999999", "17179869184G"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        cr_assert_not(bench_parse_size(bad[i], &v), "'%s' accepted as %zu", bad[i], v);
+}
+
+// ---- layer
+
+Test(bench, layer_one_rank_reports_every_phase) {
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 0, "layer 64 32 128");
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    assert_every_layer_phase(out);
+    cr_assert(strstr(out, "cpu backend (timings are host wall clock)"), "the CPU backend must say so:\n%s", out);
+    cr_assert(strstr(out, "1 warm-up + 3 timed"), "TPTRAIN_BENCH_ITERS not honoured:\n%s", out);
+    // One rank communicates nothing: every all-reduce row shows 0 all-reduces and n/a bandwidths.
+    char line[512];
+    cr_assert(find_line(out, "column bwd", 1, line, sizeof line));
+    cr_assert(strstr(line, "n/a"), "one rank must report no bandwidth: %s", line);
+    cr_assert(strstr(out, "no communication cost"), "%s", out);
+    free(out);
+}
+
+Test(bench, layer_two_ranks_times_the_all_reduces) {
+    require_mpiexec();
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 2, "layer 64 32 128");
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    assert_every_layer_phase(out);
+    cr_assert(strstr(out, "tp 2 (ranks)"), "%s", out);
+    cr_assert(strstr(out, "N/P=64 per rank"), "%s", out);
+    // Phases with an all-reduce show one of 64*32 floats and real bandwidths; the others none.
+    const char *with[] = {"column bwd", "row fwd", "mlp fwd", "mlp bwd"};
+    char line[512];
+    for (int i = 0; i < 4; i++) {
+        cr_assert(find_line(out, with[i], 1, line, sizeof line));
+        int count = -1;
+        unsigned long bytes = 0;
+        cr_assert_eq(sscanf(line + strlen(with[i]), "%d %lu", &count, &bytes), 2, "%s", line);
+        cr_assert_eq(count, 1, "%s", line);
+        cr_assert_eq(bytes, 64ul * 32 * 4, "%s", line);
+        cr_assert_null(strstr(line, "n/a"), "a timed all-reduce has a bandwidth: %s", line);
+    }
+    cr_assert(find_line(out, "column fwd", 1, line, sizeof line));
+    int count = -1;
+    cr_assert_eq(sscanf(line + strlen("column fwd"), "%d", &count), 1, "%s", line);
+    cr_assert_eq(count, 0, "the column forward needs no collective: %s", line);
+    free(out);
+}
+
+Test(bench, layer_json_holds_every_phase) {
+    char dir[1024], path[1200], args[1400];
+    tu_tmpdir(dir, sizeof dir, "bench");
+    snprintf(path, sizeof path, "%s/layer.json", dir);
+    snprintf(args, sizeof args, "layer 64 32 128 --json '%s'", path);
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 0, args);
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    char *js = read_text(path);
+    // one rank: the column forward is (64, 32) x (32, 128), 2*64*32*128 = 524288 FLOPs
+    const char *keys[] = {"\"mode\":\"layer\"", "\"backend\":\"cpu\"", "\"timing\":\"host wall clock\"", "\"tp\":1",
+                          "\"M\":64", "\"K\":32", "\"N\":128", "\"name\":\"column_fwd\"", "\"name\":\"column_bwd\"",
+                          "\"name\":\"row_fwd\"", "\"name\":\"row_bwd\"", "\"name\":\"mlp_fwd\"",
+                          "\"name\":\"mlp_bwd\"", "\"ms_median\":", "\"tflops\":", "\"busbw_gbs\":null",
+                          "\"comm_share\":", "\"peak_share\":null", "\"flops\":524288,"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        cr_assert(strstr(js, keys[i]), "JSON lacks %s:\n%s", keys[i], js);
+    assert_json_parses(path);
+    free(js);
+    free(out);
+    tu_rmtree(dir);
+}
+
+// ---- allreduce
+
+Test(bench, allreduce_one_rank_costs_nothing) {
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 0, "allreduce 1K 1M");
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    const char *rows[] = {"1024", "1048576"};
+    char line[512];
+    for (int i = 0; i < 2; i++) {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "%13s", rows[i]);
+        cr_assert(find_line(out, prefix, 0, line, sizeof line), "no %s row:\n%s", rows[i], out);
+        cr_assert(strstr(line, "0.00"), "time must be 0 at one rank: %s", line);
+        cr_assert(strstr(line, "n/a"), "bandwidth must be n/a at one rank: %s", line);
+    }
+    cr_assert(strstr(out, "no communication cost"), "%s", out);
+    cr_assert(strstr(out, "Avg bus bandwidth    : n/a"), "%s", out);
+    free(out);
+}
+
+Test(bench, allreduce_two_ranks_gives_a_complete_table) {
+    require_mpiexec();
+    char dir[1024], path[1200], args[1400];
+    tu_tmpdir(dir, sizeof dir, "bench");
+    snprintf(path, sizeof path, "%s/ar.json", dir);
+    snprintf(args, sizeof args, "allreduce 1K 1M --json '%s'", path);
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 2, args);
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    const unsigned long sizes[] = {1024, 1048576};
+    char line[512];
+    for (int i = 0; i < 2; i++) {
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "%13lu", sizes[i]);
+        cr_assert(find_line(out, prefix, 0, line, sizeof line), "no %lu row:\n%s", sizes[i], out);
+        unsigned long bytes, count;
+        char type[16], redop[16];
+        double us, algbw, busbw;
+        long wrong;
+        cr_assert_eq(sscanf(line, "%lu %lu %15s %15s %lf %lf %lf %ld", &bytes, &count, type, redop, &us, &algbw,
+                            &busbw, &wrong), 8, "incomplete row: %s", line);
+        cr_assert_eq(count, sizes[i] / 4);
+        cr_assert_str_eq(type, "float");
+        cr_assert_str_eq(redop, "sum");
+        cr_assert_gt(us, 0.0, "%s", line);
+        cr_assert_gt(algbw, 0.0, "%s", line);
+        // nccl-tests: busbw = algbw * 2(P-1)/P, which is algbw itself at P = 2 (to print precision)
+        cr_assert_leq(busbw - algbw, 0.011, "%s", line);
+        cr_assert_geq(busbw - algbw, -0.011, "%s", line);
+        cr_assert_eq(wrong, 0, "wrong sums: %s", line);
+    }
+    cr_assert(strstr(out, "Out of bounds values : 0 OK"), "%s", out);
+    char *js = read_text(path);
+    const char *keys[] = {"\"mode\":\"allreduce\"", "\"ranks\":2", "\"size\":1024", "\"size\":1048576",
+                          "\"count\":262144", "\"time_us\":", "\"algbw_gbs\":", "\"busbw_gbs\":", "\"wrong\":0",
+                          "\"avg_busbw_gbs\":"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        cr_assert(strstr(js, keys[i]), "JSON lacks %s:\n%s", keys[i], js);
+    const char *rows = strstr(js, "\"rows\":");
+    cr_assert_not_null(rows, "%s", js);
+    cr_assert_null(strstr(rows, "null"), "every value is measured at two ranks:\n%s", js);
+    assert_json_parses(path);
+    free(js);
+    free(out);
+    tu_rmtree(dir);
+}
+
+Test(bench, allreduce_sweep_expands_min_max_factor) {
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 0, "allreduce 1K:16K:4");
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    char line[512];
+    cr_assert(find_line(out, "         1024", 0, line, sizeof line), "%s", out);
+    cr_assert(find_line(out, "         4096", 0, line, sizeof line), "%s", out);
+    cr_assert(find_line(out, "        16384", 0, line, sizeof line), "%s", out);
+    cr_assert_not(find_line(out, "         2048", 0, line, sizeof line), "factor 4 skips 2K:\n%s", out);
+    free(out);
+}
+
+// ---- model
+
+Test(bench, model_breaks_a_step_into_phases) {
+    char dir[1024], path[1200], args[2400];
+    tu_tmpdir(dir, sizeof dir, "bench");
+    snprintf(path, sizeof path, "%s/model.json", dir);
+    snprintf(args, sizeof args, "model '%s/configs/tiny.yaml' --json '%s'", tu_source_root(), path);
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 0, args);
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    const char *rows[] = {"embedding fwd", "attention fwd (x2)", "mlp fwd (x2)", "lm head + loss fwd",
+                          "lm head + loss bwd", "mlp bwd (x2)", "attention bwd (x2)", "embedding bwd",
+                          "optimizer", "sum of phases", "  communication", "whole step (measured)"};
+    char line[512];
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+        cr_assert(find_line(out, rows[i], 0, line, sizeof line), "no '%s' row:\n%s", rows[i], out);
+    cr_assert(strstr(out, "tok/s"), "%s", out);
+    cr_assert(strstr(out, "MFU n/a"), "no peak on the CPU backend, so no MFU:\n%s", out);
+    cr_assert(strstr(out, "timed alone"), "the output must say how phases were timed:\n%s", out);
+    char *js = read_text(path);
+    const char *keys[] = {"\"mode\":\"model\"", "\"step\":{", "\"tok_per_s\":", "\"mfu\":null", "\"tokens\":128",
+                          "\"name\":\"attention_fwd\"", "\"name\":\"optimizer\"", "\"communication_ms\":"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        cr_assert(strstr(js, keys[i]), "JSON lacks %s:\n%s", keys[i], js);
+    assert_json_parses(path);
+    free(js);
+    free(out);
+    tu_rmtree(dir);
+}
+
+Test(bench, model_two_ranks_times_communication) {
+    require_mpiexec();
+    char args[1200];
+    snprintf(args, sizeof args, "model '%s/configs/tiny.yaml'", tu_source_root());
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 2, args);
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    char line[512];
+    cr_assert(find_line(out, "  communication", 0, line, sizeof line), "%s", out);
+    double ms = -1;
+    cr_assert_eq(sscanf(line, "  communication (all-reduce) %lf", &ms), 1, "%s", line);
+    cr_assert_gt(ms, 0.0, "two ranks all-reduce, which takes time: %s", line);
+    free(out);
+}
+
+// ---- errors
+
+// Exit 2 and a message naming the offending value, on every rank count given.
+static void expect_usage_error(int np, const char *args, const char *needle) {
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, np, args);
+    cr_assert_eq(rc, 2, "--bench %s (np %d): exit %d, want 2:\n%s", args, np, rc, out);
+    cr_assert(strstr(out, needle), "--bench %s: message lacks '%s':\n%s", args, needle, out);
+    free(out);
+}
+
+Test(bench, bad_layer_sizes_exit_2) {
+    expect_usage_error(0, "layer 0 32 128", "M='0' is not a positive integer");
+    expect_usage_error(0, "layer 64 abc 128", "K='abc' is not a positive integer");
+    expect_usage_error(0, "layer 64 32 1.5", "N='1.5' is not a positive integer");
+    expect_usage_error(0, "layer 64 32 -5", "-5"); // taken for an option by the command line
+    expect_usage_error(0, "layer 64 32", "three sizes");
+    expect_usage_error(0, "allreduce 0", "'0' is not a size");
+    expect_usage_error(0, "allreduce 8:4:2", "MIN:MAX:FACTOR");
+    expect_usage_error(0, "warp 1 2 3", "unknown mode 'warp'");
+}
+
+Test(bench, n_not_divisible_by_ranks_exits_2_everywhere) {
+    require_mpiexec();
+    expect_usage_error(2, "layer 64 32 3", "N=3 is not divisible by the 2 ranks");
+}

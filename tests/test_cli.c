@@ -1,0 +1,261 @@
+// test_cli.c: the command line as a user meets it: --help and --version, usage errors with
+// exit 2 and a message that names the culprit, --dry-run's per-rank plan, and config errors
+// that point at FILE:LINE:COL.
+#include <criterion/criterion.h>
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "testutil.h"
+
+#define OUT_CAP (64 * 1024)
+
+// Runs tptrain with the given arguments from the source root (configs name data/ relatively).
+static int tptrain(char *out, const char *args) {
+    return tu_run(out, OUT_CAP, "cd '%s' && timeout 60 '%s' %s", tu_source_root(), tu_tptrain(), args);
+}
+
+// Runs and checks the exit status, with the output in the failure message.
+static char *expect_exit(int want, const char *args) {
+    char *out = malloc(OUT_CAP);
+    cr_assert_not_null(out);
+    int rc = tptrain(out, args);
+    cr_assert_eq(rc, want, "tptrain %s: exit %d, expected %d; output:\n%s", args, rc, want, out);
+    return out;
+}
+
+static void expect_has(const char *out, const char *needle, const char *what) {
+    cr_assert(strstr(out, needle), "%s: '%s' missing from:\n%s", what, needle, out);
+}
+
+static int count_lines(const char *s) {
+    int n = 0;
+    for (; *s; s++) n += *s == '\n';
+    return n;
+}
+
+// The line of `out` that contains `needle` (copied into line), or "" if none.
+static void line_with(const char *out, const char *needle, char *line, size_t len) {
+    line[0] = '\0';
+    const char *p = strstr(out, needle);
+    if (!p) return;
+    const char *b = p, *e = p;
+    while (b > out && b[-1] != '\n') b--;
+    while (*e && *e != '\n') e++;
+    snprintf(line, len, "%.*s", (int)(e - b), b);
+}
+
+// ---- help and version
+
+// Every long option in main.c's getopt table must appear in --help, so that the usage text
+// cannot drift from the parser.
+Test(cli, help_lists_every_option_of_the_parser) {
+    char *out = expect_exit(0, "--help");
+    const char *modes[] = {"--dry-run", "--eval", "--bench", "--set", "layer", "allreduce", "model",
+                           "exit codes"};
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) expect_has(out, modes[i], "--help");
+
+    char path[2048];
+    snprintf(path, sizeof path, "%s/src/main.c", tu_source_root());
+    FILE *f = fopen(path, "r");
+    cr_assert_not_null(f, "cannot read %s", path);
+    static char src[1 << 17];
+    size_t n = fread(src, 1, sizeof src - 1, f);
+    src[n] = '\0';
+    fclose(f);
+    int options = 0;
+    for (const char *p = src; (p = strstr(p, "{\"")); p += 2) {
+        const char *q = strchr(p + 2, '"');
+        const char *close = strchr(p, '}');
+        const char *arg = strstr(p, "_argument");
+        if (!q || !close || !arg || arg > close) continue; // not an option-table entry
+        char opt[64];
+        snprintf(opt, sizeof opt, "--%.*s", (int)(q - p - 2), p + 2);
+        expect_has(out, opt, "--help (an option main.c parses)");
+        options++;
+    }
+    cr_assert_geq(options, 14, "found only %d options in %s's table", options, path);
+    cr_assert_gt(count_lines(out), 20, "--help is suspiciously short:\n%s", out);
+    free(out);
+
+    out = expect_exit(0, "-h");
+    expect_has(out, "--dry-run", "-h");
+    free(out);
+}
+
+Test(cli, version) {
+    char *out = expect_exit(0, "--version");
+    char want[64];
+    snprintf(want, sizeof want, "tptrain %s", TP_VERSION);
+    expect_has(out, want, "--version");
+    cr_assert_eq(count_lines(out), 1, "--version prints one line:\n%s", out);
+    free(out);
+    out = expect_exit(0, "-V");
+    expect_has(out, want, "-V");
+    free(out);
+}
+
+// ---- usage errors
+
+Test(cli, unknown_option) {
+    char *out = expect_exit(2, "--frobnicate");
+    expect_has(out, "--frobnicate", "unknown option");
+    expect_has(out, "--help", "unknown option (points at --help)");
+    free(out);
+}
+
+Test(cli, two_config_files) {
+    char *out = expect_exit(2, "configs/tiny.yaml configs/gpt2-124m.yaml");
+    expect_has(out, "configs/gpt2-124m.yaml", "two configs");
+    free(out);
+}
+
+Test(cli, bad_set_names_the_key) {
+    char *out = expect_exit(2, "configs/tiny.yaml --set train.lrr=1 --dry-run");
+    expect_has(out, "train.lrr", "unknown key");
+    expect_has(out, "train.lr'", "unknown key (suggests the near miss)");
+    free(out);
+    out = expect_exit(2, "configs/tiny.yaml --set train.steps=abc --dry-run");
+    expect_has(out, "train.steps", "bad value");
+    expect_has(out, "abc", "bad value");
+    free(out);
+    out = expect_exit(2, "configs/tiny.yaml --set trainsteps --dry-run");
+    expect_has(out, "trainsteps", "no '='");
+    free(out);
+    out = expect_exit(2, "configs/tiny.yaml --dry-run --set"); // --set without its argument
+    expect_has(out, "--help", "missing argument");
+    free(out);
+}
+
+// ---- --dry-run
+
+Test(cli, dry_run_prints_per_rank_shapes) {
+    char *out = expect_exit(0, "--dry-run configs/gpt2-124m.yaml --set parallel.tp=4");
+    char line[512];
+    line_with(out, "c_attn.weight", line, sizeof line);
+    cr_assert(line[0], "no c_attn.weight line:\n%s", out);
+    cr_assert(strstr(line, "(3, 768, 768)") && strstr(line, "Shard(1)") && strstr(line, "(3, 192, 768)"),
+              "c_attn.weight: %s", line);
+    line_with(out, "wte.weight", line, sizeof line);
+    cr_assert(strstr(line, "(50688, 768)") && strstr(line, "(12672, 768)"), "wte.weight: %s", line);
+    line_with(out, "mlp.c_proj.weight", line, sizeof line);
+    cr_assert(strstr(line, "(768, 3072)") && strstr(line, "(768, 768)"), "mlp.c_proj.weight: %s", line);
+    line_with(out, "wpe.weight", line, sizeof line);
+    cr_assert(strstr(line, "Replicate") && strstr(line, "(1024, 768)"), "wpe.weight: %s", line);
+    expect_has(out, "rank 3 -> (dp 0, tp 3)", "mesh");
+    expect_has(out, "124.44M", "parameter count");
+    expect_has(out, "27 forward, 25 backward", "collectives (2L+3, 2L+1 for 12 layers)");
+    expect_has(out, "memory per rank", "memory estimate");
+    free(out);
+}
+
+// The resolved config the dry run prints is YAML that loads again to the same config.
+Test(cli, dry_run_output_loads_again) {
+    char dir[512], path[1024];
+    tu_tmpdir(dir, sizeof dir, "cli");
+    snprintf(path, sizeof path, "%s/resolved.yaml", dir);
+    char args[2048];
+    snprintf(args, sizeof args, "--dry-run configs/tiny.yaml --set train.lr=2.5e-4 --set model.n_layer=3 > '%s'", path);
+    free(expect_exit(0, args));
+    snprintf(args, sizeof args, "--dry-run '%s'", path);
+    char *again = expect_exit(0, args);
+    char *first = malloc(OUT_CAP);
+    FILE *f = fopen(path, "r");
+    cr_assert_not_null(f);
+    size_t n = fread(first, 1, OUT_CAP - 1, f);
+    first[n] = '\0';
+    fclose(f);
+    expect_has(first, "lr: 0.00025", "the --set value");
+    expect_has(first, "n_layer: 3", "the --set value");
+    // identical from the first line on (the banner line names the source file)
+    const char *a = strchr(first, '\n'), *b = strchr(again, '\n');
+    cr_assert(a && b);
+    cr_assert_str_eq(a, b, "the reloaded config differs");
+    free(first);
+    free(again);
+    tu_rmtree(dir);
+}
+
+Test(cli, tp_not_dividing_heads) {
+    char *out = expect_exit(2, "--dry-run configs/gpt2-124m.yaml --set parallel.tp=5");
+    expect_has(out, "n_head=12", "tp=5");
+    expect_has(out, "tp=5", "tp=5");
+    cr_assert_eq(count_lines(out), 1, "one line of error:\n%s", out);
+    free(out);
+}
+
+// ---- config file errors
+
+// Writes a config into a fresh temp dir; returns its path in path.
+static void write_config(char *dir, size_t dlen, char *path, size_t plen, const char *text) {
+    tu_tmpdir(dir, dlen, "cli");
+    tu_write_file(path, plen, dir, "cfg.yaml", text);
+}
+
+Test(cli, missing_data_file) {
+    char dir[512], path[1024], args[2048];
+    write_config(dir, sizeof dir, path, sizeof path,
+                 "model:\n  n_layer: 1\ndata:\n  train: /nonexistent/tptrain-test/train_*.bin\n");
+    snprintf(args, sizeof args, "'%s'", path);
+    char *out = expect_exit(2, args);
+    expect_has(out, "/nonexistent/tptrain-test/train_*.bin", "missing data");
+    expect_has(out, "data.train", "missing data");
+    char where[1100];
+    snprintf(where, sizeof where, "%s:4:", path);
+    expect_has(out, where, "missing data (points at the line)");
+    free(out);
+    // the same for validation data, given on the command line
+    snprintf(args, sizeof args, "configs/tiny.yaml --set data.val=/nonexistent/val.bin");
+    out = expect_exit(2, args);
+    expect_has(out, "/nonexistent/val.bin", "missing val data");
+    free(out);
+    tu_rmtree(dir);
+}
+
+// Finds "path:LINE:COL:" in out and returns LINE and COL.
+static bool find_position(const char *out, const char *path, int *line, int *col) {
+    const char *p = strstr(out, path);
+    if (!p) return false;
+    p += strlen(path);
+    return sscanf(p, ":%d:%d:", line, col) == 2;
+}
+
+Test(cli, malformed_yaml_gives_line_and_column) {
+    char dir[512], path[1024], args[2048];
+    write_config(dir, sizeof dir, path, sizeof path, "model:\n  n_layer: 2\n  n_head: [4\ntrain:\n  steps: 3\n");
+    snprintf(args, sizeof args, "'%s'", path);
+    char *out = expect_exit(2, args);
+    int line = 0, col = 0;
+    cr_assert(find_position(out, path, &line, &col), "no %s:LINE:COL in:\n%s", path, out);
+    cr_assert(line >= 3 && line <= 5 && col >= 1, "position %d:%d for an unclosed '[' on line 3:\n%s", line, col, out);
+    free(out);
+    tu_rmtree(dir);
+
+    // a tab in the indentation
+    write_config(dir, sizeof dir, path, sizeof path, "model:\n  n_layer: 2\n\tn_head: 4\n");
+    snprintf(args, sizeof args, "'%s'", path);
+    out = expect_exit(2, args);
+    cr_assert(find_position(out, path, &line, &col), "no %s:LINE:COL in:\n%s", path, out);
+    cr_assert_eq(line, 3, "the tab is on line 3:\n%s", out);
+    free(out);
+    tu_rmtree(dir);
+
+    // well-formed YAML, wrong type: the position of the value and the key
+    write_config(dir, sizeof dir, path, sizeof path, "model:\n  n_layer: two\n");
+    snprintf(args, sizeof args, "'%s'", path);
+    out = expect_exit(2, args);
+    cr_assert(find_position(out, path, &line, &col), "no %s:LINE:COL in:\n%s", path, out);
+    cr_assert(line == 2 && col == 12, "position %d:%d, expected 2:12:\n%s", line, col, out);
+    expect_has(out, "model.n_layer", "type error");
+    free(out);
+    tu_rmtree(dir);
+}
+
+Test(cli, missing_config_file) {
+    char *out = expect_exit(2, "/nonexistent/tptrain.yaml");
+    expect_has(out, "/nonexistent/tptrain.yaml", "missing config");
+    free(out);
+}

@@ -1,0 +1,382 @@
+// test_model.c: the GPT-2 graph in one process on the CPU backend: the loss at init, gradients
+// against finite differences of the loss, gradient accumulation, the collectives each pass
+// issues, and the memory plan against what model_create and optim_create allocate.
+#include <criterion/criterion.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "comm.h"
+#include "config.h"
+#include "model.h"
+#include "optim.h"
+
+// ---- a group of one, and a counting group
+
+// A TP group of size 1 never communicates (comm_all_reduce skips it); any call is a bug.
+static const char *self_name(void *ctx) {
+    (void)ctx;
+    return "self";
+}
+static void self_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    (void)ctx, (void)buf, (void)count, (void)dt, (void)op;
+    cr_assert_fail("a group of one must not all-reduce");
+}
+static void self_sync(void *ctx) { (void)ctx; }
+static const struct comm_i self_iface = {.name = self_name, .all_reduce = self_all_reduce,
+                                         .synchronize = self_sync};
+
+static struct comm self_comm(void) { return (struct comm){.iface = &self_iface, .ctx = NULL, .rank = 0, .size = 1}; }
+
+// Pretends to be a group of two and counts the all-reduces (and the floats they carry) instead
+// of doing them: the numbers it leaves behind are meaningless, the counts are what the test reads.
+struct counter {
+    int calls;
+    size_t floats;
+};
+static void count_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    (void)buf, (void)op;
+    struct counter *c = ctx;
+    cr_assert_eq(dt, COMM_F32);
+    c->calls++;
+    c->floats += count;
+}
+static const struct comm_i count_iface = {.name = self_name, .all_reduce = count_all_reduce,
+                                          .synchronize = self_sync};
+
+// ---- fixture: a tiny model and a fixed batch
+
+#define VOCAB 300
+
+static struct tp_model_config tiny_config(int n_layer) {
+    return (struct tp_model_config){.n_layer = n_layer, .n_head = 4, .n_embd = 32,
+                                    .vocab_size = VOCAB, .seq_len = 16};
+}
+
+// Deterministic tokens with some structure (so gradients are not those of pure noise).
+static void make_batch(int *inputs, int *targets, size_t N, uint64_t seed) {
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+    int prev = 1;
+    for (size_t i = 0; i <= N; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        int tok = (x >> 33) % 3 ? (prev * 7 + 3) % 97 : (int)((x >> 40) % VOCAB);
+        if (i < N) inputs[i] = tok;
+        if (i > 0) targets[i - 1] = tok;
+        prev = tok;
+    }
+}
+
+struct fixture {
+    struct backend be;
+    struct model m;
+    struct comm tp;
+    int *inputs, *targets; // (N)
+    float *loss_sum;       // (1) backend memory
+};
+
+static void fixture_init(struct fixture *f, int n_layer, int B) {
+    f->be = backend_cpu_create();
+    cr_assert(f->be.iface->host_accessible, "the CPU backend's memory is host memory");
+    struct tp_model_config mc = tiny_config(n_layer);
+    struct model_dims d = model_dims_make(&mc, B, 1, 0);
+    model_create(&f->m, &d, f->be, 1234);
+    f->tp = self_comm();
+    f->inputs = malloc(d.N * sizeof(int));
+    f->targets = malloc(d.N * sizeof(int));
+    make_batch(f->inputs, f->targets, d.N, 5);
+    f->loss_sum = f->be.iface->alloc(f->be.ctx, sizeof(float));
+}
+
+static void fixture_fini(struct fixture *f) {
+    f->be.iface->free(f->be.ctx, f->loss_sum);
+    model_destroy(&f->m);
+    free(f->inputs);
+    free(f->targets);
+    backend_destroy(&f->be);
+}
+
+// Mean token loss of the current parameters, summed in double from the per-token losses so that
+// the finite differences below see as little rounding as fp32 activations allow.
+static double loss_of(struct fixture *f) {
+    model_forward(&f->m, &f->tp, f->inputs, f->targets, f->loss_sum);
+    double s = 0.0;
+    for (size_t i = 0; i < f->m.d.N; i++) s += f->m.a.losses[i];
+    double mean = s / (double)f->m.d.N;
+    cr_assert(fabs(*f->loss_sum / (double)f->m.d.N - mean) < 1e-5 * mean, "loss_sum %g vs losses %g",
+              *f->loss_sum / (double)f->m.d.N, mean);
+    return mean;
+}
+
+// Gradients of the mean loss at the current parameters, into a fresh host copy (n_params_local).
+static float *gradient_of(struct fixture *f) {
+    struct model *m = &f->m;
+    f->be.iface->zero(f->be.ctx, m->grads, m->n_params_local * sizeof(float));
+    loss_of(f);
+    model_backward(m, &f->tp, 1.0f / (float)m->d.N);
+    float *g = malloc(m->n_params_local * sizeof(float));
+    memcpy(g, m->grads, m->n_params_local * sizeof(float));
+    return g;
+}
+
+static double sumsq(const float *x, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+    return s;
+}
+
+// params[off..off+n) += s * dir[off..off+n)
+static void axpy(float *params, const float *dir, size_t off, size_t n, double s) {
+    for (size_t i = off; i < off + n; i++) params[i] = (float)(params[i] + s * dir[i]);
+}
+
+// ---- the loss at initialisation
+
+Test(model, loss_at_init_is_ln_vocab) {
+    struct fixture f;
+    fixture_init(&f, 2, 16);
+    double loss = loss_of(&f);
+    // Logits are ~N(0, s^2), s = 0.02 * sqrt(C) ~ 0.11, at init: the softmax is nearly uniform and
+    // the expected loss is ln(V) + s^2/2, with a sampling spread of s/sqrt(N) over N = 256 tokens.
+    cr_assert(fabs(loss - log((double)VOCAB)) < 0.03, "loss %.6f, ln(%d) = %.6f", loss, VOCAB, log((double)VOCAB));
+    for (size_t i = 0; i < f.m.d.N; i++)
+        cr_assert(fabs(f.m.a.losses[i] - log((double)VOCAB)) < 0.5, "token %zu loss %g", i, f.m.a.losses[i]);
+    fixture_fini(&f);
+}
+
+// Padding rows of wte must not leak into the softmax: with V = 300 padded to 384, a model whose
+// real logits are all equal must give exactly ln(300), not ln(384).
+Test(model, padding_is_masked_out_of_the_loss) {
+    struct fixture f;
+    fixture_init(&f, 1, 1);
+    struct model *m = &f.m;
+    cr_assert_eq(m->d.Vp, 384);
+    size_t C = (size_t)m->d.C;
+    // All real wte rows equal: every real logit is the same number.
+    for (size_t v = 1; v < VOCAB; v++) memcpy(m->p.wte + v * C, m->p.wte, C * sizeof(float));
+    double loss = loss_of(&f);
+    cr_assert(fabs(loss - log((double)VOCAB)) < 1e-5, "loss %.7f, expected ln(300) = %.7f", loss, log(300.0));
+    fixture_fini(&f);
+}
+
+// ---- gradients against finite differences
+
+// The directional derivative of the loss along the gradient, restricted to one tensor, is
+// |g_tensor|^2. Central differences along g with a step that moves the loss by ~1e-2 keep the
+// fp32 rounding (~1e-6) and the curvature error well below the 2% tolerance.
+Test(model, gradients_match_finite_differences_per_tensor) {
+    struct fixture f;
+    fixture_init(&f, 2, 2);
+    struct model *m = &f.m;
+    float *g = gradient_of(&f);
+    float *p0 = malloc(m->n_params_local * sizeof(float));
+    memcpy(p0, m->params, m->n_params_local * sizeof(float));
+    int checked = 0;
+    for (int i = 0; i < m->n_tensors; i++) {
+        const struct param_tensor *t = &m->tensors[i];
+        double g2 = sumsq(g + t->offset, t->numel);
+        if (g2 < 1e-8) continue; // e.g. biases that the loss barely sees at init
+        double eps = 1e-2 / g2;  // predicted change of the loss: eps * g2 = 1e-2
+        if (eps * sqrt(g2) > 0.05) eps = 0.05 / sqrt(g2); // keep the step in parameter space small
+        axpy(m->params, g, t->offset, t->numel, eps);
+        double up = loss_of(&f);
+        memcpy(m->params, p0, m->n_params_local * sizeof(float));
+        axpy(m->params, g, t->offset, t->numel, -eps);
+        double down = loss_of(&f);
+        memcpy(m->params, p0, m->n_params_local * sizeof(float));
+        double fd = (up - down) / (2 * eps);
+        cr_log_info("%-26s |g|^2 %.6e  finite difference %.6e  rel %.2e", t->name, g2, fd, fabs(fd - g2) / g2);
+        cr_expect(fabs(fd - g2) <= 2e-2 * g2, "%s: |g|^2 = %.6e but the loss changes at %.6e", t->name, g2, fd);
+        checked++;
+    }
+    cr_assert_geq(checked, m->n_tensors - 6, "only %d of %d tensors had a gradient to check", checked, m->n_tensors);
+    free(p0);
+    free(g);
+    fixture_fini(&f);
+}
+
+// Single elements: the largest-gradient element of a few tensors against central differences.
+Test(model, gradients_match_finite_differences_per_element) {
+    struct fixture f;
+    fixture_init(&f, 2, 2);
+    struct model *m = &f.m;
+    float *g = gradient_of(&f);
+    const char *names[] = {"wte.weight", "wpe.weight", "h.0.attn.c_attn.weight", "h.1.attn.c_proj.weight",
+                           "h.0.mlp.c_fc.weight", "h.1.mlp.c_proj.bias", "h.0.ln_1.weight", "ln_f.bias"};
+    for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) {
+        const struct param_tensor *t = NULL;
+        for (int i = 0; i < m->n_tensors; i++)
+            if (strcmp(m->tensors[i].name, names[k]) == 0) t = &m->tensors[i];
+        cr_assert_not_null(t, "%s", names[k]);
+        size_t best = t->offset;
+        for (size_t j = t->offset; j < t->offset + t->numel; j++)
+            if (fabsf(g[j]) > fabsf(g[best])) best = j;
+        float keep = m->params[best];
+        double h = 2e-3 / fabs(g[best]); // moves the loss by ~2e-3 each way
+        if (h > 0.05) h = 0.05;
+        m->params[best] = (float)(keep + h);
+        double hp = m->params[best] - keep; // the step fp32 actually took
+        double up = loss_of(&f);
+        m->params[best] = (float)(keep - h);
+        double hm = keep - m->params[best];
+        double down = loss_of(&f);
+        m->params[best] = keep;
+        double fd = (up - down) / (hp + hm);
+        cr_log_info("%-26s elem %zu grad %.6e  finite difference %.6e", names[k], best - t->offset, g[best], fd);
+        cr_expect(fabs(fd - g[best]) <= 3e-2 * fabs(g[best]), "%s[%zu]: grad %.6e, finite difference %.6e",
+                  names[k], best - t->offset, g[best], fd);
+    }
+    free(g);
+    fixture_fini(&f);
+}
+
+// A small step along -grad lowers the loss by about lr * |g|^2.
+Test(model, step_along_negative_gradient_lowers_loss) {
+    struct fixture f;
+    fixture_init(&f, 2, 4);
+    struct model *m = &f.m;
+    float *g = gradient_of(&f);
+    double l0 = loss_of(&f), g2 = sumsq(g, m->n_params_local);
+    double lr = 1e-2 / g2;
+    axpy(m->params, g, 0, m->n_params_local, -lr);
+    double l1 = loss_of(&f);
+    double predicted = lr * g2;
+    cr_assert(l1 < l0, "loss went from %.7f to %.7f", l0, l1);
+    cr_assert(fabs((l0 - l1) - predicted) < 0.05 * predicted, "loss fell by %.6e, expected about %.6e",
+              l0 - l1, predicted);
+    free(g);
+    fixture_fini(&f);
+}
+
+// AdamW on the same batch lowers the loss step after step (optimizer wiring, one rank).
+Test(model, adamw_steps_lower_the_loss) {
+    struct fixture f;
+    fixture_init(&f, 2, 2);
+    struct model *m = &f.m;
+    struct optim o;
+    optim_create(&o, m);
+    struct tp_train_config tc = {.micro_batch = 2, .grad_accum = 1, .steps = 10, .lr = 1e-3, .min_lr = 1e-3,
+                                 .warmup_steps = 0, .schedule = TP_SCHED_CONSTANT, .weight_decay = 0.0,
+                                 .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .grad_clip = 1.0};
+    double first = 0, prev = INFINITY;
+    for (int s = 0; s < 10; s++) {
+        f.be.iface->zero(f.be.ctx, m->grads, m->n_params_local * sizeof(float));
+        double l = loss_of(&f);
+        model_backward(m, &f.tp, 1.0f / (float)m->d.N);
+        if (s == 0) first = l;
+        cr_assert(l < prev + 1e-6, "step %d: loss %.6f rose from %.6f", s, l, prev);
+        prev = l;
+        float norm = optim_grad_norm(&o, m, &f.tp);
+        cr_assert(fabs(norm - sqrt(sumsq(m->grads, m->n_params_local))) < 1e-4 * norm);
+        optim_step(&o, m, &tc, (float)optim_lr(&tc, s), optim_clip_scale(norm, tc.grad_clip));
+    }
+    cr_assert(prev < first - 0.1, "10 AdamW steps on one batch: %.4f -> %.4f", first, prev);
+    optim_destroy(&o, m);
+    fixture_fini(&f);
+}
+
+// ---- determinism and accumulation
+
+Test(model, forward_is_deterministic_and_gradients_accumulate) {
+    struct fixture f;
+    fixture_init(&f, 2, 2);
+    struct model *m = &f.m;
+    float *g1 = gradient_of(&f);
+    float l1 = *f.loss_sum;
+    // a second forward + backward without zeroing adds the same gradient again
+    loss_of(&f);
+    cr_assert(memcmp(&l1, f.loss_sum, sizeof l1) == 0, "loss %.9g then %.9g", l1, *f.loss_sum);
+    model_backward(m, &f.tp, 1.0f / (float)m->d.N);
+    for (size_t i = 0; i < m->n_params_local; i++)
+        cr_assert(fabsf(m->grads[i] - 2 * g1[i]) <= 1e-5f * fabsf(2 * g1[i]) + 1e-12f, "grad %zu: %g, expected %g",
+                  i, m->grads[i], 2 * g1[i]);
+    float *g2 = gradient_of(&f);
+    cr_assert(memcmp(g1, g2, m->n_params_local * sizeof(float)) == 0, "gradients differ between identical passes");
+    // dloss scales the gradient linearly
+    f.be.iface->zero(f.be.ctx, m->grads, m->n_params_local * sizeof(float));
+    loss_of(&f);
+    model_backward(m, &f.tp, 0.5f / (float)m->d.N);
+    for (size_t i = 0; i < m->n_params_local; i++)
+        cr_assert(fabsf(m->grads[i] - 0.5f * g1[i]) <= 1e-6f * fabsf(g1[i]) + 1e-12f);
+    // padding rows of wte get no gradient
+    size_t C = (size_t)m->d.C;
+    for (size_t i = (size_t)VOCAB * C; i < (size_t)m->d.Vp * C; i++)
+        cr_assert_eq(g1[m->tensors[0].offset + i], 0.0f, "padding row %zu has a gradient", i / C);
+    free(g1);
+    free(g2);
+    fixture_fini(&f);
+}
+
+// ---- collectives
+
+// Forward: embedding 1 + 2 per block + cross-entropy 2; backward: 2 per block + LM head 1. The
+// counting group checks that forward and backward issue exactly what model_count_collectives
+// says, and that they carry N*C floats per activation reduction and N + 2N for the loss.
+Test(model, collectives_per_pass) {
+    for (int L = 1; L <= 3; L++) {
+        struct tp_model_config mc = tiny_config(L);
+        for (int P = 2; P <= 4; P *= 2) {
+            struct model_dims d = model_dims_make(&mc, 2, P, P - 1);
+            int fwd, bwd;
+            model_count_collectives(&d, &fwd, &bwd);
+            cr_assert_eq(fwd, 2 * L + 3, "L=%d: forward %d", L, fwd);
+            cr_assert_eq(bwd, 2 * L + 1, "L=%d: backward %d", L, bwd);
+
+            struct backend be = backend_cpu_create();
+            struct model m;
+            model_create(&m, &d, be, 1);
+            struct counter cnt = {0};
+            struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
+            int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
+            make_batch(in, tg, d.N, 3);
+            float *loss = be.iface->alloc(be.ctx, sizeof(float));
+            model_forward(&m, &tp, in, tg, loss);
+            size_t NC = d.N * (size_t)d.C;
+            cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d all-reduces, plan says %d", L, P, cnt.calls, fwd);
+            cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
+            cnt = (struct counter){0};
+            model_backward(&m, &tp, 1.0f / (float)d.N);
+            cr_assert_eq(cnt.calls, bwd, "L=%d P=%d: backward issued %d all-reduces, plan says %d", L, P, cnt.calls, bwd);
+            cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC, "backward volume %zu floats", cnt.floats);
+            be.iface->free(be.ctx, loss);
+            free(in);
+            free(tg);
+            model_destroy(&m);
+            backend_destroy(&be);
+        }
+    }
+}
+
+// ---- memory plan
+
+// model_memory_plan counts params, grads, both AdamW moments, activations and the token
+// buffers; model_create allocates all but the moments, and optim_create adds the moments plus
+// its two-float norm scratch.
+Test(model, memory_plan_matches_allocations) {
+    for (int P = 1; P <= 4; P *= 2) {
+        struct tp_model_config mc = tiny_config(2);
+        struct model_dims d = model_dims_make(&mc, 3, P, 0);
+        struct backend be = backend_cpu_create();
+        struct model_memory mm = model_memory_plan(&d, be);
+        struct model m;
+        model_create(&m, &d, be, 1);
+        cr_assert_eq(mm.param_floats, m.n_params_local);
+        size_t moments = 2 * m.n_params_local * sizeof(float);
+        cr_assert_eq(m.bytes_allocated, mm.total_bytes - moments, "tp=%d: model allocated %zu, plan %zu - %zu",
+                     P, m.bytes_allocated, mm.total_bytes, moments);
+        cr_assert_eq(mm.total_bytes, (4 * mm.param_floats + mm.act_floats) * sizeof(float) + 2 * d.N * sizeof(int));
+        // activations at least hold every per-layer buffer the struct names
+        size_t N = d.N, C = (size_t)d.C;
+        size_t per_layer = 4 * N * C + 4 * N + N * 3 * (size_t)d.Cl + N * (size_t)d.Cl + 2 * N * (size_t)d.Fl;
+        cr_assert_geq(mm.act_floats, (size_t)d.L * per_layer + N * (size_t)d.Vl);
+        struct optim o;
+        optim_create(&o, &m);
+        cr_assert_eq(m.bytes_allocated, mm.total_bytes + 2 * sizeof(float));
+        optim_destroy(&o, &m);
+        model_destroy(&m);
+        backend_destroy(&be);
+    }
+}

@@ -1,0 +1,313 @@
+// test_tp_parity.c: tensor parallelism end to end. The real binary runs under mpiexec (Criterion
+// forks every test, which MPI does not survive, so the ranks are child processes of the test) on
+// tests/data/tp_parity.yaml and a shard written here; TP and TP x DP runs must reproduce the
+// tp=1 losses step by step, bad meshes and bad data must end every rank with exit 2 and one
+// message, and on a GPU machine the CUDA backend must reproduce the CPU backend.
+#include <criterion/criterion.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "common.h"
+#include "data.h"
+#include "testutil.h"
+
+#define STEPS 20                 // tp_parity.yaml's train.steps
+#define SHARD_TOKENS 8192
+#define VOCAB 512                // tp_parity.yaml's model.vocab_size
+#define LOSS_RTOL 1e-5
+#define OUT_CAP (256 * 1024)     // captured output of one run
+
+// ---- helpers
+
+// A deterministic token stream with structure a small model learns within 20 steps: mostly a
+// fixed successor function over 61 tokens, sometimes a random token below 64, rarely any token.
+static void make_tokens(uint16_t *tok, size_t n) {
+    uint64_t x = 0x2545F4914F6CDD1Dull;
+    unsigned prev = 1;
+    for (size_t i = 0; i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t r = x >> 33;
+        unsigned t;
+        if (r % 8) t = (prev * 7 + 3) % 61;
+        else if (r % 64 == 0) t = (unsigned)((r >> 6) % VOCAB);
+        else t = (unsigned)((r >> 6) % 64);
+        tok[i] = (uint16_t)t;
+        prev = t;
+    }
+}
+
+// Writes the shard into dir; bad_at >= 0 plants an out-of-range token there.
+static void write_shard(char *path, size_t len, const char *dir, long bad_at) {
+    uint16_t *tok = malloc(SHARD_TOKENS * sizeof *tok);
+    cr_assert_not_null(tok);
+    make_tokens(tok, SHARD_TOKENS);
+    if (bad_at >= 0) tok[bad_at] = VOCAB + 88;
+    snprintf(path, len, "%s/train.bin", dir);
+    cr_assert_eq(data_write_shard(path, tok, SHARD_TOKENS), 0, "data_write_shard(%s): %s", path, strerror(errno));
+    free(tok);
+}
+
+static const char *config_path(void) {
+    static char path[2048];
+    snprintf(path, sizeof path, "%s/tests/data/tp_parity.yaml", tu_source_root());
+    return path;
+}
+
+static void require_mpiexec(void) {
+    if (!tu_mpiexec()[0]) cr_skip_test("no mpiexec was found at configure time: multi-rank cases skipped");
+}
+
+// Open MPI refuses more ranks than cores unless told (meson's environment also says so; the flag
+// covers runs outside meson). MPICH needs nothing.
+static const char *mpiexec_flags(void) {
+    static char flags[64];
+    static bool known = false;
+    if (!known) {
+        char out[4096];
+        tu_run(out, sizeof out, "'%s' --version", tu_mpiexec());
+        snprintf(flags, sizeof flags, "%s", strstr(out, "Open MPI") || strstr(out, "OpenRTE") ? "--oversubscribe" : "");
+        known = true;
+    }
+    return flags;
+}
+
+// Runs tptrain on the test config with np ranks (np = 0: a plain process, no mpiexec) under
+// `timeout limit_s`. extra: further --set options. Output into out (OUT_CAP); returns the status.
+static int run_tptrain(char *out, int np, int limit_s, const char *shard, const char *jsonl, const char *extra) {
+    char launcher[1024] = "";
+    if (np > 0) snprintf(launcher, sizeof launcher, "'%s' %s -np %d", tu_mpiexec(), mpiexec_flags(), np);
+    char log_set[1200] = "";
+    if (jsonl) snprintf(log_set, sizeof log_set, "--set log.jsonl=%s", jsonl);
+    int rc = tu_run(out, OUT_CAP, "timeout %d %s '%s' '%s' --set data.train=%s %s %s", limit_s, launcher,
+                    tu_tptrain(), config_path(), shard, log_set, extra ? extra : "");
+    cr_assert_neq(rc, 124, "the run hung and was stopped after %d s:\n%s", limit_s, out);
+    return rc;
+}
+
+// Reads a numeric field of every {"kind":"train"} record of a JSON-lines log, in order.
+static int read_train_field(const char *path, const char *field, double *vals, int max) {
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    char line[65536], key[64];
+    snprintf(key, sizeof key, "\"%s\":", field);
+    int n = 0;
+    while (n < max && fgets(line, sizeof line, f)) {
+        if (!strstr(line, "\"kind\":\"train\"")) continue;
+        const char *p = strstr(line, key);
+        if (p) vals[n++] = strtod(p + strlen(key), NULL);
+    }
+    fclose(f);
+    return n;
+}
+
+static int count_occurrences(const char *hay, const char *needle) {
+    int n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle)) n++;
+    return n;
+}
+
+// Compares the per-step losses (and grad norms, within norm_rtol) of two logs; returns the
+// largest relative loss difference.
+static double compare_logs(const char *ref, const char *got, int steps, double norm_rtol, const char *label) {
+    double a[64], b[64], na[64], nb[64];
+    int n1 = read_train_field(ref, "loss", a, 64), n2 = read_train_field(got, "loss", b, 64);
+    cr_assert_eq(n1, steps, "%s: the reference logged %d steps, expected %d", label, n1, steps);
+    cr_assert_eq(n2, steps, "%s: logged %d steps, expected %d", label, n2, steps);
+    read_train_field(ref, "grad_norm", na, 64);
+    read_train_field(got, "grad_norm", nb, 64);
+    double worst = 0.0, worst_norm = 0.0;
+    for (int i = 0; i < steps; i++) {
+        cr_assert(isfinite(a[i]) && isfinite(b[i]), "%s: step %d loss %g vs %g", label, i + 1, a[i], b[i]);
+        double r = tu_rel(a[i], b[i]);
+        if (r > worst) worst = r;
+        cr_expect(r <= LOSS_RTOL, "%s: step %d loss %.9g vs reference %.9g (rel %.2e > %.0e)", label, i + 1,
+                  b[i], a[i], r, LOSS_RTOL);
+        double rn = tu_rel(na[i], nb[i]);
+        if (rn > worst_norm) worst_norm = rn;
+        cr_expect(rn <= norm_rtol, "%s: step %d grad norm %.9g vs reference %.9g (rel %.2e)", label, i + 1,
+                  nb[i], na[i], rn);
+    }
+    cr_log_info("%s: %d steps, max rel loss diff %.3e, grad norm %.3e", label, steps, worst, worst_norm);
+    return worst;
+}
+
+struct run_dir {
+    char dir[512], shard[1024], ref[1024], out_log[1024];
+    char *out; // (OUT_CAP)
+};
+
+static void run_dir_init(struct run_dir *r, const char *tag, long bad_at) {
+    tu_tmpdir(r->dir, sizeof r->dir, tag);
+    write_shard(r->shard, sizeof r->shard, r->dir, bad_at);
+    snprintf(r->ref, sizeof r->ref, "%s/ref.jsonl", r->dir);
+    snprintf(r->out_log, sizeof r->out_log, "%s/run.jsonl", r->dir);
+    r->out = malloc(OUT_CAP);
+    cr_assert_not_null(r->out);
+}
+
+static void run_dir_fini(struct run_dir *r) {
+    tu_rmtree(r->dir);
+    free(r->out);
+}
+
+// The tp=1 CPU reference: a plain process, no mpiexec. extra: e.g. grad_accum for the DP case.
+static void run_reference(struct run_dir *r, const char *extra) {
+    char sets[512];
+    snprintf(sets, sizeof sets, "--set parallel.device=cpu %s", extra ? extra : "");
+    int rc = run_tptrain(r->out, 0, 300, r->shard, r->ref, sets);
+    cr_assert_eq(rc, 0, "tp=1 reference failed (%d):\n%s", rc, r->out);
+    double l[STEPS];
+    cr_assert_eq(read_train_field(r->ref, "loss", l, STEPS), STEPS);
+    // the data has structure: the reference run must learn something, or parity proves little
+    cr_assert(l[STEPS - 1] < l[0] - 0.5, "the reference loss went from %.4f to %.4f only", l[0], l[STEPS - 1]);
+}
+
+// ---- TP and TP x DP against tp=1 on the CPU backend
+
+static void tp_case(int np, int tp, const char *ref_extra) {
+    require_mpiexec();
+    struct run_dir r;
+    char tag[32];
+    snprintf(tag, sizeof tag, "tp%d-np%d", tp, np);
+    run_dir_init(&r, tag, -1);
+    run_reference(&r, ref_extra);
+    char sets[256];
+    snprintf(sets, sizeof sets, "--set parallel.device=cpu --set parallel.tp=%d --set debug.check_replicas=true", tp);
+    int rc = run_tptrain(r.out, np, 600, r.shard, r.out_log, sets);
+    // exit 0 with check_replicas on: every replicated tensor hashed the same on all TP ranks
+    // after every step
+    cr_assert_eq(rc, 0, "np=%d tp=%d failed (%d):\n%s", np, tp, rc, r.out);
+    char want[64];
+    snprintf(want, sizeof want, "dp=%d x tp=%d (%d ranks)", np / tp, tp, np);
+    cr_assert(strstr(r.out, want), "the header does not say '%s':\n%s", want, r.out);
+    compare_logs(r.ref, r.out_log, STEPS, 5e-4, tag);
+    run_dir_fini(&r);
+}
+
+Test(tp_parity, tp2_matches_tp1) { tp_case(2, 2, NULL); }
+
+Test(tp_parity, tp4_matches_tp1) { tp_case(4, 4, NULL); }
+
+// tp=2 x dp=2 reads, per step, the micro-batches a single rank reads with grad_accum 2 (the same
+// global batch), so its losses must match that run's.
+Test(tp_parity, tp2_dp2_matches_tp1_with_accumulation) { tp_case(4, 2, "--set train.grad_accum=2"); }
+
+// ---- bad meshes: exit 2, one message, no hang
+
+static void bad_mesh_case(int np, const char *sets, const char *needle) {
+    require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "badmesh", -1);
+    double t0 = tp_now();
+    int rc = run_tptrain(r.out, np, 60, r.shard, NULL, sets);
+    cr_assert_eq(rc, 2, "np=%d %s: exit %d, expected 2:\n%s", np, sets, rc, r.out);
+    int n = count_occurrences(r.out, needle);
+    cr_assert_eq(n, 1, "'%s' printed %d times (expected once, by rank 0):\n%s", needle, n, r.out);
+    cr_log_info("np=%d %s: exit 2 after %.1f s", np, sets, tp_now() - t0);
+    run_dir_fini(&r);
+}
+
+Test(tp_parity, world_not_divisible_by_tp) {
+    bad_mesh_case(3, "--set parallel.tp=2", "world size 3 is not divisible by tp=2");
+}
+
+Test(tp_parity, heads_not_divisible_by_tp) {
+    bad_mesh_case(3, "--set parallel.tp=3", "n_head=4 is not divisible by tp=3");
+}
+
+// ---- bad data on one DP group only
+
+// DP rank d reads micro-batch k from sequences (2k + d)*B .. (with D = 2, B = 2, T = 32), so a
+// bad token at 350 sits in DP rank 1's third micro-batch (tokens 320..384) and nowhere that DP
+// rank 0 reads in three steps. Ranks 2 and 3 fail at step 3 while ranks 0 and 1 are ready for
+// step 3's collectives: every rank must still end, with exit 2, soon.
+Test(tp_parity, bad_token_on_one_dp_rank_ends_all_ranks) {
+    require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "badtoken", 350);
+    double t0 = tp_now();
+    int rc = run_tptrain(r.out, 4, 60, r.shard, r.out_log, "--set parallel.device=cpu --set parallel.tp=2");
+    double secs = tp_now() - t0;
+    cr_assert_eq(rc, 2, "exit %d, expected 2:\n%s", rc, r.out);
+    cr_assert(strstr(r.out, "out of range"), "no message about the token:\n%s", r.out);
+    cr_assert(strstr(r.out, "byte offset 1724"), "the message does not locate the token (offset 1024 + 2*350):\n%s", r.out);
+    double l[STEPS];
+    int steps = read_train_field(r.out_log, "loss", l, STEPS);
+    cr_assert_eq(steps, 2, "expected the two good steps before the failure, logged %d", steps);
+    cr_log_info("bad token on dp rank 1: all ranks ended with exit 2 after %.1f s", secs);
+    run_dir_fini(&r);
+}
+
+// ---- GPU variants
+
+static bool have_gpu(void) {
+    if (!backend_cuda_available() || backend_cuda_device_count() < 1) return false;
+    char out[4096];
+    return tu_run(out, sizeof out, "nvidia-smi -L") == 0 && strstr(out, "GPU 0");
+}
+
+static void require_gpu(void) {
+    if (!have_gpu()) cr_skip_test("no CUDA build or no GPU here: GPU parity cases skipped");
+}
+
+#define GPU_STEPS 10
+
+// One CUDA run of the test config; np = 0: a plain process.
+static void run_cuda(struct run_dir *r, int np, const char *jsonl, const char *extra) {
+    char sets[512];
+    snprintf(sets, sizeof sets, "--set train.steps=%d --set parallel.device=cuda %s", GPU_STEPS, extra);
+    int rc = run_tptrain(r->out, np, 300, r->shard, jsonl, sets);
+    cr_assert_eq(rc, 0, "CUDA run np=%d %s failed (%d):\n%s", np, extra, rc, r->out);
+}
+
+Test(tp_parity, cuda_fp32_matches_cpu) {
+    require_gpu();
+    struct run_dir r;
+    run_dir_init(&r, "cuda-cpu", -1);
+    char sets[64];
+    snprintf(sets, sizeof sets, "--set train.steps=%d --set parallel.device=cpu", GPU_STEPS);
+    int rc = run_tptrain(r.out, 0, 300, r.shard, r.ref, sets);
+    cr_assert_eq(rc, 0, "CPU run failed:\n%s", r.out);
+    run_cuda(&r, 0, r.out_log, "");
+    cr_assert(strstr(r.out, "cuda backend"), "not on the CUDA backend:\n%s", r.out);
+    compare_logs(r.ref, r.out_log, GPU_STEPS, 5e-4, "cuda fp32 vs cpu");
+    run_dir_fini(&r);
+}
+
+// Several ranks on one GPU: NCCL refuses that, so the MPI comm stages through host memory.
+static void cuda_tp_case(int np) {
+    require_gpu();
+    require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "cuda-tp", -1);
+    run_cuda(&r, 0, r.ref, "");
+    char sets[128];
+    snprintf(sets, sizeof sets, "--set parallel.tp=%d --set debug.check_replicas=true", np);
+    run_cuda(&r, np, r.out_log, sets);
+    char label[64];
+    snprintf(label, sizeof label, "cuda tp=%d vs tp=1", np);
+    compare_logs(r.ref, r.out_log, GPU_STEPS, 5e-4, label);
+    run_dir_fini(&r);
+}
+
+Test(tp_parity, cuda_tp2_matches_cuda_tp1) { cuda_tp_case(2); }
+
+Test(tp_parity, cuda_tp4_matches_cuda_tp1) { cuda_tp_case(4); }
+
+Test(tp_parity, nccl_single_rank_runs) {
+    require_gpu();
+    struct run_dir r;
+    run_dir_init(&r, "nccl", -1);
+    run_cuda(&r, 0, r.ref, "--set parallel.comm=mpi");
+    run_cuda(&r, 0, r.out_log, "--set parallel.comm=nccl");
+    cr_assert(strstr(r.out, "comm nccl"), "the run did not use NCCL:\n%s", r.out);
+    compare_logs(r.ref, r.out_log, GPU_STEPS, 1e-6, "nccl, 1 rank");
+    run_dir_fini(&r);
+}
