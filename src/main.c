@@ -1,4 +1,5 @@
 // main.c: the tptrain command line: train (default), --dry-run, --eval, --bench.
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <mpi.h>
@@ -142,9 +143,16 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
             if (root) printf("tptrain %s\n", TP_VERSION);
             return TP_EXIT_OK;
         default:
+            if (isdigit((unsigned char)argv[optind - 1][1]) && cli->n_pos < MAX_SETS) {
+                cli->pos[cli->n_pos++] = argv[optind - 1]; // a negative number: let the mode reject it
+                break;
+            }
             if (root) {
-                if (optopt) fprintf(stderr, "tptrain: option -%c needs an argument or is unknown; see tptrain --help\n", optopt);
-                else fprintf(stderr, "tptrain: unknown option '%s'; see tptrain --help\n", argv[optind - 1]);
+                const char *given = argv[optind - 1];
+                bool known = false; // getopt leaves optopt set for a known option missing its value
+                for (const struct option *o = opts; o->name && optopt; o++) known |= o->val == optopt;
+                if (known) fprintf(stderr, "tptrain: option '%s' needs a value; see tptrain --help\n", given);
+                else fprintf(stderr, "tptrain: unknown option '%s'; see tptrain --help\n", given);
             }
             return TP_EXIT_USAGE;
         }
@@ -203,7 +211,7 @@ static int run(int argc, char **argv, int rank, int world_size) {
         }
         if (!st) st = load_config(&cfg, &cli, world, err, sizeof err);
         if (st) {
-            if (root) fprintf(stderr, "%s\n", err);
+            if (root) fprintf(stderr, "tptrain: %s\n", err);
             return st;
         }
         return root ? train_dry_run(&cfg, world) : 0;
@@ -214,7 +222,7 @@ static int run(int argc, char **argv, int rank, int world_size) {
                      cfg.source);
     if (st) {
         // Every rank read the same file and failed alike: one message from rank 0.
-        if (root) fprintf(stderr, "%s\n", err);
+        if (root) fprintf(stderr, "tptrain: %s\n", err);
         return st;
     }
     return train_run(&cfg);
