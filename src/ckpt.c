@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -42,43 +43,85 @@ size_t ckpt_hf_numel(const struct param_tensor *t) {
     return layout_global_numel(&t->spec) / t->spec.global_shape[0] * t->real_rows;
 }
 
-// Index in the HF-layout array of global element g (row-major over the stored global shape), or
-// SIZE_MAX for padding.
-static size_t hf_index(const struct param_tensor *t, size_t g) {
+// ---- gather / scatter
+//
+// Both go through the tensor's global array in the stored layout (row-major over global_shape,
+// padding rows included): a shard along dim d is, for every index over the dims before d, one
+// contiguous chunk, so resharding is block copies; HF layout then differs only by the dropped
+// padding rows and, for Linear weights, a transpose.
+
+// Shard geometry: the global array is (outer, P, chunk) and rank q holds the (outer, chunk) slice.
+static void shard_blocks(const struct param_tensor *t, int P, size_t *outer, size_t *chunk) {
     const struct dtensor_spec *s = &t->spec;
-    size_t row_elems = layout_global_numel(s) / s->global_shape[0];
-    if (g / row_elems >= t->real_rows) return SIZE_MAX;
-    if (!t->transpose_hf) return g;
-    size_t in = s->global_shape[s->ndim - 1];
-    size_t out = layout_global_numel(s) / in;
-    return (g % in) * out + g / in;
+    *outer = 1;
+    *chunk = layout_global_numel(s) / (size_t)P;
+    if (s->layout.kind != LAYOUT_SHARD || P == 1) {
+        *chunk = layout_global_numel(s);
+        return;
+    }
+    for (int d = 0; d < s->layout.dim; d++) *outer *= s->global_shape[d];
+    *chunk = layout_global_numel(s) / *outer / (size_t)P;
 }
 
-// ---- gather / scatter
+// (in, out) = transpose of (out, in), in cache-sized tiles.
+static void transpose(float *dst, const float *src, size_t out, size_t in) {
+    const size_t tile = 32;
+    for (size_t o0 = 0; o0 < out; o0 += tile)
+        for (size_t i0 = 0; i0 < in; i0 += tile)
+            for (size_t o = o0; o < o0 + tile && o < out; o++)
+                for (size_t k = i0; k < i0 + tile && k < in; k++) dst[k * out + o] = src[o * in + k];
+}
+
+// Global stored-layout array -> HF layout (real rows only, Linear weights transposed).
+static void global_to_hf(const struct param_tensor *t, const float *global, float *hf) {
+    const struct dtensor_spec *s = &t->spec;
+    if (!t->transpose_hf) {
+        memcpy(hf, global, ckpt_hf_numel(t) * sizeof(float)); // padding rows come last
+        return;
+    }
+    size_t in = s->global_shape[s->ndim - 1];
+    transpose(hf, global, layout_global_numel(s) / in, in);
+}
+
+// Inverse of global_to_hf; padding rows become zeros.
+static void hf_to_global(const struct param_tensor *t, const float *hf, float *global) {
+    const struct dtensor_spec *s = &t->spec;
+    size_t n = layout_global_numel(s), real = ckpt_hf_numel(t);
+    if (!t->transpose_hf) {
+        memcpy(global, hf, real * sizeof(float));
+        memset(global + real, 0, (n - real) * sizeof(float));
+        return;
+    }
+    size_t in = s->global_shape[s->ndim - 1];
+    transpose(global, hf, in, n / in);
+}
 
 void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const float *src, int i, float *dst) {
     const struct param_tensor *t = &m->tensors[i];
     int P = m->d.P, r = m->d.tp_rank;
-    float *local = tp_malloc(t->numel * sizeof(float));
+    bool sharded = t->spec.layout.kind == LAYOUT_SHARD && P > 1;
+    size_t n = layout_global_numel(&t->spec);
+    float *local = tp_malloc(t->numel * sizeof(float)); // (numel) this rank's shard
     m->be.iface->copy_to_host(m->be.ctx, local, src + t->offset, t->numel * sizeof(float));
-    if (t->spec.layout.kind == LAYOUT_REPLICATE || P == 1) {
-        if (r == 0)
-            for (size_t j = 0; j < t->numel; j++) {
-                size_t h = hf_index(t, j);
-                if (h != SIZE_MAX) dst[h] = local[j];
-            }
-        free(local);
-        return;
+    float *all = NULL; // (P, numel) every rank's shard, TP rank 0 only
+    if (sharded) {
+        if (t->numel > (size_t)INT32_MAX) tp_die(TP_EXIT_RUNTIME, "tensor %s shard too large to gather", t->name);
+        all = r == 0 ? tp_malloc(t->numel * (size_t)P * sizeof(float)) : NULL;
+        MPI_Gather(local, (int)t->numel, MPI_FLOAT, all, (int)t->numel, MPI_FLOAT, 0, mesh->tp_comm);
     }
-    float *all = r == 0 ? tp_malloc(t->numel * (size_t)P * sizeof(float)) : NULL;
-    if (t->numel > (size_t)INT32_MAX) tp_die(TP_EXIT_RUNTIME, "tensor %s shard too large to gather", t->name);
-    MPI_Gather(local, (int)t->numel, MPI_FLOAT, all, (int)t->numel, MPI_FLOAT, 0, mesh->tp_comm);
     if (r == 0) {
-        for (int q = 0; q < P; q++)
-            for (size_t j = 0; j < t->numel; j++) {
-                size_t h = hf_index(t, layout_global_index(&t->spec, q, P, j));
-                if (h != SIZE_MAX) dst[h] = all[(size_t)q * t->numel + j];
-            }
+        float *global = local; // (n) stored layout
+        if (sharded) {
+            size_t outer, chunk;
+            shard_blocks(t, P, &outer, &chunk);
+            global = tp_malloc(n * sizeof(float));
+            for (int q = 0; q < P; q++)
+                for (size_t o = 0; o < outer; o++)
+                    memcpy(global + (o * (size_t)P + (size_t)q) * chunk, all + (size_t)q * t->numel + o * chunk,
+                           chunk * sizeof(float));
+        }
+        global_to_hf(t, global, dst);
+        if (global != local) free(global);
     }
     free(all);
     free(local);
@@ -86,13 +129,20 @@ void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const fl
 
 void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *dst) {
     const struct param_tensor *t = &m->tensors[i];
-    float *local = tp_malloc(t->numel * sizeof(float));
-    for (size_t j = 0; j < t->numel; j++) {
-        size_t h = hf_index(t, layout_global_index(&t->spec, m->d.tp_rank, m->d.P, j));
-        local[j] = h == SIZE_MAX ? 0.0f : src[h];
+    int P = m->d.P, r = m->d.tp_rank;
+    float *global = tp_malloc(layout_global_numel(&t->spec) * sizeof(float)); // stored layout
+    hf_to_global(t, src, global);
+    float *local = global; // (numel) this rank's shard
+    if (t->spec.layout.kind == LAYOUT_SHARD && P > 1) {
+        size_t outer, chunk;
+        shard_blocks(t, P, &outer, &chunk);
+        local = tp_malloc(t->numel * sizeof(float));
+        for (size_t o = 0; o < outer; o++)
+            memcpy(local + o * chunk, global + (o * (size_t)P + (size_t)r) * chunk, chunk * sizeof(float));
     }
     m->be.iface->copy_to_device(m->be.ctx, dst + t->offset, local, t->numel * sizeof(float));
-    free(local);
+    if (local != global) free(local);
+    free(global);
 }
 
 // ---- errors
@@ -663,7 +713,7 @@ static int write_sidecars(const char *tmp, const struct model *m, const struct t
     // Initialisation is counter-based and the data is read in order: the seed is all there is.
     fprintf(f, "  \"rng\": {\"seed\": %llu},\n", st->seed);
     fprintf(f, "  \"optimizer\": {\"name\": \"adamw\", \"t\": %d},\n", st->optim_t);
-    if (st->has_val) fprintf(f, "  \"val_loss\": %.17g,\n", st->val_loss);
+    if (st->has_val && isfinite(st->val_loss)) fprintf(f, "  \"val_loss\": %.17g,\n", st->val_loss);
     else fprintf(f, "  \"val_loss\": null,\n");
     fprintf(f, "  \"precision\": \"%s\",\n  \"master_weights\": \"model.safetensors\",\n",
             config_precision_name(cfg->train.precision));

@@ -82,7 +82,8 @@ static int eval_loss(struct model *m, struct mesh *mesh, const struct tp_config 
     if (root) {
         printf("eval %s (step %d) | mesh dp=%d x tp=%d | data %s | %d micro-batches of %d x %d per rank | %.2f s\n",
                dir, cs->step, mesh->dp_size, mesh->tp_size, cfg->data.val, batches, m->d.B, m->d.T, tp_now() - t0);
-        if (cs->has_val) printf("training logged val loss %.6f at step %d\n", cs->val_loss, cs->step);
+        if (cs->has_val && !o->data && !o->batches) // the same data and batches
+            printf("training logged val loss %.6f at step %d\n", cs->val_loss, cs->step);
         printf("val loss %.6f | perplexity %.2f | tokens %zu\n", loss, exp(loss), tokens);
         fflush(stdout);
     }
@@ -198,35 +199,54 @@ static uint64_t splitmix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-static int cmp_desc(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x < y) - (x > y);
+// The k-th largest (1-based) of x (n), reordering x: quickselect, expected O(n).
+static float kth_largest(float *x, int n, int k) {
+    int lo = 0, hi = n - 1, want = k - 1; // index in descending order
+    while (lo < hi) {
+        float pivot = x[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) i++;
+            while (x[j] < pivot) j--;
+            if (i <= j) {
+                float t = x[i];
+                x[i++] = x[j];
+                x[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return x[want];
+    }
+    return x[want];
 }
 
 // Draws token number `index` of the sample from logits (V real entries): softmax at temperature,
 // restricted to the top_k largest (0 = all). Counter-based: the uniform is a hash of (seed,
 // index), so every rank draws the same token from the same logits with no shared state.
+// tmp: V floats, w: V doubles of scratch.
 static int sample_token(const float *logits, int V, double temperature, int top_k, unsigned long long seed,
-                        uint64_t index, float *tmp) {
+                        uint64_t index, float *tmp, double *w) {
     float threshold = -INFINITY;
     if (top_k > 0 && top_k < V) {
         memcpy(tmp, logits, (size_t)V * sizeof(float));
-        qsort(tmp, (size_t)V, sizeof(float), cmp_desc);
-        threshold = tmp[top_k - 1];
+        threshold = kth_largest(tmp, V, top_k);
     }
     float mx = -INFINITY;
     for (int i = 0; i < V; i++)
         if (logits[i] > mx) mx = logits[i];
     double total = 0.0;
-    for (int i = 0; i < V; i++)
-        if (logits[i] >= threshold) total += exp(((double)logits[i] - mx) / temperature);
+    for (int i = 0; i < V; i++) {
+        w[i] = logits[i] >= threshold ? exp(((double)logits[i] - mx) / temperature) : 0.0;
+        total += w[i];
+    }
     uint64_t r = splitmix64((uint64_t)seed ^ splitmix64(index + 0x5851F42D4C957F2Dull));
     double u = (double)(r >> 11) * 0x1.0p-53 * total;
     double acc = 0.0;
     int last = 0;
     for (int i = 0; i < V; i++) {
-        if (logits[i] < threshold) continue;
-        acc += exp(((double)logits[i] - mx) / temperature);
+        if (w[i] == 0.0) continue;
+        acc += w[i];
         last = i;
         if (u < acc) return i;
     }
@@ -297,7 +317,8 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
     int *ctx = tp_malloc((size_t)total * sizeof *ctx); // every token so far
     memcpy(ctx, prompt, (size_t)n_prompt * sizeof *ctx);
     free(prompt);
-    float *tmp = tp_malloc((size_t)V * sizeof(float));
+    float *tmp = tp_malloc((size_t)V * sizeof(float));  // (V) sampling scratch
+    double *w = tp_malloc((size_t)V * sizeof(double)); // (V) sampling weights
     struct decoder dec;
     decoder_create(&dec, m, &mesh->tp);
     if (root) {
@@ -312,7 +333,7 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
     int n = n_prompt, pos = 0;
     for (int i = n > T ? n - T / 2 : 0; i < n; i++) decoder_step(&dec, ctx[i], pos++);
     while (n < total) {
-        int tok = sample_token(dec.host, V, o->temperature, o->top_k, seed, (uint64_t)(n - n_prompt), tmp);
+        int tok = sample_token(dec.host, V, o->temperature, o->top_k, seed, (uint64_t)(n - n_prompt), tmp, w);
         // The host code above is identical on every rank; the broadcast only guards against
         // a math library that differs between nodes.
         MPI_Bcast(&tok, 1, MPI_INT, 0, mesh->tp_comm);
@@ -330,12 +351,12 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
     }
     double secs = tp_now() - t0;
     if (root) {
-        printf("\n");
-        fprintf(stderr, "tptrain: %d tokens in %.2f s (%.1f tokens/s)\n", o->generate, secs, o->generate / secs);
+        printf("\ngenerated %d tokens in %.2f s (%.1f tokens/s)\n", o->generate, secs, o->generate / secs);
         fflush(stdout);
     }
     decoder_destroy(&dec);
     free(tmp);
+    free(w);
     free(ctx);
     return 0;
 }

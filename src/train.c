@@ -202,7 +202,14 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     }
     if ((st = agree(tr, st, err))) return st;
     if (tr->resumed_from[0]) {
-        log_jsonl(tr, "{\"kind\":\"resume\",\"step\":%d,\"from\":\"%s\"}", tr->start_step, tr->resumed_from);
+        char from[4 * TP_PATH_MAX];
+        size_t n = 0;
+        for (const char *c = tr->resumed_from; *c && n + 3 < sizeof from; c++) { // a JSON string
+            if (*c == '"' || *c == '\\') from[n++] = '\\';
+            from[n++] = (unsigned char)*c < 0x20 ? '?' : *c;
+        }
+        from[n] = '\0';
+        log_jsonl(tr, "{\"kind\":\"resume\",\"step\":%d,\"from\":\"%s\"}", tr->start_step, from);
     }
     if (cfg->debug.dump_init[0]) {
         st = ckpt_export_safetensors(&tr->model, &tr->mesh, tr->model.params, cfg->debug.dump_init, err, sizeof err);
