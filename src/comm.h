@@ -53,6 +53,12 @@ static inline void comm_all_reduce(struct comm *c, float *buf, size_t n, enum co
     if (c->size > 1) c->iface->all_reduce(c->ctx, buf, n, COMM_F32, op);
 }
 
+// Waits for the group's collectives; on NCCL this polls for asynchronous errors, so a failed peer
+// ends the run with a message instead of a host copy blocked forever behind a stuck collective.
+static inline void comm_synchronize(struct comm *c) {
+    if (c->size > 1) c->iface->synchronize(c->ctx);
+}
+
 static inline void comm_destroy(struct comm *c) {
     if (c->iface && c->iface->destroy) c->iface->destroy(c->ctx);
     c->iface = NULL;

@@ -42,6 +42,7 @@ float optim_grad_norm(struct optim *o, struct model *m, struct comm *tp) {
         b->sumsq_acc(m->be.ctx, o->acc + (sharded ? 0 : 1), m->grads + t->offset, t->numel);
     }
     comm_all_reduce(tp, o->acc, 1, COMM_SUM); // sharded part only; replicas would count P times
+    comm_synchronize(tp);
     float h[2];
     b->copy_to_host(m->be.ctx, h, o->acc, sizeof h);
     return sqrtf(h[0] + h[1]);

@@ -277,6 +277,7 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
         model_backward(m, &mesh->tp, dloss);
     }
     comm_all_reduce(&mesh->dp, m->grads, m->n_params_local, COMM_AVG);
+    comm_synchronize(&mesh->dp);
     if (step == 0 && tr->cfg->debug.grad_norms) {
         double *norms = tp_malloc((size_t)m->n_tensors * sizeof(double));
         optim_tensor_norms(&tr->opt, m, &mesh->tp, norms);
