@@ -18,28 +18,11 @@
 
 // ---- helpers
 
-static void require_mpiexec(void) {
-    if (!tu_mpiexec()[0]) cr_skip_test("no mpiexec was found at configure time: multi-rank cases skipped");
-}
-
-// Open MPI refuses more ranks than cores unless told; MPICH needs nothing.
-static const char *mpiexec_flags(void) {
-    static char flags[64];
-    static bool known = false;
-    if (!known) {
-        char out[4096];
-        tu_run(out, sizeof out, "'%s' --version", tu_mpiexec());
-        snprintf(flags, sizeof flags, "%s", strstr(out, "Open MPI") || strstr(out, "OpenRTE") ? "--oversubscribe" : "");
-        known = true;
-    }
-    return flags;
-}
-
 // Runs `tptrain --bench ARGS` on the CPU backend with np ranks (0: a plain process); output
 // into out (OUT_CAP). Returns the exit status; a hang fails the test.
 static int run_bench(char *out, int np, const char *args) {
     char launcher[1024] = "";
-    if (np > 0) snprintf(launcher, sizeof launcher, "'%s' %s -np %d", tu_mpiexec(), mpiexec_flags(), np);
+    if (np > 0) snprintf(launcher, sizeof launcher, "'%s' %s -np %d", tu_mpiexec(), tu_mpiexec_flags(), np);
     int rc = tu_run(out, OUT_CAP, "cd '%s' && " FAST_ITERS " timeout 120 %s '%s' --bench %s --set parallel.device=cpu",
                     tu_source_root(), launcher, tu_tptrain(), args);
     cr_assert_neq(rc, 124, "--bench %s hung and was stopped:\n%s", args, out);
@@ -152,7 +135,7 @@ Test(bench, layer_one_rank_reports_every_phase) {
 }
 
 Test(bench, layer_two_ranks_times_the_all_reduces) {
-    require_mpiexec();
+    tu_require_mpiexec();
     char *out = malloc(OUT_CAP);
     int rc = run_bench(out, 2, "layer 64 32 128");
     cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
@@ -222,7 +205,7 @@ Test(bench, allreduce_one_rank_costs_nothing) {
 }
 
 Test(bench, allreduce_two_ranks_gives_a_complete_table) {
-    require_mpiexec();
+    tu_require_mpiexec();
     char dir[1024], path[1200], args[1400];
     tu_tmpdir(dir, sizeof dir, "bench");
     snprintf(path, sizeof path, "%s/ar.json", dir);
@@ -311,7 +294,7 @@ Test(bench, model_breaks_a_step_into_phases) {
 }
 
 Test(bench, model_two_ranks_times_communication) {
-    require_mpiexec();
+    tu_require_mpiexec();
     char args[1200];
     snprintf(args, sizeof args, "model '%s/configs/tiny.yaml'", tu_source_root());
     char *out = malloc(OUT_CAP);
@@ -348,6 +331,6 @@ Test(bench, bad_layer_sizes_exit_2) {
 }
 
 Test(bench, n_not_divisible_by_ranks_exits_2_everywhere) {
-    require_mpiexec();
+    tu_require_mpiexec();
     expect_usage_error(2, "layer 64 32 3", "N=3 is not divisible by the 2 ranks");
 }

@@ -60,29 +60,11 @@ static const char *config_path(void) {
     return path;
 }
 
-static void require_mpiexec(void) {
-    if (!tu_mpiexec()[0]) cr_skip_test("no mpiexec was found at configure time: multi-rank cases skipped");
-}
-
-// Open MPI refuses more ranks than cores unless told (meson's environment also says so; the flag
-// covers runs outside meson). MPICH needs nothing.
-static const char *mpiexec_flags(void) {
-    static char flags[64];
-    static bool known = false;
-    if (!known) {
-        char out[4096];
-        tu_run(out, sizeof out, "'%s' --version", tu_mpiexec());
-        snprintf(flags, sizeof flags, "%s", strstr(out, "Open MPI") || strstr(out, "OpenRTE") ? "--oversubscribe" : "");
-        known = true;
-    }
-    return flags;
-}
-
 // Runs tptrain on the test config with np ranks (np = 0: a plain process, no mpiexec) under
 // `timeout limit_s`. extra: further --set options. Output into out (OUT_CAP); returns the status.
 static int run_tptrain(char *out, int np, int limit_s, const char *shard, const char *jsonl, const char *extra) {
     char launcher[1024] = "";
-    if (np > 0) snprintf(launcher, sizeof launcher, "'%s' %s -np %d", tu_mpiexec(), mpiexec_flags(), np);
+    if (np > 0) snprintf(launcher, sizeof launcher, "'%s' %s -np %d", tu_mpiexec(), tu_mpiexec_flags(), np);
     char log_set[1200] = "";
     if (jsonl) snprintf(log_set, sizeof log_set, "--set log.jsonl=%s", jsonl);
     int rc = tu_run(out, OUT_CAP, "timeout %d %s '%s' '%s' --set data.train=%s %s %s", limit_s, launcher,
@@ -172,7 +154,7 @@ static void run_reference(struct run_dir *r, const char *extra) {
 // ---- TP and TP x DP against tp=1 on the CPU backend
 
 static void tp_case(int np, int tp, const char *ref_extra) {
-    require_mpiexec();
+    tu_require_mpiexec();
     struct run_dir r;
     char tag[32];
     snprintf(tag, sizeof tag, "tp%d-np%d", tp, np);
@@ -202,7 +184,7 @@ Test(tp_parity, tp2_dp2_matches_tp1_with_accumulation) { tp_case(4, 2, "--set tr
 // ---- bad meshes: exit 2, one message, no hang
 
 static void bad_mesh_case(int np, const char *sets, const char *needle) {
-    require_mpiexec();
+    tu_require_mpiexec();
     struct run_dir r;
     run_dir_init(&r, "badmesh", -1);
     double t0 = tp_now();
@@ -229,7 +211,7 @@ Test(tp_parity, heads_not_divisible_by_tp) {
 // rank 0 reads in three steps. Ranks 2 and 3 fail at step 3 while ranks 0 and 1 are ready for
 // step 3's collectives: every rank must still end, with exit 2, soon.
 Test(tp_parity, bad_token_on_one_dp_rank_ends_all_ranks) {
-    require_mpiexec();
+    tu_require_mpiexec();
     struct run_dir r;
     run_dir_init(&r, "badtoken", 350);
     double t0 = tp_now();
@@ -284,7 +266,7 @@ Test(tp_parity, cuda_fp32_matches_cpu) {
 // Several ranks on one GPU: NCCL refuses that, so the MPI comm stages through host memory.
 static void cuda_tp_case(int np) {
     require_gpu();
-    require_mpiexec();
+    tu_require_mpiexec();
     struct run_dir r;
     run_dir_init(&r, "cuda-tp", -1);
     run_cuda(&r, 0, r.ref, "");

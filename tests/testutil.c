@@ -1,7 +1,10 @@
 // testutil.c: see testutil.h.
 #include "testutil.h"
 
+#include <criterion/criterion.h>
+
 #include <math.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,6 +77,22 @@ static const char *env_or(const char *name, const char *fallback) {
 const char *tu_tptrain(void) { return env_or("TPTRAIN", "./tptrain"); }
 const char *tu_source_root(void) { return env_or("TP_SOURCE_ROOT", "."); }
 const char *tu_mpiexec(void) { return env_or("TP_MPIEXEC", ""); }
+
+const char *tu_mpiexec_flags(void) {
+    static char flags[64];
+    static bool known = false;
+    if (!known) {
+        char out[4096];
+        tu_run(out, sizeof out, "'%s' --version", tu_mpiexec());
+        snprintf(flags, sizeof flags, "%s", strstr(out, "Open MPI") || strstr(out, "OpenRTE") ? "--oversubscribe" : "");
+        known = true;
+    }
+    return flags;
+}
+
+void tu_require_mpiexec(void) {
+    if (!tu_mpiexec()[0]) cr_skip_test("no mpiexec was found at configure time: multi-rank cases skipped");
+}
 
 int tu_read_losses(const char *jsonl_path, double *losses, int max) {
     FILE *f = fopen(jsonl_path, "r");

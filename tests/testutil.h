@@ -15,6 +15,11 @@ int tu_run(char *out, size_t outlen, const char *fmt, ...) __attribute__((format
 const char *tu_tptrain(void);
 const char *tu_source_root(void);
 const char *tu_mpiexec(void);
+// Extra mpiexec flags: Open MPI refuses more ranks than cores unless told (--oversubscribe);
+// MPICH needs nothing.
+const char *tu_mpiexec_flags(void);
+// Skips the calling Criterion test, visibly, when no mpiexec was found at configure time.
+void tu_require_mpiexec(void);
 // Reads the "loss" field of every "train" record of a JSON-lines log, in order; returns count.
 int tu_read_losses(const char *jsonl_path, double *losses, int max);
 // Relative difference |a - b| / max(|a|, |b|, tiny).
