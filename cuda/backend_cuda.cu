@@ -91,58 +91,40 @@ static void *ctx_scratch(struct cuda_ctx *c, size_t bytes) {
 
 // ---- kernels
 
-__device__ __forceinline__ float warp_sum_f(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct sum_op {
+    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct max_op {
+    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return fmax(a, b); }
+};
+
+// Butterfly reduction over a warp: every lane ends with the same value, combined in a fixed order.
+template <typename T, typename Op> __device__ __forceinline__ T warp_reduce(T v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max_f(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+__device__ __forceinline__ float warp_sum_f(float v) { return warp_reduce(v, sum_op()); }
+__device__ __forceinline__ double warp_sum_d(double v) { return warp_reduce(v, sum_op()); }
+__device__ __forceinline__ float warp_max_f(float v) { return warp_reduce(v, max_op()); }
 
 // Block-wide reductions in a fixed order. Every thread of the block must call them; blockDim.x
-// is a multiple of 32. sh holds at least 32 elements. All threads get the result.
-__device__ float block_sum_f(float v, float *sh) {
+// is a multiple of 32. sh holds at least 32 elements. All threads get the result; `identity`
+// fills the lanes past the last warp.
+template <typename T, typename Op> __device__ T block_reduce(T v, T *sh, Op op, T identity) {
     int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
     int nwarps = blockDim.x / TPC_WARP;
-    v = warp_sum_f(v);
+    v = warp_reduce(v, op);
     __syncthreads(); // sh may still be read by a previous call
     if (lane == 0) sh[warp] = v;
     __syncthreads();
-    v = lane < nwarps ? sh[lane] : 0.0f;
-    v = warp_sum_f(v);
-    return v;
+    v = lane < nwarps ? sh[lane] : identity;
+    return warp_reduce(v, op);
 }
 
-__device__ double block_sum_d(double v, double *sh) {
-    int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
-    int nwarps = blockDim.x / TPC_WARP;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? sh[lane] : 0.0;
-    v = warp_sum_d(v);
-    return v;
-}
-
-__device__ float block_max_f(float v, float *sh) {
-    int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
-    int nwarps = blockDim.x / TPC_WARP;
-    v = warp_max_f(v);
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = lane < nwarps ? sh[lane] : -INFINITY;
-    v = warp_max_f(v);
-    return v;
-}
+__device__ float block_sum_f(float v, float *sh) { return block_reduce(v, sh, sum_op(), 0.0f); }
+__device__ double block_sum_d(double v, double *sh) { return block_reduce(v, sh, sum_op(), 0.0); }
+__device__ float block_max_f(float v, float *sh) { return block_reduce(v, sh, max_op(), -INFINITY); }
 
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
