@@ -43,7 +43,7 @@ $bin $tiny --set parallel.device=cuda --set parallel.comm=nccl --set log.jsonl=$
 
 for mb in 16 32; do
     $bin configs/gpt2-124m.yaml --set train.micro_batch=$mb --set train.global_batch=$((mb * 1024)) \
-        --set train.steps=$steps124 --set data.val= --set log.every=5 --set log.jsonl=$out/gpt2_124m_b$mb.jsonl \
+        --set train.steps=$steps124 --set train.warmup_steps=$((steps124 < 20 ? steps124 : 20)) --set data.val= --set log.every=5 --set log.jsonl=$out/gpt2_124m_b$mb.jsonl \
         2>&1 | tee $out/gpt2_124m_b$mb.log | tail -4
     python3 - $out/gpt2_124m_b$mb.jsonl $mb <<'PY' | tee -a $out/summary.txt
 import json, sys, statistics
