@@ -238,8 +238,9 @@ static int bench_config(struct bench *b, const struct bench_opts *o, const char 
         cfg->checkpoint.resume[0] = '\0';
         st = config_validate(cfg, world, err, sizeof err);
     }
+    if (!st) st = config_check_precision(cfg, err, sizeof err);
     cfg->parallel.dp = 1;
-    if (st && b->root) fprintf(stderr, "%s\n", err);
+    if (st && b->root) fprintf(stderr, "tptrain: %s\n", err);
     return st;
 }
 

@@ -121,6 +121,10 @@ int config_apply_set(struct tp_config *cfg, const char *assignment, char *err, s
 // train.global_batch. Messages name the key and, where known, its position in the source file.
 int config_validate(struct tp_config *cfg, int world_size, char *err, size_t errlen);
 
+// The precision check config_validate starts with, for callers that validate nothing else
+// (bf16 is accepted by the parser but not built yet).
+int config_check_precision(const struct tp_config *cfg, char *err, size_t errlen);
+
 // Writes the resolved config as YAML (loadable again) to f.
 void config_print(const struct tp_config *cfg, FILE *f);
 

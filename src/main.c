@@ -217,9 +217,6 @@ static int run(int argc, char **argv, int rank, int world_size) {
         return root ? train_dry_run(&cfg, world) : 0;
     }
     st = load_config(&cfg, &cli, world_size, err, sizeof err);
-    if (!st && cfg.train.precision == TP_PREC_BF16)
-        st = tp_errf(err, sizeof err, "%s: train.precision: bf16 is not available in this version yet; use fp32",
-                     cfg.source);
     if (st) {
         // Every rank read the same file and failed alike: one message from rank 0.
         if (root) fprintf(stderr, "tptrain: %s\n", err);

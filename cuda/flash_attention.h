@@ -1,0 +1,56 @@
+// flash_attention.h: fused causal attention in bf16 (forward and backward), C interface.
+//
+// Tiles of queries against tiles of keys and values in shared memory, online softmax with fp32
+// accumulators, bf16 tensor-core products (WMMA 16x16x16, fp32 accumulate). No (T, T) matrix ever
+// reaches device memory: the forward keeps only the log-sum-exp of each row for the backward.
+//
+// Layout: q, k, v (B, T, NH, HS) are the three slices of one (B, T, 3*NH*HS) qkv tensor, so the
+// caller passes q = qkv, k = qkv + NH*HS, v = qkv + 2*NH*HS and the row stride qkv_stride =
+// 3*NH*HS (any stride works: row t of head h of batch b starts at ptr + (b*T + t)*stride + h*HS).
+// out and dout (B, T, NH, HS) use out_stride (NH*HS for a dense tensor); dq, dk, dv use
+// qkv_stride, so they can be the slices of a dqkv tensor shaped like qkv.
+//
+// bf16 pointers are void * here so that C11 code can include this header (C has no bf16 type);
+// they point at __nv_bfloat16 (IEEE binary32 truncated to its upper 16 bits, round to nearest
+// even), device memory, aligned to 16 bytes, with strides that are multiples of 8 elements.
+//
+// Causal mask, scale 1/sqrt(HS). HS must be 64; any T >= 1. Calls are stream-ordered on stream
+// (a cudaStream_t, NULL for the legacy default stream) and deterministic: no float atomics, so
+// equal inputs give bitwise equal outputs.
+//
+// Return values: FLASH_OK, FLASH_EBADARG (shape, stride or alignment unsupported; nothing was
+// launched), FLASH_ECUDA (a launch failed; cudaGetLastError has been consumed).
+#pragma once
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FLASH_OK 0
+#define FLASH_EBADARG 1
+#define FLASH_ECUDA 2
+
+// out (B, T, NH, HS) bf16, row stride out_stride = softmax(q k^T * scale, causal) v
+// lse (B, NH, T) fp32 = natural log of sum over keys of exp(q . k * scale) of each query row
+int flash_attention_fwd(void *stream, void *out, float *lse, const void *q, const void *k,
+                        const void *v, int B, int T, int NH, int HS, int qkv_stride,
+                        int out_stride);
+
+// Floats of scratch flash_attention_bwd needs: D = rowsum(dout * out), (B, NH, T). dq is
+// accumulated per query tile in registers over all key tiles, so it needs no fp32 buffer.
+size_t flash_attention_bwd_scratch_floats(int B, int T, int NH, int HS);
+
+// dq, dk, dv (B, T, NH, HS) bf16, row stride qkv_stride, are overwritten with the gradients of
+// the loss given dout (B, T, NH, HS) bf16 (row stride out_stride). out and lse are the forward's
+// outputs for the same q, k, v. scratch: flash_attention_bwd_scratch_floats() floats of device
+// memory, contents undefined on entry and on return.
+int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
+                        const void *q, const void *k, const void *v, const void *out,
+                        const float *lse, float *scratch, int B, int T, int NH, int HS,
+                        int qkv_stride, int out_stride);
+
+#ifdef __cplusplus
+}
+#endif
