@@ -83,7 +83,7 @@ __device__ static void fa_store_rows(__nv_bfloat16 *dst, size_t stride, const fl
 
 // grid (ceil(T/64), B*NH), block 128. Query tiles are taken heaviest (last) first so the long
 // blocks start early and the short ones fill the tail.
-__global__ void __launch_bounds__(FA_THREADS)
+static __global__ void __launch_bounds__(FA_THREADS)
 fa_fwd_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv_bfloat16 *k,
               const __nv_bfloat16 *v, int T, int NH, size_t qkv_stride, size_t out_stride,
               float scale_log2) {
@@ -192,7 +192,7 @@ fa_fwd_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv
 }
 
 // D (B, NH, T) = rowsum(dout * out) per head: one warp per (b, t, h), two elements per lane.
-__global__ void fa_bwd_rowdot_kernel(float *D, const __nv_bfloat16 *dout, const __nv_bfloat16 *out,
+static __global__ void fa_bwd_rowdot_kernel(float *D, const __nv_bfloat16 *dout, const __nv_bfloat16 *out,
                                      int B, int T, int NH, size_t out_stride) {
     size_t row = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
@@ -214,7 +214,7 @@ __global__ void fa_bwd_rowdot_kernel(float *D, const __nv_bfloat16 *dout, const 
 // dk, dv for one key tile: grid (ceil(T/64), B*NH), block 128; each warp owns 16 keys and walks
 // the query tiles from the diagonal to the end. In this kernel the per-warp tiles are transposed
 // (rows = keys, columns = queries): S^T = K Q^T, P^T, dP^T = V dO^T, dS^T.
-__global__ void __launch_bounds__(FA_THREADS)
+static __global__ void __launch_bounds__(FA_THREADS)
 fa_bwd_dkdv_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, const __nv_bfloat16 *dout,
                    const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v,
                    const float *lse, const float *D, int T, int NH, size_t qkv_stride,
@@ -358,7 +358,7 @@ fa_bwd_dkdv_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, const __nv_bfloat16 *do
 
 // dq for one query tile: grid (ceil(T/64), B*NH), block 128; each warp owns 16 queries and walks
 // the key tiles up to the diagonal, accumulating dq in registers.
-__global__ void __launch_bounds__(FA_THREADS)
+static __global__ void __launch_bounds__(FA_THREADS)
 fa_bwd_dq_kernel(__nv_bfloat16 *dq, const __nv_bfloat16 *dout, const __nv_bfloat16 *q,
                  const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *lse, const float *D,
                  int T, int NH, size_t qkv_stride, size_t out_stride, float scale,

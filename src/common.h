@@ -32,6 +32,22 @@ void *tp_calloc_impl(size_t n, size_t size, const char *file, int line);
 // Wall clock in seconds (CLOCK_MONOTONIC).
 double tp_now(void);
 
+// splitmix64's finaliser: a well-mixed 64-bit hash of x (counter-based random numbers).
+static inline uint64_t tp_splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// 64-bit FNV-1a of n bytes (names, replica fingerprints).
+static inline uint64_t tp_fnv1a(const void *data, size_t n) {
+    const unsigned char *c = data;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001b3ull;
+    return h;
+}
+
 // Integer helpers.
 static inline size_t tp_round_up(size_t x, size_t multiple) {
     return (x + multiple - 1) / multiple * multiple;

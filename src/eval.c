@@ -192,13 +192,6 @@ static void decoder_step(struct decoder *dec, int token, int pos) {
     b->copy_to_host(ctx, dec->host, dec->gathered, (size_t)d->Vp * sizeof(float));
 }
 
-static uint64_t splitmix64(uint64_t x) {
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
 // The k-th largest (1-based) of x (n), reordering x: quickselect, expected O(n).
 static float kth_largest(float *x, int n, int k) {
     int lo = 0, hi = n - 1, want = k - 1; // index in descending order
@@ -240,7 +233,7 @@ static int sample_token(const float *logits, int V, double temperature, int top_
         w[i] = logits[i] >= threshold ? exp(((double)logits[i] - mx) / temperature) : 0.0;
         total += w[i];
     }
-    uint64_t r = splitmix64((uint64_t)seed ^ splitmix64(index + 0x5851F42D4C957F2Dull));
+    uint64_t r = tp_splitmix64((uint64_t)seed ^ tp_splitmix64(index + 0x5851F42D4C957F2Dull));
     double u = (double)(r >> 11) * 0x1.0p-53 * total;
     double acc = 0.0;
     int last = 0;

@@ -95,19 +95,6 @@ struct param_tensor *model_param_table(const struct model_dims *d, int *count, s
 
 // ---- TP-invariant initialisation
 
-static uint64_t splitmix64(uint64_t x) {
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
-static uint64_t fnv1a(const char *s) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
-    return h;
-}
-
 float model_init_value(unsigned long long seed, const struct param_tensor *t, size_t global_index, int n_layer) {
     switch (t->init) {
     case PARAM_INIT_ZEROS: return 0.0f;
@@ -119,9 +106,9 @@ float model_init_value(unsigned long long seed, const struct param_tensor *t, si
     if (global_index / row_elems >= t->real_rows) return 0.0f; // vocabulary padding
     // Counter-based: two hashed uniforms per element, then Box-Muller. No state, so any rank can
     // produce any element, and a shard's values do not depend on the TP size.
-    uint64_t key = splitmix64((uint64_t)seed ^ fnv1a(t->name));
-    uint64_t a = splitmix64(key ^ splitmix64(2 * (uint64_t)global_index));
-    uint64_t b = splitmix64(key ^ splitmix64(2 * (uint64_t)global_index + 1));
+    uint64_t key = tp_splitmix64((uint64_t)seed ^ tp_fnv1a(t->name, strlen(t->name)));
+    uint64_t a = tp_splitmix64(key ^ tp_splitmix64(2 * (uint64_t)global_index));
+    uint64_t b = tp_splitmix64(key ^ tp_splitmix64(2 * (uint64_t)global_index + 1));
     double u1 = ((double)(a >> 11) + 1.0) * 0x1.0p-53; // (0, 1]
     double u2 = (double)(b >> 11) * 0x1.0p-53;         // [0, 1)
     double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);

@@ -317,13 +317,6 @@ static int evaluate(struct trainer *tr, double *loss) {
 
 // ---- replica check
 
-static uint64_t hash_bytes(const void *p, size_t n) {
-    const unsigned char *c = p;
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001b3ull;
-    return h;
-}
-
 // Replicated parameters must stay bitwise identical across the TP group; drift means some rank
 // computed a different gradient for them. Returns TP_EXIT_RUNTIME on mismatch (all ranks agree).
 static int check_replicas(struct trainer *tr, int step) {
@@ -335,7 +328,7 @@ static int check_replicas(struct trainer *tr, int step) {
         if (t->spec.layout.kind != LAYOUT_REPLICATE) continue;
         float *h = tp_malloc(t->numel * sizeof(float));
         tr->be.iface->copy_to_host(tr->be.ctx, h, m->params + t->offset, t->numel * sizeof(float));
-        uint64_t mine = hash_bytes(h, t->numel * sizeof(float));
+        uint64_t mine = tp_fnv1a(h, t->numel * sizeof(float));
         free(h);
         MPI_Allgather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, tr->mesh.tp_comm);
         for (int r = 1; r < P; r++)

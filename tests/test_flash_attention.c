@@ -1,0 +1,365 @@
+// test_flash_attention.c: the bf16 flash-attention kernels (cuda/flash_attention.cu) against the
+// fp32 CPU reference attention, forward and backward; log-sum-exp against double precision;
+// bitwise determinism; argument checks; a timing at the GPT-2 124M shape (logged, not asserted).
+//
+// Inputs are drawn ~N(0, 1) and rounded to bf16 once; the CPU reference runs on exactly those
+// rounded values, so the comparison measures the kernel's own bf16 arithmetic (P and dS rounded
+// for the tensor cores, bf16 outputs), hence the 2e-2 relative tolerance. Every output buffer is
+// poisoned with 0xFF bytes (NaN in bf16 and fp32) before a run, so an element left unwritten, or a
+// NaN produced, fails the finiteness check.
+//
+// Built only in CUDA builds. Without a device every GPU case skips and main exits 77 (SKIP).
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../cuda/flash_attention.h"
+#include "backend.h"
+
+#define HS 64
+#define TOL 2e-2
+
+// ---- helpers: random numbers, bf16, device buffers
+
+static uint64_t rng_next(uint64_t *s) {
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// standard normal (Box-Muller)
+static float rng_normal(uint64_t *s) {
+    double u1 = ((double)(rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    double u2 = (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+// fp32 -> bf16, round to nearest even (inputs are finite)
+static uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void require_gpu(void) {
+    if (!backend_cuda_available() || backend_cuda_device_count() <= 0)
+        cr_skip_test("no CUDA device: the flash-attention kernels cannot be exercised here");
+}
+
+static void *dev_alloc(size_t bytes) {
+    void *p = NULL;
+    cr_assert_eq(cudaMalloc(&p, bytes), cudaSuccess, "cudaMalloc(%zu) failed", bytes);
+    return p;
+}
+
+static void upload(void *dst, const void *src, size_t bytes) {
+    cr_assert_eq(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+}
+
+static void download(void *dst, const void *src, size_t bytes) {
+    cr_assert_eq(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+}
+
+static void poison(void *p, size_t bytes) {
+    cr_assert_eq(cudaMemset(p, 0xFF, bytes), cudaSuccess);
+}
+
+// ||a - b|| / ||b|| over n elements of a (bf16, strided rows) against b (fp32, strided rows):
+// rows rows of width w, strides sa and sb. Fails on any non-finite a.
+static double rel_err_bf16(const uint16_t *a, size_t sa, const float *b, size_t sb, size_t rows,
+                           size_t w, const char *what) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < w; j++) {
+            double x = bf2f(a[i * sa + j]), y = b[i * sb + j];
+            cr_assert(isfinite(x), "%s: element (%zu, %zu) is not finite (unwritten or NaN)", what,
+                      i, j);
+            num += (x - y) * (x - y);
+            den += y * y;
+        }
+    return sqrt(num) / (den > 0.0 ? sqrt(den) : 1.0);
+}
+
+// ---- one case: fwd + bwd against the CPU reference
+
+struct fa_bufs {
+    uint16_t *qkv, *out, *dout, *dqkv; // device bf16: (B, T, 3C), (B, T, C), (B, T, C), (B, T, 3C)
+    float *lse, *scratch;              // device: (B, NH, T), bwd scratch
+};
+
+static void run_gpu(const struct fa_bufs *d, int B, int T, int NH) {
+    int C = NH * HS;
+    size_t BT = (size_t)B * T;
+    poison(d->out, BT * C * 2);
+    poison(d->lse, (size_t)B * NH * T * 4);
+    poison(d->dqkv, BT * 3 * C * 2);
+    int rc = flash_attention_fwd(NULL, d->out, d->lse, d->qkv, d->qkv + C, d->qkv + 2 * C, B, T, NH,
+                                 HS, 3 * C, C);
+    cr_assert_eq(rc, FLASH_OK, "flash_attention_fwd returned %d", rc);
+    rc = flash_attention_bwd(NULL, d->dqkv, d->dqkv + C, d->dqkv + 2 * C, d->dout, d->qkv,
+                             d->qkv + C, d->qkv + 2 * C, d->out, d->lse, d->scratch, B, T, NH, HS,
+                             3 * C, C);
+    cr_assert_eq(rc, FLASH_OK, "flash_attention_bwd returned %d", rc);
+    cudaError_t e = cudaDeviceSynchronize();
+    cr_assert_eq(e, cudaSuccess, "kernel failed: %s", cudaGetErrorString(e));
+}
+
+static void check_case(int B, int NH, int T, uint64_t seed) {
+    require_gpu();
+    int C = NH * HS;
+    size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
+    uint64_t rng = seed;
+
+    // host inputs, rounded to bf16 once
+    uint16_t *qkv_h = malloc(nqkv * 2), *dout_h = malloc(nout * 2); // (B, T, 3C), (B, T, C)
+    float *qkv_f = malloc(nqkv * 4), *dout_f = malloc(nout * 4);    // same values in fp32
+    cr_assert(qkv_h && dout_h && qkv_f && dout_f);
+    for (size_t i = 0; i < nqkv; i++) {
+        qkv_h[i] = f2bf(rng_normal(&rng));
+        qkv_f[i] = bf2f(qkv_h[i]);
+    }
+    for (size_t i = 0; i < nout; i++) {
+        dout_h[i] = f2bf(rng_normal(&rng));
+        dout_f[i] = bf2f(dout_h[i]);
+    }
+
+    // CPU reference
+    struct backend cpu = backend_cpu_create();
+    const struct backend_i *ci = cpu.iface;
+    size_t nsaved = ci->attention_saved_floats(cpu.ctx, B, T, NH, HS);
+    size_t nscr = ci->attention_scratch_floats(cpu.ctx, B, T, NH, HS);
+    float *c_qkv = ci->alloc(cpu.ctx, nqkv * 4), *c_out = ci->alloc(cpu.ctx, nout * 4);
+    float *c_saved = ci->alloc(cpu.ctx, nsaved * 4), *c_scr = ci->alloc(cpu.ctx, (nscr + 1) * 4);
+    float *c_dout = ci->alloc(cpu.ctx, nout * 4), *c_dqkv = ci->alloc(cpu.ctx, nqkv * 4);
+    ci->copy_to_device(cpu.ctx, c_qkv, qkv_f, nqkv * 4);
+    ci->copy_to_device(cpu.ctx, c_dout, dout_f, nout * 4);
+    ci->attention_fwd(cpu.ctx, c_out, c_saved, c_scr, c_qkv, B, T, NH, HS);
+    ci->attention_bwd(cpu.ctx, c_dqkv, c_scr, c_dout, c_qkv, c_out, c_saved, B, T, NH, HS);
+    float *ref_out = malloc(nout * 4), *ref_dqkv = malloc(nqkv * 4);
+    cr_assert(ref_out && ref_dqkv);
+    ci->copy_to_host(cpu.ctx, ref_out, c_out, nout * 4);
+    ci->copy_to_host(cpu.ctx, ref_dqkv, c_dqkv, nqkv * 4);
+
+    // GPU
+    struct fa_bufs d;
+    d.qkv = dev_alloc(nqkv * 2);
+    d.out = dev_alloc(nout * 2);
+    d.dout = dev_alloc(nout * 2);
+    d.dqkv = dev_alloc(nqkv * 2);
+    d.lse = dev_alloc(nlse * 4);
+    size_t nfs = flash_attention_bwd_scratch_floats(B, T, NH, HS);
+    cr_assert_geq(nfs, nlse, "scratch must at least hold D (B, NH, T)");
+    d.scratch = dev_alloc(nfs * 4);
+    upload(d.qkv, qkv_h, nqkv * 2);
+    upload(d.dout, dout_h, nout * 2);
+    run_gpu(&d, B, T, NH);
+
+    uint16_t *g_out = malloc(nout * 2), *g_dqkv = malloc(nqkv * 2);
+    float *g_lse = malloc(nlse * 4);
+    cr_assert(g_out && g_dqkv && g_lse);
+    download(g_out, d.out, nout * 2);
+    download(g_dqkv, d.dqkv, nqkv * 2);
+    download(g_lse, d.lse, nlse * 4);
+
+    double e_out = rel_err_bf16(g_out, C, ref_out, C, BT, C, "out");
+    double e_dq = rel_err_bf16(g_dqkv, 3 * C, ref_dqkv, 3 * C, BT, C, "dq");
+    double e_dk = rel_err_bf16(g_dqkv + C, 3 * C, ref_dqkv + C, 3 * C, BT, C, "dk");
+    double e_dv = rel_err_bf16(g_dqkv + 2 * C, 3 * C, ref_dqkv + 2 * C, 3 * C, BT, C, "dv");
+    cr_log_info("B=%d NH=%d T=%d: rel err out %.3g dq %.3g dk %.3g dv %.3g", B, NH, T, e_out, e_dq,
+                e_dk, e_dv);
+    cr_expect_lt(e_out, TOL, "out: relative error %g", e_out);
+    cr_expect_lt(e_dq, TOL, "dq: relative error %g", e_dq);
+    cr_expect_lt(e_dk, TOL, "dk: relative error %g", e_dk);
+    cr_expect_lt(e_dv, TOL, "dv: relative error %g", e_dv);
+
+    // lse (B, NH, T) = log sum_{t2 <= t} exp(q . k * scale), in double from the bf16 inputs
+    double scale = 1.0 / sqrt((double)HS), worst = 0.0;
+    double *srow = malloc((size_t)T * sizeof(double));
+    cr_assert(srow);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qr = qkv_f + ((size_t)b * T + t) * 3 * C + (size_t)h * HS;
+                double mx = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *kr = qkv_f + ((size_t)b * T + t2) * 3 * C + C + (size_t)h * HS;
+                    double s = 0.0;
+                    for (int i = 0; i < HS; i++) s += (double)qr[i] * kr[i];
+                    srow[t2] = s * scale;
+                    if (srow[t2] > mx) mx = srow[t2];
+                }
+                double sum = 0.0;
+                for (int t2 = 0; t2 <= t; t2++) sum += exp(srow[t2] - mx);
+                double want = mx + log(sum);
+                double got = g_lse[((size_t)b * NH + h) * T + t];
+                cr_assert(isfinite(got), "lse (%d, %d, %d) not finite (unwritten or NaN)", b, h, t);
+                double err = fabs(got - want) / fmax(1.0, fabs(want));
+                if (err > worst) worst = err;
+            }
+    cr_log_info("B=%d NH=%d T=%d: lse worst relative error %.3g", B, NH, T, worst);
+    cr_expect_lt(worst, 1e-3, "lse: worst relative error %g", worst);
+
+    // determinism: a second run (after fresh poisoning) is bitwise equal
+    uint16_t *g_out2 = malloc(nout * 2), *g_dqkv2 = malloc(nqkv * 2);
+    float *g_lse2 = malloc(nlse * 4);
+    cr_assert(g_out2 && g_dqkv2 && g_lse2);
+    run_gpu(&d, B, T, NH);
+    download(g_out2, d.out, nout * 2);
+    download(g_dqkv2, d.dqkv, nqkv * 2);
+    download(g_lse2, d.lse, nlse * 4);
+    cr_expect(memcmp(g_out, g_out2, nout * 2) == 0, "out differs between two runs");
+    cr_expect(memcmp(g_lse, g_lse2, nlse * 4) == 0, "lse differs between two runs");
+    cr_expect(memcmp(g_dqkv, g_dqkv2, nqkv * 2) == 0, "dq/dk/dv differ between two runs");
+
+    free(srow);
+    free(g_out2);
+    free(g_dqkv2);
+    free(g_lse2);
+    free(g_out);
+    free(g_dqkv);
+    free(g_lse);
+    cudaFree(d.qkv);
+    cudaFree(d.out);
+    cudaFree(d.dout);
+    cudaFree(d.dqkv);
+    cudaFree(d.lse);
+    cudaFree(d.scratch);
+    free(ref_out);
+    free(ref_dqkv);
+    ci->free(cpu.ctx, c_qkv);
+    ci->free(cpu.ctx, c_out);
+    ci->free(cpu.ctx, c_saved);
+    ci->free(cpu.ctx, c_scr);
+    ci->free(cpu.ctx, c_dout);
+    ci->free(cpu.ctx, c_dqkv);
+    backend_destroy(&cpu);
+    free(qkv_h);
+    free(dout_h);
+    free(qkv_f);
+    free(dout_f);
+}
+
+// ---- cases
+
+Test(flash_attention, one_tile) { check_case(1, 1, 64, 11); }
+Test(flash_attention, two_tiles) { check_case(2, 3, 128, 12); }
+Test(flash_attention, ragged_T1000) { check_case(1, 2, 1000, 13); }
+Test(flash_attention, T1024) { check_case(2, 2, 1024, 14); }
+Test(flash_attention, T1_and_T17) {
+    check_case(1, 1, 1, 15);
+    check_case(2, 1, 17, 16);
+}
+
+// Rejected arguments return FLASH_EBADARG before anything is launched, so no device is needed.
+Test(flash_attention, rejects_bad_args) {
+    _Alignas(16) static uint16_t buf[64 * 3 * 64];
+    float lse[64], scratch[64];
+    cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf, buf, buf, 1, 8, 1, 32, 96, 32),
+                 FLASH_EBADARG, "HS = 32 must be refused");
+    cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf, buf, buf, 1, 0, 1, 64, 192, 64),
+                 FLASH_EBADARG, "T = 0 must be refused");
+    cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf + 1, buf, buf, 1, 8, 1, 64, 192, 64),
+                 FLASH_EBADARG, "a misaligned q must be refused");
+    cr_expect_eq(flash_attention_bwd(NULL, buf, buf, buf, buf, buf, buf, buf, buf, lse, scratch, 1,
+                                     8, 1, 128, 384, 128),
+                 FLASH_EBADARG, "HS = 128 must be refused");
+}
+
+// forward + backward at B=16, NH=12, T=1024 (GPT-2 124M, one rank): median of 20 after 3 warm-ups
+Test(flash_attention, timing_gpt2) {
+    require_gpu();
+    int B = 16, NH = 12, T = 1024, C = NH * HS;
+    size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
+    uint64_t rng = 99;
+    uint16_t *h = malloc(nqkv * 2);
+    cr_assert(h);
+    for (size_t i = 0; i < nqkv; i++) h[i] = f2bf(rng_normal(&rng));
+    struct fa_bufs d;
+    d.qkv = dev_alloc(nqkv * 2);
+    d.out = dev_alloc(nout * 2);
+    d.dout = dev_alloc(nout * 2);
+    d.dqkv = dev_alloc(nqkv * 2);
+    d.lse = dev_alloc(nlse * 4);
+    d.scratch = dev_alloc(flash_attention_bwd_scratch_floats(B, T, NH, HS) * 4);
+    upload(d.qkv, h, nqkv * 2);
+    upload(d.dout, h, nout * 2); // any finite values serve as dout
+    cudaEvent_t e0, e1, e2;
+    cr_assert_eq(cudaEventCreate(&e0), cudaSuccess);
+    cr_assert_eq(cudaEventCreate(&e1), cudaSuccess);
+    cr_assert_eq(cudaEventCreate(&e2), cudaSuccess);
+    float fwd_ms[20], tot_ms[20];
+    for (int it = 0; it < 23; it++) {
+        cudaEventRecord(e0, NULL);
+        int rc = flash_attention_fwd(NULL, d.out, d.lse, d.qkv, d.qkv + C, d.qkv + 2 * C, B, T, NH,
+                                     HS, 3 * C, C);
+        cudaEventRecord(e1, NULL);
+        int rc2 = flash_attention_bwd(NULL, d.dqkv, d.dqkv + C, d.dqkv + 2 * C, d.dout, d.qkv,
+                                      d.qkv + C, d.qkv + 2 * C, d.out, d.lse, d.scratch, B, T, NH,
+                                      HS, 3 * C, C);
+        cudaEventRecord(e2, NULL);
+        cr_assert(rc == FLASH_OK && rc2 == FLASH_OK, "launch failed: %d %d", rc, rc2);
+        cr_assert_eq(cudaEventSynchronize(e2), cudaSuccess);
+        if (it >= 3) {
+            cudaEventElapsedTime(&fwd_ms[it - 3], e0, e1);
+            cudaEventElapsedTime(&tot_ms[it - 3], e0, e2);
+        }
+    }
+    // insertion sort, then the median
+    for (int i = 1; i < 20; i++)
+        for (int j = i; j > 0 && tot_ms[j] < tot_ms[j - 1]; j--) {
+            float t = tot_ms[j];
+            tot_ms[j] = tot_ms[j - 1];
+            tot_ms[j - 1] = t;
+        }
+    for (int i = 1; i < 20; i++)
+        for (int j = i; j > 0 && fwd_ms[j] < fwd_ms[j - 1]; j--) {
+            float t = fwd_ms[j];
+            fwd_ms[j] = fwd_ms[j - 1];
+            fwd_ms[j - 1] = t;
+        }
+    float fwd = 0.5f * (fwd_ms[9] + fwd_ms[10]), tot = 0.5f * (tot_ms[9] + tot_ms[10]);
+    // causal attention: 4 * B * NH * T^2/2 * HS flops forward, 2.5x that backward
+    double fl_fwd = 2.0 * B * NH * (double)T * T * HS;
+    cr_log_info("flash attention B=16 NH=12 T=1024 HS=64: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd "
+                "%.3f ms, bwd %.3f ms",
+                fwd, fl_fwd / (fwd * 1e9), tot, tot - fwd);
+    fprintf(stderr, "flash attention B=16 NH=12 T=1024: fwd %.3f ms, fwd+bwd %.3f ms (median of 20)\n",
+            fwd, tot);
+    cr_expect(tot > 0.0f);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaEventDestroy(e2);
+    cudaFree(d.qkv);
+    cudaFree(d.out);
+    cudaFree(d.dout);
+    cudaFree(d.dqkv);
+    cudaFree(d.lse);
+    cudaFree(d.scratch);
+    free(h);
+}
+
+int main(int argc, char *argv[]) {
+    struct criterion_test_set *tests = criterion_initialize();
+    int result = 0;
+    if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
+    criterion_finalize(tests);
+    if (result == 0 && backend_cuda_device_count() <= 0) {
+        fprintf(stderr, "test_flash_attention: no CUDA device: GPU cases skipped, reporting SKIP (77)\n");
+        return 77;
+    }
+    return result;
+}
