@@ -192,8 +192,9 @@ fa_fwd_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv
 }
 
 // D (B, NH, T) = rowsum(dout * out) per head: one warp per (b, t, h), two elements per lane.
-static __global__ void fa_bwd_rowdot_kernel(float *D, const __nv_bfloat16 *dout, const __nv_bfloat16 *out,
-                                     int B, int T, int NH, size_t out_stride) {
+static __global__ void fa_bwd_rowdot_kernel(float *D, const __nv_bfloat16 *dout,
+                                            const __nv_bfloat16 *out, int B, int T, int NH,
+                                            size_t out_stride) {
     size_t row = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= (size_t)B * T * NH) return;

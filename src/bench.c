@@ -876,78 +876,93 @@ static void run_step(void *arg, struct bench_clock *c) {
     optim_step(&mb->opt, m, tc, (float)tc->lr, optim_clip_scale(norm, tc->grad_clip));
 }
 
-// The isolated phases repeat model.c's op sequence at the same shapes on the model's own buffers.
+// ---- phases: the model's own blocks (model.c), with a TP comm that marks the clock around
+// every all-reduce so that communication is timed separately.
+
+struct timing_comm {
+    struct comm *inner;
+    struct bench_clock *clock;
+};
+
+static const char *tcomm_name(void *ctx) {
+    struct timing_comm *t = ctx;
+    return t->inner->iface->name(t->inner->ctx);
+}
+
+static void tcomm_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    struct timing_comm *t = ctx;
+    clock_mark(t->clock);
+    t->inner->iface->all_reduce(t->inner->ctx, buf, count, dt, op);
+    clock_mark(t->clock);
+}
+
+static void tcomm_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->all_gather(t->inner->ctx, out, in, count, dt);
+}
+
+static void tcomm_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                 enum comm_op op) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->reduce_scatter(t->inner->ctx, out, in, count, dt, op);
+}
+
+static void tcomm_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->broadcast(t->inner->ctx, buf, count, dt, root);
+}
+
+static void tcomm_synchronize(void *ctx) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->synchronize(t->inner->ctx);
+}
+
+static void tcomm_destroy(void *ctx) { (void)ctx; } // borrows the inner comm
+
+static const struct comm_i timing_comm_iface = {
+    .name = tcomm_name,
+    .all_reduce = tcomm_all_reduce,
+    .all_gather = tcomm_all_gather,
+    .reduce_scatter = tcomm_reduce_scatter,
+    .broadcast = tcomm_broadcast,
+    .synchronize = tcomm_synchronize,
+    .destroy = tcomm_destroy,
+};
+
+// The TP comm for one timed phase. At one rank comm_all_reduce issues nothing, so nothing is
+// marked, as with timed_all_reduce.
+static struct comm timed_tp(struct model_bench *mb, struct timing_comm *t, struct bench_clock *c) {
+    t->inner = &mb->b->mesh.tp;
+    t->clock = c;
+    return (struct comm){.iface = &timing_comm_iface, .ctx = t, .rank = t->inner->rank, .size = t->inner->size};
+}
 
 static void run_embedding_fwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
-    void *ctx = m->be.ctx;
-    mb_ops(mb)->vocab_embedding_fwd(ctx, m->a.encoded, m->inputs, m->p.wte, (int)d->N, d->C, d->vocab_start, d->Vl);
-    timed_all_reduce(&mb->b->mesh.tp, c, m->a.encoded, d->N * (size_t)d->C, COMM_SUM);
-    mb_ops(mb)->position_embedding_fwd(ctx, m->a.encoded, m->p.wpe, d->B, d->T, d->C);
-}
-
-static const float *layer_input(const struct model *m, int l) {
-    return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (N, C)
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb, &t, c);
+    model_embedding_fwd(&mb->m, &tp);
 }
 
 static void run_attention_fwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
-    const struct backend_i *bi = mb_ops(mb);
-    void *ctx = m->be.ctx;
-    int N = (int)d->N, C = d->C;
-    for (int l = 0; l < d->L; l++) {
-        struct layer_params *p = &m->p.layers[l];
-        struct layer_acts *la = &m->a.layers[l];
-        const float *x = layer_input(m, l);
-        bi->layernorm_fwd(ctx, la->ln1, la->ln1_mean, la->ln1_rstd, x, p->ln1w, p->ln1b, N, C);
-        bi->matmul_fwd(ctx, la->qkv, la->ln1, p->qkvw, p->qkvb, N, C, 3 * d->Cl);
-        bi->attention_fwd(ctx, la->atty, la->att_saved, m->a.att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
-        bi->matmul_fwd(ctx, m->a.proj, la->atty, p->attprojw, NULL, N, d->Cl, C);
-        timed_all_reduce(&mb->b->mesh.tp, c, m->a.proj, d->N * (size_t)C, COMM_SUM);
-        bi->residual_fwd(ctx, la->res2, x, m->a.proj, p->attprojb, N, C);
-    }
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb, &t, c);
+    for (int l = 0; l < mb->m.d.L; l++) model_attention_block_fwd(&mb->m, &tp, l);
 }
 
 static void run_mlp_fwd_model(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
-    const struct backend_i *bi = mb_ops(mb);
-    void *ctx = m->be.ctx;
-    int N = (int)d->N, C = d->C;
-    for (int l = 0; l < d->L; l++) {
-        struct layer_params *p = &m->p.layers[l];
-        struct layer_acts *la = &m->a.layers[l];
-        bi->layernorm_fwd(ctx, la->ln2, la->ln2_mean, la->ln2_rstd, la->res2, p->ln2w, p->ln2b, N, C);
-        bi->matmul_fwd(ctx, la->fch, la->ln2, p->fcw, p->fcb, N, C, d->Fl);
-        bi->gelu_fwd(ctx, la->fch_gelu, la->fch, d->N * (size_t)d->Fl);
-        bi->matmul_fwd(ctx, m->a.proj, la->fch_gelu, p->fcprojw, NULL, N, d->Fl, C);
-        timed_all_reduce(&mb->b->mesh.tp, c, m->a.proj, d->N * (size_t)C, COMM_SUM);
-        bi->residual_fwd(ctx, la->res3, la->res2, m->a.proj, p->fcprojb, N, C);
-    }
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb, &t, c);
+    for (int l = 0; l < mb->m.d.L; l++) model_mlp_block_fwd(&mb->m, &tp, l);
 }
 
-// Final layernorm, the vocab-parallel LM head and cross-entropy (max and sums all-reduced).
 static void run_head_fwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
-    const struct backend_i *bi = mb_ops(mb);
-    struct gpt2_acts *a = &m->a;
-    void *ctx = m->be.ctx;
-    int N = (int)d->N, C = d->C;
-    bi->layernorm_fwd(ctx, a->lnf, a->lnf_mean, a->lnf_rstd, layer_input(m, d->L), m->p.lnfw, m->p.lnfb, N, C);
-    bi->matmul_fwd(ctx, a->logits, a->lnf, m->p.wte, NULL, N, C, d->Vl);
-    bi->xent_max(ctx, a->maxes, a->logits, N, d->vocab_start, d->Vl, d->V);
-    timed_all_reduce(&mb->b->mesh.tp, c, a->maxes, d->N, COMM_MAX);
-    bi->xent_sums(ctx, a->sums, a->logits, a->maxes, m->targets, N, d->vocab_start, d->Vl, d->V);
-    timed_all_reduce(&mb->b->mesh.tp, c, a->sums, 2 * d->N, COMM_SUM);
-    bi->xent_loss(ctx, a->losses, a->maxes, a->sums, N);
-    bi->sum(ctx, mb->loss_sum, a->losses, d->N);
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb, &t, c);
+    model_head_fwd(&mb->m, &tp, mb->loss_sum);
 }
 
 // The head's backward turns the logits into their gradient in place: recompute them first.
@@ -955,19 +970,10 @@ static void prepare_head_bwd(void *arg) { run_head_fwd(arg, NULL); }
 
 static void run_head_bwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
-    const struct backend_i *bi = mb_ops(mb);
-    struct gpt2_acts *a = &m->a;
-    void *ctx = m->be.ctx;
-    int N = (int)d->N, C = d->C;
-    float dloss = 1.0f / ((float)d->N * (float)mb->b->cfg.train.grad_accum);
-    bi->xent_bwd(ctx, a->logits, a->logits, a->maxes, a->sums, m->targets, dloss, N, d->vocab_start, d->Vl, d->V);
-    bi->matmul_bwd(ctx, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, N, C, d->Vl);
-    timed_all_reduce(&mb->b->mesh.tp, c, a->dln, d->N * (size_t)C, COMM_SUM);
-    bi->zero(ctx, a->dres, d->N * (size_t)C * sizeof(float));
-    bi->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, layer_input(m, d->L), m->p.lnfw, a->lnf_mean,
-                      a->lnf_rstd, N, C);
+    float dloss = 1.0f / ((float)mb->m.d.N * (float)mb->b->cfg.train.grad_accum);
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb, &t, c);
+    model_head_bwd(&mb->m, &tp, dloss);
 }
 
 // Layernorm backward accumulates into the residual gradient: start every iteration from the
@@ -979,51 +985,22 @@ static void prepare_residual_grad(void *arg) {
 
 static void run_mlp_bwd_model(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
-    const struct backend_i *bi = mb_ops(mb);
-    struct gpt2_acts *a = &m->a;
-    void *ctx = m->be.ctx;
-    int N = (int)d->N, C = d->C;
-    for (int l = d->L - 1; l >= 0; l--) {
-        struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
-        struct layer_acts *la = &a->layers[l];
-        bi->matmul_bwd(ctx, a->dfch_gelu, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, N, d->Fl, C);
-        bi->gelu_bwd(ctx, a->dfch, la->fch, a->dfch_gelu, d->N * (size_t)d->Fl);
-        bi->matmul_bwd(ctx, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, C, d->Fl);
-        timed_all_reduce(&mb->b->mesh.tp, c, a->dln, d->N * (size_t)C, COMM_SUM);
-        bi->layernorm_bwd(ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd, N, C);
-    }
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb, &t, c);
+    for (int l = mb->m.d.L - 1; l >= 0; l--) model_mlp_block_bwd(&mb->m, &tp, l);
 }
 
 static void run_attention_bwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
-    const struct backend_i *bi = mb_ops(mb);
-    struct gpt2_acts *a = &m->a;
-    void *ctx = m->be.ctx;
-    int N = (int)d->N, C = d->C;
-    for (int l = d->L - 1; l >= 0; l--) {
-        struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
-        struct layer_acts *la = &a->layers[l];
-        bi->matmul_bwd(ctx, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, N, d->Cl, C);
-        bi->attention_bwd(ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
-                          d->NHl, d->HS);
-        bi->matmul_bwd(ctx, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, C, 3 * d->Cl);
-        timed_all_reduce(&mb->b->mesh.tp, c, a->dln, d->N * (size_t)C, COMM_SUM);
-        bi->layernorm_bwd(ctx, a->dres, g->ln1w, g->ln1b, a->dln, layer_input(m, l), p->ln1w, la->ln1_mean,
-                          la->ln1_rstd, N, C);
-    }
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb, &t, c);
+    for (int l = mb->m.d.L - 1; l >= 0; l--) model_attention_block_bwd(&mb->m, &tp, l);
 }
 
 static void run_embedding_bwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    struct model *m = &mb->m;
-    const struct model_dims *d = &m->d;
     (void)c; // the forward all-reduce summed disjoint rows: the backward is local
-    mb_ops(mb)->position_embedding_bwd(m->be.ctx, m->g.wpe, m->a.dres, d->B, d->T, d->C);
-    mb_ops(mb)->vocab_embedding_bwd(m->be.ctx, m->g.wte, m->a.dres, m->inputs, (int)d->N, d->C, d->vocab_start, d->Vl);
+    model_embedding_bwd(&mb->m);
 }
 
 // Gradient norm (with its own small all-reduce, not split out) and AdamW.
@@ -1078,8 +1055,8 @@ static void model_print(const struct bench *b, const struct model_bench *mb, con
     printf("  median %.3f ms (min %.3f, max %.3f, p10 %.3f, p90 %.3f) | %.0f tok/s | %s TFLOP/s per GPU | MFU %s\n",
            r->step.ms.median, r->step.ms.min, r->step.ms.max, r->step.ms.p10, r->step.ms.p90, r->tok_s,
            fmt_or_na(tf, sizeof tf, "%.3f", r->tflops), fmt_or_na(mfu, sizeof mfu, "%.1f%%", 100 * r->mfu));
-    printf("\nphases, each timed alone (%d warm-up + %d timed) by calling the same backend ops at the model's "
-           "shapes;\nforward and backward rows are per step (x grad_accum %d), all-reduces timed separately:\n",
+    printf("\nphases, each timed alone (%d warm-up + %d timed) by calling the model's own block functions "
+           "(model.c);\nforward and backward rows are per step (x grad_accum %d), all-reduces timed separately:\n",
            r->ph[0].warmup, r->ph[0].iters, cfg->train.grad_accum);
     printf("%-28s %12s %8s %16s\n", "phase", "ms per step", "share", "all-reduce ms");
     for (int i = 0; i < N_MODEL_PHASES; i++) {

@@ -343,71 +343,120 @@ static void vocab_parallel_cross_entropy_fwd(struct model *m, struct comm *tp, f
     b->sum(m->be.ctx, loss_sum, a->losses, d->N);
 }
 
-// ---- forward and backward
+// ---- the step's blocks, in order (model_forward and model_backward are these in sequence)
 
-void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets, float *loss_sum) {
+static const float *block_input(const struct model *m, int l) {
+    return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (N, C)
+}
+
+void model_set_batch(struct model *m, const int *inputs, const int *targets) {
     const struct backend_i *b = m->be.iface;
-    void *ctx = m->be.ctx;
+    b->copy_to_device(m->be.ctx, m->inputs, inputs, m->d.N * sizeof(int));
+    b->copy_to_device(m->be.ctx, m->targets, targets, m->d.N * sizeof(int));
+}
+
+void model_embedding_fwd(struct model *m, struct comm *tp) { vocab_parallel_embedding_fwd(m, tp); }
+
+// ln1 -> f -> qkv (local heads) -> attention -> proj -> g -> +bias -> +x
+void model_attention_block_fwd(struct model *m, struct comm *tp, int l) {
+    const struct backend_i *b = m->be.iface;
+    const struct model_dims *d = &m->d;
+    struct layer_params *p = &m->p.layers[l];
+    struct layer_acts *la = &m->a.layers[l];
+    const float *x = block_input(m, l);
+    b->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, x, p->ln1w, p->ln1b, (int)d->N, d->C);
+    column_parallel_linear_fwd(m, tp, la->qkv, la->ln1, p->qkvw, p->qkvb, d->C, 3 * d->Cl);
+    b->attention_fwd(m->be.ctx, la->atty, la->att_saved, m->a.att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
+    row_parallel_linear_residual_fwd(m, tp, la->res2, x, la->atty, p->attprojw, p->attprojb, d->Cl, d->C);
+}
+
+// ln2 -> f -> fc -> gelu -> fc_proj -> g -> +bias -> +res2
+void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
+    const struct backend_i *b = m->be.iface;
+    const struct model_dims *d = &m->d;
+    struct layer_params *p = &m->p.layers[l];
+    struct layer_acts *la = &m->a.layers[l];
+    b->layernorm_fwd(m->be.ctx, la->ln2, la->ln2_mean, la->ln2_rstd, la->res2, p->ln2w, p->ln2b, (int)d->N, d->C);
+    column_parallel_linear_fwd(m, tp, la->fch, la->ln2, p->fcw, p->fcb, d->C, d->Fl);
+    b->gelu_fwd(m->be.ctx, la->fch_gelu, la->fch, d->N * (size_t)d->Fl);
+    row_parallel_linear_residual_fwd(m, tp, la->res3, la->res2, la->fch_gelu, p->fcprojw, p->fcprojb, d->Fl, d->C);
+}
+
+// ln_f -> f -> LM head tied with wte (column-parallel over the vocabulary) -> cross-entropy
+void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum) {
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
-    int N = (int)d->N, C = d->C;
-    b->copy_to_device(ctx, m->inputs, inputs, d->N * sizeof(int));
-    b->copy_to_device(ctx, m->targets, targets, d->N * sizeof(int));
-
-    vocab_parallel_embedding_fwd(m, tp);
-    float *x = a->encoded; // (N, C) residual stream, replicated across the TP group
-    for (int l = 0; l < d->L; l++) {
-        struct layer_params *p = &m->p.layers[l];
-        struct layer_acts *la = &a->layers[l];
-        // attention block: ln1 -> f -> qkv (local heads) -> attention -> proj -> g -> +bias -> +x
-        b->layernorm_fwd(ctx, la->ln1, la->ln1_mean, la->ln1_rstd, x, p->ln1w, p->ln1b, N, C);
-        column_parallel_linear_fwd(m, tp, la->qkv, la->ln1, p->qkvw, p->qkvb, C, 3 * d->Cl);
-        b->attention_fwd(ctx, la->atty, la->att_saved, a->att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
-        row_parallel_linear_residual_fwd(m, tp, la->res2, x, la->atty, p->attprojw, p->attprojb, d->Cl, C);
-        // MLP block: ln2 -> f -> fc -> gelu -> fc_proj -> g -> +bias -> +res2
-        b->layernorm_fwd(ctx, la->ln2, la->ln2_mean, la->ln2_rstd, la->res2, p->ln2w, p->ln2b, N, C);
-        column_parallel_linear_fwd(m, tp, la->fch, la->ln2, p->fcw, p->fcb, C, d->Fl);
-        b->gelu_fwd(ctx, la->fch_gelu, la->fch, d->N * (size_t)d->Fl);
-        row_parallel_linear_residual_fwd(m, tp, la->res3, la->res2, la->fch_gelu, p->fcprojw, p->fcprojb, d->Fl, C);
-        x = la->res3;
-    }
-    b->layernorm_fwd(ctx, a->lnf, a->lnf_mean, a->lnf_rstd, x, m->p.lnfw, m->p.lnfb, N, C);
-    // LM head tied with wte: column-parallel over the vocabulary, logits stay sharded.
-    column_parallel_linear_fwd(m, tp, a->logits, a->lnf, m->p.wte, NULL, C, d->Vl);
+    m->be.iface->layernorm_fwd(m->be.ctx, a->lnf, a->lnf_mean, a->lnf_rstd, block_input(m, d->L), m->p.lnfw,
+                               m->p.lnfb, (int)d->N, d->C);
+    column_parallel_linear_fwd(m, tp, a->logits, a->lnf, m->p.wte, NULL, d->C, d->Vl);
     vocab_parallel_cross_entropy_fwd(m, tp, loss_sum);
 }
 
-void model_backward(struct model *m, struct comm *tp, float dloss) {
+// Starts the backward: a->dres becomes dL/d(output of the last block).
+void model_head_bwd(struct model *m, struct comm *tp, float dloss) {
     const struct backend_i *b = m->be.iface;
     void *ctx = m->be.ctx;
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
     int N = (int)d->N, C = d->C;
-    size_t NC = d->N * (size_t)C;
-
     // The cross-entropy backward needs no communication: softmax - onehot on the local columns.
     b->xent_bwd(ctx, a->logits, a->logits, a->maxes, a->sums, m->targets, dloss, N, d->vocab_start, d->Vl, d->V);
     column_parallel_linear_bwd(m, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, C, d->Vl);
-    b->zero(ctx, a->dres, NC * sizeof(float));
-    const float *x_last = d->L ? a->layers[d->L - 1].res3 : a->encoded;
-    b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, x_last, m->p.lnfw, a->lnf_mean, a->lnf_rstd, N, C);
+    b->zero(ctx, a->dres, d->N * (size_t)C * sizeof(float));
+    b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, block_input(m, d->L), m->p.lnfw, a->lnf_mean,
+                     a->lnf_rstd, N, C);
+}
 
-    for (int l = d->L - 1; l >= 0; l--) {
-        struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
-        struct layer_acts *la = &a->layers[l];
-        const float *x = l ? a->layers[l - 1].res3 : a->encoded;
-        // a->dres holds dL/d(res3); res3 = res2 + fcproj + bias, so it is also part of dL/d(res2).
-        row_parallel_linear_bwd(m, tp, a->dfch_gelu, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, d->Fl, C);
-        b->gelu_bwd(ctx, a->dfch, la->fch, a->dfch_gelu, d->N * (size_t)d->Fl);
-        column_parallel_linear_bwd(m, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, C, d->Fl);
-        b->layernorm_bwd(ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd, N, C);
-        // a->dres now holds dL/d(res2)
-        row_parallel_linear_bwd(m, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, d->Cl, C);
-        b->attention_bwd(ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T, d->NHl, d->HS);
-        column_parallel_linear_bwd(m, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, C, 3 * d->Cl);
-        b->layernorm_bwd(ctx, a->dres, g->ln1w, g->ln1b, a->dln, x, p->ln1w, la->ln1_mean, la->ln1_rstd, N, C);
-        // a->dres now holds dL/d(x), the block's input
+// a->dres holds dL/d(res3) on entry; res3 = res2 + fcproj + bias, so it is also part of
+// dL/d(res2), which it holds on exit.
+void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
+    const struct backend_i *b = m->be.iface;
+    const struct model_dims *d = &m->d;
+    struct gpt2_acts *a = &m->a;
+    struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
+    struct layer_acts *la = &a->layers[l];
+    row_parallel_linear_bwd(m, tp, a->dfch_gelu, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, d->Fl, d->C);
+    b->gelu_bwd(m->be.ctx, a->dfch, la->fch, a->dfch_gelu, d->N * (size_t)d->Fl);
+    column_parallel_linear_bwd(m, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, d->C, d->Fl);
+    b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd,
+                     (int)d->N, d->C);
+}
+
+// a->dres holds dL/d(res2) on entry and dL/d(block input) on exit.
+void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
+    const struct backend_i *b = m->be.iface;
+    const struct model_dims *d = &m->d;
+    struct gpt2_acts *a = &m->a;
+    struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
+    struct layer_acts *la = &a->layers[l];
+    row_parallel_linear_bwd(m, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, d->Cl, d->C);
+    b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
+                     d->NHl, d->HS);
+    column_parallel_linear_bwd(m, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, d->C, 3 * d->Cl);
+    b->layernorm_bwd(m->be.ctx, a->dres, g->ln1w, g->ln1b, a->dln, block_input(m, l), p->ln1w, la->ln1_mean,
+                     la->ln1_rstd, (int)d->N, d->C);
+}
+
+// The embedding's forward all-reduce summed disjoint partial rows: its backward is the identity.
+void model_embedding_bwd(struct model *m) { vocab_parallel_embedding_bwd(m, m->a.dres); }
+
+// ---- forward and backward
+
+void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets, float *loss_sum) {
+    model_set_batch(m, inputs, targets);
+    model_embedding_fwd(m, tp);
+    for (int l = 0; l < m->d.L; l++) {
+        model_attention_block_fwd(m, tp, l);
+        model_mlp_block_fwd(m, tp, l);
     }
-    // The embedding's forward all-reduce summed disjoint partial rows: its backward is the identity.
-    vocab_parallel_embedding_bwd(m, a->dres);
+    model_head_fwd(m, tp, loss_sum);
+}
+
+void model_backward(struct model *m, struct comm *tp, float dloss) {
+    model_head_bwd(m, tp, dloss);
+    for (int l = m->d.L - 1; l >= 0; l--) {
+        model_mlp_block_bwd(m, tp, l);
+        model_attention_block_bwd(m, tp, l);
+    }
+    model_embedding_bwd(m);
 }

@@ -132,5 +132,18 @@ void model_forward(struct model *m, struct comm *tp, const int *inputs, const in
 // each token's loss in the objective (1 / (N * grad_accum)).
 void model_backward(struct model *m, struct comm *tp, float dloss);
 
+// The step's blocks, in the order model_forward and model_backward run them (--bench model times
+// them one by one). Activations and gradients flow through m->a; dres carries the residual
+// gradient from block to block.
+void model_set_batch(struct model *m, const int *inputs, const int *targets); // host (N) ids
+void model_embedding_fwd(struct model *m, struct comm *tp);
+void model_attention_block_fwd(struct model *m, struct comm *tp, int layer);
+void model_mlp_block_fwd(struct model *m, struct comm *tp, int layer);
+void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum);
+void model_head_bwd(struct model *m, struct comm *tp, float dloss);
+void model_mlp_block_bwd(struct model *m, struct comm *tp, int layer);
+void model_attention_block_bwd(struct model *m, struct comm *tp, int layer);
+void model_embedding_bwd(struct model *m);
+
 // Collectives issued per micro-batch by forward and backward (for logs and tests).
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward);

@@ -337,7 +337,8 @@ Test(flash_attention, timing_gpt2) {
     cr_log_info("flash attention B=16 NH=12 T=1024 HS=64: fwd %.3f ms (%.1f TFLOP/s), fwd+bwd "
                 "%.3f ms, bwd %.3f ms",
                 fwd, fl_fwd / (fwd * 1e9), tot, tot - fwd);
-    fprintf(stderr, "flash attention B=16 NH=12 T=1024: fwd %.3f ms, fwd+bwd %.3f ms (median of 20)\n",
+    fprintf(stderr,
+            "flash attention B=16 NH=12 T=1024: fwd %.3f ms, fwd+bwd %.3f ms (median of 20)\n",
             fwd, tot);
     cr_expect(tot > 0.0f);
     cudaEventDestroy(e0);
@@ -358,7 +359,8 @@ int main(int argc, char *argv[]) {
     if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
     criterion_finalize(tests);
     if (result == 0 && backend_cuda_device_count() <= 0) {
-        fprintf(stderr, "test_flash_attention: no CUDA device: GPU cases skipped, reporting SKIP (77)\n");
+        fprintf(stderr,
+                "test_flash_attention: no CUDA device: GPU cases skipped, reporting SKIP (77)\n");
         return 77;
     }
     return result;
