@@ -107,11 +107,12 @@ fa_fwd_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv
 
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * FA_HS;
     fa_load_tile(Qs, q + head_off, qkv_stride, qt * FA_TILE, T);
-    // Lane = (row r, half c0 of the columns) for the row-wise softmax work.
-    int r = lane >> 1, c0 = (lane & 1) * 32;
+    // Lane = (row r, every other column from hf) for the row-wise softmax work: interleaved
+    // columns halve the shared-memory bank conflicts of contiguous halves.
+    int r = lane >> 1, hf = lane & 1;
     int qrow0 = qt * FA_TILE + warp * FA_WROWS; // first query of this warp
     int qi = qrow0 + r;                          // this lane's query
-    for (int c = 0; c < 32; c++) Ow[r * FA_LDF + c0 + c] = 0.0f;
+    for (int c = 0; c < 32; c++) Ow[r * FA_LDF + 2 * c + hf] = 0.0f;
     __syncthreads();
 
     frag_a qf[FA_HS / 16];
@@ -146,10 +147,10 @@ fa_fwd_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv
         // visible key for every row (key kt*64 <= qi), so the new max is finite.
         float s[32];
         float mx = -INFINITY;
-        int key0 = kt * FA_TILE + c0;
+        int key0 = kt * FA_TILE + hf;
 #pragma unroll
         for (int c = 0; c < 32; c++) {
-            s[c] = (key0 + c <= qi) ? Sw[r * FA_LDF + c0 + c] * scale_log2 : -INFINITY;
+            s[c] = (key0 + 2 * c <= qi) ? Sw[r * FA_LDF + 2 * c + hf] * scale_log2 : -INFINITY;
             mx = fmaxf(mx, s[c]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -160,13 +161,13 @@ fa_fwd_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv
         for (int c = 0; c < 32; c++) {
             float p = exp2f(s[c] - m_new);
             sum += p;
-            Pw[r * FA_LDH + c0 + c] = __float2bfloat16_rn(p);
+            Pw[r * FA_LDH + 2 * c + hf] = __float2bfloat16_rn(p);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         l = l * alpha + sum;
         m = m_new;
 #pragma unroll
-        for (int c = 0; c < 32; c++) Ow[r * FA_LDF + c0 + c] *= alpha;
+        for (int c = 0; c < 32; c++) Ow[r * FA_LDF + 2 * c + hf] *= alpha;
         __syncwarp();
 
         // O (16 x 64) += P V; P is zero in the masked sub-tiles past jmax.
@@ -239,7 +240,7 @@ fa_bwd_dkdv_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, const __nv_bfloat16 *do
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *Sw = Sall + warp * FA_WROWS * FA_LDF;         // (16 keys, LDF) S^T then dP^T
     __nv_bfloat16 *Pw = Pall + warp * FA_WROWS * FA_LDH; // (16 keys, LDH) P^T then dS^T
-    int r = lane >> 1, c0 = (lane & 1) * 32;
+    int r = lane >> 1, hf = lane & 1;
     int krow0 = kt * FA_TILE + warp * FA_WROWS;
     int ki = krow0 + r; // this lane's key
 
@@ -290,12 +291,13 @@ fa_bwd_dkdv_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, const __nv_bfloat16 *do
         }
         __syncwarp();
         float p[32];
-        int q0 = qt * FA_TILE + c0;
+        int q0 = qt * FA_TILE + hf;
 #pragma unroll
         for (int c = 0; c < 32; c++) {
-            bool on = (q0 + c >= ki) && (q0 + c < T);
-            p[c] = on ? exp2f(Sw[r * FA_LDF + c0 + c] * scale_log2 - Ls[c0 + c]) : 0.0f;
-            Pw[r * FA_LDH + c0 + c] = __float2bfloat16_rn(p[c]);
+            bool on = (q0 + 2 * c >= ki) && (q0 + 2 * c < T);
+            float sv = Sw[r * FA_LDF + 2 * c + hf];
+            p[c] = on ? exp2f(sv * scale_log2 - Ls[2 * c + hf]) : 0.0f;
+            Pw[r * FA_LDH + 2 * c + hf] = __float2bfloat16_rn(p[c]);
         }
         __syncwarp();
 
@@ -326,8 +328,9 @@ fa_bwd_dkdv_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, const __nv_bfloat16 *do
         // selected to 0 so stale shared memory in skipped sub-tiles never reaches the sum.
 #pragma unroll
         for (int c = 0; c < 32; c++) {
-            float ds = p[c] != 0.0f ? p[c] * (Sw[r * FA_LDF + c0 + c] - Ds[c0 + c]) : 0.0f;
-            Pw[r * FA_LDH + c0 + c] = __float2bfloat16_rn(ds);
+            float dp = Sw[r * FA_LDF + 2 * c + hf];
+            float ds = p[c] != 0.0f ? p[c] * (dp - Ds[2 * c + hf]) : 0.0f;
+            Pw[r * FA_LDH + 2 * c + hf] = __float2bfloat16_rn(ds);
         }
         __syncwarp();
         // dK_w += dS^T Q
@@ -383,7 +386,7 @@ fa_bwd_dq_kernel(__nv_bfloat16 *dq, const __nv_bfloat16 *dout, const __nv_bfloat
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *Sw = Sall + warp * FA_WROWS * FA_LDF;         // (16 queries, LDF) S then dP
     __nv_bfloat16 *Pw = Pall + warp * FA_WROWS * FA_LDH; // (16 queries, LDH) dS
-    int r = lane >> 1, c0 = (lane & 1) * 32;
+    int r = lane >> 1, hf = lane & 1;
     int qrow0 = qt * FA_TILE + warp * FA_WROWS;
     int qi = qrow0 + r; // this lane's query
 
@@ -429,10 +432,12 @@ fa_bwd_dq_kernel(__nv_bfloat16 *dq, const __nv_bfloat16 *dout, const __nv_bfloat
         }
         __syncwarp();
         float p[32];
-        int key0 = kt * FA_TILE + c0;
+        int key0 = kt * FA_TILE + hf;
 #pragma unroll
-        for (int c = 0; c < 32; c++)
-            p[c] = (key0 + c <= qi) ? exp2f(Sw[r * FA_LDF + c0 + c] * scale_log2 - lrow) : 0.0f;
+        for (int c = 0; c < 32; c++) {
+            float sv = Sw[r * FA_LDF + 2 * c + hf];
+            p[c] = (key0 + 2 * c <= qi) ? exp2f(sv * scale_log2 - lrow) : 0.0f;
+        }
         __syncwarp();
 
         // dP (16 x 64) = dO_w V^T
@@ -450,8 +455,8 @@ fa_bwd_dq_kernel(__nv_bfloat16 *dq, const __nv_bfloat16 *dout, const __nv_bfloat
         __syncwarp();
 #pragma unroll
         for (int c = 0; c < 32; c++) {
-            float ds = p[c] != 0.0f ? p[c] * (Sw[r * FA_LDF + c0 + c] - drow) : 0.0f;
-            Pw[r * FA_LDH + c0 + c] = __float2bfloat16_rn(ds);
+            float ds = p[c] != 0.0f ? p[c] * (Sw[r * FA_LDF + 2 * c + hf] - drow) : 0.0f;
+            Pw[r * FA_LDH + 2 * c + hf] = __float2bfloat16_rn(ds);
         }
         __syncwarp();
         // dQ_w += dS K

@@ -389,7 +389,7 @@ int eval_run(const struct eval_opts *o) {
     if (!st) {
         struct model m;
         struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp_size, mesh.tp_rank);
-        model_create(&m, &d, be, cfg.train.seed);
+        model_alloc(&m, &d, be); // every weight comes from the checkpoint
         st = ckpt_load_params(&m, &mesh, dir, CKPT_LOAD_EXACT, err, sizeof err);
         st = train_agree(&mesh, st, err);
         if (!st) st = o->generate ? generate(&m, &mesh, &cfg, o, &tk) : eval_loss(&m, &mesh, &cfg, o, &cs, dir);

@@ -214,7 +214,7 @@ static void *be_alloc(struct model *m, size_t bytes) {
     return m->be.iface->alloc(m->be.ctx, bytes);
 }
 
-void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed) {
+void model_alloc(struct model *m, const struct model_dims *d, struct backend be) {
     memset(m, 0, sizeof *m);
     m->d = *d;
     m->be = be;
@@ -231,7 +231,13 @@ void model_create(struct model *m, const struct model_dims *d, struct backend be
     carve_acts(&m->a, m->act_memory, d, be);
     m->inputs = be_alloc(m, d->N * sizeof(int));
     m->targets = be_alloc(m, d->N * sizeof(int));
-    init_params(m, seed);
+}
+
+void model_init_params(struct model *m, unsigned long long seed) { init_params(m, seed); }
+
+void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed) {
+    model_alloc(m, d, be);
+    model_init_params(m, seed);
 }
 
 void model_destroy(struct model *m) {

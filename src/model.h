@@ -116,8 +116,12 @@ struct param_tensor *model_param_table(const struct model_dims *d, int *count, s
 // Memory the run allocates on the backend per rank, from the same plan model_create uses.
 struct model_memory model_memory_plan(const struct model_dims *d, struct backend be);
 
-// Allocates parameters, gradients and activations on be; initialises the weights (TP-invariant:
-// every element is a pure function of seed, tensor name and global index).
+// Allocates parameters (zero), gradients and activations on be, for weights loaded afterwards.
+void model_alloc(struct model *m, const struct model_dims *d, struct backend be);
+// Initialises the weights TP-invariantly: every element is a pure function of seed, tensor name
+// and global index, and each rank generates only its shard.
+void model_init_params(struct model *m, unsigned long long seed);
+// model_alloc + model_init_params.
 void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed);
 void model_destroy(struct model *m);
 

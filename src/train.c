@@ -175,7 +175,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     }
     if ((st = agree(tr, st, err))) return st;
 
-    model_create(&tr->model, &d, tr->be, tc->seed);
+    model_alloc(&tr->model, &d, tr->be);
     optim_create(&tr->opt, &tr->model);
     tr->loss_sums = tr->be.iface->alloc(tr->be.ctx, (size_t)tc->grad_accum * sizeof(float));
     tr->flops_per_token = train_flops_per_token(cfg);
@@ -193,6 +193,8 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
         }
         if (tr->is_root) printf("init.from: loaded weights from %s\n", cfg->init.from);
     }
+    // A checkpoint or init.from supplies every weight; only a fresh start draws them.
+    if (!tr->resumed_from[0] && !cfg->init.from[0]) model_init_params(&tr->model, tc->seed);
 
     if (tr->is_root && cfg->log.jsonl[0]) {
         // A resumed run continues its log rather than replacing it.
