@@ -147,16 +147,8 @@ void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *
 
 // ---- errors
 
-__attribute__((format(printf, 4, 5))) static int fail_code(char *err, size_t errlen, int code,
-                                                           const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-    return code;
-}
-#define fail(err, errlen, ...) fail_code((err), (errlen), TP_EXIT_USAGE, __VA_ARGS__)
-#define fail_io(err, errlen, ...) fail_code((err), (errlen), TP_EXIT_RUNTIME, __VA_ARGS__)
+#define fail(err, errlen, ...) tp_errf_code((err), (errlen), TP_EXIT_USAGE, __VA_ARGS__)
+#define fail_io(err, errlen, ...) tp_errf_code((err), (errlen), TP_EXIT_RUNTIME, __VA_ARGS__)
 
 // Agrees on the worst status across the world. Every rank usually fails alike (they read the same
 // files), so only the lowest failed rank keeps its message and the error prints once.

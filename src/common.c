@@ -16,14 +16,29 @@ void tp_die(int code, const char *fmt, ...) {
     exit(code);
 }
 
-int tp_errf(char *err, size_t errlen, const char *fmt, ...) {
+static int verrf(char *err, size_t errlen, int code, const char *fmt, va_list ap) {
     if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
         vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
+        for (char *c = err; *c; c++)
+            if (*c == '\n' || *c == '\r') *c = ' ';
     }
-    return TP_EXIT_USAGE;
+    return code;
+}
+
+int tp_errf(char *err, size_t errlen, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int code = verrf(err, errlen, TP_EXIT_USAGE, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+int tp_errf_code(char *err, size_t errlen, int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    verrf(err, errlen, code, fmt, ap);
+    va_end(ap);
+    return code;
 }
 
 void *tp_malloc_impl(size_t bytes, const char *file, int line) {

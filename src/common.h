@@ -19,9 +19,11 @@ enum tp_exit {
 // one rank only use mesh_abort() instead so that no peer hangs in a collective.
 _Noreturn void tp_die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-// Formats one line into err (err may be NULL) and returns TP_EXIT_USAGE, so input checks can
-// `return tp_errf(err, errlen, "...")`.
+// Formats one line into err (err may be NULL; line breaks from names are folded into spaces) and
+// returns TP_EXIT_USAGE, so input checks can `return tp_errf(err, errlen, "...")`.
 int tp_errf(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+// The same, returning `code` (e.g. TP_EXIT_RUNTIME for I/O failures).
+int tp_errf_code(char *err, size_t errlen, int code, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
 // malloc/calloc that die with the size and call site on failure.
 void *tp_malloc_impl(size_t bytes, const char *file, int line);

@@ -22,21 +22,6 @@
 
 // ---- small helpers
 
-static int st_fail(char *err, size_t errlen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int st_fail(char *err, size_t errlen, int code, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-        // Keep the message to one line whatever a name contained.
-        for (char *c = err; *c; c++)
-            if (*c == '\n' || *c == '\r') *c = ' ';
-    }
-    return code;
-}
 
 static const char *const st_dtype_names[ST_DTYPE_COUNT] = {"F32", "BF16", "F16", "I32", "I64"};
 static const size_t st_dtype_sizes[ST_DTYPE_COUNT] = {4, 2, 2, 4, 8};
@@ -102,10 +87,10 @@ struct st_parser {
 
 static int st_syntax(struct st_parser *p, const char *what) {
     if (p->tensor)
-        return st_fail(p->err, p->errlen, TP_EXIT_USAGE,
+        return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
                        "%s: tensor '%.200s': malformed header JSON at header byte %zu: %s", p->path,
                        p->tensor, p->pos, what);
-    return st_fail(p->err, p->errlen, TP_EXIT_USAGE, "%s: malformed header JSON at header byte %zu: %s",
+    return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE, "%s: malformed header JSON at header byte %zu: %s",
                    p->path, p->pos, what);
 }
 
@@ -348,7 +333,7 @@ static int st_parse_metadata(struct st_parser *p, struct st_lists *l) {
         if ((rc = st_parse_string(p, &value))) return rc;
         for (int i = 0; i < l->nm; i++)
             if (strcmp(l->m[i].key, key) == 0)
-                return st_fail(p->err, p->errlen, TP_EXIT_USAGE,
+                return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
                                "%s: __metadata__ key '%.200s' appears twice", p->path, key);
         if (l->nm == l->capm) {
             l->capm = l->capm ? 2 * l->capm : 8;
@@ -391,7 +376,7 @@ static int st_parse_tensor(struct st_parser *p, struct st_tensor *t) {
                     do {
                         uint64_t v;
                         if (t->ndim == ST_MAX_DIMS)
-                            return st_fail(p->err, p->errlen, TP_EXIT_USAGE,
+                            return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
                                            "%s: tensor '%.200s': shape has more than %d dimensions",
                                            p->path, t->name, ST_MAX_DIMS);
                         if ((rc = st_parse_uint(p, &v, "shape entries"))) return rc;
@@ -421,7 +406,7 @@ static int st_parse_tensor(struct st_parser *p, struct st_tensor *t) {
     }
     const char *missing = !have_dtype ? "dtype" : !have_shape ? "shape" : !have_offsets ? "data_offsets" : NULL;
     if (missing)
-        return st_fail(p->err, p->errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': entry has no \"%s\"",
+        return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': entry has no \"%s\"",
                        p->path, t->name, missing);
     return 0;
 }
@@ -460,7 +445,7 @@ static int st_parse_header(struct st_parser *p, struct st_lists *l) {
     st_skip_ws(p);
     if (p->pos != p->n) return st_syntax(p, "unexpected text after the header object");
     if (p->bad_dtype)
-        return st_fail(p->err, p->errlen, TP_EXIT_USAGE,
+        return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
                        "%s: tensor '%.200s': unknown dtype '%.40s' (supported: F32, BF16, F16, I32, I64)",
                        p->path, p->bad_dtype_tensor, p->bad_dtype);
     return 0;
@@ -487,20 +472,20 @@ static int st_validate(struct st_file *f, char *err, size_t errlen) {
         struct st_tensor *t = &f->tensors[i];
         size_t numel, need;
         if (t->begin > t->end)
-            return st_fail(err, errlen, TP_EXIT_USAGE,
+            return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                            "%s: tensor '%.200s': data_offsets [%zu, %zu] end before they begin",
                            f->path, t->name, t->begin, t->end);
         if (!st_shape_bytes(t->ndim, t->shape, t->dtype, &numel, &need))
-            return st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': %s shape %s overflows",
+            return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': %s shape %s overflows",
                            f->path, t->name, st_dtype_name(t->dtype),
                            st_shape_str(sh, sizeof sh, t->ndim, t->shape));
         if (t->end > f->data_bytes)
-            return st_fail(err, errlen, TP_EXIT_USAGE,
+            return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                            "%s: tensor '%.200s': data_offsets [%zu, %zu] run past the end of the data "
                            "area (%zu bytes); the file is truncated or the header is wrong",
                            f->path, t->name, t->begin, t->end, f->data_bytes);
         if (t->end - t->begin != need)
-            return st_fail(err, errlen, TP_EXIT_USAGE,
+            return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                            "%s: tensor '%.200s': data_offsets [%zu, %zu] hold %zu bytes but %s shape %s "
                            "needs %zu",
                            f->path, t->name, t->begin, t->end, t->end - t->begin,
@@ -520,11 +505,11 @@ static int st_validate(struct st_file *f, char *err, size_t errlen) {
         const struct st_tensor *t = &f->tensors[spans[k].index];
         if (t->begin < cursor) {
             const struct st_tensor *o = &f->tensors[prev];
-            rc = st_fail(err, errlen, TP_EXIT_USAGE,
+            rc = tp_errf_code(err, errlen, TP_EXIT_USAGE,
                          "%s: tensor '%.200s': data_offsets [%zu, %zu] overlap tensor '%.200s' [%zu, %zu]",
                          f->path, t->name, t->begin, t->end, o->name, o->begin, o->end);
         } else if (t->begin > cursor) {
-            rc = st_fail(err, errlen, TP_EXIT_USAGE,
+            rc = tp_errf_code(err, errlen, TP_EXIT_USAGE,
                          "%s: tensor '%.200s': data_offsets [%zu, %zu] leave bytes [%zu, %zu) of the "
                          "data area unclaimed",
                          f->path, t->name, t->begin, t->end, cursor, t->begin);
@@ -535,7 +520,7 @@ static int st_validate(struct st_file *f, char *err, size_t errlen) {
     free(spans);
     if (rc) return rc;
     if (cursor != f->data_bytes)
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: %zu bytes after the last tensor's data (tensors end at data offset %zu, the "
                        "data area holds %zu bytes)",
                        f->path, f->data_bytes - cursor, cursor, f->data_bytes);
@@ -570,21 +555,21 @@ int st_open(struct st_file *f, const char *path, char *err, size_t errlen) {
     snprintf(f->path, sizeof f->path, "%s", path);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: cannot open: %s", path, strerror(errno));
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         int e = errno;
         close(fd);
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: cannot stat: %s", path, strerror(e));
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: cannot stat: %s", path, strerror(e));
     }
     if (!S_ISREG(sb.st_mode)) {
         close(fd);
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: not a regular file", path);
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: not a regular file", path);
     }
     size_t size = (size_t)sb.st_size;
     if (size < 8) {
         close(fd);
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: file is %zu bytes, too short for a safetensors header length (8 bytes)",
                        path, size);
     }
@@ -592,7 +577,7 @@ int st_open(struct st_file *f, const char *path, char *err, size_t errlen) {
     int map_errno = errno;
     close(fd);
     if (map == MAP_FAILED)
-        return st_fail(err, errlen, TP_EXIT_RUNTIME, "%s: mmap of %zu bytes failed: %s", path, size,
+        return tp_errf_code(err, errlen, TP_EXIT_RUNTIME, "%s: mmap of %zu bytes failed: %s", path, size,
                        strerror(map_errno));
     f->map = map;
     f->map_bytes = size;
@@ -602,14 +587,14 @@ int st_open(struct st_file *f, const char *path, char *err, size_t errlen) {
     for (int i = 7; i >= 0; i--) n = (n << 8) | b[i];
     int rc;
     if (n > size - 8) {
-        rc = st_fail(err, errlen, TP_EXIT_USAGE,
+        rc = tp_errf_code(err, errlen, TP_EXIT_USAGE,
                      "%s: header length %llu is larger than the %zu bytes that follow it (truncated, or "
                      "not a safetensors file)",
                      path, (unsigned long long)n, size - 8);
         goto fail;
     }
     if (n > ST_HEADER_MAX || n < 2) {
-        rc = st_fail(err, errlen, TP_EXIT_USAGE,
+        rc = tp_errf_code(err, errlen, TP_EXIT_USAGE,
                      "%s: header length %llu is implausible (expected 2 .. %llu bytes); not a "
                      "safetensors file?",
                      path, (unsigned long long)n, (unsigned long long)ST_HEADER_MAX);
@@ -634,7 +619,7 @@ int st_open(struct st_file *f, const char *path, char *err, size_t errlen) {
     for (int i = 1; i < f->n_tensors; i++) {
         const char *a = f->tensors[f->by_name[i - 1]].name, *c = f->tensors[f->by_name[i]].name;
         if (strcmp(a, c) == 0) {
-            rc = st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' appears twice in the header",
+            rc = tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' appears twice in the header",
                          path, a);
             goto fail;
         }
@@ -695,7 +680,7 @@ static float st_f16_to_f32(uint16_t h) {
 int st_read_f32(const struct st_file *f, const struct st_tensor *t, float *dst, size_t first,
                 size_t count, char *err, size_t errlen) {
     if (first > t->numel || count > t->numel - first)
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: tensor '%.200s': elements [%zu, %zu) requested but it has %zu", f->path,
                        t->name, first, first + count, t->numel);
     const unsigned char *src = (const unsigned char *)t->data + first * st_dtype_size(t->dtype);
@@ -717,7 +702,7 @@ int st_read_f32(const struct st_file *f, const struct st_tensor *t, float *dst, 
         }
         return 0;
     default:
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: tensor '%.200s': dtype %s is not a floating-point type", f->path, t->name,
                        st_dtype_name(t->dtype));
     }
@@ -782,34 +767,34 @@ static int st_wpoison(struct st_writer *w, char *err, size_t errlen, int code, c
     va_end(ap);
     w->fail_code = code;
     w->state = ST_W_FAILED;
-    return st_fail(err, errlen, code, "%s", w->fail_msg);
+    return tp_errf_code(err, errlen, code, "%s", w->fail_msg);
 }
 
 static int st_wfailed(struct st_writer *w, char *err, size_t errlen) {
-    return st_fail(err, errlen, w->fail_code, "%s", w->fail_msg);
+    return tp_errf_code(err, errlen, w->fail_code, "%s", w->fail_msg);
 }
 
 int st_writer_add(struct st_writer *w, const char *name, enum st_dtype dtype, int ndim,
                   const int64_t *shape, char *err, size_t errlen) {
     if (w->state == ST_W_FAILED) return st_wfailed(w, err, errlen);
     if (w->state != ST_W_DECLARING)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' declared after the header was written",
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' declared after the header was written",
                        w->path, name);
     if (!name[0] || strcmp(name, ST_METADATA_KEY) == 0)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: invalid tensor name '%.200s'", w->path, name);
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: invalid tensor name '%.200s'", w->path, name);
     if ((unsigned)dtype >= ST_DTYPE_COUNT)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': invalid dtype %d", w->path, name,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': invalid dtype %d", w->path, name,
                        (int)dtype);
     if (ndim < 0 || ndim > ST_MAX_DIMS)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': %d dimensions (at most %d)",
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': %d dimensions (at most %d)",
                        w->path, name, ndim, ST_MAX_DIMS);
     size_t numel, bytes;
     if (!st_shape_bytes(ndim, shape, dtype, &numel, &bytes))
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': negative or overflowing shape",
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': negative or overflowing shape",
                        w->path, name);
     for (int i = 0; i < w->n; i++)
         if (strcmp(w->t[i].name, name) == 0)
-            return st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' declared twice", w->path, name);
+            return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' declared twice", w->path, name);
     if (w->n == w->cap) {
         w->cap = w->cap ? 2 * w->cap : 64;
         w->t = realloc(w->t, (size_t)w->cap * sizeof *w->t);
@@ -829,11 +814,11 @@ int st_writer_add_metadata(struct st_writer *w, const char *key, const char *val
                            size_t errlen) {
     if (w->state == ST_W_FAILED) return st_wfailed(w, err, errlen);
     if (w->state != ST_W_DECLARING)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: metadata '%.200s' added after the header was written",
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: metadata '%.200s' added after the header was written",
                        w->path, key);
     for (int i = 0; i < w->n_meta; i++)
         if (strcmp(w->meta[2 * i], key) == 0)
-            return st_fail(err, errlen, TP_EXIT_USAGE, "%s: metadata key '%.200s' added twice", w->path, key);
+            return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: metadata key '%.200s' added twice", w->path, key);
     if (w->n_meta == w->cap_meta) {
         w->cap_meta = w->cap_meta ? 2 * w->cap_meta : 8;
         w->meta = realloc(w->meta, 2 * (size_t)w->cap_meta * sizeof *w->meta);
@@ -891,7 +876,7 @@ static void st_buf_json_string(struct st_buf *b, const char *s) {
 int st_writer_begin(struct st_writer *w, char *err, size_t errlen) {
     if (w->state == ST_W_FAILED) return st_wfailed(w, err, errlen);
     if (w->state != ST_W_DECLARING)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: header already written", w->path);
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: header already written", w->path);
 
     struct st_buf b = {0};
     st_buf_put(&b, "{", 1);
@@ -946,22 +931,22 @@ static int st_writer_put(struct st_writer *w, const char *name, const void *data
                          bool whole, char *err, size_t errlen) {
     if (w->state == ST_W_FAILED) return st_wfailed(w, err, errlen);
     if (w->state != ST_W_WRITING)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: tensor data written %s", w->path,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor data written %s", w->path,
                        w->state == ST_W_DECLARING ? "before st_writer_begin" : "after st_writer_finish");
     if (w->cur >= w->n)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: every declared tensor is already written%s%.200s",
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: every declared tensor is already written%s%.200s",
                        w->path, name ? "; extra tensor " : "", name ? name : "");
     const struct st_wtensor *t = &w->t[w->cur];
     if (name && strcmp(name, t->name) != 0)
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: tensor '%.200s' written out of order: the next declared tensor is '%.200s'",
                        w->path, name, t->name);
     if (whole && (w->cur_written != 0 || bytes != t->bytes))
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: tensor '%.200s': %zu bytes written but it holds %zu", w->path, t->name, bytes,
                        t->bytes - w->cur_written);
     if (bytes > t->bytes - w->cur_written)
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: tensor '%.200s': part of %zu bytes overruns it (%zu of %zu already written)",
                        w->path, t->name, bytes, w->cur_written, t->bytes);
     if (bytes && fwrite(data, 1, bytes, w->fp) != bytes)
@@ -988,10 +973,10 @@ int st_writer_write_part(struct st_writer *w, const char *name, const void *data
 int st_writer_finish(struct st_writer *w, char *err, size_t errlen) {
     if (w->state == ST_W_FAILED) return st_wfailed(w, err, errlen);
     if (w->state != ST_W_WRITING)
-        return st_fail(err, errlen, TP_EXIT_USAGE, "%s: st_writer_finish %s", w->path,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: st_writer_finish %s", w->path,
                        w->state == ST_W_DECLARING ? "before st_writer_begin" : "called twice");
     if (w->cur < w->n)
-        return st_fail(err, errlen, TP_EXIT_USAGE,
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE,
                        "%s: finished with tensor '%.200s' incomplete (%zu of %zu bytes) and %d more unwritten",
                        w->path, w->t[w->cur].name, w->cur_written, w->t[w->cur].bytes, w->n - w->cur - 1);
     FILE *fp = w->fp;
