@@ -22,7 +22,6 @@
 
 // ---- small helpers
 
-
 static const char *const st_dtype_names[ST_DTYPE_COUNT] = {"F32", "BF16", "F16", "I32", "I64"};
 static const size_t st_dtype_sizes[ST_DTYPE_COUNT] = {4, 2, 2, 4, 8};
 
