@@ -44,7 +44,7 @@ static inline uint64_t tp_splitmix64(uint64_t x) {
 
 // 64-bit FNV-1a of n bytes (names, replica fingerprints).
 static inline uint64_t tp_fnv1a(const void *data, size_t n) {
-    const unsigned char *c = data;
+    const unsigned char *c = (const unsigned char *)data; // cast: also included from CUDA C++
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001b3ull;
     return h;
