@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../cuda/flash_attention.h"
+#include "flash_attention.h"
 #include "backend.h"
 
 #define HS 64
