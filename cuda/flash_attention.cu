@@ -51,6 +51,24 @@ typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;
 
 // ---- device helpers
 
+// Sw[:, 16j .. 16j+16) = A . B[16j .. 16j+16, :]^T for j0 <= j <= j1: A is a warp's 16 x HS
+// operand in register fragments, B a shared tile of rows stored (row, d) at B[row * LDH + d], read
+// as its transpose (col-major), and Sw the warp's (16, LDF) fp32 scratch. Every score and
+// gradient-of-score product of the kernels below has this shape.
+__device__ __forceinline__ static void fa_mul_tile_t(float *Sw, const frag_a *a, const __nv_bfloat16 *B, int j0, int j1) {
+    for (int j = j0; j <= j1; j++) {
+        frag_acc acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < FA_HS / 16; kk++) {
+            frag_b_col bt;
+            wmma::load_matrix_sync(bt, B + j * 16 * FA_LDH + kk * 16, FA_LDH);
+            wmma::mma_sync(acc, a[kk], bt, acc);
+        }
+        wmma::store_matrix_sync(Sw + j * 16, acc, FA_LDF, wmma::mem_row_major);
+    }
+}
+
 // dst (64 x FA_LDH) = rows [row0, row0 + 64) of one head: src points at row 0 of that head, rows
 // stride elements apart. Rows at or past T are zero, so padded queries and keys give finite
 // scores and contribute nothing once masked.
@@ -130,17 +148,7 @@ fa_fwd_kernel(__nv_bfloat16 *out, float *lse, const __nv_bfloat16 *q, const __nv
         int jmax = (kt == qt) ? warp : FA_TILE / 16 - 1;
 
         // S (16 x 64) = Q_w K^T
-        for (int j = 0; j <= jmax; j++) {
-            frag_acc acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < FA_HS / 16; kk++) {
-                frag_b_col kf; // K^T: (d, key) at Ks[key * LDH + d]
-                wmma::load_matrix_sync(kf, Ks + j * 16 * FA_LDH + kk * 16, FA_LDH);
-                wmma::mma_sync(acc, qf[kk], kf, acc);
-            }
-            wmma::store_matrix_sync(Sw + j * 16, acc, FA_LDF, wmma::mem_row_major);
-        }
+        fa_mul_tile_t(Sw, qf, Ks, 0, jmax);
         __syncwarp();
 
         // Online softmax on this lane's half row. Every processed tile holds at least one
@@ -278,17 +286,7 @@ fa_bwd_dkdv_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, const __nv_bfloat16 *do
         int jmin = (qt == kt) ? warp : 0;
 
         // S^T (16 keys x 64 queries) = K_w Q^T
-        for (int j = jmin; j < FA_TILE / 16; j++) {
-            frag_acc acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < FA_HS / 16; kk++) {
-                frag_b_col qf; // Q^T: (d, query) at Qs[query * LDH + d]
-                wmma::load_matrix_sync(qf, Qs + j * 16 * FA_LDH + kk * 16, FA_LDH);
-                wmma::mma_sync(acc, kf[kk], qf, acc);
-            }
-            wmma::store_matrix_sync(Sw + j * 16, acc, FA_LDF, wmma::mem_row_major);
-        }
+        fa_mul_tile_t(Sw, kf, Qs, jmin, FA_TILE / 16 - 1);
         __syncwarp();
         float p[32];
         int q0 = qt * FA_TILE + hf;
@@ -312,17 +310,7 @@ fa_bwd_dkdv_kernel(__nv_bfloat16 *dk, __nv_bfloat16 *dv, const __nv_bfloat16 *do
                 wmma::mma_sync(dvacc[j], pf, df, dvacc[j]);
             }
         }
-        for (int j = jmin; j < FA_TILE / 16; j++) {
-            frag_acc acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < FA_HS / 16; kk++) {
-                frag_b_col df; // dO^T: (d, query) at dOs[query * LDH + d]
-                wmma::load_matrix_sync(df, dOs + j * 16 * FA_LDH + kk * 16, FA_LDH);
-                wmma::mma_sync(acc, vf[kk], df, acc);
-            }
-            wmma::store_matrix_sync(Sw + j * 16, acc, FA_LDF, wmma::mem_row_major);
-        }
+        fa_mul_tile_t(Sw, vf, dOs, jmin, FA_TILE / 16 - 1);
         __syncwarp();
         // dS^T = P^T * (dP^T - D) (the scale is applied once at the end); masked entries are
         // selected to 0 so stale shared memory in skipped sub-tiles never reaches the sum.
@@ -419,17 +407,7 @@ fa_bwd_dq_kernel(__nv_bfloat16 *dq, const __nv_bfloat16 *dout, const __nv_bfloat
         int jmax = (kt == qt) ? warp : FA_TILE / 16 - 1;
 
         // S (16 x 64) = Q_w K^T
-        for (int j = 0; j <= jmax; j++) {
-            frag_acc acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < FA_HS / 16; kk++) {
-                frag_b_col kb;
-                wmma::load_matrix_sync(kb, Ks + j * 16 * FA_LDH + kk * 16, FA_LDH);
-                wmma::mma_sync(acc, qf[kk], kb, acc);
-            }
-            wmma::store_matrix_sync(Sw + j * 16, acc, FA_LDF, wmma::mem_row_major);
-        }
+        fa_mul_tile_t(Sw, qf, Ks, 0, jmax);
         __syncwarp();
         float p[32];
         int key0 = kt * FA_TILE + hf;
@@ -441,17 +419,7 @@ fa_bwd_dq_kernel(__nv_bfloat16 *dq, const __nv_bfloat16 *dout, const __nv_bfloat
         __syncwarp();
 
         // dP (16 x 64) = dO_w V^T
-        for (int j = 0; j <= jmax; j++) {
-            frag_acc acc;
-            wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-            for (int kk = 0; kk < FA_HS / 16; kk++) {
-                frag_b_col vb; // V^T: (d, key) at Vs[key * LDH + d]
-                wmma::load_matrix_sync(vb, Vs + j * 16 * FA_LDH + kk * 16, FA_LDH);
-                wmma::mma_sync(acc, df[kk], vb, acc);
-            }
-            wmma::store_matrix_sync(Sw + j * 16, acc, FA_LDF, wmma::mem_row_major);
-        }
+        fa_mul_tile_t(Sw, df, Vs, 0, jmax);
         __syncwarp();
 #pragma unroll
         for (int c = 0; c < 32; c++) {
