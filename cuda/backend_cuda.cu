@@ -325,16 +325,22 @@ __global__ void gelu_bwd_kernel(float *dinp, const float *inp, const float *dout
 
 // -- attention (fp32 reference path)
 
+// Offset, in a token-major tensor whose rows (b, t) are row_stride floats apart and hold the
+// heads side by side, of element idx of the head-major (B, NH, T, HS) layout.
+__device__ __forceinline__ size_t attn_head_major_to_row(size_t idx, int T, int NH, int HS, size_t row_stride) {
+    size_t d = idx % HS;
+    size_t t = (idx / HS) % T;
+    size_t h = (idx / ((size_t)HS * T)) % NH;
+    size_t b = idx / ((size_t)HS * T * NH);
+    return (b * T + t) * row_stride + h * HS + d;
+}
+
 // q, k, v (B, NH, T, HS) = the three parts of qkv (B, T, 3 * NH * HS)
 __global__ void attn_permute_qkv_kernel(float *q, float *k, float *v, const float *qkv, int B,
                                         int T, int NH, int HS) {
     size_t C = (size_t)NH * HS;
     GRID_STRIDE(idx, (size_t)B * NH * T * HS) {
-        size_t d = idx % HS;
-        size_t t = (idx / HS) % T;
-        size_t h = (idx / ((size_t)HS * T)) % NH;
-        size_t b = idx / ((size_t)HS * T * NH);
-        size_t src = (b * T + t) * 3 * C + h * HS + d;
+        size_t src = attn_head_major_to_row(idx, T, NH, HS, 3 * C);
         q[idx] = qkv[src];
         k[idx] = qkv[src + C];
         v[idx] = qkv[src + 2 * C];
@@ -371,13 +377,7 @@ __global__ void attn_unpermute_kernel(float *out, const float *y, int B, int T, 
 // dy (B, NH, T, HS) = dout (B, T, NH * HS)
 __global__ void attn_permute_kernel(float *dy, const float *dout, int B, int T, int NH, int HS) {
     size_t C = (size_t)NH * HS;
-    GRID_STRIDE(idx, (size_t)B * NH * T * HS) {
-        size_t d = idx % HS;
-        size_t t = (idx / HS) % T;
-        size_t h = (idx / ((size_t)HS * T)) % NH;
-        size_t b = idx / ((size_t)HS * T * NH);
-        dy[idx] = dout[(b * T + t) * C + h * HS + d];
-    }
+    GRID_STRIDE(idx, (size_t)B * NH * T * HS) dy[idx] = dout[attn_head_major_to_row(idx, T, NH, HS, C)];
 }
 
 // att (BNH, T, T): each row t, already scaled, becomes its causal softmax over [0, t]; the
