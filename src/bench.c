@@ -305,7 +305,7 @@ static float *alloc_floats(struct bench *b, size_t n) {
 
 // ---- phase driver
 
-// One timed phase: run() issues its ops once, bracketing each all-reduce with timed_all_reduce;
+// One timed phase: run() issues its ops once, its all-reduces through a timed_tp comm;
 // prepare() (optional) restores its inputs, untimed, before every iteration.
 struct phase_spec {
     const char *name;   // JSON key, e.g. "column_fwd"
@@ -321,13 +321,64 @@ struct phase_times {
     int n_comm;         // all-reduces issued per iteration (0 at one rank: they are no-ops)
 };
 
-// An all-reduce on the TP group with marks around it. At one rank nothing crosses ranks and
-// comm_all_reduce does nothing, so neither is anything timed.
-static void timed_all_reduce(struct comm *tp, struct bench_clock *c, float *buf, size_t n, enum comm_op op) {
-    if (tp->size == 1) return;
-    clock_mark(c);
-    comm_all_reduce(tp, buf, n, op);
-    clock_mark(c);
+// A TP comm that marks the clock around every all-reduce, so that the phases' own code (the
+// model's blocks, the layers below) runs unchanged while communication is timed separately.
+struct timing_comm {
+    struct comm *inner;
+    struct bench_clock *clock;
+};
+
+static const char *tcomm_name(void *ctx) {
+    struct timing_comm *t = ctx;
+    return t->inner->iface->name(t->inner->ctx);
+}
+
+static void tcomm_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    struct timing_comm *t = ctx;
+    clock_mark(t->clock);
+    t->inner->iface->all_reduce(t->inner->ctx, buf, count, dt, op);
+    clock_mark(t->clock);
+}
+
+static void tcomm_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->all_gather(t->inner->ctx, out, in, count, dt);
+}
+
+static void tcomm_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                 enum comm_op op) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->reduce_scatter(t->inner->ctx, out, in, count, dt, op);
+}
+
+static void tcomm_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->broadcast(t->inner->ctx, buf, count, dt, root);
+}
+
+static void tcomm_synchronize(void *ctx) {
+    struct timing_comm *t = ctx;
+    t->inner->iface->synchronize(t->inner->ctx);
+}
+
+static void tcomm_destroy(void *ctx) { (void)ctx; } // borrows the inner comm
+
+static const struct comm_i timing_comm_iface = {
+    .name = tcomm_name,
+    .all_reduce = tcomm_all_reduce,
+    .all_gather = tcomm_all_gather,
+    .reduce_scatter = tcomm_reduce_scatter,
+    .broadcast = tcomm_broadcast,
+    .synchronize = tcomm_synchronize,
+    .destroy = tcomm_destroy,
+};
+
+// The TP comm for one timed phase. At one rank comm_all_reduce issues nothing, so nothing is
+// marked and no communication cost is reported.
+static struct comm timed_tp(struct bench *b, struct timing_comm *t, struct bench_clock *c) {
+    t->inner = &b->mesh.tp;
+    t->clock = c;
+    return (struct comm){.iface = &timing_comm_iface, .ctx = t, .rank = t->inner->rank, .size = t->inner->size};
 }
 
 // Starts every rank together on an idle device so no rank's lateness counts as communication.
@@ -457,19 +508,19 @@ static void column_fwd(struct layer_bench *lb) {
 }
 
 // Backward: each rank's dx covers its own shard; f's backward sums them (Megatron's f).
-static void column_bwd(struct layer_bench *lb, const float *dout, struct bench_clock *c) {
+static void column_bwd(struct layer_bench *lb, const float *dout, struct comm *tp) {
     const struct backend_i *bi = lb->b->be.iface;
     bi->matmul_bwd(lb->b->be.ctx, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, lb->M, lb->K, lb->Nl);
-    timed_all_reduce(&lb->b->mesh.tp, c, lb->dx, (size_t)lb->M * (size_t)lb->K, COMM_SUM);
+    comm_all_reduce(tp, lb->dx, (size_t)lb->M * (size_t)lb->K, COMM_SUM);
 }
 
 // Forward of the row-parallel linear: partial products, g's all-reduce, then the bias (once) and
 // the residual.
-static void row_fwd(struct layer_bench *lb, const float *inp, struct bench_clock *c) {
+static void row_fwd(struct layer_bench *lb, const float *inp, struct comm *tp) {
     const struct backend_i *bi = lb->b->be.iface;
     void *ctx = lb->b->be.ctx;
     bi->matmul_fwd(ctx, lb->y, inp, lb->w2, NULL, lb->M, lb->Nl, lb->K);
-    timed_all_reduce(&lb->b->mesh.tp, c, lb->y, (size_t)lb->M * (size_t)lb->K, COMM_SUM);
+    comm_all_reduce(tp, lb->y, (size_t)lb->M * (size_t)lb->K, COMM_SUM);
     bi->residual_fwd(ctx, lb->out, lb->x, lb->y, lb->b2, lb->M, lb->K);
 }
 
@@ -486,12 +537,16 @@ static void run_column_fwd(void *arg, struct bench_clock *c) {
 
 static void run_column_bwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
-    column_bwd(lb, lb->dh, c);
+    struct timing_comm t;
+    struct comm tp = timed_tp(lb->b, &t, c);
+    column_bwd(lb, lb->dh, &tp);
 }
 
 static void run_row_fwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
-    row_fwd(lb, lb->h, c);
+    struct timing_comm t;
+    struct comm tp = timed_tp(lb->b, &t, c);
+    row_fwd(lb, lb->h, &tp);
 }
 
 static void run_row_bwd(void *arg, struct bench_clock *c) {
@@ -502,16 +557,20 @@ static void run_row_bwd(void *arg, struct bench_clock *c) {
 
 static void run_mlp_fwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
+    struct timing_comm t;
+    struct comm tp = timed_tp(lb->b, &t, c);
     column_fwd(lb);
     lb->b->be.iface->gelu_fwd(lb->b->be.ctx, lb->hg, lb->h, (size_t)lb->M * (size_t)lb->Nl);
-    row_fwd(lb, lb->hg, c);
+    row_fwd(lb, lb->hg, &tp);
 }
 
 static void run_mlp_bwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
+    struct timing_comm t;
+    struct comm tp = timed_tp(lb->b, &t, c);
     row_bwd(lb, lb->dhg, lb->hg);
     lb->b->be.iface->gelu_bwd(lb->b->be.ctx, lb->dh, lb->h, lb->dhg, (size_t)lb->M * (size_t)lb->Nl);
-    column_bwd(lb, lb->dh, c);
+    column_bwd(lb, lb->dh, &tp);
 }
 
 struct layer_result {
@@ -876,92 +935,33 @@ static void run_step(void *arg, struct bench_clock *c) {
     optim_step(&mb->opt, m, tc, (float)tc->lr, optim_clip_scale(norm, tc->grad_clip));
 }
 
-// ---- phases: the model's own blocks (model.c), with a TP comm that marks the clock around
-// every all-reduce so that communication is timed separately.
-
-struct timing_comm {
-    struct comm *inner;
-    struct bench_clock *clock;
-};
-
-static const char *tcomm_name(void *ctx) {
-    struct timing_comm *t = ctx;
-    return t->inner->iface->name(t->inner->ctx);
-}
-
-static void tcomm_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
-    struct timing_comm *t = ctx;
-    clock_mark(t->clock);
-    t->inner->iface->all_reduce(t->inner->ctx, buf, count, dt, op);
-    clock_mark(t->clock);
-}
-
-static void tcomm_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
-    struct timing_comm *t = ctx;
-    t->inner->iface->all_gather(t->inner->ctx, out, in, count, dt);
-}
-
-static void tcomm_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
-                                 enum comm_op op) {
-    struct timing_comm *t = ctx;
-    t->inner->iface->reduce_scatter(t->inner->ctx, out, in, count, dt, op);
-}
-
-static void tcomm_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
-    struct timing_comm *t = ctx;
-    t->inner->iface->broadcast(t->inner->ctx, buf, count, dt, root);
-}
-
-static void tcomm_synchronize(void *ctx) {
-    struct timing_comm *t = ctx;
-    t->inner->iface->synchronize(t->inner->ctx);
-}
-
-static void tcomm_destroy(void *ctx) { (void)ctx; } // borrows the inner comm
-
-static const struct comm_i timing_comm_iface = {
-    .name = tcomm_name,
-    .all_reduce = tcomm_all_reduce,
-    .all_gather = tcomm_all_gather,
-    .reduce_scatter = tcomm_reduce_scatter,
-    .broadcast = tcomm_broadcast,
-    .synchronize = tcomm_synchronize,
-    .destroy = tcomm_destroy,
-};
-
-// The TP comm for one timed phase. At one rank comm_all_reduce issues nothing, so nothing is
-// marked, as with timed_all_reduce.
-static struct comm timed_tp(struct model_bench *mb, struct timing_comm *t, struct bench_clock *c) {
-    t->inner = &mb->b->mesh.tp;
-    t->clock = c;
-    return (struct comm){.iface = &timing_comm_iface, .ctx = t, .rank = t->inner->rank, .size = t->inner->size};
-}
+// ---- phases: the model's own blocks (model.c), with the timing TP comm
 
 static void run_embedding_fwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     struct timing_comm t;
-    struct comm tp = timed_tp(mb, &t, c);
+    struct comm tp = timed_tp(mb->b, &t, c);
     model_embedding_fwd(&mb->m, &tp);
 }
 
 static void run_attention_fwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     struct timing_comm t;
-    struct comm tp = timed_tp(mb, &t, c);
+    struct comm tp = timed_tp(mb->b, &t, c);
     for (int l = 0; l < mb->m.d.L; l++) model_attention_block_fwd(&mb->m, &tp, l);
 }
 
 static void run_mlp_fwd_model(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     struct timing_comm t;
-    struct comm tp = timed_tp(mb, &t, c);
+    struct comm tp = timed_tp(mb->b, &t, c);
     for (int l = 0; l < mb->m.d.L; l++) model_mlp_block_fwd(&mb->m, &tp, l);
 }
 
 static void run_head_fwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     struct timing_comm t;
-    struct comm tp = timed_tp(mb, &t, c);
+    struct comm tp = timed_tp(mb->b, &t, c);
     model_head_fwd(&mb->m, &tp, mb->loss_sum);
 }
 
@@ -972,7 +972,7 @@ static void run_head_bwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     float dloss = 1.0f / ((float)mb->m.d.N * (float)mb->b->cfg.train.grad_accum);
     struct timing_comm t;
-    struct comm tp = timed_tp(mb, &t, c);
+    struct comm tp = timed_tp(mb->b, &t, c);
     model_head_bwd(&mb->m, &tp, dloss);
 }
 
@@ -986,14 +986,14 @@ static void prepare_residual_grad(void *arg) {
 static void run_mlp_bwd_model(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     struct timing_comm t;
-    struct comm tp = timed_tp(mb, &t, c);
+    struct comm tp = timed_tp(mb->b, &t, c);
     for (int l = mb->m.d.L - 1; l >= 0; l--) model_mlp_block_bwd(&mb->m, &tp, l);
 }
 
 static void run_attention_bwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     struct timing_comm t;
-    struct comm tp = timed_tp(mb, &t, c);
+    struct comm tp = timed_tp(mb->b, &t, c);
     for (int l = mb->m.d.L - 1; l >= 0; l--) model_attention_block_bwd(&mb->m, &tp, l);
 }
 
