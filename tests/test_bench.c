@@ -68,6 +68,14 @@ static void assert_json_parses(const char *path) {
     cr_assert_eq(rc, 0, "%s is not valid JSON:\n%s", path, out);
 }
 
+// Reads a --json file, asserts it holds every key fragment and parses; returns its text (free it).
+static char *read_json_with(const char *path, const char *const *keys, size_t n_keys) {
+    char *js = read_text(path);
+    for (size_t i = 0; i < n_keys; i++) cr_assert(strstr(js, keys[i]), "JSON lacks %s:\n%s", keys[i], js);
+    assert_json_parses(path);
+    return js;
+}
+
 static const char *const layer_phases[] = {"column fwd", "column bwd", "row fwd", "row bwd", "mlp fwd", "mlp bwd"};
 #define N_LAYER_PHASES 6
 
@@ -169,16 +177,13 @@ Test(bench, layer_json_holds_every_phase) {
     char *out = malloc(OUT_CAP);
     int rc = run_bench(out, 0, args);
     cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
-    char *js = read_text(path);
     // one rank: the column forward is (64, 32) x (32, 128), 2*64*32*128 = 524288 FLOPs
     const char *keys[] = {"\"mode\":\"layer\"", "\"backend\":\"cpu\"", "\"timing\":\"host wall clock\"", "\"tp\":1",
                           "\"M\":64", "\"K\":32", "\"N\":128", "\"name\":\"column_fwd\"", "\"name\":\"column_bwd\"",
                           "\"name\":\"row_fwd\"", "\"name\":\"row_bwd\"", "\"name\":\"mlp_fwd\"",
                           "\"name\":\"mlp_bwd\"", "\"ms_median\":", "\"tflops\":", "\"busbw_gbs\":null",
                           "\"comm_share\":", "\"peak_share\":null", "\"flops\":524288,"};
-    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
-        cr_assert(strstr(js, keys[i]), "JSON lacks %s:\n%s", keys[i], js);
-    assert_json_parses(path);
+    char *js = read_json_with(path, keys, sizeof keys / sizeof keys[0]);
     free(js);
     free(out);
     tu_rmtree(dir);
@@ -236,16 +241,13 @@ Test(bench, allreduce_two_ranks_gives_a_complete_table) {
         cr_assert_eq(wrong, 0, "wrong sums: %s", line);
     }
     cr_assert(strstr(out, "Out of bounds values : 0 OK"), "%s", out);
-    char *js = read_text(path);
     const char *keys[] = {"\"mode\":\"allreduce\"", "\"ranks\":2", "\"size\":1024", "\"size\":1048576",
                           "\"count\":262144", "\"time_us\":", "\"algbw_gbs\":", "\"busbw_gbs\":", "\"wrong\":0",
                           "\"avg_busbw_gbs\":"};
-    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
-        cr_assert(strstr(js, keys[i]), "JSON lacks %s:\n%s", keys[i], js);
+    char *js = read_json_with(path, keys, sizeof keys / sizeof keys[0]);
     const char *rows = strstr(js, "\"rows\":");
     cr_assert_not_null(rows, "%s", js);
     cr_assert_null(strstr(rows, "null"), "every value is measured at two ranks:\n%s", js);
-    assert_json_parses(path);
     free(js);
     free(out);
     tu_rmtree(dir);
@@ -282,12 +284,9 @@ Test(bench, model_breaks_a_step_into_phases) {
     cr_assert(strstr(out, "tok/s"), "%s", out);
     cr_assert(strstr(out, "MFU n/a"), "no peak on the CPU backend, so no MFU:\n%s", out);
     cr_assert(strstr(out, "timed alone"), "the output must say how phases were timed:\n%s", out);
-    char *js = read_text(path);
     const char *keys[] = {"\"mode\":\"model\"", "\"step\":{", "\"tok_per_s\":", "\"mfu\":null", "\"tokens\":128",
                           "\"name\":\"attention_fwd\"", "\"name\":\"optimizer\"", "\"communication_ms\":"};
-    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
-        cr_assert(strstr(js, keys[i]), "JSON lacks %s:\n%s", keys[i], js);
-    assert_json_parses(path);
+    char *js = read_json_with(path, keys, sizeof keys / sizeof keys[0]);
     free(js);
     free(out);
     tu_rmtree(dir);
