@@ -27,6 +27,7 @@
 #include "backend.h"
 #include "comm.h"
 #include "common.h"
+#include "testutil.h"
 
 // ---- helpers: random numbers, paired buffers, comparison
 
@@ -936,20 +937,6 @@ Test(cuda_nccl, one_rank_collectives) {
     backend_destroy(&be);
 }
 
-// ---- runner
-//
-// Criterion's own main, plus one thing: on a machine without a CUDA device the suite exits 77,
-// which meson reports as SKIP, so a CPU-only run never shows the GPU suite as a quiet pass. The
-// device is queried only after every test has run: initialising CUDA in this parent process
-// before the test workers are forked would break CUDA in the workers.
-int main(int argc, char *argv[]) {
-    struct criterion_test_set *tests = criterion_initialize();
-    int result = 0;
-    if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
-    criterion_finalize(tests);
-    if (result == 0 && backend_cuda_device_count() <= 0) {
-        fprintf(stderr, "test_cuda_ops: no CUDA device: GPU cases skipped, reporting SKIP (77)\n");
-        return 77;
-    }
-    return result;
-}
+// ---- runner (exit 77 = SKIP without a CUDA device; see testutil.h)
+
+int main(int argc, char *argv[]) { return tu_gpu_suite_main(argc, argv, "test_cuda_ops"); }

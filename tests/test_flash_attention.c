@@ -18,8 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "flash_attention.h"
 #include "backend.h"
+#include "flash_attention.h"
+#include "testutil.h"
 
 #define HS 64
 #define TOL 2e-2
@@ -353,15 +354,4 @@ Test(flash_attention, timing_gpt2) {
     free(h);
 }
 
-int main(int argc, char *argv[]) {
-    struct criterion_test_set *tests = criterion_initialize();
-    int result = 0;
-    if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
-    criterion_finalize(tests);
-    if (result == 0 && backend_cuda_device_count() <= 0) {
-        fprintf(stderr,
-                "test_flash_attention: no CUDA device: GPU cases skipped, reporting SKIP (77)\n");
-        return 77;
-    }
-    return result;
-}
+int main(int argc, char *argv[]) { return tu_gpu_suite_main(argc, argv, "test_flash_attention"); }

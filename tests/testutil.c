@@ -3,6 +3,8 @@
 
 #include <criterion/criterion.h>
 
+#include "backend.h"
+
 #include <math.h>
 #include <stdbool.h>
 #include <stdarg.h>
@@ -92,6 +94,18 @@ const char *tu_mpiexec_flags(void) {
 
 void tu_require_mpiexec(void) {
     if (!tu_mpiexec()[0]) cr_skip_test("no mpiexec was found at configure time: multi-rank cases skipped");
+}
+
+int tu_gpu_suite_main(int argc, char *argv[], const char *suite) {
+    struct criterion_test_set *tests = criterion_initialize();
+    int result = 0;
+    if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
+    criterion_finalize(tests);
+    if (result == 0 && backend_cuda_device_count() <= 0) {
+        fprintf(stderr, "%s: no CUDA device: GPU cases skipped, reporting SKIP (77)\n", suite);
+        return 77;
+    }
+    return result;
 }
 
 int tu_read_losses(const char *jsonl_path, double *losses, int max) {

@@ -20,6 +20,11 @@ const char *tu_mpiexec(void);
 const char *tu_mpiexec_flags(void);
 // Skips the calling Criterion test, visibly, when no mpiexec was found at configure time.
 void tu_require_mpiexec(void);
+// main() for the GPU suites: Criterion's own run, then exit 77 (meson: SKIP) when there is no CUDA
+// device, so a CPU-only run never shows a GPU suite as a quiet pass. The device is queried only
+// after every test has run: initialising CUDA in this parent process before the test workers are
+// forked would break CUDA in the workers.
+int tu_gpu_suite_main(int argc, char *argv[], const char *suite);
 // Reads the "loss" field of every "train" record of a JSON-lines log, in order; returns count.
 int tu_read_losses(const char *jsonl_path, double *losses, int max);
 // Relative difference |a - b| / max(|a|, |b|, tiny).
