@@ -203,16 +203,6 @@ static int iters_from_env(struct bench *b) {
     return 0;
 }
 
-// Copies s into out with glob's metacharacters escaped, so the pattern matches exactly s.
-static void glob_escape(char *out, size_t outlen, const char *s) {
-    size_t j = 0;
-    for (; *s && j + 2 < outlen; s++) {
-        if (strchr("*?[]\\", *s)) out[j++] = '\\';
-        out[j++] = *s;
-    }
-    out[j] = '\0';
-}
-
 // The default config (or CONFIG.yaml in model mode) with the --set overrides, sized for one TP
 // group of all the ranks. Every rank reads the same input and fails alike: rank 0 reports.
 static int bench_config(struct bench *b, const struct bench_opts *o, const char *model_path) {
@@ -228,17 +218,10 @@ static int bench_config(struct bench *b, const struct bench_opts *o, const char 
                         "is replaced by %d\n", world, cfg->parallel.tp, world);
     cfg->parallel.tp = world;
     cfg->parallel.dp = 0; // derived: 1
-    if (!st && model_path) {
-        // The benchmark feeds synthetic tokens and starts from random weights: data and
-        // checkpoint keys play no part. data.train names the config file itself so that the file
-        // check passes whatever the data keys say; the model and batch checks still apply.
-        glob_escape(cfg->data.train, sizeof cfg->data.train, model_path);
-        cfg->data.val[0] = '\0';
-        cfg->init.from[0] = '\0';
-        cfg->checkpoint.resume[0] = '\0';
-        st = config_validate(cfg, world, err, sizeof err);
-    }
-    if (!st) st = config_check_precision(cfg, err, sizeof err);
+    // The benchmark feeds synthetic tokens and starts from random weights, so the data, init and
+    // checkpoint keys play no part: only the model, batch and precision checks apply.
+    if (!st && model_path) st = config_validate_model(cfg, world, err, sizeof err);
+    else if (!st) st = config_check_precision(cfg, err, sizeof err);
     cfg->parallel.dp = 1;
     if (st && b->root) fprintf(stderr, "tptrain: %s\n", err);
     return st;

@@ -1030,11 +1030,16 @@ int config_check_precision(const struct tp_config *cfg, char *err, size_t errlen
                    "bf16 is not available in this version yet; use fp32");
 }
 
-int config_validate(struct tp_config *cfg, int world_size, char *err, size_t errlen) {
+int config_validate_model(struct tp_config *cfg, int world_size, char *err, size_t errlen) {
     int rc = config_check_precision(cfg, err, errlen);
     if (!rc) rc = check_parallel(cfg, world_size, err, errlen);
     if (!rc) rc = check_batch(cfg, err, errlen);
     if (!rc) rc = check_schedule(cfg, err, errlen);
+    return rc;
+}
+
+int config_validate(struct tp_config *cfg, int world_size, char *err, size_t errlen) {
+    int rc = config_validate_model(cfg, world_size, err, errlen);
     if (!rc) rc = check_files(cfg, err, errlen);
     return rc;
 }

@@ -121,6 +121,10 @@ int config_apply_set(struct tp_config *cfg, const char *assignment, char *err, s
 // train.global_batch. Messages name the key and, where known, its position in the source file.
 int config_validate(struct tp_config *cfg, int world_size, char *err, size_t errlen);
 
+// config_validate without the file checks (data globs, init.from): for modes that read no data,
+// such as --bench model on synthetic tokens.
+int config_validate_model(struct tp_config *cfg, int world_size, char *err, size_t errlen);
+
 // The precision check config_validate starts with, for callers that validate nothing else
 // (bf16 is accepted by the parser but not built yet).
 int config_check_precision(const struct tp_config *cfg, char *err, size_t errlen);
