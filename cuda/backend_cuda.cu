@@ -1,22 +1,37 @@
-// backend_cuda.cu: the fp32 CUDA backend behind struct backend_i (src/backend.h).
+// backend_cuda.cu: the CUDA backend behind struct backend_i (src/backend.h), fp32 and bf16.
 //
-// One context per backend: a device, a non-blocking stream, a cuBLAS handle bound to that stream
-// (fp32 arithmetic, TF32 and emulation off) with its own workspace, and a scratch buffer for
-// reduction partials. Every op is enqueued on the stream; only copy_to_host and synchronize wait.
+// One context per backend: a device, a compute dtype, a non-blocking stream, a cuBLAS handle bound
+// to that stream (pedantic math: TF32 and emulation off) with its own workspace, a scratch buffer
+// for reduction partials, and on the bf16 path a cuBLASLt product context (gemm.h). Every op is
+// enqueued on the stream; only copy_to_host and synchronize wait.
+//
+// Two paths. TP_DTYPE_F32 is the reference: cuBLAS SGEMM, the naive attention through (T, T)
+// score matrices, statistics in double; its numerics are fixed (tests compare it to the CPU at
+// 1e-5). TP_DTYPE_BF16 is the fast path: compute tensors (activations, their gradients, the
+// compute copy of the weights) are bf16, every op computes in fp32 and rounds on store; products
+// run through gemm.h (bf16 tensor cores, fused bias / GELU / DGELU epilogues) and attention through
+// flash_attention.h. Elementwise and normalisation kernels are templated on the storage type E
+// (float or bf16) and move 16 bytes per access where the shape and alignment allow, with an
+// element-wise fallback otherwise; for fp32 the vector forms do the same arithmetic per element
+// as the scalar ones, so vectorising changed no fp32 bit.
 //
 // Determinism: no float atomics anywhere. Every reduction is split into per-block partials with a
 // grid that depends only on the problem size, then summed in a fixed order, so identical inputs
-// give bitwise identical outputs on every call (cuBLAS is deterministic for a fixed handle,
-// workspace and stream with atomics disallowed, its default).
+// give bitwise identical outputs on every call (cuBLAS and the cached cuBLASLt algorithms are
+// deterministic for a fixed handle, workspace and stream).
 //
-// Sections: context and checks, kernels, launchers, backend table, public entry points.
+// Sections: context and checks, storage types, kernels, launchers, backend table, entry points.
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "cuda_common.cuh"
+#include "flash_attention.h"
+#include "gemm.h"
 
 extern "C" {
 #include "backend.h"
@@ -24,25 +39,44 @@ extern "C" {
 
 // ---- context and checks
 
-// Hopper wants a larger cuBLAS workspace than the 4 MiB default for its best kernels.
+// Hopper wants a larger cuBLAS workspace than the 4 MiB default for its best kernels; the bf16
+// product context gets the same.
 #define CUDA_BLAS_WORKSPACE_BYTES ((size_t)32 << 20)
+#define CUDA_GEMM_WORKSPACE_BYTES ((size_t)32 << 20)
 // Rows summed by one block in a column-sum partial (layernorm dw/db, matmul dbias).
 #define COLSUM_ROWS 32
 // Blocks of a full reduction (sum, sumsq): fixed so the summation order depends on n only.
 #define REDUCE_MAX_BLOCKS 1024
 // Vocab rows are split into this many groups (row mod groups) for the embedding backward; a
-// power of two so the group test is a mask.
-#define EMB_BWD_GROUPS 64
+// power of two so the group test is a mask. Each block scans all tokens, keeps its group's in
+// token order (EMB_BWD_TILE at a time), then walks only those.
+#define EMB_BWD_GROUPS 256
 #define EMB_BWD_TILE 1024
-#define LN_EPS 1e-5 // GPT-2; double, as the statistics are
+#define EMB_BWD_THREADS 128
+#define LN_EPS 1e-5 // GPT-2; double, as the fp32 path's statistics are
+// bf16 layernorm backward: blocks of the fused kernel (fixed for a given N, so dw/db sum in a
+// fixed order), each leaving one (C) partial of dw and of db.
+#define LN_BWD_MAX_BLOCKS 256
+// bf16 layernorm keeps a row in registers: up to LN_MAX_VPL vectors of 8 per lane (C <= 2048).
+#define LN_MAX_VPL 8
+// segments_sumsq and adamw: the flat buffer is cut into at most SEG_MAX_BLOCKS chunks of at least
+// SEG_MIN_CHUNK elements (a multiple of 8), one block each; SEG_TILE table entries at a time in
+// shared memory.
+#define SEG_MAX_BLOCKS 2048
+#define SEG_MIN_CHUNK 16384
+#define SEG_TILE 128
+#define XENT_BLOCK 512
 
 struct cuda_ctx {
     int device;
+    enum tp_dtype dtype;       // element type of the compute (void *) tensors
     cudaStream_t stream;       // every op of this backend runs here, NCCL too
     cublasHandle_t blas;       // bound to stream
     void *blas_ws;             // (CUDA_BLAS_WORKSPACE_BYTES) cuBLAS workspace
+    struct gemm_ctx *gemm;     // bf16 products on stream; NULL on the fp32 path
     void *scratch;             // (scratch_bytes) reduction partials; grows, never shrinks
     size_t scratch_bytes;
+    bool warned_gemm_fallback; // the bf16 product fallback has been reported once
 };
 
 static void cublas_check(cublasStatus_t s, const char *call, const char *file, int line) {
@@ -53,6 +87,28 @@ static void cublas_check(cublasStatus_t s, const char *call, const char *file, i
            file, line, (int)s, cublasGetStatusString(s), call);
 }
 #define CUBLAS_CHECK(call) cublas_check((call), #call, __FILE__, __LINE__)
+
+// A bf16 product that gemm.h refused for a reason other than its shape: nothing to fall back on.
+static _Noreturn void die_gemm(struct cuda_ctx *c, int rc, const char *op, int N, int IC, int OC,
+                               const char *file, int line) {
+    tp_die(TP_EXIT_RUNTIME,
+           "%s:%d: bf16 %s failed for N=%d IC=%d OC=%d (gemm code %d: %s); check the shapes and "
+           "pointers in the caller, that the GPU has free memory (nvidia-smi), and rerun with "
+           "CUDA_LAUNCH_BLOCKING=1",
+           file, line, op, N, IC, OC, rc, c->gemm ? gemm_last_error(c->gemm) : "no gemm context");
+}
+#define GEMM_DIE(c, rc, op, N, IC, OC) die_gemm((c), (rc), (op), (N), (IC), (OC), __FILE__, __LINE__)
+
+static void flash_check(int rc, const char *op, int B, int T, int NH, int HS, const char *file,
+                        int line) {
+    if (rc == FLASH_OK) return;
+    tp_die(TP_EXIT_RUNTIME,
+           "%s:%d: bf16 %s failed for B=%d T=%d NH=%d HS=%d (%s); the tensors must be 16-byte "
+           "aligned device memory; rerun with CUDA_LAUNCH_BLOCKING=1 to locate a launch failure",
+           file, line, op, B, T, NH, HS,
+           rc == FLASH_EBADARG ? "unsupported shape, stride or alignment" : "launch failed");
+}
+#define FLASH_CHECK(rc, op, B, T, NH, HS) flash_check((rc), (op), (B), (T), (NH), (HS), __FILE__, __LINE__)
 
 static struct cuda_ctx *ctx_of(void *ctx) {
     struct cuda_ctx *c = (struct cuda_ctx *)ctx;
@@ -74,8 +130,9 @@ static _Noreturn void die_out_of_memory(struct cuda_ctx *c, size_t bytes, cudaEr
            (double)free_b / 1073741824.0, (double)total_b / 1073741824.0);
 }
 
-// Scratch for reduction partials: grown on demand (rarely: the first step sizes it). Growing
-// waits for the stream so no queued kernel still reads the old buffer.
+// Scratch for reduction partials and fallback staging: grown on demand (rarely: the first step
+// sizes it). Growing waits for the stream so no queued kernel still reads the old buffer; a
+// pointer from an earlier call is therefore invalid after a call that asks for more.
 static void *ctx_scratch(struct cuda_ctx *c, size_t bytes) {
     if (bytes <= c->scratch_bytes) return c->scratch;
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -87,6 +144,68 @@ static void *ctx_scratch(struct cuda_ctx *c, size_t bytes) {
     if (e != cudaSuccess) die_out_of_memory(c, want, e, "reduction scratch");
     c->scratch_bytes = want;
     return c->scratch;
+}
+
+static bool is_bf16(const struct cuda_ctx *c) { return c->dtype == TP_DTYPE_BF16; }
+
+static bool aligned_to(const void *p, size_t bytes) { return ((uintptr_t)p % bytes) == 0; }
+
+static size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+// ---- storage types
+//
+// E is the storage type of a compute tensor: float, or bf16 (fp32's upper half, rounded to nearest
+// even on store). Arithmetic is always fp32: to_f widens, from_f<E> rounds. vec_t<E, V> is V
+// consecutive elements moved as one access (16 bytes on the fast paths: 4 floats or 8 bf16); its
+// pointer must be aligned to the access, which the launchers check before choosing V > 1.
+
+typedef __nv_bfloat16 bf16;
+
+// Elements in one 16-byte access.
+template <typename E> struct vec16 { static constexpr int n = 16 / (int)sizeof(E); };
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __bfloat162float(x); }
+template <typename E> __device__ __forceinline__ E from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename E, int V> struct alignas(sizeof(E) * V) vec_t {
+    E e[V];
+};
+
+template <typename E, int V> __device__ __forceinline__ vec_t<E, V> ld_vec(const E *p) {
+    vec_t<E, V> r;
+    constexpr int bytes = (int)sizeof(E) * V;
+    if constexpr (bytes % 16 == 0) {
+#pragma unroll
+        for (int q = 0; q < bytes / 16; q++)
+            reinterpret_cast<int4 *>(&r)[q] = reinterpret_cast<const int4 *>(p)[q];
+    } else if constexpr (bytes == 8) {
+        *reinterpret_cast<int2 *>(&r) = *reinterpret_cast<const int2 *>(p);
+    } else if constexpr (bytes == 4) {
+        *reinterpret_cast<int *>(&r) = *reinterpret_cast<const int *>(p);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) r.e[k] = p[k];
+    }
+    return r;
+}
+
+template <typename E, int V> __device__ __forceinline__ void st_vec(E *p, const vec_t<E, V> &v) {
+    constexpr int bytes = (int)sizeof(E) * V;
+    if constexpr (bytes % 16 == 0) {
+#pragma unroll
+        for (int q = 0; q < bytes / 16; q++)
+            reinterpret_cast<int4 *>(p)[q] = reinterpret_cast<const int4 *>(&v)[q];
+    } else if constexpr (bytes == 8) {
+        *reinterpret_cast<int2 *>(p) = *reinterpret_cast<const int2 *>(&v);
+    } else if constexpr (bytes == 4) {
+        *reinterpret_cast<int *>(p) = *reinterpret_cast<const int *>(&v);
+    } else {
+#pragma unroll
+        for (int k = 0; k < V; k++) p[k] = v.e[k];
+    }
 }
 
 // ---- kernels
@@ -105,7 +224,6 @@ template <typename T, typename Op> __device__ __forceinline__ T warp_reduce(T v,
 }
 
 __device__ __forceinline__ float warp_sum_f(float v) { return warp_reduce(v, sum_op()); }
-__device__ __forceinline__ double warp_sum_d(double v) { return warp_reduce(v, sum_op()); }
 __device__ __forceinline__ float warp_max_f(float v) { return warp_reduce(v, max_op()); }
 
 // Block-wide reductions in a fixed order. Every thread of the block must call them; blockDim.x
@@ -130,84 +248,165 @@ __device__ float block_max_f(float v, float *sh) { return block_reduce(v, sh, ma
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (size_t)gridDim.x * blockDim.x)
 
+// -- conversions: dst (n) = src (n), widened or rounded; V elements per step, the last step may
+// be partial
+
+template <typename D, typename S, int V> __global__ void convert_kernel(D *dst, const S *src, size_t n) {
+    GRID_STRIDE(k, (n + V - 1) / V) {
+        size_t i = k * V;
+        if (i + V <= n) {
+            vec_t<S, V> a = ld_vec<S, V>(src + i);
+            vec_t<D, V> b;
+#pragma unroll
+            for (int e = 0; e < V; e++) b.e[e] = from_f<D>(to_f(a.e[e]));
+            st_vec<D, V>(dst + i, b);
+        } else {
+            for (size_t j = i; j < n; j++) dst[j] = from_f<D>(to_f(src[j]));
+        }
+    }
+}
+
 // -- embeddings
 
-__global__ void vocab_embedding_fwd_kernel(float *out, const int *tokens, const float *wte,
-                                           int N, int C, int vocab_start, int n_vocab) {
-    GRID_STRIDE(idx, (size_t)N * C) {
-        size_t i = idx / C, c = idx % C;
+// out (N, C) = wte rows of the tokens in this shard, 0 for the others; V divides C
+template <typename E, int V>
+__global__ void vocab_embedding_fwd_kernel(E *out, const int *tokens, const E *wte, int N, int C,
+                                           int vocab_start, int n_vocab) {
+    size_t cv = (size_t)C / V; // vectors per row
+    GRID_STRIDE(k, (size_t)N * cv) {
+        size_t i = k / cv, c = (k % cv) * V;
         int r = tokens[i] - vocab_start;
-        out[idx] = (r >= 0 && r < n_vocab) ? wte[(size_t)r * C + c] : 0.0f;
+        vec_t<E, V> v;
+        if (r >= 0 && r < n_vocab) {
+            v = ld_vec<E, V>(wte + (size_t)r * C + c);
+        } else {
+#pragma unroll
+            for (int e = 0; e < V; e++) v.e[e] = from_f<E>(0.0f);
+        }
+        st_vec<E, V>(out + i * C + c, v);
     }
 }
 
-// grid (EMB_BWD_GROUPS, ceil(C / blockDim)). Block (g, cy) owns the channels of its y-slice of
-// every vocab row r with r % EMB_BWD_GROUPS == g, and walks the tokens in order: each dwte element
-// is updated by exactly one thread, in token order, so no atomics are needed and the result is
-// the same sum, in the same order, as a sequential loop over tokens.
-__global__ void vocab_embedding_bwd_kernel(float *dwte, const float *dout, const int *tokens,
-                                           int N, int C, int vocab_start, int n_vocab) {
-    __shared__ int rows[EMB_BWD_TILE];
-    int g = blockIdx.x;
-    int c = blockIdx.y * blockDim.x + threadIdx.x;
+// grid (EMB_BWD_GROUPS, ceil(C / (blockDim * V))). Block (g, cy) owns V channels per thread of
+// every vocab row r with r % EMB_BWD_GROUPS == g. Per tile of tokens it first lists, in token
+// order, the tokens whose row is in its group (an ordered compaction: ballot per warp, prefix over
+// warps), then walks only that list. Each dwte element is updated by exactly one thread, in token
+// order, so no atomics are needed and the result is the same sum, in the same order, as a
+// sequential loop over tokens; consecutive tokens of one row add up in registers, in that order,
+// with one load and one store of dwte per run.
+template <typename E, int V>
+__global__ void __launch_bounds__(EMB_BWD_THREADS)
+vocab_embedding_bwd_kernel(float *dwte, const E *__restrict__ dout, const int *tokens, int N, int C,
+                           int vocab_start, int n_vocab) {
+    __shared__ int rows[EMB_BWD_TILE]; // vocab row of each kept token, in token order
+    __shared__ int toks[EMB_BWD_TILE]; // its position (row of dout)
+    __shared__ int warp_n[EMB_BWD_THREADS / TPC_WARP];
+    const int g = blockIdx.x;
+    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
+    const int nwarps = blockDim.x / TPC_WARP;
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V; // first channel of this thread
     for (int i0 = 0; i0 < N; i0 += EMB_BWD_TILE) {
         int cnt = min(EMB_BWD_TILE, N - i0);
-        __syncthreads(); // the previous tile is no longer read
-        for (int j = threadIdx.x; j < cnt; j += blockDim.x) {
-            int r = tokens[i0 + j] - vocab_start;
+        int kept = 0; // block-uniform
+        for (int j0 = 0; j0 < cnt; j0 += blockDim.x) {
+            int j = j0 + threadIdx.x;
+            int r = j < cnt ? tokens[i0 + j] - vocab_start : -1;
             bool mine = r >= 0 && r < n_vocab && (r & (EMB_BWD_GROUPS - 1)) == g;
-            rows[j] = mine ? r : -1;
+            unsigned int bal = __ballot_sync(0xffffffffu, mine);
+            if (lane == 0) warp_n[warp] = __popc(bal);
+            __syncthreads();
+            int pos = kept, total = kept;
+            for (int w = 0; w < nwarps; w++) {
+                if (w < warp) pos += warp_n[w];
+                total += warp_n[w];
+            }
+            if (mine) {
+                pos += __popc(bal & ((1u << lane) - 1u));
+                rows[pos] = r;
+                toks[pos] = i0 + j;
+            }
+            kept = total;
+            __syncthreads(); // warp_n is rewritten next round; the list is complete after the last
         }
-        __syncthreads();
-        if (c < C) {
-            for (int j = 0; j < cnt; j++) {
-                int r = rows[j];
-                if (r < 0) continue;
-                dwte[(size_t)r * C + c] += dout[(size_t)(i0 + j) * C + c];
+        if (c < C && kept > 0) {
+            int k = 0, r = rows[0];
+            vec_t<float, V> acc = ld_vec<float, V>(dwte + (size_t)r * C + c);
+            while (k < kept) {
+                int end = k + 1; // the run of row r is [k, end)
+                while (end < kept && rows[end] == r) end++;
+                // The next run's row differs from r, and any earlier store to it has been
+                // issued: its load can be in flight while this run adds up.
+                int rn = end < kept ? rows[end] : -1;
+                vec_t<float, V> next = {};
+                if (rn >= 0) next = ld_vec<float, V>(dwte + (size_t)rn * C + c);
+                for (; k < end; k++) {
+                    vec_t<E, V> d = ld_vec<E, V>(dout + (size_t)toks[k] * C + c);
+#pragma unroll
+                    for (int e = 0; e < V; e++) acc.e[e] += to_f(d.e[e]);
+                }
+                st_vec<float, V>(dwte + (size_t)r * C + c, acc);
+                r = rn;
+                acc = next;
             }
         }
+        __syncthreads(); // the list is rewritten by the next tile
     }
 }
 
-__global__ void position_embedding_fwd_kernel(float *x, const float *wpe, int B, int T, int C) {
-    GRID_STRIDE(idx, (size_t)B * T * C) {
-        size_t tc = idx % ((size_t)T * C); // (t, c) offset into wpe
-        x[idx] += wpe[tc];
-    }
-}
-
-// One thread per (t, c), summing over b in order.
-__global__ void position_embedding_bwd_kernel(float *dwpe, const float *dout, int B, int T, int C) {
+// x (B, T, C) += wpe (T, C) broadcast over B; V divides T*C
+template <typename E, int V>
+__global__ void position_embedding_fwd_kernel(E *x, const E *wpe, int B, int T, int C) {
     size_t TC = (size_t)T * C;
-    GRID_STRIDE(tc, TC) {
-        float acc = dwpe[tc];
-        for (int b = 0; b < B; b++) acc += dout[(size_t)b * TC + tc];
-        dwpe[tc] = acc;
+    GRID_STRIDE(k, (size_t)B * TC / V) {
+        size_t i = k * V;
+        vec_t<E, V> a = ld_vec<E, V>(x + i);
+        vec_t<E, V> p = ld_vec<E, V>(wpe + i % TC);
+#pragma unroll
+        for (int e = 0; e < V; e++) a.e[e] = from_f<E>(to_f(a.e[e]) + to_f(p.e[e]));
+        st_vec<E, V>(x + i, a);
     }
 }
 
-// -- layernorm: one warp per row
+// One thread per V consecutive (t, c), summing over b in order; V divides T*C.
+template <typename E, int V>
+__global__ void position_embedding_bwd_kernel(float *dwpe, const E *dout, int B, int T, int C) {
+    size_t TC = (size_t)T * C;
+    GRID_STRIDE(k, TC / V) {
+        size_t tc = k * V;
+        vec_t<float, V> acc = ld_vec<float, V>(dwpe + tc);
+        for (int b = 0; b < B; b++) {
+            vec_t<E, V> d = ld_vec<E, V>(dout + (size_t)b * TC + tc);
+#pragma unroll
+            for (int e = 0; e < V; e++) acc.e[e] += to_f(d.e[e]);
+        }
+        st_vec<float, V>(dwpe + tc, acc);
+    }
+}
 
-__global__ void layernorm_fwd_kernel(float *out, float *mean, float *rstd, const float *inp,
-                                     const float *w, const float *b, int N, int C) {
+// -- layernorm, any C: one warp per row, statistics in S (double on the fp32 path)
+
+template <typename E, typename S>
+__global__ void layernorm_fwd_kernel(E *out, float *mean, float *rstd, const E *inp, const E *w,
+                                     const E *b, int N, int C) {
     int row = blockIdx.x * (blockDim.x / TPC_WARP) + threadIdx.x / TPC_WARP;
     int lane = threadIdx.x % TPC_WARP;
     if (row >= N) return; // the whole warp leaves together
-    const float *x = inp + (size_t)row * C;   // (C)
-    float *y = out + (size_t)row * C;         // (C)
-    // Statistics in double (cheap next to the memory traffic; they set the accuracy of everything
-    // downstream), in two passes over the row (it stays in L1) rather than E[x^2] - m^2, which
-    // cancels badly.
-    double s = 0.0;
-    for (int c = lane; c < C; c += TPC_WARP) s += (double)x[c];
-    float m = (float)(warp_sum_d(s) / C);
-    double v = 0.0;
+    const E *x = inp + (size_t)row * C; // (C)
+    E *y = out + (size_t)row * C;       // (C)
+    // Two passes over the row (it stays in L1) rather than E[x^2] - m^2, which cancels badly.
+    // In double on the fp32 path: cheap next to the memory traffic, and they set the accuracy of
+    // everything downstream.
+    S s = 0;
+    for (int c = lane; c < C; c += TPC_WARP) s += (S)to_f(x[c]);
+    float m = (float)(warp_reduce(s, sum_op()) / C);
+    S v = 0;
     for (int c = lane; c < C; c += TPC_WARP) {
-        double d = (double)x[c] - (double)m;
+        S d = (S)to_f(x[c]) - (S)m;
         v += d * d;
     }
-    float rs = (float)(1.0 / sqrt(warp_sum_d(v) / C + LN_EPS));
-    for (int c = lane; c < C; c += TPC_WARP) y[c] = (x[c] - m) * rs * w[c] + b[c];
+    float rs = (float)((S)1 / sqrt(warp_reduce(v, sum_op()) / C + (S)LN_EPS));
+    for (int c = lane; c < C; c += TPC_WARP)
+        y[c] = from_f<E>((to_f(x[c]) - m) * rs * to_f(w[c]) + to_f(b[c]));
     if (lane == 0) {
         if (mean) mean[row] = m;
         if (rstd) rstd[row] = rs;
@@ -215,40 +414,40 @@ __global__ void layernorm_fwd_kernel(float *out, float *mean, float *rstd, const
 }
 
 // dinp (N, C) += per row: (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd
-__global__ void layernorm_bwd_dinp_kernel(float *dinp, const float *dout, const float *inp,
-                                          const float *w, const float *mean, const float *rstd,
-                                          int N, int C) {
+template <typename E>
+__global__ void layernorm_bwd_dinp_kernel(E *dinp, const E *dout, const E *inp, const E *w,
+                                          const float *mean, const float *rstd, int N, int C) {
     int row = blockIdx.x * (blockDim.x / TPC_WARP) + threadIdx.x / TPC_WARP;
     int lane = threadIdx.x % TPC_WARP;
     if (row >= N) return;
-    const float *x = inp + (size_t)row * C;
-    const float *dy = dout + (size_t)row * C;
-    float *dx = dinp + (size_t)row * C;
+    const E *x = inp + (size_t)row * C;
+    const E *dy = dout + (size_t)row * C;
+    E *dx = dinp + (size_t)row * C;
     float m = mean[row], rs = rstd[row];
     float s1 = 0.0f, s2 = 0.0f;
     // dn is rounded on its own (__fmul_rn is never fused into an FMA): fused into dn - s1 it
     // would leave the product's rounding error where the reference cancels exactly (C = 1, or
     // rows whose dnorm is flat).
     for (int c = lane; c < C; c += TPC_WARP) {
-        float n = (x[c] - m) * rs;
-        float dn = __fmul_rn(w[c], dy[c]);
+        float n = (to_f(x[c]) - m) * rs;
+        float dn = __fmul_rn(to_f(w[c]), to_f(dy[c]));
         s1 += dn;
         s2 += dn * n;
     }
     s1 = warp_sum_f(s1) / (float)C;
     s2 = warp_sum_f(s2) / (float)C;
     for (int c = lane; c < C; c += TPC_WARP) {
-        float n = (x[c] - m) * rs;
-        float dn = __fmul_rn(w[c], dy[c]);
-        dx[c] += (dn - s1 - n * s2) * rs;
+        float n = (to_f(x[c]) - m) * rs;
+        float dn = __fmul_rn(to_f(w[c]), to_f(dy[c]));
+        dx[c] = from_f<E>(to_f(dx[c]) + (dn - s1 - n * s2) * rs);
     }
 }
 
 // grid (ceil(N / COLSUM_ROWS), ceil(C / blockDim)): pw/pb (nchunks, C) = per-chunk column sums of
 // dout * norm and dout, rows in order.
-__global__ void layernorm_bwd_partial_kernel(float *pw, float *pb, const float *dout,
-                                             const float *inp, const float *mean,
-                                             const float *rstd, int N, int C) {
+template <typename E>
+__global__ void layernorm_bwd_partial_kernel(float *pw, float *pb, const E *dout, const E *inp,
+                                             const float *mean, const float *rstd, int N, int C) {
     int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
     int r0 = blockIdx.x * COLSUM_ROWS;
@@ -256,23 +455,177 @@ __global__ void layernorm_bwd_partial_kernel(float *pw, float *pb, const float *
     float sw = 0.0f, sb = 0.0f;
     for (int r = r0; r < r1; r++) {
         size_t at = (size_t)r * C + c;
-        float n = (inp[at] - mean[r]) * rstd[r];
-        sw += dout[at] * n;
-        sb += dout[at];
+        float dy = to_f(dout[at]);
+        float n = (to_f(inp[at]) - mean[r]) * rstd[r];
+        sw += dy * n;
+        sb += dy;
     }
     pw[(size_t)blockIdx.x * C + c] = sw;
     pb[(size_t)blockIdx.x * C + c] = sb;
 }
 
+// -- layernorm, bf16 with C a multiple of 8 (C <= 8 * 32 * LN_MAX_VPL): one warp per row, the row
+// in registers as VPL 16-byte vectors per lane (vector v = lane + 32 j), fp32 statistics.
+
+template <int VPL>
+__global__ void __launch_bounds__(TPC_BLOCK)
+layernorm_fwd_bf16_kernel(bf16 *out, float *mean, float *rstd, const bf16 *inp, const bf16 *w,
+                          const bf16 *b, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / TPC_WARP) + threadIdx.x / TPC_WARP;
+    int lane = threadIdx.x % TPC_WARP;
+    if (row >= N) return;
+    const int nvec = C / 8;
+    const bf16 *x = inp + (size_t)row * C; // (C)
+    bf16 *y = out + (size_t)row * C;       // (C)
+    float xv[VPL][8];
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VPL; j++) {
+        int v = lane + j * TPC_WARP;
+        if (v < nvec) {
+            vec_t<bf16, 8> p = ld_vec<bf16, 8>(x + (size_t)v * 8);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                xv[j][e] = to_f(p.e[e]);
+                s += xv[j][e];
+            }
+        }
+    }
+    float m = warp_sum_f(s) / (float)C;
+    float var = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VPL; j++) {
+        if (lane + j * TPC_WARP < nvec) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                float d = xv[j][e] - m;
+                var += d * d;
+            }
+        }
+    }
+    float rs = rsqrtf(warp_sum_f(var) / (float)C + (float)LN_EPS);
+#pragma unroll
+    for (int j = 0; j < VPL; j++) {
+        int v = lane + j * TPC_WARP;
+        if (v < nvec) {
+            vec_t<bf16, 8> wv = ld_vec<bf16, 8>(w + (size_t)v * 8);
+            vec_t<bf16, 8> bv = ld_vec<bf16, 8>(b + (size_t)v * 8);
+            vec_t<bf16, 8> o;
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                o.e[e] = from_f<bf16>((xv[j][e] - m) * rs * to_f(wv.e[e]) + to_f(bv.e[e]));
+            st_vec<bf16, 8>(y + (size_t)v * 8, o);
+        }
+    }
+    if (lane == 0) {
+        if (mean) mean[row] = m;
+        if (rstd) rstd[row] = rs;
+    }
+}
+
+// The whole backward in one pass: warp w of block k takes rows k * nwarps + w, stepping by
+// gridDim * nwarps (the grid depends on N only). dinp += as layernorm_bwd_dinp_kernel; each lane
+// keeps running column sums of dout * norm and dout for its channels over its rows, the block adds
+// its warps' sums in warp order (shared memory, 2 * C floats) and writes one partial row each of
+// pdw, pdb (gridDim, C); colsum2_finish_kernel adds the partials in block order. The second pass
+// over a row reloads it (an L1 hit) rather than holding it, which leaves the registers to the
+// column sums.
+template <int VPL>
+__global__ void __launch_bounds__(TPC_BLOCK, VPL <= 4 ? 2 : 1)
+layernorm_bwd_bf16_kernel(bf16 *dinp, float *pdw, float *pdb, const bf16 *dout, const bf16 *inp,
+                          const bf16 *w, const float *mean, const float *rstd, int N, int C) {
+    extern __shared__ float ln_red[]; // (2, C)
+    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
+    const int nwarps = blockDim.x / TPC_WARP;
+    const int nvec = C / 8;
+    float dw_acc[VPL][8], db_acc[VPL][8];
+#pragma unroll
+    for (int j = 0; j < VPL; j++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) dw_acc[j][e] = db_acc[j][e] = 0.0f;
+
+    for (int row = blockIdx.x * nwarps + warp; row < N; row += gridDim.x * nwarps) {
+        const bf16 *x = inp + (size_t)row * C;  // (C)
+        const bf16 *dy = dout + (size_t)row * C; // (C)
+        bf16 *dx = dinp + (size_t)row * C;       // (C)
+        float m = mean[row], rs = rstd[row];
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < VPL; j++) {
+            int v = lane + j * TPC_WARP;
+            if (v < nvec) {
+                vec_t<bf16, 8> xp = ld_vec<bf16, 8>(x + (size_t)v * 8);
+                vec_t<bf16, 8> dp = ld_vec<bf16, 8>(dy + (size_t)v * 8);
+                vec_t<bf16, 8> wp = ld_vec<bf16, 8>(w + (size_t)v * 8);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float n = (to_f(xp.e[e]) - m) * rs;
+                    float d = to_f(dp.e[e]);
+                    float dn = __fmul_rn(to_f(wp.e[e]), d);
+                    s1 += dn;
+                    s2 += dn * n;
+                    dw_acc[j][e] += d * n;
+                    db_acc[j][e] += d;
+                }
+            }
+        }
+        s1 = warp_sum_f(s1) / (float)C;
+        s2 = warp_sum_f(s2) / (float)C;
+#pragma unroll
+        for (int j = 0; j < VPL; j++) {
+            int v = lane + j * TPC_WARP;
+            if (v < nvec) {
+                vec_t<bf16, 8> xp = ld_vec<bf16, 8>(x + (size_t)v * 8);
+                vec_t<bf16, 8> dp = ld_vec<bf16, 8>(dy + (size_t)v * 8);
+                vec_t<bf16, 8> wp = ld_vec<bf16, 8>(w + (size_t)v * 8);
+                vec_t<bf16, 8> gp = ld_vec<bf16, 8>(dx + (size_t)v * 8);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float n = (to_f(xp.e[e]) - m) * rs;
+                    float dn = __fmul_rn(to_f(wp.e[e]), to_f(dp.e[e]));
+                    gp.e[e] = from_f<bf16>(to_f(gp.e[e]) + (dn - s1 - n * s2) * rs);
+                }
+                st_vec<bf16, 8>(dx + (size_t)v * 8, gp);
+            }
+        }
+    }
+
+    // the block's column sums: warps add in order, one at a time
+    for (int k = 0; k < nwarps; k++) {
+        if (warp == k) {
+#pragma unroll
+            for (int j = 0; j < VPL; j++) {
+                int v = lane + j * TPC_WARP;
+                if (v < nvec) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        int c = v * 8 + e;
+                        ln_red[c] = (k == 0 ? 0.0f : ln_red[c]) + dw_acc[j][e];
+                        ln_red[C + c] = (k == 0 ? 0.0f : ln_red[C + c]) + db_acc[j][e];
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        pdw[(size_t)blockIdx.x * C + c] = ln_red[c];
+        pdb[(size_t)blockIdx.x * C + c] = ln_red[C + c];
+    }
+}
+
+// -- column sums
+
 // grid (nchunks = ceil(N / COLSUM_ROWS), ceil(C / blockDim)): partial (nchunks, C) = per-chunk
 // column sums of x (N, C), rows in order
-__global__ void colsum_partial_kernel(float *partial, const float *x, int N, int C) {
+template <typename E>
+__global__ void colsum_partial_kernel(float *partial, const E *x, int N, int C) {
     int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
     int r0 = blockIdx.x * COLSUM_ROWS;
     int r1 = min(N, r0 + COLSUM_ROWS);
     float s = 0.0f;
-    for (int r = r0; r < r1; r++) s += x[(size_t)r * C + c];
+    for (int r = r0; r < r1; r++) s += to_f(x[(size_t)r * C + c]);
     partial[(size_t)blockIdx.x * C + c] = s;
 }
 
@@ -285,41 +638,121 @@ __global__ void colsum_finish_kernel(float *out, const float *partial, int nchun
     out[c] += s;
 }
 
+// Two column sums at once with more loads in flight: grid (ceil(C / 32), 2), block (32, 32);
+// blockIdx.y picks (out0, p0) or (out1, p1). Thread (x, y) sums chunks y, y + 32, ... of column
+// 32 * blockIdx.x + x in order; the 32 lane sums are then added in y order, so the result depends
+// on nchunks only. out (C) += sum of partial (nchunks, C).
+__global__ void colsum2_finish_kernel(float *out0, const float *p0, float *out1, const float *p1,
+                                      int nchunks, int C) {
+    __shared__ float sh[32][33];
+    float *out = blockIdx.y ? out1 : out0;
+    const float *p = blockIdx.y ? p1 : p0;
+    int c = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.0f;
+    if (c < C)
+        for (int k = threadIdx.y; k < nchunks; k += 32) s += p[(size_t)k * C + c];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float t = 0.0f;
+        for (int y = 0; y < 32; y++) t += sh[y][threadIdx.x];
+        out[c] += t;
+    }
+}
+
 // -- linear layers and elementwise
 
-// out (N, OC) += bias (OC) broadcast over rows
+// out (N, OC) += bias (OC) broadcast over rows (fp32 path, after SGEMM)
 __global__ void add_bias_kernel(float *out, const float *bias, int N, int OC) {
     GRID_STRIDE(idx, (size_t)N * OC) out[idx] += bias[idx % OC];
 }
 
-__global__ void residual_kernel(float *out, const float *res, const float *x, const float *bias,
-                                int N, int C) {
-    GRID_STRIDE(idx, (size_t)N * C) {
-        float v = res[idx] + x[idx];
-        if (bias) v += bias[idx % C];
-        out[idx] = v;
+// out (N, C) = res + x (+ bias); V divides C; out may alias res or x (each element is read and
+// written by the same thread)
+template <typename E, int V>
+__global__ void residual_kernel(E *out, const E *res, const E *x, const E *bias, int N, int C) {
+    GRID_STRIDE(k, (size_t)N * C / V) {
+        size_t i = k * V;
+        vec_t<E, V> a = ld_vec<E, V>(res + i), b = ld_vec<E, V>(x + i), o;
+        vec_t<E, V> bb = {};
+        if (bias) bb = ld_vec<E, V>(bias + i % C);
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+            float v = to_f(a.e[e]) + to_f(b.e[e]);
+            if (bias) v += to_f(bb.e[e]);
+            o.e[e] = from_f<E>(v);
+        }
+        st_vec<E, V>(out + i, o);
     }
 }
 
 #define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 
-__global__ void gelu_fwd_kernel(float *out, const float *inp, size_t n) {
-    GRID_STRIDE(i, n) {
-        float x = inp[i];
-        float cube = 0.044715f * x * x * x;
-        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + cube)));
+__device__ __forceinline__ float gelu_f(float x) {
+    float cube = 0.044715f * x * x * x;
+    return 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + cube)));
+}
+
+__device__ __forceinline__ float gelu_grad_f(float x) {
+    float cube = 0.044715f * x * x * x;
+    float th = tanhf(GELU_SCALE * (x + cube));
+    float sech2 = 1.0f - th * th; // 1/cosh^2 without cosh's overflow
+    return 0.5f * (1.0f + th) + x * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+}
+
+template <typename E, int V> __global__ void gelu_fwd_kernel(E *out, const E *inp, size_t n) {
+    GRID_STRIDE(k, (n + V - 1) / V) {
+        size_t i = k * V;
+        if (i + V <= n) {
+            vec_t<E, V> a = ld_vec<E, V>(inp + i), o;
+#pragma unroll
+            for (int e = 0; e < V; e++) o.e[e] = from_f<E>(gelu_f(to_f(a.e[e])));
+            st_vec<E, V>(out + i, o);
+        } else {
+            for (size_t j = i; j < n; j++) out[j] = from_f<E>(gelu_f(to_f(inp[j])));
+        }
     }
 }
 
-__global__ void gelu_bwd_kernel(float *dinp, const float *inp, const float *dout, size_t n) {
+// dinp = gelu'(inp) * dout; dinp may alias dout
+template <typename E, int V>
+__global__ void gelu_bwd_kernel(E *dinp, const E *inp, const E *dout, size_t n) {
+    GRID_STRIDE(k, (n + V - 1) / V) {
+        size_t i = k * V;
+        if (i + V <= n) {
+            vec_t<E, V> a = ld_vec<E, V>(inp + i), d = ld_vec<E, V>(dout + i), o;
+#pragma unroll
+            for (int e = 0; e < V; e++) o.e[e] = from_f<E>(gelu_grad_f(to_f(a.e[e])) * to_f(d.e[e]));
+            st_vec<E, V>(dinp + i, o);
+        } else {
+            for (size_t j = i; j < n; j++)
+                dinp[j] = from_f<E>(gelu_grad_f(to_f(inp[j])) * to_f(dout[j]));
+        }
+    }
+}
+
+// bf16 product fallback (shapes gemm.h refuses), after an fp32-output cuBLAS product acc:
+// out (N, OC) = acc + bias, or with pre_gelu: pre_gelu = acc + bias, out = gelu(acc + bias)
+__global__ void gemm_fallback_fwd_epilogue_kernel(bf16 *out, bf16 *pre_gelu, const float *acc,
+                                                  const bf16 *bias, int N, int OC) {
+    GRID_STRIDE(i, (size_t)N * OC) {
+        float v = acc[i];
+        if (bias) v += to_f(bias[i % OC]);
+        if (pre_gelu) {
+            pre_gelu[i] = from_f<bf16>(v);
+            v = gelu_f(v);
+        }
+        out[i] = from_f<bf16>(v);
+    }
+}
+
+// dinp (n) = acc, times gelu'(pre_gelu) when given
+__global__ void gemm_fallback_bwd_epilogue_kernel(bf16 *dinp, const float *acc,
+                                                  const bf16 *pre_gelu, size_t n) {
     GRID_STRIDE(i, n) {
-        float x = inp[i];
-        float cube = 0.044715f * x * x * x;
-        float th = tanhf(GELU_SCALE * (x + cube));
-        float sech2 = 1.0f - th * th; // 1/cosh^2 without cosh's overflow
-        float grad = 0.5f * (1.0f + th) +
-                     x * 0.5f * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] = grad * dout[i];
+        float v = acc[i];
+        if (pre_gelu) v *= gelu_grad_f(to_f(pre_gelu[i]));
+        dinp[i] = from_f<bf16>(v);
     }
 }
 
@@ -421,18 +854,19 @@ __global__ void attn_softmax_bwd_kernel(float *datt, const float *att, int BNH, 
 
 // One query row against a KV cache (generation): one block per head. scores (NH, n_ctx) in
 // global memory, so the context length is not bounded by shared memory.
-__global__ void attn_decode_kernel(float *out, float *scores, const float *q, const float *kc,
-                                   const float *vc, int n_ctx, int NH, int HS, float scale) {
+template <typename E>
+__global__ void attn_decode_kernel(E *out, float *scores, const E *q, const E *kc, const E *vc,
+                                   int n_ctx, int NH, int HS, float scale) {
     __shared__ float sh[TPC_WARP];
     int h = blockIdx.x;
     size_t C = (size_t)NH * HS;
-    const float *qh = q + (size_t)h * HS;       // (HS)
-    float *s = scores + (size_t)h * n_ctx;      // (n_ctx)
+    const E *qh = q + (size_t)h * HS;      // (HS)
+    float *s = scores + (size_t)h * n_ctx; // (n_ctx)
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < n_ctx; j += blockDim.x) {
-        const float *k = kc + (size_t)j * C + (size_t)h * HS;
+        const E *k = kc + (size_t)j * C + (size_t)h * HS;
         float acc = 0.0f;
-        for (int d = 0; d < HS; d++) acc += qh[d] * k[d];
+        for (int d = 0; d < HS; d++) acc += to_f(qh[d]) * to_f(k[d]);
         acc *= scale;
         s[j] = acc;
         mx = fmaxf(mx, acc);
@@ -448,39 +882,63 @@ __global__ void attn_decode_kernel(float *out, float *scores, const float *q, co
     float inv = 1.0f / sum;
     for (int d = threadIdx.x; d < HS; d += blockDim.x) {
         float acc = 0.0f;
-        for (int j = 0; j < n_ctx; j++) acc += s[j] * vc[(size_t)j * C + (size_t)h * HS + d];
-        out[(size_t)h * HS + d] = acc * inv;
+        for (int j = 0; j < n_ctx; j++) acc += s[j] * to_f(vc[(size_t)j * C + (size_t)h * HS + d]);
+        out[(size_t)h * HS + d] = from_f<E>(acc * inv);
     }
 }
 
-// -- vocab-parallel cross-entropy: one block per row
+// -- vocab-parallel cross-entropy: one block per row; V columns per access (V divides n_vocab),
+// the vector that straddles n_real masked element-wise. With V = 1 the loops are the fp32 path's.
 
-__global__ void xent_max_kernel(float *maxes, const float *logits, int n_real, int n_vocab) {
+// exp(x) for x <= 0: the fp32 path keeps expf; bf16 logits carry 8 significant bits, so the
+// hardware exp2 (relative error about 2^-21) is exact enough and saves the instructions that
+// would otherwise compete with the memory stream.
+template <typename E> __device__ __forceinline__ float xent_exp(float x);
+template <> __device__ __forceinline__ float xent_exp<float>(float x) { return expf(x); }
+template <> __device__ __forceinline__ float xent_exp<bf16>(float x) { return __expf(x); }
+
+template <typename E, int V>
+__global__ void xent_max_kernel(float *maxes, const E *logits, int n_real, int n_vocab) {
     __shared__ float sh[TPC_WARP];
-    const float *row = logits + (size_t)blockIdx.x * n_vocab; // (n_vocab)
+    const E *row = logits + (size_t)blockIdx.x * n_vocab; // (n_vocab)
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < n_real; j += blockDim.x) m = fmaxf(m, row[j]);
+    int nv = (n_real + V - 1) / V;
+#pragma unroll 4
+    for (int k = threadIdx.x; k < nv; k += blockDim.x) {
+        vec_t<E, V> x = ld_vec<E, V>(row + (size_t)k * V);
+#pragma unroll
+        for (int e = 0; e < V; e++)
+            if (k * V + e < n_real) m = fmaxf(m, to_f(x.e[e]));
+    }
     m = block_max_f(m, sh);
     if (threadIdx.x == 0) maxes[blockIdx.x] = m;
 }
 
 // sums (2, N): [0][i] = sum exp(logit - max) over real columns, [1][i] = target logit or 0
-__global__ void xent_sums_kernel(float *sums, const float *logits, const float *maxes,
+template <typename E, int V>
+__global__ void xent_sums_kernel(float *sums, const E *logits, const float *maxes,
                                  const int *targets, int N, int vocab_start, int n_real,
                                  int n_vocab) {
     __shared__ float sh[TPC_WARP];
     size_t i = blockIdx.x;
-    const float *row = logits + i * n_vocab; // (n_vocab)
+    const E *row = logits + i * n_vocab; // (n_vocab)
     float mx = maxes[i];
     // a -inf max means no real column anywhere; -inf - -inf would be NaN, so such a row adds 0
     int n_sum = mx == -INFINITY ? 0 : n_real;
+    int nv = (n_sum + V - 1) / V;
     float s = 0.0f;
-    for (int j = threadIdx.x; j < n_sum; j += blockDim.x) s += expf(row[j] - mx);
+#pragma unroll 4
+    for (int k = threadIdx.x; k < nv; k += blockDim.x) {
+        vec_t<E, V> x = ld_vec<E, V>(row + (size_t)k * V);
+#pragma unroll
+        for (int e = 0; e < V; e++)
+            if (k * V + e < n_sum) s += xent_exp<E>(to_f(x.e[e]) - mx);
+    }
     s = block_sum_f(s, sh);
     if (threadIdx.x == 0) {
         int r = targets[i] - vocab_start;
         sums[i] = s;
-        sums[(size_t)N + i] = (r >= 0 && r < n_real) ? row[r] : 0.0f;
+        sums[(size_t)N + i] = (r >= 0 && r < n_real) ? to_f(row[r]) : 0.0f;
     }
 }
 
@@ -489,22 +947,32 @@ __global__ void xent_loss_kernel(float *losses, const float *maxes, const float 
 }
 
 // dlogits (N, n_vocab) = (softmax - onehot) * dloss on real columns, 0 on padding; in place safe
-__global__ void xent_bwd_kernel(float *dlogits, const float *logits, const float *maxes,
-                                const float *sums, const int *targets, float dloss,
-                                int vocab_start, int n_real, int n_vocab) {
+// (each element is read and written by the same thread)
+template <typename E, int V>
+__global__ void xent_bwd_kernel(E *dlogits, const E *logits, const float *maxes, const float *sums,
+                                const int *targets, float dloss, int vocab_start, int n_real,
+                                int n_vocab) {
     size_t i = blockIdx.x;
-    const float *row = logits + i * n_vocab;
-    float *drow = dlogits + i * n_vocab;
+    const E *row = logits + i * n_vocab;
+    E *drow = dlogits + i * n_vocab;
     float mx = maxes[i];
     float inv = 1.0f / sums[i];
     int r = targets[i] - vocab_start;
-    for (int j = threadIdx.x; j < n_vocab; j += blockDim.x) {
-        float d = 0.0f;
-        if (j < n_real) {
-            float p = expf(row[j] - mx) * inv;
-            d = (p - (j == r ? 1.0f : 0.0f)) * dloss;
+    int nv = n_vocab / V;
+#pragma unroll 4
+    for (int k = threadIdx.x; k < nv; k += blockDim.x) {
+        vec_t<E, V> x = ld_vec<E, V>(row + (size_t)k * V), o;
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+            int j = k * V + e;
+            float d = 0.0f;
+            if (j < n_real) {
+                float p = xent_exp<E>(to_f(x.e[e]) - mx) * inv;
+                d = (p - (j == r ? 1.0f : 0.0f)) * dloss;
+            }
+            o.e[e] = from_f<E>(d);
         }
-        drow[j] = d;
+        st_vec<E, V>(drow + (size_t)k * V, o);
     }
 }
 
@@ -536,18 +1004,153 @@ __global__ void scale_kernel(float *x, float s, size_t n) {
     GRID_STRIDE(i, n) x[i] *= s;
 }
 
-// AdamW with decoupled weight decay; bc1, bc2 = 1 - beta^t (bias corrections)
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, size_t n, float lr,
-                             float beta1, float beta2, float eps, float wd, float grad_scale,
-                             float bc1, float bc2) {
-    GRID_STRIDE(i, n) {
-        float gi = g[i] * grad_scale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        float mhat = mi / bc1, vhat = vi / bc2;
-        p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + wd * p[i]);
+// Segment-table walks (segments_sumsq, adamw): block b owns elements [b * chunk, (b + 1) * chunk)
+// of the flat buffer and visits, in table order, every segment that overlaps them; the table
+// passes through shared memory SEG_TILE entries at a time, and every thread takes part in the
+// walk (it is block-uniform). An overlap [lo, hi) is cut into a scalar head up to the next
+// multiple of 4, 4-element vectors, and a scalar tail, so each element is touched by exactly one
+// thread and vector accesses stay aligned when the buffers are.
+
+// The overlap [lo, hi) of segment s with [c0, c1); false if empty.
+__device__ __forceinline__ bool seg_overlap(const struct param_segment &s, size_t c0, size_t c1,
+                                            size_t *lo, size_t *hi) {
+    size_t a = s.offset > c0 ? s.offset : c0;
+    size_t e = s.offset + s.numel;
+    size_t b = e < c1 ? e : c1;
+    *lo = a;
+    *hi = b;
+    return a < b;
+}
+
+// partial (gridDim.x, 2) = per-block sums of x^2 in double, by norm group
+template <bool VEC>
+__global__ void segments_sumsq_partial_kernel(double *partial, const float *x,
+                                              const struct param_segment *segs, int n_segs,
+                                              size_t n, size_t chunk) {
+    __shared__ struct param_segment tab[SEG_TILE];
+    __shared__ double sh[TPC_WARP];
+    size_t c0 = (size_t)blockIdx.x * chunk;
+    size_t c1 = c0 + chunk < n ? c0 + chunk : n;
+    double acc0 = 0.0, acc1 = 0.0; // norm groups 0 and 1
+    for (int s0 = 0; s0 < n_segs; s0 += SEG_TILE) {
+        int cnt = min(SEG_TILE, n_segs - s0);
+        __syncthreads(); // the previous tile is no longer read
+        for (int j = threadIdx.x; j < cnt; j += blockDim.x) tab[j] = segs[s0 + j];
+        __syncthreads();
+        for (int j = 0; j < cnt; j++) {
+            size_t lo, hi;
+            if (!seg_overlap(tab[j], c0, c1, &lo, &hi)) continue;
+            double s = 0.0;
+            size_t body = lo, nb = 0;
+            if (VEC) {
+                body = (lo + 3) & ~(size_t)3;
+                if (body > hi) body = hi;
+                nb = (hi - body) / 4;
+            }
+            for (size_t i = lo + threadIdx.x; i < body; i += blockDim.x) {
+                double v = x[i];
+                s += v * v;
+            }
+            const float4 *x4 = reinterpret_cast<const float4 *>(x + body);
+            for (size_t q = threadIdx.x; q < nb; q += blockDim.x) {
+                float4 v = x4[q];
+                s += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+            }
+            for (size_t i = body + nb * 4 + threadIdx.x; i < hi; i += blockDim.x) {
+                double v = x[i];
+                s += v * v;
+            }
+            if (tab[j].norm_group == 1) acc1 += s;
+            else acc0 += s;
+        }
+    }
+    double g0 = block_sum_d(acc0, sh);
+    double g1 = block_sum_d(acc1, sh);
+    if (threadIdx.x == 0) {
+        partial[2 * (size_t)blockIdx.x] = g0;
+        partial[2 * (size_t)blockIdx.x + 1] = g1;
+    }
+}
+
+// out (2) = sums of partial (nparts, 2) by group, parts in a fixed order; one block
+__global__ void segments_sumsq_finish_kernel(float *out, const double *partial, int nparts) {
+    __shared__ double sh[TPC_WARP];
+    for (int g = 0; g < 2; g++) {
+        double s = 0.0;
+        for (int k = threadIdx.x; k < nparts; k += blockDim.x) s += partial[2 * (size_t)k + g];
+        s = block_sum_d(s, sh);
+        if (threadIdx.x == 0) out[g] = (float)s;
+    }
+}
+
+struct adamw_args {
+    float lr, beta1, beta2, eps, grad_scale, grad_clip, bc1, bc2; // bc = 1 - beta^t
+    const float *norm_sq;                                         // (2) or NULL
+};
+
+// One AdamW element, decoupled weight decay; the fp32 expression of the reference.
+__device__ __forceinline__ float adamw_elem(float *p, float *m, float *v, float g, float wd,
+                                            const struct adamw_args &a) {
+    float mi = a.beta1 * *m + (1.0f - a.beta1) * g;
+    float vi = a.beta2 * *v + (1.0f - a.beta2) * g * g;
+    *m = mi;
+    *v = vi;
+    float mhat = mi / a.bc1, vhat = vi / a.bc2;
+    *p -= a.lr * (mhat / (sqrtf(vhat) + a.eps) + wd * *p);
+    return *p;
+}
+
+// p, g, m, v (n) fp32, pc (n) E or NULL; one launch over every segment (see the walk above).
+// g is scaled by grad_scale, times min(1, grad_clip / ||g * grad_scale||) when norm_sq is given.
+template <typename E, bool VEC>
+__global__ void adamw_kernel(float *p, E *pc, const float *g, float *m, float *v,
+                             const struct param_segment *segs, int n_segs, size_t n, size_t chunk,
+                             struct adamw_args a) {
+    __shared__ struct param_segment tab[SEG_TILE];
+    float gs = a.grad_scale;
+    if (a.norm_sq && a.grad_clip > 0.0f) {
+        float norm = sqrtf(a.norm_sq[0] + a.norm_sq[1]);
+        if (norm > a.grad_clip) gs = a.grad_scale * (a.grad_clip / norm);
+    }
+    size_t c0 = (size_t)blockIdx.x * chunk;
+    size_t c1 = c0 + chunk < n ? c0 + chunk : n;
+    for (int s0 = 0; s0 < n_segs; s0 += SEG_TILE) {
+        int cnt = min(SEG_TILE, n_segs - s0);
+        __syncthreads();
+        for (int j = threadIdx.x; j < cnt; j += blockDim.x) tab[j] = segs[s0 + j];
+        __syncthreads();
+        for (int j = 0; j < cnt; j++) {
+            size_t lo, hi;
+            if (!seg_overlap(tab[j], c0, c1, &lo, &hi)) continue;
+            float wd = tab[j].weight_decay;
+            size_t body = lo, nb = 0;
+            if (VEC) {
+                body = (lo + 3) & ~(size_t)3;
+                if (body > hi) body = hi;
+                nb = (hi - body) / 4;
+            }
+            for (size_t i = lo + threadIdx.x; i < body; i += blockDim.x) {
+                float pi = adamw_elem(p + i, m + i, v + i, g[i] * gs, wd, a);
+                if (pc) pc[i] = from_f<E>(pi);
+            }
+            for (size_t q = threadIdx.x; q < nb; q += blockDim.x) {
+                size_t i = body + 4 * q;
+                vec_t<float, 4> pv = ld_vec<float, 4>(p + i), gv = ld_vec<float, 4>(g + i);
+                vec_t<float, 4> mv = ld_vec<float, 4>(m + i), vv = ld_vec<float, 4>(v + i);
+                vec_t<E, 4> cv;
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    cv.e[e] = from_f<E>(adamw_elem(&pv.e[e], &mv.e[e], &vv.e[e], gv.e[e] * gs, wd, a));
+                st_vec<float, 4>(p + i, pv);
+                st_vec<float, 4>(m + i, mv);
+                st_vec<float, 4>(v + i, vv);
+                if (pc) st_vec<E, 4>(pc + i, cv);
+            }
+            for (size_t i = body + nb * 4 + threadIdx.x; i < hi; i += blockDim.x) {
+                float pi = adamw_elem(p + i, m + i, v + i, g[i] * gs, wd, a);
+                if (pc) pc[i] = from_f<E>(pi);
+            }
+        }
     }
 }
 
@@ -568,6 +1171,8 @@ static const char *cuda_name(void *ctx) {
     (void)ctx;
     return "cuda";
 }
+
+static enum tp_dtype cuda_dtype(void *ctx) { return ((struct cuda_ctx *)ctx)->dtype; }
 
 static void *cuda_alloc(void *ctx, size_t bytes) {
     struct cuda_ctx *c = ctx_of(ctx);
@@ -621,6 +1226,33 @@ static void cuda_copy(void *ctx, void *dst, const void *src, size_t bytes) {
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream));
 }
 
+// dst (n) D = src (n) S, 8 elements per access when both are 16-byte aligned
+template <typename D, typename S>
+static void launch_convert(struct cuda_ctx *c, D *dst, const S *src, size_t n) {
+    if (n == 0) return;
+    if (aligned_to(dst, 16) && aligned_to(src, 16))
+        convert_kernel<D, S, 8><<<ew_blocks(ceil_div(n, 8)), TPC_BLOCK, 0, c->stream>>>(dst, src, n);
+    else
+        convert_kernel<D, S, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dst, src, n);
+    CUDA_CHECK_LAUNCH("convert_kernel");
+}
+
+static void cuda_to_compute(void *ctx, void *dst, const float *src, size_t n) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (n == 0) return;
+    if (is_bf16(c)) launch_convert(c, (bf16 *)dst, src, n);
+    else if (dst != src)
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, c->stream));
+}
+
+static void cuda_from_compute(void *ctx, float *dst, const void *src, size_t n) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (n == 0) return;
+    if (is_bf16(c)) launch_convert(c, dst, (const bf16 *)src, n);
+    else if (dst != src)
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, c->stream));
+}
+
 static void cuda_synchronize(void *ctx) {
     struct cuda_ctx *c = ctx_of(ctx);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -633,6 +1265,7 @@ static void *cuda_native_stream(void *ctx) {
 static void cuda_destroy(void *ctx) {
     struct cuda_ctx *c = ctx_of(ctx);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    if (c->gemm) gemm_destroy(c->gemm);
     CUBLAS_CHECK(cublasDestroy(c->blas));
     if (c->blas_ws) CUDA_CHECK(cudaFree(c->blas_ws));
     if (c->scratch) CUDA_CHECK(cudaFree(c->scratch));
@@ -642,62 +1275,150 @@ static void cuda_destroy(void *ctx) {
 
 // -- embeddings
 
-static void cuda_vocab_embedding_fwd(void *ctx, float *out, const int *tokens, const float *wte,
+template <typename E>
+static void vocab_embedding_fwd_impl(struct cuda_ctx *c, E *out, const int *tokens, const E *wte,
                                      int N, int C, int vocab_start, int n_vocab) {
-    struct cuda_ctx *c = ctx_of(ctx);
+    const int V = vec16<E>::n;
     size_t n = (size_t)N * C;
-    if (n == 0) return;
-    vocab_embedding_fwd_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(
-        out, tokens, wte, N, C, vocab_start, n_vocab);
+    if (C % V == 0 && aligned_to(out, 16) && aligned_to(wte, 16))
+        vocab_embedding_fwd_kernel<E, V><<<ew_blocks(n / V), TPC_BLOCK, 0, c->stream>>>(
+            out, tokens, wte, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_fwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(
+            out, tokens, wte, N, C, vocab_start, n_vocab);
     CUDA_CHECK_LAUNCH("vocab_embedding_fwd_kernel");
 }
 
-static void cuda_vocab_embedding_bwd(void *ctx, float *dwte, const float *dout, const int *tokens,
+static void cuda_vocab_embedding_fwd(void *ctx, void *out, const int *tokens, const void *wte,
                                      int N, int C, int vocab_start, int n_vocab) {
     struct cuda_ctx *c = ctx_of(ctx);
-    if (N <= 0 || C <= 0 || n_vocab <= 0) return;
-    const int threads = 128;
-    dim3 grid(EMB_BWD_GROUPS, tpc_blocks((size_t)C, threads));
-    vocab_embedding_bwd_kernel<<<grid, threads, 0, c->stream>>>(dwte, dout, tokens, N, C,
-                                                                vocab_start, n_vocab);
+    if (N <= 0 || C <= 0) return;
+    if (is_bf16(c))
+        vocab_embedding_fwd_impl(c, (bf16 *)out, tokens, (const bf16 *)wte, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_fwd_impl(c, (float *)out, tokens, (const float *)wte, N, C, vocab_start, n_vocab);
+}
+
+template <typename E>
+static void vocab_embedding_bwd_impl(struct cuda_ctx *c, float *dwte, const E *dout,
+                                     const int *tokens, int N, int C, int vocab_start,
+                                     int n_vocab) {
+    // 4 channels per thread: one 16-byte dwte access, 8 or 16 bytes of dout
+    const int V = 4;
+    bool vec = C % V == 0 && aligned_to(dwte, 16) && aligned_to(dout, V * sizeof(E));
+    int per_block = EMB_BWD_THREADS * (vec ? V : 1);
+    dim3 grid(EMB_BWD_GROUPS, tpc_blocks((size_t)C, (size_t)per_block));
+    if (vec)
+        vocab_embedding_bwd_kernel<E, V><<<grid, EMB_BWD_THREADS, 0, c->stream>>>(
+            dwte, dout, tokens, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_bwd_kernel<E, 1><<<grid, EMB_BWD_THREADS, 0, c->stream>>>(
+            dwte, dout, tokens, N, C, vocab_start, n_vocab);
     CUDA_CHECK_LAUNCH("vocab_embedding_bwd_kernel");
 }
 
-static void cuda_position_embedding_fwd(void *ctx, float *x, const float *wpe, int B, int T,
-                                        int C) {
+static void cuda_vocab_embedding_bwd(void *ctx, float *dwte, const void *dout, const int *tokens,
+                                     int N, int C, int vocab_start, int n_vocab) {
     struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || C <= 0 || n_vocab <= 0) return;
+    if (is_bf16(c))
+        vocab_embedding_bwd_impl(c, dwte, (const bf16 *)dout, tokens, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_bwd_impl(c, dwte, (const float *)dout, tokens, N, C, vocab_start, n_vocab);
+}
+
+template <typename E>
+static void position_embedding_fwd_impl(struct cuda_ctx *c, E *x, const E *wpe, int B, int T,
+                                        int C) {
+    const int V = vec16<E>::n;
     size_t n = (size_t)B * T * C;
-    if (n == 0) return;
-    position_embedding_fwd_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(x, wpe, B, T, C);
+    if (((size_t)T * C) % V == 0 && aligned_to(x, 16) && aligned_to(wpe, 16))
+        position_embedding_fwd_kernel<E, V><<<ew_blocks(n / V), TPC_BLOCK, 0, c->stream>>>(x, wpe, B, T, C);
+    else
+        position_embedding_fwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(x, wpe, B, T, C);
     CUDA_CHECK_LAUNCH("position_embedding_fwd_kernel");
 }
 
-static void cuda_position_embedding_bwd(void *ctx, float *dwpe, const float *dout, int B, int T,
+static void cuda_position_embedding_fwd(void *ctx, void *x, const void *wpe, int B, int T, int C) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if ((size_t)B * T * C == 0 || B <= 0) return;
+    if (is_bf16(c)) position_embedding_fwd_impl(c, (bf16 *)x, (const bf16 *)wpe, B, T, C);
+    else position_embedding_fwd_impl(c, (float *)x, (const float *)wpe, B, T, C);
+}
+
+template <typename E>
+static void position_embedding_bwd_impl(struct cuda_ctx *c, float *dwpe, const E *dout, int B,
+                                        int T, int C) {
+    const int V = 4; // one 16-byte dwpe access; 8 or 16 bytes of dout
+    size_t n = (size_t)T * C;
+    if (n % V == 0 && aligned_to(dwpe, 16) && aligned_to(dout, V * sizeof(E)))
+        position_embedding_bwd_kernel<E, V><<<ew_blocks(n / V), TPC_BLOCK, 0, c->stream>>>(dwpe, dout, B, T, C);
+    else
+        position_embedding_bwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dwpe, dout, B, T, C);
+    CUDA_CHECK_LAUNCH("position_embedding_bwd_kernel");
+}
+
+static void cuda_position_embedding_bwd(void *ctx, float *dwpe, const void *dout, int B, int T,
                                         int C) {
     struct cuda_ctx *c = ctx_of(ctx);
-    size_t n = (size_t)T * C;
-    if (n == 0 || B <= 0) return;
-    position_embedding_bwd_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dwpe, dout, B, T, C);
-    CUDA_CHECK_LAUNCH("position_embedding_bwd_kernel");
+    if ((size_t)T * C == 0 || B <= 0) return;
+    if (is_bf16(c)) position_embedding_bwd_impl(c, dwpe, (const bf16 *)dout, B, T, C);
+    else position_embedding_bwd_impl(c, dwpe, (const float *)dout, B, T, C);
 }
 
 // -- layernorm
 
-static void cuda_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, const float *inp,
-                               const float *w, const float *b, int N, int C) {
-    struct cuda_ctx *c = ctx_of(ctx);
-    if (N <= 0 || C <= 0) return;
-    layernorm_fwd_kernel<<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
-        out, mean, rstd, inp, w, b, N, C);
-    CUDA_CHECK_LAUNCH("layernorm_fwd_kernel");
+// Vectors of 8 per lane a bf16 row of C needs in the register kernels; 0 if C does not suit them.
+static int ln_vpl(int C) {
+    if (C % 8 != 0 || C > 8 * TPC_WARP * LN_MAX_VPL) return 0;
+    return (C / 8 + TPC_WARP - 1) / TPC_WARP;
 }
 
-static void cuda_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout,
-                               const float *inp, const float *w, const float *mean,
-                               const float *rstd, int N, int C) {
+template <int VPL>
+static void ln_fwd_bf16_launch(struct cuda_ctx *c, bf16 *out, float *mean, float *rstd,
+                               const bf16 *inp, const bf16 *w, const bf16 *b, int N, int C) {
+    layernorm_fwd_bf16_kernel<VPL><<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
+        out, mean, rstd, inp, w, b, N, C);
+    CUDA_CHECK_LAUNCH("layernorm_fwd_bf16_kernel");
+}
+
+static void cuda_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const void *inp,
+                               const void *w, const void *b, int N, int C) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (N <= 0 || C <= 0) return;
-    layernorm_bwd_dinp_kernel<<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
+    if (!is_bf16(c)) {
+        layernorm_fwd_kernel<float, double><<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
+            (float *)out, mean, rstd, (const float *)inp, (const float *)w, (const float *)b, N, C);
+        CUDA_CHECK_LAUNCH("layernorm_fwd_kernel");
+        return;
+    }
+    bf16 *o = (bf16 *)out;
+    const bf16 *x = (const bf16 *)inp, *wb = (const bf16 *)w, *bb = (const bf16 *)b;
+    int vpl = ln_vpl(C);
+    if (!(aligned_to(o, 16) && aligned_to(x, 16) && aligned_to(wb, 16) && aligned_to(bb, 16)))
+        vpl = 0;
+    switch (vpl) {
+    case 1: ln_fwd_bf16_launch<1>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    case 2: ln_fwd_bf16_launch<2>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    case 3: ln_fwd_bf16_launch<3>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    case 4: ln_fwd_bf16_launch<4>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    case 5: ln_fwd_bf16_launch<5>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    case 6: ln_fwd_bf16_launch<6>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    case 7: ln_fwd_bf16_launch<7>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    case 8: ln_fwd_bf16_launch<8>(c, o, mean, rstd, x, wb, bb, N, C); break;
+    default:
+        layernorm_fwd_kernel<bf16, float><<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
+            o, mean, rstd, x, wb, bb, N, C);
+        CUDA_CHECK_LAUNCH("layernorm_fwd_kernel (bf16)");
+    }
+}
+
+// The row-parallel backward for any C and both types: dinp kernel, per-chunk partials, finish.
+template <typename E>
+static void ln_bwd_generic(struct cuda_ctx *c, E *dinp, float *dw, float *db, const E *dout,
+                           const E *inp, const E *w, const float *mean, const float *rstd, int N,
+                           int C) {
+    layernorm_bwd_dinp_kernel<E><<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
         dinp, dout, inp, w, mean, rstd, N, C);
     CUDA_CHECK_LAUNCH("layernorm_bwd_dinp_kernel");
 
@@ -705,14 +1426,59 @@ static void cuda_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, con
     float *pw = (float *)ctx_scratch(c, 2 * (size_t)nchunks * C * sizeof(float)); // (nchunks, C)
     float *pb = pw + (size_t)nchunks * C;                                         // (nchunks, C)
     dim3 grid(nchunks, tpc_blocks((size_t)C, TPC_BLOCK));
-    layernorm_bwd_partial_kernel<<<grid, TPC_BLOCK, 0, c->stream>>>(pw, pb, dout, inp, mean, rstd,
-                                                                    N, C);
+    layernorm_bwd_partial_kernel<E><<<grid, TPC_BLOCK, 0, c->stream>>>(pw, pb, dout, inp, mean,
+                                                                       rstd, N, C);
     CUDA_CHECK_LAUNCH("layernorm_bwd_partial_kernel");
     unsigned int cb = tpc_blocks((size_t)C, TPC_BLOCK);
     colsum_finish_kernel<<<cb, TPC_BLOCK, 0, c->stream>>>(dw, pw, (int)nchunks, C);
     CUDA_CHECK_LAUNCH("colsum_finish_kernel (layernorm dw)");
     colsum_finish_kernel<<<cb, TPC_BLOCK, 0, c->stream>>>(db, pb, (int)nchunks, C);
     CUDA_CHECK_LAUNCH("colsum_finish_kernel (layernorm db)");
+}
+
+template <int VPL>
+static void ln_bwd_bf16_launch(struct cuda_ctx *c, bf16 *dinp, float *dw, float *db,
+                               const bf16 *dout, const bf16 *inp, const bf16 *w, const float *mean,
+                               const float *rstd, int N, int C) {
+    unsigned int nblocks = tpc_blocks((size_t)N, TPC_BLOCK / TPC_WARP);
+    if (nblocks > LN_BWD_MAX_BLOCKS) nblocks = LN_BWD_MAX_BLOCKS;
+    float *pw = (float *)ctx_scratch(c, 2 * (size_t)nblocks * C * sizeof(float)); // (nblocks, C)
+    float *pb = pw + (size_t)nblocks * C;                                         // (nblocks, C)
+    size_t smem = 2 * (size_t)C * sizeof(float);
+    layernorm_bwd_bf16_kernel<VPL><<<nblocks, TPC_BLOCK, smem, c->stream>>>(
+        dinp, pw, pb, dout, inp, w, mean, rstd, N, C);
+    CUDA_CHECK_LAUNCH("layernorm_bwd_bf16_kernel");
+    dim3 grid(tpc_blocks((size_t)C, 32), 2);
+    colsum2_finish_kernel<<<grid, dim3(32, 32), 0, c->stream>>>(dw, pw, db, pb, (int)nblocks, C);
+    CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dw, db)");
+}
+
+static void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, const void *dout,
+                               const void *inp, const void *w, const float *mean,
+                               const float *rstd, int N, int C) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || C <= 0) return;
+    if (!is_bf16(c)) {
+        ln_bwd_generic(c, (float *)dinp, dw, db, (const float *)dout, (const float *)inp,
+                       (const float *)w, mean, rstd, N, C);
+        return;
+    }
+    bf16 *dx = (bf16 *)dinp;
+    const bf16 *dy = (const bf16 *)dout, *x = (const bf16 *)inp, *wb = (const bf16 *)w;
+    int vpl = ln_vpl(C);
+    if (!(aligned_to(dx, 16) && aligned_to(dy, 16) && aligned_to(x, 16) && aligned_to(wb, 16)))
+        vpl = 0;
+    switch (vpl) {
+    case 1: ln_bwd_bf16_launch<1>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    case 2: ln_bwd_bf16_launch<2>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    case 3: ln_bwd_bf16_launch<3>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    case 4: ln_bwd_bf16_launch<4>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    case 5: ln_bwd_bf16_launch<5>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    case 6: ln_bwd_bf16_launch<6>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    case 7: ln_bwd_bf16_launch<7>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    case 8: ln_bwd_bf16_launch<8>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
+    default: ln_bwd_generic(c, dx, dw, db, dy, x, wb, mean, rstd, N, C);
+    }
 }
 
 // -- linear layers
@@ -731,89 +1497,234 @@ static void cuda_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, con
 //   dw (OC, IC) += dout^T @ inp            ->  dw^T (IC, OC) = inp^T (IC, N) . dout (N, OC)
 //       inp's storage is inp^T: op N; dout's storage is dout^T (OC, N): op T.
 //                                          gemm(N, T, m=IC, n=OC, k=N, A=inp lda=IC, B=dout ldb=OC, C=dw ldc=IC, beta=1)
+//
+// The bf16 path goes through gemm.h (cuBLASLt, fused epilogues). Shapes it refuses (IC or OC not
+// a multiple of 8, unaligned pointers) fall back to cuBLAS GemmEx with bf16 operands and an fp32
+// result in scratch, followed by an epilogue kernel: slow, but every shape works.
 
-static void cuda_matmul_fwd(void *ctx, float *out, const float *inp, const float *w,
-                            const float *bias, int N, int IC, int OC) {
-    struct cuda_ctx *c = ctx_of(ctx);
-    if (N <= 0 || OC <= 0) return;
+static void gemm_fallback_note(struct cuda_ctx *c, const char *op, int N, int IC, int OC) {
+    if (c->warned_gemm_fallback) return;
+    c->warned_gemm_fallback = true;
+    fprintf(stderr,
+            "tptrain: note: bf16 %s N=%d IC=%d OC=%d is not supported by the fused cuBLASLt "
+            "path (IC and OC must be multiples of 8, tensors 16-byte aligned); using the slower "
+            "cuBLAS fallback for such products\n", op, N, IC, OC);
+}
+
+static void colsum_acc(struct cuda_ctx *c, float *out, const void *x, bool bf, int N, int C) {
+    unsigned int nchunks = tpc_blocks((size_t)N, COLSUM_ROWS);
+    float *part = (float *)ctx_scratch(c, (size_t)nchunks * C * sizeof(float)); // (nchunks, C)
+    dim3 grid(nchunks, tpc_blocks((size_t)C, TPC_BLOCK));
+    if (bf)
+        colsum_partial_kernel<bf16><<<grid, TPC_BLOCK, 0, c->stream>>>(part, (const bf16 *)x, N, C);
+    else
+        colsum_partial_kernel<float><<<grid, TPC_BLOCK, 0, c->stream>>>(part, (const float *)x, N, C);
+    CUDA_CHECK_LAUNCH("colsum_partial_kernel (dbias)");
+    colsum_finish_kernel<<<tpc_blocks((size_t)C, TPC_BLOCK), TPC_BLOCK, 0, c->stream>>>(
+        out, part, (int)nchunks, C);
+    CUDA_CHECK_LAUNCH("colsum_finish_kernel (dbias)");
+}
+
+static void matmul_fwd_f32(struct cuda_ctx *c, float *out, float *pre_gelu, const float *inp,
+                           const float *w, const float *bias, int N, int IC, int OC) {
     const float one = 1.0f, zero = 0.0f;
+    float *dst = pre_gelu ? pre_gelu : out; // (N, OC)
     CUBLAS_CHECK(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, IC, inp, IC,
-                             &zero, out, OC));
+                             &zero, dst, OC));
+    size_t n = (size_t)N * OC;
     if (bias) {
-        size_t n = (size_t)N * OC;
-        add_bias_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(out, bias, N, OC);
+        add_bias_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dst, bias, N, OC);
         CUDA_CHECK_LAUNCH("add_bias_kernel");
+    }
+    if (pre_gelu) {
+        gelu_fwd_kernel<float, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(out, pre_gelu, n);
+        CUDA_CHECK_LAUNCH("gelu_fwd_kernel (matmul)");
     }
 }
 
-static void cuda_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float *dout,
-                            const float *inp, const float *w, int N, int IC, int OC) {
+static void matmul_fwd_bf16(struct cuda_ctx *c, bf16 *out, bf16 *pre_gelu, const bf16 *inp,
+                            const bf16 *w, const bf16 *bias, int N, int IC, int OC) {
+    int rc = gemm_fwd(c->gemm, out, pre_gelu, inp, w, bias, N, IC, OC);
+    if (rc == GEMM_OK) return;
+    if (rc != GEMM_EBADARG) GEMM_DIE(c, rc, "gemm_fwd (matmul_fwd)", N, IC, OC);
+    gemm_fallback_note(c, "matmul_fwd", N, IC, OC);
+    const float one = 1.0f, zero = 0.0f;
+    float *acc = (float *)ctx_scratch(c, (size_t)N * OC * sizeof(float)); // (N, OC)
+    CUBLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, N, IC, &one, w, CUDA_R_16BF,
+                              IC, inp, CUDA_R_16BF, IC, &zero, acc, CUDA_R_32F, OC,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    gemm_fallback_fwd_epilogue_kernel<<<ew_blocks((size_t)N * OC), TPC_BLOCK, 0, c->stream>>>(
+        out, pre_gelu, acc, bias, N, OC);
+    CUDA_CHECK_LAUNCH("gemm_fallback_fwd_epilogue_kernel");
+}
+
+static void cuda_matmul_fwd(void *ctx, void *out, void *pre_gelu, const void *inp, const void *w,
+                            const void *bias, int N, int IC, int OC) {
     struct cuda_ctx *c = ctx_of(ctx);
-    if (N <= 0 || OC <= 0 || IC <= 0) return;
+    if (N <= 0 || OC <= 0) return;
+    if (is_bf16(c))
+        matmul_fwd_bf16(c, (bf16 *)out, (bf16 *)pre_gelu, (const bf16 *)inp, (const bf16 *)w,
+                        (const bf16 *)bias, N, IC, OC);
+    else
+        matmul_fwd_f32(c, (float *)out, (float *)pre_gelu, (const float *)inp, (const float *)w,
+                       (const float *)bias, N, IC, OC);
+}
+
+static void matmul_bwd_f32(struct cuda_ctx *c, float *dinp, float *dw, float *dbias,
+                           const float *dout, const float *inp, const float *w,
+                           const float *pre_gelu, int N, int IC, int OC) {
     const float one = 1.0f, zero = 0.0f;
     if (dinp) {
         CUBLAS_CHECK(cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w, IC, dout,
                                  OC, &zero, dinp, IC));
+        if (pre_gelu) {
+            size_t n = (size_t)N * IC;
+            gelu_bwd_kernel<float, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dinp, pre_gelu,
+                                                                                dinp, n);
+            CUDA_CHECK_LAUNCH("gelu_bwd_kernel (matmul)");
+        }
     }
     CUBLAS_CHECK(cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC,
                              &one, dw, IC));
-    if (dbias) {
-        unsigned int nchunks = tpc_blocks((size_t)N, COLSUM_ROWS);
-        float *part = (float *)ctx_scratch(c, (size_t)nchunks * OC * sizeof(float)); // (nchunks, OC)
-        dim3 grid(nchunks, tpc_blocks((size_t)OC, TPC_BLOCK));
-        colsum_partial_kernel<<<grid, TPC_BLOCK, 0, c->stream>>>(part, dout, N, OC);
-        CUDA_CHECK_LAUNCH("colsum_partial_kernel (dbias)");
-        colsum_finish_kernel<<<tpc_blocks((size_t)OC, TPC_BLOCK), TPC_BLOCK, 0, c->stream>>>(
-            dbias, part, (int)nchunks, OC);
-        CUDA_CHECK_LAUNCH("colsum_finish_kernel (dbias)");
+    if (dbias) colsum_acc(c, dbias, dout, false, N, OC);
+}
+
+static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dw, float *dbias,
+                            const bf16 *dout, const bf16 *inp, const bf16 *w,
+                            const bf16 *pre_gelu, int N, int IC, int OC) {
+    const float one = 1.0f, zero = 0.0f;
+    if (dinp) {
+        int rc = gemm_bwd_data(c->gemm, dinp, dout, w, pre_gelu, N, IC, OC);
+        if (rc == GEMM_EBADARG) {
+            gemm_fallback_note(c, "matmul_bwd (input gradient)", N, IC, OC);
+            float *acc = (float *)ctx_scratch(c, (size_t)N * IC * sizeof(float)); // (N, IC)
+            CUBLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, &one, w,
+                                      CUDA_R_16BF, IC, dout, CUDA_R_16BF, OC, &zero, acc,
+                                      CUDA_R_32F, IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            size_t n = (size_t)N * IC;
+            gemm_fallback_bwd_epilogue_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(
+                dinp, acc, pre_gelu, n);
+            CUDA_CHECK_LAUNCH("gemm_fallback_bwd_epilogue_kernel");
+        } else if (rc != GEMM_OK) {
+            GEMM_DIE(c, rc, "gemm_bwd_data (matmul_bwd)", N, IC, OC);
+        }
+    }
+    int rc = gemm_bwd_weight(c->gemm, dw, dbias, dout, inp, N, IC, OC);
+    if (rc == GEMM_EBADARG) {
+        gemm_fallback_note(c, "matmul_bwd (weight gradient)", N, IC, OC);
+        CUBLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp,
+                                  CUDA_R_16BF, IC, dout, CUDA_R_16BF, OC, &one, dw, CUDA_R_32F,
+                                  IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        if (dbias) colsum_acc(c, dbias, dout, true, N, OC);
+    } else if (rc != GEMM_OK) {
+        GEMM_DIE(c, rc, "gemm_bwd_weight (matmul_bwd)", N, IC, OC);
     }
 }
 
-static void cuda_residual_fwd(void *ctx, float *out, const float *res, const float *x,
-                              const float *bias, int N, int C) {
+static void cuda_matmul_bwd(void *ctx, void *dinp, float *dw, float *dbias, const void *dout,
+                            const void *inp, const void *w, const void *pre_gelu, int N, int IC,
+                            int OC) {
     struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || OC <= 0 || IC <= 0) return;
+    if (is_bf16(c))
+        matmul_bwd_bf16(c, (bf16 *)dinp, dw, dbias, (const bf16 *)dout, (const bf16 *)inp,
+                        (const bf16 *)w, (const bf16 *)pre_gelu, N, IC, OC);
+    else
+        matmul_bwd_f32(c, (float *)dinp, dw, dbias, (const float *)dout, (const float *)inp,
+                       (const float *)w, (const float *)pre_gelu, N, IC, OC);
+}
+
+template <typename E>
+static void residual_impl(struct cuda_ctx *c, E *out, const E *res, const E *x, const E *bias,
+                          int N, int C) {
+    const int V = vec16<E>::n;
     size_t n = (size_t)N * C;
-    if (n == 0) return;
-    residual_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(out, res, x, bias, N, C);
+    if (C % V == 0 && aligned_to(out, 16) && aligned_to(res, 16) && aligned_to(x, 16) &&
+        aligned_to(bias, 16))
+        residual_kernel<E, V><<<ew_blocks(n / V), TPC_BLOCK, 0, c->stream>>>(out, res, x, bias, N, C);
+    else
+        residual_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(out, res, x, bias, N, C);
     CUDA_CHECK_LAUNCH("residual_kernel");
 }
 
-static void cuda_gelu_fwd(void *ctx, float *out, const float *inp, size_t n) {
+static void cuda_residual_fwd(void *ctx, void *out, const void *res, const void *x,
+                              const void *bias, int N, int C) {
     struct cuda_ctx *c = ctx_of(ctx);
-    if (n == 0) return;
-    gelu_fwd_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(out, inp, n);
+    if (N <= 0 || C <= 0) return;
+    if (is_bf16(c))
+        residual_impl(c, (bf16 *)out, (const bf16 *)res, (const bf16 *)x, (const bf16 *)bias, N, C);
+    else
+        residual_impl(c, (float *)out, (const float *)res, (const float *)x, (const float *)bias, N, C);
+}
+
+template <typename E> static void gelu_fwd_impl(struct cuda_ctx *c, E *out, const E *inp, size_t n) {
+    const int V = vec16<E>::n;
+    if (aligned_to(out, 16) && aligned_to(inp, 16))
+        gelu_fwd_kernel<E, V><<<ew_blocks(ceil_div(n, V)), TPC_BLOCK, 0, c->stream>>>(out, inp, n);
+    else
+        gelu_fwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(out, inp, n);
     CUDA_CHECK_LAUNCH("gelu_fwd_kernel");
 }
 
-static void cuda_gelu_bwd(void *ctx, float *dinp, const float *inp, const float *dout, size_t n) {
+static void cuda_gelu_fwd(void *ctx, void *out, const void *inp, size_t n) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (n == 0) return;
-    gelu_bwd_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dinp, inp, dout, n);
+    if (is_bf16(c)) gelu_fwd_impl(c, (bf16 *)out, (const bf16 *)inp, n);
+    else gelu_fwd_impl(c, (float *)out, (const float *)inp, n);
+}
+
+template <typename E>
+static void gelu_bwd_impl(struct cuda_ctx *c, E *dinp, const E *inp, const E *dout, size_t n) {
+    const int V = vec16<E>::n;
+    if (aligned_to(dinp, 16) && aligned_to(inp, 16) && aligned_to(dout, 16))
+        gelu_bwd_kernel<E, V><<<ew_blocks(ceil_div(n, V)), TPC_BLOCK, 0, c->stream>>>(dinp, inp, dout, n);
+    else
+        gelu_bwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dinp, inp, dout, n);
     CUDA_CHECK_LAUNCH("gelu_bwd_kernel");
+}
+
+static void cuda_gelu_bwd(void *ctx, void *dinp, const void *inp, const void *dout, size_t n) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (n == 0) return;
+    if (is_bf16(c)) gelu_bwd_impl(c, (bf16 *)dinp, (const bf16 *)inp, (const bf16 *)dout, n);
+    else gelu_bwd_impl(c, (float *)dinp, (const float *)inp, (const float *)dout, n);
 }
 
 // -- attention
 //
+// bf16 with HS = 64: the fused kernels of flash_attention.h. saved (B, NH, T) = log-sum-exp of
+// each query row; scratch = what flash_attention_bwd asks for. q, k, v are the slices of qkv with
+// the row stride 3 * NH * HS; dq, dk, dv the same slices of dqkv.
+//
+// Otherwise (fp32, or bf16 with another head size) the naive path:
 // saved   (B, NH, T, T): the softmax probabilities (0 above the diagonal)
 // scratch: q, k, v, y (B, NH, T, HS) each, then for the backward dq, dk, dv (B, NH, T, HS) and
 //          datt (B, NH, T, T). y holds the forward's per-head output, and dy in the backward.
+//          bf16 adds fp32 staging after that: qkv (3 S), out or dout (S), dqkv (3 S).
 
-static size_t cuda_attention_saved_floats(void *ctx, int B, int T, int NH, int HS) {
-    (void)ctx;
-    (void)HS;
-    return (size_t)B * NH * T * T;
-}
+static bool attn_flash(const struct cuda_ctx *c, int HS) { return is_bf16(c) && HS == 64; }
 
-static size_t cuda_attention_scratch_floats(void *ctx, int B, int T, int NH, int HS) {
-    (void)ctx;
+static size_t attn_naive_scratch(int B, int T, int NH, int HS) {
     size_t S = (size_t)B * NH * T * HS;
     return 7 * S + (size_t)B * NH * T * T;
 }
 
-static void cuda_attention_fwd(void *ctx, float *out, float *saved, float *scratch,
-                               const float *qkv, int B, int T, int NH, int HS) {
-    struct cuda_ctx *c = ctx_of(ctx);
-    if (B <= 0 || T <= 0 || NH <= 0 || HS <= 0) return;
+static size_t cuda_attention_saved_floats(void *ctx, int B, int T, int NH, int HS) {
+    struct cuda_ctx *c = (struct cuda_ctx *)ctx;
+    if (attn_flash(c, HS)) return (size_t)B * NH * T;
+    return (size_t)B * NH * T * T;
+}
+
+static size_t cuda_attention_scratch_floats(void *ctx, int B, int T, int NH, int HS) {
+    struct cuda_ctx *c = (struct cuda_ctx *)ctx;
+    if (attn_flash(c, HS)) return flash_attention_bwd_scratch_floats(B, T, NH, HS);
+    size_t n = attn_naive_scratch(B, T, NH, HS);
+    if (is_bf16(c)) n += 7 * (size_t)B * NH * T * HS;
+    return n;
+}
+
+static void attn_naive_fwd(struct cuda_ctx *c, float *out, float *saved, float *scratch,
+                           const float *qkv, int B, int T, int NH, int HS) {
     size_t S = (size_t)B * NH * T * HS;
     int BNH = B * NH;
     float *q = scratch, *k = q + S, *v = k + S, *y = v + S; // (B, NH, T, HS) each
@@ -839,12 +1750,8 @@ static void cuda_attention_fwd(void *ctx, float *out, float *saved, float *scrat
     CUDA_CHECK_LAUNCH("attn_unpermute_kernel");
 }
 
-static void cuda_attention_bwd(void *ctx, float *dqkv, float *scratch, const float *dout,
-                               const float *qkv, const float *out, const float *saved, int B,
-                               int T, int NH, int HS) {
-    struct cuda_ctx *c = ctx_of(ctx);
-    (void)out; // the probabilities are saved; the output itself is not needed
-    if (B <= 0 || T <= 0 || NH <= 0 || HS <= 0) return;
+static void attn_naive_bwd(struct cuda_ctx *c, float *dqkv, float *scratch, const float *dout,
+                           const float *qkv, const float *saved, int B, int T, int NH, int HS) {
     size_t S = (size_t)B * NH * T * HS;
     int BNH = B * NH;
     float *q = scratch, *k = q + S, *v = k + S, *dy = v + S; // (B, NH, T, HS) each
@@ -883,13 +1790,75 @@ static void cuda_attention_bwd(void *ctx, float *dqkv, float *scratch, const flo
     CUDA_CHECK_LAUNCH("attn_unpermute_qkv_kernel");
 }
 
-static void cuda_attention_decode(void *ctx, float *out, float *scratch, const float *q,
-                                  const float *kcache, const float *vcache, int n_ctx, int NH,
+static void cuda_attention_fwd(void *ctx, void *out, float *saved, float *scratch,
+                               const void *qkv, int B, int T, int NH, int HS) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (B <= 0 || T <= 0 || NH <= 0 || HS <= 0) return;
+    if (!is_bf16(c)) {
+        attn_naive_fwd(c, (float *)out, saved, scratch, (const float *)qkv, B, T, NH, HS);
+        return;
+    }
+    const bf16 *x = (const bf16 *)qkv; // (B, T, 3 * NH * HS)
+    int C = NH * HS;
+    if (attn_flash(c, HS)) {
+        int rc = flash_attention_fwd(c->stream, out, saved, x, x + C, x + 2 * (size_t)C, B, T, NH,
+                                     HS, 3 * C, C);
+        FLASH_CHECK(rc, "flash_attention_fwd (attention_fwd)", B, T, NH, HS);
+        return;
+    }
+    // another head size: the fp32 path on widened copies
+    size_t S = (size_t)B * NH * T * HS;
+    float *qkv32 = scratch + attn_naive_scratch(B, T, NH, HS); // (B, T, 3C)
+    float *out32 = qkv32 + 3 * S;                              // (B, T, C)
+    launch_convert(c, qkv32, x, 3 * S);
+    attn_naive_fwd(c, out32, saved, scratch, qkv32, B, T, NH, HS);
+    launch_convert(c, (bf16 *)out, out32, S);
+}
+
+static void cuda_attention_bwd(void *ctx, void *dqkv, float *scratch, const void *dout,
+                               const void *qkv, const void *out, const float *saved, int B,
+                               int T, int NH, int HS) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (B <= 0 || T <= 0 || NH <= 0 || HS <= 0) return;
+    if (!is_bf16(c)) {
+        // the probabilities are saved; the output itself is not needed
+        attn_naive_bwd(c, (float *)dqkv, scratch, (const float *)dout, (const float *)qkv, saved,
+                       B, T, NH, HS);
+        return;
+    }
+    const bf16 *x = (const bf16 *)qkv; // (B, T, 3 * NH * HS)
+    bf16 *dx = (bf16 *)dqkv;           // (B, T, 3 * NH * HS)
+    int C = NH * HS;
+    if (attn_flash(c, HS)) {
+        int rc = flash_attention_bwd(c->stream, dx, dx + C, dx + 2 * (size_t)C, dout, x, x + C,
+                                     x + 2 * (size_t)C, out, saved, scratch, B, T, NH, HS, 3 * C, C);
+        FLASH_CHECK(rc, "flash_attention_bwd (attention_bwd)", B, T, NH, HS);
+        return;
+    }
+    size_t S = (size_t)B * NH * T * HS;
+    float *qkv32 = scratch + attn_naive_scratch(B, T, NH, HS); // (B, T, 3C)
+    float *dout32 = qkv32 + 3 * S;                             // (B, T, C)
+    float *dqkv32 = dout32 + S;                                // (B, T, 3C)
+    launch_convert(c, qkv32, x, 3 * S);
+    launch_convert(c, dout32, (const bf16 *)dout, S);
+    attn_naive_bwd(c, dqkv32, scratch, dout32, qkv32, saved, B, T, NH, HS);
+    launch_convert(c, dx, dqkv32, 3 * S);
+}
+
+static void cuda_attention_decode(void *ctx, void *out, float *scratch, const void *q,
+                                  const void *kcache, const void *vcache, int n_ctx, int NH,
                                   int HS) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (n_ctx <= 0 || NH <= 0 || HS <= 0) return;
-    attn_decode_kernel<<<NH, TPC_BLOCK, 0, c->stream>>>(out, scratch, q, kcache, vcache, n_ctx,
-                                                        NH, HS, 1.0f / sqrtf((float)HS));
+    float scale = 1.0f / sqrtf((float)HS);
+    if (is_bf16(c))
+        attn_decode_kernel<bf16><<<NH, TPC_BLOCK, 0, c->stream>>>(
+            (bf16 *)out, scratch, (const bf16 *)q, (const bf16 *)kcache, (const bf16 *)vcache,
+            n_ctx, NH, HS, scale);
+    else
+        attn_decode_kernel<float><<<NH, TPC_BLOCK, 0, c->stream>>>(
+            (float *)out, scratch, (const float *)q, (const float *)kcache, (const float *)vcache,
+            n_ctx, NH, HS, scale);
     CUDA_CHECK_LAUNCH("attn_decode_kernel");
 }
 
@@ -903,25 +1872,45 @@ static int xent_real_columns(int vocab_start, int n_vocab, int vocab_size) {
     return (int)r;
 }
 
-#define XENT_BLOCK 512
+// bf16 rows move 8 columns per access when n_vocab allows; fp32 keeps its one-column loops.
+static bool xent_vec(const struct cuda_ctx *c, const void *a, const void *b, int n_vocab) {
+    return is_bf16(c) && n_vocab % 8 == 0 && aligned_to(a, 16) && aligned_to(b, 16);
+}
 
-static void cuda_xent_max(void *ctx, float *maxes, const float *logits, int N, int vocab_start,
+static void cuda_xent_max(void *ctx, float *maxes, const void *logits, int N, int vocab_start,
                           int n_vocab, int vocab_size) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (N <= 0) return;
     int n_real = xent_real_columns(vocab_start, n_vocab, vocab_size);
-    xent_max_kernel<<<(unsigned int)N, XENT_BLOCK, 0, c->stream>>>(maxes, logits, n_real, n_vocab);
+    unsigned int nb = (unsigned int)N;
+    if (xent_vec(c, logits, logits, n_vocab))
+        xent_max_kernel<bf16, 8><<<nb, XENT_BLOCK, 0, c->stream>>>(maxes, (const bf16 *)logits,
+                                                                   n_real, n_vocab);
+    else if (is_bf16(c))
+        xent_max_kernel<bf16, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(maxes, (const bf16 *)logits,
+                                                                   n_real, n_vocab);
+    else
+        xent_max_kernel<float, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(maxes, (const float *)logits,
+                                                                    n_real, n_vocab);
     CUDA_CHECK_LAUNCH("xent_max_kernel");
 }
 
-static void cuda_xent_sums(void *ctx, float *sums, const float *logits, const float *maxes,
+static void cuda_xent_sums(void *ctx, float *sums, const void *logits, const float *maxes,
                            const int *targets, int N, int vocab_start, int n_vocab,
                            int vocab_size) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (N <= 0) return;
     int n_real = xent_real_columns(vocab_start, n_vocab, vocab_size);
-    xent_sums_kernel<<<(unsigned int)N, XENT_BLOCK, 0, c->stream>>>(
-        sums, logits, maxes, targets, N, vocab_start, n_real, n_vocab);
+    unsigned int nb = (unsigned int)N;
+    if (xent_vec(c, logits, logits, n_vocab))
+        xent_sums_kernel<bf16, 8><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            sums, (const bf16 *)logits, maxes, targets, N, vocab_start, n_real, n_vocab);
+    else if (is_bf16(c))
+        xent_sums_kernel<bf16, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            sums, (const bf16 *)logits, maxes, targets, N, vocab_start, n_real, n_vocab);
+    else
+        xent_sums_kernel<float, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            sums, (const float *)logits, maxes, targets, N, vocab_start, n_real, n_vocab);
     CUDA_CHECK_LAUNCH("xent_sums_kernel");
 }
 
@@ -933,14 +1922,25 @@ static void cuda_xent_loss(void *ctx, float *losses, const float *maxes, const f
     CUDA_CHECK_LAUNCH("xent_loss_kernel");
 }
 
-static void cuda_xent_bwd(void *ctx, float *dlogits, const float *logits, const float *maxes,
+static void cuda_xent_bwd(void *ctx, void *dlogits, const void *logits, const float *maxes,
                           const float *sums, const int *targets, float dloss, int N,
                           int vocab_start, int n_vocab, int vocab_size) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (N <= 0 || n_vocab <= 0) return;
     int n_real = xent_real_columns(vocab_start, n_vocab, vocab_size);
-    xent_bwd_kernel<<<(unsigned int)N, XENT_BLOCK, 0, c->stream>>>(
-        dlogits, logits, maxes, sums, targets, dloss, vocab_start, n_real, n_vocab);
+    unsigned int nb = (unsigned int)N;
+    if (xent_vec(c, dlogits, logits, n_vocab))
+        xent_bwd_kernel<bf16, 8><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            (bf16 *)dlogits, (const bf16 *)logits, maxes, sums, targets, dloss, vocab_start,
+            n_real, n_vocab);
+    else if (is_bf16(c))
+        xent_bwd_kernel<bf16, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            (bf16 *)dlogits, (const bf16 *)logits, maxes, sums, targets, dloss, vocab_start,
+            n_real, n_vocab);
+    else
+        xent_bwd_kernel<float, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            (float *)dlogits, (const float *)logits, maxes, sums, targets, dloss, vocab_start,
+            n_real, n_vocab);
     CUDA_CHECK_LAUNCH("xent_bwd_kernel");
 }
 
@@ -972,6 +1972,35 @@ static void cuda_sumsq_acc(void *ctx, float *out, const float *x, size_t n) {
     reduce_launch(c, out, x, n, 1, 1);
 }
 
+// Chunk of the flat buffer per block in the segment walks: a multiple of 8, so chunk boundaries
+// keep 16-byte alignment for fp32 and bf16 alike; depends on n only.
+static size_t seg_chunk(size_t n) {
+    size_t per = ceil_div(n, SEG_MAX_BLOCKS);
+    if (per < SEG_MIN_CHUNK) per = SEG_MIN_CHUNK;
+    return tp_round_up(per, 8);
+}
+
+static void cuda_segments_sumsq(void *ctx, float *out, const float *x,
+                                const struct param_segment *segs, int n_segs, size_t n) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (n == 0 || n_segs <= 0) {
+        CUDA_CHECK(cudaMemsetAsync(out, 0, 2 * sizeof(float), c->stream));
+        return;
+    }
+    size_t chunk = seg_chunk(n);
+    unsigned int nb = (unsigned int)ceil_div(n, chunk);
+    double *part = (double *)ctx_scratch(c, 2 * (size_t)nb * sizeof(double)); // (nb, 2)
+    if (aligned_to(x, 16))
+        segments_sumsq_partial_kernel<true><<<nb, TPC_BLOCK, 0, c->stream>>>(part, x, segs, n_segs,
+                                                                             n, chunk);
+    else
+        segments_sumsq_partial_kernel<false><<<nb, TPC_BLOCK, 0, c->stream>>>(part, x, segs,
+                                                                              n_segs, n, chunk);
+    CUDA_CHECK_LAUNCH("segments_sumsq_partial_kernel");
+    segments_sumsq_finish_kernel<<<1, TPC_BLOCK, 0, c->stream>>>(out, part, (int)nb);
+    CUDA_CHECK_LAUNCH("segments_sumsq_finish_kernel");
+}
+
 static void cuda_scale(void *ctx, float *x, float s, size_t n) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (n == 0) return;
@@ -979,17 +2008,38 @@ static void cuda_scale(void *ctx, float *x, float s, size_t n) {
     CUDA_CHECK_LAUNCH("scale_kernel");
 }
 
-static void cuda_adamw(void *ctx, float *p, const float *g, float *m, float *v, size_t n, float lr,
-                       float beta1, float beta2, float eps, float weight_decay, float grad_scale,
-                       int t) {
-    struct cuda_ctx *c = ctx_of(ctx);
-    if (n == 0) return;
-    // bias corrections in double on the host: pow(beta, t) of a float loses digits at large t
-    float bc1 = (float)(1.0 - pow((double)beta1, (double)t));
-    float bc2 = (float)(1.0 - pow((double)beta2, (double)t));
-    adamw_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(p, g, m, v, n, lr, beta1, beta2, eps,
-                                                           weight_decay, grad_scale, bc1, bc2);
+template <typename E>
+static void adamw_launch(struct cuda_ctx *c, const struct adamw_step *s, E *pc,
+                         const struct adamw_args &a) {
+    size_t chunk = seg_chunk(s->n);
+    unsigned int nb = (unsigned int)ceil_div(s->n, chunk);
+    bool vec = aligned_to(s->p, 16) && aligned_to(s->g, 16) && aligned_to(s->m, 16) &&
+               aligned_to(s->v, 16) && aligned_to(pc, 4 * sizeof(E));
+    if (vec)
+        adamw_kernel<E, true><<<nb, TPC_BLOCK, 0, c->stream>>>(s->p, pc, s->g, s->m, s->v, s->segs,
+                                                               s->n_segs, s->n, chunk, a);
+    else
+        adamw_kernel<E, false><<<nb, TPC_BLOCK, 0, c->stream>>>(s->p, pc, s->g, s->m, s->v, s->segs,
+                                                                s->n_segs, s->n, chunk, a);
     CUDA_CHECK_LAUNCH("adamw_kernel");
+}
+
+static void cuda_adamw(void *ctx, const struct adamw_step *s) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (s->n == 0 || s->n_segs <= 0) return;
+    struct adamw_args a;
+    a.lr = s->lr;
+    a.beta1 = s->beta1;
+    a.beta2 = s->beta2;
+    a.eps = s->eps;
+    a.grad_scale = s->grad_scale;
+    a.grad_clip = s->grad_clip;
+    a.norm_sq = s->norm_sq;
+    // bias corrections in double on the host: pow(beta, t) of a float loses digits at large t
+    a.bc1 = (float)(1.0 - pow((double)s->beta1, (double)s->t));
+    a.bc2 = (float)(1.0 - pow((double)s->beta2, (double)s->t));
+    if (is_bf16(c)) adamw_launch(c, s, (bf16 *)s->p_compute, a);
+    else adamw_launch(c, s, (float *)s->p_compute, a);
 }
 
 // ---- timing events
@@ -1026,6 +2076,7 @@ static void cuda_event_destroy(void *ctx, void *ev) {
 
 static const struct backend_i cuda_iface = {
     .name = cuda_name,
+    .dtype = cuda_dtype,
     .host_accessible = false,
     .alloc = cuda_alloc,
     .free = cuda_free,
@@ -1033,6 +2084,8 @@ static const struct backend_i cuda_iface = {
     .copy_to_device = cuda_copy_to_device,
     .copy_to_host = cuda_copy_to_host,
     .copy = cuda_copy,
+    .to_compute = cuda_to_compute,
+    .from_compute = cuda_from_compute,
     .synchronize = cuda_synchronize,
     .native_stream = cuda_native_stream,
     .destroy = cuda_destroy,
@@ -1058,6 +2111,7 @@ static const struct backend_i cuda_iface = {
     .xent_bwd = cuda_xent_bwd,
     .sum = cuda_sum,
     .sumsq_acc = cuda_sumsq_acc,
+    .segments_sumsq = cuda_segments_sumsq,
     .scale = cuda_scale,
     .adamw = cuda_adamw,
     .event_create = cuda_event_create,
@@ -1080,9 +2134,14 @@ extern "C" int backend_cuda_device_count(void) {
 
 extern "C" bool backend_cuda_available(void) { return backend_cuda_device_count() > 0; }
 
-extern "C" bool backend_cuda_create(struct backend *out, int device, char *err, size_t errlen) {
+extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dtype dtype,
+                                    char *err, size_t errlen) {
     out->iface = NULL;
     out->ctx = NULL;
+    if (dtype != TP_DTYPE_F32 && dtype != TP_DTYPE_BF16) {
+        snprintf(err, errlen, "cuda backend: unknown compute dtype %d", (int)dtype);
+        return false;
+    }
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count <= 0) {
@@ -1097,6 +2156,7 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, char *err, 
     }
     struct cuda_ctx *c = (struct cuda_ctx *)tp_calloc(1, sizeof *c);
     c->device = device;
+    c->dtype = dtype;
     const char *step = "cudaSetDevice";
     cublasStatus_t bs = CUBLAS_STATUS_SUCCESS;
     bool have_stream = false, have_blas = false;
@@ -1140,6 +2200,15 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, char *err, 
     step = "cublasSetMathMode";
     if ((bs = cublasSetMathMode(c->blas, CUBLAS_PEDANTIC_MATH)) != CUBLAS_STATUS_SUCCESS)
         goto blas_fail;
+    if (dtype == TP_DTYPE_BF16) {
+        char gerr[256] = "";
+        c->gemm = gemm_create((void *)c->stream, CUDA_GEMM_WORKSPACE_BYTES, gerr, sizeof gerr);
+        if (!c->gemm) {
+            snprintf(err, errlen, "CUDA device %d: gemm_create (bf16 products) failed: %s", device,
+                     gerr);
+            goto cleanup;
+        }
+    }
     out->iface = &cuda_iface;
     out->ctx = c;
     return true;

@@ -1,8 +1,9 @@
 // flash_attention.h: fused causal attention in bf16 (forward and backward), C interface.
 //
 // Tiles of queries against tiles of keys and values in shared memory, online softmax with fp32
-// accumulators, bf16 tensor-core products (WMMA 16x16x16, fp32 accumulate). No (T, T) matrix ever
-// reaches device memory: the forward keeps only the log-sum-exp of each row for the backward.
+// accumulators, bf16 tensor-core products (mma.sync m16n8k16, fp32 accumulate) on register
+// fragments. No (T, T) matrix ever reaches device memory: the forward keeps only the log-sum-exp
+// of each row for the backward.
 //
 // Layout: q, k, v (B, T, NH, HS) are the three slices of one (B, T, 3*NH*HS) qkv tensor, so the
 // caller passes q = qkv, k = qkv + NH*HS, v = qkv + 2*NH*HS and the row stride qkv_stride =

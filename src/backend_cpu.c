@@ -1,11 +1,17 @@
-// backend_cpu.c: the fp32 CPU reference backend, the numerical yardstick for every other backend.
+// backend_cpu.c: the CPU reference backend, the numerical yardstick for every other backend.
 //
 // Every op is deterministic and independent of the thread count: work is split over output
 // elements (rows, columns, tiles) only, and each output element is produced by the same fixed
 // sequence of float operations whichever thread computes it. Reductions that span many elements
-// (sum, sumsq_acc) use fixed-size chunks whose partial sums are combined in chunk order.
-// OpenMP is used when the build provides it; without it the pragmas are ignored and the code runs
-// serially with identical results.
+// (sum, sumsq_acc, segments_sumsq) use fixed-size chunks whose partial sums are combined in
+// chunk order. OpenMP is used when the build provides it; without it the pragmas are ignored and
+// the code runs serially with identical results.
+//
+// The ops are written once, in fp32 (the *_f32 functions). With TP_DTYPE_BF16 the table's entry
+// points widen their bf16 inputs into fp32 temporaries, run the same fp32 code and round the
+// outputs back to bf16 (nearest even), so the bf16 backend computes exactly what the fp32 one
+// would on the same (bf16-representable) inputs, up to that one rounding per output element.
+// Speed is not a goal on that path; it exists to test the model's mixed-precision plumbing.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -28,7 +34,7 @@
 #define CPU_PAR_MIN 32768
 
 struct cpu_ctx {
-    int max_threads; // OpenMP threads available at creation (1 without OpenMP)
+    enum tp_dtype dtype; // element type of the compute (void *) tensors
 };
 
 // ---- identity and memory
@@ -76,30 +82,113 @@ static void *cpu_native_stream(void *ctx) {
 
 static void cpu_destroy(void *ctx) { free(ctx); }
 
+// ---- compute type: conversions and fp32 staging
+
+static enum tp_dtype cpu_dtype(void *ctx) { return ((struct cpu_ctx *)ctx)->dtype; }
+
+static void bf16_widen(float *dst, const uint16_t *src, size_t n) {
+    // dst (n), src (n)
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) dst[i] = tp_bf16_to_f32(src[i]);
+}
+
+static void bf16_narrow(uint16_t *dst, const float *src, size_t n) {
+    // dst (n), src (n)
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) dst[i] = tp_bf16_from_f32(src[i]);
+}
+
+static void cpu_to_compute(void *ctx, void *dst, const float *src, size_t n) {
+    // dst (n) compute type, src (n)
+    if (cpu_dtype(ctx) == TP_DTYPE_BF16)
+        bf16_narrow(dst, src, n);
+    else
+        cpu_copy(ctx, dst, src, n * sizeof(float));
+}
+
+static void cpu_from_compute(void *ctx, float *dst, const void *src, size_t n) {
+    // dst (n), src (n) compute type
+    if (cpu_dtype(ctx) == TP_DTYPE_BF16)
+        bf16_widen(dst, src, n);
+    else
+        cpu_copy(ctx, dst, src, n * sizeof(float));
+}
+
+// A stage gives an op fp32 views of its compute-type tensors. With fp32 compute tensors the views
+// are the tensors themselves, so the fp32 path runs on them directly, bit for bit as written.
+// With bf16 each view is a widened temporary; stage_end rounds the output views back into their
+// tensors and frees everything. Outputs are written back only at the end, and inputs were widened
+// before the op ran, so an output that aliases an input behaves as it does in fp32.
+#define STAGE_MAX 8
+
+struct stage {
+    enum tp_dtype dtype;
+    int n;
+    struct {
+        float *view; // (numel) fp32 temporary
+        void *dst;   // (numel) bf16 tensor it is rounded into at the end, NULL for an input
+        size_t numel;
+    } t[STAGE_MAX];
+};
+
+static struct stage stage_begin(void *ctx) { return (struct stage){.dtype = cpu_dtype(ctx)}; }
+
+static float *stage_push(struct stage *s, const void *src, void *dst, size_t numel) {
+    if (s->n == STAGE_MAX)
+        tp_die(TP_EXIT_RUNTIME, "cpu backend: an op staged more than %d tensors", STAGE_MAX);
+    float *view = tp_malloc(numel * sizeof(float));
+    bf16_widen(view, src, numel);
+    s->t[s->n].view = view;
+    s->t[s->n].dst = dst;
+    s->t[s->n].numel = numel;
+    s->n++;
+    return view;
+}
+
+// fp32 view of an input of numel elements (NULL stays NULL).
+static const float *stage_in(struct stage *s, const void *src, size_t numel) {
+    if (!src || s->dtype == TP_DTYPE_F32) return src;
+    return stage_push(s, src, NULL, numel);
+}
+
+// fp32 view of an output of numel elements (NULL stays NULL). The view starts from the tensor's
+// values, so accumulating ("+=") ops read the stored bf16 value, add in fp32 and round once.
+static float *stage_out(struct stage *s, void *dst, size_t numel) {
+    if (!dst || s->dtype == TP_DTYPE_F32) return dst;
+    return stage_push(s, dst, dst, numel);
+}
+
+static void stage_end(struct stage *s) {
+    for (int i = 0; i < s->n; i++) {
+        if (s->t[i].dst) bf16_narrow(s->t[i].dst, s->t[i].view, s->t[i].numel);
+        free(s->t[i].view);
+    }
+    s->n = 0;
+}
+
 // ---- embeddings
 
-static void cpu_vocab_embedding_fwd(void *ctx, float *out, const int *tokens, const float *wte,
+static void cpu_vocab_embedding_fwd(void *ctx, void *out, const int *tokens, const void *wte,
                                     int N, int C, int vocab_start, int n_vocab) {
-    // out (N, C), tokens (N), wte (n_vocab, C)
-    (void)ctx;
-    size_t Cs = (size_t)C;
-    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * Cs >= CPU_PAR_MIN))
+    // out (N, C), tokens (N), wte (n_vocab, C): compute type
+    // A row gather moves elements without arithmetic, so it runs on the stored type directly.
+    size_t row_bytes = (size_t)C * tp_dtype_size(cpu_dtype(ctx));
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * C >= CPU_PAR_MIN))
     for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * Cs;
+        char *o = (char *)out + (size_t)n * row_bytes;
         int row = tokens[n] - vocab_start;
         if (row >= 0 && row < n_vocab)
-            memcpy(o, wte + (size_t)row * Cs, Cs * sizeof(float));
+            memcpy(o, (const char *)wte + (size_t)row * row_bytes, row_bytes);
         else
-            memset(o, 0, Cs * sizeof(float));
+            memset(o, 0, row_bytes);
     }
 }
 
-static void cpu_vocab_embedding_bwd(void *ctx, float *dwte, const float *dout, const int *tokens,
-                                    int N, int C, int vocab_start, int n_vocab) {
+static void vocab_embedding_bwd_f32(float *dwte, const float *dout, const int *tokens, int N,
+                                    int C, int vocab_start, int n_vocab) {
     // dwte (n_vocab, C), dout (N, C), tokens (N)
     // Repeated tokens hit the same row, so split over columns: each column block sees the rows
     // in token order, whichever thread owns it.
-    (void)ctx;
     enum { CB = 64 };
     size_t Cs = (size_t)C;
     int nblocks = (C + CB - 1) / CB;
@@ -117,9 +206,8 @@ static void cpu_vocab_embedding_bwd(void *ctx, float *dwte, const float *dout, c
     }
 }
 
-static void cpu_position_embedding_fwd(void *ctx, float *x, const float *wpe, int B, int T, int C) {
+static void position_embedding_fwd_f32(float *x, const float *wpe, int B, int T, int C) {
     // x (B, T, C), wpe (T, C)
-    (void)ctx;
     size_t TC = (size_t)T * C;
     CPU_OMP(omp parallel for schedule(static) if ((size_t)B * TC >= CPU_PAR_MIN))
     for (int b = 0; b < B; b++) {
@@ -128,10 +216,8 @@ static void cpu_position_embedding_fwd(void *ctx, float *x, const float *wpe, in
     }
 }
 
-static void cpu_position_embedding_bwd(void *ctx, float *dwpe, const float *dout, int B, int T,
-                                       int C) {
+static void position_embedding_bwd_f32(float *dwpe, const float *dout, int B, int T, int C) {
     // dwpe (T, C), dout (B, T, C)
-    (void)ctx;
     size_t Cs = (size_t)C, TC = (size_t)T * Cs;
     CPU_OMP(omp parallel for schedule(static) if ((size_t)B * TC >= CPU_PAR_MIN))
     for (int t = 0; t < T; t++) {
@@ -146,10 +232,9 @@ static void cpu_position_embedding_bwd(void *ctx, float *dwpe, const float *dout
 
 // ---- layernorm
 
-static void cpu_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, const float *inp,
+static void layernorm_fwd_f32(float *out, float *mean, float *rstd, const float *inp,
                               const float *w, const float *b, int N, int C) {
     // out (N, C), mean (N), rstd (N), inp (N, C), w (C), b (C)
-    (void)ctx;
     size_t Cs = (size_t)C;
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * Cs >= CPU_PAR_MIN))
     for (int n = 0; n < N; n++) {
@@ -171,11 +256,10 @@ static void cpu_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, c
     }
 }
 
-static void cpu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout,
+static void layernorm_bwd_f32(float *dinp, float *dw, float *db, const float *dout,
                               const float *inp, const float *w, const float *mean,
                               const float *rstd, int N, int C) {
     // dinp (N, C), dw (C), db (C), dout (N, C), inp (N, C), w (C), mean (N), rstd (N)
-    (void)ctx;
     size_t Cs = (size_t)C;
     int par = (size_t)N * Cs >= CPU_PAR_MIN;
     (void)par; // only read by OpenMP
@@ -222,6 +306,31 @@ static void cpu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, cons
             dw[c0 + j] += accw[j];
             db[c0 + j] += accb[j];
         }
+    }
+}
+
+// ---- GELU (tanh approximation; the linear layer's fused GELU uses these too)
+
+#define GELU_K 0.7978845608028654f // sqrt(2 / pi)
+#define GELU_A 0.044715f
+
+static void gelu_fwd_f32(float *out, const float *inp, size_t n) {
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float t = tanhf(GELU_K * (x + GELU_A * x * x * x));
+        out[i] = 0.5f * x * (1.0f + t);
+    }
+}
+
+static void gelu_bwd_f32(float *dinp, const float *inp, const float *dout, size_t n) {
+    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        float t = tanhf(GELU_K * (x + GELU_A * x * x * x));
+        float dt = (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_A * x * x);
+        float g = 0.5f * (1.0f + t) + 0.5f * x * dt;
+        dinp[i] = g * dout[i];
     }
 }
 
@@ -306,12 +415,13 @@ static void mm_tile_narrow(float *restrict c, size_t crs, int mr, int nc, enum m
     }
 }
 
-static void cpu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w,
+static void matmul_fwd_f32(float *out, float *pre_gelu, const float *inp, const float *w,
                            const float *bias, int N, int IC, int OC) {
-    // out (N, OC), inp (N, IC), w (OC, IC), bias (OC) or NULL
+    // out (N, OC), pre_gelu (N, OC) or NULL, inp (N, IC), w (OC, IC), bias (OC) or NULL
     // b(k, j) = w[j, k] is strided, so each thread packs one (IC, NR) panel of w^T at a time
-    // (zero-padded past OC) and sweeps every row tile of inp with it.
-    (void)ctx;
+    // (zero-padded past OC) and sweeps every row tile of inp with it. The fused GELU is a second
+    // pass over the product, so the result is bitwise matmul then gelu_fwd.
+    float *prod = pre_gelu ? pre_gelu : out; // (N, OC) where the product lands
     size_t Ks = (size_t)IC, OCs = (size_t)OC;
     size_t n_oblocks = (OCs + MM_NR - 1) / MM_NR;
     int par = (double)N * IC * OC >= 4.0 * CPU_PAR_MIN;
@@ -330,12 +440,13 @@ static void cpu_matmul_fwd(void *ctx, float *out, const float *inp, const float 
             }
             for (int n0 = 0; n0 < N; n0 += MM_MR) {
                 int mr = N - n0 < MM_MR ? N - n0 : MM_MR;
-                mm_tile(out + (size_t)n0 * OCs + o0, OCs, mr, nc, MM_SET, bias ? bias + o0 : NULL,
+                mm_tile(prod + (size_t)n0 * OCs + o0, OCs, mr, nc, MM_SET, bias ? bias + o0 : NULL,
                         inp + (size_t)n0 * Ks, Ks, 1, panel, MM_NR, Ks);
             }
         }
         free(panel);
     }
+    if (pre_gelu) gelu_fwd_f32(out, pre_gelu, (size_t)N * OCs);
 }
 
 // dinp (N, IC) = dout (N, OC) @ w (OC, IC): K = OC can be the whole vocabulary, so K is chunked
@@ -414,20 +525,23 @@ static void matmul_bwd_dbias(float *dbias, const float *dout, int N, int OC, int
     }
 }
 
-static void cpu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float *dout,
-                           const float *inp, const float *w, int N, int IC, int OC) {
-    // dinp (N, IC) or NULL, dw (OC, IC), dbias (OC) or NULL, dout (N, OC), inp (N, IC), w (OC, IC)
-    (void)ctx;
+static void matmul_bwd_f32(float *dinp, float *dw, float *dbias, const float *dout,
+                           const float *inp, const float *w, const float *pre_gelu, int N, int IC,
+                           int OC) {
+    // dinp (N, IC) or NULL, dw (OC, IC), dbias (OC) or NULL, dout (N, OC), inp (N, IC), w (OC, IC),
+    // pre_gelu (N, IC) or NULL; the GELU derivative is applied in place, as gelu_bwd would
     int par = (double)N * IC * OC >= 4.0 * CPU_PAR_MIN;
-    if (dinp) matmul_bwd_dinp(dinp, dout, w, N, IC, OC, par);
+    if (dinp) {
+        matmul_bwd_dinp(dinp, dout, w, N, IC, OC, par);
+        if (pre_gelu) gelu_bwd_f32(dinp, pre_gelu, dinp, (size_t)N * IC);
+    }
     matmul_bwd_dw(dw, dout, inp, N, IC, OC, par);
     if (dbias) matmul_bwd_dbias(dbias, dout, N, OC, (size_t)N * OC >= CPU_PAR_MIN);
 }
 
-static void cpu_residual_fwd(void *ctx, float *out, const float *res, const float *x,
-                             const float *bias, int N, int C) {
+static void residual_fwd_f32(float *out, const float *res, const float *x, const float *bias,
+                             int N, int C) {
     // out (N, C) may alias res (N, C) or x (N, C); bias (C) or NULL
-    (void)ctx;
     size_t Cs = (size_t)C;
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * Cs >= CPU_PAR_MIN))
     for (int n = 0; n < N; n++) {
@@ -436,33 +550,6 @@ static void cpu_residual_fwd(void *ctx, float *out, const float *res, const floa
             for (size_t c = 0; c < Cs; c++) out[off + c] = res[off + c] + x[off + c] + bias[c];
         else
             for (size_t c = 0; c < Cs; c++) out[off + c] = res[off + c] + x[off + c];
-    }
-}
-
-// ---- GELU (tanh approximation)
-
-#define GELU_K 0.7978845608028654f // sqrt(2 / pi)
-#define GELU_A 0.044715f
-
-static void cpu_gelu_fwd(void *ctx, float *out, const float *inp, size_t n) {
-    (void)ctx;
-    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
-    for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float t = tanhf(GELU_K * (x + GELU_A * x * x * x));
-        out[i] = 0.5f * x * (1.0f + t);
-    }
-}
-
-static void cpu_gelu_bwd(void *ctx, float *dinp, const float *inp, const float *dout, size_t n) {
-    (void)ctx;
-    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
-    for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float t = tanhf(GELU_K * (x + GELU_A * x * x * x));
-        float dt = (1.0f - t * t) * GELU_K * (1.0f + 3.0f * GELU_A * x * x);
-        float g = 0.5f * (1.0f + t) + 0.5f * x * dt;
-        dinp[i] = g * dout[i];
     }
 }
 
@@ -483,11 +570,9 @@ static size_t cpu_attention_scratch_floats(void *ctx, int B, int T, int NH, int 
     return (size_t)B * NH * T;
 }
 
-static void cpu_attention_fwd(void *ctx, float *out, float *saved, float *scratch,
-                              const float *qkv, int B, int T, int NH, int HS) {
+static void attention_fwd_f32(float *out, float *saved, const float *qkv, int B, int T, int NH,
+                              int HS) {
     // out (B, T, NH*HS), saved (B, NH, T, T), qkv (B, T, 3*NH*HS)
-    (void)ctx;
-    (void)scratch;
     size_t C = (size_t)NH * HS, C3 = 3 * C, Ts = (size_t)T, HSs = (size_t)HS;
     float scale = 1.0f / sqrtf((float)HS);
     size_t rows = (size_t)B * NH * Ts;
@@ -522,15 +607,12 @@ static void cpu_attention_fwd(void *ctx, float *out, float *saved, float *scratc
     }
 }
 
-static void cpu_attention_bwd(void *ctx, float *dqkv, float *scratch, const float *dout,
-                              const float *qkv, const float *out, const float *saved, int B, int T,
-                              int NH, int HS) {
+static void attention_bwd_f32(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                              const float *saved, int B, int T, int NH, int HS) {
     // dqkv (B, T, 3*NH*HS), scratch (B, NH, T), dout (B, T, NH*HS), qkv (B, T, 3*NH*HS),
     // saved (B, NH, T, T)
     // One (b, h) per task: dk and dv rows collect from every later query, so they must not be
     // split across threads.
-    (void)ctx;
-    (void)out;
     size_t C = (size_t)NH * HS, C3 = 3 * C, Ts = (size_t)T, HSs = (size_t)HS;
     float scale = 1.0f / sqrtf((float)HS);
     size_t heads = (size_t)B * NH;
@@ -573,11 +655,9 @@ static void cpu_attention_bwd(void *ctx, float *dqkv, float *scratch, const floa
 }
 
 // One query row against a KV cache (generation): heads are independent, so one task per head.
-static void cpu_attention_decode(void *ctx, float *out, float *scratch, const float *q,
-                                 const float *kcache, const float *vcache, int n_ctx, int NH,
-                                 int HS) {
+static void attention_decode_f32(float *out, float *scratch, const float *q, const float *kcache,
+                                 const float *vcache, int n_ctx, int NH, int HS) {
     // out (NH*HS), scratch (NH, n_ctx), q (NH*HS), kcache/vcache (>= n_ctx, NH*HS)
-    (void)ctx;
     size_t C = (size_t)NH * HS, HSs = (size_t)HS, n = (size_t)n_ctx;
     float scale = 1.0f / sqrtf((float)HS);
     CPU_OMP(omp parallel for schedule(static) if (C * n >= CPU_PAR_MIN))
@@ -644,10 +724,9 @@ static inline int xent_real_cols(int vocab_start, int n_vocab, int vocab_size) {
 // the lanes are combined in a fixed order.
 #define XENT_LANES 16
 
-static void cpu_xent_max(void *ctx, float *maxes, const float *logits, int N, int vocab_start,
-                         int n_vocab, int vocab_size) {
+static void xent_max_f32(float *maxes, const float *logits, int N, int vocab_start, int n_vocab,
+                         int vocab_size) {
     // maxes (N), logits (N, n_vocab)
-    (void)ctx;
     size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * nr >= CPU_PAR_MIN))
     for (int i = 0; i < N; i++) {
@@ -660,10 +739,9 @@ static void cpu_xent_max(void *ctx, float *maxes, const float *logits, int N, in
     }
 }
 
-static void cpu_xent_sums(void *ctx, float *sums, const float *logits, const float *maxes,
+static void xent_sums_f32(float *sums, const float *logits, const float *maxes,
                           const int *targets, int N, int vocab_start, int n_vocab, int vocab_size) {
     // sums (2, N), logits (N, n_vocab), maxes (N), targets (N)
-    (void)ctx;
     size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * nr >= CPU_PAR_MIN))
     for (int i = 0; i < N; i++) {
@@ -692,11 +770,10 @@ static void cpu_xent_loss(void *ctx, float *losses, const float *maxes, const fl
     for (int i = 0; i < N; i++) losses[i] = logf(sums[i]) + maxes[i] - sums[(size_t)N + (size_t)i];
 }
 
-static void cpu_xent_bwd(void *ctx, float *dlogits, const float *logits, const float *maxes,
+static void xent_bwd_f32(float *dlogits, const float *logits, const float *maxes,
                          const float *sums, const int *targets, float dloss, int N, int vocab_start,
                          int n_vocab, int vocab_size) {
     // dlogits (N, n_vocab) may alias logits (N, n_vocab); maxes (N), sums (2, N), targets (N)
-    (void)ctx;
     size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * V >= CPU_PAR_MIN))
     for (int i = 0; i < N; i++) {
@@ -714,7 +791,8 @@ static void cpu_xent_bwd(void *ctx, float *dlogits, const float *logits, const f
 // ---- reductions and elementwise helpers
 //
 // sum and sumsq_acc accumulate in double over chunks whose size depends only on n, and add the
-// chunk partials in order: the result is the same for any thread count.
+// chunk partials in order: the result is the same for any thread count. These ops see only fp32
+// tensors, so they are the table's entries directly.
 #define RED_MAX_CHUNKS 256
 #define RED_MIN_CHUNK 16384
 #define RED_LANES 8
@@ -764,6 +842,24 @@ static void cpu_sumsq_acc(void *ctx, float *out, const float *x, size_t n) {
     *out = (float)((double)*out + red_total(x, n, 1));
 }
 
+static void cpu_segments_sumsq(void *ctx, float *out, const float *x,
+                               const struct param_segment *segs, int n_segs, size_t n) {
+    // out (2), x (n), segs (n_segs) covering [0, n)
+    // Segment by segment into its group's float, exactly as one sumsq_acc per tensor would: the
+    // gradient norm (and so clipping) is bitwise the one of the per-tensor loop it replaces.
+    (void)n;
+    float acc[2] = {0.0f, 0.0f};
+    for (int i = 0; i < n_segs; i++) {
+        int grp = segs[i].norm_group;
+        if (grp != 0 && grp != 1)
+            tp_die(TP_EXIT_RUNTIME, "cpu backend: segment %d has norm_group %d (must be 0 or 1)",
+                   i, grp);
+        cpu_sumsq_acc(ctx, &acc[grp], x + segs[i].offset, segs[i].numel);
+    }
+    out[0] = acc[0];
+    out[1] = acc[1];
+}
+
 static void cpu_scale(void *ctx, float *x, float s, size_t n) {
     (void)ctx;
     CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
@@ -772,15 +868,16 @@ static void cpu_scale(void *ctx, float *x, float s, size_t n) {
 
 // ---- optimiser
 
-static void cpu_adamw(void *ctx, float *p, const float *g, float *m, float *v, size_t n, float lr,
-                      float beta1, float beta2, float eps, float weight_decay, float grad_scale,
-                      int t) {
-    // p, g, m, v (n)
-    (void)ctx;
-    float bc1 = 1.0f - powf(beta1, (float)t), bc2 = 1.0f - powf(beta2, (float)t);
-    CPU_OMP(omp parallel for schedule(static) if (n >= CPU_PAR_MIN))
-    for (size_t i = 0; i < n; i++) {
-        float gi = g[i] * grad_scale;
+// AdamW on one segment [off, off + numel) of the flat buffers with its own weight decay; gscale
+// is the whole gradient factor, bc1 and bc2 the bias corrections.
+static void adamw_segment(const struct adamw_step *s, size_t off, size_t numel, float weight_decay,
+                          float gscale, float bc1, float bc2) {
+    float *p = s->p + off, *m = s->m + off, *v = s->v + off; // (numel) each
+    const float *g = s->g + off;                            // (numel)
+    float lr = s->lr, beta1 = s->beta1, beta2 = s->beta2, eps = s->eps;
+    CPU_OMP(omp parallel for schedule(static) if (numel >= CPU_PAR_MIN))
+    for (size_t i = 0; i < numel; i++) {
+        float gi = g[i] * gscale;
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
@@ -790,10 +887,200 @@ static void cpu_adamw(void *ctx, float *p, const float *g, float *m, float *v, s
     }
 }
 
+static void cpu_adamw(void *ctx, const struct adamw_step *s) {
+    // s->p, s->g, s->m, s->v (n); s->p_compute (n) compute type or NULL; s->segs (n_segs)
+    // grad_scale and the clip factor are folded into one float before use, so when either is 1
+    // every update is bitwise the per-tensor step that took the other as its gradient scale.
+    float gscale = s->grad_scale;
+    if (s->norm_sq && s->grad_clip > 0.0f) {
+        float norm = sqrtf(s->norm_sq[0] + s->norm_sq[1]);
+        if (norm > s->grad_clip) gscale *= s->grad_clip / norm; // false for a NaN norm: no clip
+    }
+    float bc1 = 1.0f - powf(s->beta1, (float)s->t), bc2 = 1.0f - powf(s->beta2, (float)s->t);
+    for (int k = 0; k < s->n_segs; k++)
+        adamw_segment(s, s->segs[k].offset, s->segs[k].numel, s->segs[k].weight_decay, gscale,
+                      bc1, bc2);
+    if (s->p_compute) cpu_to_compute(ctx, s->p_compute, s->p, s->n);
+}
+
+// ---- the ops on compute-type tensors: each stages its tensors and runs the fp32 code
+
+static void cpu_vocab_embedding_bwd(void *ctx, float *dwte, const void *dout, const int *tokens,
+                                    int N, int C, int vocab_start, int n_vocab) {
+    struct stage s = stage_begin(ctx);
+    const float *d = stage_in(&s, dout, (size_t)N * C); // (N, C)
+    vocab_embedding_bwd_f32(dwte, d, tokens, N, C, vocab_start, n_vocab);
+    stage_end(&s);
+}
+
+static void cpu_position_embedding_fwd(void *ctx, void *x, const void *wpe, int B, int T, int C) {
+    struct stage s = stage_begin(ctx);
+    size_t TC = (size_t)T * C;
+    float *xf = stage_out(&s, x, (size_t)B * TC); // (B, T, C)
+    const float *wf = stage_in(&s, wpe, TC);      // (T, C)
+    position_embedding_fwd_f32(xf, wf, B, T, C);
+    stage_end(&s);
+}
+
+static void cpu_position_embedding_bwd(void *ctx, float *dwpe, const void *dout, int B, int T,
+                                       int C) {
+    struct stage s = stage_begin(ctx);
+    const float *d = stage_in(&s, dout, (size_t)B * T * C); // (B, T, C)
+    position_embedding_bwd_f32(dwpe, d, B, T, C);
+    stage_end(&s);
+}
+
+static void cpu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const void *inp,
+                              const void *w, const void *b, int N, int C) {
+    struct stage s = stage_begin(ctx);
+    size_t NC = (size_t)N * C;
+    float *of = stage_out(&s, out, NC);           // (N, C)
+    const float *xf = stage_in(&s, inp, NC);      // (N, C)
+    const float *wf = stage_in(&s, w, (size_t)C); // (C)
+    const float *bf = stage_in(&s, b, (size_t)C); // (C)
+    layernorm_fwd_f32(of, mean, rstd, xf, wf, bf, N, C);
+    stage_end(&s);
+}
+
+static void cpu_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, const void *dout,
+                              const void *inp, const void *w, const float *mean, const float *rstd,
+                              int N, int C) {
+    struct stage s = stage_begin(ctx);
+    size_t NC = (size_t)N * C;
+    float *dif = stage_out(&s, dinp, NC);         // (N, C), accumulated into
+    const float *df = stage_in(&s, dout, NC);     // (N, C)
+    const float *xf = stage_in(&s, inp, NC);      // (N, C)
+    const float *wf = stage_in(&s, w, (size_t)C); // (C)
+    layernorm_bwd_f32(dif, dw, db, df, xf, wf, mean, rstd, N, C);
+    stage_end(&s);
+}
+
+static void cpu_matmul_fwd(void *ctx, void *out, void *pre_gelu, const void *inp, const void *w,
+                           const void *bias, int N, int IC, int OC) {
+    struct stage s = stage_begin(ctx);
+    size_t NO = (size_t)N * OC;
+    // With bf16 the GELU reads the fp32 product and both are rounded once, as a GEMM epilogue does.
+    float *of = stage_out(&s, out, NO);                  // (N, OC)
+    float *pf = stage_out(&s, pre_gelu, NO);             // (N, OC) or NULL
+    const float *xf = stage_in(&s, inp, (size_t)N * IC); // (N, IC)
+    const float *wf = stage_in(&s, w, (size_t)OC * IC);  // (OC, IC)
+    const float *bf = stage_in(&s, bias, (size_t)OC);    // (OC) or NULL
+    matmul_fwd_f32(of, pf, xf, wf, bf, N, IC, OC);
+    stage_end(&s);
+}
+
+static void cpu_matmul_bwd(void *ctx, void *dinp, float *dw, float *dbias, const void *dout,
+                           const void *inp, const void *w, const void *pre_gelu, int N, int IC,
+                           int OC) {
+    struct stage s = stage_begin(ctx);
+    size_t NI = (size_t)N * IC;
+    float *dif = stage_out(&s, dinp, NI);                 // (N, IC) or NULL
+    const float *df = stage_in(&s, dout, (size_t)N * OC); // (N, OC)
+    const float *xf = stage_in(&s, inp, NI);              // (N, IC)
+    const float *wf = stage_in(&s, w, (size_t)OC * IC);   // (OC, IC)
+    const float *pf = stage_in(&s, pre_gelu, NI);         // (N, IC) or NULL
+    matmul_bwd_f32(dif, dw, dbias, df, xf, wf, pf, N, IC, OC);
+    stage_end(&s);
+}
+
+static void cpu_residual_fwd(void *ctx, void *out, const void *res, const void *x,
+                             const void *bias, int N, int C) {
+    struct stage s = stage_begin(ctx);
+    size_t NC = (size_t)N * C;
+    float *of = stage_out(&s, out, NC);              // (N, C)
+    const float *rf = stage_in(&s, res, NC);         // (N, C)
+    const float *xf = stage_in(&s, x, NC);           // (N, C)
+    const float *bf = stage_in(&s, bias, (size_t)C); // (C) or NULL
+    residual_fwd_f32(of, rf, xf, bf, N, C);
+    stage_end(&s);
+}
+
+static void cpu_gelu_fwd(void *ctx, void *out, const void *inp, size_t n) {
+    struct stage s = stage_begin(ctx);
+    float *of = stage_out(&s, out, n);      // (n)
+    const float *xf = stage_in(&s, inp, n); // (n)
+    gelu_fwd_f32(of, xf, n);
+    stage_end(&s);
+}
+
+static void cpu_gelu_bwd(void *ctx, void *dinp, const void *inp, const void *dout, size_t n) {
+    struct stage s = stage_begin(ctx);
+    float *dif = stage_out(&s, dinp, n);     // (n)
+    const float *xf = stage_in(&s, inp, n);  // (n)
+    const float *df = stage_in(&s, dout, n); // (n)
+    gelu_bwd_f32(dif, xf, df, n);
+    stage_end(&s);
+}
+
+static void cpu_attention_fwd(void *ctx, void *out, float *saved, float *scratch, const void *qkv,
+                              int B, int T, int NH, int HS) {
+    (void)scratch; // the probabilities are computed in place in saved
+    struct stage s = stage_begin(ctx);
+    size_t BTC = (size_t)B * T * NH * HS;
+    float *of = stage_out(&s, out, BTC);          // (B, T, NH*HS)
+    const float *qf = stage_in(&s, qkv, 3 * BTC); // (B, T, 3*NH*HS)
+    attention_fwd_f32(of, saved, qf, B, T, NH, HS);
+    stage_end(&s);
+}
+
+static void cpu_attention_bwd(void *ctx, void *dqkv, float *scratch, const void *dout,
+                              const void *qkv, const void *out, const float *saved, int B, int T,
+                              int NH, int HS) {
+    (void)out; // the saved probabilities carry everything the backward needs
+    struct stage s = stage_begin(ctx);
+    size_t BTC = (size_t)B * T * NH * HS;
+    float *dqf = stage_out(&s, dqkv, 3 * BTC);    // (B, T, 3*NH*HS)
+    const float *df = stage_in(&s, dout, BTC);    // (B, T, NH*HS)
+    const float *qf = stage_in(&s, qkv, 3 * BTC); // (B, T, 3*NH*HS)
+    attention_bwd_f32(dqf, scratch, df, qf, saved, B, T, NH, HS);
+    stage_end(&s);
+}
+
+static void cpu_attention_decode(void *ctx, void *out, float *scratch, const void *q,
+                                 const void *kcache, const void *vcache, int n_ctx, int NH,
+                                 int HS) {
+    struct stage s = stage_begin(ctx);
+    size_t C = (size_t)NH * HS, nkv = (size_t)n_ctx * C; // only the first n_ctx cache rows are read
+    float *of = stage_out(&s, out, C);           // (NH*HS)
+    const float *qf = stage_in(&s, q, C);        // (NH*HS)
+    const float *kf = stage_in(&s, kcache, nkv); // (n_ctx, NH*HS)
+    const float *vf = stage_in(&s, vcache, nkv); // (n_ctx, NH*HS)
+    attention_decode_f32(of, scratch, qf, kf, vf, n_ctx, NH, HS);
+    stage_end(&s);
+}
+
+static void cpu_xent_max(void *ctx, float *maxes, const void *logits, int N, int vocab_start,
+                         int n_vocab, int vocab_size) {
+    struct stage s = stage_begin(ctx);
+    const float *lf = stage_in(&s, logits, (size_t)N * n_vocab); // (N, n_vocab)
+    xent_max_f32(maxes, lf, N, vocab_start, n_vocab, vocab_size);
+    stage_end(&s);
+}
+
+static void cpu_xent_sums(void *ctx, float *sums, const void *logits, const float *maxes,
+                          const int *targets, int N, int vocab_start, int n_vocab, int vocab_size) {
+    struct stage s = stage_begin(ctx);
+    const float *lf = stage_in(&s, logits, (size_t)N * n_vocab); // (N, n_vocab)
+    xent_sums_f32(sums, lf, maxes, targets, N, vocab_start, n_vocab, vocab_size);
+    stage_end(&s);
+}
+
+static void cpu_xent_bwd(void *ctx, void *dlogits, const void *logits, const float *maxes,
+                         const float *sums, const int *targets, float dloss, int N, int vocab_start,
+                         int n_vocab, int vocab_size) {
+    struct stage s = stage_begin(ctx);
+    size_t NV = (size_t)N * n_vocab;
+    float *df = stage_out(&s, dlogits, NV);     // (N, n_vocab)
+    const float *lf = stage_in(&s, logits, NV); // (N, n_vocab)
+    xent_bwd_f32(df, lf, maxes, sums, targets, dloss, N, vocab_start, n_vocab, vocab_size);
+    stage_end(&s);
+}
+
 // ---- the table
 
 static const struct backend_i cpu_iface = {
     .name = cpu_name,
+    .dtype = cpu_dtype,
     .host_accessible = true,
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -801,6 +1088,8 @@ static const struct backend_i cpu_iface = {
     .copy_to_device = cpu_copy,
     .copy_to_host = cpu_copy,
     .copy = cpu_copy,
+    .to_compute = cpu_to_compute,
+    .from_compute = cpu_from_compute,
     .synchronize = cpu_synchronize,
     .native_stream = cpu_native_stream,
     .destroy = cpu_destroy,
@@ -826,16 +1115,13 @@ static const struct backend_i cpu_iface = {
     .xent_bwd = cpu_xent_bwd,
     .sum = cpu_sum,
     .sumsq_acc = cpu_sumsq_acc,
+    .segments_sumsq = cpu_segments_sumsq,
     .scale = cpu_scale,
     .adamw = cpu_adamw,
 };
 
-struct backend backend_cpu_create(void) {
+struct backend backend_cpu_create(enum tp_dtype dtype) {
     struct cpu_ctx *ctx = tp_malloc(sizeof *ctx);
-#ifdef _OPENMP
-    ctx->max_threads = omp_get_max_threads();
-#else
-    ctx->max_threads = 1;
-#endif
+    ctx->dtype = dtype;
     return (struct backend){.iface = &cpu_iface, .ctx = ctx};
 }

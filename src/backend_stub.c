@@ -8,9 +8,10 @@ bool backend_cuda_available(void) { return false; }
 
 int backend_cuda_device_count(void) { return 0; }
 
-bool backend_cuda_create(struct backend *out, int device, char *err, size_t errlen) {
+bool backend_cuda_create(struct backend *out, int device, enum tp_dtype dtype, char *err, size_t errlen) {
     (void)out;
     (void)device;
+    (void)dtype;
     snprintf(err, errlen, "this tptrain was built without CUDA (rebuild with -Dcuda=enabled)");
     return false;
 }

@@ -219,9 +219,8 @@ static int bench_config(struct bench *b, const struct bench_opts *o, const char 
     cfg->parallel.tp = world;
     cfg->parallel.dp = 0; // derived: 1
     // The benchmark feeds synthetic tokens and starts from random weights, so the data, init and
-    // checkpoint keys play no part: only the model, batch and precision checks apply.
+    // checkpoint keys play no part: only the model and batch checks apply.
     if (!st && model_path) st = config_validate_model(cfg, world, err, sizeof err);
-    else if (!st) st = config_check_precision(cfg, err, sizeof err);
     cfg->parallel.dp = 1;
     if (st && b->root) fprintf(stderr, "tptrain: %s\n", err);
     return st;
@@ -266,24 +265,35 @@ static void bench_finish(struct bench *b) {
     backend_destroy(&b->be);
 }
 
-// Fills n floats of backend memory with uniform values in [-scale, scale), a pure function of seed.
-static void fill_uniform(struct backend be, float *dst, size_t n, float scale, uint64_t seed) {
+// Fills n compute-type elements of backend memory with uniform values in [-scale, scale), a pure
+// function of seed (rounded to bf16 on the bf16 path).
+static void fill_uniform(struct backend be, void *dst, size_t n, float scale, uint64_t seed) {
     enum { CHUNK = 1 << 20 };
+    enum tp_dtype dt = be.iface->dtype(be.ctx);
+    size_t es = tp_dtype_size(dt);
     float *h = tp_malloc((n < CHUNK ? n : CHUNK) * sizeof(float));
+    uint16_t *h16 = dt == TP_DTYPE_BF16 ? tp_malloc((n < CHUNK ? n : CHUNK) * sizeof(uint16_t)) : NULL;
     uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
     for (size_t off = 0; off < n; off += CHUNK) {
         size_t k = n - off < CHUNK ? n - off : CHUNK;
         for (size_t i = 0; i < k; i++) {
             x ^= x << 13, x ^= x >> 7, x ^= x << 17; // xorshift64
             h[i] = scale * (2.0f * (float)((double)(x >> 11) * 0x1.0p-53) - 1.0f);
+            if (h16) h16[i] = tp_bf16_from_f32(h[i]);
         }
-        be.iface->copy_to_device(be.ctx, dst + off, h, k * sizeof(float));
+        be.iface->copy_to_device(be.ctx, (char *)dst + off * es, h16 ? (void *)h16 : (void *)h, k * es);
     }
     free(h);
+    free(h16);
 }
 
 static float *alloc_floats(struct bench *b, size_t n) {
     return b->be.iface->alloc(b->be.ctx, (n ? n : 1) * sizeof(float));
+}
+
+// n elements of the backend's compute type.
+static void *alloc_compute(struct bench *b, size_t n) {
+    return b->be.iface->alloc(b->be.ctx, (n ? n : 1) * tp_dtype_size(b->be.iface->dtype(b->be.ctx)));
 }
 
 // ---- phase driver
@@ -475,47 +485,56 @@ static double bus_factor(int P) { return 2.0 * (P - 1) / P; }
 struct layer_bench {
     struct bench *b;
     int M, K, Nl;                   // tokens, width, this rank's hidden width N/P
-    float *x;                       // (M, K) input, replicated
-    float *w1, *b1;                 // (Nl, K), (Nl) column-parallel weight and bias
-    float *h, *hg;                  // (M, Nl), (M, Nl) column output, after GELU
-    float *w2, *b2;                 // (K, Nl), (K) row-parallel weight, bias (replicated)
-    float *y, *out;                 // (M, K), (M, K) row partial sums (reduced in place), output
-    float *dx, *dh, *dhg, *dy;      // (M, K), (M, Nl), (M, Nl), (M, K) activation gradients
+    // compute type (fp32 or bf16):
+    void *x;                        // (M, K) input, replicated
+    void *w1, *b1;                  // (Nl, K), (Nl) column-parallel weight and bias
+    void *h, *hg;                   // (M, Nl), (M, Nl) column output (before GELU), after GELU
+    void *w2, *b2;                  // (K, Nl), (K) row-parallel weight, bias (replicated)
+    void *y, *out;                  // (M, K), (M, K) row partial sums (reduced in place), output
+    void *dx, *dh, *dhg, *dy;       // (M, K), (M, Nl), (M, Nl), (M, K) activation gradients
+    // fp32:
     float *dw1, *db1, *dw2, *db2;   // (Nl, K), (Nl), (K, Nl), (K) parameter gradients
 };
 
-// Forward of the column-parallel linear: f is the identity, so no collective.
-static void column_fwd(struct layer_bench *lb) {
+static enum tp_dtype lb_dtype(const struct layer_bench *lb) {
+    return lb->b->be.iface->dtype(lb->b->be.ctx);
+}
+
+// Forward of the column-parallel linear: f is the identity, so no collective. With gelu, the
+// GELU is fused into the product as the model runs it: h keeps the product, hg the activation.
+static void column_fwd(struct layer_bench *lb, bool gelu) {
     const struct backend_i *bi = lb->b->be.iface;
-    bi->matmul_fwd(lb->b->be.ctx, lb->h, lb->x, lb->w1, lb->b1, lb->M, lb->K, lb->Nl);
+    bi->matmul_fwd(lb->b->be.ctx, gelu ? lb->hg : lb->h, gelu ? lb->h : NULL, lb->x, lb->w1, lb->b1, lb->M,
+                   lb->K, lb->Nl);
 }
 
 // Backward: each rank's dx covers its own shard; f's backward sums them (Megatron's f).
-static void column_bwd(struct layer_bench *lb, const float *dout, struct comm *tp) {
+static void column_bwd(struct layer_bench *lb, const void *dout, struct comm *tp) {
     const struct backend_i *bi = lb->b->be.iface;
-    bi->matmul_bwd(lb->b->be.ctx, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, lb->M, lb->K, lb->Nl);
-    comm_all_reduce(tp, lb->dx, (size_t)lb->M * (size_t)lb->K, COMM_SUM);
+    bi->matmul_bwd(lb->b->be.ctx, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, NULL, lb->M, lb->K, lb->Nl);
+    comm_all_reduce_compute(tp, lb->dx, (size_t)lb->M * (size_t)lb->K, lb_dtype(lb), COMM_SUM);
 }
 
 // Forward of the row-parallel linear: partial products, g's all-reduce, then the bias (once) and
 // the residual.
-static void row_fwd(struct layer_bench *lb, const float *inp, struct comm *tp) {
+static void row_fwd(struct layer_bench *lb, const void *inp, struct comm *tp) {
     const struct backend_i *bi = lb->b->be.iface;
     void *ctx = lb->b->be.ctx;
-    bi->matmul_fwd(ctx, lb->y, inp, lb->w2, NULL, lb->M, lb->Nl, lb->K);
-    comm_all_reduce(tp, lb->y, (size_t)lb->M * (size_t)lb->K, COMM_SUM);
+    bi->matmul_fwd(ctx, lb->y, NULL, inp, lb->w2, NULL, lb->M, lb->Nl, lb->K);
+    comm_all_reduce_compute(tp, lb->y, (size_t)lb->M * (size_t)lb->K, lb_dtype(lb), COMM_SUM);
     bi->residual_fwd(ctx, lb->out, lb->x, lb->y, lb->b2, lb->M, lb->K);
 }
 
 // Backward: the output gradient is replicated, g's backward is the identity: no collective.
-static void row_bwd(struct layer_bench *lb, float *dinp, const float *inp) {
+// pre_gelu non-NULL folds the GELU's derivative into dinp, as the model does.
+static void row_bwd(struct layer_bench *lb, void *dinp, const void *inp, const void *pre_gelu) {
     const struct backend_i *bi = lb->b->be.iface;
-    bi->matmul_bwd(lb->b->be.ctx, dinp, lb->dw2, lb->db2, lb->dy, inp, lb->w2, lb->M, lb->Nl, lb->K);
+    bi->matmul_bwd(lb->b->be.ctx, dinp, lb->dw2, lb->db2, lb->dy, inp, lb->w2, pre_gelu, lb->M, lb->Nl, lb->K);
 }
 
 static void run_column_fwd(void *arg, struct bench_clock *c) {
     (void)c;
-    column_fwd(arg);
+    column_fwd(arg, false);
 }
 
 static void run_column_bwd(void *arg, struct bench_clock *c) {
@@ -535,15 +554,14 @@ static void run_row_fwd(void *arg, struct bench_clock *c) {
 static void run_row_bwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
     (void)c;
-    row_bwd(lb, lb->dh, lb->h);
+    row_bwd(lb, lb->dh, lb->h, NULL);
 }
 
 static void run_mlp_fwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
     struct timing_comm t;
     struct comm tp = timed_tp(lb->b, &t, c);
-    column_fwd(lb);
-    lb->b->be.iface->gelu_fwd(lb->b->be.ctx, lb->hg, lb->h, (size_t)lb->M * (size_t)lb->Nl);
+    column_fwd(lb, true);
     row_fwd(lb, lb->hg, &tp);
 }
 
@@ -551,9 +569,8 @@ static void run_mlp_bwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
     struct timing_comm t;
     struct comm tp = timed_tp(lb->b, &t, c);
-    row_bwd(lb, lb->dhg, lb->hg);
-    lb->b->be.iface->gelu_bwd(lb->b->be.ctx, lb->dh, lb->h, lb->dhg, (size_t)lb->M * (size_t)lb->Nl);
-    column_bwd(lb, lb->dh, &tp);
+    row_bwd(lb, lb->dhg, lb->hg, lb->h);
+    column_bwd(lb, lb->dhg, &tp);
 }
 
 struct layer_result {
@@ -585,7 +602,7 @@ static void layer_print(const struct bench *b, int M, int K, int N, const struct
     int P = b->mesh.tp_size;
     print_setup(b, "layer");
     printf("shapes: M=%d tokens, K=%d, N=%d (N/P=%d per rank) | column K->N/P, row N/P->K + all-reduce, "
-           "mlp column->gelu->row\n", M, K, N, N / P);
+           "mlp column+gelu (fused) -> row\n", M, K, N, N / P);
     printf("times: ms per iteration of the slowest rank; FLOPs: matmuls only, 2*M*K*N/P per forward "
            "matmul, twice that backward\n");
     if (b->iters_fixed) printf("iterations: %d warm-up + %d timed per phase (TPTRAIN_BENCH_ITERS)\n", b->warmup, b->iters);
@@ -608,8 +625,8 @@ static void layer_print(const struct bench *b, int M, int K, int N, const struct
     if (P == 1)
         printf("# one rank: the TP all-reduces are no-ops, so there is no communication cost (0 ms, bandwidth n/a)\n");
     else
-        printf("# all-reduce: sum of fp32 over %d ranks; algbw = bytes / time, busbw = algbw * 2(P-1)/P "
-               "(nccl-tests)\n", P);
+        printf("# all-reduce: sum of %s over %d ranks; algbw = bytes / time, busbw = algbw * 2(P-1)/P "
+               "(nccl-tests)\n", tp_dtype_name(b->be.iface->dtype(b->be.ctx)), P);
 }
 
 static void layer_json(const struct bench *b, int M, int K, int N, const struct layer_result *r, int n) {
@@ -642,12 +659,14 @@ static void layer_json(const struct bench *b, int M, int K, int N, const struct 
 static int bench_layer(struct bench *b, int M, int K, int N) {
     struct layer_bench lb = {.b = b, .M = M, .K = K, .Nl = N / b->mesh.tp_size};
     size_t MK = (size_t)M * K, MN = (size_t)M * lb.Nl, NK = (size_t)lb.Nl * K;
-    float **bufs[] = {&lb.x, &lb.w1, &lb.b1, &lb.h, &lb.hg, &lb.w2, &lb.b2, &lb.y, &lb.out,
-                      &lb.dx, &lb.dh, &lb.dhg, &lb.dy, &lb.dw1, &lb.db1, &lb.dw2, &lb.db2};
-    size_t sizes[] = {MK, NK, (size_t)lb.Nl, MN, MN, NK, (size_t)K, MK, MK,
-                      MK, MN, MN, MK, NK, (size_t)lb.Nl, NK, (size_t)K};
-    int nbuf = (int)(sizeof sizes / sizeof sizes[0]);
-    for (int i = 0; i < nbuf; i++) *bufs[i] = alloc_floats(b, sizes[i]);
+    void **bufs[] = {&lb.x, &lb.w1, &lb.b1, &lb.h, &lb.hg, &lb.w2, &lb.b2, &lb.y, &lb.out,
+                     &lb.dx, &lb.dh, &lb.dhg, &lb.dy};
+    size_t sizes[] = {MK, NK, (size_t)lb.Nl, MN, MN, NK, (size_t)K, MK, MK, MK, MN, MN, MK};
+    float **gbufs[] = {&lb.dw1, &lb.db1, &lb.dw2, &lb.db2};
+    size_t gsizes[] = {NK, (size_t)lb.Nl, NK, (size_t)K};
+    int nbuf = (int)(sizeof sizes / sizeof sizes[0]), ngbuf = (int)(sizeof gsizes / sizeof gsizes[0]);
+    for (int i = 0; i < nbuf; i++) *bufs[i] = alloc_compute(b, sizes[i]);
+    for (int i = 0; i < ngbuf; i++) *gbufs[i] = alloc_floats(b, gsizes[i]);
     // The input and the output gradient are replicated (same seed everywhere); weights are shards.
     uint64_t seed = b->cfg.train.seed, rank = (uint64_t)b->mesh.tp_rank;
     fill_uniform(b->be, lb.x, MK, 1.0f, seed);
@@ -658,8 +677,7 @@ static int bench_layer(struct bench *b, int M, int K, int N) {
     fill_uniform(b->be, lb.b2, (size_t)K, 0.1f, seed + 2);
     fill_uniform(b->be, lb.dh, MN, 1.0f, seed + 400 + rank);
     fill_uniform(b->be, lb.dhg, MN, 1.0f, seed + 500 + rank);
-    column_fwd(&lb); // h and hg hold real activations before any backward runs
-    b->be.iface->gelu_fwd(b->be.ctx, lb.hg, lb.h, MN);
+    column_fwd(&lb, true); // h and hg hold real activations before any backward runs
 
     static const struct phase_spec specs[] = {
         {"column_fwd", "column fwd", run_column_fwd, NULL},
@@ -674,12 +692,14 @@ static int bench_layer(struct bench *b, int M, int K, int N) {
     double flops[NPHASE] = {fl.column_fwd, fl.column_bwd, fl.row_fwd, fl.row_bwd, fl.mlp_fwd, fl.mlp_bwd};
     struct layer_result res[NPHASE];
     for (int i = 0; i < NPHASE; i++) {
-        res[i] = (struct layer_result){.spec = &specs[i], .flops = flops[i], .bytes = MK * sizeof(float)};
+        res[i] = (struct layer_result){.spec = &specs[i], .flops = flops[i],
+                                       .bytes = MK * tp_dtype_size(lb_dtype(&lb))};
         if (b->iters_fixed) time_phase(b, &specs[i], &lb, b->warmup, b->iters, 0.0, &res[i].t);
         else time_phase(b, &specs[i], &lb, LAYER_WARMUP, LAYER_MIN_ITERS, LAYER_TARGET_MS, &res[i].t);
         layer_derive(b, &res[i]);
     }
     for (int i = 0; i < nbuf; i++) b->be.iface->free(b->be.ctx, *bufs[i]);
+    for (int i = 0; i < ngbuf; i++) b->be.iface->free(b->be.ctx, *gbufs[i]);
     if (b->root) layer_print(b, M, K, N, res, NPHASE);
     if (b->json) layer_json(b, M, K, N, res, NPHASE);
     return 0;
@@ -893,7 +913,7 @@ struct model_bench {
     struct model m;
     struct optim opt;
     float *loss_sum;    // (1) backend memory
-    float *dres_seed;   // (N, C) the residual-stream gradient each backward phase starts from
+    void *dres_seed;    // (N, C) compute type: the residual-stream gradient each backward phase starts from
     int *inputs;        // (N) host token ids, the same on every TP rank
     int *targets;       // (N)
 };
@@ -914,8 +934,8 @@ static void run_step(void *arg, struct bench_clock *c) {
         model_forward(m, tp, mb->inputs, mb->targets, mb->loss_sum);
         model_backward(m, tp, dloss);
     }
-    float norm = optim_grad_norm(&mb->opt, m, tp);
-    optim_step(&mb->opt, m, tc, (float)tc->lr, optim_clip_scale(norm, tc->grad_clip));
+    optim_grad_norm_enqueue(&mb->opt, m, tp);
+    optim_step(&mb->opt, m, tc, (float)tc->lr);
 }
 
 // ---- phases: the model's own blocks (model.c), with the timing TP comm
@@ -963,7 +983,8 @@ static void run_head_bwd(void *arg, struct bench_clock *c) {
 // same one, so repeated runs neither grow it nor depend on the previous phase.
 static void prepare_residual_grad(void *arg) {
     struct model_bench *mb = arg;
-    mb_ops(mb)->copy(mb->m.be.ctx, mb->m.a.dres, mb->dres_seed, mb->m.d.N * (size_t)mb->m.d.C * sizeof(float));
+    mb_ops(mb)->copy(mb->m.be.ctx, mb->m.a.dres, mb->dres_seed,
+                     mb->m.d.N * (size_t)mb->m.d.C * tp_dtype_size(mb->m.dtype));
 }
 
 static void run_mlp_bwd_model(void *arg, struct bench_clock *c) {
@@ -991,8 +1012,8 @@ static void run_optimizer(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     const struct tp_train_config *tc = &mb->b->cfg.train;
     (void)c;
-    float norm = optim_grad_norm(&mb->opt, &mb->m, &mb->b->mesh.tp);
-    optim_step(&mb->opt, &mb->m, tc, (float)tc->lr, optim_clip_scale(norm, tc->grad_clip));
+    optim_grad_norm_enqueue(&mb->opt, &mb->m, &mb->b->mesh.tp);
+    optim_step(&mb->opt, &mb->m, tc, (float)tc->lr);
 }
 
 enum phase_kind { PH_FWD, PH_BWD, PH_OPT };
@@ -1107,9 +1128,9 @@ static int bench_model(struct bench *b, const char *config_path) {
     mb->b = b;
     struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp_size, b->mesh.tp_rank);
     model_create(&mb->m, &d, b->be, cfg->train.seed);
-    optim_create(&mb->opt, &mb->m);
+    optim_create(&mb->opt, &mb->m, cfg->train.weight_decay);
     mb->loss_sum = alloc_floats(b, 1);
-    mb->dres_seed = alloc_floats(b, d.N * (size_t)d.C);
+    mb->dres_seed = alloc_compute(b, d.N * (size_t)d.C);
     fill_uniform(b->be, mb->dres_seed, d.N * (size_t)d.C, 1.0f / (float)d.N, cfg->train.seed + 7);
     mb->inputs = tp_malloc(2 * d.N * sizeof(int));
     mb->targets = mb->inputs + d.N;

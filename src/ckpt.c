@@ -1111,6 +1111,7 @@ int ckpt_load_params(struct model *m, const struct mesh *mesh, const char *path,
         struct load_dst d = {"", m->params};
         status = load_file(m, file, state, "model.safetensors", &d, 1, mode, err, errlen);
     }
+    if (!status) model_sync_compute_params(m);
     json_free(state);
     return agree_once(mesh, status, err, errlen);
 }

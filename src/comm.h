@@ -53,6 +53,13 @@ static inline void comm_all_reduce(struct comm *c, float *buf, size_t n, enum co
     if (c->size > 1) c->iface->all_reduce(c->ctx, buf, n, COMM_F32, op);
 }
 
+// The same for a compute-type tensor (fp32 or bf16; bf16 is summed as bf16 by NCCL and in fp32 by
+// the MPI comm, which widens it on the host).
+static inline void comm_all_reduce_compute(struct comm *c, void *buf, size_t n, enum tp_dtype t,
+                                           enum comm_op op) {
+    if (c->size > 1) c->iface->all_reduce(c->ctx, buf, n, t == TP_DTYPE_BF16 ? COMM_BF16 : COMM_F32, op);
+}
+
 // Waits for the group's collectives; on NCCL this polls for asynchronous errors, so a failed peer
 // ends the run with a message instead of a host copy blocked forever behind a stuck collective.
 static inline void comm_synchronize(struct comm *c) {

@@ -17,6 +17,8 @@ struct mpi_ctx {
     int rank, size;
     void *stage;        // host staging buffer (device backends only)
     size_t stage_bytes;
+    float *wide;        // host fp32 copy of a bf16 buffer being reduced
+    size_t wide_count;
 };
 
 static MPI_Datatype mpi_type(enum comm_dtype dt) {
@@ -24,9 +26,9 @@ static MPI_Datatype mpi_type(enum comm_dtype dt) {
     case COMM_F32: return MPI_FLOAT;
     case COMM_I32: return MPI_INT;
     case COMM_U8: return MPI_UNSIGNED_CHAR;
-    case COMM_BF16: break;
+    case COMM_BF16: return MPI_UINT16_T; // moved as bits; all_reduce widens it to fp32 first
     }
-    tp_die(TP_EXIT_RUNTIME, "comm mpi: bf16 collectives need NCCL or fp32 staging (internal error)");
+    tp_die(TP_EXIT_RUNTIME, "comm mpi: unknown comm_dtype %d (a caller passed a bad value)", (int)dt);
 }
 
 static MPI_Op mpi_op(enum comm_op op) {
@@ -73,16 +75,35 @@ static void scale_avg(void *h, size_t count, enum comm_dtype dt, int size) {
     for (size_t i = 0; i < count; i++) f[i] *= inv;
 }
 
-static void mpi_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
-    struct mpi_ctx *c = ctx;
-    size_t es = comm_dtype_size(dt), bytes = count * es;
-    char *h = host_view(c, buf, bytes, bytes, true);
+static void all_reduce_host(struct mpi_ctx *c, void *h, size_t count, enum comm_dtype dt, enum comm_op op) {
+    size_t es = comm_dtype_size(dt);
     for (size_t off = 0; off < count; off += CHUNK) {
         size_t n = count - off < CHUNK ? count - off : CHUNK;
-        mpi_check(MPI_Allreduce(MPI_IN_PLACE, h + off * es, (int)n, mpi_type(dt), mpi_op(op), c->comm),
+        mpi_check(MPI_Allreduce(MPI_IN_PLACE, (char *)h + off * es, (int)n, mpi_type(dt), mpi_op(op), c->comm),
                   "all_reduce");
     }
     if (op == COMM_AVG) scale_avg(h, count, dt, c->size);
+}
+
+// MPI has no bf16 arithmetic: widen to fp32, reduce, round back once (more accurate than bf16
+// partial sums, and the same on every rank).
+static void all_reduce_bf16_host(struct mpi_ctx *c, uint16_t *h, size_t count, enum comm_op op) {
+    if (count > c->wide_count) {
+        free(c->wide);
+        c->wide = tp_malloc(count * sizeof(float));
+        c->wide_count = count;
+    }
+    for (size_t i = 0; i < count; i++) c->wide[i] = tp_bf16_to_f32(h[i]);
+    all_reduce_host(c, c->wide, count, COMM_F32, op);
+    for (size_t i = 0; i < count; i++) h[i] = tp_bf16_from_f32(c->wide[i]);
+}
+
+static void mpi_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    struct mpi_ctx *c = ctx;
+    size_t bytes = count * comm_dtype_size(dt);
+    void *h = host_view(c, buf, bytes, bytes, true);
+    if (dt == COMM_BF16) all_reduce_bf16_host(c, h, count, op);
+    else all_reduce_host(c, h, count, dt, op);
     host_done(c, buf, h, bytes);
 }
 
@@ -139,6 +160,7 @@ static const char *mpi_name(void *ctx) {
 static void mpi_destroy(void *ctx) {
     struct mpi_ctx *c = ctx;
     free(c->stage);
+    free(c->wide);
     free(c);
 }
 

@@ -1022,17 +1022,8 @@ static int check_files(const struct tp_config *cfg, char *err, size_t errlen) {
     return 0;
 }
 
-// bf16 is part of the config language (and of the checkpoints' resolved configs) but its
-// kernels are not built yet: refuse it for every mode rather than silently computing in fp32.
-int config_check_precision(const struct tp_config *cfg, char *err, size_t errlen) {
-    if (cfg->train.precision != TP_PREC_BF16) return 0;
-    return fail_at(cfg, key_index("train", "precision"), err, errlen,
-                   "bf16 is not available in this version yet; use fp32");
-}
-
 int config_validate_model(struct tp_config *cfg, int world_size, char *err, size_t errlen) {
-    int rc = config_check_precision(cfg, err, errlen);
-    if (!rc) rc = check_parallel(cfg, world_size, err, errlen);
+    int rc = check_parallel(cfg, world_size, err, errlen);
     if (!rc) rc = check_batch(cfg, err, errlen);
     if (!rc) rc = check_schedule(cfg, err, errlen);
     return rc;

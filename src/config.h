@@ -125,10 +125,6 @@ int config_validate(struct tp_config *cfg, int world_size, char *err, size_t err
 // such as --bench model on synthetic tokens.
 int config_validate_model(struct tp_config *cfg, int world_size, char *err, size_t errlen);
 
-// The precision check config_validate starts with, for callers that validate nothing else
-// (bf16 is accepted by the parser but not built yet).
-int config_check_precision(const struct tp_config *cfg, char *err, size_t errlen);
-
 // Writes the resolved config as YAML (loadable again) to f.
 void config_print(const struct tp_config *cfg, FILE *f);
 

@@ -99,17 +99,21 @@ struct decoder {
     struct model *m;
     struct comm *tp;
     int cap;          // positions the cache holds (= seq_len: wpe has no more rows)
-    float *kc, *vc;   // (L, cap, Cl) each
-    float *x;         // (C) residual stream
-    float *ln;        // (C)
+    size_t es;        // bytes per compute-type element
+    // compute type:
+    void *kc, *vc;    // (L, cap, Cl) each
+    void *x;          // (C) residual stream
+    void *ln;         // (C)
+    void *qkv;        // (3*Cl)
+    void *atty;       // (Cl)
+    void *proj;       // (C)
+    void *fch, *fch_gelu; // (Fl) each, before and after GELU
+    void *logits;     // (Vl) this rank's vocabulary columns
+    void *gathered;   // (Vp) every rank's columns in rank order
+    // fp32:
     float *stats;     // (2) layernorm mean, rstd
-    float *qkv;       // (3*Cl)
-    float *atty;      // (Cl)
-    float *proj;      // (C)
-    float *fch, *fch_gelu; // (Fl) each
-    float *logits;    // (Vl) this rank's vocabulary columns
-    float *gathered;  // (Vp) every rank's columns in rank order
     float *scores;    // (NHl * cap) attention scratch
+    float *logits32;  // (Vp) the gathered logits widened
     int *token;       // (1)
     float *host;      // (Vp) host copy of the logits
 };
@@ -122,22 +126,24 @@ static void decoder_create(struct decoder *dec, struct model *m, struct comm *tp
     dec->m = m;
     dec->tp = tp;
     dec->cap = d->T;
+    dec->es = tp_dtype_size(m->dtype);
     size_t cache = (size_t)d->L * (size_t)d->T * (size_t)d->Cl;
-#define DEC_ALLOC(ptr, n) ((ptr) = b->alloc(ctx, (size_t)(n) * sizeof *(ptr)))
-    DEC_ALLOC(dec->kc, cache);
-    DEC_ALLOC(dec->vc, cache);
-    DEC_ALLOC(dec->x, d->C);
-    DEC_ALLOC(dec->ln, d->C);
-    DEC_ALLOC(dec->stats, 2);
-    DEC_ALLOC(dec->qkv, 3 * d->Cl);
-    DEC_ALLOC(dec->atty, d->Cl);
-    DEC_ALLOC(dec->proj, d->C);
-    DEC_ALLOC(dec->fch, d->Fl);
-    DEC_ALLOC(dec->fch_gelu, d->Fl);
-    DEC_ALLOC(dec->logits, d->Vl);
-    DEC_ALLOC(dec->gathered, d->Vp);
-    DEC_ALLOC(dec->scores, (size_t)d->NHl * (size_t)d->T);
-    DEC_ALLOC(dec->token, 1);
+#define DEC_ALLOC(ptr, n, elem) ((ptr) = b->alloc(ctx, (size_t)(n) * (elem)))
+    DEC_ALLOC(dec->kc, cache, dec->es);
+    DEC_ALLOC(dec->vc, cache, dec->es);
+    DEC_ALLOC(dec->x, d->C, dec->es);
+    DEC_ALLOC(dec->ln, d->C, dec->es);
+    DEC_ALLOC(dec->qkv, 3 * d->Cl, dec->es);
+    DEC_ALLOC(dec->atty, d->Cl, dec->es);
+    DEC_ALLOC(dec->proj, d->C, dec->es);
+    DEC_ALLOC(dec->fch, d->Fl, dec->es);
+    DEC_ALLOC(dec->fch_gelu, d->Fl, dec->es);
+    DEC_ALLOC(dec->logits, d->Vl, dec->es);
+    DEC_ALLOC(dec->gathered, d->Vp, dec->es);
+    DEC_ALLOC(dec->stats, 2, sizeof(float));
+    DEC_ALLOC(dec->scores, (size_t)d->NHl * (size_t)d->T, sizeof(float));
+    DEC_ALLOC(dec->logits32, d->Vp, sizeof(float));
+    DEC_ALLOC(dec->token, 1, sizeof(int));
 #undef DEC_ALLOC
     dec->host = tp_malloc((size_t)d->Vp * sizeof(float));
 }
@@ -146,7 +152,7 @@ static void decoder_destroy(struct decoder *dec) {
     const struct backend_i *b = dec->m->be.iface;
     void *ctx = dec->m->be.ctx;
     void *bufs[] = {dec->kc, dec->vc, dec->x, dec->ln, dec->stats, dec->qkv, dec->atty, dec->proj, dec->fch,
-                    dec->fch_gelu, dec->logits, dec->gathered, dec->scores, dec->token};
+                    dec->fch_gelu, dec->logits, dec->gathered, dec->scores, dec->logits32, dec->token};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) b->free(ctx, bufs[i]);
     free(dec->host);
 }
@@ -159,37 +165,41 @@ static void decoder_step(struct decoder *dec, int token, int pos) {
     const struct backend_i *b = m->be.iface;
     void *ctx = m->be.ctx;
     int C = d->C, Cl = d->Cl;
-    size_t layer_cache = (size_t)dec->cap * (size_t)Cl;
+    size_t es = dec->es, layer_cache = (size_t)dec->cap * (size_t)Cl * es; // bytes
+    enum tp_dtype dt = m->dtype;
+    char *qkv = dec->qkv;
     b->copy_to_device(ctx, dec->token, &token, sizeof token);
     // vocab-parallel embedding: local rows, all-reduce, then this position's wpe row
     b->vocab_embedding_fwd(ctx, dec->x, dec->token, m->p.wte, 1, C, d->vocab_start, d->Vl);
-    comm_all_reduce(dec->tp, dec->x, (size_t)C, COMM_SUM);
-    b->position_embedding_fwd(ctx, dec->x, m->p.wpe + (size_t)pos * (size_t)C, 1, 1, C);
+    comm_all_reduce_compute(dec->tp, dec->x, (size_t)C, dt, COMM_SUM);
+    b->position_embedding_fwd(ctx, dec->x, (char *)m->p.wpe + (size_t)pos * (size_t)C * es, 1, 1, C);
     for (int l = 0; l < d->L; l++) {
         const struct layer_params *p = &m->p.layers[l];
-        float *kc = dec->kc + (size_t)l * layer_cache, *vc = dec->vc + (size_t)l * layer_cache; // (cap, Cl)
+        char *kc = (char *)dec->kc + (size_t)l * layer_cache, *vc = (char *)dec->vc + (size_t)l * layer_cache; // (cap, Cl)
         b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, p->ln1w, p->ln1b, 1, C);
-        b->matmul_fwd(ctx, dec->qkv, dec->ln, p->qkvw, p->qkvb, 1, C, 3 * Cl);
+        b->matmul_fwd(ctx, dec->qkv, NULL, dec->ln, p->qkvw, p->qkvb, 1, C, 3 * Cl);
         // qkv holds [q | k | v] of this rank's heads: append k and v to the cache
-        b->copy(ctx, kc + (size_t)pos * Cl, dec->qkv + Cl, (size_t)Cl * sizeof(float));
-        b->copy(ctx, vc + (size_t)pos * Cl, dec->qkv + 2 * Cl, (size_t)Cl * sizeof(float));
+        b->copy(ctx, kc + (size_t)pos * Cl * es, qkv + (size_t)Cl * es, (size_t)Cl * es);
+        b->copy(ctx, vc + (size_t)pos * Cl * es, qkv + 2 * (size_t)Cl * es, (size_t)Cl * es);
         b->attention_decode(ctx, dec->atty, dec->scores, dec->qkv, kc, vc, pos + 1, d->NHl, d->HS);
-        b->matmul_fwd(ctx, dec->proj, dec->atty, p->attprojw, NULL, 1, Cl, C);
-        comm_all_reduce(dec->tp, dec->proj, (size_t)C, COMM_SUM);
+        b->matmul_fwd(ctx, dec->proj, NULL, dec->atty, p->attprojw, NULL, 1, Cl, C);
+        comm_all_reduce_compute(dec->tp, dec->proj, (size_t)C, dt, COMM_SUM);
         b->residual_fwd(ctx, dec->x, dec->x, dec->proj, p->attprojb, 1, C);
         b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, p->ln2w, p->ln2b, 1, C);
-        b->matmul_fwd(ctx, dec->fch, dec->ln, p->fcw, p->fcb, 1, C, d->Fl);
-        b->gelu_fwd(ctx, dec->fch_gelu, dec->fch, (size_t)d->Fl);
-        b->matmul_fwd(ctx, dec->proj, dec->fch_gelu, p->fcprojw, NULL, 1, d->Fl, C);
-        comm_all_reduce(dec->tp, dec->proj, (size_t)C, COMM_SUM);
+        b->matmul_fwd(ctx, dec->fch_gelu, dec->fch, dec->ln, p->fcw, p->fcb, 1, C, d->Fl);
+        b->matmul_fwd(ctx, dec->proj, NULL, dec->fch_gelu, p->fcprojw, NULL, 1, d->Fl, C);
+        comm_all_reduce_compute(dec->tp, dec->proj, (size_t)C, dt, COMM_SUM);
         b->residual_fwd(ctx, dec->x, dec->x, dec->proj, p->fcprojb, 1, C);
     }
     b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, m->p.lnfw, m->p.lnfb, 1, C);
-    b->matmul_fwd(ctx, dec->logits, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
+    b->matmul_fwd(ctx, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
     // Logits are vocab-sharded: every rank needs all of them to draw the same token.
-    if (dec->tp->size > 1) dec->tp->iface->all_gather(dec->tp->ctx, dec->gathered, dec->logits, (size_t)d->Vl, COMM_F32);
-    else b->copy(ctx, dec->gathered, dec->logits, (size_t)d->Vl * sizeof(float));
-    b->copy_to_host(ctx, dec->host, dec->gathered, (size_t)d->Vp * sizeof(float));
+    if (dec->tp->size > 1)
+        dec->tp->iface->all_gather(dec->tp->ctx, dec->gathered, dec->logits, (size_t)d->Vl,
+                                   dt == TP_DTYPE_BF16 ? COMM_BF16 : COMM_F32);
+    else b->copy(ctx, dec->gathered, dec->logits, (size_t)d->Vl * es);
+    b->from_compute(ctx, dec->logits32, dec->gathered, (size_t)d->Vp);
+    b->copy_to_host(ctx, dec->host, dec->logits32, (size_t)d->Vp * sizeof(float));
 }
 
 // The k-th largest (1-based) of x (n), reordering x: quickselect, expected O(n).

@@ -60,14 +60,22 @@ int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct back
         return status;
     }
     bool use_cuda = want == TP_DEVICE_CUDA || (want == TP_DEVICE_AUTO && all_gpu);
+    enum tp_dtype dtype = mesh_compute_dtype(cfg);
+    int hs = cfg->model.n_embd / cfg->model.n_head;
+    if (use_cuda && dtype == TP_DTYPE_BF16 && hs != 64) {
+        // Every rank reaches the same verdict from the same config: no agreement needed.
+        snprintf(err, errlen, "train.precision: bf16 on the GPU needs a head size (n_embd / n_head) of 64, "
+                 "this model has %d; use precision: fp32 or change n_embd or n_head", hs);
+        return TP_EXIT_USAGE;
+    }
     if (use_cuda) {
         m->device = m->local_rank % ndev;
         int shared = m->local_size > ndev, any_shared = 0;
         MPI_Allreduce(&shared, &any_shared, 1, MPI_INT, MPI_MAX, m->world);
         m->gpu_shared = any_shared;
-        status = backend_cuda_create(be, m->device, err, errlen) ? 0 : TP_EXIT_RUNTIME;
+        status = backend_cuda_create(be, m->device, dtype, err, errlen) ? 0 : TP_EXIT_RUNTIME;
     } else {
-        *be = backend_cpu_create();
+        *be = backend_cpu_create(dtype);
     }
     status = mesh_agree(m, status);
     if (status && !err[0]) snprintf(err, errlen, "another rank failed to create its backend");

@@ -27,12 +27,18 @@ struct mesh {
     struct comm dp;           // collectives over dp_comm
 };
 
+// The compute type train.precision asks for (fp32 master weights and optimiser state either way).
+static inline enum tp_dtype mesh_compute_dtype(const struct tp_config *cfg) {
+    return cfg->train.precision == TP_PREC_BF16 ? TP_DTYPE_BF16 : TP_DTYPE_F32;
+}
+
 // Splits MPI_COMM_WORLD into the (dp, tp) mesh. cfg must be validated for this world size.
 void mesh_init(struct mesh *m, const struct tp_config *cfg);
 
 // Picks the backend from parallel.device (auto: CUDA when built in and a GPU is present) and the
-// GPU (local rank mod device count). On a usage error (e.g. device: cuda without a GPU) writes
-// err and returns TP_EXIT_USAGE; the result is agreed across all ranks.
+// GPU (local rank mod device count), in the compute type of train.precision. On a usage error
+// (e.g. device: cuda without a GPU, or bf16 on CUDA with a head size its attention kernel does
+// not support) writes err and returns TP_EXIT_USAGE; the result is agreed across all ranks.
 int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct backend *be, char *err,
                         size_t errlen);
 

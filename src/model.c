@@ -132,69 +132,73 @@ static void init_params(struct model *m, unsigned long long seed) {
         m->be.iface->copy_to_device(m->be.ctx, m->params + t->offset, host, t->numel * sizeof(float));
     }
     free(host);
+    model_sync_compute_params(m);
 }
 
 // ---- views into the flat buffers
 
-static void carve_params(struct gpt2_params *p, float *base, const struct param_tensor *t, int L) {
+// es: bytes per element of the buffer at base (the compute type for params, 4 for gradients).
+static void carve_params(struct gpt2_params *p, void *base, size_t es, const struct param_tensor *t, int L) {
+    char *b = base;
     int i = 0;
-    p->wte = base + t[i++].offset;
-    p->wpe = base + t[i++].offset;
+    p->wte = b + t[i++].offset * es;
+    p->wpe = b + t[i++].offset * es;
     for (int l = 0; l < L; l++) {
         struct layer_params *lp = &p->layers[l];
-        float **slots[12] = {&lp->ln1w, &lp->ln1b, &lp->qkvw, &lp->qkvb, &lp->attprojw, &lp->attprojb,
-                             &lp->ln2w, &lp->ln2b, &lp->fcw, &lp->fcb, &lp->fcprojw, &lp->fcprojb};
-        for (int k = 0; k < 12; k++) *slots[k] = base + t[i++].offset;
+        void **slots[12] = {&lp->ln1w, &lp->ln1b, &lp->qkvw, &lp->qkvb, &lp->attprojw, &lp->attprojb,
+                            &lp->ln2w, &lp->ln2b, &lp->fcw, &lp->fcb, &lp->fcprojw, &lp->fcprojb};
+        for (int k = 0; k < 12; k++) *slots[k] = b + t[i++].offset * es;
     }
-    p->lnfw = base + t[i++].offset;
-    p->lnfb = base + t[i++].offset;
+    p->lnfw = b + t[i++].offset * es;
+    p->lnfb = b + t[i++].offset * es;
 }
 
-// Walks the activation plan once: with base == NULL it only counts floats, otherwise it also
+// Walks the activation plan once: with base == NULL it only counts bytes, otherwise it also
 // assigns pointers. Counting and carving share this code so the plan and the allocation agree.
-static size_t carve_acts(struct gpt2_acts *a, float *base, const struct model_dims *d, struct backend be) {
+// Compute-type tensors take es bytes per element, fp32 ones 4.
+static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dims *d, struct backend be) {
     size_t N = d->N, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
+    size_t es = tp_dtype_size(be.iface->dtype(be.ctx)), f4 = sizeof(float);
     size_t saved = be.iface->attention_saved_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t scratch = be.iface->attention_scratch_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t off = 0;
-#define TAKE(ptr, n)                                              \
-    do {                                                          \
-        if (base) (ptr) = base + off;                             \
-        off += tp_round_up((n), 16); /* 64-byte aligned starts */ \
+#define TAKE(ptr, n, elem)                                             \
+    do {                                                               \
+        if (base) (ptr) = (void *)((char *)base + off);                \
+        off += tp_round_up((n) * (elem), 256); /* aligned starts */    \
     } while (0)
     struct gpt2_acts tmpa, *aa = a && base ? a : &tmpa;
-    TAKE(aa->encoded, N * C);
+    TAKE(aa->encoded, N * C, es);
     for (int l = 0; l < d->L; l++) {
         struct layer_acts tmp, *la = a && base ? &a->layers[l] : &tmp;
-        TAKE(la->ln1, N * C);
-        TAKE(la->ln1_mean, N);
-        TAKE(la->ln1_rstd, N);
-        TAKE(la->qkv, N * 3 * Cl);
-        TAKE(la->atty, N * Cl);
-        TAKE(la->att_saved, saved);
-        TAKE(la->res2, N * C);
-        TAKE(la->ln2, N * C);
-        TAKE(la->ln2_mean, N);
-        TAKE(la->ln2_rstd, N);
-        TAKE(la->fch, N * Fl);
-        TAKE(la->fch_gelu, N * Fl);
-        TAKE(la->res3, N * C);
+        TAKE(la->ln1, N * C, es);
+        TAKE(la->ln1_mean, N, f4);
+        TAKE(la->ln1_rstd, N, f4);
+        TAKE(la->qkv, N * 3 * Cl, es);
+        TAKE(la->atty, N * Cl, es);
+        TAKE(la->att_saved, saved, f4);
+        TAKE(la->res2, N * C, es);
+        TAKE(la->ln2, N * C, es);
+        TAKE(la->ln2_mean, N, f4);
+        TAKE(la->ln2_rstd, N, f4);
+        TAKE(la->fch, N * Fl, es);
+        TAKE(la->fch_gelu, N * Fl, es);
+        TAKE(la->res3, N * C, es);
     }
-    TAKE(aa->proj, N * C);
-    TAKE(aa->lnf, N * C);
-    TAKE(aa->lnf_mean, N);
-    TAKE(aa->lnf_rstd, N);
-    TAKE(aa->logits, N * Vl);
-    TAKE(aa->maxes, N);
-    TAKE(aa->sums, 2 * N);
-    TAKE(aa->losses, N);
-    TAKE(aa->dres, N * C);
-    TAKE(aa->dln, N * C);
-    TAKE(aa->dqkv, N * 3 * Cl);
-    TAKE(aa->datty, N * Cl);
-    TAKE(aa->dfch, N * Fl);
-    TAKE(aa->dfch_gelu, N * Fl);
-    TAKE(aa->att_scratch, scratch);
+    TAKE(aa->proj, N * C, es);
+    TAKE(aa->lnf, N * C, es);
+    TAKE(aa->lnf_mean, N, f4);
+    TAKE(aa->lnf_rstd, N, f4);
+    TAKE(aa->logits, N * Vl, es);
+    TAKE(aa->maxes, N, f4);
+    TAKE(aa->sums, 2 * N, f4);
+    TAKE(aa->losses, N, f4);
+    TAKE(aa->dres, N * C, es);
+    TAKE(aa->dln, N * C, es);
+    TAKE(aa->dqkv, N * 3 * Cl, es);
+    TAKE(aa->datty, N * Cl, es);
+    TAKE(aa->dfch, N * Fl, es);
+    TAKE(aa->att_scratch, scratch, f4);
 #undef TAKE
     return off;
 }
@@ -204,8 +208,11 @@ struct model_memory model_memory_plan(const struct model_dims *d, struct backend
     int n;
     size_t global;
     free(model_param_table(d, &n, &mm.param_floats, &global));
-    mm.act_floats = carve_acts(NULL, NULL, d, be);
-    mm.total_bytes = (4 * mm.param_floats + mm.act_floats) * sizeof(float) + 2 * d->N * sizeof(int);
+    enum tp_dtype dt = be.iface->dtype(be.ctx);
+    mm.param_compute_bytes = dt == TP_DTYPE_F32 ? 0 : mm.param_floats * tp_dtype_size(dt);
+    mm.act_bytes = carve_acts(NULL, NULL, d, be);
+    mm.total_bytes = 4 * mm.param_floats * sizeof(float) + mm.param_compute_bytes + mm.act_bytes +
+                     2 * d->N * sizeof(int);
     return mm;
 }
 
@@ -219,21 +226,29 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be)
     m->d = *d;
     m->be = be;
     m->tensors = model_param_table(d, &m->n_tensors, &m->n_params_local, &m->n_params_global);
+    m->dtype = be.iface->dtype(be.ctx);
+    size_t es = tp_dtype_size(m->dtype);
     m->params = be_alloc(m, m->n_params_local * sizeof(float));
     m->grads = be_alloc(m, m->n_params_local * sizeof(float));
+    // fp32 computes on the master weights directly; bf16 keeps a rounded copy for the products.
+    m->params_compute = m->dtype == TP_DTYPE_F32 ? (void *)m->params : be_alloc(m, m->n_params_local * es);
     m->p.layers = tp_calloc((size_t)d->L, sizeof(struct layer_params));
     m->g.layers = tp_calloc((size_t)d->L, sizeof(struct layer_params));
-    carve_params(&m->p, m->params, m->tensors, d->L);
-    carve_params(&m->g, m->grads, m->tensors, d->L);
+    carve_params(&m->p, m->params_compute, es, m->tensors, d->L);
+    carve_params(&m->g, m->grads, sizeof(float), m->tensors, d->L);
     m->a.layers = tp_calloc((size_t)d->L, sizeof(struct layer_acts));
-    size_t act_floats = carve_acts(NULL, NULL, d, be);
-    m->act_memory = be_alloc(m, act_floats * sizeof(float));
+    m->act_memory = be_alloc(m, carve_acts(NULL, NULL, d, be));
     carve_acts(&m->a, m->act_memory, d, be);
     m->inputs = be_alloc(m, d->N * sizeof(int));
     m->targets = be_alloc(m, d->N * sizeof(int));
 }
 
 void model_init_params(struct model *m, unsigned long long seed) { init_params(m, seed); }
+
+void model_sync_compute_params(struct model *m) {
+    if (m->params_compute != (void *)m->params)
+        m->be.iface->to_compute(m->be.ctx, m->params_compute, m->params, m->n_params_local);
+}
 
 void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed) {
     model_alloc(m, d, be);
@@ -243,6 +258,7 @@ void model_create(struct model *m, const struct model_dims *d, struct backend be
 void model_destroy(struct model *m) {
     const struct backend_i *b = m->be.iface;
     if (!b) return;
+    if (m->params_compute != (void *)m->params) b->free(m->be.ctx, m->params_compute);
     b->free(m->be.ctx, m->params);
     b->free(m->be.ctx, m->grads);
     b->free(m->be.ctx, m->act_memory);
@@ -255,23 +271,29 @@ void model_destroy(struct model *m) {
     memset(m, 0, sizeof *m);
 }
 
-// ---- tensor-parallel mappings (Megatron's f and g)
+// ---- tensor-parallel mappings (Megatron's f and g), on compute-type (N, n/N) tensors
 
 // f forward: the input is already replicated on every rank of the group.
-static void copy_to_tp_region_fwd(struct comm *tp, float *x, size_t n) {
+static void copy_to_tp_region_fwd(struct model *m, struct comm *tp, void *x, size_t n) {
+    (void)m;
     (void)tp;
     (void)x;
     (void)n;
 }
 
 // f backward: each rank holds the gradient through its own shard only; sum them.
-static void copy_to_tp_region_bwd(struct comm *tp, float *dx, size_t n) { comm_all_reduce(tp, dx, n, COMM_SUM); }
+static void copy_to_tp_region_bwd(struct model *m, struct comm *tp, void *dx, size_t n) {
+    comm_all_reduce_compute(tp, dx, n, m->dtype, COMM_SUM);
+}
 
 // g forward: row-parallel partial products are summed across the group.
-static void reduce_from_tp_region_fwd(struct comm *tp, float *x, size_t n) { comm_all_reduce(tp, x, n, COMM_SUM); }
+static void reduce_from_tp_region_fwd(struct model *m, struct comm *tp, void *x, size_t n) {
+    comm_all_reduce_compute(tp, x, n, m->dtype, COMM_SUM);
+}
 
 // g backward: the output gradient is replicated, so every shard's input gets it unchanged.
-static void reduce_from_tp_region_bwd(struct comm *tp, float *dx, size_t n) {
+static void reduce_from_tp_region_bwd(struct model *m, struct comm *tp, void *dx, size_t n) {
+    (void)m;
     (void)tp;
     (void)dx;
     (void)n;
@@ -290,11 +312,11 @@ static void vocab_parallel_embedding_fwd(struct model *m, struct comm *tp) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
     b->vocab_embedding_fwd(m->be.ctx, m->a.encoded, m->inputs, m->p.wte, (int)d->N, d->C, d->vocab_start, d->Vl);
-    reduce_from_tp_region_fwd(tp, m->a.encoded, d->N * (size_t)d->C);
+    reduce_from_tp_region_fwd(m, tp, m->a.encoded, d->N * (size_t)d->C);
     b->position_embedding_fwd(m->be.ctx, m->a.encoded, m->p.wpe, d->B, d->T, d->C);
 }
 
-static void vocab_parallel_embedding_bwd(struct model *m, const float *dx) {
+static void vocab_parallel_embedding_bwd(struct model *m, const void *dx) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
     b->position_embedding_bwd(m->be.ctx, m->g.wpe, dx, d->B, d->T, d->C);
@@ -302,36 +324,40 @@ static void vocab_parallel_embedding_bwd(struct model *m, const float *dx) {
 }
 
 // Column-parallel linear: replicated input, output sharded along features. No forward collective.
-static void column_parallel_linear_fwd(struct model *m, struct comm *tp, float *out, float *inp,
-                                       const float *w, const float *bias, int IC, int OCl) {
-    copy_to_tp_region_fwd(tp, inp, m->d.N * (size_t)IC);
-    m->be.iface->matmul_fwd(m->be.ctx, out, inp, w, bias, (int)m->d.N, IC, OCl);
+// With pre_gelu, out = gelu(pre_gelu) and pre_gelu keeps the product for the backward.
+static void column_parallel_linear_fwd(struct model *m, struct comm *tp, void *out, void *pre_gelu, void *inp,
+                                       const void *w, const void *bias, int IC, int OCl) {
+    copy_to_tp_region_fwd(m, tp, inp, m->d.N * (size_t)IC);
+    m->be.iface->matmul_fwd(m->be.ctx, out, pre_gelu, inp, w, bias, (int)m->d.N, IC, OCl);
 }
 
 // dinp gets the sum over ranks of each shard's contribution (f backward).
-static void column_parallel_linear_bwd(struct model *m, struct comm *tp, float *dinp, float *dw,
-                                       float *dbias, const float *dout, const float *inp,
-                                       const float *w, int IC, int OCl) {
-    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, (int)m->d.N, IC, OCl);
-    copy_to_tp_region_bwd(tp, dinp, m->d.N * (size_t)IC);
+static void column_parallel_linear_bwd(struct model *m, struct comm *tp, void *dinp, float *dw,
+                                       float *dbias, const void *dout, const void *inp,
+                                       const void *w, int IC, int OCl) {
+    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, NULL, (int)m->d.N, IC, OCl);
+    copy_to_tp_region_bwd(m, tp, dinp, m->d.N * (size_t)IC);
 }
 
 // Row-parallel linear + residual: input sharded along features, partial outputs all-reduced,
 // then bias and residual added once (adding the bias before the reduction would count it P times).
-static void row_parallel_linear_residual_fwd(struct model *m, struct comm *tp, float *out, const float *res,
-                                             const float *inp, const float *w, const float *bias,
+static void row_parallel_linear_residual_fwd(struct model *m, struct comm *tp, void *out, const void *res,
+                                             const void *inp, const void *w, const void *bias,
                                              int ICl, int OC) {
     const struct backend_i *b = m->be.iface;
-    b->matmul_fwd(m->be.ctx, m->a.proj, inp, w, NULL, (int)m->d.N, ICl, OC);
-    reduce_from_tp_region_fwd(tp, m->a.proj, m->d.N * (size_t)OC);
+    b->matmul_fwd(m->be.ctx, m->a.proj, NULL, inp, w, NULL, (int)m->d.N, ICl, OC);
+    reduce_from_tp_region_fwd(m, tp, m->a.proj, m->d.N * (size_t)OC);
     b->residual_fwd(m->be.ctx, out, res, m->a.proj, bias, (int)m->d.N, OC);
 }
 
-// dout is the replicated residual gradient; the bias gradient is identical on every rank.
-static void row_parallel_linear_bwd(struct model *m, struct comm *tp, float *dinp, float *dw, float *dbias,
-                                    float *dout, const float *inp, const float *w, int ICl, int OC) {
-    reduce_from_tp_region_bwd(tp, dout, m->d.N * (size_t)OC);
-    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, (int)m->d.N, ICl, OC);
+// dout is the replicated residual gradient; the bias gradient is identical on every rank. The
+// input is this rank's shard, so the GELU in front of it (pre_gelu non-NULL) is local too and
+// its derivative folds into the product.
+static void row_parallel_linear_bwd(struct model *m, struct comm *tp, void *dinp, float *dw, float *dbias,
+                                    void *dout, const void *inp, const void *w, const void *pre_gelu,
+                                    int ICl, int OC) {
+    reduce_from_tp_region_bwd(m, tp, dout, m->d.N * (size_t)OC);
+    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, pre_gelu, (int)m->d.N, ICl, OC);
 }
 
 // Vocab-parallel cross-entropy: logits stay sharded; only per-token max and (sum-exp, target
@@ -351,7 +377,7 @@ static void vocab_parallel_cross_entropy_fwd(struct model *m, struct comm *tp, f
 
 // ---- the step's blocks, in order (model_forward and model_backward are these in sequence)
 
-static const float *block_input(const struct model *m, int l) {
+static const void *block_input(const struct model *m, int l) {
     return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (N, C)
 }
 
@@ -369,22 +395,21 @@ void model_attention_block_fwd(struct model *m, struct comm *tp, int l) {
     const struct model_dims *d = &m->d;
     struct layer_params *p = &m->p.layers[l];
     struct layer_acts *la = &m->a.layers[l];
-    const float *x = block_input(m, l);
+    const void *x = block_input(m, l);
     b->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, x, p->ln1w, p->ln1b, (int)d->N, d->C);
-    column_parallel_linear_fwd(m, tp, la->qkv, la->ln1, p->qkvw, p->qkvb, d->C, 3 * d->Cl);
+    column_parallel_linear_fwd(m, tp, la->qkv, NULL, la->ln1, p->qkvw, p->qkvb, d->C, 3 * d->Cl);
     b->attention_fwd(m->be.ctx, la->atty, la->att_saved, m->a.att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
     row_parallel_linear_residual_fwd(m, tp, la->res2, x, la->atty, p->attprojw, p->attprojb, d->Cl, d->C);
 }
 
-// ln2 -> f -> fc -> gelu -> fc_proj -> g -> +bias -> +res2
+// ln2 -> f -> fc + gelu (fused) -> fc_proj -> g -> +bias -> +res2
 void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
     struct layer_params *p = &m->p.layers[l];
     struct layer_acts *la = &m->a.layers[l];
     b->layernorm_fwd(m->be.ctx, la->ln2, la->ln2_mean, la->ln2_rstd, la->res2, p->ln2w, p->ln2b, (int)d->N, d->C);
-    column_parallel_linear_fwd(m, tp, la->fch, la->ln2, p->fcw, p->fcb, d->C, d->Fl);
-    b->gelu_fwd(m->be.ctx, la->fch_gelu, la->fch, d->N * (size_t)d->Fl);
+    column_parallel_linear_fwd(m, tp, la->fch_gelu, la->fch, la->ln2, p->fcw, p->fcb, d->C, d->Fl);
     row_parallel_linear_residual_fwd(m, tp, la->res3, la->res2, la->fch_gelu, p->fcprojw, p->fcprojb, d->Fl, d->C);
 }
 
@@ -394,7 +419,7 @@ void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum) {
     struct gpt2_acts *a = &m->a;
     m->be.iface->layernorm_fwd(m->be.ctx, a->lnf, a->lnf_mean, a->lnf_rstd, block_input(m, d->L), m->p.lnfw,
                                m->p.lnfb, (int)d->N, d->C);
-    column_parallel_linear_fwd(m, tp, a->logits, a->lnf, m->p.wte, NULL, d->C, d->Vl);
+    column_parallel_linear_fwd(m, tp, a->logits, NULL, a->lnf, m->p.wte, NULL, d->C, d->Vl);
     vocab_parallel_cross_entropy_fwd(m, tp, loss_sum);
 }
 
@@ -408,7 +433,7 @@ void model_head_bwd(struct model *m, struct comm *tp, float dloss) {
     // The cross-entropy backward needs no communication: softmax - onehot on the local columns.
     b->xent_bwd(ctx, a->logits, a->logits, a->maxes, a->sums, m->targets, dloss, N, d->vocab_start, d->Vl, d->V);
     column_parallel_linear_bwd(m, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, C, d->Vl);
-    b->zero(ctx, a->dres, d->N * (size_t)C * sizeof(float));
+    b->zero(ctx, a->dres, d->N * (size_t)C * tp_dtype_size(m->dtype));
     b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, block_input(m, d->L), m->p.lnfw, a->lnf_mean,
                      a->lnf_rstd, N, C);
 }
@@ -421,8 +446,8 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     struct gpt2_acts *a = &m->a;
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
-    row_parallel_linear_bwd(m, tp, a->dfch_gelu, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, d->Fl, d->C);
-    b->gelu_bwd(m->be.ctx, a->dfch, la->fch, a->dfch_gelu, d->N * (size_t)d->Fl);
+    row_parallel_linear_bwd(m, tp, a->dfch, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, la->fch,
+                            d->Fl, d->C);
     column_parallel_linear_bwd(m, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, d->C, d->Fl);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd,
                      (int)d->N, d->C);
@@ -435,7 +460,8 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     struct gpt2_acts *a = &m->a;
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
-    row_parallel_linear_bwd(m, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, d->Cl, d->C);
+    row_parallel_linear_bwd(m, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, NULL,
+                            d->Cl, d->C);
     b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
                      d->NHl, d->HS);
     column_parallel_linear_bwd(m, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, d->C, 3 * d->Cl);

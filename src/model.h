@@ -34,45 +34,51 @@ struct param_tensor {
     size_t numel;              // local elements
 };
 
+// Parameter views. In m->p they point into the compute-type copy (void *: fp32 or bf16, the
+// backend's dtype); in m->g into the fp32 gradients.
 struct layer_params {
-    float *ln1w, *ln1b;         // (C), (C)
-    float *qkvw, *qkvb;         // (3*Cl, C), (3*Cl)  Cl = C/P, this rank's heads
-    float *attprojw, *attprojb; // (C, Cl), (C)
-    float *ln2w, *ln2b;         // (C), (C)
-    float *fcw, *fcb;           // (Fl, C), (Fl)       Fl = 4C/P
-    float *fcprojw, *fcprojb;   // (C, Fl), (C)
+    void *ln1w, *ln1b;          // (C), (C)
+    void *qkvw, *qkvb;          // (3*Cl, C), (3*Cl)  Cl = C/P, this rank's heads
+    void *attprojw, *attprojb;  // (C, Cl), (C)
+    void *ln2w, *ln2b;          // (C), (C)
+    void *fcw, *fcb;            // (Fl, C), (Fl)       Fl = 4C/P
+    void *fcprojw, *fcprojb;    // (C, Fl), (C)
 };
 
 struct gpt2_params {
-    float *wte;                 // (Vl, C)  Vl = Vp/P rows of the padded vocabulary
-    float *wpe;                 // (T, C)
+    void *wte;                  // (Vl, C)  Vl = Vp/P rows of the padded vocabulary
+    void *wpe;                  // (T, C)
     struct layer_params *layers; // (L)
-    float *lnfw, *lnfb;         // (C), (C)
+    void *lnfw, *lnfb;          // (C), (C)
 };
 
+// Activations: void * in the compute type, float * always fp32.
 struct layer_acts {
-    float *ln1, *ln1_mean, *ln1_rstd; // (N, C), (N), (N)
-    float *qkv;                       // (N, 3*Cl)
-    float *atty;                      // (N, Cl)
+    void *ln1;                        // (N, C)
+    float *ln1_mean, *ln1_rstd;       // (N), (N)
+    void *qkv;                        // (N, 3*Cl)
+    void *atty;                       // (N, Cl)
     float *att_saved;                 // backend-defined, attention_saved_floats
-    float *res2;                      // (N, C) residual after attention
-    float *ln2, *ln2_mean, *ln2_rstd; // (N, C), (N), (N)
-    float *fch, *fch_gelu;            // (N, Fl), (N, Fl)
-    float *res3;                      // (N, C) residual after the MLP = next layer's input
+    void *res2;                       // (N, C) residual after attention
+    void *ln2;                        // (N, C)
+    float *ln2_mean, *ln2_rstd;       // (N), (N)
+    void *fch, *fch_gelu;             // (N, Fl) before and after GELU
+    void *res3;                       // (N, C) residual after the MLP = next layer's input
 };
 
 struct gpt2_acts {
-    float *encoded;                   // (N, C) embeddings
+    void *encoded;                    // (N, C) embeddings
     struct layer_acts *layers;        // (L)
-    float *proj;                      // (N, C) row-parallel partial output, reduced in place
-    float *lnf, *lnf_mean, *lnf_rstd; // (N, C), (N), (N)
-    float *logits;                    // (N, Vl) this rank's vocab columns; dlogits in place
+    void *proj;                       // (N, C) row-parallel partial output, reduced in place
+    void *lnf;                        // (N, C)
+    float *lnf_mean, *lnf_rstd;       // (N), (N)
+    void *logits;                     // (N, Vl) this rank's vocab columns; dlogits in place
     float *maxes, *sums, *losses;     // (N), (2, N), (N)
-    float *dres;                      // (N, C) gradient of the residual stream
-    float *dln;                       // (N, C) gradient into a layernorm output
-    float *dqkv;                      // (N, 3*Cl)
-    float *datty;                     // (N, Cl)
-    float *dfch, *dfch_gelu;          // (N, Fl), (N, Fl)
+    void *dres;                       // (N, C) gradient of the residual stream
+    void *dln;                        // (N, C) gradient into a layernorm output
+    void *dqkv;                       // (N, 3*Cl)
+    void *datty;                      // (N, Cl)
+    void *dfch;                       // (N, Fl) gradient into the MLP's pre-GELU (GELU fused)
     float *att_scratch;               // backend-defined, attention_scratch_floats
 };
 
@@ -87,8 +93,9 @@ struct model_dims {
 
 struct model_memory {
     size_t param_floats;        // local parameters (= gradients = each AdamW moment)
-    size_t act_floats;          // activations, all layers, plus backward buffers
-    size_t total_bytes;         // params + grads + m + v + activations + tokens
+    size_t param_compute_bytes; // the compute-type copy of the parameters (0 in fp32: shared)
+    size_t act_bytes;           // activations, all layers, plus backward buffers
+    size_t total_bytes;         // params + grads + m + v + compute copy + activations + tokens
 };
 
 struct model {
@@ -98,9 +105,11 @@ struct model {
     int n_tensors;
     size_t n_params_local;        // floats in each flat buffer
     size_t n_params_global;       // real parameters counted once (tied wte once, no padding)
-    float *params, *grads;        // (n_params_local) backend memory
-    struct gpt2_params p, g;      // views into params / grads
-    float *act_memory;            // one allocation for all activations
+    enum tp_dtype dtype;          // the backend's compute type
+    float *params, *grads;        // (n_params_local) backend memory: fp32 master weights, gradients
+    void *params_compute;         // (n_params_local) compute-type weights; == params in fp32
+    struct gpt2_params p, g;      // views into params_compute / grads
+    void *act_memory;             // one allocation for all activations
     struct gpt2_acts a;
     int *inputs, *targets;        // (N) backend memory
     size_t bytes_allocated;       // everything this model allocated on the backend
@@ -121,6 +130,9 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be)
 // Initialises the weights TP-invariantly: every element is a pure function of seed, tensor name
 // and global index, and each rank generates only its shard.
 void model_init_params(struct model *m, unsigned long long seed);
+// Refreshes params_compute from the fp32 master weights (after init, a checkpoint load, or any
+// other write to m->params outside the optimiser, which refreshes it itself). No-op in fp32.
+void model_sync_compute_params(struct model *m);
 // model_alloc + model_init_params.
 void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed);
 void model_destroy(struct model *m);

@@ -176,7 +176,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     if ((st = agree(tr, st, err))) return st;
 
     model_alloc(&tr->model, &d, tr->be);
-    optim_create(&tr->opt, &tr->model);
+    optim_create(&tr->opt, &tr->model, tc->weight_decay);
     tr->loss_sums = tr->be.iface->alloc(tr->be.ctx, (size_t)tc->grad_accum * sizeof(float));
     tr->flops_per_token = train_flops_per_token(cfg);
     tr->peak_flops = peak_flops(tr);
@@ -291,10 +291,12 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
         }
         free(norms);
     }
-    res->norm = optim_grad_norm(&tr->opt, m, &mesh->tp);
+    // Norm, clipping and update stay on the device; the host waits once, for the log's figures.
+    optim_grad_norm_enqueue(&tr->opt, m, &mesh->tp);
     res->lr = optim_lr(tc, step);
-    optim_step(&tr->opt, m, tc, (float)res->lr, optim_clip_scale(res->norm, tc->grad_clip));
-    res->loss = mean_loss(tr, tc->grad_accum); // waits: the step's last host sync
+    optim_step(&tr->opt, m, tc, (float)res->lr);
+    res->norm = optim_grad_norm_read(&tr->opt, m, &mesh->tp);
+    res->loss = mean_loss(tr, tc->grad_accum);
     res->ms = 1e3 * (tp_now() - t0);
     return 0;
 }
@@ -494,14 +496,15 @@ int train_dry_run(const struct tp_config *cfg, int world_size) {
     // Size with the backend the run would use on this machine (attention buffers differ).
     struct backend be;
     char err[256] = "";
+    enum tp_dtype dt = mesh_compute_dtype(cfg);
     bool cuda = cfg->parallel.device != TP_DEVICE_CPU && backend_cuda_available() && backend_cuda_device_count() > 0;
-    if (!cuda || !backend_cuda_create(&be, 0, err, sizeof err)) be = backend_cpu_create();
+    if (!cuda || !backend_cuda_create(&be, 0, dt, err, sizeof err)) be = backend_cpu_create(dt);
     struct model_memory mm = model_memory_plan(&d, be);
     double gib = 1024.0 * 1024.0 * 1024.0;
-    printf("\n# memory per rank (%s backend): parameters %.3f GiB, gradients %.3f, AdamW %.3f, "
-           "activations %.3f -> total %.3f GiB\n", be.iface->name(be.ctx),
-           (double)mm.param_floats * 4 / gib, (double)mm.param_floats * 4 / gib, (double)mm.param_floats * 8 / gib,
-           (double)mm.act_floats * 4 / gib, (double)mm.total_bytes / gib);
+    printf("\n# memory per rank (%s backend, %s): parameters %.3f GiB (+ %.3f compute copy), gradients "
+           "%.3f, AdamW %.3f, activations %.3f -> total %.3f GiB\n", be.iface->name(be.ctx), tp_dtype_name(dt),
+           (double)mm.param_floats * 4 / gib, (double)mm.param_compute_bytes / gib, (double)mm.param_floats * 4 / gib,
+           (double)mm.param_floats * 8 / gib, (double)mm.act_bytes / gib, (double)mm.total_bytes / gib);
     int fwd, bwd;
     model_count_collectives(&d, &fwd, &bwd);
     printf("# collectives per micro-batch on the TP group: %d forward, %d backward\n", P > 1 ? fwd : 0, P > 1 ? bwd : 0);

@@ -872,16 +872,14 @@ Test(config, shipped_configs_load_and_validate) {
     cr_assert_eq(c.model.n_embd, 1600);
 }
 
-Test(config, bf16_is_refused_until_it_is_built) {
+Test(config, bf16_is_accepted) {
     struct data_dir d;
     make_data_dir(&d);
     struct tp_config c;
     valid_config(&c, &d);
     set_ok(&c, "train.precision=bf16");
-    expect_invalid(&c, 1, "--set train.precision=bf16: ", "bf16 is not available", "use fp32");
     char err[256] = "";
-    cr_assert_eq(config_check_precision(&c, err, sizeof err), TP_EXIT_USAGE);
-    valid_config(&c, &d);
-    cr_assert_eq(config_check_precision(&c, err, sizeof err), 0);
+    cr_assert_eq(config_validate(&c, 1, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(c.train.precision, TP_PREC_BF16);
     tu_rmtree(d.dir);
 }

@@ -1,8 +1,11 @@
-// test_cpu_ops.c: the CPU reference backend against float64 references and finite differences.
+// test_cpu_ops.c: the CPU reference backend against float64 references and finite differences,
+// and its bf16 mode against its fp32 mode.
 //
 // Forward ops are checked against double-precision versions written here. Backward ops are checked
 // against central differences of those double forwards, for the scalar L = sum(out * R) with a
 // fixed random R that the backend receives as dout. Errors are relative norms over a tensor.
+// The bf16 backend must compute exactly what the fp32 one does on the same bf16-representable
+// inputs and round each compute-type output once, to nearest even.
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdbool.h>
@@ -19,6 +22,7 @@
 #define FWD_TOL 1e-5 // fp32 forward vs float64
 #define BWD_TOL 1e-4 // fp32 gradient vs central differences of the float64 forward
 #define FD_STEP 1e-5
+#define BF16_TOL 1e-2 // bf16 result vs the fp32 one (bf16 keeps 8 significant bits)
 
 // ---- helpers
 
@@ -39,12 +43,12 @@ static double rng_unif(struct rng *r) { // [-1, 1)
 
 // Every buffer of a test, freed together at its end.
 struct arena {
-    void *p[64];
+    void *p[256];
     int n;
 };
 
 static void *arena_add(struct arena *a, void *p) {
-    cr_assert(a->n < 64, "test arena full");
+    cr_assert(a->n < 256, "test arena full");
     a->p[a->n++] = p;
     return p;
 }
@@ -60,6 +64,40 @@ static void arena_free(struct arena *a) {
 static float *rand_f(struct arena *a, struct rng *r, size_t n, double scale) {
     float *x = af(a, n);
     for (size_t i = 0; i < n; i++) x[i] = (float)(scale * rng_unif(r));
+    return x;
+}
+
+static uint32_t f32_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+static float bits_f32(uint32_t u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+// x rounded to the nearest bf16, ties to even, found independently of the backend's bit trick:
+// the two bf16 neighbours of x and which one is nearer, compared exactly in double. inf and NaN
+// pass through.
+static float bf16_round_ref(float x) {
+    uint32_t u = f32_bits(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return x;
+    uint32_t lo = u & 0xffff0000u; // the neighbour toward zero; lo + 0x10000 is the one away
+    int e = (int)((u >> 23) & 0xffu);
+    double step = ldexp(1.0, (e ? e : 1) - 127 - 7); // bf16 spacing at x (7 mantissa bits)
+    double ax = fabs((double)x), dlo = fabs((double)bits_f32(lo));
+    double below = ax - dlo, above = dlo + step - ax;
+    bool up = above < below || (above == below && (lo & 0x10000u));
+    return bits_f32(up ? lo + 0x10000u : lo); // may carry into the exponent, up to inf
+}
+
+// Uniform values already representable in bf16, so both backends see the same inputs.
+static float *rand_bf16(struct arena *a, struct rng *r, size_t n, double scale) {
+    float *x = rand_f(a, r, n, scale);
+    for (size_t i = 0; i < n; i++) x[i] = bf16_round_ref(x[i]);
     return x;
 }
 
@@ -129,8 +167,13 @@ static void fd_grad(objective_fn f, const void *problem, double *x, size_t n, do
 // ---- memory and identity
 
 Test(cpu_ops, identity_and_memory) {
-    struct backend be = backend_cpu_create();
+    struct backend bf = backend_cpu_create(TP_DTYPE_BF16);
+    cr_assert_str_eq(OPS(bf)->name(bf.ctx), "cpu");
+    cr_assert_eq(OPS(bf)->dtype(bf.ctx), TP_DTYPE_BF16);
+    backend_destroy(&bf);
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     cr_assert_str_eq(OPS(be)->name(be.ctx), "cpu");
+    cr_assert_eq(OPS(be)->dtype(be.ctx), TP_DTYPE_F32);
     cr_assert(OPS(be)->host_accessible);
     cr_assert_null(OPS(be)->native_stream(be.ctx));
     size_t sizes[] = {0, 1, 3, 64, 1000};
@@ -187,13 +230,13 @@ static double matmul_objective(const void *pp) {
 }
 
 static void check_matmul_fwd(int N, int IC, int OC, bool with_bias, uint64_t seed) {
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {seed};
     float *inp = rand_f(&a, &r, (size_t)N * IC, 1.0), *w = rand_f(&a, &r, (size_t)OC * IC, 0.5);
     float *bias = with_bias ? rand_f(&a, &r, (size_t)OC, 1.0) : NULL;
     float *out = fill_f(&a, (size_t)N * OC, 1e3f);
-    OPS(be)->matmul_fwd(be.ctx, out, inp, w, bias, N, IC, OC);
+    OPS(be)->matmul_fwd(be.ctx, out, NULL, inp, w, bias, N, IC, OC);
     double *want = ad(&a, (size_t)N * OC);
     matmul_ref(want, to_d(&a, inp, (size_t)N * IC), to_d(&a, w, (size_t)OC * IC),
                bias ? to_d(&a, bias, (size_t)OC) : NULL, N, IC, OC);
@@ -213,7 +256,7 @@ Test(cpu_ops, matmul_fwd_matches_float64) {
 }
 
 static void check_matmul_bwd_fd(int N, int IC, int OC, bool with_bias, bool with_dinp, uint64_t seed) {
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {seed};
     size_t nI = (size_t)N * IC, nW = (size_t)OC * IC, nO = (size_t)N * OC;
@@ -223,7 +266,7 @@ static void check_matmul_bwd_fd(int N, int IC, int OC, bool with_bias, bool with
     float *dinp = fill_f(&a, nI, 1e3f); // "=": the garbage must be overwritten
     float *dw = copy_f(&a, dw0, nW), *dbias = copy_f(&a, db0, (size_t)OC); // "+="
     OPS(be)->matmul_bwd(be.ctx, with_dinp ? dinp : NULL, dw, with_bias ? dbias : NULL, R, inp, w,
-                        N, IC, OC);
+                        NULL, N, IC, OC);
 
     struct matmul_problem p = {N, IC, OC, to_d(&a, inp, nI), to_d(&a, w, nW),
                                with_bias ? to_d(&a, bias, (size_t)OC) : NULL, to_d(&a, R, nO)};
@@ -261,14 +304,14 @@ Test(cpu_ops, matmul_bwd_large_matches_float64) {
     int shapes[][3] = {{37, 70, 67}, {130, 64, 600}};
     for (size_t s = 0; s < 2; s++) {
         int N = shapes[s][0], IC = shapes[s][1], OC = shapes[s][2];
-        struct backend be = backend_cpu_create();
+        struct backend be = backend_cpu_create(TP_DTYPE_F32);
         struct arena a = {0};
         struct rng r = {50 + s};
         size_t nI = (size_t)N * IC, nW = (size_t)OC * IC, nO = (size_t)N * OC;
         float *inp = rand_f(&a, &r, nI, 1.0), *w = rand_f(&a, &r, nW, 0.5), *R = rand_f(&a, &r, nO, 1.0);
         float *dw0 = rand_f(&a, &r, nW, 1.0), *db0 = rand_f(&a, &r, (size_t)OC, 1.0);
         float *dinp = fill_f(&a, nI, -7.0f), *dw = copy_f(&a, dw0, nW), *db = copy_f(&a, db0, (size_t)OC);
-        OPS(be)->matmul_bwd(be.ctx, dinp, dw, db, R, inp, w, N, IC, OC);
+        OPS(be)->matmul_bwd(be.ctx, dinp, dw, db, R, inp, w, NULL, N, IC, OC);
         double *gi = ad(&a, nI), *gw = ad(&a, nW), *gb = ad(&a, (size_t)OC);
         for (int n = 0; n < N; n++)
             for (int o = 0; o < OC; o++) {
@@ -290,7 +333,7 @@ Test(cpu_ops, matmul_bwd_large_matches_float64) {
 // ---- residual
 
 Test(cpu_ops, residual_fwd_allows_aliasing) {
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {7};
     int N = 5, C = 11;
@@ -351,7 +394,7 @@ Test(cpu_ops, layernorm_fwd_bwd) {
     for (size_t s = 0; s < 2; s++) {
         int N = shapes[s][0], C = shapes[s][1];
         size_t n = (size_t)N * C;
-        struct backend be = backend_cpu_create();
+        struct backend be = backend_cpu_create(TP_DTYPE_F32);
         struct arena a = {0};
         struct rng r = {11 + s};
         float *inp = rand_f(&a, &r, n, 2.0), *w = rand_f(&a, &r, (size_t)C, 1.0);
@@ -393,7 +436,7 @@ static double gelu_ref(double x) {
 }
 
 Test(cpu_ops, gelu_fwd_bwd) {
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {21};
     size_t n = 301;
@@ -470,7 +513,7 @@ Test(cpu_ops, attention_fwd_bwd) {
     int B = 2, T = 5, NH = 3, HS = 4;
     size_t nqkv = (size_t)B * T * 3 * NH * HS, nout = (size_t)B * T * NH * HS;
     size_t nprob = (size_t)B * NH * T * T;
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {31};
     float *qkv = rand_f(&a, &r, nqkv, 1.5), *R = rand_f(&a, &r, nout, 1.0);
@@ -502,7 +545,7 @@ Test(cpu_ops, attention_fwd_bwd) {
 Test(cpu_ops, attention_is_causal) {
     int B = 2, T = 6, NH = 2, HS = 3, tc = 3; // change token tc of batch 1
     size_t C = (size_t)NH * HS, nqkv = (size_t)B * T * 3 * C, nout = (size_t)B * T * C;
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {41};
     float *qkv = rand_f(&a, &r, nqkv, 1.0);
@@ -546,7 +589,7 @@ static double emb_objective(const void *pp) {
 Test(cpu_ops, vocab_embedding_range) {
     int tokens[] = {3, 10, 17, 18, 12, 12, 25, 15, 0, 12};
     int N = 10, C = 5, vs = 10, nv = 8; // this rank holds rows [10, 18)
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {51};
     float *wte = rand_f(&a, &r, (size_t)nv * C, 1.0), *R = rand_f(&a, &r, (size_t)N * C, 1.0);
@@ -580,7 +623,7 @@ Test(cpu_ops, vocab_embedding_range) {
 Test(cpu_ops, position_embedding) {
     int B = 3, T = 4, C = 6;
     size_t n = (size_t)B * T * C, nt = (size_t)T * C;
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {61};
     float *x = rand_f(&a, &r, n, 1.0), *wpe = rand_f(&a, &r, nt, 1.0), *R = rand_f(&a, &r, n, 1.0);
@@ -624,7 +667,7 @@ static double xent_objective(const void *pp) {
 static void check_xent(int ranks, int shard, int V, uint64_t seed) {
     enum { N = 6, MAXR = 4 };
     int Vp = ranks * shard;
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {seed};
     float *full = af(&a, (size_t)N * Vp);
@@ -707,7 +750,7 @@ Test(cpu_ops, xent_vocab_parallel_matches_log_softmax) {
 // ---- reductions and helpers
 
 Test(cpu_ops, sum_sumsq_scale) {
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct arena a = {0};
     struct rng r = {81};
     size_t ns[] = {1, 7, 100003}; // 100003 spans several fixed chunks and a lane tail
@@ -736,16 +779,21 @@ Test(cpu_ops, sum_sumsq_scale) {
 // ---- optimiser
 
 Test(cpu_ops, adamw_two_steps) {
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     float p[4] = {0.5f, -1.0f, 0.25f, 2.0f}, m[4] = {0}, v[4] = {0};
     float g1[4] = {0.4f, -0.2f, 0.0f, 1.0f}, g2[4] = {-0.1f, 0.3f, 0.05f, 1.0f};
     float lr = 0.01f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, gs = 0.5f;
-    OPS(be)->adamw(be.ctx, p, g1, m, v, 4, lr, b1, b2, eps, wd, gs, 1);
+    struct param_segment seg = {.offset = 0, .numel = 4, .weight_decay = wd, .norm_group = 0};
+    struct adamw_step st = {.p = p, .g = g1, .m = m, .v = v, .segs = &seg, .n_segs = 1, .n = 4,
+                            .lr = lr, .beta1 = b1, .beta2 = b2, .eps = eps, .grad_scale = gs, .t = 1};
+    OPS(be)->adamw(be.ctx, &st);
     // Step 1 by hand: mhat = g', vhat = g'^2, so p -= lr * (sign(g') + wd * p) (eps negligible):
     // 0.5 - 0.01 * (1 + 0.05) = 0.4895; with g = 0 only the decay acts: 0.25 - 0.01 * 0.025.
     cr_assert(fabsf(p[0] - 0.4895f) < 1e-6f, "p[0] after step 1: %.8f", p[0]);
     cr_assert(fabsf(p[2] - 0.24975f) < 1e-6f, "p[2] after step 1: %.8f", p[2]);
-    OPS(be)->adamw(be.ctx, p, g2, m, v, 4, lr, b1, b2, eps, wd, gs, 2);
+    st.g = g2;
+    st.t = 2;
+    OPS(be)->adamw(be.ctx, &st);
     // Both steps in float64 from the formula.
     double pd[4] = {0.5, -1.0, 0.25, 2.0}, md[4] = {0}, vd[4] = {0};
     const float *gg[2] = {g1, g2};
@@ -764,11 +812,580 @@ Test(cpu_ops, adamw_two_steps) {
     backend_destroy(&be);
 }
 
+// The old per-tensor AdamW update, one tensor with one weight decay and one gradient scale, in the
+// same float expression order: the one-pass op must reproduce it bit for bit on every segment.
+static void adamw_per_tensor(float *p, const float *g, float *m, float *v, size_t n, float lr,
+                             float beta1, float beta2, float eps, float weight_decay,
+                             float grad_scale, int t) {
+    float c1 = 1.0f - powf(beta1, (float)t), c2 = 1.0f - powf(beta2, (float)t);
+    for (size_t i = 0; i < n; i++) {
+        float gs = g[i] * grad_scale;
+        m[i] = beta1 * m[i] + (1.0f - beta1) * gs;
+        v[i] = beta2 * v[i] + (1.0f - beta2) * gs * gs;
+        float update = (m[i] / c1) / (sqrtf(v[i] / c2) + eps);
+        p[i] -= lr * (update + weight_decay * p[i]);
+    }
+}
+
+// Three segments with different decay; the middle one is big enough for the threaded path.
+#define AW_SEGS 3
+static const struct param_segment aw_segs[AW_SEGS] = {
+    {.offset = 0, .numel = 7, .weight_decay = 0.1f, .norm_group = 0},
+    {.offset = 7, .numel = 40000, .weight_decay = 0.0f, .norm_group = 1},
+    {.offset = 40007, .numel = 5, .weight_decay = 0.05f, .norm_group = 0},
+};
+#define AW_N ((size_t)40012)
+
+struct aw_state {
+    float *p, *m, *v; // (AW_N) each
+};
+
+static struct aw_state aw_state_new(struct arena *a, uint64_t seed) {
+    struct rng r = {seed};
+    struct aw_state s = {rand_f(a, &r, AW_N, 1.0), af(a, AW_N), af(a, AW_N)};
+    return s;
+}
+
+// Two steps of the backend's adamw with the given scale and clipping; returns the final state.
+static struct aw_state aw_run(struct backend be, struct arena *a, const float *const g[2],
+                              float grad_scale, const float *norm_sq, float grad_clip,
+                              void *p_compute) {
+    struct aw_state s = aw_state_new(a, 301);
+    struct adamw_step st = {.p = s.p, .p_compute = p_compute, .m = s.m, .v = s.v, .segs = aw_segs,
+                            .n_segs = AW_SEGS, .n = AW_N, .lr = 0.01f, .beta1 = 0.9f,
+                            .beta2 = 0.95f, .eps = 1e-8f, .grad_scale = grad_scale,
+                            .norm_sq = norm_sq, .grad_clip = grad_clip};
+    for (int t = 1; t <= 2; t++) {
+        st.g = g[t - 1];
+        st.t = t;
+        OPS(be)->adamw(be.ctx, &st);
+    }
+    return s;
+}
+
+// The same two steps through the per-tensor formula, each segment with its own decay.
+static struct aw_state aw_run_per_tensor(struct arena *a, const float *const g[2],
+                                         float grad_scale) {
+    struct aw_state s = aw_state_new(a, 301);
+    for (int t = 1; t <= 2; t++)
+        for (int k = 0; k < AW_SEGS; k++) {
+            size_t o = aw_segs[k].offset;
+            adamw_per_tensor(s.p + o, g[t - 1] + o, s.m + o, s.v + o, aw_segs[k].numel, 0.01f,
+                             0.9f, 0.95f, 1e-8f, aw_segs[k].weight_decay, grad_scale, t);
+        }
+    return s;
+}
+
+static bool aw_equal(struct aw_state x, struct aw_state y) {
+    size_t b = AW_N * sizeof(float);
+    return memcmp(x.p, y.p, b) == 0 && memcmp(x.m, y.m, b) == 0 && memcmp(x.v, y.v, b) == 0;
+}
+
+Test(cpu_ops, adamw_segments_decay_scale_and_clip) {
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    struct arena a = {0};
+    struct rng r = {311};
+    const float *g[2] = {rand_f(&a, &r, AW_N, 1.0), rand_f(&a, &r, AW_N, 1.0)};
+    float gs = 0.5f;
+
+    struct aw_state want = aw_run_per_tensor(&a, g, gs);
+    cr_assert(aw_equal(aw_run(be, &a, g, gs, NULL, 0.0f, NULL), want), "no clipping");
+    // The decay differs per segment: with the middle segment's decay applied everywhere the
+    // first segment would come out differently.
+    struct aw_state one_decay = aw_state_new(&a, 301);
+    for (int t = 1; t <= 2; t++)
+        adamw_per_tensor(one_decay.p, g[t - 1], one_decay.m, one_decay.v, AW_N, 0.01f, 0.9f,
+                         0.95f, 1e-8f, 0.0f, gs, t);
+    cr_assert(memcmp(one_decay.p, want.p, 7 * sizeof(float)) != 0, "decay has no effect");
+
+    // Clip active: norm 5 > 1 scales every gradient by 1/5 on top of grad_scale.
+    float big[2] = {9.0f, 16.0f};
+    struct aw_state clipped = aw_run(be, &a, g, gs, big, 1.0f, NULL);
+    cr_assert(aw_equal(clipped, aw_run_per_tensor(&a, g, gs * (1.0f / 5.0f))), "clip active");
+    cr_assert(!aw_equal(clipped, want), "clipping changed nothing");
+    // Clip inactive: norm sqrt(0.75) < 1; and grad_clip 0 turns clipping off whatever the norm.
+    float small[2] = {0.25f, 0.5f};
+    cr_assert(aw_equal(aw_run(be, &a, g, gs, small, 1.0f, NULL), want), "clip inactive");
+    cr_assert(aw_equal(aw_run(be, &a, g, gs, big, 0.0f, NULL), want), "grad_clip 0");
+
+    // p_compute: a plain copy of p on the fp32 backend ...
+    float *pc32 = fill_f(&a, AW_N, 9.0f);
+    struct aw_state s32 = aw_run(be, &a, g, gs, big, 1.0f, pc32);
+    cr_assert(aw_equal(s32, clipped), "p_compute changed the update");
+    cr_assert(memcmp(pc32, s32.p, AW_N * sizeof(float)) == 0, "fp32 p_compute is not p");
+    // ... and p rounded to bf16 on the bf16 backend, whose fp32 state matches the fp32 backend.
+    struct backend bf = backend_cpu_create(TP_DTYPE_BF16);
+    uint16_t *pc16 = arena_add(&a, tp_malloc(AW_N * sizeof(uint16_t)));
+    memset(pc16, 0xff, AW_N * sizeof(uint16_t));
+    struct aw_state s16 = aw_run(bf, &a, g, gs, big, 1.0f, pc16);
+    cr_assert(aw_equal(s16, clipped), "bf16 backend: fp32 state differs");
+    for (size_t i = 0; i < AW_N; i++)
+        cr_assert_eq((uint32_t)pc16[i], f32_bits(bf16_round_ref(s16.p[i])) >> 16,
+                     "p_compute[%zu]", i);
+    backend_destroy(&bf);
+    arena_free(&a);
+    backend_destroy(&be);
+}
+
+Test(cpu_ops, segments_sumsq_matches_per_tensor_sumsq_acc) {
+    // Interleaved groups, an empty segment, and segments spanning several reduction chunks.
+    size_t sizes[] = {5, 100003, 7, 0, 40000, 1, 33000};
+    int groups[] = {0, 1, 0, 1, 1, 0, 0};
+    enum { NS = 7 };
+    struct param_segment segs[NS];
+    size_t n = 0;
+    for (int i = 0; i < NS; i++) {
+        segs[i] = (struct param_segment){.offset = n, .numel = sizes[i], .norm_group = groups[i]};
+        n += sizes[i];
+    }
+    struct arena a = {0};
+    struct rng r = {321};
+    float *x = rand_f(&a, &r, n, 1.0);
+    double want[2] = {0.0, 0.0};
+    for (int i = 0; i < NS; i++)
+        for (size_t j = 0; j < sizes[i]; j++) {
+            double xi = x[segs[i].offset + j];
+            want[groups[i]] += xi * xi;
+        }
+    enum tp_dtype dts[] = {TP_DTYPE_F32, TP_DTYPE_BF16}; // fp32 tensors: the dtype plays no part
+    for (int d = 0; d < 2; d++) {
+        struct backend be = backend_cpu_create(dts[d]);
+        float acc[2] = {0.0f, 0.0f};
+        for (int i = 0; i < NS; i++)
+            OPS(be)->sumsq_acc(be.ctx, &acc[groups[i]], x + segs[i].offset, sizes[i]);
+        float out[2] = {-5.0f, -5.0f}; // "=": overwritten
+        OPS(be)->segments_sumsq(be.ctx, out, x, segs, NS, n);
+        for (int k = 0; k < 2; k++) {
+            cr_assert(f32_bits(out[k]) == f32_bits(acc[k]), "group %d: %.9g vs per tensor %.9g", k,
+                      out[k], acc[k]);
+            cr_assert(fabs(out[k] - want[k]) <= 1e-6 * want[k], "group %d vs float64", k);
+        }
+        backend_destroy(&be);
+    }
+    arena_free(&a);
+}
+
+// ---- fused GELU in the linear layer
+
+// A compute-type copy of host values (the CPU backend's memory is host memory).
+static void *to_ct(struct backend be, struct arena *a, const float *x, size_t n) {
+    void *d = arena_add(a, tp_malloc(n * tp_dtype_size(OPS(be)->dtype(be.ctx))));
+    OPS(be)->to_compute(be.ctx, d, x, n);
+    return d;
+}
+
+static float *from_ct(struct backend be, struct arena *a, const void *d, size_t n) {
+    float *x = af(a, n);
+    OPS(be)->from_compute(be.ctx, x, d, n);
+    return x;
+}
+
+static void check_fused_gelu(enum tp_dtype dt, int N, int IC, int OC, uint64_t seed) {
+    struct backend be = backend_cpu_create(dt);
+    struct arena a = {0};
+    struct rng r = {seed};
+    size_t nI = (size_t)N * IC, nW = (size_t)OC * IC, nO = (size_t)N * OC;
+    size_t es = tp_dtype_size(dt);
+    void *inp = to_ct(be, &a, rand_f(&a, &r, nI, 1.0), nI);
+    void *w = to_ct(be, &a, rand_f(&a, &r, nW, 0.5), nW);
+    void *bias = to_ct(be, &a, rand_f(&a, &r, (size_t)OC, 1.0), (size_t)OC);
+    // Forward: the fused op against matmul then gelu_fwd.
+    void *out = to_ct(be, &a, fill_f(&a, nO, 3.0f), nO);
+    void *pre = to_ct(be, &a, fill_f(&a, nO, 3.0f), nO);
+    void *prod = to_ct(be, &a, af(&a, nO), nO), *out2 = to_ct(be, &a, af(&a, nO), nO);
+    OPS(be)->matmul_fwd(be.ctx, out, pre, inp, w, bias, N, IC, OC);
+    OPS(be)->matmul_fwd(be.ctx, prod, NULL, inp, w, bias, N, IC, OC);
+    OPS(be)->gelu_fwd(be.ctx, out2, prod, nO);
+    cr_assert(memcmp(pre, prod, nO * es) == 0, "%s: pre_gelu is not the product", tp_dtype_name(dt));
+    // Backward through a layer whose input was gelu(pre): pre_gelu (N, IC) is the earlier layer's.
+    void *pre_in = to_ct(be, &a, rand_f(&a, &r, nI, 3.0), nI);
+    void *dout = to_ct(be, &a, rand_f(&a, &r, nO, 1.0), nO);
+    float *dw = af(&a, nW), *db = af(&a, (size_t)OC), *dw2 = af(&a, nW), *db2 = af(&a, (size_t)OC);
+    void *dinp = to_ct(be, &a, fill_f(&a, nI, 3.0f), nI), *dinp2 = to_ct(be, &a, af(&a, nI), nI);
+    OPS(be)->matmul_bwd(be.ctx, dinp, dw, db, dout, inp, w, pre_in, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, dinp2, dw2, db2, dout, inp, w, NULL, N, IC, OC);
+    OPS(be)->gelu_bwd(be.ctx, dinp2, pre_in, dinp2, nI);
+    cr_assert(memcmp(dw, dw2, nW * sizeof(float)) == 0, "%s: pre_gelu changed dw", tp_dtype_name(dt));
+    cr_assert(memcmp(db, db2, (size_t)OC * sizeof(float)) == 0, "%s: pre_gelu changed dbias",
+              tp_dtype_name(dt));
+    if (dt == TP_DTYPE_F32) {
+        cr_assert(memcmp(out, out2, nO * es) == 0, "fp32: fused forward differs from matmul + gelu");
+        cr_assert(memcmp(dinp, dinp2, nI * es) == 0, "fp32: fused dinp differs from unfused");
+    } else {
+        // bf16 rounds the unfused product once more before the GELU: equal up to that rounding.
+        double e = rel_err(from_ct(be, &a, out, nO), to_d(&a, from_ct(be, &a, out2, nO), nO), nO);
+        cr_assert(e < BF16_TOL, "bf16 fused forward: rel err %g", e);
+        e = rel_err(from_ct(be, &a, dinp, nI), to_d(&a, from_ct(be, &a, dinp2, nI), nI), nI);
+        cr_assert(e < BF16_TOL, "bf16 fused dinp: rel err %g", e);
+    }
+    arena_free(&a);
+    backend_destroy(&be);
+}
+
+Test(cpu_ops, matmul_fused_gelu_matches_matmul_then_gelu) {
+    enum tp_dtype dts[] = {TP_DTYPE_F32, TP_DTYPE_BF16};
+    for (int d = 0; d < 2; d++) {
+        check_fused_gelu(dts[d], 9, 35, 33, 401);
+        check_fused_gelu(dts[d], 130, 64, 600, 402); // threaded, two K chunks of dinp
+    }
+}
+
+// ---- bf16 compute type: conversions
+
+Test(cpu_ops, compute_type_conversions) {
+    struct backend f32 = backend_cpu_create(TP_DTYPE_F32), bf = backend_cpu_create(TP_DTYPE_BF16);
+    struct arena a = {0};
+    struct rng r = {501};
+    // fp32: plain copies, bit for bit, NaN payloads included.
+    uint32_t odd[] = {0x7f800001u, 0xffc01234u, 0x00000001u, 0x80000000u, 0x3f800001u};
+    float src[5], dst[5], back[5];
+    for (int i = 0; i < 5; i++) src[i] = bits_f32(odd[i]);
+    OPS(f32)->to_compute(f32.ctx, dst, src, 5);
+    OPS(f32)->from_compute(f32.ctx, back, dst, 5);
+    cr_assert(memcmp(dst, src, sizeof src) == 0 && memcmp(back, src, sizeof src) == 0, "fp32 copies");
+
+    // bf16: every non-NaN bf16 value survives from_compute then to_compute unchanged.
+    size_t nh = 65536;
+    uint16_t *h = arena_add(&a, tp_malloc(nh * sizeof(uint16_t)));
+    uint16_t *h2 = arena_add(&a, tp_malloc(nh * sizeof(uint16_t)));
+    for (size_t i = 0; i < nh; i++) h[i] = (uint16_t)i;
+    float *wide = af(&a, nh);
+    OPS(bf)->from_compute(bf.ctx, wide, h, nh);
+    OPS(bf)->to_compute(bf.ctx, h2, wide, nh);
+    for (size_t i = 0; i < nh; i++) {
+        cr_assert_eq(f32_bits(wide[i]), (uint32_t)i << 16, "widening %04zx", i);
+        if (isnan(wide[i]))
+            cr_assert(isnan(tp_bf16_to_f32(h2[i])), "NaN %04zx lost", i);
+        else
+            cr_assert_eq((uint32_t)h2[i], (uint32_t)h[i], "round trip of %04zx gave %04x", i, h2[i]);
+    }
+
+    // Rounding to nearest, ties to even, against the reference rounding written here: named
+    // cases, then random floats over the whole exponent range and random exact ties.
+    struct {
+        uint32_t in, want;
+    } named[] = {
+        {0x3f808000u, 0x3f80u}, // 1 + 2^-8: a tie, to the even 1.0
+        {0x3f818000u, 0x3f82u}, // 1 + 3 * 2^-8: a tie, to the even 1 + 2^-6
+        {0xbf808000u, 0xbf80u}, // the negative tie
+        {0x3f808001u, 0x3f81u}, // just above the tie: up
+        {0x3f807fffu, 0x3f80u}, // just below: down
+        {0x7f7fffffu, 0x7f80u}, // FLT_MAX is past the largest bf16 by more than half a step: inf
+        {0x7f7f8000u, 0x7f80u}, // the tie at the top goes to the even neighbour, which is inf
+        {0x00008000u, 0x0000u}, // subnormal tie to even zero
+        {0x00018000u, 0x0002u}, // subnormal tie up to even
+        {0x80000000u, 0x8000u}, // -0 keeps its sign
+        {0xff800000u, 0xff80u}, // -inf
+    };
+    size_t nn = sizeof named / sizeof named[0];
+    size_t nr = 20000, n = nn + nr + 4;
+    float *x = af(&a, n);
+    for (size_t i = 0; i < nn; i++) x[i] = bits_f32(named[i].in);
+    for (size_t i = nn; i < nn + nr; i++) {
+        uint32_t u;
+        do {
+            u = (uint32_t)rng_next(&r);
+            if (i % 2) u = (u & 0xffff0000u) | 0x8000u; // every other one an exact tie
+        } while ((u & 0x7f800000u) == 0x7f800000u);     // finite only
+        x[i] = bits_f32(u);
+    }
+    uint32_t nans[] = {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0x7fff0000u}; // the third has only
+    for (size_t i = 0; i < 4; i++) x[nn + nr + i] = bits_f32(nans[i]);    // low payload bits
+    uint16_t *y = arena_add(&a, tp_malloc(n * sizeof(uint16_t)));
+    OPS(bf)->to_compute(bf.ctx, y, x, n);
+    for (size_t i = 0; i < nn; i++)
+        cr_assert_eq((uint32_t)y[i], named[i].want, "%08x rounds to %04x, want %04x", named[i].in,
+                     y[i], named[i].want);
+    for (size_t i = 0; i < nn + nr; i++)
+        cr_assert_eq((uint32_t)y[i] << 16, f32_bits(bf16_round_ref(x[i])), "%08x rounds to %04x",
+                     f32_bits(x[i]), y[i]);
+    for (size_t i = nn + nr; i < n; i++) {
+        cr_assert(isnan(tp_bf16_to_f32(y[i])), "NaN %08x became %04x", f32_bits(x[i]), y[i]);
+        cr_assert_eq((uint32_t)y[i] >> 15, f32_bits(x[i]) >> 31, "NaN sign");
+    }
+    arena_free(&a);
+    backend_destroy(&bf);
+    backend_destroy(&f32);
+}
+
+// ---- bf16 compute type: every op against the fp32 backend
+//
+// Each case runs an op (or a forward and its backward) on both backends from the same
+// bf16-representable inputs. Arithmetic is fp32 in both, so: fp32 outputs agree bit for bit, each
+// bf16 output is the fp32 backend's value rounded to nearest even (within BF16_TOL of it, and
+// exactly representable), inputs are left alone, and no op writes past a bf16 tensor's end (it
+// would if it stored fp32 there).
+
+enum arg_role {
+    ARG_NONE,    // a NULL pointer
+    ARG_IN,      // compute-type input
+    ARG_OUT,     // compute-type output ("=" or "+=")
+    ARG_F32_OUT, // fp32 output (parameter gradients, statistics, saved probabilities, losses)
+};
+#define MAX_ARGS 12
+#define CANARY 64 // bytes after each compute-type tensor that no op may touch
+
+struct arg {
+    enum arg_role role;
+    size_t n;
+    double scale; // initial values uniform in [-scale, scale), rounded to bf16
+    int same_as;  // > 0: starts instead as a copy of argument same_as - 1 (ops run in place)
+};
+
+// Every size an op may need; each case reads the ones its op takes.
+struct dims {
+    int N, C, IC, OC, B, T, NH, HS;
+    int vocab_start, n_vocab, vocab_size;
+    const int *tokens; // (N) tokens or targets
+};
+
+typedef void (*case_fn)(struct backend be, void *const *t, const struct dims *d);
+
+struct op_case {
+    const char *name;
+    case_fn run;
+    struct dims d;
+    int nargs;
+    struct arg arg[MAX_ARGS];
+};
+
+static bool is_ct(enum arg_role r) { return r == ARG_IN || r == ARG_OUT; }
+
+// Runs c on be from init (host values), returning every tensor's values afterwards in got.
+static void run_case(struct backend be, struct arena *a, const struct op_case *c,
+                     float *const *init, float **got) {
+    size_t es = tp_dtype_size(OPS(be)->dtype(be.ctx));
+    void *t[MAX_ARGS] = {0};
+    for (int i = 0; i < c->nargs; i++) {
+        const struct arg *g = &c->arg[i];
+        if (g->role == ARG_NONE) continue;
+        if (is_ct(g->role)) {
+            unsigned char *p = arena_add(a, tp_malloc(g->n * es + CANARY));
+            OPS(be)->to_compute(be.ctx, p, init[i], g->n);
+            memset(p + g->n * es, 0xa5, CANARY);
+            t[i] = p;
+        } else {
+            t[i] = copy_f(a, init[i], g->n);
+        }
+    }
+    c->run(be, t, &c->d);
+    for (int i = 0; i < c->nargs; i++) {
+        const struct arg *g = &c->arg[i];
+        got[i] = NULL;
+        if (g->role == ARG_NONE) continue;
+        got[i] = af(a, g->n);
+        if (is_ct(g->role)) {
+            OPS(be)->from_compute(be.ctx, got[i], t[i], g->n);
+            const unsigned char *tail = (const unsigned char *)t[i] + g->n * es;
+            for (size_t k = 0; k < CANARY; k++)
+                cr_assert_eq(tail[k], 0xa5, "%s arg %d: written past its end", c->name, i);
+        } else {
+            memcpy(got[i], t[i], g->n * sizeof(float));
+        }
+    }
+}
+
+static void check_case(const struct op_case *c, uint64_t seed) {
+    struct backend f32 = backend_cpu_create(TP_DTYPE_F32), bf = backend_cpu_create(TP_DTYPE_BF16);
+    struct arena a = {0};
+    struct rng r = {seed};
+    float *init[MAX_ARGS] = {0}, *want[MAX_ARGS], *got[MAX_ARGS];
+    for (int i = 0; i < c->nargs; i++) {
+        const struct arg *g = &c->arg[i];
+        if (g->same_as)
+            init[i] = init[g->same_as - 1];
+        else if (g->role != ARG_NONE)
+            init[i] = rand_bf16(&a, &r, g->n, g->scale);
+    }
+    run_case(f32, &a, c, init, want);
+    run_case(bf, &a, c, init, got);
+    for (int i = 0; i < c->nargs; i++) {
+        const struct arg *g = &c->arg[i];
+        size_t bytes = g->n * sizeof(float);
+        switch (g->role) {
+        case ARG_NONE: break;
+        case ARG_IN:
+            cr_assert(memcmp(got[i], init[i], bytes) == 0 && memcmp(want[i], init[i], bytes) == 0,
+                      "%s arg %d: input modified", c->name, i);
+            break;
+        case ARG_F32_OUT:
+            cr_assert(memcmp(got[i], want[i], bytes) == 0, "%s arg %d: fp32 output differs",
+                      c->name, i);
+            break;
+        case ARG_OUT: {
+            for (size_t k = 0; k < g->n; k++) {
+                uint32_t b = f32_bits(got[i][k]);
+                cr_assert_eq(b & 0xffffu, 0, "%s arg %d[%zu]: not a bf16 value", c->name, i, k);
+                cr_assert_eq(b, f32_bits(bf16_round_ref(want[i][k])),
+                             "%s arg %d[%zu]: %.9g is not the rounding of %.9g", c->name, i, k,
+                             got[i][k], want[i][k]);
+            }
+            double e = rel_err(got[i], to_d(&a, want[i], g->n), g->n);
+            cr_assert(e < BF16_TOL, "%s arg %d: rel err %g", c->name, i, e);
+            break;
+        }
+        }
+    }
+    arena_free(&a);
+    backend_destroy(&bf);
+    backend_destroy(&f32);
+}
+
+#define IN(cnt, s) {.role = ARG_IN, .n = (cnt), .scale = (s)}
+#define OUT(cnt) {.role = ARG_OUT, .n = (cnt), .scale = 1.0}
+#define OUT_AS(cnt, j) {.role = ARG_OUT, .n = (cnt), .same_as = (j) + 1}
+#define F32_OUT(cnt) {.role = ARG_F32_OUT, .n = (cnt), .scale = 1.0}
+#define NONE {.role = ARG_NONE}
+
+static void run_embeddings(struct backend be, void *const *t, const struct dims *d) {
+    // t: out (N, C), wte (n_vocab, C), dwte (n_vocab, C), dout (N, C),
+    //    x (B, T, C), wpe (T, C), dwpe (T, C), dx (B, T, C)
+    int N = d->N, C = d->C;
+    OPS(be)->vocab_embedding_fwd(be.ctx, t[0], d->tokens, t[1], N, C, d->vocab_start, d->n_vocab);
+    OPS(be)->vocab_embedding_bwd(be.ctx, t[2], t[3], d->tokens, N, C, d->vocab_start, d->n_vocab);
+    OPS(be)->position_embedding_fwd(be.ctx, t[4], t[5], d->B, d->T, d->C);
+    OPS(be)->position_embedding_bwd(be.ctx, t[6], t[7], d->B, d->T, d->C);
+}
+
+static void run_layernorm(struct backend be, void *const *t, const struct dims *d) {
+    // t: out (N, C), mean (N), rstd (N), inp (N, C), w (C), b (C), dinp (N, C) +=, dw (C), db (C),
+    //    dout (N, C)
+    OPS(be)->layernorm_fwd(be.ctx, t[0], t[1], t[2], t[3], t[4], t[5], d->N, d->C);
+    OPS(be)->layernorm_bwd(be.ctx, t[6], t[7], t[8], t[9], t[3], t[4], t[1], t[2], d->N, d->C);
+}
+
+static void run_matmul(struct backend be, void *const *t, const struct dims *d) {
+    // t: out (N, OC), pre_gelu (N, OC) or NULL, inp (N, IC), w (OC, IC), bias (OC) or NULL,
+    //    dinp (N, IC) or NULL, dw (OC, IC), dbias (OC) or NULL, dout (N, OC),
+    //    pre_gelu_in (N, IC) or NULL: the backward's GELU input
+    OPS(be)->matmul_fwd(be.ctx, t[0], t[1], t[2], t[3], t[4], d->N, d->IC, d->OC);
+    OPS(be)->matmul_bwd(be.ctx, t[5], t[6], t[7], t[8], t[2], t[3], t[9], d->N, d->IC, d->OC);
+}
+
+static void run_residual_gelu(struct backend be, void *const *t, const struct dims *d) {
+    // t: out (N, C), res (N, C), x (N, C), bias (C) or NULL, acc (N, C) = out aliasing res,
+    //    g (N*C) = gelu(x), dg (N*C) = gelu'(x) * dout, dout (N*C), dio (N*C) = dinp aliasing dout
+    size_t n = (size_t)d->N * d->C;
+    OPS(be)->residual_fwd(be.ctx, t[0], t[1], t[2], t[3], d->N, d->C);
+    OPS(be)->residual_fwd(be.ctx, t[4], t[4], t[2], t[3], d->N, d->C);
+    OPS(be)->gelu_fwd(be.ctx, t[5], t[2], n);
+    OPS(be)->gelu_bwd(be.ctx, t[6], t[2], t[7], n);
+    OPS(be)->gelu_bwd(be.ctx, t[8], t[2], t[8], n);
+}
+
+static void run_attention(struct backend be, void *const *t, const struct dims *d) {
+    // t: out (B, T, NH*HS), saved, scratch, qkv (B, T, 3*NH*HS), dqkv (B, T, 3*NH*HS),
+    //    dout (B, T, NH*HS), then decoding with n_ctx = N: dec_out (NH*HS), dec_scratch (NH, N),
+    //    q (NH*HS), kcache and vcache (N + 2, NH*HS)
+    OPS(be)->attention_fwd(be.ctx, t[0], t[1], t[2], t[3], d->B, d->T, d->NH, d->HS);
+    OPS(be)->attention_bwd(be.ctx, t[4], t[2], t[5], t[3], t[0], t[1], d->B, d->T, d->NH, d->HS);
+    OPS(be)->attention_decode(be.ctx, t[6], t[7], t[8], t[9], t[10], d->N, d->NH, d->HS);
+}
+
+static void run_xent(struct backend be, void *const *t, const struct dims *d) {
+    // t: logits (N, n_vocab), maxes (N), sums (2, N), losses (N), dlogits (N, n_vocab),
+    //    inplace (N, n_vocab) = the logits again, turned into their gradient in place
+    OPS(be)->xent_max(be.ctx, t[1], t[0], d->N, d->vocab_start, d->n_vocab, d->vocab_size);
+    OPS(be)->xent_sums(be.ctx, t[2], t[0], t[1], d->tokens, d->N, d->vocab_start, d->n_vocab,
+                       d->vocab_size);
+    OPS(be)->xent_loss(be.ctx, t[3], t[1], t[2], d->N);
+    OPS(be)->xent_bwd(be.ctx, t[4], t[0], t[1], t[2], d->tokens, 0.25f, d->N, d->vocab_start,
+                      d->n_vocab, d->vocab_size);
+    OPS(be)->xent_bwd(be.ctx, t[5], t[5], t[1], t[2], d->tokens, 0.25f, d->N, d->vocab_start,
+                      d->n_vocab, d->vocab_size);
+}
+
+Test(cpu_ops, bf16_embeddings_layernorm_residual_gelu) {
+    int tokens[] = {3, 10, 17, 18, 12, 12, 25, 15, 0, 12};
+    struct op_case emb = {"embeddings", run_embeddings,
+                          {.N = 10, .C = 70, .B = 2, .T = 5, .vocab_start = 10, .n_vocab = 8,
+                           .tokens = tokens},
+                          8,
+                          {OUT(700), IN(560, 1.0), F32_OUT(560), IN(700, 1.0), OUT(700), IN(350, 1.0),
+                           F32_OUT(350), IN(700, 1.0)}};
+    check_case(&emb, 601);
+    int lnd[][2] = {{6, 19}, {256, 192}}; // the second takes the threaded paths
+    for (int s = 0; s < 2; s++) {
+        size_t N = (size_t)lnd[s][0], C = (size_t)lnd[s][1];
+        struct op_case ln = {"layernorm", run_layernorm, {.N = (int)N, .C = (int)C}, 10,
+                             {OUT(N * C), F32_OUT(N), F32_OUT(N), IN(N * C, 2.0), IN(C, 1.0),
+                              IN(C, 1.0), OUT(N * C), F32_OUT(C), F32_OUT(C), IN(N * C, 1.0)}};
+        check_case(&ln, 611 + (uint64_t)s);
+        for (int with_bias = 0; with_bias < 2; with_bias++) {
+            struct arg bias = with_bias ? (struct arg)IN(C, 1.0) : (struct arg)NONE;
+            struct op_case rg = {"residual and gelu", run_residual_gelu,
+                                 {.N = (int)N, .C = (int)C}, 9,
+                                 {OUT(N * C), IN(N * C, 1.0), IN(N * C, 4.0), bias, OUT_AS(N * C, 1),
+                                  OUT(N * C), OUT(N * C), IN(N * C, 1.0), OUT_AS(N * C, 7)}};
+            check_case(&rg, 621 + (uint64_t)(2 * s + with_bias));
+        }
+    }
+}
+
+Test(cpu_ops, bf16_matmul) {
+    int shapes[][3] = {{7, 13, 29}, {9, 35, 33}, {130, 64, 600}};
+    for (int s = 0; s < 3; s++)
+        for (int v = 0; v < 4; v++) { // bit 0: bias and dbias; bit 1: fused GELU both ways
+            size_t N = (size_t)shapes[s][0], IC = (size_t)shapes[s][1], OC = (size_t)shapes[s][2];
+            bool bias = v & 1, gelu = v & 2;
+            struct arg none = NONE, pre = OUT(N * OC), pre_in = IN(N * IC, 3.0);
+            struct arg b = IN(OC, 1.0), db = F32_OUT(OC);
+            struct op_case mm = {"matmul", run_matmul,
+                                 {.N = (int)N, .IC = (int)IC, .OC = (int)OC}, 10,
+                                 {OUT(N * OC), gelu ? pre : none, IN(N * IC, 1.0), IN(OC * IC, 0.5),
+                                  bias ? b : none, OUT(N * IC), F32_OUT(OC * IC), bias ? db : none,
+                                  IN(N * OC, 1.0), gelu ? pre_in : none}};
+            check_case(&mm, 700 + (uint64_t)(4 * s + v));
+        }
+    // dinp NULL: only the weight gradients.
+    struct op_case mm = {"matmul without dinp", run_matmul, {.N = 9, .IC = 35, .OC = 33}, 10,
+                         {OUT(9 * 33), NONE, IN(9 * 35, 1.0), IN(33 * 35, 0.5), IN(33, 1.0), NONE,
+                          F32_OUT(33 * 35), F32_OUT(33), IN(9 * 33, 1.0), IN(9 * 35, 3.0)}};
+    check_case(&mm, 799);
+}
+
+Test(cpu_ops, bf16_attention_and_cross_entropy) {
+    struct backend f32 = backend_cpu_create(TP_DTYPE_F32);
+    int at[][4] = {{2, 5, 3, 4}, {2, 48, 4, 16}}; // B, T, NH, HS; the second is threaded
+    for (int s = 0; s < 2; s++) {
+        int B = at[s][0], T = at[s][1], NH = at[s][2], HS = at[s][3], nctx = T - 1;
+        size_t C = (size_t)NH * HS, BTC = (size_t)B * T * C;
+        size_t ns = OPS(f32)->attention_saved_floats(f32.ctx, B, T, NH, HS);
+        size_t nsc = OPS(f32)->attention_scratch_floats(f32.ctx, B, T, NH, HS) + 1;
+        struct op_case att = {"attention", run_attention,
+                              {.B = B, .T = T, .NH = NH, .HS = HS, .N = nctx}, 11,
+                              {OUT(BTC), F32_OUT(ns), F32_OUT(nsc), IN(3 * BTC, 1.5), OUT(3 * BTC),
+                               IN(BTC, 1.0), OUT(C), F32_OUT((size_t)NH * nctx), IN(C, 1.5),
+                               IN((size_t)(nctx + 2) * C, 1.5), IN((size_t)(nctx + 2) * C, 1.0)}};
+        check_case(&att, 801 + (uint64_t)s);
+    }
+    backend_destroy(&f32);
+    // One rank's shard of a padded vocabulary: [16, 48) of which columns >= 40 are padding.
+    enum { N = 6, NV = 32 };
+    int targets[N] = {16, 39, 20, 3, 47, 30}; // in range, last real, ..., another rank's, padding
+    struct op_case xe = {"cross-entropy", run_xent,
+                         {.N = N, .vocab_start = 16, .n_vocab = NV, .vocab_size = 40,
+                          .tokens = targets},
+                         6,
+                         {IN(N * NV, 3.0), F32_OUT(N), F32_OUT(2 * N), F32_OUT(N), OUT(N * NV),
+                          OUT_AS(N * NV, 0)}};
+    check_case(&xe, 811);
+    // Rows much longer than the vector lanes.
+    int targets2[N] = {0, 5, 999, 500, 77, 998};
+    struct op_case xe2 = {"cross-entropy, long rows", run_xent,
+                          {.N = N, .vocab_start = 0, .n_vocab = 1000, .vocab_size = 999,
+                           .tokens = targets2},
+                          6,
+                          {IN(N * 1000, 3.0), F32_OUT(N), F32_OUT(2 * N), F32_OUT(N), OUT(N * 1000),
+                           OUT_AS(N * 1000, 0)}};
+    check_case(&xe2, 812);
+}
+
 // ---- determinism
 
 // Runs a set of ops big enough to take the threaded paths and returns all outputs in one buffer.
 static float *run_det_ops(struct arena *a, size_t *count) {
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct rng r = {91};
     int N = 96, IC = 64, OC = 1000; // matmul; also N rows of OC logits for the loss
     int B = 2, T = 48, NH = 4, HS = 16; // attention
@@ -778,9 +1395,10 @@ static float *run_det_ops(struct arena *a, size_t *count) {
     size_t total = nO + nI + nW + OC + nat + nqkv + nln * 2 + 2 * LC + N + nO + 1;
     float *res = af(a, total), *o = res;
     float *inp = rand_f(a, &r, nI, 1.0), *w = rand_f(a, &r, nW, 1.0), *bias = rand_f(a, &r, OC, 1.0);
-    OPS(be)->matmul_fwd(be.ctx, o, inp, w, bias, N, IC, OC);
+    OPS(be)->matmul_fwd(be.ctx, o, NULL, inp, w, bias, N, IC, OC);
     const float *logits = o;
-    OPS(be)->matmul_bwd(be.ctx, o + nO, o + nO + nI, o + nO + nI + nW, logits, inp, w, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, o + nO, o + nO + nI, o + nO + nI + nW, logits, inp, w, NULL, N, IC,
+                        OC);
     o += nO + nI + nW + OC;
     float *qkv = rand_f(a, &r, nqkv, 1.0);
     float *saved = af(a, OPS(be)->attention_saved_floats(be.ctx, B, T, NH, HS));

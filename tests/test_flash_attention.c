@@ -139,7 +139,7 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
     }
 
     // CPU reference
-    struct backend cpu = backend_cpu_create();
+    struct backend cpu = backend_cpu_create(TP_DTYPE_F32);
     const struct backend_i *ci = cpu.iface;
     size_t nsaved = ci->attention_saved_floats(cpu.ctx, B, T, NH, HS);
     size_t nscr = ci->attention_scratch_floats(cpu.ctx, B, T, NH, HS);

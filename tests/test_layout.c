@@ -364,19 +364,22 @@ Test(layout, init_distribution) {
     free(t);
 }
 
+// fp32 views of the model's compute-type parameters (fp32 here, so they are the master weights).
+#define F(ptr) ((const float *)(ptr))
+
 // model_create itself places the right values: each rank's buffers of a tp=2/4 model equal the
 // matching slices of the tp=1 model's buffers (qkv: q, k, v rows of the rank's heads; wte: the
 // rank's vocab rows, zero beyond the real vocabulary).
 Test(layout, model_create_shards_match_tp1) {
     struct tp_model_config mc = small_model();
     const unsigned long long seed = 99;
-    struct backend be = backend_cpu_create();
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
     struct model_dims d1 = model_dims_make(&mc, 1, 1, 0);
     struct model m1;
     model_create(&m1, &d1, be, seed);
     const size_t C = (size_t)mc.n_embd;
     for (size_t i = (size_t)mc.vocab_size * C; i < (size_t)d1.Vp * C; i++)
-        cr_assert_eq(m1.p.wte[i], 0.0f, "padding row %zu is not zero", i / C);
+        cr_assert_eq(F(m1.p.wte)[i], 0.0f, "padding row %zu is not zero", i / C);
     for (int P = 2; P <= 4; P *= 2) {
         for (int r = 0; r < P; r++) {
             struct model_dims d = model_dims_make(&mc, 1, P, r);
@@ -387,8 +390,8 @@ Test(layout, model_create_shards_match_tp1) {
             for (size_t i = 0; i < (size_t)d.Vl; i++) {
                 size_t grow = (size_t)d.vocab_start + i;
                 for (size_t c = 0; c < C; c++) {
-                    float want = grow < (size_t)mc.vocab_size ? m1.p.wte[grow * C + c] : 0.0f;
-                    cr_assert_eq(m.p.wte[i * C + c], want, "tp=%d rank %d wte[%zu][%zu]", P, r, i, c);
+                    float want = grow < (size_t)mc.vocab_size ? F(m1.p.wte)[grow * C + c] : 0.0f;
+                    cr_assert_eq(F(m.p.wte)[i * C + c], want, "tp=%d rank %d wte[%zu][%zu]", P, r, i, c);
                 }
             }
             for (int l = 0; l < mc.n_layer; l++) {
@@ -396,18 +399,18 @@ Test(layout, model_create_shards_match_tp1) {
                 for (size_t row = 0; row < 3 * Cl; row++) {
                     size_t grow = (row / Cl) * C + (size_t)r * Cl + row % Cl;
                     for (size_t c = 0; c < C; c++)
-                        cr_assert_eq(a->qkvw[row * C + c], b->qkvw[grow * C + c], "tp=%d rank %d qkv", P, r);
+                        cr_assert_eq(F(a->qkvw)[row * C + c], F(b->qkvw)[grow * C + c], "tp=%d rank %d qkv", P, r);
                 }
                 for (size_t o = 0; o < C; o++)
                     for (size_t k = 0; k < Cl; k++)
-                        cr_assert_eq(a->attprojw[o * Cl + k], b->attprojw[o * C + (size_t)r * Cl + k]);
+                        cr_assert_eq(F(a->attprojw)[o * Cl + k], F(b->attprojw)[o * C + (size_t)r * Cl + k]);
                 for (size_t row = 0; row < Fl; row++)
                     for (size_t c = 0; c < C; c++)
-                        cr_assert_eq(a->fcw[row * C + c], b->fcw[((size_t)r * Fl + row) * C + c]);
+                        cr_assert_eq(F(a->fcw)[row * C + c], F(b->fcw)[((size_t)r * Fl + row) * C + c]);
                 for (size_t o = 0; o < C; o++)
                     for (size_t k = 0; k < Fl; k++)
-                        cr_assert_eq(a->fcprojw[o * Fl + k], b->fcprojw[o * 4 * C + (size_t)r * Fl + k]);
-                for (size_t c = 0; c < C; c++) cr_assert_eq(a->ln1w[c], 1.0f);
+                        cr_assert_eq(F(a->fcprojw)[o * Fl + k], F(b->fcprojw)[o * 4 * C + (size_t)r * Fl + k]);
+                for (size_t c = 0; c < C; c++) cr_assert_eq(F(a->ln1w)[c], 1.0f);
             }
             cr_assert(memcmp(m.p.wpe, m1.p.wpe, (size_t)mc.seq_len * C * sizeof(float)) == 0, "wpe replicated");
             model_destroy(&m);

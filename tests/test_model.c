@@ -78,8 +78,8 @@ struct fixture {
     float *loss_sum;       // (1) backend memory
 };
 
-static void fixture_init(struct fixture *f, int n_layer, int B) {
-    f->be = backend_cpu_create();
+static void fixture_init_dtype(struct fixture *f, int n_layer, int B, enum tp_dtype dt) {
+    f->be = backend_cpu_create(dt);
     cr_assert(f->be.iface->host_accessible, "the CPU backend's memory is host memory");
     struct tp_model_config mc = tiny_config(n_layer);
     struct model_dims d = model_dims_make(&mc, B, 1, 0);
@@ -90,6 +90,8 @@ static void fixture_init(struct fixture *f, int n_layer, int B) {
     make_batch(f->inputs, f->targets, d.N, 5);
     f->loss_sum = f->be.iface->alloc(f->be.ctx, sizeof(float));
 }
+
+static void fixture_init(struct fixture *f, int n_layer, int B) { fixture_init_dtype(f, n_layer, B, TP_DTYPE_F32); }
 
 static void fixture_fini(struct fixture *f) {
     f->be.iface->free(f->be.ctx, f->loss_sum);
@@ -156,7 +158,9 @@ Test(model, padding_is_masked_out_of_the_loss) {
     cr_assert_eq(m->d.Vp, 384);
     size_t C = (size_t)m->d.C;
     // All real wte rows equal: every real logit is the same number.
-    for (size_t v = 1; v < VOCAB; v++) memcpy(m->p.wte + v * C, m->p.wte, C * sizeof(float));
+    float *wte = m->params + m->tensors[0].offset;
+    for (size_t v = 1; v < VOCAB; v++) memcpy(wte + v * C, wte, C * sizeof(float));
+    model_sync_compute_params(m);
     double loss = loss_of(&f);
     cr_assert(fabs(loss - log((double)VOCAB)) < 1e-5, "loss %.7f, expected ln(300) = %.7f", loss, log(300.0));
     fixture_fini(&f);
@@ -257,10 +261,10 @@ Test(model, adamw_steps_lower_the_loss) {
     fixture_init(&f, 2, 2);
     struct model *m = &f.m;
     struct optim o;
-    optim_create(&o, m);
     struct tp_train_config tc = {.micro_batch = 2, .grad_accum = 1, .steps = 10, .lr = 1e-3, .min_lr = 1e-3,
                                  .warmup_steps = 0, .schedule = TP_SCHED_CONSTANT, .weight_decay = 0.0,
                                  .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .grad_clip = 1.0};
+    optim_create(&o, m, tc.weight_decay);
     double first = 0, prev = INFINITY;
     for (int s = 0; s < 10; s++) {
         f.be.iface->zero(f.be.ctx, m->grads, m->n_params_local * sizeof(float));
@@ -271,7 +275,7 @@ Test(model, adamw_steps_lower_the_loss) {
         prev = l;
         float norm = optim_grad_norm(&o, m, &f.tp);
         cr_assert(fabs(norm - sqrt(sumsq(m->grads, m->n_params_local))) < 1e-4 * norm);
-        optim_step(&o, m, &tc, (float)optim_lr(&tc, s), optim_clip_scale(norm, tc.grad_clip));
+        optim_step(&o, m, &tc, (float)optim_lr(&tc, s));
     }
     cr_assert(prev < first - 0.1, "10 AdamW steps on one batch: %.4f -> %.4f", first, prev);
     optim_destroy(&o, m);
@@ -325,7 +329,7 @@ Test(model, collectives_per_pass) {
             cr_assert_eq(fwd, 2 * L + 3, "L=%d: forward %d", L, fwd);
             cr_assert_eq(bwd, 2 * L + 1, "L=%d: backward %d", L, bwd);
 
-            struct backend be = backend_cpu_create();
+            struct backend be = backend_cpu_create(TP_DTYPE_F32);
             struct model m;
             model_create(&m, &d, be, 1);
             struct counter cnt = {0};
@@ -352,31 +356,107 @@ Test(model, collectives_per_pass) {
 
 // ---- memory plan
 
-// model_memory_plan counts params, grads, both AdamW moments, activations and the token
-// buffers; model_create allocates all but the moments, and optim_create adds the moments plus
-// its two-float norm scratch.
+// model_memory_plan counts params, grads, both AdamW moments, the compute-type copy (bf16 only),
+// activations and the token buffers; model_create allocates all but the moments, and
+// optim_create adds the moments plus its two-float norm scratch and its segment table.
 Test(model, memory_plan_matches_allocations) {
-    for (int P = 1; P <= 4; P *= 2) {
-        struct tp_model_config mc = tiny_config(2);
-        struct model_dims d = model_dims_make(&mc, 3, P, 0);
-        struct backend be = backend_cpu_create();
-        struct model_memory mm = model_memory_plan(&d, be);
-        struct model m;
-        model_create(&m, &d, be, 1);
-        cr_assert_eq(mm.param_floats, m.n_params_local);
-        size_t moments = 2 * m.n_params_local * sizeof(float);
-        cr_assert_eq(m.bytes_allocated, mm.total_bytes - moments, "tp=%d: model allocated %zu, plan %zu - %zu",
-                     P, m.bytes_allocated, mm.total_bytes, moments);
-        cr_assert_eq(mm.total_bytes, (4 * mm.param_floats + mm.act_floats) * sizeof(float) + 2 * d.N * sizeof(int));
-        // activations at least hold every per-layer buffer the struct names
-        size_t N = d.N, C = (size_t)d.C;
-        size_t per_layer = 4 * N * C + 4 * N + N * 3 * (size_t)d.Cl + N * (size_t)d.Cl + 2 * N * (size_t)d.Fl;
-        cr_assert_geq(mm.act_floats, (size_t)d.L * per_layer + N * (size_t)d.Vl);
-        struct optim o;
-        optim_create(&o, &m);
-        cr_assert_eq(m.bytes_allocated, mm.total_bytes + 2 * sizeof(float));
-        optim_destroy(&o, &m);
-        model_destroy(&m);
-        backend_destroy(&be);
+    for (int dt = TP_DTYPE_F32; dt <= TP_DTYPE_BF16; dt++) {
+        for (int P = 1; P <= 4; P *= 2) {
+            struct tp_model_config mc = tiny_config(2);
+            struct model_dims d = model_dims_make(&mc, 3, P, 0);
+            struct backend be = backend_cpu_create((enum tp_dtype)dt);
+            struct model_memory mm = model_memory_plan(&d, be);
+            struct model m;
+            model_create(&m, &d, be, 1);
+            cr_assert_eq(mm.param_floats, m.n_params_local);
+            cr_assert_eq(mm.param_compute_bytes, dt == TP_DTYPE_F32 ? 0 : 2 * m.n_params_local);
+            size_t moments = 2 * m.n_params_local * sizeof(float);
+            cr_assert_eq(m.bytes_allocated, mm.total_bytes - moments, "tp=%d: model allocated %zu, plan %zu - %zu",
+                         P, m.bytes_allocated, mm.total_bytes, moments);
+            cr_assert_eq(mm.total_bytes, 4 * mm.param_floats * sizeof(float) + mm.param_compute_bytes +
+                                             mm.act_bytes + 2 * d.N * sizeof(int));
+            // activations at least hold every per-layer buffer the struct names
+            size_t N = d.N, C = (size_t)d.C, es = tp_dtype_size((enum tp_dtype)dt);
+            size_t per_layer = (4 * N * C + N * 3 * (size_t)d.Cl + N * (size_t)d.Cl + 2 * N * (size_t)d.Fl) * es +
+                               4 * N * sizeof(float);
+            cr_assert_geq(mm.act_bytes, (size_t)d.L * per_layer + N * (size_t)d.Vl * es);
+            struct optim o;
+            optim_create(&o, &m, 0.1);
+            cr_assert_eq(m.bytes_allocated,
+                         mm.total_bytes + 2 * sizeof(float) + (size_t)m.n_tensors * sizeof(struct param_segment));
+            optim_destroy(&o, &m);
+            model_destroy(&m);
+            backend_destroy(&be);
+        }
     }
+}
+
+// ---- the bf16 path (CPU emulation: bf16 storage, fp32 arithmetic)
+
+static void bf16_to_floats(float *out, const void *in, size_t n) {
+    const uint16_t *h = in;
+    for (size_t i = 0; i < n; i++) out[i] = tp_bf16_to_f32(h[i]);
+}
+
+// Same weights (fp32 masters from the same seed), same batch: the bf16 loss and gradients stay
+// within bf16 rounding of the fp32 ones, and the compute copy is the rounding of the masters.
+Test(model, bf16_tracks_fp32) {
+    struct fixture f32, f16;
+    fixture_init(&f32, 2, 4);
+    fixture_init_dtype(&f16, 2, 4, TP_DTYPE_BF16);
+    struct model *m = &f16.m;
+    cr_assert_eq(m->dtype, TP_DTYPE_BF16);
+    cr_assert(m->params_compute != (void *)m->params);
+    float *wide = malloc(m->n_params_local * sizeof(float));
+    bf16_to_floats(wide, m->params_compute, m->n_params_local);
+    for (size_t i = 0; i < m->n_params_local; i++)
+        cr_assert_eq(wide[i], tp_bf16_to_f32(tp_bf16_from_f32(m->params[i])), "compute copy %zu", i);
+    float *g32 = gradient_of(&f32), *g16 = gradient_of(&f16);
+    double l32 = loss_of(&f32), l16 = loss_of(&f16);
+    cr_assert(fabs(l16 - l32) < 1e-2 * l32, "bf16 loss %.6f, fp32 %.6f", l16, l32);
+    for (int i = 0; i < m->n_tensors; i++) {
+        const struct param_tensor *t = &m->tensors[i];
+        double d2 = 0, n2 = 0;
+        for (size_t j = t->offset; j < t->offset + t->numel; j++) {
+            d2 += ((double)g16[j] - g32[j]) * ((double)g16[j] - g32[j]);
+            n2 += (double)g32[j] * g32[j];
+        }
+        if (n2 < 1e-12) continue;
+        cr_expect(sqrt(d2 / n2) < 0.1, "%s: bf16 gradient differs by %.3g relative", t->name, sqrt(d2 / n2));
+    }
+    free(wide);
+    free(g32);
+    free(g16);
+    fixture_fini(&f32);
+    fixture_fini(&f16);
+}
+
+// AdamW on the bf16 path lowers the loss, keeps fp32 masters, and rewrites the bf16 copy from
+// them after every step.
+Test(model, bf16_adamw_steps_lower_the_loss) {
+    struct fixture f;
+    fixture_init_dtype(&f, 2, 2, TP_DTYPE_BF16);
+    struct model *m = &f.m;
+    struct optim o;
+    struct tp_train_config tc = {.micro_batch = 2, .grad_accum = 1, .steps = 10, .lr = 1e-3, .min_lr = 1e-3,
+                                 .warmup_steps = 0, .schedule = TP_SCHED_CONSTANT, .weight_decay = 0.1,
+                                 .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .grad_clip = 1.0};
+    optim_create(&o, m, tc.weight_decay);
+    double first = 0, last = 0;
+    for (int s = 0; s < 10; s++) {
+        f.be.iface->zero(f.be.ctx, m->grads, m->n_params_local * sizeof(float));
+        last = loss_of(&f);
+        if (s == 0) first = last;
+        model_backward(m, &f.tp, 1.0f / (float)m->d.N);
+        optim_grad_norm_enqueue(&o, m, &f.tp);
+        optim_step(&o, m, &tc, (float)tc.lr);
+    }
+    cr_assert(last < first - 0.1, "10 bf16 AdamW steps on one batch: %.4f -> %.4f", first, last);
+    float *wide = malloc(m->n_params_local * sizeof(float));
+    bf16_to_floats(wide, m->params_compute, m->n_params_local);
+    for (size_t i = 0; i < m->n_params_local; i++)
+        cr_assert_eq(wide[i], tp_bf16_to_f32(tp_bf16_from_f32(m->params[i])), "compute copy %zu after steps", i);
+    free(wide);
+    optim_destroy(&o, m);
+    fixture_fini(&f);
 }
