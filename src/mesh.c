@@ -61,13 +61,6 @@ int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct back
     }
     bool use_cuda = want == TP_DEVICE_CUDA || (want == TP_DEVICE_AUTO && all_gpu);
     enum tp_dtype dtype = mesh_compute_dtype(cfg);
-    int hs = cfg->model.n_embd / cfg->model.n_head;
-    if (use_cuda && dtype == TP_DTYPE_BF16 && hs != 64) {
-        // Every rank reaches the same verdict from the same config: no agreement needed.
-        snprintf(err, errlen, "train.precision: bf16 on the GPU needs a head size (n_embd / n_head) of 64, "
-                 "this model has %d; use precision: fp32 or change n_embd or n_head", hs);
-        return TP_EXIT_USAGE;
-    }
     if (use_cuda) {
         m->device = m->local_rank % ndev;
         int shared = m->local_size > ndev, any_shared = 0;
@@ -110,8 +103,11 @@ int mesh_create_comms(struct mesh *m, const struct tp_config *cfg, struct backen
                             "staged through host memory (NCCL needs one GPU per rank)\n", m->local_size);
         break;
     }
-    int status = make_comm(&m->tp, m->tp_comm, nccl, be, err, errlen);
-    if (!status) status = make_comm(&m->dp, m->dp_comm, nccl, be, err, errlen);
+    // A group of one never communicates. Under auto it gets the MPI comm, which holds no GPU
+    // memory: an NCCL communicator reserves device buffers even for a single rank.
+    bool forced = cfg->parallel.comm == TP_COMM_NCCL;
+    int status = make_comm(&m->tp, m->tp_comm, nccl && (forced || m->tp_size > 1), be, err, errlen);
+    if (!status) status = make_comm(&m->dp, m->dp_comm, nccl && (forced || m->dp_size > 1), be, err, errlen);
     status = mesh_agree(m, status);
     if (status && !err[0]) snprintf(err, errlen, "another rank failed to create its communicators");
     return status;

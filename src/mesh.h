@@ -37,8 +37,8 @@ void mesh_init(struct mesh *m, const struct tp_config *cfg);
 
 // Picks the backend from parallel.device (auto: CUDA when built in and a GPU is present) and the
 // GPU (local rank mod device count), in the compute type of train.precision. On a usage error
-// (e.g. device: cuda without a GPU, or bf16 on CUDA with a head size its attention kernel does
-// not support) writes err and returns TP_EXIT_USAGE; the result is agreed across all ranks.
+// (e.g. device: cuda without a GPU) writes err and returns TP_EXIT_USAGE; the result is agreed
+// across all ranks.
 int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct backend *be, char *err,
                         size_t errlen);
 
