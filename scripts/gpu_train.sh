@@ -42,7 +42,7 @@ $bin $tiny --set parallel.device=cuda --set parallel.comm=nccl --set log.jsonl=$
     && compare $out/cuda.jsonl $out/nccl.jsonl "nccl comm, 1 rank" 0 | tee -a $out/summary.txt || { echo "nccl run FAILED" | tee -a $out/summary.txt; fail=1; }
 
 for mb in 16 32; do
-    $bin configs/gpt2-124m.yaml --set train.micro_batch=$mb --set train.global_batch=$((mb * 1024)) \
+    $bin configs/gpt2-124m.yaml --set train.precision=fp32 --set train.micro_batch=$mb --set train.global_batch=$((mb * 1024)) \
         --set train.steps=$steps124 --set train.warmup_steps=$((steps124 < 20 ? steps124 : 20)) --set data.val= --set log.every=5 --set log.jsonl=$out/gpt2_124m_b$mb.jsonl \
         2>&1 | tee $out/gpt2_124m_b$mb.log | tail -4
     python3 - $out/gpt2_124m_b$mb.jsonl $mb <<'PY' | tee -a $out/summary.txt

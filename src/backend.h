@@ -157,13 +157,16 @@ struct backend_i {
     // ---- vocab-parallel cross-entropy. logits (N, n_vocab) are this rank's columns
     // [vocab_start, vocab_start + n_vocab) of the padded vocabulary; columns >= vocab_size (the real,
     // unpadded V) are padding and are excluded everywhere. The caller all-reduces between phases.
-    // 1) maxes (N) = max over this rank's real columns (-INFINITY if it has none); then all-reduce MAX
-    void (*xent_max)(void *ctx, float *maxes, const void *logits, int N, int vocab_start,
-                     int n_vocab, int vocab_size);
-    // 2) sums (2, N): sums[0][i] = sum exp(logit - maxes[i]) over real columns,
-    //    sums[1][i] = logit of targets[i] if this rank holds it, else 0; then all-reduce SUM
-    void (*xent_sums)(void *ctx, float *sums, const void *logits, const float *maxes,
-                      const int *targets, int N, int vocab_start, int n_vocab, int vocab_size);
+    // 1) one pass over the logits (online softmax statistics): maxes (N) = max over this rank's
+    //    real columns (-INFINITY if it has none); sums (2, N): sums[0][i] = sum exp(logit -
+    //    maxes[i]) over those columns (0 if none), sums[1][i] = logit of targets[i] if this rank
+    //    holds it, else 0. With one rank these are final.
+    void (*xent_stats)(void *ctx, float *maxes, float *sums, const void *logits, const int *targets,
+                       int N, int vocab_start, int n_vocab, int vocab_size);
+    // 2) (several ranks) the caller keeps this rank's maxes in local_maxes and all-reduces maxes
+    //    with MAX; then sums[0][i] *= exp(local_maxes[i] - maxes[i]) (0 where local_maxes[i] is
+    //    -INFINITY) puts every rank's sum on the global max; then the caller all-reduces sums SUM
+    void (*xent_rescale)(void *ctx, float *sums, const float *local_maxes, const float *maxes, int N);
     // 3) losses (N) = log(sums[0]) + maxes - sums[1]   (identical on every TP rank)
     void (*xent_loss)(void *ctx, float *losses, const float *maxes, const float *sums, int N);
     // dlogits (N, n_vocab) = (softmax - onehot(target)) * dloss; padding columns 0.

@@ -724,9 +724,12 @@ static inline int xent_real_cols(int vocab_start, int n_vocab, int vocab_size) {
 // the lanes are combined in a fixed order.
 #define XENT_LANES 16
 
-static void xent_max_f32(float *maxes, const float *logits, int N, int vocab_start, int n_vocab,
-                         int vocab_size) {
-    // maxes (N), logits (N, n_vocab)
+// One rank's statistics of each row over its real columns: a max pass, then the sum of
+// exponentials shifted by that max, then the target logit. The row is read twice, but from cache;
+// keeping the two passes makes the one-rank results the exact values of a two-phase softmax.
+static void xent_stats_f32(float *maxes, float *sums, const float *logits, const int *targets,
+                           int N, int vocab_start, int n_vocab, int vocab_size) {
+    // maxes (N), sums (2, N), logits (N, n_vocab), targets (N)
     size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * nr >= CPU_PAR_MIN))
     for (int i = 0; i < N; i++) {
@@ -735,22 +738,10 @@ static void xent_max_f32(float *maxes, const float *logits, int N, int vocab_sta
         // max is exact in any order, so letting OpenMP reorder it keeps results deterministic.
         CPU_OMP(omp simd reduction(max : mx))
         for (size_t j = 0; j < nr; j++) mx = l[j] > mx ? l[j] : mx;
-        maxes[i] = mx;
-    }
-}
-
-static void xent_sums_f32(float *sums, const float *logits, const float *maxes,
-                          const int *targets, int N, int vocab_start, int n_vocab, int vocab_size) {
-    // sums (2, N), logits (N, n_vocab), maxes (N), targets (N)
-    size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
-    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * nr >= CPU_PAR_MIN))
-    for (int i = 0; i < N; i++) {
-        const float *l = logits + (size_t)i * V;
-        float mx = maxes[i];
         float s = 0.0f;
-        // The max is the global one; a -inf max means no real column anywhere, and -inf - -inf
-        // would be NaN, so such a row (and a rank without real columns) contributes 0.
-        if (nr > 0 && mx != -INFINITY) {
+        // A -inf max means no real column here (or only -inf logits); -inf - -inf would be NaN,
+        // and such a row contributes nothing anyway.
+        if (mx != -INFINITY) {
             float lane[XENT_LANES] = {0};
             size_t j = 0;
             for (; j + XENT_LANES <= nr; j += XENT_LANES)
@@ -758,10 +749,19 @@ static void xent_sums_f32(float *sums, const float *logits, const float *maxes,
             for (; j < nr; j++) s += cpu_expf(l[j] - mx);
             for (int k = 0; k < XENT_LANES; k++) s += lane[k];
         }
+        maxes[i] = mx;
         sums[i] = s;
         int tj = targets[i] - vocab_start;
         sums[(size_t)N + (size_t)i] = tj >= 0 && (size_t)tj < nr ? l[tj] : 0.0f;
     }
+}
+
+static void cpu_xent_rescale(void *ctx, float *sums, const float *local_maxes, const float *maxes,
+                             int N) {
+    // sums (2, N): only row 0 moves; local_maxes (N), maxes (N)
+    (void)ctx;
+    for (int i = 0; i < N; i++)
+        sums[i] *= local_maxes[i] == -INFINITY ? 0.0f : expf(local_maxes[i] - maxes[i]);
 }
 
 static void cpu_xent_loss(void *ctx, float *losses, const float *maxes, const float *sums, int N) {
@@ -1049,19 +1049,11 @@ static void cpu_attention_decode(void *ctx, void *out, float *scratch, const voi
     stage_end(&s);
 }
 
-static void cpu_xent_max(void *ctx, float *maxes, const void *logits, int N, int vocab_start,
-                         int n_vocab, int vocab_size) {
+static void cpu_xent_stats(void *ctx, float *maxes, float *sums, const void *logits,
+                           const int *targets, int N, int vocab_start, int n_vocab, int vocab_size) {
     struct stage s = stage_begin(ctx);
     const float *lf = stage_in(&s, logits, (size_t)N * n_vocab); // (N, n_vocab)
-    xent_max_f32(maxes, lf, N, vocab_start, n_vocab, vocab_size);
-    stage_end(&s);
-}
-
-static void cpu_xent_sums(void *ctx, float *sums, const void *logits, const float *maxes,
-                          const int *targets, int N, int vocab_start, int n_vocab, int vocab_size) {
-    struct stage s = stage_begin(ctx);
-    const float *lf = stage_in(&s, logits, (size_t)N * n_vocab); // (N, n_vocab)
-    xent_sums_f32(sums, lf, maxes, targets, N, vocab_start, n_vocab, vocab_size);
+    xent_stats_f32(maxes, sums, lf, targets, N, vocab_start, n_vocab, vocab_size);
     stage_end(&s);
 }
 
@@ -1109,8 +1101,8 @@ static const struct backend_i cpu_iface = {
     .attention_fwd = cpu_attention_fwd,
     .attention_bwd = cpu_attention_bwd,
     .attention_decode = cpu_attention_decode,
-    .xent_max = cpu_xent_max,
-    .xent_sums = cpu_xent_sums,
+    .xent_stats = cpu_xent_stats,
+    .xent_rescale = cpu_xent_rescale,
     .xent_loss = cpu_xent_loss,
     .xent_bwd = cpu_xent_bwd,
     .sum = cpu_sum,

@@ -191,6 +191,7 @@ static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dim
     TAKE(aa->lnf_rstd, N, f4);
     TAKE(aa->logits, N * Vl, es);
     TAKE(aa->maxes, N, f4);
+    TAKE(aa->local_maxes, N, f4);
     TAKE(aa->sums, 2 * N, f4);
     TAKE(aa->losses, N, f4);
     TAKE(aa->dres, N * C, es);
@@ -361,16 +362,20 @@ static void row_parallel_linear_bwd(struct model *m, struct comm *tp, void *dinp
 }
 
 // Vocab-parallel cross-entropy: logits stay sharded; only per-token max and (sum-exp, target
-// logit) cross the group, packed into two all-reduces of N and 2N floats.
+// logit) cross the group, packed into two all-reduces of N and 2N floats. Each rank reads its
+// logits once: local statistics, then its sums are moved onto the global max before the sum.
 static void vocab_parallel_cross_entropy_fwd(struct model *m, struct comm *tp, float *loss_sum) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
     int N = (int)d->N;
-    b->xent_max(m->be.ctx, a->maxes, a->logits, N, d->vocab_start, d->Vl, d->V);
-    comm_all_reduce(tp, a->maxes, d->N, COMM_MAX);
-    b->xent_sums(m->be.ctx, a->sums, a->logits, a->maxes, m->targets, N, d->vocab_start, d->Vl, d->V);
-    comm_all_reduce(tp, a->sums, 2 * d->N, COMM_SUM);
+    b->xent_stats(m->be.ctx, a->maxes, a->sums, a->logits, m->targets, N, d->vocab_start, d->Vl, d->V);
+    if (tp->size > 1) {
+        b->copy(m->be.ctx, a->local_maxes, a->maxes, d->N * sizeof(float));
+        comm_all_reduce(tp, a->maxes, d->N, COMM_MAX);
+        b->xent_rescale(m->be.ctx, a->sums, a->local_maxes, a->maxes, N);
+        comm_all_reduce(tp, a->sums, 2 * d->N, COMM_SUM);
+    }
     b->xent_loss(m->be.ctx, a->losses, a->maxes, a->sums, N);
     b->sum(m->be.ctx, loss_sum, a->losses, d->N);
 }

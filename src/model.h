@@ -74,6 +74,7 @@ struct gpt2_acts {
     float *lnf_mean, *lnf_rstd;       // (N), (N)
     void *logits;                     // (N, Vl) this rank's vocab columns; dlogits in place
     float *maxes, *sums, *losses;     // (N), (2, N), (N)
+    float *local_maxes;               // (N) this rank's maxes before the all-reduce
     void *dres;                       // (N, C) gradient of the residual stream
     void *dln;                        // (N, C) gradient into a layernorm output
     void *dqkv;                       // (N, 3*Cl)

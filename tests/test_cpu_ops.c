@@ -662,8 +662,17 @@ static double xent_objective(const void *pp) {
     return L;
 }
 
-// Splits a padded vocabulary of ranks * shard columns (V real) over simulated ranks, runs the three
-// forward phases with the all-reduces done here, and checks loss and gradient on every rank.
+// Exact max over the real columns [lo, hi) of a row of the full vocabulary (-inf if none).
+static float shard_max(const float *row, int lo, int hi) {
+    float mx = -INFINITY;
+    for (int j = lo; j < hi; j++) mx = fmaxf(mx, row[j]);
+    return mx;
+}
+
+// Splits a padded vocabulary of ranks * shard columns (V real) over simulated ranks and runs the
+// forward as model.c does: xent_stats per rank, the MAX all-reduce here, xent_rescale onto the
+// global max, the SUM all-reduce here, xent_loss. Checks each rank's own statistics, the loss on
+// every rank, and the gradient of every shard.
 static void check_xent(int ranks, int shard, int V, uint64_t seed) {
     enum { N = 6, MAXR = 4 };
     int Vp = ranks * shard;
@@ -672,9 +681,13 @@ static void check_xent(int ranks, int shard, int V, uint64_t seed) {
     struct rng r = {seed};
     float *full = af(&a, (size_t)N * Vp);
     for (int i = 0; i < N; i++)
-        for (int j = 0; j < Vp; j++)
-            // Large padding logits would dominate the softmax if they leaked into it.
-            full[(size_t)i * Vp + j] = j < V ? (float)(3.0 * rng_unif(&r)) : 50.0f;
+        for (int j = 0; j < Vp; j++) {
+            // Large padding logits would dominate the softmax if they leaked into it. Each row
+            // lifts a different rank's columns, so the global max is not always on rank 0 and the
+            // rescale has real work to do.
+            float lift = (j / shard == i % ranks) ? 4.0f : 0.0f;
+            full[(size_t)i * Vp + j] = j < V ? (float)(3.0 * rng_unif(&r)) + lift : 50.0f;
+        }
     int targets[N];
     for (int i = 0; i < N; i++) targets[i] = (int)(rng_next(&r) % (uint64_t)V);
     targets[0] = V - 1; // the last real column
@@ -682,26 +695,48 @@ static void check_xent(int ranks, int shard, int V, uint64_t seed) {
     float *logits[MAXR], *maxes[MAXR], *sums[MAXR], *losses[MAXR], *dlogits[MAXR];
     float *gmax = fill_f(&a, N, -INFINITY), *gsum = af(&a, 2 * N);
     for (int k = 0; k < ranks; k++) {
+        int lo = k * shard, hi = lo + shard < V ? lo + shard : V; // this rank's real columns
         logits[k] = af(&a, (size_t)N * shard);
         for (int i = 0; i < N; i++)
             memcpy(logits[k] + (size_t)i * shard, full + (size_t)i * Vp + (size_t)k * shard,
                    (size_t)shard * sizeof(float));
-        maxes[k] = af(&a, N);
-        OPS(be)->xent_max(be.ctx, maxes[k], logits[k], N, k * shard, shard, V);
+        maxes[k] = fill_f(&a, N, 7.0f); // "=": stale values must not survive
+        sums[k] = fill_f(&a, 2 * N, 7.0f);
+        OPS(be)->xent_stats(be.ctx, maxes[k], sums[k], logits[k], targets, N, k * shard, shard, V);
         for (int i = 0; i < N; i++) {
-            if (k * shard >= V) cr_assert(maxes[k][i] == -INFINITY, "padding-only rank max");
+            const float *row = full + (size_t)i * Vp;
+            float lmax = shard_max(row, lo, hi);
+            cr_assert(maxes[k][i] == lmax, "rank %d row %d: max %g, want %g", k, i, maxes[k][i], lmax);
+            double want = 0.0; // the sum of exponentials on this rank's own max
+            for (int j = lo; j < hi; j++) want += exp((double)row[j] - (double)lmax);
+            cr_assert(fabs(sums[k][i] - want) <= 1e-6 * fmax(want, 1.0),
+                      "rank %d row %d: sum %.9g, want %.9g", k, i, sums[k][i], want);
+            float tl = targets[i] >= lo && targets[i] < hi ? row[targets[i]] : 0.0f;
+            cr_assert(sums[k][N + i] == tl, "rank %d row %d: target logit %g, want %g", k, i,
+                      sums[k][N + i], tl);
+            if (lo >= V)
+                cr_assert(maxes[k][i] == -INFINITY && sums[k][i] == 0.0f && sums[k][N + i] == 0.0f,
+                          "padding-only rank %d row %d: max %g sum %g", k, i, maxes[k][i], sums[k][i]);
             gmax[i] = fmaxf(gmax[i], maxes[k][i]); // all-reduce MAX
         }
     }
     for (int k = 0; k < ranks; k++) {
-        sums[k] = af(&a, 2 * N);
-        OPS(be)->xent_sums(be.ctx, sums[k], logits[k], gmax, targets, N, k * shard, shard, V);
+        float *before = copy_f(&a, sums[k], 2 * (size_t)N);
+        float *local = copy_f(&a, maxes[k], N);
+        OPS(be)->xent_rescale(be.ctx, sums[k], local, gmax, N);
+        for (int i = 0; i < N; i++) {
+            cr_assert(sums[k][N + i] == before[N + i], "rescale moved a target logit");
+            if (local[i] == gmax[i])
+                cr_assert(sums[k][i] == before[i], "rank %d row %d: rescale on the global max "
+                          "changed the sum", k, i);
+            double want = local[i] == -INFINITY ? 0.0 : before[i] * exp((double)local[i] - gmax[i]);
+            cr_assert(fabs(sums[k][i] - want) <= 1e-6 * fmax(want, 1e-30),
+                      "rank %d row %d: rescaled sum %.9g, want %.9g", k, i, sums[k][i], want);
+        }
         for (int i = 0; i < 2 * N; i++) {
             cr_assert(isfinite(sums[k][i]), "rank %d sums[%d] = %g", k, i, sums[k][i]);
             gsum[i] += sums[k][i]; // all-reduce SUM
         }
-        if (k * shard >= V)
-            for (int i = 0; i < 2 * N; i++) cr_assert(sums[k][i] == 0.0f, "padding-only rank sums");
     }
     struct xent_problem p = {N, Vp, V, to_d(&a, full, (size_t)N * Vp), targets, 1.0 / N};
     for (int k = 0; k < ranks; k++) {
@@ -745,6 +780,81 @@ Test(cpu_ops, xent_vocab_parallel_matches_log_softmax) {
     check_xent(3, 20, 37, 73); // the third rank holds only padding
     check_xent(3, 16, 48, 74); // no padding
     check_xent(2, 64, 100, 75); // rows longer than the vector lanes
+    check_xent(4, 16, 40, 76); // four ranks, the last one padding only
+}
+
+// Losses of N rows over the padded vocabulary (Vp columns, V real) computed the way model.c does
+// it on `ranks` shards, in dtype dt (logits in losses' compute type), into losses (N).
+static void xent_sharded_losses(enum tp_dtype dt, float *losses, const float *full,
+                                const int *targets, int N, int Vp, int V, int ranks) {
+    struct backend be = backend_cpu_create(dt);
+    struct arena a = {0};
+    int shard = Vp / ranks;
+    float *gmax = fill_f(&a, (size_t)N, -INFINITY), *gsum = af(&a, 2 * (size_t)N);
+    float *maxes[4], *sums[4];
+    cr_assert(ranks <= 4 && shard * ranks == Vp);
+    for (int k = 0; k < ranks; k++) {
+        float *part = af(&a, (size_t)N * shard);
+        for (int i = 0; i < N; i++)
+            memcpy(part + (size_t)i * shard, full + (size_t)i * Vp + (size_t)k * shard,
+                   (size_t)shard * sizeof(float));
+        void *logits = arena_add(&a, tp_malloc((size_t)N * shard * tp_dtype_size(dt)));
+        OPS(be)->to_compute(be.ctx, logits, part, (size_t)N * shard);
+        maxes[k] = af(&a, (size_t)N);
+        sums[k] = af(&a, 2 * (size_t)N);
+        OPS(be)->xent_stats(be.ctx, maxes[k], sums[k], logits, targets, N, k * shard, shard, V);
+        for (int i = 0; i < N; i++) gmax[i] = fmaxf(gmax[i], maxes[k][i]);
+    }
+    if (ranks > 1)
+        for (int k = 0; k < ranks; k++) {
+            OPS(be)->xent_rescale(be.ctx, sums[k], maxes[k], gmax, N);
+            for (int i = 0; i < 2 * N; i++) gsum[i] += sums[k][i];
+        }
+    else
+        memcpy(gsum, sums[0], 2 * (size_t)N * sizeof(float));
+    OPS(be)->xent_loss(be.ctx, losses, gmax, gsum, N);
+    arena_free(&a);
+    backend_destroy(&be);
+}
+
+// The tensor-parallel combination (local statistics, rescaled onto the global max, summed) gives
+// the loss of one unsharded call, for 2 and 4 shards, with and without padding-only shards.
+// Arithmetic is fp32 in both dtypes and the logits here are bf16 values, so bf16 agrees with fp32
+// exactly and both hold the fp32 bound.
+Test(cpu_ops, xent_shards_match_unsharded) {
+    enum { N = 9, VP = 1024 };
+    int reals[] = {1024, 1000, 700}; // no padding; padding in the last shard; a padding-only shard
+    struct arena a = {0};
+    struct rng r = {81};
+    float *full = rand_bf16(&a, &r, (size_t)N * VP, 6.0);
+    for (size_t k = 0; k < (size_t)N * VP; k += 37) // spread the maxima over the shards
+        full[k] = bf16_round_ref(full[k] + 8.0f);
+    int targets[N];
+    for (int x = 0; x < 3; x++) {
+        int V = reals[x];
+        for (int i = 0; i < N; i++) targets[i] = (int)(rng_next(&r) % (uint64_t)V);
+        targets[N - 1] = V - 1;
+        for (int d = 0; d < 2; d++) {
+            enum tp_dtype dt = d ? TP_DTYPE_BF16 : TP_DTYPE_F32;
+            float *one = af(&a, N), *got = af(&a, N);
+            xent_sharded_losses(dt, one, full, targets, N, VP, V, 1);
+            for (int ranks = 2; ranks <= 4; ranks *= 2) {
+                xent_sharded_losses(dt, got, full, targets, N, VP, V, ranks);
+                for (int i = 0; i < N; i++)
+                    cr_assert(fabs(got[i] - one[i]) <= 1e-6 * fabs(one[i]),
+                              "%s V=%d ranks=%d row %d: loss %.9g, unsharded %.9g",
+                              tp_dtype_name(dt), V, ranks, i, got[i], one[i]);
+                if (dt == TP_DTYPE_BF16) {
+                    float *f = af(&a, N);
+                    xent_sharded_losses(TP_DTYPE_F32, f, full, targets, N, VP, V, ranks);
+                    cr_assert(memcmp(f, got, N * sizeof(float)) == 0,
+                              "bf16 V=%d ranks=%d: losses differ from fp32 on the same logits", V,
+                              ranks);
+                }
+            }
+        }
+    }
+    arena_free(&a);
 }
 
 // ---- reductions and helpers
@@ -1285,9 +1395,8 @@ static void run_attention(struct backend be, void *const *t, const struct dims *
 static void run_xent(struct backend be, void *const *t, const struct dims *d) {
     // t: logits (N, n_vocab), maxes (N), sums (2, N), losses (N), dlogits (N, n_vocab),
     //    inplace (N, n_vocab) = the logits again, turned into their gradient in place
-    OPS(be)->xent_max(be.ctx, t[1], t[0], d->N, d->vocab_start, d->n_vocab, d->vocab_size);
-    OPS(be)->xent_sums(be.ctx, t[2], t[0], t[1], d->tokens, d->N, d->vocab_start, d->n_vocab,
-                       d->vocab_size);
+    OPS(be)->xent_stats(be.ctx, t[1], t[2], t[0], d->tokens, d->N, d->vocab_start, d->n_vocab,
+                        d->vocab_size);
     OPS(be)->xent_loss(be.ctx, t[3], t[1], t[2], d->N);
     OPS(be)->xent_bwd(be.ctx, t[4], t[0], t[1], t[2], d->tokens, 0.25f, d->N, d->vocab_start,
                       d->n_vocab, d->vocab_size);
@@ -1414,8 +1523,7 @@ static float *run_det_ops(struct arena *a, size_t *count) {
     int targets[96];
     for (int i = 0; i < N; i++) targets[i] = (i * 37) % OC;
     float *mx = af(a, N), *sums = af(a, 2 * N);
-    OPS(be)->xent_max(be.ctx, mx, logits, N, 0, OC, OC - 5);
-    OPS(be)->xent_sums(be.ctx, sums, logits, mx, targets, N, 0, OC, OC - 5);
+    OPS(be)->xent_stats(be.ctx, mx, sums, logits, targets, N, 0, OC, OC - 5);
     OPS(be)->xent_loss(be.ctx, o, mx, sums, N);
     OPS(be)->xent_bwd(be.ctx, o + N, logits, mx, sums, targets, 0.01f, N, 0, OC, OC - 5);
     o += N + nO;

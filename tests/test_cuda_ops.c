@@ -817,43 +817,93 @@ struct xent_shape {
     int N, V, Vp, P; // rows, real vocab, padded vocab, shards
 };
 
-// Runs the three forward phases and the backward on every shard with the all-reduces done on the
-// host, comparing each phase; then checks the GPU loss against a direct double-precision
-// log-softmax of the unsharded logits (as the GPU held them).
+// The loss of each row, the unsharded way: xent_stats over all Vp columns (on the GPU), then
+// xent_loss, into a new host array of N floats.
+static float *xent_gpu_unsharded(struct pair *p, struct buf *logit, const struct ibuf *tgt, int N,
+                                 int Vp, int V) {
+    struct buf mx = buf_new(p, (size_t)N), sm = buf_new(p, 2 * (size_t)N), ls = buf_new(p, (size_t)N);
+    p->gpu.iface->xent_stats(p->gpu.ctx, mx.g, sm.g, logit->g, tgt->g, N, 0, Vp, V);
+    p->gpu.iface->xent_loss(p->gpu.ctx, ls.g, mx.g, sm.g, N);
+    float *out = tp_malloc((size_t)N * sizeof(float));
+    p->gpu.iface->copy_to_host(p->gpu.ctx, out, ls.g, (size_t)N * sizeof(float));
+    buf_free(p, &mx);
+    buf_free(p, &sm);
+    buf_free(p, &ls);
+    return out;
+}
+
+// Runs the forward as model.c does on every shard (xent_stats, the MAX all-reduce on the host,
+// xent_rescale, the SUM all-reduce on the host, xent_loss) and the backward, comparing each op
+// with the CPU on identical inputs; checks the GPU loss against a direct double-precision
+// log-softmax of the unsharded logits (as the GPU held them), and the GPU's own sharded pipeline
+// against one unsharded GPU call.
 static void xent_case(struct pair *p, struct xent_shape x) {
     int nv = x.Vp / x.P, N = x.N;
     char what[160];
     struct ibuf tgt = ibuf_new(p, (size_t)N);
     for (int i = 0; i < N; i++) tgt.h[i] = rng_int(&p->rng, x.V);
+    tgt.h[0] = x.V - 1; // the last real column
     ibuf_push(p, &tgt);
     struct buf logit[8], maxes[8], sums[8];
     cr_assert(x.P <= 8);
     for (int r = 0; r < x.P; r++) {
-        logit[r] = cbuf_rand(p, (size_t)N * nv, -4.0f, 4.0f);
+        logit[r] = cbuf_new(p, (size_t)N * nv);
+        // each row lifts one shard's logits, so the global max moves between shards and the
+        // rescale has real work to do
+        for (int i = 0; i < N; i++)
+            for (int j = 0; j < nv; j++)
+                logit[r].h[(size_t)i * nv + j] =
+                    rng_uniform(&p->rng, -4.0f, 4.0f) + (i % x.P == r ? 3.0f : 0.0f);
+        buf_push(p, &logit[r]);
         maxes[r] = buf_rand(p, (size_t)N, -9.0f, 9.0f); // "="
         sums[r] = buf_rand(p, 2 * (size_t)N, -9.0f, 9.0f);
     }
-    // phase 1 per shard, then the MAX all-reduce (on the CPU results, fed to both backends)
+    // phase 1 per shard: this rank's statistics; then the MAX all-reduce (on the CPU results,
+    // fed to both backends)
     struct buf gmax = buf_new(p, (size_t)N);
     for (int i = 0; i < N; i++) gmax.h[i] = -INFINITY;
     for (int r = 0; r < x.P; r++) {
-        p->cpu.iface->xent_max(p->cpu.ctx, maxes[r].c, logit[r].c, N, r * nv, nv, x.V);
-        p->gpu.iface->xent_max(p->gpu.ctx, maxes[r].g, logit[r].g, N, r * nv, nv, x.V);
-        snprintf(what, sizeof what, "xent_max N=%d V=%d shard %d/%d", N, x.V, r, x.P);
-        expect_close(p, &maxes[r], TOL_LOOSE, what);
-        for (int i = 0; i < N; i++) gmax.h[i] = fmaxf(gmax.h[i], maxes[r].c[i]);
+        p->cpu.iface->xent_stats(p->cpu.ctx, maxes[r].c, sums[r].c, logit[r].c, tgt.c, N, r * nv,
+                                 nv, x.V);
+        p->gpu.iface->xent_stats(p->gpu.ctx, maxes[r].g, sums[r].g, logit[r].g, tgt.g, N, r * nv,
+                                 nv, x.V);
+        snprintf(what, sizeof what, "xent_stats maxes N=%d V=%d shard %d/%d", N, x.V, r, x.P);
+        expect_close(p, &maxes[r], TOL, what); // a max of identical values: exact in practice
+        snprintf(what, sizeof what, "xent_stats sums N=%d V=%d shard %d/%d", N, x.V, r, x.P);
+        expect_close(p, &sums[r], TOL_LOOSE, what); // leaves the GPU results in .h
+        size_t bad = 0;
+        for (int i = 0; i < N; i++) {
+            if (sums[r].h[(size_t)N + i] != sums[r].c[(size_t)N + i]) bad++; // a copied logit
+            if (r * nv >= x.V && (maxes[r].h[i] != -INFINITY || sums[r].h[i] != 0.0f ||
+                                  sums[r].h[(size_t)N + i] != 0.0f))
+                bad++;
+            gmax.h[i] = fmaxf(gmax.h[i], maxes[r].c[i]);
+        }
+        cr_expect_eq(bad, 0, "[%s] xent_stats shard %d/%d: %zu wrong target logits or "
+                     "padding-only statistics (want max -inf, sums 0)", tp_dtype_name(p->dt), r,
+                     x.P, bad);
     }
     buf_push(p, &gmax);
-    // phase 2 per shard, then the SUM all-reduce
+    // phase 2 per shard: onto the global max (same inputs on both), then the SUM all-reduce
     struct buf gsums = buf_new(p, 2 * (size_t)N);
+    struct buf lmax = buf_new(p, (size_t)N), rs = buf_new(p, 2 * (size_t)N);
     for (int r = 0; r < x.P; r++) {
-        p->cpu.iface->xent_sums(p->cpu.ctx, sums[r].c, logit[r].c, gmax.c, tgt.c, N, r * nv, nv,
-                                x.V);
-        p->gpu.iface->xent_sums(p->gpu.ctx, sums[r].g, logit[r].g, gmax.g, tgt.g, N, r * nv, nv,
-                                x.V);
-        snprintf(what, sizeof what, "xent_sums N=%d V=%d shard %d/%d", N, x.V, r, x.P);
-        expect_close(p, &sums[r], TOL_LOOSE, what);
-        for (size_t i = 0; i < 2 * (size_t)N; i++) gsums.h[i] += sums[r].c[i];
+        memcpy(lmax.h, maxes[r].c, (size_t)N * sizeof(float));
+        memcpy(rs.h, sums[r].c, 2 * (size_t)N * sizeof(float));
+        buf_push(p, &lmax);
+        buf_push(p, &rs);
+        p->cpu.iface->xent_rescale(p->cpu.ctx, rs.c, lmax.c, gmax.c, N);
+        p->gpu.iface->xent_rescale(p->gpu.ctx, rs.g, lmax.g, gmax.g, N);
+        snprintf(what, sizeof what, "xent_rescale N=%d V=%d shard %d/%d", N, x.V, r, x.P);
+        expect_close(p, &rs, TOL, what);
+        size_t bad = 0;
+        for (int i = 0; i < N; i++) {
+            if (rs.h[(size_t)N + i] != sums[r].c[(size_t)N + i]) bad++; // target logits stay
+            if (lmax.h[i] == -INFINITY && rs.h[i] != 0.0f) bad++;        // padding-only adds 0
+        }
+        cr_expect_eq(bad, 0, "[%s] xent_rescale shard %d/%d: %zu wrong values", tp_dtype_name(p->dt),
+                     r, x.P, bad);
+        for (size_t i = 0; i < 2 * (size_t)N; i++) gsums.h[i] += rs.c[i];
     }
     buf_push(p, &gsums);
     // phase 3
@@ -881,6 +931,47 @@ static void xent_case(struct pair *p, struct xent_shape x) {
     }
     cr_expect(worst < TOL_LOOSE, "[%s] xent loss N=%d V=%d P=%d differs from the direct "
               "log-softmax by %.3g", tp_dtype_name(p->dt), N, x.V, x.P, worst);
+    // The GPU alone, as model.c runs it on P ranks, against one unsharded GPU call: the local
+    // statistics are in maxes[r].g and sums[r].g, and their values in .h.
+    if (x.P > 1) {
+        struct buf full = cbuf_new(p, (size_t)N * x.Vp); // the shards side by side
+        for (int i = 0; i < N; i++)
+            for (int r = 0; r < x.P; r++)
+                memcpy(full.h + (size_t)i * x.Vp + (size_t)r * nv, logit[r].h + (size_t)i * nv,
+                       (size_t)nv * sizeof(float));
+        buf_push(p, &full); // already in the storage type: pushed unchanged
+        float *one = xent_gpu_unsharded(p, &full, &tgt, N, x.Vp, x.V);
+        struct buf gm = buf_new(p, (size_t)N), gs = buf_new(p, 2 * (size_t)N);
+        struct buf gl = buf_new(p, (size_t)N);
+        for (int i = 0; i < N; i++) gm.h[i] = -INFINITY;
+        for (int r = 0; r < x.P; r++)
+            for (int i = 0; i < N; i++) gm.h[i] = fmaxf(gm.h[i], maxes[r].h[i]);
+        buf_push(p, &gm);
+        for (int r = 0; r < x.P; r++) {
+            p->gpu.iface->xent_rescale(p->gpu.ctx, sums[r].g, maxes[r].g, gm.g, N);
+            buf_pull(p, &sums[r]);
+            for (size_t i = 0; i < 2 * (size_t)N; i++) gs.h[i] += sums[r].h[i];
+        }
+        buf_push(p, &gs);
+        p->gpu.iface->xent_loss(p->gpu.ctx, gl.g, gm.g, gs.g, N);
+        buf_pull(p, &gl);
+        // fp32 arithmetic either way; bf16 logits use the hardware exp, whose error differs
+        // with the shift, so it gets a little more room
+        double tol = pair_bf16(p) ? 1e-5 : 1e-6, w = 0.0;
+        for (int i = 0; i < N; i++) {
+            double d = fabs((double)gl.h[i] - one[i]) / fmax(fabs((double)one[i]), 1e-30);
+            if (!(d <= w)) w = d; // a NaN makes it fail
+        }
+        cr_log_info("[%s] xent N=%d V=%d P=%d: sharded vs unsharded GPU loss %.3g",
+                    tp_dtype_name(p->dt), N, x.V, x.P, w);
+        cr_expect(w <= tol, "[%s] xent N=%d V=%d P=%d: sharded GPU loss differs from the unsharded "
+                  "call by %.3g (> %.0e)", tp_dtype_name(p->dt), N, x.V, x.P, w, tol);
+        free(one);
+        buf_free(p, &full);
+        buf_free(p, &gm);
+        buf_free(p, &gs);
+        buf_free(p, &gl);
+    }
     // backward; on shard 0 in place (dlogits aliases logits)
     float dloss = 1.0f / (float)N;
     for (int r = 0; r < x.P; r++) {
@@ -908,6 +999,8 @@ static void xent_case(struct pair *p, struct xent_shape x) {
     }
     buf_free(p, &gmax);
     buf_free(p, &gsums);
+    buf_free(p, &lmax);
+    buf_free(p, &rs);
     buf_free(p, &loss);
     ibuf_free(p, &tgt);
 }
@@ -917,8 +1010,11 @@ static void run_cross_entropy(struct pair *p) {
         {7, 29, 32, 2},        // tiny, padding in the last shard
         {7, 29, 64, 4},        // the last shard is all padding
         {64, 50257, 50304, 2}, // GPT-2 over 2 shards
+        {16, 50257, 50304, 4}, // GPT-2 over 4 shards
         {5, 50257, 50304, 1},  // GPT-2 unsharded
-        {5, 29, 33, 1},        // a row length that is no multiple of 8 (bf16: element-wise)
+        {5, 29, 33, 1},        // a row length that is no multiple of 4 (element-wise, both types)
+        {5, 29, 36, 1},        // a multiple of 4, not of 8 (fp32: 16-byte loads; bf16: element-wise)
+        {6, 2000, 4096, 4},    // the last two shards padding only, the second partly
     };
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) xent_case(p, shapes[s]);
 }
@@ -1256,10 +1352,10 @@ static unsigned char *det_run(struct backend be, uint64_t seed, size_t *n_out) {
     float *maxes = g->alloc(cx, (size_t)N * sizeof(float));
     float *sums = g->alloc(cx, 2 * (size_t)N * sizeof(float));
     float *losses = g->alloc(cx, (size_t)N * sizeof(float));
-    g->xent_max(cx, maxes, logits, N, 0, NV, V);
-    g->xent_sums(cx, sums, logits, maxes, tgt, N, 0, NV, V);
+    g->xent_stats(cx, maxes, sums, logits, tgt, N, 0, NV, V);
     g->xent_loss(cx, losses, maxes, sums, N);
     g->xent_bwd(cx, logits, logits, maxes, sums, tgt, 1.0f / N, N, 0, NV, V);
+    DET_KEEP(maxes, (size_t)N * sizeof(float));
     DET_KEEP(sums, 2 * (size_t)N * sizeof(float));
     DET_KEEP(losses, (size_t)N * sizeof(float));
     DET_KEEP(logits, (size_t)N * NV * es);
