@@ -252,6 +252,24 @@ __device__ __forceinline__ static void fa_zero(float (&x)[8][4]) {
 
 // Forward: S = Q K^T, online softmax, O += P V. kb, vb: the K and V tiles; k0 the tile's first
 // key, r0 the warp's first query; nkc: 16-key chunks holding a key <= the warp's last query.
+// acc (16 x 64) += a (the warp's 16 rows x 64, as four 16-wide A fragments) . the 64 x 64 tile
+// at tile (its rows read transposed by ldmatrix); with DIAG only the first nkc 16-row chunks.
+template <bool DIAG>
+__device__ __forceinline__ static void fa_mma_tile(float (&acc)[8][4], const uint32_t (&a)[4][4],
+                                                   uint32_t tile, int nkc, int lane) {
+#pragma unroll
+    for (int kc = 0; kc < 4; kc++) {
+        if (DIAG && kc >= nkc) continue;
+#pragma unroll
+        for (int nd = 0; nd < 4; nd++) {
+            uint32_t b[4];
+            fa_ldsm_t(b, fa_addr_a(tile, 16 * kc, 2 * nd, lane));
+            fa_mma(acc[2 * nd], a[kc], b[0], b[1]);
+            fa_mma(acc[2 * nd + 1], a[kc], b[2], b[3]);
+        }
+    }
+}
+
 template <bool DIAG>
 __device__ __forceinline__ static void fa_fwd_tile(float (&o)[8][4], float (&m)[2], float (&l)[2],
                                                    const uint32_t (&qf)[4][4], uint32_t kb,
@@ -306,17 +324,7 @@ __device__ __forceinline__ static void fa_fwd_tile(float (&o)[8][4], float (&m)[
     }
     uint32_t pf[4][4];
     fa_to_afrag(pf, s);
-#pragma unroll
-    for (int kc = 0; kc < 4; kc++) {
-        if (DIAG && kc >= nkc) continue;
-#pragma unroll
-        for (int nd = 0; nd < 4; nd++) {
-            uint32_t bf[4];
-            fa_ldsm_t(bf, fa_addr_a(vb, 16 * kc, 2 * nd, lane));
-            fa_mma(o[2 * nd], pf[kc], bf[0], bf[1]);
-            fa_mma(o[2 * nd + 1], pf[kc], bf[2], bf[3]);
-        }
-    }
+    fa_mma_tile<DIAG>(o, pf, vb, nkc, lane);
 }
 
 // dq kernel: S = Q K^T, dP = dO V^T, dS = P (dP - D), dQ += dS K. lrow, drow: lse (log2 units)
@@ -355,17 +363,7 @@ __device__ __forceinline__ static void fa_dq_tile(float (&acc)[8][4], const uint
         }
     uint32_t sf[4][4];
     fa_to_afrag(sf, s);
-#pragma unroll
-    for (int kc = 0; kc < 4; kc++) {
-        if (DIAG && kc >= nkc) continue;
-#pragma unroll
-        for (int nd = 0; nd < 4; nd++) {
-            uint32_t bk[4];
-            fa_ldsm_t(bk, fa_addr_a(kb, 16 * kc, 2 * nd, lane));
-            fa_mma(acc[2 * nd], sf[kc], bk[0], bk[1]);
-            fa_mma(acc[2 * nd + 1], sf[kc], bk[2], bk[3]);
-        }
-    }
+    fa_mma_tile<DIAG>(acc, sf, kb, nkc, lane);
 }
 
 // dk/dv kernel, transposed (rows = the warp's 16 keys from k0, columns = the tile's 64 queries

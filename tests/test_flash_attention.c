@@ -27,35 +27,6 @@
 
 // ---- helpers: random numbers, bf16, device buffers
 
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-// standard normal (Box-Muller)
-static float rng_normal(uint64_t *s) {
-    double u1 = ((double)(rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-    double u2 = (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
-// fp32 -> bf16, round to nearest even (inputs are finite)
-static uint16_t f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static float bf2f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static void require_gpu(void) {
     if (!backend_cuda_available() || backend_cuda_device_count() <= 0)
         cr_skip_test("no CUDA device: the flash-attention kernels cannot be exercised here");
@@ -86,7 +57,7 @@ static double rel_err_bf16(const uint16_t *a, size_t sa, const float *b, size_t 
     double num = 0.0, den = 0.0;
     for (size_t i = 0; i < rows; i++)
         for (size_t j = 0; j < w; j++) {
-            double x = bf2f(a[i * sa + j]), y = b[i * sb + j];
+            double x = tp_bf16_to_f32(a[i * sa + j]), y = b[i * sb + j];
             cr_assert(isfinite(x), "%s: element (%zu, %zu) is not finite (unwritten or NaN)", what,
                       i, j);
             num += (x - y) * (x - y);
@@ -130,12 +101,12 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
     float *qkv_f = malloc(nqkv * 4), *dout_f = malloc(nout * 4);    // same values in fp32
     cr_assert(qkv_h && dout_h && qkv_f && dout_f);
     for (size_t i = 0; i < nqkv; i++) {
-        qkv_h[i] = f2bf(rng_normal(&rng));
-        qkv_f[i] = bf2f(qkv_h[i]);
+        qkv_h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
+        qkv_f[i] = tp_bf16_to_f32(qkv_h[i]);
     }
     for (size_t i = 0; i < nout; i++) {
-        dout_h[i] = f2bf(rng_normal(&rng));
-        dout_f[i] = bf2f(dout_h[i]);
+        dout_h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
+        dout_f[i] = tp_bf16_to_f32(dout_h[i]);
     }
 
     // CPU reference
@@ -288,7 +259,7 @@ Test(flash_attention, timing_gpt2) {
     uint64_t rng = 99;
     uint16_t *h = malloc(nqkv * 2);
     cr_assert(h);
-    for (size_t i = 0; i < nqkv; i++) h[i] = f2bf(rng_normal(&rng));
+    for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
     struct fa_bufs d;
     d.qkv = dev_alloc(nqkv * 2);
     d.out = dev_alloc(nout * 2);

@@ -28,35 +28,6 @@
 
 // ---- helpers: random numbers, bf16, device buffers
 
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-// standard normal (Box-Muller)
-static float rng_normal(uint64_t *s) {
-    double u1 = ((double)(rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-    double u2 = (double)(rng_next(s) >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
-// fp32 -> bf16, round to nearest even (inputs are finite)
-static uint16_t f2bf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static float bf2f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static double gelu_tanh(double x) {
     return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
 }
@@ -106,8 +77,8 @@ static void *rand_bf16(size_t n, float scale, uint64_t *rng, float **host) {
     float *f = malloc(n * 4);
     cr_assert(h && f);
     for (size_t i = 0; i < n; i++) {
-        h[i] = f2bf(scale * rng_normal(rng));
-        f[i] = bf2f(h[i]);
+        h[i] = tp_bf16_from_f32(scale * tu_rng_normal(rng));
+        f[i] = tp_bf16_to_f32(h[i]);
     }
     void *d = dev_alloc(n * 2);
     upload(d, h, n * 2);
@@ -121,7 +92,7 @@ static float *download_bf16(const void *d, size_t n) {
     float *f = malloc(n * 4);
     cr_assert(h && f);
     download(h, d, n * 2);
-    for (size_t i = 0; i < n; i++) f[i] = bf2f(h[i]);
+    for (size_t i = 0; i < n; i++) f[i] = tp_bf16_to_f32(h[i]);
     free(h);
     return f;
 }
@@ -291,8 +262,8 @@ static void check_bwd_weight(int N, int IC, int OC, bool with_dbias, int times, 
     size_t nw = (size_t)OC * IC;
     float *dw0 = malloc(nw * 4), *db0 = malloc((size_t)OC * 4);
     cr_assert(dw0 && db0);
-    for (size_t i = 0; i < nw; i++) dw0[i] = rng_normal(&rng);
-    for (int o = 0; o < OC; o++) db0[o] = rng_normal(&rng);
+    for (size_t i = 0; i < nw; i++) dw0[i] = tu_rng_normal(&rng);
+    for (int o = 0; o < OC; o++) db0[o] = tu_rng_normal(&rng);
     float *dw = dev_alloc(nw * 4), *db = with_dbias ? dev_alloc((size_t)OC * 4) : NULL;
     upload(dw, dw0, nw * 4);
     if (db) upload(db, db0, (size_t)OC * 4);
@@ -460,11 +431,11 @@ Test(gemm, gelu_is_tanh_approximation) {
     uint16_t *one_h = malloc((size_t)N * K * 2);
     cr_assert(x_h && w_h && one_h);
     for (size_t i = 0; i < (size_t)N * K; i++) {
-        x_h[i] = f2bf(-3.5f + 1.5f * (float)i / (float)(N * K)); // [-3.5, -2)
-        one_h[i] = f2bf(1.0f);
+        x_h[i] = tp_bf16_from_f32(-3.5f + 1.5f * (float)i / (float)(N * K)); // [-3.5, -2)
+        one_h[i] = tp_bf16_from_f32(1.0f);
     }
     for (int o = 0; o < M; o++)
-        for (int i = 0; i < K; i++) w_h[o * K + i] = f2bf(i == o % K ? 1.0f : 0.0f);
+        for (int i = 0; i < K; i++) w_h[o * K + i] = tp_bf16_from_f32(i == o % K ? 1.0f : 0.0f);
     void *x = dev_alloc((size_t)N * K * 2), *w = dev_alloc((size_t)M * K * 2);
     void *ones = dev_alloc((size_t)N * K * 2);
     void *out = dev_alloc((size_t)N * M * 2), *pre = dev_alloc((size_t)N * M * 2);
@@ -478,7 +449,7 @@ Test(gemm, gelu_is_tanh_approximation) {
     uint16_t *wt_h = malloc((size_t)K * M * 2);
     cr_assert(wt_h);
     for (int o = 0; o < K; o++)
-        for (int i = 0; i < M; i++) wt_h[o * M + i] = f2bf(i % K == o ? 1.0f : 0.0f);
+        for (int i = 0; i < M; i++) wt_h[o * M + i] = tp_bf16_from_f32(i % K == o ? 1.0f : 0.0f);
     void *wt = dev_alloc((size_t)K * M * 2);
     upload(wt, wt_h, (size_t)K * M * 2);
     cr_assert_eq(gemm_bwd_data(c.g, dinp, ones, wt, pre, N, M, K), GEMM_OK, "%s",
@@ -490,7 +461,7 @@ Test(gemm, gelu_is_tanh_approximation) {
     for (int n = 0; n < N; n++)
         for (int o = 0; o < M; o++) {
             size_t j = (size_t)n * M + o;
-            double xv = bf2f(x_h[(size_t)n * K + o % K]);
+            double xv = tp_bf16_to_f32(x_h[(size_t)n * K + o % K]);
             cr_assert_eq(pre_f[j], (float)xv, "pre_gelu must be the exact pre-activation");
             d_tanh += out_f[j] - gelu_tanh(xv);
             d_erf += out_f[j] - gelu_erf(xv);

@@ -4,6 +4,7 @@
 #include <criterion/criterion.h>
 
 #include "backend.h"
+#include "common.h"
 
 #include <math.h>
 #include <stdbool.h>
@@ -127,4 +128,16 @@ double tu_rel(double a, double b) {
     double d = fabs(a - b);
     double s = fmax(fmax(fabs(a), fabs(b)), 1e-30);
     return d / s;
+}
+
+uint64_t tu_rng_next(uint64_t *s) {
+    uint64_t x = *s;
+    *s += 0x9e3779b97f4a7c15ull;
+    return tp_splitmix64(x); // mixes x + the same constant: the splitmix64 stream
+}
+
+float tu_rng_normal(uint64_t *s) {
+    double u1 = ((double)(tu_rng_next(s) >> 11) + 0.5) * 0x1.0p-53; // (0, 1)
+    double u2 = (double)(tu_rng_next(s) >> 11) * 0x1.0p-53;         // [0, 1)
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }

@@ -1,6 +1,8 @@
 // testutil.h: helpers shared by the Criterion suites: temp dirs, running the binary, reading logs.
 #pragma once
 
+#include <stdint.h>
+
 #include <stddef.h>
 
 // A fresh directory under $TMPDIR (or /tmp); removed by the caller with tu_rmtree if wanted.
@@ -29,3 +31,7 @@ int tu_gpu_suite_main(int argc, char *argv[], const char *suite);
 int tu_read_losses(const char *jsonl_path, double *losses, int max);
 // Relative difference |a - b| / max(|a|, |b|, tiny).
 double tu_rel(double a, double b);
+// Counter-based random numbers for test inputs: the next 64 bits of the stream at *s (splitmix64),
+// and a standard normal drawn from it (Box-Muller).
+uint64_t tu_rng_next(uint64_t *s);
+float tu_rng_normal(uint64_t *s);
