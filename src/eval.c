@@ -47,12 +47,12 @@ static int eval_config(struct tp_config *cfg, const struct eval_opts *o, const c
     char data[TP_PATH_MAX];
     snprintf(data, sizeof data, "%s", o->generate ? "" : o->data ? o->data : cfg->data.val);
     if (!o->generate && !data[0])
-        return snprintf(err, errlen, "--eval: the checkpoint's config has no data.val; pass --data GLOB"), TP_EXIT_USAGE;
+        return tp_errf(err, errlen, "--eval: the checkpoint's config has no data.val; pass --data GLOB");
     snprintf(cfg->data.val, sizeof cfg->data.val, "%s", data);
     // Validation insists that data.train names files; point it at one this run reads anyway.
     const char *train = o->generate ? path : data;
     if (strlen(train) >= sizeof cfg->data.train)
-        return snprintf(err, errlen, "%s: path too long", train), TP_EXIT_USAGE;
+        return tp_errf(err, errlen, "%s: path too long", train);
     memcpy(cfg->data.train, train, strlen(train) + 1);
     return config_validate(cfg, world_size, err, errlen);
 }

@@ -791,7 +791,7 @@ static void xent_sharded_losses(enum tp_dtype dt, float *losses, const float *fu
     struct arena a = {0};
     int shard = Vp / ranks;
     float *gmax = fill_f(&a, (size_t)N, -INFINITY), *gsum = af(&a, 2 * (size_t)N);
-    float *maxes[4], *sums[4];
+    float *maxes[4] = {0}, *sums[4] = {0};
     cr_assert(ranks <= 4 && shard * ranks == Vp);
     for (int k = 0; k < ranks; k++) {
         float *part = af(&a, (size_t)N * shard);
