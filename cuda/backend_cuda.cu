@@ -472,11 +472,14 @@ __global__ void layernorm_bwd_partial_kernel(float *pw, float *pb, const E *dout
 
 // -- layernorm, bf16 with C a multiple of 8 (C <= 8 * 32 * LN_MAX_VPL): one warp per row, the row
 // in registers as VPL 16-byte vectors per lane (vector v = lane + 32 j), fp32 statistics.
+// RESID: the row is first formed as inp + xadd (+ bias), rounded, stored to sum_out (which may
+// alias inp or xadd: each element is read and written by the same lane) and normalised as stored.
 
-template <int VPL>
+template <int VPL, bool RESID>
 __global__ void __launch_bounds__(TPC_BLOCK)
 layernorm_fwd_bf16_kernel(bf16 *out, float *mean, float *rstd, const bf16 *inp, const bf16 *w,
-                          const bf16 *b, int N, int C) {
+                          const bf16 *b, int N, int C, bf16 *sum_out, const bf16 *xadd,
+                          const bf16 *bias) {
     int row = blockIdx.x * (blockDim.x / TPC_WARP) + threadIdx.x / TPC_WARP;
     int lane = threadIdx.x % TPC_WARP;
     if (row >= N) return;
@@ -490,6 +493,18 @@ layernorm_fwd_bf16_kernel(bf16 *out, float *mean, float *rstd, const bf16 *inp, 
         int v = lane + j * TPC_WARP;
         if (v < nvec) {
             vec_t<bf16, 8> p = ld_vec<bf16, 8>(x + (size_t)v * 8);
+            if (RESID) {
+                vec_t<bf16, 8> a = ld_vec<bf16, 8>(xadd + (size_t)row * C + (size_t)v * 8);
+                vec_t<bf16, 8> bb = {};
+                if (bias) bb = ld_vec<bf16, 8>(bias + (size_t)v * 8);
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float r = to_f(p.e[e]) + to_f(a.e[e]);
+                    if (bias) r += to_f(bb.e[e]);
+                    p.e[e] = from_f<bf16>(r);
+                }
+                st_vec<bf16, 8>(sum_out + (size_t)row * C + (size_t)v * 8, p);
+            }
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 xv[j][e] = to_f(p.e[e]);
@@ -1441,12 +1456,37 @@ static int ln_vpl(int C) {
     return (C / 8 + TPC_WARP - 1) / TPC_WARP;
 }
 
-template <int VPL>
+template <int VPL, bool RESID>
 static void ln_fwd_bf16_launch(struct cuda_ctx *c, bf16 *out, float *mean, float *rstd,
-                               const bf16 *inp, const bf16 *w, const bf16 *b, int N, int C) {
-    layernorm_fwd_bf16_kernel<VPL><<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
-        out, mean, rstd, inp, w, b, N, C);
+                               const bf16 *inp, const bf16 *w, const bf16 *b, int N, int C,
+                               bf16 *sum_out, const bf16 *xadd, const bf16 *bias) {
+    layernorm_fwd_bf16_kernel<VPL, RESID><<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
+        out, mean, rstd, inp, w, b, N, C, sum_out, xadd, bias);
     CUDA_CHECK_LAUNCH("layernorm_fwd_bf16_kernel");
+}
+
+// The register kernel for this C; false (nothing launched) where C or an alignment does not
+// suit it. With sum_out, the residual form (see layernorm_fwd_bf16_kernel).
+template <bool RESID>
+static bool ln_fwd_bf16_registers(struct cuda_ctx *c, bf16 *o, float *mean, float *rstd,
+                                  const bf16 *x, const bf16 *wb, const bf16 *bb, int N, int C,
+                                  bf16 *sum_out, const bf16 *xadd, const bf16 *bias) {
+    int vpl = ln_vpl(C);
+    if (!(aligned_to(o, 16) && aligned_to(x, 16) && aligned_to(wb, 16) && aligned_to(bb, 16) &&
+          aligned_to(sum_out, 16) && aligned_to(xadd, 16) && aligned_to(bias, 16)))
+        vpl = 0;
+    switch (vpl) {
+    case 1: ln_fwd_bf16_launch<1, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    case 2: ln_fwd_bf16_launch<2, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    case 3: ln_fwd_bf16_launch<3, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    case 4: ln_fwd_bf16_launch<4, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    case 5: ln_fwd_bf16_launch<5, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    case 6: ln_fwd_bf16_launch<6, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    case 7: ln_fwd_bf16_launch<7, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    case 8: ln_fwd_bf16_launch<8, RESID>(c, o, mean, rstd, x, wb, bb, N, C, sum_out, xadd, bias); break;
+    default: return false;
+    }
+    return true;
 }
 
 static void cuda_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const void *inp,
@@ -1461,19 +1501,7 @@ static void cuda_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, c
     }
     bf16 *o = (bf16 *)out;
     const bf16 *x = (const bf16 *)inp, *wb = (const bf16 *)w, *bb = (const bf16 *)b;
-    int vpl = ln_vpl(C);
-    if (!(aligned_to(o, 16) && aligned_to(x, 16) && aligned_to(wb, 16) && aligned_to(bb, 16)))
-        vpl = 0;
-    switch (vpl) {
-    case 1: ln_fwd_bf16_launch<1>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    case 2: ln_fwd_bf16_launch<2>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    case 3: ln_fwd_bf16_launch<3>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    case 4: ln_fwd_bf16_launch<4>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    case 5: ln_fwd_bf16_launch<5>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    case 6: ln_fwd_bf16_launch<6>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    case 7: ln_fwd_bf16_launch<7>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    case 8: ln_fwd_bf16_launch<8>(c, o, mean, rstd, x, wb, bb, N, C); break;
-    default:
+    if (!ln_fwd_bf16_registers<false>(c, o, mean, rstd, x, wb, bb, N, C, NULL, NULL, NULL)) {
         layernorm_fwd_kernel<bf16, float><<<warp_row_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(
             o, mean, rstd, x, wb, bb, N, C);
         CUDA_CHECK_LAUNCH("layernorm_fwd_kernel (bf16)");
@@ -1722,6 +1750,22 @@ static void cuda_residual_fwd(void *ctx, void *out, const void *res, const void 
         residual_impl(c, (bf16 *)out, (const bf16 *)res, (const bf16 *)x, (const bf16 *)bias, N, C);
     else
         residual_impl(c, (float *)out, (const float *)res, (const float *)x, (const float *)bias, N, C);
+}
+
+// One pass in bf16 where the register layernorm suits the shape; elsewhere (and in fp32, where it
+// keeps the results bitwise those of the separate ops) the residual kernel, then the layernorm.
+static void cuda_residual_layernorm_fwd(void *ctx, void *out, void *ln, float *mean, float *rstd,
+                                        const void *res, const void *x, const void *bias,
+                                        const void *w, const void *b, int N, int C) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || C <= 0) return;
+    if (is_bf16(c) &&
+        ln_fwd_bf16_registers<true>(c, (bf16 *)ln, mean, rstd, (const bf16 *)res, (const bf16 *)w,
+                                    (const bf16 *)b, N, C, (bf16 *)out, (const bf16 *)x,
+                                    (const bf16 *)bias))
+        return;
+    cuda_residual_fwd(ctx, out, res, x, bias, N, C);
+    cuda_layernorm_fwd(ctx, ln, mean, rstd, out, w, b, N, C);
 }
 
 template <typename E> static void gelu_fwd_impl(struct cuda_ctx *c, E *out, const E *inp, size_t n) {
@@ -2163,6 +2207,7 @@ static const struct backend_i cuda_iface = {
     .matmul_fwd = cuda_matmul_fwd,
     .matmul_bwd = cuda_matmul_bwd,
     .residual_fwd = cuda_residual_fwd,
+    .residual_layernorm_fwd = cuda_residual_layernorm_fwd,
     .gelu_fwd = cuda_gelu_fwd,
     .gelu_bwd = cuda_gelu_bwd,
     .attention_saved_floats = cuda_attention_saved_floats,

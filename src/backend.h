@@ -130,6 +130,13 @@ struct backend_i {
     // Row-parallel layers add their bias here, once, after the all-reduce.
     void (*residual_fwd)(void *ctx, void *out, const void *res, const void *x, const void *bias,
                          int N, int C);
+    // The same residual followed by the next layernorm, in one pass: out (N, C) = res + x + bias
+    // (stored, then read back as stored: in bf16 the layernorm normalises the rounded sum, as the
+    // unfused pair would), ln (N, C) = layernorm(out) with w, b; mean, rstd (N) as layernorm_fwd.
+    // out may alias res or x; ln aliases nothing.
+    void (*residual_layernorm_fwd)(void *ctx, void *out, void *ln, float *mean, float *rstd,
+                                   const void *res, const void *x, const void *bias, const void *w,
+                                   const void *b, int N, int C);
 
     // ---- GELU, tanh approximation (the model fuses it into matmul; these serve decode and benches)
     void (*gelu_fwd)(void *ctx, void *out, const void *inp, size_t n);              // out = gelu(inp)

@@ -995,6 +995,15 @@ static void cpu_residual_fwd(void *ctx, void *out, const void *res, const void *
     stage_end(&s);
 }
 
+// The residual, then the layernorm of the stored sum: exactly the two ops in sequence (the GPU
+// fuses them into one pass with the same result up to rounding).
+static void cpu_residual_layernorm_fwd(void *ctx, void *out, void *ln, float *mean, float *rstd,
+                                       const void *res, const void *x, const void *bias, const void *w,
+                                       const void *b, int N, int C) {
+    cpu_residual_fwd(ctx, out, res, x, bias, N, C);
+    cpu_layernorm_fwd(ctx, ln, mean, rstd, out, w, b, N, C);
+}
+
 static void cpu_gelu_fwd(void *ctx, void *out, const void *inp, size_t n) {
     struct stage s = stage_begin(ctx);
     float *of = stage_out(&s, out, n);      // (n)
@@ -1094,6 +1103,7 @@ static const struct backend_i cpu_iface = {
     .matmul_fwd = cpu_matmul_fwd,
     .matmul_bwd = cpu_matmul_bwd,
     .residual_fwd = cpu_residual_fwd,
+    .residual_layernorm_fwd = cpu_residual_layernorm_fwd,
     .gelu_fwd = cpu_gelu_fwd,
     .gelu_bwd = cpu_gelu_bwd,
     .attention_saved_floats = cpu_attention_saved_floats,

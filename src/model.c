@@ -340,15 +340,25 @@ static void column_parallel_linear_bwd(struct model *m, struct comm *tp, void *d
     copy_to_tp_region_bwd(m, tp, dinp, m->d.N * (size_t)IC);
 }
 
+// The layernorm that reads a block's output: the next block's first one (ln_1 or ln_2), or ln_f
+// after the last block. Row-parallel layers compute it in the same pass as their residual.
+struct next_layernorm {
+    void *out;                  // (N, C)
+    float *mean, *rstd;         // (N)
+    const void *w, *b;          // (C)
+};
+
 // Row-parallel linear + residual: input sharded along features, partial outputs all-reduced,
-// then bias and residual added once (adding the bias before the reduction would count it P times).
+// then bias and residual added once (adding the bias before the reduction would count it P
+// times), fused with the layernorm that reads the result.
 static void row_parallel_linear_residual_fwd(struct model *m, struct comm *tp, void *out, const void *res,
                                              const void *inp, const void *w, const void *bias,
-                                             int ICl, int OC) {
+                                             int ICl, int OC, const struct next_layernorm *ln) {
     const struct backend_i *b = m->be.iface;
     b->matmul_fwd(m->be.ctx, m->a.proj, NULL, inp, w, NULL, (int)m->d.N, ICl, OC);
     reduce_from_tp_region_fwd(m, tp, m->a.proj, m->d.N * (size_t)OC);
-    b->residual_fwd(m->be.ctx, out, res, m->a.proj, bias, (int)m->d.N, OC);
+    b->residual_layernorm_fwd(m->be.ctx, out, ln->out, ln->mean, ln->rstd, res, m->a.proj, bias, ln->w, ln->b,
+                              (int)m->d.N, OC);
 }
 
 // dout is the replicated residual gradient; the bias gradient is identical on every rank. The
@@ -392,38 +402,52 @@ void model_set_batch(struct model *m, const int *inputs, const int *targets) {
     b->copy_to_device(m->be.ctx, m->targets, targets, m->d.N * sizeof(int));
 }
 
-void model_embedding_fwd(struct model *m, struct comm *tp) { vocab_parallel_embedding_fwd(m, tp); }
+// embeddings -> ln_1 of the first block
+void model_embedding_fwd(struct model *m, struct comm *tp) {
+    const struct model_dims *d = &m->d;
+    struct layer_acts *la = &m->a.layers[0];
+    const struct layer_params *p = &m->p.layers[0];
+    vocab_parallel_embedding_fwd(m, tp);
+    m->be.iface->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, m->a.encoded, p->ln1w, p->ln1b,
+                               (int)d->N, d->C);
+}
 
-// ln1 -> f -> qkv (local heads) -> attention -> proj -> g -> +bias -> +x
+// (ln1, computed by the step before) -> f -> qkv (local heads) -> attention -> proj -> g -> +bias
+// -> +x, fused with ln2
 void model_attention_block_fwd(struct model *m, struct comm *tp, int l) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
     struct layer_params *p = &m->p.layers[l];
     struct layer_acts *la = &m->a.layers[l];
-    const void *x = block_input(m, l);
-    b->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, x, p->ln1w, p->ln1b, (int)d->N, d->C);
     column_parallel_linear_fwd(m, tp, la->qkv, NULL, la->ln1, p->qkvw, p->qkvb, d->C, 3 * d->Cl);
     b->attention_fwd(m->be.ctx, la->atty, la->att_saved, m->a.att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
-    row_parallel_linear_residual_fwd(m, tp, la->res2, x, la->atty, p->attprojw, p->attprojb, d->Cl, d->C);
+    struct next_layernorm ln2 = {la->ln2, la->ln2_mean, la->ln2_rstd, p->ln2w, p->ln2b};
+    row_parallel_linear_residual_fwd(m, tp, la->res2, block_input(m, l), la->atty, p->attprojw, p->attprojb,
+                                     d->Cl, d->C, &ln2);
 }
 
-// ln2 -> f -> fc + gelu (fused) -> fc_proj -> g -> +bias -> +res2
+// (ln2) -> f -> fc + gelu (fused) -> fc_proj -> g -> +bias -> +res2, fused with the next block's
+// ln1 (ln_f after the last block)
 void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
-    const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
     struct layer_params *p = &m->p.layers[l];
     struct layer_acts *la = &m->a.layers[l];
-    b->layernorm_fwd(m->be.ctx, la->ln2, la->ln2_mean, la->ln2_rstd, la->res2, p->ln2w, p->ln2b, (int)d->N, d->C);
+    struct next_layernorm next = {m->a.lnf, m->a.lnf_mean, m->a.lnf_rstd, m->p.lnfw, m->p.lnfb};
+    if (l + 1 < d->L) {
+        struct layer_acts *nx = &m->a.layers[l + 1];
+        const struct layer_params *np = &m->p.layers[l + 1];
+        next = (struct next_layernorm){nx->ln1, nx->ln1_mean, nx->ln1_rstd, np->ln1w, np->ln1b};
+    }
     column_parallel_linear_fwd(m, tp, la->fch_gelu, la->fch, la->ln2, p->fcw, p->fcb, d->C, d->Fl);
-    row_parallel_linear_residual_fwd(m, tp, la->res3, la->res2, la->fch_gelu, p->fcprojw, p->fcprojb, d->Fl, d->C);
+    row_parallel_linear_residual_fwd(m, tp, la->res3, la->res2, la->fch_gelu, p->fcprojw, p->fcprojb, d->Fl, d->C,
+                                     &next);
 }
 
-// ln_f -> f -> LM head tied with wte (column-parallel over the vocabulary) -> cross-entropy
+// (ln_f, computed by the last block) -> f -> LM head tied with wte (column-parallel over the
+// vocabulary) -> cross-entropy
 void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum) {
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
-    m->be.iface->layernorm_fwd(m->be.ctx, a->lnf, a->lnf_mean, a->lnf_rstd, block_input(m, d->L), m->p.lnfw,
-                               m->p.lnfb, (int)d->N, d->C);
     column_parallel_linear_fwd(m, tp, a->logits, NULL, a->lnf, m->p.wte, NULL, d->C, d->Vl);
     vocab_parallel_cross_entropy_fwd(m, tp, loss_sum);
 }

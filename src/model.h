@@ -151,7 +151,9 @@ void model_backward(struct model *m, struct comm *tp, float dloss);
 
 // The step's blocks, in the order model_forward and model_backward run them (--bench model times
 // them one by one). Activations and gradients flow through m->a; dres carries the residual
-// gradient from block to block.
+// gradient from block to block. Each forward block ends with the layernorm that the next one
+// starts from (fused with its residual add), so a block's forward expects its first layernorm
+// output to be in place already.
 void model_set_batch(struct model *m, const int *inputs, const int *targets); // host (N) ids
 void model_embedding_fwd(struct model *m, struct comm *tp);
 void model_attention_block_fwd(struct model *m, struct comm *tp, int layer);

@@ -1075,7 +1075,7 @@ Test(cpu_ops, segments_sumsq_matches_per_tensor_sumsq_acc) {
     arena_free(&a);
 }
 
-// ---- fused GELU in the linear layer
+// ---- fused GELU in the linear layer (and the helpers the fused tests share)
 
 // A compute-type copy of host values (the CPU backend's memory is host memory).
 static void *to_ct(struct backend be, struct arena *a, const float *x, size_t n) {
@@ -1552,4 +1552,40 @@ Test(cpu_ops, deterministic_across_calls_and_threads) {
     }
 #endif
     arena_free(&a);
+}
+
+// ---- residual + layernorm in one op
+
+// residual_layernorm_fwd is exactly residual_fwd then layernorm_fwd on the stored sum, in both
+// dtypes, also when its sum output aliases the residual input.
+Test(cpu_ops, residual_layernorm_is_residual_then_layernorm) {
+    for (int dt = TP_DTYPE_F32; dt <= TP_DTYPE_BF16; dt++) {
+        struct backend be = backend_cpu_create((enum tp_dtype)dt);
+        struct arena a = {0};
+        struct rng r = {31};
+        int N = 6, C = 24;
+        size_t n = (size_t)N * C, es = tp_dtype_size((enum tp_dtype)dt);
+        void *res = to_ct(be, &a, rand_f(&a, &r, n, 2.0), n), *x = to_ct(be, &a, rand_f(&a, &r, n, 1.0), n);
+        void *bias = to_ct(be, &a, rand_f(&a, &r, (size_t)C, 0.5), (size_t)C);
+        void *w = to_ct(be, &a, rand_f(&a, &r, (size_t)C, 1.0), (size_t)C);
+        void *b = to_ct(be, &a, rand_f(&a, &r, (size_t)C, 0.5), (size_t)C);
+        void *sum = to_ct(be, &a, af(&a, n), n), *ln = to_ct(be, &a, af(&a, n), n);
+        float *mean = af(&a, (size_t)N), *rstd = af(&a, (size_t)N);
+        OPS(be)->residual_fwd(be.ctx, sum, res, x, bias, N, C);
+        OPS(be)->layernorm_fwd(be.ctx, ln, mean, rstd, sum, w, b, N, C);
+        void *sum2 = to_ct(be, &a, af(&a, n), n), *ln2 = to_ct(be, &a, af(&a, n), n);
+        float *mean2 = af(&a, (size_t)N), *rstd2 = af(&a, (size_t)N);
+        OPS(be)->residual_layernorm_fwd(be.ctx, sum2, ln2, mean2, rstd2, res, x, bias, w, b, N, C);
+        cr_assert(memcmp(sum, sum2, n * es) == 0, "%s: sum", tp_dtype_name((enum tp_dtype)dt));
+        cr_assert(memcmp(ln, ln2, n * es) == 0, "%s: layernorm", tp_dtype_name((enum tp_dtype)dt));
+        cr_assert(memcmp(mean, mean2, (size_t)N * sizeof(float)) == 0 &&
+                  memcmp(rstd, rstd2, (size_t)N * sizeof(float)) == 0, "%s: statistics",
+                  tp_dtype_name((enum tp_dtype)dt));
+        // the sum written over the residual input
+        OPS(be)->residual_layernorm_fwd(be.ctx, res, ln2, mean2, rstd2, res, x, bias, w, b, N, C);
+        cr_assert(memcmp(res, sum, n * es) == 0 && memcmp(ln, ln2, n * es) == 0, "%s: out aliasing res",
+                  tp_dtype_name((enum tp_dtype)dt));
+        arena_free(&a);
+        backend_destroy(&be);
+    }
 }

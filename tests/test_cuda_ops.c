@@ -622,6 +622,78 @@ Test(cuda_bf16, matmul) {
     pair_close(&p);
 }
 
+// residual_layernorm_fwd: against the CPU's residual + layernorm, and on the GPU bitwise against
+// its own two separate ops (the fused pass normalises the stored, rounded sum as they do).
+// Shapes: the register kernel (C = 768, 64) and the fallback (C = 13); out aliasing res.
+static void run_residual_layernorm(struct pair *p) {
+    int shapes[][2] = {{256, 768}, {33, 64}, {7, 13}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], C = shapes[s][1];
+        size_t n = (size_t)N * C;
+        for (int alias = 0; alias < 2; alias++) {
+            char what[128];
+            struct buf res = cbuf_rand(p, n, -2.0f, 3.0f);
+            struct buf x = cbuf_rand(p, n, -1.0f, 1.0f);
+            struct buf bias = cbuf_rand(p, (size_t)C, -0.5f, 0.5f);
+            struct buf w = cbuf_rand(p, (size_t)C, 0.5f, 1.5f);
+            struct buf b = cbuf_rand(p, (size_t)C, -0.5f, 0.5f);
+            struct buf out = cbuf_rand(p, n, -9.0f, 9.0f);
+            struct buf ln = cbuf_rand(p, n, -9.0f, 9.0f);
+            struct buf mean = buf_rand(p, (size_t)N, -9.0f, 9.0f);
+            struct buf rstd = buf_rand(p, (size_t)N, -9.0f, 9.0f);
+            struct buf *dst = alias ? &res : &out;
+            // the GPU's separate ops first, on copies of the inputs
+            size_t es = tp_dtype_size(p->dt);
+            void *r2 = p->gpu.iface->alloc(p->gpu.ctx, n * es), *l2 = p->gpu.iface->alloc(p->gpu.ctx, n * es);
+            float *m2 = p->gpu.iface->alloc(p->gpu.ctx, (size_t)N * sizeof(float));
+            float *s2 = p->gpu.iface->alloc(p->gpu.ctx, (size_t)N * sizeof(float));
+            p->gpu.iface->residual_fwd(p->gpu.ctx, r2, res.g, x.g, bias.g, N, C);
+            p->gpu.iface->layernorm_fwd(p->gpu.ctx, l2, m2, s2, r2, w.g, b.g, N, C);
+            p->cpu.iface->residual_layernorm_fwd(p->cpu.ctx, dst->c, ln.c, mean.c, rstd.c, res.c, x.c, bias.c,
+                                                 w.c, b.c, N, C);
+            p->gpu.iface->residual_layernorm_fwd(p->gpu.ctx, dst->g, ln.g, mean.g, rstd.g, res.g, x.g, bias.g,
+                                                 w.g, b.g, N, C);
+            snprintf(what, sizeof what, "residual_layernorm_fwd out N=%d C=%d alias=%d", N, C, alias);
+            expect_close(p, dst, tol_for(p, TOL), what);
+            snprintf(what, sizeof what, "residual_layernorm_fwd ln N=%d C=%d alias=%d", N, C, alias);
+            expect_close(p, &ln, tol_for(p, TOL), what);
+            snprintf(what, sizeof what, "residual_layernorm_fwd rstd N=%d C=%d alias=%d", N, C, alias);
+            expect_close(p, &rstd, pair_bf16(p) ? 1e-4 : TOL, what);
+            // bitwise against the separate ops on the GPU
+            char *a = tp_malloc(n * es), *c = tp_malloc(n * es);
+            const void *fused[] = {dst->g, ln.g, mean.g, rstd.g}, *apart[] = {r2, l2, m2, s2};
+            size_t bytes[] = {n * es, n * es, (size_t)N * sizeof(float), (size_t)N * sizeof(float)};
+            const char *names[] = {"sum", "layernorm", "mean", "rstd"};
+            for (int k = 0; k < 4; k++) {
+                p->gpu.iface->copy_to_host(p->gpu.ctx, a, fused[k], bytes[k]);
+                p->gpu.iface->copy_to_host(p->gpu.ctx, c, apart[k], bytes[k]);
+                cr_expect(memcmp(a, c, bytes[k]) == 0, "residual_layernorm_fwd N=%d C=%d alias=%d: the %s differs "
+                          "from residual_fwd + layernorm_fwd", N, C, alias, names[k]);
+            }
+            free(a);
+            free(c);
+            void *extra[] = {r2, l2, m2, s2};
+            for (int k = 0; k < 4; k++) p->gpu.iface->free(p->gpu.ctx, extra[k]);
+            struct buf *all[] = {&res, &x, &bias, &w, &b, &out, &ln, &mean, &rstd};
+            for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) buf_free(p, all[k]);
+        }
+    }
+}
+
+Test(cuda_ops, residual_layernorm) {
+    struct pair p;
+    pair_open(&p, 16);
+    run_residual_layernorm(&p);
+    pair_close(&p);
+}
+
+Test(cuda_bf16, residual_layernorm) {
+    struct pair p;
+    pair_open_dt(&p, 16, TP_DTYPE_BF16);
+    run_residual_layernorm(&p);
+    pair_close(&p);
+}
+
 static void run_residual(struct pair *p) {
     int shapes[][2] = {{7, 13}, {256, 768}, {3, 4}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
