@@ -657,8 +657,9 @@ static void run_residual_layernorm(struct pair *p) {
             expect_close(p, dst, tol_for(p, TOL), what);
             snprintf(what, sizeof what, "residual_layernorm_fwd ln N=%d C=%d alias=%d", N, C, alias);
             expect_close(p, &ln, tol_for(p, TOL), what);
+            // in bf16 the statistics are those of the rounded sum, the CPU's of the exact one
             snprintf(what, sizeof what, "residual_layernorm_fwd rstd N=%d C=%d alias=%d", N, C, alias);
-            expect_close(p, &rstd, pair_bf16(p) ? 1e-4 : TOL, what);
+            expect_close(p, &rstd, tol_for(p, TOL), what);
             // bitwise against the separate ops on the GPU
             char *a = tp_malloc(n * es), *c = tp_malloc(n * es);
             const void *fused[] = {dst->g, ln.g, mean.g, rstd.g}, *apart[] = {r2, l2, m2, s2};
