@@ -11,10 +11,10 @@
 //                m = IC, n = N, k = OC; pre_gelu (the aux input of DGELU) is (IC, N), ld IC.
 //   bwd_weight   dw^T (IC, OC)  = inp^T (IC, N), ld IC . op_T(dout^T: (OC, N), ld OC)
 //                m = IC, n = OC, k = N; C = D = dw (fp32), beta = 1. dbias is a sum over k of
-//                B's columns, which is cuBLASLt's BGRADB epilogue.
+//                B's columns, computed by our column-sum kernels after the product.
 //
 // Plans. Where the elementwise work can live in the cuBLASLt epilogue or in a kernel of ours
-// after a plain product (GELU, its derivative, the bias gradient), both are candidates: each
+// after a plain product (GELU, its derivative), both are candidates: each
 // cuBLASLt algorithm of each plan is timed on the first call of a key and the fastest pair is
 // cached. A plan whose epilogue would compute a different function is never offered (see
 // GEMM_LT_GELU_IS_TANH). On the H200 at GPT-2 shapes the GELU and GELU-derivative epilogues won
@@ -99,7 +99,7 @@ struct gemm_ctx {
     cublasLtHandle_t lt;
     void *workspace; // (workspace_bytes) for cuBLASLt
     size_t workspace_bytes;
-    float *scratch; // bias-gradient output, column-sum partials, tuning dbias
+    float *scratch; // column-sum partials, tuning dbias
     size_t scratch_bytes;
     cudaEvent_t ev[GEMM_TIME_REPS + 1];
     struct gemm_entry *cache; // (ncache) tuned keys, linear search: a model has a few dozen
@@ -241,13 +241,13 @@ static void colsum_chunks(int N, int OC, int *rows_per_chunk, int *nchunks) {
     *nchunks = (N + rows - 1) / rows;
 }
 
-// Scratch floats a key needs: bias-gradient output (OC), column-sum partials (nchunks * OC) and a
-// dbias to accumulate into while tuning (OC).
+// Scratch floats a key needs: column-sum partials (nchunks * OC) and a dbias to accumulate into
+// while tuning (OC).
 static size_t scratch_floats(const struct gemm_key *k) {
     if (k->epi != GE_DBIAS) return 0;
     int rows, nchunks;
     colsum_chunks(k->N, k->OC, &rows, &nchunks);
-    return (size_t)(nchunks + 2) * (size_t)k->OC;
+    return (size_t)(nchunks + 1) * (size_t)k->OC;
 }
 
 static int ensure_scratch(struct gemm_ctx *g, const struct gemm_key *k) {
@@ -280,9 +280,9 @@ static int plan_range(const struct gemm_key *k, int *first) {
         *first = GEMM_LT_GELU_IS_TANH ? 0 : 1;
         return GEMM_LT_GELU_IS_TANH ? 2 : 1;
     case GE_DBIAS:
-        // Only our column sums: a row-parallel bias gradient must be bitwise equal on every TP
-        // rank (the bias is replicated), and each rank tunes on its own, so the method may not
-        // depend on timing. (They also measured faster than the BGRADB epilogue.)
+        // Only our column sums (plan 1), never cuBLASLt's BGRADB epilogue: a row-parallel bias
+        // gradient must be bitwise equal on every TP rank (the bias is replicated), and each rank
+        // tunes on its own, so the method may not depend on timing. (They also measured faster.)
         *first = 1;
         return 1;
     default:
@@ -301,8 +301,6 @@ static cublasLtEpilogue_t plan_epilogue(const struct gemm_key *k, int split) {
         return split ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
     case GE_DGELU:
         return split ? CUBLASLT_EPILOGUE_DEFAULT : CUBLASLT_EPILOGUE_DGELU;
-    case GE_DBIAS:
-        return split ? CUBLASLT_EPILOGUE_DEFAULT : CUBLASLT_EPILOGUE_BGRADB;
     default:
         return CUBLASLT_EPILOGUE_DEFAULT;
     }
@@ -365,8 +363,7 @@ static cublasStatus_t entry_init(struct gemm_entry *e, const struct gemm_key *k,
         s = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
                                            sizeof epi);
     void *placeholder = (void *)(uintptr_t)GEMM_ALIGN;
-    bool has_bias = epi == CUBLASLT_EPILOGUE_BIAS || epi == CUBLASLT_EPILOGUE_GELU_AUX_BIAS ||
-                    epi == CUBLASLT_EPILOGUE_BGRADB;
+    bool has_bias = epi == CUBLASLT_EPILOGUE_BIAS || epi == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
     bool has_aux = epi == CUBLASLT_EPILOGUE_GELU_AUX || epi == CUBLASLT_EPILOGUE_GELU_AUX_BIAS ||
                    epi == CUBLASLT_EPILOGUE_DGELU;
     if (s == CUBLAS_STATUS_SUCCESS && has_bias)
@@ -392,13 +389,9 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
     const struct gemm_key *k = &e->key;
     cublasLtEpilogue_t epi = plan_epilogue(k, e->split);
     cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
-    float *bgrad = g->scratch; // (OC) BGRADB output, added into dbias below
     if (epi == CUBLASLT_EPILOGUE_BIAS || epi == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
         s = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &c->bias,
                                            sizeof c->bias);
-    else if (epi == CUBLASLT_EPILOGUE_BGRADB)
-        s = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bgrad,
-                                           sizeof bgrad);
     if (s == CUBLAS_STATUS_SUCCESS &&
         (epi == CUBLASLT_EPILOGUE_GELU_AUX || epi == CUBLASLT_EPILOGUE_GELU_AUX_BIAS ||
          epi == CUBLASLT_EPILOGUE_DGELU))
@@ -429,21 +422,17 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
         dgelu_kernel<<<grid_for(n8, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
             (__nv_bfloat16 *)c->out, (const __nv_bfloat16 *)c->pre_gelu, n8);
         break;
-    case GE_DBIAS:
-        if (e->split) {
-            int rows, nchunks;
-            colsum_chunks(k->N, k->OC, &rows, &nchunks);
-            float *partial = g->scratch + k->OC; // (nchunks, OC)
-            dim3 grid((unsigned)nchunks, (unsigned)((k->OC + CS_COLS - 1) / CS_COLS));
-            colsum_partial_kernel<<<grid, CS_COLS, 0, g->stream>>>(
-                partial, (const __nv_bfloat16 *)c->b, k->N, k->OC, rows);
-            colsum_finish_kernel<<<grid_for((size_t)k->OC, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
-                c->dbias, partial, nchunks, k->OC);
-        } else {
-            colsum_finish_kernel<<<grid_for((size_t)k->OC, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
-                c->dbias, bgrad, 1, k->OC);
-        }
+    case GE_DBIAS: {
+        int rows, nchunks;
+        colsum_chunks(k->N, k->OC, &rows, &nchunks);
+        float *partial = g->scratch; // (nchunks, OC)
+        dim3 grid((unsigned)nchunks, (unsigned)((k->OC + CS_COLS - 1) / CS_COLS));
+        colsum_partial_kernel<<<grid, CS_COLS, 0, g->stream>>>(partial, (const __nv_bfloat16 *)c->b,
+                                                              k->N, k->OC, rows);
+        colsum_finish_kernel<<<grid_for((size_t)k->OC, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
+            c->dbias, partial, nchunks, k->OC);
         break;
+    }
     default:
         break;
     }
