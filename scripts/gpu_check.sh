@@ -126,13 +126,16 @@ elif [ -z "$sanitizer" ]; then
     record racecheck SKIP 0 "compute-sanitizer not found"
 else
     # Criterion runs each test in a child process: follow them all. --error-exitcode turns any
-    # report into a failure even when the tests themselves pass. Only the cuda_ops suite: NCCL's
-    # initialisation probes kernel images for other GPUs, and the sanitizer reports each of those
-    # deliberate, handled API errors (the NCCL case runs in the test stage above).
+    # report into a failure even when the tests themselves pass. Only the op groups (fp32 and
+    # bf16) of the suite: NCCL's initialisation probes kernel images for other GPUs, and the
+    # sanitizer reports each of those deliberate, handled API errors (the NCCL case runs in the
+    # test stage above).
     for tool in memcheck racecheck; do
-        stage "$tool" "$tool.log" env OMP_NUM_THREADS=4 timeout "$sanitizer_timeout" \
-            "$sanitizer" --tool "$tool" --target-processes all --error-exitcode 3 \
-            "$build/tests/test_cuda_ops" --jobs 1 --verbose --filter 'cuda_ops/*'
+        for group in cuda_ops cuda_bf16; do
+            stage "$tool" "$tool.log" env OMP_NUM_THREADS=4 timeout "$sanitizer_timeout" \
+                "$sanitizer" --tool "$tool" --target-processes all --error-exitcode 3 \
+                "$build/tests/test_cuda_ops" --jobs 1 --verbose --filter "$group/*"
+        done
     done
 fi
 
