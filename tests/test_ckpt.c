@@ -556,6 +556,35 @@ Test(ckpt, eval_matches_training_log) {
     cr_assert(tu_rel(number_after(g_out, "val loss "), jl) < 1e-5, "dp=2 eval %s vs logged %.9g", g_out, jl);
 }
 
+// The bf16 path (the CPU's emulation) resumes exactly too: the checkpoint holds the fp32 master
+// weights and the compute copy is rebuilt from them on load; --eval of a bf16 checkpoint runs in
+// bf16 and reproduces the training log's validation loss.
+Test(ckpt, bf16_resume_is_exact_and_eval_matches) {
+    train(1, "a", "%s", "--set train.precision=bf16");
+    int rc = tpt(1, "'%s' --set train.precision=bf16 --set checkpoint.resume=%s/a/step_00000004 "
+                 "--set checkpoint.dir=%s/b --set log.jsonl=%s/b.jsonl", g_cfg, g_dir, g_dir, g_dir);
+    cr_assert_eq(rc, 0, "%s", g_out);
+    double la[16], lb[16];
+    cr_assert_eq(losses_of("a", la, 16), 8);
+    cr_assert_eq(losses_of("b", lb, 16), 4);
+    for (int i = 0; i < 4; i++) cr_assert_eq(la[4 + i], lb[i], "bf16 step %d: %.9g vs %.9g", 5 + i, la[4 + i], lb[i]);
+    char x[1200], y[1200];
+    path_in(x, sizeof x, "a/step_00000008/model.safetensors");
+    path_in(y, sizeof y, "b/step_00000008/model.safetensors");
+    cr_assert(files_equal(x, y), "bf16: the resumed run's weights differ from the uninterrupted run's");
+    char p[1300];
+    snprintf(p, sizeof p, "%s/a.jsonl", g_dir);
+    size_t n;
+    char *log = (char *)slurp(p, &n);
+    const char *val8 = strstr(log, "{\"kind\":\"val\",\"step\":8,");
+    cr_assert(val8);
+    double jl = number_after(val8, "\"loss\":");
+    free(log);
+    rc = tpt(1, "--eval %s/a", g_dir);
+    cr_assert_eq(rc, 0, "%s", g_out);
+    cr_assert(fabs(number_after(g_out, "val loss ") - jl) < 1e-6, "bf16 eval %s vs logged %.9g", g_out, jl);
+}
+
 // ---- generation
 
 // Greedy generation (top-k 1) through the KV cache, with the context sliding past seq_len, gives
