@@ -520,6 +520,19 @@ static double number_after(const char *text, const char *key) {
 }
 
 // Same val loss the training printed and logged, at the TP size it trained with and at others.
+// The validation loss a run's JSON-lines log (ck.jsonl) holds for step 8, to full precision.
+static double logged_val8(const char *ck) {
+    char p[1300];
+    snprintf(p, sizeof p, "%s/%s.jsonl", g_dir, ck);
+    size_t n;
+    char *log = (char *)slurp(p, &n);
+    const char *val8 = strstr(log, "{\"kind\":\"val\",\"step\":8,");
+    cr_assert(val8, "%s has no validation record for step 8", p);
+    double v = number_after(val8, "\"loss\":");
+    free(log);
+    return v;
+}
+
 Test(ckpt, eval_matches_training_log) {
     train(1, "a", "%s", "");
     char train_out[65536];
@@ -535,14 +548,7 @@ Test(ckpt, eval_matches_training_log) {
     cr_assert(strstr(g_out, want), "eval should print '%s':\n%s", want, g_out);
     cr_assert(strstr(g_out, "| tokens 64"), "%s", g_out);
     // the JSONL figure, to full precision
-    char p[1300];
-    snprintf(p, sizeof p, "%s/a.jsonl", g_dir);
-    size_t n;
-    char *log = (char *)slurp(p, &n);
-    const char *val8 = strstr(log, "{\"kind\":\"val\",\"step\":8,");
-    cr_assert(val8);
-    double jl = number_after(val8, "\"loss\":");
-    free(log);
+    double jl = logged_val8("a");
     cr_assert(fabs(number_after(g_out, "val loss ") - jl) < 1e-6);
     if (!have_mpiexec()) return;
     rc = tpt(2, "--eval %s/a/step_00000008", g_dir);
@@ -572,14 +578,7 @@ Test(ckpt, bf16_resume_is_exact_and_eval_matches) {
     path_in(x, sizeof x, "a/step_00000008/model.safetensors");
     path_in(y, sizeof y, "b/step_00000008/model.safetensors");
     cr_assert(files_equal(x, y), "bf16: the resumed run's weights differ from the uninterrupted run's");
-    char p[1300];
-    snprintf(p, sizeof p, "%s/a.jsonl", g_dir);
-    size_t n;
-    char *log = (char *)slurp(p, &n);
-    const char *val8 = strstr(log, "{\"kind\":\"val\",\"step\":8,");
-    cr_assert(val8);
-    double jl = number_after(val8, "\"loss\":");
-    free(log);
+    double jl = logged_val8("a");
     rc = tpt(1, "--eval %s/a", g_dir);
     cr_assert_eq(rc, 0, "%s", g_out);
     cr_assert(fabs(number_after(g_out, "val loss ") - jl) < 1e-6, "bf16 eval %s vs logged %.9g", g_out, jl);

@@ -20,35 +20,13 @@
 
 #include "backend.h"
 #include "flash_attention.h"
+#include "cudatest.h"
 #include "testutil.h"
 
 #define HS 64
 #define TOL 2e-2
 
 // ---- helpers: random numbers, bf16, device buffers
-
-static void require_gpu(void) {
-    if (!backend_cuda_available() || backend_cuda_device_count() <= 0)
-        cr_skip_test("no CUDA device: the flash-attention kernels cannot be exercised here");
-}
-
-static void *dev_alloc(size_t bytes) {
-    void *p = NULL;
-    cr_assert_eq(cudaMalloc(&p, bytes), cudaSuccess, "cudaMalloc(%zu) failed", bytes);
-    return p;
-}
-
-static void upload(void *dst, const void *src, size_t bytes) {
-    cr_assert_eq(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-}
-
-static void download(void *dst, const void *src, size_t bytes) {
-    cr_assert_eq(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-}
-
-static void poison(void *p, size_t bytes) {
-    cr_assert_eq(cudaMemset(p, 0xFF, bytes), cudaSuccess);
-}
 
 // ||a - b|| / ||b|| over n elements of a (bf16, strided rows) against b (fp32, strided rows):
 // rows rows of width w, strides sa and sb. Fails on any non-finite a.
@@ -76,9 +54,9 @@ struct fa_bufs {
 static void run_gpu(const struct fa_bufs *d, int B, int T, int NH) {
     int C = NH * HS;
     size_t BT = (size_t)B * T;
-    poison(d->out, BT * C * 2);
-    poison(d->lse, (size_t)B * NH * T * 4);
-    poison(d->dqkv, BT * 3 * C * 2);
+    ct_poison(d->out, BT * C * 2);
+    ct_poison(d->lse, (size_t)B * NH * T * 4);
+    ct_poison(d->dqkv, BT * 3 * C * 2);
     int rc = flash_attention_fwd(NULL, d->out, d->lse, d->qkv, d->qkv + C, d->qkv + 2 * C, B, T, NH,
                                  HS, 3 * C, C);
     cr_assert_eq(rc, FLASH_OK, "flash_attention_fwd returned %d", rc);
@@ -91,7 +69,7 @@ static void run_gpu(const struct fa_bufs *d, int B, int T, int NH) {
 }
 
 static void check_case(int B, int NH, int T, uint64_t seed) {
-    require_gpu();
+    ct_require_gpu("the flash-attention kernels");
     int C = NH * HS;
     size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
     uint64_t rng = seed;
@@ -128,24 +106,24 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
 
     // GPU
     struct fa_bufs d;
-    d.qkv = dev_alloc(nqkv * 2);
-    d.out = dev_alloc(nout * 2);
-    d.dout = dev_alloc(nout * 2);
-    d.dqkv = dev_alloc(nqkv * 2);
-    d.lse = dev_alloc(nlse * 4);
+    d.qkv = ct_alloc(nqkv * 2);
+    d.out = ct_alloc(nout * 2);
+    d.dout = ct_alloc(nout * 2);
+    d.dqkv = ct_alloc(nqkv * 2);
+    d.lse = ct_alloc(nlse * 4);
     size_t nfs = flash_attention_bwd_scratch_floats(B, T, NH, HS);
     cr_assert_geq(nfs, nlse, "scratch must at least hold D (B, NH, T)");
-    d.scratch = dev_alloc(nfs * 4);
-    upload(d.qkv, qkv_h, nqkv * 2);
-    upload(d.dout, dout_h, nout * 2);
+    d.scratch = ct_alloc(nfs * 4);
+    ct_upload(d.qkv, qkv_h, nqkv * 2);
+    ct_upload(d.dout, dout_h, nout * 2);
     run_gpu(&d, B, T, NH);
 
     uint16_t *g_out = malloc(nout * 2), *g_dqkv = malloc(nqkv * 2);
     float *g_lse = malloc(nlse * 4);
     cr_assert(g_out && g_dqkv && g_lse);
-    download(g_out, d.out, nout * 2);
-    download(g_dqkv, d.dqkv, nqkv * 2);
-    download(g_lse, d.lse, nlse * 4);
+    ct_download(g_out, d.out, nout * 2);
+    ct_download(g_dqkv, d.dqkv, nqkv * 2);
+    ct_download(g_lse, d.lse, nlse * 4);
 
     double e_out = rel_err_bf16(g_out, C, ref_out, C, BT, C, "out");
     double e_dq = rel_err_bf16(g_dqkv, 3 * C, ref_dqkv, 3 * C, BT, C, "dq");
@@ -190,9 +168,9 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
     float *g_lse2 = malloc(nlse * 4);
     cr_assert(g_out2 && g_dqkv2 && g_lse2);
     run_gpu(&d, B, T, NH);
-    download(g_out2, d.out, nout * 2);
-    download(g_dqkv2, d.dqkv, nqkv * 2);
-    download(g_lse2, d.lse, nlse * 4);
+    ct_download(g_out2, d.out, nout * 2);
+    ct_download(g_dqkv2, d.dqkv, nqkv * 2);
+    ct_download(g_lse2, d.lse, nlse * 4);
     cr_expect(memcmp(g_out, g_out2, nout * 2) == 0, "out differs between two runs");
     cr_expect(memcmp(g_lse, g_lse2, nlse * 4) == 0, "lse differs between two runs");
     cr_expect(memcmp(g_dqkv, g_dqkv2, nqkv * 2) == 0, "dq/dk/dv differ between two runs");
@@ -253,7 +231,7 @@ Test(flash_attention, rejects_bad_args) {
 
 // forward + backward at B=16, NH=12, T=1024 (GPT-2 124M, one rank): median of 20 after 3 warm-ups
 Test(flash_attention, timing_gpt2) {
-    require_gpu();
+    ct_require_gpu("the flash-attention kernels");
     int B = 16, NH = 12, T = 1024, C = NH * HS;
     size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
     uint64_t rng = 99;
@@ -261,14 +239,14 @@ Test(flash_attention, timing_gpt2) {
     cr_assert(h);
     for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
     struct fa_bufs d;
-    d.qkv = dev_alloc(nqkv * 2);
-    d.out = dev_alloc(nout * 2);
-    d.dout = dev_alloc(nout * 2);
-    d.dqkv = dev_alloc(nqkv * 2);
-    d.lse = dev_alloc(nlse * 4);
-    d.scratch = dev_alloc(flash_attention_bwd_scratch_floats(B, T, NH, HS) * 4);
-    upload(d.qkv, h, nqkv * 2);
-    upload(d.dout, h, nout * 2); // any finite values serve as dout
+    d.qkv = ct_alloc(nqkv * 2);
+    d.out = ct_alloc(nout * 2);
+    d.dout = ct_alloc(nout * 2);
+    d.dqkv = ct_alloc(nqkv * 2);
+    d.lse = ct_alloc(nlse * 4);
+    d.scratch = ct_alloc(flash_attention_bwd_scratch_floats(B, T, NH, HS) * 4);
+    ct_upload(d.qkv, h, nqkv * 2);
+    ct_upload(d.dout, h, nout * 2); // any finite values serve as dout
     cudaEvent_t e0, e1, e2;
     cr_assert_eq(cudaEventCreate(&e0), cudaSuccess);
     cr_assert_eq(cudaEventCreate(&e1), cudaSuccess);

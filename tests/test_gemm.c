@@ -20,6 +20,7 @@
 
 #include "backend.h"
 #include "gemm.h"
+#include "cudatest.h"
 #include "testutil.h"
 
 #define WS_BYTES ((size_t)32 << 20)
@@ -45,27 +46,6 @@ static double gelu_erf_grad(double x) {
            0.3989422804014327 * x * exp(-0.5 * x * x); // 1 / sqrt(2 pi)
 }
 
-static void require_gpu(void) {
-    if (!backend_cuda_available() || backend_cuda_device_count() <= 0)
-        cr_skip_test("no CUDA device: the cuBLASLt products cannot be exercised here");
-}
-
-static void *dev_alloc(size_t bytes) {
-    void *p = NULL;
-    cr_assert_eq(cudaMalloc(&p, bytes), cudaSuccess, "cudaMalloc(%zu) failed", bytes);
-    return p;
-}
-
-static void upload(void *dst, const void *src, size_t bytes) {
-    cr_assert_eq(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), cudaSuccess);
-}
-
-static void download(void *dst, const void *src, size_t bytes) {
-    cr_assert_eq(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-}
-
-static void poison(void *p, size_t bytes) { cr_assert_eq(cudaMemset(p, 0xFF, bytes), cudaSuccess); }
-
 static void sync_ok(void) {
     cudaError_t e = cudaDeviceSynchronize();
     cr_assert_eq(e, cudaSuccess, "device error: %s", cudaGetErrorString(e));
@@ -80,8 +60,8 @@ static void *rand_bf16(size_t n, float scale, uint64_t *rng, float **host) {
         h[i] = tp_bf16_from_f32(scale * tu_rng_normal(rng));
         f[i] = tp_bf16_to_f32(h[i]);
     }
-    void *d = dev_alloc(n * 2);
-    upload(d, h, n * 2);
+    void *d = ct_alloc(n * 2);
+    ct_upload(d, h, n * 2);
     free(h);
     *host = f;
     return d;
@@ -91,7 +71,7 @@ static float *download_bf16(const void *d, size_t n) {
     uint16_t *h = malloc(n * 2);
     float *f = malloc(n * 4);
     cr_assert(h && f);
-    download(h, d, n * 2);
+    ct_download(h, d, n * 2);
     for (size_t i = 0; i < n; i++) f[i] = tp_bf16_to_f32(h[i]);
     free(h);
     return f;
@@ -179,7 +159,7 @@ static void ref_bwd_weight(double *dw, double *db, const float *dw0, const float
 
 // out = inp @ w^T (+ bias) (GELU'd, pre_gelu kept, when gelu)
 static void check_fwd(int N, int IC, int OC, bool with_bias, bool gelu, uint64_t seed) {
-    require_gpu();
+    ct_require_gpu("the cuBLASLt products");
     struct ctx c = ctx_open();
     uint64_t rng = seed;
     float *inp_h, *w_h, *b_h = NULL;
@@ -187,9 +167,9 @@ static void check_fwd(int N, int IC, int OC, bool with_bias, bool gelu, uint64_t
     void *w = rand_bf16((size_t)OC * IC, 1.0f / sqrtf((float)IC), &rng, &w_h);
     void *bias = with_bias ? rand_bf16((size_t)OC, 0.5f, &rng, &b_h) : NULL;
     size_t nout = (size_t)N * OC;
-    void *out = dev_alloc(nout * 2), *pre = gelu ? dev_alloc(nout * 2) : NULL;
-    poison(out, nout * 2);
-    if (pre) poison(pre, nout * 2);
+    void *out = ct_alloc(nout * 2), *pre = gelu ? ct_alloc(nout * 2) : NULL;
+    ct_poison(out, nout * 2);
+    if (pre) ct_poison(pre, nout * 2);
     int rc = gemm_fwd(c.g, out, pre, inp, w, bias, N, IC, OC);
     cr_assert_eq(rc, GEMM_OK, "gemm_fwd: %d (%s)", rc, gemm_last_error(c.g));
     sync_ok();
@@ -221,7 +201,7 @@ static void check_fwd(int N, int IC, int OC, bool with_bias, bool gelu, uint64_t
 
 // dinp = dout @ w (times gelu'(pre_gelu) when dgelu)
 static void check_bwd_data(int N, int IC, int OC, bool dgelu, uint64_t seed) {
-    require_gpu();
+    ct_require_gpu("the cuBLASLt products");
     struct ctx c = ctx_open();
     uint64_t rng = seed;
     float *dout_h, *w_h, *pre_h = NULL;
@@ -229,8 +209,8 @@ static void check_bwd_data(int N, int IC, int OC, bool dgelu, uint64_t seed) {
     void *w = rand_bf16((size_t)OC * IC, 1.0f / sqrtf((float)OC), &rng, &w_h);
     void *pre = dgelu ? rand_bf16((size_t)N * IC, 1.5f, &rng, &pre_h) : NULL;
     size_t n = (size_t)N * IC;
-    void *dinp = dev_alloc(n * 2);
-    poison(dinp, n * 2);
+    void *dinp = ct_alloc(n * 2);
+    ct_poison(dinp, n * 2);
     int rc = gemm_bwd_data(c.g, dinp, dout, w, pre, N, IC, OC);
     cr_assert_eq(rc, GEMM_OK, "gemm_bwd_data: %d (%s)", rc, gemm_last_error(c.g));
     sync_ok();
@@ -253,7 +233,7 @@ static void check_bwd_data(int N, int IC, int OC, bool dgelu, uint64_t seed) {
 // dw, dbias start nonzero; `times` identical calls must add the product `times` times (the first
 // call also tunes, which must not touch the caller's gradients).
 static void check_bwd_weight(int N, int IC, int OC, bool with_dbias, int times, uint64_t seed) {
-    require_gpu();
+    ct_require_gpu("the cuBLASLt products");
     struct ctx c = ctx_open();
     uint64_t rng = seed;
     float *dout_h, *inp_h;
@@ -264,9 +244,9 @@ static void check_bwd_weight(int N, int IC, int OC, bool with_dbias, int times, 
     cr_assert(dw0 && db0);
     for (size_t i = 0; i < nw; i++) dw0[i] = tu_rng_normal(&rng);
     for (int o = 0; o < OC; o++) db0[o] = tu_rng_normal(&rng);
-    float *dw = dev_alloc(nw * 4), *db = with_dbias ? dev_alloc((size_t)OC * 4) : NULL;
-    upload(dw, dw0, nw * 4);
-    if (db) upload(db, db0, (size_t)OC * 4);
+    float *dw = ct_alloc(nw * 4), *db = with_dbias ? ct_alloc((size_t)OC * 4) : NULL;
+    ct_upload(dw, dw0, nw * 4);
+    if (db) ct_upload(db, db0, (size_t)OC * 4);
     for (int t = 0; t < times; t++) {
         int rc = gemm_bwd_weight(c.g, dw, db, dout, inp, N, IC, OC);
         cr_assert_eq(rc, GEMM_OK, "gemm_bwd_weight: %d (%s)", rc, gemm_last_error(c.g));
@@ -277,12 +257,12 @@ static void check_bwd_weight(int N, int IC, int OC, bool with_dbias, int times, 
     ref_bwd_weight(rw, rb, dw0, db0, dout_h, inp_h, N, IC, OC, times);
     float *dw_h = malloc(nw * 4), *db_h = malloc((size_t)OC * 4);
     cr_assert(dw_h && db_h);
-    download(dw_h, dw, nw * 4);
+    ct_download(dw_h, dw, nw * 4);
     double e = err_norm(dw_h, rw, nw, "dw");
     cr_expect_leq(e, TOL_FP32, "dw error %.3g after %d calls (N=%d IC=%d OC=%d)", e, times, N, IC,
                   OC);
     if (db) {
-        download(db_h, db, (size_t)OC * 4);
+        ct_download(db_h, db, (size_t)OC * 4);
         double eb = err_norm(db_h, rb, (size_t)OC, "dbias");
         cr_expect_leq(eb, TOL_FP32, "dbias error %.3g after %d calls", eb, times);
     }
@@ -322,10 +302,10 @@ Test(gemm, odd_shape_N7_IC8_OC24) {
 }
 
 Test(gemm, rejects_bad_args) {
-    require_gpu();
+    ct_require_gpu("the cuBLASLt products");
     struct ctx c = ctx_open();
-    char *buf = dev_alloc(1 << 16);
-    poison(buf, 1 << 16);
+    char *buf = ct_alloc(1 << 16);
+    ct_poison(buf, 1 << 16);
     void *a = buf, *b = buf + 8192, *out = buf + 16384;
     cr_expect_eq(gemm_fwd(c.g, out, NULL, a, b, NULL, 8, 10, 24), GEMM_EBADARG, "IC = 10");
     cr_expect(strstr(gemm_last_error(c.g), "gemm_fwd") != NULL, "message names the call: '%s'",
@@ -344,7 +324,7 @@ Test(gemm, rejects_bad_args) {
     // nothing was launched: the output region is still all 0xFF
     unsigned char *h = malloc(1 << 16);
     cr_assert(h);
-    download(h, buf, 1 << 16);
+    ct_download(h, buf, 1 << 16);
     for (size_t i = 0; i < (1 << 16); i++) cr_assert_eq(h[i], 0xFF, "byte %zu was written", i);
     free(h);
     cudaFree(buf);
@@ -354,7 +334,7 @@ Test(gemm, rejects_bad_args) {
 // Two identical calls give identical bits, for every product, at a size where split-K and
 // multi-stage algorithms are candidates.
 Test(gemm, bitwise_repeatable) {
-    require_gpu();
+    ct_require_gpu("the cuBLASLt products");
     struct ctx c = ctx_open();
     uint64_t rng = 21;
     const int N = 4096, IC = 768, OC = 1536;
@@ -364,11 +344,11 @@ Test(gemm, bitwise_repeatable) {
     void *bias = rand_bf16((size_t)OC, 0.5f, &rng, &h3);
     void *dout = rand_bf16((size_t)N * OC, 1.0f, &rng, &h4);
     size_t no = (size_t)N * OC, ni = (size_t)N * IC, nw = (size_t)OC * IC;
-    void *out[2] = {dev_alloc(no * 2), dev_alloc(no * 2)},
-         *pre[2] = {dev_alloc(no * 2), dev_alloc(no * 2)};
-    void *dinp[2] = {dev_alloc(ni * 2), dev_alloc(ni * 2)};
-    float *dw[2] = {dev_alloc(nw * 4), dev_alloc(nw * 4)},
-          *db[2] = {dev_alloc(OC * 4), dev_alloc(OC * 4)};
+    void *out[2] = {ct_alloc(no * 2), ct_alloc(no * 2)},
+         *pre[2] = {ct_alloc(no * 2), ct_alloc(no * 2)};
+    void *dinp[2] = {ct_alloc(ni * 2), ct_alloc(ni * 2)};
+    float *dw[2] = {ct_alloc(nw * 4), ct_alloc(nw * 4)},
+          *db[2] = {ct_alloc(OC * 4), ct_alloc(OC * 4)};
     for (int r = 0; r < 2; r++) {
         cr_assert_eq(cudaMemset(dw[r], 0, nw * 4), cudaSuccess);
         cr_assert_eq(cudaMemset(db[r], 0, OC * 4), cudaSuccess);
@@ -393,8 +373,8 @@ Test(gemm, bitwise_repeatable) {
     for (size_t p = 0; p < sizeof pairs / sizeof pairs[0]; p++) {
         unsigned char *x = malloc(pairs[p].bytes), *y = malloc(pairs[p].bytes);
         cr_assert(x && y);
-        download(x, pairs[p].a, pairs[p].bytes);
-        download(y, pairs[p].b, pairs[p].bytes);
+        ct_download(x, pairs[p].a, pairs[p].bytes);
+        ct_download(y, pairs[p].b, pairs[p].bytes);
         cr_expect(memcmp(x, y, pairs[p].bytes) == 0, "%s differs between two identical calls",
                   pairs[p].what);
         free(x);
@@ -424,7 +404,7 @@ Test(gemm, bitwise_repeatable) {
 // error, averages out: the mean signed distance to the tanh form must be far below that to the
 // erf form. Likewise for the derivative in the backward (dout = 1 through unit weights).
 Test(gemm, gelu_is_tanh_approximation) {
-    require_gpu();
+    ct_require_gpu("the cuBLASLt products");
     struct ctx c = ctx_open();
     const int N = 512, K = 8, M = 64; // fwd: IC = K, OC = M; bwd: OC = K, IC = M
     uint16_t *x_h = malloc((size_t)N * K * 2), *w_h = malloc((size_t)M * K * 2);
@@ -436,13 +416,13 @@ Test(gemm, gelu_is_tanh_approximation) {
     }
     for (int o = 0; o < M; o++)
         for (int i = 0; i < K; i++) w_h[o * K + i] = tp_bf16_from_f32(i == o % K ? 1.0f : 0.0f);
-    void *x = dev_alloc((size_t)N * K * 2), *w = dev_alloc((size_t)M * K * 2);
-    void *ones = dev_alloc((size_t)N * K * 2);
-    void *out = dev_alloc((size_t)N * M * 2), *pre = dev_alloc((size_t)N * M * 2);
-    void *dinp = dev_alloc((size_t)N * M * 2);
-    upload(x, x_h, (size_t)N * K * 2);
-    upload(w, w_h, (size_t)M * K * 2);
-    upload(ones, one_h, (size_t)N * K * 2);
+    void *x = ct_alloc((size_t)N * K * 2), *w = ct_alloc((size_t)M * K * 2);
+    void *ones = ct_alloc((size_t)N * K * 2);
+    void *out = ct_alloc((size_t)N * M * 2), *pre = ct_alloc((size_t)N * M * 2);
+    void *dinp = ct_alloc((size_t)N * M * 2);
+    ct_upload(x, x_h, (size_t)N * K * 2);
+    ct_upload(w, w_h, (size_t)M * K * 2);
+    ct_upload(ones, one_h, (size_t)N * K * 2);
     cr_assert_eq(gemm_fwd(c.g, out, pre, x, w, NULL, N, K, M), GEMM_OK, "%s", gemm_last_error(c.g));
     // w (M, K) read as (OC = M, IC = K) forward; backward needs w (OC = K, IC = M): its transpose,
     // which for unit rows is again "column i takes input i % K"
@@ -450,8 +430,8 @@ Test(gemm, gelu_is_tanh_approximation) {
     cr_assert(wt_h);
     for (int o = 0; o < K; o++)
         for (int i = 0; i < M; i++) wt_h[o * M + i] = tp_bf16_from_f32(i % K == o ? 1.0f : 0.0f);
-    void *wt = dev_alloc((size_t)K * M * 2);
-    upload(wt, wt_h, (size_t)K * M * 2);
+    void *wt = ct_alloc((size_t)K * M * 2);
+    ct_upload(wt, wt_h, (size_t)K * M * 2);
     cr_assert_eq(gemm_bwd_data(c.g, dinp, ones, wt, pre, N, M, K), GEMM_OK, "%s",
                  gemm_last_error(c.g));
     sync_ok();
