@@ -257,8 +257,8 @@ def lr_at(tc, step):
     return lr
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_args(ap):
+    """The options this script shares with torch_tp_bench.py (config, overrides, batch, steps)."""
     ap.add_argument("config", nargs="?", default="configs/gpt2-124m.yaml", help="tptrain config file")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config key (repeatable), as tptrain's --set")
@@ -267,15 +267,11 @@ def main():
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the statistics (default 5)")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="bf16 autocast (default) or plain fp32")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="torch.compile(model): auto = on with CUDA")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    ap.add_argument("--random-data", action="store_true", help="random tokens instead of data.train")
-    ap.add_argument("--peak-tflops", type=float, default=0.0,
-                    help="peak for MFU (default: log.peak_tflops, else 989 bf16 / 67 fp32 on a GPU)")
-    ap.add_argument("--json", help="also write the result line to this file")
-    args = ap.parse_args()
 
+
+def resolve_config(args):
+    """The config with the overrides applied, checked for a timed single-micro-step run: returns
+    (cfg, model keys, train keys), warmup_steps clamped to the steps."""
     cfg = read_config(args.config)
     for s in args.set:
         apply_set(cfg, s)
@@ -294,6 +290,23 @@ def main():
         sys.exit(f"train.steps={steps} must exceed --skip {args.skip}")
     if tc["warmup_steps"] > steps:
         tc["warmup_steps"] = steps
+    return cfg, mc, tc
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(ap)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="torch.compile(model): auto = on with CUDA")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--random-data", action="store_true", help="random tokens instead of data.train")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="peak for MFU (default: log.peak_tflops, else 989 bf16 / 67 fp32 on a GPU)")
+    ap.add_argument("--json", help="also write the result line to this file")
+    args = ap.parse_args()
+
+    cfg, mc, tc = resolve_config(args)
+    B, T, steps = int(tc["micro_batch"]), int(mc["seq_len"]), int(tc["steps"])
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

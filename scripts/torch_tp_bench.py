@@ -283,14 +283,7 @@ def nccl_ms_per_step(run_steps, n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", nargs="?", default="configs/gpt2-124m.yaml", help="tptrain config file")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override one config key (repeatable), as tptrain's --set")
-    ap.add_argument("--batch", type=int, help="micro_batch (same as --set train.micro_batch=N)")
-    ap.add_argument("--steps", type=int, help="steps in all, skipped ones included (train.steps)")
-    ap.add_argument("--skip", type=int, default=5, help="first steps left out of the statistics (default 5)")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                    help="bf16 autocast (default) or plain fp32")
+    base.add_common_args(ap)
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="torch.compile: auto = on with CUDA")
     ap.add_argument("--compile-scope", choices=["blocks", "trunk"], default="blocks",
@@ -310,24 +303,8 @@ def main():
     ap.add_argument("--json", help="also write the result line to this file (rank 0)")
     args = ap.parse_args()
 
-    cfg = base.read_config(args.config)
-    for s in args.set:
-        base.apply_set(cfg, s)
-    if args.batch is not None:
-        base.apply_set(cfg, f"train.micro_batch={args.batch}")
-    if args.steps is not None:
-        base.apply_set(cfg, f"train.steps={args.steps}")
-    mc = {k: base.get(cfg, "model", k) for k in base.DEFAULTS["model"]}
-    tc = {k: base.get(cfg, "train", k) for k in base.DEFAULTS["train"]}
+    cfg, mc, tc = base.resolve_config(args)
     B, T, steps = int(tc["micro_batch"]), int(mc["seq_len"]), int(tc["steps"])
-    accum = int(tc["grad_accum"]) or (int(tc["global_batch"]) // (B * T) if tc["global_batch"] else 1)
-    if accum != 1:
-        sys.exit(f"grad_accum {accum}: this benchmark times single micro-step optimizer steps; "
-                 "set train.grad_accum=1 (or train.global_batch=0)")
-    if steps <= args.skip:
-        sys.exit(f"train.steps={steps} must exceed --skip {args.skip}")
-    if tc["warmup_steps"] > steps:
-        tc["warmup_steps"] = steps
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no GPU")
