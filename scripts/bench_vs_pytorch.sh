@@ -59,6 +59,8 @@ runs=$raw/runs.tsv
 failed=0
 
 # ---- environment and build
+# shellcheck source=scripts/build_tptrain.sh
+. scripts/build_tptrain.sh
 if [ -f .device-deps/setup.sh ]; then
     # shellcheck disable=SC1091
     . .device-deps/setup.sh >"$raw/setup.log" 2>&1 || echo "warning: .device-deps/setup.sh failed (see raw/setup.log)"
@@ -75,15 +77,7 @@ built=1
 case " $tools " in *" tptrain "*)
     if [ "$do_build" = 1 ]; then
         echo "==== build tptrain in $build ($meson_args)"
-        {
-            if [ ! -f "$build/build.ninja" ]; then
-                # The test suite needs Criterion; without it, build the tool alone.
-                extra=""
-                pkg-config --exists criterion 2>/dev/null || extra="-Dtests=false"
-                # shellcheck disable=SC2086  # meson_args is a list of options
-                meson setup "$build" $meson_args $extra
-            fi && ninja -C "$build" tptrain
-        } >"$raw/build.log" 2>&1 || built=0
+        build_tptrain "$build" "$meson_args" "$raw/build.log" || built=0
     fi
     if [ $built = 0 ] || [ ! -x "$build/tptrain" ]; then
         built=0

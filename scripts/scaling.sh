@@ -260,20 +260,15 @@ cfg_value() { # cfg_value CONFIG KEY: the value of `  KEY:` in the config file
 }
 
 # ---- build
+# shellcheck source=scripts/build_tptrain.sh
+. scripts/build_tptrain.sh
 
 bin=$build/tptrain
 built=1
 if [ "$do_build" = 1 ]; then
     echo "==== build tptrain in $build ($meson_args)"
     t0=$SECONDS
-    {
-        if [ ! -f "$build/build.ninja" ]; then
-            extra=""
-            pkg-config --exists criterion 2>/dev/null || extra="-Dtests=false"
-            # shellcheck disable=SC2086  # meson_args is a list of options
-            meson setup "$build" $meson_args $extra
-        fi && ninja -C "$build" tptrain
-    } >"$raw/build.log" 2>&1 || built=0
+    build_tptrain "$build" "$meson_args" "$raw/build.log" || built=0
     echo "build: $((SECONDS - t0)) s"
 fi
 if [ $built = 0 ] || [ ! -x "$bin" ]; then
