@@ -51,6 +51,24 @@ struct fa_bufs {
     float *lse, *scratch;              // device: (B, NH, T), bwd scratch
 };
 
+// Device buffers for one (B, T, NH) problem, and their release.
+static struct fa_bufs fa_bufs_alloc(int B, int T, int NH) {
+    size_t BT = (size_t)B * T, C = (size_t)NH * HS;
+    struct fa_bufs d;
+    d.qkv = ct_alloc(BT * 3 * C * 2);
+    d.out = ct_alloc(BT * C * 2);
+    d.dout = ct_alloc(BT * C * 2);
+    d.dqkv = ct_alloc(BT * 3 * C * 2);
+    d.lse = ct_alloc((size_t)B * NH * T * 4);
+    d.scratch = ct_alloc(flash_attention_bwd_scratch_floats(B, T, NH, HS) * 4);
+    return d;
+}
+
+static void fa_bufs_free(struct fa_bufs *d) {
+    void *all[] = {d->qkv, d->out, d->dout, d->dqkv, d->lse, d->scratch};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) cudaFree(all[i]);
+}
+
 static void run_gpu(const struct fa_bufs *d, int B, int T, int NH) {
     int C = NH * HS;
     size_t BT = (size_t)B * T;
@@ -105,15 +123,9 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
     ci->copy_to_host(cpu.ctx, ref_dqkv, c_dqkv, nqkv * 4);
 
     // GPU
-    struct fa_bufs d;
-    d.qkv = ct_alloc(nqkv * 2);
-    d.out = ct_alloc(nout * 2);
-    d.dout = ct_alloc(nout * 2);
-    d.dqkv = ct_alloc(nqkv * 2);
-    d.lse = ct_alloc(nlse * 4);
-    size_t nfs = flash_attention_bwd_scratch_floats(B, T, NH, HS);
-    cr_assert_geq(nfs, nlse, "scratch must at least hold D (B, NH, T)");
-    d.scratch = ct_alloc(nfs * 4);
+    struct fa_bufs d = fa_bufs_alloc(B, T, NH);
+    cr_assert_geq(flash_attention_bwd_scratch_floats(B, T, NH, HS), nlse,
+                  "scratch must at least hold D (B, NH, T)");
     ct_upload(d.qkv, qkv_h, nqkv * 2);
     ct_upload(d.dout, dout_h, nout * 2);
     run_gpu(&d, B, T, NH);
@@ -182,12 +194,7 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
     free(g_out);
     free(g_dqkv);
     free(g_lse);
-    cudaFree(d.qkv);
-    cudaFree(d.out);
-    cudaFree(d.dout);
-    cudaFree(d.dqkv);
-    cudaFree(d.lse);
-    cudaFree(d.scratch);
+    fa_bufs_free(&d);
     free(ref_out);
     free(ref_dqkv);
     ci->free(cpu.ctx, c_qkv);
@@ -233,18 +240,12 @@ Test(flash_attention, rejects_bad_args) {
 Test(flash_attention, timing_gpt2) {
     ct_require_gpu("the flash-attention kernels");
     int B = 16, NH = 12, T = 1024, C = NH * HS;
-    size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
+    size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C;
     uint64_t rng = 99;
     uint16_t *h = malloc(nqkv * 2);
     cr_assert(h);
     for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
-    struct fa_bufs d;
-    d.qkv = ct_alloc(nqkv * 2);
-    d.out = ct_alloc(nout * 2);
-    d.dout = ct_alloc(nout * 2);
-    d.dqkv = ct_alloc(nqkv * 2);
-    d.lse = ct_alloc(nlse * 4);
-    d.scratch = ct_alloc(flash_attention_bwd_scratch_floats(B, T, NH, HS) * 4);
+    struct fa_bufs d = fa_bufs_alloc(B, T, NH);
     ct_upload(d.qkv, h, nqkv * 2);
     ct_upload(d.dout, h, nout * 2); // any finite values serve as dout
     cudaEvent_t e0, e1, e2;
@@ -294,12 +295,7 @@ Test(flash_attention, timing_gpt2) {
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
     cudaEventDestroy(e2);
-    cudaFree(d.qkv);
-    cudaFree(d.out);
-    cudaFree(d.dout);
-    cudaFree(d.dqkv);
-    cudaFree(d.lse);
-    cudaFree(d.scratch);
+    fa_bufs_free(&d);
     free(h);
 }
 
