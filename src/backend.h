@@ -138,7 +138,8 @@ struct backend_i {
                                    const void *res, const void *x, const void *bias, const void *w,
                                    const void *b, int N, int C);
 
-    // ---- GELU, tanh approximation (the model fuses it into matmul; these serve decode and benches)
+    // ---- GELU, tanh approximation, standalone (the model, decode and the benches use the fused
+    // matmul forms; these are the unfused reference the tests check those against)
     void (*gelu_fwd)(void *ctx, void *out, const void *inp, size_t n);              // out = gelu(inp)
     void (*gelu_bwd)(void *ctx, void *dinp, const void *inp, const void *dout, size_t n); // dinp = gelu'(inp) * dout; may alias dout
 
