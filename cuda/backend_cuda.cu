@@ -1803,17 +1803,19 @@ static void cuda_gelu_bwd(void *ctx, void *dinp, const void *inp, const void *do
 
 // -- attention
 //
-// bf16 with HS = 64: the fused kernels of flash_attention.h. saved (B, NH, T) = log-sum-exp of
-// each query row; scratch = what flash_attention_bwd asks for. q, k, v are the slices of qkv with
-// the row stride 3 * NH * HS; dq, dk, dv the same slices of dqkv.
+// bf16: the fused kernels of flash_attention.h, every head size they take (config validation
+// refuses the others). saved (B, NH, T) = log-sum-exp of each query row; scratch = what
+// flash_attention_bwd asks for. q, k, v are the slices of qkv with the row stride 3 * NH * HS;
+// dq, dk, dv the same slices of dqkv. Memory O(B * NH * T): no (T, T) matrix.
 //
-// Otherwise (fp32, or bf16 with another head size) the naive path:
+// fp32, the reference: the naive path.
 // saved   (B, NH, T, T): the softmax probabilities (0 above the diagonal)
 // scratch: q, k, v, y (B, NH, T, HS) each, then for the backward dq, dk, dv (B, NH, T, HS) and
 //          datt (B, NH, T, T). y holds the forward's per-head output, and dy in the backward.
-//          bf16 adds fp32 staging after that: qkv (3 S), out or dout (S), dqkv (3 S).
 
-static bool attn_flash(const struct cuda_ctx *c, int HS) { return is_bf16(c) && HS == 64; }
+static bool attn_flash(const struct cuda_ctx *c, int HS) {
+    return is_bf16(c) && flash_attention_supported(HS);
+}
 
 static size_t attn_naive_scratch(int B, int T, int NH, int HS) {
     size_t S = (size_t)B * NH * T * HS;
@@ -1829,9 +1831,15 @@ static size_t cuda_attention_saved_floats(void *ctx, int B, int T, int NH, int H
 static size_t cuda_attention_scratch_floats(void *ctx, int B, int T, int NH, int HS) {
     struct cuda_ctx *c = (struct cuda_ctx *)ctx;
     if (attn_flash(c, HS)) return flash_attention_bwd_scratch_floats(B, T, NH, HS);
-    size_t n = attn_naive_scratch(B, T, NH, HS);
-    if (is_bf16(c)) n += 7 * (size_t)B * NH * T * HS;
-    return n;
+    return attn_naive_scratch(B, T, NH, HS);
+}
+
+// bf16 with a head size the fused kernels do not take: config validation refuses such models,
+// so reaching this is a caller's bug.
+static void attn_bf16_unsupported(int HS) {
+    fprintf(stderr, "tptrain: bf16 attention needs a head size that is a multiple of 8 in "
+                    "[8, 256], got %d; use precision: fp32\n", HS);
+    exit(1);
 }
 
 static void attn_naive_fwd(struct cuda_ctx *c, float *out, float *saved, float *scratch,
@@ -1917,13 +1925,7 @@ static void cuda_attention_fwd(void *ctx, void *out, float *saved, float *scratc
         FLASH_CHECK(rc, "flash_attention_fwd (attention_fwd)", B, T, NH, HS);
         return;
     }
-    // another head size: the fp32 path on widened copies
-    size_t S = (size_t)B * NH * T * HS;
-    float *qkv32 = scratch + attn_naive_scratch(B, T, NH, HS); // (B, T, 3C)
-    float *out32 = qkv32 + 3 * S;                              // (B, T, C)
-    launch_convert(c, qkv32, x, 3 * S);
-    attn_naive_fwd(c, out32, saved, scratch, qkv32, B, T, NH, HS);
-    launch_convert(c, (bf16 *)out, out32, S);
+    attn_bf16_unsupported(HS);
 }
 
 static void cuda_attention_bwd(void *ctx, void *dqkv, float *scratch, const void *dout,
@@ -1946,14 +1948,7 @@ static void cuda_attention_bwd(void *ctx, void *dqkv, float *scratch, const void
         FLASH_CHECK(rc, "flash_attention_bwd (attention_bwd)", B, T, NH, HS);
         return;
     }
-    size_t S = (size_t)B * NH * T * HS;
-    float *qkv32 = scratch + attn_naive_scratch(B, T, NH, HS); // (B, T, 3C)
-    float *dout32 = qkv32 + 3 * S;                             // (B, T, C)
-    float *dqkv32 = dout32 + S;                                // (B, T, 3C)
-    launch_convert(c, qkv32, x, 3 * S);
-    launch_convert(c, dout32, (const bf16 *)dout, S);
-    attn_naive_bwd(c, dqkv32, scratch, dout32, qkv32, saved, B, T, NH, HS);
-    launch_convert(c, dx, dqkv32, 3 * S);
+    attn_bf16_unsupported(HS);
 }
 
 static void cuda_attention_decode(void *ctx, void *out, float *scratch, const void *q,

@@ -1,4 +1,5 @@
-// flash_attention.cu: fused causal attention in bf16 on tensor cores (see flash_attention.h).
+// flash_attention.cu: fused causal attention in bf16 on tensor cores, the portable path (see
+// flash_attention.h; sm_80 and newer).
 //
 // Every product is mma.sync m16n8k16 (bf16 operands, fp32 accumulators) on fragments that stay in
 // registers: a warp owns 16 rows (queries in the forward and the dq kernel, keys in the dk/dv
@@ -6,9 +7,16 @@
 // them in place (a row's four owners exchange maxima and sums through quad shuffles), and the
 // probabilities are repacked as bf16 A fragments for the next product without touching shared
 // memory. Shared memory holds only the operand tiles, filled by cp.async two or three tiles deep
-// and read with ldmatrix (.trans where the product needs the tile's transpose); rows of 64 bf16
-// (128 bytes, 8 chunks of 16) are stored with chunk c of row r at c ^ (r % 8), so the 8 row
+// and read with ldmatrix (.trans where the product needs the tile's transpose); rows of D bf16
+// (D / 8 chunks of 16 bytes) are stored with chunk c of row r at c ^ (r % 8), so the 8 row
 // addresses of every ldmatrix phase and of every cp.async quarter-warp fall in distinct banks.
+//
+// Head sizes: the kernels are instantiated for D = 64, 128 and 256 columns; a head size HS <= D
+// (a multiple of 8) runs in the smallest D that holds it, its columns past HS zero-filled in
+// shared memory (they add nothing to q . k, and the output columns they produce are not stored).
+// Products skip the 16-column steps that hold only padding. Where a warp's accumulators for all
+// D output columns would not fit in registers (D = 256; dk/dv at D = 128 and 256), the backward
+// kernels split the output columns over NS blocks, each recomputing the scores.
 //
 // Causality: tiles entirely above the diagonal are never visited; inside a diagonal tile 16-wide
 // chunks past a warp's last row are skipped and only the diagonal tiles are masked. Softmax
@@ -19,7 +27,7 @@
 // the query tiles) then reads D. Both recompute P from q, k and the saved log-sum-exp, trading two
 // recomputed products for determinism.
 //
-// Sections: constants and shared layout, device helpers, kernels, launchers.
+// Sections: constants and shared layout, device helpers, per-tile bodies, kernels, launchers.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <limits.h>
@@ -32,54 +40,32 @@ typedef __nv_bfloat16 fa_bf16;
 
 // ---- constants and shared layout
 
-#define FA_HS 64       // head size the kernels are written for
-#define FA_TILE 64     // rows of the tiles a block walks over (keys in fwd/dq, queries in dk/dv)
-#define FA_ROWB 128    // bytes of one shared row: 64 bf16
-#define FA_TILEB (FA_TILE * FA_ROWB) // bytes of one 64-row shared tile
+#define FA_TILE 64 // rows of the tiles a block walks over (keys in fwd/dq, queries in dk/dv)
+#define FA_WARPS 4 // warps per block, 16 own rows each (4-warp blocks beat 8-warp ones at D = 64)
+#define FA_NT (FA_WARPS * 32)
+#define FA_BM (FA_WARPS * 16) // rows a block owns
 
-// Warps per block (16 own rows each). A build may override these tuning constants to compare
-// variants; the defaults are the fastest measured on an H200 at B = 16 and 32, NH = 12, T = 1024
-// (4-warp blocks beat 8-warp ones everywhere; stages and reloading moved times by a few percent).
-#ifndef FA_FWD_WARPS
-#define FA_FWD_WARPS 4
-#endif
-#ifndef FA_DQ_WARPS
-#define FA_DQ_WARPS 4
-#endif
-#ifndef FA_DKV_WARPS
-#define FA_DKV_WARPS 4
-#endif
-// Shared-memory stages of the walked tiles (2: double buffering), the blocks per SM the register
-// allocation must allow (__launch_bounds__'s second argument; 1 leaves it free), and whether a
-// warp re-reads the fragments of its own rows (Q; Q and dO; K and V) from shared memory for every
-// tile instead of holding them in registers (fewer registers, more ldmatrix).
-#ifndef FA_FWD_STAGES
-#define FA_FWD_STAGES 2
-#endif
-#ifndef FA_FWD_MINB
-#define FA_FWD_MINB 4
-#endif
-#ifndef FA_DQ_STAGES
-#define FA_DQ_STAGES 3
-#endif
-#ifndef FA_DQ_MINB
-#define FA_DQ_MINB 3
-#endif
-#ifndef FA_DKV_STAGES
-#define FA_DKV_STAGES 3
-#endif
-#ifndef FA_DKV_MINB
-#define FA_DKV_MINB 3
-#endif
-#ifndef FA_FWD_RELOAD
-#define FA_FWD_RELOAD true
-#endif
-#ifndef FA_DQ_RELOAD
-#define FA_DQ_RELOAD false
-#endif
-#ifndef FA_DKV_RELOAD
-#define FA_DKV_RELOAD true
-#endif
+// Per padded head size D: shared-memory stages of the walked tiles (2: double buffering), the
+// blocks per SM the register allocation must allow (__launch_bounds__'s second argument), and the
+// output-column splits of the backward kernels. The D = 64 figures are the fastest measured on an
+// H200 at B = 16 and 32, NH = 12, T = 1024; the others keep every kernel free of register spills
+// (ptxas -v) with two blocks per SM where shared memory allows.
+template <int D> struct fa_cfg;
+template <> struct fa_cfg<64> {
+    static constexpr int fwd_st = 2, fwd_minb = 4;
+    static constexpr int dq_st = 3, dq_minb = 3, dq_ns = 1;
+    static constexpr int dkv_st = 3, dkv_minb = 3, dkv_ns = 1;
+};
+template <> struct fa_cfg<128> {
+    static constexpr int fwd_st = 2, fwd_minb = 2;
+    static constexpr int dq_st = 2, dq_minb = 2, dq_ns = 1;
+    static constexpr int dkv_st = 2, dkv_minb = 1, dkv_ns = 1;
+};
+template <> struct fa_cfg<256> {
+    static constexpr int fwd_st = 2, fwd_minb = 1;
+    static constexpr int dq_st = 2, dq_minb = 1, dq_ns = 2;
+    static constexpr int dkv_st = 2, dkv_minb = 1, dkv_ns = 2;
+};
 
 #define FA_LOG2E 1.4426950408889634f
 #define FA_LN2 0.6931471805599453f
@@ -90,9 +76,9 @@ __device__ __forceinline__ static uint32_t fa_smem_u32(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }
 
-// Byte offset of chunk (8 bf16) `chunk` of row `row` in a swizzled shared tile.
-__device__ __forceinline__ static uint32_t fa_sw(int row, int chunk) {
-    return (uint32_t)(row * FA_ROWB + ((chunk ^ (row & 7)) << 4));
+// Byte offset of chunk (8 bf16) `chunk` of row `row` in a swizzled shared tile of D columns.
+template <int D> __device__ __forceinline__ static uint32_t fa_sw(int row, int chunk) {
+    return (uint32_t)(row * (2 * D) + ((chunk ^ (row & 7)) << 4));
 }
 
 // 16 bytes global -> shared, bypassing L1; zero-filled when !valid (src is then not read).
@@ -160,69 +146,73 @@ __device__ __forceinline__ static uint32_t fa_pack(float lo, float hi) {
 // - B pattern: matrices (rows 0-7, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 0-7),
 //   (rows 8-15, cols 8-15). Plain, the column fragments of n-tiles rows 0-7 and rows 8-15 of a
 //   product against the tile's transpose (scores: rows are keys, columns the head dimension).
+template <int D>
 __device__ __forceinline__ static uint32_t fa_addr_a(uint32_t base, int row0, int chunk0,
                                                      int lane) {
-    return base + fa_sw(row0 + (lane & 7) + ((lane >> 3) & 1) * 8, chunk0 + (lane >> 4));
+    return base + fa_sw<D>(row0 + (lane & 7) + ((lane >> 3) & 1) * 8, chunk0 + (lane >> 4));
 }
 
+template <int D>
 __device__ __forceinline__ static uint32_t fa_addr_b(uint32_t base, int row0, int chunk0,
                                                      int lane) {
-    return base + fa_sw(row0 + (lane & 7) + (lane >> 4) * 8, chunk0 + ((lane >> 3) & 1));
+    return base + fa_sw<D>(row0 + (lane & 7) + (lane >> 4) * 8, chunk0 + ((lane >> 3) & 1));
 }
 
 // Rows [row0, row0 + ROWS) of one head (src points at its row 0, rows stride elements apart)
-// into a swizzled (ROWS, 64) shared tile at dst; rows at or past T are zero-filled, so padded
-// queries and keys give finite scores that the masks then drop. Thread i copies chunk i % 8 of
-// rows i / 8 + j * NT / 8; NT / 8 is a multiple of 8, so every one of its rows has the same swizzle
-// and its addresses differ by constants.
-template <int ROWS, int NT>
+// into a swizzled (ROWS, D) shared tile at dst. Rows at or past T, and chunks at or past hc (the
+// head's real chunks), are zero-filled, so padded queries and keys give finite scores that the
+// masks then drop, and padded columns add nothing. Thread i copies chunk i % (D / 8) of rows
+// i / (D / 8) + j * (NT / (D / 8)).
+template <int D, int ROWS>
 __device__ __forceinline__ static void fa_load_tile(uint32_t dst, const fa_bf16 *src,
-                                                    size_t stride, int row0, int T) {
-    static_assert((ROWS * 8) % NT == 0 && (NT / 8) % 8 == 0, "tile rows must divide evenly");
-    int r = (int)threadIdx.x >> 3, c = (int)threadIdx.x & 7;
-    uint32_t so = dst + fa_sw(r, c);
+                                                    size_t stride, int row0, int T, int hc) {
+    constexpr int CH = D / 8, RP = FA_NT / CH; // chunks per row, rows per pass
+    static_assert(FA_NT % CH == 0 && ROWS % RP == 0, "tile rows must divide evenly");
+    int r = (int)threadIdx.x / CH, c = (int)threadIdx.x % CH;
+    bool cok = c < hc;
     const fa_bf16 *p = src + (size_t)(row0 + r) * stride + c * 8;
-    size_t step = (size_t)(NT / 8) * stride;
+    size_t step = (size_t)RP * stride;
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / NT; j++) {
-        bool ok = row0 + r + j * (NT / 8) < T;
-        fa_cp16(so + j * (NT / 8) * FA_ROWB, ok ? p + j * step : src, ok);
+    for (int j = 0; j < ROWS / RP; j++) {
+        bool ok = cok && row0 + r + j * RP < T;
+        fa_cp16(dst + fa_sw<D>(r + j * RP, c), ok ? p + j * step : src, ok);
     }
 }
 
 // 64 floats [row0, row0 + 64) of a (T) row into shared dst; zero past T.
-template <int NT>
-__device__ __forceinline__ static void fa_load_vec(uint32_t dst, const float *src, int row0,
-                                                   int T) {
-    for (int i = (int)threadIdx.x; i < FA_TILE; i += NT) {
+__device__ __forceinline__ static void fa_load_vec(uint32_t dst, const float *src, int row0, int T) {
+    for (int i = (int)threadIdx.x; i < FA_TILE; i += FA_NT) {
         bool ok = row0 + i < T;
         fa_cp4(dst + 4u * (uint32_t)i, ok ? src + row0 + i : src, ok);
     }
 }
 
-// A warp's 16 x 64 fp32 accumulators acc (8 n-tiles), times mul, as bf16 to rows [row0, row0+16)
-// of dst (row stride stride), rows at or past T skipped. Staged through the warp's own 16 rows of
-// a swizzled shared tile (stage_row0 there) so the global stores are whole 16-byte chunks.
+// A warp's 16 x NO fp32 accumulators acc (NO / 8 n-tiles, head columns from chunk c0), times mul,
+// as bf16 to rows [row0, row0+16) of dst (row stride stride); rows at or past T and chunks at or
+// past hc skipped. Staged through the warp's own 16 rows of a swizzled (., D) shared tile
+// (stage_row0 there) so the global stores are whole 16-byte chunks.
+template <int D, int NO>
 __device__ __forceinline__ static void fa_store_rows(fa_bf16 *dst, size_t stride,
-                                                     const float (&acc)[8][4], float mul,
+                                                     const float (&acc)[NO / 8][4], float mul,
                                                      unsigned char *stage, int stage_row0,
-                                                     int row0, int T, int lane) {
+                                                     int row0, int T, int c0, int hc, int lane) {
     int g = lane >> 2, tq = lane & 3;
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < NO / 8; j++) {
         int ra = stage_row0 + g, rb = ra + 8;
-        *reinterpret_cast<uint32_t *>(stage + fa_sw(ra, j) + 4 * tq) =
+        *reinterpret_cast<uint32_t *>(stage + fa_sw<D>(ra, c0 + j) + 4 * tq) =
             fa_pack(acc[j][0] * mul, acc[j][1] * mul);
-        *reinterpret_cast<uint32_t *>(stage + fa_sw(rb, j) + 4 * tq) =
+        *reinterpret_cast<uint32_t *>(stage + fa_sw<D>(rb, c0 + j) + 4 * tq) =
             fa_pack(acc[j][2] * mul, acc[j][3] * mul);
     }
     __syncwarp();
+    constexpr int CO = NO / 8; // chunks per row
 #pragma unroll
-    for (int it = 0; it < 4; it++) {
-        int c = lane + 32 * it, r = c >> 3, ch = c & 7;
-        if (row0 + r < T)
+    for (int it = 0; it < 16 * CO / 32; it++) {
+        int c = lane + 32 * it, r = c / CO, ch = c0 + c % CO;
+        if (row0 + r < T && ch < hc)
             *reinterpret_cast<uint4 *>(dst + (size_t)(row0 + r) * stride + ch * 8) =
-                *reinterpret_cast<const uint4 *>(stage + fa_sw(stage_row0 + r, ch));
+                *reinterpret_cast<const uint4 *>(stage + fa_sw<D>(stage_row0 + r, ch));
     }
 }
 
@@ -238,56 +228,87 @@ __device__ __forceinline__ static void fa_to_afrag(uint32_t (&f)[4][4], const fl
     }
 }
 
-__device__ __forceinline__ static void fa_zero(float (&x)[8][4]) {
+template <int N> __device__ __forceinline__ static void fa_zero(float (&x)[N][4]) {
 #pragma unroll
-    for (int j = 0; j < 8; j++) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
+    for (int j = 0; j < N; j++) x[j][0] = x[j][1] = x[j][2] = x[j][3] = 0.0f;
 }
 
 // ---- per-tile bodies
 //
 // Each handles one warp's 16 rows against one 64-row tile. The DIAG / EDGE instances serve the
 // few tiles that cross the diagonal (or T): they skip 16-wide chunks with nothing visible and
-// mask. The plain instances have no branches, and their products run the k-step loop outside the
-// chunk loop, so consecutive mma instructions feed different accumulators and overlap.
+// mask. The plain instances have no branches beyond the padding checks (uniform across the warp),
+// and their products run the k-step loop outside the chunk loop, so consecutive mma instructions
+// feed different accumulators and overlap. A warp's own row fragments (Q; Q and dO; K and V) are
+// re-read from shared memory one 16-column step at a time rather than held, which keeps the
+// register count flat in D. hc: chunks of 8 columns that hold real head data (HS / 8).
 
-// Forward: S = Q K^T, online softmax, O += P V. kb, vb: the K and V tiles; k0 the tile's first
-// key, r0 the warp's first query; nkc: 16-key chunks holding a key <= the warp's last query.
-// acc (16 x 64) += a (the warp's 16 rows x 64, as four 16-wide A fragments) . the 64 x 64 tile
-// at tile (its rows read transposed by ldmatrix); with DIAG only the first nkc 16-row chunks.
-template <bool DIAG>
-__device__ __forceinline__ static void fa_mma_tile(float (&acc)[8][4], const uint32_t (&a)[4][4],
-                                                   uint32_t tile, int nkc, int lane) {
+// acc (16 x NO, head columns from chunk c0) += a (the warp's 16 rows x 64 tile rows, as four
+// 16-wide A fragments) . the tile's rows (64 x D, read transposed by ldmatrix), columns c0...;
+// with DIAG only the first nkc 16-row chunks.
+template <bool DIAG, int D, int NO>
+__device__ __forceinline__ static void fa_mma_tile(float (&acc)[NO / 8][4],
+                                                   const uint32_t (&a)[4][4], uint32_t tile,
+                                                   int nkc, int c0, int hc, int lane) {
 #pragma unroll
     for (int kc = 0; kc < 4; kc++) {
         if (DIAG && kc >= nkc) continue;
 #pragma unroll
-        for (int nd = 0; nd < 4; nd++) {
+        for (int nd = 0; nd < NO / 16; nd++) {
+            if (c0 + 2 * nd >= hc) continue;
             uint32_t b[4];
-            fa_ldsm_t(b, fa_addr_a(tile, 16 * kc, 2 * nd, lane));
+            fa_ldsm_t(b, fa_addr_a<D>(tile, 16 * kc, c0 + 2 * nd, lane));
             fa_mma(acc[2 * nd], a[kc], b[0], b[1]);
             fa_mma(acc[2 * nd + 1], a[kc], b[2], b[3]);
         }
     }
 }
 
-template <bool DIAG>
-__device__ __forceinline__ static void fa_fwd_tile(float (&o)[8][4], float (&m)[2], float (&l)[2],
-                                                   const uint32_t (&qf)[4][4], uint32_t kb,
-                                                   uint32_t vb, int k0, int r0, int nkc, int lane,
-                                                   float scale_log2) {
-    int g = lane >> 2, tq = lane & 3;
-    float s[8][4];
+// s (16 x 64) = rows (the warp's 16 rows at xrow0 of tile xb) . the 64 rows of tile yb, over all
+// head columns; with a second pair (xb2, yb2) also s2 = rows of xb2 . rows of yb2 (the dP
+// product beside the scores). With SKIP, 16-row chunks of yb below c_lo or at or past c_hi are
+// not computed.
+template <bool SKIP, bool TWO, int D>
+__device__ __forceinline__ static void fa_scores(float (&s)[8][4], float (&s2)[8][4], uint32_t xb,
+                                                 uint32_t xb2, int xrow0, uint32_t yb,
+                                                 uint32_t yb2, int c_lo, int c_hi, int hc,
+                                                 int lane) {
     fa_zero(s);
+    if (TWO) fa_zero(s2);
 #pragma unroll
-    for (int kd = 0; kd < 4; kd++)
+    for (int kd = 0; kd < D / 16; kd++) {
+        if (2 * kd >= hc) continue;
+        uint32_t xf[4], xf2[4];
+        fa_ldsm(xf, fa_addr_a<D>(xb, xrow0, 2 * kd, lane));
+        if (TWO) fa_ldsm(xf2, fa_addr_a<D>(xb2, xrow0, 2 * kd, lane));
 #pragma unroll
         for (int kc = 0; kc < 4; kc++) {
-            if (DIAG && kc >= nkc) continue;
-            uint32_t bf[4];
-            fa_ldsm(bf, fa_addr_b(kb, 16 * kc, 2 * kd, lane));
-            fa_mma(s[2 * kc], qf[kd], bf[0], bf[1]);
-            fa_mma(s[2 * kc + 1], qf[kd], bf[2], bf[3]);
+            if (SKIP && (kc < c_lo || kc >= c_hi)) continue;
+            uint32_t by[4];
+            fa_ldsm(by, fa_addr_b<D>(yb, 16 * kc, 2 * kd, lane));
+            fa_mma(s[2 * kc], xf, by[0], by[1]);
+            fa_mma(s[2 * kc + 1], xf, by[2], by[3]);
+            if (TWO) {
+                uint32_t by2[4];
+                fa_ldsm(by2, fa_addr_b<D>(yb2, 16 * kc, 2 * kd, lane));
+                fa_mma(s2[2 * kc], xf2, by2[0], by2[1]);
+                fa_mma(s2[2 * kc + 1], xf2, by2[2], by2[3]);
+            }
         }
+    }
+}
+
+// Forward: S = Q K^T, online softmax, O += P V. qb: the Q tile (the warp's rows at wrow0); kb, vb:
+// the K and V tiles; k0 the tile's first key, r0 the warp's first query; nkc: 16-key chunks
+// holding a key <= the warp's last query.
+template <bool DIAG, int D>
+__device__ __forceinline__ static void fa_fwd_tile(float (&o)[D / 8][4], float (&m)[2],
+                                                   float (&l)[2], uint32_t qb, int wrow0,
+                                                   uint32_t kb, uint32_t vb, int k0, int r0,
+                                                   int nkc, int hc, int lane, float scale_log2) {
+    int g = lane >> 2, tq = lane & 3;
+    float s[8][4];
+    fa_scores<DIAG, false, D>(s, s, qb, qb, wrow0, kb, kb, 0, nkc, hc, lane);
     if (DIAG) { // keys past the row; this also covers the skipped chunks
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -317,6 +338,9 @@ __device__ __forceinline__ static void fa_fwd_tile(float (&o)[8][4], float (&m)[
             s[j][2 * hr] = p0;
             s[j][2 * hr + 1] = p1;
             sum += p0 + p1;
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
             o[j][2 * hr] *= alpha;
             o[j][2 * hr + 1] *= alpha;
         }
@@ -324,34 +348,20 @@ __device__ __forceinline__ static void fa_fwd_tile(float (&o)[8][4], float (&m)[
     }
     uint32_t pf[4][4];
     fa_to_afrag(pf, s);
-    fa_mma_tile<DIAG>(o, pf, vb, nkc, lane);
+    fa_mma_tile<DIAG, D, D>(o, pf, vb, nkc, 0, hc, lane);
 }
 
-// dq kernel: S = Q K^T, dP = dO V^T, dS = P (dP - D), dQ += dS K. lrow, drow: lse (log2 units)
-// and D of rows g and g + 8.
-template <bool DIAG>
-__device__ __forceinline__ static void fa_dq_tile(float (&acc)[8][4], const uint32_t (&qf)[4][4],
-                                                  const uint32_t (&df)[4][4], uint32_t kb,
+// dq kernel: S = Q K^T, dP = dO V^T, dS = P (dP - D), dQ[:, c0...] += dS K[:, c0...]. lrow,
+// drow: lse (log2 units) and D of rows g and g + 8.
+template <bool DIAG, int D, int NO>
+__device__ __forceinline__ static void fa_dq_tile(float (&acc)[NO / 8][4], uint32_t qb,
+                                                  uint32_t dob, int wrow0, uint32_t kb,
                                                   uint32_t vb, int k0, int r0, int nkc,
                                                   const float (&lrow)[2], const float (&drow)[2],
-                                                  int lane, float scale_log2) {
+                                                  int c0, int hc, int lane, float scale_log2) {
     int g = lane >> 2, tq = lane & 3;
     float s[8][4], dp[8][4];
-    fa_zero(s);
-    fa_zero(dp);
-#pragma unroll
-    for (int kd = 0; kd < 4; kd++)
-#pragma unroll
-        for (int kc = 0; kc < 4; kc++) {
-            if (DIAG && kc >= nkc) continue;
-            uint32_t bk[4], bv[4];
-            fa_ldsm(bk, fa_addr_b(kb, 16 * kc, 2 * kd, lane));
-            fa_ldsm(bv, fa_addr_b(vb, 16 * kc, 2 * kd, lane));
-            fa_mma(s[2 * kc], qf[kd], bk[0], bk[1]);
-            fa_mma(s[2 * kc + 1], qf[kd], bk[2], bk[3]);
-            fa_mma(dp[2 * kc], df[kd], bv[0], bv[1]);
-            fa_mma(dp[2 * kc + 1], df[kd], bv[2], bv[3]);
-        }
+    fa_scores<DIAG, true, D>(s, dp, qb, dob, wrow0, kb, vb, 0, nkc, hc, lane);
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -363,37 +373,24 @@ __device__ __forceinline__ static void fa_dq_tile(float (&acc)[8][4], const uint
         }
     uint32_t sf[4][4];
     fa_to_afrag(sf, s);
-    fa_mma_tile<DIAG>(acc, sf, kb, nkc, lane);
+    fa_mma_tile<DIAG, D, NO>(acc, sf, kb, nkc, c0, hc, lane);
 }
 
 // dk/dv kernel, transposed (rows = the warp's 16 keys from k0, columns = the tile's 64 queries
-// from q0): S^T = K Q^T, dP^T = V dO^T, P^T, dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q.
-// Lt, Dt: the tile's lse (natural log) and D in shared memory. EDGE: the tile crosses the
-// diagonal or T; chunks before qc0 hold only queries that precede every key of the warp.
-template <bool EDGE>
-__device__ __forceinline__ static void fa_dkdv_tile(float (&dka)[8][4], float (&dva)[8][4],
-                                                    const uint32_t (&kf)[4][4],
-                                                    const uint32_t (&vf)[4][4], uint32_t qb,
-                                                    uint32_t db, const float *Lt, const float *Dt,
-                                                    int q0, int k0, int qc0, int T, int lane,
+// from q0): S^T = K Q^T, dP^T = V dO^T, P^T, dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q
+// (output columns from chunk c0). Lt, Dt: the tile's lse (natural log) and D in shared memory.
+// EDGE: the tile crosses the diagonal or T; chunks before qc0 hold only queries that precede
+// every key of the warp.
+template <bool EDGE, int D, int NO>
+__device__ __forceinline__ static void fa_dkdv_tile(float (&dka)[NO / 8][4], float (&dva)[NO / 8][4],
+                                                    uint32_t kb, uint32_t vb, int wrow0,
+                                                    uint32_t qb, uint32_t db, const float *Lt,
+                                                    const float *Dt, int q0, int k0, int qc0,
+                                                    int T, int c0, int hc, int lane,
                                                     float scale_log2) {
     int g = lane >> 2, tq = lane & 3;
     float s[8][4], dp[8][4];
-    fa_zero(s);
-    fa_zero(dp);
-#pragma unroll
-    for (int kd = 0; kd < 4; kd++)
-#pragma unroll
-        for (int qc = 0; qc < 4; qc++) {
-            if (EDGE && qc < qc0) continue;
-            uint32_t bq[4], bd[4];
-            fa_ldsm(bq, fa_addr_b(qb, 16 * qc, 2 * kd, lane));
-            fa_ldsm(bd, fa_addr_b(db, 16 * qc, 2 * kd, lane));
-            fa_mma(s[2 * qc], kf[kd], bq[0], bq[1]);
-            fa_mma(s[2 * qc + 1], kf[kd], bq[2], bq[3]);
-            fa_mma(dp[2 * qc], vf[kd], bd[0], bd[1]);
-            fa_mma(dp[2 * qc + 1], vf[kd], bd[2], bd[3]);
-        }
+    fa_scores<EDGE, true, D>(s, dp, kb, vb, wrow0, qb, db, qc0, 4, hc, lane);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         int c = 8 * j + 2 * tq; // this lane's column pair within the query tile
@@ -416,10 +413,11 @@ __device__ __forceinline__ static void fa_dkdv_tile(float (&dka)[8][4], float (&
     for (int qc = 0; qc < 4; qc++) {
         if (EDGE && qc < qc0) continue;
 #pragma unroll
-        for (int nd = 0; nd < 4; nd++) {
+        for (int nd = 0; nd < NO / 16; nd++) {
+            if (c0 + 2 * nd >= hc) continue;
             uint32_t bd[4], bq[4];
-            fa_ldsm_t(bd, fa_addr_a(db, 16 * qc, 2 * nd, lane));
-            fa_ldsm_t(bq, fa_addr_a(qb, 16 * qc, 2 * nd, lane));
+            fa_ldsm_t(bd, fa_addr_a<D>(db, 16 * qc, c0 + 2 * nd, lane));
+            fa_ldsm_t(bq, fa_addr_a<D>(qb, 16 * qc, c0 + 2 * nd, lane));
             fa_mma(dva[2 * nd], pf[qc], bd[0], bd[1]);
             fa_mma(dva[2 * nd + 1], pf[qc], bd[2], bd[3]);
             fa_mma(dka[2 * nd], sf[qc], bq[0], bq[1]);
@@ -429,77 +427,75 @@ __device__ __forceinline__ static void fa_dkdv_tile(float (&dka)[8][4], float (&
 }
 
 // ---- kernels
+//
+// Blocks of FA_WARPS warps own FA_BM rows. Shared tiles have D columns (2 * D bytes a row).
 
-// Forward. grid (B*NH, ceil(T/BM)), block NW warps, BM = NW*16 queries per block. Query tiles
-// are taken heaviest (last) first so the long blocks start early and the short ones fill the
-// tail. ST, MINB, RL: see the tuning constants at the top.
-template <int NW, int ST, int MINB, bool RL>
-static __global__ void __launch_bounds__(NW * 32, MINB)
+// Forward. grid (B*NH, ceil(T/FA_BM)). Query tiles are taken heaviest (last) first so the long
+// blocks start early and the short ones fill the tail.
+template <int D>
+static __global__ void __launch_bounds__(FA_NT, fa_cfg<D>::fwd_minb)
 fa_fwd_kernel(fa_bf16 *out, float *lse, const fa_bf16 *q, const fa_bf16 *k, const fa_bf16 *v,
-              int T, int NH, size_t qkv_stride, size_t out_stride, float scale_log2) {
+              int T, int NH, int HS, size_t qkv_stride, size_t out_stride, float scale_log2) {
     // out (B, T, NH, HS) row stride out_stride; lse (B, NH, T); q, k, v (B, T, NH, HS) row
     // stride qkv_stride
-    constexpr int NT = NW * 32, BM = NW * 16;
+    constexpr int ST = fa_cfg<D>::fwd_st, ROWB = 2 * D, TILEB = FA_TILE * ROWB;
     extern __shared__ __align__(128) unsigned char fa_smem[];
-    unsigned char *q_s = fa_smem;           // (BM, 64) swizzled; later the output staging
+    unsigned char *q_s = fa_smem;             // (FA_BM, D) swizzled; later the output staging
     const uint32_t sQ = fa_smem_u32(q_s);
-    const uint32_t sK = sQ + BM * FA_ROWB;  // ST x (64, 64) swizzled
-    const uint32_t sV = sK + ST * FA_TILEB; // ST x (64, 64) swizzled
+    const uint32_t sK = sQ + FA_BM * ROWB;    // ST x (64, D) swizzled
+    const uint32_t sV = sK + ST * TILEB;      // ST x (64, D) swizzled
 
     int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     int g = lane >> 2, tq = lane & 3; // fragment row (and row + 8) and column pair of this lane
-    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * FA_HS;
+    int hc = HS / 8;
+    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     const fa_bf16 *kh = k + head_off, *vh = v + head_off;
-    int q0 = qt * BM;
-    int nkt = (min(q0 + BM, T) - 1) / FA_TILE + 1; // key tiles holding a key <= a valid query
+    int q0 = qt * FA_BM;
+    int nkt = (min(q0 + FA_BM, T) - 1) / FA_TILE + 1; // key tiles holding a key <= a valid query
 
     // Q lands with key tile 0; one commit group per tile, empty ones included, so that the
     // wait in the loop always leaves exactly ST - 2 groups in flight.
-    fa_load_tile<BM, NT>(sQ, q + head_off, qkv_stride, q0, T);
+    fa_load_tile<D, FA_BM>(sQ, q + head_off, qkv_stride, q0, T, hc);
 #pragma unroll
     for (int st = 0; st < ST - 1; st++) {
         if (st < nkt) {
-            fa_load_tile<FA_TILE, NT>(sK + st * FA_TILEB, kh, qkv_stride, st * FA_TILE, T);
-            fa_load_tile<FA_TILE, NT>(sV + st * FA_TILEB, vh, qkv_stride, st * FA_TILE, T);
+            fa_load_tile<D, FA_TILE>(sK + st * TILEB, kh, qkv_stride, st * FA_TILE, T, hc);
+            fa_load_tile<D, FA_TILE>(sV + st * TILEB, vh, qkv_stride, st * FA_TILE, T, hc);
         }
         fa_cp_commit();
     }
 
     int r0 = q0 + warp * 16; // this warp's first query
-    float o[8][4];           // unnormalised output, 16 x 64
+    float o[D / 8][4];       // unnormalised output, 16 x D
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}; // running max (raw), partial sum
     fa_zero(o);
-    uint32_t qf[4][4]; // Q A fragments, one per 16-column k-step
 
     for (int kt = 0; kt < nkt; kt++) {
         fa_cp_wait<ST - 2>();
         __syncthreads(); // tile kt has landed; every warp is done with tile kt - 1's buffer
         if (kt + ST - 1 < nkt) {
-            uint32_t nb = (uint32_t)((kt + ST - 1) % ST) * FA_TILEB;
-            fa_load_tile<FA_TILE, NT>(sK + nb, kh, qkv_stride, (kt + ST - 1) * FA_TILE, T);
-            fa_load_tile<FA_TILE, NT>(sV + nb, vh, qkv_stride, (kt + ST - 1) * FA_TILE, T);
+            uint32_t nb = (uint32_t)((kt + ST - 1) % ST) * TILEB;
+            fa_load_tile<D, FA_TILE>(sK + nb, kh, qkv_stride, (kt + ST - 1) * FA_TILE, T, hc);
+            fa_load_tile<D, FA_TILE>(sV + nb, vh, qkv_stride, (kt + ST - 1) * FA_TILE, T, hc);
         }
         fa_cp_commit();
         int k0 = kt * FA_TILE;
         if (r0 >= T || k0 > r0) continue; // no valid query, or every key is in the future
-        if (RL || kt == 0) { // every warp with a valid query visits tile 0
-#pragma unroll
-            for (int kd = 0; kd < 4; kd++) fa_ldsm(qf[kd], fa_addr_a(sQ, warp * 16, 2 * kd, lane));
-        }
-        uint32_t cb = (uint32_t)(kt % ST) * FA_TILEB;
+        uint32_t cb = (uint32_t)(kt % ST) * TILEB;
         if (k0 + FA_TILE - 1 > r0)
-            fa_fwd_tile<true>(o, m, l, qf, sK + cb, sV + cb, k0, r0,
-                              min(4, (r0 + 15 - k0) / 16 + 1), lane, scale_log2);
+            fa_fwd_tile<true, D>(o, m, l, sQ, warp * 16, sK + cb, sV + cb, k0, r0,
+                                 min(4, (r0 + 15 - k0) / 16 + 1), hc, lane, scale_log2);
         else
-            fa_fwd_tile<false>(o, m, l, qf, sK + cb, sV + cb, k0, r0, 4, lane, scale_log2);
+            fa_fwd_tile<false, D>(o, m, l, sQ, warp * 16, sK + cb, sV + cb, k0, r0, 4, hc, lane,
+                                  scale_log2);
     }
 
-    // normalise, write out (staged through this warp's own rows of the Q tile, read only into
-    // registers above) and the log-sum-exp in natural-log units
+    // normalise, write out (staged through this warp's own rows of the Q tile, which only this
+    // warp reads) and the log-sum-exp in natural-log units
     float *lse_h = lse + (size_t)bh * T;
-    size_t out_off = (size_t)b * T * out_stride + (size_t)h * FA_HS;
+    size_t out_off = (size_t)b * T * out_stride + (size_t)h * HS;
     float inv[2];
 #pragma unroll
     for (int hr = 0; hr < 2; hr++) {
@@ -511,66 +507,70 @@ fa_fwd_kernel(fa_bf16 *out, float *lse, const fa_bf16 *q, const fa_bf16 *k, cons
         if (tq == 0 && row < T) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * FA_LN2;
     }
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < D / 8; j++) {
         o[j][0] *= inv[0];
         o[j][1] *= inv[0];
         o[j][2] *= inv[1];
         o[j][3] *= inv[1];
     }
-    fa_store_rows(out + out_off, out_stride, o, 1.0f, q_s, warp * 16, r0, T, lane);
+    __syncwarp(); // the warp's last ldmatrix of its Q rows precedes the staging stores
+    fa_store_rows<D, D>(out + out_off, out_stride, o, 1.0f, q_s, warp * 16, r0, T, 0, hc, lane);
 }
 
-// dq for one query tile, and D = rowsum(dout * out) for its rows: grid (B*NH, ceil(T/BM)),
-// block NW warps, BM = NW*16; each warp owns 16 queries and walks the key tiles up to the
-// diagonal, accumulating dq in registers.
-template <int NW, int ST, int MINB, bool RL>
-static __global__ void __launch_bounds__(NW * 32, MINB)
-fa_bwd_dq_kernel(fa_bf16 *dq, float *D, const fa_bf16 *dout, const fa_bf16 *out,
+// dq for one query tile (output columns split over gridDim.z blocks), and D = rowsum(dout * out)
+// for its rows (written by split 0): grid (B*NH, ceil(T/FA_BM), NS); each warp owns 16 queries
+// and walks the key tiles up to the diagonal.
+template <int D>
+static __global__ void __launch_bounds__(FA_NT, fa_cfg<D>::dq_minb)
+fa_bwd_dq_kernel(fa_bf16 *dq, float *Dv, const fa_bf16 *dout, const fa_bf16 *out,
                  const fa_bf16 *q, const fa_bf16 *k, const fa_bf16 *v, const float *lse, int T,
-                 int NH, size_t qkv_stride, size_t out_stride, float scale, float scale_log2) {
+                 int NH, int HS, size_t qkv_stride, size_t out_stride, float scale,
+                 float scale_log2) {
     // dq, q, k, v (B, T, NH, HS) row stride qkv_stride; dout, out (B, T, NH, HS) row stride
-    // out_stride; D, lse (B, NH, T)
-    constexpr int NT = NW * 32, BM = NW * 16;
+    // out_stride; lse, Dv (B, NH, T)
+    constexpr int ST = fa_cfg<D>::dq_st, NO = D / fa_cfg<D>::dq_ns;
+    constexpr int ROWB = 2 * D, TILEB = FA_TILE * ROWB;
     extern __shared__ __align__(128) unsigned char fa_smem[];
-    unsigned char *q_s = fa_smem;           // (BM, 64) swizzled; later the dq staging
+    unsigned char *q_s = fa_smem; // (FA_BM, D); later the dq staging
     const uint32_t sQ = fa_smem_u32(q_s);
-    const uint32_t sdO = sQ + BM * FA_ROWB; // (BM, 64)
-    const uint32_t sK = sdO + BM * FA_ROWB; // ST x (64, 64)
-    const uint32_t sV = sK + ST * FA_TILEB; // ST x (64, 64)
+    const uint32_t sdO = sQ + FA_BM * ROWB; // (FA_BM, D)
+    const uint32_t sK = sdO + FA_BM * ROWB; // ST x (64, D)
+    const uint32_t sV = sK + ST * TILEB;    // ST x (64, D)
 
     int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int c0 = (int)blockIdx.z * (NO / 8); // first output chunk of this block
     int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     int g = lane >> 2;
-    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * FA_HS;
-    size_t dout_off = (size_t)b * T * out_stride + (size_t)h * FA_HS;
+    int hc = HS / 8;
+    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
+    size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
     const fa_bf16 *kh = k + head_off, *vh = v + head_off;
-    int q0 = qt * BM;
-    int nkt = (min(q0 + BM, T) - 1) / FA_TILE + 1;
+    int q0 = qt * FA_BM;
+    int nkt = (min(q0 + FA_BM, T) - 1) / FA_TILE + 1;
 
-    fa_load_tile<BM, NT>(sQ, q + head_off, qkv_stride, q0, T);
-    fa_load_tile<BM, NT>(sdO, dout + dout_off, out_stride, q0, T);
+    fa_load_tile<D, FA_BM>(sQ, q + head_off, qkv_stride, q0, T, hc);
+    fa_load_tile<D, FA_BM>(sdO, dout + dout_off, out_stride, q0, T, hc);
 #pragma unroll
     for (int st = 0; st < ST - 1; st++) { // as in the forward: one group per tile
         if (st < nkt) {
-            fa_load_tile<FA_TILE, NT>(sK + st * FA_TILEB, kh, qkv_stride, st * FA_TILE, T);
-            fa_load_tile<FA_TILE, NT>(sV + st * FA_TILEB, vh, qkv_stride, st * FA_TILE, T);
+            fa_load_tile<D, FA_TILE>(sK + st * TILEB, kh, qkv_stride, st * FA_TILE, T, hc);
+            fa_load_tile<D, FA_TILE>(sV + st * TILEB, vh, qkv_stride, st * FA_TILE, T, hc);
         }
         fa_cp_commit();
     }
 
-    // D for this warp's 16 rows while the tiles land: lane = (row, half of the columns)
+    // D for this warp's 16 rows while the tiles land: lane = (row, every other 8-column chunk)
     int r0 = q0 + warp * 16;
     float drow[2], lrow[2]; // D and lse (log2 units) of rows g and g + 8
     {
-        int rr = lane >> 1, c0 = (lane & 1) * 32, t = r0 + rr;
+        int rr = lane >> 1, t = r0 + rr;
         float d = 0.0f;
         if (t < T) {
-            size_t off = dout_off + (size_t)t * out_stride + c0;
+            size_t off = dout_off + (size_t)t * out_stride;
             const uint4 *a = reinterpret_cast<const uint4 *>(dout + off);
             const uint4 *o = reinterpret_cast<const uint4 *>(out + off);
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
+            for (int c = lane & 1; c < hc; c += 2) {
                 uint4 av = a[c], ov = o[c];
                 const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
                 const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
@@ -583,7 +583,7 @@ fa_bwd_dq_kernel(fa_bf16 *dq, float *D, const fa_bf16 *dout, const fa_bf16 *out,
             }
         }
         d += __shfl_xor_sync(0xffffffffu, d, 1);
-        if ((lane & 1) == 0 && t < T) D[(size_t)bh * T + t] = d;
+        if ((lane & 1) == 0 && t < T && blockIdx.z == 0) Dv[(size_t)bh * T + t] = d;
         drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
         drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
 #pragma unroll
@@ -593,93 +593,90 @@ fa_bwd_dq_kernel(fa_bf16 *dq, float *D, const fa_bf16 *dout, const fa_bf16 *out,
         }
     }
 
-    float acc[8][4]; // dq (unscaled), 16 x 64
+    float acc[NO / 8][4]; // dq (unscaled), 16 x NO
     fa_zero(acc);
-    uint32_t qf[4][4], df[4][4]; // Q and dO A fragments
 
     for (int kt = 0; kt < nkt; kt++) {
         fa_cp_wait<ST - 2>();
         __syncthreads();
         if (kt + ST - 1 < nkt) {
-            uint32_t nb = (uint32_t)((kt + ST - 1) % ST) * FA_TILEB;
-            fa_load_tile<FA_TILE, NT>(sK + nb, kh, qkv_stride, (kt + ST - 1) * FA_TILE, T);
-            fa_load_tile<FA_TILE, NT>(sV + nb, vh, qkv_stride, (kt + ST - 1) * FA_TILE, T);
+            uint32_t nb = (uint32_t)((kt + ST - 1) % ST) * TILEB;
+            fa_load_tile<D, FA_TILE>(sK + nb, kh, qkv_stride, (kt + ST - 1) * FA_TILE, T, hc);
+            fa_load_tile<D, FA_TILE>(sV + nb, vh, qkv_stride, (kt + ST - 1) * FA_TILE, T, hc);
         }
         fa_cp_commit();
         int k0 = kt * FA_TILE;
         if (r0 >= T || k0 > r0) continue; // no valid query, or every key is in the future
-        if (RL || kt == 0) {
-#pragma unroll
-            for (int kd = 0; kd < 4; kd++) {
-                fa_ldsm(qf[kd], fa_addr_a(sQ, warp * 16, 2 * kd, lane));
-                fa_ldsm(df[kd], fa_addr_a(sdO, warp * 16, 2 * kd, lane));
-            }
-        }
-        uint32_t cb = (uint32_t)(kt % ST) * FA_TILEB;
+        uint32_t cb = (uint32_t)(kt % ST) * TILEB;
         if (k0 + FA_TILE - 1 > r0)
-            fa_dq_tile<true>(acc, qf, df, sK + cb, sV + cb, k0, r0,
-                             min(4, (r0 + 15 - k0) / 16 + 1), lrow, drow, lane, scale_log2);
+            fa_dq_tile<true, D, NO>(acc, sQ, sdO, warp * 16, sK + cb, sV + cb, k0, r0,
+                                    min(4, (r0 + 15 - k0) / 16 + 1), lrow, drow, c0, hc, lane,
+                                    scale_log2);
         else
-            fa_dq_tile<false>(acc, qf, df, sK + cb, sV + cb, k0, r0, 4, lrow, drow, lane,
-                              scale_log2);
+            fa_dq_tile<false, D, NO>(acc, sQ, sdO, warp * 16, sK + cb, sV + cb, k0, r0, 4, lrow,
+                                     drow, c0, hc, lane, scale_log2);
     }
 
-    // the warp's own rows of the Q tile were read only into qf, at kt = 0
-    fa_store_rows(dq + head_off, qkv_stride, acc, scale, q_s, warp * 16, r0, T, lane);
+    __syncwarp(); // the warp's own Q rows (only it reads them) become its staging rows
+    fa_store_rows<D, NO>(dq + head_off, qkv_stride, acc, scale, q_s, warp * 16, r0, T, c0, hc,
+                         lane);
 }
 
-// dk, dv for one key tile: grid (B*NH, ceil(T/BN)), block NW warps, BN = NW*16; each warp owns 16
-// keys and walks the 64-query tiles from the diagonal to the end. Block y = 0 is the key tile
-// that sees the most queries, so the heaviest blocks start first.
-template <int NW, int ST, int MINB, bool RL>
-static __global__ void __launch_bounds__(NW * 32, MINB)
+// dk, dv for one key tile (output columns split over gridDim.z blocks): grid (B*NH,
+// ceil(T/FA_BM), NS); each warp owns 16 keys and walks the 64-query tiles from the diagonal to
+// the end. Block y = 0 is the key tile that sees the most queries, so the heaviest blocks start
+// first.
+template <int D>
+static __global__ void __launch_bounds__(FA_NT, fa_cfg<D>::dkv_minb)
 fa_bwd_dkdv_kernel(fa_bf16 *dk, fa_bf16 *dv, const fa_bf16 *dout, const fa_bf16 *q,
-                   const fa_bf16 *k, const fa_bf16 *v, const float *lse, const float *D, int T,
-                   int NH, size_t qkv_stride, size_t out_stride, float scale, float scale_log2) {
+                   const fa_bf16 *k, const fa_bf16 *v, const float *lse, const float *Dv, int T,
+                   int NH, int HS, size_t qkv_stride, size_t out_stride, float scale,
+                   float scale_log2) {
     // dk, dv, q, k, v (B, T, NH, HS) row stride qkv_stride; dout (B, T, NH, HS) row stride
-    // out_stride; lse, D (B, NH, T)
-    constexpr int NT = NW * 32, BN = NW * 16;
+    // out_stride; lse, Dv (B, NH, T)
+    constexpr int ST = fa_cfg<D>::dkv_st, NO = D / fa_cfg<D>::dkv_ns;
+    constexpr int ROWB = 2 * D, TILEB = FA_TILE * ROWB;
     extern __shared__ __align__(128) unsigned char fa_smem[];
-    unsigned char *k_s = fa_smem, *v_s = fa_smem + BN * FA_ROWB; // (BN, 64) each; later staging
+    unsigned char *k_s = fa_smem, *v_s = fa_smem + FA_BM * ROWB; // (FA_BM, D) each; later staging
     const uint32_t sK = fa_smem_u32(k_s);
-    const uint32_t sV = sK + BN * FA_ROWB;
-    const uint32_t sQ = sV + BN * FA_ROWB;     // ST x (64, 64)
-    const uint32_t sdO = sQ + ST * FA_TILEB;   // ST x (64, 64)
-    const uint32_t sL = sdO + ST * FA_TILEB;   // ST x (64) lse of the query tile
+    const uint32_t sV = sK + FA_BM * ROWB;
+    const uint32_t sQ = sV + FA_BM * ROWB;     // ST x (64, D)
+    const uint32_t sdO = sQ + ST * TILEB;      // ST x (64, D)
+    const uint32_t sL = sdO + ST * TILEB;      // ST x (64) lse of the query tile
     const uint32_t sD = sL + ST * FA_TILE * 4; // ST x (64) D of the query tile
     const float *Lf = reinterpret_cast<const float *>(fa_smem + (sL - sK));
     const float *Df = reinterpret_cast<const float *>(fa_smem + (sD - sK));
 
     int kt = (int)blockIdx.y;
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int c0 = (int)blockIdx.z * (NO / 8);
     int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
-    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * FA_HS;
-    size_t dout_off = (size_t)b * T * out_stride + (size_t)h * FA_HS;
+    int hc = HS / 8;
+    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
+    size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
     const fa_bf16 *qh = q + head_off, *doh = dout + dout_off;
-    const float *lse_h = lse + (size_t)bh * T, *D_h = D + (size_t)bh * T;
-    int k0 = kt * BN;
+    const float *lse_h = lse + (size_t)bh * T, *D_h = Dv + (size_t)bh * T;
+    int k0 = kt * FA_BM;
     int qt0 = k0 / FA_TILE, nqt = (T + FA_TILE - 1) / FA_TILE;
 
-    fa_load_tile<BN, NT>(sK, k + head_off, qkv_stride, k0, T);
-    fa_load_tile<BN, NT>(sV, v + head_off, qkv_stride, k0, T);
+    fa_load_tile<D, FA_BM>(sK, k + head_off, qkv_stride, k0, T, hc);
+    fa_load_tile<D, FA_BM>(sV, v + head_off, qkv_stride, k0, T, hc);
 #pragma unroll
     for (int st = 0; st < ST - 1; st++) { // as in the forward: one group per tile
         if (qt0 + st < nqt) {
             int row0 = (qt0 + st) * FA_TILE;
-            fa_load_tile<FA_TILE, NT>(sQ + st * FA_TILEB, qh, qkv_stride, row0, T);
-            fa_load_tile<FA_TILE, NT>(sdO + st * FA_TILEB, doh, out_stride, row0, T);
-            fa_load_vec<NT>(sL + st * FA_TILE * 4, lse_h, row0, T);
-            fa_load_vec<NT>(sD + st * FA_TILE * 4, D_h, row0, T);
+            fa_load_tile<D, FA_TILE>(sQ + st * TILEB, qh, qkv_stride, row0, T, hc);
+            fa_load_tile<D, FA_TILE>(sdO + st * TILEB, doh, out_stride, row0, T, hc);
+            fa_load_vec(sL + st * FA_TILE * 4, lse_h, row0, T);
+            fa_load_vec(sD + st * FA_TILE * 4, D_h, row0, T);
         }
         fa_cp_commit();
     }
 
     int wk0 = k0 + warp * 16; // this warp's first key
-    float dka[8][4], dva[8][4]; // dk (unscaled), dv: 16 keys x 64
+    float dka[NO / 8][4], dva[NO / 8][4]; // dk (unscaled), dv: 16 keys x NO
     fa_zero(dka);
     fa_zero(dva);
-    uint32_t kf[4][4], vf[4][4]; // K and V A fragments of the warp's keys
-    bool loaded = false;
 
     for (int qt = qt0; qt < nqt; qt++) {
         int it = qt - qt0;
@@ -688,48 +685,50 @@ fa_bwd_dkdv_kernel(fa_bf16 *dk, fa_bf16 *dv, const fa_bf16 *dout, const fa_bf16 
         if (qt + ST - 1 < nqt) {
             uint32_t nb = (uint32_t)((it + ST - 1) % ST);
             int row0 = (qt + ST - 1) * FA_TILE;
-            fa_load_tile<FA_TILE, NT>(sQ + nb * FA_TILEB, qh, qkv_stride, row0, T);
-            fa_load_tile<FA_TILE, NT>(sdO + nb * FA_TILEB, doh, out_stride, row0, T);
-            fa_load_vec<NT>(sL + nb * FA_TILE * 4, lse_h, row0, T);
-            fa_load_vec<NT>(sD + nb * FA_TILE * 4, D_h, row0, T);
+            fa_load_tile<D, FA_TILE>(sQ + nb * TILEB, qh, qkv_stride, row0, T, hc);
+            fa_load_tile<D, FA_TILE>(sdO + nb * TILEB, doh, out_stride, row0, T, hc);
+            fa_load_vec(sL + nb * FA_TILE * 4, lse_h, row0, T);
+            fa_load_vec(sD + nb * FA_TILE * 4, D_h, row0, T);
         }
         fa_cp_commit();
         int q0 = qt * FA_TILE;
         if (wk0 >= T || q0 + FA_TILE - 1 < wk0) continue; // every query precedes every key
-        if (RL || !loaded) { // a warp's first visited tile need not be the block's first
-#pragma unroll
-            for (int kd = 0; kd < 4; kd++) {
-                fa_ldsm(kf[kd], fa_addr_a(sK, warp * 16, 2 * kd, lane));
-                fa_ldsm(vf[kd], fa_addr_a(sV, warp * 16, 2 * kd, lane));
-            }
-            loaded = true;
-        }
         uint32_t buf = (uint32_t)(it % ST);
-        uint32_t qb = sQ + buf * FA_TILEB, db = sdO + buf * FA_TILEB;
+        uint32_t qb = sQ + buf * TILEB, db = sdO + buf * TILEB;
         const float *Lt = Lf + buf * FA_TILE, *Dt = Df + buf * FA_TILE;
         if (q0 < wk0 + 15 || q0 + FA_TILE > T) // 16-query chunks before qc0 precede every key
-            fa_dkdv_tile<true>(dka, dva, kf, vf, qb, db, Lt, Dt, q0, wk0, max(0, (wk0 - q0) / 16),
-                               T, lane, scale_log2);
+            fa_dkdv_tile<true, D, NO>(dka, dva, sK, sV, warp * 16, qb, db, Lt, Dt, q0, wk0,
+                                      max(0, (wk0 - q0) / 16), T, c0, hc, lane, scale_log2);
         else
-            fa_dkdv_tile<false>(dka, dva, kf, vf, qb, db, Lt, Dt, q0, wk0, 0, T, lane,
-                                scale_log2);
+            fa_dkdv_tile<false, D, NO>(dka, dva, sK, sV, warp * 16, qb, db, Lt, Dt, q0, wk0, 0,
+                                       T, c0, hc, lane, scale_log2);
     }
 
-    // the warp's own rows of the K and V tiles were read only into kf, vf on the first pass
-    fa_store_rows(dv + head_off, qkv_stride, dva, 1.0f, v_s, warp * 16, wk0, T, lane);
-    fa_store_rows(dk + head_off, qkv_stride, dka, scale, k_s, warp * 16, wk0, T, lane);
+    // the warp's own rows of the K and V tiles (only it reads them) become its staging rows
+    __syncwarp();
+    fa_store_rows<D, NO>(dv + head_off, qkv_stride, dva, 1.0f, v_s, warp * 16, wk0, T, c0, hc,
+                         lane);
+    fa_store_rows<D, NO>(dk + head_off, qkv_stride, dka, scale, k_s, warp * 16, wk0, T, c0, hc,
+                         lane);
 }
 
 // ---- launchers
 
+// The padded head size a head size runs in (0: unsupported).
+static int fa_padded(int HS) {
+    if (HS < 8 || HS % 8 != 0) return 0;
+    return HS <= 64 ? 64 : HS <= 128 ? 128 : HS <= 256 ? 256 : 0;
+}
+
 // Shapes, strides and alignment the kernels rely on: 16-byte row chunks need 16-byte aligned
 // pointers and strides that are multiples of 8 bf16.
 static bool fa_args_ok(int B, int T, int NH, int HS, int qkv_stride, int out_stride) {
-    if (HS != FA_HS || B < 1 || T < 1 || NH < 1) return false;
-    if (qkv_stride < NH * HS || out_stride < NH * HS) return false;
+    if (fa_padded(HS) == 0 || B < 1 || T < 1 || NH < 1) return false;
+    if ((long long)qkv_stride < (long long)NH * HS || (long long)out_stride < (long long)NH * HS)
+        return false;
     if (qkv_stride % 8 != 0 || out_stride % 8 != 0) return false;
-    if ((size_t)B * NH > (size_t)INT_MAX) return false;          // gridDim.x
-    if ((T + FA_TILE - 1) / FA_TILE > 65535) return false;         // gridDim.y
+    if ((long long)B * NH > (long long)INT_MAX) return false; // gridDim.x
+    if ((T + FA_BM - 1) / FA_BM > 65535) return false;        // gridDim.y
     return true;
 }
 
@@ -749,49 +748,47 @@ static bool fa_smem_attr(const void *kernel, size_t bytes) {
     return false;
 }
 
-template <int NW, int ST, int MINB, bool RL>
+template <int D>
 static int fa_fwd_launch(cudaStream_t st, fa_bf16 *out, float *lse, const fa_bf16 *q,
-                         const fa_bf16 *k, const fa_bf16 *v, int B, int T, int NH,
+                         const fa_bf16 *k, const fa_bf16 *v, int B, int T, int NH, int HS,
                          int qkv_stride, int out_stride) {
-    constexpr int BM = NW * 16;
-    size_t smem = (size_t)BM * FA_ROWB + 2 * ST * FA_TILEB;
-    if (!fa_smem_attr((const void *)fa_fwd_kernel<NW, ST, MINB, RL>, smem)) return FLASH_ECUDA;
-    float scale_log2 = FA_LOG2E / sqrtf((float)FA_HS);
-    dim3 grid((unsigned)(B * NH), (unsigned)((T + BM - 1) / BM));
-    fa_fwd_kernel<NW, ST, MINB, RL><<<grid, NW * 32, smem, st>>>(
-        out, lse, q, k, v, T, NH, (size_t)qkv_stride, (size_t)out_stride, scale_log2);
+    constexpr int ROWB = 2 * D;
+    size_t smem = (size_t)FA_BM * ROWB + 2 * (size_t)fa_cfg<D>::fwd_st * FA_TILE * ROWB;
+    if (!fa_smem_attr((const void *)fa_fwd_kernel<D>, smem)) return FLASH_ECUDA;
+    float scale_log2 = FA_LOG2E / sqrtf((float)HS);
+    dim3 grid((unsigned)(B * NH), (unsigned)((T + FA_BM - 1) / FA_BM));
+    fa_fwd_kernel<D><<<grid, FA_NT, smem, st>>>(out, lse, q, k, v, T, NH, HS, (size_t)qkv_stride,
+                                                (size_t)out_stride, scale_log2);
     return fa_launch_status();
 }
 
-template <int NW, int ST, int MINB, bool RL>
-static int fa_dq_launch(cudaStream_t st, fa_bf16 *dq, float *D, const fa_bf16 *dout,
-                        const fa_bf16 *out, const fa_bf16 *q, const fa_bf16 *k, const fa_bf16 *v,
-                        const float *lse, int B, int T, int NH, int qkv_stride, int out_stride) {
-    constexpr int BM = NW * 16;
-    size_t smem = 2 * (size_t)BM * FA_ROWB + 2 * ST * FA_TILEB;
-    if (!fa_smem_attr((const void *)fa_bwd_dq_kernel<NW, ST, MINB, RL>, smem)) return FLASH_ECUDA;
-    float scale = 1.0f / sqrtf((float)FA_HS), scale_log2 = scale * FA_LOG2E;
-    dim3 grid((unsigned)(B * NH), (unsigned)((T + BM - 1) / BM));
-    fa_bwd_dq_kernel<NW, ST, MINB, RL><<<grid, NW * 32, smem, st>>>(
-        dq, D, dout, out, q, k, v, lse, T, NH, (size_t)qkv_stride, (size_t)out_stride, scale,
+template <int D>
+static int fa_bwd_launch(cudaStream_t st, fa_bf16 *dq, fa_bf16 *dk, fa_bf16 *dv,
+                         const fa_bf16 *dout, const fa_bf16 *q, const fa_bf16 *k,
+                         const fa_bf16 *v, const fa_bf16 *out, const float *lse, float *Dv, int B,
+                         int T, int NH, int HS, int qkv_stride, int out_stride) {
+    constexpr int ROWB = 2 * D;
+    typedef fa_cfg<D> cfg;
+    float scale = 1.0f / sqrtf((float)HS), scale_log2 = scale * FA_LOG2E;
+    unsigned tiles = (unsigned)((T + FA_BM - 1) / FA_BM);
+
+    size_t smem = 2 * (size_t)FA_BM * ROWB + 2 * (size_t)cfg::dq_st * FA_TILE * ROWB;
+    if (!fa_smem_attr((const void *)fa_bwd_dq_kernel<D>, smem)) return FLASH_ECUDA;
+    fa_bwd_dq_kernel<D><<<dim3((unsigned)(B * NH), tiles, cfg::dq_ns), FA_NT, smem, st>>>(
+        dq, Dv, dout, out, q, k, v, lse, T, NH, HS, (size_t)qkv_stride, (size_t)out_stride, scale,
+        scale_log2);
+    if (fa_launch_status() != FLASH_OK) return FLASH_ECUDA;
+
+    smem = 2 * (size_t)FA_BM * ROWB +
+           (size_t)cfg::dkv_st * (2 * FA_TILE * ROWB + 2 * FA_TILE * sizeof(float));
+    if (!fa_smem_attr((const void *)fa_bwd_dkdv_kernel<D>, smem)) return FLASH_ECUDA;
+    fa_bwd_dkdv_kernel<D><<<dim3((unsigned)(B * NH), tiles, cfg::dkv_ns), FA_NT, smem, st>>>(
+        dk, dv, dout, q, k, v, lse, Dv, T, NH, HS, (size_t)qkv_stride, (size_t)out_stride, scale,
         scale_log2);
     return fa_launch_status();
 }
 
-template <int NW, int ST, int MINB, bool RL>
-static int fa_dkdv_launch(cudaStream_t st, fa_bf16 *dk, fa_bf16 *dv, const fa_bf16 *dout,
-                          const fa_bf16 *q, const fa_bf16 *k, const fa_bf16 *v, const float *lse,
-                          const float *D, int B, int T, int NH, int qkv_stride, int out_stride) {
-    constexpr int BN = NW * 16;
-    size_t smem = 2 * (size_t)BN * FA_ROWB + ST * (2 * FA_TILEB + 2 * FA_TILE * sizeof(float));
-    if (!fa_smem_attr((const void *)fa_bwd_dkdv_kernel<NW, ST, MINB, RL>, smem)) return FLASH_ECUDA;
-    float scale = 1.0f / sqrtf((float)FA_HS), scale_log2 = scale * FA_LOG2E;
-    dim3 grid((unsigned)(B * NH), (unsigned)((T + BN - 1) / BN));
-    fa_bwd_dkdv_kernel<NW, ST, MINB, RL><<<grid, NW * 32, smem, st>>>(
-        dk, dv, dout, q, k, v, lse, D, T, NH, (size_t)qkv_stride, (size_t)out_stride, scale,
-        scale_log2);
-    return fa_launch_status();
-}
+extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 
 extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const void *q,
                                    const void *k, const void *v, int B, int T, int NH, int HS,
@@ -799,9 +796,14 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     if (!fa_args_ok(B, T, NH, HS, qkv_stride, out_stride)) return FLASH_EBADARG;
     if (!fa_aligned(out) || !fa_aligned(q) || !fa_aligned(k) || !fa_aligned(v) || !lse)
         return FLASH_EBADARG;
-    return fa_fwd_launch<FA_FWD_WARPS, FA_FWD_STAGES, FA_FWD_MINB, FA_FWD_RELOAD>(
-        (cudaStream_t)stream, (fa_bf16 *)out, lse, (const fa_bf16 *)q, (const fa_bf16 *)k,
-        (const fa_bf16 *)v, B, T, NH, qkv_stride, out_stride);
+    cudaStream_t st = (cudaStream_t)stream;
+    fa_bf16 *o = (fa_bf16 *)out;
+    const fa_bf16 *qq = (const fa_bf16 *)q, *kk = (const fa_bf16 *)k, *vv = (const fa_bf16 *)v;
+    switch (fa_padded(HS)) {
+    case 64: return fa_fwd_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
+    case 128: return fa_fwd_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
+    default: return fa_fwd_launch<256>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
+    }
 }
 
 extern "C" size_t flash_attention_bwd_scratch_floats(int B, int T, int NH, int HS) {
@@ -818,12 +820,19 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
         !fa_aligned(q) || !fa_aligned(k) || !fa_aligned(v) || !fa_aligned(out) || !lse || !scratch)
         return FLASH_EBADARG;
     cudaStream_t st = (cudaStream_t)stream;
-    float *D = scratch; // (B, NH, T), written by the dq kernel, read by the dk/dv kernel
-    int rc = fa_dq_launch<FA_DQ_WARPS, FA_DQ_STAGES, FA_DQ_MINB, FA_DQ_RELOAD>(
-        st, (fa_bf16 *)dq, D, (const fa_bf16 *)dout, (const fa_bf16 *)out, (const fa_bf16 *)q,
-        (const fa_bf16 *)k, (const fa_bf16 *)v, lse, B, T, NH, qkv_stride, out_stride);
-    if (rc != FLASH_OK) return rc;
-    return fa_dkdv_launch<FA_DKV_WARPS, FA_DKV_STAGES, FA_DKV_MINB, FA_DKV_RELOAD>(
-        st, (fa_bf16 *)dk, (fa_bf16 *)dv, (const fa_bf16 *)dout, (const fa_bf16 *)q,
-        (const fa_bf16 *)k, (const fa_bf16 *)v, lse, D, B, T, NH, qkv_stride, out_stride);
+    // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel
+    fa_bf16 *a = (fa_bf16 *)dq, *b = (fa_bf16 *)dk, *c = (fa_bf16 *)dv;
+    const fa_bf16 *g = (const fa_bf16 *)dout, *qq = (const fa_bf16 *)q, *kk = (const fa_bf16 *)k,
+                  *vv = (const fa_bf16 *)v, *o = (const fa_bf16 *)out;
+    switch (fa_padded(HS)) {
+    case 64:
+        return fa_bwd_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
+                                 qkv_stride, out_stride);
+    case 128:
+        return fa_bwd_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
+                                  qkv_stride, out_stride);
+    default:
+        return fa_bwd_launch<256>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
+                                  qkv_stride, out_stride);
+    }
 }

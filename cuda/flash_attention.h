@@ -15,7 +15,8 @@
 // they point at __nv_bfloat16 (IEEE binary32 truncated to its upper 16 bits, round to nearest
 // even), device memory, aligned to 16 bytes, with strides that are multiples of 8 elements.
 //
-// Causal mask, scale 1/sqrt(HS). HS must be 64; any T >= 1. Calls are stream-ordered on stream
+// Causal mask, scale 1/sqrt(HS). HS: a multiple of 8 from 8 to 256 (64, 128 and 256 run at their
+// own width, others padded to the next of those); any T >= 1. Calls are stream-ordered on stream
 // (a cudaStream_t, NULL for the legacy default stream) and deterministic: no float atomics, so
 // equal inputs give bitwise equal outputs.
 //
@@ -32,6 +33,9 @@ extern "C" {
 #define FLASH_OK 0
 #define FLASH_EBADARG 1
 #define FLASH_ECUDA 2
+
+// Nonzero when the kernels take head size HS.
+int flash_attention_supported(int HS);
 
 // out (B, T, NH, HS) bf16, row stride out_stride = softmax(q k^T * scale, causal) v
 // lse (B, NH, T) fp32 = natural log of sum over keys of exp(q . k * scale) of each query row

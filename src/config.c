@@ -890,6 +890,13 @@ static int check_parallel(struct tp_config *cfg, int world_size, char *err, size
                        "n_embd=%d is not divisible by n_head=%d; each head takes n_embd/n_head "
                        "channels",
                        m->n_embd, m->n_head);
+    // bf16 attention runs only in the fused kernels (there is no (T, T) fallback): their sizes.
+    int hs = m->n_embd / m->n_head;
+    if (cfg->train.precision == TP_PREC_BF16 && (hs % 8 != 0 || hs > 256))
+        return fail_at(cfg, blame(cfg, k_head, key_index("train", "precision")), err, errlen,
+                       "head size n_embd/n_head=%d is not a multiple of 8 in [8, 256], which "
+                       "precision bf16 needs (the fused attention); change n_head or use fp32",
+                       hs);
     if (m->n_head % p->tp) {
         char choices[256];
         tp_choices(m->n_head, world_size, choices, sizeof choices);

@@ -23,7 +23,6 @@
 #include "cudatest.h"
 #include "testutil.h"
 
-#define HS 64
 #define TOL 2e-2
 
 // ---- helpers: random numbers, bf16, device buffers
@@ -52,7 +51,7 @@ struct fa_bufs {
 };
 
 // Device buffers for one (B, T, NH) problem, and their release.
-static struct fa_bufs fa_bufs_alloc(int B, int T, int NH) {
+static struct fa_bufs fa_bufs_alloc(int B, int T, int NH, int HS) {
     size_t BT = (size_t)B * T, C = (size_t)NH * HS;
     struct fa_bufs d;
     d.qkv = ct_alloc(BT * 3 * C * 2);
@@ -69,7 +68,7 @@ static void fa_bufs_free(struct fa_bufs *d) {
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) cudaFree(all[i]);
 }
 
-static void run_gpu(const struct fa_bufs *d, int B, int T, int NH) {
+static void run_gpu(const struct fa_bufs *d, int B, int T, int NH, int HS) {
     int C = NH * HS;
     size_t BT = (size_t)B * T;
     ct_poison(d->out, BT * C * 2);
@@ -86,7 +85,7 @@ static void run_gpu(const struct fa_bufs *d, int B, int T, int NH) {
     cr_assert_eq(e, cudaSuccess, "kernel failed: %s", cudaGetErrorString(e));
 }
 
-static void check_case(int B, int NH, int T, uint64_t seed) {
+static void check_case(int B, int NH, int T, int HS, uint64_t seed) {
     ct_require_gpu("the flash-attention kernels");
     int C = NH * HS;
     size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
@@ -123,12 +122,12 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
     ci->copy_to_host(cpu.ctx, ref_dqkv, c_dqkv, nqkv * 4);
 
     // GPU
-    struct fa_bufs d = fa_bufs_alloc(B, T, NH);
+    struct fa_bufs d = fa_bufs_alloc(B, T, NH, HS);
     cr_assert_geq(flash_attention_bwd_scratch_floats(B, T, NH, HS), nlse,
                   "scratch must at least hold D (B, NH, T)");
     ct_upload(d.qkv, qkv_h, nqkv * 2);
     ct_upload(d.dout, dout_h, nout * 2);
-    run_gpu(&d, B, T, NH);
+    run_gpu(&d, B, T, NH, HS);
 
     uint16_t *g_out = malloc(nout * 2), *g_dqkv = malloc(nqkv * 2);
     float *g_lse = malloc(nlse * 4);
@@ -141,8 +140,8 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
     double e_dq = rel_err_bf16(g_dqkv, 3 * C, ref_dqkv, 3 * C, BT, C, "dq");
     double e_dk = rel_err_bf16(g_dqkv + C, 3 * C, ref_dqkv + C, 3 * C, BT, C, "dk");
     double e_dv = rel_err_bf16(g_dqkv + 2 * C, 3 * C, ref_dqkv + 2 * C, 3 * C, BT, C, "dv");
-    cr_log_info("B=%d NH=%d T=%d: rel err out %.3g dq %.3g dk %.3g dv %.3g", B, NH, T, e_out, e_dq,
-                e_dk, e_dv);
+    cr_log_info("B=%d NH=%d T=%d HS=%d: rel err out %.3g dq %.3g dk %.3g dv %.3g", B, NH, T, HS,
+                e_out, e_dq, e_dk, e_dv);
     cr_expect_lt(e_out, TOL, "out: relative error %g", e_out);
     cr_expect_lt(e_dq, TOL, "dq: relative error %g", e_dq);
     cr_expect_lt(e_dk, TOL, "dk: relative error %g", e_dk);
@@ -172,14 +171,14 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
                 double err = fabs(got - want) / fmax(1.0, fabs(want));
                 if (err > worst) worst = err;
             }
-    cr_log_info("B=%d NH=%d T=%d: lse worst relative error %.3g", B, NH, T, worst);
+    cr_log_info("B=%d NH=%d T=%d HS=%d: lse worst relative error %.3g", B, NH, T, HS, worst);
     cr_expect_lt(worst, 1e-3, "lse: worst relative error %g", worst);
 
     // determinism: a second run (after fresh poisoning) is bitwise equal
     uint16_t *g_out2 = malloc(nout * 2), *g_dqkv2 = malloc(nqkv * 2);
     float *g_lse2 = malloc(nlse * 4);
     cr_assert(g_out2 && g_dqkv2 && g_lse2);
-    run_gpu(&d, B, T, NH);
+    run_gpu(&d, B, T, NH, HS);
     ct_download(g_out2, d.out, nout * 2);
     ct_download(g_dqkv2, d.dqkv, nqkv * 2);
     ct_download(g_lse2, d.lse, nlse * 4);
@@ -211,41 +210,78 @@ static void check_case(int B, int NH, int T, uint64_t seed) {
 }
 
 // ---- cases
+//
+// Head sizes 64, 128 and 256 are the kernels' own widths; 32, 80 and 96 run padded inside them.
+// T covers one row, ragged tails (17, 1000), exact tiles and a long sequence.
 
-Test(flash_attention, one_tile) { check_case(1, 1, 64, 11); }
-Test(flash_attention, two_tiles) { check_case(2, 3, 128, 12); }
-Test(flash_attention, ragged_T1000) { check_case(1, 2, 1000, 13); }
-Test(flash_attention, T1024) { check_case(2, 2, 1024, 14); }
-Test(flash_attention, T1_and_T17) {
-    check_case(1, 1, 1, 15);
-    check_case(2, 1, 17, 16);
+Test(flash_attention, hs64_one_tile) { check_case(1, 1, 64, 64, 11); }
+Test(flash_attention, hs64_two_tiles) { check_case(2, 3, 128, 64, 12); }
+Test(flash_attention, hs64_ragged_T1000) { check_case(1, 2, 1000, 64, 13); }
+Test(flash_attention, hs64_T1024) { check_case(2, 2, 1024, 64, 14); }
+Test(flash_attention, hs64_T1_and_T17) {
+    check_case(1, 1, 1, 64, 15);
+    check_case(2, 1, 17, 64, 16);
+}
+Test(flash_attention, hs64_T4096) { check_case(1, 1, 4096, 64, 17); }
+Test(flash_attention, hs32) {
+    check_case(1, 1, 1, 32, 21);
+    check_case(2, 3, 17, 32, 22);
+    check_case(2, 2, 64, 32, 23);
+    check_case(1, 2, 1000, 32, 24);
+}
+Test(flash_attention, hs80) {
+    check_case(1, 1, 1, 80, 31);
+    check_case(2, 2, 17, 80, 32);
+    check_case(1, 2, 1000, 80, 33);
+    check_case(1, 1, 1024, 80, 34);
+}
+Test(flash_attention, hs96) { check_case(2, 2, 200, 96, 41); }
+Test(flash_attention, hs128) {
+    check_case(1, 1, 1, 128, 51);
+    check_case(2, 3, 17, 128, 52);
+    check_case(2, 2, 64, 128, 53);
+    check_case(1, 2, 1000, 128, 54);
+    check_case(2, 2, 1024, 128, 55);
+}
+Test(flash_attention, hs128_T4096) { check_case(1, 1, 4096, 128, 56); }
+Test(flash_attention, hs256) {
+    check_case(1, 1, 1, 256, 61);
+    check_case(2, 2, 17, 256, 62);
+    check_case(1, 2, 1000, 256, 63);
+    check_case(1, 1, 1024, 256, 64);
 }
 
 // Rejected arguments return FLASH_EBADARG before anything is launched, so no device is needed.
 Test(flash_attention, rejects_bad_args) {
-    _Alignas(16) static uint16_t buf[64 * 3 * 64];
+    _Alignas(16) static uint16_t buf[64 * 3 * 512];
     float lse[64], scratch[64];
-    cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf, buf, buf, 1, 8, 1, 32, 96, 32),
-                 FLASH_EBADARG, "HS = 32 must be refused");
+    cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf, buf, buf, 1, 8, 1, 36, 108, 36),
+                 FLASH_EBADARG, "HS = 36 (not a multiple of 8) must be refused");
+    cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf, buf, buf, 1, 8, 1, 264, 792, 264),
+                 FLASH_EBADARG, "HS = 264 (over 256) must be refused");
     cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf, buf, buf, 1, 0, 1, 64, 192, 64),
                  FLASH_EBADARG, "T = 0 must be refused");
     cr_expect_eq(flash_attention_fwd(NULL, buf, lse, buf + 1, buf, buf, 1, 8, 1, 64, 192, 64),
                  FLASH_EBADARG, "a misaligned q must be refused");
     cr_expect_eq(flash_attention_bwd(NULL, buf, buf, buf, buf, buf, buf, buf, buf, lse, scratch, 1,
-                                     8, 1, 128, 384, 128),
-                 FLASH_EBADARG, "HS = 128 must be refused");
+                                     8, 1, 4, 12, 4),
+                 FLASH_EBADARG, "HS = 4 must be refused");
+    cr_expect(flash_attention_supported(32) && flash_attention_supported(80) &&
+              flash_attention_supported(128) && flash_attention_supported(256));
+    cr_expect(!flash_attention_supported(0) && !flash_attention_supported(12) &&
+              !flash_attention_supported(512));
 }
 
 // forward + backward at B=16, NH=12, T=1024 (GPT-2 124M, one rank): median of 20 after 3 warm-ups
 Test(flash_attention, timing_gpt2) {
     ct_require_gpu("the flash-attention kernels");
-    int B = 16, NH = 12, T = 1024, C = NH * HS;
+    int B = 16, NH = 12, T = 1024, HS = 64, C = NH * HS;
     size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C;
     uint64_t rng = 99;
     uint16_t *h = malloc(nqkv * 2);
     cr_assert(h);
     for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
-    struct fa_bufs d = fa_bufs_alloc(B, T, NH);
+    struct fa_bufs d = fa_bufs_alloc(B, T, NH, HS);
     ct_upload(d.qkv, h, nqkv * 2);
     ct_upload(d.dout, h, nout * 2); // any finite values serve as dout
     cudaEvent_t e0, e1, e2;
