@@ -1951,6 +1951,12 @@ static void cuda_attention_bwd(void *ctx, void *dqkv, float *scratch, const void
     attn_bf16_unsupported(HS);
 }
 
+static const char *cuda_attention_path(void *ctx, int HS) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (!is_bf16(c)) return "cuda (T,T) fp32 cuBLAS";
+    return flash_attention_path(HS);
+}
+
 static void cuda_attention_decode(void *ctx, void *out, float *scratch, const void *q,
                                   const void *kcache, const void *vcache, int n_ctx, int NH,
                                   int HS) {
@@ -2210,6 +2216,7 @@ static const struct backend_i cuda_iface = {
     .attention_fwd = cuda_attention_fwd,
     .attention_bwd = cuda_attention_bwd,
     .attention_decode = cuda_attention_decode,
+    .attention_path = cuda_attention_path,
     .xent_stats = cuda_xent_stats,
     .xent_rescale = cuda_xent_rescale,
     .xent_loss = cuda_xent_loss,

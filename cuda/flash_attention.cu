@@ -790,6 +790,15 @@ static int fa_bwd_launch(cudaStream_t st, fa_bf16 *dq, fa_bf16 *dk, fa_bf16 *dv,
 
 extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 
+extern "C" const char *flash_attention_path(int HS) {
+    switch (fa_padded(HS)) {
+    case 64: return HS == 64 ? "mma.sync D=64" : "mma.sync D=64 padded";
+    case 128: return HS == 128 ? "mma.sync D=128" : "mma.sync D=128 padded";
+    case 256: return HS == 256 ? "mma.sync D=256" : "mma.sync D=256 padded";
+    default: return "unsupported";
+    }
+}
+
 extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const void *q,
                                    const void *k, const void *v, int B, int T, int NH, int HS,
                                    int qkv_stride, int out_stride) {

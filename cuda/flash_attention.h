@@ -37,6 +37,10 @@ extern "C" {
 // Nonzero when the kernels take head size HS.
 int flash_attention_supported(int HS);
 
+// The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words
+// ("mma.sync D=128 padded", ...); "unsupported" when they take no such head size.
+const char *flash_attention_path(int HS);
+
 // out (B, T, NH, HS) bf16, row stride out_stride = softmax(q k^T * scale, causal) v
 // lse (B, NH, T) fp32 = natural log of sum over keys of exp(q . k * scale) of each query row
 int flash_attention_fwd(void *stream, void *out, float *lse, const void *q, const void *k,

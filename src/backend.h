@@ -161,6 +161,8 @@ struct backend_i {
     // kcache, vcache (>= n_ctx, NH*HS); q (NH*HS); scratch (NH * n_ctx) floats.
     void (*attention_decode)(void *ctx, void *out, float *scratch, const void *q,
                              const void *kcache, const void *vcache, int n_ctx, int NH, int HS);
+    // (optional) which kernels attention_fwd/bwd run at head size HS, for benchmark tables
+    const char *(*attention_path)(void *ctx, int HS);
 
     // ---- vocab-parallel cross-entropy. logits (N, n_vocab) are this rank's columns
     // [vocab_start, vocab_start + n_vocab) of the padded vocabulary; columns >= vocab_size (the real,

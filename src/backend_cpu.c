@@ -1045,6 +1045,11 @@ static void cpu_attention_bwd(void *ctx, void *dqkv, float *scratch, const void 
     stage_end(&s);
 }
 
+static const char *cpu_attention_path(void *ctx, int HS) {
+    (void)HS;
+    return cpu_dtype(ctx) == TP_DTYPE_BF16 ? "cpu (T,T) bf16-emulated" : "cpu (T,T) fp32";
+}
+
 static void cpu_attention_decode(void *ctx, void *out, float *scratch, const void *q,
                                  const void *kcache, const void *vcache, int n_ctx, int NH,
                                  int HS) {
@@ -1111,6 +1116,7 @@ static const struct backend_i cpu_iface = {
     .attention_fwd = cpu_attention_fwd,
     .attention_bwd = cpu_attention_bwd,
     .attention_decode = cpu_attention_decode,
+    .attention_path = cpu_attention_path,
     .xent_stats = cpu_xent_stats,
     .xent_rescale = cpu_xent_rescale,
     .xent_loss = cpu_xent_loss,

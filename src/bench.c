@@ -1177,7 +1177,8 @@ static int bench_model(struct bench *b, const char *config_path) {
 
 // ---- entry point
 
-static const char modes_text[] = "layer M K N | allreduce SIZES... | allreduce MIN:MAX:FACTOR | model CONFIG.yaml";
+static const char modes_text[] = "layer M K N | allreduce SIZES... | allreduce MIN:MAX:FACTOR | model CONFIG.yaml | "
+                                 "attention [BxHxHSxT | CONFIG.yaml]...";
 
 // Checks `layer M K N` against the TP size; every rank reaches the same verdict.
 static int parse_layer(const struct bench_opts *o, bool root, int P, int dims[3]) {
@@ -1212,6 +1213,7 @@ int bench_run(const struct bench_opts *o) {
         return TP_EXIT_USAGE;
     }
     const char *mode = o->argv[0];
+    if (strcmp(mode, "attention") == 0) return bench_attention(o, rank, world);
     struct bench *b = tp_calloc(1, sizeof *b);
     b->root = root;
     int st = iters_from_env(b);

@@ -17,6 +17,10 @@ struct bench_opts {
 // the warm-up ones (W) of every timed phase, in place of the per-mode defaults.
 int bench_run(const struct bench_opts *o);
 
+// --bench attention [BxHxHSxT | CONFIG.yaml]... (bench_attention.c): the backend's attention op
+// over a grid of shapes, on one process. Returns the exit code.
+int bench_attention(const struct bench_opts *o, int world_rank, int world_size);
+
 // Matmul FLOPs per rank of each `--bench layer M K N` phase over P ranks (M tokens, width K,
 // hidden width N, N/P per rank). A forward (M, K) x (K, N/P) matmul costs 2*M*K*N/P; its backward
 // twice that (input and weight gradients). Bias, GELU and all-reduce work is not counted.

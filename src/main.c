@@ -25,6 +25,7 @@ static const char usage_text[] =
     "          [--generate N [--temperature T] [--top-k K] [--seed S] [--prompt-tokens FILE]]\n"
     "      Evaluate a checkpoint's validation loss (any TP size), or sample text from it.\n"
     "  tptrain --bench layer M K N | allreduce SIZES... | allreduce MIN:MAX:FACTOR | model CONFIG.yaml\n"
+    "  tptrain --bench attention [BxHxHSxT | CONFIG.yaml]...\n"
     "          [--json FILE] [--set KEY=VALUE]...\n"
     "      Benchmark parallel layers, the all-reduce, or one training step (N ranks = TP size).\n"
     "\n"
