@@ -428,11 +428,13 @@ __device__ __forceinline__ static void fa_dkdv_tile(float (&dka)[NO / 8][4], flo
 
 // ---- kernels
 //
-// Blocks of FA_WARPS warps own FA_BM rows. Shared tiles have D columns (2 * D bytes a row).
+// Blocks of FA_WARPS warps own FA_BM rows. Shared tiles have D columns (2 * D bytes a row). PAD:
+// the head size is below D, so loads, products and stores check the real columns; without it
+// those checks fold away at compile time.
 
 // Forward. grid (B*NH, ceil(T/FA_BM)). Query tiles are taken heaviest (last) first so the long
 // blocks start early and the short ones fill the tail.
-template <int D>
+template <int D, bool PAD>
 static __global__ void __launch_bounds__(FA_NT, fa_cfg<D>::fwd_minb)
 fa_fwd_kernel(fa_bf16 *out, float *lse, const fa_bf16 *q, const fa_bf16 *k, const fa_bf16 *v,
               int T, int NH, int HS, size_t qkv_stride, size_t out_stride, float scale_log2) {
@@ -449,7 +451,7 @@ fa_fwd_kernel(fa_bf16 *out, float *lse, const fa_bf16 *q, const fa_bf16 *k, cons
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     int g = lane >> 2, tq = lane & 3; // fragment row (and row + 8) and column pair of this lane
-    int hc = HS / 8;
+    const int hc = PAD ? HS / 8 : D / 8; // a constant unless padded: no padding checks
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     const fa_bf16 *kh = k + head_off, *vh = v + head_off;
     int q0 = qt * FA_BM;
@@ -520,7 +522,7 @@ fa_fwd_kernel(fa_bf16 *out, float *lse, const fa_bf16 *q, const fa_bf16 *k, cons
 // dq for one query tile (output columns split over gridDim.z blocks), and D = rowsum(dout * out)
 // for its rows (written by split 0): grid (B*NH, ceil(T/FA_BM), NS); each warp owns 16 queries
 // and walks the key tiles up to the diagonal.
-template <int D>
+template <int D, bool PAD>
 static __global__ void __launch_bounds__(FA_NT, fa_cfg<D>::dq_minb)
 fa_bwd_dq_kernel(fa_bf16 *dq, float *Dv, const fa_bf16 *dout, const fa_bf16 *out,
                  const fa_bf16 *q, const fa_bf16 *k, const fa_bf16 *v, const float *lse, int T,
@@ -542,7 +544,7 @@ fa_bwd_dq_kernel(fa_bf16 *dq, float *Dv, const fa_bf16 *dout, const fa_bf16 *out
     int c0 = (int)blockIdx.z * (NO / 8); // first output chunk of this block
     int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     int g = lane >> 2;
-    int hc = HS / 8;
+    const int hc = PAD ? HS / 8 : D / 8; // a constant unless padded: no padding checks
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
     const fa_bf16 *kh = k + head_off, *vh = v + head_off;
@@ -626,7 +628,7 @@ fa_bwd_dq_kernel(fa_bf16 *dq, float *Dv, const fa_bf16 *dout, const fa_bf16 *out
 // ceil(T/FA_BM), NS); each warp owns 16 keys and walks the 64-query tiles from the diagonal to
 // the end. Block y = 0 is the key tile that sees the most queries, so the heaviest blocks start
 // first.
-template <int D>
+template <int D, bool PAD>
 static __global__ void __launch_bounds__(FA_NT, fa_cfg<D>::dkv_minb)
 fa_bwd_dkdv_kernel(fa_bf16 *dk, fa_bf16 *dv, const fa_bf16 *dout, const fa_bf16 *q,
                    const fa_bf16 *k, const fa_bf16 *v, const float *lse, const float *Dv, int T,
@@ -651,7 +653,7 @@ fa_bwd_dkdv_kernel(fa_bf16 *dk, fa_bf16 *dv, const fa_bf16 *dout, const fa_bf16 
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int c0 = (int)blockIdx.z * (NO / 8);
     int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
-    int hc = HS / 8;
+    const int hc = PAD ? HS / 8 : D / 8; // a constant unless padded: no padding checks
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
     const fa_bf16 *qh = q + head_off, *doh = dout + dout_off;
@@ -748,21 +750,21 @@ static bool fa_smem_attr(const void *kernel, size_t bytes) {
     return false;
 }
 
-template <int D>
+template <int D, bool PAD>
 static int fa_fwd_launch(cudaStream_t st, fa_bf16 *out, float *lse, const fa_bf16 *q,
                          const fa_bf16 *k, const fa_bf16 *v, int B, int T, int NH, int HS,
                          int qkv_stride, int out_stride) {
     constexpr int ROWB = 2 * D;
     size_t smem = (size_t)FA_BM * ROWB + 2 * (size_t)fa_cfg<D>::fwd_st * FA_TILE * ROWB;
-    if (!fa_smem_attr((const void *)fa_fwd_kernel<D>, smem)) return FLASH_ECUDA;
+    if (!fa_smem_attr((const void *)fa_fwd_kernel<D, PAD>, smem)) return FLASH_ECUDA;
     float scale_log2 = FA_LOG2E / sqrtf((float)HS);
     dim3 grid((unsigned)(B * NH), (unsigned)((T + FA_BM - 1) / FA_BM));
-    fa_fwd_kernel<D><<<grid, FA_NT, smem, st>>>(out, lse, q, k, v, T, NH, HS, (size_t)qkv_stride,
+    fa_fwd_kernel<D, PAD><<<grid, FA_NT, smem, st>>>(out, lse, q, k, v, T, NH, HS, (size_t)qkv_stride,
                                                 (size_t)out_stride, scale_log2);
     return fa_launch_status();
 }
 
-template <int D>
+template <int D, bool PAD>
 static int fa_bwd_launch(cudaStream_t st, fa_bf16 *dq, fa_bf16 *dk, fa_bf16 *dv,
                          const fa_bf16 *dout, const fa_bf16 *q, const fa_bf16 *k,
                          const fa_bf16 *v, const fa_bf16 *out, const float *lse, float *Dv, int B,
@@ -773,16 +775,16 @@ static int fa_bwd_launch(cudaStream_t st, fa_bf16 *dq, fa_bf16 *dk, fa_bf16 *dv,
     unsigned tiles = (unsigned)((T + FA_BM - 1) / FA_BM);
 
     size_t smem = 2 * (size_t)FA_BM * ROWB + 2 * (size_t)cfg::dq_st * FA_TILE * ROWB;
-    if (!fa_smem_attr((const void *)fa_bwd_dq_kernel<D>, smem)) return FLASH_ECUDA;
-    fa_bwd_dq_kernel<D><<<dim3((unsigned)(B * NH), tiles, cfg::dq_ns), FA_NT, smem, st>>>(
+    if (!fa_smem_attr((const void *)fa_bwd_dq_kernel<D, PAD>, smem)) return FLASH_ECUDA;
+    fa_bwd_dq_kernel<D, PAD><<<dim3((unsigned)(B * NH), tiles, cfg::dq_ns), FA_NT, smem, st>>>(
         dq, Dv, dout, out, q, k, v, lse, T, NH, HS, (size_t)qkv_stride, (size_t)out_stride, scale,
         scale_log2);
     if (fa_launch_status() != FLASH_OK) return FLASH_ECUDA;
 
     smem = 2 * (size_t)FA_BM * ROWB +
            (size_t)cfg::dkv_st * (2 * FA_TILE * ROWB + 2 * FA_TILE * sizeof(float));
-    if (!fa_smem_attr((const void *)fa_bwd_dkdv_kernel<D>, smem)) return FLASH_ECUDA;
-    fa_bwd_dkdv_kernel<D><<<dim3((unsigned)(B * NH), tiles, cfg::dkv_ns), FA_NT, smem, st>>>(
+    if (!fa_smem_attr((const void *)fa_bwd_dkdv_kernel<D, PAD>, smem)) return FLASH_ECUDA;
+    fa_bwd_dkdv_kernel<D, PAD><<<dim3((unsigned)(B * NH), tiles, cfg::dkv_ns), FA_NT, smem, st>>>(
         dk, dv, dout, q, k, v, lse, Dv, T, NH, HS, (size_t)qkv_stride, (size_t)out_stride, scale,
         scale_log2);
     return fa_launch_status();
@@ -808,11 +810,14 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     cudaStream_t st = (cudaStream_t)stream;
     fa_bf16 *o = (fa_bf16 *)out;
     const fa_bf16 *qq = (const fa_bf16 *)q, *kk = (const fa_bf16 *)k, *vv = (const fa_bf16 *)v;
-    switch (fa_padded(HS)) {
-    case 64: return fa_fwd_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
-    case 128: return fa_fwd_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
-    default: return fa_fwd_launch<256>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
-    }
+#define FA_FWD(D, PAD) \
+    fa_fwd_launch<D, PAD>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride)
+    int D = fa_padded(HS);
+    bool pad = HS != D;
+    if (D == 64) return pad ? FA_FWD(64, true) : FA_FWD(64, false);
+    if (D == 128) return pad ? FA_FWD(128, true) : FA_FWD(128, false);
+    return pad ? FA_FWD(256, true) : FA_FWD(256, false);
+#undef FA_FWD
 }
 
 extern "C" size_t flash_attention_bwd_scratch_floats(int B, int T, int NH, int HS) {
@@ -833,15 +838,13 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
     fa_bf16 *a = (fa_bf16 *)dq, *b = (fa_bf16 *)dk, *c = (fa_bf16 *)dv;
     const fa_bf16 *g = (const fa_bf16 *)dout, *qq = (const fa_bf16 *)q, *kk = (const fa_bf16 *)k,
                   *vv = (const fa_bf16 *)v, *o = (const fa_bf16 *)out;
-    switch (fa_padded(HS)) {
-    case 64:
-        return fa_bwd_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
-                                 qkv_stride, out_stride);
-    case 128:
-        return fa_bwd_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
-                                  qkv_stride, out_stride);
-    default:
-        return fa_bwd_launch<256>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
-                                  qkv_stride, out_stride);
-    }
+#define FA_BWD(D, PAD) \
+    fa_bwd_launch<D, PAD>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS, qkv_stride, \
+                          out_stride)
+    int D = fa_padded(HS);
+    bool pad = HS != D;
+    if (D == 64) return pad ? FA_BWD(64, true) : FA_BWD(64, false);
+    if (D == 128) return pad ? FA_BWD(128, true) : FA_BWD(128, false);
+    return pad ? FA_BWD(256, true) : FA_BWD(256, false);
+#undef FA_BWD
 }
