@@ -35,6 +35,7 @@
 #include <stdint.h>
 
 #include "flash_attention.h"
+#include "flash_attention_sm90.h"
 
 typedef __nv_bfloat16 fa_bf16;
 
@@ -792,7 +793,36 @@ static int fa_bwd_launch(cudaStream_t st, fa_bf16 *dq, fa_bf16 *dk, fa_bf16 *dv,
 
 extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 
+// ---- the Hopper path
+//
+// The sm_90a forward (flash_attention_sm90.cu) runs where the build carries it (FA_HAVE_SM90, set by
+// meson when it compiles that file for sm_90a), the current device has compute capability 9.0 and
+// HS <= 128; flash_attention_force_portable(1) turns it off (tests compare the two paths).
+
+static int fa_portable_forced;
+
+extern "C" void flash_attention_force_portable(int on) { fa_portable_forced = on != 0; }
+
+static bool fa_sm90(int HS) {
+#ifdef FA_HAVE_SM90
+    if (fa_portable_forced || HS > 128) return false;
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return major == 9 && minor == 0;
+#else
+    (void)HS;
+    return false;
+#endif
+}
+
 extern "C" const char *flash_attention_path(int HS) {
+    if (fa_sm90(HS))
+        return HS == 64 || HS == 128 ? "wgmma fwd, mma.sync bwd" : "wgmma fwd, mma.sync bwd padded";
     switch (fa_padded(HS)) {
     case 64: return HS == 64 ? "mma.sync D=64" : "mma.sync D=64 padded";
     case 128: return HS == 128 ? "mma.sync D=128" : "mma.sync D=128 padded";
@@ -808,6 +838,11 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     if (!fa_aligned(out) || !fa_aligned(q) || !fa_aligned(k) || !fa_aligned(v) || !lse)
         return FLASH_EBADARG;
     cudaStream_t st = (cudaStream_t)stream;
+    if (fa_sm90(HS))
+        return flash_attention_sm90_fwd(stream, out, lse, q, k, v, B, T, NH, HS, qkv_stride,
+                                        out_stride) == 0
+                   ? FLASH_OK
+                   : FLASH_ECUDA;
     fa_bf16 *o = (fa_bf16 *)out;
     const fa_bf16 *qq = (const fa_bf16 *)q, *kk = (const fa_bf16 *)k, *vv = (const fa_bf16 *)v;
 #define FA_FWD(D, PAD) \

@@ -1,5 +1,9 @@
 // flash_attention.h: fused causal attention in bf16 (forward and backward), C interface.
 //
+// Two paths behind one call: on compute capability 9.0 (Hopper) devices, when the build carries
+// the sm_90a kernels, the forward runs on warpgroup MMA (flash_attention_sm90.cu, head sizes up to
+// 128); everything else runs the portable mma.sync kernels (flash_attention.cu).
+//
 // Tiles of queries against tiles of keys and values in shared memory, online softmax with fp32
 // accumulators, bf16 tensor-core products (mma.sync m16n8k16, fp32 accumulate) on register
 // fragments. No (T, T) matrix ever reaches device memory: the forward keeps only the log-sum-exp
@@ -36,6 +40,10 @@ extern "C" {
 
 // Nonzero when the kernels take head size HS.
 int flash_attention_supported(int HS);
+
+// Nonzero: use the portable (mma.sync) kernels even where the Hopper ones would run (for tests
+// that compare the two paths). Process-wide; not thread-safe.
+void flash_attention_force_portable(int on);
 
 // The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words
 // ("mma.sync D=128 padded", ...); "unsupported" when they take no such head size.

@@ -251,6 +251,60 @@ Test(flash_attention, hs256) {
     check_case(1, 1, 1024, 256, 64);
 }
 
+// The Hopper forward (where this device runs it) and the portable forward give the same function:
+// outputs within bf16 rounding of each other, log-sum-exp within fp32 rounding.
+static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
+    ct_require_gpu("the flash-attention kernels");
+    int C = NH * HS;
+    size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
+    uint64_t rng = seed;
+    uint16_t *h = malloc(nqkv * 2), *o1 = malloc(nout * 2), *o2 = malloc(nout * 2);
+    float *l1 = malloc(nlse * 4), *l2 = malloc(nlse * 4), *o2f = malloc(nout * 4);
+    cr_assert(h && o1 && o2 && l1 && l2 && o2f);
+    for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
+    struct fa_bufs d = fa_bufs_alloc(B, T, NH, HS);
+    ct_upload(d.qkv, h, nqkv * 2);
+    for (int pass = 0; pass < 2; pass++) {
+        flash_attention_force_portable(pass);
+        ct_poison(d.out, nout * 2);
+        ct_poison(d.lse, nlse * 4);
+        int rc = flash_attention_fwd(NULL, d.out, d.lse, d.qkv, d.qkv + C, d.qkv + 2 * C, B, T, NH,
+                                     HS, 3 * C, C);
+        cr_assert_eq(rc, FLASH_OK, "flash_attention_fwd returned %d", rc);
+        cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+        ct_download(pass ? o2 : o1, d.out, nout * 2);
+        ct_download(pass ? l2 : l1, d.lse, nlse * 4);
+        if (pass == 0) cr_log_info("HS=%d path: %s", HS, flash_attention_path(HS));
+    }
+    flash_attention_force_portable(0);
+    for (size_t i = 0; i < nout; i++) o2f[i] = tp_bf16_to_f32(o2[i]);
+    double e = rel_err_bf16(o1, C, o2f, C, BT, C, "out (default path)");
+    double worst = 0.0;
+    for (size_t i = 0; i < nlse; i++) {
+        cr_assert(isfinite(l1[i]), "lse %zu not finite", i);
+        double r = fabs((double)l1[i] - l2[i]) / fmax(1.0, fabs((double)l2[i]));
+        if (r > worst) worst = r;
+    }
+    cr_log_info("B=%d NH=%d T=%d HS=%d: default vs portable forward: out %.3g, lse %.3g", B, NH,
+                T, HS, e, worst);
+    cr_expect_lt(e, 1e-2, "out: default and portable paths differ by %g", e);
+    cr_expect_lt(worst, 1e-5, "lse: default and portable paths differ by %g", worst);
+    fa_bufs_free(&d);
+    free(h);
+    free(o1);
+    free(o2);
+    free(l1);
+    free(l2);
+    free(o2f);
+}
+
+Test(flash_attention, hopper_matches_portable) {
+    compare_paths(2, 3, 1000, 64, 71);
+    compare_paths(2, 2, 1024, 128, 72);
+    compare_paths(1, 2, 300, 80, 73);
+    compare_paths(1, 1, 17, 32, 74);
+}
+
 // Rejected arguments return FLASH_EBADARG before anything is launched, so no device is needed.
 Test(flash_attention, rejects_bad_args) {
     _Alignas(16) static uint16_t buf[64 * 3 * 512];

@@ -21,6 +21,9 @@ if stage build; then
     { [ -d "$build" ] || meson setup "$build" -Dgpu_arch="${GPU_ARCH:-90}"; } >"$out/build.log" 2>&1 &&
         ninja -C "$build" >>"$out/build.log" 2>&1 || { echo "build failed"; tail -30 "$out/build.log"; exit 1; }
     echo "build ok"
+    # the Hopper kernels must be warpgroup MMA in the machine code
+    lib=$(find "$build" -name 'libtpcuda_sm90.a' | head -n 1)
+    [ -n "$lib" ] && echo "HGMMA instructions in the sm_90a library: $(cuobjdump --dump-sass "$lib" 2>/dev/null | grep -c HGMMA)"
 fi
 if stage test; then
     timeout 400 meson test -C "$build" ${TESTS:-flash_attention} --print-errorlogs >"$out/test.log" 2>&1 || status=1

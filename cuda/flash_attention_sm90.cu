@@ -1,0 +1,347 @@
+// flash_attention_sm90.cu: the Hopper forward of the fused causal attention (sm_90a only; see
+// flash_attention.h for the interface and flash_attention.cu for the portable kernels).
+//
+// A block owns 128 queries of one head: two warpgroups of 64 rows. Each walks the 128-key tiles up
+// to the diagonal: S = Q K^T by warpgroup MMA (wgmma m64n128k16, Q and K both read from shared
+// memory through matrix descriptors), the online softmax on the accumulators in registers, then
+// O += P V by wgmma with P as the register A operand (the accumulator layout of S is the A
+// fragment layout, as with mma.sync) and V read transposed from shared memory. Tiles are brought in
+// by cp.async two deep; shared memory written that way is handed to the tensor cores' async proxy
+// by fence.proxy.async before the barrier. Q, K and V tiles are stored in wgmma's 128-byte
+// swizzled K-major layout: blocks of 64 columns, each a stack of 128-byte rows with 16-byte chunk c
+// of row r at c ^ (r % 8), 1024-byte aligned.
+//
+// Not yet here (FlashAttention-3's remaining steps): TMA loads, producer / consumer warp
+// specialisation with setmaxnreg, ping-pong of the two warpgroups, the softmax of one tile
+// overlapped with the next tile's products, and a wgmma backward.
+//
+// Sections: constants, device helpers, wgmma wrappers, kernel, launcher.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "flash_attention_sm90.h"
+
+typedef __nv_bfloat16 f9_bf16;
+
+// ---- constants
+
+#define F9_ROWS 128 // queries per block: two warpgroups of 64
+#define F9_KN 128   // keys per walked tile
+#define F9_NT 256   // threads per block
+#define F9_LOG2E 1.4426950408889634f
+#define F9_LN2 0.6931471805599453f
+
+// ---- device helpers
+
+__device__ __forceinline__ static uint32_t f9_smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ static void f9_cp16(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+__device__ __forceinline__ static void f9_cp_commit(void) {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+__device__ __forceinline__ static void f9_cp_wait_all(void) {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Shared memory written by the generic proxy (cp.async, plain stores) becomes visible to wgmma.
+__device__ __forceinline__ static void f9_fence_async(void) {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ static float f9_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ static uint32_t f9_pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// Rows [row0, row0 + 128) of one head (rows stride elements apart) into the swizzled K-major
+// layout at dst: column block kb (64 columns) at kb * 128 * 128 bytes; rows at or past T and
+// chunks at or past hc (the head's real 8-column chunks) zero-filled.
+template <int D>
+__device__ __forceinline__ static void f9_load_tile(uint32_t dst, const f9_bf16 *src, size_t stride,
+                                                    int row0, int T, int hc) {
+    constexpr int CH = D / 8; // chunks per row
+#pragma unroll
+    for (int j = 0; j < F9_ROWS * CH / F9_NT; j++) {
+        int i = (int)threadIdx.x + j * F9_NT;
+        int r = i / CH, c = i % CH;
+        bool ok = row0 + r < T && c < hc;
+        uint32_t d = dst + (uint32_t)((c >> 3) * (F9_ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+        f9_cp16(d, ok ? src + (size_t)(row0 + r) * stride + c * 8 : src, ok);
+    }
+}
+
+// A shared-memory matrix descriptor: start address, leading and stride byte offsets, 128-byte
+// swizzle (mode 1 in bits 62-63).
+__device__ __forceinline__ static uint64_t f9_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((uint64_t)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ static void f9_wg_fence(void) {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ static void f9_wg_commit_wait(void) {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+
+// Keeps the compiler from moving accesses of x across the asynchronous products.
+template <int N> __device__ __forceinline__ static void f9_pin(float (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(x[i])::"memory");
+}
+
+// ---- wgmma wrappers (operand lists written out: one output register per accumulator)
+
+// d (64 x 128 fp32, this thread's 64 values) = (scale_d ? d : 0) + A . B^T, A and B K-major
+// bf16 in shared memory (descriptors da, db).
+__device__ __forceinline__ static void wg_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, "
+                 "%40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, "
+                 "%56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// d (64 x 64 fp32) += A . B, A (64 x 16 bf16) in registers as four mma.sync-style fragments,
+// B (16 x 64 bf16) MN-major in shared memory (descriptor db, transposed).
+__device__ __forceinline__ static void wg_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31"
+                 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+// d (64 x 128 fp32) += A . B, A (64 x 16 bf16) in registers as four mma.sync-style fragments,
+// B (16 x 128 bf16) MN-major in shared memory (descriptor db, transposed).
+__device__ __forceinline__ static void wg_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, "
+                 "%40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, "
+                 "%56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+template <int D> __device__ __forceinline__ static void f9_pv(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t db);
+template <> __device__ __forceinline__ void f9_pv<64>(float (&o)[32], const uint32_t (&a)[4], uint64_t db) {
+    wg_rs_n64(o, a, db);
+}
+template <> __device__ __forceinline__ void f9_pv<128>(float (&o)[64], const uint32_t (&a)[4], uint64_t db) {
+    wg_rs_n128(o, a, db);
+}
+
+// ---- kernel
+
+// grid (B*NH, ceil(T/128)), 256 threads. Accumulator element i of a thread: n-tile i / 4 (8
+// columns), row g + 8 * ((i / 2) % 2) of the warp's 16, column 8 * (i / 4) + 2 * tq + i % 2.
+template <int D>
+static __global__ void __launch_bounds__(F9_NT, 1)
+f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, const f9_bf16 *v,
+              int T, int NH, int HS, size_t qkv_stride, size_t out_stride, float scale_log2) {
+    // out (B, T, NH, HS) row stride out_stride; lse (B, NH, T); q, k, v (B, T, NH, HS) row
+    // stride qkv_stride
+    constexpr int TILEB = F9_ROWS * D * 2; // bytes of one 128-row tile
+    extern __shared__ __align__(1024) unsigned char f9_smem[];
+    const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
+    const uint32_t sQ = base, sK = sQ + TILEB, sV = sK + 2 * TILEB; // K, V: two stages each
+
+    int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int tid = (int)threadIdx.x, wg = tid >> 7, warp4 = (tid >> 5) & 3, lane = tid & 31;
+    int g = lane >> 2, tq = lane & 3;
+    int hc = HS / 8;
+    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
+    const f9_bf16 *kh = k + head_off, *vh = v + head_off;
+    int q0 = qt * F9_ROWS;
+    int nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
+    int r0 = q0 + wg * 64 + warp4 * 16; // this warp's first query
+
+    f9_load_tile<D>(sQ, q + head_off, qkv_stride, q0, T, hc);
+    f9_load_tile<D>(sK, kh, qkv_stride, 0, T, hc);
+    f9_load_tile<D>(sV, vh, qkv_stride, 0, T, hc);
+    f9_cp_commit();
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+    for (int kt = 0; kt < nkt; kt++) {
+        f9_cp_wait_all();
+        f9_fence_async();
+        __syncthreads(); // tile kt visible to every thread and to wgmma; tile kt - 1 released
+        if (kt + 1 < nkt) {
+            uint32_t nb = (uint32_t)((kt + 1) & 1) * TILEB;
+            f9_load_tile<D>(sK + nb, kh, qkv_stride, (kt + 1) * F9_KN, T, hc);
+            f9_load_tile<D>(sV + nb, vh, qkv_stride, (kt + 1) * F9_KN, T, hc);
+            f9_cp_commit();
+        }
+        int k0 = kt * F9_KN;
+        uint32_t cb = (uint32_t)(kt & 1) * TILEB;
+
+        // S (64 x 128) = Q K^T over the head's columns, 16 at a time
+        float s[64];
+        f9_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
+            wg_ss_n128(s, f9_desc(sQ + off + (uint32_t)wg * 64 * 128, 16, 1024),
+                       f9_desc(sK + cb + off, 16, 1024), kk > 0);
+        }
+        f9_wg_commit_wait();
+        f9_pin(s);
+
+        if (k0 + F9_KN - 1 > r0) { // the tile reaches past this warp's first query: mask
+#pragma unroll
+            for (int i = 0; i < 64; i++) {
+                int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * ((i >> 1) & 1);
+                if (key > row) s[i] = -INFINITY;
+            }
+        }
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 16; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m[hr], mx);
+            float m_use = m_new == -INFINITY ? 0.0f : m_new; // a row with no visible key yet
+            float alpha = f9_exp2((m[hr] - m_use) * scale_log2);
+            float ms = m_use * scale_log2;
+            m[hr] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
+                float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
+                s[4 * j + 2 * hr] = p0;
+                s[4 * j + 2 * hr + 1] = p1;
+                sum += p0 + p1;
+            }
+#pragma unroll
+            for (int j = 0; j < D / 8; j++) {
+                o[4 * j + 2 * hr] *= alpha;
+                o[4 * j + 2 * hr + 1] *= alpha;
+            }
+            l[hr] = l[hr] * alpha + sum;
+        }
+
+        // O += P V, 16 keys at a time; P's accumulator pairs are the A fragments
+        f9_pin(o);
+        f9_wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < F9_KN / 16; kc++) {
+            uint32_t a[4] = {f9_pack(s[8 * kc + 0], s[8 * kc + 1]), f9_pack(s[8 * kc + 2], s[8 * kc + 3]),
+                             f9_pack(s[8 * kc + 4], s[8 * kc + 5]), f9_pack(s[8 * kc + 6], s[8 * kc + 7])};
+            f9_pv<D>(o, a, f9_desc(sV + cb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
+        }
+        f9_wg_commit_wait();
+        f9_pin(o);
+    }
+
+    // normalise; out and the log-sum-exp (natural log) of the rows before T
+    float *lse_h = lse + (size_t)bh * T;
+    f9_bf16 *oh = out + (size_t)b * T * out_stride + (size_t)h * HS;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float lt = l[hr];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+        int row = r0 + g + 8 * hr;
+        if (row >= T) continue;
+        if (tq == 0) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
+        f9_bf16 *orow = oh + (size_t)row * out_stride;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            int col = 8 * j + 2 * tq;
+            if (col < HS)
+                *reinterpret_cast<uint32_t *>(orow + col) =
+                    f9_pack(o[4 * j + 2 * hr] * inv, o[4 * j + 2 * hr + 1] * inv);
+        }
+    }
+}
+
+// ---- launcher
+
+template <int D>
+static int f9_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k,
+                     const f9_bf16 *v, int B, int T, int NH, int HS, int qkv_stride, int out_stride) {
+    size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024; // Q, two K and two V tiles, alignment slack
+    if (cudaFuncSetAttribute((const void *)f9_fwd_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    float scale_log2 = F9_LOG2E / sqrtf((float)HS);
+    dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
+    f9_fwd_kernel<D><<<grid, F9_NT, smem, st>>>(out, lse, q, k, v, T, NH, HS, (size_t)qkv_stride,
+                                                 (size_t)out_stride, scale_log2);
+    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
+extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
+                                        const void *k, const void *v, int B, int T, int NH, int HS,
+                                        int qkv_stride, int out_stride) {
+    cudaStream_t st = (cudaStream_t)stream;
+    f9_bf16 *o = (f9_bf16 *)out;
+    const f9_bf16 *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k, *vv = (const f9_bf16 *)v;
+    if (HS <= 64) return f9_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
+    return f9_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
+}
