@@ -795,7 +795,7 @@ extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 
 // ---- the Hopper path
 //
-// The sm_90a forward (flash_attention_sm90.cu) runs where the build carries it (FA_HAVE_SM90, set by
+// The sm_90a kernels (flash_attention_sm90.cu) run where the build carries them (FA_HAVE_SM90, set by
 // meson when it compiles that file for sm_90a), the current device has compute capability 9.0 and
 // HS <= 128; flash_attention_force_portable(1) turns it off (tests compare the two paths).
 
@@ -821,8 +821,7 @@ static bool fa_sm90(int HS) {
 }
 
 extern "C" const char *flash_attention_path(int HS) {
-    if (fa_sm90(HS))
-        return HS == 64 || HS == 128 ? "wgmma fwd, mma.sync bwd" : "wgmma fwd, mma.sync bwd padded";
+    if (fa_sm90(HS)) return HS == 64 || HS == 128 ? "wgmma sm_90a" : "wgmma sm_90a padded";
     switch (fa_padded(HS)) {
     case 64: return HS == 64 ? "mma.sync D=64" : "mma.sync D=64 padded";
     case 128: return HS == 128 ? "mma.sync D=128" : "mma.sync D=128 padded";
@@ -869,6 +868,11 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
         !fa_aligned(q) || !fa_aligned(k) || !fa_aligned(v) || !fa_aligned(out) || !lse || !scratch)
         return FLASH_EBADARG;
     cudaStream_t st = (cudaStream_t)stream;
+    if (fa_sm90(HS))
+        return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
+                                        NH, HS, qkv_stride, out_stride) == 0
+                   ? FLASH_OK
+                   : FLASH_ECUDA;
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel
     fa_bf16 *a = (fa_bf16 *)dq, *b = (fa_bf16 *)dk, *c = (fa_bf16 *)dv;
     const fa_bf16 *g = (const fa_bf16 *)dout, *qq = (const fa_bf16 *)q, *kk = (const fa_bf16 *)k,

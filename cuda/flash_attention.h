@@ -1,8 +1,8 @@
 // flash_attention.h: fused causal attention in bf16 (forward and backward), C interface.
 //
 // Two paths behind one call: on compute capability 9.0 (Hopper) devices, when the build carries
-// the sm_90a kernels, the forward runs on warpgroup MMA (flash_attention_sm90.cu, head sizes up to
-// 128); everything else runs the portable mma.sync kernels (flash_attention.cu).
+// the sm_90a kernels, forward and backward run on warpgroup MMA (flash_attention_sm90.cu, head
+// sizes up to 128); everything else runs the portable mma.sync kernels (flash_attention.cu).
 //
 // Tiles of queries against tiles of keys and values in shared memory, online softmax with fp32
 // accumulators, bf16 tensor-core products (mma.sync m16n8k16, fp32 accumulate) on register

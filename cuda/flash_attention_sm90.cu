@@ -1,4 +1,4 @@
-// flash_attention_sm90.cu: the Hopper forward of the fused causal attention (sm_90a only; see
+// flash_attention_sm90.cu: the Hopper kernels of the fused causal attention (sm_90a only; see
 // flash_attention.h for the interface and flash_attention.cu for the portable kernels).
 //
 // A block owns 128 queries of one head: two warpgroups of 64 rows. Each walks the 128-key tiles up
@@ -11,11 +11,13 @@
 // swizzled K-major layout: blocks of 64 columns, each a stack of 128-byte rows with 16-byte chunk c
 // of row r at c ^ (r % 8), 1024-byte aligned.
 //
-// Not yet here (FlashAttention-3's remaining steps): TMA loads, producer / consumer warp
-// specialisation with setmaxnreg, ping-pong of the two warpgroups, the softmax of one tile
-// overlapped with the next tile's products, and a wgmma backward.
+// The backward has the same shape (see its section): two kernels, no atomics.
 //
-// Sections: constants, device helpers, wgmma wrappers, kernel, launcher.
+// Not yet here (FlashAttention-3's remaining steps): TMA loads, producer / consumer warp
+// specialisation with setmaxnreg, ping-pong of the two warpgroups, and the softmax of one tile
+// overlapped with the next tile's products.
+//
+// Sections: constants, device helpers, wgmma wrappers, forward kernel, backward kernels, launchers.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -69,20 +71,54 @@ __device__ __forceinline__ static uint32_t f9_pack(float lo, float hi) {
     return *reinterpret_cast<uint32_t *>(&v);
 }
 
-// Rows [row0, row0 + 128) of one head (rows stride elements apart) into the swizzled K-major
-// layout at dst: column block kb (64 columns) at kb * 128 * 128 bytes; rows at or past T and
+// Rows [row0, row0 + ROWS) of one head (rows stride elements apart) into the swizzled K-major
+// layout at dst: column block kb (64 columns) at kb * ROWS * 128 bytes; rows at or past T and
 // chunks at or past hc (the head's real 8-column chunks) zero-filled.
-template <int D>
+template <int D, int ROWS>
 __device__ __forceinline__ static void f9_load_tile(uint32_t dst, const f9_bf16 *src, size_t stride,
                                                     int row0, int T, int hc) {
     constexpr int CH = D / 8; // chunks per row
+    static_assert(ROWS * CH % F9_NT == 0, "tile chunks must divide evenly over the threads");
 #pragma unroll
-    for (int j = 0; j < F9_ROWS * CH / F9_NT; j++) {
+    for (int j = 0; j < ROWS * CH / F9_NT; j++) {
         int i = (int)threadIdx.x + j * F9_NT;
         int r = i / CH, c = i % CH;
         bool ok = row0 + r < T && c < hc;
-        uint32_t d = dst + (uint32_t)((c >> 3) * (F9_ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+        uint32_t d = dst + (uint32_t)((c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4));
         f9_cp16(d, ok ? src + (size_t)(row0 + r) * stride + c * 8 : src, ok);
+    }
+}
+
+// 64 floats [row0, row0 + 64) of a (T) vector into shared dst; zero past T.
+__device__ __forceinline__ static void f9_load_vec(uint32_t dst, const float *src, int row0, int T) {
+    int i = (int)threadIdx.x;
+    if (i < 64) {
+        bool ok = row0 + i < T;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + 4u * (uint32_t)i),
+                     "l"(ok ? src + row0 + i : src), "r"(ok ? 4 : 0)
+                     : "memory");
+    }
+}
+
+// A warpgroup's 64 x D accumulators (this thread's D / 2) times mul as bf16 to rows r0 + g and
+// r0 + g + 8 of dst (r0: the warp's first row); rows at or past T, columns at or past HS skipped.
+template <int D>
+__device__ __forceinline__ static void f9_store_rows(f9_bf16 *dst, size_t stride,
+                                                     const float (&acc)[D / 2], const float (&mul)[2],
+                                                     int r0, int T, int HS, int lane) {
+    int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        int row = r0 + g + 8 * hr;
+        if (row >= T) continue;
+        f9_bf16 *p = dst + (size_t)row * stride;
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            int col = 8 * j + 2 * tq;
+            if (col < HS)
+                *reinterpret_cast<uint32_t *>(p + col) =
+                    f9_pack(acc[4 * j + 2 * hr] * mul[hr], acc[4 * j + 2 * hr + 1] * mul[hr]);
+        }
     }
 }
 
@@ -132,6 +168,23 @@ __device__ __forceinline__ static void wg_ss_n128(float (&d)[64], uint64_t da, u
                    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
                    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// d (64 x 64 fp32, this thread's 32 values) = (scale_d ? d : 0) + A . B^T, A and B K-major
+// bf16 in shared memory (descriptors da, db).
+__device__ __forceinline__ static void wg_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31"
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
                  : "l"(da), "l"(db), "r"(scale_d));
 }
 
@@ -211,9 +264,9 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
     int nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
     int r0 = q0 + wg * 64 + warp4 * 16; // this warp's first query
 
-    f9_load_tile<D>(sQ, q + head_off, qkv_stride, q0, T, hc);
-    f9_load_tile<D>(sK, kh, qkv_stride, 0, T, hc);
-    f9_load_tile<D>(sV, vh, qkv_stride, 0, T, hc);
+    f9_load_tile<D, F9_ROWS>(sQ, q + head_off, qkv_stride, q0, T, hc);
+    f9_load_tile<D, F9_ROWS>(sK, kh, qkv_stride, 0, T, hc);
+    f9_load_tile<D, F9_ROWS>(sV, vh, qkv_stride, 0, T, hc);
     f9_cp_commit();
 
     float o[D / 2];
@@ -227,8 +280,8 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
         __syncthreads(); // tile kt visible to every thread and to wgmma; tile kt - 1 released
         if (kt + 1 < nkt) {
             uint32_t nb = (uint32_t)((kt + 1) & 1) * TILEB;
-            f9_load_tile<D>(sK + nb, kh, qkv_stride, (kt + 1) * F9_KN, T, hc);
-            f9_load_tile<D>(sV + nb, vh, qkv_stride, (kt + 1) * F9_KN, T, hc);
+            f9_load_tile<D, F9_ROWS>(sK + nb, kh, qkv_stride, (kt + 1) * F9_KN, T, hc);
+            f9_load_tile<D, F9_ROWS>(sV + nb, vh, qkv_stride, (kt + 1) * F9_KN, T, hc);
             f9_cp_commit();
         }
         int k0 = kt * F9_KN;
@@ -297,25 +350,268 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
 
     // normalise; out and the log-sum-exp (natural log) of the rows before T
     float *lse_h = lse + (size_t)bh * T;
-    f9_bf16 *oh = out + (size_t)b * T * out_stride + (size_t)h * HS;
+    float inv[2];
 #pragma unroll
     for (int hr = 0; hr < 2; hr++) {
         float lt = l[hr];
         lt += __shfl_xor_sync(0xffffffffu, lt, 1);
         lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-        float inv = lt > 0.0f ? 1.0f / lt : 0.0f;
+        inv[hr] = lt > 0.0f ? 1.0f / lt : 0.0f;
         int row = r0 + g + 8 * hr;
-        if (row >= T) continue;
-        if (tq == 0) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
-        f9_bf16 *orow = oh + (size_t)row * out_stride;
+        if (tq == 0 && row < T) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
+    }
+    f9_store_rows<D>(out + (size_t)b * T * out_stride + (size_t)h * HS, out_stride, o, inv, r0, T,
+                     HS, lane);
+}
+
+
+// ---- backward kernels
+//
+// Deterministic, as the portable backward: the dq kernel (a block per 128 queries walking 64-key
+// tiles) also writes D = rowsum(dout * out); the dk/dv kernel (a block per 128 keys walking
+// 64-query tiles) reads it. Both recompute P from q, k and the log-sum-exp. Per warpgroup of 64
+// rows: two m64n64 products from shared memory (S and dP, or their transposes), the elementwise
+// step on the accumulators, then the register-A products into the D-wide gradients.
+
+#define F9_BT 64 // rows of the walked tiles in the backward
+
+// Descriptors of a K-major operand at 16-column step kk of a [kb][ROWS][64] tile whose warpgroup
+// rows start at byte row_off.
+template <int ROWS>
+__device__ __forceinline__ static uint64_t f9_kdesc(uint32_t tile, int kk, uint32_t row_off) {
+    return f9_desc(tile + (uint32_t)((kk >> 2) * (ROWS * 128) + (kk & 3) * 32) + row_off, 16, 1024);
+}
+
+// Descriptor of an MN-major (transposed) operand: rows [16 kc, 16 kc + 16) of a [kb][ROWS][64]
+// tile, all its columns.
+template <int ROWS>
+__device__ __forceinline__ static uint64_t f9_tdesc(uint32_t tile, int kc) {
+    return f9_desc(tile + (uint32_t)kc * 16 * 128, ROWS * 128, 1024);
+}
+
+// The bf16 A fragment of 16-column chunk kc of a 64 x 64 accumulator (32 values a thread).
+__device__ __forceinline__ static void f9_afrag(uint32_t (&a)[4], const float (&x)[32], int kc) {
+    a[0] = f9_pack(x[8 * kc + 0], x[8 * kc + 1]);
+    a[1] = f9_pack(x[8 * kc + 2], x[8 * kc + 3]);
+    a[2] = f9_pack(x[8 * kc + 4], x[8 * kc + 5]);
+    a[3] = f9_pack(x[8 * kc + 6], x[8 * kc + 7]);
+}
+
+// dq and D: grid (B*NH, ceil(T/128)), 256 threads.
+template <int D>
+static __global__ void __launch_bounds__(F9_NT, 1)
+f9_bwd_dq_kernel(f9_bf16 *dq, float *Dv, const f9_bf16 *dout, const f9_bf16 *out,
+                 const f9_bf16 *q, const f9_bf16 *k, const f9_bf16 *v, const float *lse, int T,
+                 int NH, int HS, size_t qkv_stride, size_t out_stride, float scale,
+                 float scale_log2) {
+    // dq, q, k, v (B, T, NH, HS) row stride qkv_stride; dout, out row stride out_stride;
+    // lse, Dv (B, NH, T)
+    constexpr int QB = F9_ROWS * D * 2, KB = F9_BT * D * 2; // bytes of a query / key tile
+    extern __shared__ __align__(1024) unsigned char f9_smem[];
+    const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
+    const uint32_t sQ = base, sdO = sQ + QB, sK = sdO + QB, sV = sK + 2 * KB; // K, V: two stages
+
+    int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int tid = (int)threadIdx.x, wg = tid >> 7, warp4 = (tid >> 5) & 3, lane = tid & 31;
+    int g = lane >> 2, tq = lane & 3;
+    int hc = HS / 8;
+    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
+    size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
+    const f9_bf16 *kh = k + head_off, *vh = v + head_off;
+    int q0 = qt * F9_ROWS, wq0 = q0 + wg * 64; // block's and warpgroup's first query
+    int nkt = (min(q0 + F9_ROWS, T) - 1) / F9_BT + 1;
+    int r0 = wq0 + warp4 * 16;
+
+    f9_load_tile<D, F9_ROWS>(sQ, q + head_off, qkv_stride, q0, T, hc);
+    f9_load_tile<D, F9_ROWS>(sdO, dout + dout_off, out_stride, q0, T, hc);
+    f9_load_tile<D, F9_BT>(sK, kh, qkv_stride, 0, T, hc);
+    f9_load_tile<D, F9_BT>(sV, vh, qkv_stride, 0, T, hc);
+    f9_cp_commit();
+
+    // D of this warp's 16 rows while the tiles land: lane = (row, every other 8-column chunk)
+    float drow[2], lrow[2];
+    {
+        int t = r0 + (lane >> 1);
+        float d = 0.0f;
+        if (t < T) {
+            const uint4 *a = reinterpret_cast<const uint4 *>(dout + dout_off + (size_t)t * out_stride);
+            const uint4 *o = reinterpret_cast<const uint4 *>(out + dout_off + (size_t)t * out_stride);
+            for (int c = lane & 1; c < hc; c += 2) {
+                uint4 av = a[c], ov = o[c];
+                const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
+                const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
 #pragma unroll
-        for (int j = 0; j < D / 8; j++) {
-            int col = 8 * j + 2 * tq;
-            if (col < HS)
-                *reinterpret_cast<uint32_t *>(orow + col) =
-                    f9_pack(o[4 * j + 2 * hr] * inv, o[4 * j + 2 * hr + 1] * inv);
+                for (int e = 0; e < 4; e++) {
+                    float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
+                    d = fmaf(af.x, of.x, d);
+                    d = fmaf(af.y, of.y, d);
+                }
+            }
+        }
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        if ((lane & 1) == 0 && t < T) Dv[(size_t)bh * T + t] = d;
+        drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
+        drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            int row = r0 + g + 8 * hr;
+            lrow[hr] = row < T ? lse[(size_t)bh * T + row] * F9_LOG2E : 0.0f;
         }
     }
+
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) acc[i] = 0.0f;
+
+    for (int kt = 0; kt < nkt; kt++) {
+        f9_cp_wait_all();
+        f9_fence_async();
+        __syncthreads();
+        if (kt + 1 < nkt) {
+            uint32_t nb = (uint32_t)((kt + 1) & 1) * KB;
+            f9_load_tile<D, F9_BT>(sK + nb, kh, qkv_stride, (kt + 1) * F9_BT, T, hc);
+            f9_load_tile<D, F9_BT>(sV + nb, vh, qkv_stride, (kt + 1) * F9_BT, T, hc);
+            f9_cp_commit();
+        }
+        int k0 = kt * F9_BT;
+        if (k0 > wq0 + 63) continue; // every key follows every query of this warpgroup
+        uint32_t cb = (uint32_t)(kt & 1) * KB;
+
+        float s[32], dp[32];
+        f9_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t ro = (uint32_t)wg * 64 * 128;
+            wg_ss_n64(s, f9_kdesc<F9_ROWS>(sQ, kk, ro), f9_kdesc<F9_BT>(sK + cb, kk, 0), kk > 0);
+            wg_ss_n64(dp, f9_kdesc<F9_ROWS>(sdO, kk, ro), f9_kdesc<F9_BT>(sV + cb, kk, 0), kk > 0);
+        }
+        f9_wg_commit_wait();
+        f9_pin(s);
+        f9_pin(dp);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int hr = (i >> 1) & 1;
+            int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * hr;
+            float p = f9_exp2(fmaf(s[i], scale_log2, -lrow[hr]));
+            if (key > row) p = 0.0f;
+            s[i] = p * (dp[i] - drow[hr]); // dS
+        }
+        f9_pin(acc);
+        f9_wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < F9_BT / 16; kc++) {
+            uint32_t a[4];
+            f9_afrag(a, s, kc);
+            f9_pv<D>(acc, a, f9_tdesc<F9_BT>(sK + cb, kc));
+        }
+        f9_wg_commit_wait();
+        f9_pin(acc);
+    }
+    const float mul[2] = {scale, scale};
+    f9_store_rows<D>(dq + head_off, qkv_stride, acc, mul, r0, T, HS, lane);
+}
+
+// dk, dv: grid (B*NH, ceil(T/128)), 256 threads; block y = 0 (the keys that see the most
+// queries) first.
+template <int D>
+static __global__ void __launch_bounds__(F9_NT, 1)
+f9_bwd_dkdv_kernel(f9_bf16 *dk, f9_bf16 *dv, const f9_bf16 *dout, const f9_bf16 *q,
+                   const f9_bf16 *k, const f9_bf16 *v, const float *lse, const float *Dv, int T,
+                   int NH, int HS, size_t qkv_stride, size_t out_stride, float scale,
+                   float scale_log2) {
+    constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2; // bytes of a key / query tile
+    extern __shared__ __align__(1024) unsigned char f9_smem[];
+    unsigned char *aligned = f9_smem + (((f9_smem_u32(f9_smem) + 1023u) & ~1023u) - f9_smem_u32(f9_smem));
+    const uint32_t base = f9_smem_u32(aligned);
+    const uint32_t sK = base, sV = sK + KB, sQ = sV + KB, sdO = sQ + 2 * QB; // Q, dO: two stages
+    const uint32_t sL = sdO + 2 * QB, sD = sL + 2 * 64 * 4; // lse, D of the query tile, two stages
+    const float *Lf = reinterpret_cast<const float *>(aligned + (sL - base));
+    const float *Df = reinterpret_cast<const float *>(aligned + (sD - base));
+
+    int kt = (int)blockIdx.y;
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int tid = (int)threadIdx.x, wg = tid >> 7, warp4 = (tid >> 5) & 3, lane = tid & 31;
+    int g = lane >> 2, tq = lane & 3;
+    int hc = HS / 8;
+    size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
+    size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
+    const f9_bf16 *qh = q + head_off, *doh = dout + dout_off;
+    const float *lse_h = lse + (size_t)bh * T, *D_h = Dv + (size_t)bh * T;
+    int k0 = kt * F9_ROWS, wk0 = k0 + wg * 64; // block's and warpgroup's first key
+    int rk0 = wk0 + warp4 * 16;                // this warp's first key
+    int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
+
+    f9_load_tile<D, F9_ROWS>(sK, k + head_off, qkv_stride, k0, T, hc);
+    f9_load_tile<D, F9_ROWS>(sV, v + head_off, qkv_stride, k0, T, hc);
+    f9_load_tile<D, F9_BT>(sQ, qh, qkv_stride, qt0 * F9_BT, T, hc);
+    f9_load_tile<D, F9_BT>(sdO, doh, out_stride, qt0 * F9_BT, T, hc);
+    f9_load_vec(sL, lse_h, qt0 * F9_BT, T);
+    f9_load_vec(sD, D_h, qt0 * F9_BT, T);
+    f9_cp_commit();
+
+    float dka[D / 2], dva[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dka[i] = dva[i] = 0.0f;
+
+    for (int qt = qt0; qt < nqt; qt++) {
+        int it = qt - qt0;
+        f9_cp_wait_all();
+        f9_fence_async();
+        __syncthreads();
+        if (qt + 1 < nqt) {
+            uint32_t nb = (uint32_t)((it + 1) & 1);
+            int row0 = (qt + 1) * F9_BT;
+            f9_load_tile<D, F9_BT>(sQ + nb * QB, qh, qkv_stride, row0, T, hc);
+            f9_load_tile<D, F9_BT>(sdO + nb * QB, doh, out_stride, row0, T, hc);
+            f9_load_vec(sL + nb * 256, lse_h, row0, T);
+            f9_load_vec(sD + nb * 256, D_h, row0, T);
+            f9_cp_commit();
+        }
+        int q0 = qt * F9_BT;
+        if (q0 + 63 < wk0 || wk0 >= T) continue; // every query precedes every key of this warpgroup
+        uint32_t buf = (uint32_t)(it & 1);
+        uint32_t qb = sQ + buf * QB, db = sdO + buf * QB;
+        const float *Lt = Lf + buf * 64, *Dt = Df + buf * 64;
+
+        float st[32], dpt[32]; // S^T and dP^T: 64 keys x 64 queries
+        f9_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t ro = (uint32_t)wg * 64 * 128;
+            wg_ss_n64(st, f9_kdesc<F9_ROWS>(sK, kk, ro), f9_kdesc<F9_BT>(qb, kk, 0), kk > 0);
+            wg_ss_n64(dpt, f9_kdesc<F9_ROWS>(sV, kk, ro), f9_kdesc<F9_BT>(db, kk, 0), kk > 0);
+        }
+        f9_wg_commit_wait();
+        f9_pin(st);
+        f9_pin(dpt);
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            int col = 8 * (i >> 2) + 2 * tq + (i & 1);
+            int key = rk0 + g + 8 * ((i >> 1) & 1), query = q0 + col;
+            float p = f9_exp2(fmaf(st[i], scale_log2, -Lt[col] * F9_LOG2E));
+            if (query < key || query >= T) p = 0.0f;
+            st[i] = p;
+            dpt[i] = p * (dpt[i] - Dt[col]); // dS^T
+        }
+        f9_pin(dka);
+        f9_pin(dva);
+        f9_wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < F9_BT / 16; kc++) {
+            uint32_t a[4];
+            f9_afrag(a, st, kc);
+            f9_pv<D>(dva, a, f9_tdesc<F9_BT>(db, kc));
+            f9_afrag(a, dpt, kc);
+            f9_pv<D>(dka, a, f9_tdesc<F9_BT>(qb, kc));
+        }
+        f9_wg_commit_wait();
+        f9_pin(dka);
+        f9_pin(dva);
+    }
+    const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
+    f9_store_rows<D>(dv + head_off, qkv_stride, dva, one, rk0, T, HS, lane);
+    f9_store_rows<D>(dk + head_off, qkv_stride, dka, sc, rk0, T, HS, lane);
 }
 
 // ---- launcher
@@ -344,4 +640,49 @@ extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, con
     const f9_bf16 *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k, *vv = (const f9_bf16 *)v;
     if (HS <= 64) return f9_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
     return f9_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
+}
+
+template <int D>
+static int f9_bwd_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *dv, const f9_bf16 *dout,
+                         const f9_bf16 *q, const f9_bf16 *k, const f9_bf16 *v, const f9_bf16 *out,
+                         const float *lse, float *Dv, int B, int T, int NH, int HS, int qkv_stride,
+                         int out_stride) {
+    float scale = 1.0f / sqrtf((float)HS), scale_log2 = scale * F9_LOG2E;
+    dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
+    size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 1024;
+    if (cudaFuncSetAttribute((const void *)f9_bwd_dq_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    f9_bwd_dq_kernel<D><<<grid, F9_NT, smem, st>>>(dq, Dv, dout, out, q, k, v, lse, T, NH, HS,
+                                                    (size_t)qkv_stride, (size_t)out_stride, scale,
+                                                    scale_log2);
+    if (cudaGetLastError() != cudaSuccess) return 2;
+    smem += 4 * 64 * sizeof(float);
+    if (cudaFuncSetAttribute((const void *)f9_bwd_dkdv_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    f9_bwd_dkdv_kernel<D><<<grid, F9_NT, smem, st>>>(dk, dv, dout, q, k, v, lse, Dv, T, NH, HS,
+                                                      (size_t)qkv_stride, (size_t)out_stride, scale,
+                                                      scale_log2);
+    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
+extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv,
+                                        const void *dout, const void *q, const void *k,
+                                        const void *v, const void *out, const float *lse,
+                                        float *scratch, int B, int T, int NH, int HS,
+                                        int qkv_stride, int out_stride) {
+    cudaStream_t st = (cudaStream_t)stream;
+    f9_bf16 *a = (f9_bf16 *)dq, *b = (f9_bf16 *)dk, *c = (f9_bf16 *)dv;
+    const f9_bf16 *g = (const f9_bf16 *)dout, *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k,
+                  *vv = (const f9_bf16 *)v, *o = (const f9_bf16 *)out;
+    if (HS <= 64)
+        return f9_bwd_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
+                                 qkv_stride, out_stride);
+    return f9_bwd_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS, qkv_stride,
+                              out_stride);
 }

@@ -1,4 +1,4 @@
-// flash_attention_sm90.h: the Hopper (sm_90a) forward kernel behind flash_attention_fwd; internal to
+// flash_attention_sm90.h: the Hopper (sm_90a) kernels behind flash_attention_fwd/bwd; internal to
 // cuda/ (flash_attention.cu dispatches to it on compute capability 9.0 devices).
 #pragma once
 
@@ -11,6 +11,12 @@ extern "C" {
 int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q, const void *k,
                              const void *v, int B, int T, int NH, int HS, int qkv_stride,
                              int out_stride);
+
+// As flash_attention_bwd, under the same conditions; scratch holds D (B, NH, T).
+int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
+                             const void *q, const void *k, const void *v, const void *out,
+                             const float *lse, float *scratch, int B, int T, int NH, int HS,
+                             int qkv_stride, int out_stride);
 
 #ifdef __cplusplus
 }

@@ -251,43 +251,45 @@ Test(flash_attention, hs256) {
     check_case(1, 1, 1024, 256, 64);
 }
 
-// The Hopper forward (where this device runs it) and the portable forward give the same function:
-// outputs within bf16 rounding of each other, log-sum-exp within fp32 rounding.
+// The Hopper kernels (where this device runs them) and the portable ones compute the same function:
+// outputs and gradients within bf16 rounding of each other, log-sum-exp within fp32 rounding.
 static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     ct_require_gpu("the flash-attention kernels");
     int C = NH * HS;
     size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
     uint64_t rng = seed;
     uint16_t *h = malloc(nqkv * 2), *o1 = malloc(nout * 2), *o2 = malloc(nout * 2);
+    uint16_t *g1 = malloc(nqkv * 2), *g2 = malloc(nqkv * 2);
     float *l1 = malloc(nlse * 4), *l2 = malloc(nlse * 4), *o2f = malloc(nout * 4);
-    cr_assert(h && o1 && o2 && l1 && l2 && o2f);
+    float *g2f = malloc(nqkv * 4);
+    cr_assert(h && o1 && o2 && g1 && g2 && l1 && l2 && o2f && g2f);
     for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
     struct fa_bufs d = fa_bufs_alloc(B, T, NH, HS);
     ct_upload(d.qkv, h, nqkv * 2);
+    ct_upload(d.dout, h + nqkv - nout, nout * 2); // any bf16 values serve as dout
     for (int pass = 0; pass < 2; pass++) {
         flash_attention_force_portable(pass);
-        ct_poison(d.out, nout * 2);
-        ct_poison(d.lse, nlse * 4);
-        int rc = flash_attention_fwd(NULL, d.out, d.lse, d.qkv, d.qkv + C, d.qkv + 2 * C, B, T, NH,
-                                     HS, 3 * C, C);
-        cr_assert_eq(rc, FLASH_OK, "flash_attention_fwd returned %d", rc);
-        cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+        run_gpu(&d, B, T, NH, HS);
         ct_download(pass ? o2 : o1, d.out, nout * 2);
         ct_download(pass ? l2 : l1, d.lse, nlse * 4);
+        ct_download(pass ? g2 : g1, d.dqkv, nqkv * 2);
         if (pass == 0) cr_log_info("HS=%d path: %s", HS, flash_attention_path(HS));
     }
     flash_attention_force_portable(0);
     for (size_t i = 0; i < nout; i++) o2f[i] = tp_bf16_to_f32(o2[i]);
+    for (size_t i = 0; i < nqkv; i++) g2f[i] = tp_bf16_to_f32(g2[i]);
     double e = rel_err_bf16(o1, C, o2f, C, BT, C, "out (default path)");
+    double eg = rel_err_bf16(g1, 3 * C, g2f, 3 * C, BT, 3 * C, "dqkv (default path)");
     double worst = 0.0;
     for (size_t i = 0; i < nlse; i++) {
         cr_assert(isfinite(l1[i]), "lse %zu not finite", i);
         double r = fabs((double)l1[i] - l2[i]) / fmax(1.0, fabs((double)l2[i]));
         if (r > worst) worst = r;
     }
-    cr_log_info("B=%d NH=%d T=%d HS=%d: default vs portable forward: out %.3g, lse %.3g", B, NH,
-                T, HS, e, worst);
+    cr_log_info("B=%d NH=%d T=%d HS=%d: default vs portable path: out %.3g, lse %.3g, dqkv %.3g",
+                B, NH, T, HS, e, worst, eg);
     cr_expect_lt(e, 1e-2, "out: default and portable paths differ by %g", e);
+    cr_expect_lt(eg, 1e-2, "dqkv: default and portable paths differ by %g", eg);
     cr_expect_lt(worst, 1e-5, "lse: default and portable paths differ by %g", worst);
     fa_bufs_free(&d);
     free(h);
@@ -296,6 +298,9 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     free(l1);
     free(l2);
     free(o2f);
+    free(g1);
+    free(g2);
+    free(g2f);
 }
 
 Test(flash_attention, hopper_matches_portable) {

@@ -5,8 +5,10 @@
 #
 # Stages: build build-gpu (sm_90a where the toolkit has it), the flash_attention suite, the
 # attention grid against PyTorch's SDPA back ends (tools/attention_vs_sdpa.py), and --bench model
-# in bf16 for GPT-2 124M's width with 12 heads of 64 and 6 heads of 128. Logs under ${OUT:-/tmp/out}.
-# STAGES (default "build test attn model") picks stages.
+# in bf16 for GPT-2 124M's width with 12 heads of 64 and 6 heads of 128; then (stages train, torch)
+# Tiny Shakespeare with heads of 128 in fp32 and bf16 (500 steps) and tp=2 against tp=1 over the MPI
+# comm, and scripts/bench_vs_pytorch.sh on GPT-2 124M at T 4096 (B 4) and with 6 heads of 128.
+# Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
 set -u
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -28,7 +30,7 @@ fi
 if stage test; then
     timeout 400 meson test -C "$build" ${TESTS:-flash_attention} --print-errorlogs >"$out/test.log" 2>&1 || status=1
     grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/test.log"
-    grep -h "rel err\|lse worst\|fwd+bwd" "$build"/meson-logs/testlog.txt | sed 's/^.*\(B=\)/\1/' | sort -u >"$out/flash_errors.txt"
+    grep -h "rel err\|lse worst\|fwd+bwd\|default vs portable\|path:" "$build"/meson-logs/testlog.txt | sed 's/^.*\(B=\)/\1/' | sort -u >"$out/flash_errors.txt"
     tail -5 "$out/flash_errors.txt"
 fi
 if stage attn; then
@@ -40,6 +42,41 @@ if stage model; then
         echo "== --bench model configs/bench.yaml bf16 n_head=$heads" | tee -a "$out/model.log"
         timeout 200 "$build/tptrain" --bench model configs/bench.yaml --set train.precision=bf16 \
             --set model.n_head=$heads 2>&1 | tee -a "$out/model.log" | tail -14 || status=1
+    done
+fi
+if stage train; then
+    # Tiny Shakespeare, width 256 in 2 heads of 128
+    hs128="--set model.n_embd=256 --set model.n_head=2"
+    for p in fp32 bf16; do
+        timeout 300 "$build/tptrain" configs/shakespeare.yaml --set train.steps=500 --set train.precision=$p \
+            $hs128 --set log.jsonl="$out/shk_$p.jsonl" >"$out/shk_$p.log" 2>&1 || status=1
+    done
+    for np in 1 2; do
+        timeout 300 mpirun -np $np --oversubscribe "$build/tptrain" configs/shakespeare.yaml --set train.steps=20 \
+            --set train.precision=bf16 $hs128 --set parallel.tp=$np --set eval.every=0 \
+            --set log.jsonl="$out/tp$np.jsonl" >"$out/tp$np.log" 2>&1 || status=1
+    done
+    python3 - "$out" <<'PY' | tee "$out/train_summary.txt" || status=1
+import json, sys
+o = sys.argv[1]
+def rows(name, kind):
+    return [json.loads(l) for l in open(f"{o}/{name}.jsonl") if f'"kind":"{kind}"' in l]
+v32, v16 = rows("shk_fp32", "val")[-1], rows("shk_bf16", "val")[-1]
+d = (v16["loss"] - v32["loss"]) / v32["loss"]
+print(f"heads of 128, 500 steps: val loss fp32 {v32['loss']:.4f} bf16 {v16['loss']:.4f} ({100 * d:+.2f}%, limit 2%)")
+t1, t2 = rows("tp1", "train"), rows("tp2", "train")
+worst = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(t1, t2))
+print(f"bf16 heads of 128, 20 steps: tp=2 (MPI comm, one GPU) against tp=1: worst relative loss difference {worst:.2e} over {len(t1)} steps")
+sys.exit(0 if abs(d) <= 0.02 and len(t1) == len(t2) == 20 else 1)
+PY
+fi
+if stage torch; then
+    sed 's/^  seq_len: 1024 .*/  seq_len: 4096/; s/^  micro_batch: 16 .*/  micro_batch: 4/' configs/gpt2-124m.yaml >/tmp/gpt2-124m-t4096.yaml
+    sed 's/^  n_head: 12/  n_head: 6/' configs/gpt2-124m.yaml >/tmp/gpt2-124m-hs128.yaml
+    for c in t4096:4 hs128:16; do
+        OUT=/tmp/vs_${c%%:*} BENCH_BUILD=0 BUILD_DIR=$build BENCH_CONFIG=/tmp/gpt2-124m-${c%%:*}.yaml \
+            BENCH_BATCHES=${c##*:} bash scripts/bench_vs_pytorch.sh >"$out/vs_torch_${c%%:*}.log" 2>&1 || status=1
+        echo "== gpt2-124m ${c%%:*} (B ${c##*:})"; sed -n '/^# /,$p' "$out/vs_torch_${c%%:*}.log"
     done
 fi
 exit $status
