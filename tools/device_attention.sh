@@ -29,7 +29,7 @@ if stage build; then
 fi
 if stage test; then
     timeout 400 meson test -C "$build" ${TESTS:-flash_attention} --print-errorlogs >"$out/test.log" 2>&1 || status=1
-    grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/test.log"
+    grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/test.log" | sort -u
     grep -h "rel err\|lse worst\|fwd+bwd\|default vs portable\|path:" "$build"/meson-logs/testlog.txt | sed 's/^.*\(B=\)/\1/' | sort -u >"$out/flash_errors.txt"
     tail -5 "$out/flash_errors.txt"
 fi
@@ -53,7 +53,7 @@ if stage train; then
     done
     for np in 1 2; do
         timeout 300 mpirun -np $np --oversubscribe "$build/tptrain" configs/shakespeare.yaml --set train.steps=20 \
-            --set train.precision=bf16 $hs128 --set parallel.tp=$np --set eval.every=0 \
+            --set train.precision=bf16 $hs128 --set parallel.tp=$np --set eval.every=0 --set train.warmup_steps=5 \
             --set log.jsonl="$out/tp$np.jsonl" >"$out/tp$np.log" 2>&1 || status=1
     done
     python3 - "$out" <<'PY' | tee "$out/train_summary.txt" || status=1
@@ -79,4 +79,8 @@ if stage torch; then
         echo "== gpt2-124m ${c%%:*} (B ${c##*:})"; sed -n '/^# /,$p' "$out/vs_torch_${c%%:*}.log"
     done
 fi
+# the tool brings back eight files: pack the logs
+tar czf "$out/logs.tar.gz" -C "$out" --exclude logs.tar.gz . 2>/dev/null
+find "$out" -maxdepth 1 -type f ! -name logs.tar.gz ! -name attn_vs_sdpa.json ! -name flash_errors.txt \
+    ! -name train_summary.txt ! -name model.log -delete
 exit $status
