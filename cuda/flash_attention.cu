@@ -33,6 +33,8 @@
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "flash_attention.h"
 #include "flash_attention_sm90.h"
@@ -800,8 +802,19 @@ extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 // HS <= 128; flash_attention_force_portable(1) turns it off (tests compare the two paths).
 
 static int fa_portable_forced;
+static int fa_hopper_ws = -1; // -1: not decided yet (TPTRAIN_ATTN_WS=0 in the environment: off)
 
 extern "C" void flash_attention_force_portable(int on) { fa_portable_forced = on != 0; }
+
+extern "C" void flash_attention_set_hopper_ws(int on) { fa_hopper_ws = on != 0; }
+
+static int fa_ws_allowed(void) {
+    if (fa_hopper_ws < 0) {
+        const char *e = getenv("TPTRAIN_ATTN_WS");
+        fa_hopper_ws = !(e && strcmp(e, "0") == 0);
+    }
+    return fa_hopper_ws;
+}
 
 static bool fa_sm90(int HS) {
 #ifdef FA_HAVE_SM90
@@ -821,7 +834,10 @@ static bool fa_sm90(int HS) {
 }
 
 extern "C" const char *flash_attention_path(int HS) {
-    if (fa_sm90(HS)) return HS == 64 || HS == 128 ? "wgmma sm_90a" : "wgmma sm_90a padded";
+    if (fa_sm90(HS)) {
+        if (HS != 64 && HS != 128) return "wgmma sm_90a padded";
+        return fa_ws_allowed() ? "wgmma sm_90a, TMA+ws fwd" : "wgmma sm_90a";
+    }
     switch (fa_padded(HS)) {
     case 64: return HS == 64 ? "mma.sync D=64" : "mma.sync D=64 padded";
     case 128: return HS == 128 ? "mma.sync D=128" : "mma.sync D=128 padded";
@@ -839,7 +855,7 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_fwd(stream, out, lse, q, k, v, B, T, NH, HS, qkv_stride,
-                                        out_stride) == 0
+                                        out_stride, fa_ws_allowed()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     fa_bf16 *o = (fa_bf16 *)out;

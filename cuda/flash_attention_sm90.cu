@@ -18,6 +18,7 @@
 // overlapped with the next tile's products.
 //
 // Sections: constants, device helpers, wgmma wrappers, forward kernel, backward kernels, launchers.
+#include <cuda.h> // CUtensorMap and its encoder's types; the encoder is reached through the runtime
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -142,6 +143,15 @@ __device__ __forceinline__ static void f9_wg_commit_wait(void) {
 template <int N> __device__ __forceinline__ static void f9_pin(float (&x)[N]) {
 #pragma unroll
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(x[i])::"memory");
+}
+
+// The bf16 A fragment of 16-column chunk kc of a 64-row accumulator (mma.sync's layout).
+template <int N>
+__device__ __forceinline__ static void f9_afrag16(uint32_t (&a)[4], const float (&x)[N], int kc) {
+    a[0] = f9_pack(x[8 * kc + 0], x[8 * kc + 1]);
+    a[1] = f9_pack(x[8 * kc + 2], x[8 * kc + 3]);
+    a[2] = f9_pack(x[8 * kc + 4], x[8 * kc + 5]);
+    a[3] = f9_pack(x[8 * kc + 6], x[8 * kc + 7]);
 }
 
 // ---- wgmma wrappers (operand lists written out: one output register per accumulator)
@@ -336,14 +346,14 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
         }
 
         // O += P V, 16 keys at a time; P's accumulator pairs are the A fragments
+        uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
+#pragma unroll
+        for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
         f9_pin(o);
         f9_wg_fence();
 #pragma unroll
-        for (int kc = 0; kc < F9_KN / 16; kc++) {
-            uint32_t a[4] = {f9_pack(s[8 * kc + 0], s[8 * kc + 1]), f9_pack(s[8 * kc + 2], s[8 * kc + 3]),
-                             f9_pack(s[8 * kc + 4], s[8 * kc + 5]), f9_pack(s[8 * kc + 6], s[8 * kc + 7])};
-            f9_pv<D>(o, a, f9_desc(sV + cb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
-        }
+        for (int kc = 0; kc < F9_KN / 16; kc++)
+            f9_pv<D>(o, pa[kc], f9_desc(sV + cb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
         f9_wg_commit_wait();
         f9_pin(o);
     }
@@ -364,6 +374,194 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
                      HS, lane);
 }
 
+
+// ---- forward, warp-specialised (head sizes 64 and 128 exactly)
+//
+// Three warpgroups: the first is the producer (one thread issues the tensor-memory-accelerator
+// copies of the Q tile and of each K and V tile, each completing on its own mbarrier with the
+// bytes it carries), the other two are consumers of 64 queries each, as in f9_fwd_kernel but with
+// no block-wide barrier: a consumer waits on the tile's "full" barrier and, once its products
+// have read the tile, arrives on the stage's "empty" barrier, which the producer waits on before
+// it refills the stage. The producer gives its registers to the consumers (setmaxnreg). Rows past
+// T come in as zeros from the copy engine (the tensor map's row extent is T).
+
+#define F9_WS_NT 384
+
+__device__ __forceinline__ static void f9_mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ static void f9_mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ static void f9_mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ static void f9_mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred done;\nF9_WAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra F9_WAIT;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+
+// One 64-column x 128-row box of a (B, T, cols) tensor at (x, y, z) into shared dst.
+__device__ __forceinline__ static void f9_tma_load(uint32_t dst, const CUtensorMap *map, int x, int y,
+                                                   int z, uint32_t bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+                 "l"(map), "r"(x), "r"(y), "r"(z), "r"(bar)
+                 : "memory");
+}
+
+template <int D>
+static __global__ void __launch_bounds__(F9_WS_NT, 1)
+f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
+                 const __grid_constant__ CUtensorMap tmv, f9_bf16 *out, float *lse, int T, int NH,
+                 size_t out_stride, float scale_log2) {
+    constexpr int TILEB = F9_ROWS * D * 2; // a 128-row tile
+    extern __shared__ __align__(1024) unsigned char f9_smem[];
+    const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
+    const uint32_t sQ = base, sK = sQ + TILEB, sV = sK + 2 * TILEB; // K, V: two stages
+    const uint32_t bars = sV + 2 * TILEB;                            // 8-byte mbarriers:
+    const uint32_t q_full = bars, k_full = bars + 8, v_full = bars + 24, empty = bars + 40;
+
+    int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int tid = (int)threadIdx.x, wg = tid >> 7;
+    int q0 = qt * F9_ROWS;
+    int nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
+
+    if (tid == 0) {
+        f9_mbar_init(q_full, 1);
+        for (int st = 0; st < 2; st++) {
+            f9_mbar_init(k_full + 8 * st, 1);
+            f9_mbar_init(v_full + 8 * st, 1);
+            f9_mbar_init(empty + 8 * st, 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) { // producer
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (tid == 0) {
+            int col = h * D;
+            f9_mbar_expect_tx(q_full, TILEB);
+#pragma unroll
+            for (int kb = 0; kb < D / 64; kb++)
+                f9_tma_load(sQ + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, q_full);
+            for (int kt = 0; kt < nkt; kt++) {
+                int st = kt & 1;
+                if (kt >= 2) f9_mbar_wait(empty + 8 * st, ((kt >> 1) - 1) & 1);
+                uint32_t kf = k_full + 8 * st, vf = v_full + 8 * st;
+                f9_mbar_expect_tx(kf, TILEB);
+#pragma unroll
+                for (int kb = 0; kb < D / 64; kb++)
+                    f9_tma_load(sK + st * TILEB + kb * F9_ROWS * 128, &tmk, col + 64 * kb,
+                                kt * F9_KN, b, kf);
+                f9_mbar_expect_tx(vf, TILEB);
+#pragma unroll
+                for (int kb = 0; kb < D / 64; kb++)
+                    f9_tma_load(sV + st * TILEB + kb * F9_ROWS * 128, &tmv, col + 64 * kb,
+                                kt * F9_KN, b, vf);
+            }
+        }
+        return;
+    }
+
+    // consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) o[i] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    f9_mbar_wait(q_full, 0);
+
+    for (int kt = 0; kt < nkt; kt++) {
+        int st = kt & 1;
+        uint32_t ph = (uint32_t)(kt >> 1) & 1u, cb = (uint32_t)st * TILEB;
+        int k0 = kt * F9_KN;
+        f9_mbar_wait(k_full + 8 * st, ph);
+        float s[64];
+        f9_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
+            wg_ss_n128(s, f9_desc(sQ + off + (uint32_t)cw * 64 * 128, 16, 1024),
+                       f9_desc(sK + cb + off, 16, 1024), kk > 0);
+        }
+        f9_wg_commit_wait();
+        f9_pin(s);
+        if (k0 + F9_KN - 1 > r0) {
+#pragma unroll
+            for (int i = 0; i < 64; i++) {
+                int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * ((i >> 1) & 1);
+                if (key > row) s[i] = -INFINITY;
+            }
+        }
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 16; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m[hr], mx);
+            float m_use = m_new == -INFINITY ? 0.0f : m_new;
+            float alpha = f9_exp2((m[hr] - m_use) * scale_log2);
+            float ms = m_use * scale_log2;
+            m[hr] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
+                float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
+                s[4 * j + 2 * hr] = p0;
+                s[4 * j + 2 * hr + 1] = p1;
+                sum += p0 + p1;
+            }
+#pragma unroll
+            for (int j = 0; j < D / 8; j++) {
+                o[4 * j + 2 * hr] *= alpha;
+                o[4 * j + 2 * hr + 1] *= alpha;
+            }
+            l[hr] = l[hr] * alpha + sum;
+        }
+        f9_mbar_wait(v_full + 8 * st, ph);
+        uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
+#pragma unroll
+        for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+        f9_pin(o);
+        f9_wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < F9_KN / 16; kc++)
+            f9_pv<D>(o, pa[kc], f9_desc(sV + cb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
+        f9_wg_commit_wait();
+        f9_pin(o);
+        f9_mbar_arrive(empty + 8 * st); // this thread's reads of stage st are done
+    }
+
+    float *lse_h = lse + (size_t)bh * T;
+    float inv[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float lt = l[hr];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        inv[hr] = lt > 0.0f ? 1.0f / lt : 0.0f;
+        int row = r0 + g + 8 * hr;
+        if (tq == 0 && row < T) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
+    }
+    f9_store_rows<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, o, inv, r0, T, D,
+                     lane);
+}
 
 // ---- backward kernels
 //
@@ -387,14 +585,6 @@ __device__ __forceinline__ static uint64_t f9_kdesc(uint32_t tile, int kk, uint3
 template <int ROWS>
 __device__ __forceinline__ static uint64_t f9_tdesc(uint32_t tile, int kc) {
     return f9_desc(tile + (uint32_t)kc * 16 * 128, ROWS * 128, 1024);
-}
-
-// The bf16 A fragment of 16-column chunk kc of a 64 x 64 accumulator (32 values a thread).
-__device__ __forceinline__ static void f9_afrag(uint32_t (&a)[4], const float (&x)[32], int kc) {
-    a[0] = f9_pack(x[8 * kc + 0], x[8 * kc + 1]);
-    a[1] = f9_pack(x[8 * kc + 2], x[8 * kc + 3]);
-    a[2] = f9_pack(x[8 * kc + 4], x[8 * kc + 5]);
-    a[3] = f9_pack(x[8 * kc + 6], x[8 * kc + 7]);
 }
 
 // dq and D: grid (B*NH, ceil(T/128)), 256 threads.
@@ -497,14 +687,13 @@ f9_bwd_dq_kernel(f9_bf16 *dq, float *Dv, const f9_bf16 *dout, const f9_bf16 *out
             if (key > row) p = 0.0f;
             s[i] = p * (dp[i] - drow[hr]); // dS
         }
+        uint32_t sa[F9_BT / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(sa[kc], s, kc);
         f9_pin(acc);
         f9_wg_fence();
 #pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) {
-            uint32_t a[4];
-            f9_afrag(a, s, kc);
-            f9_pv<D>(acc, a, f9_tdesc<F9_BT>(sK + cb, kc));
-        }
+        for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(acc, sa[kc], f9_tdesc<F9_BT>(sK + cb, kc));
         f9_wg_commit_wait();
         f9_pin(acc);
     }
@@ -594,17 +783,22 @@ f9_bwd_dkdv_kernel(f9_bf16 *dk, f9_bf16 *dv, const f9_bf16 *dout, const f9_bf16 
             st[i] = p;
             dpt[i] = p * (dpt[i] - Dt[col]); // dS^T
         }
+        // P^T's fragments, the dV products, then dS^T's fragments behind a second fence (fewer
+        // live registers than packing both first) and the dK products, all in one group
+        uint32_t fa[F9_BT / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fa[kc], st, kc);
         f9_pin(dka);
         f9_pin(dva);
         f9_wg_fence();
 #pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) {
-            uint32_t a[4];
-            f9_afrag(a, st, kc);
-            f9_pv<D>(dva, a, f9_tdesc<F9_BT>(db, kc));
-            f9_afrag(a, dpt, kc);
-            f9_pv<D>(dka, a, f9_tdesc<F9_BT>(qb, kc));
-        }
+        for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dva, fa[kc], f9_tdesc<F9_BT>(db, kc));
+        uint32_t fb[F9_BT / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fb[kc], dpt, kc);
+        f9_wg_fence();
+#pragma unroll
+        for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dka, fb[kc], f9_tdesc<F9_BT>(qb, kc));
         f9_wg_commit_wait();
         f9_pin(dka);
         f9_pin(dva);
@@ -612,6 +806,64 @@ f9_bwd_dkdv_kernel(f9_bf16 *dk, f9_bf16 *dv, const f9_bf16 *dout, const f9_bf16 
     const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
     f9_store_rows<D>(dv + head_off, qkv_stride, dva, one, rk0, T, HS, lane);
     f9_store_rows<D>(dk + head_off, qkv_stride, dka, sc, rk0, T, HS, lane);
+}
+
+// ---- tensor maps for the copy engine
+
+typedef CUresult (*f9_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                 const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                 const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's tensor-map encoder, found once through the runtime (no link against the driver).
+static f9_encode_fn f9_encoder(void) {
+    static f9_encode_fn fn;
+    static int tried;
+    if (!tried) {
+        tried = 1;
+        cudaDriverEntryPointQueryResult q;
+        void *p = NULL;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                             &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = (f9_encode_fn)p;
+        (void)cudaGetLastError();
+    }
+    return fn;
+}
+
+// A (B, T, cols) bf16 tensor whose rows are stride elements apart (batches T rows apart), read
+// in 64 x 128 boxes with the 128-byte swizzle; rows past T read as zeros.
+static bool f9_tensor_map(CUtensorMap *map, const void *ptr, int cols, int T, int B, int stride) {
+    f9_encode_fn enc = f9_encoder();
+    if (!enc) return false;
+    cuuint64_t dim[3] = {(cuuint64_t)cols, (cuuint64_t)T, (cuuint64_t)B};
+    cuuint64_t str[2] = {(cuuint64_t)stride * 2, (cuuint64_t)stride * 2 * (cuuint64_t)T};
+    cuuint32_t box[3] = {64, F9_ROWS, 1}, es[3] = {1, 1, 1};
+    return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)ptr, dim, str, box, es,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+               CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int D>
+static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k,
+                        const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride) {
+    CUtensorMap mq, mk, mv;
+    int cols = NH * D;
+    if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride) || !f9_tensor_map(&mk, k, cols, T, B, qkv_stride) ||
+        !f9_tensor_map(&mv, v, cols, T, B, qkv_stride))
+        return -1; // the caller falls back to the cp.async kernel
+    size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024 + 64;
+    if (cudaFuncSetAttribute((const void *)f9_fwd_ws_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    float scale_log2 = F9_LOG2E / sqrtf((float)D);
+    dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
+    f9_fwd_ws_kernel<D><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, out, lse, T, NH,
+                                                      (size_t)out_stride, scale_log2);
+    return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
 // ---- launcher
@@ -634,10 +886,18 @@ static int f9_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q
 
 extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
                                         const void *k, const void *v, int B, int T, int NH, int HS,
-                                        int qkv_stride, int out_stride) {
+                                        int qkv_stride, int out_stride, int allow_ws) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *o = (f9_bf16 *)out;
     const f9_bf16 *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k, *vv = (const f9_bf16 *)v;
+    // the warp-specialised kernel where the head fills its tiles exactly and the copy engine's
+    // alignment rules hold (16-byte aligned bases and strides); else the cp.async kernel
+    bool ws = (HS == 64 || HS == 128) && allow_ws && ((size_t)q & 15) == 0 &&
+              ((size_t)k & 15) == 0 && ((size_t)v & 15) == 0;
+    int rc = -1;
+    if (ws && HS == 64) rc = f9_ws_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
+    if (ws && HS == 128) rc = f9_ws_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
+    if (rc >= 0) return rc;
     if (HS <= 64) return f9_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
     return f9_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
 }

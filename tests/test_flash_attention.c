@@ -259,23 +259,30 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     size_t BT = (size_t)B * T, nqkv = BT * 3 * C, nout = BT * C, nlse = (size_t)B * NH * T;
     uint64_t rng = seed;
     uint16_t *h = malloc(nqkv * 2), *o1 = malloc(nout * 2), *o2 = malloc(nout * 2);
-    uint16_t *g1 = malloc(nqkv * 2), *g2 = malloc(nqkv * 2);
+    uint16_t *g1 = malloc(nqkv * 2), *g2 = malloc(nqkv * 2), *o3 = malloc(nout * 2);
     float *l1 = malloc(nlse * 4), *l2 = malloc(nlse * 4), *o2f = malloc(nout * 4);
     float *g2f = malloc(nqkv * 4);
-    cr_assert(h && o1 && o2 && g1 && g2 && l1 && l2 && o2f && g2f);
+    cr_assert(h && o1 && o2 && o3 && g1 && g2 && l1 && l2 && o2f && g2f);
     for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
     struct fa_bufs d = fa_bufs_alloc(B, T, NH, HS);
     ct_upload(d.qkv, h, nqkv * 2);
     ct_upload(d.dout, h + nqkv - nout, nout * 2); // any bf16 values serve as dout
-    for (int pass = 0; pass < 2; pass++) {
-        flash_attention_force_portable(pass);
+    // pass 0: the default path; 1: portable; 2: on Hopper, the cp.async forward instead of the
+    // warp-specialised one (its output must equal pass 0's within rounding too)
+    for (int pass = 0; pass < 3; pass++) {
+        flash_attention_force_portable(pass == 1);
+        flash_attention_set_hopper_ws(pass != 2);
         run_gpu(&d, B, T, NH, HS);
-        ct_download(pass ? o2 : o1, d.out, nout * 2);
-        ct_download(pass ? l2 : l1, d.lse, nlse * 4);
-        ct_download(pass ? g2 : g1, d.dqkv, nqkv * 2);
+        ct_download(pass == 1 ? o2 : pass == 0 ? o1 : o3, d.out, nout * 2);
+        if (pass < 2) ct_download(pass ? l2 : l1, d.lse, nlse * 4);
+        if (pass < 2) ct_download(pass ? g2 : g1, d.dqkv, nqkv * 2);
         if (pass == 0) cr_log_info("HS=%d path: %s", HS, flash_attention_path(HS));
     }
     flash_attention_force_portable(0);
+    flash_attention_set_hopper_ws(1);
+    for (size_t i = 0; i < nout; i++) o2f[i] = tp_bf16_to_f32(o3[i]);
+    double e3 = rel_err_bf16(o1, C, o2f, C, BT, C, "out (cp.async forward)");
+    cr_expect_lt(e3, 1e-2, "out: the two Hopper forwards differ by %g", e3);
     for (size_t i = 0; i < nout; i++) o2f[i] = tp_bf16_to_f32(o2[i]);
     for (size_t i = 0; i < nqkv; i++) g2f[i] = tp_bf16_to_f32(g2[i]);
     double e = rel_err_bf16(o1, C, o2f, C, BT, C, "out (default path)");
@@ -301,6 +308,7 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     free(g1);
     free(g2);
     free(g2f);
+    free(o3);
 }
 
 Test(flash_attention, hopper_matches_portable) {

@@ -37,6 +37,10 @@ if stage attn; then
     timeout 300 python3 tools/attention_vs_sdpa.py --tptrain "$build/tptrain" --json "$out/attn_vs_sdpa.json" \
         ${ATTN_GRID:-16x12x64x1024 4x12x64x4096 16x16x128x1024 4x16x128x4096 2x16x128x8192 configs/gpt2-124m.yaml configs/gpt-1.3b.yaml} 2>&1 | tee "$out/attn.log" || status=1
 fi
+if stage attn_nows; then
+    echo "== the Hopper forward without warp specialisation (TPTRAIN_ATTN_WS=0)"
+    TPTRAIN_ATTN_WS=0 timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_nows.log"
+fi
 if stage model; then
     for heads in 12 6; do
         echo "== --bench model configs/bench.yaml bf16 n_head=$heads" | tee -a "$out/model.log"
