@@ -836,7 +836,7 @@ static bool fa_sm90(int HS) {
 extern "C" const char *flash_attention_path(int HS) {
     if (fa_sm90(HS)) {
         if (HS != 64 && HS != 128) return "wgmma sm_90a padded";
-        return fa_ws_allowed() ? "wgmma sm_90a, TMA+ws fwd" : "wgmma sm_90a";
+        return fa_ws_allowed() ? "wgmma sm_90a, TMA + ws" : "wgmma sm_90a";
     }
     switch (fa_padded(HS)) {
     case 64: return HS == 64 ? "mma.sync D=64" : "mma.sync D=64 padded";
@@ -886,7 +886,7 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
-                                        NH, HS, qkv_stride, out_stride) == 0
+                                        NH, HS, qkv_stride, out_stride, fa_ws_allowed()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel

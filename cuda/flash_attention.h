@@ -45,9 +45,9 @@ int flash_attention_supported(int HS);
 // that compare the two paths). Process-wide; not thread-safe.
 void flash_attention_force_portable(int on);
 
-// Nonzero (the default, unless the environment sets TPTRAIN_ATTN_WS=0): on Hopper the forward uses
-// the warp-specialised kernel fed by the tensor memory accelerator where it applies (head sizes 64
-// and 128); zero: the cp.async wgmma kernel (tests and benchmarks compare the two).
+// Nonzero (the default, unless the environment sets TPTRAIN_ATTN_WS=0): on Hopper the forward and
+// backward use the warp-specialised kernels fed by the tensor memory accelerator where they apply
+// (head sizes 64 and 128); zero: the cp.async wgmma kernels (tests and benchmarks compare them).
 void flash_attention_set_hopper_ws(int on);
 
 // The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words

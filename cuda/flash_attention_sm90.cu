@@ -808,6 +808,283 @@ f9_bwd_dkdv_kernel(f9_bf16 *dk, f9_bf16 *dv, const f9_bf16 *dout, const f9_bf16 
     f9_store_rows<D>(dk + head_off, qkv_stride, dka, sc, rk0, T, HS, lane);
 }
 
+// ---- backward kernels, warp-specialised (head sizes 64 and 128 exactly)
+//
+// The same products as f9_bwd_dq_kernel and f9_bwd_dkdv_kernel, fed as the warp-specialised
+// forward is: a producer warpgroup brings the walked 64-row tiles in through the copy engine (in
+// the dk/dv kernel its threads 64..127 also stage the tile's log-sum-exp and D, then arrive on the
+// same "full" barrier), two consumer warpgroups wait on it and release the stage on "empty".
+// A consumer warpgroup with nothing to do on a tile still waits for it and releases it, so the
+// barrier phases stay in step. Tiles are copied as 64 x 64 boxes.
+
+#define F9_BOXB (64 * 64 * 2) // bytes of one 64-column x 64-row box
+
+// Rows [row0, row0 + ROWS) of a head into a [kb][ROWS][64] tile by 64-row boxes, completing on bar.
+template <int D, int ROWS>
+__device__ __forceinline__ static void f9_tma_tile(uint32_t dst, const CUtensorMap *map, int col,
+                                                   int row0, int b, uint32_t bar) {
+#pragma unroll
+    for (int kb = 0; kb < D / 64; kb++)
+#pragma unroll
+        for (int rb = 0; rb < ROWS / 64; rb++)
+            f9_tma_load(dst + (uint32_t)(kb * ROWS * 128 + rb * 64 * 128), map, col + 64 * kb,
+                        row0 + 64 * rb, b, bar);
+}
+
+// dq and D. grid (B*NH, ceil(T/128)), 384 threads.
+template <int D>
+static __global__ void __launch_bounds__(F9_WS_NT, 1)
+f9_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
+                    const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
+                    f9_bf16 *dq, float *Dv, const f9_bf16 *dout, const f9_bf16 *out,
+                    const float *lse, int T, int NH, size_t qkv_stride, size_t out_stride,
+                    float scale, float scale_log2) {
+    constexpr int QB = F9_ROWS * D * 2, KB = F9_BT * D * 2;
+    extern __shared__ __align__(1024) unsigned char f9_smem[];
+    const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
+    const uint32_t sQ = base, sdO = sQ + QB, sK = sdO + QB, sV = sK + 2 * KB;
+    const uint32_t bars = sV + 2 * KB;
+    const uint32_t q_full = bars, full = bars + 8, empty = bars + 24; // full, empty: two stages
+
+    int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int tid = (int)threadIdx.x, wg = tid >> 7;
+    int q0 = qt * F9_ROWS;
+    int nkt = (min(q0 + F9_ROWS, T) - 1) / F9_BT + 1;
+    if (tid == 0) {
+        f9_mbar_init(q_full, 1);
+        for (int st = 0; st < 2; st++) {
+            f9_mbar_init(full + 8 * st, 1);
+            f9_mbar_init(empty + 8 * st, 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (tid == 0) {
+            int col = h * D;
+            f9_mbar_expect_tx(q_full, 2 * QB);
+            f9_tma_tile<D, F9_ROWS>(sQ, &tmq, col, q0, b, q_full);
+            f9_tma_tile<D, F9_ROWS>(sdO, &tmdo, col, q0, b, q_full);
+            for (int kt = 0; kt < nkt; kt++) {
+                int st = kt & 1;
+                if (kt >= 2) f9_mbar_wait(empty + 8 * st, ((kt >> 1) - 1) & 1);
+                uint32_t f = full + 8 * st;
+                f9_mbar_expect_tx(f, 2 * KB);
+                f9_tma_tile<D, F9_BT>(sK + st * KB, &tmk, col, kt * F9_BT, b, f);
+                f9_tma_tile<D, F9_BT>(sV + st * KB, &tmv, col, kt * F9_BT, b, f);
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    int wq0 = q0 + cw * 64, r0 = wq0 + warp4 * 16;
+    size_t dout_off = (size_t)b * T * out_stride + (size_t)h * D;
+    float drow[2], lrow[2];
+    {
+        int t = r0 + (lane >> 1);
+        float d = 0.0f;
+        if (t < T) {
+            const uint4 *a = reinterpret_cast<const uint4 *>(dout + dout_off + (size_t)t * out_stride);
+            const uint4 *o = reinterpret_cast<const uint4 *>(out + dout_off + (size_t)t * out_stride);
+#pragma unroll
+            for (int c = lane & 1; c < D / 8; c += 2) {
+                uint4 av = a[c], ov = o[c];
+                const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
+                const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
+                    d = fmaf(af.x, of.x, d);
+                    d = fmaf(af.y, of.y, d);
+                }
+            }
+        }
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        if ((lane & 1) == 0 && t < T) Dv[(size_t)bh * T + t] = d;
+        drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
+        drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            int row = r0 + g + 8 * hr;
+            lrow[hr] = row < T ? lse[(size_t)bh * T + row] * F9_LOG2E : 0.0f;
+        }
+    }
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) acc[i] = 0.0f;
+    f9_mbar_wait(q_full, 0);
+
+    for (int kt = 0; kt < nkt; kt++) {
+        int st = kt & 1;
+        uint32_t cb = (uint32_t)st * KB;
+        int k0 = kt * F9_BT;
+        f9_mbar_wait(full + 8 * st, (uint32_t)(kt >> 1) & 1u);
+        if (k0 <= wq0 + 63) { // some key at or before some query of this warpgroup
+            float s[32], dp[32];
+            uint32_t ro = (uint32_t)cw * 64 * 128;
+            f9_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                wg_ss_n64(s, f9_kdesc<F9_ROWS>(sQ, kk, ro), f9_kdesc<F9_BT>(sK + cb, kk, 0), kk > 0);
+                wg_ss_n64(dp, f9_kdesc<F9_ROWS>(sdO, kk, ro), f9_kdesc<F9_BT>(sV + cb, kk, 0), kk > 0);
+            }
+            f9_wg_commit_wait();
+            f9_pin(s);
+            f9_pin(dp);
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                int hr = (i >> 1) & 1;
+                int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * hr;
+                float p = f9_exp2(fmaf(s[i], scale_log2, -lrow[hr]));
+                if (key > row) p = 0.0f;
+                s[i] = p * (dp[i] - drow[hr]);
+            }
+            uint32_t sa[F9_BT / 16][4];
+#pragma unroll
+            for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(sa[kc], s, kc);
+            f9_pin(acc);
+            f9_wg_fence();
+#pragma unroll
+            for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(acc, sa[kc], f9_tdesc<F9_BT>(sK + cb, kc));
+            f9_wg_commit_wait();
+            f9_pin(acc);
+        }
+        f9_mbar_arrive(empty + 8 * st);
+    }
+    const float mul[2] = {scale, scale};
+    f9_store_rows<D>(dq + (size_t)b * T * qkv_stride + (size_t)h * D, qkv_stride, acc, mul, r0, T, D,
+                     lane);
+}
+
+// dk, dv. grid (B*NH, ceil(T/128)), 384 threads; block y = 0 first.
+template <int D>
+static __global__ void __launch_bounds__(F9_WS_NT, 1)
+f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
+                      const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
+                      f9_bf16 *dk, f9_bf16 *dv, const float *lse, const float *Dv, int T, int NH,
+                      size_t qkv_stride, float scale, float scale_log2) {
+    constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2;
+    extern __shared__ __align__(1024) unsigned char f9_smem[];
+    unsigned char *aligned =
+        f9_smem + (((f9_smem_u32(f9_smem) + 1023u) & ~1023u) - f9_smem_u32(f9_smem));
+    const uint32_t base = f9_smem_u32(aligned);
+    const uint32_t sK = base, sV = sK + KB, sQ = sV + KB, sdO = sQ + 2 * QB;
+    const uint32_t sL = sdO + 2 * QB, sD = sL + 2 * 256; // 64 floats a stage each
+    const uint32_t bars = sD + 2 * 256;
+    const uint32_t kv_full = bars, full = bars + 8, empty = bars + 24;
+    float *Lf = reinterpret_cast<float *>(aligned + (sL - base));
+    float *Df = reinterpret_cast<float *>(aligned + (sD - base));
+
+    int kt = (int)blockIdx.y;
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int tid = (int)threadIdx.x, wg = tid >> 7;
+    int k0 = kt * F9_ROWS;
+    int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
+    if (tid == 0) {
+        f9_mbar_init(kv_full, 1);
+        for (int st = 0; st < 2; st++) {
+            f9_mbar_init(full + 8 * st, 1 + 64); // the copies' arrival and 64 vector stagers
+            f9_mbar_init(empty + 8 * st, 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        int col = h * D;
+        const float *lse_h = lse + (size_t)bh * T, *D_h = Dv + (size_t)bh * T;
+        if (tid == 0) {
+            f9_mbar_expect_tx(kv_full, 2 * KB);
+            f9_tma_tile<D, F9_ROWS>(sK, &tmk, col, k0, b, kv_full);
+            f9_tma_tile<D, F9_ROWS>(sV, &tmv, col, k0, b, kv_full);
+        }
+        if (tid == 0 || tid >= 64) {
+            for (int qt = qt0; qt < nqt; qt++) {
+                int it = qt - qt0, st = it & 1;
+                if (it >= 2) f9_mbar_wait(empty + 8 * st, ((it >> 1) - 1) & 1);
+                uint32_t f = full + 8 * st;
+                if (tid == 0) {
+                    f9_mbar_expect_tx(f, 2 * QB);
+                    f9_tma_tile<D, F9_BT>(sQ + st * QB, &tmq, col, qt * F9_BT, b, f);
+                    f9_tma_tile<D, F9_BT>(sdO + st * QB, &tmdo, col, qt * F9_BT, b, f);
+                } else {
+                    int i = tid - 64, row = qt * F9_BT + i;
+                    Lf[st * 64 + i] = row < T ? lse_h[row] : 0.0f;
+                    Df[st * 64 + i] = row < T ? D_h[row] : 0.0f;
+                    f9_mbar_arrive(f);
+                }
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    int wk0 = k0 + cw * 64, rk0 = wk0 + warp4 * 16;
+    float dka[D / 2], dva[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dka[i] = dva[i] = 0.0f;
+    f9_mbar_wait(kv_full, 0);
+
+    for (int qt = qt0; qt < nqt; qt++) {
+        int it = qt - qt0, st = it & 1;
+        int q0 = qt * F9_BT;
+        uint32_t qb = sQ + (uint32_t)st * QB, db = sdO + (uint32_t)st * QB;
+        const float *Lt = Lf + st * 64, *Dt = Df + st * 64;
+        f9_mbar_wait(full + 8 * st, (uint32_t)(it >> 1) & 1u);
+        if (q0 + 63 >= wk0 && wk0 < T) {
+            float st_[32], dpt[32];
+            uint32_t ro = (uint32_t)cw * 64 * 128;
+            f9_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                wg_ss_n64(st_, f9_kdesc<F9_ROWS>(sK, kk, ro), f9_kdesc<F9_BT>(qb, kk, 0), kk > 0);
+                wg_ss_n64(dpt, f9_kdesc<F9_ROWS>(sV, kk, ro), f9_kdesc<F9_BT>(db, kk, 0), kk > 0);
+            }
+            f9_wg_commit_wait();
+            f9_pin(st_);
+            f9_pin(dpt);
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                int c = 8 * (i >> 2) + 2 * tq + (i & 1);
+                int key = rk0 + g + 8 * ((i >> 1) & 1), query = q0 + c;
+                float p = f9_exp2(fmaf(st_[i], scale_log2, -Lt[c] * F9_LOG2E));
+                if (query < key || query >= T) p = 0.0f;
+                st_[i] = p;
+                dpt[i] = p * (dpt[i] - Dt[c]);
+            }
+            uint32_t fa[F9_BT / 16][4];
+#pragma unroll
+            for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fa[kc], st_, kc);
+            f9_pin(dka);
+            f9_pin(dva);
+            f9_wg_fence();
+#pragma unroll
+            for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dva, fa[kc], f9_tdesc<F9_BT>(db, kc));
+            uint32_t fb[F9_BT / 16][4];
+#pragma unroll
+            for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fb[kc], dpt, kc);
+            f9_wg_fence();
+#pragma unroll
+            for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dka, fb[kc], f9_tdesc<F9_BT>(qb, kc));
+            f9_wg_commit_wait();
+            f9_pin(dka);
+            f9_pin(dva);
+        }
+        f9_mbar_arrive(empty + 8 * st);
+    }
+    const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
+    size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
+    f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
+    f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
+}
+
 // ---- tensor maps for the copy engine
 
 typedef CUresult (*f9_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
@@ -834,12 +1111,13 @@ static f9_encode_fn f9_encoder(void) {
 
 // A (B, T, cols) bf16 tensor whose rows are stride elements apart (batches T rows apart), read
 // in 64 x 128 boxes with the 128-byte swizzle; rows past T read as zeros.
-static bool f9_tensor_map(CUtensorMap *map, const void *ptr, int cols, int T, int B, int stride) {
+static bool f9_tensor_map(CUtensorMap *map, const void *ptr, int cols, int T, int B, int stride,
+                          int box_rows) {
     f9_encode_fn enc = f9_encoder();
     if (!enc) return false;
     cuuint64_t dim[3] = {(cuuint64_t)cols, (cuuint64_t)T, (cuuint64_t)B};
     cuuint64_t str[2] = {(cuuint64_t)stride * 2, (cuuint64_t)stride * 2 * (cuuint64_t)T};
-    cuuint32_t box[3] = {64, F9_ROWS, 1}, es[3] = {1, 1, 1};
+    cuuint32_t box[3] = {64, (cuuint32_t)box_rows, 1}, es[3] = {1, 1, 1};
     return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, (void *)ptr, dim, str, box, es,
                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
@@ -850,8 +1128,9 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
                         const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride) {
     CUtensorMap mq, mk, mv;
     int cols = NH * D;
-    if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride) || !f9_tensor_map(&mk, k, cols, T, B, qkv_stride) ||
-        !f9_tensor_map(&mv, v, cols, T, B, qkv_stride))
+    if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, F9_ROWS) ||
+        !f9_tensor_map(&mk, k, cols, T, B, qkv_stride, F9_ROWS) ||
+        !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, F9_ROWS))
         return -1; // the caller falls back to the cp.async kernel
     size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024 + 64;
     if (cudaFuncSetAttribute((const void *)f9_fwd_ws_kernel<D>,
@@ -931,15 +1210,60 @@ static int f9_bwd_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *dv,
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
+template <int D>
+static int f9_bwd_ws_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *dv,
+                            const f9_bf16 *dout, const f9_bf16 *q, const f9_bf16 *k,
+                            const f9_bf16 *v, const f9_bf16 *out, const float *lse, float *Dv,
+                            int B, int T, int NH, int qkv_stride, int out_stride) {
+    CUtensorMap mq, mk, mv, mdo;
+    int cols = NH * D;
+    if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, 64) ||
+        !f9_tensor_map(&mk, k, cols, T, B, qkv_stride, 64) ||
+        !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, 64) ||
+        !f9_tensor_map(&mdo, dout, cols, T, B, out_stride, 64))
+        return -1;
+    float scale = 1.0f / sqrtf((float)D), scale_log2 = scale * F9_LOG2E;
+    dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
+    size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 1024 + 64;
+    if (cudaFuncSetAttribute((const void *)f9_bwd_dq_ws_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    f9_bwd_dq_ws_kernel<D><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dq, Dv, dout, out, lse, T,
+                                                         NH, (size_t)qkv_stride,
+                                                         (size_t)out_stride, scale, scale_log2);
+    if (cudaGetLastError() != cudaSuccess) return 2;
+    smem += 4 * 256;
+    if (cudaFuncSetAttribute((const void *)f9_bwd_dkdv_ws_kernel<D>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    f9_bwd_dkdv_ws_kernel<D><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dk, dv, lse, Dv, T, NH,
+                                                           (size_t)qkv_stride, scale, scale_log2);
+    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
 extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv,
                                         const void *dout, const void *q, const void *k,
                                         const void *v, const void *out, const float *lse,
                                         float *scratch, int B, int T, int NH, int HS,
-                                        int qkv_stride, int out_stride) {
+                                        int qkv_stride, int out_stride, int allow_ws) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *a = (f9_bf16 *)dq, *b = (f9_bf16 *)dk, *c = (f9_bf16 *)dv;
     const f9_bf16 *g = (const f9_bf16 *)dout, *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k,
                   *vv = (const f9_bf16 *)v, *o = (const f9_bf16 *)out;
+    bool ws = (HS == 64 || HS == 128) && allow_ws && ((size_t)q & 15) == 0 &&
+              ((size_t)k & 15) == 0 && ((size_t)v & 15) == 0 && ((size_t)dout & 15) == 0;
+    int rc = -1;
+    if (ws && HS == 64)
+        rc = f9_bwd_ws_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
+                                  out_stride);
+    if (ws && HS == 128)
+        rc = f9_bwd_ws_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH,
+                                   qkv_stride, out_stride);
+    if (rc >= 0) return rc;
     if (HS <= 64)
         return f9_bwd_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, HS,
                                  qkv_stride, out_stride);

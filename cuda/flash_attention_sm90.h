@@ -13,11 +13,12 @@ int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
                              const void *v, int B, int T, int NH, int HS, int qkv_stride,
                              int out_stride, int allow_ws);
 
-// As flash_attention_bwd, under the same conditions; scratch holds D (B, NH, T).
+// As flash_attention_bwd, under the same conditions; scratch holds D (B, NH, T); allow_ws as for
+// the forward.
 int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
                              const void *q, const void *k, const void *v, const void *out,
                              const float *lse, float *scratch, int B, int T, int NH, int HS,
-                             int qkv_stride, int out_stride);
+                             int qkv_stride, int out_stride, int allow_ws);
 
 #ifdef __cplusplus
 }
