@@ -339,3 +339,41 @@ Test(bench, n_not_divisible_by_ranks_exits_2_everywhere) {
     tu_require_mpiexec();
     expect_usage_error(2, "layer 64 32 3", "N=3 is not divisible by the 2 ranks");
 }
+
+// --bench attention on the CPU: shapes from arguments and from a config's tp 1, 2, 4, 8 local
+// shapes, every row with its path and the JSON; bad shapes and several ranks exit 2.
+Test(bench, attention_grid_from_shapes_and_configs) {
+    char *out = malloc(OUT_CAP);
+    char dir[256], json[512];
+    tu_tmpdir(dir, sizeof dir, "bench_attention");
+    snprintf(json, sizeof json, "%s/attention.json", dir);
+    char args[1024];
+    snprintf(args, sizeof args, "attention 2x2x16x32 1x1x64x17 configs/tiny.yaml --json '%s'", json);
+    int rc = run_bench(out, 0, args);
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    char line[512];
+    cr_assert(find_line(out, "   2    2   16     32", 0, line, sizeof line), "%s", out);
+    cr_assert(strstr(line, "cpu (T,T)") && strstr(line, "argument"), "%s", line);
+    cr_assert(find_line(out, "   1    1   64     17", 0, line, sizeof line), "%s", out);
+    // tiny.yaml: 4 heads of 16, micro_batch 4, T 32: local heads 4, 2, 1 at tp 1, 2, 4 (8 does not divide)
+    for (int tp = 1; tp <= 4; tp *= 2) {
+        char want[64];
+        snprintf(want, sizeof want, "tiny.yaml tp=%d", tp);
+        cr_assert(strstr(out, want), "missing the row '%s':\n%s", want, out);
+    }
+    cr_assert(!strstr(out, "tiny.yaml tp=8"), "tp=8 does not divide 4 heads:\n%s", out);
+    static const char *const keys[] = {"\"mode\": \"attention\"", "\"fwd_bwd_tflops\"", "\"path\"",
+                                       "\"mem_gib\""};
+    char *text = read_json_with(json, keys, sizeof keys / sizeof keys[0]);
+    free(text);
+    free(out);
+    tu_rmtree(dir);
+}
+
+Test(bench, attention_bad_input_exits_2) {
+    expect_usage_error(0, "attention 2x2x16", "neither a shape BxHxHSxT");
+    expect_usage_error(0, "attention 2x2x12x64", "head size 12 is not a multiple of 8");
+    expect_usage_error(0, "attention configs/nonexistent.yaml", "nonexistent.yaml");
+    tu_require_mpiexec();
+    expect_usage_error(2, "attention 1x1x16x8", "runs as one process");
+}

@@ -883,3 +883,26 @@ Test(config, bf16_is_accepted) {
     cr_assert_eq(c.train.precision, TP_PREC_BF16);
     tu_rmtree(d.dir);
 }
+
+// bf16 attention has no (T, T) fallback: head sizes the fused kernels do not take are refused up
+// front, naming n_head, the head size and the way out.
+Test(config, bf16_head_size_must_suit_the_fused_attention) {
+    struct data_dir d;
+    make_data_dir(&d);
+    struct tp_config c;
+    valid_config(&c, &d);
+    set_ok(&c, "train.precision=bf16");
+    set_ok(&c, "model.n_embd=96");
+    set_ok(&c, "model.n_head=8"); // head size 12
+    expect_invalid(&c, 1, "--set model.n_head=8", "head size n_embd/n_head=12 is not a multiple of 8", NULL);
+    valid_config(&c, &d);
+    set_ok(&c, "train.precision=bf16");
+    set_ok(&c, "model.n_embd=528");
+    set_ok(&c, "model.n_head=1"); // head size 528
+    expect_invalid(&c, 1, "--set model.n_head=1", "528 is not a multiple of 8 in [8, 256]", NULL);
+    valid_config(&c, &d);
+    set_ok(&c, "model.n_embd=96");
+    set_ok(&c, "model.n_head=8"); // fp32 takes any head size
+    expect_valid(&c, 1);
+    tu_rmtree(d.dir);
+}
