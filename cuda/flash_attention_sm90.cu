@@ -248,59 +248,6 @@ template <> __device__ __forceinline__ void f9_pv<128>(float (&o)[64], const uin
     wg_rs_n128(o, a, db);
 }
 
-// The online softmax of one 64 x 128 score tile, in place: masked where a key follows the row
-// (mask: the tile reaches past the warp's first query r0; k0: the tile's first key), scores become
-// probabilities against the new running maxima m (raw scores; the exponent is prescaled by
-// scale_log2). alpha: the factor by which the earlier output and row sums must be scaled; sum: the
-// tile's part of the row sums (this lane's columns only).
-__device__ __forceinline__ static void f9_softmax(float (&s)[64], float (&m)[2], float (&alpha)[2],
-                                                  float (&sum)[2], bool mask, int k0, int r0,
-                                                  int lane, float scale_log2) {
-    int g = lane >> 2, tq = lane & 3;
-    if (mask) {
-#pragma unroll
-        for (int i = 0; i < 64; i++) {
-            int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * ((i >> 1) & 1);
-            if (key > row) s[i] = -INFINITY;
-        }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 16; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float m_new = fmaxf(m[hr], mx);
-        float m_use = m_new == -INFINITY ? 0.0f : m_new; // a row with no visible key yet
-        alpha[hr] = f9_exp2((m[hr] - m_use) * scale_log2);
-        float ms = m_use * scale_log2;
-        m[hr] = m_new;
-        float acc = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-            float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
-            float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
-            s[4 * j + 2 * hr] = p0;
-            s[4 * j + 2 * hr + 1] = p1;
-            acc += p0 + p1;
-        }
-        sum[hr] = acc;
-    }
-}
-
-// o (D / 2 values: rows g and g + 8 alternate in pairs) *= alpha of its row.
-template <int N>
-__device__ __forceinline__ static void f9_scale_rows(float (&o)[N], const float (&alpha)[2]) {
-#pragma unroll
-    for (int j = 0; j < N / 4; j++) {
-        o[4 * j] *= alpha[0];
-        o[4 * j + 1] *= alpha[0];
-        o[4 * j + 2] *= alpha[1];
-        o[4 * j + 3] *= alpha[1];
-    }
-}
-
 // ---- kernel
 
 // grid (B*NH, ceil(T/128)), 256 threads. Accumulator element i of a thread: n-tile i / 4 (8
@@ -501,7 +448,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     __syncthreads();
 
     if (wg == 0) { // producer
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
             int col = h * D;
             f9_mbar_expect_tx(q_full, TILEB);
@@ -527,82 +474,78 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         return;
     }
 
-    // consumers. The products of tile kt + 1's scores are issued before the softmax of tile kt's
-    // output product finishes: S(kt + 1) = Q K^T and O += P(kt) V(kt) are in flight together, the
-    // softmax of S(kt + 1) runs while O's product does, and only the rescale of O and the packing
-    // of the next P wait for it (FlashAttention-3's intra-warpgroup overlap).
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    // consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
-    const uint32_t qrow = sQ + (uint32_t)cw * 64 * 128;
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) o[i] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2], sum[2];
-    float s[64];
-    uint32_t pa[F9_KN / 16][4]; // P of the tile whose output product is next, bf16 A fragments
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     f9_mbar_wait(q_full, 0);
 
-    // tile 0: scores, softmax, P
-    f9_mbar_wait(k_full, 0);
-    f9_wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
-        wg_ss_n128(s, f9_desc(qrow + off, 16, 1024), f9_desc(sK + off, 16, 1024), kk > 0);
-    }
-    f9_wg_commit_wait();
-    f9_pin(s);
-    f9_softmax(s, m, alpha, sum, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
-    l[0] = sum[0];
-    l[1] = sum[1];
-#pragma unroll
-    for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
-
-    for (int kt = 1; kt < nkt; kt++) {
-        int st = kt & 1, pst = st ^ 1; // this tile's stage, the previous tile's
-        uint32_t cb = (uint32_t)st * TILEB, pcb = (uint32_t)pst * TILEB;
+    for (int kt = 0; kt < nkt; kt++) {
+        int st = kt & 1;
+        uint32_t ph = (uint32_t)(kt >> 1) & 1u, cb = (uint32_t)st * TILEB;
         int k0 = kt * F9_KN;
-        f9_mbar_wait(k_full + 8 * st, (uint32_t)(kt >> 1) & 1u);
-        f9_mbar_wait(v_full + 8 * pst, (uint32_t)((kt - 1) >> 1) & 1u);
-        f9_pin(o);
+        f9_mbar_wait(k_full + 8 * st, ph);
+        float s[64];
         f9_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
-            wg_ss_n128(s, f9_desc(qrow + off, 16, 1024), f9_desc(sK + cb + off, 16, 1024), kk > 0);
+            wg_ss_n128(s, f9_desc(sQ + off + (uint32_t)cw * 64 * 128, 16, 1024),
+                       f9_desc(sK + cb + off, 16, 1024), kk > 0);
         }
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#pragma unroll
-        for (int kc = 0; kc < F9_KN / 16; kc++)
-            f9_pv<D>(o, pa[kc], f9_desc(sV + pcb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); // the scores are in
+        f9_wg_commit_wait();
         f9_pin(s);
-        f9_softmax(s, m, alpha, sum, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); // and the output
-        f9_pin(o);
-        f9_mbar_arrive(empty + 8 * pst); // tile kt - 1 is read: its stage may be refilled
-        f9_scale_rows(o, alpha);
-        l[0] = l[0] * alpha[0] + sum[0];
-        l[1] = l[1] * alpha[1] + sum[1];
+        if (k0 + F9_KN - 1 > r0) {
+#pragma unroll
+            for (int i = 0; i < 64; i++) {
+                int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * ((i >> 1) & 1);
+                if (key > row) s[i] = -INFINITY;
+            }
+        }
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 16; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m[hr], mx);
+            float m_use = m_new == -INFINITY ? 0.0f : m_new;
+            float alpha = f9_exp2((m[hr] - m_use) * scale_log2);
+            float ms = m_use * scale_log2;
+            m[hr] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
+                float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
+                s[4 * j + 2 * hr] = p0;
+                s[4 * j + 2 * hr + 1] = p1;
+                sum += p0 + p1;
+            }
+#pragma unroll
+            for (int j = 0; j < D / 8; j++) {
+                o[4 * j + 2 * hr] *= alpha;
+                o[4 * j + 2 * hr + 1] *= alpha;
+            }
+            l[hr] = l[hr] * alpha + sum;
+        }
+        f9_mbar_wait(v_full + 8 * st, ph);
+        uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
 #pragma unroll
         for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
-    }
-
-    // the last tile's output product
-    {
-        int st = (nkt - 1) & 1;
-        f9_mbar_wait(v_full + 8 * st, (uint32_t)((nkt - 1) >> 1) & 1u);
         f9_pin(o);
         f9_wg_fence();
 #pragma unroll
         for (int kc = 0; kc < F9_KN / 16; kc++)
-            f9_pv<D>(o, pa[kc],
-                     f9_desc(sV + (uint32_t)st * TILEB + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
+            f9_pv<D>(o, pa[kc], f9_desc(sV + cb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
         f9_wg_commit_wait();
         f9_pin(o);
-        f9_mbar_arrive(empty + 8 * st);
+        f9_mbar_arrive(empty + 8 * st); // this thread's reads of stage st are done
     }
 
     float *lse_h = lse + (size_t)bh * T;
