@@ -33,6 +33,14 @@ if stage test; then
     grep -h "rel err\|lse worst\|fwd+bwd\|default vs portable\|path:" "$build"/meson-logs/testlog.txt | sed 's/^.*\(B=\)/\1/' | sort -u >"$out/flash_errors.txt"
     tail -5 "$out/flash_errors.txt"
 fi
+if stage memcheck; then
+    # every kernel path once under compute-sanitizer: warp-specialised (64, 128), cp.async padded (80),
+    # portable (256)
+    TPTRAIN_BENCH_ITERS=0+1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$build/tptrain" --bench attention 2x3x64x300 2x2x128x1000 1x2x80x200 1x2x256x130 \
+        >"$out/memcheck.log" 2>&1 || status=1
+    grep -E "ERROR SUMMARY|wgmma|mma.sync" "$out/memcheck.log"
+fi
 if stage attn; then
     timeout 300 python3 tools/attention_vs_sdpa.py --tptrain "$build/tptrain" --json "$out/attn_vs_sdpa.json" \
         ${ATTN_GRID:-16x12x64x1024 4x12x64x4096 16x16x128x1024 4x16x128x4096 2x16x128x8192 configs/gpt2-124m.yaml configs/gpt-1.3b.yaml} 2>&1 | tee "$out/attn.log" || status=1
