@@ -799,7 +799,7 @@ static void attention_case(struct pair *p, int B, int T, int NH, int HS) {
     float *cx = ci->alloc(p->cpu.ctx, c_scr * sizeof(float));
     float *gs = gi->alloc(p->gpu.ctx, g_saved * sizeof(float));
     float *gx = gi->alloc(p->gpu.ctx, g_scr * sizeof(float));
-    if (pair_bf16(p) && HS == 64)
+    if (pair_bf16(p))
         cr_expect_eq(g_saved, (size_t)B * NH * T, "bf16 attention saves one log-sum-exp per row");
 
     // scores of a few units, so the softmax is neither flat nor one-hot
@@ -841,10 +841,10 @@ Test(cuda_ops, attention) {
 Test(cuda_bf16, attention) {
     struct pair p;
     pair_open_dt(&p, 8, TP_DTYPE_BF16);
-    // HS = 64: the fused kernels (T = 1000 has a partial last tile); HS = 16 and 13: the fp32
-    // path on widened copies
+    // the fused kernels at their own widths (64, 128; T = 1000 has a partial last tile) and padded
+    // (16, 80); bf16 has no other attention path
     int shapes[][4] = {{2, 64, 4, 64}, {1, 128, 2, 64},  {1, 1000, 2, 64}, {1, 1024, 2, 64},
-                       {2, 1, 3, 64},  {2, 100, 2, 16}, {1, 7, 3, 13}};
+                       {2, 1, 3, 64},  {2, 100, 2, 16}, {1, 7, 3, 80},    {1, 300, 2, 128}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         attention_case(&p, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3]);
     pair_close(&p);
