@@ -571,6 +571,57 @@ static int tune(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_
     return GEMM_OK;
 }
 
+// ---- the process's choices
+//
+// The first context of a process to tune a key records its choice (plan and algorithm) here, and
+// every later context of the process on the same device and workspace size takes it untimed: two
+// backends in one process then compute every product with the same algorithm, so their results
+// agree bit for bit (timing alone could pick differently). Processes still choose on their own.
+// Backends are created and used from one host thread, as tptrain does; no lock.
+
+struct gemm_choice {
+    struct gemm_key key;
+    int device;
+    size_t workspace_bytes;
+    int split;
+    cublasLtMatmulAlgo_t algo;
+    float ms;
+};
+
+static struct gemm_choice *g_choices;
+static int g_nchoices, g_choices_cap;
+
+static bool key_equal(const struct gemm_key *a, const struct gemm_key *b) {
+    return a->product == b->product && a->N == b->N && a->IC == b->IC && a->OC == b->OC &&
+           a->epi == b->epi;
+}
+
+static const struct gemm_choice *choice_find(const struct gemm_key *k, int device, size_t ws) {
+    for (int i = 0; i < g_nchoices; i++)
+        if (key_equal(&g_choices[i].key, k) && g_choices[i].device == device &&
+            g_choices[i].workspace_bytes == ws)
+            return &g_choices[i];
+    return NULL;
+}
+
+// Records e's choice; a full table (out of host memory) only loses the sharing, not correctness.
+static void choice_record(const struct gemm_entry *e, int device, size_t ws) {
+    if (g_nchoices == g_choices_cap) {
+        int cap = g_choices_cap ? 2 * g_choices_cap : 64;
+        struct gemm_choice *p = (struct gemm_choice *)realloc(g_choices, (size_t)cap * sizeof *p);
+        if (!p) return;
+        g_choices = p;
+        g_choices_cap = cap;
+    }
+    struct gemm_choice *c = &g_choices[g_nchoices++];
+    c->key = e->key;
+    c->device = device;
+    c->workspace_bytes = ws;
+    c->split = e->split;
+    c->algo = e->algo;
+    c->ms = e->ms;
+}
+
 // The cached entry for the key, tuning it first if new. For the weight gradient, tuning runs on
 // a copy of dw (and a scratch dbias), so the caller's gradients are accumulated exactly once.
 static int lookup(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_call *c,
@@ -592,6 +643,23 @@ static int lookup(struct gemm_ctx *g, const struct gemm_key *k, const struct gem
         }
         g->cache = p;
         g->cache_cap = cap;
+    }
+
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) cudaGetLastError();
+    const struct gemm_choice *prior = choice_find(k, device, g->workspace_bytes);
+    if (prior) { // another context of this process chose already: take its choice
+        struct gemm_entry e;
+        cublasStatus_t s = entry_init(&e, k, prior->split);
+        if (s != CUBLAS_STATUS_SUCCESS) {
+            set_err(g, k, "cublasLt descriptors: %s", cublasLtGetStatusName(s));
+            return GEMM_ECUBLAS;
+        }
+        e.algo = prior->algo;
+        e.ms = prior->ms;
+        g->cache[g->ncache] = e;
+        *out = &g->cache[g->ncache++];
+        return GEMM_OK;
     }
 
     struct gemm_call tc = *c;
@@ -618,6 +686,7 @@ static int lookup(struct gemm_ctx *g, const struct gemm_key *k, const struct gem
         cudaFree(dw_copy);
     }
     if (rc != GEMM_OK) return rc;
+    choice_record(&e, device, g->workspace_bytes);
     g->cache[g->ncache] = e;
     *out = &g->cache[g->ncache++];
     return GEMM_OK;
