@@ -13,6 +13,7 @@ enum tp_exit {
     TP_EXIT_OK = 0,
     TP_EXIT_RUNTIME = 1,
     TP_EXIT_USAGE = 2,
+    TP_EXIT_PREEMPTED = 3, // SIGTERM / SIGUSR1: stopped at a step boundary, checkpoint saved
 };
 
 // Prints "tptrain: <message>" to stderr and exits with `code`. Under MPI, callers that may fail on

@@ -74,33 +74,38 @@ static const char *const sections[] = {"model", "parallel", "train", "data", "ev
                                        "checkpoint", "log", "init", "debug", NULL};
 
 static const struct key_def keys[] = {
-    {"model", "n_layer", F_INT(model.n_layer), .lo = 1,
-     .why = "a model needs at least one transformer block"},
-    {"model", "n_head", F_INT(model.n_head), .lo = 1, .why = "attention needs at least one head"},
-    {"model", "n_embd", F_INT(model.n_embd), .lo = 1, .why = "the width must be positive"},
-    {"model", "vocab_size", F_INT(model.vocab_size), .lo = 1,
-     .why = "the vocabulary needs at least one token"},
-    {"model", "seq_len", F_INT(model.seq_len), .lo = 1,
-     .why = "a sequence holds at least one token"},
+    {"model", "n_layer", F_INT(model.n_layer), .lo = 1, .has_hi = true, .hi = 4096,
+     .why = "a model needs at least one transformer block; 4096 is far past any that fits"},
+    {"model", "n_head", F_INT(model.n_head), .lo = 1, .has_hi = true, .hi = 65536,
+     .why = "attention needs at least one head; at most 65536"},
+    {"model", "n_embd", F_INT(model.n_embd), .lo = 1, .has_hi = true, .hi = 1 << 20,
+     .why = "the width must be positive; 4*n_embd must fit the int sizes the kernels take"},
+    {"model", "vocab_size", F_INT(model.vocab_size), .lo = 1, .has_hi = true, .hi = 1 << 24,
+     .why = "the vocabulary needs at least one token; at most 2^24, padded per tp rank"},
+    {"model", "seq_len", F_INT(model.seq_len), .lo = 1, .has_hi = true, .hi = 1 << 24,
+     .why = "a sequence holds at least one token; at most 2^24"},
 
-    {"parallel", "tp", F_INT(parallel.tp), .lo = 1,
-     .why = "tp counts the processes that share each layer"},
-    {"parallel", "dp", F_INT(parallel.dp), .lo = 0, .why = "0 derives it from world size / tp"},
+    {"parallel", "tp", F_INT(parallel.tp), .lo = 1, .has_hi = true, .hi = 4096,
+     .why = "tp counts the processes that share each layer; at most 4096"},
+    {"parallel", "dp", F_INT(parallel.dp), .lo = 0, .has_hi = true, .hi = 1 << 16,
+     .why = "0 derives it from world size / tp; at most 65536 replicas"},
     {"parallel", "comm", F_ENUM(parallel.comm, comm_names)},
     {"parallel", "device", F_ENUM(parallel.device, device_names)},
 
-    {"train", "micro_batch", F_INT(train.micro_batch), .lo = 1,
-     .why = "each micro-step needs at least one sequence"},
-    {"train", "global_batch", F_LONG(train.global_batch), .lo = 0,
-     .why = "tokens per step; 0 derives it from grad_accum"},
-    {"train", "grad_accum", F_INT(train.grad_accum), .lo = 0,
-     .why = "0 derives it from global_batch"},
-    {"train", "steps", F_INT(train.steps), .lo = 0, .why = "a step count cannot be negative"},
+    {"train", "micro_batch", F_INT(train.micro_batch), .lo = 1, .has_hi = true, .hi = 1 << 20,
+     .why = "each micro-step needs at least one sequence; at most 2^20"},
+    {"train", "global_batch", F_LONG(train.global_batch), .lo = 0, .has_hi = true, .hi = 1LL << 40,
+     .why = "tokens per step; 0 derives it from grad_accum; at most 2^40"},
+    {"train", "grad_accum", F_INT(train.grad_accum), .lo = 0, .has_hi = true, .hi = 1 << 20,
+     .why = "0 derives it from global_batch; at most 2^20"},
+    {"train", "steps", F_INT(train.steps), .lo = 0, .has_hi = true, .hi = 1 << 30,
+     .why = "a step count cannot be negative; at most 2^30"},
     {"train", "lr", F_FLOAT(train.lr), .lo = 0, .lo_open = true,
      .why = "a learning rate of 0 or below never trains"},
     {"train", "min_lr", F_FLOAT(train.min_lr), .lo = 0,
      .why = "the schedule decays towards min_lr and must not turn the sign of the update"},
-    {"train", "warmup_steps", F_INT(train.warmup_steps), .lo = 0, .why = "0 disables warmup"},
+    {"train", "warmup_steps", F_INT(train.warmup_steps), .lo = 0, .has_hi = true, .hi = 1 << 30,
+     .why = "0 disables warmup; at most 2^30"},
     {"train", "schedule", F_ENUM(train.schedule, schedule_names)},
     {"train", "weight_decay", F_FLOAT(train.weight_decay), .lo = 0,
      .why = "negative decay would grow the weights"},
@@ -117,16 +122,20 @@ static const struct key_def keys[] = {
     {"data", "train", F_STRING(data.train)},
     {"data", "val", F_STRING(data.val)},
 
-    {"eval", "every", F_INT(eval.every), .lo = 0, .why = "0 validates only at the end"},
-    {"eval", "batches", F_INT(eval.batches), .lo = 1,
-     .why = "to skip validation set data.val to \"\" instead"},
+    {"eval", "every", F_INT(eval.every), .lo = 0, .has_hi = true, .hi = 1 << 30,
+     .why = "0 validates only at the end; at most 2^30"},
+    {"eval", "batches", F_INT(eval.batches), .lo = 1, .has_hi = true, .hi = 1 << 20,
+     .why = "to skip validation set data.val to \"\" instead; at most 2^20"},
 
     {"checkpoint", "dir", F_STRING(checkpoint.dir)},
-    {"checkpoint", "every", F_INT(checkpoint.every), .lo = 0, .why = "0 saves only at the end"},
-    {"checkpoint", "keep", F_INT(checkpoint.keep), .lo = 0, .why = "0 keeps every checkpoint"},
+    {"checkpoint", "every", F_INT(checkpoint.every), .lo = 0, .has_hi = true, .hi = 1 << 30,
+     .why = "0 saves only at the end; at most 2^30"},
+    {"checkpoint", "keep", F_INT(checkpoint.keep), .lo = 0, .has_hi = true, .hi = 1 << 20,
+     .why = "0 keeps every checkpoint; at most 2^20"},
     {"checkpoint", "resume", F_STRING(checkpoint.resume)},
 
-    {"log", "every", F_INT(log.every), .lo = 1, .why = "a line is printed every N steps"},
+    {"log", "every", F_INT(log.every), .lo = 1, .has_hi = true, .hi = 1 << 30,
+     .why = "a line is printed every N steps; at most 2^30"},
     {"log", "jsonl", F_STRING(log.jsonl)},
     {"log", "peak_tflops", F_FLOAT(log.peak_tflops), .lo = 0,
      .why = "0 picks the peak from the device and precision"},
@@ -707,10 +716,53 @@ static int walk_document(struct tp_config *cfg, yaml_document_t *doc, const char
     return 0;
 }
 
+// The deepest nesting of flow collections ([ and {) in yaml, outside quotes and comments, and the
+// line it is first reached on. libyaml's time grows with the square of that depth, so deep input
+// is refused before libyaml sees it. Block nesting is bounded by the line length and the size cap.
+static int flow_depth(const char *yaml, size_t len, int *line_of_max) {
+    int depth = 0, max = 0, line = 1;
+    char quote = 0;
+    bool comment = false, line_start = true;
+    *line_of_max = 1;
+    for (size_t i = 0; i < len; i++) {
+        char c = yaml[i];
+        if (c == '\n') {
+            line++;
+            comment = false;
+            line_start = true;
+            if (quote == '\'') quote = 0; // a plain scalar's apostrophe never spans lines here
+            continue;
+        }
+        if (comment) continue;
+        if (quote) {
+            if (c == quote) quote = 0;
+            else if (c == '\\' && quote == '"' && i + 1 < len) i++;
+            continue;
+        }
+        bool after_space = i == 0 || yaml[i - 1] == ' ' || yaml[i - 1] == '\t' || line_start;
+        line_start = false;
+        if (c == '#' && after_space) comment = true;
+        else if (c == '"' || (c == '\'' && after_space)) quote = c;
+        else if (c == '[' || c == '{') {
+            if (++depth > max) max = depth, *line_of_max = line;
+        } else if ((c == ']' || c == '}') && depth > 0) depth--;
+    }
+    return max;
+}
+
 int config_load_string(struct tp_config *cfg, const char *yaml, size_t len, const char *name,
                        char *err, size_t errlen) {
     if (!name) name = "(string)";
     if (!yaml) yaml = "", len = 0;
+    if (len > CONFIG_MAX_BYTES)
+        return tp_errf(err, errlen, "%s: larger than %d bytes, the limit for a config file", name,
+                       CONFIG_MAX_BYTES);
+    int deep_line, depth = flow_depth(yaml, len, &deep_line);
+    if (depth > CONFIG_MAX_DEPTH)
+        return tp_errf(err, errlen,
+                       "%s:%d: [ and { nest %d deep; a config needs at most %d (its values are "
+                       "scalars in two levels of mappings)",
+                       name, deep_line, depth, CONFIG_MAX_DEPTH);
     yaml_parser_t parser;
     if (!yaml_parser_initialize(&parser)) return tp_errf(err, errlen, "%s: out of memory", name);
     yaml_parser_set_input_string(&parser, (const unsigned char *)yaml, len);
@@ -757,6 +809,14 @@ int config_load_file(struct tp_config *cfg, const char *path, char *err, size_t 
     for (;;) {
         len += fread(text + len, 1, cap - len, f);
         if (len < cap) break;
+        if (len > CONFIG_MAX_BYTES) { // also stops endless inputs such as /dev/zero
+            free(text);
+            fclose(f);
+            return tp_errf(err, errlen,
+                           "%s: larger than %d bytes, the limit for a config file; is this a "
+                           "config?",
+                           path, CONFIG_MAX_BYTES);
+        }
         cap *= 2;
         char *grown = realloc(text, cap);
         if (!grown) {
@@ -868,13 +928,14 @@ static int blame(const struct tp_config *cfg, int a, int b) {
 static void tp_choices(int n_head, int world_size, char *out, size_t outlen) {
     size_t used = (size_t)snprintf(out, outlen, "{");
     int listed = 0;
-    for (int d = 1; d <= n_head && used < outlen; d++) {
+    // d is a long so that d++ cannot overflow at n_head = INT_MAX (n_head is bounded anyway)
+    for (long d = 1; d <= n_head && used < outlen; d++) {
         if (n_head % d || (world_size > 0 && world_size % d)) continue;
         if (++listed > 24) {
             used += (size_t)snprintf(out + used, outlen - used, ", ...");
             break;
         }
-        used += (size_t)snprintf(out + used, outlen - used, "%s%d", listed > 1 ? ", " : "", d);
+        used += (size_t)snprintf(out + used, outlen - used, "%s%ld", listed > 1 ? ", " : "", d);
     }
     if (used < outlen) snprintf(out + used, outlen - used, "}");
 }
@@ -934,6 +995,13 @@ static int check_batch(struct tp_config *cfg, char *err, size_t errlen) {
     int k_gb = key_index("train", "global_batch"), k_ga = key_index("train", "grad_accum");
     int k_mb = key_index("train", "micro_batch");
     long unit; // tokens of one micro-step across the DP group
+    // The ops take a micro-step's token count as an int (rows of every activation).
+    if ((long)t->micro_batch * cfg->model.seq_len > TP_MAX_MICRO_TOKENS)
+        return fail_at(cfg, blame(cfg, k_mb, key_index("model", "seq_len")), err, errlen,
+                       "micro_batch*seq_len = %d*%d = %ld tokens in one micro-step exceeds %ld; "
+                       "lower micro_batch and raise grad_accum",
+                       t->micro_batch, cfg->model.seq_len, (long)t->micro_batch * cfg->model.seq_len,
+                       (long)TP_MAX_MICRO_TOKENS);
     if (__builtin_mul_overflow((long)t->micro_batch, (long)cfg->model.seq_len, &unit) ||
         __builtin_mul_overflow(unit, (long)cfg->parallel.dp, &unit))
         return fail_at(cfg, k_mb, err, errlen, "micro_batch*seq_len*dp = %d*%d*%d is too large",

@@ -8,6 +8,12 @@
 #include <stdio.h>
 
 #define TP_PATH_MAX 1024
+// A config file larger than this, or nesting flow collections ([ {) deeper, is refused before
+// libyaml parses it (libyaml's time grows with the square of the flow nesting).
+#define CONFIG_MAX_BYTES (1 << 20)
+#define CONFIG_MAX_DEPTH 16
+// Tokens of one micro-step (micro_batch * seq_len): the ops take it as an int row count.
+#define TP_MAX_MICRO_TOKENS (1L << 30)
 
 enum tp_comm_kind { TP_COMM_AUTO = 0, TP_COMM_NCCL, TP_COMM_MPI };
 enum tp_schedule { TP_SCHED_COSINE = 0, TP_SCHED_LINEAR, TP_SCHED_CONSTANT };

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <mpi.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -208,7 +209,9 @@ static int run(int argc, char **argv, int rank, int world_size) {
         int world = world_size;
         if (world == 1) {
             st = load_config(&cfg, &cli, 0, err, sizeof err);
-            world = cfg.parallel.tp * (cfg.parallel.dp > 0 ? cfg.parallel.dp : 1);
+            // both are bounded by the config (4096 and 65536), so the product fits an int
+            long w = (long)cfg.parallel.tp * (cfg.parallel.dp > 0 ? cfg.parallel.dp : 1);
+            world = w > INT_MAX ? INT_MAX : (int)w;
         }
         if (!st) st = load_config(&cfg, &cli, world, err, sizeof err);
         if (st) {

@@ -32,6 +32,12 @@ int mesh_agree(const struct mesh *m, int status) {
     return worst;
 }
 
+int mesh_any_bits(const struct mesh *m, int bits) {
+    int all = bits;
+    MPI_Allreduce(&bits, &all, 1, MPI_INT, MPI_BOR, m->world);
+    return all;
+}
+
 void mesh_abort(const struct mesh *m, int code, const char *msg) {
     if (msg) {
         fprintf(stderr, "tptrain: rank %d: %s\n", m->world_rank, msg);

@@ -51,6 +51,9 @@ int mesh_create_comms(struct mesh *m, const struct tp_config *cfg, struct backen
 // largest status of any rank, so no rank goes on into a collective that a failed peer never joins.
 int mesh_agree(const struct mesh *m, int status);
 
+// The bitwise OR of every rank's bits (flags that any one rank may raise, e.g. "stop now").
+int mesh_any_bits(const struct mesh *m, int bits);
+
 // Ends every rank: prints msg (if non-NULL) and aborts the MPI job with code.
 _Noreturn void mesh_abort(const struct mesh *m, int code, const char *msg);
 

@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,7 @@ struct trainer {
     bool have_val;
     float *loss_sums;   // (grad_accum) backend memory: per micro-step loss sums
     FILE *jsonl;        // rank 0 only
+    char log_err[2 * TP_PATH_MAX + 128]; // the first failed write to jsonl ("" while none failed)
     bool is_root;       // world rank 0 prints
     double flops_per_token, peak_flops;
     int start_step;     // optimizer steps already done (resumed runs)
@@ -56,6 +58,14 @@ static int agree(struct trainer *tr, int status, const char *err) { return train
 // ---- logging
 
 static void log_jsonl(struct trainer *tr, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+// Records the first failed write to the log (a full disk, a closed pipe); the step loop ends the
+// run on it, so a log is never lost silently.
+static void log_check(struct trainer *tr) {
+    if (tr->log_err[0] || !(ferror(tr->jsonl) || fflush(tr->jsonl) != 0)) return;
+    snprintf(tr->log_err, sizeof tr->log_err, "log.jsonl: writing '%s' failed: %s", tr->cfg->log.jsonl,
+             strerror(errno ? errno : EIO));
+}
+
 static void log_jsonl(struct trainer *tr, const char *fmt, ...) {
     if (!tr->jsonl) return;
     va_list ap;
@@ -63,7 +73,34 @@ static void log_jsonl(struct trainer *tr, const char *fmt, ...) {
     vfprintf(tr->jsonl, fmt, ap);
     va_end(ap);
     fputc('\n', tr->jsonl);
-    fflush(tr->jsonl);
+    log_check(tr);
+}
+
+// ---- preemption
+//
+// SIGTERM and SIGUSR1 (what Slurm sends ahead of a kill, see --signal) only set a flag; the
+// ranks agree at every step boundary whether any of them got one, then save a checkpoint and exit
+// with TP_EXIT_PREEMPTED. The flag is the one global: a signal handler has nowhere else to write.
+
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
+static void install_stop_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+}
+
+enum { STEP_LOG_FAILED = 1, STEP_STOP = 2 };
+
+// Once per step, on every rank: whether the log failed (rank 0) or any rank was told to stop.
+static int step_flags(struct trainer *tr) {
+    int bits = (tr->log_err[0] ? STEP_LOG_FAILED : 0) | (stop_signal ? STEP_STOP : 0);
+    return mesh_any_bits(&tr->mesh, bits);
 }
 
 static void fmt_duration(double s, char *buf, size_t len) {
@@ -288,6 +325,7 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
             for (int i = 0; i < m->n_tensors; i++)
                 fprintf(tr->jsonl, "%s\"%s\":%.9g", i ? "," : "", m->tensors[i].name, norms[i]);
             fprintf(tr->jsonl, "}}\n");
+            log_check(tr);
         }
         free(norms);
     }
@@ -434,6 +472,7 @@ static bool final_checkpoint_missing(const struct trainer *tr) {
 
 int train_run(const struct tp_config *cfg) {
     struct trainer tr;
+    install_stop_handlers();
     int st = trainer_setup(&tr, cfg);
     if (!st && tr.is_root) print_header(&tr);
     bool ckpt = cfg->checkpoint.dir[0] != '\0';
@@ -460,8 +499,39 @@ int train_run(const struct tp_config *cfg) {
             st = validate_and_log(&tr, step + 1, &val_loss);
             has_val = st == 0;
         }
-        if (!st && ckpt && (last || (cfg->checkpoint.every > 0 && (step + 1) % cfg->checkpoint.every == 0)))
+        bool saved = false;
+        if (!st && ckpt && (last || (cfg->checkpoint.every > 0 && (step + 1) % cfg->checkpoint.every == 0))) {
             st = save_checkpoint(&tr, step + 1, has_val, val_loss);
+            saved = st == 0;
+        }
+        int flags = st ? 0 : step_flags(&tr);
+        if (flags & STEP_LOG_FAILED) {
+            if (tr.is_root) fprintf(stderr, "tptrain: %s\n", tr.log_err);
+            st = TP_EXIT_RUNTIME;
+        } else if ((flags & STEP_STOP) && !last) {
+            if (ckpt && !saved) st = save_checkpoint(&tr, step + 1, has_val, val_loss);
+            if (!st) {
+                if (tr.is_root) {
+                    printf("stopped by a signal after step %d: %s; resume with --set "
+                           "checkpoint.resume=auto\n",
+                           step + 1, ckpt ? "checkpoint saved" : "nothing saved (no checkpoint.dir)");
+                    fflush(stdout);
+                }
+                st = TP_EXIT_PREEMPTED;
+            }
+        }
+    }
+    // the log's last lines reach the disk before the run reports success
+    if (tr.jsonl) {
+        log_check(&tr);
+        if (fclose(tr.jsonl) != 0 && !tr.log_err[0])
+            snprintf(tr.log_err, sizeof tr.log_err, "log.jsonl: closing '%s' failed: %s", cfg->log.jsonl,
+                     strerror(errno));
+        tr.jsonl = NULL;
+    }
+    if (!st) { // every rank is here: setup and the loop agree on their errors
+        st = mesh_agree(&tr.mesh, tr.log_err[0] ? TP_EXIT_RUNTIME : 0);
+        if (st && tr.is_root) fprintf(stderr, "tptrain: %s\n", tr.log_err);
     }
     trainer_teardown(&tr);
     return st;
@@ -473,7 +543,15 @@ int train_dry_run(const struct tp_config *cfg, int world_size) {
     int P = cfg->parallel.tp, dp = world_size / P;
     config_print(cfg, stdout);
     printf("\n# mesh: %d ranks = dp %d x tp %d (row-major, tp fastest)\n", world_size, dp, P);
-    for (int r = 0; r < world_size; r++) printf("#   rank %d -> (dp %d, tp %d)\n", r, r / P, r % P);
+    // the first ranks and the last: the pattern is plain from a few, and a large mesh stays short
+    enum { SHOWN = 16 };
+    for (int r = 0; r < world_size; r++) {
+        if (world_size > SHOWN && r == SHOWN / 2) {
+            printf("#   ... (%d ranks more)\n", world_size - SHOWN);
+            r = world_size - SHOWN / 2;
+        }
+        printf("#   rank %d -> (dp %d, tp %d)\n", r, r / P, r % P);
+    }
     struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P, 0);
     int n;
     size_t local, global;
