@@ -327,12 +327,15 @@ static bool in_range(const struct key_def *k, double v, const char *text, char *
     if (lo_ok && hi_ok) return true;
     char shown[80];
     show_text(text, shown, sizeof shown);
-    if (k->has_hi)
+    // A fractional range (beta's [0, 1)) reads best whole; a size names the bound it broke.
+    if (k->has_hi && k->hi_open)
         snprintf(why, whylen, "must be in %c%g, %g%c, got %s (%s)", k->lo_open ? '(' : '[', k->lo,
                  k->hi, k->hi_open ? ')' : ']', shown, k->why);
-    else
+    else if (!lo_ok)
         snprintf(why, whylen, "must be %s %g, got %s (%s)", k->lo_open ? ">" : ">=", k->lo, shown,
                  k->why);
+    else
+        snprintf(why, whylen, "must be <= %.0f, got %s (%s)", k->hi, shown, k->why);
     return false;
 }
 

@@ -259,3 +259,61 @@ Test(cli, missing_config_file) {
     expect_has(out, "/nonexistent/tptrain.yaml", "missing config");
     free(out);
 }
+
+// ---- hostile input (each case crashed, overflowed, ran for minutes or printed without end)
+
+Test(cli, huge_sizes_are_refused_with_their_limit) {
+    // n_head = n_embd = INT_MAX with tp 2 divided by zero in the tp suggestion loop
+    char *out = expect_exit(2, "--dry-run configs/tiny.yaml --set model.n_head=2147483647 "
+                               "--set model.n_embd=2147483647 --set parallel.tp=2");
+    expect_has(out, "model.n_head=2147483647: must be <= 65536", "head bound");
+    free(out);
+    out = expect_exit(2, "--dry-run configs/tiny.yaml --set model.vocab_size=2147483647");
+    expect_has(out, "must be <= 16777216", "vocabulary bound");
+    free(out);
+    out = expect_exit(2, "--dry-run configs/tiny.yaml --set train.micro_batch=1048576 --set model.seq_len=16777216");
+    expect_has(out, "tokens in one micro-step exceeds", "micro-step tokens");
+    free(out);
+    out = expect_exit(2, "--dry-run configs/tiny.yaml --set parallel.dp=2147483647");
+    expect_has(out, "parallel.dp=2147483647: must be <= 65536", "dp bound");
+    free(out);
+}
+
+Test(cli, dry_run_of_a_large_mesh_stays_short) {
+    char *out = expect_exit(0, "--dry-run configs/tiny.yaml --set parallel.dp=65536");
+    expect_has(out, "#   ... (65520 ranks more)", "elided ranks");
+    expect_has(out, "#   rank 65535 -> (dp 65535, tp 0)", "last rank");
+    cr_assert_lt(count_lines(out), 400, "a dry run of 65536 ranks printed %d lines", count_lines(out));
+    free(out);
+}
+
+Test(cli, endless_or_deep_config_is_refused_fast) {
+    char *out = expect_exit(2, "--dry-run /dev/zero");
+    expect_has(out, "/dev/zero: larger than 1048576 bytes", "size cap");
+    free(out);
+    char dir[256], path[512];
+    tu_tmpdir(dir, sizeof dir, "deep");
+    snprintf(path, sizeof path, "%s/deep.yaml", dir);
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs("model:\n  n_layer: ", f);
+    for (int i = 0; i < 200000; i++) fputc('[', f);
+    fclose(f);
+    char args[600];
+    snprintf(args, sizeof args, "--dry-run '%s'", path);
+    double t0 = tp_now();
+    out = expect_exit(2, args);
+    double s = tp_now() - t0;
+    expect_has(out, ":2: [ and { nest 200000 deep; a config needs at most 16", "depth cap");
+    cr_expect_lt(s, 5.0, "refusing 200000 '[' took %.1f s", s);
+    free(out);
+    // quotes and comments do not count
+    tu_write_file(path, sizeof path, dir, "ok.yaml",
+                  "model:\n  n_layer: 2 # [[[[[[[[[[[[[[[[[[[[[[[[\ndata:\n  train: \"data/[[[[[[[[[[[[[[[[[[[[*.bin\"\n");
+    snprintf(args, sizeof args, "--dry-run '%s'", path);
+    out = malloc(OUT_CAP);
+    tptrain(out, args);
+    cr_assert(!strstr(out, "nest"), "brackets in comments and quotes were counted:\n%s", out);
+    free(out);
+    tu_rmtree(dir);
+}
