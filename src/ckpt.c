@@ -554,6 +554,25 @@ static int mkdir_p(const char *path, char *err, size_t errlen) {
     return 0;
 }
 
+int ckpt_check_dir(const char *dir, char *err, size_t errlen) {
+    if (mkdir_p(dir, err, errlen)) {
+        // mkdir_p reports I/O failures; at this point the user's setting is what is wrong
+        char why[2048];
+        snprintf(why, sizeof why, "%s", err);
+        return tp_errf(err, errlen, "%s; choose another checkpoint.dir", why);
+    }
+    char probe[2 * TP_PATH_MAX + 64];
+    if ((size_t)snprintf(probe, sizeof probe, "%s/.tptrain-probe-%ld", dir, (long)getpid()) >= sizeof probe)
+        return tp_errf(err, errlen, "checkpoint.dir: '%s': path too long", dir);
+    int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (fd < 0)
+        return tp_errf(err, errlen, "checkpoint.dir: cannot write in '%s': %s; choose another directory",
+                       dir, strerror(errno));
+    close(fd);
+    unlink(probe);
+    return 0;
+}
+
 static int rm_entry(const char *path, const struct stat *sb, int type, struct FTW *ftw) {
     (void)sb;
     (void)type;
@@ -816,6 +835,14 @@ int ckpt_save(const struct model *m, const struct optim *o, const struct mesh *m
     if (writer && !status) status = write_sidecars(tmp, m, cfg, st, model_sums, opt_sums, err, errlen);
     if (writer && !status) status = commit(dir, name, err, errlen);
     if (writer && !status) prune(dir, st->step, cfg->checkpoint.keep);
+    if (writer && status) {
+        // a save that failed (a full disk, say) leaves no partial directory behind; `latest`
+        // still names the previous checkpoint, which the failure never touched
+        char latest_tmp[2 * TP_PATH_MAX + 16];
+        if (is_dir(tmp)) rmtree(tmp);
+        snprintf(latest_tmp, sizeof latest_tmp, "%s/latest.tmp", dir);
+        unlink(latest_tmp);
+    }
     free(model_sums);
     free(opt_sums);
     status = agree_once(mesh, status, err, errlen);
@@ -905,6 +932,29 @@ static int state_from_json(const struct json *j, const char *path, struct ckpt_s
         st->has_val = true;
         st->val_loss = strtod(val->text, NULL);
     }
+    static const char *const keys[5] = {"model.n_layer", "model.n_head", "model.n_embd",
+                                        "model.vocab_size", "model.seq_len"};
+    int *dst[5] = {&st->model.n_layer, &st->model.n_head, &st->model.n_embd, &st->model.vocab_size,
+                   &st->model.seq_len};
+    for (int i = 0; i < 5; i++) {
+        if ((rc = json_int_at(j, keys[i], path, 1, INT32_MAX, &v, err, errlen))) return rc;
+        *dst[i] = (int)v;
+    }
+    return 0;
+}
+
+int ckpt_check_model(const struct ckpt_state *cs, const struct tp_model_config *mc, const char *dir,
+                     char *err, size_t errlen) {
+    static const char *const keys[5] = {"n_layer", "n_head", "n_embd", "vocab_size", "seq_len"};
+    const int have[5] = {cs->model.n_layer, cs->model.n_head, cs->model.n_embd, cs->model.vocab_size,
+                         cs->model.seq_len};
+    const int want[5] = {mc->n_layer, mc->n_head, mc->n_embd, mc->vocab_size, mc->seq_len};
+    for (int i = 0; i < 5; i++)
+        if (have[i] != want[i])
+            return tp_errf(err, errlen,
+                           "model.%s: the checkpoint %s was trained with %s=%d, this run has %d; "
+                           "the model's shape cannot change (drop the --set or restore its config.yaml)",
+                           keys[i], dir, keys[i], have[i], want[i]);
     return 0;
 }
 

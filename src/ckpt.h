@@ -69,7 +69,14 @@ struct ckpt_state {
     unsigned long long seed;  // train.seed; the run has no other random state
     bool has_val;             // val_loss was computed at this step
     double val_loss;
+    struct tp_model_config model; // the shape the checkpoint was trained with
 };
+
+// Checks the model shape of a run against the one the checkpoint in dir was trained with: every
+// key must agree (n_head changes no tensor shape, so the tensors alone cannot catch it). Returns
+// 0, or TP_EXIT_USAGE with err naming the first differing model.* key. Local.
+int ckpt_check_model(const struct ckpt_state *cs, const struct tp_model_config *mc, const char *dir,
+                     char *err, size_t errlen);
 
 // Collective: writes checkpoint cfg->checkpoint.dir/step_NNNNNNNN for st->step (atomically, see
 // above), points `latest` at it and removes the oldest beyond checkpoint.keep. World rank 0
@@ -83,6 +90,11 @@ int ckpt_save(const struct model *m, const struct optim *o, const struct mesh *m
 // Returns 0 with the directory in out; 1 when ref is a directory of checkpoints that holds none
 // yet; TP_EXIT_USAGE with err set otherwise. Local (no collectives).
 int ckpt_resolve(const char *ref, char *out, size_t outlen, char *err, size_t errlen);
+
+// Before training: creates checkpoint.dir (and its parents) if needed and proves it writable by
+// creating and removing a probe file, so a bad directory is found before step 1, not at the
+// first save. Returns 0, or TP_EXIT_USAGE with err naming checkpoint.dir. Local (no collectives).
+int ckpt_check_dir(const char *dir, char *err, size_t errlen);
 
 // Reads DIR/state.json. Local. Returns 0 or TP_EXIT_USAGE with err naming the file and field.
 int ckpt_read_state(const char *dir, struct ckpt_state *st, char *err, size_t errlen);

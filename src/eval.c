@@ -72,6 +72,15 @@ static int eval_loss(struct model *m, struct mesh *mesh, const struct tp_config 
     }
     struct data_loader dl;
     int st = data_open(&dl, cfg->data.val, m->d.B, m->d.T, mesh->dp_rank, mesh->dp_size, m->d.V, err, sizeof err);
+    // more batches than the data holds would wrap around and count sequences twice
+    if (!st && o->batches > 0 && (size_t)o->batches > data_batches_per_epoch(&dl)) {
+        snprintf(err, sizeof err,
+                 "--batches %d: %s holds %zu micro-batches of %d x %d per rank (dp %d); give at most %zu",
+                 o->batches, cfg->data.val, data_batches_per_epoch(&dl), m->d.B, m->d.T, mesh->dp_size,
+                 data_batches_per_epoch(&dl));
+        data_close(&dl);
+        st = TP_EXIT_USAGE;
+    }
     if ((st = train_agree(mesh, st, err))) return st;
     double loss = 0.0;
     double t0 = tp_now();
@@ -272,6 +281,12 @@ static int read_prompt(const char *path, int vocab_size, int **out, int *count, 
             return snprintf(err, errlen, "--prompt-tokens %s: token %d is %ld, outside the model's vocabulary "
                             "[0, %d)", path, n + 1, v, vocab_size), TP_EXIT_USAGE;
         }
+        if (n == EVAL_MAX_GENERATE) {
+            fclose(f);
+            free(ids);
+            return snprintf(err, errlen, "--prompt-tokens %s: more than %d token ids; shorten the prompt",
+                            path, EVAL_MAX_GENERATE), TP_EXIT_USAGE;
+        }
         if (n == cap) {
             int *t = tp_malloc((size_t)cap * 2 * sizeof *t);
             memcpy(t, ids, (size_t)cap * sizeof *t);
@@ -316,7 +331,7 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
         n_prompt = 1;
     }
     unsigned long long seed = o->seed_set ? o->seed : cfg->train.seed;
-    int total = n_prompt + o->generate;
+    int total = n_prompt + o->generate; // each at most EVAL_MAX_GENERATE: no overflow
     int *ctx = tp_malloc((size_t)total * sizeof *ctx); // every token so far
     memcpy(ctx, prompt, (size_t)n_prompt * sizeof *ctx);
     free(prompt);
@@ -401,6 +416,8 @@ int eval_run(const struct eval_opts *o) {
         struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp_size, mesh.tp_rank);
         model_alloc(&m, &d, be); // every weight comes from the checkpoint
         st = ckpt_load_params(&m, &mesh, dir, CKPT_LOAD_EXACT, err, sizeof err);
+        // the tensors fit; state.json also knows what they cannot show (n_head)
+        if (!st) st = ckpt_check_model(&cs, &cfg.model, dir, err, sizeof err);
         st = train_agree(&mesh, st, err);
         if (!st) st = o->generate ? generate(&m, &mesh, &cfg, o, &tk) : eval_loss(&m, &mesh, &cfg, o, &cs, dir);
         model_destroy(&m);

@@ -1,6 +1,9 @@
 // eval.h: --eval mode: validation loss of a checkpoint, and text generation.
 #pragma once
 
+// --generate N takes at most this many tokens (the context and sampling buffers hold them all).
+#define EVAL_MAX_GENERATE (1 << 20)
+
 #include <stdbool.h>
 
 struct eval_opts {

@@ -4,6 +4,7 @@
 #include <getopt.h>
 #include <mpi.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,8 +79,8 @@ static int parse_double(const char *s, const char *opt, double *out, bool root) 
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || *end || end == s || !(v > 0)) {
-        if (root) fprintf(stderr, "tptrain: %s %s: expected a positive number\n", opt, s);
+    if (errno || *end || end == s || !(v > 0) || !isfinite(v)) {
+        if (root) fprintf(stderr, "tptrain: %s %s: expected a positive finite number\n", opt, s);
         return TP_EXIT_USAGE;
     }
     *out = v;
@@ -124,7 +125,15 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         case 'b': cli->bench = true; break;
         case 1: cli->eval.data = optarg; break;
         case 2: if (parse_int(optarg, "--batches", 1, &cli->eval.batches, root)) return TP_EXIT_USAGE; break;
-        case 3: if (parse_int(optarg, "--generate", 1, &cli->eval.generate, root)) return TP_EXIT_USAGE; break;
+        case 3:
+            if (parse_int(optarg, "--generate", 1, &cli->eval.generate, root)) return TP_EXIT_USAGE;
+            if (cli->eval.generate > EVAL_MAX_GENERATE) {
+                if (root)
+                    fprintf(stderr, "tptrain: --generate %s: at most %d tokens per run\n", optarg,
+                            EVAL_MAX_GENERATE);
+                return TP_EXIT_USAGE;
+            }
+            break;
         case 4:
             if (parse_double(optarg, "--temperature", &cli->eval.temperature, root)) return TP_EXIT_USAGE;
             break;

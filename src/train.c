@@ -176,6 +176,8 @@ static int resume(struct trainer *tr) {
     if ((st = ckpt_load_params(&tr->model, &tr->mesh, dir, CKPT_LOAD_EXACT, err, sizeof err)) ||
         (st = ckpt_load_optim(&tr->model, &tr->opt, &tr->mesh, dir, err, sizeof err)))
         return agree(tr, st, err);
+    // what the tensors' shapes cannot show (n_head, seq_len beyond wpe) state.json does
+    if ((st = agree(tr, ckpt_check_model(&cs, &cfg->model, dir, err, sizeof err), err))) return st;
     // The position counts micro-batches per DP rank; carry the sequences consumed over to this
     // run's DP size and micro-batch so that the data order continues where it stopped.
     size_t seqs = cs.data_position * (size_t)cs.dp_size * (size_t)cs.micro_batch;
@@ -210,6 +212,8 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
                        err, sizeof err);
         tr->have_val = st == 0;
     }
+    // a checkpoint directory that cannot be written is found now, not at the first save
+    if (!st && tr->is_root && cfg->checkpoint.dir[0]) st = ckpt_check_dir(cfg->checkpoint.dir, err, sizeof err);
     if ((st = agree(tr, st, err))) return st;
 
     model_alloc(&tr->model, &d, tr->be);

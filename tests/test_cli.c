@@ -317,3 +317,13 @@ Test(cli, endless_or_deep_config_is_refused_fast) {
     free(out);
     tu_rmtree(dir);
 }
+
+// --eval options that would run away or do nothing useful are refused up front.
+Test(cli, eval_options_have_bounds) {
+    char *out = expect_exit(2, "--eval /nonexistent --generate 5 --temperature inf");
+    expect_has(out, "--temperature inf: expected a positive finite number", "temperature");
+    free(out);
+    out = expect_exit(2, "--eval /nonexistent --generate 2147483647");
+    expect_has(out, "--generate 2147483647: at most 1048576 tokens", "generate bound");
+    free(out);
+}

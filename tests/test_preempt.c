@@ -108,3 +108,38 @@ Test(preempt, full_disk_log_fails_the_run) {
     cr_assert_eq(rc, 1, "exit %d, want 1:\n%s", rc, out);
     cr_assert(strstr(out, "log.jsonl: writing '/dev/full' failed"), "%s", out);
 }
+
+// A checkpoint directory that cannot be used is found before step 1, not at the first save.
+Test(preempt, unusable_checkpoint_dir_is_refused_before_training) {
+    char dir[256], out[OUT_CAP], file[512];
+    tu_tmpdir(dir, sizeof dir, "ckdir");
+    tu_write_file(file, sizeof file, dir, "a_file", "not a directory\n");
+    int rc = tu_run(out, sizeof out, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set checkpoint.dir='%s'",
+                    tu_source_root(), tu_tptrain(), file);
+    cr_assert_eq(rc, 2, "exit %d, want 2:\n%s", rc, out);
+    cr_assert(strstr(out, "checkpoint.dir: ") && strstr(out, "is not a directory"), "%s", out);
+    cr_assert(!strstr(out, "step "), "training ran before the directory was checked:\n%s", out);
+    tu_rmtree(dir);
+}
+
+// A save that fails (a file-size limit stands in for a full disk) exits non-zero, leaves no
+// .tmp directory and keeps `latest` on the previous checkpoint. UCX_TLS keeps MPICH's UCX off its
+// file-backed shared memory, whose writes the size limit would stop first.
+Test(preempt, failed_save_leaves_no_tmp_and_keeps_latest) {
+    char dir[256], out[OUT_CAP];
+    tu_tmpdir(dir, sizeof dir, "fullsave");
+    int rc = tu_run(out, sizeof out, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 "
+                    "--set checkpoint.dir='%s/ck'", tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 0, "first run: exit %d\n%s", rc, out);
+    rc = tu_run(out, sizeof out, "cd '%s' && (trap '' XFSZ; ulimit -f 8192; UCX_TLS=self,tcp timeout 120 '%s' configs/tiny.yaml "
+                "--set train.steps=8 --set checkpoint.dir='%s/ck' --set checkpoint.resume=auto)",
+                tu_source_root(), tu_tptrain(), dir);
+    cr_assert_neq(rc, 0, "a save that cannot be written must fail the run:\n%s", out);
+    cr_assert(strstr(out, "step_00000008"), "the message should name the checkpoint:\n%s", out);
+    rc = tu_run(out, sizeof out, "ls -a '%s/ck'; cat '%s/ck/latest'", dir, dir);
+    cr_assert(!strstr(out, ".tmp"), "a partial save was left behind:\n%s", out);
+    cr_assert(strstr(out, "step_00000006\nstep_00000006") || strstr(out, "latest\nstep_00000006"),
+              "latest must still name step 6:\n%s", out);
+    cr_assert(!strstr(out, "step_00000008"), "%s", out);
+    tu_rmtree(dir);
+}
