@@ -258,11 +258,24 @@ static int bench_start(struct bench *b, const char *json_path) {
     return mesh_agree(&b->mesh, st);
 }
 
-static void bench_finish(struct bench *b) {
-    if (b->json) fclose(b->json);
+// Closes the JSON file (rank 0); every rank learns whether its last bytes reached the disk, so
+// a full disk is an error (exit 1), not a missing file found later.
+static int bench_finish(struct bench *b, const char *json_path) {
+    int st = 0;
+    if (b->json) {
+        bool bad = ferror(b->json) || fflush(b->json) != 0;
+        bad |= fclose(b->json) != 0;
+        b->json = NULL;
+        if (bad) {
+            fprintf(stderr, "tptrain: --json: writing '%s' failed: %s\n", json_path, strerror(errno));
+            st = TP_EXIT_RUNTIME;
+        }
+    }
+    if (b->have_mesh) st = mesh_agree(&b->mesh, st);
     if (b->clock.be.iface) clock_destroy(&b->clock);
     if (b->have_mesh) mesh_destroy(&b->mesh);
     backend_destroy(&b->be);
+    return st;
 }
 
 // Fills n compute-type elements of backend memory with uniform values in [-scale, scale), a pure
@@ -1245,7 +1258,8 @@ int bench_run(const struct bench_opts *o) {
         else st = bench_layer(b, dims[0], dims[1], dims[2]);
     }
     if (b->root) fflush(stdout);
-    bench_finish(b);
+    int fin = bench_finish(b, o->json_path);
+    if (!st) st = fin;
     free(b);
     return st;
 }

@@ -377,3 +377,15 @@ Test(bench, attention_bad_input_exits_2) {
     tu_require_mpiexec();
     expect_usage_error(2, "attention 1x1x16x8", "runs as one process");
 }
+
+// A --json file that cannot be written (a full disk) fails the run instead of exiting 0 without it.
+Test(bench, json_on_a_full_disk_exits_1) {
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench(out, 0, "layer 64 32 128 --json /dev/full");
+    cr_assert_eq(rc, 1, "exit %d, want 1:\n%s", rc, out);
+    cr_assert(strstr(out, "--json: writing '/dev/full' failed"), "%s", out);
+    rc = run_bench(out, 0, "attention 1x1x16x8 --json /dev/full");
+    cr_assert_eq(rc, 1, "exit %d, want 1:\n%s", rc, out);
+    cr_assert(strstr(out, "/dev/full: write failed"), "%s", out);
+    free(out);
+}
