@@ -398,6 +398,8 @@ int eval_run(const struct eval_opts *o) {
     if (!st) st = ckpt_read_state(dir, &cs, err, sizeof err);
     static struct tp_config cfg;
     if (!st) st = eval_config(&cfg, o, dir, world, err, sizeof err);
+    // the shape state.json recorded, before anything is allocated from config.yaml's
+    if (!st) st = ckpt_check_model(&cs, &cfg.model, dir, err, sizeof err);
     struct tokenizer tk = {0};
     if (!st && o->generate) st = tokenizer_load(&tk, EVAL_TOKENIZER_PATH, err, sizeof err);
     if (st) {
@@ -416,8 +418,6 @@ int eval_run(const struct eval_opts *o) {
         struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp_size, mesh.tp_rank);
         model_alloc(&m, &d, be); // every weight comes from the checkpoint
         st = ckpt_load_params(&m, &mesh, dir, CKPT_LOAD_EXACT, err, sizeof err);
-        // the tensors fit; state.json also knows what they cannot show (n_head)
-        if (!st) st = ckpt_check_model(&cs, &cfg.model, dir, err, sizeof err);
         st = train_agree(&mesh, st, err);
         if (!st) st = o->generate ? generate(&m, &mesh, &cfg, o, &tk) : eval_loss(&m, &mesh, &cfg, o, &cs, dir);
         model_destroy(&m);

@@ -143,3 +143,27 @@ Test(preempt, failed_save_leaves_no_tmp_and_keeps_latest) {
     cr_assert(!strstr(out, "step_00000008"), "%s", out);
     tu_rmtree(dir);
 }
+
+// --eval and resume hold the run to the model shape state.json recorded: n_head changes no tensor
+// shape, and a width edited into config.yaml must be refused before anything is allocated from it.
+Test(preempt, checkpoint_model_shape_is_enforced) {
+    char dir[256], out[OUT_CAP];
+    tu_tmpdir(dir, sizeof dir, "shape");
+    int rc = tu_run(out, sizeof out, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 "
+                    "--set checkpoint.dir='%s/ck'", tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 0, "%s", out);
+    rc = tu_run(out, sizeof out, "cd '%s' && timeout 120 '%s' --eval '%s/ck' --set model.n_head=2",
+                tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 2, "exit %d:\n%s", rc, out);
+    cr_assert(strstr(out, "model.n_head: the checkpoint") && strstr(out, "n_head=4, this run has 2"), "%s", out);
+    rc = tu_run(out, sizeof out, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=8 "
+                "--set checkpoint.dir='%s/ck' --set checkpoint.resume=auto --set model.n_head=2",
+                tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 2, "resume with another n_head: exit %d:\n%s", rc, out);
+    cr_assert(strstr(out, "model.n_head"), "%s", out);
+    rc = tu_run(out, sizeof out, "sed -i 's/n_embd: 64/n_embd: 1048576/' '%s/ck/step_00000006/config.yaml' && "
+                "cd '%s' && timeout 60 '%s' --eval '%s/ck'", dir, tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 2, "an edited width must be refused before allocation: exit %d:\n%s", rc, out);
+    cr_assert(strstr(out, "model.n_embd: the checkpoint"), "%s", out);
+    tu_rmtree(dir);
+}
