@@ -10,7 +10,7 @@
 # Without it the build still succeeds with the CPU backend only.
 set -eu
 
-packages="meson ninja-build pkg-config gcc g++ libyaml-dev libjansson-dev libcriterion-dev mpich libmpich-dev
+packages="meson ninja-build pkg-config gcc g++ libyaml-dev libjansson-dev libcriterion-dev mpich libmpich-dev python3-yaml
 python3 python3-numpy"
 # g++: nvcc compiles the host side of the .cu files with it.
 

@@ -440,11 +440,21 @@ static void key_format(const struct tp_config *cfg, const struct key_def *k, boo
     case KEY_LONG: snprintf(out, outlen, "%ld", *(const long *)field); return;
     case KEY_U64: snprintf(out, outlen, "%llu", *(const unsigned long long *)field); return;
     case KEY_FLOAT: {
-        // The shortest %g form that reads back to the same double, so 6e-4 prints as 0.0006.
+        // The shortest %g form that reads back to the same double, so 6e-4 prints as 0.0006;
+        // then with a decimal point in the mantissa (6.0e-05, 1.0), which YAML 1.1 readers such
+        // as PyYAML need to see a float rather than a string or an int.
         double v = *(const double *)field;
+        char g[64];
         for (int prec = 1; prec <= 17; prec++) {
-            snprintf(out, outlen, "%.*g", prec, v);
-            if (strtod(out, NULL) == v) return;
+            snprintf(g, sizeof g, "%.*g", prec, v);
+            if (strtod(g, NULL) == v) break;
+        }
+        if (!strchr(g, '.') && isfinite(v)) {
+            char *e = strchr(g, 'e');
+            size_t mant = e ? (size_t)(e - g) : strlen(g);
+            snprintf(out, outlen, "%.*s.0%s", (int)mant, g, e ? e : "");
+        } else {
+            snprintf(out, outlen, "%s", g);
         }
         return;
     }

@@ -906,3 +906,38 @@ Test(config, bf16_head_size_must_suit_the_fused_attention) {
     expect_valid(&c, 1);
     tu_rmtree(d.dir);
 }
+
+// A printed config reads the same in a YAML 1.1 reader (PyYAML): every float key is a float there
+// (6e-05 without a decimal point is a string to it, 1 an int), every int an int.
+Test(config, printed_floats_are_floats_in_yaml_1_1) {
+    char out[4096];
+    if (tu_run(out, sizeof out, "python3 -c 'import yaml'") != 0)
+        cr_skip_test("PyYAML (python3-yaml) is not installed: sh scripts/setup_debian.sh installs it");
+    struct tp_config c;
+    config_defaults(&c);
+    c.train.lr = 6e-4;
+    c.train.min_lr = 6e-5;
+    c.train.eps = 1e-8;
+    c.train.grad_clip = 1.0;
+    c.train.weight_decay = 0.0;
+    c.log.peak_tflops = 989;
+    size_t len;
+    char *text = print_to_string(&c, &len);
+    char dir[512], path[600];
+    tu_tmpdir(dir, sizeof dir, "yaml11");
+    tu_write_file(path, sizeof path, dir, "config.yaml", text);
+    int rc = tu_run(out, sizeof out,
+                    "python3 -c 'import sys, yaml\n"
+                    "d = yaml.safe_load(open(sys.argv[1]))\n"
+                    "t = d[\"train\"]\n"
+                    "keys = [\"lr\", \"min_lr\", \"eps\", \"grad_clip\", \"weight_decay\", \"beta1\", \"beta2\"]\n"
+                    "bad = [k for k in keys if not isinstance(t[k], float)]\n"
+                    "bad += [] if isinstance(d[\"log\"][\"peak_tflops\"], float) else [\"peak_tflops\"]\n"
+                    "bad += [] if isinstance(t[\"steps\"], int) else [\"steps\"]\n"
+                    "print(bad, t[\"min_lr\"], t[\"eps\"]); sys.exit(1 if bad else 0)' '%s'",
+                    path);
+    cr_assert_eq(rc, 0, "keys PyYAML does not read as floats (or ints): %s\n%s", out, text);
+    cr_assert(strstr(out, "6e-05") && strstr(out, "1e-08"), "values changed: %s", out);
+    free(text);
+    tu_rmtree(dir);
+}
