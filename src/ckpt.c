@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -244,279 +245,54 @@ int ckpt_export_safetensors(const struct model *m, const struct mesh *mesh, cons
     return status;
 }
 
-// ---- a small JSON reader (state.json)
+// ---- state.json through jansson
 
-enum json_kind { JSON_NULL = 0, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT };
-
-struct json {
-    enum json_kind kind;
-    char *text;         // a string's value, or a number's source text (for exact integers)
-    bool boolean;
-    int n;              // items of an array or object
-    char **keys;        // (n) object keys
-    struct json *items; // (n)
-};
-
-struct json_parser {
-    const char *p, *end;
-    int depth;
-};
-
-static void json_free_items(struct json *j) {
-    for (int i = 0; i < j->n; i++) {
-        json_free_items(&j->items[i]);
-        if (j->keys) free(j->keys[i]);
-    }
-    free(j->items);
-    free(j->keys);
-    free(j->text);
-    memset(j, 0, sizeof *j);
-}
-
-static void json_free(struct json *j) {
-    if (!j) return;
-    json_free_items(j);
-    free(j);
-}
-
-static void json_ws(struct json_parser *jp) {
-    while (jp->p < jp->end && isspace((unsigned char)*jp->p)) jp->p++;
-}
-
-static void buf_push(char **s, size_t *n, size_t *cap, char c) {
-    if (*n + 2 > *cap) {
-        *cap *= 2;
-        char *t = tp_malloc(*cap);
-        memcpy(t, *s, *n);
-        free(*s);
-        *s = t;
-    }
-    (*s)[(*n)++] = c;
-}
-
-static bool json_string_value(struct json_parser *jp, char **out) {
-    if (jp->p >= jp->end || *jp->p != '"') return false;
-    jp->p++;
-    size_t n = 0, cap = 32;
-    char *s = tp_malloc(cap);
-    while (jp->p < jp->end && *jp->p != '"') {
-        unsigned c = (unsigned char)*jp->p++;
-        if (c < 0x20) goto bad;
-        if (c != '\\') {
-            buf_push(&s, &n, &cap, (char)c);
-            continue;
-        }
-        if (jp->p >= jp->end) goto bad;
-        char e = *jp->p++;
-        switch (e) {
-        case '"': case '\\': case '/': buf_push(&s, &n, &cap, e); break;
-        case 'b': buf_push(&s, &n, &cap, '\b'); break;
-        case 'f': buf_push(&s, &n, &cap, '\f'); break;
-        case 'n': buf_push(&s, &n, &cap, '\n'); break;
-        case 'r': buf_push(&s, &n, &cap, '\r'); break;
-        case 't': buf_push(&s, &n, &cap, '\t'); break;
-        case 'u': {
-            unsigned u = 0;
-            for (int k = 0; k < 4; k++) {
-                if (jp->p >= jp->end || !isxdigit((unsigned char)*jp->p)) goto bad;
-                char h = *jp->p++;
-                u = u * 16 + (unsigned)(isdigit((unsigned char)h) ? h - '0' : (tolower((unsigned char)h) - 'a' + 10));
-            }
-            // UTF-8 of one BMP code point (state.json never holds surrogate pairs)
-            if (u < 0x80) {
-                buf_push(&s, &n, &cap, (char)u);
-            } else if (u < 0x800) {
-                buf_push(&s, &n, &cap, (char)(0xC0 | (u >> 6)));
-                buf_push(&s, &n, &cap, (char)(0x80 | (u & 0x3F)));
-            } else {
-                buf_push(&s, &n, &cap, (char)(0xE0 | (u >> 12)));
-                buf_push(&s, &n, &cap, (char)(0x80 | ((u >> 6) & 0x3F)));
-                buf_push(&s, &n, &cap, (char)(0x80 | (u & 0x3F)));
-            }
-            break;
-        }
-        default: goto bad;
-        }
-    }
-    if (jp->p >= jp->end) goto bad;
-    jp->p++;
-    s[n] = '\0';
-    *out = s;
-    return true;
-bad:
-    free(s);
-    return false;
-}
-
-static bool json_value(struct json_parser *jp, struct json *out);
-
-// Parses the items of an array or object after its opening bracket.
-static bool json_items(struct json_parser *jp, struct json *out, bool object) {
-    char close = object ? '}' : ']';
-    int cap = 0;
-    json_ws(jp);
-    if (jp->p < jp->end && *jp->p == close) {
-        jp->p++;
-        return true;
-    }
-    for (;;) {
-        if (out->n == cap) {
-            cap = cap ? 2 * cap : 8;
-            struct json *items = tp_calloc((size_t)cap, sizeof *items);
-            if (out->n) memcpy(items, out->items, (size_t)out->n * sizeof *items);
-            free(out->items);
-            out->items = items;
-            if (object) {
-                char **keys = tp_calloc((size_t)cap, sizeof *keys);
-                if (out->n) memcpy(keys, out->keys, (size_t)out->n * sizeof *keys);
-                free(out->keys);
-                out->keys = keys;
-            }
-        }
-        json_ws(jp);
-        if (object) {
-            if (!json_string_value(jp, &out->keys[out->n])) return false;
-            json_ws(jp);
-            if (jp->p >= jp->end || *jp->p != ':') {
-                out->n++; // so that the key is freed
-                return false;
-            }
-            jp->p++;
-        }
-        bool ok = json_value(jp, &out->items[out->n]);
-        out->n++;
-        if (!ok) return false;
-        json_ws(jp);
-        if (jp->p < jp->end && *jp->p == ',') {
-            jp->p++;
-            continue;
-        }
-        if (jp->p < jp->end && *jp->p == close) {
-            jp->p++;
-            return true;
-        }
-        return false;
-    }
-}
-
-static bool json_value(struct json_parser *jp, struct json *out) {
-    memset(out, 0, sizeof *out);
-    json_ws(jp);
-    if (jp->p >= jp->end || jp->depth > 32) return false;
-    char c = *jp->p;
-    if (c == '{' || c == '[') {
-        jp->p++;
-        jp->depth++;
-        out->kind = c == '{' ? JSON_OBJECT : JSON_ARRAY;
-        bool ok = json_items(jp, out, c == '{');
-        jp->depth--;
-        return ok;
-    }
-    if (c == '"') {
-        out->kind = JSON_STRING;
-        return json_string_value(jp, &out->text);
-    }
-    static const char *const lits[] = {"null", "true", "false"};
-    for (int k = 0; k < 3; k++) {
-        size_t len = strlen(lits[k]);
-        if ((size_t)(jp->end - jp->p) >= len && strncmp(jp->p, lits[k], len) == 0) {
-            jp->p += len;
-            out->kind = k == 0 ? JSON_NULL : JSON_BOOL;
-            out->boolean = k == 1;
-            return true;
-        }
-    }
-    const char *start = jp->p;
-    while (jp->p < jp->end && strchr("+-0123456789.eE", *jp->p)) jp->p++;
-    size_t len = (size_t)(jp->p - start);
-    if (len == 0) return false;
-    out->kind = JSON_NUMBER;
-    out->text = tp_malloc(len + 1);
-    memcpy(out->text, start, len);
-    out->text[len] = '\0';
-    char *end;
-    strtod(out->text, &end);
-    return *end == '\0';
-}
-
-static const struct json *json_get(const struct json *obj, const char *key) {
-    if (!obj || obj->kind != JSON_OBJECT) return NULL;
-    for (int i = 0; i < obj->n; i++)
-        if (strcmp(obj->keys[i], key) == 0) return &obj->items[i];
-    return NULL;
-}
-
-// Reads and parses a JSON file (at most 64 MiB).
-static int json_read_file(const char *path, struct json **out, char *err, size_t errlen) {
+// Reads and parses a JSON object file (at most 64 MiB).
+static int json_read_file(const char *path, json_t **out, char *err, size_t errlen) {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return fail(err, errlen, "%s: cannot open: %s; the checkpoint is incomplete or the path is wrong", path, strerror(errno));
-    size_t cap = 1 << 16, n = 0;
-    char *text = tp_malloc(cap);
-    size_t got;
-    while ((got = fread(text + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            if (cap >= (64u << 20)) break;
-            char *t = tp_malloc(2 * cap);
-            memcpy(t, text, n);
-            free(text);
-            text = t;
-            cap *= 2;
-        }
+    struct stat sb;
+    if (stat(path, &sb) != 0)
+        return fail(err, errlen, "%s: cannot open: %s; the checkpoint is incomplete or the path is wrong", path,
+                    strerror(errno));
+    if (sb.st_size > (64 << 20))
+        return fail(err, errlen, "%s: %lld bytes, more than a checkpoint's state can be; the file is not a state file",
+                    path, (long long)sb.st_size);
+    json_error_t e;
+    json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &e);
+    if (!j) {
+        if (e.position == 0 && e.line == -1)
+            return fail(err, errlen, "%s: cannot read: %s", path, e.text);
+        return fail(err, errlen, "%s: malformed JSON near byte %d (%s); the file is corrupted or truncated", path,
+                    e.position, e.text);
     }
-    bool read_err = ferror(f);
-    fclose(f);
-    if (read_err) {
-        free(text);
-        return fail(err, errlen, "%s: read error", path);
+    if (!json_is_object(j)) {
+        json_decref(j);
+        return fail(err, errlen, "%s: malformed JSON near byte 0 (not an object); the file is corrupted or truncated",
+                    path);
     }
-    text[n] = '\0';
-    struct json_parser jp = {text, text + n, 0};
-    struct json *j = tp_calloc(1, sizeof *j);
-    bool ok = json_value(&jp, j);
-    json_ws(&jp);
-    if (!ok || jp.p != jp.end || j->kind != JSON_OBJECT) {
-        size_t at = (size_t)(jp.p - text);
-        free(text);
-        json_free(j);
-        return fail(err, errlen, "%s: malformed JSON near byte %zu; the file is corrupted or truncated", path, at);
-    }
-    free(text);
     *out = j;
     return 0;
 }
 
-static void json_put_string(FILE *f, const char *s) {
-    fputc('"', f);
-    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
-        if (*c == '"' || *c == '\\') fprintf(f, "\\%c", *c);
-        else if (*c < 0x20) fprintf(f, "\\u%04x", *c);
-        else fputc(*c, f);
-    }
-    fputc('"', f);
-}
-
 // Integer field at a dotted path ("data.position") within [lo, hi].
-static int json_int_at(const struct json *root, const char *dotted, const char *file, long long lo,
+static int json_int_at(const json_t *root, const char *dotted, const char *file, long long lo,
                        long long hi, long long *out, char *err, size_t errlen) {
     char key[64];
-    const struct json *j = root;
+    const json_t *j = root;
     const char *p = dotted;
     while (j && *p) {
         const char *dot = strchr(p, '.');
         size_t len = dot ? (size_t)(dot - p) : strlen(p);
         snprintf(key, sizeof key, "%.*s", (int)len, p);
-        j = json_get(j, key);
+        j = json_object_get(j, key);
         p += len + (dot ? 1 : 0);
     }
-    if (!j || j->kind != JSON_NUMBER)
+    if (!j || !json_is_number(j))
         return fail(err, errlen, "%s: field \"%s\" is missing or not a number", file, dotted);
-    char *end;
-    errno = 0;
-    long long v = strtoll(j->text, &end, 10);
-    if (errno || *end || v < lo || v > hi)
-        return fail(err, errlen, "%s: field \"%s\" = %s is not an integer in [%lld, %lld]", file, dotted, j->text, lo, hi);
+    long long v = json_is_integer(j) ? (long long)json_integer_value(j) : 0;
+    if (!json_is_integer(j) || v < lo || v > hi)
+        return fail(err, errlen, "%s: field \"%s\" = %.17g is not an integer in [%lld, %lld]", file, dotted,
+                    json_number_value(j), lo, hi);
     *out = v;
     return 0;
 }
@@ -609,6 +385,21 @@ static int close_synced(FILE *f, const char *path, char *err, size_t errlen) {
     return 0;
 }
 
+// Writes j to path (2-space indent, keys in insertion order), flushed, synced and closed.
+static int json_write_file(json_t *j, const char *path, char *err, size_t errlen) {
+    FILE *f;
+    int rc = open_out(&f, path, err, errlen);
+    if (rc) {
+        json_decref(j);
+        return rc;
+    }
+    bool bad = json_dumpf(j, f, JSON_INDENT(2) | JSON_ENSURE_ASCII) != 0 || fputc('\n', f) == EOF;
+    json_decref(j);
+    rc = close_synced(f, path, err, errlen);
+    if (!rc && bad) rc = fail_io(err, errlen, "%s: write failed: %s", path, strerror(errno));
+    return rc;
+}
+
 // "step_NNNNNNNN" exactly (no suffix such as .tmp); the step goes to *step.
 static bool is_step_name(const char *s, int *step) {
     if (strlen(s) != 13 || strncmp(s, "step_", 5) != 0) return false;
@@ -654,35 +445,35 @@ static int *list_steps(const char *dir, int *count) {
 
 // ---- save
 
-static void write_config_json(FILE *f, const struct tp_config *cfg) {
-    // transformers' GPT2Config; dropout off, as tptrain trains without it.
+// transformers' GPT2Config; dropout off, as tptrain trains without it.
+static json_t *config_json(const struct tp_config *cfg) {
     const struct tp_model_config *mc = &cfg->model;
-    fprintf(f, "{\n  \"architectures\": [\"GPT2LMHeadModel\"],\n  \"model_type\": \"gpt2\",\n");
-    fprintf(f, "  \"n_layer\": %d,\n  \"n_head\": %d,\n  \"n_embd\": %d,\n  \"vocab_size\": %d,\n", mc->n_layer,
-            mc->n_head, mc->n_embd, mc->vocab_size);
-    fprintf(f, "  \"n_positions\": %d,\n  \"n_ctx\": %d,\n  \"n_inner\": null,\n", mc->seq_len, mc->seq_len);
-    fprintf(f, "  \"activation_function\": \"gelu_new\",\n  \"layer_norm_epsilon\": 1e-05,\n");
-    fprintf(f, "  \"initializer_range\": 0.02,\n  \"resid_pdrop\": 0.0,\n  \"embd_pdrop\": 0.0,\n  \"attn_pdrop\": 0.0,\n");
-    fprintf(f, "  \"scale_attn_weights\": true,\n  \"tie_word_embeddings\": true,\n  \"torch_dtype\": \"float32\"");
-    if (mc->vocab_size > 50256) fprintf(f, ",\n  \"bos_token_id\": 50256,\n  \"eos_token_id\": 50256");
-    fprintf(f, "\n}\n");
+    json_t *j = json_pack("{s:[s], s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:n, s:s, s:f, s:f, s:f, s:f, s:f, s:b, s:b, s:s}",
+                          "architectures", "GPT2LMHeadModel", "model_type", "gpt2", "n_layer", mc->n_layer,
+                          "n_head", mc->n_head, "n_embd", mc->n_embd, "vocab_size", mc->vocab_size,
+                          "n_positions", mc->seq_len, "n_ctx", mc->seq_len, "n_inner",
+                          "activation_function", "gelu_new", "layer_norm_epsilon", 1e-5,
+                          "initializer_range", 0.02, "resid_pdrop", 0.0, "embd_pdrop", 0.0, "attn_pdrop", 0.0,
+                          "scale_attn_weights", 1, "tie_word_embeddings", 1, "torch_dtype", "float32");
+    if (j && mc->vocab_size > 50256) {
+        json_object_set_new(j, "bos_token_id", json_integer(50256));
+        json_object_set_new(j, "eos_token_id", json_integer(50256));
+    }
+    return j;
 }
 
 // A state.json "files" entry: size and per-tensor checksums of one safetensors file.
-static void write_file_entry(FILE *f, const struct model *m, const char *fname, const char *const *prefixes,
-                             int nsrc, const uint64_t *sums, size_t bytes, bool last) {
-    fprintf(f, "    ");
-    json_put_string(f, fname);
-    fprintf(f, ": {\n      \"bytes\": %zu,\n      \"checksum\": \"fnv1a64-w32\",\n      \"tensors\": {", bytes);
-    char name[128];
+static json_t *file_entry(const struct model *m, const char *const *prefixes, int nsrc, const uint64_t *sums,
+                          size_t bytes) {
+    json_t *tensors = json_object();
+    char name[128], hex[20];
     for (int s = 0; s < nsrc; s++)
         for (int i = 0; i < m->n_tensors; i++) {
             snprintf(name, sizeof name, "%s%s", prefixes[s], m->tensors[i].name);
-            fprintf(f, "%s\n        ", s || i ? "," : "");
-            json_put_string(f, name);
-            fprintf(f, ": \"%016llx\"", (unsigned long long)sums[(size_t)s * (size_t)m->n_tensors + (size_t)i]);
+            snprintf(hex, sizeof hex, "%016llx", (unsigned long long)sums[(size_t)s * (size_t)m->n_tensors + (size_t)i]);
+            json_object_set_new(tensors, name, json_string(hex));
         }
-    fprintf(f, "\n      }\n    }%s\n", last ? "" : ",");
+    return json_pack("{s:I, s:s, s:o}", "bytes", (json_int_t)bytes, "checksum", "fnv1a64-w32", "tensors", tensors);
 }
 
 static const char *const opt_prefixes[2] = {"exp_avg.", "exp_avg_sq."};
@@ -700,9 +491,7 @@ static int write_sidecars(const char *tmp, const struct model *m, const struct t
     if ((rc = close_synced(f, path, err, errlen))) return rc;
 
     join(path, sizeof path, tmp, "config.json");
-    if ((rc = open_out(&f, path, err, errlen))) return rc;
-    write_config_json(f, cfg);
-    if ((rc = close_synced(f, path, err, errlen))) return rc;
+    if ((rc = json_write_file(config_json(cfg), path, err, errlen))) return rc;
 
     struct stat sb;
     size_t model_bytes = 0, opt_bytes = 0;
@@ -711,31 +500,35 @@ static int write_sidecars(const char *tmp, const struct model *m, const struct t
     join(path, sizeof path, tmp, "optimizer.safetensors");
     if (stat(path, &sb) == 0) opt_bytes = (size_t)sb.st_size;
 
-    join(path, sizeof path, tmp, "state.json");
-    if ((rc = open_out(&f, path, err, errlen))) return rc;
     const struct tp_model_config *mc = &cfg->model;
-    fprintf(f, "{\n  \"format\": \"tptrain-checkpoint\",\n  \"format_version\": %d,\n  \"tptrain_version\": ",
-            CKPT_FORMAT_VERSION);
-    json_put_string(f, TP_VERSION);
-    fprintf(f, ",\n  \"step\": %d,\n", st->step);
-    // position counts micro-batches per DP rank: meaningful together with dp_size and micro_batch
-    fprintf(f, "  \"data\": {\"position\": %zu, \"dp_size\": %d, \"micro_batch\": %d, \"seq_len\": %d},\n",
-            st->data_position, st->dp_size, st->micro_batch, mc->seq_len);
-    // Initialisation is counter-based and the data is read in order: the seed is all there is.
-    fprintf(f, "  \"rng\": {\"seed\": %llu},\n", st->seed);
-    fprintf(f, "  \"optimizer\": {\"name\": \"adamw\", \"t\": %d},\n", st->optim_t);
-    if (st->has_val && isfinite(st->val_loss)) fprintf(f, "  \"val_loss\": %.17g,\n", st->val_loss);
-    else fprintf(f, "  \"val_loss\": null,\n");
-    fprintf(f, "  \"precision\": \"%s\",\n  \"master_weights\": \"model.safetensors\",\n",
-            config_precision_name(cfg->train.precision));
-    fprintf(f, "  \"model\": {\"n_layer\": %d, \"n_head\": %d, \"n_embd\": %d, \"vocab_size\": %d, \"seq_len\": %d},\n",
-            mc->n_layer, mc->n_head, mc->n_embd, mc->vocab_size, mc->seq_len);
-    fprintf(f, "  \"config\": \"config.yaml\",\n  \"files\": {\n");
     static const char *const none[1] = {""};
-    write_file_entry(f, m, "model.safetensors", none, 1, model_sums, model_bytes, false);
-    write_file_entry(f, m, "optimizer.safetensors", opt_prefixes, 2, opt_sums, opt_bytes, true);
-    fprintf(f, "  }\n}\n");
-    if ((rc = close_synced(f, path, err, errlen))) return rc;
+    json_t *files = json_pack("{s:o, s:o}", "model.safetensors", file_entry(m, none, 1, model_sums, model_bytes),
+                              "optimizer.safetensors", file_entry(m, opt_prefixes, 2, opt_sums, opt_bytes));
+    // The seed is all the random state there is (initialisation is counter-based, the data read in
+    // order); a seed beyond jansson's int64 is written as a decimal string.
+    json_t *seed = st->seed <= (unsigned long long)INT64_MAX ? json_integer((json_int_t)st->seed) : NULL;
+    if (!seed) {
+        char buf[32];
+        snprintf(buf, sizeof buf, "%llu", st->seed);
+        seed = json_string(buf);
+    }
+    json_t *state = json_pack(
+        "{s:s, s:i, s:s, s:i,"
+        " s:{s:I, s:i, s:i, s:i}, s:{s:o}, s:{s:s, s:i}, s:o, s:s, s:s,"
+        " s:{s:i, s:i, s:i, s:i, s:i}, s:s, s:o}",
+        "format", "tptrain-checkpoint", "format_version", CKPT_FORMAT_VERSION, "tptrain_version", TP_VERSION,
+        "step", st->step,
+        // position counts micro-batches per DP rank: meaningful with dp_size and micro_batch
+        "data", "position", (json_int_t)st->data_position, "dp_size", st->dp_size, "micro_batch",
+        st->micro_batch, "seq_len", mc->seq_len,
+        "rng", "seed", seed, "optimizer", "name", "adamw", "t", st->optim_t,
+        "val_loss", st->has_val && isfinite(st->val_loss) ? json_real(st->val_loss) : json_null(),
+        "precision", config_precision_name(cfg->train.precision), "master_weights", "model.safetensors",
+        "model", "n_layer", mc->n_layer, "n_head", mc->n_head, "n_embd", mc->n_embd, "vocab_size",
+        mc->vocab_size, "seq_len", mc->seq_len, "config", "config.yaml", "files", files);
+    if (!state) return fail_io(err, errlen, "%s/state.json: out of memory composing the state", tmp);
+    join(path, sizeof path, tmp, "state.json");
+    if ((rc = json_write_file(state, path, err, errlen))) return rc;
     if (fsync_path(tmp) != 0) return fail_io(err, errlen, "%s: fsync failed: %s", tmp, strerror(errno));
     return 0;
 }
@@ -906,10 +699,10 @@ int ckpt_resolve(const char *ref, char *out, size_t outlen, char *err, size_t er
 
 // ---- state.json
 
-static int state_from_json(const struct json *j, const char *path, struct ckpt_state *st, char *err, size_t errlen) {
+static int state_from_json(const json_t *j, const char *path, struct ckpt_state *st, char *err, size_t errlen) {
     memset(st, 0, sizeof *st);
-    const struct json *fmt = json_get(j, "format");
-    if (!fmt || fmt->kind != JSON_STRING || strcmp(fmt->text, "tptrain-checkpoint") != 0)
+    const json_t *fmt = json_object_get(j, "format");
+    if (!json_is_string(fmt) || strcmp(json_string_value(fmt), "tptrain-checkpoint") != 0)
         return fail(err, errlen, "%s: not a tptrain checkpoint state (\"format\" is not \"tptrain-checkpoint\")", path);
     long long v;
     int rc = json_int_at(j, "format_version", path, 1, CKPT_FORMAT_VERSION, &v, err, errlen);
@@ -924,13 +717,21 @@ static int state_from_json(const struct json *j, const char *path, struct ckpt_s
     st->micro_batch = (int)v;
     if ((rc = json_int_at(j, "optimizer.t", path, 0, INT32_MAX, &v, err, errlen))) return rc;
     st->optim_t = (int)v;
-    const struct json *seed = json_get(json_get(j, "rng"), "seed");
-    if (!seed || seed->kind != JSON_NUMBER) return fail(err, errlen, "%s: field \"rng.seed\" is missing", path);
-    st->seed = strtoull(seed->text, NULL, 10);
-    const struct json *val = json_get(j, "val_loss");
-    if (val && val->kind == JSON_NUMBER) {
+    const json_t *seed = json_object_get(json_object_get(j, "rng"), "seed");
+    if (json_is_integer(seed) && json_integer_value(seed) >= 0) {
+        st->seed = (unsigned long long)json_integer_value(seed);
+    } else if (json_is_string(seed) && strspn(json_string_value(seed), "0123456789") == strlen(json_string_value(seed)) &&
+               json_string_length(seed) > 0 && json_string_length(seed) <= 20) {
+        errno = 0;
+        st->seed = strtoull(json_string_value(seed), NULL, 10);
+        if (errno) return fail(err, errlen, "%s: field \"rng.seed\" is out of range", path);
+    } else {
+        return fail(err, errlen, "%s: field \"rng.seed\" is missing or not a non-negative integer", path);
+    }
+    const json_t *val = json_object_get(j, "val_loss");
+    if (json_is_number(val)) {
         st->has_val = true;
-        st->val_loss = strtod(val->text, NULL);
+        st->val_loss = json_number_value(val);
     }
     static const char *const keys[5] = {"model.n_layer", "model.n_head", "model.n_embd",
                                         "model.vocab_size", "model.seq_len"};
@@ -961,11 +762,11 @@ int ckpt_check_model(const struct ckpt_state *cs, const struct tp_model_config *
 int ckpt_read_state(const char *dir, struct ckpt_state *st, char *err, size_t errlen) {
     char path[2 * TP_PATH_MAX];
     join(path, sizeof path, dir, "state.json");
-    struct json *j;
+    json_t *j;
     int rc = json_read_file(path, &j, err, errlen);
     if (rc) return rc;
     rc = state_from_json(j, path, st, err, errlen);
-    json_free(j);
+    json_decref(j);
     return rc;
 }
 
@@ -986,22 +787,22 @@ static void shape_str(char *out, size_t outlen, int ndim, const int64_t *shape) 
 // A safetensors file of a checkpoint and what state.json recorded about it.
 struct ckpt_file {
     struct st_file st;
-    const struct json *sums; // {name: hex checksum}, or NULL when there is no record to check
+    const json_t *sums; // {name: hex checksum}, or NULL when there is no record to check
 };
 
-static int open_ckpt_file(struct ckpt_file *cf, const char *path, const struct json *state, const char *fname,
+static int open_ckpt_file(struct ckpt_file *cf, const char *path, const json_t *state, const char *fname,
                           char *err, size_t errlen) {
     cf->sums = NULL;
     int rc = st_open(&cf->st, path, err, errlen);
     if (rc) return rc;
     if (!state) return 0;
-    const struct json *entry = json_get(json_get(state, "files"), fname);
-    const struct json *bytes = json_get(entry, "bytes");
-    cf->sums = json_get(entry, "tensors");
-    if (!entry || !bytes || bytes->kind != JSON_NUMBER || !cf->sums || cf->sums->kind != JSON_OBJECT)
+    const json_t *entry = json_object_get(json_object_get(state, "files"), fname);
+    const json_t *bytes = json_object_get(entry, "bytes");
+    cf->sums = json_object_get(entry, "tensors");
+    if (!json_is_integer(bytes) || json_integer_value(bytes) < 0 || !json_is_object(cf->sums))
         return fail(err, errlen, "%s: state.json beside it has no size and checksums for %s; the state file is damaged",
                     path, fname);
-    size_t want = (size_t)strtoull(bytes->text, NULL, 10);
+    size_t want = (size_t)json_integer_value(bytes);
     if (want != cf->st.map_bytes)
         return fail(err, errlen, "%s: the file has %zu bytes but state.json recorded %zu; it was truncated or "
                     "replaced after the save", path, cf->st.map_bytes, want);
@@ -1060,11 +861,11 @@ static int read_tensor(const struct ckpt_file *cf, const struct model *m, const 
         return fail(err, errlen, "%s: tensor '%s' is %s but checkpoint tensors are F32; the file header was altered",
                     path, x->name, st_dtype_name(x->dtype));
     if (cf->sums) {
-        const struct json *s = json_get(cf->sums, x->name);
-        if (!s || s->kind != JSON_STRING)
+        const json_t *s = json_object_get(cf->sums, x->name);
+        if (!json_is_string(s))
             return fail(err, errlen, "%s: tensor '%s' has no checksum in state.json; the state file is damaged", path,
                         x->name);
-        unsigned long long want_sum = strtoull(s->text, NULL, 16);
+        unsigned long long want_sum = strtoull(json_string_value(s), NULL, 16);
         unsigned long long have_sum = ckpt_checksum(x->data, x->end - x->begin);
         if (want_sum != have_sum)
             return fail(err, errlen, "%s: tensor '%s' is corrupted: checksum %016llx, state.json recorded %016llx; "
@@ -1110,7 +911,7 @@ struct load_dst {
 };
 
 // Loads every model tensor under each prefix of one file into its buffer. Local: no collectives.
-static int load_file(const struct model *m, const char *path, const struct json *state, const char *fname,
+static int load_file(const struct model *m, const char *path, const json_t *state, const char *fname,
                      const struct load_dst *dst, int ndst, enum ckpt_load_mode mode, char *err, size_t errlen) {
     struct ckpt_file cf;
     memset(&cf, 0, sizeof cf);
@@ -1140,7 +941,7 @@ int ckpt_load_params(struct model *m, const struct mesh *mesh, const char *path,
                      enum ckpt_load_mode mode, char *err, size_t errlen) {
     err[0] = '\0';
     char dir[2 * TP_PATH_MAX], file[2 * TP_PATH_MAX + 32];
-    struct json *state = NULL;
+    json_t *state = NULL;
     int status = 0;
     if (is_dir(path)) {
         int r = ckpt_resolve(path, dir, sizeof dir, err, errlen);
@@ -1162,7 +963,7 @@ int ckpt_load_params(struct model *m, const struct mesh *mesh, const char *path,
         status = load_file(m, file, state, "model.safetensors", &d, 1, mode, err, errlen);
     }
     if (!status) model_sync_compute_params(m);
-    json_free(state);
+    json_decref(state);
     return agree_once(mesh, status, err, errlen);
 }
 
@@ -1172,7 +973,7 @@ int ckpt_load_optim(struct model *m, struct optim *o, const struct mesh *mesh, c
     char sp[2 * TP_PATH_MAX + 32], file[2 * TP_PATH_MAX + 32];
     join(sp, sizeof sp, dir, "state.json");
     join(file, sizeof file, dir, "optimizer.safetensors");
-    struct json *state = NULL;
+    json_t *state = NULL;
     struct ckpt_state st;
     int status = json_read_file(sp, &state, err, errlen);
     if (!status) status = state_from_json(state, sp, &st, err, errlen);
@@ -1181,6 +982,6 @@ int ckpt_load_optim(struct model *m, struct optim *o, const struct mesh *mesh, c
         status = load_file(m, file, state, "optimizer.safetensors", d, 2, CKPT_LOAD_EXACT, err, errlen);
     }
     if (!status) o->t = st.optim_t;
-    json_free(state);
+    json_decref(state);
     return agree_once(mesh, status, err, errlen);
 }
