@@ -4,9 +4,9 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <jansson.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,7 +57,6 @@ static int agree(struct trainer *tr, int status, const char *err) { return train
 
 // ---- logging
 
-static void log_jsonl(struct trainer *tr, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 // Records the first failed write to the log (a full disk, a closed pipe); the step loop ends the
 // run on it, so a log is never lost silently.
 static void log_check(struct trainer *tr) {
@@ -66,14 +65,16 @@ static void log_check(struct trainer *tr) {
              strerror(errno ? errno : EIO));
 }
 
-static void log_jsonl(struct trainer *tr, const char *fmt, ...) {
-    if (!tr->jsonl) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vfprintf(tr->jsonl, fmt, ap);
-    va_end(ap);
-    fputc('\n', tr->jsonl);
-    log_check(tr);
+// A number for the log: JSON has no NaN or infinity, so those become null.
+static json_t *log_num(double v) { return isfinite(v) ? json_real(v) : json_null(); }
+
+// One JSON-lines record (steals obj): compact, reals to 9 significant digits.
+static void log_json(struct trainer *tr, json_t *obj) {
+    if (tr->jsonl && obj) {
+        if (json_dumpf(obj, tr->jsonl, JSON_COMPACT | JSON_REAL_PRECISION(9)) == 0) fputc('\n', tr->jsonl);
+        log_check(tr);
+    }
+    json_decref(obj);
 }
 
 // ---- preemption
@@ -244,16 +245,9 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
         st = tr->jsonl ? 0 : TP_EXIT_USAGE;
     }
     if ((st = agree(tr, st, err))) return st;
-    if (tr->resumed_from[0]) {
-        char from[4 * TP_PATH_MAX];
-        size_t n = 0;
-        for (const char *c = tr->resumed_from; *c && n + 3 < sizeof from; c++) { // a JSON string
-            if (*c == '"' || *c == '\\') from[n++] = '\\';
-            from[n++] = (unsigned char)*c < 0x20 ? '?' : *c;
-        }
-        from[n] = '\0';
-        log_jsonl(tr, "{\"kind\":\"resume\",\"step\":%d,\"from\":\"%s\"}", tr->start_step, from);
-    }
+    if (tr->resumed_from[0])
+        log_json(tr, json_pack("{s:s, s:i, s:s}", "kind", "resume", "step", tr->start_step, "from",
+                               tr->resumed_from));
     if (cfg->debug.dump_init[0]) {
         st = ckpt_export_safetensors(&tr->model, &tr->mesh, tr->model.params, cfg->debug.dump_init, err, sizeof err);
         if ((st = agree(tr, st, tr->is_root ? err : NULL))) return st;
@@ -325,11 +319,10 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
         double *norms = tp_malloc((size_t)m->n_tensors * sizeof(double));
         optim_tensor_norms(&tr->opt, m, &mesh->tp, norms);
         if (tr->jsonl) {
-            fprintf(tr->jsonl, "{\"kind\":\"grad_norms\",\"step\":1,\"norms\":{");
+            json_t *by_name = json_object();
             for (int i = 0; i < m->n_tensors; i++)
-                fprintf(tr->jsonl, "%s\"%s\":%.9g", i ? "," : "", m->tensors[i].name, norms[i]);
-            fprintf(tr->jsonl, "}}\n");
-            log_check(tr);
+                json_object_set_new(by_name, m->tensors[i].name, log_num(norms[i]));
+            log_json(tr, json_pack("{s:s, s:i, s:o}", "kind", "grad_norms", "step", 1, "norms", by_name));
         }
         free(norms);
     }
@@ -410,9 +403,10 @@ static void log_step(struct trainer *tr, int step, const struct step_result *r, 
     double mfu = tr->peak_flops > 0 ? tok_s * tr->flops_per_token / (tr->peak_flops * tr->mesh.world_size) : -1.0;
     double mem = (double)tr->model.bytes_allocated / (1u << 30);
     double eta = elapsed / (step + 1 - tr->start_step) * (cfg->train.steps - step - 1);
-    log_jsonl(tr, "{\"kind\":\"train\",\"step\":%d,\"loss\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,\"ms\":%.3f,"
-                  "\"tok_per_s\":%.1f,\"mfu\":%.5f,\"mem_gib\":%.3f}",
-              step + 1, r->loss, r->lr, (double)r->norm, r->ms, tok_s, mfu, mem);
+    log_json(tr, json_pack("{s:s, s:i, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "kind", "train", "step", step + 1,
+                           "loss", log_num(r->loss), "lr", log_num(r->lr), "grad_norm", log_num((double)r->norm),
+                           "ms", log_num(r->ms), "tok_per_s", log_num(tok_s), "mfu", log_num(mfu), "mem_gib",
+                           log_num(mem)));
     bool last = step + 1 == cfg->train.steps;
     if (!tr->is_root || (!last && (step + 1) % cfg->log.every != 0 && step != tr->start_step)) return;
     char eta_s[32], mfu_s[32];
@@ -428,8 +422,8 @@ static int validate_and_log(struct trainer *tr, int step, double *out) {
     double loss;
     int st = evaluate(tr, &loss);
     if (st) return st;
-    log_jsonl(tr, "{\"kind\":\"val\",\"step\":%d,\"loss\":%.9g,\"tokens\":%zu}", step, loss,
-              (size_t)tr->cfg->eval.batches * tr->model.d.N * (size_t)tr->mesh.dp_size);
+    log_json(tr, json_pack("{s:s, s:i, s:o, s:I}", "kind", "val", "step", step, "loss", log_num(loss), "tokens",
+                           (json_int_t)((size_t)tr->cfg->eval.batches * tr->model.d.N * (size_t)tr->mesh.dp_size)));
     if (tr->is_root) {
         printf("val   %5d | loss %.6f | perplexity %.2f\n", step, loss, exp(loss));
         fflush(stdout);
@@ -457,7 +451,7 @@ static int save_checkpoint(struct trainer *tr, int steps_done, bool has_val, dou
     int st = ckpt_save(&tr->model, &tr->opt, &tr->mesh, cfg, &cs, path, sizeof path, err, sizeof err);
     if (st) return agree(tr, st, err);
     double s = tp_now() - t0;
-    log_jsonl(tr, "{\"kind\":\"checkpoint\",\"step\":%d,\"seconds\":%.3f}", steps_done, s);
+    log_json(tr, json_pack("{s:s, s:i, s:o}", "kind", "checkpoint", "step", steps_done, "seconds", log_num(s)));
     if (tr->is_root) {
         printf("checkpoint %5d | saved %s in %.2f s\n", steps_done, path, s);
         fflush(stdout);
