@@ -16,6 +16,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <jansson.h>
 #include <math.h>
 #include <mpi.h>
 #include <stdint.h>
@@ -444,26 +445,22 @@ static const char *fmt_or_na(char *buf, size_t len, const char *fmt, double v) {
     return buf;
 }
 
-static void json_num(FILE *f, double v) {
-    if (isfinite(v)) fprintf(f, "%.9g", v);
-    else fputs("null", f);
+// A number for the JSON (null for n/a: NAN marks "not applicable", and JSON has no NaN); whole
+// numbers (counts, FLOPs) as integers.
+static json_t *jnum(double v) {
+    if (!isfinite(v)) return json_null();
+    if (v == floor(v) && fabs(v) < 1e15) return json_integer((json_int_t)v);
+    return json_real(v);
 }
 
-static void json_str(FILE *f, const char *s) {
-    fputc('"', f);
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
-        else if (ch < 0x20) fprintf(f, "\\u%04x", ch);
-        else fputc(ch, f);
-    }
-    fputc('"', f);
-}
+// obj[key] = number (null for n/a).
+static void json_kv(json_t *obj, const char *key, double v) { json_object_set_new(obj, key, jnum(v)); }
 
-// ,"key":number (null for n/a); every object opens with a fixed field, so the comma always fits.
-static void json_kv(FILE *f, const char *key, double v) {
-    fprintf(f, ",\"%s\":", key);
-    json_num(f, v);
+// Writes the document (steals it) compact, reals to 9 significant digits, one line; a failed
+// write shows up in bench_finish's check of the stream.
+static void json_emit(const struct bench *b, json_t *doc) {
+    if (json_dumpf(doc, b->json, JSON_COMPACT | JSON_REAL_PRECISION(9)) == 0) fputc('\n', b->json);
+    json_decref(doc);
 }
 
 static const char *timing_name(const struct bench *b) {
@@ -480,14 +477,14 @@ static void print_setup(const struct bench *b, const char *mode) {
            fmt_or_na(peak, sizeof peak, "%.0f", b->peak_tflops > 0 ? b->peak_tflops : NAN));
 }
 
-static void json_setup(const struct bench *b, const char *mode) {
-    FILE *f = b->json;
-    fprintf(f, "{\"mode\":\"%s\",\"version\":\"%s\",\"backend\":", mode, TP_VERSION);
-    json_str(f, b->be.iface->name(b->be.ctx));
-    fprintf(f, ",\"timing\":\"%s\",\"comm\":", timing_name(b));
-    json_str(f, b->mesh.tp.iface->name(b->mesh.tp.ctx));
-    fprintf(f, ",\"tp\":%d,\"precision\":\"%s\"", b->mesh.tp_size, config_precision_name(b->cfg.train.precision));
-    json_kv(f, "peak_tflops", b->peak_tflops > 0 ? b->peak_tflops : NAN);
+// The fields every mode's document opens with.
+static json_t *json_setup(const struct bench *b, const char *mode) {
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s}", "mode", mode, "version", TP_VERSION, "backend",
+                          b->be.iface->name(b->be.ctx), "timing", timing_name(b), "comm",
+                          b->mesh.tp.iface->name(b->mesh.tp.ctx), "tp", b->mesh.tp_size, "precision",
+                          config_precision_name(b->cfg.train.precision));
+    json_kv(o, "peak_tflops", b->peak_tflops > 0 ? b->peak_tflops : NAN);
+    return o;
 }
 
 // nccl-tests' bus bandwidth: what each link carries in a ring all-reduce, 2(P-1)/P of the data.
@@ -643,30 +640,33 @@ static void layer_print(const struct bench *b, int M, int K, int N, const struct
 }
 
 static void layer_json(const struct bench *b, int M, int K, int N, const struct layer_result *r, int n) {
-    FILE *f = b->json;
-    json_setup(b, "layer");
-    fprintf(f, ",\"M\":%d,\"K\":%d,\"N\":%d,\"phases\":[", M, K, N);
+    json_t *doc = json_setup(b, "layer"), *phases = json_array();
+    json_object_set_new(doc, "M", json_integer(M));
+    json_object_set_new(doc, "K", json_integer(K));
+    json_object_set_new(doc, "N", json_integer(N));
     for (int i = 0; i < n; i++) {
-        fprintf(f, "%s{\"name\":\"%s\",\"warmup\":%d,\"iters\":%d", i ? "," : "", r[i].spec->name,
-                r[i].t.warmup, r[i].t.iters);
-        json_kv(f, "ms_median", r[i].t.ms.median);
-        json_kv(f, "ms_min", r[i].t.ms.min);
-        json_kv(f, "ms_max", r[i].t.ms.max);
-        json_kv(f, "ms_p10", r[i].t.ms.p10);
-        json_kv(f, "ms_p90", r[i].t.ms.p90);
-        json_kv(f, "flops", r[i].flops);
-        json_kv(f, "tflops", r[i].tflops);
-        json_kv(f, "peak_share", r[i].peak_share);
-        fprintf(f, ",\"allreduce\":{\"count\":%d,\"bytes\":%zu", r[i].t.n_comm, r[i].t.n_comm ? r[i].bytes : 0);
-        json_kv(f, "ms", r[i].t.comm_ms);
-        json_kv(f, "ms_each", r[i].comm_ms_each);
-        json_kv(f, "algbw_gbs", r[i].algbw);
-        json_kv(f, "busbw_gbs", r[i].busbw);
-        fputc('}', f);
-        json_kv(f, "comm_share", r[i].comm_share);
-        fputc('}', f);
+        json_t *p = json_pack("{s:s, s:i, s:i}", "name", r[i].spec->name, "warmup", r[i].t.warmup, "iters",
+                              r[i].t.iters);
+        json_kv(p, "ms_median", r[i].t.ms.median);
+        json_kv(p, "ms_min", r[i].t.ms.min);
+        json_kv(p, "ms_max", r[i].t.ms.max);
+        json_kv(p, "ms_p10", r[i].t.ms.p10);
+        json_kv(p, "ms_p90", r[i].t.ms.p90);
+        json_kv(p, "flops", r[i].flops);
+        json_kv(p, "tflops", r[i].tflops);
+        json_kv(p, "peak_share", r[i].peak_share);
+        json_t *ar = json_pack("{s:i, s:I}", "count", r[i].t.n_comm, "bytes",
+                               (json_int_t)(r[i].t.n_comm ? r[i].bytes : 0));
+        json_kv(ar, "ms", r[i].t.comm_ms);
+        json_kv(ar, "ms_each", r[i].comm_ms_each);
+        json_kv(ar, "algbw_gbs", r[i].algbw);
+        json_kv(ar, "busbw_gbs", r[i].busbw);
+        json_object_set_new(p, "allreduce", ar);
+        json_kv(p, "comm_share", r[i].comm_share);
+        json_array_append_new(phases, p);
     }
-    fputs("]}\n", f);
+    json_object_set_new(doc, "phases", phases);
+    json_emit(b, doc);
 }
 
 static int bench_layer(struct bench *b, int M, int K, int N) {
@@ -879,21 +879,22 @@ static void allreduce_print(const struct bench *b, const struct allreduce_row *r
 
 static void allreduce_json(const struct bench *b, const struct allreduce_row *rows, int n, int warmup,
                            int iters, double avg_busbw) {
-    FILE *f = b->json;
-    json_setup(b, "allreduce");
-    fprintf(f, ",\"ranks\":%d,\"warmup\":%d,\"iters\":%d,\"rows\":[", b->mesh.tp_size, warmup, iters);
+    json_t *doc = json_setup(b, "allreduce"), *arr = json_array();
+    json_object_set_new(doc, "ranks", json_integer(b->mesh.tp_size));
+    json_object_set_new(doc, "warmup", json_integer(warmup));
+    json_object_set_new(doc, "iters", json_integer(iters));
     for (int i = 0; i < n; i++) {
-        fprintf(f, "%s{\"size\":%zu,\"count\":%zu,\"type\":\"float\",\"redop\":\"sum\"", i ? "," : "",
-                rows[i].bytes, rows[i].count);
-        json_kv(f, "time_us", rows[i].time_us);
-        json_kv(f, "algbw_gbs", rows[i].algbw);
-        json_kv(f, "busbw_gbs", rows[i].busbw);
-        json_kv(f, "wrong", rows[i].wrong >= 0 ? (double)rows[i].wrong : NAN);
-        fputc('}', f);
+        json_t *row = json_pack("{s:I, s:I, s:s, s:s}", "size", (json_int_t)rows[i].bytes, "count",
+                                (json_int_t)rows[i].count, "type", "float", "redop", "sum");
+        json_kv(row, "time_us", rows[i].time_us);
+        json_kv(row, "algbw_gbs", rows[i].algbw);
+        json_kv(row, "busbw_gbs", rows[i].busbw);
+        json_kv(row, "wrong", rows[i].wrong >= 0 ? (double)rows[i].wrong : NAN);
+        json_array_append_new(arr, row);
     }
-    fputc(']', f);
-    json_kv(f, "avg_busbw_gbs", avg_busbw);
-    fputs("}\n", f);
+    json_object_set_new(doc, "rows", arr);
+    json_kv(doc, "avg_busbw_gbs", avg_busbw);
+    json_emit(b, doc);
 }
 
 static int bench_allreduce(struct bench *b, const size_t *sizes, int n) {
@@ -1095,44 +1096,46 @@ static void model_print(const struct bench *b, const struct model_bench *mb, con
 }
 
 static void model_json(const struct bench *b, const struct model_bench *mb, const struct model_report *r) {
-    FILE *f = b->json;
     const struct model_dims *d = &mb->m.d;
-    json_setup(b, "model");
-    fputs(",\"config\":", f);
-    json_str(f, r->config);
-    fprintf(f, ",\"n_layer\":%d,\"n_head\":%d,\"n_embd\":%d,\"vocab_size\":%d,\"seq_len\":%d,\"micro_batch\":%d,"
-               "\"grad_accum\":%d", d->L, d->NH, d->C, d->V, d->T, d->B, b->cfg.train.grad_accum);
-    fprintf(f, ",\"step\":{\"warmup\":%d,\"iters\":%d", r->step.warmup, r->step.iters);
-    json_kv(f, "ms_median", r->step.ms.median);
-    json_kv(f, "ms_min", r->step.ms.min);
-    json_kv(f, "ms_max", r->step.ms.max);
-    json_kv(f, "ms_p10", r->step.ms.p10);
-    json_kv(f, "ms_p90", r->step.ms.p90);
-    json_kv(f, "tokens", r->tokens);
-    json_kv(f, "tok_per_s", r->tok_s);
-    json_kv(f, "tflops_per_gpu", r->tflops);
-    json_kv(f, "mfu", r->mfu);
-    fputs("},\"phases\":[", f);
+    json_t *doc = json_setup(b, "model");
+    json_object_set_new(doc, "config", json_string(r->config));
+    json_t *shape = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:i}", "n_layer", d->L, "n_head", d->NH, "n_embd",
+                              d->C, "vocab_size", d->V, "seq_len", d->T, "micro_batch", d->B, "grad_accum",
+                              b->cfg.train.grad_accum);
+    json_object_update(doc, shape);
+    json_decref(shape);
+    json_t *step = json_pack("{s:i, s:i}", "warmup", r->step.warmup, "iters", r->step.iters);
+    json_kv(step, "ms_median", r->step.ms.median);
+    json_kv(step, "ms_min", r->step.ms.min);
+    json_kv(step, "ms_max", r->step.ms.max);
+    json_kv(step, "ms_p10", r->step.ms.p10);
+    json_kv(step, "ms_p90", r->step.ms.p90);
+    json_kv(step, "tokens", r->tokens);
+    json_kv(step, "tok_per_s", r->tok_s);
+    json_kv(step, "tflops_per_gpu", r->tflops);
+    json_kv(step, "mfu", r->mfu);
+    json_object_set_new(doc, "step", step);
+    json_t *phases = json_array();
     for (int i = 0; i < N_MODEL_PHASES; i++) {
         static const char *kinds[] = {"forward", "backward", "optimizer"};
-        fprintf(f, "%s{\"name\":\"%s\",\"kind\":\"%s\",\"warmup\":%d,\"iters\":%d", i ? "," : "",
-                model_phases[i].spec.name, kinds[model_phases[i].kind], r->ph[i].warmup, r->ph[i].iters);
-        json_kv(f, "ms_per_step", r->ph_ms[i]);
-        json_kv(f, "ms_median", r->ph[i].ms.median);
-        json_kv(f, "ms_min", r->ph[i].ms.min);
-        json_kv(f, "ms_max", r->ph[i].ms.max);
-        json_kv(f, "allreduce_ms_per_step", model_phases[i].kind == PH_OPT ? NAN : r->ph_comm[i]);
-        fprintf(f, ",\"allreduces\":%d", r->ph[i].n_comm);
-        json_kv(f, "share", r->ph_ms[i] / r->sum_ms);
-        fputc('}', f);
+        json_t *p = json_pack("{s:s, s:s, s:i, s:i}", "name", model_phases[i].spec.name, "kind",
+                              kinds[model_phases[i].kind], "warmup", r->ph[i].warmup, "iters", r->ph[i].iters);
+        json_kv(p, "ms_per_step", r->ph_ms[i]);
+        json_kv(p, "ms_median", r->ph[i].ms.median);
+        json_kv(p, "ms_min", r->ph[i].ms.min);
+        json_kv(p, "ms_max", r->ph[i].ms.max);
+        json_kv(p, "allreduce_ms_per_step", model_phases[i].kind == PH_OPT ? NAN : r->ph_comm[i]);
+        json_object_set_new(p, "allreduces", json_integer(r->ph[i].n_comm));
+        json_kv(p, "share", r->ph_ms[i] / r->sum_ms);
+        json_array_append_new(phases, p);
     }
-    fputc(']', f);
-    json_kv(f, "sum_ms", r->sum_ms);
-    json_kv(f, "forward_ms", r->fwd_ms);
-    json_kv(f, "backward_ms", r->bwd_ms);
-    json_kv(f, "communication_ms", r->comm_ms);
-    json_kv(f, "optimizer_ms", r->opt_ms);
-    fputs("}\n", f);
+    json_object_set_new(doc, "phases", phases);
+    json_kv(doc, "sum_ms", r->sum_ms);
+    json_kv(doc, "forward_ms", r->fwd_ms);
+    json_kv(doc, "backward_ms", r->bwd_ms);
+    json_kv(doc, "communication_ms", r->comm_ms);
+    json_kv(doc, "optimizer_ms", r->opt_ms);
+    json_emit(b, doc);
 }
 
 static int bench_model(struct bench *b, const char *config_path) {
