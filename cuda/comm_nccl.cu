@@ -30,6 +30,7 @@ struct nccl_ctx {
     cudaStream_t stream; // the backend's stream
     int device;          // the device the stream (and so the communicator) lives on
     int rank, size;      // inside this group
+    struct comm host;    // MPI comm over the same group: the host-memory collectives
 };
 
 // Aborting the communicator releases kernels that wait on dead peers, so the process can exit.
@@ -57,6 +58,9 @@ static ncclDataType_t nccl_dtype(enum comm_dtype dt) {
     case COMM_BF16: return ncclBfloat16;
     case COMM_I32: return ncclInt32;
     case COMM_U8: return ncclUint8;
+    case COMM_F64: return ncclFloat64;
+    case COMM_I64: return ncclInt64;
+    case COMM_U64: return ncclUint64;
     }
     tp_die(TP_EXIT_RUNTIME, "comm_nccl: unknown comm_dtype %d (a caller passed a bad value)", (int)dt);
 }
@@ -141,10 +145,35 @@ static void nccl_synchronize(void *ctx) {
     check_async(c);
 }
 
+// ---- host collectives: host memory is MPI's business, on the same group
+
+static void nccl_host_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt,
+                                 enum comm_op op) {
+    comm_host_all_reduce(&((struct nccl_ctx *)ctx)->host, buf, count, dt, op);
+}
+
+static void nccl_host_all_gather(void *ctx, void *out, const void *in, size_t count,
+                                 enum comm_dtype dt) {
+    comm_host_all_gather(&((struct nccl_ctx *)ctx)->host, out, in, count, dt);
+}
+
+static void nccl_host_gather(void *ctx, void *out, const void *in, size_t count,
+                             enum comm_dtype dt, int root) {
+    comm_host_gather(&((struct nccl_ctx *)ctx)->host, out, in, count, dt, root);
+}
+
+static void nccl_host_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt,
+                                int root) {
+    comm_host_broadcast(&((struct nccl_ctx *)ctx)->host, buf, count, dt, root);
+}
+
+static void nccl_barrier(void *ctx) { comm_barrier(&((struct nccl_ctx *)ctx)->host); }
+
 static void nccl_destroy(void *ctx) {
     struct nccl_ctx *c = (struct nccl_ctx *)ctx;
     nccl_synchronize(c);
     NCCL_CHECK(c, ncclCommDestroy(c->comm));
+    comm_destroy(&c->host);
     free(c);
 }
 
@@ -155,6 +184,11 @@ static const struct comm_i nccl_iface = {
     .reduce_scatter = nccl_reduce_scatter,
     .broadcast = nccl_broadcast,
     .synchronize = nccl_synchronize,
+    .host_all_reduce = nccl_host_all_reduce,
+    .host_all_gather = nccl_host_all_gather,
+    .host_gather = nccl_host_gather,
+    .host_broadcast = nccl_host_broadcast,
+    .barrier = nccl_barrier,
     .destroy = nccl_destroy,
 };
 
@@ -248,6 +282,7 @@ extern "C" bool comm_nccl_create(struct comm *out, const void *mpi_comm, struct 
     c->device = device;
     c->rank = rank;
     c->size = size;
+    c->host = comm_mpi_create(mpi_comm, be);
     int nrank = -1, ncount = -1;
     NCCL_CHECK(c, ncclCommUserRank(comm, &nrank));
     NCCL_CHECK(c, ncclCommCount(comm, &ncount));

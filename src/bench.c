@@ -18,7 +18,6 @@
 #include <limits.h>
 #include <jansson.h>
 #include <math.h>
-#include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -210,7 +209,7 @@ static int bench_config(struct bench *b, const struct bench_opts *o, const char 
     struct tp_config *cfg = &b->cfg;
     char err[2048] = "";
     int world;
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    mesh_world(NULL, &world);
     config_defaults(cfg);
     int st = model_path ? config_load_file(cfg, model_path, err, sizeof err) : 0;
     for (int i = 0; !st && i < o->n_sets; i++) st = config_apply_set(cfg, o->sets[i], err, sizeof err);
@@ -368,6 +367,32 @@ static void tcomm_synchronize(void *ctx) {
     t->inner->iface->synchronize(t->inner->ctx);
 }
 
+// Host collectives carry the benchmark's own bookkeeping, not the phase's traffic: untimed.
+static void tcomm_host_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    struct timing_comm *t = ctx;
+    comm_host_all_reduce(t->inner, buf, count, dt, op);
+}
+
+static void tcomm_host_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    struct timing_comm *t = ctx;
+    comm_host_all_gather(t->inner, out, in, count, dt);
+}
+
+static void tcomm_host_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt, int root) {
+    struct timing_comm *t = ctx;
+    comm_host_gather(t->inner, out, in, count, dt, root);
+}
+
+static void tcomm_host_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
+    struct timing_comm *t = ctx;
+    comm_host_broadcast(t->inner, buf, count, dt, root);
+}
+
+static void tcomm_barrier(void *ctx) {
+    struct timing_comm *t = ctx;
+    comm_barrier(t->inner);
+}
+
 static void tcomm_destroy(void *ctx) { (void)ctx; } // borrows the inner comm
 
 static const struct comm_i timing_comm_iface = {
@@ -377,6 +402,11 @@ static const struct comm_i timing_comm_iface = {
     .reduce_scatter = tcomm_reduce_scatter,
     .broadcast = tcomm_broadcast,
     .synchronize = tcomm_synchronize,
+    .host_all_reduce = tcomm_host_all_reduce,
+    .host_all_gather = tcomm_host_all_gather,
+    .host_gather = tcomm_host_gather,
+    .host_broadcast = tcomm_host_broadcast,
+    .barrier = tcomm_barrier,
     .destroy = tcomm_destroy,
 };
 
@@ -391,7 +421,7 @@ static struct comm timed_tp(struct bench *b, struct timing_comm *t, struct bench
 // Starts every rank together on an idle device so no rank's lateness counts as communication.
 static void align_ranks(struct bench *b) {
     b->be.iface->synchronize(b->be.ctx);
-    MPI_Barrier(b->mesh.tp_comm);
+    comm_barrier(&b->mesh.tp);
 }
 
 static void run_iteration(struct bench *b, const struct phase_spec *ps, void *arg, double *total,
@@ -420,14 +450,14 @@ static void time_phase(struct bench *b, const struct phase_spec *ps, void *arg, 
     double *total = tp_malloc((size_t)cap * sizeof(double)), *comm = tp_malloc((size_t)cap * sizeof(double));
     for (int i = 0; i < warmup; i++) run_iteration(b, ps, arg, &total[i], &comm[i], &out->n_comm);
     if (target_ms > 0 && warmup > 0) {
-        MPI_Allreduce(MPI_IN_PLACE, total, warmup, MPI_DOUBLE, MPI_MAX, b->mesh.tp_comm);
+        comm_host_all_reduce(&b->mesh.tp, total, (size_t)warmup, COMM_F64, COMM_MAX);
         double t = stats_of(total, warmup).median;
         double want = t > 0 ? ceil(target_ms / t) : LAYER_MAX_ITERS;
         iters = want < LAYER_MIN_ITERS ? LAYER_MIN_ITERS : want > LAYER_MAX_ITERS ? LAYER_MAX_ITERS : (int)want;
     }
     for (int i = 0; i < iters; i++) run_iteration(b, ps, arg, &total[i], &comm[i], &out->n_comm);
-    MPI_Allreduce(MPI_IN_PLACE, total, iters, MPI_DOUBLE, MPI_MAX, b->mesh.tp_comm);
-    MPI_Allreduce(MPI_IN_PLACE, comm, iters, MPI_DOUBLE, MPI_MAX, b->mesh.tp_comm);
+    comm_host_all_reduce(&b->mesh.tp, total, (size_t)iters, COMM_F64, COMM_MAX);
+    comm_host_all_reduce(&b->mesh.tp, comm, (size_t)iters, COMM_F64, COMM_MAX);
     out->warmup = warmup;
     out->iters = iters;
     out->ms = stats_of(total, iters);
@@ -812,7 +842,9 @@ static long long allreduce_check(struct bench *b, float *buf /* (count) */, size
         }
     }
     free(h);
-    MPI_Allreduce(MPI_IN_PLACE, &wrong, 1, MPI_LONG_LONG, MPI_SUM, b->mesh.tp_comm);
+    int64_t all_wrong = wrong;
+    comm_host_all_reduce(&b->mesh.tp, &all_wrong, 1, COMM_I64, COMM_SUM);
+    wrong = (long long)all_wrong;
     return wrong;
 }
 
@@ -838,7 +870,7 @@ static void allreduce_time(struct bench *b, float *buf, size_t count, int warmup
     for (int i = 0; i < iters; i++) comm_all_reduce(&b->mesh.tp, buf, count, COMM_SUM);
     int end = clock_mark(c);
     double us = 1e3 * clock_ms(c, start, end) / iters;
-    MPI_Allreduce(MPI_IN_PLACE, &us, 1, MPI_DOUBLE, MPI_SUM, b->mesh.tp_comm);
+    comm_host_all_reduce(&b->mesh.tp, &us, 1, COMM_F64, COMM_SUM);
     row->time_us = us / P;
     row->algbw = row->time_us > 0 ? (double)row->bytes / (row->time_us * 1e-6) / 1e9 : NAN;
     row->busbw = row->algbw * bus_factor(P);
@@ -1221,8 +1253,7 @@ static int parse_layer(const struct bench_opts *o, bool root, int P, int dims[3]
 
 int bench_run(const struct bench_opts *o) {
     int rank, world;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    mesh_world(&rank, &world);
     bool root = rank == 0;
     if (o->argc < 1) {
         if (root) fprintf(stderr, "tptrain: --bench needs a mode: %s; see tptrain --help\n", modes_text);

@@ -108,7 +108,7 @@ void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const fl
     if (sharded) {
         if (t->numel > (size_t)INT32_MAX) tp_die(TP_EXIT_RUNTIME, "tensor %s shard too large to gather", t->name);
         all = r == 0 ? tp_malloc(t->numel * (size_t)P * sizeof(float)) : NULL;
-        MPI_Gather(local, (int)t->numel, MPI_FLOAT, all, (int)t->numel, MPI_FLOAT, 0, mesh->tp_comm);
+        comm_host_gather(&mesh->tp, all, local, t->numel, COMM_F32, 0);
     }
     if (r == 0) {
         float *global = local; // (n) stored layout
@@ -154,12 +154,11 @@ void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *
 // Agrees on the worst status across the world. Every rank usually fails alike (they read the same
 // files), so only the lowest failed rank keeps its message and the error prints once.
 static int agree_once(const struct mesh *mesh, int status, char *err, size_t errlen) {
-    int worst = mesh_agree(mesh, status);
+    int first;
+    int worst = mesh_agree_first(mesh, status, &first);
     if (!worst) return 0;
-    int me = status ? mesh->world_rank : mesh->world_size, first = me;
-    MPI_Allreduce(&me, &first, 1, MPI_INT, MPI_MIN, mesh->world);
     if (mesh->world_rank != first) err[0] = '\0';
-    else if (!err[0]) snprintf(err, errlen, "checkpoint: rank %d failed without a message", me);
+    else if (!err[0]) snprintf(err, errlen, "checkpoint: rank %d failed without a message", first);
     return worst;
 }
 

@@ -9,6 +9,9 @@ size_t comm_dtype_size(enum comm_dtype dt) {
     case COMM_BF16: return 2;
     case COMM_I32: return 4;
     case COMM_U8: return 1;
+    case COMM_F64:
+    case COMM_I64:
+    case COMM_U64: return 8;
     }
     return 0;
 }

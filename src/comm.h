@@ -12,7 +12,7 @@
 #include "backend.h"
 
 enum comm_op { COMM_SUM = 0, COMM_MAX, COMM_AVG };
-enum comm_dtype { COMM_F32 = 0, COMM_BF16, COMM_I32, COMM_U8 };
+enum comm_dtype { COMM_F32 = 0, COMM_BF16, COMM_I32, COMM_U8, COMM_F64, COMM_I64, COMM_U64 };
 
 struct comm_i {
     const char *(*name)(void *ctx);   // "mpi", "nccl", "self"
@@ -27,6 +27,21 @@ struct comm_i {
     void (*broadcast)(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root);
     // waits until every collective issued so far has completed (and checks for async errors)
     void (*synchronize)(void *ctx);
+
+    // Host-memory collectives, whatever memory the device ones take: small values such as timings,
+    // flags, hashes, sampled tokens and checkpoint shards. Blocking; they do not wait for the
+    // backend's queue.
+    // buf (count) = op over ranks of buf, in place
+    void (*host_all_reduce)(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op);
+    // out (size * count) = every rank's in (count), rank order
+    void (*host_all_gather)(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt);
+    // on root, out (size * count) = every rank's in (count), rank order; out unused elsewhere
+    void (*host_gather)(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt, int root);
+    // buf (count) = root's buf
+    void (*host_broadcast)(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root);
+    // returns once every rank of the group has called it
+    void (*barrier)(void *ctx);
+
     void (*destroy)(void *ctx);
 };
 
@@ -65,6 +80,26 @@ static inline void comm_all_reduce_compute(struct comm *c, void *buf, size_t n, 
 static inline void comm_synchronize(struct comm *c) {
     if (c->size > 1) c->iface->synchronize(c->ctx);
 }
+
+static inline void comm_host_all_reduce(const struct comm *c, void *buf, size_t n, enum comm_dtype dt,
+                                        enum comm_op op) {
+    c->iface->host_all_reduce(c->ctx, buf, n, dt, op);
+}
+
+static inline void comm_host_all_gather(const struct comm *c, void *out, const void *in, size_t n, enum comm_dtype dt) {
+    c->iface->host_all_gather(c->ctx, out, in, n, dt);
+}
+
+static inline void comm_host_gather(const struct comm *c, void *out, const void *in, size_t n, enum comm_dtype dt,
+                                    int root) {
+    c->iface->host_gather(c->ctx, out, in, n, dt, root);
+}
+
+static inline void comm_host_broadcast(const struct comm *c, void *buf, size_t n, enum comm_dtype dt, int root) {
+    c->iface->host_broadcast(c->ctx, buf, n, dt, root);
+}
+
+static inline void comm_barrier(const struct comm *c) { c->iface->barrier(c->ctx); }
 
 static inline void comm_destroy(struct comm *c) {
     if (c->iface && c->iface->destroy) c->iface->destroy(c->ctx);

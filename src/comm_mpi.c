@@ -27,6 +27,9 @@ static MPI_Datatype mpi_type(enum comm_dtype dt) {
     case COMM_I32: return MPI_INT;
     case COMM_U8: return MPI_UNSIGNED_CHAR;
     case COMM_BF16: return MPI_UINT16_T; // moved as bits; all_reduce widens it to fp32 first
+    case COMM_F64: return MPI_DOUBLE;
+    case COMM_I64: return MPI_INT64_T;
+    case COMM_U64: return MPI_UINT64_T;
     }
     tp_die(TP_EXIT_RUNTIME, "comm mpi: unknown comm_dtype %d (a caller passed a bad value)", (int)dt);
 }
@@ -69,7 +72,12 @@ static void host_done(struct mpi_ctx *c, void *dev, const void *host, size_t byt
 #define CHUNK ((size_t)1 << 30)
 
 static void scale_avg(void *h, size_t count, enum comm_dtype dt, int size) {
-    if (dt != COMM_F32) tp_die(TP_EXIT_RUNTIME, "comm mpi: average is defined for f32 only");
+    if (dt == COMM_F64) {
+        double *d = h;
+        for (size_t i = 0; i < count; i++) d[i] /= size;
+        return;
+    }
+    if (dt != COMM_F32) tp_die(TP_EXIT_RUNTIME, "comm mpi: average is defined for f32 and f64 only");
     float *f = h;
     float inv = 1.0f / (float)size;
     for (size_t i = 0; i < count; i++) f[i] *= inv;
@@ -152,6 +160,45 @@ static void mpi_synchronize(void *ctx) {
     c->be.iface->synchronize(c->be.ctx); // MPI calls are blocking: only the backend's queue remains
 }
 
+// ---- host collectives
+
+static void mpi_host_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    struct mpi_ctx *c = ctx;
+    if (dt == COMM_BF16) all_reduce_bf16_host(c, buf, count, op);
+    else all_reduce_host(c, buf, count, dt, op);
+}
+
+static int int_count(size_t count, const char *what) {
+    if (count > (size_t)INT_MAX) tp_die(TP_EXIT_RUNTIME, "comm mpi: %s of %zu elements is too large", what, count);
+    return (int)count;
+}
+
+static void mpi_host_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    struct mpi_ctx *c = ctx;
+    int n = int_count(count, "all_gather");
+    mpi_check(MPI_Allgather(in, n, mpi_type(dt), out, n, mpi_type(dt), c->comm), "all_gather");
+}
+
+static void mpi_host_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt, int root) {
+    struct mpi_ctx *c = ctx;
+    int n = int_count(count, "gather");
+    mpi_check(MPI_Gather(in, n, mpi_type(dt), out, n, mpi_type(dt), root, c->comm), "gather");
+}
+
+static void mpi_host_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
+    struct mpi_ctx *c = ctx;
+    size_t es = comm_dtype_size(dt);
+    for (size_t off = 0; off < count; off += CHUNK) {
+        size_t n = count - off < CHUNK ? count - off : CHUNK;
+        mpi_check(MPI_Bcast((char *)buf + off * es, (int)n, mpi_type(dt), root, c->comm), "broadcast");
+    }
+}
+
+static void mpi_barrier(void *ctx) {
+    struct mpi_ctx *c = ctx;
+    mpi_check(MPI_Barrier(c->comm), "barrier");
+}
+
 static const char *mpi_name(void *ctx) {
     const struct mpi_ctx *c = ctx;
     return c->size == 1 ? "self" : "mpi"; // a group of one never communicates
@@ -171,6 +218,11 @@ static const struct comm_i mpi_iface = {
     .reduce_scatter = mpi_reduce_scatter,
     .broadcast = mpi_broadcast,
     .synchronize = mpi_synchronize,
+    .host_all_reduce = mpi_host_all_reduce,
+    .host_all_gather = mpi_host_all_gather,
+    .host_gather = mpi_host_gather,
+    .host_broadcast = mpi_host_broadcast,
+    .barrier = mpi_barrier,
     .destroy = mpi_destroy,
 };
 

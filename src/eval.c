@@ -354,7 +354,7 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
         int tok = sample_token(dec.host, V, o->temperature, o->top_k, seed, (uint64_t)(n - n_prompt), tmp, w);
         // The host code above is identical on every rank; the broadcast only guards against
         // a math library that differs between nodes.
-        MPI_Bcast(&tok, 1, MPI_INT, 0, mesh->tp_comm);
+        comm_host_broadcast(&mesh->tp, &tok, 1, COMM_I32, 0);
         ctx[n++] = tok;
         if (root) {
             print_token(tk, tok);
@@ -383,8 +383,7 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
 
 int eval_run(const struct eval_opts *o) {
     int rank = 0, world = 1;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    mesh_world(&rank, &world);
     bool root = rank == 0;
     char err[2048] = "", dir[2 * TP_PATH_MAX] = "";
     // Every rank reads the same files, so they fail alike: rank 0 speaks for all.

@@ -32,6 +32,19 @@ int mesh_agree(const struct mesh *m, int status) {
     return worst;
 }
 
+int mesh_agree_first(const struct mesh *m, int status, int *first) {
+    int worst = mesh_agree(m, status);
+    int me = status ? m->world_rank : m->world_size;
+    *first = me;
+    if (worst) MPI_Allreduce(&me, first, 1, MPI_INT, MPI_MIN, m->world);
+    return worst;
+}
+
+void mesh_world(int *rank, int *size) {
+    if (rank) MPI_Comm_rank(MPI_COMM_WORLD, rank);
+    if (size) MPI_Comm_size(MPI_COMM_WORLD, size);
+}
+
 int mesh_any_bits(const struct mesh *m, int bits) {
     int all = bits;
     MPI_Allreduce(&bits, &all, 1, MPI_INT, MPI_BOR, m->world);

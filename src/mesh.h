@@ -51,6 +51,14 @@ int mesh_create_comms(struct mesh *m, const struct tp_config *cfg, struct backen
 // largest status of any rank, so no rank goes on into a collective that a failed peer never joins.
 int mesh_agree(const struct mesh *m, int status);
 
+// mesh_agree, and the lowest world rank whose status was not 0 in *first (world_size if none):
+// ranks usually fail alike, so that one rank speaks for all.
+int mesh_agree_first(const struct mesh *m, int status, int *first);
+
+// This process's place in MPI_COMM_WORLD, before any mesh exists (mode entry points); either
+// pointer may be NULL.
+void mesh_world(int *rank, int *size);
+
 // The bitwise OR of every rank's bits (flags that any one rank may raise, e.g. "stop now").
 int mesh_any_bits(const struct mesh *m, int bits);
 

@@ -40,14 +40,13 @@ struct trainer {
 // ---- errors across ranks
 
 int train_agree(const struct mesh *mesh, int status, const char *err) {
-    int worst = mesh_agree(mesh, status);
-    if (!worst) return 0;
     // Ranks usually fail alike (same files, same config): one line from the lowest failed rank.
-    int me = status ? mesh->world_rank : mesh->world_size, first = me;
-    MPI_Allreduce(&me, &first, 1, MPI_INT, MPI_MIN, mesh->world);
+    int first;
+    int worst = mesh_agree_first(mesh, status, &first);
+    if (!worst) return 0;
     if (mesh->world_rank == first) {
         if (err && err[0]) fprintf(stderr, "tptrain: %s\n", err);
-        else fprintf(stderr, "tptrain: rank %d failed (exit code %d)\n", me, status);
+        else fprintf(stderr, "tptrain: rank %d failed (exit code %d)\n", first, status);
         fflush(stderr);
     }
     return worst;
@@ -369,7 +368,7 @@ static int check_replicas(struct trainer *tr, int step) {
         tr->be.iface->copy_to_host(tr->be.ctx, h, m->params + t->offset, t->numel * sizeof(float));
         uint64_t mine = tp_fnv1a(h, t->numel * sizeof(float));
         free(h);
-        MPI_Allgather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, tr->mesh.tp_comm);
+        comm_host_all_gather(&tr->mesh.tp, all, &mine, 1, COMM_U64);
         for (int r = 1; r < P; r++)
             if (all[r] != all[0]) bad = i;
         if (bad >= 0 && tr->mesh.tp_rank == 0)
