@@ -248,6 +248,109 @@ template <> __device__ __forceinline__ void f9_pv<128>(float (&o)[64], const uin
     wg_rs_n128(o, a, db);
 }
 
+// ---- pieces the kernel variants share (each inlined where it is called)
+
+// The online softmax of one 64 x 128 score tile, in place: masked where a key follows its row
+// (mask: the tile reaches past the warp's first query r0; k0: the tile's first key), scores become
+// probabilities against the new running maxima m (raw scores; the exponent is prescaled by
+// scale_log2); the output o and the row sums l are rescaled to the new maxima.
+template <int D>
+__device__ __forceinline__ static void f9_softmax(float (&s)[64], float (&o)[D / 2], float (&m)[2],
+                                                  float (&l)[2], bool mask, int k0, int r0, int lane,
+                                                  float scale_log2) {
+    int g = lane >> 2, tq = lane & 3;
+    if (mask) {
+#pragma unroll
+        for (int i = 0; i < 64; i++) {
+            int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * ((i >> 1) & 1);
+            if (key > row) s[i] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 16; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float m_new = fmaxf(m[hr], mx);
+        float m_use = m_new == -INFINITY ? 0.0f : m_new; // a row with no visible key yet
+        float alpha = f9_exp2((m[hr] - m_use) * scale_log2);
+        float ms = m_use * scale_log2;
+        m[hr] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
+            float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
+            s[4 * j + 2 * hr] = p0;
+            s[4 * j + 2 * hr + 1] = p1;
+            sum += p0 + p1;
+        }
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            o[4 * j + 2 * hr] *= alpha;
+            o[4 * j + 2 * hr + 1] *= alpha;
+        }
+        l[hr] = l[hr] * alpha + sum;
+    }
+}
+
+// The forward's end: normalised output rows and their log-sum-exp (natural log) before T.
+template <int D>
+__device__ __forceinline__ static void f9_fwd_epilogue(f9_bf16 *out, size_t out_stride, float *lse_h,
+                                                       const float (&o)[D / 2], const float (&m)[2],
+                                                       const float (&l)[2], int r0, int T, int HS,
+                                                       int lane, float scale_log2) {
+    int g = lane >> 2, tq = lane & 3;
+    float inv[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float lt = l[hr];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        inv[hr] = lt > 0.0f ? 1.0f / lt : 0.0f;
+        int row = r0 + g + 8 * hr;
+        if (tq == 0 && row < T) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
+    }
+    f9_store_rows<D>(out, out_stride, o, inv, r0, T, HS, lane);
+}
+
+// D = rowsum(dout * out) of the warp's 16 rows from r0 (lane: row lane / 2, every other 8-column
+// chunk from lane % 2; hc chunks a row), stored to Dv by the even lanes; drow and lrow get the D and
+// the log-sum-exp (log2 units) of rows g and g + 8.
+__device__ __forceinline__ static void f9_row_stats(const f9_bf16 *dout, const f9_bf16 *out, size_t off,
+                                                    size_t out_stride, const float *lse, float *Dv, int bh,
+                                                    int T, int r0, int hc, int lane, float (&drow)[2],
+                                                    float (&lrow)[2]) {
+    int g = lane >> 2, t = r0 + (lane >> 1);
+    float d = 0.0f;
+    if (t < T) {
+        const uint4 *a = reinterpret_cast<const uint4 *>(dout + off + (size_t)t * out_stride);
+        const uint4 *o = reinterpret_cast<const uint4 *>(out + off + (size_t)t * out_stride);
+        for (int c = lane & 1; c < hc; c += 2) {
+            uint4 av = a[c], ov = o[c];
+            const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
+            const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
+                d = fmaf(af.x, of.x, d);
+                d = fmaf(af.y, of.y, d);
+            }
+        }
+    }
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    if ((lane & 1) == 0 && t < T) Dv[(size_t)bh * T + t] = d;
+    drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
+    drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        int row = r0 + g + 8 * hr;
+        lrow[hr] = row < T ? lse[(size_t)bh * T + row] * F9_LOG2E : 0.0f;
+    }
+}
+
 // ---- kernel
 
 // grid (B*NH, ceil(T/128)), 256 threads. Accumulator element i of a thread: n-tile i / 4 (8
@@ -266,7 +369,6 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
     int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int tid = (int)threadIdx.x, wg = tid >> 7, warp4 = (tid >> 5) & 3, lane = tid & 31;
-    int g = lane >> 2, tq = lane & 3;
     int hc = HS / 8;
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     const f9_bf16 *kh = k + head_off, *vh = v + head_off;
@@ -309,41 +411,8 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
         f9_wg_commit_wait();
         f9_pin(s);
 
-        if (k0 + F9_KN - 1 > r0) { // the tile reaches past this warp's first query: mask
-#pragma unroll
-            for (int i = 0; i < 64; i++) {
-                int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * ((i >> 1) & 1);
-                if (key > row) s[i] = -INFINITY;
-            }
-        }
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 16; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float m_new = fmaxf(m[hr], mx);
-            float m_use = m_new == -INFINITY ? 0.0f : m_new; // a row with no visible key yet
-            float alpha = f9_exp2((m[hr] - m_use) * scale_log2);
-            float ms = m_use * scale_log2;
-            m[hr] = m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
-                float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
-                s[4 * j + 2 * hr] = p0;
-                s[4 * j + 2 * hr + 1] = p1;
-                sum += p0 + p1;
-            }
-#pragma unroll
-            for (int j = 0; j < D / 8; j++) {
-                o[4 * j + 2 * hr] *= alpha;
-                o[4 * j + 2 * hr + 1] *= alpha;
-            }
-            l[hr] = l[hr] * alpha + sum;
-        }
+        // masked only where the tile reaches past this warp's first query
+        f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
 
         // O += P V, 16 keys at a time; P's accumulator pairs are the A fragments
         uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
@@ -359,19 +428,8 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
     }
 
     // normalise; out and the log-sum-exp (natural log) of the rows before T
-    float *lse_h = lse + (size_t)bh * T;
-    float inv[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        float lt = l[hr];
-        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-        inv[hr] = lt > 0.0f ? 1.0f / lt : 0.0f;
-        int row = r0 + g + 8 * hr;
-        if (tq == 0 && row < T) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
-    }
-    f9_store_rows<D>(out + (size_t)b * T * out_stride + (size_t)h * HS, out_stride, o, inv, r0, T,
-                     HS, lane);
+    f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * HS, out_stride, lse + (size_t)bh * T,
+                       o, m, l, r0, T, HS, lane, scale_log2);
 }
 
 
@@ -476,7 +534,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
 
     // consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31;
     int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
     float o[D / 2];
 #pragma unroll
@@ -499,41 +557,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         }
         f9_wg_commit_wait();
         f9_pin(s);
-        if (k0 + F9_KN - 1 > r0) {
-#pragma unroll
-            for (int i = 0; i < 64; i++) {
-                int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * ((i >> 1) & 1);
-                if (key > row) s[i] = -INFINITY;
-            }
-        }
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 16; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * hr], s[4 * j + 2 * hr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float m_new = fmaxf(m[hr], mx);
-            float m_use = m_new == -INFINITY ? 0.0f : m_new;
-            float alpha = f9_exp2((m[hr] - m_use) * scale_log2);
-            float ms = m_use * scale_log2;
-            m[hr] = m_new;
-            float sum = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
-                float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
-                s[4 * j + 2 * hr] = p0;
-                s[4 * j + 2 * hr + 1] = p1;
-                sum += p0 + p1;
-            }
-#pragma unroll
-            for (int j = 0; j < D / 8; j++) {
-                o[4 * j + 2 * hr] *= alpha;
-                o[4 * j + 2 * hr + 1] *= alpha;
-            }
-            l[hr] = l[hr] * alpha + sum;
-        }
+        f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
         f9_mbar_wait(v_full + 8 * st, ph);
         uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
 #pragma unroll
@@ -548,19 +572,8 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         f9_mbar_arrive(empty + 8 * st); // this thread's reads of stage st are done
     }
 
-    float *lse_h = lse + (size_t)bh * T;
-    float inv[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        float lt = l[hr];
-        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-        inv[hr] = lt > 0.0f ? 1.0f / lt : 0.0f;
-        int row = r0 + g + 8 * hr;
-        if (tq == 0 && row < T) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
-    }
-    f9_store_rows<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, o, inv, r0, T, D,
-                     lane);
+    f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T, o,
+                       m, l, r0, T, D, lane, scale_log2);
 }
 
 // ---- backward kernels
@@ -587,6 +600,93 @@ __device__ __forceinline__ static uint64_t f9_tdesc(uint32_t tile, int kc) {
     return f9_desc(tile + (uint32_t)kc * 16 * 128, ROWS * 128, 1024);
 }
 
+// One 64-key tile of dq for a warpgroup's 64 queries (its rows at byte ro of the 128-row Q and dO
+// tiles): S = Q K^T and dP = dO V^T from shared memory, dS = P (dP - D) with P rebuilt from the
+// log-sum-exp (lrow, log2 units) and masked past each row, then dQ += dS K.
+template <int D>
+__device__ __forceinline__ static void f9_dq_tile(float (&acc)[D / 2], uint32_t sQ, uint32_t sdO, uint32_t ro,
+                                                  uint32_t kb, uint32_t vb, int k0, int r0, const float (&lrow)[2],
+                                                  const float (&drow)[2], int lane, float scale_log2) {
+    int g = lane >> 2, tq = lane & 3;
+    float s[32], dp[32];
+    f9_wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        wg_ss_n64(s, f9_kdesc<F9_ROWS>(sQ, kk, ro), f9_kdesc<F9_BT>(kb, kk, 0), kk > 0);
+        wg_ss_n64(dp, f9_kdesc<F9_ROWS>(sdO, kk, ro), f9_kdesc<F9_BT>(vb, kk, 0), kk > 0);
+    }
+    f9_wg_commit_wait();
+    f9_pin(s);
+    f9_pin(dp);
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int hr = (i >> 1) & 1;
+        int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * hr;
+        float p = f9_exp2(fmaf(s[i], scale_log2, -lrow[hr]));
+        if (key > row) p = 0.0f;
+        s[i] = p * (dp[i] - drow[hr]); // dS
+    }
+    uint32_t sa[F9_BT / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(sa[kc], s, kc);
+    f9_pin(acc);
+    f9_wg_fence();
+#pragma unroll
+    for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(acc, sa[kc], f9_tdesc<F9_BT>(kb, kc));
+    f9_wg_commit_wait();
+    f9_pin(acc);
+}
+
+// One 64-query tile of dk, dv for a warpgroup's 64 keys (rows at byte ro of the 128-row K and V
+// tiles; rk0: the warp's first key): S^T = K Q^T and dP^T = V dO^T, P^T from the tile's
+// log-sum-exp Lt (natural log) masked where a query precedes its key or passes T, dS^T = P^T
+// (dP^T - Dt), then dV += P^T dO and dK += dS^T Q.
+template <int D>
+__device__ __forceinline__ static void f9_dkdv_tile(float (&dka)[D / 2], float (&dva)[D / 2], uint32_t sK,
+                                                    uint32_t sV, uint32_t ro, uint32_t qb, uint32_t db,
+                                                    const float *Lt, const float *Dt, int q0, int rk0, int T,
+                                                    int lane, float scale_log2) {
+    int g = lane >> 2, tq = lane & 3;
+    float st[32], dpt[32]; // S^T and dP^T: 64 keys x 64 queries
+    f9_wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        wg_ss_n64(st, f9_kdesc<F9_ROWS>(sK, kk, ro), f9_kdesc<F9_BT>(qb, kk, 0), kk > 0);
+        wg_ss_n64(dpt, f9_kdesc<F9_ROWS>(sV, kk, ro), f9_kdesc<F9_BT>(db, kk, 0), kk > 0);
+    }
+    f9_wg_commit_wait();
+    f9_pin(st);
+    f9_pin(dpt);
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int col = 8 * (i >> 2) + 2 * tq + (i & 1);
+        int key = rk0 + g + 8 * ((i >> 1) & 1), query = q0 + col;
+        float p = f9_exp2(fmaf(st[i], scale_log2, -Lt[col] * F9_LOG2E));
+        if (query < key || query >= T) p = 0.0f;
+        st[i] = p;
+        dpt[i] = p * (dpt[i] - Dt[col]); // dS^T
+    }
+    // P^T's fragments, the dV products, then dS^T's fragments behind a second fence (fewer live
+    // registers than packing both first) and the dK products, all in one group
+    uint32_t fa[F9_BT / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fa[kc], st, kc);
+    f9_pin(dka);
+    f9_pin(dva);
+    f9_wg_fence();
+#pragma unroll
+    for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dva, fa[kc], f9_tdesc<F9_BT>(db, kc));
+    uint32_t fb[F9_BT / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fb[kc], dpt, kc);
+    f9_wg_fence();
+#pragma unroll
+    for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dka, fb[kc], f9_tdesc<F9_BT>(qb, kc));
+    f9_wg_commit_wait();
+    f9_pin(dka);
+    f9_pin(dva);
+}
+
 // dq and D: grid (B*NH, ceil(T/128)), 256 threads.
 template <int D>
 static __global__ void __launch_bounds__(F9_NT, 1)
@@ -604,7 +704,6 @@ f9_bwd_dq_kernel(f9_bf16 *dq, float *Dv, const f9_bf16 *dout, const f9_bf16 *out
     int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int tid = (int)threadIdx.x, wg = tid >> 7, warp4 = (tid >> 5) & 3, lane = tid & 31;
-    int g = lane >> 2, tq = lane & 3;
     int hc = HS / 8;
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
@@ -619,36 +718,9 @@ f9_bwd_dq_kernel(f9_bf16 *dq, float *Dv, const f9_bf16 *dout, const f9_bf16 *out
     f9_load_tile<D, F9_BT>(sV, vh, qkv_stride, 0, T, hc);
     f9_cp_commit();
 
-    // D of this warp's 16 rows while the tiles land: lane = (row, every other 8-column chunk)
+    // D of this warp's 16 rows while the tiles land
     float drow[2], lrow[2];
-    {
-        int t = r0 + (lane >> 1);
-        float d = 0.0f;
-        if (t < T) {
-            const uint4 *a = reinterpret_cast<const uint4 *>(dout + dout_off + (size_t)t * out_stride);
-            const uint4 *o = reinterpret_cast<const uint4 *>(out + dout_off + (size_t)t * out_stride);
-            for (int c = lane & 1; c < hc; c += 2) {
-                uint4 av = a[c], ov = o[c];
-                const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
-                const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
-                    d = fmaf(af.x, of.x, d);
-                    d = fmaf(af.y, of.y, d);
-                }
-            }
-        }
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        if ((lane & 1) == 0 && t < T) Dv[(size_t)bh * T + t] = d;
-        drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
-        drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            int row = r0 + g + 8 * hr;
-            lrow[hr] = row < T ? lse[(size_t)bh * T + row] * F9_LOG2E : 0.0f;
-        }
-    }
+    f9_row_stats(dout, out, dout_off, out_stride, lse, Dv, bh, T, r0, hc, lane, drow, lrow);
 
     float acc[D / 2];
 #pragma unroll
@@ -668,34 +740,8 @@ f9_bwd_dq_kernel(f9_bf16 *dq, float *Dv, const f9_bf16 *dout, const f9_bf16 *out
         if (k0 > wq0 + 63) continue; // every key follows every query of this warpgroup
         uint32_t cb = (uint32_t)(kt & 1) * KB;
 
-        float s[32], dp[32];
-        f9_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t ro = (uint32_t)wg * 64 * 128;
-            wg_ss_n64(s, f9_kdesc<F9_ROWS>(sQ, kk, ro), f9_kdesc<F9_BT>(sK + cb, kk, 0), kk > 0);
-            wg_ss_n64(dp, f9_kdesc<F9_ROWS>(sdO, kk, ro), f9_kdesc<F9_BT>(sV + cb, kk, 0), kk > 0);
-        }
-        f9_wg_commit_wait();
-        f9_pin(s);
-        f9_pin(dp);
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int hr = (i >> 1) & 1;
-            int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * hr;
-            float p = f9_exp2(fmaf(s[i], scale_log2, -lrow[hr]));
-            if (key > row) p = 0.0f;
-            s[i] = p * (dp[i] - drow[hr]); // dS
-        }
-        uint32_t sa[F9_BT / 16][4];
-#pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(sa[kc], s, kc);
-        f9_pin(acc);
-        f9_wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(acc, sa[kc], f9_tdesc<F9_BT>(sK + cb, kc));
-        f9_wg_commit_wait();
-        f9_pin(acc);
+        f9_dq_tile<D>(acc, sQ, sdO, (uint32_t)wg * 64 * 128, sK + cb, sV + cb, k0, r0, lrow, drow, lane,
+                      scale_log2);
     }
     const float mul[2] = {scale, scale};
     f9_store_rows<D>(dq + head_off, qkv_stride, acc, mul, r0, T, HS, lane);
@@ -721,7 +767,6 @@ f9_bwd_dkdv_kernel(f9_bf16 *dk, f9_bf16 *dv, const f9_bf16 *dout, const f9_bf16 
     int kt = (int)blockIdx.y;
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int tid = (int)threadIdx.x, wg = tid >> 7, warp4 = (tid >> 5) & 3, lane = tid & 31;
-    int g = lane >> 2, tq = lane & 3;
     int hc = HS / 8;
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
@@ -763,45 +808,8 @@ f9_bwd_dkdv_kernel(f9_bf16 *dk, f9_bf16 *dv, const f9_bf16 *dout, const f9_bf16 
         uint32_t qb = sQ + buf * QB, db = sdO + buf * QB;
         const float *Lt = Lf + buf * 64, *Dt = Df + buf * 64;
 
-        float st[32], dpt[32]; // S^T and dP^T: 64 keys x 64 queries
-        f9_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t ro = (uint32_t)wg * 64 * 128;
-            wg_ss_n64(st, f9_kdesc<F9_ROWS>(sK, kk, ro), f9_kdesc<F9_BT>(qb, kk, 0), kk > 0);
-            wg_ss_n64(dpt, f9_kdesc<F9_ROWS>(sV, kk, ro), f9_kdesc<F9_BT>(db, kk, 0), kk > 0);
-        }
-        f9_wg_commit_wait();
-        f9_pin(st);
-        f9_pin(dpt);
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            int col = 8 * (i >> 2) + 2 * tq + (i & 1);
-            int key = rk0 + g + 8 * ((i >> 1) & 1), query = q0 + col;
-            float p = f9_exp2(fmaf(st[i], scale_log2, -Lt[col] * F9_LOG2E));
-            if (query < key || query >= T) p = 0.0f;
-            st[i] = p;
-            dpt[i] = p * (dpt[i] - Dt[col]); // dS^T
-        }
-        // P^T's fragments, the dV products, then dS^T's fragments behind a second fence (fewer
-        // live registers than packing both first) and the dK products, all in one group
-        uint32_t fa[F9_BT / 16][4];
-#pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fa[kc], st, kc);
-        f9_pin(dka);
-        f9_pin(dva);
-        f9_wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dva, fa[kc], f9_tdesc<F9_BT>(db, kc));
-        uint32_t fb[F9_BT / 16][4];
-#pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fb[kc], dpt, kc);
-        f9_wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dka, fb[kc], f9_tdesc<F9_BT>(qb, kc));
-        f9_wg_commit_wait();
-        f9_pin(dka);
-        f9_pin(dva);
+        f9_dkdv_tile<D>(dka, dva, sK, sV, (uint32_t)wg * 64 * 128, qb, db, Lt, Dt, q0, rk0, T, lane,
+                        scale_log2);
     }
     const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
     f9_store_rows<D>(dv + head_off, qkv_stride, dva, one, rk0, T, HS, lane);
@@ -881,39 +889,11 @@ f9_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_consta
     }
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31;
     int wq0 = q0 + cw * 64, r0 = wq0 + warp4 * 16;
     size_t dout_off = (size_t)b * T * out_stride + (size_t)h * D;
     float drow[2], lrow[2];
-    {
-        int t = r0 + (lane >> 1);
-        float d = 0.0f;
-        if (t < T) {
-            const uint4 *a = reinterpret_cast<const uint4 *>(dout + dout_off + (size_t)t * out_stride);
-            const uint4 *o = reinterpret_cast<const uint4 *>(out + dout_off + (size_t)t * out_stride);
-#pragma unroll
-            for (int c = lane & 1; c < D / 8; c += 2) {
-                uint4 av = a[c], ov = o[c];
-                const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
-                const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
-                    d = fmaf(af.x, of.x, d);
-                    d = fmaf(af.y, of.y, d);
-                }
-            }
-        }
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        if ((lane & 1) == 0 && t < T) Dv[(size_t)bh * T + t] = d;
-        drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
-        drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            int row = r0 + g + 8 * hr;
-            lrow[hr] = row < T ? lse[(size_t)bh * T + row] * F9_LOG2E : 0.0f;
-        }
-    }
+    f9_row_stats(dout, out, dout_off, out_stride, lse, Dv, bh, T, r0, D / 8, lane, drow, lrow);
     float acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) acc[i] = 0.0f;
@@ -925,34 +905,8 @@ f9_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_consta
         int k0 = kt * F9_BT;
         f9_mbar_wait(full + 8 * st, (uint32_t)(kt >> 1) & 1u);
         if (k0 <= wq0 + 63) { // some key at or before some query of this warpgroup
-            float s[32], dp[32];
-            uint32_t ro = (uint32_t)cw * 64 * 128;
-            f9_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                wg_ss_n64(s, f9_kdesc<F9_ROWS>(sQ, kk, ro), f9_kdesc<F9_BT>(sK + cb, kk, 0), kk > 0);
-                wg_ss_n64(dp, f9_kdesc<F9_ROWS>(sdO, kk, ro), f9_kdesc<F9_BT>(sV + cb, kk, 0), kk > 0);
-            }
-            f9_wg_commit_wait();
-            f9_pin(s);
-            f9_pin(dp);
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                int hr = (i >> 1) & 1;
-                int key = k0 + 8 * (i >> 2) + 2 * tq + (i & 1), row = r0 + g + 8 * hr;
-                float p = f9_exp2(fmaf(s[i], scale_log2, -lrow[hr]));
-                if (key > row) p = 0.0f;
-                s[i] = p * (dp[i] - drow[hr]);
-            }
-            uint32_t sa[F9_BT / 16][4];
-#pragma unroll
-            for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(sa[kc], s, kc);
-            f9_pin(acc);
-            f9_wg_fence();
-#pragma unroll
-            for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(acc, sa[kc], f9_tdesc<F9_BT>(sK + cb, kc));
-            f9_wg_commit_wait();
-            f9_pin(acc);
+            f9_dq_tile<D>(acc, sQ, sdO, (uint32_t)cw * 64 * 128, sK + cb, sV + cb, k0, r0, lrow, drow,
+                          lane, scale_log2);
         }
         f9_mbar_arrive(empty + 8 * st);
     }
@@ -1025,7 +979,7 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
     }
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31;
     int wk0 = k0 + cw * 64, rk0 = wk0 + warp4 * 16;
     float dka[D / 2], dva[D / 2];
 #pragma unroll
@@ -1039,43 +993,8 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
         const float *Lt = Lf + st * 64, *Dt = Df + st * 64;
         f9_mbar_wait(full + 8 * st, (uint32_t)(it >> 1) & 1u);
         if (q0 + 63 >= wk0 && wk0 < T) {
-            float st_[32], dpt[32];
-            uint32_t ro = (uint32_t)cw * 64 * 128;
-            f9_wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                wg_ss_n64(st_, f9_kdesc<F9_ROWS>(sK, kk, ro), f9_kdesc<F9_BT>(qb, kk, 0), kk > 0);
-                wg_ss_n64(dpt, f9_kdesc<F9_ROWS>(sV, kk, ro), f9_kdesc<F9_BT>(db, kk, 0), kk > 0);
-            }
-            f9_wg_commit_wait();
-            f9_pin(st_);
-            f9_pin(dpt);
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                int c = 8 * (i >> 2) + 2 * tq + (i & 1);
-                int key = rk0 + g + 8 * ((i >> 1) & 1), query = q0 + c;
-                float p = f9_exp2(fmaf(st_[i], scale_log2, -Lt[c] * F9_LOG2E));
-                if (query < key || query >= T) p = 0.0f;
-                st_[i] = p;
-                dpt[i] = p * (dpt[i] - Dt[c]);
-            }
-            uint32_t fa[F9_BT / 16][4];
-#pragma unroll
-            for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fa[kc], st_, kc);
-            f9_pin(dka);
-            f9_pin(dva);
-            f9_wg_fence();
-#pragma unroll
-            for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dva, fa[kc], f9_tdesc<F9_BT>(db, kc));
-            uint32_t fb[F9_BT / 16][4];
-#pragma unroll
-            for (int kc = 0; kc < F9_BT / 16; kc++) f9_afrag16(fb[kc], dpt, kc);
-            f9_wg_fence();
-#pragma unroll
-            for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dka, fb[kc], f9_tdesc<F9_BT>(qb, kc));
-            f9_wg_commit_wait();
-            f9_pin(dka);
-            f9_pin(dva);
+            f9_dkdv_tile<D>(dka, dva, sK, sV, (uint32_t)cw * 64 * 128, qb, db, Lt, Dt, q0, rk0, T, lane,
+                            scale_log2);
         }
         f9_mbar_arrive(empty + 8 * st);
     }
