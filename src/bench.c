@@ -28,6 +28,7 @@
 #include "mesh.h"
 #include "model.h"
 #include "optim.h"
+#include "tp.h"
 #include "train.h"
 
 // Default iteration counts; TPTRAIN_BENCH_ITERS replaces them all.
@@ -540,41 +541,38 @@ static enum tp_dtype lb_dtype(const struct layer_bench *lb) {
     return lb->b->be.iface->dtype(lb->b->be.ctx);
 }
 
-// Forward of the column-parallel linear: f is the identity, so no collective. With gelu, the
-// GELU is fused into the product as the model runs it: h keeps the product, hg the activation.
-static void column_fwd(struct layer_bench *lb, bool gelu) {
-    const struct backend_i *bi = lb->b->be.iface;
-    bi->matmul_fwd(lb->b->be.ctx, gelu ? lb->hg : lb->h, gelu ? lb->h : NULL, lb->x, lb->w1, lb->b1, lb->M,
-                   lb->K, lb->Nl);
+// The layers are tp.h's, the ones training runs. Column forward: f is the identity, so no
+// collective. With gelu, the GELU is fused into the product as the model runs it: h keeps the
+// product, hg the activation.
+static void column_fwd(struct layer_bench *lb, bool gelu, struct comm *tp) {
+    column_parallel_linear_fwd(lb->b->be, tp, gelu ? lb->hg : lb->h, gelu ? lb->h : NULL, lb->x, lb->w1, lb->b1,
+                               lb->M, lb->K, lb->Nl);
 }
 
-// Backward: each rank's dx covers its own shard; f's backward sums them (Megatron's f).
+// Backward: each rank's dx covers its own shard; f's backward sums them (1 all-reduce).
 static void column_bwd(struct layer_bench *lb, const void *dout, struct comm *tp) {
-    const struct backend_i *bi = lb->b->be.iface;
-    bi->matmul_bwd(lb->b->be.ctx, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, NULL, lb->M, lb->K, lb->Nl);
-    comm_all_reduce_compute(tp, lb->dx, (size_t)lb->M * (size_t)lb->K, lb_dtype(lb), COMM_SUM);
+    column_parallel_linear_bwd(lb->b->be, tp, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, lb->M, lb->K, lb->Nl);
 }
 
 // Forward of the row-parallel linear: partial products, g's all-reduce, then the bias (once) and
 // the residual.
 static void row_fwd(struct layer_bench *lb, const void *inp, struct comm *tp) {
-    const struct backend_i *bi = lb->b->be.iface;
-    void *ctx = lb->b->be.ctx;
-    bi->matmul_fwd(ctx, lb->y, NULL, inp, lb->w2, NULL, lb->M, lb->Nl, lb->K);
-    comm_all_reduce_compute(tp, lb->y, (size_t)lb->M * (size_t)lb->K, lb_dtype(lb), COMM_SUM);
-    bi->residual_fwd(ctx, lb->out, lb->x, lb->y, lb->b2, lb->M, lb->K);
+    struct row_parallel_out o = {.out = lb->out, .res = lb->x};
+    row_parallel_linear_fwd(lb->b->be, tp, lb->y, inp, lb->w2, lb->b2, lb->M, lb->Nl, lb->K, &o);
 }
 
 // Backward: the output gradient is replicated, g's backward is the identity: no collective.
 // pre_gelu non-NULL folds the GELU's derivative into dinp, as the model does.
-static void row_bwd(struct layer_bench *lb, void *dinp, const void *inp, const void *pre_gelu) {
-    const struct backend_i *bi = lb->b->be.iface;
-    bi->matmul_bwd(lb->b->be.ctx, dinp, lb->dw2, lb->db2, lb->dy, inp, lb->w2, pre_gelu, lb->M, lb->Nl, lb->K);
+static void row_bwd(struct layer_bench *lb, void *dinp, const void *inp, const void *pre_gelu, struct comm *tp) {
+    row_parallel_linear_bwd(lb->b->be, tp, dinp, lb->dw2, lb->db2, lb->dy, inp, lb->w2, pre_gelu, lb->M, lb->Nl,
+                            lb->K);
 }
 
 static void run_column_fwd(void *arg, struct bench_clock *c) {
-    (void)c;
-    column_fwd(arg, false);
+    struct layer_bench *lb = arg;
+    struct timing_comm t;
+    struct comm tp = timed_tp(lb->b, &t, c);
+    column_fwd(lb, false, &tp);
 }
 
 static void run_column_bwd(void *arg, struct bench_clock *c) {
@@ -593,15 +591,16 @@ static void run_row_fwd(void *arg, struct bench_clock *c) {
 
 static void run_row_bwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
-    (void)c;
-    row_bwd(lb, lb->dh, lb->h, NULL);
+    struct timing_comm t;
+    struct comm tp = timed_tp(lb->b, &t, c);
+    row_bwd(lb, lb->dh, lb->h, NULL, &tp);
 }
 
 static void run_mlp_fwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
     struct timing_comm t;
     struct comm tp = timed_tp(lb->b, &t, c);
-    column_fwd(lb, true);
+    column_fwd(lb, true, &tp);
     row_fwd(lb, lb->hg, &tp);
 }
 
@@ -609,7 +608,7 @@ static void run_mlp_bwd(void *arg, struct bench_clock *c) {
     struct layer_bench *lb = arg;
     struct timing_comm t;
     struct comm tp = timed_tp(lb->b, &t, c);
-    row_bwd(lb, lb->dhg, lb->hg, lb->h);
+    row_bwd(lb, lb->dhg, lb->hg, lb->h, &tp);
     column_bwd(lb, lb->dhg, &tp);
 }
 
@@ -720,7 +719,7 @@ static int bench_layer(struct bench *b, int M, int K, int N) {
     fill_uniform(b->be, lb.b2, (size_t)K, 0.1f, seed + 2);
     fill_uniform(b->be, lb.dh, MN, 1.0f, seed + 400 + rank);
     fill_uniform(b->be, lb.dhg, MN, 1.0f, seed + 500 + rank);
-    column_fwd(&lb, true); // h and hg hold real activations before any backward runs
+    column_fwd(&lb, true, &b->mesh.tp); // h and hg hold real activations before any backward runs
 
     static const struct phase_spec specs[] = {
         {"column_fwd", "column fwd", run_column_fwd, NULL},
@@ -1049,8 +1048,9 @@ static void run_attention_bwd(void *arg, struct bench_clock *c) {
 
 static void run_embedding_bwd(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
-    (void)c; // the forward all-reduce summed disjoint rows: the backward is local
-    model_embedding_bwd(&mb->m);
+    struct timing_comm t;
+    struct comm tp = timed_tp(mb->b, &t, c); // the forward all-reduce summed disjoint rows: none here
+    model_embedding_bwd(&mb->m, &tp);
 }
 
 // Gradient norm (with its own small all-reduce, not split out) and AdamW.

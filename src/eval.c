@@ -19,6 +19,7 @@
 #include "data.h"
 #include "mesh.h"
 #include "model.h"
+#include "tp.h"
 #include "train.h"
 
 #define EVAL_TOKENIZER_PATH "data/gpt2_tokenizer.bin"
@@ -101,9 +102,9 @@ static int eval_loss(struct model *m, struct mesh *mesh, const struct tp_config 
 
 // ---- generation with a KV cache
 
-// One-token forward through the model with per-layer caches of this rank's keys and values. It
-// mirrors model_forward (model.c) for a single position: the same backend ops and the same two
-// all-reduces per layer, with attention reading the cache instead of the whole sequence.
+// One-token forward through the model with per-layer caches of this rank's keys and values: the
+// same parallel layers (tp.h) as model_forward, hence the same collectives, for a single position,
+// with attention reading the cache instead of the whole sequence.
 struct decoder {
     struct model *m;
     struct comm *tp;
@@ -167,46 +168,42 @@ static void decoder_destroy(struct decoder *dec) {
 }
 
 // Feeds `token` at position pos (< cap; the cache holds positions [0, pos)) and leaves the logits
-// of the whole (padded) vocabulary in dec->host.
+// of the whole (padded) vocabulary in dec->host. The layers are the model's (tp.h), with N = 1;
+// as in model.c each row-parallel layer computes the next layernorm in the same pass.
 static void decoder_step(struct decoder *dec, int token, int pos) {
     struct model *m = dec->m;
     const struct model_dims *d = &m->d;
     const struct backend_i *b = m->be.iface;
     void *ctx = m->be.ctx;
+    struct comm *tp = dec->tp;
     int C = d->C, Cl = d->Cl;
     size_t es = dec->es, layer_cache = (size_t)dec->cap * (size_t)Cl * es; // bytes
-    enum tp_dtype dt = m->dtype;
     char *qkv = dec->qkv;
+    float *mean = dec->stats, *rstd = dec->stats + 1;
     b->copy_to_device(ctx, dec->token, &token, sizeof token);
-    // vocab-parallel embedding: local rows, all-reduce, then this position's wpe row
-    b->vocab_embedding_fwd(ctx, dec->x, dec->token, m->p.wte, 1, C, d->vocab_start, d->Vl);
-    comm_all_reduce_compute(dec->tp, dec->x, (size_t)C, dt, COMM_SUM);
-    b->position_embedding_fwd(ctx, dec->x, (char *)m->p.wpe + (size_t)pos * (size_t)C * es, 1, 1, C);
+    const void *wpe_row = (const char *)m->p.wpe + (size_t)pos * (size_t)C * es; // (1, C) this position's
+    vocab_parallel_embedding_fwd(m->be, tp, dec->x, dec->token, m->p.wte, wpe_row, 1, 1, C, d->Vl);
+    b->layernorm_fwd(ctx, dec->ln, mean, rstd, dec->x, m->p.layers[0].ln1w, m->p.layers[0].ln1b, 1, C);
     for (int l = 0; l < d->L; l++) {
         const struct layer_params *p = &m->p.layers[l];
         char *kc = (char *)dec->kc + (size_t)l * layer_cache, *vc = (char *)dec->vc + (size_t)l * layer_cache; // (cap, Cl)
-        b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, p->ln1w, p->ln1b, 1, C);
-        b->matmul_fwd(ctx, dec->qkv, NULL, dec->ln, p->qkvw, p->qkvb, 1, C, 3 * Cl);
+        column_parallel_linear_fwd(m->be, tp, dec->qkv, NULL, dec->ln, p->qkvw, p->qkvb, 1, C, 3 * Cl);
         // qkv holds [q | k | v] of this rank's heads: append k and v to the cache
         b->copy(ctx, kc + (size_t)pos * Cl * es, qkv + (size_t)Cl * es, (size_t)Cl * es);
         b->copy(ctx, vc + (size_t)pos * Cl * es, qkv + 2 * (size_t)Cl * es, (size_t)Cl * es);
         b->attention_decode(ctx, dec->atty, dec->scores, dec->qkv, kc, vc, pos + 1, d->NHl, d->HS);
-        b->matmul_fwd(ctx, dec->proj, NULL, dec->atty, p->attprojw, NULL, 1, Cl, C);
-        comm_all_reduce_compute(dec->tp, dec->proj, (size_t)C, dt, COMM_SUM);
-        b->residual_fwd(ctx, dec->x, dec->x, dec->proj, p->attprojb, 1, C);
-        b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, p->ln2w, p->ln2b, 1, C);
-        b->matmul_fwd(ctx, dec->fch_gelu, dec->fch, dec->ln, p->fcw, p->fcb, 1, C, d->Fl);
-        b->matmul_fwd(ctx, dec->proj, NULL, dec->fch_gelu, p->fcprojw, NULL, 1, d->Fl, C);
-        comm_all_reduce_compute(dec->tp, dec->proj, (size_t)C, dt, COMM_SUM);
-        b->residual_fwd(ctx, dec->x, dec->x, dec->proj, p->fcprojb, 1, C);
+        struct row_parallel_out o = {.out = dec->x, .res = dec->x, .ln = dec->ln, .mean = mean, .rstd = rstd,
+                                     .ln_w = p->ln2w, .ln_b = p->ln2b};
+        row_parallel_linear_fwd(m->be, tp, dec->proj, dec->atty, p->attprojw, p->attprojb, 1, Cl, C, &o);
+        column_parallel_linear_fwd(m->be, tp, dec->fch_gelu, dec->fch, dec->ln, p->fcw, p->fcb, 1, C, d->Fl);
+        bool last = l + 1 == d->L;
+        o.ln_w = last ? m->p.lnfw : m->p.layers[l + 1].ln1w;
+        o.ln_b = last ? m->p.lnfb : m->p.layers[l + 1].ln1b;
+        row_parallel_linear_fwd(m->be, tp, dec->proj, dec->fch_gelu, p->fcprojw, p->fcprojb, 1, d->Fl, C, &o);
     }
-    b->layernorm_fwd(ctx, dec->ln, dec->stats, dec->stats + 1, dec->x, m->p.lnfw, m->p.lnfb, 1, C);
-    b->matmul_fwd(ctx, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
+    column_parallel_linear_fwd(m->be, tp, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
     // Logits are vocab-sharded: every rank needs all of them to draw the same token.
-    if (dec->tp->size > 1)
-        dec->tp->iface->all_gather(dec->tp->ctx, dec->gathered, dec->logits, (size_t)d->Vl,
-                                   dt == TP_DTYPE_BF16 ? COMM_BF16 : COMM_F32);
-    else b->copy(ctx, dec->gathered, dec->logits, (size_t)d->Vl * es);
+    gather_from_tp_region_fwd(m->be, tp, dec->gathered, dec->logits, 1, (size_t)d->Vl);
     b->from_compute(ctx, dec->logits32, dec->gathered, (size_t)d->Vp);
     b->copy_to_host(ctx, dec->host, dec->logits32, (size_t)d->Vp * sizeof(float));
 }

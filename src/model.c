@@ -1,10 +1,10 @@
 // model.c: the tensor-parallel GPT-2 graph: parameter plan, TP-invariant init, forward, backward.
 //
-// Collectives live in two places only, named after Megatron's mappings so a reader can count them:
-//   copy_to_tp_region (f):      identity forward, all-reduce of the input gradient backward
-//   reduce_from_tp_region (g):  all-reduce forward, identity backward
-// Per layer that is 2 all-reduces forward and 2 backward; plus the vocab-parallel embedding
-// (1 forward), the LM head's f (1 backward) and the vocab-parallel cross-entropy (2 forward).
+// The graph is composed from tp.h's parallel layers, each of which names its collectives, so a
+// reader counts them here: per layer column_parallel_linear (qkv, fc: 1 all-reduce backward each)
+// and row_parallel_linear (proj, fc_proj: 1 all-reduce forward each), i.e. 2 forward and 2
+// backward; plus vocab_parallel_embedding (1 forward), the LM head's column_parallel_linear
+// (1 backward) and vocab_parallel_cross_entropy (2 forward). No other collective is issued.
 #include "model.h"
 
 #include <math.h>
@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "tp.h"
 
 // ---- dims and parameter table
 
@@ -272,122 +273,22 @@ void model_destroy(struct model *m) {
     memset(m, 0, sizeof *m);
 }
 
-// ---- tensor-parallel mappings (Megatron's f and g), on compute-type (N, n/N) tensors
-
-// f forward: the input is already replicated on every rank of the group.
-static void copy_to_tp_region_fwd(struct model *m, struct comm *tp, void *x, size_t n) {
-    (void)m;
-    (void)tp;
-    (void)x;
-    (void)n;
-}
-
-// f backward: each rank holds the gradient through its own shard only; sum them.
-static void copy_to_tp_region_bwd(struct model *m, struct comm *tp, void *dx, size_t n) {
-    comm_all_reduce_compute(tp, dx, n, m->dtype, COMM_SUM);
-}
-
-// g forward: row-parallel partial products are summed across the group.
-static void reduce_from_tp_region_fwd(struct model *m, struct comm *tp, void *x, size_t n) {
-    comm_all_reduce_compute(tp, x, n, m->dtype, COMM_SUM);
-}
-
-// g backward: the output gradient is replicated, so every shard's input gets it unchanged.
-static void reduce_from_tp_region_bwd(struct model *m, struct comm *tp, void *dx, size_t n) {
-    (void)m;
-    (void)tp;
-    (void)dx;
-    (void)n;
-}
-
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward) {
     *forward = 1 + 2 * d->L + 2; // embedding, g per block twice, cross-entropy max and sums
     *backward = 2 * d->L + 1;    // f per block twice, LM head's f
 }
 
-// ---- parallel layers
-
-// Vocab-parallel embedding: each rank looks up the tokens in its vocab rows (zeros elsewhere);
-// the all-reduce assembles full rows. Positions are replicated and added once, after it.
-static void vocab_parallel_embedding_fwd(struct model *m, struct comm *tp) {
-    const struct backend_i *b = m->be.iface;
-    const struct model_dims *d = &m->d;
-    b->vocab_embedding_fwd(m->be.ctx, m->a.encoded, m->inputs, m->p.wte, (int)d->N, d->C, d->vocab_start, d->Vl);
-    reduce_from_tp_region_fwd(m, tp, m->a.encoded, d->N * (size_t)d->C);
-    b->position_embedding_fwd(m->be.ctx, m->a.encoded, m->p.wpe, d->B, d->T, d->C);
-}
-
-static void vocab_parallel_embedding_bwd(struct model *m, const void *dx) {
-    const struct backend_i *b = m->be.iface;
-    const struct model_dims *d = &m->d;
-    b->position_embedding_bwd(m->be.ctx, m->g.wpe, dx, d->B, d->T, d->C);
-    b->vocab_embedding_bwd(m->be.ctx, m->g.wte, dx, m->inputs, (int)d->N, d->C, d->vocab_start, d->Vl);
-}
-
-// Column-parallel linear: replicated input, output sharded along features. No forward collective.
-// With pre_gelu, out = gelu(pre_gelu) and pre_gelu keeps the product for the backward.
-static void column_parallel_linear_fwd(struct model *m, struct comm *tp, void *out, void *pre_gelu, void *inp,
-                                       const void *w, const void *bias, int IC, int OCl) {
-    copy_to_tp_region_fwd(m, tp, inp, m->d.N * (size_t)IC);
-    m->be.iface->matmul_fwd(m->be.ctx, out, pre_gelu, inp, w, bias, (int)m->d.N, IC, OCl);
-}
-
-// dinp gets the sum over ranks of each shard's contribution (f backward).
-static void column_parallel_linear_bwd(struct model *m, struct comm *tp, void *dinp, float *dw,
-                                       float *dbias, const void *dout, const void *inp,
-                                       const void *w, int IC, int OCl) {
-    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, NULL, (int)m->d.N, IC, OCl);
-    copy_to_tp_region_bwd(m, tp, dinp, m->d.N * (size_t)IC);
-}
-
 // The layernorm that reads a block's output: the next block's first one (ln_1 or ln_2), or ln_f
 // after the last block. Row-parallel layers compute it in the same pass as their residual.
-struct next_layernorm {
-    void *out;                  // (N, C)
-    float *mean, *rstd;         // (N)
-    const void *w, *b;          // (C)
-};
-
-// Row-parallel linear + residual: input sharded along features, partial outputs all-reduced,
-// then bias and residual added once (adding the bias before the reduction would count it P
-// times), fused with the layernorm that reads the result.
-static void row_parallel_linear_residual_fwd(struct model *m, struct comm *tp, void *out, const void *res,
-                                             const void *inp, const void *w, const void *bias,
-                                             int ICl, int OC, const struct next_layernorm *ln) {
-    const struct backend_i *b = m->be.iface;
-    b->matmul_fwd(m->be.ctx, m->a.proj, NULL, inp, w, NULL, (int)m->d.N, ICl, OC);
-    reduce_from_tp_region_fwd(m, tp, m->a.proj, m->d.N * (size_t)OC);
-    b->residual_layernorm_fwd(m->be.ctx, out, ln->out, ln->mean, ln->rstd, res, m->a.proj, bias, ln->w, ln->b,
-                              (int)m->d.N, OC);
+static struct row_parallel_out residual_then_ln(void *out, const void *res, void *ln, float *mean, float *rstd,
+                                                const void *w, const void *b) {
+    return (struct row_parallel_out){.out = out, .res = res, .ln = ln, .mean = mean, .rstd = rstd,
+                                     .ln_w = w, .ln_b = b};
 }
 
-// dout is the replicated residual gradient; the bias gradient is identical on every rank. The
-// input is this rank's shard, so the GELU in front of it (pre_gelu non-NULL) is local too and
-// its derivative folds into the product.
-static void row_parallel_linear_bwd(struct model *m, struct comm *tp, void *dinp, float *dw, float *dbias,
-                                    void *dout, const void *inp, const void *w, const void *pre_gelu,
-                                    int ICl, int OC) {
-    reduce_from_tp_region_bwd(m, tp, dout, m->d.N * (size_t)OC);
-    m->be.iface->matmul_bwd(m->be.ctx, dinp, dw, dbias, dout, inp, w, pre_gelu, (int)m->d.N, ICl, OC);
-}
-
-// Vocab-parallel cross-entropy: logits stay sharded; only per-token max and (sum-exp, target
-// logit) cross the group, packed into two all-reduces of N and 2N floats. Each rank reads its
-// logits once: local statistics, then its sums are moved onto the global max before the sum.
-static void vocab_parallel_cross_entropy_fwd(struct model *m, struct comm *tp, float *loss_sum) {
-    const struct backend_i *b = m->be.iface;
-    const struct model_dims *d = &m->d;
-    struct gpt2_acts *a = &m->a;
-    int N = (int)d->N;
-    b->xent_stats(m->be.ctx, a->maxes, a->sums, a->logits, m->targets, N, d->vocab_start, d->Vl, d->V);
-    if (tp->size > 1) {
-        b->copy(m->be.ctx, a->local_maxes, a->maxes, d->N * sizeof(float));
-        comm_all_reduce(tp, a->maxes, d->N, COMM_MAX);
-        b->xent_rescale(m->be.ctx, a->sums, a->local_maxes, a->maxes, N);
-        comm_all_reduce(tp, a->sums, 2 * d->N, COMM_SUM);
-    }
-    b->xent_loss(m->be.ctx, a->losses, a->maxes, a->sums, N);
-    b->sum(m->be.ctx, loss_sum, a->losses, d->N);
+static struct vocab_parallel_xent xent_buffers(struct gpt2_acts *a) {
+    return (struct vocab_parallel_xent){.maxes = a->maxes, .sums = a->sums, .local_maxes = a->local_maxes,
+                                        .losses = a->losses};
 }
 
 // ---- the step's blocks, in order (model_forward and model_backward are these in sequence)
@@ -407,7 +308,7 @@ void model_embedding_fwd(struct model *m, struct comm *tp) {
     const struct model_dims *d = &m->d;
     struct layer_acts *la = &m->a.layers[0];
     const struct layer_params *p = &m->p.layers[0];
-    vocab_parallel_embedding_fwd(m, tp);
+    vocab_parallel_embedding_fwd(m->be, tp, m->a.encoded, m->inputs, m->p.wte, m->p.wpe, d->B, d->T, d->C, d->Vl);
     m->be.iface->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, m->a.encoded, p->ln1w, p->ln1b,
                                (int)d->N, d->C);
 }
@@ -419,11 +320,12 @@ void model_attention_block_fwd(struct model *m, struct comm *tp, int l) {
     const struct model_dims *d = &m->d;
     struct layer_params *p = &m->p.layers[l];
     struct layer_acts *la = &m->a.layers[l];
-    column_parallel_linear_fwd(m, tp, la->qkv, NULL, la->ln1, p->qkvw, p->qkvb, d->C, 3 * d->Cl);
+    int N = (int)d->N;
+    column_parallel_linear_fwd(m->be, tp, la->qkv, NULL, la->ln1, p->qkvw, p->qkvb, N, d->C, 3 * d->Cl);
     b->attention_fwd(m->be.ctx, la->atty, la->att_saved, m->a.att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
-    struct next_layernorm ln2 = {la->ln2, la->ln2_mean, la->ln2_rstd, p->ln2w, p->ln2b};
-    row_parallel_linear_residual_fwd(m, tp, la->res2, block_input(m, l), la->atty, p->attprojw, p->attprojb,
-                                     d->Cl, d->C, &ln2);
+    struct row_parallel_out o = residual_then_ln(la->res2, block_input(m, l), la->ln2, la->ln2_mean, la->ln2_rstd,
+                                                 p->ln2w, p->ln2b);
+    row_parallel_linear_fwd(m->be, tp, m->a.proj, la->atty, p->attprojw, p->attprojb, N, d->Cl, d->C, &o);
 }
 
 // (ln2) -> f -> fc + gelu (fused) -> fc_proj -> g -> +bias -> +res2, fused with the next block's
@@ -432,15 +334,16 @@ void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
     const struct model_dims *d = &m->d;
     struct layer_params *p = &m->p.layers[l];
     struct layer_acts *la = &m->a.layers[l];
-    struct next_layernorm next = {m->a.lnf, m->a.lnf_mean, m->a.lnf_rstd, m->p.lnfw, m->p.lnfb};
+    int N = (int)d->N;
+    struct row_parallel_out o = residual_then_ln(la->res3, la->res2, m->a.lnf, m->a.lnf_mean, m->a.lnf_rstd,
+                                                 m->p.lnfw, m->p.lnfb);
     if (l + 1 < d->L) {
         struct layer_acts *nx = &m->a.layers[l + 1];
         const struct layer_params *np = &m->p.layers[l + 1];
-        next = (struct next_layernorm){nx->ln1, nx->ln1_mean, nx->ln1_rstd, np->ln1w, np->ln1b};
+        o = residual_then_ln(la->res3, la->res2, nx->ln1, nx->ln1_mean, nx->ln1_rstd, np->ln1w, np->ln1b);
     }
-    column_parallel_linear_fwd(m, tp, la->fch_gelu, la->fch, la->ln2, p->fcw, p->fcb, d->C, d->Fl);
-    row_parallel_linear_residual_fwd(m, tp, la->res3, la->res2, la->fch_gelu, p->fcprojw, p->fcprojb, d->Fl, d->C,
-                                     &next);
+    column_parallel_linear_fwd(m->be, tp, la->fch_gelu, la->fch, la->ln2, p->fcw, p->fcb, N, d->C, d->Fl);
+    row_parallel_linear_fwd(m->be, tp, m->a.proj, la->fch_gelu, p->fcprojw, p->fcprojb, N, d->Fl, d->C, &o);
 }
 
 // (ln_f, computed by the last block) -> f -> LM head tied with wte (column-parallel over the
@@ -448,8 +351,11 @@ void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
 void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum) {
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
-    column_parallel_linear_fwd(m, tp, a->logits, NULL, a->lnf, m->p.wte, NULL, d->C, d->Vl);
-    vocab_parallel_cross_entropy_fwd(m, tp, loss_sum);
+    int N = (int)d->N;
+    struct vocab_parallel_xent x = xent_buffers(a);
+    column_parallel_linear_fwd(m->be, tp, a->logits, NULL, a->lnf, m->p.wte, NULL, N, d->C, d->Vl);
+    vocab_parallel_cross_entropy_fwd(m->be, tp, &x, a->logits, m->targets, N, d->Vl, d->V);
+    m->be.iface->sum(m->be.ctx, loss_sum, a->losses, d->N);
 }
 
 // Starts the backward: a->dres becomes dL/d(output of the last block).
@@ -459,9 +365,9 @@ void model_head_bwd(struct model *m, struct comm *tp, float dloss) {
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
     int N = (int)d->N, C = d->C;
-    // The cross-entropy backward needs no communication: softmax - onehot on the local columns.
-    b->xent_bwd(ctx, a->logits, a->logits, a->maxes, a->sums, m->targets, dloss, N, d->vocab_start, d->Vl, d->V);
-    column_parallel_linear_bwd(m, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, C, d->Vl);
+    struct vocab_parallel_xent x = xent_buffers(a);
+    vocab_parallel_cross_entropy_bwd(m->be, tp, a->logits, &x, a->logits, m->targets, dloss, N, d->Vl, d->V);
+    column_parallel_linear_bwd(m->be, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, N, C, d->Vl);
     b->zero(ctx, a->dres, d->N * (size_t)C * tp_dtype_size(m->dtype));
     b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, block_input(m, d->L), m->p.lnfw, a->lnf_mean,
                      a->lnf_rstd, N, C);
@@ -475,9 +381,10 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     struct gpt2_acts *a = &m->a;
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
-    row_parallel_linear_bwd(m, tp, a->dfch, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, la->fch,
-                            d->Fl, d->C);
-    column_parallel_linear_bwd(m, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, d->C, d->Fl);
+    int N = (int)d->N;
+    row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, la->fch,
+                            N, d->Fl, d->C);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd,
                      (int)d->N, d->C);
 }
@@ -489,17 +396,21 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     struct gpt2_acts *a = &m->a;
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
-    row_parallel_linear_bwd(m, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, NULL,
-                            d->Cl, d->C);
+    int N = (int)d->N;
+    row_parallel_linear_bwd(m->be, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, NULL,
+                            N, d->Cl, d->C);
     b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
                      d->NHl, d->HS);
-    column_parallel_linear_bwd(m, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, d->C, 3 * d->Cl);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln1w, g->ln1b, a->dln, block_input(m, l), p->ln1w, la->ln1_mean,
                      la->ln1_rstd, (int)d->N, d->C);
 }
 
 // The embedding's forward all-reduce summed disjoint partial rows: its backward is the identity.
-void model_embedding_bwd(struct model *m) { vocab_parallel_embedding_bwd(m, m->a.dres); }
+void model_embedding_bwd(struct model *m, struct comm *tp) {
+    const struct model_dims *d = &m->d;
+    vocab_parallel_embedding_bwd(m->be, tp, m->g.wte, m->g.wpe, m->a.dres, m->inputs, d->B, d->T, d->C, d->Vl);
+}
 
 // ---- forward and backward
 
@@ -519,5 +430,5 @@ void model_backward(struct model *m, struct comm *tp, float dloss) {
         model_mlp_block_bwd(m, tp, l);
         model_attention_block_bwd(m, tp, l);
     }
-    model_embedding_bwd(m);
+    model_embedding_bwd(m, tp);
 }

@@ -162,7 +162,7 @@ void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum);
 void model_head_bwd(struct model *m, struct comm *tp, float dloss);
 void model_mlp_block_bwd(struct model *m, struct comm *tp, int layer);
 void model_attention_block_bwd(struct model *m, struct comm *tp, int layer);
-void model_embedding_bwd(struct model *m);
+void model_embedding_bwd(struct model *m, struct comm *tp);
 
 // Collectives issued per micro-batch by forward and backward (for logs and tests).
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward);

@@ -1,0 +1,174 @@
+// tp.c: the tensor-parallel vocabulary (tp.h): mappings, parallel layers, cross-entropy.
+//
+// Sections: helpers, mappings, layers, cross-entropy. Collectives are issued by the mappings and by
+// the cross-entropy (its two all-reduces of per-token statistics), nowhere else.
+#include "tp.h"
+
+#include <stdlib.h>
+
+#include "common.h"
+
+// ---- helpers
+
+static enum tp_dtype compute_dtype(struct backend be) { return be.iface->dtype(be.ctx); }
+
+static enum comm_dtype comm_dtype_of(struct backend be) {
+    return compute_dtype(be) == TP_DTYPE_BF16 ? COMM_BF16 : COMM_F32;
+}
+
+static size_t elem_size(struct backend be) { return tp_dtype_size(compute_dtype(be)); }
+
+// out (P * n) = every rank's in (n), rank order; a group of one copies.
+static void all_gather(struct backend be, struct comm *tp, void *out, const void *in, size_t n) {
+    if (tp->size > 1) tp->iface->all_gather(tp->ctx, out, in, n, comm_dtype_of(be));
+    else if (out != in) be.iface->copy(be.ctx, out, in, n * elem_size(be));
+}
+
+// out (n) = this rank's block of the sum over ranks of in (P * n); a group of one copies.
+static void reduce_scatter(struct backend be, struct comm *tp, void *out, const void *in, size_t n) {
+    if (tp->size > 1) tp->iface->reduce_scatter(tp->ctx, out, in, n, comm_dtype_of(be), COMM_SUM);
+    else if (out != in) be.iface->copy(be.ctx, out, in, n * elem_size(be));
+}
+
+static size_t shard_rows(const struct comm *tp, size_t rows) {
+    if (rows % (size_t)tp->size)
+        tp_die(TP_EXIT_RUNTIME, "sequence parallelism: %zu token rows do not split over %d ranks", rows, tp->size);
+    return rows / (size_t)tp->size;
+}
+
+// ---- mappings
+
+// f forward: the input is already replicated on every rank of the group.
+void copy_to_tp_region_fwd(struct backend be, struct comm *tp, void *x, size_t n) {
+    (void)be, (void)tp, (void)x, (void)n;
+}
+
+// f backward: each rank holds the gradient through its own shard only; sum them.
+void copy_to_tp_region_bwd(struct backend be, struct comm *tp, void *dx, size_t n) {
+    comm_all_reduce_compute(tp, dx, n, compute_dtype(be), COMM_SUM);
+}
+
+// g forward: row-parallel partial products are summed across the group.
+void reduce_from_tp_region_fwd(struct backend be, struct comm *tp, void *x, size_t n) {
+    comm_all_reduce_compute(tp, x, n, compute_dtype(be), COMM_SUM);
+}
+
+// g backward: the output gradient is replicated, so every shard's input gets it unchanged.
+void reduce_from_tp_region_bwd(struct backend be, struct comm *tp, void *dx, size_t n) {
+    (void)be, (void)tp, (void)dx, (void)n;
+}
+
+void gather_from_tp_region_fwd(struct backend be, struct comm *tp, void *out, const void *in, size_t N,
+                               size_t cols) {
+    if (N == 1 || tp->size == 1) { // rank blocks are already the column blocks
+        all_gather(be, tp, out, in, N * cols);
+        return;
+    }
+    // The all-gather stacks (P, N, cols); each row takes its P column blocks from it.
+    size_t es = elem_size(be), P = (size_t)tp->size, block = cols * es;
+    char *stacked = be.iface->alloc(be.ctx, P * N * block);
+    all_gather(be, tp, stacked, in, N * cols);
+    for (size_t q = 0; q < P; q++)
+        for (size_t i = 0; i < N; i++)
+            be.iface->copy(be.ctx, (char *)out + (i * P + q) * block, stacked + (q * N + i) * block, block);
+    be.iface->free(be.ctx, stacked);
+}
+
+void gather_from_sequence_parallel_region_fwd(struct backend be, struct comm *tp, void *out, const void *in,
+                                              size_t rows, size_t width) {
+    all_gather(be, tp, out, in, shard_rows(tp, rows) * width);
+}
+
+void gather_from_sequence_parallel_region_bwd(struct backend be, struct comm *tp, void *din, const void *dout,
+                                              size_t rows, size_t width) {
+    reduce_scatter(be, tp, din, dout, shard_rows(tp, rows) * width);
+}
+
+void scatter_to_sequence_parallel_region_fwd(struct backend be, struct comm *tp, void *out, const void *in,
+                                             size_t rows, size_t width) {
+    size_t bytes = shard_rows(tp, rows) * width * elem_size(be);
+    be.iface->copy(be.ctx, out, (const char *)in + (size_t)tp->rank * bytes, bytes);
+}
+
+void scatter_to_sequence_parallel_region_bwd(struct backend be, struct comm *tp, void *din, const void *dout,
+                                             size_t rows, size_t width) {
+    all_gather(be, tp, din, dout, shard_rows(tp, rows) * width);
+}
+
+void reduce_scatter_to_sequence_parallel_region_fwd(struct backend be, struct comm *tp, void *out,
+                                                    const void *in, size_t rows, size_t width) {
+    reduce_scatter(be, tp, out, in, shard_rows(tp, rows) * width);
+}
+
+void reduce_scatter_to_sequence_parallel_region_bwd(struct backend be, struct comm *tp, void *din,
+                                                    const void *dout, size_t rows, size_t width) {
+    all_gather(be, tp, din, dout, shard_rows(tp, rows) * width);
+}
+
+// ---- layers
+
+void column_parallel_linear_fwd(struct backend be, struct comm *tp, void *out, void *pre_gelu, void *in,
+                                const void *w, const void *bias, int N, int IC, int OCl) {
+    copy_to_tp_region_fwd(be, tp, in, (size_t)N * (size_t)IC);
+    be.iface->matmul_fwd(be.ctx, out, pre_gelu, in, w, bias, N, IC, OCl);
+}
+
+void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
+                                const void *dout, const void *in, const void *w, int N, int IC, int OCl) {
+    be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, NULL, N, IC, OCl);
+    copy_to_tp_region_bwd(be, tp, din, (size_t)N * (size_t)IC);
+}
+
+void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, const void *in, const void *w,
+                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o) {
+    const struct backend_i *b = be.iface;
+    b->matmul_fwd(be.ctx, partial, NULL, in, w, NULL, N, ICl, OC);
+    reduce_from_tp_region_fwd(be, tp, partial, (size_t)N * (size_t)OC);
+    if (o->ln)
+        b->residual_layernorm_fwd(be.ctx, o->out, o->ln, o->mean, o->rstd, o->res, partial, bias, o->ln_w, o->ln_b,
+                                  N, OC);
+    else
+        b->residual_fwd(be.ctx, o->out, o->res, partial, bias, N, OC);
+}
+
+void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
+                             void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
+                             int OC) {
+    reduce_from_tp_region_bwd(be, tp, dout, (size_t)N * (size_t)OC);
+    be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, pre_gelu, N, ICl, OC);
+}
+
+void vocab_parallel_embedding_fwd(struct backend be, struct comm *tp, void *out, const int *tokens,
+                                  const void *wte, const void *wpe, int B, int T, int C, int Vl) {
+    int N = B * T;
+    be.iface->vocab_embedding_fwd(be.ctx, out, tokens, wte, N, C, tp->rank * Vl, Vl);
+    reduce_from_tp_region_fwd(be, tp, out, (size_t)N * (size_t)C);
+    be.iface->position_embedding_fwd(be.ctx, out, wpe, B, T, C);
+}
+
+void vocab_parallel_embedding_bwd(struct backend be, struct comm *tp, float *dwte, float *dwpe, const void *dout,
+                                  const int *tokens, int B, int T, int C, int Vl) {
+    be.iface->position_embedding_bwd(be.ctx, dwpe, dout, B, T, C);
+    be.iface->vocab_embedding_bwd(be.ctx, dwte, dout, tokens, B * T, C, tp->rank * Vl, Vl);
+}
+
+// ---- cross-entropy
+
+void vocab_parallel_cross_entropy_fwd(struct backend be, struct comm *tp, const struct vocab_parallel_xent *x,
+                                      const void *logits, const int *targets, int N, int Vl, int V) {
+    const struct backend_i *b = be.iface;
+    b->xent_stats(be.ctx, x->maxes, x->sums, logits, targets, N, tp->rank * Vl, Vl, V);
+    if (tp->size > 1) {
+        b->copy(be.ctx, x->local_maxes, x->maxes, (size_t)N * sizeof(float));
+        comm_all_reduce(tp, x->maxes, (size_t)N, COMM_MAX);
+        b->xent_rescale(be.ctx, x->sums, x->local_maxes, x->maxes, N);
+        comm_all_reduce(tp, x->sums, 2 * (size_t)N, COMM_SUM);
+    }
+    b->xent_loss(be.ctx, x->losses, x->maxes, x->sums, N);
+}
+
+void vocab_parallel_cross_entropy_bwd(struct backend be, struct comm *tp, void *dlogits,
+                                      const struct vocab_parallel_xent *x, const void *logits,
+                                      const int *targets, float dloss, int N, int Vl, int V) {
+    be.iface->xent_bwd(be.ctx, dlogits, logits, x->maxes, x->sums, targets, dloss, N, tp->rank * Vl, Vl, V);
+}

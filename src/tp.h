@@ -1,0 +1,129 @@
+// tp.h: the tensor-parallel vocabulary, Megatron's tensor_parallel package in C.
+//
+// Three layers, each built only on the one below, so a reader counts the collectives of a layer
+// by reading it:
+//   mappings       the only places a TP collective is issued (forward and backward of each)
+//   layers         column_parallel_linear, row_parallel_linear, vocab_parallel_embedding
+//   cross-entropy  vocab_parallel_cross_entropy
+// The model (model.c), the KV-cache decoder (eval.c) and `--bench layer` all call these; no one
+// else issues a TP collective. The group's size and this rank's place in it are tp->size and
+// tp->rank (the comm), nowhere else.
+//
+// Every tensor is backend memory in the backend's compute type (fp32 or bf16) unless it is a
+// float *, which is fp32. Row counts N are tokens (B*T flattened).
+//
+// Sequence-parallel layout. Between TP regions, sequence parallelism shards the activations
+// (N, C), N = B*T, along the flattened token rows: rank r holds rows [r*N/P, (r+1)*N/P), one
+// contiguous block. With B = 1 that is exactly a shard of T; with B > 1 it is a shard of (B*T)
+// rather than of T inside each sequence. Everything run on the shard between the regions
+// (layernorm, residual, bias, dropout) is per token, so it does not care which tokens a rank
+// holds, and a plain all-gather / reduce-scatter of contiguous blocks is the whole collective:
+// no permutation, no staging copy. (A shard of T per sequence would interleave B blocks per rank
+// and need a permute around each collective.) P must divide N.
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "backend.h"
+#include "comm.h"
+
+// ---- mappings
+// f: identity forward, all-reduce of the input gradient backward (replicated input entering a
+// column-parallel region)
+void copy_to_tp_region_fwd(struct backend be, struct comm *tp, void *x, size_t n);
+void copy_to_tp_region_bwd(struct backend be, struct comm *tp, void *dx, size_t n);
+// g: all-reduce forward (partial sums leaving a row-parallel region), identity backward
+void reduce_from_tp_region_fwd(struct backend be, struct comm *tp, void *x, size_t n);
+void reduce_from_tp_region_bwd(struct backend be, struct comm *tp, void *dx, size_t n);
+// Gathers the last dim: out (N, P*cols) from every rank's in (N, cols), rank r's columns at
+// [r*cols, (r+1)*cols). Forward only (the decoder's logits); N = 1 needs no reordering.
+void gather_from_tp_region_fwd(struct backend be, struct comm *tp, void *out, const void *in, size_t N,
+                               size_t cols);
+// Sequence parallelism (layout above): rows = N, width = C; a shard is (N/P, C).
+// all-gather forward: out (N, C) from every rank's in (N/P, C); backward: reduce-scatter
+void gather_from_sequence_parallel_region_fwd(struct backend be, struct comm *tp, void *out, const void *in,
+                                              size_t rows, size_t width);
+void gather_from_sequence_parallel_region_bwd(struct backend be, struct comm *tp, void *din, const void *dout,
+                                              size_t rows, size_t width);
+// this rank's block forward: out (N/P, C) = rows [r*N/P, (r+1)*N/P) of in (N, C); backward: all-gather
+void scatter_to_sequence_parallel_region_fwd(struct backend be, struct comm *tp, void *out, const void *in,
+                                             size_t rows, size_t width);
+void scatter_to_sequence_parallel_region_bwd(struct backend be, struct comm *tp, void *din, const void *dout,
+                                             size_t rows, size_t width);
+// reduce-scatter forward: out (N/P, C) = this rank's block of the sum over ranks of in (N, C);
+// backward: all-gather
+void reduce_scatter_to_sequence_parallel_region_fwd(struct backend be, struct comm *tp, void *out,
+                                                    const void *in, size_t rows, size_t width);
+void reduce_scatter_to_sequence_parallel_region_bwd(struct backend be, struct comm *tp, void *din,
+                                                    const void *dout, size_t rows, size_t width);
+
+// ---- layers
+
+// Column-parallel linear: replicated input, output sharded along features; f in front of it.
+// out (N, OCl) = in (N, IC) @ w (OCl, IC)^T + bias (OCl, or NULL). With pre_gelu (N, OCl)
+// non-NULL the GELU is fused: pre_gelu keeps the product, out = gelu(pre_gelu).
+// Collectives: none forward.
+void column_parallel_linear_fwd(struct backend be, struct comm *tp, void *out, void *pre_gelu, void *in,
+                                const void *w, const void *bias, int N, int IC, int OCl);
+// din (N, IC) = sum over ranks of dout @ w; dw (OCl, IC) +=, dbias (OCl, or NULL) +=.
+// Collectives: 1 all-reduce (f backward) of N*IC.
+void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
+                                const void *dout, const void *in, const void *w, int N, int IC, int OCl);
+
+// What follows the reduction of a row-parallel linear, fused into one pass: the bias, added
+// once (before the reduction it would count P times), the residual, and optionally the next
+// layernorm (ln non-NULL).
+struct row_parallel_out {
+    void *out;                  // (N, OC) = res + sum over ranks of the partial products + bias
+    const void *res;            // (N, OC) residual stream; may alias out
+    void *ln;                   // (N, OC) layernorm(out), or NULL for none
+    float *mean, *rstd;         // (N) its statistics
+    const void *ln_w, *ln_b;    // (OC)
+};
+
+// Row-parallel linear: input sharded along features (this rank's ICl), g after the product.
+// partial (N, OC) = in (N, ICl) @ w (OC, ICl)^T, reduced in place, then *o as above.
+// Collectives: 1 all-reduce (g forward) of N*OC.
+void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, const void *in, const void *w,
+                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o);
+// dout (N, OC) is replicated (g backward is the identity), so the bias gradient is identical on
+// every rank. din (N, ICl) = dout @ w, times gelu'(pre_gelu) when pre_gelu is non-NULL (the
+// GELU in front of the layer is local to the shard); dw (OC, ICl) +=, dbias (OC) +=.
+// Collectives: none.
+void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
+                             void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
+                             int OC);
+
+// Vocab-parallel embedding: this rank holds rows [tp->rank*Vl, (tp->rank+1)*Vl) of wte (Vl, C).
+// out (B*T, C) = wte[tokens] (each rank contributes its rows, zeros elsewhere, summed by g) +
+// wpe (T, C) added once, after the reduction.
+// Collectives: 1 all-reduce (g forward) of B*T*C.
+void vocab_parallel_embedding_fwd(struct backend be, struct comm *tp, void *out, const int *tokens,
+                                  const void *wte, const void *wpe, int B, int T, int C, int Vl);
+// dwte (Vl, C) += rows of dout whose token is this rank's; dwpe (T, C) +=. The forward summed
+// disjoint rows, so its backward is the identity. Collectives: none.
+void vocab_parallel_embedding_bwd(struct backend be, struct comm *tp, float *dwte, float *dwpe, const void *dout,
+                                  const int *tokens, int B, int T, int C, int Vl);
+
+// ---- cross-entropy
+
+// Statistics of vocab_parallel_cross_entropy, fp32 backend memory.
+struct vocab_parallel_xent {
+    float *maxes;               // (N) max logit per token over the whole vocabulary
+    float *sums;                // (2, N) sum of exp(logit - max), target logit
+    float *local_maxes;         // (N) this rank's maxes before the all-reduce
+    float *losses;              // (N) per-token loss, identical on every rank
+};
+
+// logits (N, Vl) are this rank's vocabulary columns; V is the real (unpadded) vocabulary, the
+// padding columns are excluded. Each rank reads its logits once (online softmax statistics),
+// then its sums are moved onto the global max.
+// Collectives: 2 all-reduces, MAX of N and SUM of 2N (sum-exp and target logit packed).
+void vocab_parallel_cross_entropy_fwd(struct backend be, struct comm *tp, const struct vocab_parallel_xent *x,
+                                      const void *logits, const int *targets, int N, int Vl, int V);
+// dlogits (N, Vl) = (softmax - onehot) * dloss on the local columns; may alias logits.
+// Collectives: none.
+void vocab_parallel_cross_entropy_bwd(struct backend be, struct comm *tp, void *dlogits,
+                                      const struct vocab_parallel_xent *x, const void *logits,
+                                      const int *targets, float dloss, int N, int Vl, int V);
