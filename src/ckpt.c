@@ -936,12 +936,165 @@ static int load_file(const struct model *m, const char *path, const json_t *stat
     return rc;
 }
 
+// ---- Hugging Face model directories (init.from)
+//
+// A directory as transformers' save_pretrained writes it: config.json beside model.safetensors, or
+// beside model.safetensors.index.json and the shards its weight_map names. Every field of
+// config.json that changes the function a GPT-2 computes is checked against this model; a field
+// tptrain does not implement is refused by name, never ignored.
+
+#define HF_MAX_SHARDS 64
+
+// The model's shape and GPT-2's fixed choices against DIR/config.json.
+static int hf_check_config(const char *dir, const struct model *m, char *err, size_t errlen) {
+    char path[2 * TP_PATH_MAX + 32];
+    join(path, sizeof path, dir, "config.json");
+    json_t *c;
+    int rc = json_read_file(path, &c, err, errlen);
+    if (rc) return rc;
+    const struct model_dims *d = &m->d;
+    const json_t *mt = json_object_get(c, "model_type");
+    if (mt && (!json_is_string(mt) || strcmp(json_string_value(mt), "gpt2") != 0)) {
+        rc = fail(err, errlen, "%s: model_type is not \"gpt2\"; tptrain trains GPT-2 models only", path);
+        goto done;
+    }
+    static const char *const shape_keys[4] = {"n_layer", "n_head", "n_embd", "vocab_size"};
+    static const char *const our_keys[4] = {"model.n_layer", "model.n_head", "model.n_embd", "model.vocab_size"};
+    const int ours[4] = {d->L, d->NH, d->C, d->V};
+    for (int i = 0; i < 4 && !rc; i++) {
+        const json_t *v = json_object_get(c, shape_keys[i]);
+        if (!json_is_integer(v))
+            rc = fail(err, errlen, "%s: %s is missing or not an integer", path, shape_keys[i]);
+        else if (json_integer_value(v) != ours[i])
+            rc = fail(err, errlen, "%s: %s is %lld, this run has %s=%d; set %s=%lld", path, shape_keys[i],
+                      (long long)json_integer_value(v), our_keys[i], ours[i], our_keys[i],
+                      (long long)json_integer_value(v));
+    }
+    const json_t *npos = json_object_get(c, "n_positions");
+    if (!rc && json_is_integer(npos) && json_integer_value(npos) < d->T)
+        rc = fail(err, errlen, "%s: n_positions is %lld, fewer than model.seq_len=%d; lower model.seq_len", path,
+                  (long long)json_integer_value(npos), d->T);
+    // what GPT-2 fixes and tptrain implements; anything else would train a different model
+    const json_t *act = json_object_get(c, "activation_function");
+    if (!rc && act && !(json_is_string(act) && (strcmp(json_string_value(act), "gelu_new") == 0 ||
+                                                  strcmp(json_string_value(act), "gelu_pytorch_tanh") == 0)))
+        rc = fail(err, errlen, "%s: activation_function is %s; tptrain's GPT-2 uses the tanh GELU (gelu_new)", path,
+                  json_is_string(act) ? json_string_value(act) : "not a string");
+    const json_t *eps = json_object_get(c, "layer_norm_epsilon");
+    if (!rc && eps && !(json_is_number(eps) && fabs(json_number_value(eps) - 1e-5) <= 1e-12))
+        rc = fail(err, errlen, "%s: layer_norm_epsilon is %g; tptrain's layernorm uses GPT-2's 1e-05", path,
+                  json_is_number(eps) ? json_number_value(eps) : NAN);
+    const json_t *inner = json_object_get(c, "n_inner");
+    if (!rc && inner && !json_is_null(inner) && !(json_is_integer(inner) && json_integer_value(inner) == 4 * d->C))
+        rc = fail(err, errlen, "%s: n_inner is not 4*n_embd = %d; tptrain's MLP is 4*n_embd wide", path, 4 * d->C);
+    static const struct {
+        const char *key;
+        bool want;
+    } flags[] = {{"scale_attn_weights", true},           {"scale_attn_by_inverse_layer_idx", false},
+                 {"reorder_and_upcast_attn", false},     {"tie_word_embeddings", true},
+                 {"add_cross_attention", false}};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0] && !rc; i++) {
+        const json_t *v = json_object_get(c, flags[i].key);
+        if (v && !(json_is_boolean(v) && json_boolean_value(v) == flags[i].want))
+            rc = fail(err, errlen, "%s: %s is not %s; tptrain does not implement it", path, flags[i].key,
+                      flags[i].want ? "true" : "false");
+    }
+done:
+    json_decref(c);
+    return rc;
+}
+
+// The safetensors files of a Hugging Face directory: the shards the index names, or the one file.
+static int hf_files(const char *dir, char paths[][2 * TP_PATH_MAX + 64], int *n, char *err, size_t errlen) {
+    char index[2 * TP_PATH_MAX + 64];
+    join(index, sizeof index, dir, "model.safetensors.index.json");
+    *n = 0;
+    if (!is_file(index)) {
+        join(paths[0], sizeof paths[0], dir, "model.safetensors");
+        if (!is_file(paths[0]))
+            return fail(err, errlen, "%s: no model.safetensors and no model.safetensors.index.json beside config.json",
+                        dir);
+        *n = 1;
+        return 0;
+    }
+    json_t *j;
+    int rc = json_read_file(index, &j, err, errlen);
+    if (rc) return rc;
+    const json_t *map = json_object_get(j, "weight_map");
+    if (!json_is_object(map)) rc = fail(err, errlen, "%s: no weight_map object", index);
+    const char *key;
+    const json_t *v;
+    json_object_foreach((json_t *)map, key, v) {
+        if (rc) break;
+        const char *f = json_string_value(v);
+        if (!f || strchr(f, '/') || strcmp(f, "..") == 0 || strcmp(f, ".") == 0) {
+            rc = fail(err, errlen, "%s: weight_map[\"%s\"] is not a file name in the directory", index, key);
+            break;
+        }
+        bool seen = false;
+        for (int i = 0; i < *n && !seen; i++) seen = strcmp(strrchr(paths[i], '/') + 1, f) == 0;
+        if (seen) continue;
+        if (*n == HF_MAX_SHARDS) {
+            rc = fail(err, errlen, "%s: more than %d shards", index, HF_MAX_SHARDS);
+            break;
+        }
+        if (!join(paths[*n], sizeof paths[0], dir, f)) rc = fail(err, errlen, "%s/%s: path too long", dir, f);
+        else (*n)++;
+    }
+    if (!rc && *n == 0) rc = fail(err, errlen, "%s: the weight_map names no file", index);
+    json_decref(j);
+    return rc;
+}
+
+// Loads every parameter from the shards of a Hugging Face directory; each tensor comes from the
+// shard that holds it, and every tensor of every shard must belong to the model. Local.
+static int load_hf_dir(struct model *m, const char *dir, char *err, size_t errlen) {
+    int rc = hf_check_config(dir, m, err, errlen);
+    if (rc) return rc;
+    static char paths[HF_MAX_SHARDS][2 * TP_PATH_MAX + 64];
+    int n;
+    if ((rc = hf_files(dir, paths, &n, err, errlen))) return rc;
+    struct ckpt_file *cf = tp_calloc((size_t)n, sizeof *cf);
+    int opened = 0;
+    for (; opened < n && !rc; opened++) rc = open_ckpt_file(&cf[opened], paths[opened], NULL, NULL, err, errlen);
+    size_t max = 0;
+    for (int i = 0; i < m->n_tensors; i++)
+        if (ckpt_hf_numel(&m->tensors[i]) > max) max = ckpt_hf_numel(&m->tensors[i]);
+    float *host = tp_malloc(max * sizeof(float)); // (largest tensor) HF layout
+    for (int i = 0; i < m->n_tensors && !rc; i++) {
+        const char *name = m->tensors[i].name;
+        char alt[200];
+        snprintf(alt, sizeof alt, "transformer.%s", name);
+        int f = 0; // the shard that holds it (the first, to name in the message, when none does)
+        for (int k = 0; k < n; k++)
+            if (st_find(&cf[k].st, name) || st_find(&cf[k].st, alt)) {
+                f = k;
+                break;
+            }
+        rc = read_tensor(&cf[f], m, &m->tensors[i], name, CKPT_LOAD_INIT, host, err, errlen);
+        if (!rc) ckpt_scatter_tensor(m, host, i, m->params);
+    }
+    static const char *const none[1] = {""};
+    for (int k = 0; k < n && !rc; k++) rc = check_extras(&cf[k], m, none, 1, CKPT_LOAD_INIT, err, errlen);
+    free(host);
+    for (int k = 0; k < opened; k++) st_close(&cf[k].st);
+    free(cf);
+    return rc;
+}
+
 int ckpt_load_params(struct model *m, const struct mesh *mesh, const char *path,
                      enum ckpt_load_mode mode, char *err, size_t errlen) {
     err[0] = '\0';
     char dir[2 * TP_PATH_MAX], file[2 * TP_PATH_MAX + 32];
     json_t *state = NULL;
     int status = 0;
+    char hf_config[2 * TP_PATH_MAX + 32];
+    join(hf_config, sizeof hf_config, path, "config.json");
+    if (mode == CKPT_LOAD_INIT && is_dir(path) && !is_checkpoint(path) && is_file(hf_config)) {
+        status = load_hf_dir(m, path, err, errlen); // a save_pretrained directory
+        if (!status) model_sync_compute_params(m);
+        return agree_once(mesh, status, err, errlen);
+    }
     if (is_dir(path)) {
         int r = ckpt_resolve(path, dir, sizeof dir, err, errlen);
         if (r == 1) status = fail(err, errlen, "%s: holds no checkpoint (no state.json, no `latest`, no step_N)", path);

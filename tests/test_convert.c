@@ -5,6 +5,7 @@
 // tptrain's debug.dump_init, that every weight tptrain starts from equals nanoGPT's. It needs torch;
 // without it the case skips, visibly.
 #include <criterion/criterion.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,5 +47,63 @@ Test(convert, nanogpt_converter_refuses_other_files) {
                     path, dir);
     cr_assert_eq(rc, 2, "exit %d:\n%s", rc, out);
     cr_assert(strstr(out, "cannot read as a torch checkpoint"), "%s", out);
+    tu_rmtree(dir);
+}
+
+// ---- Hugging Face directories (init.from)
+
+static bool files_same(const char *a, const char *b) {
+    char out[256];
+    return tu_run(out, sizeof out, "cmp -s '%s' '%s'", a, b) == 0;
+}
+
+// A save_pretrained directory, whole or in shards (with or without the transformer. prefix), starts
+// tptrain with exactly its weights; config.json fields tptrain does not implement are refused by name.
+Test(convert, hugging_face_directory_whole_and_sharded) {
+    char dir[256], *out = malloc(OUT_CAP);
+    tu_tmpdir(dir, sizeof dir, "hfdir");
+    // a tptrain checkpoint's model.safetensors and config.json are what save_pretrained writes
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 "
+                    "--set checkpoint.dir='%s/ck' && mkdir -p '%s/hf' && cp '%s/ck/step_00000006/model.safetensors' "
+                    "'%s/ck/step_00000006/config.json' '%s/hf/' && python3 tests/hf_shard.py '%s/hf/model.safetensors' "
+                    "'%s/sharded' 3 && cp '%s/hf/config.json' '%s/sharded/' && python3 tests/hf_shard.py "
+                    "'%s/hf/model.safetensors' '%s/prefixed' 2 --prefix transformer. && cp '%s/hf/config.json' '%s/prefixed/'",
+                    tu_source_root(), tu_tptrain(), dir, dir, dir, dir, dir, dir, dir, dir, dir, dir, dir, dir, dir);
+    cr_assert_eq(rc, 0, "%s", out);
+    const char *variants[] = {"hf", "sharded", "prefixed"};
+    for (int i = 0; i < 3; i++) {
+        rc = tu_run(out, OUT_CAP, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 "
+                    "--set init.from='%s/%s' --set debug.dump_init='%s/%s.safetensors'",
+                    tu_source_root(), tu_tptrain(), dir, variants[i], dir, variants[i]);
+        cr_assert_eq(rc, 0, "init.from %s: exit %d\n%s", variants[i], rc, out);
+        char a[600], b[600];
+        snprintf(a, sizeof a, "%s/%s.safetensors", dir, variants[i]);
+        snprintf(b, sizeof b, "%s/hf.safetensors", dir);
+        if (i) cr_assert(files_same(a, b), "init.from %s started from other weights than the whole file", variants[i]);
+    }
+    // the starting weights are the checkpoint's: dumping them gives its model.safetensors' tensors
+    rc = tu_run(out, OUT_CAP, "python3 -c 'import json,struct,sys\n"
+                "def t(p):\n b=open(p,\"rb\").read(); n=struct.unpack(\"<Q\",b[:8])[0]; h=json.loads(b[8:8+n])\n"
+                " return {k:b[8+n+v[\"data_offsets\"][0]:8+n+v[\"data_offsets\"][1]] for k,v in h.items() if k!=\"__metadata__\"}\n"
+                "x,y=t(sys.argv[1]),t(sys.argv[2]); bad=[k for k in x if x[k]!=y.get(k)]; print(len(x),bad); sys.exit(1 if bad else 0)' "
+                "'%s/hf/model.safetensors' '%s/hf.safetensors'", dir, dir);
+    cr_assert_eq(rc, 0, "the weights tptrain started from differ from the directory's: %s", out);
+    // refused by name
+    struct { const char *edit, *needle; } bad[] = {
+        {"s/\"gelu_new\"/\"relu\"/", "activation_function is relu"},
+        {"s/\"layer_norm_epsilon\": [0-9.e+-]*/\"layer_norm_epsilon\": 1e-06/", "layer_norm_epsilon is 1e-06"},
+        {"s/\"n_head\": 4/\"n_head\": 2/", "n_head is 2, this run has model.n_head=4"},
+        {"s/\"scale_attn_weights\": true/\"scale_attn_weights\": true, \"reorder_and_upcast_attn\": true/",
+         "reorder_and_upcast_attn is not false"},
+        {"s/\"n_inner\": null/\"n_inner\": 100/", "n_inner is not 4*n_embd"},
+    };
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        rc = tu_run(out, OUT_CAP, "cp '%s/ck/step_00000006/config.json' '%s/hf/config.json' && sed -i '%s' '%s/hf/config.json' "
+                    "&& cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 --set init.from='%s/hf'",
+                    dir, dir, bad[k].edit, dir, tu_source_root(), tu_tptrain(), dir);
+        cr_assert_eq(rc, 2, "%s: exit %d, want 2:\n%s", bad[k].needle, rc, out);
+        cr_assert(strstr(out, bad[k].needle), "message lacks '%s':\n%s", bad[k].needle, out);
+    }
+    free(out);
     tu_rmtree(dir);
 }
