@@ -1,4 +1,5 @@
-// bench.h: --bench mode: column/row-parallel layer, all-reduce and whole-step benchmarks.
+// bench.h: --bench: the entry point and the helpers the tests reach. The driver and one file per
+// mode live in src/bench/ (bench_impl.h is what they share).
 #pragma once
 
 #include <stdbool.h>
@@ -16,10 +17,6 @@ struct bench_opts {
 // The environment variable TPTRAIN_BENCH_ITERS="N" or "W+N" fixes the timed iterations (N) and
 // the warm-up ones (W) of every timed phase, in place of the per-mode defaults.
 int bench_run(const struct bench_opts *o);
-
-// --bench attention [BxHxHSxT | CONFIG.yaml]... (bench_attention.c): the backend's attention op
-// over a grid of shapes, on one process. Returns the exit code.
-int bench_attention(const struct bench_opts *o, int world_rank, int world_size);
 
 // Matmul FLOPs per rank of each `--bench layer M K N` phase over P ranks (M tokens, width K,
 // hidden width N, N/P per rank). A forward (M, K) x (K, N/P) matmul costs 2*M*K*N/P; its backward

@@ -10,11 +10,66 @@
 #include <unistd.h>
 
 #include "bench.h"
+#include "bench/bench_impl.h"
 #include "testutil.h"
+#include "tp.h"
 
 #define OUT_CAP (1 << 16)
 // Few iterations keep the CPU runs short; the numbers are not what these tests check.
 #define FAST_ITERS "TPTRAIN_BENCH_ITERS=1+3"
+
+// ---- the timing comm records every kind of collective
+
+// A pretend group of two: collectives do nothing but are counted, so the timing comm around it
+// can be checked without MPI.
+static int fake_calls;
+static void fake_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    (void)ctx, (void)buf, (void)count, (void)dt, (void)op;
+    fake_calls++;
+}
+static void fake_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    (void)ctx, (void)out, (void)in, (void)count, (void)dt;
+    fake_calls++;
+}
+static void fake_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                enum comm_op op) {
+    (void)ctx, (void)out, (void)in, (void)count, (void)dt, (void)op;
+    fake_calls++;
+}
+static const struct comm_i fake_iface = {.all_reduce = fake_all_reduce, .all_gather = fake_all_gather,
+                                         .reduce_scatter = fake_reduce_scatter};
+
+Test(bench, timing_comm_brackets_every_collective) {
+    struct bench *b = calloc(1, sizeof *b);
+    b->be = backend_cpu_create(TP_DTYPE_F32);
+    b->mesh.tp = (struct comm){.iface = &fake_iface, .size = 2, .rank = 0};
+    struct bench_clock *c = &b->clock;
+    c->be = b->be; // host clock
+    struct bench_timing_comm t;
+    struct comm tp = bench_timed_tp(b, &t, c);
+    enum { N = 8, W = 3 }; // token rows, width: a shard is 4 x 3 floats
+    float *full = b->be.iface->alloc(b->be.ctx, N * W * sizeof(float)), *part = b->be.iface->alloc(b->be.ctx, N * W * sizeof(float));
+    reduce_from_tp_region_fwd(b->be, &tp, full, N * W);                        // all-reduce of 96 bytes
+    gather_from_sequence_parallel_region_fwd(b->be, &tp, full, part, N, W);       // all-gather of 96
+    reduce_scatter_to_sequence_parallel_region_fwd(b->be, &tp, part, full, N, W); // reduce-scatter of 96
+    gather_from_sequence_parallel_region_bwd(b->be, &tp, part, full, N, W);       // reduce-scatter of 96
+    cr_assert_eq(fake_calls, 4, "the inner comm ran %d collectives", fake_calls);
+    cr_assert_eq(c->n, 8, "two marks per collective, got %d", c->n);
+    cr_assert_eq(c->coll_count[BENCH_ALL_REDUCE], 1);
+    cr_assert_eq(c->coll_count[BENCH_ALL_GATHER], 1);
+    cr_assert_eq(c->coll_count[BENCH_REDUCE_SCATTER], 2);
+    cr_assert_eq(c->coll_count[BENCH_BROADCAST], 0);
+    cr_assert_float_eq(c->coll_bytes[BENCH_ALL_GATHER], 96.0, 0.0);
+    cr_assert_float_eq(c->coll_bytes[BENCH_REDUCE_SCATTER], 192.0, 0.0);
+    // bus bytes: all-reduce 2(P-1)/P = 1, the others (P-1)/P = 1/2, at P = 2
+    cr_assert_float_eq(c->bus_bytes, 96.0 + 0.5 * (96.0 + 192.0), 1e-9);
+    b->be.iface->free(b->be.ctx, full);
+    b->be.iface->free(b->be.ctx, part);
+    free(c->ev);
+    free(c->host);
+    backend_destroy(&b->be);
+    free(b);
+}
 
 // ---- helpers
 

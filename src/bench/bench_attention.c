@@ -23,7 +23,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "bench.h"
+#include "bench_impl.h"
 #include "common.h"
 #include "config.h"
 #include "mesh.h"
@@ -220,7 +220,7 @@ static void attn_iters(bool gpu, int *warmup, int *iters) {
     else if (sscanf(e, "%d", &n) == 1 && n >= 1) *iters = n;
 }
 
-int bench_attention(const struct bench_opts *o, int world_rank, int world_size) {
+static int attention_standalone(const struct bench_opts *o, int world_rank, int world_size) {
     bool root = world_rank == 0;
     if (world_size != 1) {
         if (root)
@@ -313,3 +313,9 @@ int bench_attention(const struct bench_opts *o, int world_rank, int world_size) 
     free(shapes);
     return st;
 }
+
+const struct bench_mode bench_mode_attention = {
+    .name = "attention",
+    .synopsis = "attention [BxHxHSxT | CONFIG.yaml]...",
+    .standalone = attention_standalone, // one process, its own timing: no mesh or phase driver
+};
