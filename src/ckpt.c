@@ -149,6 +149,9 @@ void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *
 // ---- errors
 
 #define fail(err, errlen, ...) tp_errf_code((err), (errlen), TP_EXIT_USAGE, __VA_ARGS__)
+#define CKPT_GPT2_VOCAB 50257 // GPT-2's vocabulary: the tokenizer files below describe it
+#define CKPT_HF_VOCAB "data/gpt2_vocab.json"
+#define CKPT_HF_MERGES "data/gpt2_merges.txt"
 #define fail_io(err, errlen, ...) tp_errf_code((err), (errlen), TP_EXIT_RUNTIME, __VA_ARGS__)
 
 // Agrees on the worst status across the world. Every rank usually fails alike (they read the same
@@ -461,6 +464,62 @@ static json_t *config_json(const struct tp_config *cfg) {
     return j;
 }
 
+// Copies src to dst (synced); false when src cannot be read (the caller decides what that means).
+static int copy_file(const char *src, const char *dst, bool *copied, char *err, size_t errlen) {
+    *copied = false;
+    FILE *in = fopen(src, "rb");
+    if (!in) return 0;
+    FILE *out;
+    int rc = open_out(&out, dst, err, errlen);
+    if (rc) {
+        fclose(in);
+        return rc;
+    }
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+        if (fwrite(buf, 1, n, out) != n) break;
+    bool bad = ferror(in) != 0;
+    fclose(in);
+    rc = close_synced(out, dst, err, errlen);
+    if (!rc && bad) rc = fail_io(err, errlen, "%s: read error while copying it to %s", src, dst);
+    *copied = rc == 0;
+    return rc;
+}
+
+// GPT-2's tokenizer files beside the weights (vocab.json, merges.txt from data/, made by
+// scripts/make_hf_tokenizer.py, tokenizer_config.json, generation_config.json), so that
+// transformers' AutoTokenizer and pipeline("text-generation", dir) load a checkpoint as it is. Only
+// for GPT-2's vocabulary; when data/ is not reachable from the working directory the checkpoint is
+// complete without them and a notice says so.
+static int write_hf_tokenizer(const char *tmp, const struct tp_config *cfg, char *err, size_t errlen) {
+    if (cfg->model.vocab_size != CKPT_GPT2_VOCAB) return 0;
+    static const char *const files[2][2] = {{CKPT_HF_VOCAB, "vocab.json"}, {CKPT_HF_MERGES, "merges.txt"}};
+    char path[2 * TP_PATH_MAX + 64];
+    for (int i = 0; i < 2; i++) {
+        bool copied;
+        join(path, sizeof path, tmp, files[i][1]);
+        int rc = copy_file(files[i][0], path, &copied, err, errlen);
+        if (rc) return rc;
+        if (!copied) {
+            fprintf(stderr, "tptrain: notice: %s not found from here; the checkpoint has no tokenizer files "
+                            "(run from the repository root, or python3 scripts/make_hf_tokenizer.py)\n",
+                    files[i][0]);
+            return 0;
+        }
+    }
+    json_t *tc = json_pack("{s:s, s:i, s:s, s:s, s:s, s:b}", "tokenizer_class", "GPT2Tokenizer",
+                           "model_max_length", cfg->model.seq_len, "bos_token", "<|endoftext|>", "eos_token",
+                           "<|endoftext|>", "unk_token", "<|endoftext|>", "add_prefix_space", 0);
+    join(path, sizeof path, tmp, "tokenizer_config.json");
+    int rc = json_write_file(tc, path, err, errlen);
+    if (rc) return rc;
+    json_t *gc = json_pack("{s:i, s:i, s:i}", "bos_token_id", CKPT_GPT2_VOCAB - 1, "eos_token_id",
+                           CKPT_GPT2_VOCAB - 1, "max_length", cfg->model.seq_len);
+    join(path, sizeof path, tmp, "generation_config.json");
+    return json_write_file(gc, path, err, errlen);
+}
+
 // A state.json "files" entry: size and per-tensor checksums of one safetensors file.
 static json_t *file_entry(const struct model *m, const char *const *prefixes, int nsrc, const uint64_t *sums,
                           size_t bytes) {
@@ -491,6 +550,7 @@ static int write_sidecars(const char *tmp, const struct model *m, const struct t
 
     join(path, sizeof path, tmp, "config.json");
     if ((rc = json_write_file(config_json(cfg), path, err, errlen))) return rc;
+    if ((rc = write_hf_tokenizer(tmp, cfg, err, errlen))) return rc;
 
     struct stat sb;
     size_t model_bytes = 0, opt_bytes = 0;

@@ -107,3 +107,26 @@ Test(convert, hugging_face_directory_whole_and_sharded) {
     free(out);
     tu_rmtree(dir);
 }
+
+// ---- Hugging Face out: a checkpoint directory carries GPT-2's tokenizer files
+
+// vocab.json and merges.txt (from data/, made by scripts/make_hf_tokenizer.py) tokenise the validation
+// shard back to the very ids tiktoken wrote; tokenizer_config.json and generation_config.json sit beside.
+Test(convert, checkpoint_carries_the_gpt2_tokenizer) {
+    char dir[256], *out = malloc(OUT_CAP);
+    tu_tmpdir(dir, sizeof dir, "hfout");
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 "
+                    "--set checkpoint.dir='%s/ck'", tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 0, "%s", out);
+    rc = tu_run(out, OUT_CAP, "cd '%s/ck/step_00000006' && ls vocab.json merges.txt tokenizer_config.json "
+                "generation_config.json && grep -q '\"eos_token_id\": 50256' generation_config.json && "
+                "grep -q GPT2Tokenizer tokenizer_config.json", dir);
+    cr_assert_eq(rc, 0, "tokenizer files missing or wrong:\n%s", out);
+    rc = tu_run(out, OUT_CAP, "cd '%s' && python3 tests/hf_tokenizer_check.py '%s/ck/step_00000006' "
+                "data/tinyshakespeare_val.bin", tu_source_root(), dir);
+    if (rc == 77) cr_skip_test("python3 has no regex module (pip install regex): the encoding check is skipped");
+    cr_assert_eq(rc, 0, "the checkpoint's vocab.json / merges.txt do not reproduce GPT-2's ids:\n%s", out);
+    cr_assert(strstr(out, "32768 tokens re-encoded: ok"), "%s", out);
+    free(out);
+    tu_rmtree(dir);
+}
