@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "llmc.h"
 #include "safetensors.h"
 
 // ---- layouts
@@ -1150,6 +1151,8 @@ int ckpt_load_params(struct model *m, const struct mesh *mesh, const char *path,
     int status = 0;
     char hf_config[2 * TP_PATH_MAX + 32];
     join(hf_config, sizeof hf_config, path, "config.json");
+    if (mode == CKPT_LOAD_INIT && is_file(path) && llmc_is_model_file(path))
+        return llmc_load(m, mesh, path, err, errlen); // llm.c's gpt2_*.bin
     if (mode == CKPT_LOAD_INIT && is_dir(path) && !is_checkpoint(path) && is_file(hf_config)) {
         status = load_hf_dir(m, path, err, errlen); // a save_pretrained directory
         if (!status) model_sync_compute_params(m);

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "ckpt.h"
+#include "llmc.h"
 #include "common.h"
 #include "config.h"
 #include "data.h"
@@ -415,7 +416,17 @@ int eval_run(const struct eval_opts *o) {
         model_alloc(&m, &d, be); // every weight comes from the checkpoint
         st = ckpt_load_params(&m, &mesh, dir, CKPT_LOAD_EXACT, err, sizeof err);
         st = train_agree(&mesh, st, err);
-        if (!st) st = o->generate ? generate(&m, &mesh, &cfg, o, &tk) : eval_loss(&m, &mesh, &cfg, o, &cs, dir);
+        if (!st && o->export_llmc) {
+            size_t n = strlen(o->export_llmc);
+            bool bf16 = n >= 9 && strcmp(o->export_llmc + n - 9, "_bf16.bin") == 0;
+            st = llmc_save(&m, &mesh, o->export_llmc, bf16, err, sizeof err);
+            if (st && mesh.world_rank == 0) fprintf(stderr, "tptrain: %s\n", err);
+            if (!st && mesh.world_rank == 0)
+                printf("wrote %s: llm.c model file, version %d (%s), from %s\n", o->export_llmc, bf16 ? 5 : 3,
+                       bf16 ? "bf16" : "fp32", dir);
+        } else if (!st) {
+            st = o->generate ? generate(&m, &mesh, &cfg, o, &tk) : eval_loss(&m, &mesh, &cfg, o, &cs, dir);
+        }
         model_destroy(&m);
     }
     train_close_mesh(&mesh, &be);

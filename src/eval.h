@@ -16,6 +16,8 @@ struct eval_opts {
     unsigned long long seed;    // sampling seed
     bool seed_set;
     const char *prompt_tokens;  // file of whitespace-separated token ids (NULL = start from EOT)
+    const char *export_llmc;    // write the weights as llm.c's model file here instead (NULL = no);
+                                // bf16 (version 5) when the name ends in _bf16.bin, else fp32
     const char *const *sets;    // --set overrides applied to the checkpoint's config (e.g. parallel.tp)
     int n_sets;
 };

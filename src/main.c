@@ -25,6 +25,7 @@ static const char usage_text[] =
     "        mpirun -np 4 tptrain configs/tiny.yaml --set parallel.tp=2\n"
     "  tptrain --eval CHECKPOINT_DIR [--data GLOB] [--batches N] [--set KEY=VALUE]...\n"
     "          [--generate N [--temperature T] [--top-k K] [--seed S] [--prompt-tokens FILE]]\n"
+    "          [--export-llmc FILE.bin]\n"
     "      Evaluate a checkpoint's validation loss (any TP size), or sample text from it.\n"
     "  tptrain --bench layer M K N | allreduce SIZES... | allreduce MIN:MAX:FACTOR | model CONFIG.yaml\n"
     "  tptrain --bench attention [BxHxHSxT | CONFIG.yaml]...\n"
@@ -44,6 +45,8 @@ static const char usage_text[] =
     "      --top-k K         --eval: sample among the K most likely tokens (default: all)\n"
     "      --seed S          --eval: sampling seed (default: train.seed)\n"
     "      --prompt-tokens F --eval: file of whitespace-separated token ids to start from\n"
+    "      --export-llmc F   --eval: write the checkpoint's weights as llm.c's model file F instead\n"
+    "                        (bf16, version 5, when F ends in _bf16.bin; else fp32, version 3)\n"
     "      --json FILE       --bench: also write the results as JSON\n"
     "  -h, --help            this text\n"
     "  -V, --version         print the version\n"
@@ -97,6 +100,7 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         {"generate", required_argument, NULL, 3}, {"temperature", required_argument, NULL, 4},
         {"top-k", required_argument, NULL, 5},    {"seed", required_argument, NULL, 6},
         {"prompt-tokens", required_argument, NULL, 7}, {"json", required_argument, NULL, 8},
+        {"export-llmc", required_argument, NULL, 9},
         {NULL, 0, NULL, 0},
     };
     memset(cli, 0, sizeof *cli);
@@ -147,6 +151,7 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         }
         case 7: cli->eval.prompt_tokens = optarg; break;
         case 8: cli->json_path = optarg; break;
+        case 9: cli->eval.export_llmc = optarg; break;
         case 'h':
             if (root) fputs(usage_text, stdout);
             return TP_EXIT_OK;

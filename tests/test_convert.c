@@ -130,3 +130,46 @@ Test(convert, checkpoint_carries_the_gpt2_tokenizer) {
     free(out);
     tu_rmtree(dir);
 }
+
+// ---- llm.c's model file
+
+// --export-llmc writes llm.c's gpt2_*.bin (version 3 fp32, version 5 bf16) and init.from reads it back:
+// the fp32 round trip gives the checkpoint's weights bit for bit, the bf16 one within bf16 rounding; a
+// file for another shape is refused naming the field.
+Test(convert, llmc_model_file_round_trip) {
+    char dir[256], *out = malloc(OUT_CAP);
+    tu_tmpdir(dir, sizeof dir, "llmc");
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 --set checkpoint.dir='%s/ck' "
+                    ">/dev/null && '%s' --eval '%s/ck' --export-llmc '%s/m.bin' && '%s' --eval '%s/ck' --export-llmc '%s/m_bf16.bin'",
+                    tu_source_root(), tu_tptrain(), dir, tu_tptrain(), dir, dir, tu_tptrain(), dir, dir);
+    cr_assert_eq(rc, 0, "%s", out);
+    cr_assert(strstr(out, "version 3 (fp32)") && strstr(out, "version 5 (bf16)"), "%s", out);
+    const char *files[2] = {"m.bin", "m_bf16.bin"};
+    for (int k = 0; k < 2; k++) {
+        rc = tu_run(out, OUT_CAP, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 --set init.from='%s/%s' "
+                    "--set debug.dump_init='%s/d%d.safetensors'", tu_source_root(), tu_tptrain(), dir, files[k], dir, k);
+        cr_assert_eq(rc, 0, "init.from %s: exit %d\n%s", files[k], rc, out);
+    }
+    // fp32: the same bytes as the checkpoint's tensors; bf16: within bf16's rounding (2^-8 relative)
+    rc = tu_run(out, OUT_CAP, "python3 -c 'import json,struct,sys,array\n"
+                "def t(p):\n b=open(p,\"rb\").read(); n=struct.unpack(\"<Q\",b[:8])[0]; h=json.loads(b[8:8+n])\n"
+                " return {k:b[8+n+v[\"data_offsets\"][0]:8+n+v[\"data_offsets\"][1]] for k,v in h.items() if k!=\"__metadata__\"}\n"
+                "ck,a,b=t(sys.argv[1]),t(sys.argv[2]),t(sys.argv[3])\n"
+                "bad=[k for k in ck if ck[k]!=a.get(k)]\n"
+                "worst=0.0\n"
+                "for k in ck:\n x=array.array(\"f\",ck[k]); y=array.array(\"f\",b[k])\n"
+                " worst=max([worst]+[abs(p-q)/max(abs(p),1e-30) for p,q in zip(x,y) if p!=0])\n"
+                "print(len(ck),bad,worst); sys.exit(1 if bad or worst>2**-8 else 0)' "
+                "'%s/ck/step_00000006/model.safetensors' '%s/d0.safetensors' '%s/d1.safetensors'", dir, dir, dir);
+    cr_assert_eq(rc, 0, "round trip differs: %s", out);
+    rc = tu_run(out, OUT_CAP, "cd '%s' && timeout 60 '%s' configs/tiny.yaml --set model.n_layer=3 --set init.from='%s/m.bin'",
+                tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 2, "exit %d:\n%s", rc, out);
+    cr_assert(strstr(out, "n_layer is 2 in the file, this run has model.n_layer=3"), "%s", out);
+    rc = tu_run(out, OUT_CAP, "head -c 5000 '%s/m.bin' > '%s/cut.bin' && cd '%s' && timeout 60 '%s' configs/tiny.yaml "
+                "--set init.from='%s/cut.bin'", dir, dir, tu_source_root(), tu_tptrain(), dir);
+    cr_assert_eq(rc, 2, "a truncated file: exit %d:\n%s", rc, out);
+    cr_assert(strstr(out, "truncated"), "%s", out);
+    free(out);
+    tu_rmtree(dir);
+}
