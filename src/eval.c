@@ -104,12 +104,13 @@ static int eval_loss(struct model *m, struct mesh *mesh, const struct tp_config 
 // ---- generation with a KV cache
 
 // One-token forward through the model with per-layer caches of this rank's keys and values: the
-// same parallel layers (tp.h) as model_forward, hence the same collectives, for a single position,
-// with attention reading the cache instead of the whole sequence.
+// model's own blocks (hence the same layers and collectives as model_forward) for a single
+// position, with attention reading the cache instead of the whole sequence.
 struct decoder {
     struct model *m;
     struct comm *tp;
     int cap;          // positions the cache holds (= seq_len: wpe has no more rows)
+    int pos;          // the position being fed
     size_t es;        // bytes per compute-type element
     // compute type:
     void *kc, *vc;    // (L, cap, Cl) each
@@ -168,39 +169,47 @@ static void decoder_destroy(struct decoder *dec) {
     free(dec->host);
 }
 
+// Attention for the token at dec->pos: append its k and v to layer l's cache, then attend to the
+// cached positions [0, pos].
+static void attend_cache(void *arg, int l, void *atty, const void *qkv) {
+    struct decoder *dec = arg;
+    const struct model_dims *d = &dec->m->d;
+    const struct backend_i *b = dec->m->be.iface;
+    void *ctx = dec->m->be.ctx;
+    size_t es = dec->es, row = (size_t)d->Cl * es, layer_cache = (size_t)dec->cap * row; // bytes
+    char *kc = (char *)dec->kc + (size_t)l * layer_cache, *vc = (char *)dec->vc + (size_t)l * layer_cache; // (cap, Cl)
+    // qkv holds [q | k | v] of this rank's heads
+    b->copy(ctx, kc + (size_t)dec->pos * row, (const char *)qkv + row, row);
+    b->copy(ctx, vc + (size_t)dec->pos * row, (const char *)qkv + 2 * row, row);
+    b->attention_decode(ctx, atty, dec->scores, qkv, kc, vc, dec->pos + 1, d->NHl, d->HS);
+}
+
 // Feeds `token` at position pos (< cap; the cache holds positions [0, pos)) and leaves the logits
-// of the whole (padded) vocabulary in dec->host. The layers are the model's (tp.h), with N = 1;
-// as in model.c each row-parallel layer computes the next layernorm in the same pass.
+// of the whole (padded) vocabulary in dec->host. The blocks are the model's own
+// (model_block_*_fwd) with N = 1, the residual stream updated in place in dec->x.
 static void decoder_step(struct decoder *dec, int token, int pos) {
     struct model *m = dec->m;
     const struct model_dims *d = &m->d;
     const struct backend_i *b = m->be.iface;
     void *ctx = m->be.ctx;
     struct comm *tp = dec->tp;
-    int C = d->C, Cl = d->Cl;
-    size_t es = dec->es, layer_cache = (size_t)dec->cap * (size_t)Cl * es; // bytes
-    char *qkv = dec->qkv;
+    int C = d->C;
     float *mean = dec->stats, *rstd = dec->stats + 1;
+    dec->pos = pos;
     b->copy_to_device(ctx, dec->token, &token, sizeof token);
-    const void *wpe_row = (const char *)m->p.wpe + (size_t)pos * (size_t)C * es; // (1, C) this position's
+    const void *wpe_row = (const char *)m->p.wpe + (size_t)pos * (size_t)C * dec->es; // (1, C) this position's
     vocab_parallel_embedding_fwd(m->be, tp, dec->x, dec->token, m->p.wte, wpe_row, 1, 1, C, d->Vl);
     b->layernorm_fwd(ctx, dec->ln, mean, rstd, dec->x, m->p.layers[0].ln1w, m->p.layers[0].ln1b, 1, C);
+    // Each layernorm's output is consumed before the next one overwrites it: one buffer serves all.
+    struct block_acts a = {
+        .N = 1, .ln1 = dec->ln, .qkv = dec->qkv, .atty = dec->atty, .proj = dec->proj, .res1 = dec->x,
+        .res2 = dec->x, .ln2 = dec->ln, .ln2_mean = mean, .ln2_rstd = rstd, .fch = dec->fch,
+        .fch_gelu = dec->fch_gelu, .res3 = dec->x, .ln_next = dec->ln, .next_mean = mean, .next_rstd = rstd,
+    };
+    struct block_attention att = {attend_cache, dec};
     for (int l = 0; l < d->L; l++) {
-        const struct layer_params *p = &m->p.layers[l];
-        char *kc = (char *)dec->kc + (size_t)l * layer_cache, *vc = (char *)dec->vc + (size_t)l * layer_cache; // (cap, Cl)
-        column_parallel_linear_fwd(m->be, tp, dec->qkv, NULL, dec->ln, p->qkvw, p->qkvb, 1, C, 3 * Cl);
-        // qkv holds [q | k | v] of this rank's heads: append k and v to the cache
-        b->copy(ctx, kc + (size_t)pos * Cl * es, qkv + (size_t)Cl * es, (size_t)Cl * es);
-        b->copy(ctx, vc + (size_t)pos * Cl * es, qkv + 2 * (size_t)Cl * es, (size_t)Cl * es);
-        b->attention_decode(ctx, dec->atty, dec->scores, dec->qkv, kc, vc, pos + 1, d->NHl, d->HS);
-        struct row_parallel_out o = {.out = dec->x, .res = dec->x, .ln = dec->ln, .mean = mean, .rstd = rstd,
-                                     .ln_w = p->ln2w, .ln_b = p->ln2b};
-        row_parallel_linear_fwd(m->be, tp, dec->proj, dec->atty, p->attprojw, p->attprojb, 1, Cl, C, &o);
-        column_parallel_linear_fwd(m->be, tp, dec->fch_gelu, dec->fch, dec->ln, p->fcw, p->fcb, 1, C, d->Fl);
-        bool last = l + 1 == d->L;
-        o.ln_w = last ? m->p.lnfw : m->p.layers[l + 1].ln1w;
-        o.ln_b = last ? m->p.lnfb : m->p.layers[l + 1].ln1b;
-        row_parallel_linear_fwd(m->be, tp, dec->proj, dec->fch_gelu, p->fcprojw, p->fcprojb, 1, d->Fl, C, &o);
+        model_block_attention_fwd(m, tp, l, &a, &att);
+        model_block_mlp_fwd(m, tp, l, &a);
     }
     column_parallel_linear_fwd(m->be, tp, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
     // Logits are vocab-sharded: every rank needs all of them to draw the same token.

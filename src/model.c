@@ -315,35 +315,65 @@ void model_embedding_fwd(struct model *m, struct comm *tp) {
 
 // (ln1, computed by the step before) -> f -> qkv (local heads) -> attention -> proj -> g -> +bias
 // -> +x, fused with ln2
-void model_attention_block_fwd(struct model *m, struct comm *tp, int l) {
-    const struct backend_i *b = m->be.iface;
+void model_block_attention_fwd(struct model *m, struct comm *tp, int l, const struct block_acts *a,
+                               const struct block_attention *att) {
     const struct model_dims *d = &m->d;
-    struct layer_params *p = &m->p.layers[l];
+    const struct layer_params *p = &m->p.layers[l];
+    column_parallel_linear_fwd(m->be, tp, a->qkv, NULL, a->ln1, p->qkvw, p->qkvb, a->N, d->C, 3 * d->Cl);
+    att->fwd(att->arg, l, a->atty, a->qkv);
+    struct row_parallel_out o = residual_then_ln(a->res2, a->res1, a->ln2, a->ln2_mean, a->ln2_rstd, p->ln2w,
+                                                 p->ln2b);
+    row_parallel_linear_fwd(m->be, tp, a->proj, a->atty, p->attprojw, p->attprojb, a->N, d->Cl, d->C, &o);
+}
+
+void model_block_mlp_fwd(struct model *m, struct comm *tp, int l, const struct block_acts *a) {
+    const struct model_dims *d = &m->d;
+    const struct layer_params *p = &m->p.layers[l];
+    bool last = l + 1 == d->L;
+    struct row_parallel_out o = residual_then_ln(a->res3, a->res2, a->ln_next, a->next_mean, a->next_rstd,
+                                                 last ? m->p.lnfw : m->p.layers[l + 1].ln1w,
+                                                 last ? m->p.lnfb : m->p.layers[l + 1].ln1b);
+    column_parallel_linear_fwd(m->be, tp, a->fch_gelu, a->fch, a->ln2, p->fcw, p->fcb, a->N, d->C, d->Fl);
+    row_parallel_linear_fwd(m->be, tp, a->proj, a->fch_gelu, p->fcprojw, p->fcprojb, a->N, d->Fl, d->C, &o);
+}
+
+// Layer l's block activations for the whole micro-batch, in m->a.
+static struct block_acts training_acts(struct model *m, int l) {
     struct layer_acts *la = &m->a.layers[l];
-    int N = (int)d->N;
-    column_parallel_linear_fwd(m->be, tp, la->qkv, NULL, la->ln1, p->qkvw, p->qkvb, N, d->C, 3 * d->Cl);
-    b->attention_fwd(m->be.ctx, la->atty, la->att_saved, m->a.att_scratch, la->qkv, d->B, d->T, d->NHl, d->HS);
-    struct row_parallel_out o = residual_then_ln(la->res2, block_input(m, l), la->ln2, la->ln2_mean, la->ln2_rstd,
-                                                 p->ln2w, p->ln2b);
-    row_parallel_linear_fwd(m->be, tp, m->a.proj, la->atty, p->attprojw, p->attprojb, N, d->Cl, d->C, &o);
+    struct block_acts a = {
+        .N = (int)m->d.N, .ln1 = la->ln1, .qkv = la->qkv, .atty = la->atty, .proj = m->a.proj,
+        .res1 = block_input(m, l), .res2 = la->res2, .ln2 = la->ln2, .ln2_mean = la->ln2_mean,
+        .ln2_rstd = la->ln2_rstd, .fch = la->fch, .fch_gelu = la->fch_gelu, .res3 = la->res3,
+        .ln_next = m->a.lnf, .next_mean = m->a.lnf_mean, .next_rstd = m->a.lnf_rstd,
+    };
+    if (l + 1 < m->d.L) {
+        struct layer_acts *nx = &m->a.layers[l + 1];
+        a.ln_next = nx->ln1;
+        a.next_mean = nx->ln1_mean;
+        a.next_rstd = nx->ln1_rstd;
+    }
+    return a;
+}
+
+// Causal attention over the whole sequence, keeping what the backward needs.
+static void attend_sequence(void *arg, int l, void *atty, const void *qkv) {
+    struct model *m = arg;
+    const struct model_dims *d = &m->d;
+    m->be.iface->attention_fwd(m->be.ctx, atty, m->a.layers[l].att_saved, m->a.att_scratch, qkv, d->B, d->T,
+                               d->NHl, d->HS);
+}
+
+void model_attention_block_fwd(struct model *m, struct comm *tp, int l) {
+    struct block_acts a = training_acts(m, l);
+    struct block_attention att = {attend_sequence, m};
+    model_block_attention_fwd(m, tp, l, &a, &att);
 }
 
 // (ln2) -> f -> fc + gelu (fused) -> fc_proj -> g -> +bias -> +res2, fused with the next block's
 // ln1 (ln_f after the last block)
 void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
-    const struct model_dims *d = &m->d;
-    struct layer_params *p = &m->p.layers[l];
-    struct layer_acts *la = &m->a.layers[l];
-    int N = (int)d->N;
-    struct row_parallel_out o = residual_then_ln(la->res3, la->res2, m->a.lnf, m->a.lnf_mean, m->a.lnf_rstd,
-                                                 m->p.lnfw, m->p.lnfb);
-    if (l + 1 < d->L) {
-        struct layer_acts *nx = &m->a.layers[l + 1];
-        const struct layer_params *np = &m->p.layers[l + 1];
-        o = residual_then_ln(la->res3, la->res2, nx->ln1, nx->ln1_mean, nx->ln1_rstd, np->ln1w, np->ln1b);
-    }
-    column_parallel_linear_fwd(m->be, tp, la->fch_gelu, la->fch, la->ln2, p->fcw, p->fcb, N, d->C, d->Fl);
-    row_parallel_linear_fwd(m->be, tp, m->a.proj, la->fch_gelu, p->fcprojw, p->fcprojb, N, d->Fl, d->C, &o);
+    struct block_acts a = training_acts(m, l);
+    model_block_mlp_fwd(m, tp, l, &a);
 }
 
 // (ln_f, computed by the last block) -> f -> LM head tied with wte (column-parallel over the

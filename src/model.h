@@ -164,5 +164,33 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int layer);
 void model_attention_block_bwd(struct model *m, struct comm *tp, int layer);
 void model_embedding_bwd(struct model *m, struct comm *tp);
 
+// One block's forward for N tokens on any buffers: the training step runs it over the micro-batch
+// (m->a), the KV-cache decoder over one token with attention reading its cache, so the block
+// (and its collectives) is written once. Every buffer is compute type unless float *.
+struct block_acts {
+    int N;                              // tokens
+    void *ln1;                          // (N, C) ln_1 of the block input, computed before
+    void *qkv, *atty;                   // (N, 3*Cl), (N, Cl)
+    void *proj;                         // (N, C) row-parallel partial sums, scratch
+    const void *res1;                   // (N, C) block input
+    void *res2;                         // (N, C) after attention; may alias res1
+    void *ln2;                          // (N, C)
+    float *ln2_mean, *ln2_rstd;         // (N)
+    void *fch, *fch_gelu;               // (N, Fl)
+    void *res3;                         // (N, C) block output; may alias res2
+    void *ln_next;                      // (N, C) the next block's ln_1 (ln_f after the last)
+    float *next_mean, *next_rstd;       // (N)
+};
+// The attention core between the qkv and proj layers: atty (N, Cl) from qkv (N, 3*Cl) of layer l.
+struct block_attention {
+    void (*fwd)(void *arg, int layer, void *atty, const void *qkv);
+    void *arg;
+};
+// (ln1) -> f -> qkv -> attention -> proj -> g -> +bias -> +res1 = res2, fused with ln2
+void model_block_attention_fwd(struct model *m, struct comm *tp, int layer, const struct block_acts *a,
+                               const struct block_attention *att);
+// (ln2) -> f -> fc + gelu -> fc_proj -> g -> +bias -> +res2 = res3, fused with the next layernorm
+void model_block_mlp_fwd(struct model *m, struct comm *tp, int layer, const struct block_acts *a);
+
 // Collectives issued per micro-batch by forward and backward (for logs and tests).
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward);
