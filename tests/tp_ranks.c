@@ -53,7 +53,7 @@ static void check_mappings(struct comm *tp) {
     enum { ROWS_PER_RANK = 3, W = 5 };
     size_t N = (size_t)ROWS_PER_RANK * (size_t)P, n = N * W, shard = ROWS_PER_RANK * W;
     float *h = malloc(n * sizeof(float)), *want = malloc(n * sizeof(float)), *got = malloc(n * sizeof(float));
-    float *full = dev(n), *part = dev(shard), *out = dev(n);
+    float *full = dev(n);
     char detail[256] = "";
 
     // f and g: each rank's own (N, W) tensor
@@ -85,38 +85,36 @@ static void check_mappings(struct comm *tp) {
     for (size_t i = 0; i < N; i++)
         for (size_t j = 0; j < W; j++) x[i * W + j] = val(i, j, 0);
     const float *mine = x + (size_t)rank * shard, *want_mine = want + (size_t)rank * shard;
-    put(part, mine, shard);
-    gather_from_sequence_parallel_region_fwd(be, tp, out, part, N, W);
-    get(got, out, n);
-    verdict("gather_from_sequence_parallel_region forward assembles the rows in rank order",
-            differ(got, x, n, 0, detail, sizeof detail), detail);
-    put(full, h, n); // per-rank gradients: the backward sums them and keeps this rank's rows
-    gather_from_sequence_parallel_region_bwd(be, tp, part, full, N, W);
-    get(got, part, shard);
-    verdict("gather_from_sequence_parallel_region backward reduce-scatters",
-            differ(got, want_mine, shard, 0, detail, sizeof detail), detail);
-
-    put(full, x, n);
-    scatter_to_sequence_parallel_region_fwd(be, tp, part, full, N, W);
-    get(got, part, shard);
-    verdict("scatter_to_sequence_parallel_region forward keeps this rank's rows",
-            differ(got, mine, shard, 0, detail, sizeof detail), detail);
-    put(part, mine, shard);
-    scatter_to_sequence_parallel_region_bwd(be, tp, out, part, N, W);
-    get(got, out, n);
-    verdict("scatter_to_sequence_parallel_region backward all-gathers", differ(got, x, n, 0, detail, sizeof detail),
-            detail);
-
-    put(full, h, n);
-    reduce_scatter_to_sequence_parallel_region_fwd(be, tp, part, full, N, W);
-    get(got, part, shard);
-    verdict("reduce_scatter_to_sequence_parallel_region forward sums and keeps this rank's rows",
-            differ(got, want_mine, shard, 0, detail, sizeof detail), detail);
-    put(part, mine, shard);
-    reduce_scatter_to_sequence_parallel_region_bwd(be, tp, out, part, N, W);
-    get(got, out, n);
-    verdict("reduce_scatter_to_sequence_parallel_region backward all-gathers",
-            differ(got, x, n, 0, detail, sizeof detail), detail);
+    // Every sequence-parallel mapping maps (in, rows, width) to out: one table row each.
+    const struct {
+        const char *name;
+        void (*fn)(struct backend be, struct comm *tp, void *out, const void *in, size_t rows, size_t width);
+        const float *in, *want; // host
+        size_t in_n, out_n;
+    } cases[] = {
+        {"gather_from_sequence_parallel_region forward assembles the rows in rank order",
+         gather_from_sequence_parallel_region_fwd, mine, x, shard, n},
+        // per-rank gradients: the backward sums them and keeps this rank's rows
+        {"gather_from_sequence_parallel_region backward reduce-scatters", gather_from_sequence_parallel_region_bwd, h,
+         want_mine, n, shard},
+        {"scatter_to_sequence_parallel_region forward keeps this rank's rows", scatter_to_sequence_parallel_region_fwd,
+         x, mine, n, shard},
+        {"scatter_to_sequence_parallel_region backward all-gathers", scatter_to_sequence_parallel_region_bwd, mine, x,
+         shard, n},
+        {"reduce_scatter_to_sequence_parallel_region forward sums and keeps this rank's rows",
+         reduce_scatter_to_sequence_parallel_region_fwd, h, want_mine, n, shard},
+        {"reduce_scatter_to_sequence_parallel_region backward all-gathers",
+         reduce_scatter_to_sequence_parallel_region_bwd, mine, x, shard, n},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        float *src = dev(cases[c].in_n), *dst = dev(cases[c].out_n);
+        put(src, cases[c].in, cases[c].in_n);
+        cases[c].fn(be, tp, dst, src, N, W);
+        get(got, dst, cases[c].out_n);
+        verdict(cases[c].name, differ(got, cases[c].want, cases[c].out_n, 0, detail, sizeof detail), detail);
+        be.iface->free(be.ctx, src);
+        be.iface->free(be.ctx, dst);
+    }
 
     // Last-dim gather of (N, W) column blocks into (N, P*W), N > 1: rows are reassembled.
     float *cols = dev(N * W), *wide = dev(N * W * (size_t)P);
@@ -136,8 +134,6 @@ static void check_mappings(struct comm *tp) {
     free(hw);
     free(gw);
     be.iface->free(be.ctx, full);
-    be.iface->free(be.ctx, part);
-    be.iface->free(be.ctx, out);
     free(x);
     free(h);
     free(want);
