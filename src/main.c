@@ -51,7 +51,9 @@ static const char usage_text[] =
     "  -h, --help            this text\n"
     "  -V, --version         print the version\n"
     "\n"
-    "exit codes: 0 success, 1 runtime failure, 2 usage, config or input error\n";
+    "exit codes: 0 success, 1 runtime failure, 2 usage, config or input error,\n"
+    "  3 preempted (SIGTERM/SIGUSR1: stopped at a step boundary with a checkpoint saved;\n"
+    "  continue with --set checkpoint.resume=auto)\n";
 
 struct cli {
     const char *config_path;
@@ -249,7 +251,15 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world_size);
     int code = run(argc, argv, rank, world_size);
-    fflush(stdout);
+    // Standard output carries --dry-run's plan, --help and generated text: output lost to a full
+    // disk fails the run instead of exiting 0. stdio keeps no errno for a write that failed
+    // inside an earlier printf, so only a failing final flush can name the reason.
+    errno = 0;
+    if ((fflush(stdout) != 0 || ferror(stdout)) && code == TP_EXIT_OK) {
+        fprintf(stderr, "tptrain: standard output: %s; the output is incomplete\n",
+                errno ? strerror(errno) : "a write failed (a full disk or a closed file)");
+        code = TP_EXIT_RUNTIME;
+    }
     MPI_Finalize();
     return code;
 }

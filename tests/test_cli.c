@@ -55,7 +55,7 @@ static void line_with(const char *out, const char *needle, char *line, size_t le
 Test(cli, help_lists_every_option_of_the_parser) {
     char *out = expect_exit(0, "--help");
     const char *modes[] = {"--dry-run", "--eval", "--bench", "--set", "layer", "allreduce", "model",
-                           "exit codes"};
+                           "exit codes", "3 preempted"};
     for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) expect_has(out, modes[i], "--help");
 
     char path[2048];
@@ -316,6 +316,20 @@ Test(cli, endless_or_deep_config_is_refused_fast) {
     cr_assert(!strstr(out, "nest"), "brackets in comments and quotes were counted:\n%s", out);
     free(out);
     tu_rmtree(dir);
+}
+
+// Standard output is the result of --dry-run, --help and --generate: a full disk there is a failed
+// run (exit 1 and one line on stderr), not a silent exit 0.
+Test(cli, full_stdout_fails_the_run) {
+    char out[OUT_CAP];
+    int rc = tu_run(out, sizeof out, "cd '%s' && timeout 60 '%s' --dry-run configs/tiny.yaml > /dev/full",
+                    tu_source_root(), tu_tptrain());
+    cr_assert_eq(rc, 1, "--dry-run > /dev/full: exit %d, want 1:\n%s", rc, out);
+    expect_has(out, "tptrain: standard output: ", "stdout error");
+    expect_has(out, "the output is incomplete", "stdout error");
+    cr_assert_eq(count_lines(out), 1, "one line of error:\n%s", out);
+    rc = tu_run(out, sizeof out, "timeout 60 '%s' --help > /dev/full", tu_tptrain());
+    cr_assert_eq(rc, 1, "--help > /dev/full: exit %d, want 1:\n%s", rc, out);
 }
 
 // --eval options that would run away or do nothing useful are refused up front.
