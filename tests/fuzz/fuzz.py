@@ -173,14 +173,19 @@ def fuzz_configs(rng, deadline, exe, env, tmp, outdir, v):
     return ok
 
 
-def fuzz_cmdlines(rng, deadline, exe, env, ckpt, outdir, v):
+def fuzz_cmdlines(rng, deadline, exe, env, ckpt, tmp, outdir, v):
     seeds = [l.split() for l in open(os.path.join(ROOT, "tests", "fuzz", "corpus", "cmdlines", "seeds.txt"))
              if l.strip()]
+    # A mutated command line may name any relative path as a file to write (--json configs/tiny.yaml),
+    # so these run in a scratch copy of configs/ and data/, never in the source tree.
+    work = os.path.join(tmp, "cmdline_cwd")
+    for d in ("configs", "data"):
+        shutil.copytree(os.path.join(ROOT, d), os.path.join(work, d))
     ok = True
     while time.time() < deadline:
         args = [a.replace("CKPT", ckpt) for a in mutate_args(rng, rng.choice(seeds))]
         args = [exe] + clamp_work(args) + SMALL
-        rc, out = run(args, 30, env)
+        rc, out = run(args, 30, env, cwd=work)
         ok &= judge("cmdline", v, rc, out, args, " ".join(args[1:])[:200], outdir)
     return ok
 
@@ -240,7 +245,7 @@ def main():
     ap.add_argument("--out", default=None, help="where failing inputs are kept (default: a temporary folder)")
     a = ap.parse_args()
     exe = os.path.abspath(a.tptrain)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", TPTRAIN_BENCH_ITERS="1+2",
                ASAN_OPTIONS="exitcode=86:abort_on_error=0:detect_leaks=1:allocator_may_return_null=1",
                UBSAN_OPTIONS="halt_on_error=1:exitcode=87:print_stacktrace=1",
                LSAN_OPTIONS="suppressions=" + os.path.join(ROOT, "tests", "fuzz", "lsan.supp"))
@@ -272,7 +277,7 @@ def main():
     ok = True
     t = time.time()
     ok &= fuzz_configs(rng, t + share, exe, env, tmp, outdir, verdicts["config"])
-    ok &= fuzz_cmdlines(rng, time.time() + share, exe, env, ckpt, outdir, verdicts["cmdline"])
+    ok &= fuzz_cmdlines(rng, time.time() + share, exe, env, ckpt, tmp, outdir, verdicts["cmdline"])
     ok &= fuzz_checkpoints(rng, time.time() + share, exe, env, ckpt, tmp, outdir, verdicts["checkpoint"])
     ok &= fuzz_shards(rng, time.time() + share, exe, env, shard, tmp, outdir, verdicts["shard"])
     print("%-11s %7s %8s %6s %8s %9s" % ("category", "inputs", "crashes", "hangs", "reports", "bad exit"))
