@@ -8,10 +8,12 @@
 #include "eval.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "ckpt.h"
 #include "llmc.h"
@@ -31,12 +33,38 @@
 // Builds the run config from the checkpoint's config.yaml. Keys that only training uses are
 // cleared so that their files need not exist here; the derived batch keys are recomputed for
 // this world size. Returns 0 or TP_EXIT_USAGE with err set (identical on every rank).
-static int eval_config(struct tp_config *cfg, const struct eval_opts *o, const char *dir, int world_size,
+// The defaults with the shape of a Hugging Face model directory's config.json (its other fields
+// are checked when the weights load).
+static int hf_base_config(struct tp_config *cfg, const char *path, char *err, size_t errlen) {
+    config_defaults(cfg);
+    json_error_t e;
+    json_t *c = json_load_file(path, JSON_REJECT_DUPLICATES, &e);
+    if (!c) return tp_errf(err, errlen, "%s: cannot read as JSON (%s)", path, e.text);
+    static const char *const keys[5] = {"n_layer", "n_head", "n_embd", "vocab_size", "n_positions"};
+    int *dst[5] = {&cfg->model.n_layer, &cfg->model.n_head, &cfg->model.n_embd, &cfg->model.vocab_size,
+                   &cfg->model.seq_len};
+    int st = 0;
+    for (int i = 0; i < 5 && !st; i++) {
+        const json_t *v = json_object_get(c, keys[i]);
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > (1 << 24))
+            st = tp_errf(err, errlen, "%s: %s is missing or not a positive integer", path, keys[i]);
+        else *dst[i] = (int)json_integer_value(v);
+    }
+    json_decref(c);
+    return st;
+}
+
+static int eval_config(struct tp_config *cfg, const struct eval_opts *o, const char *dir, bool hf, int world_size,
                        char *err, size_t errlen) {
     char path[2 * TP_PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/config.yaml", dir);
-    config_defaults(cfg);
-    int st = config_load_file(cfg, path, err, errlen);
+    snprintf(path, sizeof path, "%s/%s", dir, hf ? "config.json" : "config.yaml");
+    int st;
+    if (hf) {
+        st = hf_base_config(cfg, path, err, errlen);
+    } else {
+        config_defaults(cfg);
+        st = config_load_file(cfg, path, err, errlen);
+    }
     if (st) return st;
     cfg->checkpoint.dir[0] = cfg->checkpoint.resume[0] = '\0';
     cfg->init.from[0] = cfg->log.jsonl[0] = cfg->debug.dump_init[0] = '\0';
@@ -395,17 +423,25 @@ int eval_run(const struct eval_opts *o) {
     char err[2048] = "", dir[2 * TP_PATH_MAX] = "";
     // Every rank reads the same files, so they fail alike: rank 0 speaks for all.
     int st = ckpt_resolve(o->checkpoint, dir, sizeof dir, err, sizeof err);
-    if (st == 1) {
-        snprintf(err, sizeof err, "--eval %s: holds no checkpoint (no state.json, no `latest`, no step_N directory)",
-                 o->checkpoint);
+    // not a tptrain checkpoint: a Hugging Face model directory (config.json beside the weights)?
+    char hf_cfg[2 * TP_PATH_MAX + 32];
+    snprintf(hf_cfg, sizeof hf_cfg, "%s/config.json", o->checkpoint);
+    struct stat sb;
+    bool hf = st == 1 && stat(hf_cfg, &sb) == 0 && S_ISREG(sb.st_mode);
+    if (hf) {
+        st = 0;
+        snprintf(dir, sizeof dir, "%s", o->checkpoint);
+    } else if (st == 1) {
+        snprintf(err, sizeof err, "--eval %s: holds no checkpoint (no state.json, no `latest`, no step_N directory, "
+                 "no Hugging Face config.json)", o->checkpoint);
         st = TP_EXIT_USAGE;
     }
-    struct ckpt_state cs;
-    if (!st) st = ckpt_read_state(dir, &cs, err, sizeof err);
+    struct ckpt_state cs = {.dp_size = 1};
+    if (!st && !hf) st = ckpt_read_state(dir, &cs, err, sizeof err);
     static struct tp_config cfg;
-    if (!st) st = eval_config(&cfg, o, dir, world, err, sizeof err);
+    if (!st) st = eval_config(&cfg, o, dir, hf, world, err, sizeof err);
     // the shape state.json recorded, before anything is allocated from config.yaml's
-    if (!st) st = ckpt_check_model(&cs, &cfg.model, dir, err, sizeof err);
+    if (!st && !hf) st = ckpt_check_model(&cs, &cfg.model, dir, err, sizeof err);
     struct tokenizer tk = {0};
     if (!st && o->generate) st = tokenizer_load(&tk, EVAL_TOKENIZER_PATH, err, sizeof err);
     if (st) {
@@ -423,7 +459,8 @@ int eval_run(const struct eval_opts *o) {
         struct model m;
         struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp_size, mesh.tp_rank);
         model_alloc(&m, &d, be); // every weight comes from the checkpoint
-        st = ckpt_load_params(&m, &mesh, dir, CKPT_LOAD_EXACT, err, sizeof err);
+        // a Hugging Face directory loads as init.from does (config.json's fields checked there)
+        st = ckpt_load_params(&m, &mesh, dir, hf ? CKPT_LOAD_INIT : CKPT_LOAD_EXACT, err, sizeof err);
         st = train_agree(&mesh, st, err);
         if (!st && o->export_llmc) {
             size_t n = strlen(o->export_llmc);

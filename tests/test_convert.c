@@ -173,3 +173,31 @@ Test(convert, llmc_model_file_round_trip) {
     free(out);
     tu_rmtree(dir);
 }
+
+// --eval of a Hugging Face directory gives the same validation loss and the same samples as --eval of
+// the tptrain checkpoint it was copied from; a directory with neither is refused.
+Test(convert, eval_of_a_hugging_face_directory) {
+    char dir[256], *out = malloc(OUT_CAP), *ref = malloc(OUT_CAP);
+    tu_tmpdir(dir, sizeof dir, "hfeval");
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && timeout 120 '%s' configs/tiny.yaml --set train.steps=6 "
+                    "--set checkpoint.dir='%s/ck' >/dev/null && mkdir -p '%s/hf' && cp '%s/ck/step_00000006/model.safetensors' "
+                    "'%s/ck/step_00000006/config.json' '%s/hf/'", tu_source_root(), tu_tptrain(), dir, dir, dir, dir, dir);
+    cr_assert_eq(rc, 0, "%s", out);
+    const char *what[2] = {"--batches 2", "--generate 8 --seed 3"};
+    for (int k = 0; k < 2; k++) {
+        rc = tu_run(ref, OUT_CAP, "cd '%s' && '%s' --eval '%s/ck' %s | grep -v 'tokens/s\\|^eval '", tu_source_root(),
+                    tu_tptrain(), dir, what[k]);
+        cr_assert_eq(rc, 0, "%s", ref);
+        rc = tu_run(out, OUT_CAP, "cd '%s' && '%s' --eval '%s/hf' %s | grep -v 'tokens/s\\|^eval '", tu_source_root(),
+                    tu_tptrain(), dir, what[k]);
+        cr_assert_eq(rc, 0, "%s", out);
+        cr_assert_str_eq(out, ref, "--eval %s of the Hugging Face copy differs:\n%s\nfrom the checkpoint's:\n%s", what[k],
+                         out, ref);
+    }
+    rc = tu_run(out, OUT_CAP, "mkdir -p '%s/empty' && '%s' --eval '%s/empty'", dir, tu_tptrain(), dir);
+    cr_assert_eq(rc, 2, "%s", out);
+    cr_assert(strstr(out, "no Hugging Face config.json"), "%s", out);
+    free(out);
+    free(ref);
+    tu_rmtree(dir);
+}
