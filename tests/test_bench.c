@@ -444,3 +444,9 @@ Test(bench, json_on_a_full_disk_exits_1) {
     cr_assert(strstr(out, "/dev/full: write failed"), "%s", out);
     free(out);
 }
+
+// A layer too large to hold is refused up front (exit 2), not left to fail an allocation (found by
+// the fuzz driver: `layer 16 2147483647 64` exited 1 out of memory).
+Test(bench, layer_too_large_to_hold_exits_2) {
+    expect_usage_error(0, "layer 16 2147483647 64", "over the 1073741824 this mode allows");
+}

@@ -260,6 +260,9 @@ static int layer_run(struct bench *b, void *args) {
 
 // ---- arguments
 
+// The largest matrix a layer benchmark may hold per rank (elements): 2^30, 4 GiB in fp32.
+#define LAYER_MAX_ELEMS (1LL << 30)
+
 // Checks `layer M K N` against the TP size; every rank reaches the same verdict.
 static int layer_parse(const struct bench_opts *o, bool root, int P, void **args) {
     int *dims = tp_calloc(3, sizeof *dims);
@@ -280,6 +283,17 @@ static int layer_parse(const struct bench_opts *o, bool root, int P, void **args
     if (dims[2] % P) {
         if (root) fprintf(stderr, "tptrain: --bench layer: N=%d is not divisible by the %d ranks (the TP size); "
                                   "each rank holds N/P columns, so pick N a multiple of %d\n", dims[2], P, P);
+        return TP_EXIT_USAGE;
+    }
+    // each of M x K, M x N/P and N/P x K is a buffer of its own (several of each): a bound that
+    // refuses absurd sizes up front instead of failing an allocation
+    long long M = dims[0], K = dims[1], Nl = dims[2] / P, most = M * K;
+    if (M * Nl > most) most = M * Nl;
+    if (Nl * K > most) most = Nl * K;
+    if (most > LAYER_MAX_ELEMS) {
+        if (root) fprintf(stderr, "tptrain: --bench layer: M=%d K=%d N=%d makes a %lld-element matrix per rank, over the "
+                                  "%lld this mode allows; pick smaller sizes\n", dims[0], dims[1], dims[2], most,
+                          (long long)LAYER_MAX_ELEMS);
         return TP_EXIT_USAGE;
     }
     return 0;

@@ -152,6 +152,10 @@ def clamp_work(args):
         nxt = out[i + 1]
         if a in ("--generate", "--batches") and nxt.isdigit() and 8 < int(nxt) < 2 ** 31:
             out[i + 1] = "8"
+    if "layer" in out:  # --bench layer sizes: large but allowed ones are minutes of work, not a hang
+        for i, a in enumerate(out):
+            if a.isdigit() and 4096 < int(a) < 2 ** 31:
+                out[i] = "64"
     # --bench attention with no shape times the H200 reference grid: hours on a CPU, not a hang
     if "attention" in out and not any(re.fullmatch(r"\d+x\d+x\d+x\d+", a) or a.endswith(".yaml") for a in out):
         out.insert(out.index("attention") + 1, "1x2x16x8")
