@@ -1,0 +1,238 @@
+// cross_entropy.cu: the vocab-parallel cross-entropy: per-row statistics, their rescale across ranks, the loss and
+// the logits gradient.
+//
+// Part of the CUDA backend: the kernels and their launchers; backend_cuda.cu puts the launchers in
+// the backend table. Shared context, checks and device helpers: cuda_internal.cuh.
+
+#include "cuda_internal.cuh"
+
+// -- vocab-parallel cross-entropy: one block per row; V columns per access (V divides n_vocab),
+// the vector that straddles n_real masked element-wise. The statistics read the logits once, in
+// 16-byte accesses for both storage types where the rows allow; the backward keeps one column per
+// access on the fp32 path.
+
+// exp(x) for x <= 0: the fp32 path keeps expf; bf16 logits carry 8 significant bits, so the
+// hardware exp2 (relative error about 2^-21) is exact enough and saves the instructions that
+// would otherwise compete with the memory stream.
+template <typename E> __device__ __forceinline__ float xent_exp(float x);
+template <> __device__ __forceinline__ float xent_exp<float>(float x) { return expf(x); }
+template <> __device__ __forceinline__ float xent_exp<bf16>(float x) { return __expf(x); }
+
+// One pass over each row (online softmax). Every thread folds its columns into a running
+// (max m, sum s of exp(x - m)), a group of XENT_UNROLL vectors at a time: the group's max first,
+// then s is moved onto the new max once and the group's exponentials are added. The block then
+// takes the max of the threads' m and sums their s rescaled onto it, both in a fixed order. The
+// target logit is taken from registers by the thread whose vector holds it.
+
+// Folds one group into (m, s): x[u] holds columns [j0 + u * js, + V). With MASK, columns at or
+// past n_real (padding, or vectors past the row) are left out; without, all are real (every group
+// but a row's last).
+template <typename E, int V, bool MASK>
+__device__ __forceinline__ void xent_fold(float &m, float &s, float *target_out,
+                                          const vec_t<E, V> (&x)[XENT_UNROLL], int j0, int js,
+                                          int n_real, int r) {
+    float gm = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < XENT_UNROLL; u++) {
+        int ju = j0 + u * js;
+#pragma unroll
+        for (int e = 0; e < V; e++)
+            if (!MASK || ju + e < n_real) gm = fmaxf(gm, to_f(x[u].e[e]));
+        if ((unsigned)(r - ju) < (unsigned)V && (!MASK || r < n_real)) {
+#pragma unroll
+            for (int e = 0; e < V; e++)
+                if (ju + e == r) *target_out = to_f(x[u].e[e]);
+        }
+    }
+    if (gm > m) {
+        s *= xent_exp<E>(m - gm); // exp(-inf) = 0 on the first group
+        m = gm;
+    }
+    // with m still -inf every value seen is -inf and adds 0; shift by 0 to avoid -inf - -inf
+    float mu = m == -INFINITY ? 0.0f : m;
+#pragma unroll
+    for (int u = 0; u < XENT_UNROLL; u++) {
+        int ju = j0 + u * js;
+#pragma unroll
+        for (int e = 0; e < V; e++)
+            if (!MASK || ju + e < n_real) s += xent_exp<E>(to_f(x[u].e[e]) - mu);
+    }
+}
+
+// maxes (N), sums (2, N): [0][i] = sum exp(logit - max) over real columns, [1][i] = target logit
+// or 0; a row without real columns gets max -inf and sum 0.
+template <typename E, int V>
+__global__ void __launch_bounds__(XENT_STATS_BLOCK, XENT_STATS_MIN_BLOCKS)
+xent_stats_kernel(float *maxes, float *sums, const E *logits, const int *targets, int N,
+                  int vocab_start, int n_real, int n_vocab) {
+    __shared__ float sh[TPC_WARP];
+    size_t i = blockIdx.x;
+    const E *row = logits + i * n_vocab; // (n_vocab)
+    float *target_out = sums + (size_t)N + i;
+    int r = targets[i] - vocab_start; // the target's column here, if in [0, n_real)
+    int nv = (n_real + V - 1) / V, bs = (int)blockDim.x;
+    float m = -INFINITY, s = 0.0f;
+    for (int k0 = threadIdx.x; k0 < nv; k0 += XENT_UNROLL * bs) {
+        vec_t<E, V> x[XENT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < XENT_UNROLL; u++) {
+            int k = k0 + u * bs;
+            if (k < nv)
+                x[u] = ld_vec<E, V>(row + (size_t)k * V);
+            else
+                x[u] = vec_t<E, V>{}; // masked in the fold; defined all the same
+        }
+        if ((k0 + (XENT_UNROLL - 1) * bs + 1) * V <= n_real)
+            xent_fold<E, V, false>(m, s, target_out, x, k0 * V, bs * V, n_real, r);
+        else
+            xent_fold<E, V, true>(m, s, target_out, x, k0 * V, bs * V, n_real, r);
+    }
+    float bm = block_max_f(m, sh);
+    s = m == -INFINITY ? 0.0f : s * xent_exp<E>(m - bm);
+    s = block_sum_f(s, sh);
+    if (threadIdx.x == 0) {
+        maxes[i] = bm;
+        sums[i] = s;
+        if (r < 0 || r >= n_real) *target_out = 0.0f;
+    }
+}
+
+// sums[0] (N) *= exp(local_max - max): this rank's sums onto the global max; a rank without real
+// columns (local max -inf) contributes 0
+__global__ void xent_rescale_kernel(float *sums, const float *local_maxes, const float *maxes,
+                                    int N) {
+    GRID_STRIDE(i, (size_t)N) {
+        float lm = local_maxes[i];
+        sums[i] *= lm == -INFINITY ? 0.0f : expf(lm - maxes[i]);
+    }
+}
+
+__global__ void xent_loss_kernel(float *losses, const float *maxes, const float *sums, int N) {
+    GRID_STRIDE(i, (size_t)N) losses[i] = logf(sums[i]) + maxes[i] - sums[(size_t)N + i];
+}
+
+// dlogits (N, n_vocab) = (softmax - onehot) * dloss on real columns, 0 on padding; in place safe
+// (each element is read and written by the same thread). A thread loads XENT_UNROLL vectors
+// before it stores any: with dlogits possibly aliasing logits the compiler may not move a load
+// above an earlier store, so without the explicit grouping only one load would be in flight.
+template <typename E, int V>
+__global__ void xent_bwd_kernel(E *dlogits, const E *logits, const float *maxes, const float *sums,
+                                const int *targets, float dloss, int vocab_start, int n_real,
+                                int n_vocab) {
+    size_t i = blockIdx.x;
+    const E *row = logits + i * n_vocab;
+    E *drow = dlogits + i * n_vocab;
+    float mx = maxes[i];
+    float inv = 1.0f / sums[i];
+    int r = targets[i] - vocab_start;
+    int nv = n_vocab / V, bs = (int)blockDim.x;
+    for (int k0 = threadIdx.x; k0 < nv; k0 += XENT_UNROLL * bs) {
+        vec_t<E, V> x[XENT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < XENT_UNROLL; u++) {
+            int k = k0 + u * bs;
+            if (k < nv)
+                x[u] = ld_vec<E, V>(row + (size_t)k * V);
+            else
+                x[u] = vec_t<E, V>{}; // not stored; defined all the same
+        }
+#pragma unroll
+        for (int u = 0; u < XENT_UNROLL; u++) {
+            int k = k0 + u * bs;
+            if (k >= nv) break;
+            vec_t<E, V> o;
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                int j = k * V + e;
+                float d = 0.0f;
+                if (j < n_real) {
+                    float p = xent_exp<E>(to_f(x[u].e[e]) - mx) * inv;
+                    d = (p - (j == r ? 1.0f : 0.0f)) * dloss;
+                }
+                o.e[e] = from_f<E>(d);
+            }
+            st_vec<E, V>(drow + (size_t)k * V, o);
+        }
+    }
+}
+
+
+// -- vocab-parallel cross-entropy
+
+// Columns of this rank that are real vocabulary (not padding): [0, n_real).
+static int xent_real_columns(int vocab_start, int n_vocab, int vocab_size) {
+    long long r = (long long)vocab_size - vocab_start;
+    if (r < 0) r = 0;
+    if (r > n_vocab) r = n_vocab;
+    return (int)r;
+}
+
+// bf16 rows move 8 columns per access when n_vocab allows; fp32 keeps its one-column loops.
+static bool xent_vec(const struct cuda_ctx *c, const void *a, const void *b, int n_vocab) {
+    return is_bf16(c) && n_vocab % 8 == 0 && aligned_to(a, 16) && aligned_to(b, 16);
+}
+
+template <typename E, int V>
+static void xent_stats_launch(struct cuda_ctx *c, float *maxes, float *sums, const void *logits,
+                              const int *targets, int N, int vocab_start, int n_real, int n_vocab) {
+    xent_stats_kernel<E, V><<<(unsigned int)N, XENT_STATS_BLOCK, 0, c->stream>>>(
+        maxes, sums, (const E *)logits, targets, N, vocab_start, n_real, n_vocab);
+    CUDA_CHECK_LAUNCH("xent_stats_kernel");
+}
+
+void cuda_xent_stats(void *ctx, float *maxes, float *sums, const void *logits,
+                     const int *targets, int N, int vocab_start, int n_vocab,
+                     int vocab_size) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0) return;
+    int n_real = xent_real_columns(vocab_start, n_vocab, vocab_size);
+    // 16-byte accesses for both storage types when the rows allow them
+    bool vec = aligned_to(logits, 16);
+    if (is_bf16(c) && vec && n_vocab % 8 == 0)
+        xent_stats_launch<bf16, 8>(c, maxes, sums, logits, targets, N, vocab_start, n_real, n_vocab);
+    else if (is_bf16(c))
+        xent_stats_launch<bf16, 1>(c, maxes, sums, logits, targets, N, vocab_start, n_real, n_vocab);
+    else if (vec && n_vocab % 4 == 0)
+        xent_stats_launch<float, 4>(c, maxes, sums, logits, targets, N, vocab_start, n_real, n_vocab);
+    else
+        xent_stats_launch<float, 1>(c, maxes, sums, logits, targets, N, vocab_start, n_real, n_vocab);
+}
+
+void cuda_xent_rescale(void *ctx, float *sums, const float *local_maxes, const float *maxes,
+                       int N) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0) return;
+    xent_rescale_kernel<<<ew_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(sums, local_maxes,
+                                                                            maxes, N);
+    CUDA_CHECK_LAUNCH("xent_rescale_kernel");
+}
+
+void cuda_xent_loss(void *ctx, float *losses, const float *maxes, const float *sums,
+                    int N) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0) return;
+    xent_loss_kernel<<<ew_blocks((size_t)N), TPC_BLOCK, 0, c->stream>>>(losses, maxes, sums, N);
+    CUDA_CHECK_LAUNCH("xent_loss_kernel");
+}
+
+void cuda_xent_bwd(void *ctx, void *dlogits, const void *logits, const float *maxes,
+                   const float *sums, const int *targets, float dloss, int N,
+                   int vocab_start, int n_vocab, int vocab_size) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || n_vocab <= 0) return;
+    int n_real = xent_real_columns(vocab_start, n_vocab, vocab_size);
+    unsigned int nb = (unsigned int)N;
+    if (xent_vec(c, dlogits, logits, n_vocab))
+        xent_bwd_kernel<bf16, 8><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            (bf16 *)dlogits, (const bf16 *)logits, maxes, sums, targets, dloss, vocab_start,
+            n_real, n_vocab);
+    else if (is_bf16(c))
+        xent_bwd_kernel<bf16, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            (bf16 *)dlogits, (const bf16 *)logits, maxes, sums, targets, dloss, vocab_start,
+            n_real, n_vocab);
+    else
+        xent_bwd_kernel<float, 1><<<nb, XENT_BLOCK, 0, c->stream>>>(
+            (float *)dlogits, (const float *)logits, maxes, sums, targets, dloss, vocab_start,
+            n_real, n_vocab);
+    CUDA_CHECK_LAUNCH("xent_bwd_kernel");
+}

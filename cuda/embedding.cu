@@ -1,0 +1,216 @@
+// embedding.cu: the vocab-parallel token embedding and the position embedding, forward and backward.
+//
+// Part of the CUDA backend: the kernels and their launchers; backend_cuda.cu puts the launchers in
+// the backend table. Shared context, checks and device helpers: cuda_internal.cuh.
+
+#include "cuda_internal.cuh"
+
+// -- embeddings
+
+// out (N, C) = wte rows of the tokens in this shard, 0 for the others; V divides C
+template <typename E, int V>
+__global__ void vocab_embedding_fwd_kernel(E *out, const int *tokens, const E *wte, int N, int C,
+                                           int vocab_start, int n_vocab) {
+    size_t cv = (size_t)C / V; // vectors per row
+    GRID_STRIDE(k, (size_t)N * cv) {
+        size_t i = k / cv, c = (k % cv) * V;
+        int r = tokens[i] - vocab_start;
+        vec_t<E, V> v;
+        if (r >= 0 && r < n_vocab) {
+            v = ld_vec<E, V>(wte + (size_t)r * C + c);
+        } else {
+#pragma unroll
+            for (int e = 0; e < V; e++) v.e[e] = from_f<E>(0.0f);
+        }
+        st_vec<E, V>(out + i * C + c, v);
+    }
+}
+
+// grid (EMB_BWD_GROUPS, ceil(C / (blockDim * V))). Block (g, cy) owns V channels per thread of
+// every vocab row r with r % EMB_BWD_GROUPS == g. Per tile of tokens it first lists, in token
+// order, the tokens whose row is in its group (an ordered compaction: ballot per warp, prefix over
+// warps), then walks only that list. Each dwte element is updated by exactly one thread, in token
+// order, so no atomics are needed and the result is the same sum, in the same order, as a
+// sequential loop over tokens; consecutive tokens of one row add up in registers, in that order,
+// with one load and one store of dwte per run.
+template <typename E, int V>
+__global__ void __launch_bounds__(EMB_BWD_THREADS)
+vocab_embedding_bwd_kernel(float *dwte, const E *__restrict__ dout, const int *tokens, int N, int C,
+                           int vocab_start, int n_vocab) {
+    __shared__ int rows[EMB_BWD_TILE]; // vocab row of each kept token, in token order
+    __shared__ int toks[EMB_BWD_TILE]; // its position (row of dout)
+    __shared__ int warp_n[EMB_BWD_THREADS / TPC_WARP];
+    const int g = blockIdx.x;
+    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
+    const int nwarps = blockDim.x / TPC_WARP;
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V; // first channel of this thread
+    for (int i0 = 0; i0 < N; i0 += EMB_BWD_TILE) {
+        int cnt = min(EMB_BWD_TILE, N - i0);
+        int kept = 0; // block-uniform
+        for (int j0 = 0; j0 < cnt; j0 += blockDim.x) {
+            int j = j0 + threadIdx.x;
+            int r = j < cnt ? tokens[i0 + j] - vocab_start : -1;
+            bool mine = r >= 0 && r < n_vocab && (r & (EMB_BWD_GROUPS - 1)) == g;
+            unsigned int bal = __ballot_sync(0xffffffffu, mine);
+            if (lane == 0) warp_n[warp] = __popc(bal);
+            __syncthreads();
+            int pos = kept, total = kept;
+            for (int w = 0; w < nwarps; w++) {
+                if (w < warp) pos += warp_n[w];
+                total += warp_n[w];
+            }
+            if (mine) {
+                pos += __popc(bal & ((1u << lane) - 1u));
+                rows[pos] = r;
+                toks[pos] = i0 + j;
+            }
+            kept = total;
+            __syncthreads(); // warp_n is rewritten next round; the list is complete after the last
+        }
+        if (c < C && kept > 0) {
+            int k = 0, r = rows[0];
+            vec_t<float, V> acc = ld_vec<float, V>(dwte + (size_t)r * C + c);
+            while (k < kept) {
+                int end = k + 1; // the run of row r is [k, end)
+                while (end < kept && rows[end] == r) end++;
+                // The next run's row differs from r, and any earlier store to it has been
+                // issued: its load can be in flight while this run adds up.
+                int rn = end < kept ? rows[end] : -1;
+                vec_t<float, V> next = {};
+                if (rn >= 0) next = ld_vec<float, V>(dwte + (size_t)rn * C + c);
+                for (; k < end; k++) {
+                    vec_t<E, V> d = ld_vec<E, V>(dout + (size_t)toks[k] * C + c);
+#pragma unroll
+                    for (int e = 0; e < V; e++) acc.e[e] += to_f(d.e[e]);
+                }
+                st_vec<float, V>(dwte + (size_t)r * C + c, acc);
+                r = rn;
+                acc = next;
+            }
+        }
+        __syncthreads(); // the list is rewritten by the next tile
+    }
+}
+
+// x (B, T, C) += wpe (T, C) broadcast over B; V divides T*C
+template <typename E, int V>
+__global__ void position_embedding_fwd_kernel(E *x, const E *wpe, int B, int T, int C) {
+    size_t TC = (size_t)T * C;
+    GRID_STRIDE(k, (size_t)B * TC / V) {
+        size_t i = k * V;
+        vec_t<E, V> a = ld_vec<E, V>(x + i);
+        vec_t<E, V> p = ld_vec<E, V>(wpe + i % TC);
+#pragma unroll
+        for (int e = 0; e < V; e++) a.e[e] = from_f<E>(to_f(a.e[e]) + to_f(p.e[e]));
+        st_vec<E, V>(x + i, a);
+    }
+}
+
+// One thread per V consecutive (t, c), summing over b in order; V divides T*C.
+template <typename E, int V>
+__global__ void position_embedding_bwd_kernel(float *dwpe, const E *dout, int B, int T, int C) {
+    size_t TC = (size_t)T * C;
+    GRID_STRIDE(k, TC / V) {
+        size_t tc = k * V;
+        vec_t<float, V> acc = ld_vec<float, V>(dwpe + tc);
+        for (int b = 0; b < B; b++) {
+            vec_t<E, V> d = ld_vec<E, V>(dout + (size_t)b * TC + tc);
+#pragma unroll
+            for (int e = 0; e < V; e++) acc.e[e] += to_f(d.e[e]);
+        }
+        st_vec<float, V>(dwpe + tc, acc);
+    }
+}
+
+// -- embeddings
+
+template <typename E>
+static void vocab_embedding_fwd_impl(struct cuda_ctx *c, E *out, const int *tokens, const E *wte,
+                                     int N, int C, int vocab_start, int n_vocab) {
+    const int V = vec16<E>::n;
+    size_t n = (size_t)N * C;
+    if (C % V == 0 && aligned_to(out, 16) && aligned_to(wte, 16))
+        vocab_embedding_fwd_kernel<E, V><<<ew_blocks(n / V), TPC_BLOCK, 0, c->stream>>>(
+            out, tokens, wte, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_fwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(
+            out, tokens, wte, N, C, vocab_start, n_vocab);
+    CUDA_CHECK_LAUNCH("vocab_embedding_fwd_kernel");
+}
+
+void cuda_vocab_embedding_fwd(void *ctx, void *out, const int *tokens, const void *wte,
+                              int N, int C, int vocab_start, int n_vocab) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || C <= 0) return;
+    if (is_bf16(c))
+        vocab_embedding_fwd_impl(c, (bf16 *)out, tokens, (const bf16 *)wte, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_fwd_impl(c, (float *)out, tokens, (const float *)wte, N, C, vocab_start, n_vocab);
+}
+
+template <typename E>
+static void vocab_embedding_bwd_impl(struct cuda_ctx *c, float *dwte, const E *dout,
+                                     const int *tokens, int N, int C, int vocab_start,
+                                     int n_vocab) {
+    // 4 channels per thread: one 16-byte dwte access, 8 or 16 bytes of dout
+    const int V = 4;
+    bool vec = C % V == 0 && aligned_to(dwte, 16) && aligned_to(dout, V * sizeof(E));
+    int per_block = EMB_BWD_THREADS * (vec ? V : 1);
+    dim3 grid(EMB_BWD_GROUPS, tpc_blocks((size_t)C, (size_t)per_block));
+    if (vec)
+        vocab_embedding_bwd_kernel<E, V><<<grid, EMB_BWD_THREADS, 0, c->stream>>>(
+            dwte, dout, tokens, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_bwd_kernel<E, 1><<<grid, EMB_BWD_THREADS, 0, c->stream>>>(
+            dwte, dout, tokens, N, C, vocab_start, n_vocab);
+    CUDA_CHECK_LAUNCH("vocab_embedding_bwd_kernel");
+}
+
+void cuda_vocab_embedding_bwd(void *ctx, float *dwte, const void *dout, const int *tokens,
+                              int N, int C, int vocab_start, int n_vocab) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || C <= 0 || n_vocab <= 0) return;
+    if (is_bf16(c))
+        vocab_embedding_bwd_impl(c, dwte, (const bf16 *)dout, tokens, N, C, vocab_start, n_vocab);
+    else
+        vocab_embedding_bwd_impl(c, dwte, (const float *)dout, tokens, N, C, vocab_start, n_vocab);
+}
+
+template <typename E>
+static void position_embedding_fwd_impl(struct cuda_ctx *c, E *x, const E *wpe, int B, int T,
+                                        int C) {
+    const int V = vec16<E>::n;
+    size_t n = (size_t)B * T * C;
+    if (((size_t)T * C) % V == 0 && aligned_to(x, 16) && aligned_to(wpe, 16))
+        position_embedding_fwd_kernel<E, V><<<ew_blocks(n / V), TPC_BLOCK, 0, c->stream>>>(x, wpe, B, T, C);
+    else
+        position_embedding_fwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(x, wpe, B, T, C);
+    CUDA_CHECK_LAUNCH("position_embedding_fwd_kernel");
+}
+
+void cuda_position_embedding_fwd(void *ctx, void *x, const void *wpe, int B, int T, int C) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if ((size_t)B * T * C == 0 || B <= 0) return;
+    if (is_bf16(c)) position_embedding_fwd_impl(c, (bf16 *)x, (const bf16 *)wpe, B, T, C);
+    else position_embedding_fwd_impl(c, (float *)x, (const float *)wpe, B, T, C);
+}
+
+template <typename E>
+static void position_embedding_bwd_impl(struct cuda_ctx *c, float *dwpe, const E *dout, int B,
+                                        int T, int C) {
+    const int V = 4; // one 16-byte dwpe access; 8 or 16 bytes of dout
+    size_t n = (size_t)T * C;
+    if (n % V == 0 && aligned_to(dwpe, 16) && aligned_to(dout, V * sizeof(E)))
+        position_embedding_bwd_kernel<E, V><<<ew_blocks(n / V), TPC_BLOCK, 0, c->stream>>>(dwpe, dout, B, T, C);
+    else
+        position_embedding_bwd_kernel<E, 1><<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(dwpe, dout, B, T, C);
+    CUDA_CHECK_LAUNCH("position_embedding_bwd_kernel");
+}
+
+void cuda_position_embedding_bwd(void *ctx, float *dwpe, const void *dout, int B, int T,
+                                 int C) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if ((size_t)T * C == 0 || B <= 0) return;
+    if (is_bf16(c)) position_embedding_bwd_impl(c, dwpe, (const bf16 *)dout, B, T, C);
+    else position_embedding_bwd_impl(c, dwpe, (const float *)dout, B, T, C);
+}
