@@ -37,6 +37,7 @@
 #include <string.h>
 
 #include "flash_attention.h"
+#include "flash_attention_common.cuh"
 #include "flash_attention_sm90.h"
 
 typedef __nv_bfloat16 fa_bf16;
@@ -546,7 +547,6 @@ fa_bwd_dq_kernel(fa_bf16 *dq, float *Dv, const fa_bf16 *dout, const fa_bf16 *out
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int c0 = (int)blockIdx.z * (NO / 8); // first output chunk of this block
     int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
-    int g = lane >> 2;
     const int hc = PAD ? HS / 8 : D / 8; // a constant unless padded: no padding checks
     size_t head_off = (size_t)b * T * qkv_stride + (size_t)h * HS;
     size_t dout_off = (size_t)b * T * out_stride + (size_t)h * HS;
@@ -565,38 +565,11 @@ fa_bwd_dq_kernel(fa_bf16 *dq, float *Dv, const fa_bf16 *dout, const fa_bf16 *out
         fa_cp_commit();
     }
 
-    // D for this warp's 16 rows while the tiles land: lane = (row, every other 8-column chunk)
+    // D for this warp's 16 rows while the tiles land
     int r0 = q0 + warp * 16;
-    float drow[2], lrow[2]; // D and lse (log2 units) of rows g and g + 8
-    {
-        int rr = lane >> 1, t = r0 + rr;
-        float d = 0.0f;
-        if (t < T) {
-            size_t off = dout_off + (size_t)t * out_stride;
-            const uint4 *a = reinterpret_cast<const uint4 *>(dout + off);
-            const uint4 *o = reinterpret_cast<const uint4 *>(out + off);
-            for (int c = lane & 1; c < hc; c += 2) {
-                uint4 av = a[c], ov = o[c];
-                const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
-                const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
-                    d = fmaf(af.x, of.x, d);
-                    d = fmaf(af.y, of.y, d);
-                }
-            }
-        }
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        if ((lane & 1) == 0 && t < T && blockIdx.z == 0) Dv[(size_t)bh * T + t] = d;
-        drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
-        drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            int row = r0 + g + 8 * hr;
-            lrow[hr] = row < T ? lse[(size_t)bh * T + row] * FA_LOG2E : 0.0f;
-        }
-    }
+    float drow[2], lrow[2]; // D and lse (log2 units) of rows g and g + 8 (split 0 stores D)
+    fa_row_stats(dout, out, dout_off, out_stride, lse, Dv, blockIdx.z == 0, bh, T, r0, hc, lane, FA_LOG2E,
+                 drow, lrow);
 
     float acc[NO / 8][4]; // dq (unscaled), 16 x NO
     fa_zero(acc);

@@ -24,6 +24,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "flash_attention_common.cuh"
 #include "flash_attention_sm90.h"
 
 typedef __nv_bfloat16 f9_bf16;
@@ -314,41 +315,6 @@ __device__ __forceinline__ static void f9_fwd_epilogue(f9_bf16 *out, size_t out_
         if (tq == 0 && row < T) lse_h[row] = (m[hr] * scale_log2 + __log2f(lt)) * F9_LN2;
     }
     f9_store_rows<D>(out, out_stride, o, inv, r0, T, HS, lane);
-}
-
-// D = rowsum(dout * out) of the warp's 16 rows from r0 (lane: row lane / 2, every other 8-column
-// chunk from lane % 2; hc chunks a row), stored to Dv by the even lanes; drow and lrow get the D and
-// the log-sum-exp (log2 units) of rows g and g + 8.
-__device__ __forceinline__ static void f9_row_stats(const f9_bf16 *dout, const f9_bf16 *out, size_t off,
-                                                    size_t out_stride, const float *lse, float *Dv, int bh,
-                                                    int T, int r0, int hc, int lane, float (&drow)[2],
-                                                    float (&lrow)[2]) {
-    int g = lane >> 2, t = r0 + (lane >> 1);
-    float d = 0.0f;
-    if (t < T) {
-        const uint4 *a = reinterpret_cast<const uint4 *>(dout + off + (size_t)t * out_stride);
-        const uint4 *o = reinterpret_cast<const uint4 *>(out + off + (size_t)t * out_stride);
-        for (int c = lane & 1; c < hc; c += 2) {
-            uint4 av = a[c], ov = o[c];
-            const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av);
-            const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov);
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
-                d = fmaf(af.x, of.x, d);
-                d = fmaf(af.y, of.y, d);
-            }
-        }
-    }
-    d += __shfl_xor_sync(0xffffffffu, d, 1);
-    if ((lane & 1) == 0 && t < T) Dv[(size_t)bh * T + t] = d;
-    drow[0] = __shfl_sync(0xffffffffu, d, 2 * g);
-    drow[1] = __shfl_sync(0xffffffffu, d, 2 * g + 16);
-#pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        int row = r0 + g + 8 * hr;
-        lrow[hr] = row < T ? lse[(size_t)bh * T + row] * F9_LOG2E : 0.0f;
-    }
 }
 
 // ---- kernel
@@ -720,7 +686,7 @@ f9_bwd_dq_kernel(f9_bf16 *dq, float *Dv, const f9_bf16 *dout, const f9_bf16 *out
 
     // D of this warp's 16 rows while the tiles land
     float drow[2], lrow[2];
-    f9_row_stats(dout, out, dout_off, out_stride, lse, Dv, bh, T, r0, hc, lane, drow, lrow);
+    fa_row_stats(dout, out, dout_off, out_stride, lse, Dv, true, bh, T, r0, hc, lane, F9_LOG2E, drow, lrow);
 
     float acc[D / 2];
 #pragma unroll
@@ -893,7 +859,8 @@ f9_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_consta
     int wq0 = q0 + cw * 64, r0 = wq0 + warp4 * 16;
     size_t dout_off = (size_t)b * T * out_stride + (size_t)h * D;
     float drow[2], lrow[2];
-    f9_row_stats(dout, out, dout_off, out_stride, lse, Dv, bh, T, r0, D / 8, lane, drow, lrow);
+    fa_row_stats(dout, out, dout_off, out_stride, lse, Dv, true, bh, T, r0, D / 8, lane, F9_LOG2E, drow,
+                 lrow);
     float acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) acc[i] = 0.0f;
