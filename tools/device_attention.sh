@@ -41,6 +41,27 @@ if stage memcheck; then
         >"$out/memcheck.log" 2>&1 || status=1
     grep -E "ERROR SUMMARY|wgmma|mma.sync" "$out/memcheck.log"
 fi
+if stage sanitize; then
+    # the GPU suites whole under memcheck (Criterion's forked workers are followed), then shared-memory
+    # hazards (racecheck) and barrier misuse (synccheck) on every attention kernel path
+    for t in ${SANITIZE_SUITES:-cuda_ops gemm flash_attention}; do
+        exe=$(find "$build/tests" -maxdepth 1 -name "test_$t" -type f | head -n 1)
+        [ -n "$exe" ] || continue
+        timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool memcheck --target-processes all \
+            --error-exitcode 9 "$exe" -j4 >"$out/memcheck_$t.log" 2>&1
+        echo "memcheck $t: exit $? $(grep -h 'ERROR SUMMARY' "$out/memcheck_$t.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+    done
+    for tool in racecheck synccheck; do
+        TPTRAIN_BENCH_ITERS=0+1 timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 \
+            "$build/tptrain" --bench attention 1x2x64x300 1x2x128x260 1x1x80x200 1x1x256x130 \
+            >"$out/$tool.log" 2>&1
+        echo "$tool: exit $? $(grep -h 'ERROR SUMMARY\|RACECHECK SUMMARY' "$out/$tool.log" | tr '\n' ';')"
+        grep -m 5 -E "Error|Warning|hazard" "$out/$tool.log"
+    done
+fi
+if stage quick; then
+    timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_quick.log"
+fi
 if stage attn; then
     timeout 300 python3 tools/attention_vs_sdpa.py --tptrain "$build/tptrain" --json "$out/attn_vs_sdpa.json" \
         ${ATTN_GRID:-16x12x64x1024 4x12x64x4096 16x16x128x1024 4x16x128x4096 2x16x128x8192 configs/gpt2-124m.yaml configs/gpt-1.3b.yaml} 2>&1 | tee "$out/attn.log" || status=1
