@@ -775,11 +775,14 @@ extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 // HS <= 128; flash_attention_force_portable(1) turns it off (tests compare the two paths).
 
 static int fa_portable_forced;
-static int fa_hopper_ws = -1; // -1: not decided yet (TPTRAIN_ATTN_WS=0 in the environment: off)
+static int fa_hopper_ws = -1;        // -1: not decided yet (TPTRAIN_ATTN_WS=0 in the environment: off)
+static int fa_hopper_bwd_fused = -1; // -1: not decided yet (TPTRAIN_ATTN_BWD=fused: on)
 
 extern "C" void flash_attention_force_portable(int on) { fa_portable_forced = on != 0; }
 
 extern "C" void flash_attention_set_hopper_ws(int on) { fa_hopper_ws = on != 0; }
+
+extern "C" void flash_attention_set_hopper_bwd_fused(int on) { fa_hopper_bwd_fused = on != 0; }
 
 static int fa_ws_allowed(void) {
     if (fa_hopper_ws < 0) {
@@ -787,6 +790,16 @@ static int fa_ws_allowed(void) {
         fa_hopper_ws = !(e && strcmp(e, "0") == 0);
     }
     return fa_hopper_ws;
+}
+
+// The Hopper backward's kernel choice as flash_attention_sm90_bwd takes it.
+static int fa_bwd_ws_mode(void) {
+    if (!fa_ws_allowed()) return 0;
+    if (fa_hopper_bwd_fused < 0) {
+        const char *e = getenv("TPTRAIN_ATTN_BWD");
+        fa_hopper_bwd_fused = e && strcmp(e, "fused") == 0;
+    }
+    return fa_hopper_bwd_fused ? 1 : 2;
 }
 
 static bool fa_sm90(int HS) {
@@ -809,7 +822,8 @@ static bool fa_sm90(int HS) {
 extern "C" const char *flash_attention_path(int HS) {
     if (fa_sm90(HS)) {
         if (HS != 64 && HS != 128) return "wgmma sm_90a padded";
-        return fa_ws_allowed() ? "wgmma sm_90a, TMA + ws" : "wgmma sm_90a";
+        if (!fa_ws_allowed()) return "wgmma sm_90a";
+        return fa_bwd_ws_mode() == 1 ? "wgmma sm_90a, TMA + ws, bwd fused" : "wgmma sm_90a, TMA + ws";
     }
     switch (fa_padded(HS)) {
     case 64: return HS == 64 ? "mma.sync D=64" : "mma.sync D=64 padded";
@@ -843,9 +857,13 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
 #undef FA_FWD
 }
 
+
 extern "C" size_t flash_attention_bwd_scratch_floats(int B, int T, int NH, int HS) {
-    (void)HS;
-    return (size_t)B * NH * T; // D
+    size_t bnt = (size_t)B * NH * T; // D
+    if ((HS != 64 && HS != 128) || !fa_sm90(HS) || fa_bwd_ws_mode() != 1) return bnt;
+    // the Hopper one-kernel backward: D, the fp32 dq accumulator from a 64-float boundary, and a
+    // counter per 64 queries of each head
+    return (bnt + 63) / 64 * 64 + bnt * (size_t)HS + (size_t)B * NH * ((T + 63) / 64);
 }
 
 extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
@@ -859,7 +877,7 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
-                                        NH, HS, qkv_stride, out_stride, fa_ws_allowed()) == 0
+                                        NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel

@@ -21,8 +21,9 @@
 //
 // Causal mask, scale 1/sqrt(HS). HS: a multiple of 8 from 8 to 256 (64, 128 and 256 run at their
 // own width, others padded to the next of those); any T >= 1. Calls are stream-ordered on stream
-// (a cudaStream_t, NULL for the legacy default stream) and deterministic: no float atomics, so
-// equal inputs give bitwise equal outputs.
+// (a cudaStream_t, NULL for the legacy default stream) and deterministic: no unordered float
+// atomics (the Hopper backward adds dq's partial sums in a fixed order), so equal inputs give
+// bitwise equal outputs.
 //
 // Return values: FLASH_OK, FLASH_EBADARG (shape, stride or alignment unsupported; nothing was
 // launched), FLASH_ECUDA (a launch failed; cudaGetLastError has been consumed).
@@ -49,6 +50,12 @@ void flash_attention_force_portable(int on);
 // backward use the warp-specialised kernels fed by the tensor memory accelerator where they apply
 // (head sizes 64 and 128); zero: the cp.async wgmma kernels (tests and benchmarks compare them).
 void flash_attention_set_hopper_ws(int on);
+
+// Nonzero (or TPTRAIN_ATTN_BWD=fused in the environment): the warp-specialised Hopper backward
+// runs as one kernel that adds dq's partial sums up in key-block order, instead of the default two
+// kernels (dq, then dk and dv, each recomputing S and dP). Measured slower so far (docs/attention.md);
+// benchmarks and tests compare them. Set it before sizing the scratch: the fused kernel needs more.
+void flash_attention_set_hopper_bwd_fused(int on);
 
 // The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words
 // ("mma.sync D=128 padded", ...); "unsupported" when they take no such head size.

@@ -11,11 +11,13 @@
 // swizzled K-major layout: blocks of 64 columns, each a stack of 128-byte rows with 16-byte chunk c
 // of row r at c ^ (r % 8), 1024-byte aligned.
 //
-// The backward has the same shape (see its section): two kernels, no atomics.
+// The backward has the same shape (see its section): two kernels, no atomics. Warp-specialised
+// variants of the forward and of both backward kernels (head sizes 64 and 128) take their tiles
+// from the tensor memory accelerator; a one-kernel backward (dq added up across key blocks in a
+// fixed order) is there too, off by default since it measured slower (docs/attention.md).
 //
-// Not yet here (FlashAttention-3's remaining steps): TMA loads, producer / consumer warp
-// specialisation with setmaxnreg, ping-pong of the two warpgroups, and the softmax of one tile
-// overlapped with the next tile's products.
+// Not yet here (FlashAttention-3's remaining steps): ping-pong of the two consumer warpgroups,
+// and the softmax of one tile overlapped with the next tile's products.
 //
 // Sections: constants, device helpers, wgmma wrappers, forward kernel, backward kernels, launchers.
 #include <cuda.h> // CUtensorMap and its encoder's types; the encoder is reached through the runtime
@@ -182,8 +184,10 @@ __device__ __forceinline__ static void wg_ss_n128(float (&d)[64], uint64_t da, u
                  : "l"(da), "l"(db), "r"(scale_d));
 }
 
-// d (64 x 64 fp32, this thread's 32 values) = (scale_d ? d : 0) + A . B^T, A and B K-major
-// bf16 in shared memory (descriptors da, db).
+// d (64 x 64 fp32, this thread's 32 values) = (scale_d ? d : 0) + A . B^T, A and B bf16 in
+// shared memory (descriptors da, db), K-major, or MN-major where TA / TB is 1 (then d = A . B with
+// A stored K x M and B stored K x N).
+template <int TA = 0, int TB = 0>
 __device__ __forceinline__ static void wg_ss_n64(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
@@ -191,12 +195,12 @@ __device__ __forceinline__ static void wg_ss_n64(float (&d)[32], uint64_t da, ui
                  "%8, %9, %10, %11, %12, %13, %14, %15, "
                  "%16, %17, %18, %19, %20, %21, %22, %23, "
                  "%24, %25, %26, %27, %28, %29, %30, %31"
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
                    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(da), "l"(db), "r"(scale_d));
+                 : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
 }
 
 // d (64 x 64 fp32) += A . B, A (64 x 16 bf16) in registers as four mma.sync-style fragments,
@@ -603,15 +607,33 @@ __device__ __forceinline__ static void f9_dq_tile(float (&acc)[D / 2], uint32_t 
     f9_pin(acc);
 }
 
+// This thread's words of a warpgroup's dS^T fragments f (bf16 pairs, f9_afrag16's layout) into
+// the swizzled 128-key x 64-query tile at sS, the warpgroup's rows from byte ro (rk0: the warp's
+// first key). Word w of chunk kc: key row g (+8 for w odd), queries 16 kc + 8 (w / 2) + 2 tq.
+__device__ __forceinline__ static void f9_store_ds(uint32_t sS, uint32_t ro, int rk0, int lane,
+                                                   const uint32_t (&f)[F9_BT / 16][4]) {
+    int row = (int)(ro >> 7) + ((rk0 >> 4) & 3) * 16 + (lane >> 2), tq = lane & 3;
+#pragma unroll
+    for (int kc = 0; kc < F9_BT / 16; kc++)
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            int rr = row + 8 * (w & 1), chunk = 2 * kc + (w >> 1);
+            uint32_t a = sS + (uint32_t)(rr * 128 + ((chunk ^ (rr & 7)) << 4) + 4 * tq);
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(f[kc][w]) : "memory");
+        }
+}
+
 // One 64-query tile of dk, dv for a warpgroup's 64 keys (rows at byte ro of the 128-row K and V
 // tiles; rk0: the warp's first key): S^T = K Q^T and dP^T = V dO^T, P^T from the tile's
 // log-sum-exp Lt (natural log) masked where a query precedes its key or passes T, dS^T = P^T
-// (dP^T - Dt), then dV += P^T dO and dK += dS^T Q.
-template <int D>
+// (dP^T - Dt), then dV += P^T dO and dK += dS^T Q. With DS (the one-kernel backward) dS^T is also
+// stored as bf16 into the swizzled 128-key x 64-query tile at sS (this warpgroup's rows from byte
+// ro), and the products are committed but not waited for.
+template <int D, bool DS = false>
 __device__ __forceinline__ static void f9_dkdv_tile(float (&dka)[D / 2], float (&dva)[D / 2], uint32_t sK,
                                                     uint32_t sV, uint32_t ro, uint32_t qb, uint32_t db,
                                                     const float *Lt, const float *Dt, int q0, int rk0, int T,
-                                                    int lane, float scale_log2) {
+                                                    int lane, float scale_log2, uint32_t sS = 0) {
     int g = lane >> 2, tq = lane & 3;
     float st[32], dpt[32]; // S^T and dP^T: 64 keys x 64 queries
     f9_wg_fence();
@@ -648,6 +670,11 @@ __device__ __forceinline__ static void f9_dkdv_tile(float (&dka)[D / 2], float (
     f9_wg_fence();
 #pragma unroll
     for (int kc = 0; kc < F9_BT / 16; kc++) f9_pv<D>(dka, fb[kc], f9_tdesc<F9_BT>(qb, kc));
+    if constexpr (DS) {
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        f9_store_ds(sS, ro, rk0, lane, fb);
+        return;
+    }
     f9_wg_commit_wait();
     f9_pin(dka);
     f9_pin(dva);
@@ -971,6 +998,220 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
     f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
 }
 
+// ---- backward in one warp-specialised kernel (head sizes 64 and 128 exactly)
+//
+// The dk/dv kernel above, with dq produced in the same pass instead of by a second kernel that
+// recomputes S and dP: five products per tile instead of seven. Each consumer warpgroup also
+// stores its dS^T (64 keys x 64 queries, bf16) into shared memory; once both halves are there,
+// dQ_tile (64 queries x D) = dS K is one more product from shared memory (both operands read
+// transposed). At D 128 each warpgroup takes 64 of the columns; at D 64 the warpgroups take the
+// tiles in turn.
+//
+// A query tile's dq is the sum of the partial products of every key block at or before it. The
+// partials are added into an fp32 accumulator (B*NH, T, D) in global memory in key-block order:
+// a counter per query tile holds how many blocks have added theirs; block kb waits (acquire)
+// until it reads kb, adds, and later bumps it (release), so every run adds in the same order and
+// gives the same bits. Key block 0 stores instead of adding (every query sees key 0), so the
+// accumulator is never cleared. A block waits only for the block of its head one key block
+// earlier, which has the lower block index and so was dispatched first: the wait always ends.
+// A block releases a tile's counter one tile later, after a fence that by then costs nothing.
+// Pre-pass: D = rowsum(dout * out) and the counters cleared; post-pass: dq = accumulator * scale
+// in bf16.
+
+__device__ __forceinline__ static void f9_named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// D of 16 rows per warp; grid (B*NH, ceil(T/128)), 256 threads. Block y 0 clears the head's
+// counters (nq64 of them).
+template <int D>
+static __global__ void __launch_bounds__(F9_NT)
+f9_bwd_pre_kernel(float *Dv, unsigned *sem, const f9_bf16 *dout, const f9_bf16 *out, const float *lse,
+                  int T, int NH, size_t out_stride, int nq64) {
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+    int r0 = (int)blockIdx.y * F9_ROWS + warp * 16;
+    float drow[2], lrow[2];
+    size_t off = (size_t)b * T * out_stride + (size_t)h * D;
+    if (r0 < T) fa_row_stats(dout, out, off, out_stride, lse, Dv, true, bh, T, r0, D / 8, lane, F9_LOG2E, drow, lrow);
+    if (blockIdx.y == 0)
+        for (int i = (int)threadIdx.x; i < nq64; i += F9_NT) sem[(size_t)bh * nq64 + i] = 0u;
+}
+
+// dq (B, T, NH, D) bf16, row stride qkv_stride = acc (B*NH, T, D) * scale; 8 columns a thread.
+template <int D>
+static __global__ void f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, size_t qkv_stride,
+                                          float scale, size_t n8) {
+    size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n8) return;
+    size_t row = e / (D / 8); // (bh, t)
+    int c = (int)(e % (D / 8));
+    int bh = (int)(row / (size_t)T), t = (int)(row % (size_t)T), b = bh / NH, h = bh % NH;
+    const float4 *src = reinterpret_cast<const float4 *>(acc + row * D + 8 * c);
+    float4 x = src[0], y = src[1];
+    uint4 o;
+    o.x = f9_pack(x.x * scale, x.y * scale);
+    o.y = f9_pack(x.z * scale, x.w * scale);
+    o.z = f9_pack(y.x * scale, y.y * scale);
+    o.w = f9_pack(y.z * scale, y.w * scale);
+    *reinterpret_cast<uint4 *>(dq + ((size_t)b * T + t) * qkv_stride + (size_t)h * D + 8 * c) = o;
+}
+
+// grid (B*NH, ceil(T/128)), 384 threads; block y = 0 (the keys that see the most queries) first.
+template <int D>
+static __global__ void __launch_bounds__(F9_WS_NT, 1)
+f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
+                 const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
+                 f9_bf16 *dk, f9_bf16 *dv, float *acc, unsigned *sem, const float *lse, const float *Dv,
+                 int T, int NH, size_t qkv_stride, float scale, float scale_log2) {
+    // acc (B*NH, T, D) fp32; sem (B*NH, ceil(T/64)) counters
+    constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2, SB = F9_ROWS * F9_BT * 2;
+    extern __shared__ __align__(1024) unsigned char f9_smem[];
+    unsigned char *aligned =
+        f9_smem + (((f9_smem_u32(f9_smem) + 1023u) & ~1023u) - f9_smem_u32(f9_smem));
+    const uint32_t base = f9_smem_u32(aligned);
+    const uint32_t sK = base, sV = sK + KB, sQ = sV + KB, sdO = sQ + 2 * QB, sS = sdO + 2 * QB;
+    const uint32_t sL = sS + 2 * SB, sD = sL + 2 * 256; // 64 floats a stage each
+    const uint32_t bars = sD + 2 * 256;
+    const uint32_t kv_full = bars, full = bars + 8, empty = bars + 24;
+    float *Lf = reinterpret_cast<float *>(aligned + (sL - base));
+    float *Df = reinterpret_cast<float *>(aligned + (sD - base));
+
+    int kb = (int)blockIdx.y;
+    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
+    int tid = (int)threadIdx.x, wg = tid >> 7;
+    int k0 = kb * F9_ROWS;
+    int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
+    if (tid == 0) {
+        f9_mbar_init(kv_full, 1);
+        for (int st = 0; st < 2; st++) {
+            f9_mbar_init(full + 8 * st, 1 + 64); // the copies' arrival and 64 vector stagers
+            f9_mbar_init(empty + 8 * st, 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) { // producer, as in f9_bwd_dkdv_ws_kernel
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        int col = h * D;
+        const float *lse_h = lse + (size_t)bh * T, *D_h = Dv + (size_t)bh * T;
+        if (tid == 0) {
+            f9_mbar_expect_tx(kv_full, 2 * KB);
+            f9_tma_tile<D, F9_ROWS>(sK, &tmk, col, k0, b, kv_full);
+            f9_tma_tile<D, F9_ROWS>(sV, &tmv, col, k0, b, kv_full);
+        }
+        if (tid == 0 || tid >= 64) {
+            for (int qt = qt0; qt < nqt; qt++) {
+                int it = qt - qt0, st = it & 1;
+                if (it >= 2) f9_mbar_wait(empty + 8 * st, ((it >> 1) - 1) & 1);
+                uint32_t f = full + 8 * st;
+                if (tid == 0) {
+                    f9_mbar_expect_tx(f, 2 * QB);
+                    f9_tma_tile<D, F9_BT>(sQ + st * QB, &tmq, col, qt * F9_BT, b, f);
+                    f9_tma_tile<D, F9_BT>(sdO + st * QB, &tmdo, col, qt * F9_BT, b, f);
+                } else {
+                    int i = tid - 64, row = qt * F9_BT + i;
+                    Lf[st * 64 + i] = row < T ? lse_h[row] : 0.0f;
+                    Df[st * 64 + i] = row < T ? D_h[row] : 0.0f;
+                    f9_mbar_arrive(f);
+                }
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, ctid = tid - 128;
+    int g = lane >> 2, tq = lane & 3;
+    int wk0 = k0 + cw * 64, rk0 = wk0 + warp4 * 16;
+    int nq64 = nqt;
+    unsigned *sem_h = sem + (size_t)bh * nq64;
+    float *acc_h = acc + (size_t)bh * T * D;
+    // the dq columns this warpgroup adds: at D 128 its half; at D 64 all, on every other tile
+    const int nh = D == 128 ? cw : 0;
+    float dka[D / 2], dva[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; i++) dka[i] = dva[i] = 0.0f;
+    f9_mbar_wait(kv_full, 0);
+
+    int pending = -1; // the query tile whose counter this block still has to bump
+    for (int qt = qt0; qt < nqt; qt++) {
+        int it = qt - qt0, st = it & 1;
+        int q0 = qt * F9_BT;
+        uint32_t qb = sQ + (uint32_t)st * QB, db = sdO + (uint32_t)st * QB, sSb = sS + (uint32_t)st * SB;
+        const float *Lt = Lf + st * 64, *Dt = Df + st * 64;
+        f9_mbar_wait(full + 8 * st, (uint32_t)(it >> 1) & 1u);
+        // warpgroup 0 always has work here; warpgroup 1 not where all its keys follow the tile's
+        // queries (the diagonal tile) or lie past T
+        // (its dS^T rows are zeros then)
+        if (q0 + 63 >= wk0 && wk0 < T) {
+            f9_dkdv_tile<D, true>(dka, dva, sK, sV, (uint32_t)cw * 64 * 128, qb, db, Lt, Dt, q0, rk0, T,
+                                  lane, scale_log2, sSb);
+        } else {
+            const uint32_t zero[F9_BT / 16][4] = {};
+            f9_store_ds(sSb, (uint32_t)cw * 64 * 128, rk0, lane, zero);
+        }
+        f9_fence_async(); // the dS^T stores, visible to the products below
+        __threadfence();  // this thread's additions to the pending tile, visible before its release
+        f9_named_sync(1, 256);
+        if (ctid == 0 && pending >= 0)
+            asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(sem_h + pending), "r"(kb + 1)
+                         : "memory");
+        bool mine = D == 128 || (it & 1) == cw;
+        float dqa[32];
+        if (mine) {
+            const uint32_t bK = sK + (uint32_t)nh * F9_ROWS * 128;
+            f9_wg_fence();
+#pragma unroll
+            for (int kc = 0; kc < 8; kc++)
+                wg_ss_n64<1, 1>(dqa, f9_desc(sSb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024),
+                                    f9_tdesc<F9_ROWS>(bK, kc), kc > 0);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        }
+        if (ctid == 0) { // the blocks of earlier keys have added theirs to this tile
+            unsigned v;
+            do {
+                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(sem_h + qt) : "memory");
+            } while ((int)v != kb);
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        f9_pin(dka);
+        f9_pin(dva);
+        f9_named_sync(2, 256);
+        if (mine) {
+            f9_pin(dqa);
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                int row = q0 + warp4 * 16 + g + 8 * hr;
+                if (row >= T) continue;
+                float *p = acc_h + (size_t)row * D + nh * 64 + 2 * tq;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    float x = dqa[4 * j + 2 * hr], y = dqa[4 * j + 2 * hr + 1];
+                    if (kb == 0)
+                        asm volatile("st.global.v2.f32 [%0], {%1, %2};\n" ::"l"(p + 8 * j), "f"(x), "f"(y)
+                                     : "memory");
+                    else
+                        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p + 8 * j), "f"(x),
+                                     "f"(y)
+                                     : "memory");
+                }
+            }
+        }
+        pending = qt;
+        f9_mbar_arrive(empty + 8 * st);
+    }
+    __threadfence();
+    f9_named_sync(1, 256);
+    if (ctid == 0 && pending >= 0)
+        asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(sem_h + pending), "r"(kb + 1) : "memory");
+    const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
+    size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
+    f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
+    f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
+}
+
 // ---- tensor maps for the copy engine
 
 typedef CUresult (*f9_encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
@@ -1131,6 +1372,44 @@ static int f9_bwd_ws_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
+// The one-kernel backward; scratch: D (B*NH*T), then (from a 64-float boundary) the dq
+// accumulator (B*NH, T, D), then the counters (B*NH, ceil(T/64)).
+template <int D>
+static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *dv,
+                               const f9_bf16 *dout, const f9_bf16 *q, const f9_bf16 *k,
+                               const f9_bf16 *v, const f9_bf16 *out, const float *lse, float *scratch,
+                               int B, int T, int NH, int qkv_stride, int out_stride) {
+    CUtensorMap mq, mk, mv, mdo;
+    int cols = NH * D;
+    if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, 64) ||
+        !f9_tensor_map(&mk, k, cols, T, B, qkv_stride, 64) ||
+        !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, 64) ||
+        !f9_tensor_map(&mdo, dout, cols, T, B, out_stride, 64))
+        return -1;
+    size_t bnt = (size_t)B * NH * T;
+    float *Dv = scratch, *acc = scratch + (bnt + 63) / 64 * 64;
+    unsigned *sem = reinterpret_cast<unsigned *>(acc + bnt * D);
+    int nq64 = (T + F9_BT - 1) / F9_BT;
+    float scale = 1.0f / sqrtf((float)D), scale_log2 = scale * F9_LOG2E;
+    dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
+    f9_bwd_pre_kernel<D><<<grid, F9_NT, 0, st>>>(Dv, sem, dout, out, lse, T, NH, (size_t)out_stride, nq64);
+    if (cudaGetLastError() != cudaSuccess) return 2;
+    size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 2 * (size_t)F9_ROWS * F9_BT * 2 +
+                  4 * 256 + 64 + 1024;
+    if (cudaFuncSetAttribute((const void *)f9_bwd_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    f9_bwd_ws_kernel<D><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH,
+                                                      (size_t)qkv_stride, scale, scale_log2);
+    if (cudaGetLastError() != cudaSuccess) return 2;
+    size_t n8 = bnt * (D / 8);
+    f9_bwd_post_kernel<D><<<(unsigned)((n8 + 255) / 256), 256, 0, st>>>(dq, acc, T, NH, (size_t)qkv_stride,
+                                                                       scale, n8);
+    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
 extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv,
                                         const void *dout, const void *q, const void *k,
                                         const void *v, const void *out, const float *lse,
@@ -1143,6 +1422,13 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
     bool ws = (HS == 64 || HS == 128) && allow_ws && ((size_t)q & 15) == 0 &&
               ((size_t)k & 15) == 0 && ((size_t)v & 15) == 0 && ((size_t)dout & 15) == 0;
     int rc = -1;
+    if (ws && allow_ws == 1 && HS == 64)
+        rc = f9_bwd_fused_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
+                                     out_stride);
+    if (ws && allow_ws == 1 && HS == 128)
+        rc = f9_bwd_fused_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
+                                      out_stride);
+    if (rc >= 0) return rc;
     if (ws && HS == 64)
         rc = f9_bwd_ws_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
                                   out_stride);

@@ -66,6 +66,10 @@ if stage attn; then
     timeout 300 python3 tools/attention_vs_sdpa.py --tptrain "$build/tptrain" --json "$out/attn_vs_sdpa.json" \
         ${ATTN_GRID:-16x12x64x1024 4x12x64x4096 16x16x128x1024 4x16x128x4096 2x16x128x8192 configs/gpt2-124m.yaml configs/gpt-1.3b.yaml} 2>&1 | tee "$out/attn.log" || status=1
 fi
+if stage attn_fused; then
+    echo "== the Hopper backward in one kernel (TPTRAIN_ATTN_BWD=fused)"
+    TPTRAIN_ATTN_BWD=fused timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_fused.log"
+fi
 if stage attn_nows; then
     echo "== the Hopper forward without warp specialisation (TPTRAIN_ATTN_WS=0)"
     TPTRAIN_ATTN_WS=0 timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_nows.log"
