@@ -777,6 +777,7 @@ extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 static int fa_portable_forced;
 static int fa_hopper_ws = -1;        // -1: not decided yet (TPTRAIN_ATTN_WS=0 in the environment: off)
 static int fa_hopper_bwd_fused = -1; // -1: not decided yet (TPTRAIN_ATTN_BWD=fused: on)
+static int fa_hopper_pingpong = -1;  // -1: not decided yet (TPTRAIN_ATTN_PINGPONG=0: off)
 
 extern "C" void flash_attention_force_portable(int on) { fa_portable_forced = on != 0; }
 
@@ -790,6 +791,18 @@ static int fa_ws_allowed(void) {
         fa_hopper_ws = !(e && strcmp(e, "0") == 0);
     }
     return fa_hopper_ws;
+}
+
+extern "C" void flash_attention_set_hopper_pingpong(int on) { fa_hopper_pingpong = on != 0; }
+
+// The Hopper forward's kernel choice as flash_attention_sm90_fwd takes it.
+static int fa_fwd_ws_mode(void) {
+    if (!fa_ws_allowed()) return 0;
+    if (fa_hopper_pingpong < 0) {
+        const char *e = getenv("TPTRAIN_ATTN_PINGPONG");
+        fa_hopper_pingpong = !(e && strcmp(e, "0") == 0);
+    }
+    return fa_hopper_pingpong ? 1 : 2;
 }
 
 // The Hopper backward's kernel choice as flash_attention_sm90_bwd takes it.
@@ -823,6 +836,7 @@ extern "C" const char *flash_attention_path(int HS) {
     if (fa_sm90(HS)) {
         if (HS != 64 && HS != 128) return "wgmma sm_90a padded";
         if (!fa_ws_allowed()) return "wgmma sm_90a";
+        if (HS == 128 && fa_fwd_ws_mode() == 2) return "wgmma sm_90a, TMA + ws, no ping-pong";
         return fa_bwd_ws_mode() == 1 ? "wgmma sm_90a, TMA + ws, bwd fused" : "wgmma sm_90a, TMA + ws";
     }
     switch (fa_padded(HS)) {
@@ -842,7 +856,7 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_fwd(stream, out, lse, q, k, v, B, T, NH, HS, qkv_stride,
-                                        out_stride, fa_ws_allowed()) == 0
+                                        out_stride, fa_fwd_ws_mode()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     fa_bf16 *o = (fa_bf16 *)out;

@@ -57,6 +57,12 @@ void flash_attention_set_hopper_ws(int on);
 // benchmarks and tests compare them. Set it before sizing the scratch: the fused kernel needs more.
 void flash_attention_set_hopper_bwd_fused(int on);
 
+// Nonzero (the default, unless the environment sets TPTRAIN_ATTN_PINGPONG=0): at head size 128 the
+// two consumer warpgroups of the warp-specialised Hopper forward take turns at the tensor cores
+// (one's softmax under the other's products); zero: they run unsynchronised, as they always do at
+// head size 64 (benchmarks and tests compare them).
+void flash_attention_set_hopper_pingpong(int on);
+
 // The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words
 // ("mma.sync D=128 padded", ...); "unsupported" when they take no such head size.
 const char *flash_attention_path(int HS);

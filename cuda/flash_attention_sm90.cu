@@ -16,8 +16,9 @@
 // from the tensor memory accelerator; a one-kernel backward (dq added up across key blocks in a
 // fixed order) is there too, off by default since it measured slower (docs/attention.md).
 //
-// Not yet here (FlashAttention-3's remaining steps): ping-pong of the two consumer warpgroups,
-// and the softmax of one tile overlapped with the next tile's products.
+// The warp-specialised forward's two consumers ping-pong at head size 128 (FlashAttention-3's
+// inter-warpgroup overlap). Not yet here: the softmax of one tile overlapped with the next tile's
+// products inside one warpgroup (tried, slower; docs/attention.md), a persistent tile scheduler.
 //
 // Sections: constants, device helpers, wgmma wrappers, forward kernel, backward kernels, launchers.
 #include <cuda.h> // CUtensorMap and its encoder's types; the encoder is reached through the runtime
@@ -321,6 +322,26 @@ __device__ __forceinline__ static void f9_fwd_epilogue(f9_bf16 *out, size_t out_
     f9_store_rows<D>(out, out_stride, o, inv, r0, T, HS, lane);
 }
 
+// Issues S (64 x 128) = Q K^T over the head's columns, 16 at a time (qdesc: the warpgroup's Q
+// rows; sKs: the K stage).
+template <int D>
+__device__ __forceinline__ static void f9_scores(float (&s)[64], uint64_t qdesc, uint32_t sKs) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
+        wg_ss_n128(s, qdesc + (off >> 4), f9_desc(sKs + off, 16, 1024), kk > 0);
+    }
+}
+
+// Issues O += P V, 16 keys at a time (pa: P's A fragments; sVs: the V stage, read transposed).
+template <int D>
+__device__ __forceinline__ static void f9_pv_tile(float (&o)[D / 2], const uint32_t (&pa)[F9_KN / 16][4],
+                                                  uint32_t sVs) {
+#pragma unroll
+    for (int kc = 0; kc < F9_KN / 16; kc++)
+        f9_pv<D>(o, pa[kc], f9_desc(sVs + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
+}
+
 // ---- kernel
 
 // grid (B*NH, ceil(T/128)), 256 threads. Accumulator element i of a thread: n-tile i / 4 (8
@@ -372,12 +393,7 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
         // S (64 x 128) = Q K^T over the head's columns, 16 at a time
         float s[64];
         f9_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
-            wg_ss_n128(s, f9_desc(sQ + off + (uint32_t)wg * 64 * 128, 16, 1024),
-                       f9_desc(sK + cb + off, 16, 1024), kk > 0);
-        }
+        f9_scores<D>(s, f9_desc(sQ + (uint32_t)wg * 64 * 128, 16, 1024), sK + cb);
         f9_wg_commit_wait();
         f9_pin(s);
 
@@ -390,9 +406,7 @@ f9_fwd_kernel(f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k, cons
         for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
         f9_pin(o);
         f9_wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < F9_KN / 16; kc++)
-            f9_pv<D>(o, pa[kc], f9_desc(sV + cb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
+        f9_pv_tile<D>(o, pa, sV + cb);
         f9_wg_commit_wait();
         f9_pin(o);
     }
@@ -428,6 +442,14 @@ __device__ __forceinline__ static void f9_mbar_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
+__device__ __forceinline__ static void f9_named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ static void f9_named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Waits until the phase of parity `parity` of the barrier has completed.
 __device__ __forceinline__ static void f9_mbar_wait(uint32_t bar, uint32_t parity) {
     asm volatile("{\n.reg .pred done;\nF9_WAIT:\n"
@@ -446,7 +468,12 @@ __device__ __forceinline__ static void f9_tma_load(uint32_t dst, const CUtensorM
                  : "memory");
 }
 
-template <int D>
+// With PP (the default), the two consumers ping-pong, as FlashAttention-3 does: a consumer's turn
+// issues the output product of its previous tile and the scores of its current one back to back,
+// then hands the turn to the other consumer (named barriers 1 and 2) and runs its softmax while
+// the other's products occupy the tensor cores. A tile's K is released once its scores are done
+// and its V one turn later, so each has two turns to come in.
+template <int D, bool PP>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, f9_bf16 *out, float *lse, int T, int NH,
@@ -456,7 +483,8 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
     const uint32_t sQ = base, sK = sQ + TILEB, sV = sK + 2 * TILEB; // K, V: two stages
     const uint32_t bars = sV + 2 * TILEB;                            // 8-byte mbarriers:
-    const uint32_t q_full = bars, k_full = bars + 8, v_full = bars + 24, empty = bars + 40;
+    const uint32_t q_full = bars, k_full = bars + 8, v_full = bars + 24, k_empty = bars + 40,
+                   v_empty = bars + 56;
 
     int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
@@ -469,7 +497,8 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         for (int st = 0; st < 2; st++) {
             f9_mbar_init(k_full + 8 * st, 1);
             f9_mbar_init(v_full + 8 * st, 1);
-            f9_mbar_init(empty + 8 * st, 2 * 128);
+            f9_mbar_init(k_empty + 8 * st, 2 * 128);
+            f9_mbar_init(v_empty + 8 * st, 2 * 128);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -485,13 +514,14 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_tma_load(sQ + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, q_full);
             for (int kt = 0; kt < nkt; kt++) {
                 int st = kt & 1;
-                if (kt >= 2) f9_mbar_wait(empty + 8 * st, ((kt >> 1) - 1) & 1);
                 uint32_t kf = k_full + 8 * st, vf = v_full + 8 * st;
+                if (kt >= 2) f9_mbar_wait(k_empty + 8 * st, ((kt >> 1) - 1) & 1);
                 f9_mbar_expect_tx(kf, TILEB);
 #pragma unroll
                 for (int kb = 0; kb < D / 64; kb++)
                     f9_tma_load(sK + st * TILEB + kb * F9_ROWS * 128, &tmk, col + 64 * kb,
                                 kt * F9_KN, b, kf);
+                if (kt >= 2) f9_mbar_wait(v_empty + 8 * st, ((kt >> 1) - 1) & 1);
                 f9_mbar_expect_tx(vf, TILEB);
 #pragma unroll
                 for (int kb = 0; kb < D / 64; kb++)
@@ -511,35 +541,83 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     for (int i = 0; i < D / 2; i++) o[i] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     f9_mbar_wait(q_full, 0);
+    const uint64_t qdesc = f9_desc(sQ + (uint32_t)cw * 64 * 128, 16, 1024);
 
-    for (int kt = 0; kt < nkt; kt++) {
-        int st = kt & 1;
-        uint32_t ph = (uint32_t)(kt >> 1) & 1u, cb = (uint32_t)st * TILEB;
-        int k0 = kt * F9_KN;
-        f9_mbar_wait(k_full + 8 * st, ph);
+    if constexpr (PP) {
+        // turns: scores of tile 0; then the product of tile kt - 1 with the scores of tile kt; then
+        // the product of the last tile (the loop is peeled so that no product sits under a branch)
+        const int mine = 1 + cw, other = 2 - cw;
+        uint32_t pa[F9_KN / 16][4]; // P of the previous tile as bf16 A fragments
         float s[64];
+        if (cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
+        f9_mbar_wait(k_full, 0);
+        f9_named_sync(mine, 256);
         f9_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
-            wg_ss_n128(s, f9_desc(sQ + off + (uint32_t)cw * 64 * 128, 16, 1024),
-                       f9_desc(sK + cb + off, 16, 1024), kk > 0);
-        }
-        f9_wg_commit_wait();
+        f9_scores<D>(s, qdesc, sK);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        f9_named_arrive(other, 256);
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         f9_pin(s);
-        f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
-        f9_mbar_wait(v_full + 8 * st, ph);
-        uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
+        f9_mbar_arrive(k_empty);
+        f9_softmax<D>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
 #pragma unroll
         for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+        for (int kt = 1; kt < nkt; kt++) {
+            int st = kt & 1, pst = st ^ 1;
+            f9_mbar_wait(k_full + 8 * st, (uint32_t)(kt >> 1) & 1u);
+            f9_mbar_wait(v_full + 8 * pst, (uint32_t)((kt - 1) >> 1) & 1u);
+            f9_named_sync(mine, 256);
+            f9_pin(o);
+            f9_wg_fence();
+            f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
+            f9_scores<D>(s, qdesc, sK + (uint32_t)st * TILEB);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            f9_named_arrive(other, 256);
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            f9_pin(o);
+            f9_pin(s);
+            f9_mbar_arrive(v_empty + 8 * pst);
+            f9_mbar_arrive(k_empty + 8 * st);
+            int k0 = kt * F9_KN;
+            f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
+#pragma unroll
+            for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+        }
+        int pst = (nkt - 1) & 1;
+        f9_mbar_wait(v_full + 8 * pst, (uint32_t)((nkt - 1) >> 1) & 1u);
+        f9_named_sync(mine, 256);
         f9_pin(o);
         f9_wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < F9_KN / 16; kc++)
-            f9_pv<D>(o, pa[kc], f9_desc(sV + cb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
-        f9_wg_commit_wait();
+        f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        if (cw == 0) f9_named_arrive(other, 256); // consumer 1's last turn follows
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         f9_pin(o);
-        f9_mbar_arrive(empty + 8 * st); // this thread's reads of stage st are done
+        f9_mbar_arrive(v_empty + 8 * pst);
+    } else {
+        for (int kt = 0; kt < nkt; kt++) {
+            int st = kt & 1;
+            uint32_t ph = (uint32_t)(kt >> 1) & 1u, cb = (uint32_t)st * TILEB;
+            int k0 = kt * F9_KN;
+            f9_mbar_wait(k_full + 8 * st, ph);
+            float s[64];
+            f9_wg_fence();
+            f9_scores<D>(s, qdesc, sK + cb);
+            f9_wg_commit_wait();
+            f9_pin(s);
+            f9_mbar_arrive(k_empty + 8 * st);
+            f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
+            f9_mbar_wait(v_full + 8 * st, ph);
+            uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
+#pragma unroll
+            for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+            f9_pin(o);
+            f9_wg_fence();
+            f9_pv_tile<D>(o, pa, sV + cb);
+            f9_wg_commit_wait();
+            f9_pin(o);
+            f9_mbar_arrive(v_empty + 8 * st); // this thread's reads of stage st are done
+        }
     }
 
     f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T, o,
@@ -1018,10 +1096,6 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
 // Pre-pass: D = rowsum(dout * out) and the counters cleared; post-pass: dq = accumulator * scale
 // in bf16.
 
-__device__ __forceinline__ static void f9_named_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
 // D of 16 rows per warp; grid (B*NH, ceil(T/128)), 256 threads. Block y 0 clears the head's
 // counters (nq64 of them).
 template <int D>
@@ -1250,7 +1324,7 @@ static bool f9_tensor_map(CUtensorMap *map, const void *ptr, int cols, int T, in
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int D>
+template <int D, bool PP>
 static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k,
                         const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride) {
     CUtensorMap mq, mk, mv;
@@ -1259,16 +1333,16 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
         !f9_tensor_map(&mk, k, cols, T, B, qkv_stride, F9_ROWS) ||
         !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, F9_ROWS))
         return -1; // the caller falls back to the cp.async kernel
-    size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024 + 64;
-    if (cudaFuncSetAttribute((const void *)f9_fwd_ws_kernel<D>,
+    size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024 + 128;
+    if (cudaFuncSetAttribute((const void *)f9_fwd_ws_kernel<D, PP>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }
     float scale_log2 = F9_LOG2E / sqrtf((float)D);
     dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
-    f9_fwd_ws_kernel<D><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, out, lse, T, NH,
-                                                      (size_t)out_stride, scale_log2);
+    f9_fwd_ws_kernel<D, PP><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, out, lse, T, NH,
+                                                          (size_t)out_stride, scale_log2);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
@@ -1301,8 +1375,14 @@ extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, con
     bool ws = (HS == 64 || HS == 128) && allow_ws && ((size_t)q & 15) == 0 &&
               ((size_t)k & 15) == 0 && ((size_t)v & 15) == 0;
     int rc = -1;
-    if (ws && HS == 64) rc = f9_ws_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
-    if (ws && HS == 128) rc = f9_ws_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
+    // ping-pong pays at head size 128 only (measured: at 64 the softmax is too short to cover the
+    // other consumer's products, and the turns cost 7% at T 4096)
+    bool pp = allow_ws == 1;
+    if (ws && HS == 64)
+        rc = f9_ws_launch<64, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
+    if (ws && HS == 128)
+        rc = pp ? f9_ws_launch<128, true>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride)
+                : f9_ws_launch<128, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
     if (rc >= 0) return rc;
     if (HS <= 64) return f9_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
     return f9_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);

@@ -7,8 +7,9 @@ extern "C" {
 #endif
 
 // As flash_attention_fwd, for 8 <= HS <= 128 (HS a multiple of 8) with arguments already checked;
-// allow_ws: use the warp-specialised, copy-engine-fed kernel where it applies (HS 64 or 128), else
-// the cp.async kernel. Returns 0, or 2 when the launch failed.
+// allow_ws: nonzero, use the warp-specialised, copy-engine-fed kernel where it applies (HS 64 or
+// 128; 1 with its consumers in ping-pong at HS 128, 2 without), else the cp.async kernel. Returns 0, or 2
+// when the launch failed.
 int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q, const void *k,
                              const void *v, int B, int T, int NH, int HS, int qkv_stride,
                              int out_stride, int allow_ws);

@@ -70,6 +70,10 @@ if stage attn_fused; then
     echo "== the Hopper backward in one kernel (TPTRAIN_ATTN_BWD=fused)"
     TPTRAIN_ATTN_BWD=fused timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_fused.log"
 fi
+if stage attn_nopp; then
+    echo "== the warp-specialised forward without ping-pong (TPTRAIN_ATTN_PINGPONG=0)"
+    TPTRAIN_ATTN_PINGPONG=0 timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_nopp.log"
+fi
 if stage attn_nows; then
     echo "== the Hopper forward without warp specialisation (TPTRAIN_ATTN_WS=0)"
     TPTRAIN_ATTN_WS=0 timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_nows.log"
