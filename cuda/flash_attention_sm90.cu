@@ -987,6 +987,54 @@ f9_bwd_dq_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_consta
                      lane);
 }
 
+// The barriers of a key-block backward kernel: kv_full for the block's K and V, and per stage
+// "full" (the copies' arrival and 64 vector stagers) and "empty" (both consumers).
+__device__ __forceinline__ static void f9_bwd_kv_init(uint32_t kv_full, uint32_t full, uint32_t empty, int tid) {
+    if (tid == 0) {
+        f9_mbar_init(kv_full, 1);
+        for (int st = 0; st < 2; st++) {
+            f9_mbar_init(full + 8 * st, 1 + 64);
+            f9_mbar_init(empty + 8 * st, 2 * 128);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+}
+
+// The producer warpgroup of a key-block backward kernel: thread 0 copies the block's K and V (128
+// rows) once, then each 64-query tile's Q and dO into a stage; threads 64..127 stage the tile's
+// log-sum-exp and D (lse_h, D_h: the head's) into Lf, Df and arrive on the same "full" barrier.
+template <int D>
+__device__ __forceinline__ static void
+f9_bwd_kv_producer(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtensorMap *tmv, const CUtensorMap *tmdo,
+                   uint32_t sK, uint32_t sV, uint32_t sQ, uint32_t sdO, float *Lf, float *Df, uint32_t kv_full,
+                   uint32_t full, uint32_t empty, const float *lse_h, const float *D_h, int col, int b, int k0,
+                   int qt0, int nqt, int T, int tid) {
+    constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2;
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (tid == 0) {
+        f9_mbar_expect_tx(kv_full, 2 * KB);
+        f9_tma_tile<D, F9_ROWS>(sK, tmk, col, k0, b, kv_full);
+        f9_tma_tile<D, F9_ROWS>(sV, tmv, col, k0, b, kv_full);
+    }
+    if (tid != 0 && tid < 64) return;
+    for (int qt = qt0; qt < nqt; qt++) {
+        int it = qt - qt0, st = it & 1;
+        if (it >= 2) f9_mbar_wait(empty + 8 * st, ((it >> 1) - 1) & 1);
+        uint32_t f = full + 8 * st;
+        if (tid == 0) {
+            f9_mbar_expect_tx(f, 2 * QB);
+            f9_tma_tile<D, F9_BT>(sQ + st * QB, tmq, col, qt * F9_BT, b, f);
+            f9_tma_tile<D, F9_BT>(sdO + st * QB, tmdo, col, qt * F9_BT, b, f);
+        } else {
+            int i = tid - 64, row = qt * F9_BT + i;
+            Lf[st * 64 + i] = row < T ? lse_h[row] : 0.0f;
+            Df[st * 64 + i] = row < T ? D_h[row] : 0.0f;
+            f9_mbar_arrive(f);
+        }
+    }
+}
+
 // dk, dv. grid (B*NH, ceil(T/128)), 384 threads; block y = 0 first.
 template <int D>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
@@ -1011,42 +1059,10 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
     int tid = (int)threadIdx.x, wg = tid >> 7;
     int k0 = kt * F9_ROWS;
     int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
-    if (tid == 0) {
-        f9_mbar_init(kv_full, 1);
-        for (int st = 0; st < 2; st++) {
-            f9_mbar_init(full + 8 * st, 1 + 64); // the copies' arrival and 64 vector stagers
-            f9_mbar_init(empty + 8 * st, 2 * 128);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
+    f9_bwd_kv_init(kv_full, full, empty, tid);
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        int col = h * D;
-        const float *lse_h = lse + (size_t)bh * T, *D_h = Dv + (size_t)bh * T;
-        if (tid == 0) {
-            f9_mbar_expect_tx(kv_full, 2 * KB);
-            f9_tma_tile<D, F9_ROWS>(sK, &tmk, col, k0, b, kv_full);
-            f9_tma_tile<D, F9_ROWS>(sV, &tmv, col, k0, b, kv_full);
-        }
-        if (tid == 0 || tid >= 64) {
-            for (int qt = qt0; qt < nqt; qt++) {
-                int it = qt - qt0, st = it & 1;
-                if (it >= 2) f9_mbar_wait(empty + 8 * st, ((it >> 1) - 1) & 1);
-                uint32_t f = full + 8 * st;
-                if (tid == 0) {
-                    f9_mbar_expect_tx(f, 2 * QB);
-                    f9_tma_tile<D, F9_BT>(sQ + st * QB, &tmq, col, qt * F9_BT, b, f);
-                    f9_tma_tile<D, F9_BT>(sdO + st * QB, &tmdo, col, qt * F9_BT, b, f);
-                } else {
-                    int i = tid - 64, row = qt * F9_BT + i;
-                    Lf[st * 64 + i] = row < T ? lse_h[row] : 0.0f;
-                    Df[st * 64 + i] = row < T ? D_h[row] : 0.0f;
-                    f9_mbar_arrive(f);
-                }
-            }
-        }
+        f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, full, empty,
+                              lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid);
         return;
     }
 
@@ -1156,42 +1172,10 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     int tid = (int)threadIdx.x, wg = tid >> 7;
     int k0 = kb * F9_ROWS;
     int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
-    if (tid == 0) {
-        f9_mbar_init(kv_full, 1);
-        for (int st = 0; st < 2; st++) {
-            f9_mbar_init(full + 8 * st, 1 + 64); // the copies' arrival and 64 vector stagers
-            f9_mbar_init(empty + 8 * st, 2 * 128);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
-
-    if (wg == 0) { // producer, as in f9_bwd_dkdv_ws_kernel
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        int col = h * D;
-        const float *lse_h = lse + (size_t)bh * T, *D_h = Dv + (size_t)bh * T;
-        if (tid == 0) {
-            f9_mbar_expect_tx(kv_full, 2 * KB);
-            f9_tma_tile<D, F9_ROWS>(sK, &tmk, col, k0, b, kv_full);
-            f9_tma_tile<D, F9_ROWS>(sV, &tmv, col, k0, b, kv_full);
-        }
-        if (tid == 0 || tid >= 64) {
-            for (int qt = qt0; qt < nqt; qt++) {
-                int it = qt - qt0, st = it & 1;
-                if (it >= 2) f9_mbar_wait(empty + 8 * st, ((it >> 1) - 1) & 1);
-                uint32_t f = full + 8 * st;
-                if (tid == 0) {
-                    f9_mbar_expect_tx(f, 2 * QB);
-                    f9_tma_tile<D, F9_BT>(sQ + st * QB, &tmq, col, qt * F9_BT, b, f);
-                    f9_tma_tile<D, F9_BT>(sdO + st * QB, &tmdo, col, qt * F9_BT, b, f);
-                } else {
-                    int i = tid - 64, row = qt * F9_BT + i;
-                    Lf[st * 64 + i] = row < T ? lse_h[row] : 0.0f;
-                    Df[st * 64 + i] = row < T ? D_h[row] : 0.0f;
-                    f9_mbar_arrive(f);
-                }
-            }
-        }
+    f9_bwd_kv_init(kv_full, full, empty, tid);
+    if (wg == 0) {
+        f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, full, empty,
+                              lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid);
         return;
     }
 
