@@ -51,6 +51,16 @@ static const char *st_shape_str(char *buf, size_t len, int ndim, const int64_t *
     return buf;
 }
 
+// Room for element n of a growable array of *cap elements of elem bytes (first: the capacity of
+// its first allocation).
+static void *st_grow(void *a, int n, int *cap, size_t elem, int first, const char *path) {
+    if (n < *cap) return a;
+    *cap = *cap ? 2 * *cap : first;
+    a = realloc(a, (size_t)*cap * elem);
+    if (!a) tp_die(TP_EXIT_RUNTIME, "out of host memory for %s", path);
+    return a;
+}
+
 // numel and byte count of a shape, false on overflow.
 static bool st_shape_bytes(int ndim, const int64_t *shape, enum st_dtype dt, size_t *numel,
                            size_t *bytes) {
@@ -87,8 +97,8 @@ struct st_parser {
     char *arena;         // (n + 1)
     size_t arena_used;
     const char *tensor;  // name of the tensor entry being read, for messages (NULL outside)
-    char bad_dtype[48];  // first unknown dtype seen ("" if none), reported once the JSON is read
-    const char *bad_dtype_tensor;
+    const char *bad_dtype_tensor; // the first tensor with an unknown dtype (NULL if none), reported
+    char bad_dtype[48];           // once the JSON is read; and that dtype
 };
 
 static int st_syntax(struct st_parser *p, size_t at, const char *what) {
@@ -179,11 +189,7 @@ static int st_read_metadata(struct st_parser *p, size_t at, json_t *meta, struct
             snprintf(msg, sizeof msg, "__metadata__ value of '%.200s' must be a string", key);
             return st_syntax(p, at, msg);
         }
-        if (l->nm == l->capm) {
-            l->capm = l->capm ? 2 * l->capm : 8;
-            l->m = realloc(l->m, (size_t)l->capm * sizeof *l->m);
-            if (!l->m) tp_die(TP_EXIT_RUNTIME, "out of host memory reading %s", p->path);
-        }
+        l->m = st_grow(l->m, l->nm, &l->capm, sizeof *l->m, 8, p->path);
         l->m[l->nm++] = (struct st_meta){.key = st_keep(p, key), .value = st_keep(p, json_string_value(v))};
     }
     return 0;
@@ -208,7 +214,7 @@ static int st_read_tensor(struct st_parser *p, size_t at, json_t *entry, struct 
 
     if (!json_is_string(dtype)) return st_syntax(p, at, "dtype must be a string");
     int d = st_dtype_from_name(json_string_value(dtype));
-    if (d < 0 && !p->bad_dtype[0]) {
+    if (d < 0 && !p->bad_dtype_tensor) {
         // Reported once the whole header is read, so syntax errors win.
         snprintf(p->bad_dtype, sizeof p->bad_dtype, "%s", json_string_value(dtype));
         p->bad_dtype_tensor = t->name;
@@ -246,11 +252,7 @@ static int st_read_entry(struct st_parser *p, const char *key, size_t key_at, si
     if (meta && *have_meta) return st_syntax(p, key_at, "__metadata__ given twice");
     if (!meta) {
         if (key[0] == '\0') return st_syntax(p, key_at, "empty tensor name");
-        if (l->nt == l->capt) {
-            l->capt = l->capt ? 2 * l->capt : 64;
-            l->t = realloc(l->t, (size_t)l->capt * sizeof *l->t);
-            if (!l->t) tp_die(TP_EXIT_RUNTIME, "out of host memory reading %s", p->path);
-        }
+        l->t = st_grow(l->t, l->nt, &l->capt, sizeof *l->t, 64, p->path);
         struct st_tensor *t = &l->t[l->nt++];
         memset(t, 0, sizeof *t);
         t->name = st_keep(p, key);
@@ -311,7 +313,7 @@ static int st_parse_header(struct st_parser *p, struct st_lists *l) {
     }
     pos = st_skip_ws(p, pos);
     if (pos != p->n) return st_syntax(p, pos, "unexpected text after the header object");
-    if (p->bad_dtype[0])
+    if (p->bad_dtype_tensor)
         return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
                             "%s: tensor '%.200s': unknown dtype '%.40s' (supported: F32, BF16, F16, I32, I64)",
                             p->path, p->bad_dtype_tensor, p->bad_dtype);
@@ -670,11 +672,7 @@ int st_writer_add(struct st_writer *w, const char *name, enum st_dtype dtype, in
     for (int i = 0; i < w->n; i++)
         if (strcmp(w->t[i].name, name) == 0)
             return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' declared twice", w->path, name);
-    if (w->n == w->cap) {
-        w->cap = w->cap ? 2 * w->cap : 64;
-        w->t = realloc(w->t, (size_t)w->cap * sizeof *w->t);
-        if (!w->t) tp_die(TP_EXIT_RUNTIME, "out of host memory writing %s", w->path);
-    }
+    w->t = st_grow(w->t, w->n, &w->cap, sizeof *w->t, 64, w->path);
     struct st_wtensor *t = &w->t[w->n++];
     memset(t, 0, sizeof *t);
     t->name = st_strdup(name);
@@ -697,11 +695,7 @@ int st_writer_add_metadata(struct st_writer *w, const char *key, const char *val
     for (int i = 0; i < w->n_meta; i++)
         if (strcmp(w->meta[2 * i], key) == 0)
             return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: metadata key '%.200s' added twice", w->path, key);
-    if (w->n_meta == w->cap_meta) {
-        w->cap_meta = w->cap_meta ? 2 * w->cap_meta : 8;
-        w->meta = realloc(w->meta, 2 * (size_t)w->cap_meta * sizeof *w->meta);
-        if (!w->meta) tp_die(TP_EXIT_RUNTIME, "out of host memory writing %s", w->path);
-    }
+    w->meta = st_grow(w->meta, w->n_meta, &w->cap_meta, 2 * sizeof *w->meta, 8, w->path);
     w->meta[2 * w->n_meta] = st_strdup(key);
     w->meta[2 * w->n_meta + 1] = st_strdup(value);
     w->n_meta++;
