@@ -1,4 +1,5 @@
-// safetensors.c: safetensors reader (mmap + validating JSON header parser) and streaming writer.
+// safetensors.c: safetensors reader (mmap; jansson decodes the header, this file checks it) and
+// streaming writer.
 // See safetensors.h for the format and the contract.
 #include "safetensors.h"
 
@@ -6,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <jansson.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <string.h>
@@ -16,7 +18,7 @@
 // The reference implementation refuses headers above 100 MB; a real header is a few tens of KB,
 // so anything larger is a corrupt length field, not a big model.
 #define ST_HEADER_MAX ((uint64_t)100 * 1000 * 1000)
-// Nesting limit for skipping unknown JSON values (bounds the recursion on hostile input).
+// Nesting limit of the values of unknown keys in a tensor entry.
 #define ST_JSON_DEPTH_MAX 64
 #define ST_METADATA_KEY "__metadata__"
 
@@ -49,6 +51,16 @@ static const char *st_shape_str(char *buf, size_t len, int ndim, const int64_t *
     return buf;
 }
 
+// Room for element n of a growable array of *cap elements of elem bytes (first: the capacity of
+// its first allocation).
+static void *st_grow(void *a, int n, int *cap, size_t elem, int first, const char *path) {
+    if (n < *cap) return a;
+    *cap = *cap ? 2 * *cap : first;
+    a = realloc(a, (size_t)*cap * elem);
+    if (!a) tp_die(TP_EXIT_RUNTIME, "out of host memory for %s", path);
+    return a;
+}
+
 // numel and byte count of a shape, false on overflow.
 static bool st_shape_bytes(int ndim, const int64_t *shape, enum st_dtype dt, size_t *numel,
                            size_t *bytes) {
@@ -64,247 +76,98 @@ static bool st_shape_bytes(int ndim, const int64_t *shape, enum st_dtype dt, siz
     return true;
 }
 
-// ---- JSON header parser
+// ---- JSON header: jansson decodes, this file checks
 //
-// Only what the format needs: one top-level object whose values are tensor objects or the
-// metadata object of strings. Unknown keys inside a tensor entry are skipped (any JSON value), so
-// a future field does not break old readers. Decoded strings go into an arena of header size + 1
-// bytes: a decoded string plus its NUL is never longer than its quoted source, so the arena
-// cannot overflow and pointers into it stay valid.
+// jansson keeps no source position in the values it returns, and a message about a bad header
+// should say where it is bad. So the top-level object is walked here, entry by entry, through its
+// punctuation only ('{', ':', ',', '}' and white space), and jansson decodes each key and each
+// entry (json_loadb with JSON_DECODE_ANY | JSON_DISABLE_EOF_CHECK, which reports how many bytes it
+// read; JSON_REJECT_DUPLICATES inside an entry and in __metadata__). A syntax error names
+// jansson's byte; an entry that is valid JSON but not a valid tensor entry names the byte where
+// the entry starts. Names, keys and values are copied into an arena of header size + 1 bytes: a
+// decoded string plus its NUL is never longer than its quoted source, so the arena cannot
+// overflow.
 
 struct st_parser {
     const char *s;       // (n) header text
-    size_t n, pos;
+    size_t n;
     const char *path;
     char *err;
     size_t errlen;
     char *arena;         // (n + 1)
     size_t arena_used;
-    const char *tensor;  // name of the tensor entry being parsed, for messages (NULL outside)
-    const char *bad_dtype, *bad_dtype_tensor; // first unknown dtype seen, and its tensor
+    const char *tensor;  // name of the tensor entry being read, for messages (NULL outside)
+    const char *bad_dtype_tensor; // the first tensor with an unknown dtype (NULL if none), reported
+    char bad_dtype[48];           // once the JSON is read; and that dtype
 };
 
-static int st_syntax(struct st_parser *p, const char *what) {
+static int st_syntax(struct st_parser *p, size_t at, const char *what) {
     if (p->tensor)
         return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
-                       "%s: tensor '%.200s': malformed header JSON at header byte %zu: %s", p->path,
-                       p->tensor, p->pos, what);
-    return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE, "%s: malformed header JSON at header byte %zu: %s",
-                   p->path, p->pos, what);
+                            "%s: tensor '%.200s': malformed header JSON at header byte %zu: %s",
+                            p->path, p->tensor, at, what);
+    return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
+                        "%s: malformed header JSON at header byte %zu: %s", p->path, at, what);
 }
 
-static void st_skip_ws(struct st_parser *p) {
-    while (p->pos < p->n) {
-        char c = p->s[p->pos];
-        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') break;
-        p->pos++;
-    }
+static size_t st_skip_ws(const struct st_parser *p, size_t pos) {
+    while (pos < p->n && (p->s[pos] == ' ' || p->s[pos] == '\t' || p->s[pos] == '\n' || p->s[pos] == '\r'))
+        pos++;
+    return pos;
 }
 
-// Consumes `c` after optional whitespace.
-static bool st_accept(struct st_parser *p, char c) {
-    st_skip_ws(p);
-    if (p->pos < p->n && p->s[p->pos] == c) {
-        p->pos++;
-        return true;
+// Decodes the one JSON value at *pos and moves *pos past it.
+static int st_decode(struct st_parser *p, size_t *pos, json_t **out) {
+    json_error_t e;
+    *out = json_loadb(p->s + *pos, p->n - *pos,
+                      JSON_DECODE_ANY | JSON_DISABLE_EOF_CHECK | JSON_REJECT_DUPLICATES, &e);
+    if (!*out) {
+        // jansson quotes the text near the error; keep the message on one line.
+        for (char *c = e.text; *c; c++)
+            if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
+        return st_syntax(p, *pos + (size_t)e.position, e.text);
     }
-    return false;
-}
-
-static int st_hex4(struct st_parser *p, unsigned *out) {
-    if (p->n - p->pos < 4) return st_syntax(p, "truncated \\u escape");
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        char c = p->s[p->pos++];
-        v <<= 4;
-        if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
-        else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
-        else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
-        else return st_syntax(p, "bad hex digit in \\u escape");
-    }
-    *out = v;
+    *pos += (size_t)e.position;
     return 0;
 }
 
-static size_t st_utf8_put(char *dst, unsigned cp) {
-    if (cp < 0x80) {
-        dst[0] = (char)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        dst[0] = (char)(0xC0 | (cp >> 6));
-        dst[1] = (char)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        dst[0] = (char)(0xE0 | (cp >> 12));
-        dst[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
-        dst[2] = (char)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    dst[0] = (char)(0xF0 | (cp >> 18));
-    dst[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
-    dst[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
-    dst[3] = (char)(0x80 | (cp & 0x3F));
-    return 4;
-}
-
-// Parses a string into the arena; *out points at the NUL-terminated result.
-static int st_parse_string(struct st_parser *p, const char **out) {
-    st_skip_ws(p);
-    if (p->pos >= p->n || p->s[p->pos] != '"') return st_syntax(p, "expected a string");
-    p->pos++;
+static const char *st_keep(struct st_parser *p, const char *s) {
+    size_t len = strlen(s);
     char *dst = p->arena + p->arena_used;
-    size_t len = 0;
-    for (;;) {
-        if (p->pos >= p->n) return st_syntax(p, "unterminated string");
-        unsigned char c = (unsigned char)p->s[p->pos++];
-        if (c == '"') break;
-        if (c < 0x20) return st_syntax(p, "control character inside a string");
-        if (c != '\\') {
-            dst[len++] = (char)c;
-            continue;
-        }
-        if (p->pos >= p->n) return st_syntax(p, "unterminated escape");
-        char e = p->s[p->pos++];
-        switch (e) {
-        case '"': dst[len++] = '"'; break;
-        case '\\': dst[len++] = '\\'; break;
-        case '/': dst[len++] = '/'; break;
-        case 'b': dst[len++] = '\b'; break;
-        case 'f': dst[len++] = '\f'; break;
-        case 'n': dst[len++] = '\n'; break;
-        case 'r': dst[len++] = '\r'; break;
-        case 't': dst[len++] = '\t'; break;
-        case 'u': {
-            unsigned cp;
-            int rc = st_hex4(p, &cp);
-            if (rc) return rc;
-            if (cp >= 0xD800 && cp <= 0xDBFF) {
-                // High surrogate: a low one must follow to form one code point.
-                unsigned lo;
-                if (p->n - p->pos < 2 || p->s[p->pos] != '\\' || p->s[p->pos + 1] != 'u')
-                    return st_syntax(p, "unpaired UTF-16 surrogate in \\u escape");
-                p->pos += 2;
-                if ((rc = st_hex4(p, &lo))) return rc;
-                if (lo < 0xDC00 || lo > 0xDFFF)
-                    return st_syntax(p, "unpaired UTF-16 surrogate in \\u escape");
-                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-            } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
-                return st_syntax(p, "unpaired UTF-16 surrogate in \\u escape");
-            }
-            if (cp == 0) return st_syntax(p, "\\u0000 inside a string is not supported");
-            len += st_utf8_put(dst + len, cp);
-            break;
-        }
-        default: return st_syntax(p, "unknown escape in string");
-        }
-    }
-    dst[len] = '\0';
+    memcpy(dst, s, len + 1);
     p->arena_used += len + 1;
-    *out = dst;
-    return 0;
+    return dst;
 }
 
-// Parses a non-negative JSON integer (no sign, fraction or exponent).
-static int st_parse_uint(struct st_parser *p, uint64_t *out, const char *what) {
-    st_skip_ws(p);
-    char msg[160];
-    if (p->pos < p->n && p->s[p->pos] == '-') {
-        snprintf(msg, sizeof msg, "%s must be non-negative integers", what);
-        return st_syntax(p, msg);
-    }
-    if (p->pos >= p->n || p->s[p->pos] < '0' || p->s[p->pos] > '9') {
-        snprintf(msg, sizeof msg, "%s must be non-negative integers", what);
-        return st_syntax(p, msg);
-    }
-    size_t start = p->pos;
-    uint64_t v = 0;
-    while (p->pos < p->n && p->s[p->pos] >= '0' && p->s[p->pos] <= '9') {
-        if (__builtin_mul_overflow(v, 10, &v) ||
-            __builtin_add_overflow(v, (uint64_t)(p->s[p->pos] - '0'), &v)) {
-            snprintf(msg, sizeof msg, "%s: integer too large", what);
-            return st_syntax(p, msg);
+// Nesting depth of a decoded value (0 for a scalar); jansson already bounds it at
+// JSON_PARSER_MAX_DEPTH, this file at ST_JSON_DEPTH_MAX.
+static int st_json_depth(json_t *v) {
+    int deepest = 0;
+    size_t i;
+    const char *k;
+    json_t *x;
+    if (json_is_array(v)) {
+        json_array_foreach(v, i, x) {
+            int d = st_json_depth(x);
+            if (d > deepest) deepest = d;
         }
-        p->pos++;
+        return deepest + 1;
     }
-    if (p->s[start] == '0' && p->pos - start > 1) return st_syntax(p, "leading zero in a number");
-    if (p->pos < p->n && (p->s[p->pos] == '.' || p->s[p->pos] == 'e' || p->s[p->pos] == 'E')) {
-        snprintf(msg, sizeof msg, "%s must be integers", what);
-        return st_syntax(p, msg);
-    }
-    *out = v;
-    return 0;
-}
-
-static int st_skip_value(struct st_parser *p, int depth);
-
-static int st_skip_number(struct st_parser *p) {
-    if (p->pos < p->n && p->s[p->pos] == '-') p->pos++;
-    size_t int_start = p->pos;
-    while (p->pos < p->n && p->s[p->pos] >= '0' && p->s[p->pos] <= '9') p->pos++;
-    if (p->pos == int_start) return st_syntax(p, "bad number");
-    if (p->s[int_start] == '0' && p->pos - int_start > 1) return st_syntax(p, "leading zero in a number");
-    if (p->pos < p->n && p->s[p->pos] == '.') {
-        size_t f = ++p->pos;
-        while (p->pos < p->n && p->s[p->pos] >= '0' && p->s[p->pos] <= '9') p->pos++;
-        if (p->pos == f) return st_syntax(p, "bad number");
-    }
-    if (p->pos < p->n && (p->s[p->pos] == 'e' || p->s[p->pos] == 'E')) {
-        p->pos++;
-        if (p->pos < p->n && (p->s[p->pos] == '+' || p->s[p->pos] == '-')) p->pos++;
-        size_t e = p->pos;
-        while (p->pos < p->n && p->s[p->pos] >= '0' && p->s[p->pos] <= '9') p->pos++;
-        if (p->pos == e) return st_syntax(p, "bad number");
+    if (json_is_object(v)) {
+        json_object_foreach(v, k, x) {
+            int d = st_json_depth(x);
+            if (d > deepest) deepest = d;
+        }
+        return deepest + 1;
     }
     return 0;
 }
 
-static int st_skip_literal(struct st_parser *p, const char *lit) {
-    size_t len = strlen(lit);
-    if (p->n - p->pos < len || memcmp(p->s + p->pos, lit, len) != 0)
-        return st_syntax(p, "unexpected character");
-    p->pos += len;
-    return 0;
-}
-
-// Skips any JSON value (for unknown keys). Strings land in the arena, which has room for them.
-static int st_skip_value(struct st_parser *p, int depth) {
-    if (depth > ST_JSON_DEPTH_MAX) return st_syntax(p, "nesting too deep");
-    st_skip_ws(p);
-    if (p->pos >= p->n) return st_syntax(p, "unexpected end of header");
-    char c = p->s[p->pos];
-    int rc;
-    if (c == '"') {
-        const char *ignored;
-        return st_parse_string(p, &ignored);
-    }
-    if (c == '{') {
-        p->pos++;
-        if (st_accept(p, '}')) return 0;
-        do {
-            const char *ignored;
-            if ((rc = st_parse_string(p, &ignored))) return rc;
-            if (!st_accept(p, ':')) return st_syntax(p, "expected ':' after a key");
-            if ((rc = st_skip_value(p, depth + 1))) return rc;
-        } while (st_accept(p, ','));
-        if (!st_accept(p, '}')) return st_syntax(p, "expected ',' or '}' in an object");
-        return 0;
-    }
-    if (c == '[') {
-        p->pos++;
-        if (st_accept(p, ']')) return 0;
-        do {
-            if ((rc = st_skip_value(p, depth + 1))) return rc;
-        } while (st_accept(p, ','));
-        if (!st_accept(p, ']')) return st_syntax(p, "expected ',' or ']' in an array");
-        return 0;
-    }
-    if (c == 't') return st_skip_literal(p, "true");
-    if (c == 'f') return st_skip_literal(p, "false");
-    if (c == 'n') return st_skip_literal(p, "null");
-    if (c == '-' || (c >= '0' && c <= '9')) return st_skip_number(p);
-    return st_syntax(p, "unexpected character");
+// A non-negative JSON integer (jansson refuses leading zeros and integers beyond int64).
+static bool st_json_uint(const json_t *v, uint64_t *out) {
+    if (!json_is_integer(v) || json_integer_value(v) < 0) return false;
+    *out = (uint64_t)json_integer_value(v);
+    return true;
 }
 
 // Growable arrays of the parse results.
@@ -315,138 +178,145 @@ struct st_lists {
     int nm, capm;
 };
 
-static int st_parse_metadata(struct st_parser *p, struct st_lists *l) {
-    if (!st_accept(p, '{')) return st_syntax(p, "__metadata__ must be an object of strings");
-    if (st_accept(p, '}')) return 0;
-    do {
-        const char *key, *value;
-        int rc;
-        if ((rc = st_parse_string(p, &key))) return rc;
-        if (!st_accept(p, ':')) return st_syntax(p, "expected ':' after a key");
-        st_skip_ws(p);
-        if (p->pos < p->n && p->s[p->pos] != '"') {
+// __metadata__: an object of strings (duplicate keys already refused by jansson).
+static int st_read_metadata(struct st_parser *p, size_t at, json_t *meta, struct st_lists *l) {
+    const char *key;
+    json_t *v;
+    if (!json_is_object(meta)) return st_syntax(p, at, "__metadata__ must be an object of strings");
+    json_object_foreach(meta, key, v) {
+        if (!json_is_string(v)) {
             char msg[320];
             snprintf(msg, sizeof msg, "__metadata__ value of '%.200s' must be a string", key);
-            return st_syntax(p, msg);
+            return st_syntax(p, at, msg);
         }
-        if ((rc = st_parse_string(p, &value))) return rc;
-        for (int i = 0; i < l->nm; i++)
-            if (strcmp(l->m[i].key, key) == 0)
-                return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
-                               "%s: __metadata__ key '%.200s' appears twice", p->path, key);
-        if (l->nm == l->capm) {
-            l->capm = l->capm ? 2 * l->capm : 8;
-            l->m = realloc(l->m, (size_t)l->capm * sizeof *l->m);
-            if (!l->m) tp_die(TP_EXIT_RUNTIME, "out of host memory reading %s", p->path);
-        }
-        l->m[l->nm++] = (struct st_meta){.key = key, .value = value};
-    } while (st_accept(p, ','));
-    if (!st_accept(p, '}')) return st_syntax(p, "expected ',' or '}' in __metadata__");
+        l->m = st_grow(l->m, l->nm, &l->capm, sizeof *l->m, 8, p->path);
+        l->m[l->nm++] = (struct st_meta){.key = st_keep(p, key), .value = st_keep(p, json_string_value(v))};
+    }
     return 0;
 }
 
-// Parses {"dtype": .., "shape": [..], "data_offsets": [b, e]} (other keys skipped).
-static int st_parse_tensor(struct st_parser *p, struct st_tensor *t) {
-    bool have_dtype = false, have_shape = false, have_offsets = false;
-    int rc;
-    if (!st_accept(p, '{')) return st_syntax(p, "a tensor entry must be an object");
-    if (!st_accept(p, '}')) {
-        do {
-            const char *key;
-            if ((rc = st_parse_string(p, &key))) return rc;
-            if (!st_accept(p, ':')) return st_syntax(p, "expected ':' after a key");
-            if (strcmp(key, "dtype") == 0) {
-                const char *dt;
-                if (have_dtype) return st_syntax(p, "\"dtype\" given twice");
-                if ((rc = st_parse_string(p, &dt))) return rc;
-                int d = st_dtype_from_name(dt);
-                if (d < 0 && !p->bad_dtype) {
-                    // Reported once the JSON is known to be well-formed, so syntax errors win.
-                    p->bad_dtype = dt;
-                    p->bad_dtype_tensor = t->name;
-                }
-                t->dtype = d < 0 ? ST_F32 : (enum st_dtype)d;
-                have_dtype = true;
-            } else if (strcmp(key, "shape") == 0) {
-                if (have_shape) return st_syntax(p, "\"shape\" given twice");
-                if (!st_accept(p, '[')) return st_syntax(p, "shape must be an array");
-                t->ndim = 0;
-                if (!st_accept(p, ']')) {
-                    do {
-                        uint64_t v;
-                        if (t->ndim == ST_MAX_DIMS)
-                            return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
-                                           "%s: tensor '%.200s': shape has more than %d dimensions",
-                                           p->path, t->name, ST_MAX_DIMS);
-                        if ((rc = st_parse_uint(p, &v, "shape entries"))) return rc;
-                        if (v > (uint64_t)INT64_MAX) return st_syntax(p, "shape entry too large");
-                        t->shape[t->ndim++] = (int64_t)v;
-                    } while (st_accept(p, ','));
-                    if (!st_accept(p, ']')) return st_syntax(p, "expected ',' or ']' in shape");
-                }
-                have_shape = true;
-            } else if (strcmp(key, "data_offsets") == 0) {
-                uint64_t b, e;
-                if (have_offsets) return st_syntax(p, "\"data_offsets\" given twice");
-                if (!st_accept(p, '[')) return st_syntax(p, "data_offsets must be an array [begin, end]");
-                if ((rc = st_parse_uint(p, &b, "data_offsets"))) return rc;
-                if (!st_accept(p, ',')) return st_syntax(p, "data_offsets must be an array [begin, end]");
-                if ((rc = st_parse_uint(p, &e, "data_offsets"))) return rc;
-                if (!st_accept(p, ']')) return st_syntax(p, "data_offsets must be an array [begin, end]");
-                if (b > SIZE_MAX || e > SIZE_MAX) return st_syntax(p, "data_offsets too large");
-                t->begin = (size_t)b;
-                t->end = (size_t)e;
-                have_offsets = true;
-            } else {
-                if ((rc = st_skip_value(p, 1))) return rc;
-            }
-        } while (st_accept(p, ','));
-        if (!st_accept(p, '}')) return st_syntax(p, "expected ',' or '}' in a tensor entry");
-    }
-    const char *missing = !have_dtype ? "dtype" : !have_shape ? "shape" : !have_offsets ? "data_offsets" : NULL;
+// {"dtype": .., "shape": [..], "data_offsets": [b, e]}; other keys are skipped, so a future field
+// does not break old readers.
+static int st_read_tensor(struct st_parser *p, size_t at, json_t *entry, struct st_tensor *t) {
+    const char *key;
+    json_t *v;
+    if (!json_is_object(entry)) return st_syntax(p, at, "a tensor entry must be an object");
+    json_t *dtype = json_object_get(entry, "dtype"), *shape = json_object_get(entry, "shape"),
+           *offsets = json_object_get(entry, "data_offsets");
+    const char *missing = !dtype ? "dtype" : !shape ? "shape" : !offsets ? "data_offsets" : NULL;
     if (missing)
         return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': entry has no \"%s\"",
-                       p->path, t->name, missing);
+                            p->path, t->name, missing);
+    json_object_foreach(entry, key, v) {
+        if (v != dtype && v != shape && v != offsets && st_json_depth(v) > ST_JSON_DEPTH_MAX)
+            return st_syntax(p, at, "nesting too deep");
+    }
+
+    if (!json_is_string(dtype)) return st_syntax(p, at, "dtype must be a string");
+    int d = st_dtype_from_name(json_string_value(dtype));
+    if (d < 0 && !p->bad_dtype_tensor) {
+        // Reported once the whole header is read, so syntax errors win.
+        snprintf(p->bad_dtype, sizeof p->bad_dtype, "%s", json_string_value(dtype));
+        p->bad_dtype_tensor = t->name;
+    }
+    t->dtype = d < 0 ? ST_F32 : (enum st_dtype)d;
+
+    if (!json_is_array(shape)) return st_syntax(p, at, "shape must be an array");
+    if (json_array_size(shape) > ST_MAX_DIMS)
+        return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
+                            "%s: tensor '%.200s': shape has more than %d dimensions", p->path, t->name,
+                            ST_MAX_DIMS);
+    t->ndim = (int)json_array_size(shape);
+    for (int i = 0; i < t->ndim; i++) {
+        uint64_t dim;
+        if (!st_json_uint(json_array_get(shape, (size_t)i), &dim))
+            return st_syntax(p, at, "shape entries must be non-negative integers");
+        t->shape[i] = (int64_t)dim;
+    }
+
+    uint64_t b, e;
+    if (!json_is_array(offsets) || json_array_size(offsets) != 2)
+        return st_syntax(p, at, "data_offsets must be an array [begin, end]");
+    if (!st_json_uint(json_array_get(offsets, 0), &b) || !st_json_uint(json_array_get(offsets, 1), &e))
+        return st_syntax(p, at, "data_offsets must be non-negative integers");
+    t->begin = (size_t)b;
+    t->end = (size_t)e;
     return 0;
+}
+
+// One entry of the top-level object: key (at header byte key_at), then its value at *pos.
+static int st_read_entry(struct st_parser *p, const char *key, size_t key_at, size_t *pos,
+                         bool *have_meta, struct st_lists *l) {
+    size_t at = st_skip_ws(p, *pos);
+    bool meta = strcmp(key, ST_METADATA_KEY) == 0;
+    if (meta && *have_meta) return st_syntax(p, key_at, "__metadata__ given twice");
+    if (!meta) {
+        if (key[0] == '\0') return st_syntax(p, key_at, "empty tensor name");
+        l->t = st_grow(l->t, l->nt, &l->capt, sizeof *l->t, 64, p->path);
+        struct st_tensor *t = &l->t[l->nt++];
+        memset(t, 0, sizeof *t);
+        t->name = st_keep(p, key);
+        p->tensor = t->name;
+    }
+    json_t *value;
+    int rc = st_decode(p, pos, &value);
+    if (rc) return rc;
+    if (meta) {
+        rc = st_read_metadata(p, at, value, l);
+        *have_meta = true;
+    } else {
+        rc = st_read_tensor(p, at, value, &l->t[l->nt - 1]);
+        p->tensor = NULL;
+    }
+    json_decref(value);
+    return rc;
 }
 
 static int st_parse_header(struct st_parser *p, struct st_lists *l) {
-    int rc;
     bool have_meta = false;
-    st_skip_ws(p);
-    if (!st_accept(p, '{')) return st_syntax(p, "header must be a JSON object starting with '{'");
-    if (!st_accept(p, '}')) {
-        do {
-            const char *key;
-            if ((rc = st_parse_string(p, &key))) return rc;
-            if (!st_accept(p, ':')) return st_syntax(p, "expected ':' after a key");
-            if (strcmp(key, ST_METADATA_KEY) == 0) {
-                if (have_meta) return st_syntax(p, "__metadata__ given twice");
-                if ((rc = st_parse_metadata(p, l))) return rc;
-                have_meta = true;
+    size_t pos = st_skip_ws(p, 0);
+    if (pos == p->n || p->s[pos] != '{')
+        return st_syntax(p, pos, "header must be a JSON object starting with '{'");
+    pos = st_skip_ws(p, pos + 1);
+    if (pos < p->n && p->s[pos] == '}') {
+        pos++;
+    } else {
+        for (;;) {
+            json_t *key;
+            size_t key_at = pos;
+            int rc = st_decode(p, &pos, &key);
+            if (rc) return rc;
+            if (!json_is_string(key)) {
+                json_decref(key);
+                return st_syntax(p, key_at, "expected a string key");
+            }
+            pos = st_skip_ws(p, pos);
+            if (pos == p->n || p->s[pos] != ':') {
+                json_decref(key);
+                return st_syntax(p, pos, "expected ':' after a key");
+            }
+            pos++;
+            rc = st_read_entry(p, json_string_value(key), key_at, &pos, &have_meta, l);
+            json_decref(key);
+            if (rc) return rc;
+            pos = st_skip_ws(p, pos);
+            if (pos < p->n && p->s[pos] == ',') {
+                pos = st_skip_ws(p, pos + 1);
                 continue;
             }
-            if (l->nt == l->capt) {
-                l->capt = l->capt ? 2 * l->capt : 64;
-                l->t = realloc(l->t, (size_t)l->capt * sizeof *l->t);
-                if (!l->t) tp_die(TP_EXIT_RUNTIME, "out of host memory reading %s", p->path);
+            if (pos < p->n && p->s[pos] == '}') {
+                pos++;
+                break;
             }
-            struct st_tensor *t = &l->t[l->nt++];
-            memset(t, 0, sizeof *t);
-            t->name = key;
-            if (key[0] == '\0') return st_syntax(p, "empty tensor name");
-            p->tensor = key;
-            if ((rc = st_parse_tensor(p, t))) return rc;
-            p->tensor = NULL;
-        } while (st_accept(p, ','));
-        if (!st_accept(p, '}')) return st_syntax(p, "expected ',' or '}' after a tensor entry");
+            return st_syntax(p, pos, "expected ',' or '}' after a tensor entry");
+        }
     }
-    st_skip_ws(p);
-    if (p->pos != p->n) return st_syntax(p, "unexpected text after the header object");
-    if (p->bad_dtype)
+    pos = st_skip_ws(p, pos);
+    if (pos != p->n) return st_syntax(p, pos, "unexpected text after the header object");
+    if (p->bad_dtype_tensor)
         return tp_errf_code(p->err, p->errlen, TP_EXIT_USAGE,
-                       "%s: tensor '%.200s': unknown dtype '%.40s' (supported: F32, BF16, F16, I32, I64)",
-                       p->path, p->bad_dtype_tensor, p->bad_dtype);
+                            "%s: tensor '%.200s': unknown dtype '%.40s' (supported: F32, BF16, F16, I32, I64)",
+                            p->path, p->bad_dtype_tensor, p->bad_dtype);
     return 0;
 }
 
@@ -749,6 +619,14 @@ static char *st_strdup(const char *s) {
     return d;
 }
 
+// JSON text is UTF-8; jansson refuses to hold anything else.
+static bool st_is_utf8(const char *s) {
+    json_t *probe = json_string(s);
+    bool ok = probe != NULL;
+    json_decref(probe);
+    return ok;
+}
+
 struct st_writer *st_writer_new(const char *path) {
     struct st_writer *w = tp_calloc(1, sizeof *w);
     w->path = st_strdup(path);
@@ -779,7 +657,7 @@ int st_writer_add(struct st_writer *w, const char *name, enum st_dtype dtype, in
     if (w->state != ST_W_DECLARING)
         return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' declared after the header was written",
                        w->path, name);
-    if (!name[0] || strcmp(name, ST_METADATA_KEY) == 0)
+    if (!name[0] || strcmp(name, ST_METADATA_KEY) == 0 || !st_is_utf8(name))
         return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: invalid tensor name '%.200s'", w->path, name);
     if ((unsigned)dtype >= ST_DTYPE_COUNT)
         return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s': invalid dtype %d", w->path, name,
@@ -794,11 +672,7 @@ int st_writer_add(struct st_writer *w, const char *name, enum st_dtype dtype, in
     for (int i = 0; i < w->n; i++)
         if (strcmp(w->t[i].name, name) == 0)
             return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: tensor '%.200s' declared twice", w->path, name);
-    if (w->n == w->cap) {
-        w->cap = w->cap ? 2 * w->cap : 64;
-        w->t = realloc(w->t, (size_t)w->cap * sizeof *w->t);
-        if (!w->t) tp_die(TP_EXIT_RUNTIME, "out of host memory writing %s", w->path);
-    }
+    w->t = st_grow(w->t, w->n, &w->cap, sizeof *w->t, 64, w->path);
     struct st_wtensor *t = &w->t[w->n++];
     memset(t, 0, sizeof *t);
     t->name = st_strdup(name);
@@ -815,61 +689,44 @@ int st_writer_add_metadata(struct st_writer *w, const char *key, const char *val
     if (w->state != ST_W_DECLARING)
         return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: metadata '%.200s' added after the header was written",
                        w->path, key);
+    if (!st_is_utf8(key) || !st_is_utf8(value))
+        return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: metadata '%.200s': key and value must be UTF-8",
+                            w->path, key);
     for (int i = 0; i < w->n_meta; i++)
         if (strcmp(w->meta[2 * i], key) == 0)
             return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: metadata key '%.200s' added twice", w->path, key);
-    if (w->n_meta == w->cap_meta) {
-        w->cap_meta = w->cap_meta ? 2 * w->cap_meta : 8;
-        w->meta = realloc(w->meta, 2 * (size_t)w->cap_meta * sizeof *w->meta);
-        if (!w->meta) tp_die(TP_EXIT_RUNTIME, "out of host memory writing %s", w->path);
-    }
+    w->meta = st_grow(w->meta, w->n_meta, &w->cap_meta, 2 * sizeof *w->meta, 8, w->path);
     w->meta[2 * w->n_meta] = st_strdup(key);
     w->meta[2 * w->n_meta + 1] = st_strdup(value);
     w->n_meta++;
     return 0;
 }
 
-// Growable text buffer for the header.
-struct st_buf {
-    char *p;
-    size_t n, cap;
-};
-
-static void st_buf_put(struct st_buf *b, const char *s, size_t len) {
-    if (b->n + len + 1 > b->cap) {
-        while (b->n + len + 1 > b->cap) b->cap = b->cap ? 2 * b->cap : 4096;
-        b->p = realloc(b->p, b->cap);
-        if (!b->p) tp_die(TP_EXIT_RUNTIME, "out of host memory building a safetensors header");
+// The header text, unpadded: __metadata__ first, then the tensors in declaration (= data) order.
+static char *st_header_json(const struct st_writer *w) {
+    json_t *h = json_object();
+    bool ok = h != NULL;
+    if (w->n_meta) {
+        json_t *meta = json_object();
+        for (int i = 0; i < w->n_meta; i++)
+            ok = ok && json_object_set_new(meta, w->meta[2 * i], json_string(w->meta[2 * i + 1])) == 0;
+        ok = ok && json_object_set_new(h, ST_METADATA_KEY, meta) == 0;
     }
-    memcpy(b->p + b->n, s, len);
-    b->n += len;
-    b->p[b->n] = '\0';
-}
-
-static void st_buf_printf(struct st_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void st_buf_printf(struct st_buf *b, const char *fmt, ...) {
-    char tmp[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int len = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    st_buf_put(b, tmp, (size_t)len); // callers only format numbers: always fits
-}
-
-// A JSON string literal: quotes, backslashes and control characters escaped; other bytes as is.
-static void st_buf_json_string(struct st_buf *b, const char *s) {
-    st_buf_put(b, "\"", 1);
-    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
-        if (*c == '"') st_buf_put(b, "\\\"", 2);
-        else if (*c == '\\') st_buf_put(b, "\\\\", 2);
-        else if (*c == '\n') st_buf_put(b, "\\n", 2);
-        else if (*c == '\t') st_buf_put(b, "\\t", 2);
-        else if (*c == '\r') st_buf_put(b, "\\r", 2);
-        else if (*c < 0x20) st_buf_printf(b, "\\u%04x", *c);
-        else st_buf_put(b, (const char *)c, 1);
+    size_t offset = 0;
+    for (int i = 0; i < w->n; i++) {
+        const struct st_wtensor *t = &w->t[i];
+        json_t *shape = json_array();
+        for (int d = 0; d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
+        json_t *entry = json_pack("{s:s, s:o, s:[I, I]}", "dtype", st_dtype_name(t->dtype), "shape", shape,
+                                  "data_offsets", (json_int_t)offset, (json_int_t)(offset + t->bytes));
+        ok = ok && json_object_set_new(h, t->name, entry) == 0;
+        offset += t->bytes;
     }
-    st_buf_put(b, "\"", 1);
+    char *text = ok ? json_dumps(h, JSON_COMPACT) : NULL;
+    json_decref(h);
+    // Names and strings were checked to be UTF-8 when declared, so only memory can fail here.
+    if (!text) tp_die(TP_EXIT_RUNTIME, "out of host memory building the header of %s", w->path);
+    return text;
 }
 
 int st_writer_begin(struct st_writer *w, char *err, size_t errlen) {
@@ -877,43 +734,20 @@ int st_writer_begin(struct st_writer *w, char *err, size_t errlen) {
     if (w->state != ST_W_DECLARING)
         return tp_errf_code(err, errlen, TP_EXIT_USAGE, "%s: header already written", w->path);
 
-    struct st_buf b = {0};
-    st_buf_put(&b, "{", 1);
-    bool first = true;
-    if (w->n_meta) {
-        st_buf_put(&b, "\"" ST_METADATA_KEY "\":{", sizeof ST_METADATA_KEY + 3);
-        for (int i = 0; i < w->n_meta; i++) {
-            if (i) st_buf_put(&b, ",", 1);
-            st_buf_json_string(&b, w->meta[2 * i]);
-            st_buf_put(&b, ":", 1);
-            st_buf_json_string(&b, w->meta[2 * i + 1]);
-        }
-        st_buf_put(&b, "}", 1);
-        first = false;
-    }
-    size_t offset = 0;
-    for (int i = 0; i < w->n; i++) {
-        const struct st_wtensor *t = &w->t[i];
-        if (!first) st_buf_put(&b, ",", 1);
-        first = false;
-        st_buf_json_string(&b, t->name);
-        st_buf_printf(&b, ":{\"dtype\":\"%s\",\"shape\":[", st_dtype_name(t->dtype));
-        for (int d = 0; d < t->ndim; d++) st_buf_printf(&b, "%s%lld", d ? "," : "", (long long)t->shape[d]);
-        st_buf_printf(&b, "],\"data_offsets\":[%zu,%zu]}", offset, offset + t->bytes);
-        offset += t->bytes;
-    }
-    st_buf_put(&b, "}", 1);
+    char *text = st_header_json(w);
+    size_t len = strlen(text);
     // Pad with spaces so the data area starts 8-byte aligned in the file.
-    while (b.n % 8) st_buf_put(&b, " ", 1);
-
+    size_t padded = (len + 7) / 8 * 8;
+    static const char spaces[8] = "        ";
     unsigned char len8[8];
-    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)b.n >> (8 * i));
+    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)padded >> (8 * i));
 
     int rc = 0;
     w->fp = fopen(w->path, "wb");
     if (!w->fp) {
         rc = st_wpoison(w, err, errlen, TP_EXIT_RUNTIME, "%s: cannot create: %s", w->path, strerror(errno));
-    } else if (fwrite(len8, 1, 8, w->fp) != 8 || fwrite(b.p, 1, b.n, w->fp) != b.n) {
+    } else if (fwrite(len8, 1, 8, w->fp) != 8 || fwrite(text, 1, len, w->fp) != len ||
+               fwrite(spaces, 1, padded - len, w->fp) != padded - len) {
         rc = st_wpoison(w, err, errlen, TP_EXIT_RUNTIME, "%s: writing the header failed: %s", w->path,
                         strerror(errno));
     } else {
@@ -921,7 +755,7 @@ int st_writer_begin(struct st_writer *w, char *err, size_t errlen) {
         w->cur = 0;
         w->cur_written = 0;
     }
-    free(b.p);
+    free(text);
     return rc;
 }
 

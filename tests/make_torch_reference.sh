@@ -6,7 +6,7 @@
 #
 # 1. writes tests/data/torch_parity_train.bin, a small deterministic token shard;
 # 2. runs tptrain on tests/data/torch_parity.yaml, dumping the initial weights;
-# 3. runs scripts/torch_reference.py (float64) from those weights with the hyperparameters that
+# 3. runs tools/torch_reference.py (float64) from those weights with the hyperparameters that
 #    tptrain resolved from the same config (read back from --dry-run);
 # 4. writes tests/data/torch_reference.json: the reference losses, global gradient norms and
 #    per-tensor gradient norms of the first step, plus the settings they were made with.
@@ -79,7 +79,7 @@ print(" ".join(f"{flag} {cfg[k]}" for k, flag in keys.items()))
 PY
 )
 # shellcheck disable=SC2086  # args is a list of flags and plain values
-"$py" scripts/torch_reference.py --init "$tmp/init.safetensors" $args --dtype float64 --threads 1 \
+"$py" tools/torch_reference.py --init "$tmp/init.safetensors" $args --dtype float64 --threads 1 \
     --out "$tmp/reference.json" >"$tmp/reference.log"
 
 # ---- 4. the committed vectors, and how far tptrain is from them today

@@ -590,7 +590,7 @@ Test(ckpt, bf16_resume_is_exact_and_eval_matches) {
 // the tokens a float64 PyTorch full forward over the same windows picks; at tp=2 as well.
 static const char *greedy_py =
     "import sys, struct, torch\n"
-    "sys.path.insert(0, sys.argv[1] + '/scripts')\n"
+    "sys.path.insert(0, sys.argv[1] + '/tools')\n"
     "import torch_reference as R\n"
     "arrays, _ = R.read_safetensors(sys.argv[2])\n"
     "P = {k: torch.tensor(v, dtype=torch.float64) for k, v in arrays.items()}\n"

@@ -523,6 +523,32 @@ Test(safetensors, unknown_dtype) {
     expect_bad(path, "w", "unknown dtype 'f32'");
 }
 
+// An empty dtype is an unknown one; names, keys and values must be UTF-8 (JSON text is), on
+// reading and on writing.
+Test(safetensors, empty_dtype_and_utf8) {
+    char path[1100], err[1024];
+    path_in(path, sizeof path, "utf8.safetensors");
+    write_raw(path, "{\"w\":{\"dtype\":\"\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4);
+    expect_bad(path, "w", "unknown dtype ''");
+    write_raw(path, "{\"w\xff\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4);
+    expect_bad(path, NULL, "malformed header JSON at header byte");
+
+    struct st_writer *w = st_writer_new(path);
+    cr_assert_eq(st_writer_add(w, "w\xff", ST_F32, 1, (int64_t[]){1}, err, sizeof err), TP_EXIT_USAGE);
+    cr_assert_eq(st_writer_add_metadata(w, "k", "v\xc3", err, sizeof err), TP_EXIT_USAGE);
+    cr_assert(strstr(err, "UTF-8"), "%s", err);
+    cr_assert_eq(st_writer_add(w, "w\xc3\xa9", ST_F32, 1, (int64_t[]){1}, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(st_writer_begin(w, err, sizeof err), 0, "%s", err);
+    float one = 1.0f;
+    cr_assert_eq(st_writer_write(w, NULL, &one, sizeof one, err, sizeof err), 0, "%s", err);
+    cr_assert_eq(st_writer_finish(w, err, sizeof err), 0, "%s", err);
+    st_writer_free(w);
+    struct st_file f;
+    cr_assert_eq(st_open(&f, path, err, sizeof err), 0, "%s", err);
+    cr_assert_not_null(st_find(&f, "w\xc3\xa9"));
+    st_close(&f);
+}
+
 Test(safetensors, malformed_json) {
     char path[1100];
     path_in(path, sizeof path, "json.safetensors");

@@ -7,7 +7,7 @@
 # attention grid against PyTorch's SDPA back ends (tools/attention_vs_sdpa.py), and --bench model
 # in bf16 for GPT-2 124M's width with 12 heads of 64 and 6 heads of 128; then (stages train, torch)
 # Tiny Shakespeare with heads of 128 in fp32 and bf16 (500 steps) and tp=2 against tp=1 over the MPI
-# comm, and scripts/bench_vs_pytorch.sh on GPT-2 124M at T 4096 (B 4) and with 6 heads of 128.
+# comm, and tools/bench_vs_pytorch.sh on GPT-2 124M at T 4096 (B 4) and with 6 heads of 128.
 # Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
 set -u
 out=${OUT:-/tmp/out}
@@ -116,7 +116,7 @@ if stage torch; then
     sed 's/^  n_head: 12/  n_head: 6/' configs/gpt2-124m.yaml >/tmp/gpt2-124m-hs128.yaml
     for c in t4096:4 hs128:16; do
         OUT=/tmp/vs_${c%%:*} BENCH_BUILD=0 BUILD_DIR=$build BENCH_CONFIG=/tmp/gpt2-124m-${c%%:*}.yaml \
-            BENCH_BATCHES=${c##*:} bash scripts/bench_vs_pytorch.sh >"$out/vs_torch_${c%%:*}.log" 2>&1 || status=1
+            BENCH_BATCHES=${c##*:} bash tools/bench_vs_pytorch.sh >"$out/vs_torch_${c%%:*}.log" 2>&1 || status=1
         echo "== gpt2-124m ${c%%:*} (B ${c##*:})"; sed -n '/^# /,$p' "$out/vs_torch_${c%%:*}.log"
     done
 fi

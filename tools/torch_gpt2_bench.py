@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""torch_gpt2_bench.py: the PyTorch side of scripts/bench_vs_pytorch.sh.
+"""torch_gpt2_bench.py: the PyTorch side of tools/bench_vs_pytorch.sh.
 
 Trains the GPT-2 that tptrain trains, written the way a PyTorch user would write it fast: bf16
 autocast, F.scaled_dot_product_attention(is_causal=True), torch.compile(model), AdamW(fused=True)
 and TF32 for the fp32 leftovers. It reads the same config file and the same `--set section.key=value`
 overrides as tptrain, so one list of overrides drives both tools:
 
-    python3 scripts/torch_gpt2_bench.py configs/gpt2-124m.yaml --set train.micro_batch=16 \\
+    python3 tools/torch_gpt2_bench.py configs/gpt2-124m.yaml --set train.micro_batch=16 \\
         --set train.steps=30 --skip 5 --json out.json
 
 The model matches tptrain's: vocabulary padded to a multiple of 128 (50304 for 50257) with the

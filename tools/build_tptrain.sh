@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# build_tptrain.sh: sourced by the device scripts (bench_vs_pytorch.sh, scaling.sh).
+# build_tptrain.sh: the configure-and-build function that bench_vs_pytorch.sh and scaling.sh source.
 #
 # build_tptrain BUILD_DIR MESON_ARGS LOG: configures BUILD_DIR with MESON_ARGS when it has no
 # build.ninja yet (adding -Dtests=false where Criterion is missing: the test suite needs it, the

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""torch_tp_bench.py: the PyTorch tensor-parallel side of scripts/scaling.sh.
+"""torch_tp_bench.py: the PyTorch tensor-parallel side of tools/scaling.sh.
 
-The GPT-2 of scripts/torch_gpt2_bench.py (same blocks, init distribution, data, lr schedule,
+The GPT-2 of tools/torch_gpt2_bench.py (same blocks, init distribution, data, lr schedule,
 AdamW, config parsing and `--set` overrides, imported from it), split over a 1-D device mesh of
 all WORLD_SIZE GPUs with PyTorch's own tensor parallelism, one process per GPU under torchrun:
 
-    torchrun --standalone --nproc_per_node=4 scripts/torch_tp_bench.py configs/gpt2-350m.yaml \\
+    torchrun --standalone --nproc_per_node=4 tools/torch_tp_bench.py configs/gpt2-350m.yaml \\
         --set train.micro_batch=8 --set train.grad_accum=1 --set train.global_batch=0 \\
         --set train.steps=15 --skip 5 --json out.json
 

@@ -12,7 +12,7 @@ Needs only torch (1.13 or 2.x) and numpy; safetensors files are read and written
 struct, so the `safetensors` package is not required.
 
 Example:
-  /usr/bin/python3 scripts/torch_reference.py --init init.safetensors \\
+  /usr/bin/python3 tools/torch_reference.py --init init.safetensors \\
       --data data/tinyshakespeare_train.bin --n-layer 2 --n-head 4 --n-embd 64 \\
       --vocab-size 50257 --seq-len 64 --micro-batch 4 --grad-accum 2 --steps 5 \\
       --lr 6e-4 --min-lr 6e-5 --warmup-steps 2 --schedule cosine --weight-decay 0.1 \\

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# gpu_train.sh: GPU training checks in one device command, from the repository root:
+# gpu_train.sh: GPU training checks (CUDA against CPU, TP on one GPU, NCCL) and fp32 throughput.
+#
+# One device command from the repository root:
 #   1. CUDA fp32 against the CPU backend, 10 steps of configs/tiny.yaml (losses, max rel diff)
 #   2. TP on one GPU: mpirun -np 2 and -np 4 (ranks share the GPU: MPI comm) against tp=1
 #   3. NCCL with one rank (comm: nccl)

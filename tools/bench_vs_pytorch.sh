@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# bench_vs_pytorch.sh: tptrain against PyTorch on the same GPT-2, as one device command from the
-# repository root (carry .device-deps):
+# bench_vs_pytorch.sh: GPT-2 bf16 step time, tok/s and memory, tptrain against PyTorch, one GPU.
 #
-#   bash scripts/bench_vs_pytorch.sh
+# One device command from the repository root (carry .device-deps):
+#
+#   bash tools/bench_vs_pytorch.sh
 #
 # Builds tptrain (meson, CUDA, sm_90), then for each micro_batch B runs tptrain on the config in
-# bf16 and scripts/torch_gpt2_bench.py on the same config and data (bf16 autocast, torch.compile,
+# bf16 and tools/torch_gpt2_bench.py on the same config and data (bf16 autocast, torch.compile,
 # SDPA, fused AdamW), one after the other in the same session: BENCH_STEPS optimizer steps of one
 # micro-step each, no validation and no checkpoints, the first BENCH_SKIP steps left out of the
 # statistics. While each run goes, nvidia-smi's memory.used is polled every 100 ms; its peak minus
@@ -43,7 +44,7 @@ meson_args=${MESON_ARGS:--Dcuda=enabled -Dgpu_arch=${GPU_ARCH:-90}}
 py=${PYTHON:-python3}
 gpu=${BENCH_GPU:-0}
 
-if [ ! -f meson.build ] || [ ! -f scripts/torch_gpt2_bench.py ]; then
+if [ ! -f meson.build ] || [ ! -f tools/torch_gpt2_bench.py ]; then
     echo "bench_vs_pytorch.sh: run me from the repository root (no meson.build here: $PWD)" >&2
     exit 2
 fi
@@ -59,8 +60,8 @@ runs=$raw/runs.tsv
 failed=0
 
 # ---- environment and build
-# shellcheck source=scripts/build_tptrain.sh
-. scripts/build_tptrain.sh
+# shellcheck source=tools/build_tptrain.sh
+. tools/build_tptrain.sh
 if [ -f .device-deps/setup.sh ]; then
     # shellcheck disable=SC1091
     . .device-deps/setup.sh >"$raw/setup.log" 2>&1 || echo "warning: .device-deps/setup.sh failed (see raw/setup.log)"
@@ -133,7 +134,7 @@ run_one() { # run_one TOOL B
         cmd=("$build/tptrain" "$config" "${sets[@]}" --set "train.precision=$precision"
              --set log.every=10 --set "log.jsonl=$raw/tptrain_b$B.jsonl")
     else
-        cmd=("$py" scripts/torch_gpt2_bench.py "$config" "${sets[@]}" --skip "$skip"
+        cmd=("$py" tools/torch_gpt2_bench.py "$config" "${sets[@]}" --skip "$skip"
              --precision "$precision" --json "$raw/pytorch_b$B.json")
     fi
     sleep 1 # let the previous run's memory go back before the idle reading

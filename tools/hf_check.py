@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
-# hf_check.py CKPT_DIR VAL_SHARD B T BATCHES GEN_OUT N_GEN: transformers' GPT2LMHeadModel loads a tptrain checkpoint directory and gives
-# the same validation loss and the same greedy continuation as tptrain.
+# hf_check.py: checks that transformers loads a tptrain checkpoint and gives tptrain's loss and text.
+#
+# hf_check.py CKPT_DIR VAL_SHARD B T BATCHES GEN_OUT N_GEN: transformers' GPT2LMHeadModel loads a
+# tptrain checkpoint directory; prints its validation loss over the blocks that
+# `tptrain --eval --batches BATCHES` reads and writes a greedy continuation of N_GEN tokens to
+# GEN_OUT, to compare with tptrain's. Needs torch, numpy and transformers.
 import json, struct, sys
 import numpy as np, torch, torch.nn.functional as F
 from transformers import GPT2LMHeadModel

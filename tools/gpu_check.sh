@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the whole GPU check in one device command, run from the repository root on the GPU
-# machine (with .device-deps carried; see ../shared/device/README.md):
+# gpu_check.sh: the GPU build and test check: CUDA build, every suite, compute-sanitizer, a short run.
 #
-#   bash scripts/gpu_check.sh
+# One device command from the repository root on the GPU machine (with .device-deps carried; see
+# ../shared/device/README.md):
+#
+#   bash tools/gpu_check.sh
 #
 # Stages: load the carried dependencies, configure build-gpu with CUDA (sm_90 by default), build,
 # run every meson test suite, run the CUDA op tests under compute-sanitizer (memcheck, then

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# scaling.sh: tensor parallelism across the GPUs of one machine, as one device command from the
-# repository root (carry .device-deps):
+# scaling.sh: tensor parallelism across the GPUs of one machine: parity, benches, scaling, PyTorch TP.
 #
-#   bash scripts/scaling.sh
+# One device command from the repository root (carry .device-deps):
+#
+#   bash tools/scaling.sh
 #
 # N = the GPUs `nvidia-smi -L` lists (SCALING_NGPU overrides). Builds tptrain as
 # bench_vs_pytorch.sh does (ninja is a no-op when BUILD_DIR is up to date), then runs these stages
@@ -27,11 +28,11 @@
 #   scaling  one run at a time on GPUs 0..tp-1, for every (model, tp) of SCALING_MODELS with tp <= N,
 #            in bf16: tptrain training (SCALING_STEPS steps, the first SCALING_SKIP left out: step
 #            ms median, tok/s in all and per GPU, MFU), tptrain --bench model (the communication
-#            share: all-reduce ms over the sum of the phases), then scripts/torch_tp_bench.py
+#            share: all-reduce ms over the sum of the phases), then tools/torch_tp_bench.py
 #            under torchrun --nproc_per_node=tp (PyTorch's ColwiseParallel / RowwiseParallel,
 #            loss_parallel, torch.compile, bf16; its NCCL kernel share from the profiler), and
 #            the tptrain / PyTorch throughput ratio. For the models in SCALING_TORCH_PLAIN, also
-#            scripts/torch_gpt2_bench.py at tp=1 (plain PyTorch, whole-model compile: what
+#            tools/torch_gpt2_bench.py at tp=1 (plain PyTorch, whole-model compile: what
 #            DTensor costs PyTorch at tp=1). Default models: gpt2-124m (micro_batch 16; tp 1, 2,
 #            4: 12 heads), gpt2-350m (8; tp 1, 2, 4, 8) and configs/gpt-1.3b.yaml (8; tp 1..8).
 #
@@ -47,8 +48,8 @@
 # well under 10 s): build under 1 min, parity 1-2, bench about 1, kill under 1, scaling about 10
 # (11 PyTorch runs, 22 tptrain runs). Everything does not fit one 600 s command on 4 or 8 GPUs;
 # split it, e.g.
-#   SCALING_STAGES=parity,bench,kill,scaling SCALING_ONLY=gpt2-124m bash scripts/scaling.sh
-#   SCALING_STAGES=scaling SCALING_ONLY="gpt2-350m gpt-1.3b" bash scripts/scaling.sh
+#   SCALING_STAGES=parity,bench,kill,scaling SCALING_ONLY=gpt2-124m bash tools/scaling.sh
+#   SCALING_STAGES=scaling SCALING_ONLY="gpt2-350m gpt-1.3b" bash tools/scaling.sh
 # (the second finds BUILD_DIR built when the machine is still the same one).
 #
 # Environment:
@@ -131,7 +132,7 @@ torch_plain=${SCALING_TORCH_PLAIN-gpt2-124m}
 scaling_only=${SCALING_ONLY:-}
 read -ra torch_tp_args <<<"${TORCH_TP_ARGS:-}"
 
-if [ ! -f meson.build ] || [ ! -f scripts/torch_tp_bench.py ]; then
+if [ ! -f meson.build ] || [ ! -f tools/torch_tp_bench.py ]; then
     echo "scaling.sh: run me from the repository root (no meson.build here: $PWD)" >&2
     exit 2
 fi
@@ -260,8 +261,8 @@ cfg_value() { # cfg_value CONFIG KEY: the value of `  KEY:` in the config file
 }
 
 # ---- build
-# shellcheck source=scripts/build_tptrain.sh
-. scripts/build_tptrain.sh
+# shellcheck source=tools/build_tptrain.sh
+. tools/build_tptrain.sh
 
 bin=$build/tptrain
 built=1
@@ -597,13 +598,13 @@ scaling_one() { # scaling_one MODEL CONFIG B TP TOOL EXTRA_SETS(k=v,k=v or -)
         local dev=()
         [ "$device" = cpu ] && dev=(--device cpu --compile off)
         CUDA_VISIBLE_DEVICES=$gpus run_timed "$base" 1 "$py" -m torch.distributed.run --standalone --nproc_per_node="$tp" \
-            scripts/torch_tp_bench.py "$config" "${sets[@]}" "${run[@]}" --skip "$skip" --precision "$precision" \
+            tools/torch_tp_bench.py "$config" "${sets[@]}" "${run[@]}" --skip "$skip" --precision "$precision" \
             --profile-steps "$profile_steps" "${dev[@]}" "${torch_tp_args[@]}" --json "$base.json"
         ;;
     pytorch-plain)
         local dev=()
         [ "$device" = cpu ] && dev=(--device cpu)
-        CUDA_VISIBLE_DEVICES=$gpus run_timed "$base" 1 "$py" scripts/torch_gpt2_bench.py "$config" "${sets[@]}" "${run[@]}" --skip "$skip" \
+        CUDA_VISIBLE_DEVICES=$gpus run_timed "$base" 1 "$py" tools/torch_gpt2_bench.py "$config" "${sets[@]}" "${run[@]}" --skip "$skip" \
             --precision "$precision" "${dev[@]}" --json "$base.json"
         ;;
     esac
@@ -736,7 +737,7 @@ results = {"gpu": gpu_name, "gpus": ngpu, "device_mode": device, "stages": {}, "
 ok_all = not any("FAILED" in n for n in notes.get("build", []))
 print(f"# {ngpu} x {gpu_name} ({device})")
 md.append(f"# tptrain tensor-parallel scaling: {ngpu} x {gpu_name}\n")
-md.append("Produced by `scripts/scaling.sh`; raw logs in `logs.tar.gz` (or `raw/`).\n")
+md.append("Produced by `tools/scaling.sh`; raw logs in `logs.tar.gz` (or `raw/`).\n")
 for st, ns in notes.items():
     for n in ns:
         md.append(f"- note ({st}): {n}")

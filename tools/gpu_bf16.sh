@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# gpu_bf16.sh: the bf16 fast path's checks and figures, as one device command from the repository
-# root after a CUDA build (scripts/gpu_check.sh builds build-gpu; carry .device-deps):
+# gpu_bf16.sh: the bf16 fast path's checks and figures (loss against fp32, benches, PyTorch), one GPU.
 #
-#   bash scripts/gpu_bf16.sh
+# One device command from the repository root after a CUDA build (tools/gpu_check.sh builds
+# build-gpu; carry .device-deps):
+#
+#   bash tools/gpu_bf16.sh
 #
 # 1. Tiny Shakespeare, configs/shakespeare.yaml for 500 steps in fp32 and in bf16, with the
 #    model's 4 heads of 32 (attention through the fallback) and with 2 heads of 64 (the fused
@@ -10,7 +12,7 @@
 # 2. --bench layer in bf16: GPT-2 124M's MLP at 16k tokens, and a large layer (16384 x 4096 x
 #    16384) for the share of the matrix-rate ceiling.
 # 3. --bench model configs/gpt2-124m.yaml in bf16: one step by phase.
-# 4. scripts/bench_vs_pytorch.sh (tptrain against PyTorch at micro_batch 16 and 32).
+# 4. tools/bench_vs_pytorch.sh (tptrain against PyTorch at micro_batch 16 and 32).
 # Logs go to ${OUT:-/tmp/gpu-out}/bf16; the summary is printed. Exit 1 if anything failed.
 set -u
 out=${OUT:-/tmp/gpu-out}/bf16
@@ -50,7 +52,7 @@ done
 } >"$out/bench.out" 2>&1 || fail=1
 grep -E "^----|^phase|fwd|bwd|whole step|median|sum of" "$out/bench.out" | tee -a "$out/summary.txt"
 
-OUT=$out/vs_pytorch BENCH_BUILD=0 BUILD_DIR=$build bash scripts/bench_vs_pytorch.sh >"$out/vs_pytorch.out" 2>&1 || fail=1
+OUT=$out/vs_pytorch BENCH_BUILD=0 BUILD_DIR=$build bash tools/bench_vs_pytorch.sh >"$out/vs_pytorch.out" 2>&1 || fail=1
 sed -n '/^# /,$p' "$out/vs_pytorch.out" | tee -a "$out/summary.txt"
 echo "gpu_bf16.sh: $([ $fail = 0 ] && echo ok || echo FAILED)" | tee -a "$out/summary.txt"
 exit $fail
