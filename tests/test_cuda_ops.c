@@ -1494,6 +1494,84 @@ Test(cuda_bf16, adamw) {
     pair_close(&p);
 }
 
+// The same AdamW step through the vector body (every buffer 16-byte aligned) and through the
+// element-wise one (every buffer one element off): bitwise the same p, m, v and compute copy, with
+// clipping active, at a size that spans many chunks of the one-wave launch (chunk edges inside
+// segments). Each element is one expression whichever body, chunk or grouping computes it.
+static void run_adamw_paths(struct pair *p) {
+    const struct backend_i *g = p->gpu.iface;
+    struct param_segment segs[SEG_MAX];
+    size_t n = 0;
+    int ns = seg_table(segs, &n);
+    struct param_segment *dsegs = g->alloc(p->gpu.ctx, sizeof segs);
+    g->copy_to_device(p->gpu.ctx, dsegs, segs, sizeof segs);
+    float *h[4]; // p, g, m, v
+    for (int k = 0; k < 4; k++) {
+        h[k] = tp_malloc(n * sizeof(float));
+        for (size_t i = 0; i < n; i++)
+            h[k][i] = k == 1 ? rng_uniform(&p->rng, -0.01f, 0.01f) : k == 3 ? rng_uniform(&p->rng, 0.0f, 1e-4f)
+                                                                           : rng_uniform(&p->rng, -1.0f, 1.0f);
+    }
+    size_t es = tp_dtype_size(p->dt);
+    float *out[2][3];
+    uint16_t *copy[2] = {NULL, NULL};
+    float nsq_h[2] = {4.0f, 5.0f}; // norm 3: clipped to grad_clip 1
+    float *nsq = g->alloc(p->gpu.ctx, sizeof nsq_h);
+    g->copy_to_device(p->gpu.ctx, nsq, nsq_h, sizeof nsq_h);
+    for (int off = 0; off < 2; off++) {
+        float *d[4];
+        for (int k = 0; k < 4; k++) {
+            d[k] = g->alloc(p->gpu.ctx, (n + 1) * sizeof(float));
+            g->copy_to_device(p->gpu.ctx, d[k] + off, h[k], n * sizeof(float));
+        }
+        void *pc = pair_bf16(p) ? g->alloc(p->gpu.ctx, (n + 1) * es) : NULL;
+        struct adamw_step st = {.p = d[0] + off, .p_compute = pc ? (char *)pc + off * es : NULL, .g = d[1] + off,
+                                .m = d[2] + off, .v = d[3] + off, .segs = dsegs, .n_segs = ns, .n = n, .lr = 6e-4f,
+                                .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .grad_scale = 0.5f, .norm_sq = nsq,
+                                .grad_clip = 1.0f, .t = 3};
+        g->adamw(p->gpu.ctx, &st);
+        int slot[3] = {0, 2, 3};
+        for (int k = 0; k < 3; k++) {
+            out[off][k] = tp_malloc(n * sizeof(float));
+            g->copy_to_host(p->gpu.ctx, out[off][k], d[slot[k]] + off, n * sizeof(float));
+        }
+        if (pc) {
+            copy[off] = tp_malloc(n * sizeof(uint16_t));
+            g->copy_to_host(p->gpu.ctx, copy[off], (char *)pc + off * es, n * sizeof(uint16_t));
+            g->free(p->gpu.ctx, pc);
+        }
+        for (int k = 0; k < 4; k++) g->free(p->gpu.ctx, d[k]);
+    }
+    const char *names[3] = {"p", "m", "v"};
+    for (int k = 0; k < 3; k++)
+        cr_expect(memcmp(out[0][k], out[1][k], n * sizeof(float)) == 0,
+                  "[%s] adamw %s: the vector and element-wise bodies differ", tp_dtype_name(p->dt), names[k]);
+    if (copy[0])
+        cr_expect(memcmp(copy[0], copy[1], n * sizeof(uint16_t)) == 0,
+                  "[%s] adamw compute copy: the vector and element-wise bodies differ", tp_dtype_name(p->dt));
+    for (int off = 0; off < 2; off++) {
+        for (int k = 0; k < 3; k++) free(out[off][k]);
+        free(copy[off]);
+    }
+    for (int k = 0; k < 4; k++) free(h[k]);
+    g->free(p->gpu.ctx, nsq);
+    g->free(p->gpu.ctx, dsegs);
+}
+
+Test(cuda_ops, adamw_vector_and_elementwise_agree) {
+    struct pair p;
+    pair_open(&p, 21);
+    run_adamw_paths(&p);
+    pair_close(&p);
+}
+
+Test(cuda_bf16, adamw_vector_and_elementwise_agree) {
+    struct pair p;
+    pair_open_dt(&p, 21, TP_DTYPE_BF16);
+    run_adamw_paths(&p);
+    pair_close(&p);
+}
+
 // ---- determinism: a layer's worth of ops, twice, must give bitwise equal results
 
 // Runs the ops that reduce (where float order matters) on fixed inputs from seed, in the
