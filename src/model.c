@@ -313,7 +313,7 @@ static struct vocab_parallel_head head_args(struct model *m, void *dln, float dl
     };
 }
 
-// ---- the step's blocks, in order (model_forward and model_backward are these in sequence)
+// ---- the step's blocks, in order (model_forward_backward is these in sequence)
 
 static const void *block_input(const struct model *m, int l) {
     return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (N, C)

@@ -192,6 +192,7 @@ int vocab_parallel_head_chunks(int N, int rows) { return rows > 0 ? (N + rows - 
 void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, const struct vocab_parallel_head *h) {
     size_t es = elem_size(be), C = (size_t)h->C;
     bool grad = h->din != NULL;
+    if (h->rows <= 0) tp_die(TP_EXIT_RUNTIME, "LM head: %d token rows per chunk (must be positive)", h->rows);
     for (int r0 = 0; r0 < h->N; r0 += h->rows) {
         int n = h->N - r0 < h->rows ? h->N - r0 : h->rows;
         void *in = (char *)h->in + (size_t)r0 * C * es; // (n, C) this chunk's rows

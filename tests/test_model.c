@@ -371,17 +371,25 @@ Test(model, collectives_per_pass) {
 // ---- the fused LM head + loss, in chunks
 
 // The head's chunk size follows the logits budget: one chunk while the logits fit, else equal
-// chunks of a divisor of N, else equal chunks but the last.
+// chunks of a divisor of N, else equal chunks but the last; always within the budget.
 Test(model, head_rows_follow_the_logits_budget) {
-    size_t per = MODEL_HEAD_LOGITS_MAX / 50304; // GPT-2's padded vocabulary at tp=1
-    cr_assert_eq(model_head_rows(128, 50304), 128);
-    cr_assert_eq(model_head_rows(per, 50304), (int)per);
+    const size_t Ns[] = {1, 128, 4096, 16384, 16411, 65536};
+    const int Vls[] = {384, 12672, 25152, 50304};
+    for (size_t i = 0; i < sizeof Ns / sizeof Ns[0]; i++)
+        for (size_t j = 0; j < sizeof Vls / sizeof Vls[0]; j++) {
+            size_t N = Ns[i];
+            int rows = model_head_rows(N, Vls[j]);
+            cr_assert(rows >= 1 && (size_t)rows <= N);
+            cr_assert(rows == 1 || (size_t)rows * (size_t)Vls[j] <= MODEL_HEAD_LOGITS_MAX, "N=%zu Vl=%d: %d rows",
+                      N, Vls[j], rows);
+            if (N * (size_t)Vls[j] <= MODEL_HEAD_LOGITS_MAX) cr_assert_eq((size_t)rows, N, "fits: one chunk");
+            size_t chunks = (N + (size_t)rows - 1) / (size_t)rows, fewest = (N * (size_t)Vls[j] + MODEL_HEAD_LOGITS_MAX - 1) / MODEL_HEAD_LOGITS_MAX;
+            cr_assert(chunks <= 2 * fewest + 1, "N=%zu Vl=%d: %zu chunks where %zu would do", N, Vls[j], chunks, fewest);
+        }
+    if (MODEL_HEAD_LOGITS_MAX != (size_t)1 << 27) return; // a build with another budget
     cr_assert_eq(model_head_rows(16384, 50304), 2048, "GPT-2 124M at micro_batch 16: 8 chunks of 2048");
     cr_assert_eq(model_head_rows(16384, 25152), 4096, "tp=2 halves the vocabulary, so the chunks double");
-    size_t prime = 16411; // no divisor: ceil(16411 / 7) = 2345 rows, the last chunk shorter
-    int rows = model_head_rows(prime, 50304);
-    cr_assert_leq((size_t)rows * 50304, MODEL_HEAD_LOGITS_MAX);
-    cr_assert_eq(rows, 2345);
+    cr_assert_eq(model_head_rows(16411, 50304), 2345, "no divisor: ceil(16411 / 7), the last chunk shorter");
     struct tp_model_config mc = {.n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
     struct model_dims d = model_dims_make(&mc, 16, 1, 0);
     cr_assert_eq(d.head_rows, 2048);
