@@ -177,6 +177,7 @@ static const struct backend_i cuda_iface = {
     .xent_rescale = cuda_xent_rescale,
     .xent_loss = cuda_xent_loss,
     .xent_bwd = cuda_xent_bwd,
+    .xent_fused = cuda_xent_fused,
     .sum = cuda_sum,
     .sumsq_acc = cuda_sumsq_acc,
     .segments_sumsq = cuda_segments_sumsq,

@@ -111,22 +111,39 @@ __global__ void xent_loss_kernel(float *losses, const float *maxes, const float 
     GRID_STRIDE(i, (size_t)N) losses[i] = logf(sums[i]) + maxes[i] - sums[(size_t)N + i];
 }
 
-// dlogits (N, n_vocab) = (softmax - onehot) * dloss on real columns, 0 on padding; in place safe
-// (each element is read and written by the same thread). A thread loads XENT_UNROLL vectors
-// before it stores any: with dlogits possibly aliasing logits the compiler may not move a load
-// above an earlier store, so without the explicit grouping only one load would be in flight.
+// One vector of a row's gradient: (softmax - onehot) * dloss on real columns (j < n_real), 0 on
+// padding. Written once for xent_bwd_kernel and xent_fused_kernel, so both compute every element
+// by the same expression.
 template <typename E, int V>
-__global__ void xent_bwd_kernel(E *dlogits, const E *logits, const float *maxes, const float *sums,
-                                const int *targets, float dloss, int vocab_start, int n_real,
-                                int n_vocab) {
-    size_t i = blockIdx.x;
-    const E *row = logits + i * n_vocab;
-    E *drow = dlogits + i * n_vocab;
-    float mx = maxes[i];
-    float inv = 1.0f / sums[i];
-    int r = targets[i] - vocab_start;
-    int nv = n_vocab / V, bs = (int)blockDim.x;
-    for (int k0 = threadIdx.x; k0 < nv; k0 += XENT_UNROLL * bs) {
+__device__ __forceinline__ vec_t<E, V> xent_grad_vec(const vec_t<E, V> &x, int j0, float mx, float inv,
+                                                     int r, float dloss, int n_real) {
+    vec_t<E, V> o;
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+        int j = j0 + e;
+        float d = 0.0f;
+        if (j < n_real) {
+            float p = xent_exp<E>(to_f(x.e[e]) - mx) * inv;
+            d = (p - (j == r ? 1.0f : 0.0f)) * dloss;
+        }
+        o.e[e] = from_f<E>(d);
+    }
+    return o;
+}
+
+// Writes a row's gradient drow (n_vocab) from its logits row, XENT_UNROLL vectors in flight per
+// thread. A thread loads its group before it stores any: with drow possibly aliasing row the
+// compiler may not move a load above an earlier store, so without the explicit grouping only one
+// load would be in flight. REVERSE walks the groups from the row's end: a row just read is then
+// re-read newest part first, the part most likely still in L2. Every element is computed alone,
+// so the order changes no result.
+template <typename E, int V, bool REVERSE>
+__device__ __forceinline__ void xent_grad_row(E *drow, const E *row, float mx, float inv, int r,
+                                              float dloss, int n_real, int n_vocab) {
+    int nv = n_vocab / V, bs = (int)blockDim.x, step = XENT_UNROLL * bs;
+    int ng = (nv + step - 1) / step; // groups of XENT_UNROLL vectors per thread
+    for (int gi = 0; gi < ng; gi++) {
+        int k0 = threadIdx.x + (REVERSE ? ng - 1 - gi : gi) * step;
         vec_t<E, V> x[XENT_UNROLL];
 #pragma unroll
         for (int u = 0; u < XENT_UNROLL; u++) {
@@ -140,22 +157,64 @@ __global__ void xent_bwd_kernel(E *dlogits, const E *logits, const float *maxes,
         for (int u = 0; u < XENT_UNROLL; u++) {
             int k = k0 + u * bs;
             if (k >= nv) break;
-            vec_t<E, V> o;
-#pragma unroll
-            for (int e = 0; e < V; e++) {
-                int j = k * V + e;
-                float d = 0.0f;
-                if (j < n_real) {
-                    float p = xent_exp<E>(to_f(x[u].e[e]) - mx) * inv;
-                    d = (p - (j == r ? 1.0f : 0.0f)) * dloss;
-                }
-                o.e[e] = from_f<E>(d);
-            }
-            st_vec<E, V>(drow + (size_t)k * V, o);
+            st_vec<E, V>(drow + (size_t)k * V, xent_grad_vec<E, V>(x[u], k * V, mx, inv, r, dloss, n_real));
         }
     }
 }
 
+// dlogits (N, n_vocab) = (softmax - onehot) * dloss on real columns, 0 on padding; in place safe
+// (each element is read and written by the same thread).
+template <typename E, int V>
+__global__ void xent_bwd_kernel(E *dlogits, const E *logits, const float *maxes, const float *sums,
+                                const int *targets, float dloss, int vocab_start, int n_real,
+                                int n_vocab) {
+    size_t i = blockIdx.x;
+    xent_grad_row<E, V, false>(dlogits + i * n_vocab, logits + i * n_vocab, maxes[i], 1.0f / sums[i],
+                        targets[i] - vocab_start, dloss, n_real, n_vocab);
+}
+
+// One rank holds every column (vocab_start 0): per row, xent_stats_kernel's pass (the same fold,
+// block size and vector width, so the same max and sum bit for bit), the loss as xent_loss_kernel
+// computes it, then with dlogits the row's gradient as xent_bwd_kernel computes it. The second
+// pass re-reads the row this block has just read, newest part first: a row is n_vocab * sizeof(E)
+// bytes (100 KB of bf16 at GPT-2's vocabulary) and the rows of the resident blocks (up to 4 per
+// SM, 53 MB on an H200's 132 SMs) about fill its 50 MB L2, so most of the re-read should come
+// from L2 rather than DRAM (not measured yet); against the unfused path there are also no
+// statistics to write and read back, and two launches fewer.
+template <typename E, int V>
+__global__ void __launch_bounds__(XENT_STATS_BLOCK, XENT_STATS_MIN_BLOCKS)
+xent_fused_kernel(float *losses, E *dlogits, const E *logits, const int *targets, float dloss,
+                  int n_real, int n_vocab) {
+    __shared__ float sh[TPC_WARP];
+    __shared__ float target_logit; // written by the thread that holds the target column
+    size_t i = blockIdx.x;
+    const E *row = logits + i * n_vocab; // (n_vocab)
+    int r = targets[i];
+    if (threadIdx.x == 0) target_logit = 0.0f; // a target outside the real columns: 0, as xent_stats
+    __syncthreads();
+    int nv = (n_real + V - 1) / V, bs = (int)blockDim.x;
+    float m = -INFINITY, s = 0.0f;
+    for (int k0 = threadIdx.x; k0 < nv; k0 += XENT_UNROLL * bs) {
+        vec_t<E, V> x[XENT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < XENT_UNROLL; u++) {
+            int k = k0 + u * bs;
+            if (k < nv)
+                x[u] = ld_vec<E, V>(row + (size_t)k * V);
+            else
+                x[u] = vec_t<E, V>{}; // masked in the fold; defined all the same
+        }
+        if ((k0 + (XENT_UNROLL - 1) * bs + 1) * V <= n_real)
+            xent_fold<E, V, false>(m, s, &target_logit, x, k0 * V, bs * V, n_real, r);
+        else
+            xent_fold<E, V, true>(m, s, &target_logit, x, k0 * V, bs * V, n_real, r);
+    }
+    float bm = block_max_f(m, sh); // every thread gets the row's max and, below, its sum
+    s = m == -INFINITY ? 0.0f : s * xent_exp<E>(m - bm);
+    s = block_sum_f(s, sh); // its barriers also publish target_logit
+    if (threadIdx.x == 0) losses[i] = logf(s) + bm - target_logit;
+    if (dlogits) xent_grad_row<E, V, true>(dlogits + i * n_vocab, row, bm, 1.0f / s, r, dloss, n_real, n_vocab);
+}
 
 // -- vocab-parallel cross-entropy
 
@@ -235,4 +294,39 @@ void cuda_xent_bwd(void *ctx, void *dlogits, const void *logits, const float *ma
             (float *)dlogits, (const float *)logits, maxes, sums, targets, dloss, vocab_start,
             n_real, n_vocab);
     CUDA_CHECK_LAUNCH("xent_bwd_kernel");
+}
+
+template <typename E, int V>
+static void xent_fused_launch(struct cuda_ctx *c, float *losses, void *dlogits, const void *logits,
+                              const int *targets, float dloss, int N, int n_real, int n_vocab) {
+    xent_fused_kernel<E, V><<<(unsigned int)N, XENT_STATS_BLOCK, 0, c->stream>>>(
+        losses, (E *)dlogits, (const E *)logits, targets, dloss, n_real, n_vocab);
+    CUDA_CHECK_LAUNCH("xent_fused_kernel");
+}
+
+void cuda_xent_fused(void *ctx, float *losses, void *dlogits, const void *logits,
+                     const int *targets, float dloss, int N, int n_vocab, int vocab_size) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || n_vocab <= 0) return;
+    int n_real = xent_real_columns(0, n_vocab, vocab_size);
+    // The vector width xent_stats would choose (its fold order depends on it); the gradient pass
+    // stores with the same width, so dlogits must then be aligned as the logits are. Where it is
+    // not, the three ops run instead: the same results, in three passes.
+    bool vec = aligned_to(logits, 16);
+    int width = is_bf16(c) ? (vec && n_vocab % 8 == 0 ? 8 : 1) : (vec && n_vocab % 4 == 0 ? 4 : 1);
+    if (dlogits && width > 1 && !aligned_to(dlogits, 16)) {
+        float *stats = (float *)ctx_scratch(c, 3 * (size_t)N * sizeof(float)); // maxes (N), sums (2, N)
+        cuda_xent_stats(ctx, stats, stats + N, logits, targets, N, 0, n_vocab, vocab_size);
+        cuda_xent_loss(ctx, losses, stats, stats + N, N);
+        cuda_xent_bwd(ctx, dlogits, logits, stats, stats + N, targets, dloss, N, 0, n_vocab, vocab_size);
+        return;
+    }
+    if (is_bf16(c) && width == 8)
+        xent_fused_launch<bf16, 8>(c, losses, dlogits, logits, targets, dloss, N, n_real, n_vocab);
+    else if (is_bf16(c))
+        xent_fused_launch<bf16, 1>(c, losses, dlogits, logits, targets, dloss, N, n_real, n_vocab);
+    else if (width == 4)
+        xent_fused_launch<float, 4>(c, losses, dlogits, logits, targets, dloss, N, n_real, n_vocab);
+    else
+        xent_fused_launch<float, 1>(c, losses, dlogits, logits, targets, dloss, N, n_real, n_vocab);
 }

@@ -310,6 +310,8 @@ void cuda_xent_loss(void *ctx, float *losses, const float *maxes, const float *s
 void cuda_xent_bwd(void *ctx, void *dlogits, const void *logits, const float *maxes,
                    const float *sums, const int *targets, float dloss, int N,
                    int vocab_start, int n_vocab, int vocab_size);
+void cuda_xent_fused(void *ctx, float *losses, void *dlogits, const void *logits,
+                     const int *targets, float dloss, int N, int n_vocab, int vocab_size);
 
 // optim.cu
 void cuda_sum(void *ctx, float *out, const float *x, size_t n);

@@ -184,6 +184,12 @@ struct backend_i {
     void (*xent_bwd)(void *ctx, void *dlogits, const void *logits, const float *maxes,
                      const float *sums, const int *targets, float dloss, int N, int vocab_start,
                      int n_vocab, int vocab_size);
+    // (optional) One rank holds the whole vocabulary (vocab_start 0), so no all-reduce separates
+    // the phases: xent_stats, xent_loss and, with dlogits non-NULL, xent_bwd in one op whose
+    // results equal theirs bit for bit, reading each row of logits from memory once.
+    // losses (N) =; dlogits (N, n_vocab) = (may alias logits) or NULL for the loss only.
+    void (*xent_fused)(void *ctx, float *losses, void *dlogits, const void *logits, const int *targets,
+                       float dloss, int N, int n_vocab, int vocab_size);
 
     // ---- reductions and elementwise helpers (fp32)
     // *out (1 float, backend memory) = sum of x (n)

@@ -724,36 +724,54 @@ static inline int xent_real_cols(int vocab_start, int n_vocab, int vocab_size) {
 // the lanes are combined in a fixed order.
 #define XENT_LANES 16
 
-// One rank's statistics of each row over its real columns: a max pass, then the sum of
-// exponentials shifted by that max, then the target logit. The row is read twice, but from cache;
-// keeping the two passes makes the one-rank results the exact values of a two-phase softmax.
+// One rank's statistics of one row over its nr real columns: a max pass, then the sum of
+// exponentials shifted by that max, then the target logit (column tj, 0 when not held here). The
+// row is read twice, but from cache; keeping the two passes makes the one-rank results the exact
+// values of a two-phase softmax.
+static inline void xent_row_stats(const float *l, size_t nr, int tj, float *max_out, float *sum_out,
+                                  float *target_out) {
+    float mx = -INFINITY;
+    // max is exact in any order, so letting OpenMP reorder it keeps results deterministic.
+    CPU_OMP(omp simd reduction(max : mx))
+    for (size_t j = 0; j < nr; j++) mx = l[j] > mx ? l[j] : mx;
+    float s = 0.0f;
+    // A -inf max means no real column here (or only -inf logits); -inf - -inf would be NaN,
+    // and such a row contributes nothing anyway.
+    if (mx != -INFINITY) {
+        float lane[XENT_LANES] = {0};
+        size_t j = 0;
+        for (; j + XENT_LANES <= nr; j += XENT_LANES)
+            for (int k = 0; k < XENT_LANES; k++) lane[k] += cpu_expf(l[j + k] - mx);
+        for (; j < nr; j++) s += cpu_expf(l[j] - mx);
+        for (int k = 0; k < XENT_LANES; k++) s += lane[k];
+    }
+    *max_out = mx;
+    *sum_out = s;
+    *target_out = tj >= 0 && (size_t)tj < nr ? l[tj] : 0.0f;
+}
+
+// One row's logits gradient from its final statistics: (softmax - onehot(tj)) * dloss on the nr
+// real columns, 0 on the rest of the V; dl may alias l.
+static inline void xent_row_grad(float *dl, const float *l, size_t nr, size_t V, int tj, float mx,
+                                 float sum, float dloss) {
+    float scale = dloss / sum; // softmax = exp(l - max) / sum
+    for (size_t j = 0; j < nr; j++) dl[j] = cpu_expf(l[j] - mx) * scale;
+    for (size_t j = nr; j < V; j++) dl[j] = 0.0f;
+    if (tj >= 0 && (size_t)tj < nr) dl[tj] -= dloss;
+}
+
+static inline float xent_row_loss(float mx, float sum, float target_logit) {
+    return logf(sum) + mx - target_logit;
+}
+
 static void xent_stats_f32(float *maxes, float *sums, const float *logits, const int *targets,
                            int N, int vocab_start, int n_vocab, int vocab_size) {
     // maxes (N), sums (2, N), logits (N, n_vocab), targets (N)
     size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * nr >= CPU_PAR_MIN))
-    for (int i = 0; i < N; i++) {
-        const float *l = logits + (size_t)i * V;
-        float mx = -INFINITY;
-        // max is exact in any order, so letting OpenMP reorder it keeps results deterministic.
-        CPU_OMP(omp simd reduction(max : mx))
-        for (size_t j = 0; j < nr; j++) mx = l[j] > mx ? l[j] : mx;
-        float s = 0.0f;
-        // A -inf max means no real column here (or only -inf logits); -inf - -inf would be NaN,
-        // and such a row contributes nothing anyway.
-        if (mx != -INFINITY) {
-            float lane[XENT_LANES] = {0};
-            size_t j = 0;
-            for (; j + XENT_LANES <= nr; j += XENT_LANES)
-                for (int k = 0; k < XENT_LANES; k++) lane[k] += cpu_expf(l[j + k] - mx);
-            for (; j < nr; j++) s += cpu_expf(l[j] - mx);
-            for (int k = 0; k < XENT_LANES; k++) s += lane[k];
-        }
-        maxes[i] = mx;
-        sums[i] = s;
-        int tj = targets[i] - vocab_start;
-        sums[(size_t)N + (size_t)i] = tj >= 0 && (size_t)tj < nr ? l[tj] : 0.0f;
-    }
+    for (int i = 0; i < N; i++)
+        xent_row_stats(logits + (size_t)i * V, nr, targets[i] - vocab_start, &maxes[i], &sums[i],
+                       &sums[(size_t)N + (size_t)i]);
 }
 
 static void cpu_xent_rescale(void *ctx, float *sums, const float *local_maxes, const float *maxes,
@@ -767,7 +785,7 @@ static void cpu_xent_rescale(void *ctx, float *sums, const float *local_maxes, c
 static void cpu_xent_loss(void *ctx, float *losses, const float *maxes, const float *sums, int N) {
     // losses (N), maxes (N), sums (2, N)
     (void)ctx;
-    for (int i = 0; i < N; i++) losses[i] = logf(sums[i]) + maxes[i] - sums[(size_t)N + (size_t)i];
+    for (int i = 0; i < N; i++) losses[i] = xent_row_loss(maxes[i], sums[i], sums[(size_t)N + (size_t)i]);
 }
 
 static void xent_bwd_f32(float *dlogits, const float *logits, const float *maxes,
@@ -776,15 +794,25 @@ static void xent_bwd_f32(float *dlogits, const float *logits, const float *maxes
     // dlogits (N, n_vocab) may alias logits (N, n_vocab); maxes (N), sums (2, N), targets (N)
     size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(vocab_start, n_vocab, vocab_size);
     CPU_OMP(omp parallel for schedule(static) if ((size_t)N * V >= CPU_PAR_MIN))
+    for (int i = 0; i < N; i++)
+        xent_row_grad(dlogits + (size_t)i * V, logits + (size_t)i * V, nr, V, targets[i] - vocab_start,
+                      maxes[i], sums[i], dloss);
+}
+
+// One rank holds every column: statistics, loss and (dlogits non-NULL) gradient of each row while
+// it is in cache, by the same per-row code as the three separate ops, so the results are theirs
+// bit for bit.
+static void xent_fused_f32(float *losses, float *dlogits, const float *logits, const int *targets,
+                           float dloss, int N, int n_vocab, int vocab_size) {
+    // losses (N), dlogits (N, n_vocab) or NULL, may alias logits (N, n_vocab); targets (N)
+    size_t V = (size_t)n_vocab, nr = (size_t)xent_real_cols(0, n_vocab, vocab_size);
+    CPU_OMP(omp parallel for schedule(static) if ((size_t)N * V >= CPU_PAR_MIN))
     for (int i = 0; i < N; i++) {
         const float *l = logits + (size_t)i * V;
-        float *dl = dlogits + (size_t)i * V;
-        float mx = maxes[i];
-        float scale = dloss / sums[i]; // softmax = exp(l - max) / sum
-        for (size_t j = 0; j < nr; j++) dl[j] = cpu_expf(l[j] - mx) * scale;
-        for (size_t j = nr; j < V; j++) dl[j] = 0.0f;
-        int tj = targets[i] - vocab_start;
-        if (tj >= 0 && (size_t)tj < nr) dl[tj] -= dloss;
+        float mx, sum, tl;
+        xent_row_stats(l, nr, targets[i], &mx, &sum, &tl);
+        losses[i] = xent_row_loss(mx, sum, tl);
+        if (dlogits) xent_row_grad(dlogits + (size_t)i * V, l, nr, V, targets[i], mx, sum, dloss);
     }
 }
 
@@ -1071,6 +1099,16 @@ static void cpu_xent_stats(void *ctx, float *maxes, float *sums, const void *log
     stage_end(&s);
 }
 
+static void cpu_xent_fused(void *ctx, float *losses, void *dlogits, const void *logits,
+                           const int *targets, float dloss, int N, int n_vocab, int vocab_size) {
+    struct stage s = stage_begin(ctx);
+    size_t NV = (size_t)N * n_vocab;
+    float *df = stage_out(&s, dlogits, NV);     // (N, n_vocab) or NULL
+    const float *lf = stage_in(&s, logits, NV); // (N, n_vocab)
+    xent_fused_f32(losses, df, lf, targets, dloss, N, n_vocab, vocab_size);
+    stage_end(&s);
+}
+
 static void cpu_xent_bwd(void *ctx, void *dlogits, const void *logits, const float *maxes,
                          const float *sums, const int *targets, float dloss, int N, int vocab_start,
                          int n_vocab, int vocab_size) {
@@ -1121,6 +1159,7 @@ static const struct backend_i cpu_iface = {
     .xent_rescale = cpu_xent_rescale,
     .xent_loss = cpu_xent_loss,
     .xent_bwd = cpu_xent_bwd,
+    .xent_fused = cpu_xent_fused,
     .sum = cpu_sum,
     .sumsq_acc = cpu_sumsq_acc,
     .segments_sumsq = cpu_segments_sumsq,

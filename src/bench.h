@@ -28,6 +28,24 @@ struct bench_layer_flops {
 };
 struct bench_layer_flops bench_layer_flops(long M, long K, long N, int P);
 
+// What one `--bench model` phase must do, per micro-step on one TP rank (the optimizer: per step):
+// its model FLOPs and the bytes its ops must move at least (bench_model.c says how both are
+// counted), and at given ceilings the time they take.
+struct bench_model_cost {
+    const char *name;              // the phase's JSON name, in the table's order
+    double flops, bytes;
+    double matrix_ms, memory_ms;   // FLOPs at the matrix rate, bytes at the bandwidth, each summed over its ops
+    double ideal_ms;               // the sum over its ops of the larger of the two
+};
+#define BENCH_MODEL_PHASES 8
+struct model_dims;
+struct backend;
+// Fills out[BENCH_MODEL_PHASES] for a model of dims d (d->P ranks) on backend be (its compute
+// type, its attention's saved floats, whether it has xent_fused), at matrix_tflops and
+// memory_gbs (0: FLOPs and bytes only, times 0).
+void bench_model_costs(const struct model_dims *d, const struct backend *be, double matrix_tflops,
+                       double memory_gbs, struct bench_model_cost *out);
+
 // Parses a byte count as all_reduce_perf takes it: digits with an optional K, M or G suffix
 // (binary multiples, either case). False for anything else, for 0 and on overflow.
 bool bench_parse_size(const char *s, size_t *out);

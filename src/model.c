@@ -3,8 +3,9 @@
 // The graph is composed from tp.h's parallel layers, each of which names its collectives, so a
 // reader counts them here: per layer column_parallel_linear (qkv, fc: 1 all-reduce backward each)
 // and row_parallel_linear (proj, fc_proj: 1 all-reduce forward each), i.e. 2 forward and 2
-// backward; plus vocab_parallel_embedding (1 forward), the LM head's column_parallel_linear
-// (1 backward) and vocab_parallel_cross_entropy (2 forward). No other collective is issued.
+// backward; plus vocab_parallel_embedding (1 forward) and the LM head fused with
+// vocab_parallel_cross_entropy (2 per chunk of token rows, and 1 backward). No other collective
+// is issued.
 #include "model.h"
 
 #include <math.h>
@@ -36,7 +37,18 @@ struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_ba
     d.Cl = d.C / tp;
     d.Fl = 4 * d.C / tp;
     d.N = (size_t)d.B * (size_t)d.T;
+    d.head_rows = model_head_rows(d.N, d.Vl);
     return d;
+}
+
+int model_head_rows(size_t N, int Vl) {
+    size_t per = MODEL_HEAD_LOGITS_MAX / (size_t)(Vl > 0 ? Vl : 1); // rows within the budget
+    if (per < 1) per = 1;
+    if (N <= per) return (int)N;
+    size_t k_min = (N + per - 1) / per; // fewest chunks
+    for (size_t k = k_min; k <= 2 * k_min && k <= N; k++)
+        if (N % k == 0) return (int)(N / k);
+    return (int)((N + k_min - 1) / k_min);
 }
 
 static void add_tensor(struct param_tensor *t, int *n, const char *name, int ndim, const size_t *shape,
@@ -159,6 +171,7 @@ static void carve_params(struct gpt2_params *p, void *base, size_t es, const str
 // Compute-type tensors take es bytes per element, fp32 ones 4.
 static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dims *d, struct backend be) {
     size_t N = d->N, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
+    size_t R = (size_t)d->head_rows; // the fused head holds one chunk of logits
     size_t es = tp_dtype_size(be.iface->dtype(be.ctx)), f4 = sizeof(float);
     size_t saved = be.iface->attention_saved_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t scratch = be.iface->attention_scratch_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
@@ -190,10 +203,10 @@ static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dim
     TAKE(aa->lnf, N * C, es);
     TAKE(aa->lnf_mean, N, f4);
     TAKE(aa->lnf_rstd, N, f4);
-    TAKE(aa->logits, N * Vl, es);
-    TAKE(aa->maxes, N, f4);
-    TAKE(aa->local_maxes, N, f4);
-    TAKE(aa->sums, 2 * N, f4);
+    TAKE(aa->logits, R * Vl, es);
+    TAKE(aa->maxes, R, f4);
+    TAKE(aa->local_maxes, R, f4);
+    TAKE(aa->sums, 2 * R, f4);
     TAKE(aa->losses, N, f4);
     TAKE(aa->dres, N * C, es);
     TAKE(aa->dln, N * C, es);
@@ -274,8 +287,9 @@ void model_destroy(struct model *m) {
 }
 
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward) {
-    *forward = 1 + 2 * d->L + 2; // embedding, g per block twice, cross-entropy max and sums
-    *backward = 2 * d->L + 1;    // f per block twice, LM head's f
+    // embedding, g per block twice, cross-entropy max and sums per chunk of the fused head
+    *forward = 1 + 2 * d->L + 2 * vocab_parallel_head_chunks((int)d->N, d->head_rows);
+    *backward = 2 * d->L + 1; // f per block twice, LM head's f
 }
 
 // The layernorm that reads a block's output: the next block's first one (ln_1 or ln_2), or ln_f
@@ -286,12 +300,20 @@ static struct row_parallel_out residual_then_ln(void *out, const void *res, void
                                      .ln_w = w, .ln_b = b};
 }
 
-static struct vocab_parallel_xent xent_buffers(struct gpt2_acts *a) {
-    return (struct vocab_parallel_xent){.maxes = a->maxes, .sums = a->sums, .local_maxes = a->local_maxes,
-                                        .losses = a->losses};
+// The fused LM head + loss over the micro-batch: ln_f's output against this rank's wte rows, one
+// chunk of head_rows tokens at a time; with dln non-NULL also the gradients.
+static struct vocab_parallel_head head_args(struct model *m, void *dln, float dloss) {
+    const struct model_dims *d = &m->d;
+    struct gpt2_acts *a = &m->a;
+    return (struct vocab_parallel_head){
+        .in = a->lnf, .w = m->p.wte, .targets = m->targets, .losses = a->losses, .din = dln,
+        .dw = dln ? m->g.wte : NULL, .dloss = dloss, .logits = a->logits, .maxes = a->maxes,
+        .local_maxes = a->local_maxes, .sums = a->sums, .N = (int)d->N, .C = d->C, .Vl = d->Vl, .V = d->V,
+        .rows = d->head_rows,
+    };
 }
 
-// ---- the step's blocks, in order (model_forward and model_backward are these in sequence)
+// ---- the step's blocks, in order (model_forward_backward is these in sequence)
 
 static const void *block_input(const struct model *m, int l) {
     return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (N, C)
@@ -377,27 +399,24 @@ void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
 }
 
 // (ln_f, computed by the last block) -> f -> LM head tied with wte (column-parallel over the
-// vocabulary) -> cross-entropy
+// vocabulary) -> cross-entropy, a chunk of token rows at a time; the loss only
 void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum) {
-    const struct model_dims *d = &m->d;
-    struct gpt2_acts *a = &m->a;
-    int N = (int)d->N;
-    struct vocab_parallel_xent x = xent_buffers(a);
-    column_parallel_linear_fwd(m->be, tp, a->logits, NULL, a->lnf, m->p.wte, NULL, N, d->C, d->Vl);
-    vocab_parallel_cross_entropy_fwd(m->be, tp, &x, a->logits, m->targets, N, d->Vl, d->V);
-    m->be.iface->sum(m->be.ctx, loss_sum, a->losses, d->N);
+    struct vocab_parallel_head h = head_args(m, NULL, 0.0f);
+    vocab_parallel_lm_head_cross_entropy(m->be, tp, &h);
+    if (loss_sum) m->be.iface->sum(m->be.ctx, loss_sum, m->a.losses, m->d.N);
 }
 
-// Starts the backward: a->dres becomes dL/d(output of the last block).
-void model_head_bwd(struct model *m, struct comm *tp, float dloss) {
+// The same with each chunk's gradient taken while its logits are at hand; then ln_f's backward
+// starts the residual gradient: a->dres becomes dL/d(output of the last block).
+void model_head_fwd_bwd(struct model *m, struct comm *tp, float *loss_sum, float dloss) {
     const struct backend_i *b = m->be.iface;
     void *ctx = m->be.ctx;
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
     int N = (int)d->N, C = d->C;
-    struct vocab_parallel_xent x = xent_buffers(a);
-    vocab_parallel_cross_entropy_bwd(m->be, tp, a->logits, &x, a->logits, m->targets, dloss, N, d->Vl, d->V);
-    column_parallel_linear_bwd(m->be, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, N, C, d->Vl);
+    struct vocab_parallel_head h = head_args(m, a->dln, dloss);
+    vocab_parallel_lm_head_cross_entropy(m->be, tp, &h);
+    if (loss_sum) b->sum(ctx, loss_sum, a->losses, d->N);
     b->zero(ctx, a->dres, d->N * (size_t)C * tp_dtype_size(m->dtype));
     b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, block_input(m, d->L), m->p.lnfw, a->lnf_mean,
                      a->lnf_rstd, N, C);
@@ -444,21 +463,36 @@ void model_embedding_bwd(struct model *m, struct comm *tp) {
 
 // ---- forward and backward
 
-void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets, float *loss_sum) {
+static void forward_blocks(struct model *m, struct comm *tp, const int *inputs, const int *targets) {
     model_set_batch(m, inputs, targets);
     model_embedding_fwd(m, tp);
     for (int l = 0; l < m->d.L; l++) {
         model_attention_block_fwd(m, tp, l);
         model_mlp_block_fwd(m, tp, l);
     }
-    model_head_fwd(m, tp, loss_sum);
 }
 
-void model_backward(struct model *m, struct comm *tp, float dloss) {
-    model_head_bwd(m, tp, dloss);
+static void backward_blocks(struct model *m, struct comm *tp) {
     for (int l = m->d.L - 1; l >= 0; l--) {
         model_mlp_block_bwd(m, tp, l);
         model_attention_block_bwd(m, tp, l);
     }
     model_embedding_bwd(m, tp);
+}
+
+void model_forward_backward(struct model *m, struct comm *tp, const int *inputs, const int *targets,
+                            float *loss_sum, float dloss) {
+    forward_blocks(m, tp, inputs, targets);
+    model_head_fwd_bwd(m, tp, loss_sum, dloss);
+    backward_blocks(m, tp);
+}
+
+void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets, float *loss_sum) {
+    forward_blocks(m, tp, inputs, targets);
+    model_head_fwd(m, tp, loss_sum);
+}
+
+void model_backward(struct model *m, struct comm *tp, float dloss) {
+    model_head_fwd_bwd(m, tp, NULL, dloss);
+    backward_blocks(m, tp);
 }

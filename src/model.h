@@ -72,9 +72,11 @@ struct gpt2_acts {
     void *proj;                       // (N, C) row-parallel partial output, reduced in place
     void *lnf;                        // (N, C)
     float *lnf_mean, *lnf_rstd;       // (N), (N)
-    void *logits;                     // (N, Vl) this rank's vocab columns; dlogits in place
-    float *maxes, *sums, *losses;     // (N), (2, N), (N)
-    float *local_maxes;               // (N) this rank's maxes before the all-reduce
+    void *logits;                     // (head_rows, Vl) one chunk of the fused LM head's logits
+                                      // (this rank's vocab columns); its dlogits in place
+    float *maxes, *sums;              // (head_rows), (2, head_rows) the chunk's statistics
+    float *local_maxes;               // (head_rows) this rank's maxes before the all-reduce
+    float *losses;                    // (N) per-token loss
     void *dres;                       // (N, C) gradient of the residual stream
     void *dln;                        // (N, C) gradient into a layernorm output
     void *dqkv;                       // (N, 3*Cl)
@@ -90,6 +92,7 @@ struct model_dims {
     int Vp, Vl, vocab_start;    // padded vocab, rows per rank, first row of this rank
     int NHl, Cl, Fl;            // local heads, local attention width, local MLP width
     size_t N;                   // B*T
+    int head_rows;              // token rows per chunk of the fused LM head + loss (see model_head_rows)
 };
 
 struct model_memory {
@@ -119,6 +122,16 @@ struct model {
 // Derives dims for TP rank `tp_rank` of `tp`. The config must already be validated.
 struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp, int tp_rank);
 
+// The LM head and the loss run fused, a chunk of token rows at a time, so that only one chunk's
+// logits (rows, Vl) are ever held: at most MODEL_HEAD_LOGITS_MAX elements (256 MiB in bf16, 512
+// MiB in fp32). Chunks are equal where a divisor of N allows (one product shape), else all but the
+// last. A run with fewer logits than that holds them all: one chunk, the unchunked arithmetic.
+// (A build may set another budget, e.g. -DMODEL_HEAD_LOGITS_MAX=2097152 to chunk tiny models.)
+#ifndef MODEL_HEAD_LOGITS_MAX
+#define MODEL_HEAD_LOGITS_MAX ((size_t)1 << 27)
+#endif
+int model_head_rows(size_t N, int Vl);
+
 // Parameter table for the given dims (n_tensors written to *count; caller frees).
 struct param_tensor *model_param_table(const struct model_dims *d, int *count, size_t *n_local,
                                        size_t *n_global);
@@ -141,15 +154,21 @@ void model_destroy(struct model *m);
 // The init value of one global element (exposed for tests).
 float model_init_value(unsigned long long seed, const struct param_tensor *t, size_t global_index, int n_layer);
 
-// Forward pass over one micro-batch (host token ids, (N) each), loss included. Leaves the sum of
-// the N token losses in *loss_sum (1 float, backend memory). tp: the TP group's comm.
+// One training micro-step (host token ids, (N) each): forward, the fused LM head and loss with
+// their gradients, backward. Leaves the sum of the N token losses in *loss_sum (1 float, backend
+// memory); gradients accumulate into m->grads. dloss: the weight of each token's loss in the
+// objective (1 / (N * grad_accum)). tp: the TP group's comm.
+void model_forward_backward(struct model *m, struct comm *tp, const int *inputs, const int *targets,
+                            float *loss_sum, float dloss);
+// The loss alone (evaluation): forward over one micro-batch, *loss_sum as above; no gradient.
 void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets,
                    float *loss_sum);
-// Backward pass for the last forward; gradients accumulate into m->grads. dloss: the weight of
-// each token's loss in the objective (1 / (N * grad_accum)).
+// Backward pass for the last model_forward; gradients accumulate into m->grads. The logits are
+// not kept, so it first recomputes the LM head (one product more than model_forward_backward,
+// whose gradients it gives bit for bit).
 void model_backward(struct model *m, struct comm *tp, float dloss);
 
-// The step's blocks, in the order model_forward and model_backward run them (--bench model times
+// The step's blocks, in the order model_forward_backward runs them (--bench model times
 // them one by one). Activations and gradients flow through m->a; dres carries the residual
 // gradient from block to block. Each forward block ends with the layernorm that the next one
 // starts from (fused with its residual add), so a block's forward expects its first layernorm
@@ -158,8 +177,10 @@ void model_set_batch(struct model *m, const int *inputs, const int *targets); //
 void model_embedding_fwd(struct model *m, struct comm *tp);
 void model_attention_block_fwd(struct model *m, struct comm *tp, int layer);
 void model_mlp_block_fwd(struct model *m, struct comm *tp, int layer);
+// The LM head + loss: loss only (evaluation), or fused with its backward (training), which
+// starts the backward: a->dres becomes dL/d(output of the last block). loss_sum may be NULL.
 void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum);
-void model_head_bwd(struct model *m, struct comm *tp, float dloss);
+void model_head_fwd_bwd(struct model *m, struct comm *tp, float *loss_sum, float dloss);
 void model_mlp_block_bwd(struct model *m, struct comm *tp, int layer);
 void model_attention_block_bwd(struct model *m, struct comm *tp, int layer);
 void model_embedding_bwd(struct model *m, struct comm *tp);
@@ -192,5 +213,6 @@ void model_block_attention_fwd(struct model *m, struct comm *tp, int layer, cons
 // (ln2) -> f -> fc + gelu -> fc_proj -> g -> +bias -> +res2 = res3, fused with the next layernorm
 void model_block_mlp_fwd(struct model *m, struct comm *tp, int layer, const struct block_acts *a);
 
-// Collectives issued per micro-batch by forward and backward (for logs and tests).
+// Collectives issued per micro-batch (for logs and tests): forward counts the fused head's
+// cross-entropy all-reduces (2 per chunk), backward its f backward.
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward);

@@ -1,7 +1,8 @@
 // tp.c: the tensor-parallel vocabulary (tp.h): mappings, parallel layers, cross-entropy.
 //
-// Sections: helpers, mappings, layers, cross-entropy. Collectives are issued by the mappings and by
-// the cross-entropy (its two all-reduces of per-token statistics), nowhere else.
+// Sections: helpers, mappings, layers, cross-entropy, the LM head fused with it. Collectives are
+// issued by the mappings and by the cross-entropy (its two all-reduces of per-token statistics),
+// nowhere else.
 #include "tp.h"
 
 #include <stdlib.h>
@@ -171,4 +172,39 @@ void vocab_parallel_cross_entropy_bwd(struct backend be, struct comm *tp, void *
                                       const struct vocab_parallel_xent *x, const void *logits,
                                       const int *targets, float dloss, int N, int Vl, int V) {
     be.iface->xent_bwd(be.ctx, dlogits, logits, x->maxes, x->sums, targets, dloss, N, tp->rank * Vl, Vl, V);
+}
+
+void vocab_parallel_cross_entropy_fwd_bwd(struct backend be, struct comm *tp, const struct vocab_parallel_xent *x,
+                                          void *dlogits, const void *logits, const int *targets, float dloss,
+                                          int N, int Vl, int V) {
+    if (tp->size == 1 && be.iface->xent_fused) { // no all-reduce between the phases: one pass
+        be.iface->xent_fused(be.ctx, x->losses, dlogits, logits, targets, dloss, N, Vl, V);
+        return;
+    }
+    vocab_parallel_cross_entropy_fwd(be, tp, x, logits, targets, N, Vl, V);
+    if (dlogits) vocab_parallel_cross_entropy_bwd(be, tp, dlogits, x, logits, targets, dloss, N, Vl, V);
+}
+
+// ---- the LM head fused with the cross-entropy
+
+int vocab_parallel_head_chunks(int N, int rows) { return rows > 0 ? (N + rows - 1) / rows : 0; }
+
+void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, const struct vocab_parallel_head *h) {
+    size_t es = elem_size(be), C = (size_t)h->C;
+    bool grad = h->din != NULL;
+    if (h->rows <= 0) tp_die(TP_EXIT_RUNTIME, "LM head: %d token rows per chunk (must be positive)", h->rows);
+    for (int r0 = 0; r0 < h->N; r0 += h->rows) {
+        int n = h->N - r0 < h->rows ? h->N - r0 : h->rows;
+        void *in = (char *)h->in + (size_t)r0 * C * es; // (n, C) this chunk's rows
+        struct vocab_parallel_xent x = {.maxes = h->maxes, .sums = h->sums, .local_maxes = h->local_maxes,
+                                        .losses = h->losses + r0};
+        column_parallel_linear_fwd(be, tp, h->logits, NULL, in, h->w, NULL, n, h->C, h->Vl);
+        vocab_parallel_cross_entropy_fwd_bwd(be, tp, &x, grad ? h->logits : NULL, h->logits, h->targets + r0,
+                                             h->dloss, n, h->Vl, h->V);
+        // column_parallel_linear_bwd without its f: every chunk's rows are reduced together below
+        if (grad)
+            be.iface->matmul_bwd(be.ctx, (char *)h->din + (size_t)r0 * C * es, h->dw, NULL, h->logits, in, h->w,
+                                 NULL, n, h->C, h->Vl);
+    }
+    if (grad) copy_to_tp_region_bwd(be, tp, h->din, (size_t)h->N * C);
 }

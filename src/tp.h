@@ -4,7 +4,8 @@
 // by reading it:
 //   mappings       the only places a TP collective is issued (forward and backward of each)
 //   layers         column_parallel_linear, row_parallel_linear, vocab_parallel_embedding
-//   cross-entropy  vocab_parallel_cross_entropy
+//   cross-entropy  vocab_parallel_cross_entropy, and the LM head fused with it
+//                  (vocab_parallel_lm_head_cross_entropy)
 // The model (model.c), the KV-cache decoder (eval.c) and `--bench layer` all call these; no one
 // else issues a TP collective. The group's size and this rank's place in it are tp->size and
 // tp->rank (the comm), nowhere else.
@@ -127,3 +128,39 @@ void vocab_parallel_cross_entropy_fwd(struct backend be, struct comm *tp, const 
 void vocab_parallel_cross_entropy_bwd(struct backend be, struct comm *tp, void *dlogits,
                                       const struct vocab_parallel_xent *x, const void *logits,
                                       const int *targets, float dloss, int N, int Vl, int V);
+// The forward, then with dlogits non-NULL the backward, in one call. At one rank, with the
+// backend's xent_fused, that is one op that reads the logits once, with the same results bit for
+// bit (x's statistics are then not written; the losses are). Collectives: as the forward.
+void vocab_parallel_cross_entropy_fwd_bwd(struct backend be, struct comm *tp, const struct vocab_parallel_xent *x,
+                                          void *dlogits, const void *logits, const int *targets, float dloss,
+                                          int N, int Vl, int V);
+
+// ---- the LM head fused with the cross-entropy
+
+// The LM head (a column-parallel linear over the vocabulary whose weight is this rank's rows of the
+// tied embedding) and vocab_parallel_cross_entropy, chunked over the token rows so that the (N, Vl)
+// logits never exist at once. Per chunk of at most `rows` tokens: logits (rows, Vl) = in @ w^T,
+// the cross-entropy's statistics and the chunk's losses, and with a gradient the chunk's dlogits
+// (in place), its rows of din = dlogits @ w and dw += dlogits^T @ in. The chunks' input
+// gradients are summed over the group once, after the last chunk (f backward).
+// Per token row the results are those of the unchunked layers bit for bit (losses, din); dw adds
+// one partial product per chunk, so with more than one chunk its summation order differs.
+struct vocab_parallel_head {
+    const void *in;             // (N, C) replicated input (ln_f's output)
+    const void *w;              // (Vl, C) this rank's vocabulary rows of wte
+    const int *targets;         // (N)
+    float *losses;              // (N) = per-token loss, identical on every rank
+    void *din;                  // (N, C) = input gradient, or NULL: the loss only
+    float *dw;                  // (Vl, C) += weight gradient (with din)
+    float dloss;                // weight of each token's loss in the objective (with din)
+    void *logits;               // (rows, Vl) scratch: a chunk's logits, then its dlogits
+    float *maxes, *local_maxes; // (rows), (rows) scratch: a chunk's statistics
+    float *sums;                // (2, rows) scratch
+    int N, C, Vl, V, rows;
+};
+// Collectives: the cross-entropy's 2 all-reduces per chunk, on the chunk's rows (MAX of n, SUM of
+// 2n): 2 * vocab_parallel_head_chunks(N, rows) in all, more and smaller ones than the unchunked
+// head's 2 (of N and 2N); with the gradient 1 more, of N*C (f backward).
+void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, const struct vocab_parallel_head *h);
+// Chunks of the fused head over N token rows: ceil(N / rows).
+int vocab_parallel_head_chunks(int N, int rows);

@@ -309,8 +309,8 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
     for (int micro = 0; micro < tc->grad_accum; micro++) {
         int st = next_batch(tr, &tr->train_data);
         if (st) return st;
-        model_forward(m, &mesh->tp, tr->train_data.inputs, tr->train_data.targets, tr->loss_sums + micro);
-        model_backward(m, &mesh->tp, dloss);
+        model_forward_backward(m, &mesh->tp, tr->train_data.inputs, tr->train_data.targets, tr->loss_sums + micro,
+                               dloss);
     }
     comm_all_reduce(&mesh->dp, m->grads, m->n_params_local, COMM_AVG);
     comm_synchronize(&mesh->dp);

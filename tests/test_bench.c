@@ -3,6 +3,8 @@
 // all-reduce costing nothing, complete multi-rank tables, JSON output and clear size errors.
 #include <criterion/criterion.h>
 
+#include <jansson.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,8 +13,10 @@
 
 #include "bench.h"
 #include "bench/bench_impl.h"
+#include "model.h"
 #include "testutil.h"
 #include "tp.h"
+#include "train.h"
 
 #define OUT_CAP (1 << 16)
 // Few iterations keep the CPU runs short; the numbers are not what these tests check.
@@ -75,14 +79,17 @@ Test(bench, timing_comm_brackets_every_collective) {
 
 // Runs `tptrain --bench ARGS` on the CPU backend with np ranks (0: a plain process); output
 // into out (OUT_CAP). Returns the exit status; a hang fails the test.
-static int run_bench(char *out, int np, const char *args) {
+// env: more VAR=value assignments for the command ("" for none).
+static int run_bench_env(char *out, int np, const char *env, const char *args) {
     char launcher[1024] = "";
     if (np > 0) snprintf(launcher, sizeof launcher, "'%s' %s -np %d", tu_mpiexec(), tu_mpiexec_flags(), np);
-    int rc = tu_run(out, OUT_CAP, "cd '%s' && " FAST_ITERS " timeout 120 %s '%s' --bench %s --set parallel.device=cpu",
-                    tu_source_root(), launcher, tu_tptrain(), args);
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && " FAST_ITERS " %s timeout 120 %s '%s' --bench %s --set parallel.device=cpu",
+                    tu_source_root(), env, launcher, tu_tptrain(), args);
     cr_assert_neq(rc, 124, "--bench %s hung and was stopped:\n%s", args, out);
     return rc;
 }
+
+static int run_bench(char *out, int np, const char *args) { return run_bench_env(out, np, "", args); }
 
 // The line of out that starts with prefix, the n-th such (0-based); copied into line.
 static bool find_line(const char *out, const char *prefix, int nth, char *line, size_t len) {
@@ -336,8 +343,8 @@ Test(bench, model_breaks_a_step_into_phases) {
     char *out = malloc(OUT_CAP);
     int rc = run_bench(out, 0, args);
     cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
-    const char *rows[] = {"embedding fwd", "attention fwd (x2)", "mlp fwd (x2)", "lm head + loss fwd",
-                          "lm head + loss bwd", "mlp bwd (x2)", "attention bwd (x2)", "embedding bwd",
+    const char *rows[] = {"embedding fwd", "attention fwd (x2)", "mlp fwd (x2)", "lm head + loss fwd+bwd",
+                          "mlp bwd (x2)", "attention bwd (x2)", "embedding bwd",
                           "optimizer", "sum of phases", "  communication", "whole step (measured)"};
     char line[512];
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
@@ -353,10 +360,144 @@ Test(bench, model_breaks_a_step_into_phases) {
     tu_rmtree(dir);
 }
 
+// ---- model: FLOPs, bytes and the ceilings
+
+// What a micro-step's matrix products and attention must compute at one rank of P (dims d):
+// 6 * N * (12 L C^2 + Vp C) / P + 6 L C T N / P, the MFU formula's 6N + 6LCT with the matrix
+// parameters (padded vocabulary) for N.
+static double step_flops(const struct model_dims *d) {
+    double N = (double)d->N, L = d->L, C = d->C, T = d->T, P = d->P;
+    return (6.0 * N * (12.0 * L * C * C + (double)d->Vp * C) + 6.0 * L * C * T * N) / P;
+}
+
+static struct tp_model_config tiny_model(void) {
+    return (struct tp_model_config){.n_layer = 2, .n_head = 4, .n_embd = 64, .vocab_size = 50257, .seq_len = 32};
+}
+
+Test(bench, model_costs_add_up_to_the_step_flops) {
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    struct tp_model_config mc = tiny_model();
+    struct tp_config cfg;
+    config_defaults(&cfg);
+    cfg.model = mc;
+    for (int P = 1; P <= 4; P *= 2) {
+        for (int rows = 128; rows >= 40; rows -= 88) { // the head in one chunk, and in 40, 40, 40, 8
+            struct model_dims d = model_dims_make(&mc, 4, P, 0);
+            d.head_rows = rows;
+            struct bench_model_cost c[BENCH_MODEL_PHASES];
+            bench_model_costs(&d, &be, 100.0, 1000.0, c);
+            double flops = 0.0;
+            for (int i = 0; i < BENCH_MODEL_PHASES; i++) {
+                flops += c[i].flops;
+                cr_assert_gt(c[i].bytes, 0.0, "%s moves no bytes", c[i].name);
+                // the ideal is, op by op, the larger of the two times: between their max and their sum
+                double m = c[i].matrix_ms > c[i].memory_ms ? c[i].matrix_ms : c[i].memory_ms;
+                cr_assert(c[i].ideal_ms >= m * (1 - 1e-12) && c[i].ideal_ms <= (c[i].matrix_ms + c[i].memory_ms) * (1 + 1e-12),
+                          "%s: ideal %g, matrix %g, memory %g", c[i].name, c[i].ideal_ms, c[i].matrix_ms, c[i].memory_ms);
+                cr_assert_float_eq(c[i].matrix_ms, c[i].flops / 100e12 * 1e3, 1e-9 * (1 + c[i].matrix_ms));
+                cr_assert_float_eq(c[i].memory_ms, c[i].bytes / 1000e9 * 1e3, 1e-9 * (1 + c[i].memory_ms));
+            }
+            cr_assert_eq(flops, step_flops(&d), "P=%d rows=%d: phases %.0f FLOPs, the step %.0f", P, rows, flops,
+                         step_flops(&d));
+            // the MFU formula counts biases, layernorms and wpe too, and the unpadded vocabulary
+            double mfu = train_flops_per_token(&cfg) * (double)d.N / P;
+            cr_assert(fabs(flops - mfu) < 0.01 * mfu, "P=%d: %.0f FLOPs against the MFU formula's %.0f", P, flops, mfu);
+        }
+    }
+    // chunking the head reads the weight (fp32 here) twice and its gradient's accumulator once more
+    // per extra chunk, and writes that once more: more bytes, the same FLOPs
+    struct model_dims d1 = model_dims_make(&mc, 4, 1, 0), d4 = d1;
+    d1.head_rows = 128;
+    d4.head_rows = 32;
+    struct bench_model_cost c1[BENCH_MODEL_PHASES], c4[BENCH_MODEL_PHASES];
+    bench_model_costs(&d1, &be, 0, 0, c1);
+    bench_model_costs(&d4, &be, 0, 0, c4);
+    cr_assert_str_eq(c1[3].name, "head_loss");
+    cr_assert_eq(c1[3].flops, c4[3].flops);
+    cr_assert_float_eq(c4[3].bytes - c1[3].bytes, 3.0 * (2 * 4.0 * 50304 * 64 + 8.0 * 50304 * 64), 1.0);
+    backend_destroy(&be);
+}
+
+static json_t *load_json(const char *path) {
+    json_error_t e;
+    json_t *doc = json_load_file(path, 0, &e);
+    cr_assert_not_null(doc, "%s: %s (line %d)", path, e.text, e.line);
+    return doc;
+}
+
+static double jnum_of(const json_t *o, const char *key) {
+    json_t *v = json_object_get(o, key);
+    cr_assert(json_is_number(v), "no number '%s'", key);
+    return json_number_value(v);
+}
+
+// The table's FLOPs per phase add up to the step's, the JSON carries every phase's FLOPs, bytes and
+// ideal time, and the ceilings are measured, or given by TPTRAIN_BENCH_CEILINGS (bad values exit 2).
+Test(bench, model_phases_against_the_ceilings) {
+    char dir[1024], path[1200], args[2400];
+    tu_tmpdir(dir, sizeof dir, "bench_ceil");
+    snprintf(path, sizeof path, "%s/model.json", dir);
+    snprintf(args, sizeof args, "model '%s/configs/tiny.yaml' --json '%s'", tu_source_root(), path);
+    char *out = malloc(OUT_CAP);
+    for (int given = 0; given < 2; given++) {
+        int rc = run_bench_env(out, 0, given ? "TPTRAIN_BENCH_CEILINGS=790,4300" : "", args);
+        cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+        char line[512];
+        cr_assert(find_line(out, "phase ", 0, line, sizeof line), "%s", out);
+        cr_assert(strstr(line, "GFLOP") && strstr(line, "GB") && strstr(line, "ideal ms") && strstr(line, "x ideal"),
+                  "%s", line);
+        cr_assert(strstr(out, "ceilings per GPU: matrix"), "%s", out);
+        json_t *doc = load_json(path);
+        json_t *ceil = json_object_get(doc, "ceilings");
+        cr_assert_not_null(ceil);
+        double rate = jnum_of(ceil, "matrix_tflops"), bw = jnum_of(ceil, "memory_gbs");
+        const char *source = json_string_value(json_object_get(ceil, "source"));
+        if (given) {
+            cr_assert_eq(rate, 790.0);
+            cr_assert_eq(bw, 4300.0);
+            cr_assert(source && strstr(source, "TPTRAIN_BENCH_CEILINGS"), "%s", source);
+        } else {
+            cr_assert_gt(rate, 0.0);
+            cr_assert_gt(bw, 0.0);
+            cr_assert(source && strstr(source, "measured"), "%s", source);
+        }
+        struct tp_model_config mc = tiny_model();
+        struct model_dims d = model_dims_make(&mc, 4, 1, 0);
+        json_t *phases = json_object_get(doc, "phases");
+        cr_assert_eq(json_array_size(phases), BENCH_MODEL_PHASES);
+        double flops = 0.0, ideal = 0.0;
+        size_t i;
+        json_t *p;
+        json_array_foreach(phases, i, p) {
+            flops += jnum_of(p, "flops");
+            ideal += jnum_of(p, "ideal_ms");
+            cr_assert_gt(jnum_of(p, "bytes"), 0.0);
+            cr_assert_gt(jnum_of(p, "ideal_ms"), 0.0);
+            cr_assert(json_is_string(json_object_get(p, "bound")));
+            cr_assert(json_is_number(json_object_get(p, "x_ideal")));
+            if (given)
+                cr_assert_float_eq(jnum_of(p, "memory_ms"), jnum_of(p, "bytes") / 4300e6, 1e-6 * jnum_of(p, "memory_ms"));
+        }
+        cr_assert_eq(flops, step_flops(&d), "phases %.0f FLOPs, the step %.0f", flops, step_flops(&d));
+        cr_assert_eq(jnum_of(doc, "flops_per_step"), flops);
+        cr_assert_float_eq(jnum_of(doc, "ideal_ms"), ideal, 1e-6 * ideal);
+        cr_assert_eq(jnum_of(doc, "head_rows"), (double)d.head_rows);
+        json_decref(doc);
+    }
+    int rc = run_bench_env(out, 0, "TPTRAIN_BENCH_CEILINGS=fast", args);
+    cr_assert_eq(rc, 2, "exit %d:\n%s", rc, out);
+    cr_assert(strstr(out, "TPTRAIN_BENCH_CEILINGS='fast': expected TFLOPS,GBS"), "%s", out);
+    free(out);
+    tu_rmtree(dir);
+}
+
+// Two ranks: the collectives take time, and each rank's FLOPs are its half of the step's.
 Test(bench, model_two_ranks_times_communication) {
     tu_require_mpiexec();
-    char args[1200];
-    snprintf(args, sizeof args, "model '%s/configs/tiny.yaml'", tu_source_root());
+    char dir[1024], path[1200], args[2400];
+    tu_tmpdir(dir, sizeof dir, "bench_two");
+    snprintf(path, sizeof path, "%s/model.json", dir);
+    snprintf(args, sizeof args, "model '%s/configs/tiny.yaml' --json '%s'", tu_source_root(), path);
     char *out = malloc(OUT_CAP);
     int rc = run_bench(out, 2, args);
     cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
@@ -365,7 +506,13 @@ Test(bench, model_two_ranks_times_communication) {
     double ms = -1;
     cr_assert_eq(sscanf(line, "  communication (all-reduce) %lf", &ms), 1, "%s", line);
     cr_assert_gt(ms, 0.0, "two ranks all-reduce, which takes time: %s", line);
+    struct tp_model_config mc = tiny_model();
+    struct model_dims d = model_dims_make(&mc, 4, 2, 0);
+    json_t *doc = load_json(path);
+    cr_assert_eq(jnum_of(doc, "flops_per_step"), step_flops(&d));
+    json_decref(doc);
     free(out);
+    tu_rmtree(dir);
 }
 
 // ---- errors

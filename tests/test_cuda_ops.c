@@ -37,6 +37,7 @@
 #include "comm.h"
 #include "common.h"
 #include "testutil.h"
+#include "tp.h"
 
 // ---- helpers: random numbers, paired buffers, comparison
 
@@ -1106,6 +1107,193 @@ Test(cuda_bf16, cross_entropy) {
     pair_close(&p);
 }
 
+// ---- one rank's cross-entropy in one op, and the fused LM head
+
+// xent_fused on the GPU against the GPU's own three ops (xent_stats, xent_loss, xent_bwd) bit for
+// bit, and against the CPU's fused op at the pair's tolerance: with a gradient out of place, in
+// place, into a misaligned buffer (the three-op fallback), and the loss alone (logits untouched).
+static void xent_fused_case(struct pair *p, int N, int V, int Vp) {
+    const struct backend_i *g = p->gpu.iface, *c = p->cpu.iface;
+    char what[160];
+    struct ibuf tgt = ibuf_new(p, (size_t)N);
+    for (int i = 0; i < N; i++) tgt.h[i] = rng_int(&p->rng, V);
+    tgt.h[0] = V - 1;
+    ibuf_push(p, &tgt);
+    size_t NV = (size_t)N * Vp, es = tp_dtype_size(p->dt);
+    struct buf logit = cbuf_rand(p, NV, -6.0f, 6.0f);
+    // the three ops on the GPU: the reference bits
+    struct buf mx = buf_new(p, (size_t)N), sm = buf_new(p, 2 * (size_t)N), ref_loss = buf_new(p, (size_t)N);
+    struct buf ref_d = cbuf_new(p, NV);
+    float dloss = 1.0f / (float)N;
+    g->xent_stats(p->gpu.ctx, mx.g, sm.g, logit.g, tgt.g, N, 0, Vp, V);
+    g->xent_loss(p->gpu.ctx, ref_loss.g, mx.g, sm.g, N);
+    g->xent_bwd(p->gpu.ctx, ref_d.g, logit.g, mx.g, sm.g, tgt.g, dloss, N, 0, Vp, V);
+    buf_pull(p, &ref_loss);
+    buf_pull(p, &ref_d);
+    // out of place, against the three ops and the CPU
+    struct buf loss = buf_rand(p, (size_t)N, -9.0f, 9.0f), d = cbuf_rand(p, NV, -9.0f, 9.0f); // "="
+    c->xent_fused(p->cpu.ctx, loss.c, d.c, logit.c, tgt.c, dloss, N, Vp, V);
+    g->xent_fused(p->gpu.ctx, loss.g, d.g, logit.g, tgt.g, dloss, N, Vp, V);
+    snprintf(what, sizeof what, "xent_fused loss N=%d V=%d Vp=%d", N, V, Vp);
+    expect_close(p, &loss, TOL_LOOSE, what);
+    snprintf(what, sizeof what, "xent_fused dlogits N=%d V=%d Vp=%d", N, V, Vp);
+    expect_close(p, &d, pair_bf16(p) ? TOL_BF16 : TOL_LOOSE, what);
+    cr_expect(memcmp(loss.h, ref_loss.h, (size_t)N * sizeof(float)) == 0,
+              "[%s] xent_fused N=%d Vp=%d: losses differ from xent_stats + xent_loss", tp_dtype_name(p->dt), N, Vp);
+    cr_expect(memcmp(d.h, ref_d.h, NV * sizeof(float)) == 0,
+              "[%s] xent_fused N=%d Vp=%d: dlogits differ from xent_bwd", tp_dtype_name(p->dt), N, Vp);
+    // in place, as the fused head runs it
+    struct buf inplace = cbuf_new(p, NV);
+    memcpy(inplace.h, logit.h, NV * sizeof(float));
+    buf_push(p, &inplace);
+    g->xent_fused(p->gpu.ctx, loss.g, inplace.g, inplace.g, tgt.g, dloss, N, Vp, V);
+    buf_pull(p, &inplace);
+    buf_pull(p, &loss);
+    cr_expect(memcmp(inplace.h, ref_d.h, NV * sizeof(float)) == 0 &&
+                  memcmp(loss.h, ref_loss.h, (size_t)N * sizeof(float)) == 0,
+              "[%s] xent_fused N=%d Vp=%d in place differs from the three ops", tp_dtype_name(p->dt), N, Vp);
+    // dlogits one element past 16-byte alignment: the three-op fallback, the same bits
+    void *odd = g->alloc(p->gpu.ctx, (NV + 1) * es);
+    g->xent_fused(p->gpu.ctx, loss.g, (char *)odd + es, logit.g, tgt.g, dloss, N, Vp, V);
+    buf_pull(p, &loss);
+    float *back = tp_malloc(NV * sizeof(float));
+    if (pair_bf16(p)) {
+        uint16_t *h16 = tp_malloc(NV * sizeof(uint16_t));
+        g->copy_to_host(p->gpu.ctx, h16, (char *)odd + es, NV * es);
+        for (size_t i = 0; i < NV; i++) back[i] = tp_bf16_to_f32(h16[i]);
+        free(h16);
+    } else {
+        g->copy_to_host(p->gpu.ctx, back, (char *)odd + es, NV * es);
+    }
+    cr_expect(memcmp(back, ref_d.h, NV * sizeof(float)) == 0 &&
+                  memcmp(loss.h, ref_loss.h, (size_t)N * sizeof(float)) == 0,
+              "[%s] xent_fused N=%d Vp=%d into a misaligned buffer differs", tp_dtype_name(p->dt), N, Vp);
+    // the loss alone leaves the logits as they were
+    g->xent_fused(p->gpu.ctx, loss.g, NULL, logit.g, tgt.g, dloss, N, Vp, V);
+    buf_pull(p, &loss);
+    float *keep = tp_malloc(NV * sizeof(float));
+    memcpy(keep, logit.h, NV * sizeof(float));
+    buf_pull(p, &logit);
+    cr_expect(memcmp(loss.h, ref_loss.h, (size_t)N * sizeof(float)) == 0, "[%s] xent_fused loss only",
+              tp_dtype_name(p->dt));
+    cr_expect(memcmp(keep, logit.h, NV * sizeof(float)) == 0, "[%s] xent_fused without dlogits wrote the logits",
+              tp_dtype_name(p->dt));
+    free(keep);
+    free(back);
+    g->free(p->gpu.ctx, odd);
+    struct buf *bufs[] = {&logit, &mx, &sm, &ref_loss, &ref_d, &loss, &d, &inplace};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) buf_free(p, bufs[i]);
+    ibuf_free(p, &tgt);
+}
+
+static void run_xent_fused(struct pair *p) {
+    xent_fused_case(p, 5, 50257, 50304); // GPT-2 at tp=1: the vector path
+    xent_fused_case(p, 64, 50257, 50304);
+    xent_fused_case(p, 7, 29, 32);       // padding inside the last vector
+    xent_fused_case(p, 5, 29, 33);       // element-wise (no multiple of 4)
+    xent_fused_case(p, 5, 29, 36);       // a multiple of 4, not of 8
+}
+
+Test(cuda_ops, xent_fused) {
+    struct pair p;
+    pair_open(&p, 19);
+    run_xent_fused(&p);
+    pair_close(&p);
+}
+
+Test(cuda_bf16, xent_fused) {
+    struct pair p;
+    pair_open_dt(&p, 19, TP_DTYPE_BF16);
+    run_xent_fused(&p);
+    pair_close(&p);
+}
+
+// A TP group of one: tp.h's layers issue no collective on it.
+static const char *one_name(void *ctx) {
+    (void)ctx;
+    return "one";
+}
+static const struct comm_i one_iface = {.name = one_name};
+
+// vocab_parallel_lm_head_cross_entropy on the GPU, in chunks of `rows` token rows (the products
+// through the backend's matmul at the chunk's row count), against the unfused layers on the fp32
+// CPU holding all N rows' logits: losses, the input gradient and the weight gradient's increment
+// (dw starts from random values: it accumulates).
+static void lm_head_case(struct pair *p, int N, int C, int V, int Vp, int rows) {
+    struct comm one = {.iface = &one_iface, .ctx = NULL, .rank = 0, .size = 1};
+    char what[160];
+    struct ibuf tgt = ibuf_new(p, (size_t)N);
+    for (int i = 0; i < N; i++) tgt.h[i] = rng_int(&p->rng, V);
+    ibuf_push(p, &tgt);
+    struct buf x = cbuf_rand(p, (size_t)N * C, -1.0f, 1.0f), w = cbuf_rand(p, (size_t)Vp * C, -0.3f, 0.3f);
+    for (size_t i = (size_t)V * C; i < (size_t)Vp * C; i++) w.h[i] = 0.0f; // padding rows are zero
+    buf_push(p, &w);
+    struct buf loss = buf_rand(p, (size_t)N, -9.0f, 9.0f), din = cbuf_rand(p, (size_t)N * C, -9.0f, 9.0f);
+    struct buf dw = buf_rand(p, (size_t)Vp * C, -1e-3f, 1e-3f);
+    float *dw0 = tp_malloc((size_t)Vp * C * sizeof(float));
+    memcpy(dw0, dw.h, (size_t)Vp * C * sizeof(float));
+    float dloss = 1.0f / (float)N;
+    // GPU: the fused head in chunks
+    struct buf lg = cbuf_new(p, (size_t)rows * Vp), mx = buf_new(p, (size_t)rows), lmx = buf_new(p, (size_t)rows);
+    struct buf sm = buf_new(p, 2 * (size_t)rows);
+    struct vocab_parallel_head h = {.in = x.g, .w = w.g, .targets = tgt.g, .losses = loss.g, .din = din.g,
+                                    .dw = dw.g, .dloss = dloss, .logits = lg.g, .maxes = mx.g,
+                                    .local_maxes = lmx.g, .sums = sm.g, .N = N, .C = C, .Vl = Vp, .V = V,
+                                    .rows = rows};
+    vocab_parallel_lm_head_cross_entropy(p->gpu, &one, &h);
+    // CPU: the unfused layers over all rows
+    struct backend cpu = p->cpu;
+    float *clg = cpu.iface->alloc(cpu.ctx, (size_t)N * Vp * sizeof(float));
+    struct vocab_parallel_xent cx = {cpu.iface->alloc(cpu.ctx, (size_t)N * sizeof(float)),
+                                     cpu.iface->alloc(cpu.ctx, 2 * (size_t)N * sizeof(float)),
+                                     cpu.iface->alloc(cpu.ctx, (size_t)N * sizeof(float)), loss.c};
+    column_parallel_linear_fwd(cpu, &one, clg, NULL, x.c, w.c, NULL, N, C, Vp);
+    vocab_parallel_cross_entropy_fwd(cpu, &one, &cx, clg, tgt.c, N, Vp, V);
+    vocab_parallel_cross_entropy_bwd(cpu, &one, clg, &cx, clg, tgt.c, dloss, N, Vp, V);
+    column_parallel_linear_bwd(cpu, &one, din.c, dw.c, NULL, clg, x.c, w.c, N, C, Vp);
+    snprintf(what, sizeof what, "lm head N=%d C=%d Vp=%d rows=%d: losses", N, C, Vp, rows);
+    expect_close(p, &loss, pair_bf16(p) ? TOL_BF16 : TOL_LOOSE, what);
+    snprintf(what, sizeof what, "lm head N=%d C=%d Vp=%d rows=%d: input gradient", N, C, Vp, rows);
+    expect_close(p, &din, pair_bf16(p) ? TOL_BF16 : TOL_LOOSE, what);
+    buf_pull(p, &dw); // the increments
+    for (size_t i = 0; i < (size_t)Vp * C; i++) dw.h[i] -= dw0[i], dw.c[i] -= dw0[i];
+    double e = pair_bf16(p) ? max_err(dw.h, dw.c, (size_t)Vp * C) : rel_err(dw.h, dw.c, (size_t)Vp * C);
+    cr_log_info("[%s] lm head rows=%d: weight gradient error %.3g", tp_dtype_name(p->dt), rows, e);
+    cr_expect(e < (pair_bf16(p) ? TOL_BF16 : TOL_LOOSE), "[%s] lm head N=%d Vp=%d rows=%d: weight gradient error %.3g",
+              tp_dtype_name(p->dt), N, Vp, rows, e);
+    size_t bad = 0; // padding rows of wte get no gradient
+    for (size_t i = (size_t)V * C; i < (size_t)Vp * C; i++) bad += dw.h[i] != 0.0f;
+    cr_expect_eq(bad, 0, "lm head: %zu padding weight gradients", bad);
+    cpu.iface->free(cpu.ctx, clg);
+    cpu.iface->free(cpu.ctx, cx.maxes);
+    cpu.iface->free(cpu.ctx, cx.sums);
+    cpu.iface->free(cpu.ctx, cx.local_maxes);
+    free(dw0);
+    struct buf *bufs[] = {&x, &w, &loss, &din, &dw, &lg, &mx, &lmx, &sm};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) buf_free(p, bufs[i]);
+    ibuf_free(p, &tgt);
+}
+
+static void run_lm_head(struct pair *p) {
+    lm_head_case(p, 64, 64, 50257, 50304, 64); // one chunk
+    lm_head_case(p, 64, 64, 50257, 50304, 24); // chunks of 24, 24 and 16 rows
+    lm_head_case(p, 40, 32, 1000, 1024, 16);   // chunks of 16, 16 and 8
+}
+
+Test(cuda_ops, lm_head_cross_entropy) {
+    struct pair p;
+    pair_open(&p, 20);
+    run_lm_head(&p);
+    pair_close(&p);
+}
+
+Test(cuda_bf16, lm_head_cross_entropy) {
+    struct pair p;
+    pair_open_dt(&p, 20, TP_DTYPE_BF16);
+    run_lm_head(&p);
+    pair_close(&p);
+}
+
 // ---- reductions, scale, optimiser (fp32 tensors on both backends)
 
 static void run_reductions_and_scale(struct pair *p) {
@@ -1303,6 +1491,84 @@ Test(cuda_bf16, adamw) {
     struct pair p;
     pair_open_dt(&p, 11, TP_DTYPE_BF16);
     run_adamw(&p);
+    pair_close(&p);
+}
+
+// The same AdamW step through the vector body (every buffer 16-byte aligned) and through the
+// element-wise one (every buffer one element off): bitwise the same p, m, v and compute copy, with
+// clipping active, at a size that spans many chunks of the one-wave launch (chunk edges inside
+// segments). Each element is one expression whichever body, chunk or grouping computes it.
+static void run_adamw_paths(struct pair *p) {
+    const struct backend_i *g = p->gpu.iface;
+    struct param_segment segs[SEG_MAX];
+    size_t n = 0;
+    int ns = seg_table(segs, &n);
+    struct param_segment *dsegs = g->alloc(p->gpu.ctx, sizeof segs);
+    g->copy_to_device(p->gpu.ctx, dsegs, segs, sizeof segs);
+    float *h[4]; // p, g, m, v
+    for (int k = 0; k < 4; k++) {
+        h[k] = tp_malloc(n * sizeof(float));
+        for (size_t i = 0; i < n; i++)
+            h[k][i] = k == 1 ? rng_uniform(&p->rng, -0.01f, 0.01f) : k == 3 ? rng_uniform(&p->rng, 0.0f, 1e-4f)
+                                                                           : rng_uniform(&p->rng, -1.0f, 1.0f);
+    }
+    size_t es = tp_dtype_size(p->dt);
+    float *out[2][3];
+    uint16_t *copy[2] = {NULL, NULL};
+    float nsq_h[2] = {4.0f, 5.0f}; // norm 3: clipped to grad_clip 1
+    float *nsq = g->alloc(p->gpu.ctx, sizeof nsq_h);
+    g->copy_to_device(p->gpu.ctx, nsq, nsq_h, sizeof nsq_h);
+    for (int off = 0; off < 2; off++) {
+        float *d[4];
+        for (int k = 0; k < 4; k++) {
+            d[k] = g->alloc(p->gpu.ctx, (n + 1) * sizeof(float));
+            g->copy_to_device(p->gpu.ctx, d[k] + off, h[k], n * sizeof(float));
+        }
+        void *pc = pair_bf16(p) ? g->alloc(p->gpu.ctx, (n + 1) * es) : NULL;
+        struct adamw_step st = {.p = d[0] + off, .p_compute = pc ? (char *)pc + off * es : NULL, .g = d[1] + off,
+                                .m = d[2] + off, .v = d[3] + off, .segs = dsegs, .n_segs = ns, .n = n, .lr = 6e-4f,
+                                .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .grad_scale = 0.5f, .norm_sq = nsq,
+                                .grad_clip = 1.0f, .t = 3};
+        g->adamw(p->gpu.ctx, &st);
+        int slot[3] = {0, 2, 3};
+        for (int k = 0; k < 3; k++) {
+            out[off][k] = tp_malloc(n * sizeof(float));
+            g->copy_to_host(p->gpu.ctx, out[off][k], d[slot[k]] + off, n * sizeof(float));
+        }
+        if (pc) {
+            copy[off] = tp_malloc(n * sizeof(uint16_t));
+            g->copy_to_host(p->gpu.ctx, copy[off], (char *)pc + off * es, n * sizeof(uint16_t));
+            g->free(p->gpu.ctx, pc);
+        }
+        for (int k = 0; k < 4; k++) g->free(p->gpu.ctx, d[k]);
+    }
+    const char *names[3] = {"p", "m", "v"};
+    for (int k = 0; k < 3; k++)
+        cr_expect(memcmp(out[0][k], out[1][k], n * sizeof(float)) == 0,
+                  "[%s] adamw %s: the vector and element-wise bodies differ", tp_dtype_name(p->dt), names[k]);
+    if (copy[0])
+        cr_expect(memcmp(copy[0], copy[1], n * sizeof(uint16_t)) == 0,
+                  "[%s] adamw compute copy: the vector and element-wise bodies differ", tp_dtype_name(p->dt));
+    for (int off = 0; off < 2; off++) {
+        for (int k = 0; k < 3; k++) free(out[off][k]);
+        free(copy[off]);
+    }
+    for (int k = 0; k < 4; k++) free(h[k]);
+    g->free(p->gpu.ctx, nsq);
+    g->free(p->gpu.ctx, dsegs);
+}
+
+Test(cuda_ops, adamw_vector_and_elementwise_agree) {
+    struct pair p;
+    pair_open(&p, 21);
+    run_adamw_paths(&p);
+    pair_close(&p);
+}
+
+Test(cuda_bf16, adamw_vector_and_elementwise_agree) {
+    struct pair p;
+    pair_open_dt(&p, 21, TP_DTYPE_BF16);
+    run_adamw_paths(&p);
     pair_close(&p);
 }
 

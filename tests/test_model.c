@@ -11,6 +11,7 @@
 
 #include "backend.h"
 #include "comm.h"
+#include "common.h"
 #include "config.h"
 #include "model.h"
 #include "optim.h"
@@ -316,43 +317,138 @@ Test(model, forward_is_deterministic_and_gradients_accumulate) {
 
 // ---- collectives
 
-// Forward: embedding 1 + 2 per block + cross-entropy 2; backward: 2 per block + LM head 1. The
-// counting group checks that forward and backward issue exactly what model_count_collectives
-// says, and that they carry N*C floats per activation reduction and N + 2N for the loss.
+// Forward: embedding 1 + 2 per block + cross-entropy 2 per chunk of the fused head; backward: 2 per
+// block + LM head 1. The counting group checks that a training micro-step (model_forward_backward)
+// and the loss alone (model_forward) issue exactly what model_count_collectives says, with N*C
+// floats per activation reduction and n + 2n per chunk of n rows for the loss, in one chunk and in
+// three (of 11, 11 and 10 rows); model_backward after model_forward recomputes the head, so it
+// repeats the cross-entropy's collectives.
 Test(model, collectives_per_pass) {
     for (int L = 1; L <= 3; L++) {
         struct tp_model_config mc = tiny_config(L);
         for (int P = 2; P <= 4; P *= 2) {
-            struct model_dims d = model_dims_make(&mc, 2, P, P - 1);
-            int fwd, bwd;
-            model_count_collectives(&d, &fwd, &bwd);
-            cr_assert_eq(fwd, 2 * L + 3, "L=%d: forward %d", L, fwd);
-            cr_assert_eq(bwd, 2 * L + 1, "L=%d: backward %d", L, bwd);
+            for (int rows = 32; rows >= 11; rows -= 21) {
+                struct model_dims d = model_dims_make(&mc, 2, P, P - 1);
+                cr_assert_eq(d.head_rows, 32, "a tiny model's logits fit in one chunk");
+                d.head_rows = rows;
+                int chunks = rows == 32 ? 1 : 3;
+                int fwd, bwd;
+                model_count_collectives(&d, &fwd, &bwd);
+                cr_assert_eq(fwd, 2 * L + 1 + 2 * chunks, "L=%d: forward %d", L, fwd);
+                cr_assert_eq(bwd, 2 * L + 1, "L=%d: backward %d", L, bwd);
 
-            struct backend be = backend_cpu_create(TP_DTYPE_F32);
-            struct model m;
-            model_create(&m, &d, be, 1);
-            struct counter cnt = {0};
-            struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
-            int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
-            make_batch(in, tg, d.N, 3);
-            float *loss = be.iface->alloc(be.ctx, sizeof(float));
-            model_forward(&m, &tp, in, tg, loss);
-            size_t NC = d.N * (size_t)d.C;
-            cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d all-reduces, plan says %d", L, P, cnt.calls, fwd);
-            cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
-            cnt = (struct counter){0};
-            model_backward(&m, &tp, 1.0f / (float)d.N);
-            cr_assert_eq(cnt.calls, bwd, "L=%d P=%d: backward issued %d all-reduces, plan says %d", L, P, cnt.calls, bwd);
-            cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC, "backward volume %zu floats", cnt.floats);
-            be.iface->free(be.ctx, loss);
-            free(in);
-            free(tg);
-            model_destroy(&m);
-            backend_destroy(&be);
+                struct backend be = backend_cpu_create(TP_DTYPE_F32);
+                struct model m;
+                model_create(&m, &d, be, 1);
+                struct counter cnt = {0};
+                struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
+                int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
+                make_batch(in, tg, d.N, 3);
+                float *loss = be.iface->alloc(be.ctx, sizeof(float));
+                size_t NC = d.N * (size_t)d.C;
+                model_forward_backward(&m, &tp, in, tg, loss, 1.0f / (float)d.N);
+                cr_assert_eq(cnt.calls, fwd + bwd, "L=%d P=%d rows=%d: a micro-step issued %d all-reduces, plan says %d",
+                             L, P, rows, cnt.calls, fwd + bwd);
+                cr_assert_eq(cnt.floats, (size_t)(4 * L + 2) * NC + 3 * d.N, "micro-step volume %zu floats", cnt.floats);
+                cnt = (struct counter){0};
+                model_forward(&m, &tp, in, tg, loss);
+                cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d all-reduces, plan says %d", L, P, cnt.calls, fwd);
+                cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
+                cnt = (struct counter){0};
+                model_backward(&m, &tp, 1.0f / (float)d.N);
+                cr_assert_eq(cnt.calls, bwd + 2 * chunks, "L=%d P=%d: backward issued %d all-reduces", L, P, cnt.calls);
+                cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC + 3 * d.N, "backward volume %zu floats", cnt.floats);
+                be.iface->free(be.ctx, loss);
+                free(in);
+                free(tg);
+                model_destroy(&m);
+                backend_destroy(&be);
+            }
         }
     }
 }
+
+// ---- the fused LM head + loss, in chunks
+
+// The head's chunk size follows the logits budget: one chunk while the logits fit, else equal
+// chunks of a divisor of N, else equal chunks but the last; always within the budget.
+Test(model, head_rows_follow_the_logits_budget) {
+    const size_t Ns[] = {1, 128, 4096, 16384, 16411, 65536};
+    const int Vls[] = {384, 12672, 25152, 50304};
+    for (size_t i = 0; i < sizeof Ns / sizeof Ns[0]; i++)
+        for (size_t j = 0; j < sizeof Vls / sizeof Vls[0]; j++) {
+            size_t N = Ns[i];
+            int rows = model_head_rows(N, Vls[j]);
+            cr_assert(rows >= 1 && (size_t)rows <= N);
+            cr_assert(rows == 1 || (size_t)rows * (size_t)Vls[j] <= MODEL_HEAD_LOGITS_MAX, "N=%zu Vl=%d: %d rows",
+                      N, Vls[j], rows);
+            if (N * (size_t)Vls[j] <= MODEL_HEAD_LOGITS_MAX) cr_assert_eq((size_t)rows, N, "fits: one chunk");
+            size_t chunks = (N + (size_t)rows - 1) / (size_t)rows, fewest = (N * (size_t)Vls[j] + MODEL_HEAD_LOGITS_MAX - 1) / MODEL_HEAD_LOGITS_MAX;
+            cr_assert(chunks <= 2 * fewest + 1, "N=%zu Vl=%d: %zu chunks where %zu would do", N, Vls[j], chunks, fewest);
+        }
+    if (MODEL_HEAD_LOGITS_MAX != (size_t)1 << 27) return; // a build with another budget
+    cr_assert_eq(model_head_rows(16384, 50304), 2048, "GPT-2 124M at micro_batch 16: 8 chunks of 2048");
+    cr_assert_eq(model_head_rows(16384, 25152), 4096, "tp=2 halves the vocabulary, so the chunks double");
+    cr_assert_eq(model_head_rows(16411, 50304), 2345, "no divisor: ceil(16411 / 7), the last chunk shorter");
+    struct tp_model_config mc = {.n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
+    struct model_dims d = model_dims_make(&mc, 16, 1, 0);
+    cr_assert_eq(d.head_rows, 2048);
+}
+
+// One micro-step with the head in one chunk and in chunks of 5 rows (the last of 2): the loss and
+// every gradient but wte's are bitwise equal (each token row is computed alone), and wte's
+// differs only by the order of its per-chunk sums. model_forward + model_backward gives
+// model_forward_backward's gradients bit for bit.
+static void check_chunked_head(enum tp_dtype dt) {
+    struct fixture a, c;
+    fixture_init_dtype(&a, 2, 2, dt); // N = 32
+    c.be = backend_cpu_create(dt);
+    struct tp_model_config mc = tiny_config(2);
+    struct model_dims d = model_dims_make(&mc, 2, 1, 0);
+    d.head_rows = 5;
+    model_create(&c.m, &d, c.be, 1234);
+    c.tp = self_comm();
+    c.inputs = a.inputs, c.targets = a.targets;
+    c.loss_sum = c.be.iface->alloc(c.be.ctx, sizeof(float));
+    struct fixture *f[2] = {&a, &c};
+    float *g[2];
+    size_t n = a.m.n_params_local;
+    for (int k = 0; k < 2; k++) {
+        model_forward_backward(&f[k]->m, &f[k]->tp, a.inputs, a.targets, f[k]->loss_sum, 1.0f / (float)d.N);
+        g[k] = malloc(n * sizeof(float));
+        memcpy(g[k], f[k]->m.grads, n * sizeof(float));
+    }
+    cr_assert(memcmp(a.loss_sum, c.loss_sum, sizeof(float)) == 0, "loss %.9g in one chunk, %.9g in chunks",
+              *a.loss_sum, *c.loss_sum);
+    cr_assert(memcmp(a.m.a.losses, c.m.a.losses, d.N * sizeof(float)) == 0, "per-token losses differ");
+    const struct param_tensor *wte = &a.m.tensors[0];
+    for (int i = 1; i < a.m.n_tensors; i++) {
+        const struct param_tensor *t = &a.m.tensors[i];
+        cr_assert(memcmp(g[0] + t->offset, g[1] + t->offset, t->numel * sizeof(float)) == 0,
+                  "%s: the gradient depends on the head's chunks", t->name);
+    }
+    double d2 = 0, n2 = 0;
+    for (size_t j = wte->offset; j < wte->offset + wte->numel; j++) {
+        d2 += ((double)g[1][j] - g[0][j]) * ((double)g[1][j] - g[0][j]);
+        n2 += (double)g[0][j] * g[0][j];
+    }
+    cr_assert(sqrt(d2 / n2) < 1e-6, "wte gradient in chunks differs by %.3g relative", sqrt(d2 / n2));
+    // the loss alone, then the backward (which recomputes the head): the same gradients
+    c.be.iface->zero(c.be.ctx, c.m.grads, n * sizeof(float));
+    model_forward(&c.m, &c.tp, a.inputs, a.targets, c.loss_sum);
+    model_backward(&c.m, &c.tp, 1.0f / (float)d.N);
+    cr_assert(memcmp(c.m.grads, g[1], n * sizeof(float)) == 0, "model_forward + model_backward differs from "
+              "model_forward_backward");
+    free(g[0]);
+    free(g[1]);
+    c.be.iface->free(c.be.ctx, c.loss_sum);
+    model_destroy(&c.m);
+    backend_destroy(&c.be);
+    fixture_fini(&a);
+}
+
+Test(model, fused_head_in_chunks_matches_one_chunk) { check_chunked_head(TP_DTYPE_F32); }
+Test(model, fused_head_in_chunks_matches_one_chunk_bf16) { check_chunked_head(TP_DTYPE_BF16); }
 
 // ---- memory plan
 
@@ -379,7 +475,15 @@ Test(model, memory_plan_matches_allocations) {
             size_t N = d.N, C = (size_t)d.C, es = tp_dtype_size((enum tp_dtype)dt);
             size_t per_layer = (4 * N * C + N * 3 * (size_t)d.Cl + N * (size_t)d.Cl + 2 * N * (size_t)d.Fl) * es +
                                4 * N * sizeof(float);
-            cr_assert_geq(mm.act_bytes, (size_t)d.L * per_layer + N * (size_t)d.Vl * es);
+            // the fused head holds one chunk of logits, not all N rows
+            cr_assert_geq(mm.act_bytes, (size_t)d.L * per_layer + (size_t)d.head_rows * (size_t)d.Vl * es);
+            struct model_dims dc = d;
+            dc.head_rows = 5;
+            cr_assert_eq(model_memory_plan(&d, be).act_bytes - model_memory_plan(&dc, be).act_bytes,
+                         tp_round_up(N * (size_t)d.Vl * es, 256) - tp_round_up(5 * (size_t)d.Vl * es, 256) +
+                             2 * (tp_round_up(N * 4, 256) - tp_round_up(5 * 4, 256)) +
+                             tp_round_up(2 * N * 4, 256) - tp_round_up(2 * 5 * 4, 256),
+                         "the head's chunk sizes its logits and statistics");
             struct optim o;
             optim_create(&o, &m, 0.1);
             cr_assert_eq(m.bytes_allocated,

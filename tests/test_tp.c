@@ -32,7 +32,13 @@ static const char *const checks[] = {
     "ok vocab_parallel_embedding backward: each rank's wte gradient is its rows",
     "ok vocab_parallel_cross_entropy forward equals one rank",
     "ok vocab_parallel_cross_entropy backward: this rank's columns of one rank's gradient",
+    "ok vocab_parallel_lm_head_cross_entropy in chunks equals the unfused layers on one rank",
+    "ok vocab_parallel_lm_head_cross_entropy: chunks change no loss or input gradient bit",
+    "ok vocab_parallel_lm_head_cross_entropy: chunks change the weight gradient by its sum order only",
 };
+
+static const char *const one_rank_check =
+    "ok vocab_parallel_lm_head_cross_entropy in one chunk on one rank is the unfused layers bit for bit";
 
 static void run_ranks(int np) {
     tu_require_mpiexec();
@@ -44,6 +50,8 @@ static void run_ranks(int np) {
     cr_assert_eq(rc, 0, "tp_ranks on %d ranks exited %d:\n%s", np, rc, out);
     for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++)
         cr_expect(strstr(out, checks[i]) != NULL, "%d ranks: missing '%s' in:\n%s", np, checks[i], out);
+    if (np == 1) // one rank, one chunk: the fused head is the unfused layers op for op
+        cr_expect(strstr(out, one_rank_check) != NULL, "missing '%s' in:\n%s", one_rank_check, out);
     char summary[64];
     snprintf(summary, sizeof summary, "0 checks failed on %d ranks", np);
     cr_expect(strstr(out, summary) != NULL, "%s", out);

@@ -280,6 +280,94 @@ static void check_vocab(struct comm *tp, struct comm *self) {
     free(wte), free(wpe), free(wtes), free(dwtes), free(dlogs);
 }
 
+// The fused, chunked LM head + loss (vocab_parallel_lm_head_cross_entropy) on P ranks, against
+// the unfused layers on one rank holding the whole vocabulary (column_parallel_linear and
+// vocab_parallel_cross_entropy, forward and backward, all N rows at once), and against itself
+// in one chunk on the same ranks: chunking changes no loss or input-gradient bit (each row is
+// computed alone) and the weight gradient only by the order of its per-chunk sums.
+struct head_result {
+    float *loss, *din, *dw; // (N), (N, C), (vl, C)
+};
+
+static struct head_result run_head(struct comm *c, const float *x, const float *w, const int *targets, int N,
+                                   int C, int vl, int V, int rows, bool fused) {
+    int *tgt = be.iface->alloc(be.ctx, (size_t)N * sizeof(int));
+    be.iface->copy_to_device(be.ctx, tgt, targets, (size_t)N * sizeof(int));
+    float *X = dev_copy(x, (size_t)N * C), *W = dev_copy(w, (size_t)vl * C);
+    float *din = dev((size_t)N * C), *dw = dev((size_t)vl * C), *losses = dev((size_t)N);
+    float *logits = dev((size_t)(fused ? rows : N) * vl);
+    int R = fused ? rows : N;
+    struct vocab_parallel_xent xs = {dev((size_t)R), dev(2 * (size_t)R), dev((size_t)R), losses};
+    const float dloss = 0.25f;
+    if (fused) {
+        struct vocab_parallel_head h = {.in = X, .w = W, .targets = tgt, .losses = losses, .din = din, .dw = dw,
+                                        .dloss = dloss, .logits = logits, .maxes = xs.maxes,
+                                        .local_maxes = xs.local_maxes, .sums = xs.sums, .N = N, .C = C,
+                                        .Vl = vl, .V = V, .rows = rows};
+        vocab_parallel_lm_head_cross_entropy(be, c, &h);
+    } else {
+        column_parallel_linear_fwd(be, c, logits, NULL, X, W, NULL, N, C, vl);
+        vocab_parallel_cross_entropy_fwd(be, c, &xs, logits, tgt, N, vl, V);
+        vocab_parallel_cross_entropy_bwd(be, c, logits, &xs, logits, tgt, dloss, N, vl, V);
+        column_parallel_linear_bwd(be, c, din, dw, NULL, logits, X, W, N, C, vl);
+    }
+    struct head_result r = {host_of(losses, (size_t)N), host_of(din, (size_t)N * C), host_of(dw, (size_t)vl * C)};
+    float *bufs[] = {X, W, din, dw, losses, logits, xs.maxes, xs.sums, xs.local_maxes};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be.iface->free(be.ctx, bufs[i]);
+    be.iface->free(be.ctx, tgt);
+    return r;
+}
+
+static void head_free(struct head_result *r) { free(r->loss), free(r->din), free(r->dw); }
+
+// Relative L2 difference of two n-float vectors, as a pass (0) or a fail (1) against tol.
+static int differ_l2(const float *got, const float *want, size_t n, double tol, char *detail, size_t len) {
+    double d2 = 0, w2 = 0;
+    for (size_t i = 0; i < n; i++) {
+        d2 += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        w2 += (double)want[i] * want[i];
+    }
+    double rel = sqrt(d2 / (w2 > 0 ? w2 : 1));
+    if (rel <= tol) return 0;
+    snprintf(detail, len, "relative L2 difference %.3g > %.1g", rel, tol);
+    return 1;
+}
+
+static void check_head(struct comm *tp, struct comm *self) {
+    enum { N = 10, C = 8, VL = 24, ROWS = 4 }; // chunks of 4, 4 and 2 rows
+    char detail[256] = "";
+    int Vp = VL * P, V = Vp - 3; // three padding columns
+    float *x = host_rand((size_t)N * C, 21, 1.0f), *w = host_rand((size_t)Vp * C, 22, 1.0f);
+    for (int j = V * C; j < Vp * C; j++) w[j] = 0; // padding rows are zero, as in the model
+    float *ws = shard_of(w, (size_t)Vp, C, false);
+    int targets[N];
+    for (int i = 0; i < N; i++) targets[i] = (i * 7 + 3) % V;
+    struct head_result one = run_head(self, x, w, targets, N, C, Vp, V, N, false);
+    struct head_result chunked = run_head(tp, x, ws, targets, N, C, VL, V, ROWS, true);
+    struct head_result whole = run_head(tp, x, ws, targets, N, C, VL, V, N, true);
+    float *dws = shard_of(one.dw, (size_t)Vp, C, false);
+    const float tol = 1e-5f;
+    verdict("vocab_parallel_lm_head_cross_entropy in chunks equals the unfused layers on one rank",
+            differ(chunked.loss, one.loss, N, tol, detail, sizeof detail) ||
+                differ(chunked.din, one.din, (size_t)N * C, tol, detail, sizeof detail) ||
+                differ(chunked.dw, dws, (size_t)VL * C, tol, detail, sizeof detail),
+            detail);
+    verdict("vocab_parallel_lm_head_cross_entropy: chunks change no loss or input gradient bit",
+            differ(chunked.loss, whole.loss, N, 0, detail, sizeof detail) ||
+                differ(chunked.din, whole.din, (size_t)N * C, 0, detail, sizeof detail),
+            detail);
+    verdict("vocab_parallel_lm_head_cross_entropy: chunks change the weight gradient by its sum order only",
+            differ_l2(chunked.dw, whole.dw, (size_t)VL * C, 1e-6, detail, sizeof detail), detail);
+    if (P == 1) // one chunk on one rank is the unfused arithmetic, op for op
+        verdict("vocab_parallel_lm_head_cross_entropy in one chunk on one rank is the unfused layers bit for bit",
+                differ(whole.loss, one.loss, N, 0, detail, sizeof detail) ||
+                    differ(whole.din, one.din, (size_t)N * C, 0, detail, sizeof detail) ||
+                    differ(whole.dw, one.dw, (size_t)VL * C, 0, detail, sizeof detail),
+                detail);
+    head_free(&one), head_free(&chunked), head_free(&whole);
+    free(x), free(w), free(ws), free(dws);
+}
+
 int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -290,6 +378,7 @@ int main(int argc, char **argv) {
     check_mappings(&tp);
     check_linear(&tp, &self);
     check_vocab(&tp, &self);
+    check_head(&tp, &self);
     if (rank == 0) printf("%d checks failed on %d ranks\n", failures, P);
     comm_destroy(&tp);
     comm_destroy(&self);

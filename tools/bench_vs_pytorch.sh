@@ -27,7 +27,8 @@
 # BENCH_TOOLS ("tptrain pytorch"), BENCH_RUN_TIMEOUT (seconds per run, 400), BUILD_DIR
 # (build-gpu), BENCH_BUILD (1; 0 uses the tptrain already in BUILD_DIR), GPU_ARCH (90),
 # MESON_ARGS (default -Dcuda=enabled -Dgpu_arch=$GPU_ARCH), PYTHON (python3, the one with torch),
-# BENCH_GPU (nvidia-smi index, 0).
+# BENCH_GPU (nvidia-smi index, 0), BENCH_TORCH_ARGS (more options for torch_gpt2_bench.py, e.g.
+# "--compile-mode max-autotune-no-cudagraphs"; none by default).
 set -u
 
 out=${OUT:-./bench-out}
@@ -43,6 +44,7 @@ do_build=${BENCH_BUILD:-1}
 meson_args=${MESON_ARGS:--Dcuda=enabled -Dgpu_arch=${GPU_ARCH:-90}}
 py=${PYTHON:-python3}
 gpu=${BENCH_GPU:-0}
+read -r -a torch_args <<<"${BENCH_TORCH_ARGS:-}"
 
 if [ ! -f meson.build ] || [ ! -f tools/torch_gpt2_bench.py ]; then
     echo "bench_vs_pytorch.sh: run me from the repository root (no meson.build here: $PWD)" >&2
@@ -135,7 +137,7 @@ run_one() { # run_one TOOL B
              --set log.every=10 --set "log.jsonl=$raw/tptrain_b$B.jsonl")
     else
         cmd=("$py" tools/torch_gpt2_bench.py "$config" "${sets[@]}" --skip "$skip"
-             --precision "$precision" --json "$raw/pytorch_b$B.json")
+             --precision "$precision" --json "$raw/pytorch_b$B.json" "${torch_args[@]}")
     fi
     sleep 1 # let the previous run's memory go back before the idle reading
     base=""

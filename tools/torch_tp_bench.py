@@ -33,8 +33,9 @@ Layout (torch.distributed.tensor.parallel, as tptrain splits the model):
 The init draws from a generator of its own and covers the real vocabulary rows only, so runs at
 every tp start from the same weights and follow the same losses (up to summation order).
 
-Timing and MFU are torch_gpt2_bench.py's: each step timed on the host around the whole step with
-a device synchronisation at its end (rank 0's clock; the ranks move in lockstep), the first --skip
+Timing: each step timed on the host around the whole step with a device synchronisation at its
+end (rank 0's clock; the ranks move in lockstep; torch_gpt2_bench.py now times with CUDA events
+and no synchronisation inside the loop, which this script has not followed yet), the first --skip
 steps left out, MFU = tok/s * (6*params + 6*n_layer*n_embd*seq_len) / (peak * world size), params
 without the vocabulary padding, peak 989 TFLOP/s for bf16 (67 fp32) per GPU or --peak-tflops.
 With --profile-steps N, N more steps run under torch.profiler and the time of NCCL kernels per

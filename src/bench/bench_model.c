@@ -1,6 +1,13 @@
 // bench_model.c: --bench model CONFIG.yaml: one training step of the config's model, whole (as
 // training runs it) and broken down into the model's own blocks (model.c), each timed alone with
 // its collectives timed separately. Synthetic tokens, random weights.
+//
+// Each phase is also set against what it must do: its FLOPs and the bytes its ops must move, and
+// the time those take at two ceilings measured in the same run (the matrix rate of one large
+// product through the backend's matmul, the memory bandwidth of one large device copy), so that
+// the ratio measured / ideal shows where the remaining time is.
+//
+// Sections: phases, cost model, ceilings, report, entry point.
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,7 +33,7 @@ struct model_bench {
 
 static const struct backend_i *mb_ops(const struct model_bench *mb) { return mb->b->be.iface; }
 
-// The step as training runs it: model_forward, model_backward per micro-step, then the grad norm
+// The step as training runs it: model_forward_backward per micro-step, then the grad norm
 // and AdamW (the DP all-reduce is absent: dp = 1).
 static void run_step(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
@@ -36,10 +43,8 @@ static void run_step(void *arg, struct bench_clock *c) {
     (void)c;
     mb_ops(mb)->zero(m->be.ctx, m->grads, m->n_params_local * sizeof(float));
     float dloss = 1.0f / ((float)m->d.N * (float)tc->grad_accum);
-    for (int micro = 0; micro < tc->grad_accum; micro++) {
-        model_forward(m, tp, mb->inputs, mb->targets, mb->loss_sum);
-        model_backward(m, tp, dloss);
-    }
+    for (int micro = 0; micro < tc->grad_accum; micro++)
+        model_forward_backward(m, tp, mb->inputs, mb->targets, mb->loss_sum, dloss);
     optim_grad_norm_enqueue(&mb->opt, m, tp);
     optim_step(&mb->opt, m, tc, (float)tc->lr);
 }
@@ -67,22 +72,14 @@ static void run_mlp_fwd_model(void *arg, struct bench_clock *c) {
     for (int l = 0; l < mb->m.d.L; l++) model_mlp_block_fwd(&mb->m, &tp, l);
 }
 
-static void run_head_fwd(void *arg, struct bench_clock *c) {
-    struct model_bench *mb = arg;
-    struct bench_timing_comm t;
-    struct comm tp = bench_timed_tp(mb->b, &t, c);
-    model_head_fwd(&mb->m, &tp, mb->loss_sum);
-}
-
-// The head's backward turns the logits into their gradient in place: recompute them first.
-static void prepare_head_bwd(void *arg) { run_head_fwd(arg, NULL); }
-
-static void run_head_bwd(void *arg, struct bench_clock *c) {
+// The LM head and the loss as training runs them: fused with their backward, a chunk of token
+// rows at a time. Nothing it reads is overwritten, and what it writes (dln, dres) it first sets.
+static void run_head(void *arg, struct bench_clock *c) {
     struct model_bench *mb = arg;
     float dloss = 1.0f / ((float)mb->m.d.N * (float)mb->b->cfg.train.grad_accum);
     struct bench_timing_comm t;
     struct comm tp = bench_timed_tp(mb->b, &t, c);
-    model_head_bwd(&mb->m, &tp, dloss);
+    model_head_fwd_bwd(&mb->m, &tp, mb->loss_sum, dloss);
 }
 
 // Layernorm backward accumulates into the residual gradient: start every iteration from the
@@ -123,34 +120,295 @@ static void run_optimizer(void *arg, struct bench_clock *c) {
     optim_step(&mb->opt, &mb->m, tc, (float)tc->lr);
 }
 
-enum phase_kind { PH_FWD, PH_BWD, PH_OPT };
+// ---- cost model: the FLOPs and bytes of each phase, per micro-step on one rank
+//
+// FLOPs are model FLOPs: 2*M*N*K per matrix product, attention counted causal (forward 2*B*H*T*T*HS,
+// the backward twice that, as the MFU formula counts it; the flash backward's recomputation of the
+// scores is not counted), elementwise work not counted. At one rank a step's FLOPs are then
+// 6 * tokens * (12*L*C^2 + Vp*C) + 6 * L * C * T * tokens, the MFU formula's 6N + 6LCT with N the
+// matrix parameters (padding included, biases, layernorms and wpe excluded).
+// Bytes are what each op must read and write at least: its inputs once and its outputs once (twice
+// for "+=" outputs), compute-type tensors at the compute type's size and fp32 ones at 4, token ids
+// at 4, reductions' partials and other scratch not counted. The ideal time of an op is the larger
+// of flops / matrix rate and bytes / bandwidth; a phase's is the sum over its ops.
+
+struct cost_shape {
+    struct model_dims d;
+    double es;            // bytes per compute-type element
+    bool xent_fused;      // one rank and a backend with xent_fused: the loss and gradient in one pass
+    double att_saved;     // floats the attention keeps per layer (backend-defined)
+    double params;        // local parameters (the optimizer's n)
+    double opt_copy;      // bytes per parameter of the compute copy AdamW rewrites (0 in fp32)
+};
+
+struct cost_acc {
+    double rate, bw;      // FLOP/s and bytes/s; 0: count only
+    struct bench_model_cost c;
+};
+
+static void op(struct cost_acc *a, double flops, double bytes) {
+    a->c.flops += flops;
+    a->c.bytes += bytes;
+    double tm = a->rate > 0 ? flops / a->rate : 0.0, tb = a->bw > 0 ? bytes / a->bw : 0.0;
+    a->c.matrix_ms += 1e3 * tm;
+    a->c.memory_ms += 1e3 * tb;
+    a->c.ideal_ms += 1e3 * (tm > tb ? tm : tb);
+}
+
+// out (N, OC) = inp (N, IC) @ w^T (+ bias); with gelu the pre-activation is written as well
+static void op_matmul_fwd(struct cost_acc *a, const struct cost_shape *s, double N, double IC, double OC, bool bias,
+                          bool gelu) {
+    op(a, 2 * N * IC * OC, s->es * (N * IC + OC * IC + (bias ? OC : 0) + N * OC * (gelu ? 2 : 1)));
+}
+
+// dinp (N, IC) = dout @ w (times gelu'(pre_gelu) read); dw (OC, IC) fp32 += dout^T @ inp;
+// dbias (OC) fp32 += column sums of dout (its own pass over dout)
+static void op_matmul_bwd(struct cost_acc *a, const struct cost_shape *s, double N, double IC, double OC, bool dbias,
+                          bool gelu) {
+    op(a, 2 * N * IC * OC, s->es * (N * OC + OC * IC + N * IC * (gelu ? 2 : 1)));
+    op(a, 2 * N * IC * OC, s->es * (N * OC + N * IC) + 8 * OC * IC);
+    if (dbias) op(a, 0, s->es * N * OC + 8 * OC);
+}
+
+static void op_layernorm_fwd(struct cost_acc *a, const struct cost_shape *s) {
+    double N = (double)s->d.N, C = s->d.C;
+    op(a, 0, s->es * (2 * N * C + 2 * C) + 8 * N);
+}
+
+// out = res + x + bias, then ln = layernorm(out)
+static void op_residual_layernorm_fwd(struct cost_acc *a, const struct cost_shape *s) {
+    double N = (double)s->d.N, C = s->d.C;
+    op(a, 0, s->es * (4 * N * C + 3 * C) + 8 * N);
+}
+
+// dinp += ..., dw, db += ... from dout, inp and the saved statistics
+static void op_layernorm_bwd(struct cost_acc *a, const struct cost_shape *s) {
+    double N = (double)s->d.N, C = s->d.C;
+    op(a, 0, s->es * (4 * N * C + C) + 8 * N + 16 * C);
+}
+
+static void cost_embedding_fwd(struct cost_acc *a, const struct cost_shape *s) {
+    double N = (double)s->d.N, C = s->d.C, T = s->d.T;
+    op(a, 0, 4 * N + s->es * 2 * N * C);          // vocab lookup: ids, wte rows, out
+    op(a, 0, s->es * (2 * N * C + T * C));        // + wpe
+    op_layernorm_fwd(a, s);                       // the first block's ln_1
+}
+
+static void cost_attention_fwd(struct cost_acc *a, const struct cost_shape *s) {
+    const struct model_dims *d = &s->d;
+    double N = (double)d->N, C = d->C, Cl = d->Cl, T = d->T;
+    for (int l = 0; l < d->L; l++) {
+        op_matmul_fwd(a, s, N, C, 3 * Cl, true, false);
+        op(a, 2 * N * T * Cl, s->es * (3 * N * Cl + N * Cl) + 4 * s->att_saved);
+        op_matmul_fwd(a, s, N, Cl, C, false, false);
+        op_residual_layernorm_fwd(a, s);
+    }
+}
+
+static void cost_mlp_fwd(struct cost_acc *a, const struct cost_shape *s) {
+    const struct model_dims *d = &s->d;
+    double N = (double)d->N, C = d->C, Fl = d->Fl;
+    for (int l = 0; l < d->L; l++) {
+        op_matmul_fwd(a, s, N, C, Fl, true, true);
+        op_matmul_fwd(a, s, N, Fl, C, false, false);
+        op_residual_layernorm_fwd(a, s);
+    }
+}
+
+// The fused head: per chunk its logits, the cross-entropy (one pass that reads and writes them
+// where xent_fused runs, else statistics then gradient: two reads and a write), the input and
+// weight gradients; the weight is read, and its gradient read and written, once per chunk.
+static void cost_head(struct cost_acc *a, const struct cost_shape *s) {
+    const struct model_dims *d = &s->d;
+    double C = d->C, Vl = d->Vl;
+    for (size_t r0 = 0; r0 < d->N; r0 += (size_t)d->head_rows) {
+        double n = (double)(d->N - r0 < (size_t)d->head_rows ? d->N - r0 : (size_t)d->head_rows);
+        op_matmul_fwd(a, s, n, C, Vl, false, false);
+        op(a, 0, s->es * (s->xent_fused ? 2 : 3) * n * Vl + 8 * n);
+        op_matmul_bwd(a, s, n, C, Vl, false, false);
+    }
+    double N = (double)d->N;
+    op(a, 0, 4 * N);              // the loss sum
+    op(a, 0, s->es * N * C);      // zeroing the residual gradient
+    op_layernorm_bwd(a, s);       // ln_f
+}
+
+static void cost_mlp_bwd(struct cost_acc *a, const struct cost_shape *s) {
+    const struct model_dims *d = &s->d;
+    double N = (double)d->N, C = d->C, Fl = d->Fl;
+    for (int l = 0; l < d->L; l++) {
+        op_matmul_bwd(a, s, N, Fl, C, true, true); // fc_proj, GELU's derivative on its input gradient
+        op_matmul_bwd(a, s, N, C, Fl, true, false);
+        op_layernorm_bwd(a, s);
+    }
+}
+
+static void cost_attention_bwd(struct cost_acc *a, const struct cost_shape *s) {
+    const struct model_dims *d = &s->d;
+    double N = (double)d->N, C = d->C, Cl = d->Cl, T = d->T;
+    for (int l = 0; l < d->L; l++) {
+        op_matmul_bwd(a, s, N, Cl, C, true, false);
+        op(a, 4 * N * T * Cl, s->es * (3 * N * Cl + 2 * N * Cl + 3 * N * Cl) + 4 * s->att_saved);
+        op_matmul_bwd(a, s, N, C, 3 * Cl, true, false);
+        op_layernorm_bwd(a, s);
+    }
+}
+
+static void cost_embedding_bwd(struct cost_acc *a, const struct cost_shape *s) {
+    const struct model_dims *d = &s->d;
+    double N = (double)d->N, C = d->C, T = d->T;
+    double rows = N < d->Vl ? N : d->Vl; // wte rows the tokens can touch, at most
+    op(a, 0, s->es * N * C + 8 * T * C);
+    op(a, 0, 4 * N + s->es * N * C + 8 * rows * C);
+}
+
+// Gradient norm (one read of the gradients), then AdamW: p, g, m, v read, p, m, v written, and the
+// compute copy of p written (bf16).
+static void cost_optimizer(struct cost_acc *a, const struct cost_shape *s) {
+    op(a, 0, 4 * s->params);
+    op(a, 0, (16 + 12 + s->opt_copy) * s->params);
+}
+
+enum phase_kind { PH_FWD, PH_BWD, PH_OPT, PH_FWD_BWD };
 
 struct model_phase {
     struct bench_phase spec;
     enum phase_kind kind;
     bool per_layer;         // repeated over the L blocks (label says so)
+    void (*cost)(struct cost_acc *a, const struct cost_shape *s); // per micro-step (optimizer: per step)
 };
 
 static const struct model_phase model_phases[] = {
-    {{"embedding_fwd", "embedding fwd", run_embedding_fwd, NULL}, PH_FWD, false},
-    {{"attention_fwd", "attention fwd", run_attention_fwd, NULL}, PH_FWD, true},
-    {{"mlp_fwd", "mlp fwd", run_mlp_fwd_model, NULL}, PH_FWD, true},
-    {{"head_loss_fwd", "lm head + loss fwd", run_head_fwd, NULL}, PH_FWD, false},
-    {{"head_loss_bwd", "lm head + loss bwd", run_head_bwd, prepare_head_bwd}, PH_BWD, false},
-    {{"mlp_bwd", "mlp bwd", run_mlp_bwd_model, prepare_residual_grad}, PH_BWD, true},
-    {{"attention_bwd", "attention bwd", run_attention_bwd, prepare_residual_grad}, PH_BWD, true},
-    {{"embedding_bwd", "embedding bwd", run_embedding_bwd, prepare_residual_grad}, PH_BWD, false},
-    {{"optimizer", "optimizer (norm+adamw)", run_optimizer, NULL}, PH_OPT, false},
+    {{"embedding_fwd", "embedding fwd", run_embedding_fwd, NULL}, PH_FWD, false, cost_embedding_fwd},
+    {{"attention_fwd", "attention fwd", run_attention_fwd, NULL}, PH_FWD, true, cost_attention_fwd},
+    {{"mlp_fwd", "mlp fwd", run_mlp_fwd_model, NULL}, PH_FWD, true, cost_mlp_fwd},
+    {{"head_loss", "lm head + loss fwd+bwd", run_head, NULL}, PH_FWD_BWD, false, cost_head},
+    {{"mlp_bwd", "mlp bwd", run_mlp_bwd_model, prepare_residual_grad}, PH_BWD, true, cost_mlp_bwd},
+    {{"attention_bwd", "attention bwd", run_attention_bwd, prepare_residual_grad}, PH_BWD, true, cost_attention_bwd},
+    {{"embedding_bwd", "embedding bwd", run_embedding_bwd, prepare_residual_grad}, PH_BWD, false, cost_embedding_bwd},
+    {{"optimizer", "optimizer (norm+adamw)", run_optimizer, NULL}, PH_OPT, false, cost_optimizer},
 };
 enum { N_MODEL_PHASES = sizeof model_phases / sizeof model_phases[0] };
+_Static_assert(N_MODEL_PHASES == BENCH_MODEL_PHASES, "bench.h's BENCH_MODEL_PHASES counts the phases");
+
+void bench_model_costs(const struct model_dims *d, const struct backend *be, double matrix_tflops,
+                       double memory_gbs, struct bench_model_cost *out) {
+    int n_tensors;
+    size_t n_local, n_global;
+    free(model_param_table(d, &n_tensors, &n_local, &n_global));
+    enum tp_dtype dt = be->iface->dtype(be->ctx);
+    struct cost_shape s = {
+        .d = *d,
+        .es = (double)tp_dtype_size(dt),
+        .xent_fused = d->P == 1 && be->iface->xent_fused,
+        .att_saved = (double)be->iface->attention_saved_floats(be->ctx, d->B, d->T, d->NHl, d->HS),
+        .params = (double)n_local,
+        .opt_copy = dt == TP_DTYPE_F32 ? 0.0 : (double)tp_dtype_size(dt),
+    };
+    for (int i = 0; i < N_MODEL_PHASES; i++) {
+        struct cost_acc a = {.rate = matrix_tflops * 1e12, .bw = memory_gbs * 1e9};
+        model_phases[i].cost(&a, &s);
+        out[i] = a.c;
+        out[i].name = model_phases[i].spec.name;
+    }
+}
+
+// ---- ceilings: the matrix rate and memory bandwidth this run measures (or is given)
+
+struct ceilings {
+    double matrix_tflops, memory_gbs;
+    char how[160];          // what measured them, or where they came from
+};
+
+struct probe {
+    struct backend be;
+    void *a, *b, *out;      // (n, n) compute type each: out = a @ b^T
+    int n;
+    void *src, *dst;        // (bytes) each
+    size_t bytes;
+};
+
+static void run_matrix_probe(void *arg, struct bench_clock *c) {
+    struct probe *p = arg;
+    (void)c;
+    p->be.iface->matmul_fwd(p->be.ctx, p->out, NULL, p->a, p->b, NULL, p->n, p->n, p->n);
+}
+
+static void run_copy_probe(void *arg, struct bench_clock *c) {
+    struct probe *p = arg;
+    (void)c;
+    p->be.iface->copy(p->be.ctx, p->dst, p->src, p->bytes);
+}
+
+// TPTRAIN_BENCH_CEILINGS="TFLOPS,GBS" (e.g. "790,4300") gives the ceilings instead of measuring
+// them. Returns 1 when set and valid, 0 when unset, TP_EXIT_USAGE (rank 0 says why) otherwise.
+static int ceilings_from_env(const struct bench *b, struct ceilings *k) {
+    const char *s = getenv("TPTRAIN_BENCH_CEILINGS");
+    if (!s || !*s) return 0;
+    char *end;
+    double t = strtod(s, &end), g = 0.0;
+    bool ok = end != s && *end == ',';
+    if (ok) {
+        const char *q = end + 1;
+        g = strtod(q, &end);
+        ok = end != q && *end == '\0';
+    }
+    if (!ok || !(t > 0.0) || !(g > 0.0) || !isfinite(t) || !isfinite(g)) {
+        if (b->root)
+            fprintf(stderr, "tptrain: TPTRAIN_BENCH_CEILINGS='%s': expected TFLOPS,GBS (the matrix rate in "
+                            "TFLOP/s and the memory bandwidth in GB/s, both positive, e.g. 790,4300)\n", s);
+        return TP_EXIT_USAGE;
+    }
+    k->matrix_tflops = t;
+    k->memory_gbs = g;
+    snprintf(k->how, sizeof k->how, "given by TPTRAIN_BENCH_CEILINGS");
+    return 1;
+}
+
+// One (n, n, n) product through the backend's matmul (the library the model's products use) and
+// one device-to-device copy, each timed as a phase (slowest rank). A GPU gets a product large
+// enough to reach its rate (8192) and a copy well past its caches (1 GiB); a CPU smaller ones.
+static void measure_ceilings(struct bench *b, struct ceilings *k) {
+    bool host = b->be.iface->host_accessible;
+    struct probe p = {.be = b->be, .n = host ? 512 : 8192, .bytes = host ? (size_t)64 << 20 : (size_t)1 << 30};
+    size_t nn = (size_t)p.n * (size_t)p.n;
+    p.a = bench_alloc_compute(b, nn);
+    p.b = bench_alloc_compute(b, nn);
+    p.out = bench_alloc_compute(b, nn);
+    bench_fill_uniform(b->be, p.a, nn, 1.0f, 101);
+    bench_fill_uniform(b->be, p.b, nn, 1.0f, 102);
+    int warmup = b->iters_fixed ? b->warmup : 2, iters = b->iters_fixed ? b->iters : 10;
+    struct bench_phase_times t;
+    static const struct bench_phase mat = {"matrix_ceiling", "matrix ceiling", run_matrix_probe, NULL};
+    bench_time_phase(b, &mat, &p, warmup < 1 ? 1 : warmup, iters, 0.0, 0, 0, &t); // warm-up tunes the product
+    k->matrix_tflops = 2.0 * (double)nn * p.n / (t.ms.median * 1e-3) / 1e12;
+    b->be.iface->free(b->be.ctx, p.a);
+    b->be.iface->free(b->be.ctx, p.b);
+    b->be.iface->free(b->be.ctx, p.out);
+    p.src = b->be.iface->alloc(b->be.ctx, p.bytes);
+    p.dst = b->be.iface->alloc(b->be.ctx, p.bytes);
+    static const struct bench_phase cpy = {"memory_ceiling", "memory ceiling", run_copy_probe, NULL};
+    bench_time_phase(b, &cpy, &p, warmup, iters, 0.0, 0, 0, &t);
+    k->memory_gbs = 2.0 * (double)p.bytes / (t.ms.median * 1e-3) / 1e9; // read + write
+    b->be.iface->free(b->be.ctx, p.src);
+    b->be.iface->free(b->be.ctx, p.dst);
+    snprintf(k->how, sizeof k->how, "measured: one %s %dx%dx%d product, one %zu MiB copy (read + write)",
+             tp_dtype_name(b->be.iface->dtype(b->be.ctx)), p.n, p.n, p.n, p.bytes >> 20);
+}
+
+// ---- report
 
 struct model_report {
     const char *config;
+    struct ceilings ceil;
     struct bench_phase_times step;
     double tokens, tok_s, tflops, mfu;
     struct bench_phase_times ph[N_MODEL_PHASES];
     double ph_ms[N_MODEL_PHASES], ph_comm[N_MODEL_PHASES]; // per step: fwd/bwd x grad_accum
-    double sum_ms, fwd_ms, bwd_ms, opt_ms, comm_ms;
+    struct bench_model_cost cost[N_MODEL_PHASES];           // per step, likewise
+    double x_ideal[N_MODEL_PHASES];                         // (ms - comm ms) / ideal ms
+    double sum_ms, fwd_ms, head_ms, bwd_ms, opt_ms, comm_ms;
+    double flops, bytes, ideal_ms;                          // the phases' sums, per step
 };
 
 // "communication (all-reduce, all-gather)": the kinds of collective the step's phases issued.
@@ -169,6 +427,10 @@ static void comm_kinds(const struct model_report *r, char *out, size_t len) {
     if (used < len) snprintf(out + used, len - used, "%s)", any ? "" : words[0]);
 }
 
+static const char *bound_of(const struct bench_model_cost *c) {
+    return c->matrix_ms >= c->memory_ms ? "matrix" : "memory";
+}
+
 static void model_print(const struct bench *b, const struct model_bench *mb, const struct model_report *r) {
     const struct tp_config *cfg = &b->cfg;
     const struct model_dims *d = &mb->m.d;
@@ -177,32 +439,46 @@ static void model_print(const struct bench *b, const struct model_bench *mb, con
     printf("config %s: %d layers, %d heads, width %d, vocab %d, seq %d | batch %d x %d tokens x grad_accum %d "
            "= %.0f tokens per step (synthetic tokens)\n", r->config, d->L, d->NH, d->C, d->V, d->T, d->B, d->T,
            cfg->train.grad_accum, r->tokens);
-    printf("\nwhole step (model_forward + model_backward + grad norm + AdamW, as training runs it), %d warm-up + %d "
+    printf("\nwhole step (model_forward_backward + grad norm + AdamW, as training runs it), %d warm-up + %d "
            "timed:\n", r->step.warmup, r->step.iters);
     printf("  median %.3f ms (min %.3f, max %.3f, p10 %.3f, p90 %.3f) | %.0f tok/s | %s TFLOP/s per GPU | MFU %s\n",
            r->step.ms.median, r->step.ms.min, r->step.ms.max, r->step.ms.p10, r->step.ms.p90, r->tok_s,
            bench_fmt(tf, sizeof tf, "%.3f", r->tflops), bench_fmt(mfu, sizeof mfu, "%.1f%%", 100 * r->mfu));
+    printf("\nceilings per GPU: matrix %.4g TFLOP/s, memory %.4g GB/s (%s)\n", r->ceil.matrix_tflops,
+           r->ceil.memory_gbs, r->ceil.how);
     printf("\nphases, each timed alone (%d warm-up + %d timed) by calling the model's own block functions "
-           "(model.c);\nforward and backward rows are per step (x grad_accum %d), collectives timed separately:\n",
+           "(model.c);\nforward and backward rows are per step (x grad_accum %d), collectives timed separately;\n"
+           "GFLOP (matrix products and causal attention) and GB (what the ops must read and write) per GPU,\n"
+           "ideal ms = each op at the ceiling it is bound by, x ideal = (ms - comm ms) / ideal ms:\n",
            r->ph[0].warmup, r->ph[0].iters, cfg->train.grad_accum);
-    printf("%-28s %12s %8s %16s\n", "phase", "ms per step", "share", "comm ms");
+    printf("%-28s %12s %8s %16s %10s %9s %9s %8s  %s\n", "phase", "ms per step", "share", "comm ms", "GFLOP", "GB",
+           "ideal ms", "x ideal", "bound");
     for (int i = 0; i < N_MODEL_PHASES; i++) {
         char label[64];
         if (model_phases[i].per_layer) snprintf(label, sizeof label, "%s (x%d)", model_phases[i].spec.label, d->L);
         else snprintf(label, sizeof label, "%s", model_phases[i].spec.label);
-        char cm[32];
-        printf("%-28s %12.3f %7.1f%% %16s\n", label, r->ph_ms[i], 100 * r->ph_ms[i] / r->sum_ms,
-               model_phases[i].kind == PH_OPT ? "(in phase)" : bench_fmt(cm, sizeof cm, "%.3f", r->ph_comm[i]));
+        char cm[32], xi[32];
+        const struct bench_model_cost *c = &r->cost[i];
+        printf("%-28s %12.3f %7.1f%% %16s %10.3f %9.3f %9.3f %8s  %s\n", label, r->ph_ms[i],
+               100 * r->ph_ms[i] / r->sum_ms,
+               model_phases[i].kind == PH_OPT ? "(in phase)" : bench_fmt(cm, sizeof cm, "%.3f", r->ph_comm[i]),
+               c->flops / 1e9, c->bytes / 1e9, c->ideal_ms, bench_fmt(xi, sizeof xi, "%.2f", r->x_ideal[i]),
+               bound_of(c));
     }
-    printf("%-28s %12.3f %7.1f%%\n", "sum of phases", r->sum_ms, 100.0);
+    char xs[32], xw[32];
+    printf("%-28s %12.3f %7.1f%% %16s %10.3f %9.3f %9.3f %8s\n", "sum of phases", r->sum_ms, 100.0, "",
+           r->flops / 1e9, r->bytes / 1e9, r->ideal_ms,
+           bench_fmt(xs, sizeof xs, "%.2f", (r->sum_ms - r->comm_ms) / r->ideal_ms));
     printf("  %-26s %12.3f %7.1f%%\n", "forward", r->fwd_ms, 100 * r->fwd_ms / r->sum_ms);
+    printf("  %-26s %12.3f %7.1f%%\n", "lm head + loss fwd+bwd", r->head_ms, 100 * r->head_ms / r->sum_ms);
     printf("  %-26s %12.3f %7.1f%%\n", "backward", r->bwd_ms, 100 * r->bwd_ms / r->sum_ms);
     char comm_label[96];
     comm_kinds(r, comm_label, sizeof comm_label);
     printf("  %-26s %12.3f %7.1f%%\n", comm_label, r->comm_ms, 100 * r->comm_ms / r->sum_ms);
     printf("  %-26s %12.3f %7.1f%%\n", "optimizer", r->opt_ms, 100 * r->opt_ms / r->sum_ms);
-    printf("%-28s %12.3f   (differs from the sum by launch gaps, grad zeroing and token upload)\n",
-           "whole step (measured)", r->step.ms.median);
+    printf("%-28s %12.3f   (differs from the sum by launch gaps, grad zeroing and token upload); %s x the "
+           "phases' ideal\n", "whole step (measured)", r->step.ms.median,
+           bench_fmt(xw, sizeof xw, "%.2f", r->step.ms.median / r->ideal_ms));
     if (b->mesh.tp_size == 1) printf("# one rank: the TP all-reduces are no-ops, so communication costs 0 ms\n");
 }
 
@@ -215,6 +491,11 @@ static void model_json(const struct bench *b, const struct model_bench *mb, cons
                               b->cfg.train.grad_accum);
     json_object_update(doc, shape);
     json_decref(shape);
+    json_t *ceil = json_pack("{s:s}", "source", r->ceil.how);
+    bench_json_kv(ceil, "matrix_tflops", r->ceil.matrix_tflops);
+    bench_json_kv(ceil, "memory_gbs", r->ceil.memory_gbs);
+    json_object_set_new(doc, "ceilings", ceil);
+    json_object_set_new(doc, "head_rows", json_integer(d->head_rows));
     json_t *step = json_pack("{s:i, s:i}", "warmup", r->step.warmup, "iters", r->step.iters);
     bench_json_kv(step, "ms_median", r->step.ms.median);
     bench_json_kv(step, "ms_min", r->step.ms.min);
@@ -225,12 +506,15 @@ static void model_json(const struct bench *b, const struct model_bench *mb, cons
     bench_json_kv(step, "tok_per_s", r->tok_s);
     bench_json_kv(step, "tflops_per_gpu", r->tflops);
     bench_json_kv(step, "mfu", r->mfu);
+    bench_json_kv(step, "x_ideal", r->step.ms.median / r->ideal_ms);
     json_object_set_new(doc, "step", step);
     json_t *phases = json_array();
     for (int i = 0; i < N_MODEL_PHASES; i++) {
-        static const char *kinds[] = {"forward", "backward", "optimizer"};
-        json_t *p = json_pack("{s:s, s:s, s:i, s:i}", "name", model_phases[i].spec.name, "kind",
-                              kinds[model_phases[i].kind], "warmup", r->ph[i].warmup, "iters", r->ph[i].iters);
+        static const char *kinds[] = {"forward", "backward", "optimizer", "forward+backward"};
+        const struct bench_model_cost *c = &r->cost[i];
+        json_t *p = json_pack("{s:s, s:s, s:i, s:i, s:s}", "name", model_phases[i].spec.name, "kind",
+                              kinds[model_phases[i].kind], "warmup", r->ph[i].warmup, "iters", r->ph[i].iters,
+                              "bound", bound_of(c));
         bench_json_kv(p, "ms_per_step", r->ph_ms[i]);
         bench_json_kv(p, "ms_median", r->ph[i].ms.median);
         bench_json_kv(p, "ms_min", r->ph[i].ms.min);
@@ -241,20 +525,37 @@ static void model_json(const struct bench *b, const struct model_bench *mb, cons
         json_object_set_new(p, "allreduces", json_integer(r->ph[i].n_comm));
         json_object_set_new(p, "collectives", bench_json_collectives(&r->ph[i]));
         bench_json_kv(p, "share", r->ph_ms[i] / r->sum_ms);
+        // per step on this GPU, as ms_per_step
+        bench_json_kv(p, "flops", c->flops);
+        bench_json_kv(p, "bytes", c->bytes);
+        bench_json_kv(p, "matrix_ms", c->matrix_ms);
+        bench_json_kv(p, "memory_ms", c->memory_ms);
+        bench_json_kv(p, "ideal_ms", c->ideal_ms);
+        bench_json_kv(p, "x_ideal", r->x_ideal[i]);
         json_array_append_new(phases, p);
     }
     json_object_set_new(doc, "phases", phases);
     bench_json_kv(doc, "sum_ms", r->sum_ms);
     bench_json_kv(doc, "forward_ms", r->fwd_ms);
     bench_json_kv(doc, "backward_ms", r->bwd_ms);
+    bench_json_kv(doc, "head_loss_ms", r->head_ms); // the fused head, in neither of the two above
     bench_json_kv(doc, "communication_ms", r->comm_ms);
     bench_json_kv(doc, "optimizer_ms", r->opt_ms);
+    bench_json_kv(doc, "flops_per_step", r->flops);
+    bench_json_kv(doc, "bytes_per_step", r->bytes);
+    bench_json_kv(doc, "ideal_ms", r->ideal_ms);
     bench_json_emit(b, doc);
 }
+
+// ---- entry point
 
 static int model_run(struct bench *b, void *args) {
     const char *config_path = args;
     const struct tp_config *cfg = &b->cfg;
+    struct model_report r = {.config = config_path};
+    int st = ceilings_from_env(b, &r.ceil);
+    if (st == TP_EXIT_USAGE) return st;
+    if (!st) measure_ceilings(b, &r.ceil); // before the model, so its memory is all the product's and copy's
     struct model_bench *mb = tp_calloc(1, sizeof *mb);
     mb->b = b;
     struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp_size, b->mesh.tp_rank);
@@ -271,23 +572,30 @@ static int model_run(struct bench *b, void *args) {
         mb->inputs[i] = (int)(x % (uint64_t)d.V);
     }
 
-    struct model_report r = {.config = config_path};
     int warmup = b->iters_fixed ? b->warmup : MODEL_WARMUP;
     int iters = b->iters_fixed ? b->iters : cfg->train.steps;
     static const struct bench_phase step_spec = {"step", "whole step", run_step, NULL};
     bench_time_phase(b, &step_spec, mb, warmup, iters, 0.0, 0, 0, &r.step);
     // The step leaves valid activations for the last micro-batch: the phases below reuse them.
     int accum = cfg->train.grad_accum;
+    bench_model_costs(&d, &b->be, r.ceil.matrix_tflops, r.ceil.memory_gbs, r.cost);
     for (int i = 0; i < N_MODEL_PHASES; i++) {
         const struct model_phase *mp = &model_phases[i];
         bench_time_phase(b, &mp->spec, mb, warmup, iters, 0.0, 0, 0, &r.ph[i]);
         double times = mp->kind == PH_OPT ? 1.0 : (double)accum;
         r.ph_ms[i] = r.ph[i].ms.median * times;
         r.ph_comm[i] = r.ph[i].comm_ms * times;
+        struct bench_model_cost *c = &r.cost[i];
+        c->flops *= times, c->bytes *= times, c->matrix_ms *= times, c->memory_ms *= times, c->ideal_ms *= times;
+        r.x_ideal[i] = (r.ph_ms[i] - (mp->kind == PH_OPT ? 0.0 : r.ph_comm[i])) / c->ideal_ms;
+        r.flops += c->flops;
+        r.bytes += c->bytes;
+        r.ideal_ms += c->ideal_ms;
         r.sum_ms += r.ph_ms[i];
         r.comm_ms += mp->kind == PH_OPT ? 0.0 : r.ph_comm[i];
         if (mp->kind == PH_FWD) r.fwd_ms += r.ph_ms[i];
         else if (mp->kind == PH_BWD) r.bwd_ms += r.ph_ms[i];
+        else if (mp->kind == PH_FWD_BWD) r.head_ms += r.ph_ms[i];
         else r.opt_ms += r.ph_ms[i];
     }
     r.tokens = (double)d.N * accum;
@@ -305,7 +613,6 @@ static int model_run(struct bench *b, void *args) {
     free(mb);
     return 0;
 }
-
 
 static int model_parse(const struct bench_opts *o, bool root, int world, void **args) {
     (void)world;
