@@ -136,7 +136,7 @@ def mutate_args(rng, args):
             args[rng.randrange(len(args))] = rng.choice(INTERESTING)
         elif op == 3 and args:
             i = rng.randrange(len(args))
-            args[i] = mutate_bytes(rng, args[i].encode()).decode("utf-8", "replace")
+            args[i] = mutate_bytes(rng, args[i].encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
         else:
             args.insert(rng.randrange(len(args) + 1),
                         rng.choice(["--set", "--dry-run", "--eval", "--bench", "--json", "--data", "--batches",
