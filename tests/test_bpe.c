@@ -307,6 +307,36 @@ Test(bpe, byte_cases_equal_tiktoken) {
     free(all);
 }
 
+// scripts/prepare_data.py remakes both shipped pairs from the text: --val-tokens 32768 tptrain's
+// own, --llmc llm.c's (skipped where python3 has no tiktoken).
+Test(bpe, prepare_data_remakes_the_shipped_shards) {
+    char dir[512], path[1200], out[8192];
+    if (tu_run(out, sizeof out, "python3 -c 'import tiktoken'") != 0) cr_skip_test("python3 has no tiktoken");
+    tu_tmpdir(dir, sizeof dir, "bpe");
+    size_t nv, nt;
+    uint16_t *val = read_shard("data/tinyshakespeare_val.bin", &nv);
+    uint16_t *train = read_shard("data/tinyshakespeare_train.bin", &nt);
+    int *ids = malloc((nv + nt) * sizeof *ids);
+    for (size_t i = 0; i < nv; i++) ids[i] = val[i];
+    for (size_t i = 0; i < nt; i++) ids[nv + i] = train[i];
+    size_t len;
+    unsigned char *text = decode(ids + 1, nv + nt - 1, &len); // after the end-of-text
+    snprintf(path, sizeof path, "%s/input.txt", dir);
+    spit(path, text, len);
+    int rc = tu_run(out, sizeof out, "cd '%s' && python3 scripts/prepare_data.py --input '%s' --out-prefix '%s/a' "
+                    "--val-tokens 32768 && python3 scripts/prepare_data.py --llmc --input '%s' --out-prefix '%s/b' && "
+                    "cmp '%s/a_val.bin' data/tinyshakespeare_val.bin && cmp '%s/a_train.bin' data/tinyshakespeare_train.bin && "
+                    "cmp '%s/b_val.bin' data/tinyshakespeare_llmc_val.bin && cmp '%s/b_train.bin' data/tinyshakespeare_llmc_train.bin",
+                    tu_source_root(), path, dir, path, dir, dir, dir, dir, dir);
+    cr_assert_eq(rc, 0, "prepare_data.py does not remake the shipped shards:\n%s", out);
+    cr_assert(strstr(out, "305260 tokens") && strstr(out, "305258 tokens"), "%s", out);
+    free(text);
+    free(ids);
+    free(val);
+    free(train);
+    tu_rmtree(dir);
+}
+
 // ---- any input
 
 // Random bytes, random code points and mixtures of both: every input encodes to ordinary tokens
