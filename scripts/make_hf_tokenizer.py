@@ -5,9 +5,10 @@
 
 The decode table lists the bytes of each of GPT-2's 50257 tokens in id order: ids 0-255 are the
 single bytes (in GPT-2's order), ids 256-50255 the merges in rank order (id = 256 + rank), 50256
-<|endoftext|>. vocab.json is each token's bytes through GPT-2's byte-to-unicode table. The merge
-that made a token is recovered by running byte-level BPE on its bytes with only the merges ranked
-below it: what is left is exactly two tokens, the pair it was merged from. Writes
+<|endoftext|>. vocab.json is each token's bytes through GPT-2's byte-to-unicode table. A version 3
+file carries the merges; from a version 1 or 2 file (llm.c's) the merge that made a token is
+recovered by running byte-level BPE on its bytes with only the merges ranked below it: what is
+left is exactly two tokens, the pair it was merged from. Writes
 DIR/gpt2_vocab.json and DIR/gpt2_merges.txt, which tptrain copies into every checkpoint as
 vocab.json and merges.txt so that transformers' AutoTokenizer loads the directory.
 """
@@ -37,7 +38,7 @@ def main():
     out = sys.argv[2] if len(sys.argv) > 2 else "data"
     blob = open(src, "rb").read()
     magic, version, n_vocab, eot = struct.unpack("<4I", blob[:16])
-    if magic != 20240328 or version not in (1, 2):
+    if magic != 20240328 or version not in (1, 2, 3):
         print("make_hf_tokenizer.py: %s: not a GPT-2 decode table (magic %d, version %d)" % (src, magic, version),
               file=sys.stderr)
         return 2
@@ -55,6 +56,12 @@ def main():
     n_merges = eot - 256
     id_of = {toks[i]: i for i in range(eot)}
     merges = []
+    if version == 3:  # the file carries its merges (left, right, result), in rank order
+        count = struct.unpack("<I", blob[16:20])[0]
+        for r in range(count):
+            left, right, _ = struct.unpack("<3I", blob[off + 12 * r:off + 12 * r + 12])
+            merges.append("%s %s" % (name(toks[left]), name(toks[right])))
+        n_merges = 0
     for r in range(n_merges):
         t = toks[256 + r]
         parts = [bytes([b]) for b in t]

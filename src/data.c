@@ -1,5 +1,4 @@
-// data.c: llm.c token shards (memory-mapped), per-DP-rank micro-batches, and the GPT-2 decode
-// table used to print samples.
+// data.c: llm.c token shards (memory-mapped) and per-DP-rank micro-batches.
 //
 // The shards matched by one glob form a single token stream; a sequence may start in one shard
 // and end in the next. Every token is range-checked as it is read, so a shard made with another
@@ -18,9 +17,6 @@
 #include <unistd.h>
 
 #define DATA_HEADER_BYTES ((size_t)DATA_HEADER_INTS * sizeof(int32_t))
-#define TOKENIZER_MAGIC 20240328u
-#define TOKENIZER_VERSION 2u
-#define TOKENIZER_HEADER_INTS 256
 
 static const char *const regen_hint = "regenerate it with scripts/prepare_data.py";
 
@@ -294,96 +290,4 @@ int data_write_shard(const char *path, const uint16_t *tokens, size_t count) {
         return -1;
     }
     return 0;
-}
-
-// ---- GPT-2 decode table
-
-int tokenizer_load(struct tokenizer *tk, const char *path, char *err, size_t errlen) {
-    memset(tk, 0, sizeof *tk);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return tp_errf(err, errlen, "%s: cannot open the tokenizer: %s; it ships as "
-                       "data/gpt2_tokenizer.bin", path, strerror(errno));
-    uint32_t header[TOKENIZER_HEADER_INTS];
-    size_t got = fread(header, sizeof(uint32_t), TOKENIZER_HEADER_INTS, f);
-    if (got != TOKENIZER_HEADER_INTS) {
-        fclose(f);
-        return tp_errf(err, errlen, "%s: truncated header: %zu of %zu bytes; restore it from "
-                       "data/gpt2_tokenizer.bin", path, got * sizeof(uint32_t), sizeof header);
-    }
-    if (header[0] != TOKENIZER_MAGIC || header[1] != TOKENIZER_VERSION) {
-        fclose(f);
-        if (header[0] != TOKENIZER_MAGIC)
-            return tp_errf(err, errlen, "%s: bad magic %u (expected %u): not a GPT-2 tokenizer "
-                           "file; restore it from data/gpt2_tokenizer.bin", path, header[0],
-                           TOKENIZER_MAGIC);
-        return tp_errf(err, errlen, "%s: unsupported tokenizer version %u (expected %u); restore it "
-                       "from data/gpt2_tokenizer.bin", path, header[1], TOKENIZER_VERSION);
-    }
-    uint32_t vocab = header[2], eot = header[3];
-    if (vocab == 0 || vocab > (1u << 24) || eot >= vocab) {
-        fclose(f);
-        return tp_errf(err, errlen, "%s: implausible header at byte offset 8: vocab size %u, EOT id "
-                       "%u; restore it from data/gpt2_tokenizer.bin", path, vocab, eot);
-    }
-
-    // All pieces live in one block in token order, so pieces[0] owns it (see tokenizer_free).
-    // Grown as we go because the total is only known after reading every length.
-    size_t cap = (size_t)vocab * 8, used = 0;
-    char *blob = tp_malloc(cap);
-    size_t *starts = tp_malloc(vocab * sizeof *starts); // (vocab) offsets into blob
-    unsigned char *lengths = tp_malloc(vocab);          // (vocab)
-    size_t offset = sizeof header;
-    for (uint32_t i = 0; i < vocab; i++) {
-        int c = fgetc(f);
-        size_t len = c == EOF ? 0 : (size_t)c;
-        if (c == EOF) {
-            tp_errf(err, errlen, "%s: truncated at byte offset %zu: the table ends at token %u of "
-                    "%u; restore it from data/gpt2_tokenizer.bin", path, offset, i, vocab);
-            goto fail;
-        }
-        if (used + len + 1 > cap) {
-            cap = 2 * (used + len + 1);
-            char *grown = realloc(blob, cap);
-            if (!grown) tp_die(TP_EXIT_RUNTIME, "%s: out of host memory reading the tokenizer", path);
-            blob = grown;
-        }
-        if (fread(blob + used, 1, len, f) != len) {
-            tp_errf(err, errlen, "%s: truncated at byte offset %zu: token %u needs %zu bytes; "
-                    "restore it from data/gpt2_tokenizer.bin", path, offset + 1, i, len);
-            goto fail;
-        }
-        blob[used + len] = '\0';
-        starts[i] = used;
-        lengths[i] = (unsigned char)len;
-        used += len + 1;
-        offset += 1 + len;
-    }
-    fclose(f);
-    tk->pieces = tp_malloc(vocab * sizeof *tk->pieces);
-    for (uint32_t i = 0; i < vocab; i++) tk->pieces[i] = blob + starts[i];
-    free(starts);
-    tk->lengths = lengths;
-    tk->vocab_size = (int)vocab;
-    tk->eot = (int)eot;
-    return 0;
-
-fail:
-    fclose(f);
-    free(blob);
-    free(starts);
-    free(lengths);
-    return TP_EXIT_USAGE;
-}
-
-const char *tokenizer_decode(const struct tokenizer *tk, int token) {
-    if (!tk->pieces || token < 0 || token >= tk->vocab_size) return "";
-    return tk->pieces[token];
-}
-
-void tokenizer_free(struct tokenizer *tk) {
-    if (tk->pieces) free(tk->pieces[0]); // the block holding every piece
-    free(tk->pieces);
-    free(tk->lengths);
-    memset(tk, 0, sizeof *tk);
 }

@@ -57,16 +57,3 @@ void data_close(struct data_loader *dl);
 
 // Writes a shard file (used by tests and scripts). Returns 0 or -1 with errno set.
 int data_write_shard(const char *path, const uint16_t *tokens, size_t count);
-
-// ---- GPT-2 decode table (data/gpt2_tokenizer.bin): 256 x uint32 header, magic 20240328,
-// version 2, vocab size, EOT id; then per token a uint8 length and the bytes.
-struct tokenizer {
-    int vocab_size;
-    int eot;
-    char **pieces;          // (vocab_size) byte strings, NUL-terminated
-    unsigned char *lengths; // (vocab_size)
-};
-int tokenizer_load(struct tokenizer *tk, const char *path, char *err, size_t errlen);
-// Returns the bytes of one token ("" for out-of-range ids).
-const char *tokenizer_decode(const struct tokenizer *tk, int token);
-void tokenizer_free(struct tokenizer *tk);

@@ -20,12 +20,13 @@
 #include "common.h"
 #include "config.h"
 #include "data.h"
+#include "text.h"
+#include "tokenizer.h"
 #include "mesh.h"
 #include "model.h"
 #include "tp.h"
 #include "train.h"
 
-#define EVAL_TOKENIZER_PATH "data/gpt2_tokenizer.bin"
 #define EVAL_EOT 50256
 
 // ---- config
@@ -347,37 +348,60 @@ static void print_token(const struct tokenizer *tk, int token) {
     if (token >= 0 && token < tk->vocab_size) fwrite(tk->pieces[token], 1, tk->lengths[token], stdout);
 }
 
-// Samples o->generate tokens after the prompt. The cache holds seq_len positions (wpe has no
-// more); when it is full the context slides: the newest seq_len/2 tokens are fed again from
-// position 0 and sampling continues.
+// Streams one token in the chosen format (JSON lines print everything at the end).
+static void emit_token(enum text_format format, const struct tokenizer *tk, int token, bool first) {
+    if (format == TEXT_FORMAT_TEXT) print_token(tk, token);
+    else if (format == TEXT_FORMAT_IDS) printf(first ? "%d" : " %d", token);
+}
+
+// The --format jsonl line: the prompt and the sample, as text and as ids.
+static void print_jsonl(const struct tokenizer *tk, const int *ctx, int n_prompt, int n_total, unsigned long long seed,
+                        const struct eval_opts *o) {
+    size_t len;
+    json_t *j = json_object();
+    char *t = text_decode(tk, ctx, (size_t)n_prompt, &len);
+    json_object_set_new(j, "prompt", text_json_string(t, len));
+    free(t);
+    json_object_set_new(j, "prompt_ids", text_json_ids(ctx, (size_t)n_prompt));
+    t = text_decode(tk, ctx + n_prompt, (size_t)(n_total - n_prompt), &len);
+    json_object_set_new(j, "text", text_json_string(t, len));
+    free(t);
+    json_object_set_new(j, "ids", text_json_ids(ctx + n_prompt, (size_t)(n_total - n_prompt)));
+    json_object_set_new(j, "seed", json_integer((json_int_t)seed));
+    json_object_set_new(j, "temperature", json_real(o->temperature));
+    json_object_set_new(j, "top_k", json_integer(o->top_k));
+    json_dumpf(j, stdout, JSON_COMPACT);
+    putchar('\n');
+    json_decref(j);
+}
+
+// Samples o->generate tokens after the prompt (NULL: end-of-text). The cache holds seq_len
+// positions (wpe has no more); when it is full the context slides: the newest seq_len/2 tokens are
+// fed again from position 0 and sampling continues. With --format ids or jsonl, standard output
+// carries only the result and the progress lines go to standard error.
 static int generate(struct model *m, struct mesh *mesh, const struct tp_config *cfg, const struct eval_opts *o,
-                    const struct tokenizer *tk) {
-    char err[2048] = "";
+                    const struct tokenizer *tk, const int *prompt, int n_prompt) {
     bool root = mesh->world_rank == 0;
     int V = m->d.V, T = m->d.T;
-    int *prompt = NULL, n_prompt = 0;
-    int st = 0;
-    if (o->prompt_tokens) st = read_prompt(o->prompt_tokens, V, &prompt, &n_prompt, err, sizeof err);
-    if ((st = train_agree(mesh, st, err))) return st;
+    // End-of-text starts a fresh document; a smaller test vocabulary has no such token.
+    int eot = V > EVAL_EOT ? EVAL_EOT : V - 1;
     if (!prompt) {
-        // End-of-text starts a fresh document; a smaller test vocabulary has no such token.
-        prompt = tp_malloc(sizeof *prompt);
-        prompt[0] = V > EVAL_EOT ? EVAL_EOT : V - 1;
+        prompt = &eot;
         n_prompt = 1;
     }
     unsigned long long seed = o->seed_set ? o->seed : cfg->train.seed;
     int total = n_prompt + o->generate; // each at most EVAL_MAX_GENERATE: no overflow
     int *ctx = tp_malloc((size_t)total * sizeof *ctx); // every token so far
     memcpy(ctx, prompt, (size_t)n_prompt * sizeof *ctx);
-    free(prompt);
     float *tmp = tp_malloc((size_t)V * sizeof(float));  // (V) sampling scratch
     double *w = tp_malloc((size_t)V * sizeof(double)); // (V) sampling weights
     struct decoder dec;
     decoder_create(&dec, m, &mesh->tp);
+    FILE *info = o->format == TEXT_FORMAT_TEXT ? stdout : stderr;
     if (root) {
-        printf("generating %d tokens | seed %llu | temperature %g | top-k %d | prompt %d tokens | mesh dp=%d x tp=%d\n",
-               o->generate, seed, o->temperature, o->top_k, n_prompt, mesh->dp_size, mesh->tp_size);
-        for (int i = 0; i < n_prompt; i++) print_token(tk, ctx[i]);
+        fprintf(info, "generating %d tokens | seed %llu | temperature %g | top-k %d | prompt %d tokens | mesh dp=%d x tp=%d\n",
+                o->generate, seed, o->temperature, o->top_k, n_prompt, mesh->dp_size, mesh->tp_size);
+        for (int i = 0; i < n_prompt; i++) emit_token(o->format, tk, ctx[i], i == 0);
         fflush(stdout);
     }
     double t0 = tp_now();
@@ -392,7 +416,7 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
         comm_host_broadcast(&mesh->tp, &tok, 1, COMM_I32, 0);
         ctx[n++] = tok;
         if (root) {
-            print_token(tk, tok);
+            emit_token(o->format, tk, tok, false);
             fflush(stdout);
         }
         if (n == total) break;
@@ -404,7 +428,10 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
     }
     double secs = tp_now() - t0;
     if (root) {
-        printf("\ngenerated %d tokens in %.2f s (%.1f tokens/s)\n", o->generate, secs, o->generate / secs);
+        if (o->format == TEXT_FORMAT_JSONL) print_jsonl(tk, ctx, n_prompt, total, seed, o);
+        else if (o->format == TEXT_FORMAT_IDS) putchar('\n');
+        fprintf(info, "%sgenerated %d tokens in %.2f s (%.1f tokens/s)\n", o->format == TEXT_FORMAT_TEXT ? "\n" : "",
+                o->generate, secs, o->generate / secs);
         fflush(stdout);
     }
     decoder_destroy(&dec);
@@ -442,15 +469,23 @@ int eval_run(const struct eval_opts *o) {
     if (!st) st = eval_config(&cfg, o, dir, hf, world, err, sizeof err);
     // the shape state.json recorded, before anything is allocated from config.yaml's
     if (!st && !hf) st = ckpt_check_model(&cs, &cfg.model, dir, err, sizeof err);
-    struct tokenizer tk = {0};
-    if (!st && o->generate) st = tokenizer_load(&tk, EVAL_TOKENIZER_PATH, err, sizeof err);
+    // The prompt is read (or encoded) before the model loads, so its errors come first.
+    struct text_codec tc = {0};
+    int *prompt = NULL, n_prompt = 0;
+    if (!st && o->generate)
+        st = text_open(&tc, o->tokenizer ? o->tokenizer : TEXT_TOKENIZER_PATH, o->prompt_text != NULL, err, sizeof err);
+    if (!st && o->prompt_text)
+        st = text_encode_prompt(&tc, o->prompt_text, cfg.model.vocab_size, &prompt, &n_prompt, err, sizeof err);
+    if (!st && o->prompt_tokens)
+        st = read_prompt(o->prompt_tokens, cfg.model.vocab_size, &prompt, &n_prompt, err, sizeof err);
     if (st) {
         if (root) fprintf(stderr, "tptrain: %s\n", err);
+        text_close(&tc);
         return st;
     }
-    if (o->generate && tk.vocab_size < cfg.model.vocab_size && root)
+    if (o->generate && tc.tk.vocab_size < cfg.model.vocab_size && root)
         fprintf(stderr, "tptrain: notice: the decode table has %d tokens, the model %d; ids beyond it print as nothing\n",
-                tk.vocab_size, cfg.model.vocab_size);
+                tc.tk.vocab_size, cfg.model.vocab_size);
 
     struct mesh mesh;
     struct backend be;
@@ -471,11 +506,13 @@ int eval_run(const struct eval_opts *o) {
                 printf("wrote %s: llm.c model file, version %d (%s), from %s\n", o->export_llmc, bf16 ? 5 : 3,
                        bf16 ? "bf16" : "fp32", dir);
         } else if (!st) {
-            st = o->generate ? generate(&m, &mesh, &cfg, o, &tk) : eval_loss(&m, &mesh, &cfg, o, &cs, dir);
+            st = o->generate ? generate(&m, &mesh, &cfg, o, &tc.tk, prompt, n_prompt)
+                             : eval_loss(&m, &mesh, &cfg, o, &cs, dir);
         }
         model_destroy(&m);
     }
     train_close_mesh(&mesh, &be);
-    tokenizer_free(&tk);
+    text_close(&tc);
+    free(prompt);
     return st;
 }

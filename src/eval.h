@@ -6,6 +6,8 @@
 
 #include <stdbool.h>
 
+#include "text.h"
+
 struct eval_opts {
     const char *checkpoint;     // checkpoint directory (or a checkpoints dir: its `latest`)
     const char *data;           // validation shard glob (NULL = the one in the checkpoint's config)
@@ -16,6 +18,9 @@ struct eval_opts {
     unsigned long long seed;    // sampling seed
     bool seed_set;
     const char *prompt_tokens;  // file of whitespace-separated token ids (NULL = start from EOT)
+    const char *prompt_text;    // --prompt: text to encode and start from (NULL = none)
+    enum text_format format;    // how --generate prints: the text, token ids, or a JSON line
+    const char *tokenizer;      // tokenizer file (NULL = TEXT_TOKENIZER_PATH)
     const char *export_llmc;    // write the weights as llm.c's model file here instead (NULL = no);
                                 // bf16 (version 5) when the name ends in _bf16.bin, else fp32
     const char *const *sets;    // --set overrides applied to the checkpoint's config (e.g. parallel.tp)

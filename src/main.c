@@ -13,6 +13,7 @@
 #include "bench.h"
 #include "config.h"
 #include "eval.h"
+#include "text.h"
 #include "train.h"
 
 #define MAX_SETS 256
@@ -24,9 +25,12 @@ static const char usage_text[] =
     "      given). Run under mpirun/srun for tensor and data parallelism:\n"
     "        mpirun -np 4 tptrain configs/tiny.yaml --set parallel.tp=2\n"
     "  tptrain --eval CHECKPOINT_DIR [--data GLOB] [--batches N] [--set KEY=VALUE]...\n"
-    "          [--generate N [--temperature T] [--top-k K] [--seed S] [--prompt-tokens FILE]]\n"
+    "          [--generate N [--temperature T] [--top-k K] [--seed S]\n"
+    "           [--prompt TEXT | --prompt-tokens FILE] [--format text|ids|jsonl]]\n"
     "          [--export-llmc FILE.bin]\n"
     "      Evaluate a checkpoint's validation loss (any TP size), or sample text from it.\n"
+    "  tptrain --encode FILE [--format ids|jsonl] [--tokenizer FILE]\n"
+    "      Print the GPT-2 token ids of FILE's text ('-': standard input).\n"
     "  tptrain --bench layer M K N | allreduce SIZES... | allreduce MIN:MAX:FACTOR | model CONFIG.yaml\n"
     "  tptrain --bench attention [BxHxHSxT | CONFIG.yaml]...\n"
     "          [--json FILE] [--set KEY=VALUE]...\n"
@@ -44,7 +48,15 @@ static const char usage_text[] =
     "      --temperature T   --eval: sampling temperature (default 1.0)\n"
     "      --top-k K         --eval: sample among the K most likely tokens (default: all)\n"
     "      --seed S          --eval: sampling seed (default: train.seed)\n"
+    "      --prompt TEXT     --eval: text to start from, encoded with GPT-2's BPE (at most\n"
+    "                        1 MiB; the default start is end-of-text)\n"
     "      --prompt-tokens F --eval: file of whitespace-separated token ids to start from\n"
+    "      --format F        --generate: text (default), ids (the prompt's and the sample's\n"
+    "                        token ids), or jsonl (one JSON line: prompt, text and their ids);\n"
+    "                        --encode: ids (default) or jsonl\n"
+    "      --tokenizer F     --generate, --encode: the tokenizer file (default\n"
+    "                        data/gpt2_tokenizer.bin, from the current directory)\n"
+    "      --encode FILE     print FILE's token ids (as --prompt-tokens reads them) and exit\n"
     "      --export-llmc F   --eval: write the checkpoint's weights as llm.c's model file F instead\n"
     "                        (bf16, version 5, when F ends in _bf16.bin; else fp32, version 3)\n"
     "      --json FILE       --bench: also write the results as JSON\n"
@@ -66,6 +78,8 @@ struct cli {
     int n_pos;
     struct eval_opts eval;
     const char *json_path;
+    const char *encode_path;
+    const char *format;       // as given (checked against the mode)
 };
 
 static int parse_int(const char *s, const char *opt, int min, int *out, bool root) {
@@ -92,6 +106,37 @@ static int parse_double(const char *s, const char *opt, double *out, bool root) 
     return 0;
 }
 
+// The options of --generate and --encode: each needs its mode, and the two prompts exclude each
+// other. Returns -1 to continue, or TP_EXIT_USAGE.
+static int check_text_options(const struct cli *cli, bool root) {
+    const struct eval_opts *e = &cli->eval;
+    const char *culprit = NULL, *fix = NULL;
+    if (cli->encode_path && (cli->eval_dir || cli->bench || cli->config_path || cli->dry_run))
+        culprit = "--encode", fix = "it is a mode of its own: give it without a config, --eval, --bench or --dry-run";
+    else if (e->generate && !cli->eval_dir)
+        culprit = "--generate", fix = "it samples from a checkpoint: add --eval CHECKPOINT_DIR";
+    else if (e->prompt_text && e->prompt_tokens)
+        culprit = "--prompt", fix = "--prompt and --prompt-tokens both give the prompt; use one";
+    else if (e->prompt_text && !e->generate)
+        culprit = "--prompt", fix = "it is the start of a sample: add --eval CHECKPOINT_DIR --generate N";
+    else if (e->prompt_tokens && !e->generate)
+        culprit = "--prompt-tokens", fix = "it is the start of a sample: add --eval CHECKPOINT_DIR --generate N";
+    else if (cli->format && !e->generate && !cli->encode_path)
+        culprit = "--format", fix = "it shapes the output of --generate N or --encode FILE; add one";
+    else if (cli->format && cli->encode_path && e->format == TEXT_FORMAT_TEXT)
+        culprit = "--format text", fix = "--encode prints ids or jsonl";
+    else if (e->tokenizer && !e->generate && !cli->encode_path)
+        culprit = "--tokenizer", fix = "only --generate N and --encode FILE read the tokenizer";
+    else if (e->prompt_text && strlen(e->prompt_text) > TEXT_MAX_PROMPT_BYTES)
+        culprit = "--prompt", fix = "longer than 1048576 bytes; put the token ids in a file for --prompt-tokens "
+                                    "(tptrain --encode FILE writes them)";
+    else if (e->prompt_text && !e->prompt_text[0])
+        culprit = "--prompt", fix = "the text is empty; give some, or leave --prompt out to start from end-of-text";
+    if (!culprit) return -1;
+    if (root) fprintf(stderr, "tptrain: %s: %s\n", culprit, fix);
+    return TP_EXIT_USAGE;
+}
+
 // Parses argv; returns -1 to continue, or an exit code.
 static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
     static const struct option opts[] = {
@@ -102,7 +147,9 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         {"generate", required_argument, NULL, 3}, {"temperature", required_argument, NULL, 4},
         {"top-k", required_argument, NULL, 5},    {"seed", required_argument, NULL, 6},
         {"prompt-tokens", required_argument, NULL, 7}, {"json", required_argument, NULL, 8},
-        {"export-llmc", required_argument, NULL, 9},
+        {"export-llmc", required_argument, NULL, 9}, {"prompt", required_argument, NULL, 10},
+        {"format", required_argument, NULL, 11},  {"encode", required_argument, NULL, 12},
+        {"tokenizer", required_argument, NULL, 13},
         {NULL, 0, NULL, 0},
     };
     memset(cli, 0, sizeof *cli);
@@ -154,6 +201,16 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         case 7: cli->eval.prompt_tokens = optarg; break;
         case 8: cli->json_path = optarg; break;
         case 9: cli->eval.export_llmc = optarg; break;
+        case 10: cli->eval.prompt_text = optarg; break;
+        case 11:
+            cli->format = optarg;
+            if (text_parse_format(optarg, &cli->eval.format)) {
+                if (root) fprintf(stderr, "tptrain: --format %s: expected text, ids or jsonl\n", optarg);
+                return TP_EXIT_USAGE;
+            }
+            break;
+        case 12: cli->encode_path = optarg; break;
+        case 13: cli->eval.tokenizer = optarg; break;
         case 'h':
             if (root) fputs(usage_text, stdout);
             return TP_EXIT_OK;
@@ -180,7 +237,7 @@ static int parse_cli(struct cli *cli, int argc, char **argv, bool root) {
         return TP_EXIT_USAGE;
     }
     if (!cli->bench && cli->n_pos == 1) cli->config_path = cli->pos[0];
-    return -1;
+    return check_text_options(cli, root);
 }
 
 static int load_config(struct tp_config *cfg, const struct cli *cli, int world_size, char *err, size_t errlen) {
@@ -202,6 +259,11 @@ static int run(int argc, char **argv, int rank, int world_size) {
     if (cli.eval_dir && cli.bench) {
         if (root) fprintf(stderr, "tptrain: --eval and --bench are separate modes; give one\n");
         return TP_EXIT_USAGE;
+    }
+    if (cli.encode_path) {
+        if (!root) return 0;
+        return text_encode_file(cli.encode_path, cli.eval.tokenizer ? cli.eval.tokenizer : TEXT_TOKENIZER_PATH,
+                                cli.format ? cli.eval.format : TEXT_FORMAT_IDS);
     }
     if (cli.eval_dir) {
         if (cli.config_path) {

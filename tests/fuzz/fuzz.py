@@ -48,8 +48,8 @@ class Verdict:
 def run(args, timeout, env, cwd=ROOT):
     """(exit code or None on timeout, combined output)"""
     try:
-        p = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           timeout=timeout)
+        p = subprocess.run(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
         return p.returncode, p.stdout.decode("utf-8", "replace")
     except subprocess.TimeoutExpired as e:
         return None, (e.stdout or b"").decode("utf-8", "replace")
@@ -136,12 +136,13 @@ def mutate_args(rng, args):
             args[rng.randrange(len(args))] = rng.choice(INTERESTING)
         elif op == 3 and args:
             i = rng.randrange(len(args))
-            args[i] = mutate_bytes(rng, args[i].encode()).decode("utf-8", "replace")
+            args[i] = mutate_bytes(rng, args[i].encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
         else:
             args.insert(rng.randrange(len(args) + 1),
                         rng.choice(["--set", "--dry-run", "--eval", "--bench", "--json", "--data", "--batches",
                                     "--generate", "--temperature", "--top-k", "--seed", "--prompt-tokens",
-                                    "--help", "-x", "--", "model.seq_len=8"]))
+                                    "--prompt", "--format", "--encode", "--tokenizer", "--help", "-x", "--",
+                                    "model.seq_len=8"]))
     return [a.replace("\x00", "") for a in args]
 
 
@@ -159,7 +160,7 @@ def clamp_work(args):
     # --bench attention with no shape times the H200 reference grid: hours on a CPU, not a hang
     if "attention" in out and not any(re.fullmatch(r"\d+x\d+x\d+x\d+", a) or a.endswith(".yaml") for a in out):
         out.insert(out.index("attention") + 1, "1x2x16x8")
-    if "--eval" not in out and "--bench" not in out and "--help" not in out:
+    if not {"--eval", "--bench", "--help", "--encode"} & set(out):
         out.append("--dry-run")
     return out
 
