@@ -120,6 +120,27 @@ if stage torch; then
         echo "== gpt2-124m ${c%%:*} (B ${c##*:})"; sed -n '/^# /,$p' "$out/vs_torch_${c%%:*}.log"
     done
 fi
+if stage big; then
+    # the largest GPT-2-shaped model one GPU trains: bf16, seq 1024, micro-batch 1, full
+    # recomputation; C 4096 in 32 heads of 128, BIG_LAYERS layers (38: 7.86B parameters)
+    for L in ${BIG_LAYERS:-38 36}; do
+        echo "== n_layer=$L n_embd=4096 n_head=32, recompute full, micro_batch 1" | tee -a "$out/big.log"
+        timeout ${BIG_TIMEOUT:-150} "$build/tptrain" configs/gpt2-1558m.yaml --set model.n_layer=$L \
+            --set model.n_head=32 --set model.n_embd=4096 --set train.micro_batch=1 \
+            --set train.global_batch=8192 --set train.recompute=full --set train.steps=6 \
+            --set train.warmup_steps=2 --set 'data.val=""' --set eval.every=0 --set log.every=1 \
+            --set log.jsonl="$out/big_$L.jsonl" >>"$out/big.log" 2>&1 && { tail -4 "$out/big.log"; break; }
+        tail -3 "$out/big.log"
+    done
+fi
+if stage recompute; then
+    # the step-time cost of recomputation (GPT-2 1558M, micro_batch 4)
+    for rc in none selective full; do
+        echo "== --bench model gpt2-1558m recompute=$rc" | tee -a "$out/recompute.log"
+        timeout 120 "$build/tptrain" --bench model configs/gpt2-1558m.yaml --set train.recompute=$rc \
+            --set train.steps=5 2>&1 | tee -a "$out/recompute.log" | grep -A1 "^whole step\|median" | head -3
+    done
+fi
 # the tool brings back eight files: pack the logs
 tar czf "$out/logs.tar.gz" -C "$out" --exclude logs.tar.gz . 2>/dev/null
 find "$out" -maxdepth 1 -type f ! -name logs.tar.gz ! -name attn_vs_sdpa.json ! -name flash_errors.txt \
