@@ -120,7 +120,7 @@ static int eval_loss(struct model *m, struct mesh *mesh, const struct tp_config 
     size_t tokens = (size_t)batches * m->d.N * (size_t)mesh->dp_size;
     if (root) {
         printf("eval %s (step %d) | mesh dp=%d x tp=%d | data %s | %d micro-batches of %d x %d per rank | %.2f s\n",
-               dir, cs->step, mesh->dp_size, mesh->tp_size, cfg->data.val, batches, m->d.B, m->d.T, tp_now() - t0);
+               dir, cs->step, mesh->dp_size, mesh->tp.size, cfg->data.val, batches, m->d.B, m->d.T, tp_now() - t0);
         if (cs->has_val && !o->data && !o->batches) // the same data and batches
             printf("training logged val loss %.6f at step %d\n", cs->val_loss, cs->step);
         printf("val loss %.6f | perplexity %.2f | tokens %zu\n", loss, exp(loss), tokens);
@@ -376,7 +376,7 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
     decoder_create(&dec, m, &mesh->tp);
     if (root) {
         printf("generating %d tokens | seed %llu | temperature %g | top-k %d | prompt %d tokens | mesh dp=%d x tp=%d\n",
-               o->generate, seed, o->temperature, o->top_k, n_prompt, mesh->dp_size, mesh->tp_size);
+               o->generate, seed, o->temperature, o->top_k, n_prompt, mesh->dp_size, mesh->tp.size);
         for (int i = 0; i < n_prompt; i++) print_token(tk, ctx[i]);
         fflush(stdout);
     }
@@ -457,8 +457,8 @@ int eval_run(const struct eval_opts *o) {
     st = train_open_mesh(&cfg, &mesh, &be);
     if (!st) {
         struct model m;
-        struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp_size, mesh.tp_rank);
-        model_alloc(&m, &d, be); // every weight comes from the checkpoint
+        struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp.size);
+        model_alloc(&m, &d, be, &mesh.tp); // every weight comes from the checkpoint
         // a Hugging Face directory loads as init.from does (config.json's fields checked there)
         st = ckpt_load_params(&m, &mesh, dir, hf ? CKPT_LOAD_INIT : CKPT_LOAD_EXACT, err, sizeof err);
         st = train_agree(&mesh, st, err);

@@ -16,7 +16,7 @@
 
 // ---- dims and parameter table
 
-struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp, int tp_rank) {
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp) {
     struct model_dims d = {0};
     d.L = mc->n_layer;
     d.C = mc->n_embd;
@@ -26,12 +26,10 @@ struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_ba
     d.B = micro_batch;
     d.V = mc->vocab_size;
     d.P = tp;
-    d.tp_rank = tp_rank;
     // Padding to a multiple of 128*P gives every rank an equal, aligned block; padded rows are
     // zero and masked out of the softmax, so the padded size changes nothing in the math.
     d.Vp = (int)tp_round_up((size_t)d.V, (size_t)128 * (size_t)tp);
     d.Vl = d.Vp / tp;
-    d.vocab_start = tp_rank * d.Vl;
     d.NHl = d.NH / tp;
     d.Cl = d.C / tp;
     d.Fl = 4 * d.C / tp;
@@ -127,7 +125,7 @@ static void init_params(struct model *m, unsigned long long seed) {
         const struct param_tensor *t = &m->tensors[i];
 #pragma omp parallel for schedule(static)
         for (size_t j = 0; j < t->numel; j++) {
-            size_t g = layout_global_index(&t->spec, m->d.tp_rank, m->d.P, j);
+            size_t g = layout_global_index(&t->spec, m->tp->rank, m->tp->size, j);
             host[j] = model_init_value(seed, t, g, m->d.L);
         }
         m->be.iface->copy_to_device(m->be.ctx, m->params + t->offset, host, t->numel * sizeof(float));
@@ -223,10 +221,13 @@ static void *be_alloc(struct model *m, size_t bytes) {
     return m->be.iface->alloc(m->be.ctx, bytes);
 }
 
-void model_alloc(struct model *m, const struct model_dims *d, struct backend be) {
+void model_alloc(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp) {
+    if (tp->size != d->P)
+        tp_die(TP_EXIT_RUNTIME, "model_alloc: dims made for tp=%d, but the TP group has %d ranks", d->P, tp->size);
     memset(m, 0, sizeof *m);
     m->d = *d;
     m->be = be;
+    m->tp = tp;
     m->tensors = model_param_table(d, &m->n_tensors, &m->n_params_local, &m->n_params_global);
     m->dtype = be.iface->dtype(be.ctx);
     size_t es = tp_dtype_size(m->dtype);
@@ -252,8 +253,9 @@ void model_sync_compute_params(struct model *m) {
         m->be.iface->to_compute(m->be.ctx, m->params_compute, m->params, m->n_params_local);
 }
 
-void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed) {
-    model_alloc(m, d, be);
+void model_create(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp,
+                  unsigned long long seed) {
+    model_alloc(m, d, be, tp);
     model_init_params(m, seed);
 }
 

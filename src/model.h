@@ -83,11 +83,13 @@ struct gpt2_acts {
     float *att_scratch;               // backend-defined, attention_scratch_floats
 };
 
-// Sizes that follow from the config and the TP size; computed identically for --dry-run.
+// Sizes that follow from the config and the TP size; computed identically for --dry-run. They
+// are the same on every rank of a TP group: where a rank's place matters (its vocabulary rows,
+// its shard of a weight) it comes from the TP comm.
 struct model_dims {
     int L, C, NH, HS, T, B, V;  // global model shape, micro-batch B
-    int P, tp_rank;             // TP group size and this rank's place in it
-    int Vp, Vl, vocab_start;    // padded vocab, rows per rank, first row of this rank
+    int P;                      // the TP size the local sizes below are for (the TP comm's size)
+    int Vp, Vl;                 // padded vocab, rows per rank
     int NHl, Cl, Fl;            // local heads, local attention width, local MLP width
     size_t N;                   // B*T
 };
@@ -102,6 +104,7 @@ struct model_memory {
 struct model {
     struct model_dims d;
     struct backend be;
+    const struct comm *tp;        // the TP group the weights are sharded over: this rank's place in it
     struct param_tensor *tensors; // (n_tensors) in buffer order
     int n_tensors;
     size_t n_params_local;        // floats in each flat buffer
@@ -116,8 +119,9 @@ struct model {
     size_t bytes_allocated;       // everything this model allocated on the backend
 };
 
-// Derives dims for TP rank `tp_rank` of `tp`. The config must already be validated.
-struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp, int tp_rank);
+// Derives dims for a TP group of tp_size ranks (a run passes its TP comm's size; --dry-run the
+// configured one). The config must already be validated.
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp_size);
 
 // Parameter table for the given dims (n_tensors written to *count; caller frees).
 struct param_tensor *model_param_table(const struct model_dims *d, int *count, size_t *n_local,
@@ -127,7 +131,8 @@ struct param_tensor *model_param_table(const struct model_dims *d, int *count, s
 struct model_memory model_memory_plan(const struct model_dims *d, struct backend be);
 
 // Allocates parameters (zero), gradients and activations on be, for weights loaded afterwards.
-void model_alloc(struct model *m, const struct model_dims *d, struct backend be);
+// tp: the TP group (d->P ranks) whose shards this rank holds; it must outlive the model.
+void model_alloc(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp);
 // Initialises the weights TP-invariantly: every element is a pure function of seed, tensor name
 // and global index, and each rank generates only its shard.
 void model_init_params(struct model *m, unsigned long long seed);
@@ -135,7 +140,8 @@ void model_init_params(struct model *m, unsigned long long seed);
 // other write to m->params outside the optimiser, which refreshes it itself). No-op in fp32.
 void model_sync_compute_params(struct model *m);
 // model_alloc + model_init_params.
-void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed);
+void model_create(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp,
+                  unsigned long long seed);
 void model_destroy(struct model *m);
 
 // The init value of one global element (exposed for tests).

@@ -111,7 +111,7 @@ static void fmt_duration(double s, char *buf, size_t len) {
 }
 
 double train_flops_per_token(const struct tp_config *cfg) {
-    struct model_dims d = model_dims_make(&cfg->model, 1, 1, 0);
+    struct model_dims d = model_dims_make(&cfg->model, 1, 1);
     int n;
     size_t local, global;
     free(model_param_table(&d, &n, &local, &global));
@@ -204,7 +204,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     if (st) return st;
 
     const struct tp_train_config *tc = &cfg->train;
-    struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp_size, tr->mesh.tp_rank);
+    struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp.size);
     st = data_open(&tr->train_data, cfg->data.train, d.B, d.T, tr->mesh.dp_rank, tr->mesh.dp_size,
                    d.V, err, sizeof err);
     if (!st && cfg->data.val[0]) {
@@ -216,7 +216,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     if (!st && tr->is_root && cfg->checkpoint.dir[0]) st = ckpt_check_dir(cfg->checkpoint.dir, err, sizeof err);
     if ((st = agree(tr, st, err))) return st;
 
-    model_alloc(&tr->model, &d, tr->be);
+    model_alloc(&tr->model, &d, tr->be, &tr->mesh.tp);
     optim_create(&tr->opt, &tr->model, tc->weight_decay);
     tr->loss_sums = tr->be.iface->alloc(tr->be.ctx, (size_t)tc->grad_accum * sizeof(float));
     tr->flops_per_token = train_flops_per_token(cfg);
@@ -359,7 +359,7 @@ static int evaluate(struct trainer *tr, double *loss) {
 // computed a different gradient for them. Returns TP_EXIT_RUNTIME on mismatch (all ranks agree).
 static int check_replicas(struct trainer *tr, int step) {
     struct model *m = &tr->model;
-    int P = tr->mesh.tp_size, bad = -1;
+    int P = tr->mesh.tp.size, bad = -1;
     uint64_t *all = tp_malloc((size_t)P * sizeof(uint64_t));
     for (int i = 0; i < m->n_tensors && bad < 0; i++) {
         const struct param_tensor *t = &m->tensors[i];
@@ -371,7 +371,7 @@ static int check_replicas(struct trainer *tr, int step) {
         comm_host_all_gather(&tr->mesh.tp, all, &mine, 1, COMM_U64);
         for (int r = 1; r < P; r++)
             if (all[r] != all[0]) bad = i;
-        if (bad >= 0 && tr->mesh.tp_rank == 0)
+        if (bad >= 0 && tr->mesh.tp.rank == 0)
             fprintf(stderr, "tptrain: debug.check_replicas: replicated tensor '%s' differs across the TP group "
                             "(dp rank %d) after step %d\n", t->name, tr->mesh.dp_rank, step);
     }
@@ -386,7 +386,7 @@ static void print_header(const struct trainer *tr) {
     const struct model *m = &tr->model;
     printf("tptrain %s | %s backend, comm %s | mesh dp=%d x tp=%d (%d ranks)\n", TP_VERSION,
            tr->be.iface->name(tr->be.ctx), tr->mesh.tp.iface->name(tr->mesh.tp.ctx), tr->mesh.dp_size,
-           tr->mesh.tp_size, tr->mesh.world_size);
+           tr->mesh.tp.size, tr->mesh.world_size);
     printf("model: %d layers, %d heads, width %d, vocab %d (padded %d), seq %d | %.2fM parameters | %s\n",
            cfg->model.n_layer, cfg->model.n_head, cfg->model.n_embd, cfg->model.vocab_size, m->d.Vp,
            cfg->model.seq_len, (double)m->n_params_global / 1e6, config_precision_name(cfg->train.precision));
@@ -549,7 +549,7 @@ int train_dry_run(const struct tp_config *cfg, int world_size) {
         }
         printf("#   rank %d -> (dp %d, tp %d)\n", r, r / P, r % P);
     }
-    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P, 0);
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P);
     int n;
     size_t local, global;
     struct param_tensor *t = model_param_table(&d, &n, &local, &global);

@@ -82,9 +82,9 @@ static void fixture_init_dtype(struct fixture *f, int n_layer, int B, enum tp_dt
     f->be = backend_cpu_create(dt);
     cr_assert(f->be.iface->host_accessible, "the CPU backend's memory is host memory");
     struct tp_model_config mc = tiny_config(n_layer);
-    struct model_dims d = model_dims_make(&mc, B, 1, 0);
-    model_create(&f->m, &d, f->be, 1234);
+    struct model_dims d = model_dims_make(&mc, B, 1);
     f->tp = self_comm();
+    model_create(&f->m, &d, f->be, &f->tp, 1234);
     f->inputs = malloc(d.N * sizeof(int));
     f->targets = malloc(d.N * sizeof(int));
     make_batch(f->inputs, f->targets, d.N, 5);
@@ -323,7 +323,7 @@ Test(model, collectives_per_pass) {
     for (int L = 1; L <= 3; L++) {
         struct tp_model_config mc = tiny_config(L);
         for (int P = 2; P <= 4; P *= 2) {
-            struct model_dims d = model_dims_make(&mc, 2, P, P - 1);
+            struct model_dims d = model_dims_make(&mc, 2, P);
             int fwd, bwd;
             model_count_collectives(&d, &fwd, &bwd);
             cr_assert_eq(fwd, 2 * L + 3, "L=%d: forward %d", L, fwd);
@@ -331,9 +331,9 @@ Test(model, collectives_per_pass) {
 
             struct backend be = backend_cpu_create(TP_DTYPE_F32);
             struct model m;
-            model_create(&m, &d, be, 1);
             struct counter cnt = {0};
             struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
+            model_create(&m, &d, be, &tp, 1);
             int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
             make_batch(in, tg, d.N, 3);
             float *loss = be.iface->alloc(be.ctx, sizeof(float));
@@ -363,11 +363,12 @@ Test(model, memory_plan_matches_allocations) {
     for (int dt = TP_DTYPE_F32; dt <= TP_DTYPE_BF16; dt++) {
         for (int P = 1; P <= 4; P *= 2) {
             struct tp_model_config mc = tiny_config(2);
-            struct model_dims d = model_dims_make(&mc, 3, P, 0);
+            struct model_dims d = model_dims_make(&mc, 3, P);
             struct backend be = backend_cpu_create((enum tp_dtype)dt);
             struct model_memory mm = model_memory_plan(&d, be);
             struct model m;
-            model_create(&m, &d, be, 1);
+            struct comm rank0 = {.rank = 0, .size = P}; // places the rank only: no collective is issued
+            model_create(&m, &d, be, &rank0, 1);
             cr_assert_eq(mm.param_floats, m.n_params_local);
             cr_assert_eq(mm.param_compute_bytes, dt == TP_DTYPE_F32 ? 0 : 2 * m.n_params_local);
             size_t moments = 2 * m.n_params_local * sizeof(float);

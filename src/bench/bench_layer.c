@@ -142,7 +142,7 @@ static void layer_derive(const struct bench *b, struct layer_result *r) {
 }
 
 static void layer_print(const struct bench *b, int M, int K, int N, const struct layer_result *r, int n) {
-    int P = b->mesh.tp_size;
+    int P = b->mesh.tp.size;
     bench_print_setup(b, "layer");
     printf("shapes: M=%d tokens, K=%d, N=%d (N/P=%d per rank) | column K->N/P, row N/P->K + all-reduce, "
            "mlp column+gelu (fused) -> row\n", M, K, N, N / P);
@@ -208,7 +208,7 @@ static void layer_json(const struct bench *b, int M, int K, int N, const struct 
 static int layer_run(struct bench *b, void *args) {
     const int *dims = args;
     int M = dims[0], K = dims[1], N = dims[2];
-    struct layer_bench lb = {.b = b, .M = M, .K = K, .Nl = N / b->mesh.tp_size};
+    struct layer_bench lb = {.b = b, .M = M, .K = K, .Nl = N / b->mesh.tp.size};
     size_t MK = (size_t)M * K, MN = (size_t)M * lb.Nl, NK = (size_t)lb.Nl * K;
     void **bufs[] = {&lb.x, &lb.w1, &lb.b1, &lb.h, &lb.hg, &lb.w2, &lb.b2, &lb.y, &lb.out,
                      &lb.dx, &lb.dh, &lb.dhg, &lb.dy};
@@ -219,7 +219,7 @@ static int layer_run(struct bench *b, void *args) {
     for (int i = 0; i < nbuf; i++) *bufs[i] = bench_alloc_compute(b, sizes[i]);
     for (int i = 0; i < ngbuf; i++) *gbufs[i] = bench_alloc_floats(b, gsizes[i]);
     // The input and the output gradient are replicated (same seed everywhere); weights are shards.
-    uint64_t seed = b->cfg.train.seed, rank = (uint64_t)b->mesh.tp_rank;
+    uint64_t seed = b->cfg.train.seed, rank = (uint64_t)b->mesh.tp.rank;
     bench_fill_uniform(b->be, lb.x, MK, 1.0f, seed);
     bench_fill_uniform(b->be, lb.dy, MK, 1.0f, seed + 1);
     bench_fill_uniform(b->be, lb.w1, NK, 1.0f / sqrtf((float)K), seed + 100 + rank);
@@ -239,7 +239,7 @@ static int layer_run(struct bench *b, void *args) {
         {"mlp_bwd", "mlp bwd", run_mlp_bwd, NULL},
     };
     enum { NPHASE = sizeof specs / sizeof specs[0] };
-    struct bench_layer_flops fl = bench_layer_flops(M, K, N, b->mesh.tp_size);
+    struct bench_layer_flops fl = bench_layer_flops(M, K, N, b->mesh.tp.size);
     double flops[NPHASE] = {fl.column_fwd, fl.column_bwd, fl.row_fwd, fl.row_bwd, fl.mlp_fwd, fl.mlp_bwd};
     struct layer_result res[NPHASE];
     for (int i = 0; i < NPHASE; i++) {

@@ -203,7 +203,7 @@ static void model_print(const struct bench *b, const struct model_bench *mb, con
     printf("  %-26s %12.3f %7.1f%%\n", "optimizer", r->opt_ms, 100 * r->opt_ms / r->sum_ms);
     printf("%-28s %12.3f   (differs from the sum by launch gaps, grad zeroing and token upload)\n",
            "whole step (measured)", r->step.ms.median);
-    if (b->mesh.tp_size == 1) printf("# one rank: the TP all-reduces are no-ops, so communication costs 0 ms\n");
+    if (b->mesh.tp.size == 1) printf("# one rank: the TP all-reduces are no-ops, so communication costs 0 ms\n");
 }
 
 static void model_json(const struct bench *b, const struct model_bench *mb, const struct model_report *r) {
@@ -257,8 +257,8 @@ static int model_run(struct bench *b, void *args) {
     const struct tp_config *cfg = &b->cfg;
     struct model_bench *mb = tp_calloc(1, sizeof *mb);
     mb->b = b;
-    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp_size, b->mesh.tp_rank);
-    model_create(&mb->m, &d, b->be, cfg->train.seed);
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp.size);
+    model_create(&mb->m, &d, b->be, &b->mesh.tp, cfg->train.seed);
     optim_create(&mb->opt, &mb->m, cfg->train.weight_decay);
     mb->loss_sum = bench_alloc_floats(b, 1);
     mb->dres_seed = bench_alloc_compute(b, d.N * (size_t)d.C);
@@ -292,7 +292,7 @@ static int model_run(struct bench *b, void *args) {
     }
     r.tokens = (double)d.N * accum;
     r.tok_s = r.step.ms.median > 0 ? r.tokens / (r.step.ms.median * 1e-3) : NAN;
-    r.tflops = r.tok_s * train_flops_per_token(cfg) / b->mesh.tp_size / 1e12;
+    r.tflops = r.tok_s * train_flops_per_token(cfg) / b->mesh.tp.size / 1e12;
     r.mfu = b->peak_tflops > 0 ? r.tflops / b->peak_tflops : NAN;
     if (b->root) model_print(b, mb, &r);
     if (b->json) model_json(b, mb, &r);
