@@ -91,6 +91,7 @@ static const struct key_def keys[] = {
      .why = "0 derives it from world size / tp; at most 65536 replicas"},
     {"parallel", "comm", F_ENUM(parallel.comm, comm_names)},
     {"parallel", "device", F_ENUM(parallel.device, device_names)},
+    {"parallel", "sequence_parallel", F_BOOL(parallel.sequence_parallel)},
 
     {"train", "micro_batch", F_INT(train.micro_batch), .lo = 1, .has_hi = true, .hi = 1 << 20,
      .why = "each micro-step needs at least one sequence; at most 2^20"},
@@ -496,7 +497,7 @@ void config_defaults(struct tp_config *cfg) {
     cfg->model = (struct tp_model_config){
         .n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
     cfg->parallel = (struct tp_parallel_config){
-        .tp = 1, .dp = 0, .comm = TP_COMM_AUTO, .device = TP_DEVICE_AUTO};
+        .tp = 1, .dp = 0, .comm = TP_COMM_AUTO, .device = TP_DEVICE_AUTO, .sequence_parallel = false};
     cfg->train = (struct tp_train_config){
         .micro_batch = 4, .global_batch = 0, .grad_accum = 0, .steps = 100,
         .lr = 6e-4, .min_lr = 6e-5, .warmup_steps = 0, .schedule = TP_SCHED_COSINE,
@@ -985,6 +986,14 @@ static int check_parallel(struct tp_config *cfg, int world_size, char *err, size
                        "4*n_embd=%ld is not divisible by tp=%d; the MLP width is split across the "
                        "tp ranks",
                        4L * m->n_embd, p->tp);
+    // Each rank holds seq_len/tp token rows of every sequence between the tensor-parallel
+    // regions (in fact a contiguous block of micro_batch*seq_len/tp rows; see tp.h).
+    if (p->sequence_parallel && m->seq_len % p->tp)
+        return fail_at(cfg, key_index("parallel", "sequence_parallel"), err, errlen,
+                       "needs seq_len=%d divisible by tp=%d (each rank keeps seq_len/tp tokens "
+                       "between the tensor-parallel regions); choose seq_len a multiple of %d, "
+                       "or set parallel.sequence_parallel: false",
+                       m->seq_len, p->tp, p->tp);
     if (world_size > 0) {
         if (world_size % p->tp)
             return fail_at(cfg, k_tp, err, errlen,

@@ -33,6 +33,7 @@ struct tp_parallel_config {
     int dp;                  // data-parallel size; 0 = derive from world size / tp
     enum tp_comm_kind comm;  // auto | nccl | mpi
     enum tp_device_kind device; // auto | cpu | cuda
+    bool sequence_parallel;  // shard layernorm, residual and embedding activations along the tokens
 };
 
 struct tp_train_config {

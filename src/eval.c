@@ -226,7 +226,7 @@ static void decoder_step(struct decoder *dec, int token, int pos) {
     dec->pos = pos;
     b->copy_to_device(ctx, dec->token, &token, sizeof token);
     const void *wpe_row = (const char *)m->p.wpe + (size_t)pos * (size_t)C * dec->es; // (1, C) this position's
-    vocab_parallel_embedding_fwd(m->be, tp, dec->x, dec->token, m->p.wte, wpe_row, 1, 1, C, d->Vl);
+    vocab_parallel_embedding_fwd(m->be, tp, dec->x, dec->token, m->p.wte, wpe_row, 1, 1, C, d->Vl, NULL);
     b->layernorm_fwd(ctx, dec->ln, mean, rstd, dec->x, m->p.layers[0].ln1w, m->p.layers[0].ln1b, 1, C);
     // Each layernorm's output is consumed before the next one overwrites it: one buffer serves all.
     struct block_acts a = {
@@ -239,7 +239,7 @@ static void decoder_step(struct decoder *dec, int token, int pos) {
         model_block_attention_fwd(m, tp, l, &a, &att);
         model_block_mlp_fwd(m, tp, l, &a);
     }
-    column_parallel_linear_fwd(m->be, tp, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
+    column_parallel_linear_fwd(m->be, tp, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl, NULL);
     // Logits are vocab-sharded: every rank needs all of them to draw the same token.
     gather_from_tp_region_fwd(m->be, tp, dec->gathered, dec->logits, 1, (size_t)d->Vl);
     b->from_compute(ctx, dec->logits32, dec->gathered, (size_t)d->Vp);
@@ -457,7 +457,7 @@ int eval_run(const struct eval_opts *o) {
     st = train_open_mesh(&cfg, &mesh, &be);
     if (!st) {
         struct model m;
-        struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp.size);
+        struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp.size, model_options_of(&cfg));
         model_alloc(&m, &d, be, &mesh.tp); // every weight comes from the checkpoint
         // a Hugging Face directory loads as init.from does (config.json's fields checked there)
         st = ckpt_load_params(&m, &mesh, dir, hf ? CKPT_LOAD_INIT : CKPT_LOAD_EXACT, err, sizeof err);

@@ -4,7 +4,9 @@
 // reader counts them here: per layer column_parallel_linear (qkv, fc: 1 all-reduce backward each)
 // and row_parallel_linear (proj, fc_proj: 1 all-reduce forward each), i.e. 2 forward and 2
 // backward; plus vocab_parallel_embedding (1 forward), the LM head's column_parallel_linear
-// (1 backward) and vocab_parallel_cross_entropy (2 forward). No other collective is issued.
+// (1 backward) and vocab_parallel_cross_entropy (2 forward). With sequence parallelism the same
+// layers swap f and g for all-gathers and reduce-scatters along the tokens (tp.h), and the
+// layernorm gradients get one all-reduce per step. No other collective is issued.
 #include "model.h"
 
 #include <math.h>
@@ -16,7 +18,8 @@
 
 // ---- dims and parameter table
 
-struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp) {
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp,
+                                  struct model_options opt) {
     struct model_dims d = {0};
     d.L = mc->n_layer;
     d.C = mc->n_embd;
@@ -34,6 +37,8 @@ struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_ba
     d.Cl = d.C / tp;
     d.Fl = 4 * d.C / tp;
     d.N = (size_t)d.B * (size_t)d.T;
+    d.sp = opt.sequence_parallel;
+    d.S = d.sp ? d.N / (size_t)tp : d.N;
     return d;
 }
 
@@ -156,7 +161,7 @@ static void carve_params(struct gpt2_params *p, void *base, size_t es, const str
 // assigns pointers. Counting and carving share this code so the plan and the allocation agree.
 // Compute-type tensors take es bytes per element, fp32 ones 4.
 static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dims *d, struct backend be) {
-    size_t N = d->N, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
+    size_t N = d->N, S = d->S, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
     size_t es = tp_dtype_size(be.iface->dtype(be.ctx)), f4 = sizeof(float);
     size_t saved = be.iface->attention_saved_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t scratch = be.iface->attention_scratch_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
@@ -167,34 +172,41 @@ static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dim
         off += tp_round_up((n) * (elem), 256); /* aligned starts */    \
     } while (0)
     struct gpt2_acts tmpa, *aa = a && base ? a : &tmpa;
-    TAKE(aa->encoded, N * C, es);
+    TAKE(aa->encoded, S * C, es);
     for (int l = 0; l < d->L; l++) {
         struct layer_acts tmp, *la = a && base ? &a->layers[l] : &tmp;
-        TAKE(la->ln1, N * C, es);
-        TAKE(la->ln1_mean, N, f4);
-        TAKE(la->ln1_rstd, N, f4);
+        TAKE(la->ln1, S * C, es);
+        TAKE(la->ln1_mean, S, f4);
+        TAKE(la->ln1_rstd, S, f4);
         TAKE(la->qkv, N * 3 * Cl, es);
         TAKE(la->atty, N * Cl, es);
         TAKE(la->att_saved, saved, f4);
-        TAKE(la->res2, N * C, es);
-        TAKE(la->ln2, N * C, es);
-        TAKE(la->ln2_mean, N, f4);
-        TAKE(la->ln2_rstd, N, f4);
+        TAKE(la->res2, S * C, es);
+        TAKE(la->ln2, S * C, es);
+        TAKE(la->ln2_mean, S, f4);
+        TAKE(la->ln2_rstd, S, f4);
         TAKE(la->fch, N * Fl, es);
         TAKE(la->fch_gelu, N * Fl, es);
-        TAKE(la->res3, N * C, es);
+        TAKE(la->res3, S * C, es);
     }
     TAKE(aa->proj, N * C, es);
-    TAKE(aa->lnf, N * C, es);
-    TAKE(aa->lnf_mean, N, f4);
-    TAKE(aa->lnf_rstd, N, f4);
+    if (d->sp) {
+        TAKE(aa->rows, N * C, es);
+        TAKE(aa->ln_grads, (size_t)(2 * d->L + 1) * 2 * C, f4);
+    } else if (base) {
+        aa->rows = NULL;
+        aa->ln_grads = NULL;
+    }
+    TAKE(aa->lnf, S * C, es);
+    TAKE(aa->lnf_mean, S, f4);
+    TAKE(aa->lnf_rstd, S, f4);
     TAKE(aa->logits, N * Vl, es);
     TAKE(aa->maxes, N, f4);
     TAKE(aa->local_maxes, N, f4);
     TAKE(aa->sums, 2 * N, f4);
     TAKE(aa->losses, N, f4);
-    TAKE(aa->dres, N * C, es);
-    TAKE(aa->dln, N * C, es);
+    TAKE(aa->dres, S * C, es);
+    TAKE(aa->dln, S * C, es);
     TAKE(aa->dqkv, N * 3 * Cl, es);
     TAKE(aa->datty, N * Cl, es);
     TAKE(aa->dfch, N * Fl, es);
@@ -242,6 +254,7 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be,
     m->a.layers = tp_calloc((size_t)d->L, sizeof(struct layer_acts));
     m->act_memory = be_alloc(m, carve_acts(NULL, NULL, d, be));
     carve_acts(&m->a, m->act_memory, d, be);
+    m->seq = (struct tp_sequence_parallel){.rows = m->a.rows, .drows = m->a.proj};
     m->inputs = be_alloc(m, d->N * sizeof(int));
     m->targets = be_alloc(m, d->N * sizeof(int));
 }
@@ -276,8 +289,20 @@ void model_destroy(struct model *m) {
 }
 
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward) {
-    *forward = 1 + 2 * d->L + 2; // embedding, g per block twice, cross-entropy max and sums
-    *backward = 2 * d->L + 1;    // f per block twice, LM head's f
+    int L = d->L;
+    if (!d->sp) {
+        *forward = 1 + 2 * L + 2; // embedding, g per block twice, cross-entropy max and sums
+        *backward = 2 * L + 1;    // f per block twice, LM head's f
+    } else {
+        // embedding reduce-scatter; per block an all-gather in front of qkv and fc and a
+        // reduce-scatter after proj and fc_proj; the LM head's all-gather; cross-entropy's two
+        *forward = 1 + 4 * L + 1 + 2;
+        // the LM head gathers its input again and reduce-scatters its input gradient; per block
+        // each row-parallel layer all-gathers its output gradient and each column-parallel one
+        // gathers its input again and reduce-scatters its input gradient; the embedding gathers
+        // its output gradient
+        *backward = 2 + 6 * L + 1;
+    }
 }
 
 // The layernorm that reads a block's output: the next block's first one (ln_1 or ln_2), or ln_f
@@ -293,10 +318,13 @@ static struct vocab_parallel_xent xent_buffers(struct gpt2_acts *a) {
                                         .losses = a->losses};
 }
 
+// The sequence-parallel layers' scratch, or NULL for plain TP.
+static const struct tp_sequence_parallel *seq_parallel(const struct model *m) { return m->d.sp ? &m->seq : NULL; }
+
 // ---- the step's blocks, in order (model_forward and model_backward are these in sequence)
 
 static const void *block_input(const struct model *m, int l) {
-    return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (N, C)
+    return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (S, C)
 }
 
 void model_set_batch(struct model *m, const int *inputs, const int *targets) {
@@ -310,9 +338,10 @@ void model_embedding_fwd(struct model *m, struct comm *tp) {
     const struct model_dims *d = &m->d;
     struct layer_acts *la = &m->a.layers[0];
     const struct layer_params *p = &m->p.layers[0];
-    vocab_parallel_embedding_fwd(m->be, tp, m->a.encoded, m->inputs, m->p.wte, m->p.wpe, d->B, d->T, d->C, d->Vl);
+    vocab_parallel_embedding_fwd(m->be, tp, m->a.encoded, m->inputs, m->p.wte, m->p.wpe, d->B, d->T, d->C, d->Vl,
+                                 seq_parallel(m));
     m->be.iface->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, m->a.encoded, p->ln1w, p->ln1b,
-                               (int)d->N, d->C);
+                               (int)d->S, d->C);
 }
 
 // (ln1, computed by the step before) -> f -> qkv (local heads) -> attention -> proj -> g -> +bias
@@ -321,11 +350,11 @@ void model_block_attention_fwd(struct model *m, struct comm *tp, int l, const st
                                const struct block_attention *att) {
     const struct model_dims *d = &m->d;
     const struct layer_params *p = &m->p.layers[l];
-    column_parallel_linear_fwd(m->be, tp, a->qkv, NULL, a->ln1, p->qkvw, p->qkvb, a->N, d->C, 3 * d->Cl);
+    column_parallel_linear_fwd(m->be, tp, a->qkv, NULL, a->ln1, p->qkvw, p->qkvb, a->N, d->C, 3 * d->Cl, a->sp);
     att->fwd(att->arg, l, a->atty, a->qkv);
     struct row_parallel_out o = residual_then_ln(a->res2, a->res1, a->ln2, a->ln2_mean, a->ln2_rstd, p->ln2w,
                                                  p->ln2b);
-    row_parallel_linear_fwd(m->be, tp, a->proj, a->atty, p->attprojw, p->attprojb, a->N, d->Cl, d->C, &o);
+    row_parallel_linear_fwd(m->be, tp, a->proj, a->atty, p->attprojw, p->attprojb, a->N, d->Cl, d->C, &o, a->sp);
 }
 
 void model_block_mlp_fwd(struct model *m, struct comm *tp, int l, const struct block_acts *a) {
@@ -335,16 +364,16 @@ void model_block_mlp_fwd(struct model *m, struct comm *tp, int l, const struct b
     struct row_parallel_out o = residual_then_ln(a->res3, a->res2, a->ln_next, a->next_mean, a->next_rstd,
                                                  last ? m->p.lnfw : m->p.layers[l + 1].ln1w,
                                                  last ? m->p.lnfb : m->p.layers[l + 1].ln1b);
-    column_parallel_linear_fwd(m->be, tp, a->fch_gelu, a->fch, a->ln2, p->fcw, p->fcb, a->N, d->C, d->Fl);
-    row_parallel_linear_fwd(m->be, tp, a->proj, a->fch_gelu, p->fcprojw, p->fcprojb, a->N, d->Fl, d->C, &o);
+    column_parallel_linear_fwd(m->be, tp, a->fch_gelu, a->fch, a->ln2, p->fcw, p->fcb, a->N, d->C, d->Fl, a->sp);
+    row_parallel_linear_fwd(m->be, tp, a->proj, a->fch_gelu, p->fcprojw, p->fcprojb, a->N, d->Fl, d->C, &o, a->sp);
 }
 
 // Layer l's block activations for the whole micro-batch, in m->a.
 static struct block_acts training_acts(struct model *m, int l) {
     struct layer_acts *la = &m->a.layers[l];
     struct block_acts a = {
-        .N = (int)m->d.N, .ln1 = la->ln1, .qkv = la->qkv, .atty = la->atty, .proj = m->a.proj,
-        .res1 = block_input(m, l), .res2 = la->res2, .ln2 = la->ln2, .ln2_mean = la->ln2_mean,
+        .N = (int)m->d.N, .sp = seq_parallel(m), .ln1 = la->ln1, .qkv = la->qkv, .atty = la->atty,
+        .proj = m->a.proj, .res1 = block_input(m, l), .res2 = la->res2, .ln2 = la->ln2, .ln2_mean = la->ln2_mean,
         .ln2_rstd = la->ln2_rstd, .fch = la->fch, .fch_gelu = la->fch_gelu, .res3 = la->res3,
         .ln_next = m->a.lnf, .next_mean = m->a.lnf_mean, .next_rstd = m->a.lnf_rstd,
     };
@@ -385,7 +414,7 @@ void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum) {
     struct gpt2_acts *a = &m->a;
     int N = (int)d->N;
     struct vocab_parallel_xent x = xent_buffers(a);
-    column_parallel_linear_fwd(m->be, tp, a->logits, NULL, a->lnf, m->p.wte, NULL, N, d->C, d->Vl);
+    column_parallel_linear_fwd(m->be, tp, a->logits, NULL, a->lnf, m->p.wte, NULL, N, d->C, d->Vl, seq_parallel(m));
     vocab_parallel_cross_entropy_fwd(m->be, tp, &x, a->logits, m->targets, N, d->Vl, d->V);
     m->be.iface->sum(m->be.ctx, loss_sum, a->losses, d->N);
 }
@@ -399,10 +428,11 @@ void model_head_bwd(struct model *m, struct comm *tp, float dloss) {
     int N = (int)d->N, C = d->C;
     struct vocab_parallel_xent x = xent_buffers(a);
     vocab_parallel_cross_entropy_bwd(m->be, tp, a->logits, &x, a->logits, m->targets, dloss, N, d->Vl, d->V);
-    column_parallel_linear_bwd(m->be, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, N, C, d->Vl);
-    b->zero(ctx, a->dres, d->N * (size_t)C * tp_dtype_size(m->dtype));
+    column_parallel_linear_bwd(m->be, tp, a->dln, m->g.wte, NULL, a->logits, a->lnf, m->p.wte, N, C, d->Vl,
+                               seq_parallel(m));
+    b->zero(ctx, a->dres, d->S * (size_t)C * tp_dtype_size(m->dtype));
     b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, block_input(m, d->L), m->p.lnfw, a->lnf_mean,
-                     a->lnf_rstd, N, C);
+                     a->lnf_rstd, (int)d->S, C);
 }
 
 // a->dres holds dL/d(res3) on entry; res3 = res2 + fcproj + bias, so it is also part of
@@ -414,11 +444,12 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
     int N = (int)d->N;
+    const struct tp_sequence_parallel *sp = seq_parallel(m);
     row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, la->fch,
-                            N, d->Fl, d->C);
-    column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl);
+                            N, d->Fl, d->C, sp);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl, sp);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd,
-                     (int)d->N, d->C);
+                     (int)d->S, d->C);
 }
 
 // a->dres holds dL/d(res2) on entry and dL/d(block input) on exit.
@@ -429,19 +460,22 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
     int N = (int)d->N;
+    const struct tp_sequence_parallel *sp = seq_parallel(m);
     row_parallel_linear_bwd(m->be, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, NULL,
-                            N, d->Cl, d->C);
+                            N, d->Cl, d->C, sp);
     b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
                      d->NHl, d->HS);
-    column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl,
+                               sp);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln1w, g->ln1b, a->dln, block_input(m, l), p->ln1w, la->ln1_mean,
-                     la->ln1_rstd, (int)d->N, d->C);
+                     la->ln1_rstd, (int)d->S, d->C);
 }
 
 // The embedding's forward all-reduce summed disjoint partial rows: its backward is the identity.
 void model_embedding_bwd(struct model *m, struct comm *tp) {
     const struct model_dims *d = &m->d;
-    vocab_parallel_embedding_bwd(m->be, tp, m->g.wte, m->g.wpe, m->a.dres, m->inputs, d->B, d->T, d->C, d->Vl);
+    vocab_parallel_embedding_bwd(m->be, tp, m->g.wte, m->g.wpe, m->a.dres, m->inputs, d->B, d->T, d->C, d->Vl,
+                                 seq_parallel(m));
 }
 
 // ---- forward and backward
@@ -463,4 +497,27 @@ void model_backward(struct model *m, struct comm *tp, float dloss) {
         model_attention_block_bwd(m, tp, l);
     }
     model_embedding_bwd(m, tp);
+}
+
+// The gradient of layernorm i's weight (bias when bias): ln_1 and ln_2 of each layer, then ln_f.
+static float *layernorm_grad(struct model *m, int i, bool bias) {
+    if (i == 2 * m->d.L) return bias ? m->g.lnfb : m->g.lnfw;
+    const struct layer_params *g = &m->g.layers[i / 2];
+    if (i % 2) return bias ? g->ln2b : g->ln2w;
+    return bias ? g->ln1b : g->ln1w;
+}
+
+void model_reduce_sequence_parallel_grads(struct model *m, struct comm *tp) {
+    if (!m->d.sp) return;
+    const struct backend_i *b = m->be.iface;
+    size_t C = (size_t)m->d.C, bytes = C * sizeof(float);
+    int n = 2 * m->d.L + 1;
+    // packed, so that the group pays one all-reduce's latency instead of 2L + 1
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 2; k++)
+            b->copy(m->be.ctx, m->a.ln_grads + (2 * (size_t)i + (size_t)k) * C, layernorm_grad(m, i, k), bytes);
+    comm_all_reduce(tp, m->a.ln_grads, (size_t)n * 2 * C, COMM_SUM);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 2; k++)
+            b->copy(m->be.ctx, layernorm_grad(m, i, k), m->a.ln_grads + (2 * (size_t)i + (size_t)k) * C, bytes);
 }

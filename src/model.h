@@ -11,6 +11,9 @@
 //   mlp.c_proj      (C, 4C)     Shard(1)   row-parallel
 //   row-parallel biases (C)     Replicate, added once after the all-reduce
 // Weights are stored (out, in); checkpoints transpose to Hugging Face's Conv1D (in, out).
+//
+// Options (struct model_options): sequence parallelism keeps the layernorm, residual and
+// embedding activations as this rank's S = N/P token rows (tp.h's layout) instead of all N.
 #pragma once
 
 #include <stdbool.h>
@@ -20,6 +23,7 @@
 #include "comm.h"
 #include "config.h"
 #include "layout.h"
+#include "tp.h"
 
 enum param_init { PARAM_INIT_NORMAL = 0, PARAM_INIT_NORMAL_RESID, PARAM_INIT_ZEROS, PARAM_INIT_ONES };
 
@@ -52,31 +56,36 @@ struct gpt2_params {
     void *lnfw, *lnfb;          // (C), (C)
 };
 
-// Activations: void * in the compute type, float * always fp32.
+// Activations: void * in the compute type, float * always fp32. S rows: the N token rows, or
+// this rank's N/P of them with sequence parallelism.
 struct layer_acts {
-    void *ln1;                        // (N, C)
-    float *ln1_mean, *ln1_rstd;       // (N), (N)
+    void *ln1;                        // (S, C)
+    float *ln1_mean, *ln1_rstd;       // (S), (S)
     void *qkv;                        // (N, 3*Cl)
     void *atty;                       // (N, Cl)
     float *att_saved;                 // backend-defined, attention_saved_floats
-    void *res2;                       // (N, C) residual after attention
-    void *ln2;                        // (N, C)
-    float *ln2_mean, *ln2_rstd;       // (N), (N)
+    void *res2;                       // (S, C) residual after attention
+    void *ln2;                        // (S, C)
+    float *ln2_mean, *ln2_rstd;       // (S), (S)
     void *fch, *fch_gelu;             // (N, Fl) before and after GELU
-    void *res3;                       // (N, C) residual after the MLP = next layer's input
+    void *res3;                       // (S, C) residual after the MLP = next layer's input
 };
 
 struct gpt2_acts {
-    void *encoded;                    // (N, C) embeddings
+    void *encoded;                    // (S, C) embeddings
     struct layer_acts *layers;        // (L)
-    void *proj;                       // (N, C) row-parallel partial output, reduced in place
-    void *lnf;                        // (N, C)
-    float *lnf_mean, *lnf_rstd;       // (N), (N)
+    void *proj;                       // (N, C) row-parallel partial output, reduced in place; with
+                                      //   sequence parallelism also a column-parallel input gradient
+    void *rows;                       // (N, C) sequence-parallel scratch (tp_sequence_parallel.rows); NULL without
+    float *ln_grads;                  // (2L+1, 2C) sequence parallelism: the layernorm gradients packed for
+                                      //   their all-reduce; NULL without
+    void *lnf;                        // (S, C)
+    float *lnf_mean, *lnf_rstd;       // (S), (S)
     void *logits;                     // (N, Vl) this rank's vocab columns; dlogits in place
     float *maxes, *sums, *losses;     // (N), (2, N), (N)
     float *local_maxes;               // (N) this rank's maxes before the all-reduce
-    void *dres;                       // (N, C) gradient of the residual stream
-    void *dln;                        // (N, C) gradient into a layernorm output
+    void *dres;                       // (S, C) gradient of the residual stream
+    void *dln;                        // (S, C) gradient into a layernorm output
     void *dqkv;                       // (N, 3*Cl)
     void *datty;                      // (N, Cl)
     void *dfch;                       // (N, Fl) gradient into the MLP's pre-GELU (GELU fused)
@@ -92,7 +101,18 @@ struct model_dims {
     int Vp, Vl;                 // padded vocab, rows per rank
     int NHl, Cl, Fl;            // local heads, local attention width, local MLP width
     size_t N;                   // B*T
+    bool sp;                    // sequence parallelism
+    size_t S;                   // token rows of the residual stream on each rank: N/P with sp, else N
 };
+
+// The choices that shape activations (parallel.sequence_parallel).
+struct model_options {
+    bool sequence_parallel;
+};
+
+static inline struct model_options model_options_of(const struct tp_config *cfg) {
+    return (struct model_options){cfg->parallel.sequence_parallel};
+}
 
 struct model_memory {
     size_t param_floats;        // local parameters (= gradients = each AdamW moment)
@@ -115,13 +135,15 @@ struct model {
     struct gpt2_params p, g;      // views into params_compute / grads
     void *act_memory;             // one allocation for all activations
     struct gpt2_acts a;
+    struct tp_sequence_parallel seq; // the parallel layers' scratch with sequence parallelism
     int *inputs, *targets;        // (N) backend memory
     size_t bytes_allocated;       // everything this model allocated on the backend
 };
 
 // Derives dims for a TP group of tp_size ranks (a run passes its TP comm's size; --dry-run the
-// configured one). The config must already be validated.
-struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp_size);
+// configured one). The config must already be validated (with sequence parallelism P divides T).
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp_size,
+                                  struct model_options opt);
 
 // Parameter table for the given dims (n_tensors written to *count; caller frees).
 struct param_tensor *model_param_table(const struct model_dims *d, int *count, size_t *n_local,
@@ -154,6 +176,10 @@ void model_forward(struct model *m, struct comm *tp, const int *inputs, const in
 // Backward pass for the last forward; gradients accumulate into m->grads. dloss: the weight of
 // each token's loss in the objective (1 / (N * grad_accum)).
 void model_backward(struct model *m, struct comm *tp, float dloss);
+// With sequence parallelism each rank's layernorm weight and bias gradients cover only its own
+// token rows: sums them over the TP group (one all-reduce), once per step after the last
+// backward, so that replicas stay identical. Nothing to do without it.
+void model_reduce_sequence_parallel_grads(struct model *m, struct comm *tp);
 
 // The step's blocks, in the order model_forward and model_backward run them (--bench model times
 // them one by one). Activations and gradients flow through m->a; dres carries the residual
@@ -172,20 +198,22 @@ void model_embedding_bwd(struct model *m, struct comm *tp);
 
 // One block's forward for N tokens on any buffers: the training step runs it over the micro-batch
 // (m->a), the KV-cache decoder over one token with attention reading its cache, so the block
-// (and its collectives) is written once. Every buffer is compute type unless float *.
+// (and its collectives) is written once. Every buffer is compute type unless float *. S rows:
+// N, or this rank's N/P with sp.
 struct block_acts {
     int N;                              // tokens
-    void *ln1;                          // (N, C) ln_1 of the block input, computed before
+    const struct tp_sequence_parallel *sp; // NULL: plain TP (the decoder); else the layers' scratch
+    void *ln1;                          // (S, C) ln_1 of the block input, computed before
     void *qkv, *atty;                   // (N, 3*Cl), (N, Cl)
     void *proj;                         // (N, C) row-parallel partial sums, scratch
-    const void *res1;                   // (N, C) block input
-    void *res2;                         // (N, C) after attention; may alias res1
-    void *ln2;                          // (N, C)
-    float *ln2_mean, *ln2_rstd;         // (N)
+    const void *res1;                   // (S, C) block input
+    void *res2;                         // (S, C) after attention; may alias res1
+    void *ln2;                          // (S, C)
+    float *ln2_mean, *ln2_rstd;         // (S)
     void *fch, *fch_gelu;               // (N, Fl)
-    void *res3;                         // (N, C) block output; may alias res2
-    void *ln_next;                      // (N, C) the next block's ln_1 (ln_f after the last)
-    float *next_mean, *next_rstd;       // (N)
+    void *res3;                         // (S, C) block output; may alias res2
+    void *ln_next;                      // (S, C) the next block's ln_1 (ln_f after the last)
+    float *next_mean, *next_rstd;       // (S)
 };
 // The attention core between the qkv and proj layers: atty (N, Cl) from qkv (N, 3*Cl) of layer l.
 struct block_attention {
@@ -198,5 +226,7 @@ void model_block_attention_fwd(struct model *m, struct comm *tp, int layer, cons
 // (ln2) -> f -> fc + gelu -> fc_proj -> g -> +bias -> +res2 = res3, fused with the next layernorm
 void model_block_mlp_fwd(struct model *m, struct comm *tp, int layer, const struct block_acts *a);
 
-// Collectives issued per micro-batch by forward and backward (for logs and tests).
+// Collectives issued per micro-batch by forward and backward (for logs and tests), of every kind
+// (all-reduce, all-gather, reduce-scatter). Sequence parallelism adds one all-reduce per step
+// (model_reduce_sequence_parallel_grads), not counted.
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward);

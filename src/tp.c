@@ -108,48 +108,115 @@ void reduce_scatter_to_sequence_parallel_region_bwd(struct backend be, struct co
 // ---- layers
 
 void column_parallel_linear_fwd(struct backend be, struct comm *tp, void *out, void *pre_gelu, void *in,
-                                const void *w, const void *bias, int N, int IC, int OCl) {
-    copy_to_tp_region_fwd(be, tp, in, (size_t)N * (size_t)IC);
-    be.iface->matmul_fwd(be.ctx, out, pre_gelu, in, w, bias, N, IC, OCl);
+                                const void *w, const void *bias, int N, int IC, int OCl,
+                                const struct tp_sequence_parallel *sp) {
+    const void *x = in; // (N, IC) every token row
+    if (sp) {
+        gather_from_sequence_parallel_region_fwd(be, tp, sp->rows, in, (size_t)N, (size_t)IC);
+        x = sp->rows;
+    } else {
+        copy_to_tp_region_fwd(be, tp, in, (size_t)N * (size_t)IC);
+    }
+    be.iface->matmul_fwd(be.ctx, out, pre_gelu, x, w, bias, N, IC, OCl);
 }
 
 void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
-                                const void *dout, const void *in, const void *w, int N, int IC, int OCl) {
-    be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, NULL, N, IC, OCl);
-    copy_to_tp_region_bwd(be, tp, din, (size_t)N * (size_t)IC);
+                                const void *dout, const void *in, const void *w, int N, int IC, int OCl,
+                                const struct tp_sequence_parallel *sp) {
+    if (!sp) {
+        be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, NULL, N, IC, OCl);
+        copy_to_tp_region_bwd(be, tp, din, (size_t)N * (size_t)IC);
+        return;
+    }
+    // The forward kept only this rank's rows of the input: gather them again for dw.
+    gather_from_sequence_parallel_region_fwd(be, tp, sp->rows, in, (size_t)N, (size_t)IC);
+    be.iface->matmul_bwd(be.ctx, din ? sp->drows : NULL, dw, dbias, dout, sp->rows, w, NULL, N, IC, OCl);
+    if (din) gather_from_sequence_parallel_region_bwd(be, tp, din, sp->drows, (size_t)N, (size_t)IC);
 }
 
 void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, const void *in, const void *w,
-                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o) {
+                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o,
+                             const struct tp_sequence_parallel *sp) {
     const struct backend_i *b = be.iface;
     b->matmul_fwd(be.ctx, partial, NULL, in, w, NULL, N, ICl, OC);
-    reduce_from_tp_region_fwd(be, tp, partial, (size_t)N * (size_t)OC);
+    const void *sum = partial; // (R, OC) the reduced rows this rank goes on with
+    int R = N;
+    if (sp) {
+        reduce_scatter_to_sequence_parallel_region_fwd(be, tp, sp->rows, partial, (size_t)N, (size_t)OC);
+        sum = sp->rows;
+        R = N / tp->size;
+    } else {
+        reduce_from_tp_region_fwd(be, tp, partial, (size_t)N * (size_t)OC);
+    }
     if (o->ln)
-        b->residual_layernorm_fwd(be.ctx, o->out, o->ln, o->mean, o->rstd, o->res, partial, bias, o->ln_w, o->ln_b,
-                                  N, OC);
+        b->residual_layernorm_fwd(be.ctx, o->out, o->ln, o->mean, o->rstd, o->res, sum, bias, o->ln_w, o->ln_b,
+                                  R, OC);
     else
-        b->residual_fwd(be.ctx, o->out, o->res, partial, bias, N, OC);
+        b->residual_fwd(be.ctx, o->out, o->res, sum, bias, R, OC);
 }
 
 void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
                              void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
-                             int OC) {
-    reduce_from_tp_region_bwd(be, tp, dout, (size_t)N * (size_t)OC);
-    be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, pre_gelu, N, ICl, OC);
+                             int OC, const struct tp_sequence_parallel *sp) {
+    const void *d = dout; // (N, OC) every token row's gradient
+    if (sp) {
+        reduce_scatter_to_sequence_parallel_region_bwd(be, tp, sp->rows, dout, (size_t)N, (size_t)OC);
+        d = sp->rows;
+    } else {
+        reduce_from_tp_region_bwd(be, tp, dout, (size_t)N * (size_t)OC);
+    }
+    be.iface->matmul_bwd(be.ctx, din, dw, dbias, d, in, w, pre_gelu, N, ICl, OC);
+}
+
+// x (rows, C) += the position embeddings of token rows [first, first + rows) of the flattened
+// (B, T) batch, i.e. of positions (first + i) mod T: a sequence-parallel block may start and end
+// inside a sequence, so it is added as a head, whole sequences and a tail.
+static void add_positions(struct backend be, void *x, const void *wpe, size_t first, size_t rows, int T, int C) {
+    size_t es = elem_size(be), row = (size_t)C * es, Ts = (size_t)T;
+    char *xp = x;
+    const char *wp = wpe;
+    while (rows > 0) {
+        size_t pos = first % Ts, n;
+        if (pos == 0 && rows >= Ts) {
+            size_t seqs = rows / Ts;
+            be.iface->position_embedding_fwd(be.ctx, xp, wpe, (int)seqs, T, C);
+            n = seqs * Ts;
+        } else {
+            n = Ts - pos < rows ? Ts - pos : rows;
+            be.iface->position_embedding_fwd(be.ctx, xp, wp + pos * row, 1, (int)n, C);
+        }
+        xp += n * row;
+        first += n;
+        rows -= n;
+    }
 }
 
 void vocab_parallel_embedding_fwd(struct backend be, struct comm *tp, void *out, const int *tokens,
-                                  const void *wte, const void *wpe, int B, int T, int C, int Vl) {
-    int N = B * T;
-    be.iface->vocab_embedding_fwd(be.ctx, out, tokens, wte, N, C, tp->rank * Vl, Vl);
-    reduce_from_tp_region_fwd(be, tp, out, (size_t)N * (size_t)C);
-    be.iface->position_embedding_fwd(be.ctx, out, wpe, B, T, C);
+                                  const void *wte, const void *wpe, int B, int T, int C, int Vl,
+                                  const struct tp_sequence_parallel *sp) {
+    size_t N = (size_t)B * (size_t)T;
+    if (!sp) {
+        be.iface->vocab_embedding_fwd(be.ctx, out, tokens, wte, (int)N, C, tp->rank * Vl, Vl);
+        reduce_from_tp_region_fwd(be, tp, out, N * (size_t)C);
+        be.iface->position_embedding_fwd(be.ctx, out, wpe, B, T, C);
+        return;
+    }
+    be.iface->vocab_embedding_fwd(be.ctx, sp->rows, tokens, wte, (int)N, C, tp->rank * Vl, Vl);
+    reduce_scatter_to_sequence_parallel_region_fwd(be, tp, out, sp->rows, N, (size_t)C);
+    size_t rows = shard_rows(tp, N);
+    add_positions(be, out, wpe, (size_t)tp->rank * rows, rows, T, C);
 }
 
 void vocab_parallel_embedding_bwd(struct backend be, struct comm *tp, float *dwte, float *dwpe, const void *dout,
-                                  const int *tokens, int B, int T, int C, int Vl) {
-    be.iface->position_embedding_bwd(be.ctx, dwpe, dout, B, T, C);
-    be.iface->vocab_embedding_bwd(be.ctx, dwte, dout, tokens, B * T, C, tp->rank * Vl, Vl);
+                                  const int *tokens, int B, int T, int C, int Vl,
+                                  const struct tp_sequence_parallel *sp) {
+    const void *d = dout; // (B*T, C) every token row's gradient
+    if (sp) {
+        reduce_scatter_to_sequence_parallel_region_bwd(be, tp, sp->rows, dout, (size_t)B * (size_t)T, (size_t)C);
+        d = sp->rows;
+    }
+    be.iface->position_embedding_bwd(be.ctx, dwpe, d, B, T, C);
+    be.iface->vocab_embedding_bwd(be.ctx, dwte, d, tokens, B * T, C, tp->rank * Vl, Vl);
 }
 
 // ---- cross-entropy

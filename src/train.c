@@ -111,7 +111,7 @@ static void fmt_duration(double s, char *buf, size_t len) {
 }
 
 double train_flops_per_token(const struct tp_config *cfg) {
-    struct model_dims d = model_dims_make(&cfg->model, 1, 1);
+    struct model_dims d = model_dims_make(&cfg->model, 1, 1, (struct model_options){0});
     int n;
     size_t local, global;
     free(model_param_table(&d, &n, &local, &global));
@@ -204,7 +204,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     if (st) return st;
 
     const struct tp_train_config *tc = &cfg->train;
-    struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp.size);
+    struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp.size, model_options_of(cfg));
     st = data_open(&tr->train_data, cfg->data.train, d.B, d.T, tr->mesh.dp_rank, tr->mesh.dp_size,
                    d.V, err, sizeof err);
     if (!st && cfg->data.val[0]) {
@@ -312,6 +312,7 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
         model_forward(m, &mesh->tp, tr->train_data.inputs, tr->train_data.targets, tr->loss_sums + micro);
         model_backward(m, &mesh->tp, dloss);
     }
+    model_reduce_sequence_parallel_grads(m, &mesh->tp);
     comm_all_reduce(&mesh->dp, m->grads, m->n_params_local, COMM_AVG);
     comm_synchronize(&mesh->dp);
     if (step == 0 && tr->cfg->debug.grad_norms) {
@@ -549,7 +550,7 @@ int train_dry_run(const struct tp_config *cfg, int world_size) {
         }
         printf("#   rank %d -> (dp %d, tp %d)\n", r, r / P, r % P);
     }
-    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P);
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P, model_options_of(cfg));
     int n;
     size_t local, global;
     struct param_tensor *t = model_param_table(&d, &n, &local, &global);

@@ -202,7 +202,7 @@ static void assert_local_shape(const struct param_tensor *t, int P, int ndim, co
 Test(layout, gpt2_124m_parameter_count) {
     struct tp_model_config mc = gpt2_124m();
     for (int P = 1; P <= 4; P *= 2) {
-        struct model_dims d = model_dims_make(&mc, 1, P);
+        struct model_dims d = model_dims_make(&mc, 1, P, (struct model_options){0});
         int n;
         size_t local, global;
         struct param_tensor *t = model_param_table(&d, &n, &local, &global);
@@ -218,7 +218,7 @@ Test(layout, gpt2_table_shapes_for_tp_1_2_4) {
     const size_t C = 768;
     for (int P = 1; P <= 4; P *= 2) {
         for (int r = 0; r < P; r++) {
-            struct model_dims d = model_dims_make(&mc, 4, P);
+            struct model_dims d = model_dims_make(&mc, 4, P, (struct model_options){0});
             cr_assert_eq(d.Vp % (128 * P), 0, "Vp %d not a multiple of 128*%d", d.Vp, P);
             cr_assert(d.Vp >= d.V && d.Vp - d.V < 128 * P, "Vp %d is not the smallest padding", d.Vp);
             cr_assert_eq(d.Vl * P, d.Vp);
@@ -273,11 +273,11 @@ Test(layout, gpt2_table_shapes_for_tp_1_2_4) {
 
 Test(layout, padded_vocab_sizes) {
     struct tp_model_config mc = gpt2_124m();
-    cr_assert_eq(model_dims_make(&mc, 1, 1).Vp, 50304);
-    cr_assert_eq(model_dims_make(&mc, 1, 2).Vp, 50432);
-    cr_assert_eq(model_dims_make(&mc, 1, 4).Vp, 50688);
+    cr_assert_eq(model_dims_make(&mc, 1, 1, (struct model_options){0}).Vp, 50304);
+    cr_assert_eq(model_dims_make(&mc, 1, 2, (struct model_options){0}).Vp, 50432);
+    cr_assert_eq(model_dims_make(&mc, 1, 4, (struct model_options){0}).Vp, 50688);
     mc.vocab_size = 512; // already a multiple: no padding
-    struct model_dims d = model_dims_make(&mc, 1, 4);
+    struct model_dims d = model_dims_make(&mc, 1, 4, (struct model_options){0});
     cr_assert_eq(d.Vp, 512);
     // the last of 4 ranks holds rows 384..511
     cr_assert_eq(d.Vl, 128);
@@ -301,12 +301,12 @@ static struct tp_model_config small_model(void) {
 Test(layout, init_values_are_tp_invariant) {
     struct tp_model_config mc = small_model();
     const unsigned long long seed = 4242;
-    struct model_dims d1 = model_dims_make(&mc, 1, 1);
+    struct model_dims d1 = model_dims_make(&mc, 1, 1, (struct model_options){0});
     int n1;
     size_t l1, g1;
     struct param_tensor *t1 = model_param_table(&d1, &n1, &l1, &g1);
     for (int P = 2; P <= 4; P *= 2) {
-        struct model_dims dP = model_dims_make(&mc, 1, P);
+        struct model_dims dP = model_dims_make(&mc, 1, P, (struct model_options){0});
         int nP;
         size_t lP, gP;
         struct param_tensor *tP = model_param_table(&dP, &nP, &lP, &gP);
@@ -336,7 +336,7 @@ Test(layout, init_values_are_tp_invariant) {
 Test(layout, init_distribution) {
     struct tp_model_config mc = small_model();
     mc.n_layer = 8;
-    struct model_dims d = model_dims_make(&mc, 1, 1);
+    struct model_dims d = model_dims_make(&mc, 1, 1, (struct model_options){0});
     int n;
     size_t l, g;
     struct param_tensor *t = model_param_table(&d, &n, &l, &g);
@@ -382,7 +382,7 @@ Test(layout, model_create_shards_match_tp1) {
     struct tp_model_config mc = small_model();
     const unsigned long long seed = 99;
     struct backend be = backend_cpu_create(TP_DTYPE_F32);
-    struct model_dims d1 = model_dims_make(&mc, 1, 1);
+    struct model_dims d1 = model_dims_make(&mc, 1, 1, (struct model_options){0});
     struct model m1;
     struct comm one = {.rank = 0, .size = 1}; // only places the rank: model_create issues no collective
     model_create(&m1, &d1, be, &one, seed);
@@ -391,7 +391,7 @@ Test(layout, model_create_shards_match_tp1) {
         cr_assert_eq(F(m1.p.wte)[i], 0.0f, "padding row %zu is not zero", i / C);
     for (int P = 2; P <= 4; P *= 2) {
         for (int r = 0; r < P; r++) {
-            struct model_dims d = model_dims_make(&mc, 1, P);
+            struct model_dims d = model_dims_make(&mc, 1, P, (struct model_options){0});
             struct model m;
             struct comm rank_r = {.rank = r, .size = P};
             model_create(&m, &d, be, &rank_r, seed);

@@ -37,6 +37,7 @@ static struct comm self_comm(void) { return (struct comm){.iface = &self_iface, 
 struct counter {
     int calls;
     size_t floats;
+    int size; // the group size it pretends to have
 };
 static void count_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
     (void)buf, (void)op;
@@ -45,7 +46,25 @@ static void count_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype
     c->calls++;
     c->floats += count;
 }
+// The sequence-parallel collectives, counted the same way; floats is the whole tensor (count per
+// rank times the group size), comparable with an all-reduce of it.
+static void count_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    (void)out, (void)in;
+    struct counter *c = ctx;
+    cr_assert_eq(dt, COMM_F32);
+    c->calls++;
+    c->floats += count * (size_t)c->size;
+}
+static void count_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                 enum comm_op op) {
+    (void)out, (void)in, (void)op;
+    struct counter *c = ctx;
+    cr_assert_eq(dt, COMM_F32);
+    c->calls++;
+    c->floats += count * (size_t)c->size;
+}
 static const struct comm_i count_iface = {.name = self_name, .all_reduce = count_all_reduce,
+                                          .all_gather = count_all_gather, .reduce_scatter = count_reduce_scatter,
                                           .synchronize = self_sync};
 
 // ---- fixture: a tiny model and a fixed batch
@@ -78,17 +97,21 @@ struct fixture {
     float *loss_sum;       // (1) backend memory
 };
 
-static void fixture_init_dtype(struct fixture *f, int n_layer, int B, enum tp_dtype dt) {
+static void fixture_init_opts(struct fixture *f, int n_layer, int B, enum tp_dtype dt, struct model_options o) {
     f->be = backend_cpu_create(dt);
     cr_assert(f->be.iface->host_accessible, "the CPU backend's memory is host memory");
     struct tp_model_config mc = tiny_config(n_layer);
-    struct model_dims d = model_dims_make(&mc, B, 1);
+    struct model_dims d = model_dims_make(&mc, B, 1, o);
     f->tp = self_comm();
     model_create(&f->m, &d, f->be, &f->tp, 1234);
     f->inputs = malloc(d.N * sizeof(int));
     f->targets = malloc(d.N * sizeof(int));
     make_batch(f->inputs, f->targets, d.N, 5);
     f->loss_sum = f->be.iface->alloc(f->be.ctx, sizeof(float));
+}
+
+static void fixture_init_dtype(struct fixture *f, int n_layer, int B, enum tp_dtype dt) {
+    fixture_init_opts(f, n_layer, B, dt, (struct model_options){0});
 }
 
 static void fixture_init(struct fixture *f, int n_layer, int B) { fixture_init_dtype(f, n_layer, B, TP_DTYPE_F32); }
@@ -323,7 +346,7 @@ Test(model, collectives_per_pass) {
     for (int L = 1; L <= 3; L++) {
         struct tp_model_config mc = tiny_config(L);
         for (int P = 2; P <= 4; P *= 2) {
-            struct model_dims d = model_dims_make(&mc, 2, P);
+            struct model_dims d = model_dims_make(&mc, 2, P, (struct model_options){0});
             int fwd, bwd;
             model_count_collectives(&d, &fwd, &bwd);
             cr_assert_eq(fwd, 2 * L + 3, "L=%d: forward %d", L, fwd);
@@ -331,7 +354,7 @@ Test(model, collectives_per_pass) {
 
             struct backend be = backend_cpu_create(TP_DTYPE_F32);
             struct model m;
-            struct counter cnt = {0};
+            struct counter cnt = {.size = P};
             struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
             model_create(&m, &d, be, &tp, 1);
             int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
@@ -341,7 +364,7 @@ Test(model, collectives_per_pass) {
             size_t NC = d.N * (size_t)d.C;
             cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d all-reduces, plan says %d", L, P, cnt.calls, fwd);
             cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
-            cnt = (struct counter){0};
+            cnt = (struct counter){.size = P};
             model_backward(&m, &tp, 1.0f / (float)d.N);
             cr_assert_eq(cnt.calls, bwd, "L=%d P=%d: backward issued %d all-reduces, plan says %d", L, P, cnt.calls, bwd);
             cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC, "backward volume %zu floats", cnt.floats);
@@ -354,6 +377,72 @@ Test(model, collectives_per_pass) {
     }
 }
 
+// Sequence parallelism: the same layers with all-gathers and reduce-scatters along the tokens
+// (each over N*C floats, the all-reduce's tensor), as model_count_collectives says; the backward
+// gathers each column-parallel input again. The layernorm gradients then take one all-reduce per
+// step.
+Test(model, collectives_with_sequence_parallelism) {
+    for (int L = 1; L <= 3; L++) {
+        struct tp_model_config mc = tiny_config(L);
+        for (int P = 2; P <= 4; P *= 2) {
+            struct model_options o = {.sequence_parallel = true};
+            struct model_dims d = model_dims_make(&mc, 2, P, o);
+            cr_assert_eq(d.S * (size_t)P, d.N);
+            int fwd, bwd;
+            model_count_collectives(&d, &fwd, &bwd);
+            cr_assert_eq(fwd, 4 * L + 4, "L=%d: forward %d", L, fwd);
+            cr_assert_eq(bwd, 6 * L + 3, "L=%d: backward %d", L, bwd);
+
+            struct backend be = backend_cpu_create(TP_DTYPE_F32);
+            struct model m;
+            struct counter cnt = {.size = P};
+            struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
+            model_create(&m, &d, be, &tp, 1);
+            int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
+            make_batch(in, tg, d.N, 3);
+            float *loss = be.iface->alloc(be.ctx, sizeof(float));
+            model_forward(&m, &tp, in, tg, loss);
+            size_t NC = d.N * (size_t)d.C;
+            cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d collectives, plan says %d", L, P, cnt.calls, fwd);
+            cr_assert_eq(cnt.floats, (size_t)(4 * L + 2) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
+            cnt = (struct counter){.size = P};
+            model_backward(&m, &tp, 1.0f / (float)d.N);
+            cr_assert_eq(cnt.calls, bwd, "L=%d P=%d: backward issued %d collectives, plan says %d", L, P, cnt.calls,
+                         bwd);
+            cr_assert_eq(cnt.floats, (size_t)(6 * L + 3) * NC, "backward volume %zu floats", cnt.floats);
+            cnt = (struct counter){.size = P};
+            model_reduce_sequence_parallel_grads(&m, &tp);
+            cr_assert_eq(cnt.calls, 1);
+            cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * 2 * (size_t)d.C);
+            be.iface->free(be.ctx, loss);
+            free(in);
+            free(tg);
+            model_destroy(&m);
+            backend_destroy(&be);
+        }
+    }
+}
+
+// Sequence parallelism on a group of one (its mappings are copies) changes no bit of the loss or
+// of any gradient.
+Test(model, sequence_parallel_on_one_rank_is_bitwise_plain) {
+    struct fixture ref, f;
+    fixture_init(&ref, 3, 2);
+    fixture_init_opts(&f, 3, 2, TP_DTYPE_F32, (struct model_options){.sequence_parallel = true});
+    float *g_ref = gradient_of(&ref), *g = gradient_of(&f);
+    cr_assert(memcmp(ref.loss_sum, f.loss_sum, sizeof(float)) == 0, "loss %.9g, plain %.9g", *f.loss_sum,
+              *ref.loss_sum);
+    for (int i = 0; i < f.m.n_tensors; i++) {
+        const struct param_tensor *t = &f.m.tensors[i];
+        cr_assert(memcmp(g + t->offset, g_ref + t->offset, t->numel * sizeof(float)) == 0,
+                  "the gradient of %s differs", t->name);
+    }
+    free(g);
+    free(g_ref);
+    fixture_fini(&f);
+    fixture_fini(&ref);
+}
+
 // ---- memory plan
 
 // model_memory_plan counts params, grads, both AdamW moments, the compute-type copy (bf16 only),
@@ -363,7 +452,7 @@ Test(model, memory_plan_matches_allocations) {
     for (int dt = TP_DTYPE_F32; dt <= TP_DTYPE_BF16; dt++) {
         for (int P = 1; P <= 4; P *= 2) {
             struct tp_model_config mc = tiny_config(2);
-            struct model_dims d = model_dims_make(&mc, 3, P);
+            struct model_dims d = model_dims_make(&mc, 3, P, (struct model_options){0});
             struct backend be = backend_cpu_create((enum tp_dtype)dt);
             struct model_memory mm = model_memory_plan(&d, be);
             struct model m;

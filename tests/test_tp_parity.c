@@ -212,6 +212,47 @@ Test(tp_parity, bf16_tracks_fp32_and_tp2_matches_tp1) {
     run_dir_fini(&r);
 }
 
+// ---- sequence parallelism and recomputation against tp=1 without them
+
+// Sequence parallelism at tp=2 and tp=4 (and in bf16 at tp=2) follows tp=1 without it; the
+// layernorm weights, whose gradients are summed over the group, stay identical on every rank.
+Test(tp_parity, sequence_parallel_matches_tp1) {
+    tu_require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "sp", -1);
+    run_reference(&r, NULL);
+    for (int tp = 2; tp <= 4; tp *= 2) {
+        char sets[256], label[64];
+        snprintf(sets, sizeof sets, "--set parallel.device=cpu --set parallel.tp=%d --set parallel.sequence_parallel=true "
+                 "--set debug.check_replicas=true", tp);
+        int rc = run_tptrain(r.out, tp, 600, r.shard, r.out_log, sets);
+        cr_assert_eq(rc, 0, "sequence parallel tp=%d failed (%d):\n%s", tp, rc, r.out);
+        snprintf(label, sizeof label, "sequence parallel tp=%d", tp);
+        compare_logs(r.ref, r.out_log, STEPS, 5e-4, label);
+    }
+    int rc = run_tptrain(r.out, 2, 600, r.shard, r.out_log,
+                         "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
+                         "--set train.precision=bf16 --set debug.check_replicas=true");
+    cr_assert_eq(rc, 0, "bf16 sequence parallel tp=2 failed (%d):\n%s", rc, r.out);
+    compare_logs_tol(r.ref, r.out_log, STEPS, BF16_LOSS_RTOL, 0.2, "bf16 sequence parallel tp=2 vs fp32 tp=1");
+    run_dir_fini(&r);
+}
+
+// With DP the layernorm gradients are summed over the TP group and averaged over DP: tp=2 x dp=2
+// with sequence parallelism follows one rank accumulating the same global batch.
+Test(tp_parity, sequence_parallel_tp2_dp2_matches_tp1_with_accumulation) {
+    tu_require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "sp-dp", -1);
+    run_reference(&r, "--set train.grad_accum=2");
+    int rc = run_tptrain(r.out, 4, 600, r.shard, r.out_log,
+                         "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
+                         "--set debug.check_replicas=true");
+    cr_assert_eq(rc, 0, "sequence parallel tp=2 x dp=2 failed (%d):\n%s", rc, r.out);
+    compare_logs(r.ref, r.out_log, STEPS, 5e-4, "sequence parallel tp=2 x dp=2");
+    run_dir_fini(&r);
+}
+
 // ---- bad meshes: exit 2, one message, no hang
 
 static void bad_mesh_case(int np, const char *sets, const char *needle) {
@@ -233,6 +274,11 @@ Test(tp_parity, world_not_divisible_by_tp) {
 
 Test(tp_parity, heads_not_divisible_by_tp) {
     bad_mesh_case(3, "--set parallel.tp=3", "n_head=4 is not divisible by tp=3");
+}
+
+Test(tp_parity, sequence_parallel_needs_seq_len_divisible_by_tp) {
+    bad_mesh_case(2, "--set parallel.tp=2 --set parallel.sequence_parallel=true --set model.seq_len=31",
+                  "needs seq_len=31 divisible by tp=2");
 }
 
 // ---- bad data on one DP group only
@@ -274,7 +320,7 @@ static void require_gpu(void) {
 
 // One CUDA run of the test config; np = 0: a plain process.
 static void run_cuda(struct run_dir *r, int np, const char *jsonl, const char *extra) {
-    char sets[512];
+    char sets[2048];
     snprintf(sets, sizeof sets, "--set train.steps=%d --set parallel.device=cuda %s", GPU_STEPS, extra);
     int rc = run_tptrain(r->out, np, 300, r->shard, jsonl, sets);
     cr_assert_eq(rc, 0, "CUDA run np=%d %s failed (%d):\n%s", np, extra, rc, r->out);

@@ -49,26 +49,27 @@ struct layer_bench {
 // product, hg the activation.
 static void column_fwd(struct layer_bench *lb, bool gelu, struct comm *tp) {
     column_parallel_linear_fwd(lb->b->be, tp, gelu ? lb->hg : lb->h, gelu ? lb->h : NULL, lb->x, lb->w1, lb->b1,
-                               lb->M, lb->K, lb->Nl);
+                               lb->M, lb->K, lb->Nl, NULL);
 }
 
 // Backward: each rank's dx covers its own shard; f's backward sums them (1 all-reduce).
 static void column_bwd(struct layer_bench *lb, const void *dout, struct comm *tp) {
-    column_parallel_linear_bwd(lb->b->be, tp, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, lb->M, lb->K, lb->Nl);
+    column_parallel_linear_bwd(lb->b->be, tp, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, lb->M, lb->K, lb->Nl,
+                               NULL);
 }
 
 // Forward of the row-parallel linear: partial products, g's all-reduce, then the bias (once) and
 // the residual.
 static void row_fwd(struct layer_bench *lb, const void *inp, struct comm *tp) {
     struct row_parallel_out o = {.out = lb->out, .res = lb->x};
-    row_parallel_linear_fwd(lb->b->be, tp, lb->y, inp, lb->w2, lb->b2, lb->M, lb->Nl, lb->K, &o);
+    row_parallel_linear_fwd(lb->b->be, tp, lb->y, inp, lb->w2, lb->b2, lb->M, lb->Nl, lb->K, &o, NULL);
 }
 
 // Backward: the output gradient is replicated, g's backward is the identity: no collective.
 // pre_gelu non-NULL folds the GELU's derivative into dinp, as the model does.
 static void row_bwd(struct layer_bench *lb, void *dinp, const void *inp, const void *pre_gelu, struct comm *tp) {
     row_parallel_linear_bwd(lb->b->be, tp, dinp, lb->dw2, lb->db2, lb->dy, inp, lb->w2, pre_gelu, lb->M, lb->Nl,
-                            lb->K);
+                            lb->K, NULL);
 }
 
 static void run_column_fwd(void *arg, struct bench_clock *c) {

@@ -19,7 +19,7 @@ struct model_bench {
     struct model m;
     struct optim opt;
     float *loss_sum;    // (1) backend memory
-    void *dres_seed;    // (N, C) compute type: the residual-stream gradient each backward phase starts from
+    void *dres_seed;    // (S, C) compute type: the residual-stream gradient each backward phase starts from
     int *inputs;        // (N) host token ids, the same on every TP rank
     int *targets;       // (N)
 };
@@ -40,6 +40,7 @@ static void run_step(void *arg, struct bench_clock *c) {
         model_forward(m, tp, mb->inputs, mb->targets, mb->loss_sum);
         model_backward(m, tp, dloss);
     }
+    model_reduce_sequence_parallel_grads(m, tp);
     optim_grad_norm_enqueue(&mb->opt, m, tp);
     optim_step(&mb->opt, m, tc, (float)tc->lr);
 }
@@ -90,7 +91,7 @@ static void run_head_bwd(void *arg, struct bench_clock *c) {
 static void prepare_residual_grad(void *arg) {
     struct model_bench *mb = arg;
     mb_ops(mb)->copy(mb->m.be.ctx, mb->m.a.dres, mb->dres_seed,
-                     mb->m.d.N * (size_t)mb->m.d.C * tp_dtype_size(mb->m.dtype));
+                     mb->m.d.S * (size_t)mb->m.d.C * tp_dtype_size(mb->m.dtype));
 }
 
 static void run_mlp_bwd_model(void *arg, struct bench_clock *c) {
@@ -257,12 +258,12 @@ static int model_run(struct bench *b, void *args) {
     const struct tp_config *cfg = &b->cfg;
     struct model_bench *mb = tp_calloc(1, sizeof *mb);
     mb->b = b;
-    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp.size);
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp.size, model_options_of(cfg));
     model_create(&mb->m, &d, b->be, &b->mesh.tp, cfg->train.seed);
     optim_create(&mb->opt, &mb->m, cfg->train.weight_decay);
     mb->loss_sum = bench_alloc_floats(b, 1);
-    mb->dres_seed = bench_alloc_compute(b, d.N * (size_t)d.C);
-    bench_fill_uniform(b->be, mb->dres_seed, d.N * (size_t)d.C, 1.0f / (float)d.N, cfg->train.seed + 7);
+    mb->dres_seed = bench_alloc_compute(b, d.S * (size_t)d.C);
+    bench_fill_uniform(b->be, mb->dres_seed, d.S * (size_t)d.C, 1.0f / (float)d.N, cfg->train.seed + 7);
     mb->inputs = tp_malloc(2 * d.N * sizeof(int));
     mb->targets = mb->inputs + d.N;
     uint64_t x = cfg->train.seed * 0x9E3779B97F4A7C15ull + 3;
