@@ -1,4 +1,5 @@
-// model.c: the tensor-parallel GPT-2 graph: parameter plan, TP-invariant init, forward, backward.
+// model.c: the tensor-parallel GPT-2 graph: parameter plan, TP-invariant init, forward, backward,
+// recomputation.
 //
 // The graph is composed from tp.h's parallel layers, each of which names its collectives, so a
 // reader counts them here: per layer column_parallel_linear (qkv, fc: 1 all-reduce backward each)
@@ -38,6 +39,7 @@ struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_ba
     d.Fl = 4 * d.C / tp;
     d.N = (size_t)d.B * (size_t)d.T;
     d.sp = opt.sequence_parallel;
+    d.recompute = opt.recompute;
     d.S = d.sp ? d.N / (size_t)tp : d.N;
     return d;
 }
@@ -171,24 +173,32 @@ static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dim
         if (base) (ptr) = (void *)((char *)base + off);                \
         off += tp_round_up((n) * (elem), 256); /* aligned starts */    \
     } while (0)
+// A per-layer buffer: its own when the layer keeps it, else layer 0's (the shared work set).
+#define TAKE_LAYER(field, n, elem, kept)                                    \
+    do {                                                                    \
+        if (l == 0 || (kept)) TAKE(la->field, n, elem);                     \
+        else if (base) la->field = a->layers[0].field;                      \
+    } while (0)
+    bool all = d->recompute == TP_RECOMPUTE_NONE, part = d->recompute != TP_RECOMPUTE_FULL;
     struct gpt2_acts tmpa, *aa = a && base ? a : &tmpa;
     TAKE(aa->encoded, S * C, es);
     for (int l = 0; l < d->L; l++) {
         struct layer_acts tmp, *la = a && base ? &a->layers[l] : &tmp;
-        TAKE(la->ln1, S * C, es);
-        TAKE(la->ln1_mean, S, f4);
-        TAKE(la->ln1_rstd, S, f4);
-        TAKE(la->qkv, N * 3 * Cl, es);
-        TAKE(la->atty, N * Cl, es);
-        TAKE(la->att_saved, saved, f4);
-        TAKE(la->res2, S * C, es);
-        TAKE(la->ln2, S * C, es);
-        TAKE(la->ln2_mean, S, f4);
-        TAKE(la->ln2_rstd, S, f4);
-        TAKE(la->fch, N * Fl, es);
-        TAKE(la->fch_gelu, N * Fl, es);
+        TAKE_LAYER(ln1, S * C, es, part);
+        TAKE_LAYER(ln1_mean, S, f4, part);
+        TAKE_LAYER(ln1_rstd, S, f4, part);
+        TAKE_LAYER(qkv, N * 3 * Cl, es, part);
+        TAKE_LAYER(atty, N * Cl, es, all);
+        TAKE_LAYER(att_saved, saved, f4, all);
+        TAKE_LAYER(res2, S * C, es, part);
+        TAKE_LAYER(ln2, S * C, es, part);
+        TAKE_LAYER(ln2_mean, S, f4, part);
+        TAKE_LAYER(ln2_rstd, S, f4, part);
+        TAKE_LAYER(fch, N * Fl, es, part);
+        TAKE_LAYER(fch_gelu, N * Fl, es, all);
         TAKE(la->res3, S * C, es);
     }
+#undef TAKE_LAYER
     TAKE(aa->proj, N * C, es);
     if (d->sp) {
         TAKE(aa->rows, N * C, es);
@@ -303,6 +313,9 @@ void model_count_collectives(const struct model_dims *d, int *forward, int *back
         // its output gradient
         *backward = 2 + 6 * L + 1;
     }
+    // full recomputation reruns each block's forward up to fc before its backward: the
+    // attention half's collectives, and fc's all-gather with sequence parallelism
+    if (d->recompute == TP_RECOMPUTE_FULL) *backward += L * (d->sp ? 3 : 1);
 }
 
 // The layernorm that reads a block's output: the next block's first one (ln_1 or ln_2), or ln_f
@@ -435,8 +448,39 @@ void model_head_bwd(struct model *m, struct comm *tp, float dloss) {
                      a->lnf_rstd, (int)d->S, C);
 }
 
+// ---- recomputation
+
+// Full: layer l kept only its input; rebuild what its backward reads, in the order forward made
+// it (the same ops on the same inputs, so the same bits): ln_1, the attention block (with ln_2),
+// and fc with its GELU. fc_proj's output is the kept input of layer l + 1, so it is not redone.
+static void recompute_block(struct model *m, struct comm *tp, int l) {
+    const struct model_dims *d = &m->d;
+    const struct layer_params *p = &m->p.layers[l];
+    struct layer_acts *la = &m->a.layers[l];
+    m->be.iface->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, block_input(m, l), p->ln1w, p->ln1b,
+                               (int)d->S, d->C);
+    model_attention_block_fwd(m, tp, l);
+    column_parallel_linear_fwd(m->be, tp, la->fch_gelu, la->fch, la->ln2, p->fcw, p->fcb, (int)d->N, d->C, d->Fl,
+                               seq_parallel(m));
+}
+
+// Selective, MLP half: the GELU output, from its kept input.
+static void recompute_gelu(struct model *m, int l) {
+    struct layer_acts *la = &m->a.layers[l];
+    m->be.iface->gelu_fwd(m->be.ctx, la->fch_gelu, la->fch, m->d.N * (size_t)m->d.Fl);
+}
+
+// Selective, attention half: the attention core (output and what its backward reads), from the
+// kept qkv.
+static void recompute_attention(struct model *m, int l) {
+    attend_sequence(m, l, m->a.layers[l].atty, m->a.layers[l].qkv);
+}
+
+// ---- backward blocks
+
 // a->dres holds dL/d(res3) on entry; res3 = res2 + fcproj + bias, so it is also part of
-// dL/d(res2), which it holds on exit.
+// dL/d(res2), which it holds on exit. The layer's backward starts here, so with recomputation
+// this is where its forward is rebuilt.
 void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
@@ -444,6 +488,8 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
     int N = (int)d->N;
+    if (d->recompute == TP_RECOMPUTE_FULL) recompute_block(m, tp, l);
+    else if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_gelu(m, l);
     const struct tp_sequence_parallel *sp = seq_parallel(m);
     row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, la->fch,
                             N, d->Fl, d->C, sp);
@@ -460,6 +506,7 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
     int N = (int)d->N;
+    if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_attention(m, l);
     const struct tp_sequence_parallel *sp = seq_parallel(m);
     row_parallel_linear_bwd(m->be, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, NULL,
                             N, d->Cl, d->C, sp);

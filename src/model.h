@@ -13,7 +13,9 @@
 // Weights are stored (out, in); checkpoints transpose to Hugging Face's Conv1D (in, out).
 //
 // Options (struct model_options): sequence parallelism keeps the layernorm, residual and
-// embedding activations as this rank's S = N/P token rows (tp.h's layout) instead of all N.
+// embedding activations as this rank's S = N/P token rows (tp.h's layout) instead of all N;
+// recomputation keeps fewer activations per layer and rebuilds the rest in backward
+// (docs/memory.md has what each keeps, in bytes).
 #pragma once
 
 #include <stdbool.h>
@@ -57,18 +59,20 @@ struct gpt2_params {
 };
 
 // Activations: void * in the compute type, float * always fp32. S rows: the N token rows, or
-// this rank's N/P of them with sequence parallelism.
+// this rank's N/P of them with sequence parallelism. With recomputation the buffers a layer does
+// not keep are one work set shared by all layers (layer 0's), rebuilt in backward.
 struct layer_acts {
-    void *ln1;                        // (S, C)
-    float *ln1_mean, *ln1_rstd;       // (S), (S)
-    void *qkv;                        // (N, 3*Cl)
-    void *atty;                       // (N, Cl)
-    float *att_saved;                 // backend-defined, attention_saved_floats
-    void *res2;                       // (S, C) residual after attention
-    void *ln2;                        // (S, C)
-    float *ln2_mean, *ln2_rstd;       // (S), (S)
-    void *fch, *fch_gelu;             // (N, Fl) before and after GELU
-    void *res3;                       // (S, C) residual after the MLP = next layer's input
+    void *ln1;                        // (S, C)                 full: shared
+    float *ln1_mean, *ln1_rstd;       // (S), (S)               full: shared
+    void *qkv;                        // (N, 3*Cl)              full: shared
+    void *atty;                       // (N, Cl)                selective, full: shared
+    float *att_saved;                 // attention_saved_floats selective, full: shared
+    void *res2;                       // (S, C) residual after attention         full: shared
+    void *ln2;                        // (S, C)                 full: shared
+    float *ln2_mean, *ln2_rstd;       // (S), (S)               full: shared
+    void *fch;                        // (N, Fl) before GELU    full: shared
+    void *fch_gelu;                   // (N, Fl) after GELU     selective, full: shared
+    void *res3;                       // (S, C) residual after the MLP = next layer's input, always kept
 };
 
 struct gpt2_acts {
@@ -102,16 +106,18 @@ struct model_dims {
     int NHl, Cl, Fl;            // local heads, local attention width, local MLP width
     size_t N;                   // B*T
     bool sp;                    // sequence parallelism
+    enum tp_recompute recompute;
     size_t S;                   // token rows of the residual stream on each rank: N/P with sp, else N
 };
 
-// The choices that shape activations (parallel.sequence_parallel).
+// The choices that shape activations (parallel.sequence_parallel, train.recompute).
 struct model_options {
     bool sequence_parallel;
+    enum tp_recompute recompute;
 };
 
 static inline struct model_options model_options_of(const struct tp_config *cfg) {
-    return (struct model_options){cfg->parallel.sequence_parallel};
+    return (struct model_options){cfg->parallel.sequence_parallel, cfg->train.recompute};
 }
 
 struct model_memory {
@@ -227,6 +233,6 @@ void model_block_attention_fwd(struct model *m, struct comm *tp, int layer, cons
 void model_block_mlp_fwd(struct model *m, struct comm *tp, int layer, const struct block_acts *a);
 
 // Collectives issued per micro-batch by forward and backward (for logs and tests), of every kind
-// (all-reduce, all-gather, reduce-scatter). Sequence parallelism adds one all-reduce per step
-// (model_reduce_sequence_parallel_grads), not counted.
+// (all-reduce, all-gather, reduce-scatter); recomputation's are counted in backward. Sequence
+// parallelism adds one all-reduce per step (model_reduce_sequence_parallel_grads), not counted.
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward);

@@ -101,6 +101,7 @@ static void assert_same_config(const struct tp_config *a, const struct tp_config
     cr_assert_eq(a->train.grad_clip, b->train.grad_clip);
     cr_assert_eq(a->train.seed, b->train.seed);
     cr_assert_eq(a->train.precision, b->train.precision);
+    cr_assert_eq(a->train.recompute, b->train.recompute);
     cr_assert_eq(a->parallel.sequence_parallel, b->parallel.sequence_parallel);
     cr_assert_str_eq(a->data.train, b->data.train);
     cr_assert_str_eq(a->data.val, b->data.val);
@@ -174,6 +175,7 @@ static void write_full_config(char *text, size_t len, const char *dir) {
              "  grad_clip: 0.5\n"
              "  seed: 18446744073709551615\n"
              "  precision: bf16\n"
+             "  recompute: selective\n"
              "data:\n"
              "  train: \"%s/tr*.bin\"\n"
              "  val: '%s/va*.bin'\n"
@@ -228,6 +230,7 @@ Test(config, defaults_match_the_documented_values) {
     cr_assert_eq(c.train.grad_clip, 1.0);
     cr_assert_eq(c.train.seed, 1337ULL);
     cr_assert_eq(c.train.precision, TP_PREC_FP32);
+    cr_assert_eq(c.train.recompute, TP_RECOMPUTE_NONE);
     cr_assert_str_eq(c.data.train, "data/tinyshakespeare_train.bin");
     cr_assert_str_eq(c.data.val, "data/tinyshakespeare_val.bin");
     cr_assert_eq(c.eval.every, 0);
@@ -257,6 +260,9 @@ Test(config, enum_names) {
     cr_assert_str_eq(config_device_name(TP_DEVICE_AUTO), "auto");
     cr_assert_str_eq(config_device_name(TP_DEVICE_CPU), "cpu");
     cr_assert_str_eq(config_device_name(TP_DEVICE_CUDA), "cuda");
+    cr_assert_str_eq(config_recompute_name(TP_RECOMPUTE_NONE), "none");
+    cr_assert_str_eq(config_recompute_name(TP_RECOMPUTE_SELECTIVE), "selective");
+    cr_assert_str_eq(config_recompute_name(TP_RECOMPUTE_FULL), "full");
     cr_assert_str_eq(config_comm_name((enum tp_comm_kind)7), "?");
 }
 
@@ -295,6 +301,7 @@ Test(config, full_file_loads_every_field) {
     cr_assert_eq(c.train.grad_clip, 0.5);
     cr_assert_eq(c.train.seed, 18446744073709551615ULL);
     cr_assert_eq(c.train.precision, TP_PREC_BF16);
+    cr_assert_eq(c.train.recompute, TP_RECOMPUTE_SELECTIVE);
     char want[1200];
     snprintf(want, sizeof want, "%s/tr*.bin", dir);
     cr_assert_str_eq(c.data.train, want);

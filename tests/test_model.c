@@ -379,67 +379,87 @@ Test(model, collectives_per_pass) {
 
 // Sequence parallelism: the same layers with all-gathers and reduce-scatters along the tokens
 // (each over N*C floats, the all-reduce's tensor), as model_count_collectives says; the backward
-// gathers each column-parallel input again. The layernorm gradients then take one all-reduce per
-// step.
+// gathers each column-parallel input again. Full recomputation reruns each block up to fc in
+// its backward: 3 more per block. The layernorm gradients then take one all-reduce per step.
 Test(model, collectives_with_sequence_parallelism) {
     for (int L = 1; L <= 3; L++) {
         struct tp_model_config mc = tiny_config(L);
         for (int P = 2; P <= 4; P *= 2) {
-            struct model_options o = {.sequence_parallel = true};
-            struct model_dims d = model_dims_make(&mc, 2, P, o);
-            cr_assert_eq(d.S * (size_t)P, d.N);
-            int fwd, bwd;
-            model_count_collectives(&d, &fwd, &bwd);
-            cr_assert_eq(fwd, 4 * L + 4, "L=%d: forward %d", L, fwd);
-            cr_assert_eq(bwd, 6 * L + 3, "L=%d: backward %d", L, bwd);
+            for (int rc = TP_RECOMPUTE_NONE; rc <= TP_RECOMPUTE_FULL; rc++) {
+                struct model_options o = {.sequence_parallel = true, .recompute = (enum tp_recompute)rc};
+                struct model_dims d = model_dims_make(&mc, 2, P, o);
+                cr_assert_eq(d.S * (size_t)P, d.N);
+                int fwd, bwd;
+                model_count_collectives(&d, &fwd, &bwd);
+                int extra = rc == TP_RECOMPUTE_FULL ? 3 * L : 0;
+                cr_assert_eq(fwd, 4 * L + 4, "L=%d: forward %d", L, fwd);
+                cr_assert_eq(bwd, 6 * L + 3 + extra, "L=%d: backward %d", L, bwd);
 
-            struct backend be = backend_cpu_create(TP_DTYPE_F32);
-            struct model m;
-            struct counter cnt = {.size = P};
-            struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
-            model_create(&m, &d, be, &tp, 1);
-            int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
-            make_batch(in, tg, d.N, 3);
-            float *loss = be.iface->alloc(be.ctx, sizeof(float));
-            model_forward(&m, &tp, in, tg, loss);
-            size_t NC = d.N * (size_t)d.C;
-            cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d collectives, plan says %d", L, P, cnt.calls, fwd);
-            cr_assert_eq(cnt.floats, (size_t)(4 * L + 2) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
-            cnt = (struct counter){.size = P};
-            model_backward(&m, &tp, 1.0f / (float)d.N);
-            cr_assert_eq(cnt.calls, bwd, "L=%d P=%d: backward issued %d collectives, plan says %d", L, P, cnt.calls,
-                         bwd);
-            cr_assert_eq(cnt.floats, (size_t)(6 * L + 3) * NC, "backward volume %zu floats", cnt.floats);
-            cnt = (struct counter){.size = P};
-            model_reduce_sequence_parallel_grads(&m, &tp);
-            cr_assert_eq(cnt.calls, 1);
-            cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * 2 * (size_t)d.C);
-            be.iface->free(be.ctx, loss);
-            free(in);
-            free(tg);
-            model_destroy(&m);
-            backend_destroy(&be);
+                struct backend be = backend_cpu_create(TP_DTYPE_F32);
+                struct model m;
+                struct counter cnt = {.size = P};
+                struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
+                model_create(&m, &d, be, &tp, 1);
+                int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
+                make_batch(in, tg, d.N, 3);
+                float *loss = be.iface->alloc(be.ctx, sizeof(float));
+                model_forward(&m, &tp, in, tg, loss);
+                size_t NC = d.N * (size_t)d.C;
+                cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d collectives, plan says %d", L, P, cnt.calls,
+                             fwd);
+                cr_assert_eq(cnt.floats, (size_t)(4 * L + 2) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
+                cnt = (struct counter){.size = P};
+                model_backward(&m, &tp, 1.0f / (float)d.N);
+                cr_assert_eq(cnt.calls, bwd, "L=%d P=%d: backward issued %d collectives, plan says %d", L, P,
+                             cnt.calls, bwd);
+                cr_assert_eq(cnt.floats, (size_t)(6 * L + 3 + extra) * NC, "backward volume %zu floats", cnt.floats);
+                cnt = (struct counter){.size = P};
+                model_reduce_sequence_parallel_grads(&m, &tp);
+                cr_assert_eq(cnt.calls, 1);
+                cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * 2 * (size_t)d.C);
+                be.iface->free(be.ctx, loss);
+                free(in);
+                free(tg);
+                model_destroy(&m);
+                backend_destroy(&be);
+            }
         }
     }
 }
 
-// Sequence parallelism on a group of one (its mappings are copies) changes no bit of the loss or
-// of any gradient.
-Test(model, sequence_parallel_on_one_rank_is_bitwise_plain) {
-    struct fixture ref, f;
+// ---- recomputation (and sequence parallelism on a group of one)
+
+// Recomputation rebuilds what it dropped with the same ops on the same inputs, so the loss and
+// every gradient are bitwise those of keeping everything (fp32). Sequence parallelism on a group
+// of one (its mappings are copies) changes no bit either.
+Test(model, recompute_and_sequence_parallel_are_bitwise_none) {
+    struct fixture ref;
     fixture_init(&ref, 3, 2);
-    fixture_init_opts(&f, 3, 2, TP_DTYPE_F32, (struct model_options){.sequence_parallel = true});
-    float *g_ref = gradient_of(&ref), *g = gradient_of(&f);
-    cr_assert(memcmp(ref.loss_sum, f.loss_sum, sizeof(float)) == 0, "loss %.9g, plain %.9g", *f.loss_sum,
-              *ref.loss_sum);
-    for (int i = 0; i < f.m.n_tensors; i++) {
-        const struct param_tensor *t = &f.m.tensors[i];
-        cr_assert(memcmp(g + t->offset, g_ref + t->offset, t->numel * sizeof(float)) == 0,
-                  "the gradient of %s differs", t->name);
+    float *g_ref = gradient_of(&ref);
+    float l_ref = *ref.loss_sum;
+    for (int sp = 0; sp <= 1; sp++) {
+        for (int rc = TP_RECOMPUTE_NONE; rc <= TP_RECOMPUTE_FULL; rc++) {
+            if (!sp && rc == TP_RECOMPUTE_NONE) continue;
+            struct fixture f;
+            fixture_init_opts(&f, 3, 2, TP_DTYPE_F32, (struct model_options){(bool)sp, (enum tp_recompute)rc});
+            float *g = gradient_of(&f);
+            cr_assert(memcmp(&l_ref, f.loss_sum, sizeof l_ref) == 0, "sp=%d recompute=%s: loss %.9g, none %.9g", sp,
+                      config_recompute_name((enum tp_recompute)rc), *f.loss_sum, l_ref);
+            for (int i = 0; i < f.m.n_tensors; i++) {
+                const struct param_tensor *t = &f.m.tensors[i];
+                cr_assert(memcmp(g + t->offset, g_ref + t->offset, t->numel * sizeof(float)) == 0,
+                          "sp=%d recompute=%s: the gradient of %s differs", sp,
+                          config_recompute_name((enum tp_recompute)rc), t->name);
+            }
+            // a second step on the same model: the work buffers hold nothing stale that matters
+            float *g2 = gradient_of(&f);
+            cr_assert(memcmp(g, g2, f.m.n_params_local * sizeof(float)) == 0, "second pass differs");
+            free(g);
+            free(g2);
+            fixture_fini(&f);
+        }
     }
-    free(g);
     free(g_ref);
-    fixture_fini(&f);
     fixture_fini(&ref);
 }
 
