@@ -159,68 +159,74 @@ static void carve_params(struct gpt2_params *p, void *base, size_t es, const str
     p->lnfb = b + t[i++].offset * es;
 }
 
+// With sequence parallelism, the layernorm gradients packed for their all-reduce (struct model's
+// ln_grads): gradient memory, allocated beside the gradients.
+static size_t ln_grads_bytes(const struct model_dims *d) {
+    return d->sp ? (size_t)(2 * d->L + 1) * 2 * (size_t)d->C * sizeof(float) : 0;
+}
+
 // Walks the activation plan once: with base == NULL it only counts bytes, otherwise it also
 // assigns pointers. Counting and carving share this code so the plan and the allocation agree.
-// Compute-type tensors take es bytes per element, fp32 ones 4.
-static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dims *d, struct backend be) {
+// Compute-type tensors take es bytes per element, fp32 ones 4. by_kind (optional) gets each
+// buffer's bytes added to its kind.
+static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dims *d, struct backend be,
+                         size_t *by_kind) {
     size_t N = d->N, S = d->S, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
     size_t es = tp_dtype_size(be.iface->dtype(be.ctx)), f4 = sizeof(float);
     size_t saved = be.iface->attention_saved_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t scratch = be.iface->attention_scratch_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t off = 0;
-#define TAKE(ptr, n, elem)                                             \
-    do {                                                               \
-        if (base) (ptr) = (void *)((char *)base + off);                \
-        off += tp_round_up((n) * (elem), 256); /* aligned starts */    \
+#define TAKE(kind, ptr, n, elem)                                                  \
+    do {                                                                          \
+        size_t bytes_ = tp_round_up((n) * (elem), 256); /* aligned starts */      \
+        if (base) (ptr) = (void *)((char *)base + off);                           \
+        if (by_kind) by_kind[kind] += bytes_;                                     \
+        off += bytes_;                                                            \
     } while (0)
 // A per-layer buffer: its own when the layer keeps it, else layer 0's (the shared work set).
-#define TAKE_LAYER(field, n, elem, kept)                                    \
-    do {                                                                    \
-        if (l == 0 || (kept)) TAKE(la->field, n, elem);                     \
-        else if (base) la->field = a->layers[0].field;                      \
+#define TAKE_LAYER(kind, field, n, elem, kept)                                    \
+    do {                                                                          \
+        if (kept) TAKE(kind, la->field, n, elem);                                 \
+        else if (l == 0) TAKE(ACT_WORK, la->field, n, elem);                      \
+        else if (base) la->field = a->layers[0].field;                            \
     } while (0)
     bool all = d->recompute == TP_RECOMPUTE_NONE, part = d->recompute != TP_RECOMPUTE_FULL;
     struct gpt2_acts tmpa, *aa = a && base ? a : &tmpa;
-    TAKE(aa->encoded, S * C, es);
+    TAKE(ACT_EMBED, aa->encoded, S * C, es);
     for (int l = 0; l < d->L; l++) {
         struct layer_acts tmp, *la = a && base ? &a->layers[l] : &tmp;
-        TAKE_LAYER(ln1, S * C, es, part);
-        TAKE_LAYER(ln1_mean, S, f4, part);
-        TAKE_LAYER(ln1_rstd, S, f4, part);
-        TAKE_LAYER(qkv, N * 3 * Cl, es, part);
-        TAKE_LAYER(atty, N * Cl, es, all);
-        TAKE_LAYER(att_saved, saved, f4, all);
-        TAKE_LAYER(res2, S * C, es, part);
-        TAKE_LAYER(ln2, S * C, es, part);
-        TAKE_LAYER(ln2_mean, S, f4, part);
-        TAKE_LAYER(ln2_rstd, S, f4, part);
-        TAKE_LAYER(fch, N * Fl, es, part);
-        TAKE_LAYER(fch_gelu, N * Fl, es, all);
-        TAKE(la->res3, S * C, es);
+        TAKE_LAYER(ACT_LN1, ln1, S * C, es, part);
+        TAKE_LAYER(ACT_LN1, ln1_mean, S, f4, part);
+        TAKE_LAYER(ACT_LN1, ln1_rstd, S, f4, part);
+        TAKE_LAYER(ACT_QKV, qkv, N * 3 * Cl, es, part);
+        TAKE_LAYER(ACT_ATTN_OUT, atty, N * Cl, es, all);
+        TAKE_LAYER(ACT_ATTN_SAVED, att_saved, saved, f4, all);
+        TAKE_LAYER(ACT_RES_ATTN, res2, S * C, es, part);
+        TAKE_LAYER(ACT_LN2, ln2, S * C, es, part);
+        TAKE_LAYER(ACT_LN2, ln2_mean, S, f4, part);
+        TAKE_LAYER(ACT_LN2, ln2_rstd, S, f4, part);
+        TAKE_LAYER(ACT_FC_PRE, fch, N * Fl, es, part);
+        TAKE_LAYER(ACT_FC_GELU, fch_gelu, N * Fl, es, all);
+        TAKE(ACT_BLOCK_OUT, la->res3, S * C, es);
     }
 #undef TAKE_LAYER
-    TAKE(aa->proj, N * C, es);
-    if (d->sp) {
-        TAKE(aa->rows, N * C, es);
-        TAKE(aa->ln_grads, (size_t)(2 * d->L + 1) * 2 * C, f4);
-    } else if (base) {
-        aa->rows = NULL;
-        aa->ln_grads = NULL;
-    }
-    TAKE(aa->lnf, S * C, es);
-    TAKE(aa->lnf_mean, S, f4);
-    TAKE(aa->lnf_rstd, S, f4);
-    TAKE(aa->logits, N * Vl, es);
-    TAKE(aa->maxes, N, f4);
-    TAKE(aa->local_maxes, N, f4);
-    TAKE(aa->sums, 2 * N, f4);
-    TAKE(aa->losses, N, f4);
-    TAKE(aa->dres, S * C, es);
-    TAKE(aa->dln, S * C, es);
-    TAKE(aa->dqkv, N * 3 * Cl, es);
-    TAKE(aa->datty, N * Cl, es);
-    TAKE(aa->dfch, N * Fl, es);
-    TAKE(aa->att_scratch, scratch, f4);
+    TAKE(ACT_SCRATCH, aa->proj, N * C, es);
+    if (d->sp) TAKE(ACT_SCRATCH, aa->rows, N * C, es);
+    else if (base) aa->rows = NULL;
+    TAKE(ACT_HEAD, aa->lnf, S * C, es);
+    TAKE(ACT_HEAD, aa->lnf_mean, S, f4);
+    TAKE(ACT_HEAD, aa->lnf_rstd, S, f4);
+    TAKE(ACT_HEAD, aa->logits, N * Vl, es);
+    TAKE(ACT_HEAD, aa->maxes, N, f4);
+    TAKE(ACT_HEAD, aa->local_maxes, N, f4);
+    TAKE(ACT_HEAD, aa->sums, 2 * N, f4);
+    TAKE(ACT_HEAD, aa->losses, N, f4);
+    TAKE(ACT_BACKWARD, aa->dres, S * C, es);
+    TAKE(ACT_BACKWARD, aa->dln, S * C, es);
+    TAKE(ACT_BACKWARD, aa->dqkv, N * 3 * Cl, es);
+    TAKE(ACT_BACKWARD, aa->datty, N * Cl, es);
+    TAKE(ACT_BACKWARD, aa->dfch, N * Fl, es);
+    TAKE(ACT_SCRATCH, aa->att_scratch, scratch, f4);
 #undef TAKE
     return off;
 }
@@ -231,11 +237,70 @@ struct model_memory model_memory_plan(const struct model_dims *d, struct backend
     size_t global;
     free(model_param_table(d, &n, &mm.param_floats, &global));
     enum tp_dtype dt = be.iface->dtype(be.ctx);
+    mm.param_bytes = mm.param_floats * sizeof(float);
+    mm.grad_bytes = mm.param_floats * sizeof(float) + ln_grads_bytes(d);
+    mm.optim_bytes = 2 * mm.param_floats * sizeof(float); // AdamW's m and v
     mm.param_compute_bytes = dt == TP_DTYPE_F32 ? 0 : mm.param_floats * tp_dtype_size(dt);
-    mm.act_bytes = carve_acts(NULL, NULL, d, be);
-    mm.total_bytes = 4 * mm.param_floats * sizeof(float) + mm.param_compute_bytes + mm.act_bytes +
-                     2 * d->N * sizeof(int);
+    mm.act_bytes = carve_acts(NULL, NULL, d, be, mm.act);
+    for (int k = 0; k < ACT_N_LAYER; k++) mm.act_layer_bytes += mm.act[k] / (size_t)d->L;
+    mm.token_bytes = 2 * d->N * sizeof(int);
+    mm.total_bytes = mm.param_bytes + mm.grad_bytes + mm.optim_bytes + mm.param_compute_bytes + mm.act_bytes +
+                     mm.token_bytes;
     return mm;
+}
+
+const char *model_act_kind_name(enum model_act_kind k) {
+    static const char *const names[ACT_N_KINDS] = {
+        [ACT_LN1] = "ln_1 output + statistics", [ACT_QKV] = "qkv", [ACT_ATTN_OUT] = "attention output",
+        [ACT_ATTN_SAVED] = "attention saved for backward", [ACT_RES_ATTN] = "residual after attention",
+        [ACT_LN2] = "ln_2 output + statistics", [ACT_FC_PRE] = "fc output (GELU input)",
+        [ACT_FC_GELU] = "GELU output", [ACT_BLOCK_OUT] = "block output (next input)",
+        [ACT_EMBED] = "embedding output", [ACT_WORK] = "recomputation work set (one layer)",
+        [ACT_HEAD] = "ln_f, logits and loss statistics", [ACT_BACKWARD] = "backward gradient buffers",
+        [ACT_SCRATCH] = "scratch (partial sums, gathered rows)",
+    };
+    return k >= 0 && k < ACT_N_KINDS ? names[k] : "?";
+}
+
+// "(S, C)"-style shape of each kind, for the plan's reader.
+static const char *act_kind_shape(enum model_act_kind k, const struct model_dims *d) {
+    switch (k) {
+    case ACT_LN1:
+    case ACT_LN2: return d->sp ? "(BT/tp, C) + 2 x (BT/tp) fp32" : "(BT, C) + 2 x (BT) fp32";
+    case ACT_QKV: return "(BT, 3C/tp)";
+    case ACT_ATTN_OUT: return "(BT, C/tp)";
+    case ACT_ATTN_SAVED: return "backend's (per head)";
+    case ACT_RES_ATTN:
+    case ACT_BLOCK_OUT:
+    case ACT_EMBED: return d->sp ? "(BT/tp, C)" : "(BT, C)";
+    case ACT_FC_PRE:
+    case ACT_FC_GELU: return "(BT, 4C/tp)";
+    default: return "";
+    }
+}
+
+void model_memory_print(FILE *f, const struct model_dims *d, const struct model_memory *mm, const char *what) {
+    const double MiB = 1024.0 * 1024.0, GiB = MiB * 1024.0;
+    fprintf(f, "# memory per rank (%s): parameters %.3f GiB (+ %.3f compute copy), gradients %.3f, AdamW %.3f, "
+            "activations %.3f -> total %.3f GiB\n", what, (double)mm->param_bytes / GiB,
+            (double)mm->param_compute_bytes / GiB, (double)mm->grad_bytes / GiB, (double)mm->optim_bytes / GiB,
+            (double)mm->act_bytes / GiB, (double)mm->total_bytes / GiB);
+    fprintf(f, "# activations by kind (sequence_parallel %s, recompute %s; B=%d, T=%d, C=%d, tp=%d):\n",
+            d->sp ? "on" : "off", config_recompute_name(d->recompute), d->B, d->T, d->C, d->P);
+    fprintf(f, "#   %-38s %-30s %14s %14s\n", "kept per layer for backward", "shape", "MiB per layer", "MiB");
+    for (int k = 0; k < ACT_N_KINDS; k++) {
+        if (k == ACT_N_LAYER) {
+            fprintf(f, "#   %-38s %-30s %14.3f %14.3f\n", "= one layer", "", (double)mm->act_layer_bytes / MiB,
+                    (double)mm->act_layer_bytes * d->L / MiB);
+            fprintf(f, "#   once\n");
+        }
+        if (!mm->act[k]) continue; // dropped by recomputation, or absent with these options
+        char per[32] = "";
+        if (k < ACT_N_LAYER) snprintf(per, sizeof per, "%.3f", (double)mm->act[k] / (double)d->L / MiB);
+        fprintf(f, "#     %-36s %-30s %14s %14.3f\n", model_act_kind_name((enum model_act_kind)k),
+                act_kind_shape((enum model_act_kind)k, d), per, (double)mm->act[k] / MiB);
+    }
+    fprintf(f, "#   %-38s %-30s %14s %14.3f\n", "= activations", "", "", (double)mm->act_bytes / MiB);
 }
 
 static void *be_alloc(struct model *m, size_t bytes) {
@@ -255,6 +320,7 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be,
     size_t es = tp_dtype_size(m->dtype);
     m->params = be_alloc(m, m->n_params_local * sizeof(float));
     m->grads = be_alloc(m, m->n_params_local * sizeof(float));
+    m->ln_grads = d->sp ? be_alloc(m, ln_grads_bytes(d)) : NULL;
     // fp32 computes on the master weights directly; bf16 keeps a rounded copy for the products.
     m->params_compute = m->dtype == TP_DTYPE_F32 ? (void *)m->params : be_alloc(m, m->n_params_local * es);
     m->p.layers = tp_calloc((size_t)d->L, sizeof(struct layer_params));
@@ -262,8 +328,8 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be,
     carve_params(&m->p, m->params_compute, es, m->tensors, d->L);
     carve_params(&m->g, m->grads, sizeof(float), m->tensors, d->L);
     m->a.layers = tp_calloc((size_t)d->L, sizeof(struct layer_acts));
-    m->act_memory = be_alloc(m, carve_acts(NULL, NULL, d, be));
-    carve_acts(&m->a, m->act_memory, d, be);
+    m->act_memory = be_alloc(m, carve_acts(NULL, NULL, d, be, NULL));
+    carve_acts(&m->a, m->act_memory, d, be, NULL);
     m->seq = (struct tp_sequence_parallel){.rows = m->a.rows, .drows = m->a.proj};
     m->inputs = be_alloc(m, d->N * sizeof(int));
     m->targets = be_alloc(m, d->N * sizeof(int));
@@ -288,6 +354,7 @@ void model_destroy(struct model *m) {
     if (m->params_compute != (void *)m->params) b->free(m->be.ctx, m->params_compute);
     b->free(m->be.ctx, m->params);
     b->free(m->be.ctx, m->grads);
+    if (m->ln_grads) b->free(m->be.ctx, m->ln_grads);
     b->free(m->be.ctx, m->act_memory);
     b->free(m->be.ctx, m->inputs);
     b->free(m->be.ctx, m->targets);
@@ -562,9 +629,9 @@ void model_reduce_sequence_parallel_grads(struct model *m, struct comm *tp) {
     // packed, so that the group pays one all-reduce's latency instead of 2L + 1
     for (int i = 0; i < n; i++)
         for (int k = 0; k < 2; k++)
-            b->copy(m->be.ctx, m->a.ln_grads + (2 * (size_t)i + (size_t)k) * C, layernorm_grad(m, i, k), bytes);
-    comm_all_reduce(tp, m->a.ln_grads, (size_t)n * 2 * C, COMM_SUM);
+            b->copy(m->be.ctx, m->ln_grads + (2 * (size_t)i + (size_t)k) * C, layernorm_grad(m, i, k), bytes);
+    comm_all_reduce(tp, m->ln_grads, (size_t)n * 2 * C, COMM_SUM);
     for (int i = 0; i < n; i++)
         for (int k = 0; k < 2; k++)
-            b->copy(m->be.ctx, layernorm_grad(m, i, k), m->a.ln_grads + (2 * (size_t)i + (size_t)k) * C, bytes);
+            b->copy(m->be.ctx, layernorm_grad(m, i, k), m->ln_grads + (2 * (size_t)i + (size_t)k) * C, bytes);
 }

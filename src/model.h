@@ -20,6 +20,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdio.h>
 
 #include "backend.h"
 #include "comm.h"
@@ -81,8 +82,6 @@ struct gpt2_acts {
     void *proj;                       // (N, C) row-parallel partial output, reduced in place; with
                                       //   sequence parallelism also a column-parallel input gradient
     void *rows;                       // (N, C) sequence-parallel scratch (tp_sequence_parallel.rows); NULL without
-    float *ln_grads;                  // (2L+1, 2C) sequence parallelism: the layernorm gradients packed for
-                                      //   their all-reduce; NULL without
     void *lnf;                        // (S, C)
     float *lnf_mean, *lnf_rstd;       // (S), (S)
     void *logits;                     // (N, Vl) this rank's vocab columns; dlogits in place
@@ -120,10 +119,38 @@ static inline struct model_options model_options_of(const struct tp_config *cfg)
     return (struct model_options){cfg->parallel.sequence_parallel, cfg->train.recompute};
 }
 
+// Activation buffers by kind (model_memory_plan). The first ACT_N_LAYER kinds are what each
+// layer keeps from its forward for its backward (the same for every layer); the rest exist once.
+enum model_act_kind {
+    ACT_LN1,          // ln_1 output and its statistics
+    ACT_QKV,          // qkv
+    ACT_ATTN_OUT,     // attention output (proj's input)
+    ACT_ATTN_SAVED,   // what attention keeps for its backward (softmax statistics or probabilities)
+    ACT_RES_ATTN,     // residual after attention (ln_2's input)
+    ACT_LN2,          // ln_2 output and its statistics
+    ACT_FC_PRE,       // fc output before the GELU
+    ACT_FC_GELU,      // GELU output (fc_proj's input)
+    ACT_BLOCK_OUT,    // block output (the next block's input)
+    ACT_N_LAYER,
+    ACT_EMBED = ACT_N_LAYER, // embedding output (the first block's input)
+    ACT_WORK,         // recomputation's work set: one layer's worth of what layers do not keep
+    ACT_HEAD,         // ln_f, the logits and the loss statistics
+    ACT_BACKWARD,     // the backward's gradient buffers
+    ACT_SCRATCH,      // row-parallel partial sums, gathered rows, attention scratch
+    ACT_N_KINDS
+};
+
 struct model_memory {
     size_t param_floats;        // local parameters (= gradients = each AdamW moment)
+    size_t param_bytes;         // fp32 master weights
+    size_t grad_bytes;          // fp32 gradients (and, with sequence parallelism, the layernorm ones'
+                                // all-reduce staging)
+    size_t optim_bytes;         // AdamW's two fp32 moments
     size_t param_compute_bytes; // the compute-type copy of the parameters (0 in fp32: shared)
-    size_t act_bytes;           // activations, all layers, plus backward buffers
+    size_t act[ACT_N_KINDS];    // activation bytes by kind; per-layer kinds summed over the layers
+    size_t act_layer_bytes;     // what one layer keeps (the per-layer kinds of act, divided by L)
+    size_t act_bytes;           // activations, all layers, plus backward buffers (sum of act)
+    size_t token_bytes;         // input and target ids
     size_t total_bytes;         // params + grads + m + v + compute copy + activations + tokens
 };
 
@@ -137,6 +164,8 @@ struct model {
     size_t n_params_global;       // real parameters counted once (tied wte once, no padding)
     enum tp_dtype dtype;          // the backend's compute type
     float *params, *grads;        // (n_params_local) backend memory: fp32 master weights, gradients
+    float *ln_grads;              // (2L+1, 2C) with sequence parallelism the layernorm gradients packed for
+                                  //   their all-reduce; NULL without
     void *params_compute;         // (n_params_local) compute-type weights; == params in fp32
     struct gpt2_params p, g;      // views into params_compute / grads
     void *act_memory;             // one allocation for all activations
@@ -157,6 +186,10 @@ struct param_tensor *model_param_table(const struct model_dims *d, int *count, s
 
 // Memory the run allocates on the backend per rank, from the same plan model_create uses.
 struct model_memory model_memory_plan(const struct model_dims *d, struct backend be);
+const char *model_act_kind_name(enum model_act_kind k);
+// The plan as --dry-run prints it: a summary line ("# memory per rank (WHAT): ..."), then the
+// activations by kind, per layer and in all.
+void model_memory_print(FILE *f, const struct model_dims *d, const struct model_memory *mm, const char *what);
 
 // Allocates parameters (zero), gradients and activations on be, for weights loaded afterwards.
 // tp: the TP group (d->P ranks) whose shards this rank holds; it must outlive the model.

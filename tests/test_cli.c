@@ -149,6 +149,24 @@ Test(cli, dry_run_prints_per_rank_shapes) {
     expect_has(out, "124.44M", "parameter count");
     expect_has(out, "27 forward, 25 backward", "collectives (2L+3, 2L+1 for 12 layers)");
     expect_has(out, "memory per rank", "memory estimate");
+    expect_has(out, "kept per layer for backward", "activations by kind");
+    expect_has(out, "= one layer", "activations per layer");
+    free(out);
+}
+
+// The plan follows the options: sequence parallelism shards the layernorm and residual rows and
+// changes the collectives (4L+4 forward, 6L+3 backward); full recomputation keeps only each
+// block's output per layer, with a work set once.
+Test(cli, dry_run_plans_for_the_memory_options) {
+    char *out = expect_exit(0, "--dry-run configs/gpt2-124m.yaml --set parallel.tp=4 --set parallel.sequence_parallel=true "
+                               "--set train.recompute=full");
+    expect_has(out, "sequence_parallel on, recompute full", "the options");
+    expect_has(out, "(BT/tp, C)", "sharded rows");
+    expect_has(out, "recomputation work set (one layer)", "the work set");
+    expect_has(out, "52 forward, 111 backward", "collectives (4L+4, 6L+3 + 3L for 12 layers)");
+    char line[512];
+    line_with(out, "qkv ", line, sizeof line);
+    cr_assert(!line[0], "full recomputation keeps no qkv per layer: %s", line);
     free(out);
 }
 

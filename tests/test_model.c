@@ -501,6 +501,112 @@ Test(model, memory_plan_matches_allocations) {
     }
 }
 
+// ---- activation accounting (docs/memory.md) against what the backend allocates
+
+// Bytes one layer keeps, as docs/memory.md writes them for the CPU backend in fp32 (e = 4; its
+// attention keeps the (T, T) probabilities of its heads): s*b tokens, R of them per rank in the
+// sequence-parallel regions.
+static double layer_formula(const struct model_dims *d, enum tp_recompute rc) {
+    double e = 4, sb = (double)d->N, h = d->C, t = d->P, R = d->sp ? sb / t : sb;
+    double ln = R * h * e + 2 * 4 * R, res = R * h * e, qkv = 3 * sb * h / t * e, atty = sb * h / t * e;
+    double fc = 4 * sb * h / t * e, saved = 4.0 * d->B * (d->NH / t) * (double)d->T * d->T;
+    if (rc == TP_RECOMPUTE_FULL) return res;
+    if (rc == TP_RECOMPUTE_SELECTIVE) return 2 * ln + qkv + 2 * res + fc;
+    return 2 * ln + qkv + atty + saved + 2 * res + 2 * fc;
+}
+
+// The activation bytes the backend measured (what it allocated, less parameters, gradients, AdamW
+// state, tokens and the optimizer's own small buffers) after model_create and optim_create; they
+// must be the plan's. *plan gets the plan.
+static double measured_acts(struct tp_model_config mc, int B, int P, struct model_options o, struct model_memory *plan) {
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    struct model_dims d = model_dims_make(&mc, B, P, o);
+    *plan = model_memory_plan(&d, be);
+    struct comm rank0 = {.rank = 0, .size = P}; // places the rank only: no collective is issued
+    struct model m;
+    model_create(&m, &d, be, &rank0, 1);
+    struct optim opt;
+    optim_create(&opt, &m, 0.1);
+    struct backend_memory bm;
+    be.iface->memory_stats(be.ctx, &bm);
+    cr_assert_eq(bm.now, m.bytes_allocated, "the backend counted %zu bytes, the model and optimizer allocated %zu",
+                 bm.now, m.bytes_allocated);
+    cr_assert_eq(bm.peak, bm.now);
+    size_t optim_extra = 2 * sizeof(float) + (size_t)m.n_tensors * sizeof(struct param_segment);
+    double acts = (double)bm.peak - (double)(plan->total_bytes - plan->act_bytes) - (double)optim_extra;
+    cr_assert_eq(acts, (double)plan->act_bytes, "measured %.0f activation bytes, planned %zu", acts, plan->act_bytes);
+    optim_destroy(&opt, &m);
+    model_destroy(&m);
+    be.iface->memory_stats(be.ctx, &bm);
+    cr_assert_eq(bm.now, 0, "%zu bytes still counted after everything was freed", bm.now);
+    backend_destroy(&be);
+    return acts;
+}
+
+// Per layer, measured (the difference between 3 and 2 layers) against docs/memory.md's formula,
+// at tp 1, 2, 4 with and without sequence parallelism, for each recompute mode; with sequence
+// parallelism a rank's per-layer bytes at tp=4 are at most 0.3 of tp=1's.
+Test(model, activations_per_layer_follow_the_accounting) {
+    struct tp_model_config mc = {.n_layer = 2, .n_head = 4, .n_embd = 128, .vocab_size = VOCAB, .seq_len = 64};
+    const int B = 2;
+    for (int rc = TP_RECOMPUTE_NONE; rc <= TP_RECOMPUTE_FULL; rc++) {
+        double at_tp1 = 0;
+        for (int sp = 0; sp <= 1; sp++) {
+            for (int P = 1; P <= 4; P *= 2) {
+                struct model_options o = {(bool)sp, (enum tp_recompute)rc};
+                struct model_memory p2, p3;
+                mc.n_layer = 2;
+                double a2 = measured_acts(mc, B, P, o, &p2);
+                mc.n_layer = 3;
+                double a3 = measured_acts(mc, B, P, o, &p3);
+                struct model_dims d = model_dims_make(&mc, B, P, o);
+                double measured = a3 - a2, formula = layer_formula(&d, (enum tp_recompute)rc);
+                cr_log_info("recompute %-9s sp %d tp %d: per layer measured %.0f, formula %.0f bytes (%+.2f%%)",
+                            config_recompute_name((enum tp_recompute)rc), sp, P, measured, formula,
+                            100 * (measured - formula) / formula);
+                cr_expect(fabs(measured - formula) <= 0.02 * formula, "recompute %s sp %d tp %d: measured %.0f, "
+                          "formula %.0f", config_recompute_name((enum tp_recompute)rc), sp, P, measured, formula);
+                cr_expect_eq((size_t)measured, p3.act_layer_bytes, "the plan's per-layer figure");
+                if (P == 1 && !sp) at_tp1 = measured;
+                if (P == 4 && sp)
+                    cr_expect(measured <= 0.3 * at_tp1, "recompute %s: tp=4 with sequence parallelism keeps %.0f "
+                              "bytes per layer, %.2f of tp=1's %.0f", config_recompute_name((enum tp_recompute)rc),
+                              measured, measured / at_tp1, at_tp1);
+            }
+        }
+    }
+}
+
+// Recomputation drops exactly the kinds docs/memory.md names and keeps one layer's worth of them
+// as its work set.
+Test(model, recompute_plan_drops_its_kinds) {
+    struct tp_model_config mc = tiny_config(3);
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    struct model_dims d0 = model_dims_make(&mc, 2, 2, (struct model_options){0});
+    struct model_memory none = model_memory_plan(&d0, be);
+    cr_assert_eq(none.act[ACT_WORK], 0);
+    size_t sum = 0;
+    for (int k = 0; k < ACT_N_KINDS; k++) sum += none.act[k];
+    cr_assert_eq(sum, none.act_bytes);
+    for (int rc = TP_RECOMPUTE_SELECTIVE; rc <= TP_RECOMPUTE_FULL; rc++) {
+        struct model_dims d = model_dims_make(&mc, 2, 2, (struct model_options){false, (enum tp_recompute)rc});
+        struct model_memory mm = model_memory_plan(&d, be);
+        size_t dropped = 0;
+        for (int k = 0; k < ACT_N_LAYER; k++) {
+            bool kept = k == ACT_BLOCK_OUT ||
+                        (rc == TP_RECOMPUTE_SELECTIVE && k != ACT_ATTN_OUT && k != ACT_ATTN_SAVED && k != ACT_FC_GELU);
+            cr_assert_eq(mm.act[k], kept ? none.act[k] : 0, "recompute %s, %s", config_recompute_name(d.recompute),
+                         model_act_kind_name((enum model_act_kind)k));
+            if (!kept) dropped += none.act[k] / (size_t)d.L;
+        }
+        cr_assert_eq(mm.act[ACT_WORK], dropped, "the work set is one layer of what is dropped");
+        for (int k = ACT_N_LAYER; k < ACT_N_KINDS; k++)
+            if (k != ACT_WORK) cr_assert_eq(mm.act[k], none.act[k]);
+        cr_assert_lt(mm.act_bytes, none.act_bytes);
+    }
+    backend_destroy(&be);
+}
+
 // ---- the bf16 path (CPU emulation: bf16 storage, fp32 arithmetic)
 
 static void bf16_to_floats(float *out, const void *in, size_t n) {

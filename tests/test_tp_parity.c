@@ -269,6 +269,8 @@ Test(tp_parity, sequence_parallel_matches_tp1) {
         cr_assert_eq(rc, 0, "sequence parallel tp=%d failed (%d):\n%s", tp, rc, r.out);
         snprintf(label, sizeof label, "sequence parallel tp=%d", tp);
         compare_logs(r.ref, r.out_log, STEPS, 5e-4, label);
+        cr_assert(strstr(r.out, "memory after step 1: plan") && strstr(r.out, "measured peak"),
+                  "no memory line after the first step:\n%s", r.out);
     }
     int rc = run_tptrain(r.out, 2, 600, r.shard, r.out_log,
                          "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
