@@ -43,6 +43,13 @@ static void *cuda_alloc(void *ctx, size_t bytes) {
     cudaError_t e = cudaMalloc(&p, bytes);
     if (e != cudaSuccess) die_out_of_memory(c, bytes, e, "a backend buffer");
     CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, c->stream));
+    if (c->n_allocs == c->cap_allocs) {
+        c->cap_allocs = c->cap_allocs ? 2 * c->cap_allocs : 64;
+        c->allocs = (struct cuda_alloc_rec *)realloc(c->allocs, (size_t)c->cap_allocs * sizeof *c->allocs);
+        if (!c->allocs) tp_die(TP_EXIT_RUNTIME, "cuda backend: out of host memory for the allocation table");
+    }
+    c->allocs[c->n_allocs++] = (struct cuda_alloc_rec){p, bytes};
+    ctx_mem_add(c, bytes);
     return p;
 }
 
@@ -52,6 +59,25 @@ static void cuda_free(void *ctx, void *ptr) {
     // queued work may still use ptr; cudaFree alone does not order against a non-blocking stream
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
     CUDA_CHECK(cudaFree(ptr));
+    for (int i = c->n_allocs - 1; i >= 0; i--) // a few dozen live buffers: a scan is enough
+        if (c->allocs[i].ptr == ptr) {
+            c->mem_now -= c->allocs[i].bytes;
+            c->allocs[i] = c->allocs[--c->n_allocs];
+            break;
+        }
+}
+
+// The backend's own cudaMalloc'd bytes (buffers, reduction scratch, the cuBLAS and cuBLASLt
+// workspaces; cuBLASLt's internal scratch is not seen), and the whole device's use.
+static void cuda_memory_stats(void *ctx, struct backend_memory *out) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+        (void)cudaGetLastError();
+        free_b = total_b = 0;
+    }
+    *out = (struct backend_memory){.now = c->mem_now, .peak = c->mem_peak, .device_used = total_b - free_b,
+                                   .device_total = total_b};
 }
 
 static void cuda_zero(void *ctx, void *ptr, size_t bytes) {
@@ -104,6 +130,7 @@ static void cuda_destroy(void *ctx) {
     if (c->blas_ws) CUDA_CHECK(cudaFree(c->blas_ws));
     if (c->scratch) CUDA_CHECK(cudaFree(c->scratch));
     CUDA_CHECK(cudaStreamDestroy(c->stream));
+    free(c->allocs);
     free(c);
 }
 
@@ -154,6 +181,7 @@ static const struct backend_i cuda_iface = {
     .from_compute = cuda_from_compute,
     .synchronize = cuda_synchronize,
     .native_stream = cuda_native_stream,
+    .memory_stats = cuda_memory_stats,
     .destroy = cuda_destroy,
     .vocab_embedding_fwd = cuda_vocab_embedding_fwd,
     .vocab_embedding_bwd = cuda_vocab_embedding_bwd,
@@ -255,6 +283,7 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
     have_stream = true;
     step = "cudaMalloc (cuBLAS workspace)";
     if ((e = cudaMalloc(&c->blas_ws, CUDA_BLAS_WORKSPACE_BYTES)) != cudaSuccess) goto cuda_fail;
+    ctx_mem_add(c, CUDA_BLAS_WORKSPACE_BYTES);
     step = "cublasCreate";
     if ((bs = cublasCreate(&c->blas)) != CUBLAS_STATUS_SUCCESS) goto blas_fail;
     have_blas = true;
@@ -277,6 +306,7 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
                      gerr);
             goto cleanup;
         }
+        ctx_mem_add(c, CUDA_GEMM_WORKSPACE_BYTES);
     }
     out->iface = &cuda_iface;
     out->ctx = c;

@@ -55,6 +55,12 @@ extern "C" {
 #define XENT_STATS_MIN_BLOCKS 4
 #define XENT_UNROLL 4
 
+// One live buffer from the backend's alloc: cudaFree does not tell the size it releases.
+struct cuda_alloc_rec {
+    void *ptr;
+    size_t bytes;
+};
+
 struct cuda_ctx {
     int device;
     enum tp_dtype dtype;       // element type of the compute (void *) tensors
@@ -65,7 +71,16 @@ struct cuda_ctx {
     void *scratch;             // (scratch_bytes) reduction partials; grows, never shrinks
     size_t scratch_bytes;
     bool warned_gemm_fallback; // the bf16 product fallback has been reported once
+    // memory_stats: what this backend cudaMalloc'd itself (alloc's buffers, scratch, workspaces)
+    size_t mem_now, mem_peak;
+    struct cuda_alloc_rec *allocs; // (n_allocs) live alloc buffers, capacity cap_allocs
+    int n_allocs, cap_allocs;
 };
+
+static inline void ctx_mem_add(struct cuda_ctx *c, size_t bytes) {
+    c->mem_now += bytes;
+    if (c->mem_now > c->mem_peak) c->mem_peak = c->mem_now;
+}
 
 static inline void cublas_check(cublasStatus_t s, const char *call, const char *file, int line) {
     if (s == CUBLAS_STATUS_SUCCESS) return;
@@ -125,12 +140,14 @@ static inline void *ctx_scratch(struct cuda_ctx *c, size_t bytes) {
     if (bytes <= c->scratch_bytes) return c->scratch;
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
     if (c->scratch) CUDA_CHECK(cudaFree(c->scratch));
+    c->mem_now -= c->scratch_bytes;
     c->scratch = NULL;
     c->scratch_bytes = 0;
     size_t want = tp_round_up(bytes, (size_t)1 << 20);
     cudaError_t e = cudaMalloc(&c->scratch, want);
     if (e != cudaSuccess) die_out_of_memory(c, want, e, "reduction scratch");
     c->scratch_bytes = want;
+    ctx_mem_add(c, want);
     return c->scratch;
 }
 

@@ -76,6 +76,15 @@ struct adamw_step {
     int t;                      // 1-based step for bias correction
 };
 
+// What a backend's memory_stats reports.
+struct backend_memory {
+    size_t now, peak;           // bytes the backend itself holds (its allocations, scratch and
+                                // workspaces, not yet freed): now, and the most since it was created
+    size_t device_used;         // bytes in use on the whole device (every process and the runtime's
+                                // own), or 0 where there is no device (the CPU backend)
+    size_t device_total;        // the device's memory, or 0
+};
+
 struct backend_i {
     // ---- identity and memory
     const char *(*name)(void *ctx);                         // "cpu", "cuda"
@@ -93,6 +102,7 @@ struct backend_i {
     void (*from_compute)(void *ctx, float *dst, const void *src, size_t n);
     void (*synchronize)(void *ctx);                          // waits for all queued work
     void *(*native_stream)(void *ctx);                       // (optional) cudaStream_t for NCCL; NULL on CPU
+    void (*memory_stats)(void *ctx, struct backend_memory *out); // (optional) the memory it holds, see above
     void (*destroy)(void *ctx);
 
     // ---- embeddings (vocab-parallel: this rank holds rows [vocab_start, vocab_start + n_vocab) of wte)

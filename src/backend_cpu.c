@@ -35,6 +35,7 @@
 
 struct cpu_ctx {
     enum tp_dtype dtype; // element type of the compute (void *) tensors
+    size_t mem_now, mem_peak; // bytes allocated through alloc and not freed: now, at most
 };
 
 // ---- identity and memory
@@ -44,23 +45,40 @@ static const char *cpu_name(void *ctx) {
     return "cpu";
 }
 
+// Every block starts with a header of CPU_ALLOC_HEADER bytes that records the size asked for
+// (memory_stats counts exactly those), so the pointer handed out keeps the 64-byte alignment.
+#define CPU_ALLOC_HEADER 64
+
 static void *cpu_alloc(void *ctx, size_t bytes) {
-    (void)ctx;
+    struct cpu_ctx *c = ctx;
     // aligned_alloc wants a size that is a multiple of the alignment, and a non-zero one.
     size_t padded = tp_round_up(bytes ? bytes : 1, 64);
-    void *p = aligned_alloc(64, padded);
-    if (!p)
+    char *block = aligned_alloc(64, CPU_ALLOC_HEADER + padded);
+    if (!block)
         tp_die(TP_EXIT_RUNTIME,
                "cpu backend: out of host memory allocating %zu bytes (reduce batch size, "
                "sequence length or model size)",
                bytes);
-    memset(p, 0, padded);
-    return p;
+    memcpy(block, &bytes, sizeof bytes);
+    memset(block + CPU_ALLOC_HEADER, 0, padded);
+    c->mem_now += bytes;
+    if (c->mem_now > c->mem_peak) c->mem_peak = c->mem_now;
+    return block + CPU_ALLOC_HEADER;
 }
 
 static void cpu_free(void *ctx, void *ptr) {
-    (void)ctx;
-    free(ptr);
+    struct cpu_ctx *c = ctx;
+    if (!ptr) return;
+    char *block = (char *)ptr - CPU_ALLOC_HEADER;
+    size_t bytes;
+    memcpy(&bytes, block, sizeof bytes);
+    c->mem_now -= bytes;
+    free(block);
+}
+
+static void cpu_memory_stats(void *ctx, struct backend_memory *out) {
+    const struct cpu_ctx *c = ctx;
+    *out = (struct backend_memory){.now = c->mem_now, .peak = c->mem_peak};
 }
 
 static void cpu_zero(void *ctx, void *ptr, size_t bytes) {
@@ -1136,6 +1154,7 @@ static const struct backend_i cpu_iface = {
     .from_compute = cpu_from_compute,
     .synchronize = cpu_synchronize,
     .native_stream = cpu_native_stream,
+    .memory_stats = cpu_memory_stats,
     .destroy = cpu_destroy,
     .vocab_embedding_fwd = cpu_vocab_embedding_fwd,
     .vocab_embedding_bwd = cpu_vocab_embedding_bwd,
@@ -1168,7 +1187,7 @@ static const struct backend_i cpu_iface = {
 };
 
 struct backend backend_cpu_create(enum tp_dtype dtype) {
-    struct cpu_ctx *ctx = tp_malloc(sizeof *ctx);
+    struct cpu_ctx *ctx = tp_calloc(1, sizeof *ctx);
     ctx->dtype = dtype;
     return (struct backend){.iface = &cpu_iface, .ctx = ctx};
 }

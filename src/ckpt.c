@@ -100,7 +100,7 @@ static void hf_to_global(const struct param_tensor *t, const float *hf, float *g
 
 void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const float *src, int i, float *dst) {
     const struct param_tensor *t = &m->tensors[i];
-    int P = m->d.P, r = m->d.tp_rank;
+    int P = mesh->tp.size, r = mesh->tp.rank;
     bool sharded = t->spec.layout.kind == LAYOUT_SHARD && P > 1;
     size_t n = layout_global_numel(&t->spec);
     float *local = tp_malloc(t->numel * sizeof(float)); // (numel) this rank's shard
@@ -131,7 +131,7 @@ void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const fl
 
 void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *dst) {
     const struct param_tensor *t = &m->tensors[i];
-    int P = m->d.P, r = m->d.tp_rank;
+    int P = m->tp->size, r = m->tp->rank;
     float *global = tp_malloc(layout_global_numel(&t->spec) * sizeof(float)); // stored layout
     hf_to_global(t, src, global);
     float *local = global; // (numel) this rank's shard

@@ -93,17 +93,23 @@ static void all_reduce_host(struct mpi_ctx *c, void *h, size_t count, enum comm_
     if (op == COMM_AVG) scale_avg(h, count, dt, c->size);
 }
 
-// MPI has no bf16 arithmetic: widen to fp32, reduce, round back once (more accurate than bf16
-// partial sums, and the same on every rank).
-static void all_reduce_bf16_host(struct mpi_ctx *c, uint16_t *h, size_t count, enum comm_op op) {
+// fp32 room for count widened bf16 values.
+static float *wide_buffer(struct mpi_ctx *c, size_t count) {
     if (count > c->wide_count) {
         free(c->wide);
         c->wide = tp_malloc(count * sizeof(float));
         c->wide_count = count;
     }
-    for (size_t i = 0; i < count; i++) c->wide[i] = tp_bf16_to_f32(h[i]);
-    all_reduce_host(c, c->wide, count, COMM_F32, op);
-    for (size_t i = 0; i < count; i++) h[i] = tp_bf16_from_f32(c->wide[i]);
+    return c->wide;
+}
+
+// MPI has no bf16 arithmetic: widen to fp32, reduce, round back once (more accurate than bf16
+// partial sums, and the same on every rank).
+static void all_reduce_bf16_host(struct mpi_ctx *c, uint16_t *h, size_t count, enum comm_op op) {
+    float *wide = wide_buffer(c, count);
+    for (size_t i = 0; i < count; i++) wide[i] = tp_bf16_to_f32(h[i]);
+    all_reduce_host(c, wide, count, COMM_F32, op);
+    for (size_t i = 0; i < count; i++) h[i] = tp_bf16_from_f32(wide[i]);
 }
 
 static void mpi_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
@@ -137,9 +143,20 @@ static void mpi_reduce_scatter(void *ctx, void *out, const void *in, size_t coun
     char *h = stage_buffer(c, bytes * (size_t)c->size);
     if (c->be.iface->host_accessible) memcpy(h, in, bytes * (size_t)c->size);
     else c->be.iface->copy_to_host(c->be.ctx, h, in, bytes * (size_t)c->size);
-    mpi_check(MPI_Reduce_scatter_block(MPI_IN_PLACE, h, (int)count, mpi_type(dt), mpi_op(op), c->comm),
-              "reduce_scatter");
-    if (op == COMM_AVG) scale_avg(h, count, dt, c->size);
+    if (dt == COMM_BF16) { // summed in fp32 (as all_reduce does), this rank's block rounded once
+        size_t total = count * (size_t)c->size;
+        float *wide = wide_buffer(c, total);
+        const uint16_t *hb = (const uint16_t *)h;
+        for (size_t i = 0; i < total; i++) wide[i] = tp_bf16_to_f32(hb[i]);
+        mpi_check(MPI_Reduce_scatter_block(MPI_IN_PLACE, wide, (int)count, MPI_FLOAT, mpi_op(op), c->comm),
+                  "reduce_scatter");
+        if (op == COMM_AVG) scale_avg(wide, count, COMM_F32, c->size);
+        for (size_t i = 0; i < count; i++) ((uint16_t *)h)[i] = tp_bf16_from_f32(wide[i]);
+    } else {
+        mpi_check(MPI_Reduce_scatter_block(MPI_IN_PLACE, h, (int)count, mpi_type(dt), mpi_op(op), c->comm),
+                  "reduce_scatter");
+        if (op == COMM_AVG) scale_avg(h, count, dt, c->size);
+    }
     if (c->be.iface->host_accessible) memcpy(out, h, bytes);
     else c->be.iface->copy_to_device(c->be.ctx, out, h, bytes);
 }

@@ -68,6 +68,7 @@ static const char *const comm_names[] = {"auto", "nccl", "mpi", NULL};
 static const char *const schedule_names[] = {"cosine", "linear", "constant", NULL};
 static const char *const precision_names[] = {"fp32", "bf16", NULL};
 static const char *const device_names[] = {"auto", "cpu", "cuda", NULL};
+static const char *const recompute_names[] = {"none", "selective", "full", NULL};
 
 // In the order they are printed; every key of a section is listed contiguously in `keys`.
 static const char *const sections[] = {"model", "parallel", "train", "data", "eval",
@@ -91,6 +92,7 @@ static const struct key_def keys[] = {
      .why = "0 derives it from world size / tp; at most 65536 replicas"},
     {"parallel", "comm", F_ENUM(parallel.comm, comm_names)},
     {"parallel", "device", F_ENUM(parallel.device, device_names)},
+    {"parallel", "sequence_parallel", F_BOOL(parallel.sequence_parallel)},
 
     {"train", "micro_batch", F_INT(train.micro_batch), .lo = 1, .has_hi = true, .hi = 1 << 20,
      .why = "each micro-step needs at least one sequence; at most 2^20"},
@@ -118,6 +120,7 @@ static const struct key_def keys[] = {
     {"train", "grad_clip", F_FLOAT(train.grad_clip), .lo = 0, .why = "0 disables clipping"},
     {"train", "seed", F_U64(train.seed)},
     {"train", "precision", F_ENUM(train.precision, precision_names)},
+    {"train", "recompute", F_ENUM(train.recompute, recompute_names)},
 
     {"data", "train", F_STRING(data.train)},
     {"data", "val", F_STRING(data.val)},
@@ -154,7 +157,8 @@ _Static_assert(N_KEYS <= TP_CONFIG_MAX_KEYS, "raise TP_CONFIG_MAX_KEYS in config
 _Static_assert(sizeof(enum tp_comm_kind) == sizeof(int) &&
                    sizeof(enum tp_schedule) == sizeof(int) &&
                    sizeof(enum tp_precision) == sizeof(int) &&
-                   sizeof(enum tp_device_kind) == sizeof(int),
+                   sizeof(enum tp_device_kind) == sizeof(int) &&
+                   sizeof(enum tp_recompute) == sizeof(int),
                "enum fields are accessed as int");
 
 static void *field_ptr(struct tp_config *cfg, const struct key_def *k) {
@@ -496,12 +500,12 @@ void config_defaults(struct tp_config *cfg) {
     cfg->model = (struct tp_model_config){
         .n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
     cfg->parallel = (struct tp_parallel_config){
-        .tp = 1, .dp = 0, .comm = TP_COMM_AUTO, .device = TP_DEVICE_AUTO};
+        .tp = 1, .dp = 0, .comm = TP_COMM_AUTO, .device = TP_DEVICE_AUTO, .sequence_parallel = false};
     cfg->train = (struct tp_train_config){
         .micro_batch = 4, .global_batch = 0, .grad_accum = 0, .steps = 100,
         .lr = 6e-4, .min_lr = 6e-5, .warmup_steps = 0, .schedule = TP_SCHED_COSINE,
         .weight_decay = 0.1, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .grad_clip = 1.0,
-        .seed = 1337, .precision = TP_PREC_FP32};
+        .seed = 1337, .precision = TP_PREC_FP32, .recompute = TP_RECOMPUTE_NONE};
     snprintf(cfg->data.train, sizeof cfg->data.train, "data/tinyshakespeare_train.bin");
     snprintf(cfg->data.val, sizeof cfg->data.val, "data/tinyshakespeare_val.bin");
     cfg->eval = (struct tp_eval_config){.every = 0, .batches = 8};
@@ -525,6 +529,7 @@ const char *config_precision_name(enum tp_precision p) {
     return enum_name(precision_names, (int)p);
 }
 const char *config_device_name(enum tp_device_kind d) { return enum_name(device_names, (int)d); }
+const char *config_recompute_name(enum tp_recompute r) { return enum_name(recompute_names, (int)r); }
 
 // ---- YAML walk
 
@@ -985,6 +990,14 @@ static int check_parallel(struct tp_config *cfg, int world_size, char *err, size
                        "4*n_embd=%ld is not divisible by tp=%d; the MLP width is split across the "
                        "tp ranks",
                        4L * m->n_embd, p->tp);
+    // Each rank holds seq_len/tp token rows of every sequence between the tensor-parallel
+    // regions (in fact a contiguous block of micro_batch*seq_len/tp rows; see tp.h).
+    if (p->sequence_parallel && m->seq_len % p->tp)
+        return fail_at(cfg, key_index("parallel", "sequence_parallel"), err, errlen,
+                       "needs seq_len=%d divisible by tp=%d (each rank keeps seq_len/tp tokens "
+                       "between the tensor-parallel regions); choose seq_len a multiple of %d, "
+                       "or set parallel.sequence_parallel: false",
+                       m->seq_len, p->tp, p->tp);
     if (world_size > 0) {
         if (world_size % p->tp)
             return fail_at(cfg, k_tp, err, errlen,

@@ -19,6 +19,9 @@ enum tp_comm_kind { TP_COMM_AUTO = 0, TP_COMM_NCCL, TP_COMM_MPI };
 enum tp_schedule { TP_SCHED_COSINE = 0, TP_SCHED_LINEAR, TP_SCHED_CONSTANT };
 enum tp_precision { TP_PREC_FP32 = 0, TP_PREC_BF16 };
 enum tp_device_kind { TP_DEVICE_AUTO = 0, TP_DEVICE_CPU, TP_DEVICE_CUDA };
+// What backward recomputes instead of keeping from forward (docs/memory.md): nothing; the GELU
+// output and the attention core; or each block from its input.
+enum tp_recompute { TP_RECOMPUTE_NONE = 0, TP_RECOMPUTE_SELECTIVE, TP_RECOMPUTE_FULL };
 
 struct tp_model_config {
     int n_layer;     // transformer blocks
@@ -33,6 +36,7 @@ struct tp_parallel_config {
     int dp;                  // data-parallel size; 0 = derive from world size / tp
     enum tp_comm_kind comm;  // auto | nccl | mpi
     enum tp_device_kind device; // auto | cpu | cuda
+    bool sequence_parallel;  // shard layernorm, residual and embedding activations along the tokens
 };
 
 struct tp_train_config {
@@ -49,6 +53,7 @@ struct tp_train_config {
     double grad_clip;        // global L2 norm clip; 0 disables
     unsigned long long seed; // init, data order and sampling
     enum tp_precision precision;
+    enum tp_recompute recompute; // none | selective | full
 };
 
 struct tp_data_config {
@@ -141,3 +146,4 @@ const char *config_comm_name(enum tp_comm_kind k);
 const char *config_schedule_name(enum tp_schedule s);
 const char *config_precision_name(enum tp_precision p);
 const char *config_device_name(enum tp_device_kind d);
+const char *config_recompute_name(enum tp_recompute r);

@@ -121,7 +121,7 @@ static int eval_loss(struct model *m, struct mesh *mesh, const struct tp_config 
     size_t tokens = (size_t)batches * m->d.N * (size_t)mesh->dp_size;
     if (root) {
         printf("eval %s (step %d) | mesh dp=%d x tp=%d | data %s | %d micro-batches of %d x %d per rank | %.2f s\n",
-               dir, cs->step, mesh->dp_size, mesh->tp_size, cfg->data.val, batches, m->d.B, m->d.T, tp_now() - t0);
+               dir, cs->step, mesh->dp_size, mesh->tp.size, cfg->data.val, batches, m->d.B, m->d.T, tp_now() - t0);
         if (cs->has_val && !o->data && !o->batches) // the same data and batches
             printf("training logged val loss %.6f at step %d\n", cs->val_loss, cs->step);
         printf("val loss %.6f | perplexity %.2f | tokens %zu\n", loss, exp(loss), tokens);
@@ -227,7 +227,7 @@ static void decoder_step(struct decoder *dec, int token, int pos) {
     dec->pos = pos;
     b->copy_to_device(ctx, dec->token, &token, sizeof token);
     const void *wpe_row = (const char *)m->p.wpe + (size_t)pos * (size_t)C * dec->es; // (1, C) this position's
-    vocab_parallel_embedding_fwd(m->be, tp, dec->x, dec->token, m->p.wte, wpe_row, 1, 1, C, d->Vl);
+    vocab_parallel_embedding_fwd(m->be, tp, dec->x, dec->token, m->p.wte, wpe_row, 1, 1, C, d->Vl, NULL);
     b->layernorm_fwd(ctx, dec->ln, mean, rstd, dec->x, m->p.layers[0].ln1w, m->p.layers[0].ln1b, 1, C);
     // Each layernorm's output is consumed before the next one overwrites it: one buffer serves all.
     struct block_acts a = {
@@ -240,7 +240,7 @@ static void decoder_step(struct decoder *dec, int token, int pos) {
         model_block_attention_fwd(m, tp, l, &a, &att);
         model_block_mlp_fwd(m, tp, l, &a);
     }
-    column_parallel_linear_fwd(m->be, tp, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl);
+    column_parallel_linear_fwd(m->be, tp, dec->logits, NULL, dec->ln, m->p.wte, NULL, 1, C, d->Vl, NULL);
     // Logits are vocab-sharded: every rank needs all of them to draw the same token.
     gather_from_tp_region_fwd(m->be, tp, dec->gathered, dec->logits, 1, (size_t)d->Vl);
     b->from_compute(ctx, dec->logits32, dec->gathered, (size_t)d->Vp);
@@ -400,7 +400,7 @@ static int generate(struct model *m, struct mesh *mesh, const struct tp_config *
     FILE *info = o->format == TEXT_FORMAT_TEXT ? stdout : stderr;
     if (root) {
         fprintf(info, "generating %d tokens | seed %llu | temperature %g | top-k %d | prompt %d tokens | mesh dp=%d x tp=%d\n",
-                o->generate, seed, o->temperature, o->top_k, n_prompt, mesh->dp_size, mesh->tp_size);
+                o->generate, seed, o->temperature, o->top_k, n_prompt, mesh->dp_size, mesh->tp.size);
         for (int i = 0; i < n_prompt; i++) emit_token(o->format, tk, ctx[i], i == 0);
         fflush(stdout);
     }
@@ -492,8 +492,8 @@ int eval_run(const struct eval_opts *o) {
     st = train_open_mesh(&cfg, &mesh, &be);
     if (!st) {
         struct model m;
-        struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp_size, mesh.tp_rank);
-        model_alloc(&m, &d, be); // every weight comes from the checkpoint
+        struct model_dims d = model_dims_make(&cfg.model, cfg.train.micro_batch, mesh.tp.size, model_options_of(&cfg));
+        model_alloc(&m, &d, be, &mesh.tp); // every weight comes from the checkpoint
         // a Hugging Face directory loads as init.from does (config.json's fields checked there)
         st = ckpt_load_params(&m, &mesh, dir, hf ? CKPT_LOAD_INIT : CKPT_LOAD_EXACT, err, sizeof err);
         st = train_agree(&mesh, st, err);

@@ -11,13 +11,13 @@ void mesh_init(struct mesh *m, const struct tp_config *cfg) {
     m->world = MPI_COMM_WORLD;
     MPI_Comm_rank(m->world, &m->world_rank);
     MPI_Comm_size(m->world, &m->world_size);
-    m->tp_size = cfg->parallel.tp;
-    m->dp_size = m->world_size / m->tp_size;
-    m->tp_rank = m->world_rank % m->tp_size;
-    m->dp_rank = m->world_rank / m->tp_size;
+    int tp_size = cfg->parallel.tp, tp_rank = m->world_rank % tp_size;
+    m->dp_size = m->world_size / tp_size;
+    m->dp_rank = m->world_rank / tp_size;
     // One sub-communicator per mesh dimension: same dp coordinate -> one TP group, and vice versa.
-    MPI_Comm_split(m->world, m->dp_rank, m->tp_rank, &m->tp_comm);
-    MPI_Comm_split(m->world, m->tp_rank, m->dp_rank, &m->dp_comm);
+    // The TP comm built on tp_comm (mesh_create_comms) then holds the TP size and rank.
+    MPI_Comm_split(m->world, m->dp_rank, tp_rank, &m->tp_comm);
+    MPI_Comm_split(m->world, tp_rank, m->dp_rank, &m->dp_comm);
     MPI_Comm node;
     MPI_Comm_split_type(m->world, MPI_COMM_TYPE_SHARED, m->world_rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &m->local_rank);
@@ -125,7 +125,7 @@ int mesh_create_comms(struct mesh *m, const struct tp_config *cfg, struct backen
     // A group of one never communicates. Under auto it gets the MPI comm, which holds no GPU
     // memory: an NCCL communicator reserves device buffers even for a single rank.
     bool forced = cfg->parallel.comm == TP_COMM_NCCL;
-    int status = make_comm(&m->tp, m->tp_comm, nccl && (forced || m->tp_size > 1), be, err, errlen);
+    int status = make_comm(&m->tp, m->tp_comm, nccl && (forced || cfg->parallel.tp > 1), be, err, errlen);
     if (!status) status = make_comm(&m->dp, m->dp_comm, nccl && (forced || m->dp_size > 1), be, err, errlen);
     status = mesh_agree(m, status);
     if (status && !err[0]) snprintf(err, errlen, "another rank failed to create its communicators");

@@ -15,12 +15,12 @@
 
 struct mesh {
     int world_rank, world_size;
-    int tp_size, dp_size;
-    int tp_rank, dp_rank;     // coordinates of this rank
+    int dp_size;
+    int dp_rank;              // this rank's DP coordinate; its TP size and rank are tp.size, tp.rank
     int local_rank, local_size; // among the ranks of this node
     MPI_Comm world;           // MPI_COMM_WORLD
     MPI_Comm tp_comm;         // ranks with the same dp_rank
-    MPI_Comm dp_comm;         // ranks with the same tp_rank
+    MPI_Comm dp_comm;         // ranks with the same TP rank
     int device;               // CUDA device ordinal, -1 on the CPU backend
     bool gpu_shared;          // some node runs more ranks than it has GPUs
     struct comm tp;           // collectives over tp_comm

@@ -1,11 +1,13 @@
-// model.c: the tensor-parallel GPT-2 graph: parameter plan, TP-invariant init, forward, backward.
+// model.c: the tensor-parallel GPT-2 graph: parameter plan, TP-invariant init, forward, backward,
+// recomputation.
 //
 // The graph is composed from tp.h's parallel layers, each of which names its collectives, so a
 // reader counts them here: per layer column_parallel_linear (qkv, fc: 1 all-reduce backward each)
 // and row_parallel_linear (proj, fc_proj: 1 all-reduce forward each), i.e. 2 forward and 2
 // backward; plus vocab_parallel_embedding (1 forward) and the LM head fused with
-// vocab_parallel_cross_entropy (2 per chunk of token rows, and 1 backward). No other collective
-// is issued.
+// vocab_parallel_cross_entropy (2 per chunk of token rows, and 1 backward). With sequence
+// parallelism the same layers swap f and g for all-gathers and reduce-scatters along the tokens
+// (tp.h), and the layernorm gradients get one all-reduce per step. No other collective is issued.
 #include "model.h"
 
 #include <math.h>
@@ -17,7 +19,8 @@
 
 // ---- dims and parameter table
 
-struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp, int tp_rank) {
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp,
+                                  struct model_options opt) {
     struct model_dims d = {0};
     d.L = mc->n_layer;
     d.C = mc->n_embd;
@@ -27,17 +30,18 @@ struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_ba
     d.B = micro_batch;
     d.V = mc->vocab_size;
     d.P = tp;
-    d.tp_rank = tp_rank;
     // Padding to a multiple of 128*P gives every rank an equal, aligned block; padded rows are
     // zero and masked out of the softmax, so the padded size changes nothing in the math.
     d.Vp = (int)tp_round_up((size_t)d.V, (size_t)128 * (size_t)tp);
     d.Vl = d.Vp / tp;
-    d.vocab_start = tp_rank * d.Vl;
     d.NHl = d.NH / tp;
     d.Cl = d.C / tp;
     d.Fl = 4 * d.C / tp;
     d.N = (size_t)d.B * (size_t)d.T;
     d.head_rows = model_head_rows(d.N, d.Vl);
+    d.sp = opt.sequence_parallel;
+    d.recompute = opt.recompute;
+    d.S = d.sp ? d.N / (size_t)tp : d.N;
     return d;
 }
 
@@ -139,7 +143,7 @@ static void init_params(struct model *m, unsigned long long seed) {
         const struct param_tensor *t = &m->tensors[i];
 #pragma omp parallel for schedule(static)
         for (size_t j = 0; j < t->numel; j++) {
-            size_t g = layout_global_index(&t->spec, m->d.tp_rank, m->d.P, j);
+            size_t g = layout_global_index(&t->spec, m->tp->rank, m->tp->size, j);
             host[j] = model_init_value(seed, t, g, m->d.L);
         }
         m->be.iface->copy_to_device(m->be.ctx, m->params + t->offset, host, t->numel * sizeof(float));
@@ -166,54 +170,75 @@ static void carve_params(struct gpt2_params *p, void *base, size_t es, const str
     p->lnfb = b + t[i++].offset * es;
 }
 
+// With sequence parallelism, the layernorm gradients packed for their all-reduce (struct model's
+// ln_grads): gradient memory, allocated beside the gradients.
+static size_t ln_grads_bytes(const struct model_dims *d) {
+    return d->sp ? (size_t)(2 * d->L + 1) * 2 * (size_t)d->C * sizeof(float) : 0;
+}
+
 // Walks the activation plan once: with base == NULL it only counts bytes, otherwise it also
 // assigns pointers. Counting and carving share this code so the plan and the allocation agree.
-// Compute-type tensors take es bytes per element, fp32 ones 4.
-static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dims *d, struct backend be) {
-    size_t N = d->N, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
+// Compute-type tensors take es bytes per element, fp32 ones 4. by_kind (optional) gets each
+// buffer's bytes added to its kind.
+static size_t carve_acts(struct gpt2_acts *a, void *base, const struct model_dims *d, struct backend be,
+                         size_t *by_kind) {
+    size_t N = d->N, S = d->S, C = (size_t)d->C, Cl = (size_t)d->Cl, Fl = (size_t)d->Fl, Vl = (size_t)d->Vl;
     size_t R = (size_t)d->head_rows; // the fused head holds one chunk of logits
     size_t es = tp_dtype_size(be.iface->dtype(be.ctx)), f4 = sizeof(float);
     size_t saved = be.iface->attention_saved_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t scratch = be.iface->attention_scratch_floats(be.ctx, d->B, d->T, d->NHl, d->HS);
     size_t off = 0;
-#define TAKE(ptr, n, elem)                                             \
-    do {                                                               \
-        if (base) (ptr) = (void *)((char *)base + off);                \
-        off += tp_round_up((n) * (elem), 256); /* aligned starts */    \
+#define TAKE(kind, ptr, n, elem)                                                  \
+    do {                                                                          \
+        size_t bytes_ = tp_round_up((n) * (elem), 256); /* aligned starts */      \
+        if (base) (ptr) = (void *)((char *)base + off);                           \
+        if (by_kind) by_kind[kind] += bytes_;                                     \
+        off += bytes_;                                                            \
     } while (0)
+// A per-layer buffer: its own when the layer keeps it, else layer 0's (the shared work set).
+#define TAKE_LAYER(kind, field, n, elem, kept)                                    \
+    do {                                                                          \
+        if (kept) TAKE(kind, la->field, n, elem);                                 \
+        else if (l == 0) TAKE(ACT_WORK, la->field, n, elem);                      \
+        else if (base) la->field = a->layers[0].field;                            \
+    } while (0)
+    bool all = d->recompute == TP_RECOMPUTE_NONE, part = d->recompute != TP_RECOMPUTE_FULL;
     struct gpt2_acts tmpa, *aa = a && base ? a : &tmpa;
-    TAKE(aa->encoded, N * C, es);
+    TAKE(ACT_EMBED, aa->encoded, S * C, es);
     for (int l = 0; l < d->L; l++) {
         struct layer_acts tmp, *la = a && base ? &a->layers[l] : &tmp;
-        TAKE(la->ln1, N * C, es);
-        TAKE(la->ln1_mean, N, f4);
-        TAKE(la->ln1_rstd, N, f4);
-        TAKE(la->qkv, N * 3 * Cl, es);
-        TAKE(la->atty, N * Cl, es);
-        TAKE(la->att_saved, saved, f4);
-        TAKE(la->res2, N * C, es);
-        TAKE(la->ln2, N * C, es);
-        TAKE(la->ln2_mean, N, f4);
-        TAKE(la->ln2_rstd, N, f4);
-        TAKE(la->fch, N * Fl, es);
-        TAKE(la->fch_gelu, N * Fl, es);
-        TAKE(la->res3, N * C, es);
+        TAKE_LAYER(ACT_LN1, ln1, S * C, es, part);
+        TAKE_LAYER(ACT_LN1, ln1_mean, S, f4, part);
+        TAKE_LAYER(ACT_LN1, ln1_rstd, S, f4, part);
+        TAKE_LAYER(ACT_QKV, qkv, N * 3 * Cl, es, part);
+        TAKE_LAYER(ACT_ATTN_OUT, atty, N * Cl, es, all);
+        TAKE_LAYER(ACT_ATTN_SAVED, att_saved, saved, f4, all);
+        TAKE_LAYER(ACT_RES_ATTN, res2, S * C, es, part);
+        TAKE_LAYER(ACT_LN2, ln2, S * C, es, part);
+        TAKE_LAYER(ACT_LN2, ln2_mean, S, f4, part);
+        TAKE_LAYER(ACT_LN2, ln2_rstd, S, f4, part);
+        TAKE_LAYER(ACT_FC_PRE, fch, N * Fl, es, part);
+        TAKE_LAYER(ACT_FC_GELU, fch_gelu, N * Fl, es, all);
+        TAKE(ACT_BLOCK_OUT, la->res3, S * C, es);
     }
-    TAKE(aa->proj, N * C, es);
-    TAKE(aa->lnf, N * C, es);
-    TAKE(aa->lnf_mean, N, f4);
-    TAKE(aa->lnf_rstd, N, f4);
-    TAKE(aa->logits, R * Vl, es);
-    TAKE(aa->maxes, R, f4);
-    TAKE(aa->local_maxes, R, f4);
-    TAKE(aa->sums, 2 * R, f4);
-    TAKE(aa->losses, N, f4);
-    TAKE(aa->dres, N * C, es);
-    TAKE(aa->dln, N * C, es);
-    TAKE(aa->dqkv, N * 3 * Cl, es);
-    TAKE(aa->datty, N * Cl, es);
-    TAKE(aa->dfch, N * Fl, es);
-    TAKE(aa->att_scratch, scratch, f4);
+#undef TAKE_LAYER
+    TAKE(ACT_SCRATCH, aa->proj, N * C, es);
+    if (d->sp) TAKE(ACT_SCRATCH, aa->rows, N * C, es);
+    else if (base) aa->rows = NULL;
+    TAKE(ACT_HEAD, aa->lnf, S * C, es);
+    TAKE(ACT_HEAD, aa->lnf_mean, S, f4);
+    TAKE(ACT_HEAD, aa->lnf_rstd, S, f4);
+    TAKE(ACT_HEAD, aa->logits, R * Vl, es);
+    TAKE(ACT_HEAD, aa->maxes, R, f4);
+    TAKE(ACT_HEAD, aa->local_maxes, R, f4);
+    TAKE(ACT_HEAD, aa->sums, 2 * R, f4);
+    TAKE(ACT_HEAD, aa->losses, N, f4);
+    TAKE(ACT_BACKWARD, aa->dres, S * C, es);
+    TAKE(ACT_BACKWARD, aa->dln, S * C, es);
+    TAKE(ACT_BACKWARD, aa->dqkv, N * 3 * Cl, es);
+    TAKE(ACT_BACKWARD, aa->datty, N * Cl, es);
+    TAKE(ACT_BACKWARD, aa->dfch, N * Fl, es);
+    TAKE(ACT_SCRATCH, aa->att_scratch, scratch, f4);
 #undef TAKE
     return off;
 }
@@ -224,11 +249,70 @@ struct model_memory model_memory_plan(const struct model_dims *d, struct backend
     size_t global;
     free(model_param_table(d, &n, &mm.param_floats, &global));
     enum tp_dtype dt = be.iface->dtype(be.ctx);
+    mm.param_bytes = mm.param_floats * sizeof(float);
+    mm.grad_bytes = mm.param_floats * sizeof(float) + ln_grads_bytes(d);
+    mm.optim_bytes = 2 * mm.param_floats * sizeof(float); // AdamW's m and v
     mm.param_compute_bytes = dt == TP_DTYPE_F32 ? 0 : mm.param_floats * tp_dtype_size(dt);
-    mm.act_bytes = carve_acts(NULL, NULL, d, be);
-    mm.total_bytes = 4 * mm.param_floats * sizeof(float) + mm.param_compute_bytes + mm.act_bytes +
-                     2 * d->N * sizeof(int);
+    mm.act_bytes = carve_acts(NULL, NULL, d, be, mm.act);
+    for (int k = 0; k < ACT_N_LAYER; k++) mm.act_layer_bytes += mm.act[k] / (size_t)d->L;
+    mm.token_bytes = 2 * d->N * sizeof(int);
+    mm.total_bytes = mm.param_bytes + mm.grad_bytes + mm.optim_bytes + mm.param_compute_bytes + mm.act_bytes +
+                     mm.token_bytes;
     return mm;
+}
+
+const char *model_act_kind_name(enum model_act_kind k) {
+    static const char *const names[ACT_N_KINDS] = {
+        [ACT_LN1] = "ln_1 output + statistics", [ACT_QKV] = "qkv", [ACT_ATTN_OUT] = "attention output",
+        [ACT_ATTN_SAVED] = "attention saved for backward", [ACT_RES_ATTN] = "residual after attention",
+        [ACT_LN2] = "ln_2 output + statistics", [ACT_FC_PRE] = "fc output (GELU input)",
+        [ACT_FC_GELU] = "GELU output", [ACT_BLOCK_OUT] = "block output (next input)",
+        [ACT_EMBED] = "embedding output", [ACT_WORK] = "recomputation work set (one layer)",
+        [ACT_HEAD] = "ln_f, logits and loss statistics", [ACT_BACKWARD] = "backward gradient buffers",
+        [ACT_SCRATCH] = "scratch (partial sums, gathered rows)",
+    };
+    return k >= 0 && k < ACT_N_KINDS ? names[k] : "?";
+}
+
+// "(S, C)"-style shape of each kind, for the plan's reader.
+static const char *act_kind_shape(enum model_act_kind k, const struct model_dims *d) {
+    switch (k) {
+    case ACT_LN1:
+    case ACT_LN2: return d->sp ? "(BT/tp, C) + 2 x (BT/tp) fp32" : "(BT, C) + 2 x (BT) fp32";
+    case ACT_QKV: return "(BT, 3C/tp)";
+    case ACT_ATTN_OUT: return "(BT, C/tp)";
+    case ACT_ATTN_SAVED: return "backend's (per head)";
+    case ACT_RES_ATTN:
+    case ACT_BLOCK_OUT:
+    case ACT_EMBED: return d->sp ? "(BT/tp, C)" : "(BT, C)";
+    case ACT_FC_PRE:
+    case ACT_FC_GELU: return "(BT, 4C/tp)";
+    default: return "";
+    }
+}
+
+void model_memory_print(FILE *f, const struct model_dims *d, const struct model_memory *mm, const char *what) {
+    const double MiB = 1024.0 * 1024.0, GiB = MiB * 1024.0;
+    fprintf(f, "# memory per rank (%s): parameters %.3f GiB (+ %.3f compute copy), gradients %.3f, AdamW %.3f, "
+            "activations %.3f -> total %.3f GiB\n", what, (double)mm->param_bytes / GiB,
+            (double)mm->param_compute_bytes / GiB, (double)mm->grad_bytes / GiB, (double)mm->optim_bytes / GiB,
+            (double)mm->act_bytes / GiB, (double)mm->total_bytes / GiB);
+    fprintf(f, "# activations by kind (sequence_parallel %s, recompute %s; B=%d, T=%d, C=%d, tp=%d):\n",
+            d->sp ? "on" : "off", config_recompute_name(d->recompute), d->B, d->T, d->C, d->P);
+    fprintf(f, "#   %-38s %-30s %14s %14s\n", "kept per layer for backward", "shape", "MiB per layer", "MiB");
+    for (int k = 0; k < ACT_N_KINDS; k++) {
+        if (k == ACT_N_LAYER) {
+            fprintf(f, "#   %-38s %-30s %14.3f %14.3f\n", "= one layer", "", (double)mm->act_layer_bytes / MiB,
+                    (double)mm->act_layer_bytes * d->L / MiB);
+            fprintf(f, "#   once\n");
+        }
+        if (!mm->act[k]) continue; // dropped by recomputation, or absent with these options
+        char per[32] = "";
+        if (k < ACT_N_LAYER) snprintf(per, sizeof per, "%.3f", (double)mm->act[k] / (double)d->L / MiB);
+        fprintf(f, "#     %-36s %-30s %14s %14.3f\n", model_act_kind_name((enum model_act_kind)k),
+                act_kind_shape((enum model_act_kind)k, d), per, (double)mm->act[k] / MiB);
+    }
+    fprintf(f, "#   %-38s %-30s %14s %14.3f\n", "= activations", "", "", (double)mm->act_bytes / MiB);
 }
 
 static void *be_alloc(struct model *m, size_t bytes) {
@@ -236,15 +320,19 @@ static void *be_alloc(struct model *m, size_t bytes) {
     return m->be.iface->alloc(m->be.ctx, bytes);
 }
 
-void model_alloc(struct model *m, const struct model_dims *d, struct backend be) {
+void model_alloc(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp) {
+    if (tp->size != d->P)
+        tp_die(TP_EXIT_RUNTIME, "model_alloc: dims made for tp=%d, but the TP group has %d ranks", d->P, tp->size);
     memset(m, 0, sizeof *m);
     m->d = *d;
     m->be = be;
+    m->tp = tp;
     m->tensors = model_param_table(d, &m->n_tensors, &m->n_params_local, &m->n_params_global);
     m->dtype = be.iface->dtype(be.ctx);
     size_t es = tp_dtype_size(m->dtype);
     m->params = be_alloc(m, m->n_params_local * sizeof(float));
     m->grads = be_alloc(m, m->n_params_local * sizeof(float));
+    m->ln_grads = d->sp ? be_alloc(m, ln_grads_bytes(d)) : NULL;
     // fp32 computes on the master weights directly; bf16 keeps a rounded copy for the products.
     m->params_compute = m->dtype == TP_DTYPE_F32 ? (void *)m->params : be_alloc(m, m->n_params_local * es);
     m->p.layers = tp_calloc((size_t)d->L, sizeof(struct layer_params));
@@ -252,8 +340,9 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be)
     carve_params(&m->p, m->params_compute, es, m->tensors, d->L);
     carve_params(&m->g, m->grads, sizeof(float), m->tensors, d->L);
     m->a.layers = tp_calloc((size_t)d->L, sizeof(struct layer_acts));
-    m->act_memory = be_alloc(m, carve_acts(NULL, NULL, d, be));
-    carve_acts(&m->a, m->act_memory, d, be);
+    m->act_memory = be_alloc(m, carve_acts(NULL, NULL, d, be, NULL));
+    carve_acts(&m->a, m->act_memory, d, be, NULL);
+    m->seq = (struct tp_sequence_parallel){.rows = m->a.rows, .drows = m->a.proj};
     m->inputs = be_alloc(m, d->N * sizeof(int));
     m->targets = be_alloc(m, d->N * sizeof(int));
 }
@@ -265,8 +354,9 @@ void model_sync_compute_params(struct model *m) {
         m->be.iface->to_compute(m->be.ctx, m->params_compute, m->params, m->n_params_local);
 }
 
-void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed) {
-    model_alloc(m, d, be);
+void model_create(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp,
+                  unsigned long long seed) {
+    model_alloc(m, d, be, tp);
     model_init_params(m, seed);
 }
 
@@ -276,6 +366,7 @@ void model_destroy(struct model *m) {
     if (m->params_compute != (void *)m->params) b->free(m->be.ctx, m->params_compute);
     b->free(m->be.ctx, m->params);
     b->free(m->be.ctx, m->grads);
+    if (m->ln_grads) b->free(m->be.ctx, m->ln_grads);
     b->free(m->be.ctx, m->act_memory);
     b->free(m->be.ctx, m->inputs);
     b->free(m->be.ctx, m->targets);
@@ -287,9 +378,25 @@ void model_destroy(struct model *m) {
 }
 
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward) {
-    // embedding, g per block twice, cross-entropy max and sums per chunk of the fused head
-    *forward = 1 + 2 * d->L + 2 * vocab_parallel_head_chunks((int)d->N, d->head_rows);
-    *backward = 2 * d->L + 1; // f per block twice, LM head's f
+    int L = d->L, chunks = vocab_parallel_head_chunks((int)d->N, d->head_rows);
+    if (!d->sp) {
+        // embedding, g per block twice, cross-entropy max and sums per chunk of the fused head
+        *forward = 1 + 2 * L + 2 * chunks;
+        *backward = 2 * L + 1; // f per block twice, LM head's f
+    } else {
+        // embedding reduce-scatter; per block an all-gather in front of qkv and fc and a
+        // reduce-scatter after proj and fc_proj; the LM head's all-gather of ln_f's rows;
+        // cross-entropy's two per chunk
+        *forward = 1 + 4 * L + 1 + 2 * chunks;
+        // the LM head reduce-scatters its input gradient (its input is still gathered: the head
+        // runs forward and backward together); per block each row-parallel layer all-gathers its
+        // output gradient and each column-parallel one gathers its input again and
+        // reduce-scatters its input gradient; the embedding gathers its output gradient
+        *backward = 1 + 6 * L + 1;
+    }
+    // full recomputation reruns each block's forward up to fc before its backward: the
+    // attention half's collectives, and fc's all-gather with sequence parallelism
+    if (d->recompute == TP_RECOMPUTE_FULL) *backward += L * (d->sp ? 3 : 1);
 }
 
 // The layernorm that reads a block's output: the next block's first one (ln_1 or ln_2), or ln_f
@@ -300,8 +407,9 @@ static struct row_parallel_out residual_then_ln(void *out, const void *res, void
                                      .ln_w = w, .ln_b = b};
 }
 
-// The fused LM head + loss over the micro-batch: ln_f's output against this rank's wte rows, one
-// chunk of head_rows tokens at a time; with dln non-NULL also the gradients.
+// The fused LM head + loss over the micro-batch: ln_f's output (its S rows, which the head gathers
+// with sequence parallelism) against this rank's wte rows, one chunk of head_rows of the N tokens
+// at a time; with dln non-NULL also the gradients.
 static struct vocab_parallel_head head_args(struct model *m, void *dln, float dloss) {
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
@@ -313,10 +421,13 @@ static struct vocab_parallel_head head_args(struct model *m, void *dln, float dl
     };
 }
 
+// The sequence-parallel layers' scratch, or NULL for plain TP.
+static const struct tp_sequence_parallel *seq_parallel(const struct model *m) { return m->d.sp ? &m->seq : NULL; }
+
 // ---- the step's blocks, in order (model_forward_backward is these in sequence)
 
 static const void *block_input(const struct model *m, int l) {
-    return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (N, C)
+    return l ? m->a.layers[l - 1].res3 : m->a.encoded; // (S, C)
 }
 
 void model_set_batch(struct model *m, const int *inputs, const int *targets) {
@@ -330,9 +441,10 @@ void model_embedding_fwd(struct model *m, struct comm *tp) {
     const struct model_dims *d = &m->d;
     struct layer_acts *la = &m->a.layers[0];
     const struct layer_params *p = &m->p.layers[0];
-    vocab_parallel_embedding_fwd(m->be, tp, m->a.encoded, m->inputs, m->p.wte, m->p.wpe, d->B, d->T, d->C, d->Vl);
+    vocab_parallel_embedding_fwd(m->be, tp, m->a.encoded, m->inputs, m->p.wte, m->p.wpe, d->B, d->T, d->C, d->Vl,
+                                 seq_parallel(m));
     m->be.iface->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, m->a.encoded, p->ln1w, p->ln1b,
-                               (int)d->N, d->C);
+                               (int)d->S, d->C);
 }
 
 // (ln1, computed by the step before) -> f -> qkv (local heads) -> attention -> proj -> g -> +bias
@@ -341,11 +453,11 @@ void model_block_attention_fwd(struct model *m, struct comm *tp, int l, const st
                                const struct block_attention *att) {
     const struct model_dims *d = &m->d;
     const struct layer_params *p = &m->p.layers[l];
-    column_parallel_linear_fwd(m->be, tp, a->qkv, NULL, a->ln1, p->qkvw, p->qkvb, a->N, d->C, 3 * d->Cl);
+    column_parallel_linear_fwd(m->be, tp, a->qkv, NULL, a->ln1, p->qkvw, p->qkvb, a->N, d->C, 3 * d->Cl, a->sp);
     att->fwd(att->arg, l, a->atty, a->qkv);
     struct row_parallel_out o = residual_then_ln(a->res2, a->res1, a->ln2, a->ln2_mean, a->ln2_rstd, p->ln2w,
                                                  p->ln2b);
-    row_parallel_linear_fwd(m->be, tp, a->proj, a->atty, p->attprojw, p->attprojb, a->N, d->Cl, d->C, &o);
+    row_parallel_linear_fwd(m->be, tp, a->proj, a->atty, p->attprojw, p->attprojb, a->N, d->Cl, d->C, &o, a->sp);
 }
 
 void model_block_mlp_fwd(struct model *m, struct comm *tp, int l, const struct block_acts *a) {
@@ -355,16 +467,16 @@ void model_block_mlp_fwd(struct model *m, struct comm *tp, int l, const struct b
     struct row_parallel_out o = residual_then_ln(a->res3, a->res2, a->ln_next, a->next_mean, a->next_rstd,
                                                  last ? m->p.lnfw : m->p.layers[l + 1].ln1w,
                                                  last ? m->p.lnfb : m->p.layers[l + 1].ln1b);
-    column_parallel_linear_fwd(m->be, tp, a->fch_gelu, a->fch, a->ln2, p->fcw, p->fcb, a->N, d->C, d->Fl);
-    row_parallel_linear_fwd(m->be, tp, a->proj, a->fch_gelu, p->fcprojw, p->fcprojb, a->N, d->Fl, d->C, &o);
+    column_parallel_linear_fwd(m->be, tp, a->fch_gelu, a->fch, a->ln2, p->fcw, p->fcb, a->N, d->C, d->Fl, a->sp);
+    row_parallel_linear_fwd(m->be, tp, a->proj, a->fch_gelu, p->fcprojw, p->fcprojb, a->N, d->Fl, d->C, &o, a->sp);
 }
 
 // Layer l's block activations for the whole micro-batch, in m->a.
 static struct block_acts training_acts(struct model *m, int l) {
     struct layer_acts *la = &m->a.layers[l];
     struct block_acts a = {
-        .N = (int)m->d.N, .ln1 = la->ln1, .qkv = la->qkv, .atty = la->atty, .proj = m->a.proj,
-        .res1 = block_input(m, l), .res2 = la->res2, .ln2 = la->ln2, .ln2_mean = la->ln2_mean,
+        .N = (int)m->d.N, .sp = seq_parallel(m), .ln1 = la->ln1, .qkv = la->qkv, .atty = la->atty,
+        .proj = m->a.proj, .res1 = block_input(m, l), .res2 = la->res2, .ln2 = la->ln2, .ln2_mean = la->ln2_mean,
         .ln2_rstd = la->ln2_rstd, .fch = la->fch, .fch_gelu = la->fch_gelu, .res3 = la->res3,
         .ln_next = m->a.lnf, .next_mean = m->a.lnf_mean, .next_rstd = m->a.lnf_rstd,
     };
@@ -402,7 +514,7 @@ void model_mlp_block_fwd(struct model *m, struct comm *tp, int l) {
 // vocabulary) -> cross-entropy, a chunk of token rows at a time; the loss only
 void model_head_fwd(struct model *m, struct comm *tp, float *loss_sum) {
     struct vocab_parallel_head h = head_args(m, NULL, 0.0f);
-    vocab_parallel_lm_head_cross_entropy(m->be, tp, &h);
+    vocab_parallel_lm_head_cross_entropy(m->be, tp, &h, seq_parallel(m));
     if (loss_sum) m->be.iface->sum(m->be.ctx, loss_sum, m->a.losses, m->d.N);
 }
 
@@ -413,17 +525,48 @@ void model_head_fwd_bwd(struct model *m, struct comm *tp, float *loss_sum, float
     void *ctx = m->be.ctx;
     const struct model_dims *d = &m->d;
     struct gpt2_acts *a = &m->a;
-    int N = (int)d->N, C = d->C;
+    int C = d->C;
     struct vocab_parallel_head h = head_args(m, a->dln, dloss);
-    vocab_parallel_lm_head_cross_entropy(m->be, tp, &h);
+    vocab_parallel_lm_head_cross_entropy(m->be, tp, &h, seq_parallel(m));
     if (loss_sum) b->sum(ctx, loss_sum, a->losses, d->N);
-    b->zero(ctx, a->dres, d->N * (size_t)C * tp_dtype_size(m->dtype));
+    b->zero(ctx, a->dres, d->S * (size_t)C * tp_dtype_size(m->dtype));
     b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, block_input(m, d->L), m->p.lnfw, a->lnf_mean,
-                     a->lnf_rstd, N, C);
+                     a->lnf_rstd, (int)d->S, C);
 }
 
+// ---- recomputation
+
+// Full: layer l kept only its input; rebuild what its backward reads, in the order forward made
+// it (the same ops on the same inputs, so the same bits): ln_1, the attention block (with ln_2),
+// and fc with its GELU. fc_proj's output is the kept input of layer l + 1, so it is not redone.
+static void recompute_block(struct model *m, struct comm *tp, int l) {
+    const struct model_dims *d = &m->d;
+    const struct layer_params *p = &m->p.layers[l];
+    struct layer_acts *la = &m->a.layers[l];
+    m->be.iface->layernorm_fwd(m->be.ctx, la->ln1, la->ln1_mean, la->ln1_rstd, block_input(m, l), p->ln1w, p->ln1b,
+                               (int)d->S, d->C);
+    model_attention_block_fwd(m, tp, l);
+    column_parallel_linear_fwd(m->be, tp, la->fch_gelu, la->fch, la->ln2, p->fcw, p->fcb, (int)d->N, d->C, d->Fl,
+                               seq_parallel(m));
+}
+
+// Selective, MLP half: the GELU output, from its kept input.
+static void recompute_gelu(struct model *m, int l) {
+    struct layer_acts *la = &m->a.layers[l];
+    m->be.iface->gelu_fwd(m->be.ctx, la->fch_gelu, la->fch, m->d.N * (size_t)m->d.Fl);
+}
+
+// Selective, attention half: the attention core (output and what its backward reads), from the
+// kept qkv.
+static void recompute_attention(struct model *m, int l) {
+    attend_sequence(m, l, m->a.layers[l].atty, m->a.layers[l].qkv);
+}
+
+// ---- backward blocks
+
 // a->dres holds dL/d(res3) on entry; res3 = res2 + fcproj + bias, so it is also part of
-// dL/d(res2), which it holds on exit.
+// dL/d(res2), which it holds on exit. The layer's backward starts here, so with recomputation
+// this is where its forward is rebuilt.
 void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
@@ -431,11 +574,14 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
     int N = (int)d->N;
+    if (d->recompute == TP_RECOMPUTE_FULL) recompute_block(m, tp, l);
+    else if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_gelu(m, l);
+    const struct tp_sequence_parallel *sp = seq_parallel(m);
     row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, la->fch,
-                            N, d->Fl, d->C);
-    column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl);
+                            N, d->Fl, d->C, sp);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl, sp);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd,
-                     (int)d->N, d->C);
+                     (int)d->S, d->C);
 }
 
 // a->dres holds dL/d(res2) on entry and dL/d(block input) on exit.
@@ -446,19 +592,23 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     struct layer_params *p = &m->p.layers[l], *g = &m->g.layers[l];
     struct layer_acts *la = &a->layers[l];
     int N = (int)d->N;
+    if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_attention(m, l);
+    const struct tp_sequence_parallel *sp = seq_parallel(m);
     row_parallel_linear_bwd(m->be, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, NULL,
-                            N, d->Cl, d->C);
+                            N, d->Cl, d->C, sp);
     b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
                      d->NHl, d->HS);
-    column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl,
+                               sp);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln1w, g->ln1b, a->dln, block_input(m, l), p->ln1w, la->ln1_mean,
-                     la->ln1_rstd, (int)d->N, d->C);
+                     la->ln1_rstd, (int)d->S, d->C);
 }
 
 // The embedding's forward all-reduce summed disjoint partial rows: its backward is the identity.
 void model_embedding_bwd(struct model *m, struct comm *tp) {
     const struct model_dims *d = &m->d;
-    vocab_parallel_embedding_bwd(m->be, tp, m->g.wte, m->g.wpe, m->a.dres, m->inputs, d->B, d->T, d->C, d->Vl);
+    vocab_parallel_embedding_bwd(m->be, tp, m->g.wte, m->g.wpe, m->a.dres, m->inputs, d->B, d->T, d->C, d->Vl,
+                                 seq_parallel(m));
 }
 
 // ---- forward and backward
@@ -495,4 +645,27 @@ void model_forward(struct model *m, struct comm *tp, const int *inputs, const in
 void model_backward(struct model *m, struct comm *tp, float dloss) {
     model_head_fwd_bwd(m, tp, NULL, dloss);
     backward_blocks(m, tp);
+}
+
+// The gradient of layernorm i's weight (bias when bias): ln_1 and ln_2 of each layer, then ln_f.
+static float *layernorm_grad(struct model *m, int i, bool bias) {
+    if (i == 2 * m->d.L) return bias ? m->g.lnfb : m->g.lnfw;
+    const struct layer_params *g = &m->g.layers[i / 2];
+    if (i % 2) return bias ? g->ln2b : g->ln2w;
+    return bias ? g->ln1b : g->ln1w;
+}
+
+void model_reduce_sequence_parallel_grads(struct model *m, struct comm *tp) {
+    if (!m->d.sp) return;
+    const struct backend_i *b = m->be.iface;
+    size_t C = (size_t)m->d.C, bytes = C * sizeof(float);
+    int n = 2 * m->d.L + 1;
+    // packed, so that the group pays one all-reduce's latency instead of 2L + 1
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 2; k++)
+            b->copy(m->be.ctx, m->ln_grads + (2 * (size_t)i + (size_t)k) * C, layernorm_grad(m, i, k), bytes);
+    comm_all_reduce(tp, m->ln_grads, (size_t)n * 2 * C, COMM_SUM);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 2; k++)
+            b->copy(m->be.ctx, layernorm_grad(m, i, k), m->ln_grads + (2 * (size_t)i + (size_t)k) * C, bytes);
 }

@@ -11,15 +11,22 @@
 //   mlp.c_proj      (C, 4C)     Shard(1)   row-parallel
 //   row-parallel biases (C)     Replicate, added once after the all-reduce
 // Weights are stored (out, in); checkpoints transpose to Hugging Face's Conv1D (in, out).
+//
+// Options (struct model_options): sequence parallelism keeps the layernorm, residual and
+// embedding activations as this rank's S = N/P token rows (tp.h's layout) instead of all N;
+// recomputation keeps fewer activations per layer and rebuilds the rest in backward
+// (docs/memory.md has what each keeps, in bytes).
 #pragma once
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdio.h>
 
 #include "backend.h"
 #include "comm.h"
 #include "config.h"
 #include "layout.h"
+#include "tp.h"
 
 enum param_init { PARAM_INIT_NORMAL = 0, PARAM_INIT_NORMAL_RESID, PARAM_INIT_ZEROS, PARAM_INIT_ONES };
 
@@ -52,75 +59,130 @@ struct gpt2_params {
     void *lnfw, *lnfb;          // (C), (C)
 };
 
-// Activations: void * in the compute type, float * always fp32.
+// Activations: void * in the compute type, float * always fp32. S rows: the N token rows, or
+// this rank's N/P of them with sequence parallelism. With recomputation the buffers a layer does
+// not keep are one work set shared by all layers (layer 0's), rebuilt in backward.
 struct layer_acts {
-    void *ln1;                        // (N, C)
-    float *ln1_mean, *ln1_rstd;       // (N), (N)
-    void *qkv;                        // (N, 3*Cl)
-    void *atty;                       // (N, Cl)
-    float *att_saved;                 // backend-defined, attention_saved_floats
-    void *res2;                       // (N, C) residual after attention
-    void *ln2;                        // (N, C)
-    float *ln2_mean, *ln2_rstd;       // (N), (N)
-    void *fch, *fch_gelu;             // (N, Fl) before and after GELU
-    void *res3;                       // (N, C) residual after the MLP = next layer's input
+    void *ln1;                        // (S, C)                 full: shared
+    float *ln1_mean, *ln1_rstd;       // (S), (S)               full: shared
+    void *qkv;                        // (N, 3*Cl)              full: shared
+    void *atty;                       // (N, Cl)                selective, full: shared
+    float *att_saved;                 // attention_saved_floats selective, full: shared
+    void *res2;                       // (S, C) residual after attention         full: shared
+    void *ln2;                        // (S, C)                 full: shared
+    float *ln2_mean, *ln2_rstd;       // (S), (S)               full: shared
+    void *fch;                        // (N, Fl) before GELU    full: shared
+    void *fch_gelu;                   // (N, Fl) after GELU     selective, full: shared
+    void *res3;                       // (S, C) residual after the MLP = next layer's input, always kept
 };
 
 struct gpt2_acts {
-    void *encoded;                    // (N, C) embeddings
+    void *encoded;                    // (S, C) embeddings
     struct layer_acts *layers;        // (L)
-    void *proj;                       // (N, C) row-parallel partial output, reduced in place
-    void *lnf;                        // (N, C)
-    float *lnf_mean, *lnf_rstd;       // (N), (N)
+    void *proj;                       // (N, C) row-parallel partial output, reduced in place; with
+                                      //   sequence parallelism also a column-parallel input gradient
+    void *rows;                       // (N, C) sequence-parallel scratch (tp_sequence_parallel.rows); NULL without
+    void *lnf;                        // (S, C)
+    float *lnf_mean, *lnf_rstd;       // (S), (S)
     void *logits;                     // (head_rows, Vl) one chunk of the fused LM head's logits
                                       // (this rank's vocab columns); its dlogits in place
     float *maxes, *sums;              // (head_rows), (2, head_rows) the chunk's statistics
     float *local_maxes;               // (head_rows) this rank's maxes before the all-reduce
     float *losses;                    // (N) per-token loss
-    void *dres;                       // (N, C) gradient of the residual stream
-    void *dln;                        // (N, C) gradient into a layernorm output
+    void *dres;                       // (S, C) gradient of the residual stream
+    void *dln;                        // (S, C) gradient into a layernorm output
     void *dqkv;                       // (N, 3*Cl)
     void *datty;                      // (N, Cl)
     void *dfch;                       // (N, Fl) gradient into the MLP's pre-GELU (GELU fused)
     float *att_scratch;               // backend-defined, attention_scratch_floats
 };
 
-// Sizes that follow from the config and the TP size; computed identically for --dry-run.
+// Sizes that follow from the config and the TP size; computed identically for --dry-run. They
+// are the same on every rank of a TP group: where a rank's place matters (its vocabulary rows,
+// its shard of a weight) it comes from the TP comm.
 struct model_dims {
     int L, C, NH, HS, T, B, V;  // global model shape, micro-batch B
-    int P, tp_rank;             // TP group size and this rank's place in it
-    int Vp, Vl, vocab_start;    // padded vocab, rows per rank, first row of this rank
+    int P;                      // the TP size the local sizes below are for (the TP comm's size)
+    int Vp, Vl;                 // padded vocab, rows per rank
     int NHl, Cl, Fl;            // local heads, local attention width, local MLP width
     size_t N;                   // B*T
-    int head_rows;              // token rows per chunk of the fused LM head + loss (see model_head_rows)
+    int head_rows;              // token rows per chunk of the fused LM head + loss (see model_head_rows);
+                                // with sp the chunks run over all N rows, gathered
+    bool sp;                    // sequence parallelism
+    enum tp_recompute recompute;
+    size_t S;                   // token rows of the residual stream on each rank: N/P with sp, else N
+};
+
+// The choices that shape activations (parallel.sequence_parallel, train.recompute).
+struct model_options {
+    bool sequence_parallel;
+    enum tp_recompute recompute;
+};
+
+static inline struct model_options model_options_of(const struct tp_config *cfg) {
+    return (struct model_options){cfg->parallel.sequence_parallel, cfg->train.recompute};
+}
+
+// Activation buffers by kind (model_memory_plan). The first ACT_N_LAYER kinds are what each
+// layer keeps from its forward for its backward (the same for every layer); the rest exist once.
+enum model_act_kind {
+    ACT_LN1,          // ln_1 output and its statistics
+    ACT_QKV,          // qkv
+    ACT_ATTN_OUT,     // attention output (proj's input)
+    ACT_ATTN_SAVED,   // what attention keeps for its backward (softmax statistics or probabilities)
+    ACT_RES_ATTN,     // residual after attention (ln_2's input)
+    ACT_LN2,          // ln_2 output and its statistics
+    ACT_FC_PRE,       // fc output before the GELU
+    ACT_FC_GELU,      // GELU output (fc_proj's input)
+    ACT_BLOCK_OUT,    // block output (the next block's input)
+    ACT_N_LAYER,
+    ACT_EMBED = ACT_N_LAYER, // embedding output (the first block's input)
+    ACT_WORK,         // recomputation's work set: one layer's worth of what layers do not keep
+    ACT_HEAD,         // ln_f, the fused head's one chunk of logits and its statistics, the losses
+    ACT_BACKWARD,     // the backward's gradient buffers
+    ACT_SCRATCH,      // row-parallel partial sums, gathered rows, attention scratch
+    ACT_N_KINDS
 };
 
 struct model_memory {
     size_t param_floats;        // local parameters (= gradients = each AdamW moment)
+    size_t param_bytes;         // fp32 master weights
+    size_t grad_bytes;          // fp32 gradients (and, with sequence parallelism, the layernorm ones'
+                                // all-reduce staging)
+    size_t optim_bytes;         // AdamW's two fp32 moments
     size_t param_compute_bytes; // the compute-type copy of the parameters (0 in fp32: shared)
-    size_t act_bytes;           // activations, all layers, plus backward buffers
+    size_t act[ACT_N_KINDS];    // activation bytes by kind; per-layer kinds summed over the layers
+    size_t act_layer_bytes;     // what one layer keeps (the per-layer kinds of act, divided by L)
+    size_t act_bytes;           // activations, all layers, plus backward buffers (sum of act)
+    size_t token_bytes;         // input and target ids
     size_t total_bytes;         // params + grads + m + v + compute copy + activations + tokens
 };
 
 struct model {
     struct model_dims d;
     struct backend be;
+    const struct comm *tp;        // the TP group the weights are sharded over: this rank's place in it
     struct param_tensor *tensors; // (n_tensors) in buffer order
     int n_tensors;
     size_t n_params_local;        // floats in each flat buffer
     size_t n_params_global;       // real parameters counted once (tied wte once, no padding)
     enum tp_dtype dtype;          // the backend's compute type
     float *params, *grads;        // (n_params_local) backend memory: fp32 master weights, gradients
+    float *ln_grads;              // (2L+1, 2C) with sequence parallelism the layernorm gradients packed for
+                                  //   their all-reduce; NULL without
     void *params_compute;         // (n_params_local) compute-type weights; == params in fp32
     struct gpt2_params p, g;      // views into params_compute / grads
     void *act_memory;             // one allocation for all activations
     struct gpt2_acts a;
+    struct tp_sequence_parallel seq; // the parallel layers' scratch with sequence parallelism
     int *inputs, *targets;        // (N) backend memory
     size_t bytes_allocated;       // everything this model allocated on the backend
 };
 
-// Derives dims for TP rank `tp_rank` of `tp`. The config must already be validated.
-struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp, int tp_rank);
+// Derives dims for a TP group of tp_size ranks (a run passes its TP comm's size; --dry-run the
+// configured one). The config must already be validated (with sequence parallelism P divides T).
+struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_batch, int tp_size,
+                                  struct model_options opt);
 
 // The LM head and the loss run fused, a chunk of token rows at a time, so that only one chunk's
 // logits (rows, Vl) are ever held: at most MODEL_HEAD_LOGITS_MAX elements (256 MiB in bf16, 512
@@ -138,9 +200,14 @@ struct param_tensor *model_param_table(const struct model_dims *d, int *count, s
 
 // Memory the run allocates on the backend per rank, from the same plan model_create uses.
 struct model_memory model_memory_plan(const struct model_dims *d, struct backend be);
+const char *model_act_kind_name(enum model_act_kind k);
+// The plan as --dry-run prints it: a summary line ("# memory per rank (WHAT): ..."), then the
+// activations by kind, per layer and in all.
+void model_memory_print(FILE *f, const struct model_dims *d, const struct model_memory *mm, const char *what);
 
 // Allocates parameters (zero), gradients and activations on be, for weights loaded afterwards.
-void model_alloc(struct model *m, const struct model_dims *d, struct backend be);
+// tp: the TP group (d->P ranks) whose shards this rank holds; it must outlive the model.
+void model_alloc(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp);
 // Initialises the weights TP-invariantly: every element is a pure function of seed, tensor name
 // and global index, and each rank generates only its shard.
 void model_init_params(struct model *m, unsigned long long seed);
@@ -148,7 +215,8 @@ void model_init_params(struct model *m, unsigned long long seed);
 // other write to m->params outside the optimiser, which refreshes it itself). No-op in fp32.
 void model_sync_compute_params(struct model *m);
 // model_alloc + model_init_params.
-void model_create(struct model *m, const struct model_dims *d, struct backend be, unsigned long long seed);
+void model_create(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp,
+                  unsigned long long seed);
 void model_destroy(struct model *m);
 
 // The init value of one global element (exposed for tests).
@@ -167,6 +235,10 @@ void model_forward(struct model *m, struct comm *tp, const int *inputs, const in
 // not kept, so it first recomputes the LM head (one product more than model_forward_backward,
 // whose gradients it gives bit for bit).
 void model_backward(struct model *m, struct comm *tp, float dloss);
+// With sequence parallelism each rank's layernorm weight and bias gradients cover only its own
+// token rows: sums them over the TP group (one all-reduce), once per step after the last
+// backward, so that replicas stay identical. Nothing to do without it.
+void model_reduce_sequence_parallel_grads(struct model *m, struct comm *tp);
 
 // The step's blocks, in the order model_forward_backward runs them (--bench model times
 // them one by one). Activations and gradients flow through m->a; dres carries the residual
@@ -187,20 +259,22 @@ void model_embedding_bwd(struct model *m, struct comm *tp);
 
 // One block's forward for N tokens on any buffers: the training step runs it over the micro-batch
 // (m->a), the KV-cache decoder over one token with attention reading its cache, so the block
-// (and its collectives) is written once. Every buffer is compute type unless float *.
+// (and its collectives) is written once. Every buffer is compute type unless float *. S rows:
+// N, or this rank's N/P with sp.
 struct block_acts {
     int N;                              // tokens
-    void *ln1;                          // (N, C) ln_1 of the block input, computed before
+    const struct tp_sequence_parallel *sp; // NULL: plain TP (the decoder); else the layers' scratch
+    void *ln1;                          // (S, C) ln_1 of the block input, computed before
     void *qkv, *atty;                   // (N, 3*Cl), (N, Cl)
     void *proj;                         // (N, C) row-parallel partial sums, scratch
-    const void *res1;                   // (N, C) block input
-    void *res2;                         // (N, C) after attention; may alias res1
-    void *ln2;                          // (N, C)
-    float *ln2_mean, *ln2_rstd;         // (N)
+    const void *res1;                   // (S, C) block input
+    void *res2;                         // (S, C) after attention; may alias res1
+    void *ln2;                          // (S, C)
+    float *ln2_mean, *ln2_rstd;         // (S)
     void *fch, *fch_gelu;               // (N, Fl)
-    void *res3;                         // (N, C) block output; may alias res2
-    void *ln_next;                      // (N, C) the next block's ln_1 (ln_f after the last)
-    float *next_mean, *next_rstd;       // (N)
+    void *res3;                         // (S, C) block output; may alias res2
+    void *ln_next;                      // (S, C) the next block's ln_1 (ln_f after the last)
+    float *next_mean, *next_rstd;       // (S)
 };
 // The attention core between the qkv and proj layers: atty (N, Cl) from qkv (N, 3*Cl) of layer l.
 struct block_attention {
@@ -213,6 +287,9 @@ void model_block_attention_fwd(struct model *m, struct comm *tp, int layer, cons
 // (ln2) -> f -> fc + gelu -> fc_proj -> g -> +bias -> +res2 = res3, fused with the next layernorm
 void model_block_mlp_fwd(struct model *m, struct comm *tp, int layer, const struct block_acts *a);
 
-// Collectives issued per micro-batch (for logs and tests): forward counts the fused head's
-// cross-entropy all-reduces (2 per chunk), backward its f backward.
+// Collectives issued per micro-batch by model_forward_backward (for logs and tests), of every
+// kind (all-reduce, all-gather, reduce-scatter): forward counts the fused head's cross-entropy
+// all-reduces (2 per chunk), backward its input gradient's; recomputation's are counted in
+// backward. Sequence parallelism adds one all-reduce per step (model_reduce_sequence_parallel_grads),
+// not counted.
 void model_count_collectives(const struct model_dims *d, int *forward, int *backward);

@@ -109,48 +109,115 @@ void reduce_scatter_to_sequence_parallel_region_bwd(struct backend be, struct co
 // ---- layers
 
 void column_parallel_linear_fwd(struct backend be, struct comm *tp, void *out, void *pre_gelu, void *in,
-                                const void *w, const void *bias, int N, int IC, int OCl) {
-    copy_to_tp_region_fwd(be, tp, in, (size_t)N * (size_t)IC);
-    be.iface->matmul_fwd(be.ctx, out, pre_gelu, in, w, bias, N, IC, OCl);
+                                const void *w, const void *bias, int N, int IC, int OCl,
+                                const struct tp_sequence_parallel *sp) {
+    const void *x = in; // (N, IC) every token row
+    if (sp) {
+        gather_from_sequence_parallel_region_fwd(be, tp, sp->rows, in, (size_t)N, (size_t)IC);
+        x = sp->rows;
+    } else {
+        copy_to_tp_region_fwd(be, tp, in, (size_t)N * (size_t)IC);
+    }
+    be.iface->matmul_fwd(be.ctx, out, pre_gelu, x, w, bias, N, IC, OCl);
 }
 
 void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
-                                const void *dout, const void *in, const void *w, int N, int IC, int OCl) {
-    be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, NULL, N, IC, OCl);
-    copy_to_tp_region_bwd(be, tp, din, (size_t)N * (size_t)IC);
+                                const void *dout, const void *in, const void *w, int N, int IC, int OCl,
+                                const struct tp_sequence_parallel *sp) {
+    if (!sp) {
+        be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, NULL, N, IC, OCl);
+        copy_to_tp_region_bwd(be, tp, din, (size_t)N * (size_t)IC);
+        return;
+    }
+    // The forward kept only this rank's rows of the input: gather them again for dw.
+    gather_from_sequence_parallel_region_fwd(be, tp, sp->rows, in, (size_t)N, (size_t)IC);
+    be.iface->matmul_bwd(be.ctx, din ? sp->drows : NULL, dw, dbias, dout, sp->rows, w, NULL, N, IC, OCl);
+    if (din) gather_from_sequence_parallel_region_bwd(be, tp, din, sp->drows, (size_t)N, (size_t)IC);
 }
 
 void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, const void *in, const void *w,
-                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o) {
+                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o,
+                             const struct tp_sequence_parallel *sp) {
     const struct backend_i *b = be.iface;
     b->matmul_fwd(be.ctx, partial, NULL, in, w, NULL, N, ICl, OC);
-    reduce_from_tp_region_fwd(be, tp, partial, (size_t)N * (size_t)OC);
+    const void *sum = partial; // (R, OC) the reduced rows this rank goes on with
+    int R = N;
+    if (sp) {
+        reduce_scatter_to_sequence_parallel_region_fwd(be, tp, sp->rows, partial, (size_t)N, (size_t)OC);
+        sum = sp->rows;
+        R = N / tp->size;
+    } else {
+        reduce_from_tp_region_fwd(be, tp, partial, (size_t)N * (size_t)OC);
+    }
     if (o->ln)
-        b->residual_layernorm_fwd(be.ctx, o->out, o->ln, o->mean, o->rstd, o->res, partial, bias, o->ln_w, o->ln_b,
-                                  N, OC);
+        b->residual_layernorm_fwd(be.ctx, o->out, o->ln, o->mean, o->rstd, o->res, sum, bias, o->ln_w, o->ln_b,
+                                  R, OC);
     else
-        b->residual_fwd(be.ctx, o->out, o->res, partial, bias, N, OC);
+        b->residual_fwd(be.ctx, o->out, o->res, sum, bias, R, OC);
 }
 
 void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
                              void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
-                             int OC) {
-    reduce_from_tp_region_bwd(be, tp, dout, (size_t)N * (size_t)OC);
-    be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, pre_gelu, N, ICl, OC);
+                             int OC, const struct tp_sequence_parallel *sp) {
+    const void *d = dout; // (N, OC) every token row's gradient
+    if (sp) {
+        reduce_scatter_to_sequence_parallel_region_bwd(be, tp, sp->rows, dout, (size_t)N, (size_t)OC);
+        d = sp->rows;
+    } else {
+        reduce_from_tp_region_bwd(be, tp, dout, (size_t)N * (size_t)OC);
+    }
+    be.iface->matmul_bwd(be.ctx, din, dw, dbias, d, in, w, pre_gelu, N, ICl, OC);
+}
+
+// x (rows, C) += the position embeddings of token rows [first, first + rows) of the flattened
+// (B, T) batch, i.e. of positions (first + i) mod T: a sequence-parallel block may start and end
+// inside a sequence, so it is added as a head, whole sequences and a tail.
+static void add_positions(struct backend be, void *x, const void *wpe, size_t first, size_t rows, int T, int C) {
+    size_t es = elem_size(be), row = (size_t)C * es, Ts = (size_t)T;
+    char *xp = x;
+    const char *wp = wpe;
+    while (rows > 0) {
+        size_t pos = first % Ts, n;
+        if (pos == 0 && rows >= Ts) {
+            size_t seqs = rows / Ts;
+            be.iface->position_embedding_fwd(be.ctx, xp, wpe, (int)seqs, T, C);
+            n = seqs * Ts;
+        } else {
+            n = Ts - pos < rows ? Ts - pos : rows;
+            be.iface->position_embedding_fwd(be.ctx, xp, wp + pos * row, 1, (int)n, C);
+        }
+        xp += n * row;
+        first += n;
+        rows -= n;
+    }
 }
 
 void vocab_parallel_embedding_fwd(struct backend be, struct comm *tp, void *out, const int *tokens,
-                                  const void *wte, const void *wpe, int B, int T, int C, int Vl) {
-    int N = B * T;
-    be.iface->vocab_embedding_fwd(be.ctx, out, tokens, wte, N, C, tp->rank * Vl, Vl);
-    reduce_from_tp_region_fwd(be, tp, out, (size_t)N * (size_t)C);
-    be.iface->position_embedding_fwd(be.ctx, out, wpe, B, T, C);
+                                  const void *wte, const void *wpe, int B, int T, int C, int Vl,
+                                  const struct tp_sequence_parallel *sp) {
+    size_t N = (size_t)B * (size_t)T;
+    if (!sp) {
+        be.iface->vocab_embedding_fwd(be.ctx, out, tokens, wte, (int)N, C, tp->rank * Vl, Vl);
+        reduce_from_tp_region_fwd(be, tp, out, N * (size_t)C);
+        be.iface->position_embedding_fwd(be.ctx, out, wpe, B, T, C);
+        return;
+    }
+    be.iface->vocab_embedding_fwd(be.ctx, sp->rows, tokens, wte, (int)N, C, tp->rank * Vl, Vl);
+    reduce_scatter_to_sequence_parallel_region_fwd(be, tp, out, sp->rows, N, (size_t)C);
+    size_t rows = shard_rows(tp, N);
+    add_positions(be, out, wpe, (size_t)tp->rank * rows, rows, T, C);
 }
 
 void vocab_parallel_embedding_bwd(struct backend be, struct comm *tp, float *dwte, float *dwpe, const void *dout,
-                                  const int *tokens, int B, int T, int C, int Vl) {
-    be.iface->position_embedding_bwd(be.ctx, dwpe, dout, B, T, C);
-    be.iface->vocab_embedding_bwd(be.ctx, dwte, dout, tokens, B * T, C, tp->rank * Vl, Vl);
+                                  const int *tokens, int B, int T, int C, int Vl,
+                                  const struct tp_sequence_parallel *sp) {
+    const void *d = dout; // (B*T, C) every token row's gradient
+    if (sp) {
+        reduce_scatter_to_sequence_parallel_region_bwd(be, tp, sp->rows, dout, (size_t)B * (size_t)T, (size_t)C);
+        d = sp->rows;
+    }
+    be.iface->position_embedding_bwd(be.ctx, dwpe, d, B, T, C);
+    be.iface->vocab_embedding_bwd(be.ctx, dwte, d, tokens, B * T, C, tp->rank * Vl, Vl);
 }
 
 // ---- cross-entropy
@@ -189,22 +256,33 @@ void vocab_parallel_cross_entropy_fwd_bwd(struct backend be, struct comm *tp, co
 
 int vocab_parallel_head_chunks(int N, int rows) { return rows > 0 ? (N + rows - 1) / rows : 0; }
 
-void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, const struct vocab_parallel_head *h) {
-    size_t es = elem_size(be), C = (size_t)h->C;
+void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, const struct vocab_parallel_head *h,
+                                          const struct tp_sequence_parallel *sp) {
+    size_t es = elem_size(be), C = (size_t)h->C, N = (size_t)h->N;
     bool grad = h->din != NULL;
     if (h->rows <= 0) tp_die(TP_EXIT_RUNTIME, "LM head: %d token rows per chunk (must be positive)", h->rows);
+    const void *x = h->in; // (N, C) every token row
+    void *dx = h->din;     // (N, C) their gradient
+    if (sp) {              // gathered once for all chunks, forward and backward alike
+        gather_from_sequence_parallel_region_fwd(be, tp, sp->rows, h->in, N, C);
+        x = sp->rows;
+        dx = sp->drows;
+    }
     for (int r0 = 0; r0 < h->N; r0 += h->rows) {
         int n = h->N - r0 < h->rows ? h->N - r0 : h->rows;
-        void *in = (char *)h->in + (size_t)r0 * C * es; // (n, C) this chunk's rows
-        struct vocab_parallel_xent x = {.maxes = h->maxes, .sums = h->sums, .local_maxes = h->local_maxes,
-                                        .losses = h->losses + r0};
-        column_parallel_linear_fwd(be, tp, h->logits, NULL, in, h->w, NULL, n, h->C, h->Vl);
-        vocab_parallel_cross_entropy_fwd_bwd(be, tp, &x, grad ? h->logits : NULL, h->logits, h->targets + r0,
+        void *in = (char *)x + (size_t)r0 * C * es; // (n, C) this chunk's rows
+        struct vocab_parallel_xent xs = {.maxes = h->maxes, .sums = h->sums, .local_maxes = h->local_maxes,
+                                         .losses = h->losses + r0};
+        // the input is already every rank's (f's forward is the identity): no scratch needed
+        column_parallel_linear_fwd(be, tp, h->logits, NULL, in, h->w, NULL, n, h->C, h->Vl, NULL);
+        vocab_parallel_cross_entropy_fwd_bwd(be, tp, &xs, grad ? h->logits : NULL, h->logits, h->targets + r0,
                                              h->dloss, n, h->Vl, h->V);
         // column_parallel_linear_bwd without its f: every chunk's rows are reduced together below
         if (grad)
-            be.iface->matmul_bwd(be.ctx, (char *)h->din + (size_t)r0 * C * es, h->dw, NULL, h->logits, in, h->w,
-                                 NULL, n, h->C, h->Vl);
+            be.iface->matmul_bwd(be.ctx, (char *)dx + (size_t)r0 * C * es, h->dw, NULL, h->logits, in, h->w, NULL,
+                                 n, h->C, h->Vl);
     }
-    if (grad) copy_to_tp_region_bwd(be, tp, h->din, (size_t)h->N * C);
+    if (!grad) return;
+    if (sp) gather_from_sequence_parallel_region_bwd(be, tp, h->din, dx, N, C);
+    else copy_to_tp_region_bwd(be, tp, h->din, N * C);
 }

@@ -61,51 +61,78 @@ void reduce_scatter_to_sequence_parallel_region_bwd(struct backend be, struct co
 
 // ---- layers
 
+// Sequence parallelism of a layer (Megatron's sequence_parallel flag; layout at the top). A layer
+// called with NULL is plain TP. Otherwise the replicated side of the layer is sharded along the
+// token rows, so the mappings change and the bytes on the wire stay those of f and g:
+//   column-parallel: the input arrives as this rank's (N/P, IC) rows and is all-gathered (in
+//     place of f forward); backward all-gathers it again (the shard is all that was kept) and
+//     reduce-scatters the input gradient back to (N/P, IC) (in place of f backward);
+//   row-parallel: the output is reduce-scattered to (N/P, OC) rows (in place of g forward) and
+//     their gradient all-gathered (backward).
+// Only scratch lives here; every layer leaves it free for the next.
+struct tp_sequence_parallel {
+    void *rows;   // (N, max(IC, OC)) all-gathered rows, or a row-parallel output's reduced block
+    void *drows;  // (N, IC) a column-parallel input gradient over all rows, before its reduce-scatter
+};
+
 // Column-parallel linear: replicated input, output sharded along features; f in front of it.
 // out (N, OCl) = in (N, IC) @ w (OCl, IC)^T + bias (OCl, or NULL). With pre_gelu (N, OCl)
 // non-NULL the GELU is fused: pre_gelu keeps the product, out = gelu(pre_gelu).
-// Collectives: none forward.
+// With sp, in is this rank's (N/P, IC) rows. Collectives: none forward; with sp 1 all-gather of
+// N*IC.
 void column_parallel_linear_fwd(struct backend be, struct comm *tp, void *out, void *pre_gelu, void *in,
-                                const void *w, const void *bias, int N, int IC, int OCl);
+                                const void *w, const void *bias, int N, int IC, int OCl,
+                                const struct tp_sequence_parallel *sp);
 // din (N, IC) = sum over ranks of dout @ w; dw (OCl, IC) +=, dbias (OCl, or NULL) +=.
-// Collectives: 1 all-reduce (f backward) of N*IC.
+// With sp, in and din are this rank's (N/P, IC) rows.
+// Collectives: 1 all-reduce (f backward) of N*IC; with sp 1 all-gather (the input again) and
+// 1 reduce-scatter (din) of N*IC.
 void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
-                                const void *dout, const void *in, const void *w, int N, int IC, int OCl);
+                                const void *dout, const void *in, const void *w, int N, int IC, int OCl,
+                                const struct tp_sequence_parallel *sp);
 
 // What follows the reduction of a row-parallel linear, fused into one pass: the bias, added
 // once (before the reduction it would count P times), the residual, and optionally the next
-// layernorm (ln non-NULL).
+// layernorm (ln non-NULL). R rows: N, or this rank's N/P with sequence parallelism.
 struct row_parallel_out {
-    void *out;                  // (N, OC) = res + sum over ranks of the partial products + bias
-    const void *res;            // (N, OC) residual stream; may alias out
-    void *ln;                   // (N, OC) layernorm(out), or NULL for none
-    float *mean, *rstd;         // (N) its statistics
+    void *out;                  // (R, OC) = res + sum over ranks of the partial products + bias
+    const void *res;            // (R, OC) residual stream; may alias out
+    void *ln;                   // (R, OC) layernorm(out), or NULL for none
+    float *mean, *rstd;         // (R) its statistics
     const void *ln_w, *ln_b;    // (OC)
 };
 
 // Row-parallel linear: input sharded along features (this rank's ICl), g after the product.
-// partial (N, OC) = in (N, ICl) @ w (OC, ICl)^T, reduced in place, then *o as above.
-// Collectives: 1 all-reduce (g forward) of N*OC.
+// partial (N, OC) = in (N, ICl) @ w (OC, ICl)^T, reduced in place (with sp: reduce-scattered into
+// sp->rows), then *o as above.
+// Collectives: 1 all-reduce (g forward) of N*OC; with sp 1 reduce-scatter of N*OC instead.
 void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, const void *in, const void *w,
-                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o);
-// dout (N, OC) is replicated (g backward is the identity), so the bias gradient is identical on
-// every rank. din (N, ICl) = dout @ w, times gelu'(pre_gelu) when pre_gelu is non-NULL (the
-// GELU in front of the layer is local to the shard); dw (OC, ICl) +=, dbias (OC) +=.
-// Collectives: none.
+                             const void *bias, int N, int ICl, int OC, const struct row_parallel_out *o,
+                             const struct tp_sequence_parallel *sp);
+// dout (N, OC) is replicated (g backward is the identity); with sp it is this rank's (N/P, OC)
+// rows, all-gathered first. Either way the product sees every row, so the bias gradient is
+// identical on every rank. din (N, ICl) = dout @ w, times gelu'(pre_gelu) when pre_gelu is
+// non-NULL (the GELU in front of the layer is local to the shard); dw (OC, ICl) +=, dbias (OC) +=.
+// Collectives: none; with sp 1 all-gather of N*OC.
 void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
                              void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
-                             int OC);
+                             int OC, const struct tp_sequence_parallel *sp);
 
 // Vocab-parallel embedding: this rank holds rows [tp->rank*Vl, (tp->rank+1)*Vl) of wte (Vl, C).
 // out (B*T, C) = wte[tokens] (each rank contributes its rows, zeros elsewhere, summed by g) +
-// wpe (T, C) added once, after the reduction.
-// Collectives: 1 all-reduce (g forward) of B*T*C.
+// wpe (T, C) added once, after the reduction. With sp the lookup lands in sp->rows, the sum is
+// reduce-scattered and out is this rank's (B*T/P, C) rows, positions added to those rows.
+// Collectives: 1 all-reduce (g forward) of B*T*C; with sp 1 reduce-scatter instead.
 void vocab_parallel_embedding_fwd(struct backend be, struct comm *tp, void *out, const int *tokens,
-                                  const void *wte, const void *wpe, int B, int T, int C, int Vl);
+                                  const void *wte, const void *wpe, int B, int T, int C, int Vl,
+                                  const struct tp_sequence_parallel *sp);
 // dwte (Vl, C) += rows of dout whose token is this rank's; dwpe (T, C) +=. The forward summed
-// disjoint rows, so its backward is the identity. Collectives: none.
+// disjoint rows, so its backward is the identity. With sp, dout is this rank's (B*T/P, C) rows,
+// all-gathered into sp->rows first: both gradients then see every token, and dwpe is the same
+// on every rank. Collectives: none; with sp 1 all-gather of B*T*C.
 void vocab_parallel_embedding_bwd(struct backend be, struct comm *tp, float *dwte, float *dwpe, const void *dout,
-                                  const int *tokens, int B, int T, int C, int Vl);
+                                  const int *tokens, int B, int T, int C, int Vl,
+                                  const struct tp_sequence_parallel *sp);
 
 // ---- cross-entropy
 
@@ -143,14 +170,17 @@ void vocab_parallel_cross_entropy_fwd_bwd(struct backend be, struct comm *tp, co
 // the cross-entropy's statistics and the chunk's losses, and with a gradient the chunk's dlogits
 // (in place), its rows of din = dlogits @ w and dw += dlogits^T @ in. The chunks' input
 // gradients are summed over the group once, after the last chunk (f backward).
+// With sp, in and din are this rank's (N/P, C) rows: in is all-gathered into sp->rows once, before
+// the first chunk, the chunks run over all N gathered rows with their input gradient in
+// sp->drows, and that is reduce-scattered into din after the last one (in place of f backward).
 // Per token row the results are those of the unchunked layers bit for bit (losses, din); dw adds
 // one partial product per chunk, so with more than one chunk its summation order differs.
 struct vocab_parallel_head {
-    const void *in;             // (N, C) replicated input (ln_f's output)
+    const void *in;             // (N, C) replicated input (ln_f's output); with sp (N/P, C)
     const void *w;              // (Vl, C) this rank's vocabulary rows of wte
     const int *targets;         // (N)
     float *losses;              // (N) = per-token loss, identical on every rank
-    void *din;                  // (N, C) = input gradient, or NULL: the loss only
+    void *din;                  // (N, C) = input gradient, or NULL: the loss only; with sp (N/P, C)
     float *dw;                  // (Vl, C) += weight gradient (with din)
     float dloss;                // weight of each token's loss in the objective (with din)
     void *logits;               // (rows, Vl) scratch: a chunk's logits, then its dlogits
@@ -160,7 +190,9 @@ struct vocab_parallel_head {
 };
 // Collectives: the cross-entropy's 2 all-reduces per chunk, on the chunk's rows (MAX of n, SUM of
 // 2n): 2 * vocab_parallel_head_chunks(N, rows) in all, more and smaller ones than the unchunked
-// head's 2 (of N and 2N); with the gradient 1 more, of N*C (f backward).
-void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, const struct vocab_parallel_head *h);
+// head's 2 (of N and 2N); with the gradient 1 more, of N*C (f backward). With sp 1 all-gather of
+// N*C first, and the gradient's reduce-scatter of N*C in place of f backward.
+void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, const struct vocab_parallel_head *h,
+                                          const struct tp_sequence_parallel *sp);
 // Chunks of the fused head over N token rows: ceil(N / rows).
 int vocab_parallel_head_chunks(int N, int rows);

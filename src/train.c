@@ -111,7 +111,7 @@ static void fmt_duration(double s, char *buf, size_t len) {
 }
 
 double train_flops_per_token(const struct tp_config *cfg) {
-    struct model_dims d = model_dims_make(&cfg->model, 1, 1, 0);
+    struct model_dims d = model_dims_make(&cfg->model, 1, 1, (struct model_options){0});
     int n;
     size_t local, global;
     free(model_param_table(&d, &n, &local, &global));
@@ -204,7 +204,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     if (st) return st;
 
     const struct tp_train_config *tc = &cfg->train;
-    struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp_size, tr->mesh.tp_rank);
+    struct model_dims d = model_dims_make(&cfg->model, tc->micro_batch, tr->mesh.tp.size, model_options_of(cfg));
     st = data_open(&tr->train_data, cfg->data.train, d.B, d.T, tr->mesh.dp_rank, tr->mesh.dp_size,
                    d.V, err, sizeof err);
     if (!st && cfg->data.val[0]) {
@@ -216,7 +216,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     if (!st && tr->is_root && cfg->checkpoint.dir[0]) st = ckpt_check_dir(cfg->checkpoint.dir, err, sizeof err);
     if ((st = agree(tr, st, err))) return st;
 
-    model_alloc(&tr->model, &d, tr->be);
+    model_alloc(&tr->model, &d, tr->be, &tr->mesh.tp);
     optim_create(&tr->opt, &tr->model, tc->weight_decay);
     tr->loss_sums = tr->be.iface->alloc(tr->be.ctx, (size_t)tc->grad_accum * sizeof(float));
     tr->flops_per_token = train_flops_per_token(cfg);
@@ -312,6 +312,7 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
         model_forward_backward(m, &mesh->tp, tr->train_data.inputs, tr->train_data.targets, tr->loss_sums + micro,
                                dloss);
     }
+    model_reduce_sequence_parallel_grads(m, &mesh->tp);
     comm_all_reduce(&mesh->dp, m->grads, m->n_params_local, COMM_AVG);
     comm_synchronize(&mesh->dp);
     if (step == 0 && tr->cfg->debug.grad_norms) {
@@ -359,7 +360,7 @@ static int evaluate(struct trainer *tr, double *loss) {
 // computed a different gradient for them. Returns TP_EXIT_RUNTIME on mismatch (all ranks agree).
 static int check_replicas(struct trainer *tr, int step) {
     struct model *m = &tr->model;
-    int P = tr->mesh.tp_size, bad = -1;
+    int P = tr->mesh.tp.size, bad = -1;
     uint64_t *all = tp_malloc((size_t)P * sizeof(uint64_t));
     for (int i = 0; i < m->n_tensors && bad < 0; i++) {
         const struct param_tensor *t = &m->tensors[i];
@@ -371,7 +372,7 @@ static int check_replicas(struct trainer *tr, int step) {
         comm_host_all_gather(&tr->mesh.tp, all, &mine, 1, COMM_U64);
         for (int r = 1; r < P; r++)
             if (all[r] != all[0]) bad = i;
-        if (bad >= 0 && tr->mesh.tp_rank == 0)
+        if (bad >= 0 && tr->mesh.tp.rank == 0)
             fprintf(stderr, "tptrain: debug.check_replicas: replicated tensor '%s' differs across the TP group "
                             "(dp rank %d) after step %d\n", t->name, tr->mesh.dp_rank, step);
     }
@@ -386,7 +387,7 @@ static void print_header(const struct trainer *tr) {
     const struct model *m = &tr->model;
     printf("tptrain %s | %s backend, comm %s | mesh dp=%d x tp=%d (%d ranks)\n", TP_VERSION,
            tr->be.iface->name(tr->be.ctx), tr->mesh.tp.iface->name(tr->mesh.tp.ctx), tr->mesh.dp_size,
-           tr->mesh.tp_size, tr->mesh.world_size);
+           tr->mesh.tp.size, tr->mesh.world_size);
     printf("model: %d layers, %d heads, width %d, vocab %d (padded %d), seq %d | %.2fM parameters | %s\n",
            cfg->model.n_layer, cfg->model.n_head, cfg->model.n_embd, cfg->model.vocab_size, m->d.Vp,
            cfg->model.seq_len, (double)m->n_params_global / 1e6, config_precision_name(cfg->train.precision));
@@ -396,16 +397,49 @@ static void print_header(const struct trainer *tr) {
     fflush(stdout);
 }
 
+// What the backend holds, measured (its own allocations; zeros where it cannot say).
+static struct backend_memory measured_memory(const struct trainer *tr) {
+    struct backend_memory bm = {0};
+    if (tr->be.iface->memory_stats) tr->be.iface->memory_stats(tr->be.ctx, &bm);
+    return bm;
+}
+
+// After the run's first step, when every buffer exists: the plan beside what was measured, the
+// largest figure over all ranks (every rank plans the same).
+static void log_memory(struct trainer *tr, int step) {
+    struct model_memory mm = model_memory_plan(&tr->model.d, tr->be);
+    struct backend_memory bm = measured_memory(tr);
+    double v[2] = {(double)bm.peak, (double)bm.device_used}; // bytes, exact in a double below 2^53
+    comm_host_all_reduce(&tr->mesh.tp, v, 2, COMM_F64, COMM_MAX);
+    comm_host_all_reduce(&tr->mesh.dp, v, 2, COMM_F64, COMM_MAX);
+    const double GiB = 1024.0 * 1024.0 * 1024.0;
+    log_json(tr, json_pack("{s:s, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "kind", "memory", "step", step,
+                           "plan_bytes", (json_int_t)mm.total_bytes, "plan_params_bytes",
+                           (json_int_t)(mm.param_bytes + mm.param_compute_bytes), "plan_grads_bytes",
+                           (json_int_t)mm.grad_bytes, "plan_optim_bytes", (json_int_t)mm.optim_bytes,
+                           "plan_activations_bytes", (json_int_t)mm.act_bytes, "peak_bytes", (json_int_t)v[0],
+                           "device_used_bytes", (json_int_t)v[1]));
+    if (!tr->is_root) return;
+    printf("memory after step %d: plan %.3f GiB per rank (parameters %.3f, gradients %.3f, AdamW %.3f, activations "
+           "%.3f) | measured peak %.3f GiB (largest rank, the backend's own allocations)", step,
+           (double)mm.total_bytes / GiB, (double)(mm.param_bytes + mm.param_compute_bytes) / GiB,
+           (double)mm.grad_bytes / GiB, (double)mm.optim_bytes / GiB, (double)mm.act_bytes / GiB, v[0] / GiB);
+    if (bm.device_total) printf(" | device in use %.3f of %.3f GiB", v[1] / GiB, (double)bm.device_total / GiB);
+    printf("\n");
+    fflush(stdout);
+}
+
 static void log_step(struct trainer *tr, int step, const struct step_result *r, double elapsed) {
     const struct tp_config *cfg = tr->cfg;
     double tok_s = (double)cfg->train.global_batch / (r->ms / 1e3);
     double mfu = tr->peak_flops > 0 ? tok_s * tr->flops_per_token / (tr->peak_flops * tr->mesh.world_size) : -1.0;
     double mem = (double)tr->model.bytes_allocated / (1u << 30);
+    double peak = (double)measured_memory(tr).peak / (1u << 30);
     double eta = elapsed / (step + 1 - tr->start_step) * (cfg->train.steps - step - 1);
-    log_json(tr, json_pack("{s:s, s:i, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "kind", "train", "step", step + 1,
+    log_json(tr, json_pack("{s:s, s:i, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "kind", "train", "step", step + 1,
                            "loss", log_num(r->loss), "lr", log_num(r->lr), "grad_norm", log_num((double)r->norm),
                            "ms", log_num(r->ms), "tok_per_s", log_num(tok_s), "mfu", log_num(mfu), "mem_gib",
-                           log_num(mem)));
+                           log_num(mem), "peak_mem_gib", log_num(peak)));
     bool last = step + 1 == cfg->train.steps;
     if (!tr->is_root || (!last && (step + 1) % cfg->log.every != 0 && step != tr->start_step)) return;
     char eta_s[32], mfu_s[32];
@@ -488,6 +522,7 @@ int train_run(const struct tp_config *cfg) {
             break;
         }
         log_step(&tr, step, &r, tp_now() - start);
+        if (step == tr.start_step) log_memory(&tr, step + 1);
         if (cfg->debug.check_replicas) st = check_replicas(&tr, step + 1);
         bool last = step + 1 == cfg->train.steps;
         bool has_val = false;
@@ -549,7 +584,7 @@ int train_dry_run(const struct tp_config *cfg, int world_size) {
         }
         printf("#   rank %d -> (dp %d, tp %d)\n", r, r / P, r % P);
     }
-    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P, 0);
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, P, model_options_of(cfg));
     int n;
     size_t local, global;
     struct param_tensor *t = model_param_table(&d, &n, &local, &global);
@@ -575,11 +610,10 @@ int train_dry_run(const struct tp_config *cfg, int world_size) {
     bool cuda = cfg->parallel.device != TP_DEVICE_CPU && backend_cuda_available() && backend_cuda_device_count() > 0;
     if (!cuda || !backend_cuda_create(&be, 0, dt, err, sizeof err)) be = backend_cpu_create(dt);
     struct model_memory mm = model_memory_plan(&d, be);
-    double gib = 1024.0 * 1024.0 * 1024.0;
-    printf("\n# memory per rank (%s backend, %s): parameters %.3f GiB (+ %.3f compute copy), gradients "
-           "%.3f, AdamW %.3f, activations %.3f -> total %.3f GiB\n", be.iface->name(be.ctx), tp_dtype_name(dt),
-           (double)mm.param_floats * 4 / gib, (double)mm.param_compute_bytes / gib, (double)mm.param_floats * 4 / gib,
-           (double)mm.param_floats * 8 / gib, (double)mm.act_bytes / gib, (double)mm.total_bytes / gib);
+    char what[96];
+    snprintf(what, sizeof what, "%s backend, %s; every rank the same", be.iface->name(be.ctx), tp_dtype_name(dt));
+    printf("\n");
+    model_memory_print(stdout, &d, &mm, what);
     int fwd, bwd;
     model_count_collectives(&d, &fwd, &bwd);
     printf("# collectives per micro-batch on the TP group: %d forward, %d backward\n", P > 1 ? fwd : 0, P > 1 ? bwd : 0);

@@ -382,7 +382,7 @@ Test(bench, model_costs_add_up_to_the_step_flops) {
     cfg.model = mc;
     for (int P = 1; P <= 4; P *= 2) {
         for (int rows = 128; rows >= 40; rows -= 88) { // the head in one chunk, and in 40, 40, 40, 8
-            struct model_dims d = model_dims_make(&mc, 4, P, 0);
+            struct model_dims d = model_dims_make(&mc, 4, P, (struct model_options){0});
             d.head_rows = rows;
             struct bench_model_cost c[BENCH_MODEL_PHASES];
             bench_model_costs(&d, &be, 100.0, 1000.0, c);
@@ -406,7 +406,7 @@ Test(bench, model_costs_add_up_to_the_step_flops) {
     }
     // chunking the head reads the weight (fp32 here) twice and its gradient's accumulator once more
     // per extra chunk, and writes that once more: more bytes, the same FLOPs
-    struct model_dims d1 = model_dims_make(&mc, 4, 1, 0), d4 = d1;
+    struct model_dims d1 = model_dims_make(&mc, 4, 1, (struct model_options){0}), d4 = d1;
     d1.head_rows = 128;
     d4.head_rows = 32;
     struct bench_model_cost c1[BENCH_MODEL_PHASES], c4[BENCH_MODEL_PHASES];
@@ -462,7 +462,7 @@ Test(bench, model_phases_against_the_ceilings) {
             cr_assert(source && strstr(source, "measured"), "%s", source);
         }
         struct tp_model_config mc = tiny_model();
-        struct model_dims d = model_dims_make(&mc, 4, 1, 0);
+        struct model_dims d = model_dims_make(&mc, 4, 1, (struct model_options){0});
         json_t *phases = json_object_get(doc, "phases");
         cr_assert_eq(json_array_size(phases), BENCH_MODEL_PHASES);
         double flops = 0.0, ideal = 0.0;
@@ -507,7 +507,7 @@ Test(bench, model_two_ranks_times_communication) {
     cr_assert_eq(sscanf(line, "  communication (all-reduce) %lf", &ms), 1, "%s", line);
     cr_assert_gt(ms, 0.0, "two ranks all-reduce, which takes time: %s", line);
     struct tp_model_config mc = tiny_model();
-    struct model_dims d = model_dims_make(&mc, 4, 2, 0);
+    struct model_dims d = model_dims_make(&mc, 4, 2, (struct model_options){0});
     json_t *doc = load_json(path);
     cr_assert_eq(jnum_of(doc, "flops_per_step"), step_flops(&d));
     json_decref(doc);

@@ -151,13 +151,39 @@ Test(cli, dry_run_prints_per_rank_shapes) {
     // 2L+1 and 2 per chunk of the fused LM head (16384 tokens x 12672 vocabulary columns: 2 chunks
     // of 8192 rows), and 2L+1, for 12 layers: 29 and 25
     struct tp_model_config mc = {.n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
-    struct model_dims d = model_dims_make(&mc, 16, 4, 3);
+    struct model_dims d = model_dims_make(&mc, 16, 4, (struct model_options){0});
     int fwd, bwd;
     model_count_collectives(&d, &fwd, &bwd);
     char want[64];
     snprintf(want, sizeof want, "%d forward, %d backward", fwd, bwd);
     expect_has(out, want, "collectives");
     expect_has(out, "memory per rank", "memory estimate");
+    expect_has(out, "kept per layer for backward", "activations by kind");
+    expect_has(out, "= one layer", "activations per layer");
+    free(out);
+}
+
+// The plan follows the options: sequence parallelism shards the layernorm and residual rows and
+// changes the collectives (4L+2 and 2 per chunk of the fused head forward, 6L+2 backward; 2 chunks
+// here: 54 forward); full recomputation adds 3L backward (110 in all) and keeps only each block's
+// output per layer, with a work set once.
+Test(cli, dry_run_plans_for_the_memory_options) {
+    char *out = expect_exit(0, "--dry-run configs/gpt2-124m.yaml --set parallel.tp=4 --set parallel.sequence_parallel=true "
+                               "--set train.recompute=full");
+    expect_has(out, "sequence_parallel on, recompute full", "the options");
+    expect_has(out, "(BT/tp, C)", "sharded rows");
+    expect_has(out, "recomputation work set (one layer)", "the work set");
+    struct tp_model_config mc = {.n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
+    struct model_dims d = model_dims_make(&mc, 16, 4, (struct model_options){true, TP_RECOMPUTE_FULL});
+    int fwd, bwd;
+    model_count_collectives(&d, &fwd, &bwd);
+    cr_assert_eq(bwd, 9 * 12 + 2, "6L+2 + 3L for 12 layers");
+    char want[64];
+    snprintf(want, sizeof want, "%d forward, %d backward", fwd, bwd);
+    expect_has(out, want, "collectives");
+    char line[512];
+    line_with(out, "qkv ", line, sizeof line);
+    cr_assert(!line[0], "full recomputation keeps no qkv per layer: %s", line);
     free(out);
 }
 

@@ -101,6 +101,8 @@ static void assert_same_config(const struct tp_config *a, const struct tp_config
     cr_assert_eq(a->train.grad_clip, b->train.grad_clip);
     cr_assert_eq(a->train.seed, b->train.seed);
     cr_assert_eq(a->train.precision, b->train.precision);
+    cr_assert_eq(a->train.recompute, b->train.recompute);
+    cr_assert_eq(a->parallel.sequence_parallel, b->parallel.sequence_parallel);
     cr_assert_str_eq(a->data.train, b->data.train);
     cr_assert_str_eq(a->data.val, b->data.val);
     cr_assert_eq(a->eval.every, b->eval.every);
@@ -156,6 +158,7 @@ static void write_full_config(char *text, size_t len, const char *dir) {
              "  dp: 3\n"
              "  comm: mpi\n"
              "  device: cpu\n"
+             "  sequence_parallel: true\n"
              "train:\n"
              "  micro_batch: 2\n"
              "  global_batch: 576\n"
@@ -172,6 +175,7 @@ static void write_full_config(char *text, size_t len, const char *dir) {
              "  grad_clip: 0.5\n"
              "  seed: 18446744073709551615\n"
              "  precision: bf16\n"
+             "  recompute: selective\n"
              "data:\n"
              "  train: \"%s/tr*.bin\"\n"
              "  val: '%s/va*.bin'\n"
@@ -210,6 +214,7 @@ Test(config, defaults_match_the_documented_values) {
     cr_assert_eq(c.parallel.dp, 0);
     cr_assert_eq(c.parallel.comm, TP_COMM_AUTO);
     cr_assert_eq(c.parallel.device, TP_DEVICE_AUTO);
+    cr_assert_eq(c.parallel.sequence_parallel, false);
     cr_assert_eq(c.train.micro_batch, 4);
     cr_assert_eq(c.train.global_batch, 0);
     cr_assert_eq(c.train.grad_accum, 0);
@@ -225,6 +230,7 @@ Test(config, defaults_match_the_documented_values) {
     cr_assert_eq(c.train.grad_clip, 1.0);
     cr_assert_eq(c.train.seed, 1337ULL);
     cr_assert_eq(c.train.precision, TP_PREC_FP32);
+    cr_assert_eq(c.train.recompute, TP_RECOMPUTE_NONE);
     cr_assert_str_eq(c.data.train, "data/tinyshakespeare_train.bin");
     cr_assert_str_eq(c.data.val, "data/tinyshakespeare_val.bin");
     cr_assert_eq(c.eval.every, 0);
@@ -254,6 +260,9 @@ Test(config, enum_names) {
     cr_assert_str_eq(config_device_name(TP_DEVICE_AUTO), "auto");
     cr_assert_str_eq(config_device_name(TP_DEVICE_CPU), "cpu");
     cr_assert_str_eq(config_device_name(TP_DEVICE_CUDA), "cuda");
+    cr_assert_str_eq(config_recompute_name(TP_RECOMPUTE_NONE), "none");
+    cr_assert_str_eq(config_recompute_name(TP_RECOMPUTE_SELECTIVE), "selective");
+    cr_assert_str_eq(config_recompute_name(TP_RECOMPUTE_FULL), "full");
     cr_assert_str_eq(config_comm_name((enum tp_comm_kind)7), "?");
 }
 
@@ -276,6 +285,7 @@ Test(config, full_file_loads_every_field) {
     cr_assert_eq(c.parallel.dp, 3);
     cr_assert_eq(c.parallel.comm, TP_COMM_MPI);
     cr_assert_eq(c.parallel.device, TP_DEVICE_CPU);
+    cr_assert_eq(c.parallel.sequence_parallel, true);
     cr_assert_eq(c.train.micro_batch, 2);
     cr_assert_eq(c.train.global_batch, 576);
     cr_assert_eq(c.train.grad_accum, 2);
@@ -291,6 +301,7 @@ Test(config, full_file_loads_every_field) {
     cr_assert_eq(c.train.grad_clip, 0.5);
     cr_assert_eq(c.train.seed, 18446744073709551615ULL);
     cr_assert_eq(c.train.precision, TP_PREC_BF16);
+    cr_assert_eq(c.train.recompute, TP_RECOMPUTE_SELECTIVE);
     char want[1200];
     snprintf(want, sizeof want, "%s/tr*.bin", dir);
     cr_assert_str_eq(c.data.train, want);
@@ -635,6 +646,38 @@ Test(config, tp_must_divide_heads_and_names_both_numbers) {
     valid_config(&c, &d);
     set_ok(&c, "parallel.tp=5");
     expect_invalid(&c, 8, "--set parallel.tp=5: ", "n_head=12", "{1, 2, 4}");
+    tu_rmtree(d.dir);
+}
+
+// Sequence parallelism splits every sequence's tokens over the tp ranks: seq_len % tp is refused
+// naming both numbers and the way out, cited at the option (from the file or from --set).
+Test(config, sequence_parallel_needs_seq_len_divisible_by_tp) {
+    struct data_dir d;
+    make_data_dir(&d);
+    struct tp_config c;
+    valid_config(&c, &d);
+    char text[4096], path[1024], err[1024];
+    snprintf(text, sizeof text, "model:\n  n_head: 12\n  seq_len: 30\nparallel:\n  tp: 4\n  sequence_parallel: on\n"
+             "data:\n  train: %s\n", d.train);
+    cr_assert_eq(load_text(&c, text, path, sizeof path, err, sizeof err), 0, "%s", err);
+    char prefix[1200];
+    snprintf(prefix, sizeof prefix, "%s:6:22: parallel.sequence_parallel: ", path);
+    expect_invalid(&c, 0, prefix, "seq_len=30 divisible by tp=4", "parallel.sequence_parallel: false");
+    valid_config(&c, &d);
+    set_ok(&c, "model.seq_len=30");
+    set_ok(&c, "parallel.tp=4");
+    set_ok(&c, "parallel.sequence_parallel=true");
+    expect_invalid(&c, 4, "--set parallel.sequence_parallel=true: ", "seq_len=30", "tp=4");
+    // without the option, or with a seq_len that splits, the same shape is fine
+    valid_config(&c, &d);
+    set_ok(&c, "model.seq_len=30");
+    set_ok(&c, "parallel.tp=4");
+    expect_valid(&c, 4);
+    valid_config(&c, &d);
+    set_ok(&c, "model.seq_len=32");
+    set_ok(&c, "parallel.tp=4");
+    set_ok(&c, "parallel.sequence_parallel=true");
+    expect_valid(&c, 4);
     tu_rmtree(d.dir);
 }
 

@@ -1240,17 +1240,17 @@ static void lm_head_case(struct pair *p, int N, int C, int V, int Vp, int rows) 
                                     .dw = dw.g, .dloss = dloss, .logits = lg.g, .maxes = mx.g,
                                     .local_maxes = lmx.g, .sums = sm.g, .N = N, .C = C, .Vl = Vp, .V = V,
                                     .rows = rows};
-    vocab_parallel_lm_head_cross_entropy(p->gpu, &one, &h);
+    vocab_parallel_lm_head_cross_entropy(p->gpu, &one, &h, NULL);
     // CPU: the unfused layers over all rows
     struct backend cpu = p->cpu;
     float *clg = cpu.iface->alloc(cpu.ctx, (size_t)N * Vp * sizeof(float));
     struct vocab_parallel_xent cx = {cpu.iface->alloc(cpu.ctx, (size_t)N * sizeof(float)),
                                      cpu.iface->alloc(cpu.ctx, 2 * (size_t)N * sizeof(float)),
                                      cpu.iface->alloc(cpu.ctx, (size_t)N * sizeof(float)), loss.c};
-    column_parallel_linear_fwd(cpu, &one, clg, NULL, x.c, w.c, NULL, N, C, Vp);
+    column_parallel_linear_fwd(cpu, &one, clg, NULL, x.c, w.c, NULL, N, C, Vp, NULL);
     vocab_parallel_cross_entropy_fwd(cpu, &one, &cx, clg, tgt.c, N, Vp, V);
     vocab_parallel_cross_entropy_bwd(cpu, &one, clg, &cx, clg, tgt.c, dloss, N, Vp, V);
-    column_parallel_linear_bwd(cpu, &one, din.c, dw.c, NULL, clg, x.c, w.c, N, C, Vp);
+    column_parallel_linear_bwd(cpu, &one, din.c, dw.c, NULL, clg, x.c, w.c, N, C, Vp, NULL);
     snprintf(what, sizeof what, "lm head N=%d C=%d Vp=%d rows=%d: losses", N, C, Vp, rows);
     expect_close(p, &loss, pair_bf16(p) ? TOL_BF16 : TOL_LOOSE, what);
     snprintf(what, sizeof what, "lm head N=%d C=%d Vp=%d rows=%d: input gradient", N, C, Vp, rows);

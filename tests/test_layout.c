@@ -202,7 +202,7 @@ static void assert_local_shape(const struct param_tensor *t, int P, int ndim, co
 Test(layout, gpt2_124m_parameter_count) {
     struct tp_model_config mc = gpt2_124m();
     for (int P = 1; P <= 4; P *= 2) {
-        struct model_dims d = model_dims_make(&mc, 1, P, 0);
+        struct model_dims d = model_dims_make(&mc, 1, P, (struct model_options){0});
         int n;
         size_t local, global;
         struct param_tensor *t = model_param_table(&d, &n, &local, &global);
@@ -218,11 +218,10 @@ Test(layout, gpt2_table_shapes_for_tp_1_2_4) {
     const size_t C = 768;
     for (int P = 1; P <= 4; P *= 2) {
         for (int r = 0; r < P; r++) {
-            struct model_dims d = model_dims_make(&mc, 4, P, r);
+            struct model_dims d = model_dims_make(&mc, 4, P, (struct model_options){0});
             cr_assert_eq(d.Vp % (128 * P), 0, "Vp %d not a multiple of 128*%d", d.Vp, P);
             cr_assert(d.Vp >= d.V && d.Vp - d.V < 128 * P, "Vp %d is not the smallest padding", d.Vp);
             cr_assert_eq(d.Vl * P, d.Vp);
-            cr_assert_eq(d.vocab_start, r * d.Vl);
             cr_assert_eq(d.NHl, 12 / P);
             cr_assert_eq(d.Cl, 768 / P);
             cr_assert_eq(d.Fl, 4 * 768 / P);
@@ -243,6 +242,8 @@ Test(layout, gpt2_table_shapes_for_tp_1_2_4) {
 
             const struct param_tensor *wte = find_tensor(t, n, "wte.weight");
             cr_assert_eq(wte->spec.global_shape[0], (size_t)d.Vp);
+            // rank r's vocabulary rows start at r*Vl (tp.c takes them as tp->rank * Vl)
+            cr_assert_eq(layout_global_index(&wte->spec, r, P, 0), (size_t)r * (size_t)d.Vl * C);
             cr_assert_eq(wte->real_rows, 50257);
             assert_local_shape(wte, P, 2, (size_t[]){(size_t)d.Vp / Pz, C});
             assert_local_shape(find_tensor(t, n, "wpe.weight"), P, 2, (size_t[]){1024, C});
@@ -272,12 +273,19 @@ Test(layout, gpt2_table_shapes_for_tp_1_2_4) {
 
 Test(layout, padded_vocab_sizes) {
     struct tp_model_config mc = gpt2_124m();
-    cr_assert_eq(model_dims_make(&mc, 1, 1, 0).Vp, 50304);
-    cr_assert_eq(model_dims_make(&mc, 1, 2, 0).Vp, 50432);
-    cr_assert_eq(model_dims_make(&mc, 1, 4, 0).Vp, 50688);
+    cr_assert_eq(model_dims_make(&mc, 1, 1, (struct model_options){0}).Vp, 50304);
+    cr_assert_eq(model_dims_make(&mc, 1, 2, (struct model_options){0}).Vp, 50432);
+    cr_assert_eq(model_dims_make(&mc, 1, 4, (struct model_options){0}).Vp, 50688);
     mc.vocab_size = 512; // already a multiple: no padding
-    cr_assert_eq(model_dims_make(&mc, 1, 4, 3).Vp, 512);
-    cr_assert_eq(model_dims_make(&mc, 1, 4, 3).vocab_start, 384);
+    struct model_dims d = model_dims_make(&mc, 1, 4, (struct model_options){0});
+    cr_assert_eq(d.Vp, 512);
+    // the last of 4 ranks holds rows 384..511
+    cr_assert_eq(d.Vl, 128);
+    int n;
+    size_t local, global;
+    struct param_tensor *t = model_param_table(&d, &n, &local, &global);
+    cr_assert_eq(layout_global_index(&t[0].spec, 3, 4, 0), 384 * (size_t)mc.n_embd);
+    free(t);
 }
 
 // ---- TP-invariant initialisation
@@ -293,12 +301,12 @@ static struct tp_model_config small_model(void) {
 Test(layout, init_values_are_tp_invariant) {
     struct tp_model_config mc = small_model();
     const unsigned long long seed = 4242;
-    struct model_dims d1 = model_dims_make(&mc, 1, 1, 0);
+    struct model_dims d1 = model_dims_make(&mc, 1, 1, (struct model_options){0});
     int n1;
     size_t l1, g1;
     struct param_tensor *t1 = model_param_table(&d1, &n1, &l1, &g1);
     for (int P = 2; P <= 4; P *= 2) {
-        struct model_dims dP = model_dims_make(&mc, 1, P, 0);
+        struct model_dims dP = model_dims_make(&mc, 1, P, (struct model_options){0});
         int nP;
         size_t lP, gP;
         struct param_tensor *tP = model_param_table(&dP, &nP, &lP, &gP);
@@ -328,7 +336,7 @@ Test(layout, init_values_are_tp_invariant) {
 Test(layout, init_distribution) {
     struct tp_model_config mc = small_model();
     mc.n_layer = 8;
-    struct model_dims d = model_dims_make(&mc, 1, 1, 0);
+    struct model_dims d = model_dims_make(&mc, 1, 1, (struct model_options){0});
     int n;
     size_t l, g;
     struct param_tensor *t = model_param_table(&d, &n, &l, &g);
@@ -374,21 +382,23 @@ Test(layout, model_create_shards_match_tp1) {
     struct tp_model_config mc = small_model();
     const unsigned long long seed = 99;
     struct backend be = backend_cpu_create(TP_DTYPE_F32);
-    struct model_dims d1 = model_dims_make(&mc, 1, 1, 0);
+    struct model_dims d1 = model_dims_make(&mc, 1, 1, (struct model_options){0});
     struct model m1;
-    model_create(&m1, &d1, be, seed);
+    struct comm one = {.rank = 0, .size = 1}; // only places the rank: model_create issues no collective
+    model_create(&m1, &d1, be, &one, seed);
     const size_t C = (size_t)mc.n_embd;
     for (size_t i = (size_t)mc.vocab_size * C; i < (size_t)d1.Vp * C; i++)
         cr_assert_eq(F(m1.p.wte)[i], 0.0f, "padding row %zu is not zero", i / C);
     for (int P = 2; P <= 4; P *= 2) {
         for (int r = 0; r < P; r++) {
-            struct model_dims d = model_dims_make(&mc, 1, P, r);
+            struct model_dims d = model_dims_make(&mc, 1, P, (struct model_options){0});
             struct model m;
-            model_create(&m, &d, be, seed);
+            struct comm rank_r = {.rank = r, .size = P};
+            model_create(&m, &d, be, &rank_r, seed);
             size_t Cl = C / (size_t)P, Fl = 4 * C / (size_t)P;
-            // wte (Vl, C): rows vocab_start.. of the padded table
+            // wte (Vl, C): rows r*Vl.. of the padded table
             for (size_t i = 0; i < (size_t)d.Vl; i++) {
-                size_t grow = (size_t)d.vocab_start + i;
+                size_t grow = (size_t)r * (size_t)d.Vl + i;
                 for (size_t c = 0; c < C; c++) {
                     float want = grow < (size_t)mc.vocab_size ? F(m1.p.wte)[grow * C + c] : 0.0f;
                     cr_assert_eq(F(m.p.wte)[i * C + c], want, "tp=%d rank %d wte[%zu][%zu]", P, r, i, c);

@@ -38,6 +38,7 @@ static struct comm self_comm(void) { return (struct comm){.iface = &self_iface, 
 struct counter {
     int calls;
     size_t floats;
+    int size; // the group size it pretends to have
 };
 static void count_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
     (void)buf, (void)op;
@@ -46,7 +47,25 @@ static void count_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype
     c->calls++;
     c->floats += count;
 }
+// The sequence-parallel collectives, counted the same way; floats is the whole tensor (count per
+// rank times the group size), comparable with an all-reduce of it.
+static void count_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    (void)out, (void)in;
+    struct counter *c = ctx;
+    cr_assert_eq(dt, COMM_F32);
+    c->calls++;
+    c->floats += count * (size_t)c->size;
+}
+static void count_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                 enum comm_op op) {
+    (void)out, (void)in, (void)op;
+    struct counter *c = ctx;
+    cr_assert_eq(dt, COMM_F32);
+    c->calls++;
+    c->floats += count * (size_t)c->size;
+}
 static const struct comm_i count_iface = {.name = self_name, .all_reduce = count_all_reduce,
+                                          .all_gather = count_all_gather, .reduce_scatter = count_reduce_scatter,
                                           .synchronize = self_sync};
 
 // ---- fixture: a tiny model and a fixed batch
@@ -79,17 +98,28 @@ struct fixture {
     float *loss_sum;       // (1) backend memory
 };
 
-static void fixture_init_dtype(struct fixture *f, int n_layer, int B, enum tp_dtype dt) {
+// head_rows: the fused head's chunk, or 0 for the budget's
+static void fixture_init_head(struct fixture *f, int n_layer, int B, enum tp_dtype dt, struct model_options o,
+                              int head_rows) {
     f->be = backend_cpu_create(dt);
     cr_assert(f->be.iface->host_accessible, "the CPU backend's memory is host memory");
     struct tp_model_config mc = tiny_config(n_layer);
-    struct model_dims d = model_dims_make(&mc, B, 1, 0);
-    model_create(&f->m, &d, f->be, 1234);
+    struct model_dims d = model_dims_make(&mc, B, 1, o);
+    if (head_rows) d.head_rows = head_rows;
     f->tp = self_comm();
+    model_create(&f->m, &d, f->be, &f->tp, 1234);
     f->inputs = malloc(d.N * sizeof(int));
     f->targets = malloc(d.N * sizeof(int));
     make_batch(f->inputs, f->targets, d.N, 5);
     f->loss_sum = f->be.iface->alloc(f->be.ctx, sizeof(float));
+}
+
+static void fixture_init_opts(struct fixture *f, int n_layer, int B, enum tp_dtype dt, struct model_options o) {
+    fixture_init_head(f, n_layer, B, dt, o, 0);
+}
+
+static void fixture_init_dtype(struct fixture *f, int n_layer, int B, enum tp_dtype dt) {
+    fixture_init_opts(f, n_layer, B, dt, (struct model_options){0});
 }
 
 static void fixture_init(struct fixture *f, int n_layer, int B) { fixture_init_dtype(f, n_layer, B, TP_DTYPE_F32); }
@@ -328,7 +358,7 @@ Test(model, collectives_per_pass) {
         struct tp_model_config mc = tiny_config(L);
         for (int P = 2; P <= 4; P *= 2) {
             for (int rows = 32; rows >= 11; rows -= 21) {
-                struct model_dims d = model_dims_make(&mc, 2, P, P - 1);
+                struct model_dims d = model_dims_make(&mc, 2, P, (struct model_options){0});
                 cr_assert_eq(d.head_rows, 32, "a tiny model's logits fit in one chunk");
                 d.head_rows = rows;
                 int chunks = rows == 32 ? 1 : 3;
@@ -339,9 +369,9 @@ Test(model, collectives_per_pass) {
 
                 struct backend be = backend_cpu_create(TP_DTYPE_F32);
                 struct model m;
-                model_create(&m, &d, be, 1);
-                struct counter cnt = {0};
+                struct counter cnt = {.size = P};
                 struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
+                model_create(&m, &d, be, &tp, 1);
                 int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
                 make_batch(in, tg, d.N, 3);
                 float *loss = be.iface->alloc(be.ctx, sizeof(float));
@@ -350,11 +380,11 @@ Test(model, collectives_per_pass) {
                 cr_assert_eq(cnt.calls, fwd + bwd, "L=%d P=%d rows=%d: a micro-step issued %d all-reduces, plan says %d",
                              L, P, rows, cnt.calls, fwd + bwd);
                 cr_assert_eq(cnt.floats, (size_t)(4 * L + 2) * NC + 3 * d.N, "micro-step volume %zu floats", cnt.floats);
-                cnt = (struct counter){0};
+                cnt = (struct counter){.size = P};
                 model_forward(&m, &tp, in, tg, loss);
                 cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d all-reduces, plan says %d", L, P, cnt.calls, fwd);
                 cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC + 3 * d.N, "forward volume %zu floats", cnt.floats);
-                cnt = (struct counter){0};
+                cnt = (struct counter){.size = P};
                 model_backward(&m, &tp, 1.0f / (float)d.N);
                 cr_assert_eq(cnt.calls, bwd + 2 * chunks, "L=%d P=%d: backward issued %d all-reduces", L, P, cnt.calls);
                 cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * NC + 3 * d.N, "backward volume %zu floats", cnt.floats);
@@ -363,6 +393,72 @@ Test(model, collectives_per_pass) {
                 free(tg);
                 model_destroy(&m);
                 backend_destroy(&be);
+            }
+        }
+    }
+}
+
+// Sequence parallelism: the same layers with all-gathers and reduce-scatters along the tokens
+// (each over N*C floats, the all-reduce's tensor), as model_count_collectives says; the backward
+// gathers each column-parallel input again. The fused head gathers ln_f's rows once before its
+// chunks and reduce-scatters its input gradient after them; model_backward after model_forward
+// recomputes the head, so it gathers again and repeats the cross-entropy's collectives. Full
+// recomputation reruns each block up to fc in its backward: 3 more per block. The layernorm
+// gradients then take one all-reduce per step. In one chunk and in three (of 11, 11 and 10 rows).
+Test(model, collectives_with_sequence_parallelism) {
+    for (int L = 1; L <= 3; L++) {
+        struct tp_model_config mc = tiny_config(L);
+        for (int P = 2; P <= 4; P *= 2) {
+            for (int rc = TP_RECOMPUTE_NONE; rc <= TP_RECOMPUTE_FULL; rc++) {
+                for (int rows = 32; rows >= 11; rows -= 21) {
+                    struct model_options o = {.sequence_parallel = true, .recompute = (enum tp_recompute)rc};
+                    struct model_dims d = model_dims_make(&mc, 2, P, o);
+                    cr_assert_eq(d.S * (size_t)P, d.N);
+                    cr_assert_eq(d.head_rows, 32, "a tiny model's logits fit in one chunk");
+                    d.head_rows = rows;
+                    int chunks = rows == 32 ? 1 : 3;
+                    int fwd, bwd;
+                    model_count_collectives(&d, &fwd, &bwd);
+                    int extra = rc == TP_RECOMPUTE_FULL ? 3 * L : 0;
+                    cr_assert_eq(fwd, 4 * L + 2 + 2 * chunks, "L=%d: forward %d", L, fwd);
+                    cr_assert_eq(bwd, 6 * L + 2 + extra, "L=%d: backward %d", L, bwd);
+
+                    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+                    struct model m;
+                    struct counter cnt = {.size = P};
+                    struct comm tp = {.iface = &count_iface, .ctx = &cnt, .rank = P - 1, .size = P};
+                    model_create(&m, &d, be, &tp, 1);
+                    int *in = malloc(d.N * sizeof(int)), *tg = malloc(d.N * sizeof(int));
+                    make_batch(in, tg, d.N, 3);
+                    float *loss = be.iface->alloc(be.ctx, sizeof(float));
+                    size_t NC = d.N * (size_t)d.C;
+                    model_forward_backward(&m, &tp, in, tg, loss, 1.0f / (float)d.N);
+                    cr_assert_eq(cnt.calls, fwd + bwd, "L=%d P=%d rows=%d: a micro-step issued %d collectives, plan "
+                                 "says %d", L, P, rows, cnt.calls, fwd + bwd);
+                    cr_assert_eq(cnt.floats, (size_t)(10 * L + 4 + extra) * NC + 3 * d.N,
+                                 "micro-step volume %zu floats", cnt.floats);
+                    cnt = (struct counter){.size = P};
+                    model_forward(&m, &tp, in, tg, loss);
+                    cr_assert_eq(cnt.calls, fwd, "L=%d P=%d: forward issued %d collectives, plan says %d", L, P,
+                                 cnt.calls, fwd);
+                    cr_assert_eq(cnt.floats, (size_t)(4 * L + 2) * NC + 3 * d.N, "forward volume %zu floats",
+                                 cnt.floats);
+                    cnt = (struct counter){.size = P};
+                    model_backward(&m, &tp, 1.0f / (float)d.N);
+                    cr_assert_eq(cnt.calls, bwd + 1 + 2 * chunks, "L=%d P=%d: backward issued %d collectives", L, P,
+                                 cnt.calls);
+                    cr_assert_eq(cnt.floats, (size_t)(6 * L + 3 + extra) * NC + 3 * d.N,
+                                 "backward volume %zu floats", cnt.floats);
+                    cnt = (struct counter){.size = P};
+                    model_reduce_sequence_parallel_grads(&m, &tp);
+                    cr_assert_eq(cnt.calls, 1);
+                    cr_assert_eq(cnt.floats, (size_t)(2 * L + 1) * 2 * (size_t)d.C);
+                    be.iface->free(be.ctx, loss);
+                    free(in);
+                    free(tg);
+                    model_destroy(&m);
+                    backend_destroy(&be);
+                }
             }
         }
     }
@@ -391,7 +487,7 @@ Test(model, head_rows_follow_the_logits_budget) {
     cr_assert_eq(model_head_rows(16384, 25152), 4096, "tp=2 halves the vocabulary, so the chunks double");
     cr_assert_eq(model_head_rows(16411, 50304), 2345, "no divisor: ceil(16411 / 7), the last chunk shorter");
     struct tp_model_config mc = {.n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
-    struct model_dims d = model_dims_make(&mc, 16, 1, 0);
+    struct model_dims d = model_dims_make(&mc, 16, 1, (struct model_options){0});
     cr_assert_eq(d.head_rows, 2048);
 }
 
@@ -404,10 +500,10 @@ static void check_chunked_head(enum tp_dtype dt) {
     fixture_init_dtype(&a, 2, 2, dt); // N = 32
     c.be = backend_cpu_create(dt);
     struct tp_model_config mc = tiny_config(2);
-    struct model_dims d = model_dims_make(&mc, 2, 1, 0);
+    struct model_dims d = model_dims_make(&mc, 2, 1, (struct model_options){0});
     d.head_rows = 5;
-    model_create(&c.m, &d, c.be, 1234);
     c.tp = self_comm();
+    model_create(&c.m, &d, c.be, &c.tp, 1234);
     c.inputs = a.inputs, c.targets = a.targets;
     c.loss_sum = c.be.iface->alloc(c.be.ctx, sizeof(float));
     struct fixture *f[2] = {&a, &c};
@@ -450,6 +546,60 @@ static void check_chunked_head(enum tp_dtype dt) {
 Test(model, fused_head_in_chunks_matches_one_chunk) { check_chunked_head(TP_DTYPE_F32); }
 Test(model, fused_head_in_chunks_matches_one_chunk_bf16) { check_chunked_head(TP_DTYPE_BF16); }
 
+// ---- recomputation (and sequence parallelism on a group of one)
+
+// Recomputation rebuilds what it dropped with the same ops on the same inputs, so the loss and
+// every gradient are bitwise those of keeping everything (fp32). Sequence parallelism on a group
+// of one (its mappings are copies) changes no bit either. Both with the fused head in one chunk
+// and in chunks of 5 rows (against none in the same chunks), through model_forward +
+// model_backward and through model_forward_backward, as training runs it.
+static float *gradient_fused(struct fixture *f) {
+    struct model *m = &f->m;
+    f->be.iface->zero(f->be.ctx, m->grads, m->n_params_local * sizeof(float));
+    model_forward_backward(m, &f->tp, f->inputs, f->targets, f->loss_sum, 1.0f / (float)m->d.N);
+    float *g = malloc(m->n_params_local * sizeof(float));
+    memcpy(g, m->grads, m->n_params_local * sizeof(float));
+    return g;
+}
+
+Test(model, recompute_and_sequence_parallel_are_bitwise_none) {
+    for (int rows = 0; rows <= 5; rows += 5) {
+        struct fixture ref;
+        fixture_init_head(&ref, 3, 2, TP_DTYPE_F32, (struct model_options){0}, rows);
+        float *g_ref = gradient_of(&ref);
+        float l_ref = *ref.loss_sum;
+        for (int sp = 0; sp <= 1; sp++) {
+            for (int rc = TP_RECOMPUTE_NONE; rc <= TP_RECOMPUTE_FULL; rc++) {
+                const char *rcn = config_recompute_name((enum tp_recompute)rc);
+                struct fixture f;
+                fixture_init_head(&f, 3, 2, TP_DTYPE_F32, (struct model_options){(bool)sp, (enum tp_recompute)rc},
+                                  rows);
+                for (int fused = 0; fused <= 1; fused++) {
+                    if (!sp && rc == TP_RECOMPUTE_NONE && !fused) continue; // the reference itself
+                    float *g = fused ? gradient_fused(&f) : gradient_of(&f);
+                    cr_assert(memcmp(&l_ref, f.loss_sum, sizeof l_ref) == 0,
+                              "rows=%d sp=%d recompute=%s fused=%d: loss %.9g, none %.9g", rows, sp, rcn, fused,
+                              *f.loss_sum, l_ref);
+                    for (int i = 0; i < f.m.n_tensors; i++) {
+                        const struct param_tensor *t = &f.m.tensors[i];
+                        cr_assert(memcmp(g + t->offset, g_ref + t->offset, t->numel * sizeof(float)) == 0,
+                                  "rows=%d sp=%d recompute=%s fused=%d: the gradient of %s differs", rows, sp, rcn,
+                                  fused, t->name);
+                    }
+                    // a second step on the same model: the work buffers hold nothing stale that matters
+                    float *g2 = fused ? gradient_fused(&f) : gradient_of(&f);
+                    cr_assert(memcmp(g, g2, f.m.n_params_local * sizeof(float)) == 0, "second pass differs");
+                    free(g);
+                    free(g2);
+                }
+                fixture_fini(&f);
+            }
+        }
+        free(g_ref);
+        fixture_fini(&ref);
+    }
+}
+
 // ---- memory plan
 
 // model_memory_plan counts params, grads, both AdamW moments, the compute-type copy (bf16 only),
@@ -459,11 +609,12 @@ Test(model, memory_plan_matches_allocations) {
     for (int dt = TP_DTYPE_F32; dt <= TP_DTYPE_BF16; dt++) {
         for (int P = 1; P <= 4; P *= 2) {
             struct tp_model_config mc = tiny_config(2);
-            struct model_dims d = model_dims_make(&mc, 3, P, 0);
+            struct model_dims d = model_dims_make(&mc, 3, P, (struct model_options){0});
             struct backend be = backend_cpu_create((enum tp_dtype)dt);
             struct model_memory mm = model_memory_plan(&d, be);
             struct model m;
-            model_create(&m, &d, be, 1);
+            struct comm rank0 = {.rank = 0, .size = P}; // places the rank only: no collective is issued
+            model_create(&m, &d, be, &rank0, 1);
             cr_assert_eq(mm.param_floats, m.n_params_local);
             cr_assert_eq(mm.param_compute_bytes, dt == TP_DTYPE_F32 ? 0 : 2 * m.n_params_local);
             size_t moments = 2 * m.n_params_local * sizeof(float);
@@ -493,6 +644,133 @@ Test(model, memory_plan_matches_allocations) {
             backend_destroy(&be);
         }
     }
+}
+
+// The head's kind holds ln_f's rows (this rank's S with sequence parallelism), one chunk of
+// logits with its statistics, and the N per-token losses; sequence parallelism adds the gathered
+// rows to the scratch, which the head's gather reuses.
+Test(model, head_plan_holds_one_chunk_with_sequence_parallelism) {
+    struct tp_model_config mc = tiny_config(2);
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    for (int sp = 0; sp <= 1; sp++)
+        for (int rows = 32; rows >= 11; rows -= 21) {
+            struct model_dims d = model_dims_make(&mc, 2, 4, (struct model_options){.sequence_parallel = sp});
+            d.head_rows = rows;
+            struct model_memory mm = model_memory_plan(&d, be);
+            size_t S = d.S, N = d.N, C = (size_t)d.C, R = (size_t)rows, Vl = (size_t)d.Vl;
+            cr_assert_eq(S, sp ? N / 4 : N);
+            size_t head = tp_round_up(S * C * 4, 256) + 2 * tp_round_up(S * 4, 256) + tp_round_up(R * Vl * 4, 256) +
+                          2 * tp_round_up(R * 4, 256) + tp_round_up(2 * R * 4, 256) + tp_round_up(N * 4, 256);
+            cr_assert_eq(mm.act[ACT_HEAD], head, "sp=%d rows=%d: head %zu bytes, expected %zu", sp, rows,
+                         mm.act[ACT_HEAD], head);
+        }
+    backend_destroy(&be);
+}
+
+// ---- activation accounting (docs/memory.md) against what the backend allocates
+
+// Bytes one layer keeps, as docs/memory.md writes them for the CPU backend in fp32 (e = 4; its
+// attention keeps the (T, T) probabilities of its heads): s*b tokens, R of them per rank in the
+// sequence-parallel regions.
+static double layer_formula(const struct model_dims *d, enum tp_recompute rc) {
+    double e = 4, sb = (double)d->N, h = d->C, t = d->P, R = d->sp ? sb / t : sb;
+    double ln = R * h * e + 2 * 4 * R, res = R * h * e, qkv = 3 * sb * h / t * e, atty = sb * h / t * e;
+    double fc = 4 * sb * h / t * e, saved = 4.0 * d->B * (d->NH / t) * (double)d->T * d->T;
+    if (rc == TP_RECOMPUTE_FULL) return res;
+    if (rc == TP_RECOMPUTE_SELECTIVE) return 2 * ln + qkv + 2 * res + fc;
+    return 2 * ln + qkv + atty + saved + 2 * res + 2 * fc;
+}
+
+// The activation bytes the backend measured (what it allocated, less parameters, gradients, AdamW
+// state, tokens and the optimizer's own small buffers) after model_create and optim_create; they
+// must be the plan's. *plan gets the plan.
+static double measured_acts(struct tp_model_config mc, int B, int P, struct model_options o, struct model_memory *plan) {
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    struct model_dims d = model_dims_make(&mc, B, P, o);
+    *plan = model_memory_plan(&d, be);
+    struct comm rank0 = {.rank = 0, .size = P}; // places the rank only: no collective is issued
+    struct model m;
+    model_create(&m, &d, be, &rank0, 1);
+    struct optim opt;
+    optim_create(&opt, &m, 0.1);
+    struct backend_memory bm;
+    be.iface->memory_stats(be.ctx, &bm);
+    cr_assert_eq(bm.now, m.bytes_allocated, "the backend counted %zu bytes, the model and optimizer allocated %zu",
+                 bm.now, m.bytes_allocated);
+    cr_assert_eq(bm.peak, bm.now);
+    size_t optim_extra = 2 * sizeof(float) + (size_t)m.n_tensors * sizeof(struct param_segment);
+    double acts = (double)bm.peak - (double)(plan->total_bytes - plan->act_bytes) - (double)optim_extra;
+    cr_assert_eq(acts, (double)plan->act_bytes, "measured %.0f activation bytes, planned %zu", acts, plan->act_bytes);
+    optim_destroy(&opt, &m);
+    model_destroy(&m);
+    be.iface->memory_stats(be.ctx, &bm);
+    cr_assert_eq(bm.now, 0, "%zu bytes still counted after everything was freed", bm.now);
+    backend_destroy(&be);
+    return acts;
+}
+
+// Per layer, measured (the difference between 3 and 2 layers) against docs/memory.md's formula,
+// at tp 1, 2, 4 with and without sequence parallelism, for each recompute mode; with sequence
+// parallelism a rank's per-layer bytes at tp=4 are at most 0.3 of tp=1's.
+Test(model, activations_per_layer_follow_the_accounting) {
+    struct tp_model_config mc = {.n_layer = 2, .n_head = 4, .n_embd = 128, .vocab_size = VOCAB, .seq_len = 64};
+    const int B = 2;
+    for (int rc = TP_RECOMPUTE_NONE; rc <= TP_RECOMPUTE_FULL; rc++) {
+        double at_tp1 = 0;
+        for (int sp = 0; sp <= 1; sp++) {
+            for (int P = 1; P <= 4; P *= 2) {
+                struct model_options o = {(bool)sp, (enum tp_recompute)rc};
+                struct model_memory p2, p3;
+                mc.n_layer = 2;
+                double a2 = measured_acts(mc, B, P, o, &p2);
+                mc.n_layer = 3;
+                double a3 = measured_acts(mc, B, P, o, &p3);
+                struct model_dims d = model_dims_make(&mc, B, P, o);
+                double measured = a3 - a2, formula = layer_formula(&d, (enum tp_recompute)rc);
+                cr_log_info("recompute %-9s sp %d tp %d: per layer measured %.0f, formula %.0f bytes (%+.2f%%)",
+                            config_recompute_name((enum tp_recompute)rc), sp, P, measured, formula,
+                            100 * (measured - formula) / formula);
+                cr_expect(fabs(measured - formula) <= 0.02 * formula, "recompute %s sp %d tp %d: measured %.0f, "
+                          "formula %.0f", config_recompute_name((enum tp_recompute)rc), sp, P, measured, formula);
+                cr_expect_eq((size_t)measured, p3.act_layer_bytes, "the plan's per-layer figure");
+                if (P == 1 && !sp) at_tp1 = measured;
+                if (P == 4 && sp)
+                    cr_expect(measured <= 0.3 * at_tp1, "recompute %s: tp=4 with sequence parallelism keeps %.0f "
+                              "bytes per layer, %.2f of tp=1's %.0f", config_recompute_name((enum tp_recompute)rc),
+                              measured, measured / at_tp1, at_tp1);
+            }
+        }
+    }
+}
+
+// Recomputation drops exactly the kinds docs/memory.md names and keeps one layer's worth of them
+// as its work set.
+Test(model, recompute_plan_drops_its_kinds) {
+    struct tp_model_config mc = tiny_config(3);
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    struct model_dims d0 = model_dims_make(&mc, 2, 2, (struct model_options){0});
+    struct model_memory none = model_memory_plan(&d0, be);
+    cr_assert_eq(none.act[ACT_WORK], 0);
+    size_t sum = 0;
+    for (int k = 0; k < ACT_N_KINDS; k++) sum += none.act[k];
+    cr_assert_eq(sum, none.act_bytes);
+    for (int rc = TP_RECOMPUTE_SELECTIVE; rc <= TP_RECOMPUTE_FULL; rc++) {
+        struct model_dims d = model_dims_make(&mc, 2, 2, (struct model_options){false, (enum tp_recompute)rc});
+        struct model_memory mm = model_memory_plan(&d, be);
+        size_t dropped = 0;
+        for (int k = 0; k < ACT_N_LAYER; k++) {
+            bool kept = k == ACT_BLOCK_OUT ||
+                        (rc == TP_RECOMPUTE_SELECTIVE && k != ACT_ATTN_OUT && k != ACT_ATTN_SAVED && k != ACT_FC_GELU);
+            cr_assert_eq(mm.act[k], kept ? none.act[k] : 0, "recompute %s, %s", config_recompute_name(d.recompute),
+                         model_act_kind_name((enum model_act_kind)k));
+            if (!kept) dropped += none.act[k] / (size_t)d.L;
+        }
+        cr_assert_eq(mm.act[ACT_WORK], dropped, "the work set is one layer of what is dropped");
+        for (int k = ACT_N_LAYER; k < ACT_N_KINDS; k++)
+            if (k != ACT_WORK) cr_assert_eq(mm.act[k], none.act[k]);
+        cr_assert_lt(mm.act_bytes, none.act_bytes);
+    }
+    backend_destroy(&be);
 }
 
 // ---- the bf16 path (CPU emulation: bf16 storage, fp32 arithmetic)

@@ -28,13 +28,23 @@ static const char *const checks[] = {
     "ok column_parallel_linear backward input gradient (all-reduced) equals one rank",
     "ok column_parallel_linear weight and bias gradients are shards of one rank's",
     "ok row_parallel_linear weight gradient is a shard, bias gradient whole",
+    "ok sequence parallel: row_parallel_linear forward (reduce-scattered) gives this rank's rows of one rank's",
+    "ok sequence parallel: column_parallel_linear input gradient (reduce-scattered) is this rank's rows",
+    "ok sequence parallel: weight gradients are shards, the row-parallel bias gradient whole",
     "ok vocab_parallel_embedding forward equals one rank (rows summed, positions added once)",
     "ok vocab_parallel_embedding backward: each rank's wte gradient is its rows",
+    "ok sequence parallel: vocab_parallel_embedding forward (reduce-scattered, positions of the rank's rows) "
+    "gives this rank's rows of one rank's",
+    "ok sequence parallel: vocab_parallel_embedding backward (all-gathered) gives the wte rows and the whole wpe "
+    "gradient",
     "ok vocab_parallel_cross_entropy forward equals one rank",
     "ok vocab_parallel_cross_entropy backward: this rank's columns of one rank's gradient",
     "ok vocab_parallel_lm_head_cross_entropy in chunks equals the unfused layers on one rank",
     "ok vocab_parallel_lm_head_cross_entropy: chunks change no loss or input gradient bit",
     "ok vocab_parallel_lm_head_cross_entropy: chunks change the weight gradient by its sum order only",
+    "ok sequence parallel: vocab_parallel_lm_head_cross_entropy in chunks (input all-gathered, its gradient "
+    "reduce-scattered) gives this rank's rows of one rank's",
+    "ok reduce_scatter_to_sequence_parallel_region forward sums bf16 values",
 };
 
 static const char *const one_rank_check =

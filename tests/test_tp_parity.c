@@ -212,6 +212,118 @@ Test(tp_parity, bf16_tracks_fp32_and_tp2_matches_tp1) {
     run_dir_fini(&r);
 }
 
+// ---- sequence parallelism and recomputation against tp=1 without them
+
+// Whether two files hold the same bytes.
+static bool same_bytes(const char *a, const char *b) {
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    cr_assert(fa && fb, "cannot open %s or %s", a, b);
+    bool same = true;
+    int ca, cb;
+    do {
+        ca = fgetc(fa);
+        cb = fgetc(fb);
+        if (ca != cb) same = false;
+    } while (same && ca != EOF);
+    fclose(fa);
+    fclose(fb);
+    return same;
+}
+
+// Trains on np ranks with `sets`, saving the final checkpoint to DIR/tag; logs into DIR/tag.jsonl.
+static void run_saved(struct run_dir *r, int np, const char *tag, const char *sets, char *log, size_t loglen) {
+    char all[1024];
+    snprintf(log, loglen, "%s/%s.jsonl", r->dir, tag);
+    snprintf(all, sizeof all, "--set parallel.device=cpu --set checkpoint.dir=%s/%s %s", r->dir, tag, sets);
+    int rc = run_tptrain(r->out, np, 600, r->shard, log, all);
+    cr_assert_eq(rc, 0, "%s (np=%d) failed (%d):\n%s", tag, np, rc, r->out);
+}
+
+// The final weights and AdamW moments of two runs saved after `steps` are the same bytes.
+static void assert_same_checkpoint_at(const struct run_dir *r, const char *a, const char *b, int steps) {
+    static const char *const files[] = {"model.safetensors", "optimizer.safetensors"};
+    for (int i = 0; i < 2; i++) {
+        char pa[1200], pb[1200];
+        snprintf(pa, sizeof pa, "%s/%s/step_%08d/%s", r->dir, a, steps, files[i]);
+        snprintf(pb, sizeof pb, "%s/%s/step_%08d/%s", r->dir, b, steps, files[i]);
+        cr_assert(same_bytes(pa, pb), "%s: %s and %s differ after %d steps", files[i], a, b, steps);
+    }
+}
+
+static void assert_same_checkpoint(const struct run_dir *r, const char *a, const char *b) {
+    assert_same_checkpoint_at(r, a, b, STEPS);
+}
+
+// Sequence parallelism at tp=2 and tp=4 (and in bf16 at tp=2) follows tp=1 without it; the
+// layernorm weights, whose gradients are summed over the group, stay identical on every rank.
+Test(tp_parity, sequence_parallel_matches_tp1) {
+    tu_require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "sp", -1);
+    run_reference(&r, NULL);
+    for (int tp = 2; tp <= 4; tp *= 2) {
+        char sets[256], label[64];
+        snprintf(sets, sizeof sets, "--set parallel.device=cpu --set parallel.tp=%d --set parallel.sequence_parallel=true "
+                 "--set debug.check_replicas=true", tp);
+        int rc = run_tptrain(r.out, tp, 600, r.shard, r.out_log, sets);
+        cr_assert_eq(rc, 0, "sequence parallel tp=%d failed (%d):\n%s", tp, rc, r.out);
+        snprintf(label, sizeof label, "sequence parallel tp=%d", tp);
+        compare_logs(r.ref, r.out_log, STEPS, 5e-4, label);
+        cr_assert(strstr(r.out, "memory after step 1: plan") && strstr(r.out, "measured peak"),
+                  "no memory line after the first step:\n%s", r.out);
+    }
+    int rc = run_tptrain(r.out, 2, 600, r.shard, r.out_log,
+                         "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
+                         "--set train.precision=bf16 --set debug.check_replicas=true");
+    cr_assert_eq(rc, 0, "bf16 sequence parallel tp=2 failed (%d):\n%s", rc, r.out);
+    compare_logs_tol(r.ref, r.out_log, STEPS, BF16_LOSS_RTOL, 0.2, "bf16 sequence parallel tp=2 vs fp32 tp=1");
+    run_dir_fini(&r);
+}
+
+// With DP the layernorm gradients are summed over the TP group and averaged over DP: tp=2 x dp=2
+// with sequence parallelism follows one rank accumulating the same global batch.
+Test(tp_parity, sequence_parallel_tp2_dp2_matches_tp1_with_accumulation) {
+    tu_require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "sp-dp", -1);
+    run_reference(&r, "--set train.grad_accum=2");
+    int rc = run_tptrain(r.out, 4, 600, r.shard, r.out_log,
+                         "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
+                         "--set debug.check_replicas=true");
+    cr_assert_eq(rc, 0, "sequence parallel tp=2 x dp=2 failed (%d):\n%s", rc, r.out);
+    compare_logs(r.ref, r.out_log, STEPS, 5e-4, "sequence parallel tp=2 x dp=2");
+    run_dir_fini(&r);
+}
+
+// Recomputation rebuilds what it dropped from the same inputs with the same ops: the weights and
+// AdamW moments after 20 steps are the same bytes as without it, at tp=1 and at tp=2 with
+// sequence parallelism; full recomputation at tp=4 with sequence parallelism follows tp=1.
+Test(tp_parity, recompute_is_bitwise_none) {
+    tu_require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "recompute", -1);
+    char ref[1100], log[1100];
+    run_saved(&r, 0, "tp1-none", "", ref, sizeof ref);
+    run_saved(&r, 0, "tp1-selective", "--set train.recompute=selective", log, sizeof log);
+    assert_same_checkpoint(&r, "tp1-none", "tp1-selective");
+    run_saved(&r, 0, "tp1-full", "--set train.recompute=full", log, sizeof log);
+    assert_same_checkpoint(&r, "tp1-none", "tp1-full");
+    const char *sp2 = "--set parallel.tp=2 --set parallel.sequence_parallel=true";
+    char sets[512];
+    run_saved(&r, 2, "tp2-sp-none", sp2, log, sizeof log);
+    snprintf(sets, sizeof sets, "%s --set train.recompute=selective", sp2);
+    run_saved(&r, 2, "tp2-sp-selective", sets, log, sizeof log);
+    assert_same_checkpoint(&r, "tp2-sp-none", "tp2-sp-selective");
+    snprintf(sets, sizeof sets, "%s --set train.recompute=full", sp2);
+    run_saved(&r, 2, "tp2-sp-full", sets, log, sizeof log);
+    assert_same_checkpoint(&r, "tp2-sp-none", "tp2-sp-full");
+    compare_logs(ref, log, STEPS, 5e-4, "tp=2, sequence parallel, full recompute");
+    run_saved(&r, 4, "tp4-sp-full", "--set parallel.tp=4 --set parallel.sequence_parallel=true "
+              "--set train.recompute=full --set debug.check_replicas=true", log, sizeof log);
+    compare_logs(ref, log, STEPS, 5e-4, "tp=4, sequence parallel, full recompute");
+    run_dir_fini(&r);
+}
+
 // ---- bad meshes: exit 2, one message, no hang
 
 static void bad_mesh_case(int np, const char *sets, const char *needle) {
@@ -233,6 +345,11 @@ Test(tp_parity, world_not_divisible_by_tp) {
 
 Test(tp_parity, heads_not_divisible_by_tp) {
     bad_mesh_case(3, "--set parallel.tp=3", "n_head=4 is not divisible by tp=3");
+}
+
+Test(tp_parity, sequence_parallel_needs_seq_len_divisible_by_tp) {
+    bad_mesh_case(2, "--set parallel.tp=2 --set parallel.sequence_parallel=true --set model.seq_len=31",
+                  "needs seq_len=31 divisible by tp=2");
 }
 
 // ---- bad data on one DP group only
@@ -274,7 +391,7 @@ static void require_gpu(void) {
 
 // One CUDA run of the test config; np = 0: a plain process.
 static void run_cuda(struct run_dir *r, int np, const char *jsonl, const char *extra) {
-    char sets[512];
+    char sets[2048];
     snprintf(sets, sizeof sets, "--set train.steps=%d --set parallel.device=cuda %s", GPU_STEPS, extra);
     int rc = run_tptrain(r->out, np, 300, r->shard, jsonl, sets);
     cr_assert_eq(rc, 0, "CUDA run np=%d %s failed (%d):\n%s", np, extra, rc, r->out);
@@ -335,6 +452,41 @@ Test(tp_parity, cuda_bf16_tracks_fp32_and_tp2_matches_tp1) {
     compare_logs_tol(r.ref, bf16_ref, GPU_STEPS, BF16_LOSS_RTOL, 0.2, "cuda bf16 vs cpu fp32");
     run_cuda(&r, 2, r.out_log, GPU_BF16_SETS " --set parallel.tp=2 --set debug.check_replicas=true");
     compare_logs_tol(bf16_ref, r.out_log, GPU_STEPS, BF16_LOSS_RTOL, 0.2, "cuda bf16 tp=2 vs tp=1");
+    run_dir_fini(&r);
+}
+
+// Sequence parallelism and recomputation on the GPU. fp32: recomputation is bitwise none (the
+// same kernels on the same inputs), and tp=2 with sequence parallelism and full recomputation
+// (two ranks on the GPU, MPI comm) follows tp=1. bf16: each recompute mode and tp=2 with
+// sequence parallelism follow plain bf16 within bf16's tolerance (selective recomputes the GELU
+// with the elementwise kernel, not cuBLASLt's epilogue, so it is not bitwise there).
+Test(tp_parity, cuda_sequence_parallel_and_recompute) {
+    require_gpu();
+    tu_require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "cuda-sp", -1);
+    static const char *const modes[] = {"none", "selective", "full"};
+    char sets[1024], log[1100], ref[1100];
+    for (int i = 0; i < 3; i++) {
+        snprintf(sets, sizeof sets, "--set train.recompute=%s --set checkpoint.dir=%s/cuda-%s", modes[i], r.dir,
+                 modes[i]);
+        run_cuda(&r, 0, i ? r.out_log : r.ref, sets);
+        if (i) assert_same_checkpoint_at(&r, "cuda-none", i == 1 ? "cuda-selective" : "cuda-full", GPU_STEPS);
+    }
+    run_cuda(&r, 2, r.out_log, "--set parallel.tp=2 --set parallel.sequence_parallel=true --set train.recompute=full "
+             "--set debug.check_replicas=true");
+    compare_logs(r.ref, r.out_log, GPU_STEPS, 5e-4, "cuda tp=2 sequence parallel + full recompute vs tp=1");
+    snprintf(ref, sizeof ref, "%s/bf16-none.jsonl", r.dir);
+    run_cuda(&r, 0, ref, GPU_BF16_SETS);
+    for (int i = 1; i < 3; i++) {
+        snprintf(sets, sizeof sets, GPU_BF16_SETS " --set train.recompute=%s", modes[i]);
+        snprintf(log, sizeof log, "%s/bf16-%s.jsonl", r.dir, modes[i]);
+        run_cuda(&r, 0, log, sets);
+        compare_logs_tol(ref, log, GPU_STEPS, BF16_LOSS_RTOL, 0.2, modes[i]);
+    }
+    run_cuda(&r, 2, r.out_log, GPU_BF16_SETS " --set parallel.tp=2 --set parallel.sequence_parallel=true "
+             "--set debug.check_replicas=true");
+    compare_logs_tol(ref, r.out_log, GPU_STEPS, BF16_LOSS_RTOL, 0.2, "cuda bf16 tp=2 sequence parallel vs tp=1");
     run_dir_fini(&r);
 }
 

@@ -7,6 +7,8 @@
 // whole weights. Prints one "ok NAME" line per check on rank 0, or "FAIL NAME: ..." and exits 1.
 #include <math.h>
 #include <mpi.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -174,40 +176,46 @@ static float *shard_of(const float *full, size_t rows, size_t cols, bool by_cols
     return s;
 }
 
-// The MLP block (column + GELU, row + bias + residual) and its backward, on P ranks and on one.
+// The MLP block (column + GELU, row + bias + residual) and its backward, on one rank, on P ranks
+// and on P ranks with sequence parallelism (the block's input, output and their gradients as
+// each rank's M/P rows).
 static void check_linear(struct comm *tp, struct comm *self) {
-    enum { M = 6, K = 8, H = 24 };
+    enum { M = 12, K = 8, H = 24 }; // M divisible by 1 to 4 ranks
     char detail[256] = "";
-    size_t Hl = H / (size_t)P;
+    size_t Hl = H / (size_t)P, Ml = M / (size_t)P;
     float *x = host_rand(M * K, 1, 1.0f), *w1 = host_rand(H * K, 2, 0.3f), *b1 = host_rand(H, 3, 0.1f);
     float *w2 = host_rand(K * H, 4, 0.2f), *b2 = host_rand(K, 5, 0.1f), *dy = host_rand(M * K, 6, 1.0f);
     float *w1s = shard_of(w1, H, K, false), *b1s = shard_of(b1, H, 1, false), *w2s = shard_of(w2, K, H, true);
-    float *res[2][6]; // [whole, parallel] x {out, dx, dw1, db1, dw2, db2}
-    for (int par = 0; par < 2; par++) {
+    float *xs = shard_of(x, M, K, false), *dys = shard_of(dy, M, K, false);
+    float *res[3][6]; // [whole, parallel, sequence-parallel] x {out, dx, dw1, db1, dw2, db2}
+    for (int par = 0; par < 3; par++) {
         struct comm *c = par ? tp : self;
-        size_t hl = par ? Hl : H;
-        float *dx_ = dev_copy(x, M * K), *dw1 = dev(hl * K), *dw2 = dev(K * hl), *db1 = dev(hl), *db2 = dev(K);
-        float *W1 = dev_copy(par ? w1s : w1, hl * K), *B1 = dev_copy(par ? b1s : b1, hl);
-        float *W2 = dev_copy(par ? w2s : w2, K * hl), *B2 = dev_copy(b2, K), *DY = dev_copy(dy, M * K);
-        float *h = dev(M * hl), *hg = dev(M * hl), *y = dev(M * K), *out = dev(M * K), *dh = dev(M * hl);
-        float *din = dev(M * K);
-        column_parallel_linear_fwd(be, c, hg, h, dx_, W1, B1, M, K, (int)hl);
+        size_t hl = par ? Hl : H, rows = par == 2 ? Ml : M; // rows of the block's input and output
+        struct tp_sequence_parallel seq = {dev(M * H), dev(M * K)};
+        const struct tp_sequence_parallel *sp = par == 2 ? &seq : NULL;
+        float *dx_ = dev_copy(par == 2 ? xs : x, rows * K), *dw1 = dev(hl * K), *dw2 = dev(K * hl), *db1 = dev(hl);
+        float *db2 = dev(K), *W1 = dev_copy(par ? w1s : w1, hl * K), *B1 = dev_copy(par ? b1s : b1, hl);
+        float *W2 = dev_copy(par ? w2s : w2, K * hl), *B2 = dev_copy(b2, K), *DY = dev_copy(par == 2 ? dys : dy, rows * K);
+        float *h = dev(M * hl), *hg = dev(M * hl), *y = dev(M * K), *out = dev(rows * K), *dh = dev(M * hl);
+        float *din = dev(rows * K);
+        column_parallel_linear_fwd(be, c, hg, h, dx_, W1, B1, M, K, (int)hl, sp);
         struct row_parallel_out o = {.out = out, .res = dx_};
-        row_parallel_linear_fwd(be, c, y, hg, W2, B2, M, (int)hl, K, &o);
-        row_parallel_linear_bwd(be, c, dh, dw2, db2, DY, hg, W2, h, M, (int)hl, K);
-        column_parallel_linear_bwd(be, c, din, dw1, db1, dh, dx_, W1, M, K, (int)hl);
-        res[par][0] = host_of(out, M * K);
-        res[par][1] = host_of(din, M * K);
+        row_parallel_linear_fwd(be, c, y, hg, W2, B2, M, (int)hl, K, &o, sp);
+        row_parallel_linear_bwd(be, c, dh, dw2, db2, DY, hg, W2, h, M, (int)hl, K, sp);
+        column_parallel_linear_bwd(be, c, din, dw1, db1, dh, dx_, W1, M, K, (int)hl, sp);
+        res[par][0] = host_of(out, rows * K);
+        res[par][1] = host_of(din, rows * K);
         res[par][2] = host_of(dw1, hl * K);
         res[par][3] = host_of(db1, hl);
         res[par][4] = host_of(dw2, K * hl);
         res[par][5] = host_of(db2, K);
-        float *bufs[] = {dx_, dw1, dw2, db1, db2, W1, B1, W2, B2, DY, h, hg, y, out, dh, din};
+        float *bufs[] = {dx_, dw1, dw2, db1, db2, W1, B1, W2, B2, DY, h, hg, y, out, dh, din, seq.rows, seq.drows};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be.iface->free(be.ctx, bufs[i]);
     }
     // The parallel gradients of sharded weights are shards of the whole ones.
     float *dw1s = shard_of(res[0][2], H, K, false), *db1s = shard_of(res[0][3], H, 1, false);
     float *dw2s = shard_of(res[0][4], K, H, true);
+    float *outs = shard_of(res[0][0], M, K, false), *dins = shard_of(res[0][1], M, K, false);
     const float tol = 1e-5f;
     verdict("row_parallel_linear forward (bias once, after the all-reduce) equals one rank",
             differ(res[1][0], res[0][0], M * K, tol, detail, sizeof detail), detail);
@@ -219,18 +227,28 @@ static void check_linear(struct comm *tp, struct comm *self) {
     verdict("row_parallel_linear weight gradient is a shard, bias gradient whole",
             differ(res[1][4], dw2s, K * Hl, tol, detail, sizeof detail) ||
             differ(res[1][5], res[0][5], K, tol, detail, sizeof detail), detail);
-    for (int par = 0; par < 2; par++)
+    verdict("sequence parallel: row_parallel_linear forward (reduce-scattered) gives this rank's rows of one rank's",
+            differ(res[2][0], outs, Ml * K, tol, detail, sizeof detail), detail);
+    verdict("sequence parallel: column_parallel_linear input gradient (reduce-scattered) is this rank's rows",
+            differ(res[2][1], dins, Ml * K, tol, detail, sizeof detail), detail);
+    verdict("sequence parallel: weight gradients are shards, the row-parallel bias gradient whole",
+            differ(res[2][2], dw1s, Hl * K, tol, detail, sizeof detail) ||
+            differ(res[2][3], db1s, Hl, tol, detail, sizeof detail) ||
+            differ(res[2][4], dw2s, K * Hl, tol, detail, sizeof detail) ||
+            differ(res[2][5], res[0][5], K, tol, detail, sizeof detail), detail);
+    for (int par = 0; par < 3; par++)
         for (int i = 0; i < 6; i++) free(res[par][i]);
-    float *hs[] = {x, w1, b1, w2, b2, dy, w1s, b1s, w2s, dw1s, db1s, dw2s};
+    float *hs[] = {x, w1, b1, w2, b2, dy, w1s, b1s, w2s, xs, dys, dw1s, db1s, dw2s, outs, dins};
     for (size_t i = 0; i < sizeof hs / sizeof hs[0]; i++) free(hs[i]);
 }
 
 // Embedding and cross-entropy over a vocabulary split into P blocks of Vl rows (the last block
-// holds padding columns beyond V).
+// holds padding columns beyond V); the embedding also with sequence parallelism, where a rank's
+// rows may start and end inside a sequence (T = 6 at 4 ranks: blocks of 3 rows).
 static void check_vocab(struct comm *tp, struct comm *self) {
-    enum { B = 2, T = 3, C = 4, VL = 5 };
+    enum { B = 2, T = 6, C = 4, VL = 5 };
     char detail[256] = "";
-    int N = B * T, Vp = VL * P, V = Vp - 2; // two padding rows
+    int N = B * T, Vp = VL * P, V = Vp - 2, Nl = N / P; // two padding rows
     float *wte = host_rand((size_t)Vp * C, 11, 1.0f), *wpe = host_rand(T * C, 12, 1.0f);
     for (int j = V * C; j < Vp * C; j++) wte[j] = 0; // padding rows are zero, as in the model
     float *wtes = shard_of(wte, (size_t)Vp, C, false);
@@ -239,62 +257,111 @@ static void check_vocab(struct comm *tp, struct comm *self) {
         tokens[i] = (i * 5 + 1) % V;
         targets[i] = (i * 3 + 2) % V;
     }
-    float *emb[2], *loss[2], *dlog[2], *dwte[2];
-    for (int par = 0; par < 2; par++) {
+    float *emb[3], *loss[2], *dlog[2], *dwte[3], *dwpe[3];
+    for (int par = 0; par < 3; par++) {
         struct comm *c = par ? tp : self;
-        int vl = par ? VL : Vp;
+        int vl = par ? VL : Vp, rows = par == 2 ? Nl : N;
+        struct tp_sequence_parallel seq = {dev((size_t)N * C), NULL};
+        const struct tp_sequence_parallel *sp = par == 2 ? &seq : NULL;
         int *tok = be.iface->alloc(be.ctx, sizeof tokens), *tgt = be.iface->alloc(be.ctx, sizeof targets);
         be.iface->copy_to_device(be.ctx, tok, tokens, sizeof tokens);
         be.iface->copy_to_device(be.ctx, tgt, targets, sizeof targets);
         float *WTE = dev_copy(par ? wtes : wte, (size_t)vl * C), *WPE = dev_copy(wpe, T * C);
-        float *out = dev((size_t)N * C), *dw = dev((size_t)vl * C), *dwp = dev(T * C);
-        vocab_parallel_embedding_fwd(be, c, out, tok, WTE, WPE, B, T, C, vl);
-        emb[par] = host_of(out, (size_t)N * C);
-        vocab_parallel_embedding_bwd(be, c, dw, dwp, out, tok, B, T, C, vl); // dout = the embeddings
+        float *out = dev((size_t)rows * C), *dw = dev((size_t)vl * C), *dwp = dev(T * C);
+        vocab_parallel_embedding_fwd(be, c, out, tok, WTE, WPE, B, T, C, vl, sp);
+        emb[par] = host_of(out, (size_t)rows * C);
+        vocab_parallel_embedding_bwd(be, c, dw, dwp, out, tok, B, T, C, vl, sp); // dout = the embeddings
         dwte[par] = host_of(dw, (size_t)vl * C);
-        // logits (N, vl): this rank's columns of a fixed (N, Vp) matrix
-        float *lg = host_rand((size_t)N * Vp, 13, 3.0f), *lgs = par ? shard_of(lg, N, (size_t)Vp, true) : lg;
-        float *LG = dev_copy(lgs, (size_t)N * vl);
-        struct vocab_parallel_xent x = {dev(N), dev(2 * (size_t)N), dev(N), dev(N)};
-        vocab_parallel_cross_entropy_fwd(be, c, &x, LG, tgt, N, vl, V);
-        loss[par] = host_of(x.losses, N);
-        vocab_parallel_cross_entropy_bwd(be, c, LG, &x, LG, tgt, 0.5f, N, vl, V);
-        dlog[par] = host_of(LG, (size_t)N * vl);
-        if (lgs != lg) free(lgs);
-        free(lg);
-        float *bufs[] = {WTE, WPE, out, dw, dwp, LG, x.maxes, x.sums, x.local_maxes, x.losses};
+        dwpe[par] = host_of(dwp, T * C);
+        float *bufs[] = {WTE, WPE, out, dw, dwp, seq.rows};
         for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be.iface->free(be.ctx, bufs[i]);
+        if (par < 2) {
+            // logits (N, vl): this rank's columns of a fixed (N, Vp) matrix
+            float *lg = host_rand((size_t)N * Vp, 13, 3.0f), *lgs = par ? shard_of(lg, N, (size_t)Vp, true) : lg;
+            float *LG = dev_copy(lgs, (size_t)N * vl);
+            struct vocab_parallel_xent x = {dev(N), dev(2 * (size_t)N), dev(N), dev(N)};
+            vocab_parallel_cross_entropy_fwd(be, c, &x, LG, tgt, N, vl, V);
+            loss[par] = host_of(x.losses, N);
+            vocab_parallel_cross_entropy_bwd(be, c, LG, &x, LG, tgt, 0.5f, N, vl, V);
+            dlog[par] = host_of(LG, (size_t)N * vl);
+            if (lgs != lg) free(lgs);
+            free(lg);
+            float *xb[] = {LG, x.maxes, x.sums, x.local_maxes, x.losses};
+            for (size_t i = 0; i < sizeof xb / sizeof xb[0]; i++) be.iface->free(be.ctx, xb[i]);
+        }
         be.iface->free(be.ctx, tok);
         be.iface->free(be.ctx, tgt);
     }
     float *dwtes = shard_of(dwte[0], (size_t)Vp, C, false), *dlogs = shard_of(dlog[0], N, (size_t)Vp, true);
+    float *embs = shard_of(emb[0], N, C, false);
     verdict("vocab_parallel_embedding forward equals one rank (rows summed, positions added once)",
             differ(emb[1], emb[0], (size_t)N * C, 0, detail, sizeof detail), detail);
     verdict("vocab_parallel_embedding backward: each rank's wte gradient is its rows",
             differ(dwte[1], dwtes, (size_t)VL * C, 0, detail, sizeof detail), detail);
+    verdict("sequence parallel: vocab_parallel_embedding forward (reduce-scattered, positions of the rank's rows) "
+            "gives this rank's rows of one rank's",
+            differ(emb[2], embs, (size_t)Nl * C, 0, detail, sizeof detail), detail);
+    verdict("sequence parallel: vocab_parallel_embedding backward (all-gathered) gives the wte rows and the whole wpe "
+            "gradient",
+            differ(dwte[2], dwtes, (size_t)VL * C, 0, detail, sizeof detail) ||
+            differ(dwpe[2], dwpe[0], (size_t)T * C, 0, detail, sizeof detail), detail);
     verdict("vocab_parallel_cross_entropy forward equals one rank",
             differ(loss[1], loss[0], N, 1e-5f, detail, sizeof detail), detail);
     verdict("vocab_parallel_cross_entropy backward: this rank's columns of one rank's gradient",
             differ(dlog[1], dlogs, (size_t)N * VL, 1e-5f, detail, sizeof detail), detail);
-    for (int par = 0; par < 2; par++) free(emb[par]), free(loss[par]), free(dlog[par]), free(dwte[par]);
-    free(wte), free(wpe), free(wtes), free(dwtes), free(dlogs);
+    for (int par = 0; par < 3; par++) free(emb[par]), free(dwte[par]), free(dwpe[par]);
+    for (int par = 0; par < 2; par++) free(loss[par]), free(dlog[par]);
+    free(wte), free(wpe), free(wtes), free(dwtes), free(dlogs), free(embs);
+}
+
+// The MPI comm sums bf16 in fp32: a bf16 reduce-scatter must not add the bit patterns.
+static void check_bf16_reduce_scatter(void) {
+    enum { ROWS_PER_RANK = 2, W = 3 };
+    char detail[256] = "";
+    struct backend b16 = backend_cpu_create(TP_DTYPE_BF16);
+    MPI_Comm world = MPI_COMM_WORLD;
+    struct comm c = comm_mpi_create(&world, b16);
+    size_t N = (size_t)ROWS_PER_RANK * (size_t)P, n = N * W, shard = ROWS_PER_RANK * W;
+    uint16_t *h = malloc(n * sizeof *h), *got = malloc(shard * sizeof *got);
+    float *want = malloc(shard * sizeof *want), *gotf = malloc(shard * sizeof *gotf);
+    for (size_t i = 0; i < n; i++) h[i] = tp_bf16_from_f32(val(i / W, i % W, rank)); // small integers: exact
+    for (size_t i = 0; i < shard; i++) {
+        size_t g = (size_t)rank * shard + i;
+        want[i] = 0;
+        for (int r = 0; r < P; r++) want[i] += val(g / W, g % W, r);
+    }
+    void *in = b16.iface->alloc(b16.ctx, n * 2), *out = b16.iface->alloc(b16.ctx, shard * 2);
+    b16.iface->copy_to_device(b16.ctx, in, h, n * 2);
+    reduce_scatter_to_sequence_parallel_region_fwd(b16, &c, out, in, N, W);
+    b16.iface->copy_to_host(b16.ctx, got, out, shard * 2);
+    for (size_t i = 0; i < shard; i++) gotf[i] = tp_bf16_to_f32(got[i]);
+    verdict("reduce_scatter_to_sequence_parallel_region forward sums bf16 values",
+            differ(gotf, want, shard, 0, detail, sizeof detail), detail);
+    b16.iface->free(b16.ctx, in);
+    b16.iface->free(b16.ctx, out);
+    free(h), free(got), free(want), free(gotf);
+    comm_destroy(&c);
+    backend_destroy(&b16);
 }
 
 // The fused, chunked LM head + loss (vocab_parallel_lm_head_cross_entropy) on P ranks, against
 // the unfused layers on one rank holding the whole vocabulary (column_parallel_linear and
 // vocab_parallel_cross_entropy, forward and backward, all N rows at once), and against itself
 // in one chunk on the same ranks: chunking changes no loss or input-gradient bit (each row is
-// computed alone) and the weight gradient only by the order of its per-chunk sums.
+// computed alone) and the weight gradient only by the order of its per-chunk sums. With sequence
+// parallelism each rank passes its N/P rows of the input and gets its rows of the gradient.
 struct head_result {
-    float *loss, *din, *dw; // (N), (N, C), (vl, C)
+    float *loss, *din, *dw; // (N), (N, C) (with sp this rank's (N/P, C)), (vl, C)
 };
 
 static struct head_result run_head(struct comm *c, const float *x, const float *w, const int *targets, int N,
-                                   int C, int vl, int V, int rows, bool fused) {
+                                   int C, int vl, int V, int rows, bool fused, bool seq) {
+    size_t S = seq ? (size_t)N / (size_t)P : (size_t)N; // rows of the input and its gradient
     int *tgt = be.iface->alloc(be.ctx, (size_t)N * sizeof(int));
     be.iface->copy_to_device(be.ctx, tgt, targets, (size_t)N * sizeof(int));
-    float *X = dev_copy(x, (size_t)N * C), *W = dev_copy(w, (size_t)vl * C);
-    float *din = dev((size_t)N * C), *dw = dev((size_t)vl * C), *losses = dev((size_t)N);
+    float *X = dev_copy(x + (seq ? (size_t)rank * S * C : 0), S * C), *W = dev_copy(w, (size_t)vl * C);
+    float *din = dev(S * C), *dw = dev((size_t)vl * C), *losses = dev((size_t)N);
+    struct tp_sequence_parallel sp = {dev((size_t)N * C), dev((size_t)N * C)};
     float *logits = dev((size_t)(fused ? rows : N) * vl);
     int R = fused ? rows : N;
     struct vocab_parallel_xent xs = {dev((size_t)R), dev(2 * (size_t)R), dev((size_t)R), losses};
@@ -304,15 +371,15 @@ static struct head_result run_head(struct comm *c, const float *x, const float *
                                         .dloss = dloss, .logits = logits, .maxes = xs.maxes,
                                         .local_maxes = xs.local_maxes, .sums = xs.sums, .N = N, .C = C,
                                         .Vl = vl, .V = V, .rows = rows};
-        vocab_parallel_lm_head_cross_entropy(be, c, &h);
+        vocab_parallel_lm_head_cross_entropy(be, c, &h, seq ? &sp : NULL);
     } else {
-        column_parallel_linear_fwd(be, c, logits, NULL, X, W, NULL, N, C, vl);
+        column_parallel_linear_fwd(be, c, logits, NULL, X, W, NULL, N, C, vl, NULL);
         vocab_parallel_cross_entropy_fwd(be, c, &xs, logits, tgt, N, vl, V);
         vocab_parallel_cross_entropy_bwd(be, c, logits, &xs, logits, tgt, dloss, N, vl, V);
-        column_parallel_linear_bwd(be, c, din, dw, NULL, logits, X, W, N, C, vl);
+        column_parallel_linear_bwd(be, c, din, dw, NULL, logits, X, W, N, C, vl, NULL);
     }
-    struct head_result r = {host_of(losses, (size_t)N), host_of(din, (size_t)N * C), host_of(dw, (size_t)vl * C)};
-    float *bufs[] = {X, W, din, dw, losses, logits, xs.maxes, xs.sums, xs.local_maxes};
+    struct head_result r = {host_of(losses, (size_t)N), host_of(din, S * C), host_of(dw, (size_t)vl * C)};
+    float *bufs[] = {X, W, din, dw, losses, logits, xs.maxes, xs.sums, xs.local_maxes, sp.rows, sp.drows};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) be.iface->free(be.ctx, bufs[i]);
     be.iface->free(be.ctx, tgt);
     return r;
@@ -334,7 +401,7 @@ static int differ_l2(const float *got, const float *want, size_t n, double tol, 
 }
 
 static void check_head(struct comm *tp, struct comm *self) {
-    enum { N = 10, C = 8, VL = 24, ROWS = 4 }; // chunks of 4, 4 and 2 rows
+    enum { N = 12, C = 8, VL = 24, ROWS = 5 }; // chunks of 5, 5 and 2 rows; N divisible by 1 to 4 ranks
     char detail[256] = "";
     int Vp = VL * P, V = Vp - 3; // three padding columns
     float *x = host_rand((size_t)N * C, 21, 1.0f), *w = host_rand((size_t)Vp * C, 22, 1.0f);
@@ -342,10 +409,11 @@ static void check_head(struct comm *tp, struct comm *self) {
     float *ws = shard_of(w, (size_t)Vp, C, false);
     int targets[N];
     for (int i = 0; i < N; i++) targets[i] = (i * 7 + 3) % V;
-    struct head_result one = run_head(self, x, w, targets, N, C, Vp, V, N, false);
-    struct head_result chunked = run_head(tp, x, ws, targets, N, C, VL, V, ROWS, true);
-    struct head_result whole = run_head(tp, x, ws, targets, N, C, VL, V, N, true);
-    float *dws = shard_of(one.dw, (size_t)Vp, C, false);
+    struct head_result one = run_head(self, x, w, targets, N, C, Vp, V, N, false, false);
+    struct head_result chunked = run_head(tp, x, ws, targets, N, C, VL, V, ROWS, true, false);
+    struct head_result whole = run_head(tp, x, ws, targets, N, C, VL, V, N, true, false);
+    struct head_result seq = run_head(tp, x, ws, targets, N, C, VL, V, ROWS, true, true);
+    float *dws = shard_of(one.dw, (size_t)Vp, C, false), *dins = shard_of(one.din, N, C, false);
     const float tol = 1e-5f;
     verdict("vocab_parallel_lm_head_cross_entropy in chunks equals the unfused layers on one rank",
             differ(chunked.loss, one.loss, N, tol, detail, sizeof detail) ||
@@ -364,8 +432,16 @@ static void check_head(struct comm *tp, struct comm *self) {
                     differ(whole.din, one.din, (size_t)N * C, 0, detail, sizeof detail) ||
                     differ(whole.dw, one.dw, (size_t)VL * C, 0, detail, sizeof detail),
                 detail);
-    head_free(&one), head_free(&chunked), head_free(&whole);
-    free(x), free(w), free(ws), free(dws);
+    // the gathered rows are the same bits, so the losses and the weight gradient are those of the
+    // chunked head exactly; the input gradient's sum over ranks may be ordered differently
+    verdict("sequence parallel: vocab_parallel_lm_head_cross_entropy in chunks (input all-gathered, its gradient "
+            "reduce-scattered) gives this rank's rows of one rank's",
+            differ(seq.loss, chunked.loss, N, 0, detail, sizeof detail) ||
+                differ(seq.dw, chunked.dw, (size_t)VL * C, 0, detail, sizeof detail) ||
+                differ(seq.din, dins, (size_t)(N / P) * C, tol, detail, sizeof detail),
+            detail);
+    head_free(&one), head_free(&chunked), head_free(&whole), head_free(&seq);
+    free(x), free(w), free(ws), free(dws), free(dins);
 }
 
 int main(int argc, char **argv) {
@@ -379,6 +455,7 @@ int main(int argc, char **argv) {
     check_linear(&tp, &self);
     check_vocab(&tp, &self);
     check_head(&tp, &self);
+    check_bf16_reduce_scatter();
     if (rank == 0) printf("%d checks failed on %d ranks\n", failures, P);
     comm_destroy(&tp);
     comm_destroy(&self);

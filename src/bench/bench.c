@@ -466,7 +466,7 @@ void bench_print_setup(const struct bench *b, const char *mode) {
     printf("tptrain %s --bench %s\n", TP_VERSION, mode);
     printf("%s backend (timings are %s) | comm %s | tp %d (ranks), dp 1 | precision %s | peak %s TFLOP/s per GPU\n",
            be, b->events ? "device events" : "host wall clock", b->mesh.tp.iface->name(b->mesh.tp.ctx),
-           b->mesh.tp_size, config_precision_name(b->cfg.train.precision),
+           b->mesh.tp.size, config_precision_name(b->cfg.train.precision),
            bench_fmt(peak, sizeof peak, "%.0f", b->peak_tflops > 0 ? b->peak_tflops : NAN));
 }
 
@@ -474,7 +474,7 @@ void bench_print_setup(const struct bench *b, const char *mode) {
 json_t *bench_json_setup(const struct bench *b, const char *mode) {
     json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s}", "mode", mode, "version", TP_VERSION, "backend",
                           b->be.iface->name(b->be.ctx), "timing", timing_name(b), "comm",
-                          b->mesh.tp.iface->name(b->mesh.tp.ctx), "tp", b->mesh.tp_size, "precision",
+                          b->mesh.tp.iface->name(b->mesh.tp.ctx), "tp", b->mesh.tp.size, "precision",
                           config_precision_name(b->cfg.train.precision));
     bench_json_kv(o, "peak_tflops", b->peak_tflops > 0 ? b->peak_tflops : NAN);
     return o;

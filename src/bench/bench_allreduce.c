@@ -116,7 +116,7 @@ struct allreduce_row {
 // of rank r holds (i mod 61) + r + 1, small integers whose sum over ranks fp32 holds exactly.
 static long long allreduce_check(struct bench *b, float *buf /* (count) */, size_t count) {
     enum { CHUNK = 1 << 20 };
-    int P = b->mesh.tp_size, r = b->mesh.tp_rank;
+    int P = b->mesh.tp.size, r = b->mesh.tp.rank;
     float *h = tp_malloc((count < CHUNK ? count : CHUNK) * sizeof(float));
     for (size_t off = 0; off < count; off += CHUNK) {
         size_t k = count - off < CHUNK ? count - off : CHUNK;
@@ -144,7 +144,7 @@ static long long allreduce_check(struct bench *b, float *buf /* (count) */, size
 // the time is the mean per operation, averaged over ranks.
 static void allreduce_time(struct bench *b, float *buf, size_t count, int warmup, int iters,
                            struct allreduce_row *row) {
-    int P = b->mesh.tp_size;
+    int P = b->mesh.tp.size;
     row->count = count;
     row->bytes = count * sizeof(float);
     if (P == 1) { // an all-reduce over one rank moves nothing: report no cost rather than a no-op's time
@@ -171,7 +171,7 @@ static void allreduce_time(struct bench *b, float *buf, size_t count, int warmup
 
 static void allreduce_print(const struct bench *b, const struct allreduce_row *rows, int n, int warmup,
                             int iters, double avg_busbw) {
-    int P = b->mesh.tp_size;
+    int P = b->mesh.tp.size;
     bench_print_setup(b, "allreduce");
     printf("# all-reduce on the TP group: %d ranks | warm-up iters: %d iters: %d | in place | "
            "time: mean per operation, averaged over ranks\n", P, warmup, iters);
@@ -204,7 +204,7 @@ static void allreduce_print(const struct bench *b, const struct allreduce_row *r
 static void allreduce_json(const struct bench *b, const struct allreduce_row *rows, int n, int warmup,
                            int iters, double avg_busbw) {
     json_t *doc = bench_json_setup(b, "allreduce"), *arr = json_array();
-    json_object_set_new(doc, "ranks", json_integer(b->mesh.tp_size));
+    json_object_set_new(doc, "ranks", json_integer(b->mesh.tp.size));
     json_object_set_new(doc, "warmup", json_integer(warmup));
     json_object_set_new(doc, "iters", json_integer(iters));
     for (int i = 0; i < n; i++) {
@@ -230,7 +230,7 @@ static int allreduce_run(struct bench *b, void *args) {
     size_t max_count = 0;
     for (int i = 0; i < n; i++)
         if (sizes[i] / sizeof(float) > max_count) max_count = sizes[i] / sizeof(float);
-    float *buf = b->mesh.tp_size > 1 ? bench_alloc_floats(b, max_count) : NULL; // (max_count)
+    float *buf = b->mesh.tp.size > 1 ? bench_alloc_floats(b, max_count) : NULL; // (max_count)
     struct allreduce_row rows[MAX_SIZES];
     double busbw_sum = 0.0;
     for (int i = 0; i < n; i++) {
@@ -238,7 +238,7 @@ static int allreduce_run(struct bench *b, void *args) {
         busbw_sum += rows[i].busbw;
     }
     if (buf) b->be.iface->free(b->be.ctx, buf);
-    double avg_busbw = b->mesh.tp_size > 1 ? busbw_sum / n : NAN;
+    double avg_busbw = b->mesh.tp.size > 1 ? busbw_sum / n : NAN;
     int wrong = 0;
     for (int i = 0; i < n; i++) wrong |= rows[i].wrong > 0;
     if (b->root) allreduce_print(b, rows, n, warmup, iters, avg_busbw);

@@ -49,26 +49,27 @@ struct layer_bench {
 // product, hg the activation.
 static void column_fwd(struct layer_bench *lb, bool gelu, struct comm *tp) {
     column_parallel_linear_fwd(lb->b->be, tp, gelu ? lb->hg : lb->h, gelu ? lb->h : NULL, lb->x, lb->w1, lb->b1,
-                               lb->M, lb->K, lb->Nl);
+                               lb->M, lb->K, lb->Nl, NULL);
 }
 
 // Backward: each rank's dx covers its own shard; f's backward sums them (1 all-reduce).
 static void column_bwd(struct layer_bench *lb, const void *dout, struct comm *tp) {
-    column_parallel_linear_bwd(lb->b->be, tp, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, lb->M, lb->K, lb->Nl);
+    column_parallel_linear_bwd(lb->b->be, tp, lb->dx, lb->dw1, lb->db1, dout, lb->x, lb->w1, lb->M, lb->K, lb->Nl,
+                               NULL);
 }
 
 // Forward of the row-parallel linear: partial products, g's all-reduce, then the bias (once) and
 // the residual.
 static void row_fwd(struct layer_bench *lb, const void *inp, struct comm *tp) {
     struct row_parallel_out o = {.out = lb->out, .res = lb->x};
-    row_parallel_linear_fwd(lb->b->be, tp, lb->y, inp, lb->w2, lb->b2, lb->M, lb->Nl, lb->K, &o);
+    row_parallel_linear_fwd(lb->b->be, tp, lb->y, inp, lb->w2, lb->b2, lb->M, lb->Nl, lb->K, &o, NULL);
 }
 
 // Backward: the output gradient is replicated, g's backward is the identity: no collective.
 // pre_gelu non-NULL folds the GELU's derivative into dinp, as the model does.
 static void row_bwd(struct layer_bench *lb, void *dinp, const void *inp, const void *pre_gelu, struct comm *tp) {
     row_parallel_linear_bwd(lb->b->be, tp, dinp, lb->dw2, lb->db2, lb->dy, inp, lb->w2, pre_gelu, lb->M, lb->Nl,
-                            lb->K);
+                            lb->K, NULL);
 }
 
 static void run_column_fwd(void *arg, struct bench_clock *c) {
@@ -142,7 +143,7 @@ static void layer_derive(const struct bench *b, struct layer_result *r) {
 }
 
 static void layer_print(const struct bench *b, int M, int K, int N, const struct layer_result *r, int n) {
-    int P = b->mesh.tp_size;
+    int P = b->mesh.tp.size;
     bench_print_setup(b, "layer");
     printf("shapes: M=%d tokens, K=%d, N=%d (N/P=%d per rank) | column K->N/P, row N/P->K + all-reduce, "
            "mlp column+gelu (fused) -> row\n", M, K, N, N / P);
@@ -208,7 +209,7 @@ static void layer_json(const struct bench *b, int M, int K, int N, const struct 
 static int layer_run(struct bench *b, void *args) {
     const int *dims = args;
     int M = dims[0], K = dims[1], N = dims[2];
-    struct layer_bench lb = {.b = b, .M = M, .K = K, .Nl = N / b->mesh.tp_size};
+    struct layer_bench lb = {.b = b, .M = M, .K = K, .Nl = N / b->mesh.tp.size};
     size_t MK = (size_t)M * K, MN = (size_t)M * lb.Nl, NK = (size_t)lb.Nl * K;
     void **bufs[] = {&lb.x, &lb.w1, &lb.b1, &lb.h, &lb.hg, &lb.w2, &lb.b2, &lb.y, &lb.out,
                      &lb.dx, &lb.dh, &lb.dhg, &lb.dy};
@@ -219,7 +220,7 @@ static int layer_run(struct bench *b, void *args) {
     for (int i = 0; i < nbuf; i++) *bufs[i] = bench_alloc_compute(b, sizes[i]);
     for (int i = 0; i < ngbuf; i++) *gbufs[i] = bench_alloc_floats(b, gsizes[i]);
     // The input and the output gradient are replicated (same seed everywhere); weights are shards.
-    uint64_t seed = b->cfg.train.seed, rank = (uint64_t)b->mesh.tp_rank;
+    uint64_t seed = b->cfg.train.seed, rank = (uint64_t)b->mesh.tp.rank;
     bench_fill_uniform(b->be, lb.x, MK, 1.0f, seed);
     bench_fill_uniform(b->be, lb.dy, MK, 1.0f, seed + 1);
     bench_fill_uniform(b->be, lb.w1, NK, 1.0f / sqrtf((float)K), seed + 100 + rank);
@@ -239,7 +240,7 @@ static int layer_run(struct bench *b, void *args) {
         {"mlp_bwd", "mlp bwd", run_mlp_bwd, NULL},
     };
     enum { NPHASE = sizeof specs / sizeof specs[0] };
-    struct bench_layer_flops fl = bench_layer_flops(M, K, N, b->mesh.tp_size);
+    struct bench_layer_flops fl = bench_layer_flops(M, K, N, b->mesh.tp.size);
     double flops[NPHASE] = {fl.column_fwd, fl.column_bwd, fl.row_fwd, fl.row_bwd, fl.mlp_fwd, fl.mlp_bwd};
     struct layer_result res[NPHASE];
     for (int i = 0; i < NPHASE; i++) {

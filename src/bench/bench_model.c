@@ -26,7 +26,7 @@ struct model_bench {
     struct model m;
     struct optim opt;
     float *loss_sum;    // (1) backend memory
-    void *dres_seed;    // (N, C) compute type: the residual-stream gradient each backward phase starts from
+    void *dres_seed;    // (S, C) compute type: the residual-stream gradient each backward phase starts from
     int *inputs;        // (N) host token ids, the same on every TP rank
     int *targets;       // (N)
 };
@@ -45,6 +45,7 @@ static void run_step(void *arg, struct bench_clock *c) {
     float dloss = 1.0f / ((float)m->d.N * (float)tc->grad_accum);
     for (int micro = 0; micro < tc->grad_accum; micro++)
         model_forward_backward(m, tp, mb->inputs, mb->targets, mb->loss_sum, dloss);
+    model_reduce_sequence_parallel_grads(m, tp);
     optim_grad_norm_enqueue(&mb->opt, m, tp);
     optim_step(&mb->opt, m, tc, (float)tc->lr);
 }
@@ -87,7 +88,7 @@ static void run_head(void *arg, struct bench_clock *c) {
 static void prepare_residual_grad(void *arg) {
     struct model_bench *mb = arg;
     mb_ops(mb)->copy(mb->m.be.ctx, mb->m.a.dres, mb->dres_seed,
-                     mb->m.d.N * (size_t)mb->m.d.C * tp_dtype_size(mb->m.dtype));
+                     mb->m.d.S * (size_t)mb->m.d.C * tp_dtype_size(mb->m.dtype));
 }
 
 static void run_mlp_bwd_model(void *arg, struct bench_clock *c) {
@@ -129,8 +130,10 @@ static void run_optimizer(void *arg, struct bench_clock *c) {
 // matrix parameters (padding included, biases, layernorms and wpe excluded).
 // Bytes are what each op must read and write at least: its inputs once and its outputs once (twice
 // for "+=" outputs), compute-type tensors at the compute type's size and fp32 ones at 4, token ids
-// at 4, reductions' partials and other scratch not counted. The ideal time of an op is the larger
-// of flops / matrix rate and bytes / bandwidth; a phase's is the sum over its ops.
+// at 4, reductions' partials and other scratch not counted. Recomputation's rerun forward work
+// (train.recompute) is not counted either: like the MFU formula, this counts the model's work.
+// The ideal time of an op is the larger of flops / matrix rate and bytes / bandwidth; a phase's
+// is the sum over its ops.
 
 struct cost_shape {
     struct model_dims d;
@@ -170,27 +173,28 @@ static void op_matmul_bwd(struct cost_acc *a, const struct cost_shape *s, double
     if (dbias) op(a, 0, s->es * N * OC + 8 * OC);
 }
 
+// The residual stream's ops run on S rows: N, or this rank's N/P with sequence parallelism.
 static void op_layernorm_fwd(struct cost_acc *a, const struct cost_shape *s) {
-    double N = (double)s->d.N, C = s->d.C;
+    double N = (double)s->d.S, C = s->d.C;
     op(a, 0, s->es * (2 * N * C + 2 * C) + 8 * N);
 }
 
 // out = res + x + bias, then ln = layernorm(out)
 static void op_residual_layernorm_fwd(struct cost_acc *a, const struct cost_shape *s) {
-    double N = (double)s->d.N, C = s->d.C;
+    double N = (double)s->d.S, C = s->d.C;
     op(a, 0, s->es * (4 * N * C + 3 * C) + 8 * N);
 }
 
 // dinp += ..., dw, db += ... from dout, inp and the saved statistics
 static void op_layernorm_bwd(struct cost_acc *a, const struct cost_shape *s) {
-    double N = (double)s->d.N, C = s->d.C;
+    double N = (double)s->d.S, C = s->d.C;
     op(a, 0, s->es * (4 * N * C + C) + 8 * N + 16 * C);
 }
 
 static void cost_embedding_fwd(struct cost_acc *a, const struct cost_shape *s) {
-    double N = (double)s->d.N, C = s->d.C, T = s->d.T;
+    double N = (double)s->d.N, S = (double)s->d.S, C = s->d.C, T = s->d.T;
     op(a, 0, 4 * N + s->es * 2 * N * C);          // vocab lookup: ids, wte rows, out
-    op(a, 0, s->es * (2 * N * C + T * C));        // + wpe
+    op(a, 0, s->es * (2 * S * C + T * C));        // + wpe, on this rank's rows
     op_layernorm_fwd(a, s);                       // the first block's ln_1
 }
 
@@ -229,7 +233,7 @@ static void cost_head(struct cost_acc *a, const struct cost_shape *s) {
     }
     double N = (double)d->N;
     op(a, 0, 4 * N);              // the loss sum
-    op(a, 0, s->es * N * C);      // zeroing the residual gradient
+    op(a, 0, s->es * (double)d->S * C); // zeroing the residual gradient
     op_layernorm_bwd(a, s);       // ln_f
 }
 
@@ -479,7 +483,7 @@ static void model_print(const struct bench *b, const struct model_bench *mb, con
     printf("%-28s %12.3f   (differs from the sum by launch gaps, grad zeroing and token upload); %s x the "
            "phases' ideal\n", "whole step (measured)", r->step.ms.median,
            bench_fmt(xw, sizeof xw, "%.2f", r->step.ms.median / r->ideal_ms));
-    if (b->mesh.tp_size == 1) printf("# one rank: the TP all-reduces are no-ops, so communication costs 0 ms\n");
+    if (b->mesh.tp.size == 1) printf("# one rank: the TP all-reduces are no-ops, so communication costs 0 ms\n");
 }
 
 static void model_json(const struct bench *b, const struct model_bench *mb, const struct model_report *r) {
@@ -558,12 +562,12 @@ static int model_run(struct bench *b, void *args) {
     if (!st) measure_ceilings(b, &r.ceil); // before the model, so its memory is all the product's and copy's
     struct model_bench *mb = tp_calloc(1, sizeof *mb);
     mb->b = b;
-    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp_size, b->mesh.tp_rank);
-    model_create(&mb->m, &d, b->be, cfg->train.seed);
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp.size, model_options_of(cfg));
+    model_create(&mb->m, &d, b->be, &b->mesh.tp, cfg->train.seed);
     optim_create(&mb->opt, &mb->m, cfg->train.weight_decay);
     mb->loss_sum = bench_alloc_floats(b, 1);
-    mb->dres_seed = bench_alloc_compute(b, d.N * (size_t)d.C);
-    bench_fill_uniform(b->be, mb->dres_seed, d.N * (size_t)d.C, 1.0f / (float)d.N, cfg->train.seed + 7);
+    mb->dres_seed = bench_alloc_compute(b, d.S * (size_t)d.C);
+    bench_fill_uniform(b->be, mb->dres_seed, d.S * (size_t)d.C, 1.0f / (float)d.N, cfg->train.seed + 7);
     mb->inputs = tp_malloc(2 * d.N * sizeof(int));
     mb->targets = mb->inputs + d.N;
     uint64_t x = cfg->train.seed * 0x9E3779B97F4A7C15ull + 3;
@@ -600,7 +604,7 @@ static int model_run(struct bench *b, void *args) {
     }
     r.tokens = (double)d.N * accum;
     r.tok_s = r.step.ms.median > 0 ? r.tokens / (r.step.ms.median * 1e-3) : NAN;
-    r.tflops = r.tok_s * train_flops_per_token(cfg) / b->mesh.tp_size / 1e12;
+    r.tflops = r.tok_s * train_flops_per_token(cfg) / b->mesh.tp.size / 1e12;
     r.mfu = b->peak_tflops > 0 ? r.tflops / b->peak_tflops : NAN;
     if (b->root) model_print(b, mb, &r);
     if (b->json) model_json(b, mb, &r);
