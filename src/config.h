@@ -33,6 +33,8 @@ struct tp_parallel_config {
     int dp;                  // data-parallel size; 0 = derive from world size / tp
     enum tp_comm_kind comm;  // auto | nccl | mpi
     enum tp_device_kind device; // auto | cpu | cuda
+    bool distributed_optimizer; // shard AdamW's state over DP (ZeRO stage 1)
+    double dp_bucket_mb;     // MiB of fp32 gradients per DP reduction bucket; 0 = one bucket
 };
 
 struct tp_train_config {

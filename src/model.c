@@ -454,11 +454,20 @@ void model_forward(struct model *m, struct comm *tp, const int *inputs, const in
     model_head_fwd(m, tp, loss_sum);
 }
 
+// Gradients from `first` (a gradient view: the first tensor of a block) to the end are final.
+static void grads_final_from(struct model *m, const void *first) {
+    if (m->grad_hook.ready) m->grad_hook.ready(m->grad_hook.arg, (size_t)((const float *)first - m->grads));
+}
+
 void model_backward(struct model *m, struct comm *tp, float dloss) {
     model_head_bwd(m, tp, dloss);
+    grads_final_from(m, m->g.lnfw); // wte (offset 0) waits for the embedding
     for (int l = m->d.L - 1; l >= 0; l--) {
         model_mlp_block_bwd(m, tp, l);
+        grads_final_from(m, m->g.layers[l].ln2w);
         model_attention_block_bwd(m, tp, l);
+        grads_final_from(m, m->g.layers[l].ln1w);
     }
     model_embedding_bwd(m, tp);
+    grads_final_from(m, m->grads);
 }
