@@ -31,6 +31,12 @@ struct nccl_ctx {
     int device;          // the device the stream (and so the communicator) lives on
     int rank, size;      // inside this group
     struct comm host;    // MPI comm over the same group: the host-memory collectives
+    // The overlap stream, created by the first nonblocking collective. From then on every
+    // collective of this communicator runs there (NCCL does not allow one communicator on two
+    // streams at once), after an event on the backend's stream; blocking ones are joined at once.
+    cudaStream_t side;
+    cudaEvent_t queued;  // recorded on the backend's stream: what a collective waits for
+    cudaEvent_t done;    // recorded on the side stream: what the backend's stream waits for
 };
 
 // Aborting the communicator releases kernels that wait on dead peers, so the process can exit.
@@ -80,6 +86,34 @@ static struct nccl_ctx *ctx_of(void *ctx) {
     return c;
 }
 
+// ---- streams
+//
+// Without the side stream a collective runs on the backend's stream, in line with the kernels.
+// With it, issue_stream makes the side stream wait for everything queued on the backend's stream
+// so far and returns it; join makes the backend's stream wait for the side stream.
+
+static void make_side_stream(struct nccl_ctx *c) {
+    if (c->side) return;
+    int lo = 0, hi = 0; // communication first: its kernels should not queue behind a long backward
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&lo, &hi));
+    CUDA_CHECK(cudaStreamCreateWithPriority(&c->side, cudaStreamNonBlocking, hi));
+    CUDA_CHECK(cudaEventCreateWithFlags(&c->queued, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&c->done, cudaEventDisableTiming));
+}
+
+static cudaStream_t issue_stream(struct nccl_ctx *c) {
+    if (!c->side) return c->stream;
+    CUDA_CHECK(cudaEventRecord(c->queued, c->stream));
+    CUDA_CHECK(cudaStreamWaitEvent(c->side, c->queued, 0));
+    return c->side;
+}
+
+static void join(struct nccl_ctx *c) {
+    if (!c->side) return;
+    CUDA_CHECK(cudaEventRecord(c->done, c->side));
+    CUDA_CHECK(cudaStreamWaitEvent(c->stream, c->done, 0));
+}
+
 // ---- collectives
 
 static const char *nccl_name(void *ctx) {
@@ -87,26 +121,45 @@ static const char *nccl_name(void *ctx) {
     return "nccl";
 }
 
+static void all_reduce_on(struct nccl_ctx *c, void *buf, size_t count, enum comm_dtype dt,
+                          enum comm_op op) {
+    if (count == 0) return; // count is the same on every rank, so all skip together
+    NCCL_CHECK(c, ncclAllReduce(buf, buf, count, nccl_dtype(dt), nccl_op(op), c->comm,
+                                issue_stream(c)));
+}
+
+static void all_gather_on(struct nccl_ctx *c, void *out, const void *in, size_t count,
+                          enum comm_dtype dt) {
+    if (count == 0) return;
+    NCCL_CHECK(c, ncclAllGather(in, out, count, nccl_dtype(dt), c->comm, issue_stream(c)));
+}
+
+static void reduce_scatter_on(struct nccl_ctx *c, void *out, const void *in, size_t count,
+                              enum comm_dtype dt, enum comm_op op) {
+    if (count == 0) return;
+    NCCL_CHECK(c, ncclReduceScatter(in, out, count, nccl_dtype(dt), nccl_op(op), c->comm,
+                                    issue_stream(c)));
+}
+
 static void nccl_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt,
                             enum comm_op op) {
     struct nccl_ctx *c = ctx_of(ctx);
-    if (count == 0) return; // count is the same on every rank, so all skip together
-    NCCL_CHECK(c, ncclAllReduce(buf, buf, count, nccl_dtype(dt), nccl_op(op), c->comm, c->stream));
+    all_reduce_on(c, buf, count, dt, op);
+    join(c);
 }
 
 static void nccl_all_gather(void *ctx, void *out, const void *in, size_t count,
                             enum comm_dtype dt) {
     struct nccl_ctx *c = ctx_of(ctx);
-    if (count == 0) return;
-    NCCL_CHECK(c, ncclAllGather(in, out, count, nccl_dtype(dt), c->comm, c->stream));
+    all_gather_on(c, out, in, count, dt);
+    join(c);
 }
 
 static void nccl_reduce_scatter(void *ctx, void *out, const void *in, size_t count,
                                 enum comm_dtype dt, enum comm_op op) {
     struct nccl_ctx *c = ctx_of(ctx);
-    if (count == 0) return;
-    NCCL_CHECK(c, ncclReduceScatter(in, out, count, nccl_dtype(dt), nccl_op(op), c->comm,
-                                    c->stream));
+    reduce_scatter_on(c, out, in, count, dt, op);
+    join(c);
 }
 
 static void nccl_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
@@ -115,8 +168,33 @@ static void nccl_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype d
     if (root < 0 || root >= c->size)
         tp_die(TP_EXIT_RUNTIME, "comm_nccl: broadcast root %d outside the group of %d", root,
                c->size);
-    NCCL_CHECK(c, ncclBroadcast(buf, buf, count, nccl_dtype(dt), root, c->comm, c->stream));
+    NCCL_CHECK(c, ncclBroadcast(buf, buf, count, nccl_dtype(dt), root, c->comm, issue_stream(c)));
+    join(c);
 }
+
+// The nonblocking forms: the same collectives on the side stream, joined by nccl_wait.
+static void nccl_all_reduce_start(void *ctx, void *buf, size_t count, enum comm_dtype dt,
+                                  enum comm_op op) {
+    struct nccl_ctx *c = ctx_of(ctx);
+    make_side_stream(c);
+    all_reduce_on(c, buf, count, dt, op);
+}
+
+static void nccl_reduce_scatter_start(void *ctx, void *out, const void *in, size_t count,
+                                      enum comm_dtype dt, enum comm_op op) {
+    struct nccl_ctx *c = ctx_of(ctx);
+    make_side_stream(c);
+    reduce_scatter_on(c, out, in, count, dt, op);
+}
+
+static void nccl_all_gather_start(void *ctx, void *out, const void *in, size_t count,
+                                  enum comm_dtype dt) {
+    struct nccl_ctx *c = ctx_of(ctx);
+    make_side_stream(c);
+    all_gather_on(c, out, in, count, dt);
+}
+
+static void nccl_wait(void *ctx) { join(ctx_of(ctx)); }
 
 static void check_async(struct nccl_ctx *c) {
     ncclResult_t ar = ncclSuccess;
@@ -130,6 +208,7 @@ static void check_async(struct nccl_ctx *c) {
 // microseconds), then sleep so a long wait does not burn a core.
 static void nccl_synchronize(void *ctx) {
     struct nccl_ctx *c = ctx_of(ctx);
+    join(c); // the side stream's collectives, if any, through the backend's stream
     for (long polls = 0;; polls++) {
         cudaError_t e = cudaStreamQuery(c->stream);
         if (e == cudaSuccess) break;
@@ -173,6 +252,11 @@ static void nccl_destroy(void *ctx) {
     struct nccl_ctx *c = (struct nccl_ctx *)ctx;
     nccl_synchronize(c);
     NCCL_CHECK(c, ncclCommDestroy(c->comm));
+    if (c->side) {
+        CUDA_CHECK(cudaEventDestroy(c->queued));
+        CUDA_CHECK(cudaEventDestroy(c->done));
+        CUDA_CHECK(cudaStreamDestroy(c->side));
+    }
     comm_destroy(&c->host);
     free(c);
 }
@@ -184,6 +268,10 @@ static const struct comm_i nccl_iface = {
     .reduce_scatter = nccl_reduce_scatter,
     .broadcast = nccl_broadcast,
     .synchronize = nccl_synchronize,
+    .all_reduce_start = nccl_all_reduce_start,
+    .reduce_scatter_start = nccl_reduce_scatter_start,
+    .all_gather_start = nccl_all_gather_start,
+    .wait = nccl_wait,
     .host_all_reduce = nccl_host_all_reduce,
     .host_all_gather = nccl_host_all_gather,
     .host_gather = nccl_host_gather,

@@ -206,7 +206,8 @@ struct backend_i {
     void (*sum)(void *ctx, float *out, const float *x, size_t n);
     // *out (1 float, backend memory) += sum of x[i]^2 (accumulated in at least fp32 per call)
     void (*sumsq_acc)(void *ctx, float *out, const float *x, size_t n);
-    // out (2) = sum of x[i]^2 over the segments of norm_group 0 and 1, in one pass over x
+    // out (2) = sum of x[i]^2 over the segments of norm_group 0 and 1, in one pass over x; the
+    // segments lie in [0, n), in order, and need not cover it (elements in none are skipped)
     void (*segments_sumsq)(void *ctx, float *out, const float *x, const struct param_segment *segs,
                            int n_segs, size_t n);
     // x (n) *= s

@@ -890,7 +890,7 @@ static void cpu_sumsq_acc(void *ctx, float *out, const float *x, size_t n) {
 
 static void cpu_segments_sumsq(void *ctx, float *out, const float *x,
                                const struct param_segment *segs, int n_segs, size_t n) {
-    // out (2), x (n), segs (n_segs) covering [0, n)
+    // out (2), x (n), segs (n_segs) within [0, n)
     // Segment by segment into its group's float, exactly as one sumsq_acc per tensor would: the
     // gradient norm (and so clipping) is bitwise the one of the per-tensor loop it replaces.
     (void)n;

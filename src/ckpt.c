@@ -98,13 +98,12 @@ static void hf_to_global(const struct param_tensor *t, const float *hf, float *g
     transpose(global, hf, in, n / in);
 }
 
-void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const float *src, int i, float *dst) {
+// ckpt_gather_tensor from this rank's shard of tensor i in host memory, local (t->numel).
+static void gather_tp(const struct model *m, const struct mesh *mesh, const float *local, int i, float *dst) {
     const struct param_tensor *t = &m->tensors[i];
     int P = mesh->tp.size, r = mesh->tp.rank;
     bool sharded = t->spec.layout.kind == LAYOUT_SHARD && P > 1;
     size_t n = layout_global_numel(&t->spec);
-    float *local = tp_malloc(t->numel * sizeof(float)); // (numel) this rank's shard
-    m->be.iface->copy_to_host(m->be.ctx, local, src + t->offset, t->numel * sizeof(float));
     float *all = NULL; // (P, numel) every rank's shard, TP rank 0 only
     if (sharded) {
         if (t->numel > (size_t)INT32_MAX) tp_die(TP_EXIT_RUNTIME, "tensor %s shard too large to gather", t->name);
@@ -112,7 +111,7 @@ void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const fl
         comm_host_gather(&mesh->tp, all, local, t->numel, COMM_F32, 0);
     }
     if (r == 0) {
-        float *global = local; // (n) stored layout
+        float *global = (float *)local; // (n) stored layout
         if (sharded) {
             size_t outer, chunk;
             shard_blocks(t, P, &outer, &chunk);
@@ -126,25 +125,38 @@ void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const fl
         if (global != local) free(global);
     }
     free(all);
+}
+
+void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const float *src, int i, float *dst) {
+    const struct param_tensor *t = &m->tensors[i];
+    float *local = tp_malloc(t->numel * sizeof(float)); // (numel) this rank's shard
+    m->be.iface->copy_to_host(m->be.ctx, local, src + t->offset, t->numel * sizeof(float));
+    gather_tp(m, mesh, local, i, dst);
     free(local);
 }
 
-void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *dst) {
+// This TP rank's shard of tensor i from the global HF-layout host array src, as a host array
+// (t->numel) the caller frees.
+static float *local_shard(const struct model *m, const float *src, int i) {
     const struct param_tensor *t = &m->tensors[i];
     int P = m->tp->size, r = m->tp->rank;
     float *global = tp_malloc(layout_global_numel(&t->spec) * sizeof(float)); // stored layout
     hf_to_global(t, src, global);
-    float *local = global; // (numel) this rank's shard
-    if (t->spec.layout.kind == LAYOUT_SHARD && P > 1) {
-        size_t outer, chunk;
-        shard_blocks(t, P, &outer, &chunk);
-        local = tp_malloc(t->numel * sizeof(float));
-        for (size_t o = 0; o < outer; o++)
-            memcpy(local + o * chunk, global + (o * (size_t)P + (size_t)r) * chunk, chunk * sizeof(float));
-    }
-    m->be.iface->copy_to_device(m->be.ctx, dst + t->offset, local, t->numel * sizeof(float));
-    if (local != global) free(local);
+    if (t->spec.layout.kind != LAYOUT_SHARD || P == 1) return global; // numel == global numel
+    size_t outer, chunk;
+    shard_blocks(t, P, &outer, &chunk);
+    float *local = tp_malloc(t->numel * sizeof(float));
+    for (size_t o = 0; o < outer; o++)
+        memcpy(local + o * chunk, global + (o * (size_t)P + (size_t)r) * chunk, chunk * sizeof(float));
     free(global);
+    return local;
+}
+
+void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *dst) {
+    const struct param_tensor *t = &m->tensors[i];
+    float *local = local_shard(m, src, i);
+    m->be.iface->copy_to_device(m->be.ctx, dst + t->offset, local, t->numel * sizeof(float));
+    free(local);
 }
 
 // ---- errors
@@ -184,21 +196,25 @@ uint64_t ckpt_checksum(const void *data, size_t bytes) {
 
 // ---- safetensors export
 
-// One buffer laid out like the parameters, written under prefix + the HF name of each tensor.
+// One buffer, written under prefix + the HF name of each tensor: laid out like the parameters, or
+// a state the distributed optimizer shards over DP (sharded: its optim).
 struct export_src {
-    const float *buf; // (n_params_local) backend memory
+    const float *buf; // (n_params_local) or (o->n_state) backend memory
     const char *prefix;
+    const struct optim *sharded;
 };
 
-// Collective over the TP group of DP rank 0: writes every tensor of every source, in order, into
-// one safetensors file on world rank 0 and records each tensor's checksum in sums (nsrc x
-// n_tensors; may be NULL). `status` is the writer's status so far: a writer that has failed still
-// takes part in every gather, so that its peers do not hang. Returns the writer's status (0 on
-// the other ranks).
+// Collective over the TP group of DP rank 0 (and the DP groups, for sharded sources): writes every
+// tensor of every source, in order, into one safetensors file on world rank 0 and records each
+// tensor's checksum in sums (nsrc x n_tensors; may be NULL). `status` is the writer's status so
+// far: a writer that has failed still takes part in every gather, so that its peers do not hang.
+// Returns the writer's status (0 on the other ranks).
 static int export_tensors(const struct model *m, const struct mesh *mesh, const struct export_src *srcs,
                           int nsrc, const char *const *meta, int nmeta, const char *path, uint64_t *sums,
                           int status, char *err, size_t errlen) {
-    if (mesh->dp_rank != 0) return 0;
+    bool any_sharded = false;
+    for (int s = 0; s < nsrc; s++) any_sharded |= srcs[s].sharded != NULL;
+    if (mesh->dp_rank != 0 && !any_sharded) return 0;
     bool writer = mesh->world_rank == 0;
     struct st_writer *w = NULL;
     float *buf = NULL; // (largest tensor) host, writer only
@@ -222,9 +238,21 @@ static int export_tensors(const struct model *m, const struct mesh *mesh, const 
             if (!status) status = st_writer_begin(w, err, errlen);
         }
     }
+    float *local = NULL; // (largest local tensor) host: a sharded source's tensor, assembled over DP
+    if (any_sharded) {
+        size_t max = 0;
+        for (int i = 0; i < m->n_tensors; i++)
+            if (m->tensors[i].numel > max) max = m->tensors[i].numel;
+        local = tp_malloc(max * sizeof(float));
+    }
     for (int s = 0; s < nsrc; s++)
         for (int i = 0; i < m->n_tensors; i++) {
-            ckpt_gather_tensor(m, mesh, srcs[s].buf, i, buf);
+            if (srcs[s].sharded) {
+                optim_gather_tensor(srcs[s].sharded, m, srcs[s].buf, i, local);
+                if (mesh->dp_rank == 0) gather_tp(m, mesh, local, i, buf);
+            } else if (mesh->dp_rank == 0) {
+                ckpt_gather_tensor(m, mesh, srcs[s].buf, i, buf);
+            }
             if (!writer || status) continue;
             size_t bytes = ckpt_hf_numel(&m->tensors[i]) * sizeof(float);
             if (sums) sums[(size_t)s * (size_t)m->n_tensors + (size_t)i] = ckpt_checksum(buf, bytes);
@@ -234,6 +262,7 @@ static int export_tensors(const struct model *m, const struct mesh *mesh, const 
         if (!status) status = st_writer_finish(w, err, errlen);
         st_writer_free(w);
     }
+    free(local);
     free(buf);
     return status;
 }
@@ -241,7 +270,7 @@ static int export_tensors(const struct model *m, const struct mesh *mesh, const 
 int ckpt_export_safetensors(const struct model *m, const struct mesh *mesh, const float *src,
                             const char *path, char *err, size_t errlen) {
     static const char *const meta[] = {"format", "pt"};
-    struct export_src s = {src, ""};
+    struct export_src s = {src, "", NULL};
     int status = export_tensors(m, mesh, &s, 1, meta, 1, path, NULL, 0, err, errlen);
     status = mesh_agree(mesh, status ? TP_EXIT_RUNTIME : 0);
     if (status && !err[0]) snprintf(err, errlen, "%s: written by another rank, which failed", path);
@@ -674,14 +703,17 @@ int ckpt_save(const struct model *m, const struct optim *o, const struct mesh *m
         if (!status && mkdir(tmp, 0755) != 0) status = fail_io(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
     }
     static const char *const model_meta[] = {"format", "pt"};
-    struct export_src params = {m->params, ""};
+    // the master weights: the model's, or the distributed optimizer's slices (bf16); the moments
+    // are sharded whenever the optimizer is distributed
+    struct export_src params = {o->master ? o->master : m->params, "", o->master ? o : NULL};
     join(path, sizeof path, tmp, "model.safetensors");
     status = export_tensors(m, mesh, &params, 1, model_meta, 1, path, model_sums, status, err, errlen);
 
     char tbuf[32];
     snprintf(tbuf, sizeof tbuf, "%d", o->t);
     const char *const opt_meta[] = {"format", "pt", "optimizer", "adamw", "step", tbuf};
-    struct export_src moments[2] = {{o->m, opt_prefixes[0]}, {o->v, opt_prefixes[1]}};
+    const struct optim *sharded = o->distributed ? o : NULL;
+    struct export_src moments[2] = {{o->m, opt_prefixes[0], sharded}, {o->v, opt_prefixes[1], sharded}};
     join(path, sizeof path, tmp, "optimizer.safetensors");
     status = export_tensors(m, mesh, moments, 2, opt_meta, 3, path, opt_sums, status, err, errlen);
 
@@ -967,7 +999,8 @@ static int check_extras(const struct ckpt_file *cf, const struct model *m, const
 
 struct load_dst {
     const char *prefix;
-    float *buf; // (n_params_local) backend memory laid out like the parameters
+    float *buf; // (n_params_local) backend memory laid out like the parameters, or (o->n_state)
+    const struct optim *sharded; // the distributed optimizer whose slices buf holds, else NULL
 };
 
 // Loads every model tensor under each prefix of one file into its buffer. Local: no collectives.
@@ -985,7 +1018,14 @@ static int load_file(const struct model *m, const char *path, const json_t *stat
         for (int i = 0; i < m->n_tensors && !rc; i++) {
             snprintf(name, sizeof name, "%s%s", dst[s].prefix, m->tensors[i].name);
             rc = read_tensor(&cf, m, &m->tensors[i], name, mode, host, err, errlen);
-            if (!rc) ckpt_scatter_tensor(m, host, i, dst[s].buf);
+            if (rc) break;
+            if (!dst[s].sharded) {
+                ckpt_scatter_tensor(m, host, i, dst[s].buf);
+                continue;
+            }
+            float *local = local_shard(m, host, i);
+            optim_scatter_tensor(dst[s].sharded, m, local, i, dst[s].buf);
+            free(local);
         }
     if (!rc) {
         const char *prefixes[4];
@@ -1174,7 +1214,7 @@ int ckpt_load_params(struct model *m, const struct mesh *mesh, const char *path,
         status = fail(err, errlen, "%s: not a checkpoint directory", path);
     }
     if (!status) {
-        struct load_dst d = {"", m->params};
+        struct load_dst d = {"", m->params, NULL};
         status = load_file(m, file, state, "model.safetensors", &d, 1, mode, err, errlen);
     }
     if (!status) model_sync_compute_params(m);
@@ -1193,7 +1233,8 @@ int ckpt_load_optim(struct model *m, struct optim *o, const struct mesh *mesh, c
     int status = json_read_file(sp, &state, err, errlen);
     if (!status) status = state_from_json(state, sp, &st, err, errlen);
     if (!status) {
-        struct load_dst d[2] = {{opt_prefixes[0], o->m}, {opt_prefixes[1], o->v}};
+        const struct optim *sharded = o->distributed ? o : NULL;
+        struct load_dst d[2] = {{opt_prefixes[0], o->m, sharded}, {opt_prefixes[1], o->v, sharded}};
         status = load_file(m, file, state, "optimizer.safetensors", d, 2, CKPT_LOAD_EXACT, err, errlen);
     }
     if (!status) o->t = st.optim_t;

@@ -80,7 +80,9 @@ int ckpt_check_model(const struct ckpt_state *cs, const struct tp_model_config *
 
 // Collective: writes checkpoint cfg->checkpoint.dir/step_NNNNNNNN for st->step (atomically, see
 // above), points `latest` at it and removes the oldest beyond checkpoint.keep. World rank 0
-// writes; the TP group of DP rank 0 gathers. The path written goes to `written` (may be NULL).
+// writes; the TP group of DP rank 0 gathers, after the DP groups have gathered what the
+// distributed optimizer shards (its moments, and in bf16 its master weights). The path written
+// goes to `written` (may be NULL).
 int ckpt_save(const struct model *m, const struct optim *o, const struct mesh *mesh,
               const struct tp_config *cfg, const struct ckpt_state *st, char *written,
               size_t writtenlen, char *err, size_t errlen);
@@ -111,9 +113,11 @@ enum ckpt_load_mode {
 
 // Collective: loads the parameters from a checkpoint directory (its model.safetensors) or, in
 // CKPT_LOAD_INIT mode, also from a .safetensors file. Any TP size. Returns 0 or TP_EXIT_USAGE.
+// Writes m->params: before optim_adopt_weights, which may release them.
 int ckpt_load_params(struct model *m, const struct mesh *mesh, const char *path,
                      enum ckpt_load_mode mode, char *err, size_t errlen);
 
-// Collective: loads the AdamW moments and step counter of checkpoint directory `dir`.
+// Collective: loads the AdamW moments and step counter of checkpoint directory `dir` (into this
+// rank's slices under the distributed optimizer).
 int ckpt_load_optim(struct model *m, struct optim *o, const struct mesh *mesh, const char *dir,
                     char *err, size_t errlen);

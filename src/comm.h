@@ -28,6 +28,18 @@ struct comm_i {
     // waits until every collective issued so far has completed (and checks for async errors)
     void (*synchronize)(void *ctx);
 
+    // (optional) Nonblocking forms of the three above, for communication that overlaps the
+    // backend's work (the DP gradient buckets). Each starts after every op queued on the backend
+    // so far and may still be running when it returns: its buffers belong to the comm until
+    // `wait`. NULL: the comm_*_start helpers below run the blocking form instead.
+    void (*all_reduce_start)(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op);
+    void (*reduce_scatter_start)(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                 enum comm_op op);
+    void (*all_gather_start)(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt);
+    // (optional) every *_start issued so far completes before any op queued on the backend after
+    // this call (NCCL: a stream dependency, the host does not wait; MPI: the host waits)
+    void (*wait)(void *ctx);
+
     // Host-memory collectives, whatever memory the device ones take: small values such as timings,
     // flags, hashes, sampled tokens and checkpoint shards. Blocking; they do not wait for the
     // backend's queue.
@@ -73,6 +85,31 @@ static inline void comm_all_reduce(struct comm *c, float *buf, size_t n, enum co
 static inline void comm_all_reduce_compute(struct comm *c, void *buf, size_t n, enum tp_dtype t,
                                            enum comm_op op) {
     if (c->size > 1) c->iface->all_reduce(c->ctx, buf, n, t == TP_DTYPE_BF16 ? COMM_BF16 : COMM_F32, op);
+}
+
+// The nonblocking collectives (see comm_i): the buffers are the comm's until comm_wait. In place
+// as NCCL allows: reduce_scatter's out may be in + rank * count, all_gather's in may be
+// out + rank * count. Comms without them run the blocking form.
+static inline void comm_all_reduce_start(struct comm *c, void *buf, size_t n, enum comm_dtype dt, enum comm_op op) {
+    if (c->size == 1) return;
+    if (c->iface->all_reduce_start) c->iface->all_reduce_start(c->ctx, buf, n, dt, op);
+    else c->iface->all_reduce(c->ctx, buf, n, dt, op);
+}
+
+static inline void comm_reduce_scatter_start(struct comm *c, void *out, const void *in, size_t n, enum comm_dtype dt,
+                                             enum comm_op op) {
+    if (c->iface->reduce_scatter_start) c->iface->reduce_scatter_start(c->ctx, out, in, n, dt, op);
+    else c->iface->reduce_scatter(c->ctx, out, in, n, dt, op);
+}
+
+static inline void comm_all_gather_start(struct comm *c, void *out, const void *in, size_t n, enum comm_dtype dt) {
+    if (c->iface->all_gather_start) c->iface->all_gather_start(c->ctx, out, in, n, dt);
+    else c->iface->all_gather(c->ctx, out, in, n, dt);
+}
+
+// Orders the backend's later work after every collective started so far.
+static inline void comm_wait(struct comm *c) {
+    if (c->iface->wait) c->iface->wait(c->ctx);
 }
 
 // Waits for the group's collectives; on NCCL this polls for asynchronous errors, so a failed peer

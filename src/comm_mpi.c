@@ -11,6 +11,19 @@
 #include "comm.h"
 #include "common.h"
 
+// A started nonblocking collective: MPI works on host buffers `send` and `recv` (owned ones are
+// freed at completion), and completion moves `recv` to `dst` (another host buffer or device
+// memory) after dividing `avg` elements of it by the group size (COMM_AVG).
+struct mpi_pending {
+    MPI_Request req;
+    void *send, *recv;
+    bool own_send, own_recv;
+    void *dst;             // NULL: the result is already in place
+    size_t dst_bytes;
+    size_t avg;            // elements to average, 0 for none
+    enum comm_dtype dt;
+};
+
 struct mpi_ctx {
     MPI_Comm comm;
     struct backend be;
@@ -19,6 +32,8 @@ struct mpi_ctx {
     size_t stage_bytes;
     float *wide;        // host fp32 copy of a bf16 buffer being reduced
     size_t wide_count;
+    struct mpi_pending *pending; // (n_pending) started, not yet waited for, in start order
+    int n_pending, cap_pending;
 };
 
 static MPI_Datatype mpi_type(enum comm_dtype dt) {
@@ -172,8 +187,128 @@ static void mpi_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt
     host_done(c, buf, h, bytes);
 }
 
+// ---- nonblocking collectives
+//
+// MPI's nonblocking collectives on host buffers. Device buffers are copied down at the start
+// (which waits for the backend's queue) and up again at completion; in-place forms and AVG get
+// a separate host buffer, since MPI forbids overlapping send and receive buffers. bf16 sums and
+// counts beyond an int run blocking.
+
+static struct mpi_pending *pending_push(struct mpi_ctx *c) {
+    if (c->n_pending == c->cap_pending) {
+        int cap = c->cap_pending ? 2 * c->cap_pending : 16;
+        struct mpi_pending *grown = tp_malloc((size_t)cap * sizeof *grown);
+        if (c->n_pending) memcpy(grown, c->pending, (size_t)c->n_pending * sizeof *grown);
+        free(c->pending);
+        c->pending = grown;
+        c->cap_pending = cap;
+    }
+    struct mpi_pending *p = &c->pending[c->n_pending++];
+    memset(p, 0, sizeof *p);
+    p->req = MPI_REQUEST_NULL;
+    return p;
+}
+
+// A host copy of `bytes` of buffer src (host or device memory), owned by the caller.
+static void *host_copy(struct mpi_ctx *c, const void *src, size_t bytes) {
+    void *h = tp_malloc(bytes ? bytes : 1);
+    if (c->be.iface->host_accessible) memcpy(h, src, bytes);
+    else c->be.iface->copy_to_host(c->be.ctx, h, src, bytes);
+    return h;
+}
+
+static void mpi_all_reduce_start(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    struct mpi_ctx *c = ctx;
+    if (dt == COMM_BF16 || count > (size_t)INT_MAX) {
+        mpi_all_reduce(ctx, buf, count, dt, op);
+        return;
+    }
+    size_t bytes = count * comm_dtype_size(dt);
+    struct mpi_pending *p = pending_push(c);
+    p->dt = dt;
+    p->avg = op == COMM_AVG ? count : 0;
+    if (c->be.iface->host_accessible) {
+        p->recv = buf; // reduced in place, averaged in place
+    } else {
+        p->recv = host_copy(c, buf, bytes);
+        p->own_recv = true;
+        p->dst = buf;
+        p->dst_bytes = bytes;
+    }
+    mpi_check(MPI_Iallreduce(MPI_IN_PLACE, p->recv, (int)count, mpi_type(dt), mpi_op(op), c->comm, &p->req),
+              "all_reduce (nonblocking)");
+}
+
+static void mpi_reduce_scatter_start(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                     enum comm_op op) {
+    struct mpi_ctx *c = ctx;
+    if (dt == COMM_BF16 || count > (size_t)INT_MAX / (size_t)c->size) {
+        mpi_reduce_scatter(ctx, out, in, count, dt, op);
+        return;
+    }
+    size_t bytes = count * comm_dtype_size(dt);
+    struct mpi_pending *p = pending_push(c);
+    p->dt = dt;
+    p->avg = op == COMM_AVG ? count : 0;
+    // out usually lies inside in (Megatron's in-place form): MPI reads a host copy when the
+    // buffers are device memory, and in itself otherwise, never written before completion.
+    if (c->be.iface->host_accessible) {
+        p->send = (void *)in;
+    } else {
+        p->send = host_copy(c, in, bytes * (size_t)c->size);
+        p->own_send = true;
+    }
+    p->recv = tp_malloc(bytes ? bytes : 1);
+    p->own_recv = true;
+    p->dst = out;
+    p->dst_bytes = bytes;
+    mpi_check(MPI_Ireduce_scatter_block(p->send, p->recv, (int)count, mpi_type(dt), mpi_op(op), c->comm, &p->req),
+              "reduce_scatter (nonblocking)");
+}
+
+static void mpi_all_gather_start(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    struct mpi_ctx *c = ctx;
+    if (count > (size_t)INT_MAX) {
+        mpi_all_gather(ctx, out, in, count, dt);
+        return;
+    }
+    size_t bytes = count * comm_dtype_size(dt);
+    struct mpi_pending *p = pending_push(c);
+    p->dt = dt;
+    char *h;
+    if (c->be.iface->host_accessible) {
+        h = out;
+        memmove(h + (size_t)c->rank * bytes, in, bytes);
+    } else {
+        h = tp_malloc(bytes * (size_t)c->size);
+        c->be.iface->copy_to_host(c->be.ctx, h + (size_t)c->rank * bytes, in, bytes);
+        p->own_recv = true;
+        p->dst = out;
+        p->dst_bytes = bytes * (size_t)c->size;
+    }
+    p->recv = h;
+    mpi_check(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, h, (int)count, mpi_type(dt), c->comm, &p->req),
+              "all_gather (nonblocking)");
+}
+
+// Completes every started collective, in start order.
+static void mpi_wait(void *ctx) {
+    struct mpi_ctx *c = ctx;
+    for (int i = 0; i < c->n_pending; i++) {
+        struct mpi_pending *p = &c->pending[i];
+        mpi_check(MPI_Wait(&p->req, MPI_STATUS_IGNORE), "wait");
+        if (p->avg) scale_avg(p->recv, p->avg, p->dt, c->size);
+        if (p->dst && c->be.iface->host_accessible) memcpy(p->dst, p->recv, p->dst_bytes);
+        else if (p->dst) c->be.iface->copy_to_device(c->be.ctx, p->dst, p->recv, p->dst_bytes);
+        if (p->own_send) free(p->send);
+        if (p->own_recv) free(p->recv);
+    }
+    c->n_pending = 0;
+}
+
 static void mpi_synchronize(void *ctx) {
     struct mpi_ctx *c = ctx;
+    mpi_wait(c);
     c->be.iface->synchronize(c->be.ctx); // MPI calls are blocking: only the backend's queue remains
 }
 
@@ -223,6 +358,8 @@ static const char *mpi_name(void *ctx) {
 
 static void mpi_destroy(void *ctx) {
     struct mpi_ctx *c = ctx;
+    mpi_wait(c);
+    free(c->pending);
     free(c->stage);
     free(c->wide);
     free(c);
@@ -235,6 +372,10 @@ static const struct comm_i mpi_iface = {
     .reduce_scatter = mpi_reduce_scatter,
     .broadcast = mpi_broadcast,
     .synchronize = mpi_synchronize,
+    .all_reduce_start = mpi_all_reduce_start,
+    .reduce_scatter_start = mpi_reduce_scatter_start,
+    .all_gather_start = mpi_all_gather_start,
+    .wait = mpi_wait,
     .host_all_reduce = mpi_host_all_reduce,
     .host_all_gather = mpi_host_all_gather,
     .host_gather = mpi_host_gather,

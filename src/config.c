@@ -93,6 +93,9 @@ static const struct key_def keys[] = {
     {"parallel", "comm", F_ENUM(parallel.comm, comm_names)},
     {"parallel", "device", F_ENUM(parallel.device, device_names)},
     {"parallel", "sequence_parallel", F_BOOL(parallel.sequence_parallel)},
+    {"parallel", "distributed_optimizer", F_BOOL(parallel.distributed_optimizer)},
+    {"parallel", "dp_bucket_mb", F_FLOAT(parallel.dp_bucket_mb), .lo = 0, .has_hi = true, .hi = 1 << 20,
+     .why = "MiB of gradients per DP bucket; 0 makes one bucket of all of them; at most 2^20"},
 
     {"train", "micro_batch", F_INT(train.micro_batch), .lo = 1, .has_hi = true, .hi = 1 << 20,
      .why = "each micro-step needs at least one sequence; at most 2^20"},
@@ -500,7 +503,8 @@ void config_defaults(struct tp_config *cfg) {
     cfg->model = (struct tp_model_config){
         .n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
     cfg->parallel = (struct tp_parallel_config){
-        .tp = 1, .dp = 0, .comm = TP_COMM_AUTO, .device = TP_DEVICE_AUTO, .sequence_parallel = false};
+        .tp = 1, .dp = 0, .comm = TP_COMM_AUTO, .device = TP_DEVICE_AUTO, .sequence_parallel = false,
+        .distributed_optimizer = false, .dp_bucket_mb = 25.0};
     cfg->train = (struct tp_train_config){
         .micro_batch = 4, .global_batch = 0, .grad_accum = 0, .steps = 100,
         .lr = 6e-4, .min_lr = 6e-5, .warmup_steps = 0, .schedule = TP_SCHED_COSINE,

@@ -37,6 +37,8 @@ struct tp_parallel_config {
     enum tp_comm_kind comm;  // auto | nccl | mpi
     enum tp_device_kind device; // auto | cpu | cuda
     bool sequence_parallel;  // shard layernorm, residual and embedding activations along the tokens
+    bool distributed_optimizer; // shard AdamW's state over DP (ZeRO stage 1)
+    double dp_bucket_mb;     // MiB of fp32 gradients per DP reduction bucket; 0 = one bucket
 };
 
 struct tp_train_config {

@@ -622,12 +622,23 @@ static void forward_blocks(struct model *m, struct comm *tp, const int *inputs, 
     }
 }
 
+// Gradients from `first` (a gradient view: the first tensor of a block) to the end are final.
+static void grads_final_from(struct model *m, const void *first) {
+    if (m->grad_hook.ready) m->grad_hook.ready(m->grad_hook.arg, (size_t)((const float *)first - m->grads));
+}
+
+// After the head: each block's gradients are final once its backward is done (the DP reduction
+// starts on them through m->grad_hook); wte (offset 0) waits for the embedding.
 static void backward_blocks(struct model *m, struct comm *tp) {
+    grads_final_from(m, m->g.lnfw);
     for (int l = m->d.L - 1; l >= 0; l--) {
         model_mlp_block_bwd(m, tp, l);
+        grads_final_from(m, m->g.layers[l].ln2w);
         model_attention_block_bwd(m, tp, l);
+        grads_final_from(m, m->g.layers[l].ln1w);
     }
     model_embedding_bwd(m, tp);
+    grads_final_from(m, m->grads);
 }
 
 void model_forward_backward(struct model *m, struct comm *tp, const int *inputs, const int *targets,

@@ -158,6 +158,14 @@ struct model_memory {
     size_t total_bytes;         // params + grads + m + v + compute copy + activations + tokens
 };
 
+// Called by model_backward as the layers finish, in reverse order: grads[from, n_params_local)
+// has all of this backward's contributions (the buffer holds the blocks in forward order, so
+// what is final is a suffix). The DP reduction starts its buckets from it. Optional: ready NULL.
+struct model_grad_hook {
+    void (*ready)(void *arg, size_t from);
+    void *arg;
+};
+
 struct model {
     struct model_dims d;
     struct backend be;
@@ -167,7 +175,9 @@ struct model {
     size_t n_params_local;        // floats in each flat buffer
     size_t n_params_global;       // real parameters counted once (tied wte once, no padding)
     enum tp_dtype dtype;          // the backend's compute type
-    float *params, *grads;        // (n_params_local) backend memory: fp32 master weights, gradients
+    float *params, *grads;        // (n_params_local) backend memory: fp32 master weights, gradients;
+                                  // params is NULL in bf16 under the distributed optimizer, which
+                                  // keeps the master weights sharded (optim.h)
     float *ln_grads;              // (2L+1, 2C) with sequence parallelism the layernorm gradients packed for
                                   //   their all-reduce; NULL without
     void *params_compute;         // (n_params_local) compute-type weights; == params in fp32
@@ -177,6 +187,7 @@ struct model {
     struct tp_sequence_parallel seq; // the parallel layers' scratch with sequence parallelism
     int *inputs, *targets;        // (N) backend memory
     size_t bytes_allocated;       // everything this model allocated on the backend
+    struct model_grad_hook grad_hook;
 };
 
 // Derives dims for a TP group of tp_size ranks (a run passes its TP comm's size; --dry-run the

@@ -217,7 +217,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
     if ((st = agree(tr, st, err))) return st;
 
     model_alloc(&tr->model, &d, tr->be, &tr->mesh.tp);
-    optim_create(&tr->opt, &tr->model, tc->weight_decay);
+    optim_create_dp(&tr->opt, &tr->model, tc->weight_decay, &tr->mesh.dp, &cfg->parallel);
     tr->loss_sums = tr->be.iface->alloc(tr->be.ctx, (size_t)tc->grad_accum * sizeof(float));
     tr->flops_per_token = train_flops_per_token(cfg);
     tr->peak_flops = peak_flops(tr);
@@ -251,6 +251,7 @@ static int trainer_setup(struct trainer *tr, const struct tp_config *cfg) {
         st = ckpt_export_safetensors(&tr->model, &tr->mesh, tr->model.params, cfg->debug.dump_init, err, sizeof err);
         if ((st = agree(tr, st, tr->is_root ? err : NULL))) return st;
     }
+    optim_adopt_weights(&tr->opt, &tr->model); // the weights are final: the optimizer may shard them
     return 0;
 }
 
@@ -309,12 +310,15 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
     for (int micro = 0; micro < tc->grad_accum; micro++) {
         int st = next_batch(tr, &tr->train_data);
         if (st) return st;
+        // the last backward reduces each DP bucket over the group as soon as it is final; with
+        // sequence parallelism the layernorm gradients are complete only after the TP reduction
+        // below, so every bucket starts after it
+        if (micro + 1 == tc->grad_accum && !m->d.sp) optim_reduce_begin(&tr->opt);
         model_forward_backward(m, &mesh->tp, tr->train_data.inputs, tr->train_data.targets, tr->loss_sums + micro,
                                dloss);
     }
     model_reduce_sequence_parallel_grads(m, &mesh->tp);
-    comm_all_reduce(&mesh->dp, m->grads, m->n_params_local, COMM_AVG);
-    comm_synchronize(&mesh->dp);
+    optim_reduce_end(&tr->opt);
     if (step == 0 && tr->cfg->debug.grad_norms) {
         double *norms = tp_malloc((size_t)m->n_tensors * sizeof(double));
         optim_tensor_norms(&tr->opt, m, &mesh->tp, norms);
@@ -330,6 +334,7 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
     optim_grad_norm_enqueue(&tr->opt, m, &mesh->tp);
     res->lr = optim_lr(tc, step);
     optim_step(&tr->opt, m, tc, (float)res->lr);
+    comm_synchronize(&mesh->dp); // a failed DP peer ends the run here rather than hanging it
     res->norm = optim_grad_norm_read(&tr->opt, m, &mesh->tp);
     res->loss = mean_loss(tr, tc->grad_accum);
     res->ms = 1e3 * (tp_now() - t0);
@@ -366,8 +371,10 @@ static int check_replicas(struct trainer *tr, int step) {
         const struct param_tensor *t = &m->tensors[i];
         if (t->spec.layout.kind != LAYOUT_REPLICATE) continue;
         float *h = tp_malloc(t->numel * sizeof(float));
-        tr->be.iface->copy_to_host(tr->be.ctx, h, m->params + t->offset, t->numel * sizeof(float));
-        uint64_t mine = tp_fnv1a(h, t->numel * sizeof(float));
+        size_t n = t->numel; // the master weights: whole, or the part of them this DP rank holds
+        if (m->params) tr->be.iface->copy_to_host(tr->be.ctx, h, m->params + t->offset, t->numel * sizeof(float));
+        else n = optim_master_part(&tr->opt, m, i, h);
+        uint64_t mine = tp_fnv1a(h, n * sizeof(float));
         free(h);
         comm_host_all_gather(&tr->mesh.tp, all, &mine, 1, COMM_U64);
         for (int r = 1; r < P; r++)

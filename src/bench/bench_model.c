@@ -34,13 +34,10 @@ struct model_bench {
 static const struct backend_i *mb_ops(const struct model_bench *mb) { return mb->b->be.iface; }
 
 // The step as training runs it: model_forward_backward per micro-step, then the grad norm
-// and AdamW (the DP all-reduce is absent: dp = 1).
-static void run_step(void *arg, struct bench_clock *c) {
-    struct model_bench *mb = arg;
+// and AdamW (the DP all-reduce is absent: dp = 1), over the TP comm tp.
+static void step_over(struct model_bench *mb, struct comm *tp) {
     struct model *m = &mb->m;
     const struct tp_train_config *tc = &mb->b->cfg.train;
-    struct comm *tp = &mb->b->mesh.tp;
-    (void)c;
     mb_ops(mb)->zero(m->be.ctx, m->grads, m->n_params_local * sizeof(float));
     float dloss = 1.0f / ((float)m->d.N * (float)tc->grad_accum);
     for (int micro = 0; micro < tc->grad_accum; micro++)
@@ -48,6 +45,50 @@ static void run_step(void *arg, struct bench_clock *c) {
     model_reduce_sequence_parallel_grads(m, tp);
     optim_grad_norm_enqueue(&mb->opt, m, tp);
     optim_step(&mb->opt, m, tc, (float)tc->lr);
+}
+
+static void run_step(void *arg, struct bench_clock *c) {
+    struct model_bench *mb = arg;
+    (void)c;
+    step_over(mb, &mb->b->mesh.tp);
+}
+
+// A comm whose device collectives do nothing (their results are wrong, their cost is gone): the
+// step over it, against the real one, gives the communication time the step does not hide.
+static const char *silent_name(void *ctx) {
+    (void)ctx;
+    return "silent";
+}
+static void silent_all_reduce(void *ctx, void *buf, size_t count, enum comm_dtype dt, enum comm_op op) {
+    (void)ctx, (void)buf, (void)count, (void)dt, (void)op;
+}
+static void silent_all_gather(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt) {
+    (void)ctx, (void)out, (void)in, (void)count, (void)dt;
+}
+static void silent_reduce_scatter(void *ctx, void *out, const void *in, size_t count, enum comm_dtype dt,
+                                  enum comm_op op) {
+    (void)ctx, (void)out, (void)in, (void)count, (void)dt, (void)op;
+}
+static void silent_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype dt, int root) {
+    (void)ctx, (void)buf, (void)count, (void)dt, (void)root;
+}
+static void silent_synchronize(void *ctx) { (void)ctx; }
+
+static const struct comm_i silent_iface = {
+    .name = silent_name,
+    .all_reduce = silent_all_reduce,
+    .all_gather = silent_all_gather,
+    .reduce_scatter = silent_reduce_scatter,
+    .broadcast = silent_broadcast,
+    .synchronize = silent_synchronize,
+};
+
+static void run_step_silent(void *arg, struct bench_clock *c) {
+    struct model_bench *mb = arg;
+    (void)c;
+    struct comm tp = mb->b->mesh.tp;
+    tp.iface = &silent_iface;
+    step_over(mb, &tp);
 }
 
 // ---- phases: the model's own blocks (model.c), with the timing TP comm
@@ -405,7 +446,8 @@ static void measure_ceilings(struct bench *b, struct ceilings *k) {
 struct model_report {
     const char *config;
     struct ceilings ceil;
-    struct bench_phase_times step;
+    struct bench_phase_times step, silent; // the whole step, and the same with no communication
+    double exposed_comm_ms;                // step - silent: communication not hidden (n/a at one rank)
     double tokens, tok_s, tflops, mfu;
     struct bench_phase_times ph[N_MODEL_PHASES];
     double ph_ms[N_MODEL_PHASES], ph_comm[N_MODEL_PHASES]; // per step: fwd/bwd x grad_accum
@@ -483,6 +525,9 @@ static void model_print(const struct bench *b, const struct model_bench *mb, con
     printf("%-28s %12.3f   (differs from the sum by launch gaps, grad zeroing and token upload); %s x the "
            "phases' ideal\n", "whole step (measured)", r->step.ms.median,
            bench_fmt(xw, sizeof xw, "%.2f", r->step.ms.median / r->ideal_ms));
+    char ex[32];
+    printf("%-28s %12s   (the whole step minus the same step with every collective skipped, %.3f ms)\n",
+           "communication not hidden", bench_fmt(ex, sizeof ex, "%.3f", r->exposed_comm_ms), r->silent.ms.median);
     if (b->mesh.tp.size == 1) printf("# one rank: the TP all-reduces are no-ops, so communication costs 0 ms\n");
 }
 
@@ -544,6 +589,8 @@ static void model_json(const struct bench *b, const struct model_bench *mb, cons
     bench_json_kv(doc, "backward_ms", r->bwd_ms);
     bench_json_kv(doc, "head_loss_ms", r->head_ms); // the fused head, in neither of the two above
     bench_json_kv(doc, "communication_ms", r->comm_ms);
+    bench_json_kv(doc, "step_without_comm_ms", r->silent.ms.median);
+    bench_json_kv(doc, "exposed_comm_ms", r->exposed_comm_ms);
     bench_json_kv(doc, "optimizer_ms", r->opt_ms);
     bench_json_kv(doc, "flops_per_step", r->flops);
     bench_json_kv(doc, "bytes_per_step", r->bytes);
@@ -602,6 +649,11 @@ static int model_run(struct bench *b, void *args) {
         else if (mp->kind == PH_FWD_BWD) r.head_ms += r.ph_ms[i];
         else r.opt_ms += r.ph_ms[i];
     }
+    // Last, since its updates are wrong (harmless to a timing, but not to the phases above).
+    static const struct bench_phase silent_spec = {"step_without_comm", "whole step, collectives skipped",
+                                                   run_step_silent, NULL};
+    bench_time_phase(b, &silent_spec, mb, warmup, iters, 0.0, 0, 0, &r.silent);
+    r.exposed_comm_ms = b->mesh.tp.size > 1 ? r.step.ms.median - r.silent.ms.median : NAN;
     r.tokens = (double)d.N * accum;
     r.tok_s = r.step.ms.median > 0 ? r.tokens / (r.step.ms.median * 1e-3) : NAN;
     r.tflops = r.tok_s * train_flops_per_token(cfg) / b->mesh.tp.size / 1e12;
