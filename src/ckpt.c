@@ -538,9 +538,12 @@ static int write_hf_tokenizer(const char *tmp, const struct tp_config *cfg, char
             return 0;
         }
     }
-    json_t *tc = json_pack("{s:s, s:i, s:s, s:s, s:s, s:b}", "tokenizer_class", "GPT2Tokenizer",
+    // clean_up_tokenization_spaces false: decoded text is the ids' bytes exactly, as tptrain prints
+    // it (transformers would otherwise turn "a , b ." into "a, b.")
+    json_t *tc = json_pack("{s:s, s:i, s:s, s:s, s:s, s:b, s:b}", "tokenizer_class", "GPT2Tokenizer",
                            "model_max_length", cfg->model.seq_len, "bos_token", "<|endoftext|>", "eos_token",
-                           "<|endoftext|>", "unk_token", "<|endoftext|>", "add_prefix_space", 0);
+                           "<|endoftext|>", "unk_token", "<|endoftext|>", "add_prefix_space", 0,
+                           "clean_up_tokenization_spaces", 0);
     join(path, sizeof path, tmp, "tokenizer_config.json");
     int rc = json_write_file(tc, path, err, errlen);
     if (rc) return rc;

@@ -120,7 +120,8 @@ Test(convert, checkpoint_carries_the_gpt2_tokenizer) {
     cr_assert_eq(rc, 0, "%s", out);
     rc = tu_run(out, OUT_CAP, "cd '%s/ck/step_00000006' && ls vocab.json merges.txt tokenizer_config.json "
                 "generation_config.json && grep -q '\"eos_token_id\": 50256' generation_config.json && "
-                "grep -q GPT2Tokenizer tokenizer_config.json", dir);
+                "grep -q GPT2Tokenizer tokenizer_config.json && "
+                "grep -q '\"clean_up_tokenization_spaces\": false' tokenizer_config.json", dir);
     cr_assert_eq(rc, 0, "tokenizer files missing or wrong:\n%s", out);
     rc = tu_run(out, OUT_CAP, "cd '%s' && python3 tests/hf_tokenizer_check.py '%s/ck/step_00000006' "
                 "data/tinyshakespeare_val.bin", tu_source_root(), dir);
