@@ -411,10 +411,22 @@ static struct backend_memory measured_memory(const struct trainer *tr) {
     return bm;
 }
 
+// The model's plan with the optimizer's own share for this DP size (the distributed optimizer
+// keeps AdamW's state, and in bf16 the fp32 masters, for its slices only).
+static struct model_memory memory_plan(const struct model_dims *d, struct backend be, int dp,
+                                       const struct tp_parallel_config *pc) {
+    struct model_memory mm = model_memory_plan(d, be);
+    struct optim_memory om = optim_memory_plan(mm.param_floats, be.iface->dtype(be.ctx), dp, pc);
+    mm.total_bytes = mm.total_bytes - mm.optim_bytes - om.released_param_bytes + om.state_bytes;
+    mm.optim_bytes = om.state_bytes;
+    mm.param_bytes -= om.released_param_bytes;
+    return mm;
+}
+
 // After the run's first step, when every buffer exists: the plan beside what was measured, the
 // largest figure over all ranks (every rank plans the same).
 static void log_memory(struct trainer *tr, int step) {
-    struct model_memory mm = model_memory_plan(&tr->model.d, tr->be);
+    struct model_memory mm = memory_plan(&tr->model.d, tr->be, tr->mesh.dp_size, &tr->cfg->parallel);
     struct backend_memory bm = measured_memory(tr);
     double v[2] = {(double)bm.peak, (double)bm.device_used}; // bytes, exact in a double below 2^53
     comm_host_all_reduce(&tr->mesh.tp, v, 2, COMM_F64, COMM_MAX);
@@ -616,7 +628,7 @@ int train_dry_run(const struct tp_config *cfg, int world_size) {
     enum tp_dtype dt = mesh_compute_dtype(cfg);
     bool cuda = cfg->parallel.device != TP_DEVICE_CPU && backend_cuda_available() && backend_cuda_device_count() > 0;
     if (!cuda || !backend_cuda_create(&be, 0, dt, err, sizeof err)) be = backend_cpu_create(dt);
-    struct model_memory mm = model_memory_plan(&d, be);
+    struct model_memory mm = memory_plan(&d, be, dp, &cfg->parallel);
     char what[96];
     snprintf(what, sizeof what, "%s backend, %s; every rank the same", be.iface->name(be.ctx), tp_dtype_name(dt));
     printf("\n");
