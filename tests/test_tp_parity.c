@@ -295,6 +295,22 @@ Test(tp_parity, sequence_parallel_tp2_dp2_matches_tp1_with_accumulation) {
     run_dir_fini(&r);
 }
 
+// Every memory option at once (sequence parallelism, the distributed optimizer with small DP
+// buckets, full recomputation) at tp=2 x dp=2 still follows one rank accumulating the same batch.
+Test(tp_parity, all_memory_options_tp2_dp2_match_tp1) {
+    tu_require_mpiexec();
+    struct run_dir r;
+    run_dir_init(&r, "all-options", -1);
+    run_reference(&r, "--set train.grad_accum=2");
+    int rc = run_tptrain(r.out, 4, 600, r.shard, r.out_log,
+                         "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
+                         "--set parallel.distributed_optimizer=true --set parallel.dp_bucket_mb=0.01 "
+                         "--set train.recompute=full --set debug.check_replicas=true");
+    cr_assert_eq(rc, 0, "all options at tp=2 x dp=2 failed (%d):\n%s", rc, r.out);
+    compare_logs(r.ref, r.out_log, STEPS, 5e-4, "all memory options, tp=2 x dp=2");
+    run_dir_fini(&r);
+}
+
 // Recomputation rebuilds what it dropped from the same inputs with the same ops: the weights and
 // AdamW moments after 20 steps are the same bytes as without it, at tp=1 and at tp=2 with
 // sequence parallelism; full recomputation at tp=4 with sequence parallelism follows tp=1.
