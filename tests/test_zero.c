@@ -399,6 +399,22 @@ Test(zero, resume_distributed_exactly_and_on_one_rank) {
     tu_rmtree(d.path);
 }
 
+// Every memory option on the saving side (sequence parallelism, the distributed optimizer, full
+// recomputation, tp=2 x dp=2); resumed by one process with none of them, the run continues the
+// uninterrupted one: the checkpoint does not depend on how the state was spread.
+Test(zero, resume_all_options_on_one_rank) {
+    tu_require_mpiexec();
+    struct dir d;
+    tu_tmpdir(d.path, sizeof d.path, "zero-resume-all");
+    save_run(&d, "a", 4, TP2_DP2_ZERO " --set parallel.sequence_parallel=true --set train.recompute=full");
+    resume_run(&d, "a", "c", 0, TP1_ACC2);
+    char la[600], lc[600];
+    file_in(la, sizeof la, &d, "a.jsonl");
+    file_in(lc, sizeof lc, &d, "c.jsonl");
+    compare(la, lc, 11, LOSS_RTOL, "all options at tp=2 x dp=2 resumed at tp=1 without them");
+    tu_rmtree(d.path);
+}
+
 // The reverse: saved by one plain process, resumed with the distributed optimizer at tp=2 x dp=2.
 Test(zero, resume_plain_into_distributed) {
     tu_require_mpiexec();
