@@ -157,9 +157,12 @@ def clamp_work(args):
         for i, a in enumerate(out):
             if a.isdigit() and 4096 < int(a) < 2 ** 31:
                 out[i] = "64"
-    # --bench attention with no shape times the H200 reference grid: hours on a CPU, not a hang
-    if "attention" in out and not any(re.fullmatch(r"\d+x\d+x\d+x\d+", a) or a.endswith(".yaml") for a in out):
-        out.insert(out.index("attention") + 1, "1x2x16x8")
+    # --bench attention with no shape times the H200 reference grid: hours on a CPU, not a hang. A
+    # shape elsewhere may be another option's value (--data 1x2x16x8), so one goes right after it.
+    if "attention" in out:
+        k = out.index("attention") + 1
+        if k == len(out) or not (re.fullmatch(r"\d+x\d+x\d+x\d+", out[k]) or out[k].endswith(".yaml")):
+            out.insert(k, "1x2x16x8")
     if not {"--eval", "--bench", "--help", "--encode"} & set(out):
         out.append("--dry-run")
     return out
