@@ -120,6 +120,16 @@ if stage torch; then
         echo "== gpt2-124m ${c%%:*} (B ${c##*:})"; sed -n '/^# /,$p' "$out/vs_torch_${c%%:*}.log"
     done
 fi
+if stage rows; then
+    # the whole step against PyTorch compile at each GPT-2 size (issue table): ROWS of CONFIG:B
+    for r in ${ROWS:-gpt2-124m:16 gpt2-124m:32 gpt2-350m:16 gpt2-774m:8 gpt2-1558m:8}; do
+        c=${r%%:*} B=${r##*:}
+        OUT=/tmp/rows_$c BENCH_BUILD=0 BUILD_DIR=$build BENCH_CONFIG=configs/$c.yaml BENCH_BATCHES=$B \
+            BENCH_STEPS=${ROWS_STEPS:-25} BENCH_RUN_TIMEOUT=${ROWS_TIMEOUT:-150} \
+            bash tools/bench_vs_pytorch.sh >"$out/rows_${c}_b$B.log" 2>&1 || status=1
+        echo "== $c B $B" | tee -a "$out/rows.txt"; sed -n '/^# /,$p' "$out/rows_${c}_b$B.log" | tee -a "$out/rows.txt"
+    done
+fi
 if stage big; then
     # the largest GPT-2-shaped model one GPU trains: bf16, seq 1024, micro-batch 1, full
     # recomputation; C 4096 in 32 heads of 128, BIG_LAYERS layers (38: 7.86B parameters)
@@ -144,5 +154,5 @@ fi
 # the tool brings back eight files: pack the logs
 tar czf "$out/logs.tar.gz" -C "$out" --exclude logs.tar.gz . 2>/dev/null
 find "$out" -maxdepth 1 -type f ! -name logs.tar.gz ! -name attn_vs_sdpa.json ! -name flash_errors.txt \
-    ! -name train_summary.txt ! -name model.log -delete
+    ! -name train_summary.txt ! -name model.log ! -name rows.txt ! -name recompute.log -delete
 exit $status
