@@ -142,6 +142,7 @@ static void matmul_bwd_f32(struct cuda_ctx *c, float *dinp, float *dw, float *db
             CUDA_CHECK_LAUNCH("gelu_bwd_kernel (matmul)");
         }
     }
+    if (!dw) return;
     CUBLAS_CHECK(cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC,
                              &one, dw, IC));
     if (dbias) colsum_acc(c, dbias, dout, false, N, OC);
@@ -167,6 +168,7 @@ static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dw, float *db
             GEMM_DIE(c, rc, "gemm_bwd_data (matmul_bwd)", N, IC, OC);
         }
     }
+    if (!dw) return;
     int rc = gemm_bwd_weight(c->gemm, dw, dbias, dout, inp, N, IC, OC);
     if (rc == GEMM_EBADARG) {
         gemm_fallback_note(c, "matmul_bwd (weight gradient)", N, IC, OC);

@@ -546,13 +546,14 @@ static void matmul_bwd_dbias(float *dbias, const float *dout, int N, int OC, int
 static void matmul_bwd_f32(float *dinp, float *dw, float *dbias, const float *dout,
                            const float *inp, const float *w, const float *pre_gelu, int N, int IC,
                            int OC) {
-    // dinp (N, IC) or NULL, dw (OC, IC), dbias (OC) or NULL, dout (N, OC), inp (N, IC), w (OC, IC),
+    // dinp (N, IC) or NULL, dw (OC, IC) or NULL, dbias (OC) or NULL, dout (N, OC), inp (N, IC), w (OC, IC),
     // pre_gelu (N, IC) or NULL; the GELU derivative is applied in place, as gelu_bwd would
     int par = (double)N * IC * OC >= 4.0 * CPU_PAR_MIN;
     if (dinp) {
         matmul_bwd_dinp(dinp, dout, w, N, IC, OC, par);
         if (pre_gelu) gelu_bwd_f32(dinp, pre_gelu, dinp, (size_t)N * IC);
     }
+    if (!dw) return;
     matmul_bwd_dw(dw, dout, inp, N, IC, OC, par);
     if (dbias) matmul_bwd_dbias(dbias, dout, N, OC, (size_t)N * OC >= CPU_PAR_MIN);
 }

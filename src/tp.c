@@ -37,6 +37,34 @@ static size_t shard_rows(const struct comm *tp, size_t rows) {
     return rows / (size_t)tp->size;
 }
 
+// The nonblocking forms of all_gather and reduce_scatter: the buffers are the comm's until
+// comm_wait(tp); a group of one copies at once.
+static void all_gather_start(struct backend be, struct comm *tp, void *out, const void *in, size_t n) {
+    if (tp->size > 1) comm_all_gather_start(tp, out, in, n, comm_dtype_of(be));
+    else if (out != in) be.iface->copy(be.ctx, out, in, n * elem_size(be));
+}
+
+static void reduce_scatter_start(struct backend be, struct comm *tp, void *out, const void *in, size_t n) {
+    if (tp->size > 1) comm_reduce_scatter_start(tp, out, in, n, comm_dtype_of(be), COMM_SUM);
+    else if (out != in) be.iface->copy(be.ctx, out, in, n * elem_size(be));
+}
+
+// Sequence parallelism splits N token rows into P blocks of S, block r on rank r. While the other
+// blocks are being gathered, a product that works row by row can already run on this rank's own
+// block; the others follow in at most two runs of rows, [0, r*S) and [(r+1)*S, N).
+struct row_runs {
+    size_t first[3], count[3]; // [0]: this rank's block; [1], [2]: the rows before and after it
+};
+
+static struct row_runs row_runs_of(const struct comm *tp, size_t N) {
+    size_t S = shard_rows(tp, N), r = (size_t)tp->rank;
+    return (struct row_runs){.first = {r * S, 0, (r + 1) * S}, .count = {S, r * S, N - (r + 1) * S}};
+}
+
+static void *rows_at(struct backend be, const void *base, size_t row, size_t width) {
+    return base ? (char *)base + row * width * elem_size(be) : NULL;
+}
+
 // ---- mappings
 
 // f forward: the input is already replicated on every rank of the group.
@@ -111,14 +139,22 @@ void reduce_scatter_to_sequence_parallel_region_bwd(struct backend be, struct co
 void column_parallel_linear_fwd(struct backend be, struct comm *tp, void *out, void *pre_gelu, void *in,
                                 const void *w, const void *bias, int N, int IC, int OCl,
                                 const struct tp_sequence_parallel *sp) {
-    const void *x = in; // (N, IC) every token row
-    if (sp) {
-        gather_from_sequence_parallel_region_fwd(be, tp, sp->rows, in, (size_t)N, (size_t)IC);
-        x = sp->rows;
-    } else {
+    const struct backend_i *b = be.iface;
+    if (!sp) {
         copy_to_tp_region_fwd(be, tp, in, (size_t)N * (size_t)IC);
+        b->matmul_fwd(be.ctx, out, pre_gelu, in, w, bias, N, IC, OCl);
+        return;
     }
-    be.iface->matmul_fwd(be.ctx, out, pre_gelu, x, w, bias, N, IC, OCl);
+    // The all-gather of the input rows runs while this rank's own rows go through the product.
+    struct row_runs rr = row_runs_of(tp, (size_t)N);
+    all_gather_start(be, tp, sp->rows, in, rr.count[0] * (size_t)IC);
+    for (int i = 0; i < 3; i++) {
+        if (i == 1) comm_wait(tp);
+        if (rr.count[i] == 0) continue;
+        const void *x = i == 0 ? in : rows_at(be, sp->rows, rr.first[i], (size_t)IC);
+        b->matmul_fwd(be.ctx, rows_at(be, out, rr.first[i], (size_t)OCl), rows_at(be, pre_gelu, rr.first[i], (size_t)OCl),
+                      x, w, bias, (int)rr.count[i], IC, OCl);
+    }
 }
 
 void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
@@ -129,10 +165,16 @@ void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, f
         copy_to_tp_region_bwd(be, tp, din, (size_t)N * (size_t)IC);
         return;
     }
-    // The forward kept only this rank's rows of the input: gather them again for dw.
-    gather_from_sequence_parallel_region_fwd(be, tp, sp->rows, in, (size_t)N, (size_t)IC);
-    be.iface->matmul_bwd(be.ctx, din ? sp->drows : NULL, dw, dbias, dout, sp->rows, w, NULL, N, IC, OCl);
-    if (din) gather_from_sequence_parallel_region_bwd(be, tp, din, sp->drows, (size_t)N, (size_t)IC);
+    // The forward kept only this rank's rows of the input: they are gathered again for dw while
+    // the input gradient (dout and w only) is computed, and that gradient is reduce-scattered
+    // while dw is.
+    size_t shard = shard_rows(tp, (size_t)N) * (size_t)IC;
+    all_gather_start(be, tp, sp->rows, in, shard);
+    if (din) be.iface->matmul_bwd(be.ctx, sp->drows, NULL, NULL, dout, NULL, w, NULL, N, IC, OCl);
+    comm_wait(tp);
+    if (din) reduce_scatter_start(be, tp, din, sp->drows, shard);
+    be.iface->matmul_bwd(be.ctx, NULL, dw, dbias, dout, sp->rows, w, NULL, N, IC, OCl);
+    comm_wait(tp);
 }
 
 void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, const void *in, const void *w,
@@ -159,14 +201,25 @@ void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, 
 void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
                              void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
                              int OC, const struct tp_sequence_parallel *sp) {
-    const void *d = dout; // (N, OC) every token row's gradient
-    if (sp) {
-        reduce_scatter_to_sequence_parallel_region_bwd(be, tp, sp->rows, dout, (size_t)N, (size_t)OC);
-        d = sp->rows;
-    } else {
+    const struct backend_i *b = be.iface;
+    if (!sp) {
         reduce_from_tp_region_bwd(be, tp, dout, (size_t)N * (size_t)OC);
+        b->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, pre_gelu, N, ICl, OC);
+        return;
     }
-    be.iface->matmul_bwd(be.ctx, din, dw, dbias, d, in, w, pre_gelu, N, ICl, OC);
+    // The all-gather of the output gradient runs while this rank's own rows of the input gradient
+    // are computed from its own rows of dout; the weight gradient needs every row.
+    struct row_runs rr = row_runs_of(tp, (size_t)N);
+    all_gather_start(be, tp, sp->rows, dout, rr.count[0] * (size_t)OC);
+    for (int i = 0; din && i < 3; i++) {
+        if (i == 1) comm_wait(tp);
+        if (rr.count[i] == 0) continue;
+        const void *d = i == 0 ? dout : rows_at(be, sp->rows, rr.first[i], (size_t)OC);
+        b->matmul_bwd(be.ctx, rows_at(be, din, rr.first[i], (size_t)ICl), NULL, NULL, d, NULL, w,
+                      rows_at(be, pre_gelu, rr.first[i], (size_t)ICl), (int)rr.count[i], ICl, OC);
+    }
+    comm_wait(tp);
+    b->matmul_bwd(be.ctx, NULL, dw, dbias, sp->rows, in, w, NULL, N, ICl, OC);
 }
 
 // x (rows, C) += the position embeddings of token rows [first, first + rows) of the flattened

@@ -79,14 +79,16 @@ struct tp_sequence_parallel {
 // out (N, OCl) = in (N, IC) @ w (OCl, IC)^T + bias (OCl, or NULL). With pre_gelu (N, OCl)
 // non-NULL the GELU is fused: pre_gelu keeps the product, out = gelu(pre_gelu).
 // With sp, in is this rank's (N/P, IC) rows. Collectives: none forward; with sp 1 all-gather of
-// N*IC.
+// N*IC, started before this rank's own rows go through the product and waited for before the
+// other rows do.
 void column_parallel_linear_fwd(struct backend be, struct comm *tp, void *out, void *pre_gelu, void *in,
                                 const void *w, const void *bias, int N, int IC, int OCl,
                                 const struct tp_sequence_parallel *sp);
 // din (N, IC) = sum over ranks of dout @ w; dw (OCl, IC) +=, dbias (OCl, or NULL) +=.
 // With sp, in and din are this rank's (N/P, IC) rows.
 // Collectives: 1 all-reduce (f backward) of N*IC; with sp 1 all-gather (the input again) and
-// 1 reduce-scatter (din) of N*IC.
+// 1 reduce-scatter (din) of N*IC, the first overlapped with the product for din, the second with
+// the one for dw (Megatron-LM's order).
 void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
                                 const void *dout, const void *in, const void *w, int N, int IC, int OCl,
                                 const struct tp_sequence_parallel *sp);
@@ -113,7 +115,7 @@ void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, 
 // rows, all-gathered first. Either way the product sees every row, so the bias gradient is
 // identical on every rank. din (N, ICl) = dout @ w, times gelu'(pre_gelu) when pre_gelu is
 // non-NULL (the GELU in front of the layer is local to the shard); dw (OC, ICl) +=, dbias (OC) +=.
-// Collectives: none; with sp 1 all-gather of N*OC.
+// Collectives: none; with sp 1 all-gather of N*OC, overlapped with this rank's own rows of din.
 void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
                              void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
                              int OC, const struct tp_sequence_parallel *sp);
