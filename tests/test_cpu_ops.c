@@ -299,6 +299,30 @@ Test(cpu_ops, matmul_bwd_matches_finite_differences) {
     check_matmul_bwd_fd(9, 35, 33, true, true, 4); // full 8x32 tiles plus tails
 }
 
+// The two halves apart, as sequence-parallel layers run them: dw NULL gives the input gradient
+// alone without reading inp (NULL here) or touching dbias; then dw and dbias alone. Together they
+// equal the one call bit for bit.
+Test(cpu_ops, matmul_bwd_halves_equal_the_whole) {
+    int N = 9, IC = 35, OC = 33;
+    struct backend be = backend_cpu_create(TP_DTYPE_F32);
+    struct arena a = {0};
+    struct rng r = {77};
+    size_t nI = (size_t)N * IC, nW = (size_t)OC * IC, nO = (size_t)N * OC;
+    float *inp = rand_f(&a, &r, nI, 1.0), *w = rand_f(&a, &r, nW, 0.5), *R = rand_f(&a, &r, nO, 1.0);
+    float *pre = rand_f(&a, &r, nI, 2.0), *dw0 = rand_f(&a, &r, nW, 0.3), *db0 = rand_f(&a, &r, (size_t)OC, 0.3);
+    float *dinp = fill_f(&a, nI, 0.0f), *dw = copy_f(&a, dw0, nW), *db = copy_f(&a, db0, (size_t)OC);
+    float *dinp2 = fill_f(&a, nI, 5.0f), *dw2 = copy_f(&a, dw0, nW), *db2 = copy_f(&a, db0, (size_t)OC);
+    OPS(be)->matmul_bwd(be.ctx, dinp, dw, db, R, inp, w, pre, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, dinp2, NULL, db2, R, NULL, w, pre, N, IC, OC);
+    cr_assert(memcmp(db2, db0, (size_t)OC * sizeof(float)) == 0, "dw NULL, yet dbias changed");
+    cr_assert(memcmp(dinp2, dinp, nI * sizeof(float)) == 0, "the input gradient alone differs");
+    OPS(be)->matmul_bwd(be.ctx, NULL, dw2, db2, R, inp, w, NULL, N, IC, OC);
+    cr_assert(memcmp(dw2, dw, nW * sizeof(float)) == 0 && memcmp(db2, db, (size_t)OC * sizeof(float)) == 0,
+              "the weight and bias gradients alone differ");
+    arena_free(&a);
+    backend_destroy(&be);
+}
+
 // Larger shapes against the analytic float64 gradients: OC = 600 spans two K chunks of dinp.
 Test(cpu_ops, matmul_bwd_large_matches_float64) {
     int shapes[][3] = {{37, 70, 67}, {130, 64, 600}};

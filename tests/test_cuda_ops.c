@@ -603,7 +603,18 @@ static void run_matmul(struct pair *p) {
             snprintf(what, sizeof what, "matmul_bwd dbias N=%d IC=%d OC=%d (skipped=%d)", N, IC,
                      OC, !with_bias);
             expect_close(p, &dbias, pair_bf16(p) ? 1e-4 : TOL, what);
-            struct buf *all[] = {&inp, &w, &bias, &out, &pre, &dout, &dinp, &dw, &dbias, &pre_in};
+            // dw NULL (sequence parallelism's split): the input gradient alone, inp unread,
+            // dbias untouched
+            struct buf dinp2 = cbuf_rand(p, (size_t)N * IC, -9.0f, 9.0f);
+            p->cpu.iface->matmul_bwd(p->cpu.ctx, dinp2.c, NULL, dbias.c, dout.c, NULL, w.c,
+                                     gelu ? pre_in.c : NULL, N, IC, OC);
+            p->gpu.iface->matmul_bwd(p->gpu.ctx, dinp2.g, NULL, dbias.g, dout.g, NULL, w.g,
+                                     gelu ? pre_in.g : NULL, N, IC, OC);
+            snprintf(what, sizeof what, "matmul_bwd dinp alone N=%d IC=%d OC=%d (dgelu=%d)", N, IC, OC, gelu);
+            expect_close(p, &dinp2, tol_for(p, TOL), what);
+            snprintf(what, sizeof what, "matmul_bwd dbias untouched without dw N=%d IC=%d OC=%d", N, IC, OC);
+            expect_close(p, &dbias, pair_bf16(p) ? 1e-4 : TOL, what);
+            struct buf *all[] = {&inp, &w, &bias, &out, &pre, &dout, &dinp, &dw, &dbias, &pre_in, &dinp2};
             for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) buf_free(p, all[k]);
         }
     }
