@@ -148,7 +148,7 @@ if stage recompute; then
     for rc in none selective full; do
         echo "== --bench model gpt2-1558m recompute=$rc" | tee -a "$out/recompute.log"
         timeout 120 "$build/tptrain" --bench model configs/gpt2-1558m.yaml --set train.recompute=$rc \
-            --set train.steps=5 2>&1 | tee -a "$out/recompute.log" | grep -A1 "^whole step\|median" | head -3
+            --set train.steps=5 --set train.warmup_steps=0 2>&1 | tee -a "$out/recompute.log" | grep -A1 "^whole step\|median" | head -3
     done
 fi
 # the tool brings back eight files: pack the logs
