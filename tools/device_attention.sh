@@ -7,7 +7,11 @@
 # attention grid against PyTorch's SDPA back ends (tools/attention_vs_sdpa.py), and --bench model
 # in bf16 for GPT-2 124M's width with 12 heads of 64 and 6 heads of 128; then (stages train, torch)
 # Tiny Shakespeare with heads of 128 in fp32 and bf16 (500 steps) and tp=2 against tp=1 over the MPI
-# comm, and tools/bench_vs_pytorch.sh on GPT-2 124M at T 4096 (B 4) and with 6 heads of 128.
+# comm, and tools/bench_vs_pytorch.sh on GPT-2 124M at T 4096 (B 4) and with 6 heads of 128; rows
+# (the whole step against PyTorch at each GPT-2 size); big (the largest GPT-2-shaped model tptrain
+# trains on the GPU, full recomputation) and torch_big (PyTorch's largest on the same shapes, every
+# block checkpointed: tools/torch_big.py); recompute (the step-time cost of recomputation). Also
+# memcheck, sanitize, quick and attn_* (kernel variants).
 # Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
 set -u
 out=${OUT:-/tmp/out}
@@ -143,6 +147,16 @@ if stage big; then
         tail -3 "$out/big.log"
     done
 fi
+if stage torch_big; then
+    # PyTorch on the big stage's shapes: bf16 autocast, every block checkpointed, fused AdamW, 8
+    # micro-steps of 1 x 1024 per step; each size in a process of its own, from the largest down
+    # to the first that trains (16 bytes per parameter against tptrain's 18, so the list starts
+    # above 38)
+    timeout ${TORCH_BIG_TIMEOUT:-540} python3 tools/torch_big.py --layers ${TORCH_BIG_LAYERS:-45,44,43,42,41,40,39,38,36} \
+        --n-embd 4096 --n-head 32 --seq 1024 --batch 1 --grad-accum 8 --steps 6 --skip 2 \
+        --timeout ${TORCH_BIG_CHILD_TIMEOUT:-150} --json "$out/torch_big.json" 2>&1 | tee "$out/torch_big.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 if stage recompute; then
     # the step-time cost of recomputation (GPT-2 1558M, micro_batch 4)
     for rc in none selective full; do
@@ -154,5 +168,6 @@ fi
 # the tool brings back eight files: pack the logs
 tar czf "$out/logs.tar.gz" -C "$out" --exclude logs.tar.gz . 2>/dev/null
 find "$out" -maxdepth 1 -type f ! -name logs.tar.gz ! -name attn_vs_sdpa.json ! -name flash_errors.txt \
-    ! -name train_summary.txt ! -name model.log ! -name rows.txt ! -name recompute.log -delete
+    ! -name train_summary.txt ! -name model.log ! -name rows.txt ! -name recompute.log \
+    ! -name torch_big.log -delete
 exit $status

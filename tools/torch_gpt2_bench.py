@@ -292,6 +292,33 @@ def lr_at(tc, step):
     return lr
 
 
+def make_optimizer(model, tc, cuda):
+    """AdamW with the train keys' lr, betas and eps, weight decay on the 2-D tensors only, fused on a
+    GPU where torch has it: returns (optimizer, fused)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": float(tc["weight_decay"])},
+              {"params": no_decay, "weight_decay": 0.0}]
+    opt_kw = {"lr": float(tc["lr"]), "betas": (float(tc["beta1"]), float(tc["beta2"])), "eps": float(tc["eps"])}
+    fused = cuda and "fused" in torch.optim.AdamW.__init__.__code__.co_varnames
+    if fused:
+        opt_kw["fused"] = True
+    return torch.optim.AdamW(groups, **opt_kw), fused
+
+
+def make_clip(cuda):
+    """Global-norm clipping, one multi-tensor norm and scale on a GPU (the argument exists from
+    torch 2.0): returns (clip(params, max_norm) -> norm, foreach)."""
+    foreach = cuda and "foreach" in inspect.signature(torch.nn.utils.clip_grad_norm_).parameters
+
+    def clip(ps, max_norm):
+        if foreach:
+            return torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True)
+        return torch.nn.utils.clip_grad_norm_(ps, max_norm)
+
+    return clip, foreach
+
+
 def add_common_args(ap):
     """The options this script shares with torch_tp_bench.py (config, overrides, batch, steps)."""
     ap.add_argument("config", nargs="?", default="configs/gpt2-124m.yaml", help="tptrain config file")
@@ -361,15 +388,7 @@ def main():
 
     torch.manual_seed(int(tc["seed"]))
     model = GPT(int(mc["n_layer"]), int(mc["n_head"]), int(mc["n_embd"]), int(mc["vocab_size"]), T).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": float(tc["weight_decay"])},
-              {"params": no_decay, "weight_decay": 0.0}]
-    opt_kw = {"lr": float(tc["lr"]), "betas": (float(tc["beta1"]), float(tc["beta2"])), "eps": float(tc["eps"])}
-    fused = cuda and "fused" in torch.optim.AdamW.__init__.__code__.co_varnames
-    if fused:
-        opt_kw["fused"] = True
-    optimizer = torch.optim.AdamW(groups, **opt_kw)
+    optimizer, fused = make_optimizer(model, tc, cuda)
     compile_kw = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
     step_model = torch.compile(model, **compile_kw) if use_compile else model
     data = Batches(str(get(cfg, "data", "train")), B, T, int(mc["vocab_size"]), device,
@@ -377,13 +396,7 @@ def main():
     bf16 = args.precision == "bf16"
     clip_max = float(tc["grad_clip"])
     params = list(model.parameters())
-    # one multi-tensor norm and scale on a GPU (the argument exists from torch 2.0)
-    foreach = cuda and "foreach" in inspect.signature(torch.nn.utils.clip_grad_norm_).parameters
-
-    def clip(ps, max_norm):
-        if foreach:
-            return torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True)
-        return torch.nn.utils.clip_grad_norm_(ps, max_norm)
+    clip, foreach = make_clip(cuda)
 
     peak = args.peak_tflops or float(get(cfg, "log", "peak_tflops")) or (
         (989.0 if bf16 else 67.0) if cuda else 0.0)
