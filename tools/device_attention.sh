@@ -32,7 +32,7 @@ if stage build; then
     [ -n "$lib" ] && echo "HGMMA instructions in the sm_90a library: $(cuobjdump --dump-sass "$lib" 2>/dev/null | grep -c HGMMA)"
 fi
 if stage test; then
-    timeout 400 meson test -C "$build" ${TESTS:-flash_attention} --print-errorlogs >"$out/test.log" 2>&1 || status=1
+    timeout ${TEST_TIMEOUT:-400} meson test -C "$build" ${TESTS:-flash_attention} --print-errorlogs >"$out/test.log" 2>&1 || status=1
     grep -E "^ *[0-9]+/[0-9]+ |Ok:|Fail:|Skipped:" "$out/test.log" | sort -u
     grep -h "rel err\|lse worst\|fwd+bwd\|default vs portable\|path:" "$build"/meson-logs/testlog.txt | sed 's/^.*\(B=\)/\1/' | sort -u >"$out/flash_errors.txt"
     tail -5 "$out/flash_errors.txt"
