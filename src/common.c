@@ -3,7 +3,10 @@
 #include "common.h"
 
 #include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 void tp_die(int code, const char *fmt, ...) {
     va_list ap;
@@ -57,4 +60,28 @@ double tp_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double tp_process_age(void) {
+#ifdef CLOCK_BOOTTIME
+    // field 22 of /proc/self/stat: the start time in clock ticks since boot; the fields count
+    // from after the command name's closing parenthesis (the name may hold spaces)
+    char buf[1024];
+    FILE *f = fopen("/proc/self/stat", "r");
+    if (!f) return -1.0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    unsigned long long start = 0;
+    int field = 2;
+    for (; p && *p && field < 22; p++)
+        if (*p == ' ') field++;
+    long hz = sysconf(_SC_CLK_TCK);
+    struct timespec ts;
+    if (!p || sscanf(p, "%llu", &start) != 1 || hz <= 0 || clock_gettime(CLOCK_BOOTTIME, &ts)) return -1.0;
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec - (double)start / (double)hz;
+#else
+    return -1.0;
+#endif
 }

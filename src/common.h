@@ -34,6 +34,9 @@ void *tp_calloc_impl(size_t n, size_t size, const char *file, int line);
 
 // Wall clock in seconds (CLOCK_MONOTONIC).
 double tp_now(void);
+// Seconds since this process was started (the loader and library start-up included; Linux's
+// /proc/self/stat, 10 ms resolution), or -1 where that cannot be read.
+double tp_process_age(void);
 
 // splitmix64's finaliser: a well-mixed 64-bit hash of x (counter-based random numbers).
 static inline uint64_t tp_splitmix64(uint64_t x) {

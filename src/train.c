@@ -423,6 +423,18 @@ static struct model_memory memory_plan(const struct model_dims *d, struct backen
     return mm;
 }
 
+// After the run's first step: how long the process took to reach it (configuration, MPI, device,
+// allocation, initialisation or checkpoint load) and the step itself, which is slower than the
+// rest by the choices made on first use (cuBLASLt's algorithms are timed per shape).
+static void log_startup(struct trainer *tr, double setup_s, double first_ms) {
+    log_json(tr, json_pack("{s:s, s:o, s:o}", "kind", "startup", "setup_s", log_num(setup_s), "first_step_s",
+                           log_num(first_ms / 1e3)));
+    if (!tr->is_root || setup_s < 0) return;
+    printf("startup: step 1 began %.2f s after launch and took %.2f s (algorithm choice on first use "
+           "included): %.2f s to the end of the first step\n", setup_s, first_ms / 1e3, setup_s + first_ms / 1e3);
+    fflush(stdout);
+}
+
 // After the run's first step, when every buffer exists: the plan beside what was measured, the
 // largest figure over all ranks (every rank plans the same).
 static void log_memory(struct trainer *tr, int step) {
@@ -530,7 +542,7 @@ int train_run(const struct tp_config *cfg) {
         if (tr.is_root) printf("the checkpoint is at train.steps=%d: nothing left to train\n", cfg->train.steps);
         if (ckpt && final_checkpoint_missing(&tr)) st = save_checkpoint(&tr, tr.start_step, false, 0.0);
     }
-    double start = tp_now();
+    double start = tp_now(), launch_to_loop = tp_process_age();
     for (int step = tr.start_step; !st && step < cfg->train.steps; step++) {
         struct step_result r;
         st = train_step(&tr, step, &r);
@@ -541,7 +553,10 @@ int train_run(const struct tp_config *cfg) {
             break;
         }
         log_step(&tr, step, &r, tp_now() - start);
-        if (step == tr.start_step) log_memory(&tr, step + 1);
+        if (step == tr.start_step) {
+            log_startup(&tr, launch_to_loop, r.ms);
+            log_memory(&tr, step + 1);
+        }
         if (cfg->debug.check_replicas) st = check_replicas(&tr, step + 1);
         bool last = step + 1 == cfg->train.steps;
         bool has_val = false;
