@@ -118,7 +118,7 @@ fi
 if stage torch; then
     sed 's/^  seq_len: 1024 .*/  seq_len: 4096/; s/^  micro_batch: 16 .*/  micro_batch: 4/' configs/gpt2-124m.yaml >/tmp/gpt2-124m-t4096.yaml
     sed 's/^  n_head: 12/  n_head: 6/' configs/gpt2-124m.yaml >/tmp/gpt2-124m-hs128.yaml
-    for c in t4096:4 hs128:16; do
+    for c in ${TORCH_ROWS:-t4096:4 hs128:16}; do
         OUT=/tmp/vs_${c%%:*} BENCH_BUILD=0 BUILD_DIR=$build BENCH_CONFIG=/tmp/gpt2-124m-${c%%:*}.yaml \
             BENCH_BATCHES=${c##*:} bash tools/bench_vs_pytorch.sh >"$out/vs_torch_${c%%:*}.log" 2>&1 || status=1
         echo "== gpt2-124m ${c%%:*} (B ${c##*:})"; sed -n '/^# /,$p' "$out/vs_torch_${c%%:*}.log"
