@@ -112,26 +112,44 @@ struct param_tensor *model_param_table(const struct model_dims *d, int *count, s
 
 // ---- TP-invariant initialisation
 
-float model_init_value(unsigned long long seed, const struct param_tensor *t, size_t global_index, int n_layer) {
+// What every element of one tensor shares: its key (the seed hashed with the tensor's name), the
+// elements of a global row, and the standard deviation.
+struct init_stream {
+    uint64_t key;
+    size_t row_elems;
+    double std;
+};
+
+static struct init_stream init_stream_of(unsigned long long seed, const struct param_tensor *t, int n_layer) {
+    return (struct init_stream){
+        .key = tp_splitmix64((uint64_t)seed ^ tp_fnv1a(t->name, strlen(t->name))),
+        .row_elems = layout_global_numel(&t->spec) / t->spec.global_shape[0],
+        .std = t->init == PARAM_INIT_NORMAL_RESID ? 0.02 / sqrt(2.0 * n_layer) : 0.02,
+    };
+}
+
+static float init_value(const struct init_stream *s, const struct param_tensor *t, size_t global_index) {
     switch (t->init) {
     case PARAM_INIT_ZEROS: return 0.0f;
     case PARAM_INIT_ONES: return 1.0f;
     case PARAM_INIT_NORMAL:
     case PARAM_INIT_NORMAL_RESID: break;
     }
-    size_t row_elems = layout_global_numel(&t->spec) / t->spec.global_shape[0];
-    if (global_index / row_elems >= t->real_rows) return 0.0f; // vocabulary padding
+    if (global_index / s->row_elems >= t->real_rows) return 0.0f; // vocabulary padding
     // Counter-based: two hashed uniforms per element, then Box-Muller. No state, so any rank can
     // produce any element, and a shard's values do not depend on the TP size.
-    uint64_t key = tp_splitmix64((uint64_t)seed ^ tp_fnv1a(t->name, strlen(t->name)));
+    uint64_t key = s->key;
     uint64_t a = tp_splitmix64(key ^ tp_splitmix64(2 * (uint64_t)global_index));
     uint64_t b = tp_splitmix64(key ^ tp_splitmix64(2 * (uint64_t)global_index + 1));
     double u1 = ((double)(a >> 11) + 1.0) * 0x1.0p-53; // (0, 1]
     double u2 = (double)(b >> 11) * 0x1.0p-53;         // [0, 1)
     double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-    double std = 0.02;
-    if (t->init == PARAM_INIT_NORMAL_RESID) std = 0.02 / sqrt(2.0 * n_layer);
-    return (float)(z * std);
+    return (float)(z * s->std);
+}
+
+float model_init_value(unsigned long long seed, const struct param_tensor *t, size_t global_index, int n_layer) {
+    struct init_stream s = init_stream_of(seed, t, n_layer);
+    return init_value(&s, t, global_index);
 }
 
 static void init_params(struct model *m, unsigned long long seed) {
@@ -141,10 +159,11 @@ static void init_params(struct model *m, unsigned long long seed) {
     float *host = tp_malloc(max_numel * sizeof(float));
     for (int i = 0; i < m->n_tensors; i++) {
         const struct param_tensor *t = &m->tensors[i];
+        struct init_stream s = init_stream_of(seed, t, m->d.L);
 #pragma omp parallel for schedule(static)
         for (size_t j = 0; j < t->numel; j++) {
             size_t g = layout_global_index(&t->spec, m->tp->rank, m->tp->size, j);
-            host[j] = model_init_value(seed, t, g, m->d.L);
+            host[j] = init_value(&s, t, g);
         }
         m->be.iface->copy_to_device(m->be.ctx, m->params + t->offset, host, t->numel * sizeof(float));
     }
