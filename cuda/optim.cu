@@ -11,7 +11,8 @@
 // update (adamw: p, g, m, v read, 16 bytes; p, m, v written, 12; the bf16 compute copy of p
 // written, 2) = 34 bytes per parameter in bf16, 32 in fp32, where three separate passes for
 // clipping, AdamW and the bf16 copy would move 4 + 8 + 28 + 6 = 46. GPT-2 124M (124.5M local
-// parameters at tp=1): 4.23 GB, 0.98 ms at 4.3 TB/s. Both kernels here are those two passes; the
+// parameters at tp=1): 4.23 GB, 0.98 ms at 4.3 TB/s. With split masters (bf16 high half + low half,
+// backend.h) the update reads 4 + 12 and writes 4 + 8: 32 bytes in all. Both kernels here are those two passes; the
 // norm's partials and the clip factor are a few KB. (A DP reduction that already reads every
 // gradient, such as a distributed optimizer's reduce-scatter, could produce the norm on the way
 // and leave 30 bytes.)
@@ -142,7 +143,27 @@ __device__ __forceinline__ float adamw_elem(float *p, float *m, float *v, float 
     return *p;
 }
 
-// p, g, m, v (n) fp32, pc (n) E or NULL; one launch over every segment (see the walk above), one
+// Element i, its master in p (and its compute copy in pc, if any) or, with p NULL, split into pc
+// (the bf16 high halves) and plo (the low halves): joined, updated, split again.
+template <typename E>
+__device__ __forceinline__ void adamw_one(float *p, E *pc, uint16_t *plo, size_t i, float *m, float *v, float g,
+                                          float wd, const struct adamw_args &a) {
+    if (p) {
+        float pi = adamw_elem(p + i, m + i, v + i, g, wd, a);
+        if (pc) pc[i] = from_f<E>(pi);
+        return;
+    }
+    if constexpr (sizeof(E) == 2) {
+        float x = __uint_as_float(tp_split_join(__bfloat16_as_ushort(pc[i]), plo[i]));
+        adamw_elem(&x, m + i, v + i, g, wd, a);
+        uint32_t bits = __float_as_uint(x);
+        pc[i] = __ushort_as_bfloat16(tp_split_hi(bits));
+        plo[i] = tp_split_lo(bits);
+    }
+}
+
+// p, g, m, v (n) fp32, pc (n) E or NULL, plo (n) or NULL (split masters, p NULL, then only the
+// scalar body runs); one launch over every segment (see the walk above), one
 // wave of blocks (see adamw_launch). g is scaled by grad_scale, times min(1, grad_clip /
 // ||g * grad_scale||) when norm_sq is given. The vector body keeps ADAMW_UNROLL groups of the four
 // loads in flight per thread: the stores may alias the next loads as far as the compiler knows,
@@ -150,7 +171,7 @@ __device__ __forceinline__ float adamw_elem(float *p, float *m, float *v, float 
 // expression, whatever the grouping or the chunk it falls in.
 #define ADAMW_UNROLL 2
 template <typename E, bool VEC>
-__global__ void adamw_kernel(float *p, E *pc, const float *g, float *m, float *v,
+__global__ void adamw_kernel(float *p, E *pc, uint16_t *plo, const float *g, float *m, float *v,
                              const struct param_segment *segs, int n_segs, size_t n, size_t chunk,
                              struct adamw_args a) {
     __shared__ struct param_segment tab[SEG_TILE];
@@ -177,8 +198,7 @@ __global__ void adamw_kernel(float *p, E *pc, const float *g, float *m, float *v
                 nb = (hi - body) / 4;
             }
             for (size_t i = lo + threadIdx.x; i < body; i += blockDim.x) {
-                float pi = adamw_elem(p + i, m + i, v + i, g[i] * gs, wd, a);
-                if (pc) pc[i] = from_f<E>(pi);
+                adamw_one<E>(p, pc, plo, i, m, v, g[i] * gs, wd, a);
             }
             for (size_t q0 = threadIdx.x; q0 < nb; q0 += ADAMW_UNROLL * (size_t)blockDim.x) {
                 vec_t<float, 4> pv[ADAMW_UNROLL] = {}, gv[ADAMW_UNROLL] = {};
@@ -209,8 +229,7 @@ __global__ void adamw_kernel(float *p, E *pc, const float *g, float *m, float *v
                 }
             }
             for (size_t i = body + nb * 4 + threadIdx.x; i < hi; i += blockDim.x) {
-                float pi = adamw_elem(p + i, m + i, v + i, g[i] * gs, wd, a);
-                if (pc) pc[i] = from_f<E>(pi);
+                adamw_one<E>(p, pc, plo, i, m, v, g[i] * gs, wd, a);
             }
         }
     }
@@ -300,15 +319,15 @@ static void adamw_launch_as(struct cuda_ctx *c, const struct adamw_step *s, E *p
     size_t chunk = tp_round_up(ceil_div(s->n, (size_t)resident_blocks(c, kernel)), 8);
     if (chunk < ADAMW_MIN_CHUNK) chunk = ADAMW_MIN_CHUNK;
     unsigned int nb = (unsigned int)ceil_div(s->n, chunk);
-    adamw_kernel<E, VEC><<<nb, TPC_BLOCK, 0, c->stream>>>(s->p, pc, s->g, s->m, s->v, s->segs, s->n_segs, s->n,
-                                                         chunk, a);
+    adamw_kernel<E, VEC><<<nb, TPC_BLOCK, 0, c->stream>>>(s->p, pc, s->p_lo, s->g, s->m, s->v, s->segs, s->n_segs,
+                                                         s->n, chunk, a);
     CUDA_CHECK_LAUNCH("adamw_kernel");
 }
 
 template <typename E>
 static void adamw_launch(struct cuda_ctx *c, const struct adamw_step *s, E *pc,
                          const struct adamw_args &a) {
-    bool vec = aligned_to(s->p, 16) && aligned_to(s->g, 16) && aligned_to(s->m, 16) &&
+    bool vec = s->p && aligned_to(s->p, 16) && aligned_to(s->g, 16) && aligned_to(s->m, 16) &&
                aligned_to(s->v, 16) && aligned_to(pc, 4 * sizeof(E));
     if (vec) adamw_launch_as<E, true>(c, s, pc, a);
     else adamw_launch_as<E, false>(c, s, pc, a);

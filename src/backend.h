@@ -49,6 +49,23 @@ static inline float tp_bf16_to_f32(uint16_t h) {
     return f;
 }
 
+// Split master weights (bf16 training, model_options.split_master): an fp32 master is kept as two
+// 16-bit halves, the high one being the bf16 compute copy itself, so the pair costs 4 bytes where
+// an fp32 master beside a bf16 copy costs 6. The high half is the bit pattern rounded half up
+// (round to nearest, ties away from zero: it differs from round-to-nearest-even only on exact
+// ties), so it is the truncation plus one exactly when the low half is 0x8000 or more, and the
+// fp32 pattern comes back exactly. On bit patterns; NaN and infinity are not rounded specially.
+#if defined(__CUDACC__)
+#define TP_HOST_DEVICE __host__ __device__
+#else
+#define TP_HOST_DEVICE
+#endif
+static inline TP_HOST_DEVICE uint16_t tp_split_hi(uint32_t bits) { return (uint16_t)((bits + 0x8000u) >> 16); }
+static inline TP_HOST_DEVICE uint16_t tp_split_lo(uint32_t bits) { return (uint16_t)(bits & 0xffffu); }
+static inline TP_HOST_DEVICE uint32_t tp_split_join(uint16_t hi, uint16_t lo) {
+    return ((uint32_t)(uint16_t)(hi - (lo >= 0x8000u ? 1u : 0u)) << 16) | lo;
+}
+
 // One parameter tensor's span in the flat parameter, gradient and optimiser buffers, as the
 // one-pass gradient norm and AdamW see it (a table of these lives in backend memory).
 struct param_segment {
@@ -59,8 +76,10 @@ struct param_segment {
 
 // One AdamW step over every parameter (the backend's adamw op).
 struct adamw_step {
-    float *p;                   // (n) fp32 master weights, updated
+    float *p;                   // (n) fp32 master weights, updated; NULL when they are split
     void *p_compute;            // (n) compute-type copy rewritten from p, or NULL when dtype is fp32
+    uint16_t *p_lo;             // (n) with p NULL: the masters are split (tp_split_*), their high
+                                // halves in p_compute (bf16), their low halves here; else NULL
     const float *g;             // (n) gradients
     float *m, *v;               // (n) first and second moments, updated
     const struct param_segment *segs; // (n_segs) backend memory, covering [0, n)

@@ -917,10 +917,13 @@ static void cpu_scale(void *ctx, float *x, float s, size_t n) {
 
 // AdamW on one segment [off, off + numel) of the flat buffers with its own weight decay; gscale
 // is the whole gradient factor, bc1 and bc2 the bias corrections.
+// With split masters (s->p NULL) each master is joined from its halves, updated and split again.
 static void adamw_segment(const struct adamw_step *s, size_t off, size_t numel, float weight_decay,
                           float gscale, float bc1, float bc2) {
-    float *p = s->p + off, *m = s->m + off, *v = s->v + off; // (numel) each
-    const float *g = s->g + off;                            // (numel)
+    float *m = s->m + off, *v = s->v + off; // (numel) each
+    const float *g = s->g + off;            // (numel)
+    float *p = s->p ? s->p + off : NULL;    // (numel), or the split halves:
+    uint16_t *hi = s->p ? NULL : (uint16_t *)s->p_compute + off, *lo = s->p ? NULL : s->p_lo + off;
     float lr = s->lr, beta1 = s->beta1, beta2 = s->beta2, eps = s->eps;
     CPU_OMP(omp parallel for schedule(static) if (numel >= CPU_PAR_MIN))
     for (size_t i = 0; i < numel; i++) {
@@ -929,8 +932,22 @@ static void adamw_segment(const struct adamw_step *s, size_t off, size_t numel, 
         float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        float mhat = mi / bc1, vhat = vi / bc2;
-        p[i] -= lr * (mhat / (sqrtf(vhat) + eps) + weight_decay * p[i]);
+        float mhat = mi / bc1, vhat = vi / bc2, pi;
+        if (p) {
+            pi = p[i];
+        } else {
+            uint32_t bits = tp_split_join(hi[i], lo[i]);
+            memcpy(&pi, &bits, sizeof pi);
+        }
+        pi -= lr * (mhat / (sqrtf(vhat) + eps) + weight_decay * pi);
+        if (p) {
+            p[i] = pi;
+        } else {
+            uint32_t bits;
+            memcpy(&bits, &pi, sizeof bits);
+            hi[i] = tp_split_hi(bits);
+            lo[i] = tp_split_lo(bits);
+        }
     }
 }
 
@@ -947,7 +964,7 @@ static void cpu_adamw(void *ctx, const struct adamw_step *s) {
     for (int k = 0; k < s->n_segs; k++)
         adamw_segment(s, s->segs[k].offset, s->segs[k].numel, s->segs[k].weight_decay, gscale,
                       bc1, bc2);
-    if (s->p_compute) cpu_to_compute(ctx, s->p_compute, s->p, s->n);
+    if (s->p && s->p_compute) cpu_to_compute(ctx, s->p_compute, s->p, s->n);
 }
 
 // ---- the ops on compute-type tensors: each stages its tensors and runs the fp32 code

@@ -130,7 +130,8 @@ static void gather_tp(const struct model *m, const struct mesh *mesh, const floa
 void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const float *src, int i, float *dst) {
     const struct param_tensor *t = &m->tensors[i];
     float *local = tp_malloc(t->numel * sizeof(float)); // (numel) this rank's shard
-    m->be.iface->copy_to_host(m->be.ctx, local, src + t->offset, t->numel * sizeof(float));
+    if (src) m->be.iface->copy_to_host(m->be.ctx, local, src + t->offset, t->numel * sizeof(float));
+    else model_master_to_host(m, i, local);
     gather_tp(m, mesh, local, i, dst);
     free(local);
 }
@@ -155,7 +156,8 @@ static float *local_shard(const struct model *m, const float *src, int i) {
 void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *dst) {
     const struct param_tensor *t = &m->tensors[i];
     float *local = local_shard(m, src, i);
-    m->be.iface->copy_to_device(m->be.ctx, dst + t->offset, local, t->numel * sizeof(float));
+    if (dst) m->be.iface->copy_to_device(m->be.ctx, dst + t->offset, local, t->numel * sizeof(float));
+    else model_master_from_host((struct model *)m, i, local);
     free(local);
 }
 

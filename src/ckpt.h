@@ -39,13 +39,14 @@ int ckpt_hf_shape(const struct param_tensor *t, int64_t shape[LAYOUT_MAX_DIMS]);
 size_t ckpt_hf_numel(const struct param_tensor *t);
 
 // Collective over the TP group: gathers local buffer `src` (backend memory laid out like the
-// parameters, e.g. m->params, m->grads or an AdamW moment) of tensor i into `dst` (host,
-// ckpt_hf_numel floats) on TP rank 0. Other ranks may pass dst = NULL.
+// parameters, e.g. m->grads or an AdamW moment; NULL for the model's master weights, whichever form
+// they are in) of tensor i into `dst` (host, ckpt_hf_numel floats) on TP rank 0. Other ranks may
+// pass dst = NULL.
 void ckpt_gather_tensor(const struct model *m, const struct mesh *mesh, const float *src, int i, float *dst);
 
 // Inverse: every rank takes its shard of tensor i from the global HF-layout host array `src`
-// (all ranks pass it) and writes it into backend buffer `dst` (laid out like the parameters).
-// Padding rows are zeroed.
+// (all ranks pass it) and writes it into backend buffer `dst` (laid out like the parameters; NULL:
+// the model's master weights, whichever form they are in). Padding rows are zeroed.
 void ckpt_scatter_tensor(const struct model *m, const float *src, int i, float *dst);
 
 // Collective over the TP group: writes buffer `src` (laid out like the parameters) as a

@@ -41,6 +41,7 @@ struct model_dims model_dims_make(const struct tp_model_config *mc, int micro_ba
     d.head_rows = model_head_rows(d.N, d.Vl);
     d.sp = opt.sequence_parallel;
     d.recompute = opt.recompute;
+    d.split_master = opt.split_master;
     d.S = d.sp ? d.N / (size_t)tp : d.N;
     return d;
 }
@@ -165,10 +166,48 @@ static void init_params(struct model *m, unsigned long long seed) {
             size_t g = layout_global_index(&t->spec, m->tp->rank, m->tp->size, j);
             host[j] = init_value(&s, t, g);
         }
-        m->be.iface->copy_to_device(m->be.ctx, m->params + t->offset, host, t->numel * sizeof(float));
+        model_master_from_host(m, i, host);
     }
     free(host);
     model_sync_compute_params(m);
+}
+
+void model_master_from_host(struct model *m, int i, const float *host) {
+    const struct param_tensor *t = &m->tensors[i];
+    const struct backend_i *b = m->be.iface;
+    if (m->params) {
+        b->copy_to_device(m->be.ctx, m->params + t->offset, host, t->numel * sizeof(float));
+        return;
+    }
+    if (!m->params_lo) tp_die(TP_EXIT_RUNTIME, "model: the master weights live in the optimizer's slices");
+    uint16_t *hl = tp_malloc(2 * t->numel * sizeof(uint16_t)), *lo = hl + t->numel; // (numel) each
+    for (size_t j = 0; j < t->numel; j++) {
+        uint32_t bits;
+        memcpy(&bits, host + j, sizeof bits);
+        hl[j] = tp_split_hi(bits);
+        lo[j] = tp_split_lo(bits);
+    }
+    b->copy_to_device(m->be.ctx, (uint16_t *)m->params_compute + t->offset, hl, t->numel * sizeof(uint16_t));
+    b->copy_to_device(m->be.ctx, m->params_lo + t->offset, lo, t->numel * sizeof(uint16_t));
+    free(hl);
+}
+
+void model_master_to_host(const struct model *m, int i, float *host) {
+    const struct param_tensor *t = &m->tensors[i];
+    const struct backend_i *b = m->be.iface;
+    if (m->params) {
+        b->copy_to_host(m->be.ctx, host, m->params + t->offset, t->numel * sizeof(float));
+        return;
+    }
+    if (!m->params_lo) tp_die(TP_EXIT_RUNTIME, "model: the master weights live in the optimizer's slices");
+    uint16_t *hl = tp_malloc(2 * t->numel * sizeof(uint16_t)), *lo = hl + t->numel; // (numel) each
+    b->copy_to_host(m->be.ctx, hl, (const uint16_t *)m->params_compute + t->offset, t->numel * sizeof(uint16_t));
+    b->copy_to_host(m->be.ctx, lo, m->params_lo + t->offset, t->numel * sizeof(uint16_t));
+    for (size_t j = 0; j < t->numel; j++) {
+        uint32_t bits = tp_split_join(hl[j], lo[j]);
+        memcpy(host + j, &bits, sizeof bits);
+    }
+    free(hl);
 }
 
 // ---- views into the flat buffers
@@ -268,7 +307,8 @@ struct model_memory model_memory_plan(const struct model_dims *d, struct backend
     size_t global;
     free(model_param_table(d, &n, &mm.param_floats, &global));
     enum tp_dtype dt = be.iface->dtype(be.ctx);
-    mm.param_bytes = mm.param_floats * sizeof(float);
+    mm.split_master = d->split_master && dt == TP_DTYPE_BF16;
+    mm.param_bytes = mm.param_floats * (mm.split_master ? sizeof(uint16_t) : sizeof(float));
     mm.grad_bytes = mm.param_floats * sizeof(float) + ln_grads_bytes(d);
     mm.optim_bytes = 2 * mm.param_floats * sizeof(float); // AdamW's m and v
     mm.param_compute_bytes = dt == TP_DTYPE_F32 ? 0 : mm.param_floats * tp_dtype_size(dt);
@@ -312,8 +352,9 @@ static const char *act_kind_shape(enum model_act_kind k, const struct model_dims
 
 void model_memory_print(FILE *f, const struct model_dims *d, const struct model_memory *mm, const char *what) {
     const double MiB = 1024.0 * 1024.0, GiB = MiB * 1024.0;
-    fprintf(f, "# memory per rank (%s): parameters %.3f GiB (+ %.3f compute copy), gradients %.3f, AdamW %.3f, "
+    fprintf(f, "# memory per rank (%s): parameters %.3f GiB (%s %.3f), gradients %.3f, AdamW %.3f, "
             "activations %.3f -> total %.3f GiB\n", what, (double)mm->param_bytes / GiB,
+            mm->split_master ? "split masters: low halves, + the compute copy as high halves" : "+ compute copy",
             (double)mm->param_compute_bytes / GiB, (double)mm->grad_bytes / GiB, (double)mm->optim_bytes / GiB,
             (double)mm->act_bytes / GiB, (double)mm->total_bytes / GiB);
     fprintf(f, "# activations by kind (sequence_parallel %s, recompute %s; B=%d, T=%d, C=%d, tp=%d):\n",
@@ -349,7 +390,9 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be,
     m->tensors = model_param_table(d, &m->n_tensors, &m->n_params_local, &m->n_params_global);
     m->dtype = be.iface->dtype(be.ctx);
     size_t es = tp_dtype_size(m->dtype);
-    m->params = be_alloc(m, m->n_params_local * sizeof(float));
+    bool split = d->split_master && m->dtype == TP_DTYPE_BF16;
+    if (split) m->params_lo = be_alloc(m, m->n_params_local * sizeof(uint16_t));
+    else m->params = be_alloc(m, m->n_params_local * sizeof(float));
     m->grads = be_alloc(m, m->n_params_local * sizeof(float));
     m->ln_grads = d->sp ? be_alloc(m, ln_grads_bytes(d)) : NULL;
     // fp32 computes on the master weights directly; bf16 keeps a rounded copy for the products.
@@ -369,7 +412,7 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be,
 void model_init_params(struct model *m, unsigned long long seed) { init_params(m, seed); }
 
 void model_sync_compute_params(struct model *m) {
-    if (m->params_compute != (void *)m->params)
+    if (m->params && m->params_compute != (void *)m->params)
         m->be.iface->to_compute(m->be.ctx, m->params_compute, m->params, m->n_params_local);
 }
 
@@ -384,6 +427,7 @@ void model_destroy(struct model *m) {
     if (!b) return;
     if (m->params_compute != (void *)m->params) b->free(m->be.ctx, m->params_compute);
     b->free(m->be.ctx, m->params);
+    if (m->params_lo) b->free(m->be.ctx, m->params_lo);
     b->free(m->be.ctx, m->grads);
     if (m->ln_grads) b->free(m->be.ctx, m->ln_grads);
     b->free(m->be.ctx, m->act_memory);

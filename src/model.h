@@ -110,17 +110,24 @@ struct model_dims {
                                 // with sp the chunks run over all N rows, gathered
     bool sp;                    // sequence parallelism
     enum tp_recompute recompute;
+    bool split_master;          // in bf16, the masters as the bf16 copy plus low halves (below)
     size_t S;                   // token rows of the residual stream on each rank: N/P with sp, else N
 };
 
-// The choices that shape activations (parallel.sequence_parallel, train.recompute).
+// The choices that shape memory: parallel.sequence_parallel and train.recompute (activations);
+// split_master (bf16 only): the fp32 master weights kept as the bf16 compute copy plus the 16 low
+// bits of each (backend.h's tp_split_*), 4 bytes per parameter instead of 6, so that a bf16 run
+// holds 16 bytes per parameter with its gradients and AdamW moments, as PyTorch's AMP does.
+// Training splits them unless the distributed optimizer is asked for (it keeps fp32 slices).
 struct model_options {
     bool sequence_parallel;
     enum tp_recompute recompute;
+    bool split_master;
 };
 
 static inline struct model_options model_options_of(const struct tp_config *cfg) {
-    return (struct model_options){cfg->parallel.sequence_parallel, cfg->train.recompute};
+    return (struct model_options){cfg->parallel.sequence_parallel, cfg->train.recompute,
+                                  !cfg->parallel.distributed_optimizer};
 }
 
 // Activation buffers by kind (model_memory_plan). The first ACT_N_LAYER kinds are what each
@@ -146,11 +153,12 @@ enum model_act_kind {
 
 struct model_memory {
     size_t param_floats;        // local parameters (= gradients = each AdamW moment)
-    size_t param_bytes;         // fp32 master weights
+    size_t param_bytes;         // fp32 master weights (split: their low halves, 2 bytes each)
     size_t grad_bytes;          // fp32 gradients (and, with sequence parallelism, the layernorm ones'
                                 // all-reduce staging)
     size_t optim_bytes;         // AdamW's two fp32 moments
     size_t param_compute_bytes; // the compute-type copy of the parameters (0 in fp32: shared)
+    bool split_master;          // param_bytes are the masters' low halves, the copy their high ones
     size_t act[ACT_N_KINDS];    // activation bytes by kind; per-layer kinds summed over the layers
     size_t act_layer_bytes;     // what one layer keeps (the per-layer kinds of act, divided by L)
     size_t act_bytes;           // activations, all layers, plus backward buffers (sum of act)
@@ -177,7 +185,10 @@ struct model {
     enum tp_dtype dtype;          // the backend's compute type
     float *params, *grads;        // (n_params_local) backend memory: fp32 master weights, gradients;
                                   // params is NULL in bf16 under the distributed optimizer, which
-                                  // keeps the master weights sharded (optim.h)
+                                  // keeps the master weights sharded (optim.h), and with split
+                                  // masters; read and write them through model_master_*_host
+    uint16_t *params_lo;          // (n_params_local) split masters' low halves (the high halves are
+                                  //   params_compute), or NULL
     float *ln_grads;              // (2L+1, 2C) with sequence parallelism the layernorm gradients packed for
                                   //   their all-reduce; NULL without
     void *params_compute;         // (n_params_local) compute-type weights; == params in fp32
@@ -225,6 +236,11 @@ void model_init_params(struct model *m, unsigned long long seed);
 // Refreshes params_compute from the fp32 master weights (after init, a checkpoint load, or any
 // other write to m->params outside the optimiser, which refreshes it itself). No-op in fp32.
 void model_sync_compute_params(struct model *m);
+// Tensor i's fp32 master weights, this rank's shard (t->numel floats), from / to host memory,
+// whichever form the model keeps them in (fp32 params, or split; with split masters writing one
+// also writes its compute copy).
+void model_master_from_host(struct model *m, int i, const float *host);
+void model_master_to_host(const struct model *m, int i, float *host);
 // model_alloc + model_init_params.
 void model_create(struct model *m, const struct model_dims *d, struct backend be, const struct comm *tp,
                   unsigned long long seed);

@@ -144,6 +144,9 @@ void optim_create_dp(struct optim *o, struct model *m, double weight_decay, stru
         m->grad_hook = (struct model_grad_hook){grads_ready, o};
     }
     if (o->distributed) {
+        if (m->params_lo)
+            tp_die(TP_EXIT_RUNTIME, "optim: the distributed optimizer keeps fp32 master slices; build the model "
+                                    "without split masters");
         o->n_state = n_moment = state_elems(o->buckets, o->n_buckets);
         build_shard_segments(o, m, weight_decay);
         o->stage = alloc_counted(m, (size_t)dp->size * OPTIM_ALIGN * sizeof(float));
@@ -372,6 +375,7 @@ void optim_step(struct optim *o, struct model *m, const struct tp_train_config *
     struct adamw_step st = adamw_args(o, tc, lr);
     st.p = m->params;
     st.p_compute = m->params_compute == (void *)m->params ? NULL : m->params_compute;
+    st.p_lo = m->params_lo; // split masters: p is NULL
     st.g = m->grads;
     st.m = o->m;
     st.v = o->v;

@@ -372,7 +372,7 @@ static int check_replicas(struct trainer *tr, int step) {
         if (t->spec.layout.kind != LAYOUT_REPLICATE) continue;
         float *h = tp_malloc(t->numel * sizeof(float));
         size_t n = t->numel; // the master weights: whole, or the part of them this DP rank holds
-        if (m->params) tr->be.iface->copy_to_host(tr->be.ctx, h, m->params + t->offset, t->numel * sizeof(float));
+        if (m->params || m->params_lo) model_master_to_host(m, i, h);
         else n = optim_master_part(&tr->opt, m, i, h);
         uint64_t mine = tp_fnv1a(h, n * sizeof(float));
         free(h);

@@ -174,7 +174,7 @@ Test(cli, dry_run_plans_for_the_memory_options) {
     expect_has(out, "(BT/tp, C)", "sharded rows");
     expect_has(out, "recomputation work set (one layer)", "the work set");
     struct tp_model_config mc = {.n_layer = 12, .n_head = 12, .n_embd = 768, .vocab_size = 50257, .seq_len = 1024};
-    struct model_dims d = model_dims_make(&mc, 16, 4, (struct model_options){true, TP_RECOMPUTE_FULL});
+    struct model_dims d = model_dims_make(&mc, 16, 4, (struct model_options){.sequence_parallel = true, .recompute = TP_RECOMPUTE_FULL});
     int fwd, bwd;
     model_count_collectives(&d, &fwd, &bwd);
     cr_assert_eq(bwd, 9 * 12 + 2, "6L+2 + 3L for 12 layers");

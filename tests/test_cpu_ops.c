@@ -1074,6 +1074,62 @@ Test(cpu_ops, adamw_segments_decay_scale_and_clip) {
     backend_destroy(&be);
 }
 
+// Split masters (backend.h): every fp32 pattern comes back from its two halves, ties and signs
+// included; the high half is the pattern rounded half up, within one bf16 step of round-to-even.
+Test(cpu_ops, split_master_halves_join_exactly) {
+    uint32_t probe[] = {0x00000000u, 0x80000000u, 0x3f800000u, 0x3f808000u, 0x3f818000u, 0xbf808000u,
+                        0x3f80ffffu, 0x3f807fffu, 0x7f7fffffu, 0x00008000u, 0x3fffffffu, 0xc0007fffu};
+    for (size_t i = 0; i < sizeof probe / sizeof probe[0]; i++) {
+        uint32_t b = probe[i];
+        cr_assert_eq(tp_split_join(tp_split_hi(b), tp_split_lo(b)), b, "pattern %08x", b);
+    }
+    struct rng r = {919};
+    for (int i = 0; i < 1000000; i++) {
+        uint32_t b = (uint32_t)rng_next(&r);
+        if ((b & 0x7f800000u) == 0x7f800000u) continue; // NaN, infinity
+        cr_assert_eq(tp_split_join(tp_split_hi(b), tp_split_lo(b)), b, "pattern %08x", b);
+        float f;
+        memcpy(&f, &b, sizeof f);
+        uint16_t even = tp_bf16_from_f32(f), hi = tp_split_hi(b);
+        cr_assert(hi == even || (b & 0xffffu) == 0x8000u, "pattern %08x: %04x, not %04x", b, hi, even);
+    }
+}
+
+// AdamW on split masters (p NULL, the halves in p_compute and p_lo) updates the master exactly as
+// on fp32 masters: the joined result is bit for bit the fp32 one, its halves the split of it.
+Test(cpu_ops, adamw_on_split_masters_equals_fp32_masters) {
+    struct backend bf = backend_cpu_create(TP_DTYPE_BF16);
+    struct arena a = {0};
+    struct rng r = {313};
+    const float *g[2] = {rand_f(&a, &r, AW_N, 1.0), rand_f(&a, &r, AW_N, 1.0)};
+    float big[2] = {9.0f, 16.0f};
+    struct aw_state want = aw_run(bf, &a, g, 0.5f, big, 1.0f, arena_add(&a, tp_malloc(AW_N * sizeof(uint16_t))));
+    struct aw_state s = aw_state_new(&a, 301);
+    uint16_t *hi = arena_add(&a, tp_malloc(AW_N * sizeof(uint16_t))), *lo = arena_add(&a, tp_malloc(AW_N * sizeof(uint16_t)));
+    for (size_t i = 0; i < AW_N; i++) {
+        uint32_t b = f32_bits(s.p[i]);
+        hi[i] = tp_split_hi(b);
+        lo[i] = tp_split_lo(b);
+    }
+    struct adamw_step st = {.p = NULL, .p_compute = hi, .p_lo = lo, .m = s.m, .v = s.v, .segs = aw_segs,
+                            .n_segs = AW_SEGS, .n = AW_N, .lr = 0.01f, .beta1 = 0.9f, .beta2 = 0.95f,
+                            .eps = 1e-8f, .grad_scale = 0.5f, .norm_sq = big, .grad_clip = 1.0f};
+    for (int t = 1; t <= 2; t++) {
+        st.g = g[t - 1];
+        st.t = t;
+        OPS(bf)->adamw(bf.ctx, &st);
+    }
+    cr_assert(memcmp(s.m, want.m, AW_N * sizeof(float)) == 0 && memcmp(s.v, want.v, AW_N * sizeof(float)) == 0,
+              "moments differ");
+    for (size_t i = 0; i < AW_N; i++) {
+        uint32_t b = f32_bits(want.p[i]);
+        cr_assert_eq(tp_split_join(hi[i], lo[i]), b, "master %zu", i);
+        cr_assert_eq(hi[i], tp_split_hi(b), "high half %zu", i);
+    }
+    arena_free(&a);
+    backend_destroy(&bf);
+}
+
 Test(cpu_ops, segments_sumsq_matches_per_tensor_sumsq_acc) {
     // Interleaved groups, an empty segment, and segments spanning several reduction chunks.
     size_t sizes[] = {5, 100003, 7, 0, 40000, 1, 33000};

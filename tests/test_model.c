@@ -572,7 +572,7 @@ Test(model, recompute_and_sequence_parallel_are_bitwise_none) {
             for (int rc = TP_RECOMPUTE_NONE; rc <= TP_RECOMPUTE_FULL; rc++) {
                 const char *rcn = config_recompute_name((enum tp_recompute)rc);
                 struct fixture f;
-                fixture_init_head(&f, 3, 2, TP_DTYPE_F32, (struct model_options){(bool)sp, (enum tp_recompute)rc},
+                fixture_init_head(&f, 3, 2, TP_DTYPE_F32, (struct model_options){.sequence_parallel = (bool)sp, .recompute = (enum tp_recompute)rc},
                                   rows);
                 for (int fused = 0; fused <= 1; fused++) {
                     if (!sp && rc == TP_RECOMPUTE_NONE && !fused) continue; // the reference itself
@@ -719,7 +719,7 @@ Test(model, activations_per_layer_follow_the_accounting) {
         double at_tp1 = 0;
         for (int sp = 0; sp <= 1; sp++) {
             for (int P = 1; P <= 4; P *= 2) {
-                struct model_options o = {(bool)sp, (enum tp_recompute)rc};
+                struct model_options o = {.sequence_parallel = (bool)sp, .recompute = (enum tp_recompute)rc};
                 struct model_memory p2, p3;
                 mc.n_layer = 2;
                 double a2 = measured_acts(mc, B, P, o, &p2);
@@ -755,7 +755,7 @@ Test(model, recompute_plan_drops_its_kinds) {
     for (int k = 0; k < ACT_N_KINDS; k++) sum += none.act[k];
     cr_assert_eq(sum, none.act_bytes);
     for (int rc = TP_RECOMPUTE_SELECTIVE; rc <= TP_RECOMPUTE_FULL; rc++) {
-        struct model_dims d = model_dims_make(&mc, 2, 2, (struct model_options){false, (enum tp_recompute)rc});
+        struct model_dims d = model_dims_make(&mc, 2, 2, (struct model_options){.recompute = (enum tp_recompute)rc});
         struct model_memory mm = model_memory_plan(&d, be);
         size_t dropped = 0;
         for (int k = 0; k < ACT_N_LAYER; k++) {
@@ -811,6 +811,72 @@ Test(model, bf16_tracks_fp32) {
     free(g16);
     fixture_fini(&f32);
     fixture_fini(&f16);
+}
+
+// Split masters (model_options.split_master, bf16): the model holds 2 bytes per parameter less;
+// the masters read back are the fp32 masters an unsplit model initialises from the same seed, bit
+// for bit, and the compute copy is their high halves; through 10 AdamW steps on one batch both
+// models follow each other (their compute copies differ where a master's low half is exactly
+// 0x8000: half up against half to even), the copy staying the masters' high halves.
+Test(model, bf16_split_masters_match_fp32_masters) {
+    struct fixture plain, split;
+    fixture_init_dtype(&plain, 2, 2, TP_DTYPE_BF16);
+    fixture_init_opts(&split, 2, 2, TP_DTYPE_BF16, (struct model_options){.split_master = true});
+    struct model *a = &plain.m, *b = &split.m;
+    cr_assert(b->params == NULL && b->params_lo != NULL && a->params_lo == NULL);
+    cr_assert_eq(a->bytes_allocated - b->bytes_allocated, 2 * a->n_params_local, "split saves %zu bytes, not %zu",
+                 a->bytes_allocated - b->bytes_allocated, 2 * a->n_params_local);
+    struct model_memory mm = model_memory_plan(&b->d, split.be);
+    cr_assert(mm.split_master && mm.param_bytes == 2 * b->n_params_local);
+    struct tp_train_config tc = {.micro_batch = 2, .grad_accum = 1, .steps = 10, .lr = 1e-3, .min_lr = 1e-3,
+                                 .schedule = TP_SCHED_CONSTANT, .weight_decay = 0.1, .beta1 = 0.9, .beta2 = 0.95,
+                                 .eps = 1e-8, .grad_clip = 1.0};
+    struct optim oa, ob;
+    optim_create(&oa, a, tc.weight_decay);
+    optim_create(&ob, b, tc.weight_decay);
+    for (int s = 0; s <= 10; s++) {
+        size_t most = 0;
+        for (int i = 0; i < a->n_tensors; i++)
+            if (a->tensors[i].numel > most) most = a->tensors[i].numel;
+        float *x = malloc(most * sizeof(float)), *y = malloc(most * sizeof(float));
+        const uint16_t *hi = b->params_compute;
+        for (int i = 0; i < a->n_tensors; i++) {
+            const struct param_tensor *t = &a->tensors[i];
+            model_master_to_host(a, i, x);
+            model_master_to_host(b, i, y);
+            if (s == 0) cr_assert(memcmp(x, y, t->numel * sizeof(float)) == 0, "%s's masters differ", t->name);
+            // AdamW's normalised steps (about lr each) amplify small gradient differences where
+            // gradients are near zero: the masters stay within a few steps of each other
+            for (size_t j = 0; j < t->numel; j++)
+                cr_assert(fabsf(x[j] - y[j]) <= 3.0f * (float)tc.lr * (float)s, "step %d: %s[%zu] %.8g vs %.8g", s,
+                          t->name, j, x[j], y[j]);
+            for (size_t j = 0; j < t->numel; j++) {
+                uint32_t bits;
+                memcpy(&bits, y + j, sizeof bits);
+                cr_assert_eq(hi[t->offset + j], tp_split_hi(bits), "step %d: %s compute copy %zu", s, t->name, j);
+            }
+        }
+        free(x);
+        free(y);
+        if (s == 10) break;
+        struct fixture *fs[2] = {&plain, &split};
+        struct optim *os[2] = {&oa, &ob};
+        double loss[2];
+        for (int k = 0; k < 2; k++) {
+            struct model *m = &fs[k]->m;
+            fs[k]->be.iface->zero(fs[k]->be.ctx, m->grads, m->n_params_local * sizeof(float));
+            loss[k] = loss_of(fs[k]);
+            model_backward(m, &fs[k]->tp, 1.0f / (float)m->d.N);
+            optim_grad_norm_enqueue(os[k], m, &fs[k]->tp);
+            optim_step(os[k], m, &tc, (float)tc.lr);
+        }
+        // the compute copies differ on exact ties only (half up against half to even)
+        cr_assert(fabs(loss[0] - loss[1]) <= 1e-3 * loss[0], "step %d: losses %.6f and %.6f", s, loss[0], loss[1]);
+    }
+    optim_destroy(&oa, a);
+    optim_destroy(&ob, b);
+    fixture_fini(&plain);
+    fixture_fini(&split);
 }
 
 // AdamW on the bf16 path lowers the loss, keeps fp32 masters, and rewrites the bf16 copy from

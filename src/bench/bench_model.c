@@ -182,7 +182,8 @@ struct cost_shape {
     bool xent_fused;      // one rank and a backend with xent_fused: the loss and gradient in one pass
     double att_saved;     // floats the attention keeps per layer (backend-defined)
     double params;        // local parameters (the optimizer's n)
-    double opt_copy;      // bytes per parameter of the compute copy AdamW rewrites (0 in fp32)
+    double opt_copy;      // bytes per parameter of the compute copy AdamW rewrites (0 in fp32 and
+                          // with split masters)
 };
 
 struct cost_acc {
@@ -348,7 +349,8 @@ void bench_model_costs(const struct model_dims *d, const struct backend *be, dou
         .xent_fused = d->P == 1 && be->iface->xent_fused,
         .att_saved = (double)be->iface->attention_saved_floats(be->ctx, d->B, d->T, d->NHl, d->HS),
         .params = (double)n_local,
-        .opt_copy = dt == TP_DTYPE_F32 ? 0.0 : (double)tp_dtype_size(dt),
+        // split masters: the halves read and written in place of the fp32 master, no copy besides
+        .opt_copy = dt == TP_DTYPE_F32 || d->split_master ? 0.0 : (double)tp_dtype_size(dt),
     };
     for (int i = 0; i < N_MODEL_PHASES; i++) {
         struct cost_acc a = {.rate = matrix_tflops * 1e12, .bw = memory_gbs * 1e9};
