@@ -136,8 +136,8 @@ if stage rows; then
 fi
 if stage big; then
     # the largest GPT-2-shaped model one GPU trains: bf16, seq 1024, micro-batch 1, full
-    # recomputation; C 4096 in 32 heads of 128, BIG_LAYERS layers (38: 7.86B parameters)
-    for L in ${BIG_LAYERS:-38 36}; do
+    # recomputation; C 4096 in 32 heads of 128, BIG_LAYERS layers (44: 9.07B parameters)
+    for L in ${BIG_LAYERS:-44 42}; do
         echo "== n_layer=$L n_embd=4096 n_head=32, recompute full, micro_batch 1" | tee -a "$out/big.log"
         timeout ${BIG_TIMEOUT:-150} "$build/tptrain" configs/gpt2-1558m.yaml --set model.n_layer=$L \
             --set model.n_head=32 --set model.n_embd=4096 --set train.micro_batch=1 \
