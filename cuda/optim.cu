@@ -131,15 +131,19 @@ struct adamw_args {
     const float *norm_sq;                                         // (2) or NULL
 };
 
-// One AdamW element, decoupled weight decay; the fp32 expression of the reference.
+// One AdamW element, decoupled weight decay; the fp32 expression of the reference, every operation
+// rounded as written: the compiler may otherwise fuse a multiply and an add into one rounding
+// differently in each place this is inlined (the vector body, the scalar loops, split masters),
+// and those must give the same bits.
 __device__ __forceinline__ float adamw_elem(float *p, float *m, float *v, float g, float wd,
                                             const struct adamw_args &a) {
-    float mi = a.beta1 * *m + (1.0f - a.beta1) * g;
-    float vi = a.beta2 * *v + (1.0f - a.beta2) * g * g;
+    float mi = __fadd_rn(__fmul_rn(a.beta1, *m), __fmul_rn(1.0f - a.beta1, g));
+    float vi = __fadd_rn(__fmul_rn(a.beta2, *v), __fmul_rn(__fmul_rn(1.0f - a.beta2, g), g));
     *m = mi;
     *v = vi;
-    float mhat = mi / a.bc1, vhat = vi / a.bc2;
-    *p -= a.lr * (mhat / (sqrtf(vhat) + a.eps) + wd * *p);
+    float mhat = __fdiv_rn(mi, a.bc1), vhat = __fdiv_rn(vi, a.bc2);
+    float step = __fadd_rn(__fdiv_rn(mhat, __fadd_rn(__fsqrt_rn(vhat), a.eps)), __fmul_rn(wd, *p));
+    *p = __fsub_rn(*p, __fmul_rn(a.lr, step));
     return *p;
 }
 
