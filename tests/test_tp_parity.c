@@ -280,35 +280,37 @@ Test(tp_parity, sequence_parallel_matches_tp1) {
     run_dir_fini(&r);
 }
 
+// tp=2 x dp=2 (4 ranks, sequence parallelism, the replica check) with `sets` against one rank
+// accumulating the same global batch (grad_accum 2).
+static void expect_sp_tp2_dp2_follows_tp1(const char *dir, const char *sets, const char *label) {
+    struct run_dir r;
+    run_dir_init(&r, dir, -1);
+    run_reference(&r, "--set train.grad_accum=2");
+    char extra[600];
+    snprintf(extra, sizeof extra,
+             "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true %s"
+             "--set debug.check_replicas=true", sets);
+    int rc = run_tptrain(r.out, 4, 600, r.shard, r.out_log, extra);
+    cr_assert_eq(rc, 0, "%s failed (%d):\n%s", label, rc, r.out);
+    compare_logs(r.ref, r.out_log, STEPS, 5e-4, label);
+    run_dir_fini(&r);
+}
+
 // With DP the layernorm gradients are summed over the TP group and averaged over DP: tp=2 x dp=2
 // with sequence parallelism follows one rank accumulating the same global batch.
 Test(tp_parity, sequence_parallel_tp2_dp2_matches_tp1_with_accumulation) {
     tu_require_mpiexec();
-    struct run_dir r;
-    run_dir_init(&r, "sp-dp", -1);
-    run_reference(&r, "--set train.grad_accum=2");
-    int rc = run_tptrain(r.out, 4, 600, r.shard, r.out_log,
-                         "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
-                         "--set debug.check_replicas=true");
-    cr_assert_eq(rc, 0, "sequence parallel tp=2 x dp=2 failed (%d):\n%s", rc, r.out);
-    compare_logs(r.ref, r.out_log, STEPS, 5e-4, "sequence parallel tp=2 x dp=2");
-    run_dir_fini(&r);
+    expect_sp_tp2_dp2_follows_tp1("sp-dp", "", "sequence parallel tp=2 x dp=2");
 }
 
 // Every memory option at once (sequence parallelism, the distributed optimizer with small DP
 // buckets, full recomputation) at tp=2 x dp=2 still follows one rank accumulating the same batch.
 Test(tp_parity, all_memory_options_tp2_dp2_match_tp1) {
     tu_require_mpiexec();
-    struct run_dir r;
-    run_dir_init(&r, "all-options", -1);
-    run_reference(&r, "--set train.grad_accum=2");
-    int rc = run_tptrain(r.out, 4, 600, r.shard, r.out_log,
-                         "--set parallel.device=cpu --set parallel.tp=2 --set parallel.sequence_parallel=true "
-                         "--set parallel.distributed_optimizer=true --set parallel.dp_bucket_mb=0.01 "
-                         "--set train.recompute=full --set debug.check_replicas=true");
-    cr_assert_eq(rc, 0, "all options at tp=2 x dp=2 failed (%d):\n%s", rc, r.out);
-    compare_logs(r.ref, r.out_log, STEPS, 5e-4, "all memory options, tp=2 x dp=2");
-    run_dir_fini(&r);
+    expect_sp_tp2_dp2_follows_tp1("all-options",
+                                  "--set parallel.distributed_optimizer=true --set parallel.dp_bucket_mb=0.01 "
+                                  "--set train.recompute=full ",
+                                  "all memory options, tp=2 x dp=2");
 }
 
 // Recomputation rebuilds what it dropped from the same inputs with the same ops: the weights and

@@ -366,6 +366,15 @@ static void resume_run(const struct dir *d, const char *from, const char *name, 
     cr_assert(strstr(g_out, "resumed from"), "no resume:\n%s", g_out);
 }
 
+// The losses run dir/resumed logged after its resume (steps 11 on) against those run dir/from logged.
+static void compare_resumed(const struct dir *d, const char *from, const char *resumed, double rtol,
+                            const char *label) {
+    char la[600], lb[600];
+    snprintf(la, sizeof la, "%s/%s.jsonl", d->path, from);
+    snprintf(lb, sizeof lb, "%s/%s.jsonl", d->path, resumed);
+    compare(la, lb, 11, rtol, label);
+}
+
 static bool same_file(const char *a, const char *b) {
     char out[256];
     return tu_run(out, sizeof out, "cmp -s '%s' '%s'", a, b) == 0;
@@ -383,11 +392,8 @@ Test(zero, resume_distributed_exactly_and_on_one_rank) {
     tu_tmpdir(d.path, sizeof d.path, "zero-resume");
     save_run(&d, "a", 4, TP2_DP2_ZERO);
     resume_run(&d, "a", "b", 4, TP2_DP2_ZERO);
-    char la[600], lb[600], lc[600], fa[600], fb[600];
-    file_in(la, sizeof la, &d, "a.jsonl");
-    file_in(lb, sizeof lb, &d, "b.jsonl");
-    file_in(lc, sizeof lc, &d, "c.jsonl");
-    compare(la, lb, 11, 0, "distributed tp=2 x dp=2 resumed the same way");
+    char fa[600], fb[600];
+    compare_resumed(&d, "a", "b", 0, "distributed tp=2 x dp=2 resumed the same way");
     static const char *const files[] = {"model.safetensors", "optimizer.safetensors"};
     for (int i = 0; i < 2; i++) {
         snprintf(fa, sizeof fa, "%s/a/step_00000020/%s", d.path, files[i]);
@@ -395,7 +401,7 @@ Test(zero, resume_distributed_exactly_and_on_one_rank) {
         cr_assert(same_file(fa, fb), "%s of the resumed run differs from the uninterrupted run's", files[i]);
     }
     resume_run(&d, "a", "c", 0, TP1_ACC2);
-    compare(la, lc, 11, LOSS_RTOL, "distributed tp=2 x dp=2 resumed at tp=1 without it");
+    compare_resumed(&d, "a", "c", LOSS_RTOL, "distributed tp=2 x dp=2 resumed at tp=1 without it");
     tu_rmtree(d.path);
 }
 
@@ -408,10 +414,7 @@ Test(zero, resume_all_options_on_one_rank) {
     tu_tmpdir(d.path, sizeof d.path, "zero-resume-all");
     save_run(&d, "a", 4, TP2_DP2_ZERO " --set parallel.sequence_parallel=true --set train.recompute=full");
     resume_run(&d, "a", "c", 0, TP1_ACC2);
-    char la[600], lc[600];
-    file_in(la, sizeof la, &d, "a.jsonl");
-    file_in(lc, sizeof lc, &d, "c.jsonl");
-    compare(la, lc, 11, LOSS_RTOL, "all options at tp=2 x dp=2 resumed at tp=1 without them");
+    compare_resumed(&d, "a", "c", LOSS_RTOL, "all options at tp=2 x dp=2 resumed at tp=1 without them");
     tu_rmtree(d.path);
 }
 
@@ -422,10 +425,7 @@ Test(zero, resume_plain_into_distributed) {
     tu_tmpdir(d.path, sizeof d.path, "zero-reverse");
     save_run(&d, "a", 0, TP1_ACC2);
     resume_run(&d, "a", "b", 4, TP2_DP2_ZERO);
-    char la[600], lb[600];
-    file_in(la, sizeof la, &d, "a.jsonl");
-    file_in(lb, sizeof lb, &d, "b.jsonl");
-    compare(la, lb, 11, LOSS_RTOL, "tp=1 resumed distributed at tp=2 x dp=2");
+    compare_resumed(&d, "a", "b", LOSS_RTOL, "tp=1 resumed distributed at tp=2 x dp=2");
     tu_rmtree(d.path);
 }
 
@@ -437,10 +437,8 @@ Test(zero, resume_distributed_bf16_exactly) {
     const char *sets = "--set train.precision=bf16 " ZERO " " BUCKETS;
     save_run(&d, "a", 2, sets);
     resume_run(&d, "a", "b", 2, sets);
-    char la[600], lb[600], fa[600], fb[600];
-    file_in(la, sizeof la, &d, "a.jsonl");
-    file_in(lb, sizeof lb, &d, "b.jsonl");
-    compare(la, lb, 11, 0, "bf16 distributed dp=2 resumed");
+    char fa[600], fb[600];
+    compare_resumed(&d, "a", "b", 0, "bf16 distributed dp=2 resumed");
     snprintf(fa, sizeof fa, "%s/a/step_00000020/model.safetensors", d.path);
     snprintf(fb, sizeof fb, "%s/b/step_00000020/model.safetensors", d.path);
     cr_assert(same_file(fa, fb), "the resumed bf16 run's master weights differ");
