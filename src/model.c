@@ -181,6 +181,7 @@ void model_master_from_host(struct model *m, int i, const float *host) {
     }
     if (!m->params_lo) tp_die(TP_EXIT_RUNTIME, "model: the master weights live in the optimizer's slices");
     uint16_t *hl = tp_malloc(2 * t->numel * sizeof(uint16_t)), *lo = hl + t->numel; // (numel) each
+#pragma omp parallel for schedule(static)
     for (size_t j = 0; j < t->numel; j++) {
         uint32_t bits;
         memcpy(&bits, host + j, sizeof bits);
@@ -203,6 +204,7 @@ void model_master_to_host(const struct model *m, int i, float *host) {
     uint16_t *hl = tp_malloc(2 * t->numel * sizeof(uint16_t)), *lo = hl + t->numel; // (numel) each
     b->copy_to_host(m->be.ctx, hl, (const uint16_t *)m->params_compute + t->offset, t->numel * sizeof(uint16_t));
     b->copy_to_host(m->be.ctx, lo, m->params_lo + t->offset, t->numel * sizeof(uint16_t));
+#pragma omp parallel for schedule(static)
     for (size_t j = 0; j < t->numel; j++) {
         uint32_t bits = tp_split_join(hl[j], lo[j]);
         memcpy(host + j, &bits, sizeof bits);
