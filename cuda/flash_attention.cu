@@ -776,7 +776,7 @@ extern "C" int flash_attention_supported(int HS) { return fa_padded(HS) != 0; }
 
 static int fa_portable_forced;
 static int fa_hopper_ws = -1;        // -1: not decided yet (TPTRAIN_ATTN_WS=0 in the environment: off)
-static int fa_hopper_bwd_fused = -1; // -1: not decided yet (TPTRAIN_ATTN_BWD=fused: on)
+static int fa_hopper_bwd_fused = -1; // -1: not decided yet (TPTRAIN_ATTN_BWD=split: off)
 static int fa_hopper_pingpong = -1;  // -1: not decided yet (TPTRAIN_ATTN_PINGPONG=0: off)
 
 extern "C" void flash_attention_force_portable(int on) { fa_portable_forced = on != 0; }
@@ -808,11 +808,10 @@ static int fa_fwd_ws_mode(void) {
 // The Hopper backward's kernel choice as flash_attention_sm90_bwd takes it.
 static int fa_bwd_ws_mode(void) {
     if (!fa_ws_allowed()) return 0;
-    if (fa_hopper_bwd_fused < 0) {
-        const char *e = getenv("TPTRAIN_ATTN_BWD");
-        fa_hopper_bwd_fused = e && strcmp(e, "fused") == 0;
-    }
-    return fa_hopper_bwd_fused ? 1 : 2;
+    const char *e = getenv("TPTRAIN_ATTN_BWD");
+    if (fa_hopper_bwd_fused < 0) fa_hopper_bwd_fused = !(e && strcmp(e, "split") == 0);
+    if (!fa_hopper_bwd_fused) return 2;
+    return e && strcmp(e, "unordered") == 0 ? 3 : 1; // unordered: measurements only
 }
 
 static bool fa_sm90(int HS) {
@@ -837,7 +836,8 @@ extern "C" const char *flash_attention_path(int HS) {
         if (HS != 64 && HS != 128) return "wgmma sm_90a padded";
         if (!fa_ws_allowed()) return "wgmma sm_90a";
         if (HS == 128 && fa_fwd_ws_mode() == 2) return "wgmma sm_90a, TMA + ws, no ping-pong";
-        return fa_bwd_ws_mode() == 1 ? "wgmma sm_90a, TMA + ws, bwd fused" : "wgmma sm_90a, TMA + ws";
+        int m = fa_bwd_ws_mode();
+        return m == 1 ? "wgmma sm_90a, TMA + ws" : m == 3 ? "wgmma sm_90a, TMA + ws, bwd unordered" : "wgmma sm_90a, TMA + ws, bwd split";
     }
     switch (fa_padded(HS)) {
     case 64: return HS == 64 ? "mma.sync D=64" : "mma.sync D=64 padded";
@@ -874,10 +874,11 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
 
 extern "C" size_t flash_attention_bwd_scratch_floats(int B, int T, int NH, int HS) {
     size_t bnt = (size_t)B * NH * T; // D
-    if ((HS != 64 && HS != 128) || !fa_sm90(HS) || fa_bwd_ws_mode() != 1) return bnt;
-    // the Hopper one-kernel backward: D, the fp32 dq accumulator from a 64-float boundary, and a
-    // counter per 64 queries of each head
-    return (bnt + 63) / 64 * 64 + bnt * (size_t)HS + (size_t)B * NH * ((T + 63) / 64);
+    if ((HS != 64 && HS != 128) || !fa_sm90(HS) || (fa_bwd_ws_mode() & 1) == 0) return bnt;
+    // the Hopper one-kernel backward: D, the fp32 dq accumulator from a 64-float boundary (whole
+    // tiles of 64 queries), and a counter per 64 queries of each head
+    size_t tiles = (size_t)B * NH * ((T + 63) / 64);
+    return (bnt + 63) / 64 * 64 + tiles * 64 * (size_t)HS + tiles;
 }
 
 extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,

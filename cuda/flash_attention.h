@@ -51,10 +51,10 @@ void flash_attention_force_portable(int on);
 // (head sizes 64 and 128); zero: the cp.async wgmma kernels (tests and benchmarks compare them).
 void flash_attention_set_hopper_ws(int on);
 
-// Nonzero (or TPTRAIN_ATTN_BWD=fused in the environment): the warp-specialised Hopper backward
-// runs as one kernel that adds dq's partial sums up in key-block order, instead of the default two
-// kernels (dq, then dk and dv, each recomputing S and dP). Measured slower so far (docs/attention.md);
-// benchmarks and tests compare them. Set it before sizing the scratch: the fused kernel needs more.
+// Nonzero (the default, unless the environment sets TPTRAIN_ATTN_BWD=split): the warp-specialised
+// Hopper backward runs as one kernel that adds dq's partial sums up in key-block order; zero: two
+// kernels (dq, then dk and dv, each recomputing S and dP), which need less scratch. Benchmarks and
+// tests compare them. Set it before sizing the scratch: the fused kernel needs more.
 void flash_attention_set_hopper_bwd_fused(int on);
 
 // Nonzero (the default, unless the environment sets TPTRAIN_ATTN_PINGPONG=0): at head size 128 the

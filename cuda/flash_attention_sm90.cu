@@ -1003,7 +1003,8 @@ __device__ __forceinline__ static void f9_bwd_kv_init(uint32_t kv_full, uint32_t
 
 // The producer warpgroup of a key-block backward kernel: thread 0 copies the block's K and V (128
 // rows) once, then each 64-query tile's Q and dO into a stage; threads 64..127 stage the tile's
-// log-sum-exp and D (lse_h, D_h: the head's) into Lf, Df and arrive on the same "full" barrier.
+// log-sum-exp and D (lse_h, D_h: the head's) into Lf, Df and arrive on the same "full" barrier;
+// threads 1..63 have nothing to do here. The caller has lowered the warpgroup's registers.
 template <int D>
 __device__ __forceinline__ static void
 f9_bwd_kv_producer(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtensorMap *tmv, const CUtensorMap *tmdo,
@@ -1011,7 +1012,6 @@ f9_bwd_kv_producer(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtenso
                    uint32_t full, uint32_t empty, const float *lse_h, const float *D_h, int col, int b, int k0,
                    int qt0, int nqt, int T, int tid) {
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2;
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (tid == 0) {
         f9_mbar_expect_tx(kv_full, 2 * KB);
         f9_tma_tile<D, F9_ROWS>(sK, tmk, col, k0, b, kv_full);
@@ -1061,6 +1061,7 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
     int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
     f9_bwd_kv_init(kv_full, full, empty, tid);
     if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, full, empty,
                               lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid);
         return;
@@ -1102,49 +1103,139 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
 // tiles in turn.
 //
 // A query tile's dq is the sum of the partial products of every key block at or before it. The
-// partials are added into an fp32 accumulator (B*NH, T, D) in global memory in key-block order:
-// a counter per query tile holds how many blocks have added theirs; block kb waits (acquire)
-// until it reads kb, adds, and later bumps it (release), so every run adds in the same order and
-// gives the same bits. Key block 0 stores instead of adding (every query sees key 0), so the
-// accumulator is never cleared. A block waits only for the block of its head one key block
-// earlier, which has the lower block index and so was dispatched first: the wait always ends.
-// A block releases a tile's counter one tile later, after a fence that by then costs nothing.
-// Pre-pass: D = rowsum(dout * out) and the counters cleared; post-pass: dq = accumulator * scale
-// in bf16.
+// consumers put their fp32 partial into a shared-memory tile (two stages) and go on; one
+// thread of the producer warpgroup (the dq writer) adds it to an fp32 accumulator in global
+// memory with one bulk reduce copy (cp.reduce.async.bulk), so neither the wait for the other
+// blocks nor the additions stop a consumer. The additions happen in key-block order: a counter
+// per query tile holds how many blocks have added theirs; the writer of block kb waits (acquire)
+// until it reads kb, adds, waits for the copy to complete and bumps it (release), so every run
+// adds in the same order and gives the same bits. Key block 0 stores instead of adding (every
+// query sees key 0), so the accumulator is never cleared. A block waits only for the block of its
+// head one key block earlier, which has the lower block index and so was dispatched first: the
+// wait always ends.
+//
+// The accumulator keeps each 64-query tile in the order the consumers hold it (pair p of
+// consumer thread t at float2 p * 128 + t, a 64 x 64 region per warpgroup), so the shared-memory
+// stores are free of bank conflicts and one contiguous copy moves a tile; the post-pass turns it
+// back into rows. Pre-pass: D = rowsum(dout * out) and the counters cleared; post-pass: dq =
+// accumulator * scale in bf16.
 
-// D of 16 rows per warp; grid (B*NH, ceil(T/128)), 256 threads. Block y 0 clears the head's
-// counters (nq64 of them).
+#define F9_DQ_TILE(D) (F9_BT * (D)) // floats of one query tile of the accumulator
+
+// D = rowsum(dout * out) of 128 rows; grid (B*NH, ceil(T/128)), 256 threads, each taking 16-byte
+// chunks of rows (D / 8 neighbouring threads share a row; every load issued before the sums).
+// Block y 0 clears the head's counters (nq64 of them). With acc (the unordered backward, which
+// only adds), the block also clears the accumulator's two tiles of its rows.
 template <int D>
 static __global__ void __launch_bounds__(F9_NT)
-f9_bwd_pre_kernel(float *Dv, unsigned *sem, const f9_bf16 *dout, const f9_bf16 *out, const float *lse,
-                  int T, int NH, size_t out_stride, int nq64) {
+f9_bwd_pre_kernel(float *Dv, unsigned *sem, float *acc, const f9_bf16 *dout, const f9_bf16 *out, int T,
+                  int NH, size_t out_stride, int nq64) {
+    constexpr int CH = D / 8, RPP = F9_NT / CH, PASSES = F9_ROWS / RPP; // rows per pass
     int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
-    int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
-    int r0 = (int)blockIdx.y * F9_ROWS + warp * 16;
-    float drow[2], lrow[2];
-    size_t off = (size_t)b * T * out_stride + (size_t)h * D;
-    if (r0 < T) fa_row_stats(dout, out, off, out_stride, lse, Dv, true, bh, T, r0, D / 8, lane, F9_LOG2E, drow, lrow);
+    int c = (int)threadIdx.x % CH, r = (int)threadIdx.x / CH;
+    size_t off = (size_t)b * T * out_stride + (size_t)h * D + 8 * c;
+    uint4 av[PASSES], ov[PASSES];
+#pragma unroll
+    for (int k = 0; k < PASSES; k++) {
+        int row = (int)blockIdx.y * F9_ROWS + k * RPP + r;
+        av[k] = ov[k] = make_uint4(0u, 0u, 0u, 0u);
+        if (row < T) {
+            av[k] = *reinterpret_cast<const uint4 *>(dout + off + (size_t)row * out_stride);
+            ov[k] = *reinterpret_cast<const uint4 *>(out + off + (size_t)row * out_stride);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < PASSES; k++) {
+        const __nv_bfloat162 *a2 = reinterpret_cast<const __nv_bfloat162 *>(&av[k]);
+        const __nv_bfloat162 *o2 = reinterpret_cast<const __nv_bfloat162 *>(&ov[k]);
+        float d = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float2 af = __bfloat1622float2(a2[e]), of = __bfloat1622float2(o2[e]);
+            d = fmaf(af.x, of.x, d);
+            d = fmaf(af.y, of.y, d);
+        }
+#pragma unroll
+        for (int m = 1; m < CH; m <<= 1) d += __shfl_xor_sync(0xffffffffu, d, m);
+        int row = (int)blockIdx.y * F9_ROWS + k * RPP + r;
+        if (c == 0 && row < T) Dv[(size_t)bh * T + row] = d;
+    }
     if (blockIdx.y == 0)
         for (int i = (int)threadIdx.x; i < nq64; i += F9_NT) sem[(size_t)bh * nq64 + i] = 0u;
+    if (acc) {
+        int t0 = 2 * (int)blockIdx.y, nt = min(2, nq64 - t0);
+        float4 *z = reinterpret_cast<float4 *>(acc + ((size_t)bh * nq64 + t0) * F9_DQ_TILE(D));
+        for (int i = (int)threadIdx.x; i < nt * F9_DQ_TILE(D) / 4; i += F9_NT) z[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
 }
 
-// dq (B, T, NH, D) bf16, row stride qkv_stride = acc (B*NH, T, D) * scale; 8 columns a thread.
+// dq (B, T, NH, D) bf16, row stride qkv_stride = acc * scale, acc in tiles of F9_DQ_TILE(D)
+// floats as the consumers held them (see above). A block per tile (grid: B*NH * ceil(T/64)), 256
+// threads: the tile read in order into shared memory as bf16 rows (padded by 16 bytes, so the
+// 8 rows of a warp's store fall in different banks), then written out 16 bytes a thread.
 template <int D>
-static __global__ void f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, size_t qkv_stride,
-                                          float scale, size_t n8) {
-    size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= n8) return;
-    size_t row = e / (D / 8); // (bh, t)
-    int c = (int)(e % (D / 8));
-    int bh = (int)(row / (size_t)T), t = (int)(row % (size_t)T), b = bh / NH, h = bh % NH;
-    const float4 *src = reinterpret_cast<const float4 *>(acc + row * D + 8 * c);
-    float4 x = src[0], y = src[1];
-    uint4 o;
-    o.x = f9_pack(x.x * scale, x.y * scale);
-    o.y = f9_pack(x.z * scale, x.w * scale);
-    o.z = f9_pack(y.x * scale, y.y * scale);
-    o.w = f9_pack(y.z * scale, y.w * scale);
-    *reinterpret_cast<uint4 *>(dq + ((size_t)b * T + t) * qkv_stride + (size_t)h * D + 8 * c) = o;
+static __global__ void __launch_bounds__(F9_NT)
+f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, int nq64, size_t qkv_stride, float scale) {
+    constexpr int RS = D * 2 + 16; // bytes of a row in shared memory
+    __shared__ __align__(16) unsigned char rows[F9_BT * RS];
+    size_t tile = blockIdx.x; // (bh, query tile)
+    const float2 *src = reinterpret_cast<const float2 *>(acc + tile * F9_DQ_TILE(D));
+#pragma unroll
+    for (int k = 0; k < F9_DQ_TILE(D) / 2 / F9_NT; k++) {
+        int w = (int)threadIdx.x + k * F9_NT;
+        int region = w / 2048, p = (w / 128) % 16, t = w % 128; // region: 64 columns
+        int lane = t & 31, g = lane >> 2, tq = lane & 3;
+        int row = (t >> 5) * 16 + g + 8 * (p & 1), col = region * 64 + 8 * (p >> 1) + 2 * tq;
+        float2 x = src[w];
+        *reinterpret_cast<uint32_t *>(rows + row * RS + col * 2) = f9_pack(x.x * scale, x.y * scale);
+    }
+    __syncthreads();
+    int bh = (int)(tile / (size_t)nq64), b = bh / NH, h = bh % NH;
+    int q0 = (int)(tile % (size_t)nq64) * F9_BT;
+#pragma unroll
+    for (int k = 0; k < F9_BT * D / 8 / F9_NT; k++) {
+        int c = (int)threadIdx.x + k * F9_NT, row = c / (D / 8), ch = c % (D / 8);
+        if (q0 + row < T)
+            *reinterpret_cast<uint4 *>(dq + ((size_t)b * T + q0 + row) * qkv_stride + (size_t)h * D + 8 * ch) =
+                *reinterpret_cast<const uint4 *>(rows + row * RS + ch * 16);
+    }
+}
+
+// The dq writer (one thread of the producer warpgroup): for each query tile of the block, waits
+// for the consumers' partial in shared dqs (dq_full), for the blocks of earlier keys (the tile's
+// counter), adds the partial to the tile of acc_h with one bulk copy (stores it, for key block 0),
+// frees dqs (dq_empty) once the copy has read it, and bumps the counter once the copy is complete.
+template <int D>
+__device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *sem_h, uint32_t dqs,
+                                                        uint32_t dq_full, uint32_t dq_empty, int kb,
+                                                        int qt0, int nqt, bool ordered) {
+    constexpr uint32_t bytes = F9_DQ_TILE(D) * 4;
+    for (int qt = qt0; qt < nqt; qt++) {
+        int it = qt - qt0, st = it & 1;
+        uint32_t src = dqs + (uint32_t)st * bytes;
+        f9_mbar_wait(dq_full + 8 * st, (uint32_t)(it >> 1) & 1u);
+        float *dst = acc_h + (size_t)qt * F9_DQ_TILE(D);
+        if (kb == 0 && ordered) {
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+                         "r"(bytes)
+                         : "memory");
+        } else {
+            unsigned v;
+            if (ordered) do {
+                    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(sem_h + qt) : "memory");
+                } while ((int)v != kb);
+            asm volatile("fence.proxy.async.global;\n" ::: "memory"); // the earlier blocks' sums, to the copy
+            asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+                         "r"(src), "r"(bytes)
+                         : "memory");
+        }
+        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        f9_mbar_arrive(dq_empty + 8 * st);
+        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+        asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(sem_h + qt), "r"(kb + 1) : "memory");
+    }
 }
 
 // grid (B*NH, ceil(T/128)), 384 threads; block y = 0 (the keys that see the most queries) first.
@@ -1153,8 +1244,9 @@ static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
                  f9_bf16 *dk, f9_bf16 *dv, float *acc, unsigned *sem, const float *lse, const float *Dv,
-                 int T, int NH, size_t qkv_stride, float scale, float scale_log2) {
-    // acc (B*NH, T, D) fp32; sem (B*NH, ceil(T/64)) counters
+                 int T, int NH, size_t qkv_stride, float scale, float scale_log2, int ordered) {
+    // acc (B*NH, ceil(T/64) tiles of F9_DQ_TILE(D)) fp32; sem (B*NH, ceil(T/64)) counters; ordered
+    // 0 (measurements only): the partials added as they come, in no fixed order
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2, SB = F9_ROWS * F9_BT * 2;
     extern __shared__ __align__(1024) unsigned char f9_smem[];
     unsigned char *aligned =
@@ -1162,8 +1254,10 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const uint32_t base = f9_smem_u32(aligned);
     const uint32_t sK = base, sV = sK + KB, sQ = sV + KB, sdO = sQ + 2 * QB, sS = sdO + 2 * QB;
     const uint32_t sL = sS + 2 * SB, sD = sL + 2 * 256; // 64 floats a stage each
-    const uint32_t bars = sD + 2 * 256;
+    const uint32_t dqs = sD + 2 * 256; // the dq partials, two stages of F9_DQ_TILE(D) floats
+    const uint32_t bars = dqs + 2 * F9_DQ_TILE(D) * 4;
     const uint32_t kv_full = bars, full = bars + 8, empty = bars + 24;
+    const uint32_t dq_full = bars + 40, dq_empty = bars + 56; // two stages each
     float *Lf = reinterpret_cast<float *>(aligned + (sL - base));
     float *Df = reinterpret_cast<float *>(aligned + (sD - base));
 
@@ -1172,28 +1266,34 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     int tid = (int)threadIdx.x, wg = tid >> 7;
     int k0 = kb * F9_ROWS;
     int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
-    f9_bwd_kv_init(kv_full, full, empty, tid);
+    if (tid == 0)
+        for (int st = 0; st < 2; st++) {
+            f9_mbar_init(dq_full + 8 * st, 2 * 128);
+            f9_mbar_init(dq_empty + 8 * st, 1);
+        }
+    f9_bwd_kv_init(kv_full, full, empty, tid); // its fence and block barrier cover the two above
     if (wg == 0) {
-        f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, full, empty,
-                              lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid);
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (tid == 32)
+            f9_bwd_dq_writer<D>(acc + (size_t)bh * nqt * F9_DQ_TILE(D), sem + (size_t)bh * nqt, dqs, dq_full,
+                                dq_empty, kb, qt0, nqt, ordered != 0);
+        else
+            f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, full, empty,
+                                  lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid);
         return;
     }
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, ctid = tid - 128;
-    int g = lane >> 2, tq = lane & 3;
+    int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, t = tid & 127;
     int wk0 = k0 + cw * 64, rk0 = wk0 + warp4 * 16;
-    int nq64 = nqt;
-    unsigned *sem_h = sem + (size_t)bh * nq64;
-    float *acc_h = acc + (size_t)bh * T * D;
-    // the dq columns this warpgroup adds: at D 128 its half; at D 64 all, on every other tile
+    // the dq columns this warpgroup computes: at D 128 its half; at D 64 all, on every other tile
     const int nh = D == 128 ? cw : 0;
+    const uint32_t my_dqs = dqs + (uint32_t)nh * 64 * 64 * 4 + (uint32_t)t * 8;
     float dka[D / 2], dva[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; i++) dka[i] = dva[i] = 0.0f;
     f9_mbar_wait(kv_full, 0);
 
-    int pending = -1; // the query tile whose counter this block still has to bump
     for (int qt = qt0; qt < nqt; qt++) {
         int it = qt - qt0, st = it & 1;
         int q0 = qt * F9_BT;
@@ -1201,8 +1301,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         const float *Lt = Lf + st * 64, *Dt = Df + st * 64;
         f9_mbar_wait(full + 8 * st, (uint32_t)(it >> 1) & 1u);
         // warpgroup 0 always has work here; warpgroup 1 not where all its keys follow the tile's
-        // queries (the diagonal tile) or lie past T
-        // (its dS^T rows are zeros then)
+        // queries (the diagonal tile) or lie past T (its dS^T rows are zeros then)
         if (q0 + 63 >= wk0 && wk0 < T) {
             f9_dkdv_tile<D, true>(dka, dva, sK, sV, (uint32_t)cw * 64 * 128, qb, db, Lt, Dt, q0, rk0, T,
                                   lane, scale_log2, sSb);
@@ -1211,11 +1310,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             f9_store_ds(sSb, (uint32_t)cw * 64 * 128, rk0, lane, zero);
         }
         f9_fence_async(); // the dS^T stores, visible to the products below
-        __threadfence();  // this thread's additions to the pending tile, visible before its release
         f9_named_sync(1, 256);
-        if (ctid == 0 && pending >= 0)
-            asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(sem_h + pending), "r"(kb + 1)
-                         : "memory");
         bool mine = D == 128 || (it & 1) == cw;
         float dqa[32];
         if (mine) {
@@ -1227,43 +1322,24 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                                     f9_tdesc<F9_ROWS>(bK, kc), kc > 0);
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         }
-        if (ctid == 0) { // the blocks of earlier keys have added theirs to this tile
-            unsigned v;
-            do {
-                asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(sem_h + qt) : "memory");
-            } while ((int)v != kb);
-        }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         f9_pin(dka);
         f9_pin(dva);
-        f9_named_sync(2, 256);
+        f9_mbar_arrive(empty + 8 * st); // the stage's Q and dO have been read
+        // the writer has read this stage's last partial (two tiles ago)
+        if (it >= 2) f9_mbar_wait(dq_empty + 8 * st, (uint32_t)((it >> 1) - 1) & 1u);
         if (mine) {
             f9_pin(dqa);
+            const uint32_t dst = my_dqs + (uint32_t)st * F9_DQ_TILE(D) * 4;
 #pragma unroll
-            for (int hr = 0; hr < 2; hr++) {
-                int row = q0 + warp4 * 16 + g + 8 * hr;
-                if (row >= T) continue;
-                float *p = acc_h + (size_t)row * D + nh * 64 + 2 * tq;
-#pragma unroll
-                for (int j = 0; j < 8; j++) {
-                    float x = dqa[4 * j + 2 * hr], y = dqa[4 * j + 2 * hr + 1];
-                    if (kb == 0)
-                        asm volatile("st.global.v2.f32 [%0], {%1, %2};\n" ::"l"(p + 8 * j), "f"(x), "f"(y)
-                                     : "memory");
-                    else
-                        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p + 8 * j), "f"(x),
-                                     "f"(y)
-                                     : "memory");
-                }
-            }
+            for (int p = 0; p < 16; p++)
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst + (uint32_t)p * 128 * 8),
+                             "f"(dqa[2 * p]), "f"(dqa[2 * p + 1])
+                             : "memory");
         }
-        pending = qt;
-        f9_mbar_arrive(empty + 8 * st);
+        f9_fence_async(); // the partial, visible to the writer's bulk copy
+        f9_mbar_arrive(dq_full + 8 * st);
     }
-    __threadfence();
-    f9_named_sync(1, 256);
-    if (ctid == 0 && pending >= 0)
-        asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(sem_h + pending), "r"(kb + 1) : "memory");
     const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
     size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
     f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
@@ -1437,12 +1513,12 @@ static int f9_bwd_ws_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *
 }
 
 // The one-kernel backward; scratch: D (B*NH*T), then (from a 64-float boundary) the dq
-// accumulator (B*NH, T, D), then the counters (B*NH, ceil(T/64)).
+// accumulator (B*NH, ceil(T/64) tiles of 64 x D), then the counters (B*NH, ceil(T/64)).
 template <int D>
 static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *dv,
                                const f9_bf16 *dout, const f9_bf16 *q, const f9_bf16 *k,
                                const f9_bf16 *v, const f9_bf16 *out, const float *lse, float *scratch,
-                               int B, int T, int NH, int qkv_stride, int out_stride) {
+                               int B, int T, int NH, int qkv_stride, int out_stride, int ordered) {
     CUtensorMap mq, mk, mv, mdo;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, 64) ||
@@ -1451,26 +1527,26 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
         !f9_tensor_map(&mdo, dout, cols, T, B, out_stride, 64))
         return -1;
     size_t bnt = (size_t)B * NH * T;
-    float *Dv = scratch, *acc = scratch + (bnt + 63) / 64 * 64;
-    unsigned *sem = reinterpret_cast<unsigned *>(acc + bnt * D);
     int nq64 = (T + F9_BT - 1) / F9_BT;
+    size_t tiles = (size_t)B * NH * nq64;
+    float *Dv = scratch, *acc = scratch + (bnt + 63) / 64 * 64;
+    unsigned *sem = reinterpret_cast<unsigned *>(acc + tiles * F9_DQ_TILE(D));
     float scale = 1.0f / sqrtf((float)D), scale_log2 = scale * F9_LOG2E;
     dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
-    f9_bwd_pre_kernel<D><<<grid, F9_NT, 0, st>>>(Dv, sem, dout, out, lse, T, NH, (size_t)out_stride, nq64);
+    f9_bwd_pre_kernel<D><<<grid, F9_NT, 0, st>>>(Dv, sem, ordered ? NULL : acc, dout, out, T, NH,
+                                                  (size_t)out_stride, nq64);
     if (cudaGetLastError() != cudaSuccess) return 2;
     size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 2 * (size_t)F9_ROWS * F9_BT * 2 +
-                  4 * 256 + 64 + 1024;
+                  4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024;
     if (cudaFuncSetAttribute((const void *)f9_bwd_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)smem) != cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }
     f9_bwd_ws_kernel<D><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH,
-                                                      (size_t)qkv_stride, scale, scale_log2);
+                                                      (size_t)qkv_stride, scale, scale_log2, ordered);
     if (cudaGetLastError() != cudaSuccess) return 2;
-    size_t n8 = bnt * (D / 8);
-    f9_bwd_post_kernel<D><<<(unsigned)((n8 + 255) / 256), 256, 0, st>>>(dq, acc, T, NH, (size_t)qkv_stride,
-                                                                       scale, n8);
+    f9_bwd_post_kernel<D><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride, scale);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
@@ -1486,12 +1562,13 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
     bool ws = (HS == 64 || HS == 128) && allow_ws && ((size_t)q & 15) == 0 &&
               ((size_t)k & 15) == 0 && ((size_t)v & 15) == 0 && ((size_t)dout & 15) == 0;
     int rc = -1;
-    if (ws && allow_ws == 1 && HS == 64)
+    bool fused = allow_ws == 1 || allow_ws == 3, ordered = allow_ws == 1;
+    if (ws && fused && HS == 64)
         rc = f9_bwd_fused_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                     out_stride);
-    if (ws && allow_ws == 1 && HS == 128)
+                                     out_stride, ordered);
+    if (ws && fused && HS == 128)
         rc = f9_bwd_fused_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                      out_stride);
+                                      out_stride, ordered);
     if (rc >= 0) return rc;
     if (ws && HS == 64)
         rc = f9_bwd_ws_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,

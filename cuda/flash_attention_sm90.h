@@ -17,7 +17,8 @@ int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
 // As flash_attention_bwd, under the same conditions; scratch as flash_attention_bwd_scratch_floats
 // sizes it. allow_ws: 0 the cp.async kernels; 1 (HS 64, 128) the one-kernel warp-specialised
 // backward, which takes D, a dq accumulator and counters from scratch; 2 the two warp-specialised
-// kernels (dq, then dk and dv), which take D only.
+// kernels (dq, then dk and dv), which take D only; 3 the one-kernel backward adding dq's partial
+// sums in whatever order they come (not deterministic; for measuring what the order costs).
 int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
                              const void *q, const void *k, const void *v, const void *out,
                              const float *lse, float *scratch, int B, int T, int NH, int HS,

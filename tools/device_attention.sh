@@ -63,6 +63,20 @@ if stage sanitize; then
         grep -m 5 -E "Error|Warning|hazard" "$out/$tool.log"
     done
 fi
+if stage ncu; then
+    # each attention kernel's duration and throughput at the shapes of NCU_GRID, one call each
+    TPTRAIN_BENCH_ITERS=0+1 timeout 300 ncu --kernel-name regex:'f9_|fa_' --section SpeedOfLight --csv \
+        "$build/tptrain" --bench attention ${NCU_GRID:-16x16x128x1024 4x16x128x4096} >"$out/ncu.csv" 2>"$out/ncu.err" || status=1
+    python3 - "$out/ncu.csv" <<'PY' | tee "$out/ncu.txt"
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head, rows = rows[0], rows[1:]
+ix = {k: head.index(k) for k in ("ID", "Kernel Name", "Metric Name", "Metric Value")}
+for r in rows:
+    if r[ix["Metric Name"]] in ("Duration", "Compute (SM) Throughput", "Memory Throughput"):
+        print(r[ix["ID"]], r[ix["Kernel Name"]].split("(")[0][:40], r[ix["Metric Name"]], r[ix["Metric Value"]])
+PY
+fi
 if stage quick; then
     timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_quick.log"
 fi
@@ -70,9 +84,9 @@ if stage attn; then
     timeout 300 python3 tools/attention_vs_sdpa.py --tptrain "$build/tptrain" --json "$out/attn_vs_sdpa.json" \
         ${ATTN_GRID:-16x12x64x1024 4x12x64x4096 16x16x128x1024 4x16x128x4096 2x16x128x8192 configs/gpt2-124m.yaml configs/gpt-1.3b.yaml} 2>&1 | tee "$out/attn.log" || status=1
 fi
-if stage attn_fused; then
-    echo "== the Hopper backward in one kernel (TPTRAIN_ATTN_BWD=fused)"
-    TPTRAIN_ATTN_BWD=fused timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_fused.log"
+if stage attn_split; then
+    echo "== the Hopper backward in two kernels (TPTRAIN_ATTN_BWD=split)"
+    TPTRAIN_ATTN_BWD=split timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_split.log"
 fi
 if stage attn_nopp; then
     echo "== the warp-specialised forward without ping-pong (TPTRAIN_ATTN_PINGPONG=0)"
