@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "flash_attention_common.cuh"
 #include "flash_attention_sm90.h"
@@ -473,10 +474,17 @@ __device__ __forceinline__ static void f9_tma_load(uint32_t dst, const CUtensorM
 // then hands the turn to the other consumer (named barriers 1 and 2) and runs its softmax while
 // the other's products occupy the tensor cores. A tile's K is released once its scores are done
 // and its V one turn later, so each has two turns to come in.
+// The item a persistent block (one of G) takes in round k: rounds alternate direction (block j
+// takes the j-th item of even rounds, the j-th from the end of odd ones), so that with items
+// ordered longest first every block's total is close to the mean.
+__device__ __forceinline__ static int f9_item(int k, int G) {
+    return k * G + ((k & 1) ? G - 1 - (int)blockIdx.x : (int)blockIdx.x);
+}
+
 template <int D, bool PP>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
-                 const __grid_constant__ CUtensorMap tmv, f9_bf16 *out, float *lse, int T, int NH,
+                 const __grid_constant__ CUtensorMap tmv, f9_bf16 *out, float *lse, int T, int NH, int BH,
                  size_t out_stride, float scale_log2) {
     constexpr int TILEB = F9_ROWS * D * 2; // a 128-row tile
     extern __shared__ __align__(1024) unsigned char f9_smem[];
@@ -484,16 +492,13 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const uint32_t sQ = base, sK = sQ + TILEB, sV = sK + 2 * TILEB; // K, V: two stages
     const uint32_t bars = sV + 2 * TILEB;                            // 8-byte mbarriers:
     const uint32_t q_full = bars, k_full = bars + 8, v_full = bars + 24, k_empty = bars + 40,
-                   v_empty = bars + 56;
+                   v_empty = bars + 56, q_empty = bars + 72;
 
-    int qt = (int)gridDim.y - 1 - (int)blockIdx.y;
-    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int tid = (int)threadIdx.x, wg = tid >> 7;
-    int q0 = qt * F9_ROWS;
-    int nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-
+    const int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = BH * nqt;
     if (tid == 0) {
         f9_mbar_init(q_full, 1);
+        f9_mbar_init(q_empty, 2 * 128);
         for (int st = 0; st < 2; st++) {
             f9_mbar_init(k_full + 8 * st, 1);
             f9_mbar_init(v_full + 8 * st, 1);
@@ -504,29 +509,38 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     }
     __syncthreads();
 
+    // Persistent: a block per multiprocessor; item w (query tile nqt - 1 - w / BH, the longest first,
+    // of head w % BH) goes to the block f9_item assigns it. K and V stages are counted across items
+    // (g), so the producer brings in the next item's Q, K and V while the consumers finish the
+    // current one.
     if (wg == 0) { // producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
-            int col = h * D;
-            f9_mbar_expect_tx(q_full, TILEB);
-#pragma unroll
-            for (int kb = 0; kb < D / 64; kb++)
-                f9_tma_load(sQ + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, q_full);
-            for (int kt = 0; kt < nkt; kt++) {
-                int st = kt & 1;
-                uint32_t kf = k_full + 8 * st, vf = v_full + 8 * st;
-                if (kt >= 2) f9_mbar_wait(k_empty + 8 * st, ((kt >> 1) - 1) & 1);
-                f9_mbar_expect_tx(kf, TILEB);
+            int g = 0, i = 0;
+            for (int k = 0;; k++, i++) {
+                int w = f9_item(k, (int)gridDim.x);
+                if (w >= items) break;
+                int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, col = (bh % NH) * D;
+                int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
+                if (i >= 1) f9_mbar_wait(q_empty, (uint32_t)(i - 1) & 1u); // the last item's scores are done
+                f9_mbar_expect_tx(q_full, TILEB);
 #pragma unroll
                 for (int kb = 0; kb < D / 64; kb++)
-                    f9_tma_load(sK + st * TILEB + kb * F9_ROWS * 128, &tmk, col + 64 * kb,
-                                kt * F9_KN, b, kf);
-                if (kt >= 2) f9_mbar_wait(v_empty + 8 * st, ((kt >> 1) - 1) & 1);
-                f9_mbar_expect_tx(vf, TILEB);
+                    f9_tma_load(sQ + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, q_full);
+                for (int kt = 0; kt < nkt; kt++, g++) {
+                    int st = g & 1;
+                    uint32_t kf = k_full + 8 * st, vf = v_full + 8 * st;
+                    if (g >= 2) f9_mbar_wait(k_empty + 8 * st, ((g >> 1) - 1) & 1);
+                    f9_mbar_expect_tx(kf, TILEB);
 #pragma unroll
-                for (int kb = 0; kb < D / 64; kb++)
-                    f9_tma_load(sV + st * TILEB + kb * F9_ROWS * 128, &tmv, col + 64 * kb,
-                                kt * F9_KN, b, vf);
+                    for (int kb = 0; kb < D / 64; kb++)
+                        f9_tma_load(sK + st * TILEB + kb * F9_ROWS * 128, &tmk, col + 64 * kb, kt * F9_KN, b, kf);
+                    if (g >= 2) f9_mbar_wait(v_empty + 8 * st, ((g >> 1) - 1) & 1);
+                    f9_mbar_expect_tx(vf, TILEB);
+#pragma unroll
+                    for (int kb = 0; kb < D / 64; kb++)
+                        f9_tma_load(sV + st * TILEB + kb * F9_ROWS * 128, &tmv, col + 64 * kb, kt * F9_KN, b, vf);
+                }
             }
         }
         return;
@@ -535,93 +549,105 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     // consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31;
-    int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
-    float o[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; i++) o[i] = 0.0f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    f9_mbar_wait(q_full, 0);
     const uint64_t qdesc = f9_desc(sQ + (uint32_t)cw * 64 * 128, 16, 1024);
-
-    if constexpr (PP) {
-        // turns: scores of tile 0; then the product of tile kt - 1 with the scores of tile kt; then
-        // the product of the last tile (the loop is peeled so that no product sits under a branch)
-        const int mine = 1 + cw, other = 2 - cw;
-        uint32_t pa[F9_KN / 16][4]; // P of the previous tile as bf16 A fragments
-        float s[64];
-        if (cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
-        f9_mbar_wait(k_full, 0);
-        f9_named_sync(mine, 256);
-        f9_wg_fence();
-        f9_scores<D>(s, qdesc, sK);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        f9_named_arrive(other, 256);
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        f9_pin(s);
-        f9_mbar_arrive(k_empty);
-        f9_softmax<D>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
+    const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
+    if (PP && cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
+    int g = 0, i = 0;
+    for (int k = 0;; k++, i++) {
+        int w = f9_item(k, (int)gridDim.x);
+        if (w >= items) break;
+        int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
+        int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
+        bool more = f9_item(k + 1, (int)gridDim.x) < items;
+        int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
+        float o[D / 2];
 #pragma unroll
-        for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
-        for (int kt = 1; kt < nkt; kt++) {
-            int st = kt & 1, pst = st ^ 1;
-            f9_mbar_wait(k_full + 8 * st, (uint32_t)(kt >> 1) & 1u);
-            f9_mbar_wait(v_full + 8 * pst, (uint32_t)((kt - 1) >> 1) & 1u);
+        for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+        f9_mbar_wait(q_full, (uint32_t)i & 1u);
+
+        if constexpr (PP) {
+            // turns: scores of tile 0; then the product of tile kt - 1 with the scores of tile kt;
+            // then the product of the last tile (the loop is peeled so that no product sits under a
+            // branch). Consumer 1's last turn of an item hands the first turn of the next to consumer 0.
+            uint32_t pa[F9_KN / 16][4]; // P of the previous tile as bf16 A fragments
+            float s[64];
+            f9_mbar_wait(k_full + 8 * (g & 1), (uint32_t)(g >> 1) & 1u);
+            f9_named_sync(mine, 256);
+            f9_wg_fence();
+            f9_scores<D>(s, qdesc, sK + (uint32_t)(g & 1) * TILEB);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            f9_named_arrive(other, 256);
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            f9_pin(s);
+            f9_mbar_arrive(k_empty + 8 * (g & 1));
+            if (nkt == 1) f9_mbar_arrive(q_empty);
+            f9_softmax<D>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
+#pragma unroll
+            for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+            for (int kt = 1; kt < nkt; kt++) {
+                int gt = g + kt, st = gt & 1, pst = st ^ 1;
+                f9_mbar_wait(k_full + 8 * st, (uint32_t)(gt >> 1) & 1u);
+                f9_mbar_wait(v_full + 8 * pst, (uint32_t)((gt - 1) >> 1) & 1u);
+                f9_named_sync(mine, 256);
+                f9_pin(o);
+                f9_wg_fence();
+                f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
+                f9_scores<D>(s, qdesc, sK + (uint32_t)st * TILEB);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+                f9_named_arrive(other, 256);
+                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+                f9_pin(o);
+                f9_pin(s);
+                f9_mbar_arrive(v_empty + 8 * pst);
+                f9_mbar_arrive(k_empty + 8 * st);
+                if (kt == nkt - 1) f9_mbar_arrive(q_empty);
+                int k0 = kt * F9_KN;
+                f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
+#pragma unroll
+                for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+            }
+            int gl = g + nkt - 1, pst = gl & 1;
+            f9_mbar_wait(v_full + 8 * pst, (uint32_t)(gl >> 1) & 1u);
             f9_named_sync(mine, 256);
             f9_pin(o);
             f9_wg_fence();
             f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
-            f9_scores<D>(s, qdesc, sK + (uint32_t)st * TILEB);
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            f9_named_arrive(other, 256);
+            if (cw == 0 || more) f9_named_arrive(other, 256); // the other consumer's next turn
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             f9_pin(o);
-            f9_pin(s);
             f9_mbar_arrive(v_empty + 8 * pst);
-            f9_mbar_arrive(k_empty + 8 * st);
-            int k0 = kt * F9_KN;
-            f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
+        } else {
+            for (int kt = 0; kt < nkt; kt++) {
+                int gt = g + kt, st = gt & 1;
+                uint32_t ph = (uint32_t)(gt >> 1) & 1u, cb = (uint32_t)st * TILEB;
+                int k0 = kt * F9_KN;
+                f9_mbar_wait(k_full + 8 * st, ph);
+                float s[64];
+                f9_wg_fence();
+                f9_scores<D>(s, qdesc, sK + cb);
+                f9_wg_commit_wait();
+                f9_pin(s);
+                f9_mbar_arrive(k_empty + 8 * st);
+                if (kt == nkt - 1) f9_mbar_arrive(q_empty);
+                f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
+                f9_mbar_wait(v_full + 8 * st, ph);
+                uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
 #pragma unroll
-            for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+                for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+                f9_pin(o);
+                f9_wg_fence();
+                f9_pv_tile<D>(o, pa, sV + cb);
+                f9_wg_commit_wait();
+                f9_pin(o);
+                f9_mbar_arrive(v_empty + 8 * st); // this thread's reads of stage st are done
+            }
         }
-        int pst = (nkt - 1) & 1;
-        f9_mbar_wait(v_full + 8 * pst, (uint32_t)((nkt - 1) >> 1) & 1u);
-        f9_named_sync(mine, 256);
-        f9_pin(o);
-        f9_wg_fence();
-        f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        if (cw == 0) f9_named_arrive(other, 256); // consumer 1's last turn follows
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        f9_pin(o);
-        f9_mbar_arrive(v_empty + 8 * pst);
-    } else {
-        for (int kt = 0; kt < nkt; kt++) {
-            int st = kt & 1;
-            uint32_t ph = (uint32_t)(kt >> 1) & 1u, cb = (uint32_t)st * TILEB;
-            int k0 = kt * F9_KN;
-            f9_mbar_wait(k_full + 8 * st, ph);
-            float s[64];
-            f9_wg_fence();
-            f9_scores<D>(s, qdesc, sK + cb);
-            f9_wg_commit_wait();
-            f9_pin(s);
-            f9_mbar_arrive(k_empty + 8 * st);
-            f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
-            f9_mbar_wait(v_full + 8 * st, ph);
-            uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
-#pragma unroll
-            for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
-            f9_pin(o);
-            f9_wg_fence();
-            f9_pv_tile<D>(o, pa, sV + cb);
-            f9_wg_commit_wait();
-            f9_pin(o);
-            f9_mbar_arrive(v_empty + 8 * st); // this thread's reads of stage st are done
-        }
+        g += nkt;
+        f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T,
+                           o, m, l, r0, T, D, lane, scale_log2);
     }
-
-    f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T, o,
-                       m, l, r0, T, D, lane, scale_log2);
 }
 
 // ---- backward kernels
@@ -1001,25 +1027,27 @@ __device__ __forceinline__ static void f9_bwd_kv_init(uint32_t kv_full, uint32_t
     __syncthreads();
 }
 
-// The producer warpgroup of a key-block backward kernel: thread 0 copies the block's K and V (128
-// rows) once, then each 64-query tile's Q and dO into a stage; threads 64..127 stage the tile's
-// log-sum-exp and D (lse_h, D_h: the head's) into Lf, Df and arrive on the same "full" barrier;
-// threads 1..63 have nothing to do here. The caller has lowered the warpgroup's registers.
+// The producer warpgroup of a key-block backward kernel, for one key block (the block's item-th;
+// its first query tile is the block's g0-th): thread 0 copies the block's K and V (128 rows) once
+// the consumers are done with the last item's (kv_empty), then each 64-query tile's Q and dO into
+// a stage; threads 64..127 stage the tile's log-sum-exp and D (lse_h, D_h: the head's) into Lf,
+// Df and arrive on the same "full" barrier. Threads 1..63 do not call this. The caller has lowered
+// the warpgroup's registers.
 template <int D>
 __device__ __forceinline__ static void
 f9_bwd_kv_producer(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtensorMap *tmv, const CUtensorMap *tmdo,
                    uint32_t sK, uint32_t sV, uint32_t sQ, uint32_t sdO, float *Lf, float *Df, uint32_t kv_full,
-                   uint32_t full, uint32_t empty, const float *lse_h, const float *D_h, int col, int b, int k0,
-                   int qt0, int nqt, int T, int tid) {
+                   uint32_t kv_empty, uint32_t full, uint32_t empty, const float *lse_h, const float *D_h, int col,
+                   int b, int k0, int qt0, int nqt, int T, int tid, int item, int g0) {
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2;
     if (tid == 0) {
+        if (item > 0) f9_mbar_wait(kv_empty, (uint32_t)(item - 1) & 1u);
         f9_mbar_expect_tx(kv_full, 2 * KB);
         f9_tma_tile<D, F9_ROWS>(sK, tmk, col, k0, b, kv_full);
         f9_tma_tile<D, F9_ROWS>(sV, tmv, col, k0, b, kv_full);
     }
-    if (tid != 0 && tid < 64) return;
     for (int qt = qt0; qt < nqt; qt++) {
-        int it = qt - qt0, st = it & 1;
+        int it = g0 + qt - qt0, st = it & 1;
         if (it >= 2) f9_mbar_wait(empty + 8 * st, ((it >> 1) - 1) & 1);
         uint32_t f = full + 8 * st;
         if (tid == 0) {
@@ -1062,8 +1090,9 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
     f9_bwd_kv_init(kv_full, full, empty, tid);
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, full, empty,
-                              lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid);
+        if (tid == 0 || tid >= 64)
+            f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, 0, full, empty,
+                                  lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid, 0, 0);
         return;
     }
 
@@ -1208,10 +1237,10 @@ f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, int nq64, size_
 template <int D>
 __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *sem_h, uint32_t dqs,
                                                         uint32_t dq_full, uint32_t dq_empty, int kb,
-                                                        int qt0, int nqt, bool ordered) {
+                                                        int qt0, int nqt, bool ordered, int g0) {
     constexpr uint32_t bytes = F9_DQ_TILE(D) * 4;
     for (int qt = qt0; qt < nqt; qt++) {
-        int it = qt - qt0, st = it & 1;
+        int it = g0 + qt - qt0, st = it & 1; // it: the block's tile count
         uint32_t src = dqs + (uint32_t)st * bytes;
         f9_mbar_wait(dq_full + 8 * st, (uint32_t)(it >> 1) & 1u);
         float *dst = acc_h + (size_t)qt * F9_DQ_TILE(D);
@@ -1238,13 +1267,15 @@ __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *
     }
 }
 
-// grid (B*NH, ceil(T/128)), 384 threads; block y = 0 (the keys that see the most queries) first.
+// Item w: key block w / BH of head w % BH (the key blocks that see the most queries first). With a
+// block per item (grid: the items) block w takes item w; persistent (fewer blocks, one per
+// multiprocessor) each walks the items f9_item assigns it. 384 threads.
 template <int D>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
                  f9_bf16 *dk, f9_bf16 *dv, float *acc, unsigned *sem, const float *lse, const float *Dv,
-                 int T, int NH, size_t qkv_stride, float scale, float scale_log2, int ordered) {
+                 int T, int NH, int BH, size_t qkv_stride, float scale, float scale_log2, int ordered) {
     // acc (B*NH, ceil(T/64) tiles of F9_DQ_TILE(D)) fp32; sem (B*NH, ceil(T/64)) counters; ordered
     // 0 (measurements only): the partials added as they come, in no fixed order
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2, SB = F9_ROWS * F9_BT * 2;
@@ -1257,93 +1288,111 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const uint32_t dqs = sD + 2 * 256; // the dq partials, two stages of F9_DQ_TILE(D) floats
     const uint32_t bars = dqs + 2 * F9_DQ_TILE(D) * 4;
     const uint32_t kv_full = bars, full = bars + 8, empty = bars + 24;
-    const uint32_t dq_full = bars + 40, dq_empty = bars + 56; // two stages each
+    const uint32_t dq_full = bars + 40, dq_empty = bars + 56, kv_empty = bars + 72; // two stages each, then one
     float *Lf = reinterpret_cast<float *>(aligned + (sL - base));
     float *Df = reinterpret_cast<float *>(aligned + (sD - base));
 
-    int kb = (int)blockIdx.y;
-    int bh = (int)blockIdx.x, b = bh / NH, h = bh % NH;
     int tid = (int)threadIdx.x, wg = tid >> 7;
-    int k0 = kb * F9_ROWS;
-    int qt0 = k0 / F9_BT, nqt = (T + F9_BT - 1) / F9_BT;
-    if (tid == 0)
+    const int nqt = (T + F9_BT - 1) / F9_BT, items = BH * ((T + F9_ROWS - 1) / F9_ROWS), G = (int)gridDim.x;
+    if (tid == 0) {
         for (int st = 0; st < 2; st++) {
             f9_mbar_init(dq_full + 8 * st, 2 * 128);
             f9_mbar_init(dq_empty + 8 * st, 1);
         }
-    f9_bwd_kv_init(kv_full, full, empty, tid); // its fence and block barrier cover the two above
+        f9_mbar_init(kv_empty, 2 * 128);
+    }
+    f9_bwd_kv_init(kv_full, full, empty, tid); // its fence and block barrier cover the three above
+    // every role walks the same items; g counts the block's query tiles across them (stages, phases)
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        if (tid == 32)
-            f9_bwd_dq_writer<D>(acc + (size_t)bh * nqt * F9_DQ_TILE(D), sem + (size_t)bh * nqt, dqs, dq_full,
-                                dq_empty, kb, qt0, nqt, ordered != 0);
-        else
-            f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, full, empty,
-                                  lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid);
+        if (tid != 32 && tid != 0 && tid < 64) return;
+        int g = 0, i = 0;
+        for (int k = 0;; k++, i++) {
+            int w = f9_item(k, G);
+            if (w >= items) break;
+            int kb = w / BH, bh = w % BH, qt0 = kb * F9_ROWS / F9_BT;
+            if (tid == 32)
+                f9_bwd_dq_writer<D>(acc + (size_t)bh * nqt * F9_DQ_TILE(D), sem + (size_t)bh * nqt, dqs, dq_full,
+                                    dq_empty, kb, qt0, nqt, ordered != 0, g);
+            else
+                f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, kv_empty, full,
+                                      empty, lse + (size_t)bh * T, Dv + (size_t)bh * T, (bh % NH) * D, bh / NH,
+                                      kb * F9_ROWS, qt0, nqt, T, tid, i, g);
+            g += nqt - qt0;
+        }
         return;
     }
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31, t = tid & 127;
-    int wk0 = k0 + cw * 64, rk0 = wk0 + warp4 * 16;
     // the dq columns this warpgroup computes: at D 128 its half; at D 64 all, on every other tile
     const int nh = D == 128 ? cw : 0;
     const uint32_t my_dqs = dqs + (uint32_t)nh * 64 * 64 * 4 + (uint32_t)t * 8;
-    float dka[D / 2], dva[D / 2];
+    int g = 0, i = 0;
+    for (int k = 0;; k++, i++) {
+        int w = f9_item(k, G);
+        if (w >= items) break;
+        int kb = w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
+        int k0 = kb * F9_ROWS, qt0 = k0 / F9_BT;
+        int wk0 = k0 + cw * 64, rk0 = wk0 + warp4 * 16;
+        float dka[D / 2], dva[D / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; i++) dka[i] = dva[i] = 0.0f;
-    f9_mbar_wait(kv_full, 0);
+        for (int j = 0; j < D / 2; j++) dka[j] = dva[j] = 0.0f;
+        f9_mbar_wait(kv_full, (uint32_t)i & 1u);
 
-    for (int qt = qt0; qt < nqt; qt++) {
-        int it = qt - qt0, st = it & 1;
-        int q0 = qt * F9_BT;
-        uint32_t qb = sQ + (uint32_t)st * QB, db = sdO + (uint32_t)st * QB, sSb = sS + (uint32_t)st * SB;
-        const float *Lt = Lf + st * 64, *Dt = Df + st * 64;
-        f9_mbar_wait(full + 8 * st, (uint32_t)(it >> 1) & 1u);
-        // warpgroup 0 always has work here; warpgroup 1 not where all its keys follow the tile's
-        // queries (the diagonal tile) or lie past T (its dS^T rows are zeros then)
-        if (q0 + 63 >= wk0 && wk0 < T) {
-            f9_dkdv_tile<D, true>(dka, dva, sK, sV, (uint32_t)cw * 64 * 128, qb, db, Lt, Dt, q0, rk0, T,
-                                  lane, scale_log2, sSb);
-        } else {
-            const uint32_t zero[F9_BT / 16][4] = {};
-            f9_store_ds(sSb, (uint32_t)cw * 64 * 128, rk0, lane, zero);
-        }
-        f9_fence_async(); // the dS^T stores, visible to the products below
-        f9_named_sync(1, 256);
-        bool mine = D == 128 || (it & 1) == cw;
-        float dqa[32];
-        if (mine) {
-            const uint32_t bK = sK + (uint32_t)nh * F9_ROWS * 128;
-            f9_wg_fence();
+        for (int qt = qt0; qt < nqt; qt++) {
+            int gt = g + qt - qt0, st = gt & 1;
+            int q0 = qt * F9_BT;
+            uint32_t qb = sQ + (uint32_t)st * QB, db = sdO + (uint32_t)st * QB, sSb = sS + (uint32_t)st * SB;
+            const float *Lt = Lf + st * 64, *Dt = Df + st * 64;
+            f9_mbar_wait(full + 8 * st, (uint32_t)(gt >> 1) & 1u);
+            // warpgroup 0 always has work here; warpgroup 1 not where all its keys follow the tile's
+            // queries (the diagonal tile) or lie past T (its dS^T rows are zeros then)
+            if (q0 + 63 >= wk0 && wk0 < T) {
+                f9_dkdv_tile<D, true>(dka, dva, sK, sV, (uint32_t)cw * 64 * 128, qb, db, Lt, Dt, q0, rk0, T,
+                                      lane, scale_log2, sSb);
+            } else {
+                const uint32_t zero[F9_BT / 16][4] = {};
+                f9_store_ds(sSb, (uint32_t)cw * 64 * 128, rk0, lane, zero);
+            }
+            f9_fence_async(); // the dS^T stores, visible to the products below
+            f9_named_sync(1, 256);
+            bool mine = D == 128 || (gt & 1) == cw;
+            float dqa[32];
+            if (mine) {
+                const uint32_t bK = sK + (uint32_t)nh * F9_ROWS * 128;
+                f9_wg_fence();
 #pragma unroll
-            for (int kc = 0; kc < 8; kc++)
-                wg_ss_n64<1, 1>(dqa, f9_desc(sSb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024),
-                                    f9_tdesc<F9_ROWS>(bK, kc), kc > 0);
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        }
-        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-        f9_pin(dka);
-        f9_pin(dva);
-        f9_mbar_arrive(empty + 8 * st); // the stage's Q and dO have been read
-        // the writer has read this stage's last partial (two tiles ago)
-        if (it >= 2) f9_mbar_wait(dq_empty + 8 * st, (uint32_t)((it >> 1) - 1) & 1u);
-        if (mine) {
-            f9_pin(dqa);
-            const uint32_t dst = my_dqs + (uint32_t)st * F9_DQ_TILE(D) * 4;
+                for (int kc = 0; kc < 8; kc++)
+                    wg_ss_n64<1, 1>(dqa, f9_desc(sSb + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024),
+                                        f9_tdesc<F9_ROWS>(bK, kc), kc > 0);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            }
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            f9_pin(dka);
+            f9_pin(dva);
+            f9_mbar_arrive(empty + 8 * st); // the stage's Q and dO have been read
+            // the writer has read this stage's last partial (two tiles ago)
+            if (gt >= 2) f9_mbar_wait(dq_empty + 8 * st, (uint32_t)((gt >> 1) - 1) & 1u);
+            if (mine) {
+                f9_pin(dqa);
+                const uint32_t dst = my_dqs + (uint32_t)st * F9_DQ_TILE(D) * 4;
 #pragma unroll
-            for (int p = 0; p < 16; p++)
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst + (uint32_t)p * 128 * 8),
-                             "f"(dqa[2 * p]), "f"(dqa[2 * p + 1])
-                             : "memory");
+                for (int p = 0; p < 16; p++)
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(dst + (uint32_t)p * 128 * 8),
+                                 "f"(dqa[2 * p]), "f"(dqa[2 * p + 1])
+                                 : "memory");
+            }
+            f9_fence_async(); // the partial, visible to the writer's bulk copy
+            f9_mbar_arrive(dq_full + 8 * st);
         }
-        f9_fence_async(); // the partial, visible to the writer's bulk copy
-        f9_mbar_arrive(dq_full + 8 * st);
+        f9_mbar_arrive(kv_empty); // every product of the item has read K and V
+        g += nqt - qt0;
+        const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
+        size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
+        f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
+        f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
     }
-    const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
-    size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
-    f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
-    f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
 }
 
 // ---- tensor maps for the copy engine
@@ -1384,6 +1433,19 @@ static bool f9_tensor_map(CUtensorMap *map, const void *ptr, int cols, int T, in
                CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The current device's multiprocessors (persistent kernels launch a block on each).
+static int f9_sm_count(void) {
+    static int n;
+    if (n <= 0) {
+        int dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+            (void)cudaGetLastError();
+            n = 132;
+        }
+    }
+    return n;
+}
+
 template <int D, bool PP>
 static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k,
                         const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride) {
@@ -1400,9 +1462,10 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
         return 2;
     }
     float scale_log2 = F9_LOG2E / sqrtf((float)D);
-    dim3 grid((unsigned)(B * NH), (unsigned)((T + F9_ROWS - 1) / F9_ROWS));
-    f9_fwd_ws_kernel<D, PP><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, out, lse, T, NH,
-                                                          (size_t)out_stride, scale_log2);
+    // persistent: a block per multiprocessor, each walking its share of the (head, query tile) items
+    int items = B * NH * ((T + F9_ROWS - 1) / F9_ROWS);
+    f9_fwd_ws_kernel<D, PP><<<(unsigned)min(items, f9_sm_count()), F9_WS_NT, smem, st>>>(
+        mq, mk, mv, out, lse, T, NH, B * NH, (size_t)out_stride, scale_log2);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
@@ -1537,14 +1600,25 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
                                                   (size_t)out_stride, nq64);
     if (cudaGetLastError() != cudaSuccess) return 2;
     size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 2 * (size_t)F9_ROWS * F9_BT * 2 +
-                  4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024;
+                  4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 80 bytes
     if (cudaFuncSetAttribute((const void *)f9_bwd_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)smem) != cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }
-    f9_bwd_ws_kernel<D><<<grid, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH,
-                                                      (size_t)qkv_stride, scale, scale_log2, ordered);
+    // persistent (a block per multiprocessor) for short sequences, where a block's fixed costs are a
+    // large share of its work; a block per item beyond (measured: at T 2048 and 4096 the persistent blocks'
+    // fixed order of items costs more in waits on the key-block order than it saves). The
+    // environment's TPTRAIN_ATTN_BWD_PERSIST=0/1 overrides, for measuring.
+    int items = B * NH * ((T + F9_ROWS - 1) / F9_ROWS);
+    static int persist_env = -2;
+    if (persist_env == -2) {
+        const char *e = getenv("TPTRAIN_ATTN_BWD_PERSIST");
+        persist_env = e && *e ? atoi(e) != 0 : -1;
+    }
+    bool persist = persist_env >= 0 ? persist_env == 1 : T <= 1024;
+    f9_bwd_ws_kernel<D><<<(unsigned)(persist ? min(items, f9_sm_count()) : items), F9_WS_NT, smem, st>>>(
+        mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH, B * NH, (size_t)qkv_stride, scale, scale_log2, ordered);
     if (cudaGetLastError() != cudaSuccess) return 2;
     f9_bwd_post_kernel<D><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride, scale);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
