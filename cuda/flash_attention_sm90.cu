@@ -11,14 +11,15 @@
 // swizzled K-major layout: blocks of 64 columns, each a stack of 128-byte rows with 16-byte chunk c
 // of row r at c ^ (r % 8), 1024-byte aligned.
 //
-// The backward has the same shape (see its section): two kernels, no atomics. Warp-specialised
-// variants of the forward and of both backward kernels (head sizes 64 and 128) take their tiles
-// from the tensor memory accelerator; a one-kernel backward (dq added up across key blocks in a
-// fixed order) is there too, off by default since it measured slower (docs/attention.md).
+// The backward has the same shape (see its section). By default one warp-specialised kernel per
+// key block computes dk, dv and dq's partial sums, which one producer thread adds up in a fixed
+// key-block order with bulk reduce copies (deterministic); two kernels (dq, then dk and dv) stay
+// for comparison. The warp-specialised forward, and the backward at short sequences, are
+// persistent: a block per multiprocessor walks its share of the work items.
 //
 // The warp-specialised forward's two consumers ping-pong at head size 128 (FlashAttention-3's
 // inter-warpgroup overlap). Not yet here: the softmax of one tile overlapped with the next tile's
-// products inside one warpgroup (tried, slower; docs/attention.md), a persistent tile scheduler.
+// products inside one warpgroup (tried, slower; docs/attention.md).
 //
 // Sections: constants, device helpers, wgmma wrappers, forward kernel, backward kernels, launchers.
 #include <cuda.h> // CUtensorMap and its encoder's types; the encoder is reached through the runtime
