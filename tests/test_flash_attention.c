@@ -244,6 +244,12 @@ Test(flash_attention, hs128) {
     check_case(2, 2, 1024, 128, 55);
 }
 Test(flash_attention, hs128_T4096) { check_case(1, 1, 4096, 128, 56); }
+// More (head, tile) items than an H200 has multiprocessors, so each persistent Hopper block walks
+// several (forward: 256 and 320 items; backward at T 1024: as many key blocks).
+Test(flash_attention, many_items_per_block) {
+    check_case(8, 4, 1024, 64, 57);
+    check_case(4, 10, 1024, 128, 58);
+}
 Test(flash_attention, hs256) {
     check_case(1, 1, 1, 256, 61);
     check_case(2, 2, 17, 256, 62);

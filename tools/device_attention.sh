@@ -11,7 +11,8 @@
 # (the whole step against PyTorch at each GPT-2 size); big (the largest GPT-2-shaped model tptrain
 # trains on the GPU, full recomputation) and torch_big (PyTorch's largest on the same shapes, every
 # block checkpointed: tools/torch_big.py); recompute (the step-time cost of recomputation). Also
-# memcheck, sanitize, quick and attn_* (kernel variants).
+# memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID) and attn_*
+# (kernel variants).
 # Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
 set -u
 out=${OUT:-/tmp/out}
