@@ -309,7 +309,7 @@ struct model_memory model_memory_plan(const struct model_dims *d, struct backend
     size_t global;
     free(model_param_table(d, &n, &mm.param_floats, &global));
     enum tp_dtype dt = be.iface->dtype(be.ctx);
-    mm.split_master = d->split_master && dt == TP_DTYPE_BF16;
+    mm.split_master = model_masters_split(d, dt);
     mm.param_bytes = mm.param_floats * (mm.split_master ? sizeof(uint16_t) : sizeof(float));
     mm.grad_bytes = mm.param_floats * sizeof(float) + ln_grads_bytes(d);
     mm.optim_bytes = 2 * mm.param_floats * sizeof(float); // AdamW's m and v
@@ -392,7 +392,7 @@ void model_alloc(struct model *m, const struct model_dims *d, struct backend be,
     m->tensors = model_param_table(d, &m->n_tensors, &m->n_params_local, &m->n_params_global);
     m->dtype = be.iface->dtype(be.ctx);
     size_t es = tp_dtype_size(m->dtype);
-    bool split = d->split_master && m->dtype == TP_DTYPE_BF16;
+    bool split = model_masters_split(d, m->dtype);
     if (split) m->params_lo = be_alloc(m, m->n_params_local * sizeof(uint16_t));
     else m->params = be_alloc(m, m->n_params_local * sizeof(float));
     m->grads = be_alloc(m, m->n_params_local * sizeof(float));

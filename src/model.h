@@ -130,6 +130,13 @@ static inline struct model_options model_options_of(const struct tp_config *cfg)
                                   !cfg->parallel.distributed_optimizer};
 }
 
+// Whether a model of these dims on a backend of compute type dt keeps its masters split: only bf16
+// has a compute copy to be the high halves. The allocation, the memory plan and the benchmark's
+// byte counts all ask this.
+static inline bool model_masters_split(const struct model_dims *d, enum tp_dtype dt) {
+    return d->split_master && dt == TP_DTYPE_BF16;
+}
+
 // Activation buffers by kind (model_memory_plan). The first ACT_N_LAYER kinds are what each
 // layer keeps from its forward for its backward (the same for every layer); the rest exist once.
 enum model_act_kind {

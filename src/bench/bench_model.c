@@ -350,7 +350,7 @@ void bench_model_costs(const struct model_dims *d, const struct backend *be, dou
         .att_saved = (double)be->iface->attention_saved_floats(be->ctx, d->B, d->T, d->NHl, d->HS),
         .params = (double)n_local,
         // split masters: the halves read and written in place of the fp32 master, no copy besides
-        .opt_copy = dt == TP_DTYPE_F32 || d->split_master ? 0.0 : (double)tp_dtype_size(dt),
+        .opt_copy = dt == TP_DTYPE_F32 || model_masters_split(d, dt) ? 0.0 : (double)tp_dtype_size(dt),
     };
     for (int i = 0; i < N_MODEL_PHASES; i++) {
         struct cost_acc a = {.rate = matrix_tflops * 1e12, .bw = memory_gbs * 1e9};
