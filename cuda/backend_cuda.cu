@@ -122,6 +122,16 @@ static void *cuda_native_stream(void *ctx) {
     return (void *)((struct cuda_ctx *)ctx)->stream;
 }
 
+// Collectives on a side stream need multiprocessors of their own: a product that fills every
+// multiprocessor (cuBLASLt's persistent kernels do) leaves them none until it ends, so the two run
+// one after the other. While any collective runs, products are tuned and run for the
+// multiprocessors left over.
+static void cuda_overlap(void *ctx, int delta) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    c->overlap += delta;
+    if (c->gemm && c->overlap_sms > 0) gemm_set_sm_target(c->gemm, c->overlap > 0 ? c->sm_count - c->overlap_sms : 0);
+}
+
 static void cuda_destroy(void *ctx) {
     struct cuda_ctx *c = ctx_of(ctx);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -182,6 +192,7 @@ static const struct backend_i cuda_iface = {
     .synchronize = cuda_synchronize,
     .native_stream = cuda_native_stream,
     .memory_stats = cuda_memory_stats,
+    .overlap = cuda_overlap,
     .destroy = cuda_destroy,
     .vocab_embedding_fwd = cuda_vocab_embedding_fwd,
     .vocab_embedding_bwd = cuda_vocab_embedding_bwd,
@@ -218,6 +229,23 @@ static const struct backend_i cuda_iface = {
 };
 
 // ---- public entry points
+
+// TPTRAIN_OVERLAP_SMS: multiprocessors the products leave to collectives running beside them
+// (0, the default: none).
+static bool overlap_sms_from_env(int sm_count, int *out, char *err, size_t errlen) {
+    const char *v = getenv("TPTRAIN_OVERLAP_SMS");
+    *out = 0;
+    if (!v || !*v) return true;
+    char *end = NULL;
+    long n = strtol(v, &end, 10);
+    if (*end || n < 0 || n >= sm_count) {
+        snprintf(err, errlen, "TPTRAIN_OVERLAP_SMS=%s: must be an integer from 0 to %d (this device's "
+                 "multiprocessors less one); unset it to give the products every multiprocessor", v, sm_count - 1);
+        return false;
+    }
+    *out = (int)n;
+    return true;
+}
 
 extern "C" int backend_cuda_device_count(void) {
     int n = 0;
@@ -276,6 +304,13 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
             free(c);
             return false;
         }
+    }
+    step = "cudaDeviceGetAttribute (multiprocessors)";
+    if ((e = cudaDeviceGetAttribute(&c->sm_count, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
+        goto cuda_fail;
+    if (!overlap_sms_from_env(c->sm_count, &c->overlap_sms, err, errlen)) {
+        free(c);
+        return false;
     }
     step = "cudaStreamCreateWithFlags";
     if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)

@@ -37,6 +37,8 @@ struct nccl_ctx {
     cudaStream_t side;
     cudaEvent_t queued;  // recorded on the backend's stream: what a collective waits for
     cudaEvent_t done;    // recorded on the side stream: what the backend's stream waits for
+    int in_flight;       // nonblocking collectives started and not yet joined
+    struct backend be;   // told of them (backend_i.overlap)
 };
 
 // Aborting the communicator releases kernels that wait on dead peers, so the process can exit.
@@ -112,6 +114,15 @@ static void join(struct nccl_ctx *c) {
     if (!c->side) return;
     CUDA_CHECK(cudaEventRecord(c->done, c->side));
     CUDA_CHECK(cudaStreamWaitEvent(c->stream, c->done, 0));
+    if (c->in_flight && c->be.iface->overlap) c->be.iface->overlap(c->be.ctx, -c->in_flight);
+    c->in_flight = 0;
+}
+
+// A nonblocking collective goes on the side stream; the backend hears that it runs beside it.
+static void begin_nonblocking(struct nccl_ctx *c) {
+    make_side_stream(c);
+    c->in_flight++;
+    if (c->be.iface->overlap) c->be.iface->overlap(c->be.ctx, 1);
 }
 
 // ---- collectives
@@ -176,21 +187,21 @@ static void nccl_broadcast(void *ctx, void *buf, size_t count, enum comm_dtype d
 static void nccl_all_reduce_start(void *ctx, void *buf, size_t count, enum comm_dtype dt,
                                   enum comm_op op) {
     struct nccl_ctx *c = ctx_of(ctx);
-    make_side_stream(c);
+    begin_nonblocking(c);
     all_reduce_on(c, buf, count, dt, op);
 }
 
 static void nccl_reduce_scatter_start(void *ctx, void *out, const void *in, size_t count,
                                       enum comm_dtype dt, enum comm_op op) {
     struct nccl_ctx *c = ctx_of(ctx);
-    make_side_stream(c);
+    begin_nonblocking(c);
     reduce_scatter_on(c, out, in, count, dt, op);
 }
 
 static void nccl_all_gather_start(void *ctx, void *out, const void *in, size_t count,
                                   enum comm_dtype dt) {
     struct nccl_ctx *c = ctx_of(ctx);
-    make_side_stream(c);
+    begin_nonblocking(c);
     all_gather_on(c, out, in, count, dt);
 }
 
@@ -371,6 +382,7 @@ extern "C" bool comm_nccl_create(struct comm *out, const void *mpi_comm, struct 
     c->rank = rank;
     c->size = size;
     c->host = comm_mpi_create(mpi_comm, be);
+    c->be = be;
     int nrank = -1, ncount = -1;
     NCCL_CHECK(c, ncclCommUserRank(comm, &nrank));
     NCCL_CHECK(c, ncclCommCount(comm, &ncount));

@@ -71,6 +71,9 @@ struct cuda_ctx {
     void *scratch;             // (scratch_bytes) reduction partials; grows, never shrinks
     size_t scratch_bytes;
     bool warned_gemm_fallback; // the bf16 product fallback has been reported once
+    int overlap;               // collectives running beside the stream (backend_i.overlap)
+    int overlap_sms;           // products leave this many multiprocessors to them (TPTRAIN_OVERLAP_SMS)
+    int sm_count;              // the device's multiprocessors
     // memory_stats: what this backend cudaMalloc'd itself (alloc's buffers, scratch, workspaces)
     size_t mem_now, mem_peak;
     struct cuda_alloc_rec *allocs; // (n_allocs) live alloc buffers, capacity cap_allocs

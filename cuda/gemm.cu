@@ -72,6 +72,7 @@ struct gemm_key {
     int product; // enum gemm_product
     int N, IC, OC;
     int epi; // enum gemm_epi
+    int sms; // multiprocessors targeted, 0 = all (gemm_set_sm_target)
 };
 
 // A tuned way to compute one key: descriptors, the algorithm, and whether the elementwise part
@@ -104,6 +105,7 @@ struct gemm_ctx {
     cudaEvent_t ev[GEMM_TIME_REPS + 1];
     struct gemm_entry *cache; // (ncache) tuned keys, linear search: a model has a few dozen
     int ncache, cache_cap;
+    int sms; // the target new keys get (gemm_set_sm_target)
     char err[320];
 };
 
@@ -377,6 +379,11 @@ static cublasStatus_t entry_init(struct gemm_entry *e, const struct gemm_key *k,
             s = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
                                                &aux_ld, sizeof aux_ld);
     }
+    if (s == CUBLAS_STATUS_SUCCESS && k->sms > 0) {
+        int32_t sms = k->sms;
+        s = cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &sms,
+                                           sizeof sms);
+    }
     if (s != CUBLAS_STATUS_SUCCESS) entry_release(e);
     return s;
 }
@@ -593,7 +600,7 @@ static int g_nchoices, g_choices_cap;
 
 static bool key_equal(const struct gemm_key *a, const struct gemm_key *b) {
     return a->product == b->product && a->N == b->N && a->IC == b->IC && a->OC == b->OC &&
-           a->epi == b->epi;
+           a->epi == b->epi && a->sms == b->sms;
 }
 
 static const struct gemm_choice *choice_find(const struct gemm_key *k, int device, size_t ws) {
@@ -627,9 +634,7 @@ static void choice_record(const struct gemm_entry *e, int device, size_t ws) {
 static int lookup(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_call *c,
                   struct gemm_entry **out) {
     for (int i = 0; i < g->ncache; i++) {
-        const struct gemm_key *q = &g->cache[i].key;
-        if (q->product == k->product && q->N == k->N && q->IC == k->IC && q->OC == k->OC &&
-            q->epi == k->epi) {
+        if (key_equal(&g->cache[i].key, k)) {
             *out = &g->cache[i];
             return GEMM_OK;
         }
@@ -761,10 +766,12 @@ extern "C" void gemm_destroy(struct gemm_ctx *g) {
 
 extern "C" const char *gemm_last_error(const struct gemm_ctx *g) { return g ? g->err : ""; }
 
+extern "C" void gemm_set_sm_target(struct gemm_ctx *g, int sms) { g->sms = sms > 0 ? sms : 0; }
+
 extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const void *inp,
                         const void *w, const void *bias, int N, int IC, int OC) {
     struct gemm_key k = {GP_FWD, N, IC, OC,
-                         pre_gelu ? (bias ? GE_GELU_BIAS : GE_GELU) : (bias ? GE_BIAS : GE_NONE)};
+                         pre_gelu ? (bias ? GE_GELU_BIAS : GE_GELU) : (bias ? GE_BIAS : GE_NONE), g->sms};
     int rc = check_shape(g, &k);
     if (rc != GEMM_OK) return rc;
     if (!out || !inp || !w || misaligned(out) || misaligned(pre_gelu) || misaligned(inp) ||
@@ -779,7 +786,7 @@ extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const voi
 
 extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, const void *w,
                              const void *pre_gelu, int N, int IC, int OC) {
-    struct gemm_key k = {GP_BWD_DATA, N, IC, OC, pre_gelu ? GE_DGELU : GE_NONE};
+    struct gemm_key k = {GP_BWD_DATA, N, IC, OC, pre_gelu ? GE_DGELU : GE_NONE, g->sms};
     int rc = check_shape(g, &k);
     if (rc != GEMM_OK) return rc;
     if (!dinp || !dout || !w || misaligned(dinp) || misaligned(dout) || misaligned(w) ||
@@ -794,7 +801,7 @@ extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, c
 
 extern "C" int gemm_bwd_weight(struct gemm_ctx *g, float *dw, float *dbias, const void *dout,
                                const void *inp, int N, int IC, int OC) {
-    struct gemm_key k = {GP_BWD_WEIGHT, N, IC, OC, dbias ? GE_DBIAS : GE_NONE};
+    struct gemm_key k = {GP_BWD_WEIGHT, N, IC, OC, dbias ? GE_DBIAS : GE_NONE, g->sms};
     int rc = check_shape(g, &k);
     if (rc != GEMM_OK) return rc;
     if (!dw || !dout || !inp || misaligned(dw) || misaligned(dout) || misaligned(inp) ||

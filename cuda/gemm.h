@@ -37,6 +37,11 @@ struct gemm_ctx;
 struct gemm_ctx *gemm_create(void *stream, size_t workspace_bytes, char *err, size_t errlen);
 void gemm_destroy(struct gemm_ctx *g);
 
+// The multiprocessors later products are tuned for and run on: 0 (the default) means all of them;
+// n > 0 asks cuBLASLt for algorithms that use n (CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET), for when a
+// collective on another stream holds the rest. Each target has its own tuned algorithms.
+void gemm_set_sm_target(struct gemm_ctx *g, int sms);
+
 // A one-line description of the last failure (empty when none).
 const char *gemm_last_error(const struct gemm_ctx *g);
 

@@ -122,6 +122,10 @@ struct backend_i {
     void (*synchronize)(void *ctx);                          // waits for all queued work
     void *(*native_stream)(void *ctx);                       // (optional) cudaStream_t for NCCL; NULL on CPU
     void (*memory_stats)(void *ctx, struct backend_memory *out); // (optional) the memory it holds, see above
+    // (optional) collectives running beside this backend's queue: +n when a comm starts n on a side
+    // stream, -n when they are joined. While any run, the CUDA backend's products leave
+    // multiprocessors to them (TPTRAIN_OVERLAP_SMS).
+    void (*overlap)(void *ctx, int delta);
     void (*destroy)(void *ctx);
 
     // ---- embeddings (vocab-parallel: this rank holds rows [vocab_start, vocab_start + n_vocab) of wte)

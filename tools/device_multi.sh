@@ -11,9 +11,11 @@
 #             sequence parallelism and the distributed optimizer on (MULTI_SP_MESH), every run
 #             over NCCL
 #   overlap   what of the communication is not hidden: tptrain --bench model at tp = 2 over NCCL
-#             with sequence parallelism off and on (MULTI_OVERLAP_MODELS, CONFIG:MICRO_BATCH), and
-#             data parallelism (tp 1 x dp 2) trained with the gradient buckets (dp_bucket_mb 25,
-#             reduced during backward) against one bucket after backward (dp_bucket_mb 0)
+#             (MULTI_OVERLAP_MODELS, CONFIG:MICRO_BATCH) for each of MULTI_OVERLAP_RUNS
+#             (SEQUENCE_PARALLEL:TPTRAIN_OVERLAP_SMS:NCCL_MAX_CTAS, - for NCCL's own), and data
+#             parallelism (tp 1 x dp 2) trained for each of MULTI_DP_RUNS
+#             (DP_BUCKET_MB:TPTRAIN_OVERLAP_SMS:NCCL_MAX_CTAS): the gradient buckets (25 MiB, reduced
+#             during backward) against one bucket after backward (0)
 #   single    tools/device_attention.sh's stages SINGLE_STAGES (test sanitize) with SINGLE_TESTS
 #             (flash_attention) on GPU 0; the sanitize stage runs racecheck and synccheck, and
 #             memcheck over the suites of SINGLE_MEMCHECK (none by default)
@@ -75,33 +77,44 @@ mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENAB
 if stage overlap; then
     [ -x "$build/tptrain" ] || { meson setup "$build" -Dgpu_arch=90 && ninja -C "$build" tptrain; } >"$work/build.log" 2>&1
     export TPTRAIN_BENCH_ITERS=${OVERLAP_ITERS:-2+10}
+    # runs: SEQUENCE_PARALLEL:OVERLAP_SMS:NCCL_MAX_CTAS (- leaves NCCL its own choice)
     for mb in ${MULTI_OVERLAP_MODELS:-gpt2-124m:16 gpt-1.3b:8}; do
         c=${mb%%:*} B=${mb##*:}
-        for sp in false true; do
-            log=$work/overlap_${c}_sp_$sp.log
-            timeout 200 "${mpi[@]}" 2 "$build/tptrain" --bench model "configs/$c.yaml" --set parallel.tp=2 \
-                --set parallel.comm=nccl --set parallel.sequence_parallel=$sp --set train.micro_batch="$B" \
-                --set train.global_batch=0 >"$log" 2>&1 || status=1
-            echo "== $c B $B tp 2 over NCCL, sequence_parallel $sp"
-            grep -E "^whole step|^  median|^  communication|^communication not hidden|^attention|^mlp|^lm head" "$log"
+        for run in ${MULTI_OVERLAP_RUNS:-false:0:- true:0:-}; do
+            IFS=: read -r sp sms ctas <<<"$run"
+            log=$work/overlap_${c}_sp_${sp}_sms${sms}_ctas$ctas.log
+            ( export TPTRAIN_OVERLAP_SMS=$sms
+              xs=(-x TPTRAIN_OVERLAP_SMS)
+              [ "$ctas" = - ] || { export NCCL_MAX_CTAS=$ctas NCCL_MIN_CTAS=$ctas; xs+=(-x NCCL_MAX_CTAS -x NCCL_MIN_CTAS); }
+              timeout 200 "${mpi[@]}" 2 "${xs[@]}" "$build/tptrain" --bench model "configs/$c.yaml" --set parallel.tp=2 \
+                --set parallel.comm=nccl --set parallel.sequence_parallel="$sp" --set train.micro_batch="$B" \
+                --set train.global_batch=0 ) >"$log" 2>&1 || status=1
+            echo "== $c B $B tp 2 over NCCL, sequence_parallel $sp, TPTRAIN_OVERLAP_SMS $sms, NCCL_MAX_CTAS $ctas"
+            grep -E "^  median|^  communication|^communication not hidden|^attention|^mlp" "$log"
         done
     done | tee "$out/overlap.txt"
-    for mb in 25 0; do
-        timeout 200 "${mpi[@]}" 2 "$build/tptrain" configs/gpt2-124m.yaml --set parallel.dp=2 --set parallel.comm=nccl \
-            --set parallel.dp_bucket_mb=$mb --set train.micro_batch=16 --set train.grad_accum=1 \
+    for run in ${MULTI_DP_RUNS:-25:0:- 0:0:-}; do
+        IFS=: read -r mb sms ctas <<<"$run"
+        ( export TPTRAIN_OVERLAP_SMS=$sms
+          xs=(-x TPTRAIN_OVERLAP_SMS)
+          [ "$ctas" = - ] || { export NCCL_MAX_CTAS=$ctas NCCL_MIN_CTAS=$ctas; xs+=(-x NCCL_MAX_CTAS -x NCCL_MIN_CTAS); }
+          timeout 200 "${mpi[@]}" 2 "${xs[@]}" "$build/tptrain" configs/gpt2-124m.yaml --set parallel.dp=2 --set parallel.comm=nccl \
+            --set parallel.dp_bucket_mb="$mb" --set train.micro_batch=16 --set train.grad_accum=1 \
             --set train.global_batch=0 --set train.steps=30 --set train.warmup_steps=0 --set eval.every=0 \
-            --set 'data.val=""' --set checkpoint.dir= --set log.every=1 --set log.jsonl="$work/dp_bucket_$mb.jsonl" \
-            >"$work/dp_bucket_$mb.log" 2>&1 || status=1
+            --set 'data.val=""' --set checkpoint.dir= --set log.every=1 --set log.jsonl="$work/dp_$run.jsonl" \
+        ) >"$work/dp_$run.log" 2>&1 || status=1
     done
-    python3 - "$work" <<'PY' | tee -a "$out/overlap.txt"
+    python3 - "$work" ${MULTI_DP_RUNS:-25:0:- 0:0:-} <<'PY' | tee -a "$out/overlap.txt"
 import json, statistics, sys
 w = sys.argv[1]
-for mb in (25, 0):
+for run in sys.argv[2:]:
+    mb, sms, ctas = run.split(":")
     try:
-        ms = [json.loads(l)["ms"] for l in open(f"{w}/dp_bucket_{mb}.jsonl") if '"kind":"train"' in l]
+        ms = [json.loads(l)["ms"] for l in open(f"{w}/dp_{run}.jsonl") if '"kind":"train"' in l]
     except OSError:
-        print(f"dp 2, dp_bucket_mb {mb}: no log"); continue
-    print(f"gpt2-124m B 16, tp 1 x dp 2 over NCCL, dp_bucket_mb {mb}: median step {statistics.median(ms[5:]):.2f} ms over steps 6..{len(ms)}")
+        print(f"dp 2 {run}: no log"); continue
+    print(f"gpt2-124m B 16, tp 1 x dp 2 over NCCL, dp_bucket_mb {mb}, TPTRAIN_OVERLAP_SMS {sms}, NCCL_MAX_CTAS {ctas}: "
+          f"median step {statistics.median(ms[5:]):.2f} ms over steps 6..{len(ms)}")
 PY
 fi
 
