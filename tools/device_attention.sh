@@ -12,7 +12,7 @@
 # trains on the GPU, full recomputation) and torch_big (PyTorch's largest on the same shapes, every
 # block checkpointed: tools/torch_big.py); recompute (the step-time cost of recomputation). Also
 # memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID) and attn_*
-# (kernel variants).
+# (kernel variants; attn_env: tptrain alone with ATTN_ENV set, on ATTN_ENV_GRID).
 # Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
 set -u
 out=${OUT:-/tmp/out}
@@ -84,6 +84,11 @@ fi
 if stage attn; then
     timeout 300 python3 tools/attention_vs_sdpa.py --tptrain "$build/tptrain" --json "$out/attn_vs_sdpa.json" \
         ${ATTN_GRID:-16x12x64x1024 4x12x64x4096 16x16x128x1024 4x16x128x4096 2x16x128x8192 configs/gpt2-124m.yaml configs/gpt-1.3b.yaml} 2>&1 | tee "$out/attn.log" || status=1
+fi
+if stage attn_env; then
+    # tptrain alone under the environment of ATTN_ENV (e.g. TPTRAIN_ATTN_BWD_PERSIST=1) on ATTN_ENV_GRID
+    echo "== --bench attention with ${ATTN_ENV:-nothing set}"
+    env ${ATTN_ENV:-} timeout 120 "$build/tptrain" --bench attention ${ATTN_ENV_GRID:-} 2>&1 | tee -a "$out/attn_quick.log"
 fi
 if stage attn_split; then
     echo "== the Hopper backward in two kernels (TPTRAIN_ATTN_BWD=split)"
