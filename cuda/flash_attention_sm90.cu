@@ -553,77 +553,96 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     // consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31;
-    const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
-    if (PP && cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
-    int g = 0, i = 0;
-    for (int k = 0;; k++, i++) {
-        int w = f9_item(k, (int)gridDim.x);
-        if (w >= items) break;
-        int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
-        int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-        bool more = f9_item(k + 1, (int)gridDim.x) < items;
-        int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
+    if constexpr (PP) {
+        // Turns: one per tile of every item the block walks, plus a last one. A turn issues the
+        // output product of the previous tile (the previous item's last tile at an item's start)
+        // and the scores of the current tile back to back, so an item boundary is a turn like any
+        // other; after it the consumer writes the finished item's output (while the other
+        // consumer's turn runs), then runs the new tile's softmax.
+        const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
+        if (cw == 1) f9_named_arrive(1, 256);    // consumer 0 takes the first turn
         float o[D / 2];
 #pragma unroll
         for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-        const uint32_t qs = (uint32_t)i & 1u, q_done = q_empty + 8 * qs;
-        const uint64_t qdesc = f9_desc(sQ + qs * TILEB + (uint32_t)cw * 64 * 128, 16, 1024);
-        f9_mbar_wait(q_full + 8 * qs, (uint32_t)(i >> 1) & 1u);
-
-        if constexpr (PP) {
-            // turns: scores of tile 0; then the product of tile kt - 1 with the scores of tile kt;
-            // then the product of the last tile (the loop is peeled so that no product sits under a
-            // branch). Consumer 1's last turn of an item hands the first turn of the next to consumer 0.
-            uint32_t pa[F9_KN / 16][4]; // P of the previous tile as bf16 A fragments
-            float s[64];
-            f9_mbar_wait(k_full + 8 * (g & 1), (uint32_t)(g >> 1) & 1u);
-            f9_named_sync(mine, 256);
-            f9_wg_fence();
-            f9_scores<D>(s, qdesc, sK + (uint32_t)(g & 1) * TILEB);
-            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            f9_named_arrive(other, 256);
-            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-            f9_pin(s);
-            f9_mbar_arrive(k_empty + 8 * (g & 1));
-            if (nkt == 1) f9_mbar_arrive(q_done);
-            f9_softmax<D>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
-#pragma unroll
-            for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
-            for (int kt = 1; kt < nkt; kt++) {
+        uint32_t pa[F9_KN / 16][4]; // P of the previous tile as bf16 A fragments
+        float s[64];
+        bool have = false;           // pa and o hold a tile whose output product is still due
+        int pb = 0, ph = 0, pbh = 0, pr0 = 0; // the item o belongs to: batch, head, b * NH + h, first row
+        int g = 0, i = 0;
+        for (int k = 0;; k++, i++) {
+            int w = f9_item(k, (int)gridDim.x);
+            if (w >= items) break;
+            int qt = nqt - 1 - w / BH, bh = w % BH;
+            int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
+            int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
+            const uint32_t qs = (uint32_t)i & 1u;
+            const uint64_t qdesc = f9_desc(sQ + qs * TILEB + (uint32_t)cw * 64 * 128, 16, 1024);
+            f9_mbar_wait(q_full + 8 * qs, (uint32_t)(i >> 1) & 1u);
+            for (int kt = 0; kt < nkt; kt++) {
                 int gt = g + kt, st = gt & 1, pst = st ^ 1;
                 f9_mbar_wait(k_full + 8 * st, (uint32_t)(gt >> 1) & 1u);
-                f9_mbar_wait(v_full + 8 * pst, (uint32_t)((gt - 1) >> 1) & 1u);
+                if (have) f9_mbar_wait(v_full + 8 * pst, (uint32_t)((gt - 1) >> 1) & 1u);
                 f9_named_sync(mine, 256);
                 f9_pin(o);
                 f9_wg_fence();
-                f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
+                if (have) f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
                 f9_scores<D>(s, qdesc, sK + (uint32_t)st * TILEB);
                 asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
                 f9_named_arrive(other, 256);
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
                 f9_pin(o);
                 f9_pin(s);
-                f9_mbar_arrive(v_empty + 8 * pst);
+                if (have) f9_mbar_arrive(v_empty + 8 * pst);
                 f9_mbar_arrive(k_empty + 8 * st);
-                if (kt == nkt - 1) f9_mbar_arrive(q_done);
+                if (kt == nkt - 1) f9_mbar_arrive(q_empty + 8 * qs);
+                if (kt == 0 && have) { // the previous item is complete
+                    f9_fwd_epilogue<D>(out + (size_t)pb * T * out_stride + (size_t)ph * D, out_stride,
+                                       lse + (size_t)pbh * T, o, m, l, pr0, T, D, lane, scale_log2);
+#pragma unroll
+                    for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
+                    m[0] = m[1] = -INFINITY;
+                    l[0] = l[1] = 0.0f;
+                }
                 int k0 = kt * F9_KN;
                 f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
 #pragma unroll
                 for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+                have = true;
             }
-            int gl = g + nkt - 1, pst = gl & 1;
-            f9_mbar_wait(v_full + 8 * pst, (uint32_t)(gl >> 1) & 1u);
+            g += nkt;
+            pb = bh / NH, ph = bh % NH, pbh = bh, pr0 = r0;
+        }
+        if (have) { // the last tile's output product, then the last item's output
+            int pst = (g - 1) & 1;
+            f9_mbar_wait(v_full + 8 * pst, (uint32_t)((g - 1) >> 1) & 1u);
             f9_named_sync(mine, 256);
             f9_pin(o);
             f9_wg_fence();
             f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            if (cw == 0 || more) f9_named_arrive(other, 256); // the other consumer's next turn
+            if (cw == 0) f9_named_arrive(other, 256); // consumer 1's last turn
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             f9_pin(o);
             f9_mbar_arrive(v_empty + 8 * pst);
-        } else {
+            f9_fwd_epilogue<D>(out + (size_t)pb * T * out_stride + (size_t)ph * D, out_stride, lse + (size_t)pbh * T,
+                               o, m, l, pr0, T, D, lane, scale_log2);
+        }
+    } else {
+        int g = 0, i = 0;
+        for (int k = 0;; k++, i++) {
+            int w = f9_item(k, (int)gridDim.x);
+            if (w >= items) break;
+            int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
+            int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
+            int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
+            const uint32_t qs = (uint32_t)i & 1u;
+            const uint64_t qdesc = f9_desc(sQ + qs * TILEB + (uint32_t)cw * 64 * 128, 16, 1024);
+            float o[D / 2];
+#pragma unroll
+            for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
+            float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+            f9_mbar_wait(q_full + 8 * qs, (uint32_t)(i >> 1) & 1u);
             for (int kt = 0; kt < nkt; kt++) {
                 int gt = g + kt, st = gt & 1;
                 uint32_t ph = (uint32_t)(gt >> 1) & 1u, cb = (uint32_t)st * TILEB;
@@ -635,7 +654,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_wg_commit_wait();
                 f9_pin(s);
                 f9_mbar_arrive(k_empty + 8 * st);
-                if (kt == nkt - 1) f9_mbar_arrive(q_done);
+                if (kt == nkt - 1) f9_mbar_arrive(q_empty + 8 * qs);
                 f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
                 f9_mbar_wait(v_full + 8 * st, ph);
                 uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
@@ -648,10 +667,10 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_pin(o);
                 f9_mbar_arrive(v_empty + 8 * st); // this thread's reads of stage st are done
             }
+            g += nkt;
+            f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T,
+                               o, m, l, r0, T, D, lane, scale_log2);
         }
-        g += nkt;
-        f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T,
-                           o, m, l, r0, T, D, lane, scale_log2);
     }
 }
 
@@ -1032,10 +1051,9 @@ __device__ __forceinline__ static void f9_bwd_kv_init(uint32_t kv_full, uint32_t
     __syncthreads();
 }
 
-// The producer warpgroup of a key-block backward kernel, for one key block (its first query tile is
-// the block's g0-th): thread 0 copies the block's K and V (128 rows) into their stage once the
-// consumers are done with the stage's last use (kv_empty; kv_use: the stage's earlier uses), then
-// each 64-query tile's Q and dO into
+// The producer warpgroup of a key-block backward kernel, for one key block (the block's item-th;
+// its first query tile is the block's g0-th): thread 0 copies the block's K and V (128 rows) once
+// the consumers are done with the last item's (kv_empty), then each 64-query tile's Q and dO into
 // a stage; threads 64..127 stage the tile's log-sum-exp and D (lse_h, D_h: the head's) into Lf,
 // Df and arrive on the same "full" barrier. Threads 1..63 do not call this. The caller has lowered
 // the warpgroup's registers.
@@ -1044,10 +1062,10 @@ __device__ __forceinline__ static void
 f9_bwd_kv_producer(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtensorMap *tmv, const CUtensorMap *tmdo,
                    uint32_t sK, uint32_t sV, uint32_t sQ, uint32_t sdO, float *Lf, float *Df, uint32_t kv_full,
                    uint32_t kv_empty, uint32_t full, uint32_t empty, const float *lse_h, const float *D_h, int col,
-                   int b, int k0, int qt0, int nqt, int T, int tid, int kv_use, int g0) {
+                   int b, int k0, int qt0, int nqt, int T, int tid, int item, int g0) {
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2;
     if (tid == 0) {
-        if (kv_use > 0) f9_mbar_wait(kv_empty, (uint32_t)(kv_use - 1) & 1u);
+        if (item > 0) f9_mbar_wait(kv_empty, (uint32_t)(item - 1) & 1u);
         f9_mbar_expect_tx(kv_full, 2 * KB);
         f9_tma_tile<D, F9_ROWS>(sK, tmk, col, k0, b, kv_full);
         f9_tma_tile<D, F9_ROWS>(sV, tmv, col, k0, b, kv_full);
@@ -1156,9 +1174,6 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
 // accumulator * scale in bf16.
 
 #define F9_DQ_TILE(D) (F9_BT * (D)) // floats of one query tile of the accumulator
-// K and V stages: at head size 64 two (the next item's K and V come in while the current item's
-// last query tiles run); at 128 one, since two would not fit beside the dq stages (225 KB)
-#define F9_BWD_KV_STAGES(D) ((D) == 64 ? 2 : 1)
 
 // D = rowsum(dout * out) of 128 rows; grid (B*NH, ceil(T/128)), 256 threads, each taking 16-byte
 // chunks of rows (D / 8 neighbouring threads share a row; every load issued before the sums).
@@ -1288,19 +1303,16 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     // acc (B*NH, ceil(T/64) tiles of F9_DQ_TILE(D)) fp32; sem (B*NH, ceil(T/64)) counters; ordered
     // 0 (measurements only): the partials added as they come, in no fixed order
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2, SB = F9_ROWS * F9_BT * 2;
-    constexpr int KVS = F9_BWD_KV_STAGES(D);
     extern __shared__ __align__(1024) unsigned char f9_smem[];
     unsigned char *aligned =
         f9_smem + (((f9_smem_u32(f9_smem) + 1023u) & ~1023u) - f9_smem_u32(f9_smem));
     const uint32_t base = f9_smem_u32(aligned);
-    // K and V of stage s at base + s * 2 * KB (K, then V)
-    const uint32_t sQ = base + KVS * 2 * KB, sdO = sQ + 2 * QB, sS = sdO + 2 * QB;
+    const uint32_t sK = base, sV = sK + KB, sQ = sV + KB, sdO = sQ + 2 * QB, sS = sdO + 2 * QB;
     const uint32_t sL = sS + 2 * SB, sD = sL + 2 * 256; // 64 floats a stage each
     const uint32_t dqs = sD + 2 * 256; // the dq partials, two stages of F9_DQ_TILE(D) floats
     const uint32_t bars = dqs + 2 * F9_DQ_TILE(D) * 4;
     const uint32_t kv_full = bars, full = bars + 8, empty = bars + 24;
     const uint32_t dq_full = bars + 40, dq_empty = bars + 56, kv_empty = bars + 72; // two stages each, then one
-    // K and V's second stage: kv_full and kv_empty at 80 and 88 (KVS 2)
     float *Lf = reinterpret_cast<float *>(aligned + (sL - base));
     float *Df = reinterpret_cast<float *>(aligned + (sD - base));
 
@@ -1312,12 +1324,8 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             f9_mbar_init(dq_empty + 8 * st, 1);
         }
         f9_mbar_init(kv_empty, 2 * 128);
-        if (KVS == 2) {
-            f9_mbar_init(bars + 80, 1);
-            f9_mbar_init(bars + 88, 2 * 128);
-        }
     }
-    f9_bwd_kv_init(kv_full, full, empty, tid); // its fence and block barrier cover the ones above
+    f9_bwd_kv_init(kv_full, full, empty, tid); // its fence and block barrier cover the three above
     // every role walks the same items; g counts the block's query tiles across them (stages, phases)
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -1327,14 +1335,13 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             int w = f9_item(k, G);
             if (w >= items) break;
             int kb = w / BH, bh = w % BH, qt0 = kb * F9_ROWS / F9_BT;
-            const uint32_t kvs = KVS == 2 ? (uint32_t)i & 1u : 0u, sK = base + kvs * 2 * KB;
             if (tid == 32)
                 f9_bwd_dq_writer<D>(acc + (size_t)bh * nqt * F9_DQ_TILE(D), sem + (size_t)bh * nqt, dqs, dq_full,
                                     dq_empty, kb, qt0, nqt, ordered != 0, g);
             else
-                f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sK + KB, sQ, sdO, Lf, Df, kv_full + kvs * 80,
-                                      kv_empty + kvs * 16, full, empty, lse + (size_t)bh * T, Dv + (size_t)bh * T,
-                                      (bh % NH) * D, bh / NH, kb * F9_ROWS, qt0, nqt, T, tid, i / KVS, g);
+                f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, kv_empty, full,
+                                      empty, lse + (size_t)bh * T, Dv + (size_t)bh * T, (bh % NH) * D, bh / NH,
+                                      kb * F9_ROWS, qt0, nqt, T, tid, i, g);
             g += nqt - qt0;
         }
         return;
@@ -1355,8 +1362,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         float dka[D / 2], dva[D / 2];
 #pragma unroll
         for (int j = 0; j < D / 2; j++) dka[j] = dva[j] = 0.0f;
-        const uint32_t kvs = KVS == 2 ? (uint32_t)i & 1u : 0u, sK = base + kvs * 2 * KB, sV = sK + KB;
-        f9_mbar_wait(kv_full + kvs * 80, (uint32_t)(i / KVS) & 1u);
+        f9_mbar_wait(kv_full, (uint32_t)i & 1u);
 
         for (int qt = qt0; qt < nqt; qt++) {
             int gt = g + qt - qt0, st = gt & 1;
@@ -1404,7 +1410,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             f9_fence_async(); // the partial, visible to the writer's bulk copy
             f9_mbar_arrive(dq_full + 8 * st);
         }
-        f9_mbar_arrive(kv_empty + kvs * 16); // every product of the item has read its K and V
+        f9_mbar_arrive(kv_empty); // every product of the item has read K and V
         g += nqt - qt0;
         const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
         size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
@@ -1617,8 +1623,8 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     f9_bwd_pre_kernel<D><<<grid, F9_NT, 0, st>>>(Dv, sem, ordered ? NULL : acc, dout, out, T, NH,
                                                   (size_t)out_stride, nq64);
     if (cudaGetLastError() != cudaSuccess) return 2;
-    size_t smem = 2 * (size_t)F9_BWD_KV_STAGES(D) * F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 +
-                  2 * (size_t)F9_ROWS * F9_BT * 2 + 4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 96 bytes
+    size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 2 * (size_t)F9_ROWS * F9_BT * 2 +
+                  4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 80 bytes
     if (cudaFuncSetAttribute((const void *)f9_bwd_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)smem) != cudaSuccess) {
         (void)cudaGetLastError();
