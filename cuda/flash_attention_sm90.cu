@@ -490,17 +490,17 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     constexpr int TILEB = F9_ROWS * D * 2; // a 128-row tile
     extern __shared__ __align__(1024) unsigned char f9_smem[];
     const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
-    const uint32_t sQ = base, sK = sQ + 2 * TILEB, sV = sK + 2 * TILEB; // Q, K, V: two stages each
-    const uint32_t bars = sV + 2 * TILEB;                                // 8-byte mbarriers, two of each:
-    const uint32_t q_full = bars, k_full = bars + 16, v_full = bars + 32, k_empty = bars + 48,
-                   v_empty = bars + 64, q_empty = bars + 80;
+    const uint32_t sQ = base, sK = sQ + TILEB, sV = sK + 2 * TILEB; // K, V: two stages
+    const uint32_t bars = sV + 2 * TILEB;                            // 8-byte mbarriers:
+    const uint32_t q_full = bars, k_full = bars + 8, v_full = bars + 24, k_empty = bars + 40,
+                   v_empty = bars + 56, q_empty = bars + 72;
 
     int tid = (int)threadIdx.x, wg = tid >> 7;
     const int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = BH * nqt;
     if (tid == 0) {
+        f9_mbar_init(q_full, 1);
+        f9_mbar_init(q_empty, 2 * 128);
         for (int st = 0; st < 2; st++) {
-            f9_mbar_init(q_full + 8 * st, 1);
-            f9_mbar_init(q_empty + 8 * st, 2 * 128);
             f9_mbar_init(k_full + 8 * st, 1);
             f9_mbar_init(v_full + 8 * st, 1);
             f9_mbar_init(k_empty + 8 * st, 2 * 128);
@@ -513,9 +513,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     // Persistent: a block per multiprocessor; item w (query tile nqt - 1 - w / BH, the longest first,
     // of head w % BH) goes to the block f9_item assigns it. K and V stages are counted across items
     // (g), so the producer brings in the next item's Q, K and V while the consumers finish the
-    // current one; Q has two stages (item i uses stage i & 1), so the next item's Q is asked for as
-    // soon as the current item's last K and V are, not when its last scores are done, and its
-    // latency is hidden under the current item's last turns and epilogue.
+    // current one.
     if (wg == 0) { // producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
@@ -525,12 +523,11 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 if (w >= items) break;
                 int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, col = (bh % NH) * D;
                 int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-                const uint32_t qs = (uint32_t)i & 1u, qf = q_full + 8 * qs;
-                if (i >= 2) f9_mbar_wait(q_empty + 8 * qs, (uint32_t)((i >> 1) - 1) & 1u); // item i - 2's scores are done
-                f9_mbar_expect_tx(qf, TILEB);
+                if (i >= 1) f9_mbar_wait(q_empty, (uint32_t)(i - 1) & 1u); // the last item's scores are done
+                f9_mbar_expect_tx(q_full, TILEB);
 #pragma unroll
                 for (int kb = 0; kb < D / 64; kb++)
-                    f9_tma_load(sQ + qs * TILEB + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, qf);
+                    f9_tma_load(sQ + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, q_full);
                 for (int kt = 0; kt < nkt; kt++, g++) {
                     int st = g & 1;
                     uint32_t kf = k_full + 8 * st, vf = v_full + 8 * st;
@@ -553,96 +550,76 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     // consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31;
-    if constexpr (PP) {
-        // Turns: one per tile of every item the block walks, plus a last one. A turn issues the
-        // output product of the previous tile (the previous item's last tile at an item's start)
-        // and the scores of the current tile back to back, so an item boundary is a turn like any
-        // other; after it the consumer writes the finished item's output (while the other
-        // consumer's turn runs), then runs the new tile's softmax.
-        const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
-        if (cw == 1) f9_named_arrive(1, 256);    // consumer 0 takes the first turn
+    const uint64_t qdesc = f9_desc(sQ + (uint32_t)cw * 64 * 128, 16, 1024);
+    const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
+    if (PP && cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
+    int g = 0, i = 0;
+    for (int k = 0;; k++, i++) {
+        int w = f9_item(k, (int)gridDim.x);
+        if (w >= items) break;
+        int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
+        int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
+        bool more = f9_item(k + 1, (int)gridDim.x) < items;
+        int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
         float o[D / 2];
 #pragma unroll
         for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-        uint32_t pa[F9_KN / 16][4]; // P of the previous tile as bf16 A fragments
-        float s[64];
-        bool have = false;           // pa and o hold a tile whose output product is still due
-        int pb = 0, ph = 0, pbh = 0, pr0 = 0; // the item o belongs to: batch, head, b * NH + h, first row
-        int g = 0, i = 0;
-        for (int k = 0;; k++, i++) {
-            int w = f9_item(k, (int)gridDim.x);
-            if (w >= items) break;
-            int qt = nqt - 1 - w / BH, bh = w % BH;
-            int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-            int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
-            const uint32_t qs = (uint32_t)i & 1u;
-            const uint64_t qdesc = f9_desc(sQ + qs * TILEB + (uint32_t)cw * 64 * 128, 16, 1024);
-            f9_mbar_wait(q_full + 8 * qs, (uint32_t)(i >> 1) & 1u);
-            for (int kt = 0; kt < nkt; kt++) {
+        f9_mbar_wait(q_full, (uint32_t)i & 1u);
+
+        if constexpr (PP) {
+            // turns: scores of tile 0; then the product of tile kt - 1 with the scores of tile kt;
+            // then the product of the last tile (the loop is peeled so that no product sits under a
+            // branch). Consumer 1's last turn of an item hands the first turn of the next to consumer 0.
+            uint32_t pa[F9_KN / 16][4]; // P of the previous tile as bf16 A fragments
+            float s[64];
+            f9_mbar_wait(k_full + 8 * (g & 1), (uint32_t)(g >> 1) & 1u);
+            f9_named_sync(mine, 256);
+            f9_wg_fence();
+            f9_scores<D>(s, qdesc, sK + (uint32_t)(g & 1) * TILEB);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            f9_named_arrive(other, 256);
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            f9_pin(s);
+            f9_mbar_arrive(k_empty + 8 * (g & 1));
+            if (nkt == 1) f9_mbar_arrive(q_empty);
+            f9_softmax<D>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
+#pragma unroll
+            for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
+            for (int kt = 1; kt < nkt; kt++) {
                 int gt = g + kt, st = gt & 1, pst = st ^ 1;
                 f9_mbar_wait(k_full + 8 * st, (uint32_t)(gt >> 1) & 1u);
-                if (have) f9_mbar_wait(v_full + 8 * pst, (uint32_t)((gt - 1) >> 1) & 1u);
+                f9_mbar_wait(v_full + 8 * pst, (uint32_t)((gt - 1) >> 1) & 1u);
                 f9_named_sync(mine, 256);
                 f9_pin(o);
                 f9_wg_fence();
-                if (have) f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
+                f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
                 f9_scores<D>(s, qdesc, sK + (uint32_t)st * TILEB);
                 asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
                 f9_named_arrive(other, 256);
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
                 f9_pin(o);
                 f9_pin(s);
-                if (have) f9_mbar_arrive(v_empty + 8 * pst);
+                f9_mbar_arrive(v_empty + 8 * pst);
                 f9_mbar_arrive(k_empty + 8 * st);
-                if (kt == nkt - 1) f9_mbar_arrive(q_empty + 8 * qs);
-                if (kt == 0 && have) { // the previous item is complete
-                    f9_fwd_epilogue<D>(out + (size_t)pb * T * out_stride + (size_t)ph * D, out_stride,
-                                       lse + (size_t)pbh * T, o, m, l, pr0, T, D, lane, scale_log2);
-#pragma unroll
-                    for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
-                    m[0] = m[1] = -INFINITY;
-                    l[0] = l[1] = 0.0f;
-                }
+                if (kt == nkt - 1) f9_mbar_arrive(q_empty);
                 int k0 = kt * F9_KN;
                 f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
 #pragma unroll
                 for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
-                have = true;
             }
-            g += nkt;
-            pb = bh / NH, ph = bh % NH, pbh = bh, pr0 = r0;
-        }
-        if (have) { // the last tile's output product, then the last item's output
-            int pst = (g - 1) & 1;
-            f9_mbar_wait(v_full + 8 * pst, (uint32_t)((g - 1) >> 1) & 1u);
+            int gl = g + nkt - 1, pst = gl & 1;
+            f9_mbar_wait(v_full + 8 * pst, (uint32_t)(gl >> 1) & 1u);
             f9_named_sync(mine, 256);
             f9_pin(o);
             f9_wg_fence();
             f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            if (cw == 0) f9_named_arrive(other, 256); // consumer 1's last turn
+            if (cw == 0 || more) f9_named_arrive(other, 256); // the other consumer's next turn
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             f9_pin(o);
             f9_mbar_arrive(v_empty + 8 * pst);
-            f9_fwd_epilogue<D>(out + (size_t)pb * T * out_stride + (size_t)ph * D, out_stride, lse + (size_t)pbh * T,
-                               o, m, l, pr0, T, D, lane, scale_log2);
-        }
-    } else {
-        int g = 0, i = 0;
-        for (int k = 0;; k++, i++) {
-            int w = f9_item(k, (int)gridDim.x);
-            if (w >= items) break;
-            int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
-            int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-            int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
-            const uint32_t qs = (uint32_t)i & 1u;
-            const uint64_t qdesc = f9_desc(sQ + qs * TILEB + (uint32_t)cw * 64 * 128, 16, 1024);
-            float o[D / 2];
-#pragma unroll
-            for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
-            float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-            f9_mbar_wait(q_full + 8 * qs, (uint32_t)(i >> 1) & 1u);
+        } else {
             for (int kt = 0; kt < nkt; kt++) {
                 int gt = g + kt, st = gt & 1;
                 uint32_t ph = (uint32_t)(gt >> 1) & 1u, cb = (uint32_t)st * TILEB;
@@ -654,7 +631,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_wg_commit_wait();
                 f9_pin(s);
                 f9_mbar_arrive(k_empty + 8 * st);
-                if (kt == nkt - 1) f9_mbar_arrive(q_empty + 8 * qs);
+                if (kt == nkt - 1) f9_mbar_arrive(q_empty);
                 f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
                 f9_mbar_wait(v_full + 8 * st, ph);
                 uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
@@ -667,10 +644,10 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_pin(o);
                 f9_mbar_arrive(v_empty + 8 * st); // this thread's reads of stage st are done
             }
-            g += nkt;
-            f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T,
-                               o, m, l, r0, T, D, lane, scale_log2);
         }
+        g += nkt;
+        f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T,
+                           o, m, l, r0, T, D, lane, scale_log2);
     }
 }
 
@@ -1479,7 +1456,7 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
         !f9_tensor_map(&mk, k, cols, T, B, qkv_stride, F9_ROWS) ||
         !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, F9_ROWS))
         return -1; // the caller falls back to the cp.async kernel
-    size_t smem = 6 * (size_t)F9_ROWS * D * 2 + 1024 + 128;
+    size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024 + 128;
     if (cudaFuncSetAttribute((const void *)f9_fwd_ws_kernel<D, PP>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
         (void)cudaGetLastError();
