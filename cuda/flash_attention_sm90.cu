@@ -206,24 +206,6 @@ __device__ __forceinline__ static void wg_ss_n64(float (&d)[32], uint64_t da, ui
                  : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
 }
 
-// The first 64 columns of a 64 x 128 accumulator (d[0..31]: the m64n128 and m64n64 fragments
-// agree on them) = (scale_d ? d : 0) + A . B^T over the first 64 rows of B, operands as in
-// wg_ss_n128; d[32..63] are left as they are.
-__device__ __forceinline__ static void wg_ss_n64_lo(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, "
-                 "%8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, %30, %31"
-                 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(da), "l"(db), "r"(scale_d));
-}
-
 // d (64 x 64 fp32) += A . B, A (64 x 16 bf16) in registers as four mma.sync-style fragments,
 // B (16 x 64 bf16) MN-major in shared memory (descriptor db, transposed).
 __device__ __forceinline__ static void wg_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
@@ -343,25 +325,22 @@ __device__ __forceinline__ static void f9_fwd_epilogue(f9_bf16 *out, size_t out_
 }
 
 // Issues S (64 x 128) = Q K^T over the head's columns, 16 at a time (qdesc: the warpgroup's Q
-// rows; sKs: the K stage). HALF: only the tile's first 64 keys (s[0..31]; the rest is left for the
-// causal mask to clear), for the first warpgroup's rows on the diagonal tile, which see no later key.
-template <int D, bool HALF = false>
+// rows; sKs: the K stage).
+template <int D>
 __device__ __forceinline__ static void f9_scores(float (&s)[64], uint64_t qdesc, uint32_t sKs) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         uint32_t off = (uint32_t)((kk >> 2) * (F9_ROWS * 128) + (kk & 3) * 32);
-        if constexpr (HALF) wg_ss_n64_lo(s, qdesc + (off >> 4), f9_desc(sKs + off, 16, 1024), kk > 0);
-        else wg_ss_n128(s, qdesc + (off >> 4), f9_desc(sKs + off, 16, 1024), kk > 0);
+        wg_ss_n128(s, qdesc + (off >> 4), f9_desc(sKs + off, 16, 1024), kk > 0);
     }
 }
 
-// Issues O += P V, 16 keys at a time (pa: P's A fragments; sVs: the V stage, read transposed);
-// HALF: the first 64 keys only (their P is all that is not zero).
-template <int D, bool HALF = false>
+// Issues O += P V, 16 keys at a time (pa: P's A fragments; sVs: the V stage, read transposed).
+template <int D>
 __device__ __forceinline__ static void f9_pv_tile(float (&o)[D / 2], const uint32_t (&pa)[F9_KN / 16][4],
                                                   uint32_t sVs) {
 #pragma unroll
-    for (int kc = 0; kc < (HALF ? F9_KN / 32 : F9_KN / 16); kc++)
+    for (int kc = 0; kc < F9_KN / 16; kc++)
         f9_pv<D>(o, pa[kc], f9_desc(sVs + (uint32_t)kc * 16 * 128, F9_ROWS * 128, 1024));
 }
 
@@ -596,15 +575,9 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             float s[64];
             f9_mbar_wait(k_full + 8 * (g & 1), (uint32_t)(g >> 1) & 1u);
             f9_named_sync(mine, 256);
-            if (nkt == 1 && cw == 0) { // the diagonal tile: the first warpgroup's rows see its first 64 keys
-                f9_wg_fence();
-                f9_scores<D, true>(s, qdesc, sK + (uint32_t)(g & 1) * TILEB);
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            } else {
-                f9_wg_fence();
-                f9_scores<D>(s, qdesc, sK + (uint32_t)(g & 1) * TILEB);
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            }
+            f9_wg_fence();
+            f9_scores<D>(s, qdesc, sK + (uint32_t)(g & 1) * TILEB);
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             f9_named_arrive(other, 256);
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             f9_pin(s);
@@ -619,17 +592,10 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_mbar_wait(v_full + 8 * pst, (uint32_t)((gt - 1) >> 1) & 1u);
                 f9_named_sync(mine, 256);
                 f9_pin(o);
-                if (kt == nkt - 1 && cw == 0) {
-                    f9_wg_fence();
-                    f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
-                    f9_scores<D, true>(s, qdesc, sK + (uint32_t)st * TILEB);
-                    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-                } else {
-                    f9_wg_fence();
-                    f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
-                    f9_scores<D>(s, qdesc, sK + (uint32_t)st * TILEB);
-                    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-                }
+                f9_wg_fence();
+                f9_pv_tile<D>(o, pa, sV + (uint32_t)pst * TILEB);
+                f9_scores<D>(s, qdesc, sK + (uint32_t)st * TILEB);
+                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
                 f9_named_arrive(other, 256);
                 asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
                 f9_pin(o);
