@@ -814,6 +814,17 @@ static int fa_bwd_ws_mode(void) {
     return e && strcmp(e, "unordered") == 0 ? 3 : 1; // unordered: measurements only
 }
 
+// Whether the one-kernel Hopper backward runs persistent blocks: -1 as measured best for T (the
+// default), TPTRAIN_ATTN_BWD_PERSIST=0 or 1 one way at every T, for measuring.
+static int fa_bwd_persist(void) {
+    static int mode = -2;
+    if (mode == -2) {
+        const char *e = getenv("TPTRAIN_ATTN_BWD_PERSIST");
+        mode = e && *e ? strcmp(e, "0") != 0 : -1;
+    }
+    return mode;
+}
+
 static bool fa_sm90(int HS) {
 #ifdef FA_HAVE_SM90
     if (fa_portable_forced || HS > 128) return false;
@@ -892,7 +903,7 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
-                                        NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode()) == 0
+                                        NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode(), fa_bwd_persist()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel

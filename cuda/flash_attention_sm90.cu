@@ -1582,7 +1582,8 @@ template <int D>
 static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf16 *dv,
                                const f9_bf16 *dout, const f9_bf16 *q, const f9_bf16 *k,
                                const f9_bf16 *v, const f9_bf16 *out, const float *lse, float *scratch,
-                               int B, int T, int NH, int qkv_stride, int out_stride, int ordered) {
+                               int B, int T, int NH, int qkv_stride, int out_stride, int ordered,
+                               int persist_mode) {
     CUtensorMap mq, mk, mv, mdo;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, 64) ||
@@ -1609,15 +1610,10 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     }
     // persistent (a block per multiprocessor) for short sequences, where a block's fixed costs are a
     // large share of its work; a block per item beyond (measured: at T 2048 and 4096 the persistent blocks'
-    // fixed order of items costs more in waits on the key-block order than it saves). The
-    // environment's TPTRAIN_ATTN_BWD_PERSIST=0/1 overrides, for measuring.
+    // fixed order of items costs more in waits on the key-block order than it saves); persist_mode
+    // 0 or 1 decides instead, for measuring.
     int items = B * NH * ((T + F9_ROWS - 1) / F9_ROWS);
-    static int persist_env = -2;
-    if (persist_env == -2) {
-        const char *e = getenv("TPTRAIN_ATTN_BWD_PERSIST");
-        persist_env = e && *e ? atoi(e) != 0 : -1;
-    }
-    bool persist = persist_env >= 0 ? persist_env == 1 : T <= 1024;
+    bool persist = persist_mode >= 0 ? persist_mode == 1 : T <= 1024;
     f9_bwd_ws_kernel<D><<<(unsigned)(persist ? min(items, f9_sm_count()) : items), F9_WS_NT, smem, st>>>(
         mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH, B * NH, (size_t)qkv_stride, scale, scale_log2, ordered);
     if (cudaGetLastError() != cudaSuccess) return 2;
@@ -1629,7 +1625,7 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
                                         const void *dout, const void *q, const void *k,
                                         const void *v, const void *out, const float *lse,
                                         float *scratch, int B, int T, int NH, int HS,
-                                        int qkv_stride, int out_stride, int allow_ws) {
+                                        int qkv_stride, int out_stride, int allow_ws, int persist) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *a = (f9_bf16 *)dq, *b = (f9_bf16 *)dk, *c = (f9_bf16 *)dv;
     const f9_bf16 *g = (const f9_bf16 *)dout, *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k,
@@ -1640,10 +1636,10 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
     bool fused = allow_ws == 1 || allow_ws == 3, ordered = allow_ws == 1;
     if (ws && fused && HS == 64)
         rc = f9_bwd_fused_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                     out_stride, ordered);
+                                     out_stride, ordered, persist);
     if (ws && fused && HS == 128)
         rc = f9_bwd_fused_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                      out_stride, ordered);
+                                      out_stride, ordered, persist);
     if (rc >= 0) return rc;
     if (ws && HS == 64)
         rc = f9_bwd_ws_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,

@@ -1,7 +1,8 @@
 // test_gemm.c: the cuBLASLt linear-layer products (cuda/gemm.cu) against an fp32 host reference:
 // every product and epilogue (none, bias, GELU with its pre-activation, GELU's derivative, weight
-// gradient with and without bias gradient, accumulation onto nonzero gradients), a small odd
-// shape, argument checks, bitwise repeatability, and that the GELU is the tanh approximation.
+// gradient with and without bias gradient, accumulation onto nonzero gradients), the same
+// products tuned for fewer multiprocessors (gemm_set_sm_target), a small odd shape, argument
+// checks, bitwise repeatability, and that the GELU is the tanh approximation.
 //
 // Inputs are drawn ~N(0, 1) and rounded to bf16 once; the reference runs in double on exactly
 // those values, so the comparison measures the products' own rounding (bf16 outputs: the
@@ -93,6 +94,10 @@ struct ctx {
     struct gemm_ctx *g;
 };
 
+// The multiprocessors the products of a test's contexts target (0: all); each test runs in a
+// process of its own, so setting it affects that test only.
+static int sm_target;
+
 static struct ctx ctx_open(void) {
     struct ctx c;
     cr_assert_eq(cudaStreamCreate(&c.stream), cudaSuccess);
@@ -100,6 +105,7 @@ static struct ctx ctx_open(void) {
     c.g = gemm_create(c.stream, WS_BYTES, err, sizeof err);
     cr_assert_not_null(c.g, "gemm_create failed: %s", err);
     cr_assert_str_empty(gemm_last_error(c.g));
+    gemm_set_sm_target(c.g, sm_target);
     return c;
 }
 
@@ -290,6 +296,15 @@ Test(gemm, bwd_data_dgelu) { check_bwd_data(256, 320, 192, true, 6); }
 Test(gemm, bwd_weight_plain) { check_bwd_weight(256, 192, 320, false, 1, 7); }
 Test(gemm, bwd_weight_dbias) { check_bwd_weight(256, 192, 320, true, 1, 8); }
 Test(gemm, bwd_weight_accumulates) { check_bwd_weight(200, 64, 96, true, 3, 9); }
+
+// What a product runs beside a collective with (TPTRAIN_OVERLAP_SMS): algorithms chosen for 32
+// multiprocessors compute the same products.
+Test(gemm, fewer_multiprocessors) {
+    sm_target = 32;
+    check_fwd(256, 192, 320, true, true, 11);
+    check_bwd_data(256, 320, 192, true, 12);
+    check_bwd_weight(256, 192, 320, true, 2, 13);
+}
 
 Test(gemm, odd_shape_N7_IC8_OC24) {
     check_fwd(7, 8, 24, false, false, 10);
