@@ -795,6 +795,19 @@ static int fa_ws_allowed(void) {
 
 extern "C" void flash_attention_set_hopper_pingpong(int on) { fa_hopper_pingpong = on != 0; }
 
+static int fa_hopper_order = -1; // -1: not decided yet (TPTRAIN_ATTN_ORDER=pairs: 1)
+
+extern "C" void flash_attention_set_hopper_order(int pairs) { fa_hopper_order = pairs != 0; }
+
+// The persistent Hopper forward's walk over the items, as flash_attention_sm90_fwd takes it.
+static int fa_fwd_order(void) {
+    if (fa_hopper_order < 0) {
+        const char *e = getenv("TPTRAIN_ATTN_ORDER");
+        fa_hopper_order = e && strcmp(e, "pairs") == 0;
+    }
+    return fa_hopper_order;
+}
+
 // The Hopper forward's kernel choice as flash_attention_sm90_fwd takes it.
 static int fa_fwd_ws_mode(void) {
     if (!fa_ws_allowed()) return 0;
@@ -867,7 +880,7 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_fwd(stream, out, lse, q, k, v, B, T, NH, HS, qkv_stride,
-                                        out_stride, fa_fwd_ws_mode()) == 0
+                                        out_stride, fa_fwd_ws_mode(), fa_fwd_order()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     fa_bf16 *o = (fa_bf16 *)out;

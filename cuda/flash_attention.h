@@ -63,6 +63,12 @@ void flash_attention_set_hopper_bwd_fused(int on);
 // head size 64 (benchmarks and tests compare them).
 void flash_attention_set_hopper_pingpong(int on);
 
+// Nonzero (or the environment's TPTRAIN_ATTN_ORDER=pairs): the persistent warp-specialised Hopper
+// forward walks the query tiles of one head in pairs (tile p, then tile nqt - 1 - p), so that the
+// blocks running at once share heads and read K and V from L2; zero (the default): longest first
+// across heads. The same bits either way; benchmarks and tests compare them.
+void flash_attention_set_hopper_order(int pairs);
+
 // The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words
 // ("mma.sync D=128 padded", ...); "unsupported" when they take no such head size.
 const char *flash_attention_path(int HS);

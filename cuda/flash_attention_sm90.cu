@@ -482,7 +482,42 @@ __device__ __forceinline__ static int f9_item(int k, int G) {
     return k * G + ((k & 1) ? G - 1 - (int)blockIdx.x : (int)blockIdx.x);
 }
 
-template <int D, bool PP>
+// The forward's k-th item of this block (one of G) over BH heads of nqt query tiles: 1 with its
+// query tile and head, 0 for a place to skip, -1 past the last. Without PAIRS: longest first across
+// heads (f9_item; the blocks running at once hold different heads, each reading its own K and V).
+// PAIRS: unit u = (k / 2) * G + block is pair p = u % P of head u / P (P = ceil(nqt / 2)): query
+// tile nqt - 1 - p, then p (nothing, the middle tile having no partner, when nqt is odd and p is
+// it); every unit is nqt + 1 tiles long, and the blocks running at once hold the pairs of a few
+// heads, whose K and V they read from L2 rather than each from memory.
+template <bool PAIRS>
+__device__ __forceinline__ static int f9_fwd_work(int k, int G, int nqt, int BH, int *qt, int *bh) {
+    if constexpr (!PAIRS) {
+        int w = f9_item(k, G);
+        if (w >= BH * nqt) return -1;
+        *qt = nqt - 1 - w / BH;
+        *bh = w % BH;
+        return 1;
+    } else {
+        int P = (nqt + 1) / 2, u = (k >> 1) * G + (int)blockIdx.x;
+        if (u >= BH * P) return -1;
+        int p = u % P;
+        *bh = u / P;
+        *qt = (k & 1) ? p : nqt - 1 - p;
+        return (k & 1) && p == nqt - 1 - p ? 0 : 1;
+    }
+}
+
+// Whether this block has an item after its k-th (f9_fwd_work).
+template <bool PAIRS>
+__device__ __forceinline__ static bool f9_fwd_more(int k, int G, int nqt, int BH) {
+    int qt, bh;
+    for (int j = k + 1;; j++) {
+        int r = f9_fwd_work<PAIRS>(j, G, nqt, BH, &qt, &bh);
+        if (r != 0) return r > 0;
+    }
+}
+
+template <int D, bool PP, bool PAIRS>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, f9_bf16 *out, float *lse, int T, int NH, int BH,
@@ -496,7 +531,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                    v_empty = bars + 56, q_empty = bars + 72;
 
     int tid = (int)threadIdx.x, wg = tid >> 7;
-    const int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = BH * nqt;
+    const int nqt = (T + F9_ROWS - 1) / F9_ROWS, G = (int)gridDim.x;
     if (tid == 0) {
         f9_mbar_init(q_full, 1);
         f9_mbar_init(q_empty, 2 * 128);
@@ -510,18 +545,18 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     }
     __syncthreads();
 
-    // Persistent: a block per multiprocessor; item w (query tile nqt - 1 - w / BH, the longest first,
-    // of head w % BH) goes to the block f9_item assigns it. K and V stages are counted across items
-    // (g), so the producer brings in the next item's Q, K and V while the consumers finish the
-    // current one.
+    // Persistent: a block per multiprocessor, taking the (head, query tile) items f9_fwd_work gives
+    // it. K and V stages are counted across items (g), so the producer brings in the next item's Q,
+    // K and V while the consumers finish the current one.
     if (wg == 0) { // producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
             int g = 0, i = 0;
-            for (int k = 0;; k++, i++) {
-                int w = f9_item(k, (int)gridDim.x);
-                if (w >= items) break;
-                int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, col = (bh % NH) * D;
+            for (int k = 0;; k++) {
+                int qt, bh, got = f9_fwd_work<PAIRS>(k, G, nqt, BH, &qt, &bh);
+                if (got < 0) break;
+                if (got == 0) continue;
+                int b = bh / NH, col = (bh % NH) * D;
                 int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
                 if (i >= 1) f9_mbar_wait(q_empty, (uint32_t)(i - 1) & 1u); // the last item's scores are done
                 f9_mbar_expect_tx(q_full, TILEB);
@@ -542,6 +577,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                     for (int kb = 0; kb < D / 64; kb++)
                         f9_tma_load(sV + st * TILEB + kb * F9_ROWS * 128, &tmv, col + 64 * kb, kt * F9_KN, b, vf);
                 }
+                i++;
             }
         }
         return;
@@ -554,12 +590,13 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
     if (PP && cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
     int g = 0, i = 0;
-    for (int k = 0;; k++, i++) {
-        int w = f9_item(k, (int)gridDim.x);
-        if (w >= items) break;
-        int qt = nqt - 1 - w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
+    for (int k = 0;; k++) {
+        int qt, bh, got = f9_fwd_work<PAIRS>(k, G, nqt, BH, &qt, &bh);
+        if (got < 0) break;
+        if (got == 0) continue;
+        int b = bh / NH, h = bh % NH;
         int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-        bool more = f9_item(k + 1, (int)gridDim.x) < items;
+        bool more = f9_fwd_more<PAIRS>(k, G, nqt, BH);
         int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
         float o[D / 2];
 #pragma unroll
@@ -648,6 +685,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         g += nkt;
         f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T,
                            o, m, l, r0, T, D, lane, scale_log2);
+        i++;
     }
 }
 
@@ -1449,7 +1487,7 @@ static int f9_sm_count(void) {
 
 template <int D, bool PP>
 static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k,
-                        const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride) {
+                        const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride, int order) {
     CUtensorMap mq, mk, mv;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, F9_ROWS) ||
@@ -1457,16 +1495,18 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
         !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, F9_ROWS))
         return -1; // the caller falls back to the cp.async kernel
     size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024 + 128;
-    if (cudaFuncSetAttribute((const void *)f9_fwd_ws_kernel<D, PP>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+    auto kernel = order ? f9_fwd_ws_kernel<D, PP, true> : f9_fwd_ws_kernel<D, PP, false>;
+    if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }
     float scale_log2 = F9_LOG2E / sqrtf((float)D);
     // persistent: a block per multiprocessor, each walking its share of the (head, query tile) items
-    int items = B * NH * ((T + F9_ROWS - 1) / F9_ROWS);
-    f9_fwd_ws_kernel<D, PP><<<(unsigned)min(items, f9_sm_count()), F9_WS_NT, smem, st>>>(
-        mq, mk, mv, out, lse, T, NH, B * NH, (size_t)out_stride, scale_log2);
+    // (order 1: of the pairs of query tiles)
+    int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = B * NH * (order ? (nqt + 1) / 2 : nqt);
+    kernel<<<(unsigned)min(items, f9_sm_count()), F9_WS_NT, smem, st>>>(mq, mk, mv, out, lse, T, NH, B * NH,
+                                                                        (size_t)out_stride, scale_log2);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
@@ -1490,7 +1530,7 @@ static int f9_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q
 
 extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
                                         const void *k, const void *v, int B, int T, int NH, int HS,
-                                        int qkv_stride, int out_stride, int allow_ws) {
+                                        int qkv_stride, int out_stride, int allow_ws, int order) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *o = (f9_bf16 *)out;
     const f9_bf16 *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k, *vv = (const f9_bf16 *)v;
@@ -1503,10 +1543,10 @@ extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, con
     // other consumer's products, and the turns cost 7% at T 4096)
     bool pp = allow_ws == 1;
     if (ws && HS == 64)
-        rc = f9_ws_launch<64, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
+        rc = f9_ws_launch<64, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order);
     if (ws && HS == 128)
-        rc = pp ? f9_ws_launch<128, true>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride)
-                : f9_ws_launch<128, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride);
+        rc = pp ? f9_ws_launch<128, true>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order)
+                : f9_ws_launch<128, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order);
     if (rc >= 0) return rc;
     if (HS <= 64) return f9_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
     return f9_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);

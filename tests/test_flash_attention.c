@@ -315,6 +315,17 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     flash_attention_set_hopper_pingpong(1);
     ct_download(o3, d.out, nout * 2);
     cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward with and without ping-pong differ");
+    // and walking the query tiles in pairs of one head: every item's arithmetic is the same
+    flash_attention_set_hopper_order(1);
+    run_gpu(&d, B, T, NH, HS);
+    flash_attention_set_hopper_order(0);
+    float *l3 = malloc(nlse * 4);
+    cr_assert(l3);
+    ct_download(o3, d.out, nout * 2);
+    ct_download(l3, d.lse, nlse * 4);
+    cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward in pairs order differs from longest first");
+    cr_expect(memcmp(l1, l3, nlse * 4) == 0, "the log-sum-exp in pairs order differs from longest first");
+    free(l3);
     for (size_t i = 0; i < nout; i++) o2f[i] = tp_bf16_to_f32(o2[i]);
     for (size_t i = 0; i < nqkv; i++) g2f[i] = tp_bf16_to_f32(g2[i]);
     double e = rel_err_bf16(o1, C, o2f, C, BT, C, "out (default path)");
@@ -347,6 +358,8 @@ Test(flash_attention, hopper_matches_portable) {
     compare_paths(2, 3, 1000, 64, 71);
     compare_paths(2, 2, 1024, 128, 72);
     compare_paths(1, 6, 2000, 128, 75); // a partial last tile, several key blocks per head
+    compare_paths(8, 20, 1100, 64, 76);  // 9 query tiles (the middle one unpaired), > 132 blocks' work
+    compare_paths(2, 40, 1100, 128, 77); // the same at head size 128 (ping-pong)
     compare_paths(1, 2, 300, 80, 73);
     compare_paths(1, 1, 17, 32, 74);
 }
