@@ -492,6 +492,56 @@ Test(bench, model_phases_against_the_ceilings) {
 }
 
 // Two ranks: the collectives take time, and each rank's FLOPs are its half of the step's.
+// ---- gemm: every product of a step, each shape alone
+
+// Every product of tiny.yaml's step has its row and JSON entry; calls x FLOPs per call add up to the
+// step's products (the step's FLOPs less attention's), at one rank and at two (each rank's shards);
+// the head's products run on its chunks' rows; ms per step is calls x ms per call.
+Test(bench, gemm_lists_every_product_of_a_step) {
+    static const char *const names[] = {"qkv fwd", "qkv bwd data", "qkv bwd weight", "attn proj fwd",
+                                        "attn proj bwd data", "attn proj bwd weight", "fc fwd", "fc bwd data",
+                                        "fc bwd weight", "mlp proj fwd", "mlp proj bwd data", "mlp proj bwd weight",
+                                        "lm head fwd", "lm head bwd data", "lm head bwd weight"};
+    char dir[1024], path[1200], args[2400];
+    tu_tmpdir(dir, sizeof dir, "bench_gemm");
+    snprintf(path, sizeof path, "%s/gemm.json", dir);
+    char *out = malloc(OUT_CAP);
+    for (int P = 1; P <= 2; P++) {
+        snprintf(args, sizeof args, "gemm '%s/configs/tiny.yaml' --json '%s'", tu_source_root(), path);
+        int rc = run_bench_env(out, P == 1 ? 0 : P, "TPTRAIN_BENCH_CEILINGS=790,4300", args);
+        cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+        char line[512];
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+            cr_assert(find_line(out, names[i], 0, line, sizeof line), "no '%s' row:\n%s", names[i], out);
+        cr_assert(find_line(out, "all products", 0, line, sizeof line), "%s", out);
+        json_t *doc = load_json(path);
+        json_t *ps = json_object_get(doc, "products");
+        cr_assert_eq(json_array_size(ps), sizeof names / sizeof names[0]);
+        struct tp_model_config mc = tiny_model();
+        struct model_dims d = model_dims_make(&mc, 4, P, (struct model_options){0});
+        double flops = 0.0, step_ms = 0.0;
+        for (size_t i = 0; i < json_array_size(ps); i++) {
+            json_t *p = json_array_get(ps, i);
+            cr_assert_str_eq(json_string_value(json_object_get(p, "product")), names[i]);
+            double N = jnum_of(p, "N"), IC = jnum_of(p, "IC"), OC = jnum_of(p, "OC"), calls = jnum_of(p, "calls_per_step");
+            flops += 2.0 * N * IC * OC * calls;
+            double ms = jnum_of(p, "ms_per_call"), per_step = jnum_of(p, "ms_per_step");
+            cr_assert_float_eq(per_step, ms * calls, 1e-8 * per_step + 1e-12, "%s (the JSON keeps 9 digits)", names[i]);
+            step_ms += per_step;
+            if (i >= 12) cr_assert_eq(N, (double)d.head_rows, "the head's products run on its chunks' rows");
+        }
+        double attention = 6.0 * d.L * d.C * d.T * (double)d.N / P;
+        cr_assert(fabs(flops - (step_flops(&d) - attention)) < 1e-6 * flops, "P=%d: products %.0f FLOPs, the step's %.0f",
+                  P, flops, step_flops(&d) - attention);
+        cr_assert_float_eq(jnum_of(doc, "products_ms_per_step"), step_ms, 1e-8 * step_ms + 1e-12);
+        double ideal = flops / 790e12 * 1e3;
+        cr_assert_float_eq(jnum_of(doc, "ceiling_ms_per_step"), ideal, 1e-8 * ideal);
+        json_decref(doc);
+    }
+    free(out);
+    tu_rmtree(dir);
+}
+
 Test(bench, model_two_ranks_times_communication) {
     tu_require_mpiexec();
     char dir[1024], path[1200], args[2400];

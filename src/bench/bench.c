@@ -9,8 +9,8 @@
 // broadcast) is bracketed by its own pair of marks, which splits communication from compute.
 // Rank 0 prints; --json writes the same numbers.
 //
-// Sections: mode table, argument helpers, clock, statistics, setup, phase driver, output
-// helpers, entry point.
+// Sections: mode table, argument helpers, clock, statistics, setup, phase driver, ceilings,
+// output helpers, entry point.
 #include "bench_impl.h"
 
 #include <ctype.h>
@@ -29,6 +29,7 @@ static const struct bench_mode *const modes[] = {
     &bench_mode_allreduce,
     &bench_mode_model,
     &bench_mode_attention,
+    &bench_mode_gemm,
 };
 enum { N_MODES = sizeof modes / sizeof modes[0] };
 
@@ -53,6 +54,20 @@ bool bench_parse_dim(const char *s, int *out) {
     return true;
 }
 
+
+int bench_parse_config_arg(const struct bench_opts *o, bool root, const char *mode, void **args) {
+    if (o->argc != 2) {
+        if (root)
+            fprintf(stderr, "tptrain: --bench %s takes one config file, e.g. --bench %s configs/gpt2-124m.yaml\n",
+                    mode, mode);
+        return TP_EXIT_USAGE;
+    }
+    size_t n = strlen(o->argv[1]) + 1;
+    *args = memcpy(tp_malloc(n), o->argv[1], n);
+    return 0;
+}
+
+const char *bench_config_arg(const void *args) { return args; }
 
 // ---- clock
 
@@ -423,6 +438,91 @@ void bench_time_phase(struct bench *b, const struct bench_phase *ps, void *arg, 
     out->comm_ms = bench_stats_of(comm, iters).median;
     free(total);
     free(comm);
+}
+
+// ---- ceilings: the matrix rate and memory bandwidth this run measures (or is given)
+
+struct probe {
+    struct backend be;
+    void *a, *b, *out;      // (n, n) compute type each: out = a @ b^T
+    int n;
+    void *src, *dst;        // (bytes) each
+    size_t bytes;
+};
+
+static void run_matrix_probe(void *arg, struct bench_clock *c) {
+    struct probe *p = arg;
+    (void)c;
+    p->be.iface->matmul_fwd(p->be.ctx, p->out, NULL, p->a, p->b, NULL, p->n, p->n, p->n);
+}
+
+static void run_copy_probe(void *arg, struct bench_clock *c) {
+    struct probe *p = arg;
+    (void)c;
+    p->be.iface->copy(p->be.ctx, p->dst, p->src, p->bytes);
+}
+
+// TPTRAIN_BENCH_CEILINGS="TFLOPS,GBS" (e.g. "790,4300") gives the ceilings instead of measuring
+// them. Returns 1 when set and valid, 0 when unset, TP_EXIT_USAGE (rank 0 says why) otherwise.
+static int ceilings_from_env(const struct bench *b, struct bench_ceilings *k) {
+    const char *s = getenv("TPTRAIN_BENCH_CEILINGS");
+    if (!s || !*s) return 0;
+    char *end;
+    double t = strtod(s, &end), g = 0.0;
+    bool ok = end != s && *end == ',';
+    if (ok) {
+        const char *q = end + 1;
+        g = strtod(q, &end);
+        ok = end != q && *end == '\0';
+    }
+    if (!ok || !(t > 0.0) || !(g > 0.0) || !isfinite(t) || !isfinite(g)) {
+        if (b->root)
+            fprintf(stderr, "tptrain: TPTRAIN_BENCH_CEILINGS='%s': expected TFLOPS,GBS (the matrix rate in "
+                            "TFLOP/s and the memory bandwidth in GB/s, both positive, e.g. 790,4300)\n", s);
+        return TP_EXIT_USAGE;
+    }
+    k->matrix_tflops = t;
+    k->memory_gbs = g;
+    snprintf(k->how, sizeof k->how, "given by TPTRAIN_BENCH_CEILINGS");
+    return 1;
+}
+
+// One (n, n, n) product through the backend's matmul (the library the model's products use) and
+// one device-to-device copy, each timed as a phase (slowest rank). A GPU gets a product large
+// enough to reach its rate (8192) and a copy well past its caches (1 GiB); a CPU smaller ones.
+static void measure_ceilings(struct bench *b, struct bench_ceilings *k) {
+    bool host = b->be.iface->host_accessible;
+    struct probe p = {.be = b->be, .n = host ? 512 : 8192, .bytes = host ? (size_t)64 << 20 : (size_t)1 << 30};
+    size_t nn = (size_t)p.n * (size_t)p.n;
+    p.a = bench_alloc_compute(b, nn);
+    p.b = bench_alloc_compute(b, nn);
+    p.out = bench_alloc_compute(b, nn);
+    bench_fill_uniform(b->be, p.a, nn, 1.0f, 101);
+    bench_fill_uniform(b->be, p.b, nn, 1.0f, 102);
+    int warmup = b->iters_fixed ? b->warmup : 2, iters = b->iters_fixed ? b->iters : 10;
+    struct bench_phase_times t;
+    static const struct bench_phase mat = {"matrix_ceiling", "matrix ceiling", run_matrix_probe, NULL};
+    bench_time_phase(b, &mat, &p, warmup < 1 ? 1 : warmup, iters, 0.0, 0, 0, &t); // warm-up tunes the product
+    k->matrix_tflops = 2.0 * (double)nn * p.n / (t.ms.median * 1e-3) / 1e12;
+    b->be.iface->free(b->be.ctx, p.a);
+    b->be.iface->free(b->be.ctx, p.b);
+    b->be.iface->free(b->be.ctx, p.out);
+    p.src = b->be.iface->alloc(b->be.ctx, p.bytes);
+    p.dst = b->be.iface->alloc(b->be.ctx, p.bytes);
+    static const struct bench_phase cpy = {"memory_ceiling", "memory ceiling", run_copy_probe, NULL};
+    bench_time_phase(b, &cpy, &p, warmup, iters, 0.0, 0, 0, &t);
+    k->memory_gbs = 2.0 * (double)p.bytes / (t.ms.median * 1e-3) / 1e9; // read + write
+    b->be.iface->free(b->be.ctx, p.src);
+    b->be.iface->free(b->be.ctx, p.dst);
+    snprintf(k->how, sizeof k->how, "measured: one %s %dx%dx%d product, one %zu MiB copy (read + write)",
+             tp_dtype_name(b->be.iface->dtype(b->be.ctx)), p.n, p.n, p.n, p.bytes >> 20);
+}
+
+int bench_ceilings(struct bench *b, struct bench_ceilings *k) {
+    int st = ceilings_from_env(b, k);
+    if (st == TP_EXIT_USAGE) return st;
+    if (!st) measure_ceilings(b, k);
+    return 0;
 }
 
 // ---- output helpers

@@ -40,6 +40,7 @@ extern const struct bench_mode bench_mode_layer;      // bench_layer.c
 extern const struct bench_mode bench_mode_allreduce;  // bench_allreduce.c
 extern const struct bench_mode bench_mode_model;      // bench_model.c
 extern const struct bench_mode bench_mode_attention;  // bench_attention.c
+extern const struct bench_mode bench_mode_gemm;       // bench_gemm.c
 
 // ---- clock
 
@@ -98,6 +99,12 @@ void *bench_alloc_compute(struct bench *b, size_t n); // n elements of the backe
 // A positive int (the backend ops take int sizes).
 bool bench_parse_dim(const char *s, int *out);
 
+// For modes that take one config file ("model CONFIG.yaml"): checks there is exactly one, and
+// keeps its path in *args (rank 0 explains a wrong count); bench_config_arg gives it back, as the
+// mode's config_path.
+int bench_parse_config_arg(const struct bench_opts *o, bool root, const char *mode, void **args);
+const char *bench_config_arg(const void *args);
+
 // ---- phase driver
 
 // One timed phase: run() issues its ops once, its collectives through a bench_timed_tp comm;
@@ -135,6 +142,20 @@ void bench_align_ranks(struct bench *b);
 // target_ms (min_iters..max_iters), judged from the warm-up. Per iteration the slowest rank counts.
 void bench_time_phase(struct bench *b, const struct bench_phase *ps, void *arg, int warmup, int iters,
                       double target_ms, int min_iters, int max_iters, struct bench_phase_times *out);
+
+// ---- ceilings
+
+// The matrix rate and memory bandwidth a report sets its phases against.
+struct bench_ceilings {
+    double matrix_tflops, memory_gbs;
+    char how[160];          // what measured them, or where they came from
+};
+
+// TPTRAIN_BENCH_CEILINGS="TFLOPS,GBS" (e.g. "790,4300") when set, else measured: one large
+// product through the backend's matmul and one large device copy, each timed as a phase. Call it
+// before allocating the model, so the probes have the memory. Returns 0, or TP_EXIT_USAGE for a
+// malformed variable (rank 0 says why).
+int bench_ceilings(struct bench *b, struct bench_ceilings *k);
 
 // ---- output
 

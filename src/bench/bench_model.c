@@ -7,7 +7,7 @@
 // product through the backend's matmul, the memory bandwidth of one large device copy), so that
 // the ratio measured / ideal shows where the remaining time is.
 //
-// Sections: phases, cost model, ceilings, report, entry point.
+// Sections: phases, cost model, report, entry point (the ceilings: bench.c).
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -360,94 +360,11 @@ void bench_model_costs(const struct model_dims *d, const struct backend *be, dou
     }
 }
 
-// ---- ceilings: the matrix rate and memory bandwidth this run measures (or is given)
-
-struct ceilings {
-    double matrix_tflops, memory_gbs;
-    char how[160];          // what measured them, or where they came from
-};
-
-struct probe {
-    struct backend be;
-    void *a, *b, *out;      // (n, n) compute type each: out = a @ b^T
-    int n;
-    void *src, *dst;        // (bytes) each
-    size_t bytes;
-};
-
-static void run_matrix_probe(void *arg, struct bench_clock *c) {
-    struct probe *p = arg;
-    (void)c;
-    p->be.iface->matmul_fwd(p->be.ctx, p->out, NULL, p->a, p->b, NULL, p->n, p->n, p->n);
-}
-
-static void run_copy_probe(void *arg, struct bench_clock *c) {
-    struct probe *p = arg;
-    (void)c;
-    p->be.iface->copy(p->be.ctx, p->dst, p->src, p->bytes);
-}
-
-// TPTRAIN_BENCH_CEILINGS="TFLOPS,GBS" (e.g. "790,4300") gives the ceilings instead of measuring
-// them. Returns 1 when set and valid, 0 when unset, TP_EXIT_USAGE (rank 0 says why) otherwise.
-static int ceilings_from_env(const struct bench *b, struct ceilings *k) {
-    const char *s = getenv("TPTRAIN_BENCH_CEILINGS");
-    if (!s || !*s) return 0;
-    char *end;
-    double t = strtod(s, &end), g = 0.0;
-    bool ok = end != s && *end == ',';
-    if (ok) {
-        const char *q = end + 1;
-        g = strtod(q, &end);
-        ok = end != q && *end == '\0';
-    }
-    if (!ok || !(t > 0.0) || !(g > 0.0) || !isfinite(t) || !isfinite(g)) {
-        if (b->root)
-            fprintf(stderr, "tptrain: TPTRAIN_BENCH_CEILINGS='%s': expected TFLOPS,GBS (the matrix rate in "
-                            "TFLOP/s and the memory bandwidth in GB/s, both positive, e.g. 790,4300)\n", s);
-        return TP_EXIT_USAGE;
-    }
-    k->matrix_tflops = t;
-    k->memory_gbs = g;
-    snprintf(k->how, sizeof k->how, "given by TPTRAIN_BENCH_CEILINGS");
-    return 1;
-}
-
-// One (n, n, n) product through the backend's matmul (the library the model's products use) and
-// one device-to-device copy, each timed as a phase (slowest rank). A GPU gets a product large
-// enough to reach its rate (8192) and a copy well past its caches (1 GiB); a CPU smaller ones.
-static void measure_ceilings(struct bench *b, struct ceilings *k) {
-    bool host = b->be.iface->host_accessible;
-    struct probe p = {.be = b->be, .n = host ? 512 : 8192, .bytes = host ? (size_t)64 << 20 : (size_t)1 << 30};
-    size_t nn = (size_t)p.n * (size_t)p.n;
-    p.a = bench_alloc_compute(b, nn);
-    p.b = bench_alloc_compute(b, nn);
-    p.out = bench_alloc_compute(b, nn);
-    bench_fill_uniform(b->be, p.a, nn, 1.0f, 101);
-    bench_fill_uniform(b->be, p.b, nn, 1.0f, 102);
-    int warmup = b->iters_fixed ? b->warmup : 2, iters = b->iters_fixed ? b->iters : 10;
-    struct bench_phase_times t;
-    static const struct bench_phase mat = {"matrix_ceiling", "matrix ceiling", run_matrix_probe, NULL};
-    bench_time_phase(b, &mat, &p, warmup < 1 ? 1 : warmup, iters, 0.0, 0, 0, &t); // warm-up tunes the product
-    k->matrix_tflops = 2.0 * (double)nn * p.n / (t.ms.median * 1e-3) / 1e12;
-    b->be.iface->free(b->be.ctx, p.a);
-    b->be.iface->free(b->be.ctx, p.b);
-    b->be.iface->free(b->be.ctx, p.out);
-    p.src = b->be.iface->alloc(b->be.ctx, p.bytes);
-    p.dst = b->be.iface->alloc(b->be.ctx, p.bytes);
-    static const struct bench_phase cpy = {"memory_ceiling", "memory ceiling", run_copy_probe, NULL};
-    bench_time_phase(b, &cpy, &p, warmup, iters, 0.0, 0, 0, &t);
-    k->memory_gbs = 2.0 * (double)p.bytes / (t.ms.median * 1e-3) / 1e9; // read + write
-    b->be.iface->free(b->be.ctx, p.src);
-    b->be.iface->free(b->be.ctx, p.dst);
-    snprintf(k->how, sizeof k->how, "measured: one %s %dx%dx%d product, one %zu MiB copy (read + write)",
-             tp_dtype_name(b->be.iface->dtype(b->be.ctx)), p.n, p.n, p.n, p.bytes >> 20);
-}
-
 // ---- report
 
 struct model_report {
     const char *config;
-    struct ceilings ceil;
+    struct bench_ceilings ceil;
     struct bench_phase_times step, silent; // the whole step, and the same with no communication
     double exposed_comm_ms;                // step - silent: communication not hidden (n/a at one rank)
     double tokens, tok_s, tflops, mfu;
@@ -606,9 +523,8 @@ static int model_run(struct bench *b, void *args) {
     const char *config_path = args;
     const struct tp_config *cfg = &b->cfg;
     struct model_report r = {.config = config_path};
-    int st = ceilings_from_env(b, &r.ceil);
-    if (st == TP_EXIT_USAGE) return st;
-    if (!st) measure_ceilings(b, &r.ceil); // before the model, so its memory is all the product's and copy's
+    int st = bench_ceilings(b, &r.ceil); // before the model, so its memory is all the product's and copy's
+    if (st) return st;
     struct model_bench *mb = tp_calloc(1, sizeof *mb);
     mb->b = b;
     struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp.size, model_options_of(cfg));
@@ -674,21 +590,13 @@ static int model_run(struct bench *b, void *args) {
 
 static int model_parse(const struct bench_opts *o, bool root, int world, void **args) {
     (void)world;
-    if (o->argc != 2) {
-        if (root) fprintf(stderr, "tptrain: --bench model takes one config file, e.g. --bench model configs/bench.yaml\n");
-        return TP_EXIT_USAGE;
-    }
-    size_t n = strlen(o->argv[1]) + 1;
-    *args = memcpy(tp_malloc(n), o->argv[1], n);
-    return 0;
+    return bench_parse_config_arg(o, root, "model", args);
 }
-
-static const char *model_config_path(const void *args) { return args; }
 
 const struct bench_mode bench_mode_model = {
     .name = "model",
     .synopsis = "model CONFIG.yaml",
     .parse = model_parse,
-    .config_path = model_config_path,
+    .config_path = bench_config_arg,
     .run = model_run,
 };

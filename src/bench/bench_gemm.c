@@ -1,0 +1,250 @@
+// bench_gemm.c: --bench gemm CONFIG.yaml: every matrix product of one training step of the config's
+// model, each shape timed alone through the backend's matmul (the library and algorithm choice the
+// model's products get), against the matrix ceiling measured in the same run.
+//
+// A step's products are, per layer and micro-step, the forward, input-gradient and weight-gradient
+// products of qkv (column-parallel, bias), attention's output projection (row-parallel), fc
+// (column-parallel, bias and GELU) and the MLP's output projection (row-parallel, GELU's
+// derivative on its input gradient), and per chunk of the fused LM head the logits, their input
+// gradient and the tied weight's gradient. Each row of the report is one shape with its epilogue:
+// ms per call, TFLOP/s, the share of the ceiling, and ms per step (calls x ms), so that the rows
+// say which shapes hold the step back and by how much.
+//
+// Sections: products, timing, report, entry point.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench_impl.h"
+#include "common.h"
+#include "model.h"
+
+// ---- products
+
+enum gemm_pass { GEMM_FWD, GEMM_BWD_DATA, GEMM_BWD_WEIGHT };
+
+struct gemm_product {
+    const char *name;   // JSON key and table row, e.g. "qkv fwd"
+    enum gemm_pass pass;
+    int N, IC, OC;      // rows, input width, output width (the model's row-major view)
+    bool bias;          // fwd: + bias; bwd_weight: + the bias gradient
+    bool gelu;          // fwd: GELU with its pre-activation kept; bwd_data: times GELU's derivative
+    double calls;       // per step
+};
+
+#define GEMM_MAX_PRODUCTS 15
+
+// The step's products for dims d: 4 layers' worth of 3 passes, then the LM head's 3, with the
+// number of calls per step: L x grad_accum for the layers; for the head, whose chunks take
+// head_rows rows each, N / head_rows x grad_accum (a short last chunk counts as its share of a
+// full one), so that calls x FLOPs per call is the step's exactly.
+static int gemm_products(const struct model_dims *d, int accum, struct gemm_product *out) {
+    int N = (int)d->N, C = d->C, Cl = d->Cl, Fl = d->Fl;
+    double per_layer = (double)d->L * accum;
+    int rows = d->head_rows < N ? d->head_rows : N;
+    double chunks = (double)N / rows * accum;
+    struct {
+        const char *prefix;
+        int IC, OC;
+        bool bias, fwd_gelu, dgelu;
+        double calls;
+    } lin[5] = {
+        {"qkv", C, 3 * Cl, true, false, false, per_layer},
+        {"attn proj", Cl, C, true, false, false, per_layer},
+        {"fc", C, Fl, true, true, false, per_layer},
+        {"mlp proj", Fl, C, true, false, true, per_layer},
+        {"lm head", C, d->Vl, false, false, false, chunks},
+    };
+    static const char *names[5][3] = {
+        {"qkv fwd", "qkv bwd data", "qkv bwd weight"},
+        {"attn proj fwd", "attn proj bwd data", "attn proj bwd weight"},
+        {"fc fwd", "fc bwd data", "fc bwd weight"},
+        {"mlp proj fwd", "mlp proj bwd data", "mlp proj bwd weight"},
+        {"lm head fwd", "lm head bwd data", "lm head bwd weight"},
+    };
+    int n = 0;
+    for (int i = 0; i < 5; i++) {
+        int R = i == 4 ? rows : N;
+        // row-parallel products add their bias after the reduction, not in the product
+        bool fwd_bias = lin[i].bias && (i == 0 || i == 2);
+        out[n++] = (struct gemm_product){names[i][0], GEMM_FWD, R, lin[i].IC, lin[i].OC, fwd_bias, lin[i].fwd_gelu,
+                                         lin[i].calls};
+        out[n++] = (struct gemm_product){names[i][1], GEMM_BWD_DATA, R, lin[i].IC, lin[i].OC, false, lin[i].dgelu,
+                                         lin[i].calls};
+        out[n++] = (struct gemm_product){names[i][2], GEMM_BWD_WEIGHT, R, lin[i].IC, lin[i].OC, lin[i].bias, false,
+                                         lin[i].calls};
+    }
+    return n;
+}
+
+// ---- timing
+
+struct gemm_run {
+    struct backend be;
+    const struct gemm_product *p;
+    void *inp, *w, *bias, *out, *pre; // compute type: (N, IC), (OC, IC), (OC), (N, OC), (N, OC) or (N, IC)
+    void *dout, *dinp;                // (N, OC), (N, IC)
+    float *dw, *dbias;                // (OC, IC), (OC) fp32
+};
+
+static void run_product(void *arg, struct bench_clock *c) {
+    struct gemm_run *r = arg;
+    const struct gemm_product *p = r->p;
+    const struct backend_i *b = r->be.iface;
+    (void)c;
+    switch (p->pass) {
+    case GEMM_FWD:
+        b->matmul_fwd(r->be.ctx, r->out, p->gelu ? r->pre : NULL, r->inp, r->w, p->bias ? r->bias : NULL, p->N,
+                      p->IC, p->OC);
+        break;
+    case GEMM_BWD_DATA:
+        b->matmul_bwd(r->be.ctx, r->dinp, NULL, NULL, r->dout, NULL, r->w, p->gelu ? r->pre : NULL, p->N, p->IC,
+                      p->OC);
+        break;
+    case GEMM_BWD_WEIGHT:
+        b->matmul_bwd(r->be.ctx, NULL, r->dw, p->bias ? r->dbias : NULL, r->dout, r->inp, r->w, NULL, p->N, p->IC,
+                      p->OC);
+        break;
+    }
+}
+
+// Times one product on operands of its shape (freed after), returns the median ms per call.
+static double time_product(struct bench *b, const struct gemm_product *p, int warmup, int iters, uint64_t seed) {
+    size_t N = (size_t)p->N, IC = (size_t)p->IC, OC = (size_t)p->OC;
+    struct gemm_run r = {.be = b->be, .p = p};
+    r.inp = bench_alloc_compute(b, N * IC);
+    r.w = bench_alloc_compute(b, OC * IC);
+    bench_fill_uniform(b->be, r.inp, N * IC, 1.0f, seed);
+    bench_fill_uniform(b->be, r.w, OC * IC, 1.0f / sqrtf((float)IC), seed + 1);
+    if (p->pass == GEMM_FWD) {
+        r.out = bench_alloc_compute(b, N * OC);
+        if (p->gelu) r.pre = bench_alloc_compute(b, N * OC);
+        if (p->bias) {
+            r.bias = bench_alloc_compute(b, OC);
+            bench_fill_uniform(b->be, r.bias, OC, 0.1f, seed + 2);
+        }
+    } else {
+        r.dout = bench_alloc_compute(b, N * OC);
+        bench_fill_uniform(b->be, r.dout, N * OC, 1.0f, seed + 3);
+        if (p->pass == GEMM_BWD_DATA) {
+            r.dinp = bench_alloc_compute(b, N * IC);
+            if (p->gelu) {
+                r.pre = bench_alloc_compute(b, N * IC);
+                bench_fill_uniform(b->be, r.pre, N * IC, 2.0f, seed + 4);
+            }
+        } else {
+            r.dw = bench_alloc_floats(b, OC * IC);
+            if (p->bias) r.dbias = bench_alloc_floats(b, OC);
+        }
+    }
+    struct bench_phase spec = {p->name, p->name, run_product, NULL};
+    struct bench_phase_times t;
+    bench_time_phase(b, &spec, &r, warmup, iters, 0.0, 0, 0, &t);
+    void *bufs[] = {r.inp, r.w, r.bias, r.out, r.pre, r.dout, r.dinp, r.dw, r.dbias};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) b->be.iface->free(b->be.ctx, bufs[i]);
+    return t.ms.median;
+}
+
+// ---- report
+
+struct gemm_row {
+    struct gemm_product p;
+    double ms, tflops, share, step_ms;
+};
+
+static const char *epilogue_of(const struct gemm_product *p) {
+    switch (p->pass) {
+    case GEMM_FWD: return p->gelu ? "bias+gelu" : p->bias ? "bias" : "-";
+    case GEMM_BWD_DATA: return p->gelu ? "dgelu" : "-";
+    case GEMM_BWD_WEIGHT: return p->bias ? "+dbias" : "-";
+    }
+    return "-";
+}
+
+static void gemm_print(const struct bench *b, const char *config, const struct bench_ceilings *k,
+                       const struct gemm_row *rows, int n, double sum_ms, double ideal_ms) {
+    bench_print_setup(b, "gemm");
+    printf("config %s: products of one step, each shape timed alone (N rows x IC in -> OC out, this rank's)\n",
+           config);
+    printf("ceiling per GPU: matrix %.4g TFLOP/s (%s)\n\n", k->matrix_tflops, k->how);
+    printf("%-22s %7s %6s %6s  %-9s %7s %10s %9s %7s %10s\n", "product", "N", "IC", "OC", "epilogue", "calls",
+           "ms/call", "TFLOP/s", "of ceil", "ms/step");
+    for (int i = 0; i < n; i++) {
+        const struct gemm_row *r = &rows[i];
+        printf("%-22s %7d %6d %6d  %-9s %7.4g %10.4f %9.4g %6.1f%% %10.3f\n", r->p.name, r->p.N, r->p.IC, r->p.OC,
+               epilogue_of(&r->p), r->p.calls, r->ms, r->tflops, 100.0 * r->share, r->step_ms);
+    }
+    printf("%-22s %66s %10.3f\n", "all products", "", sum_ms);
+    printf("%-22s %66s %10.3f   (%.2f x the ceiling's time)\n", "at the ceiling", "", ideal_ms,
+           ideal_ms > 0 ? sum_ms / ideal_ms : NAN);
+}
+
+static void gemm_json(const struct bench *b, const char *config, const struct bench_ceilings *k,
+                      const struct gemm_row *rows, int n, double sum_ms, double ideal_ms) {
+    json_t *doc = bench_json_setup(b, "gemm");
+    json_object_set_new(doc, "config", json_string(config));
+    json_t *ceil = json_pack("{s:s}", "source", k->how);
+    bench_json_kv(ceil, "matrix_tflops", k->matrix_tflops);
+    json_object_set_new(doc, "ceilings", ceil);
+    json_t *arr = json_array();
+    for (int i = 0; i < n; i++) {
+        const struct gemm_row *r = &rows[i];
+        json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:i}", "product", r->p.name, "epilogue", epilogue_of(&r->p), "N",
+                              r->p.N, "IC", r->p.IC, "OC", r->p.OC);
+        bench_json_kv(o, "calls_per_step", r->p.calls);
+        bench_json_kv(o, "ms_per_call", r->ms);
+        bench_json_kv(o, "tflops", r->tflops);
+        bench_json_kv(o, "share_of_ceiling", r->share);
+        bench_json_kv(o, "ms_per_step", r->step_ms);
+        json_array_append_new(arr, o);
+    }
+    json_object_set_new(doc, "products", arr);
+    bench_json_kv(doc, "products_ms_per_step", sum_ms);
+    bench_json_kv(doc, "ceiling_ms_per_step", ideal_ms);
+    bench_json_emit(b, doc);
+}
+
+// ---- entry point
+
+static int gemm_run(struct bench *b, void *args) {
+    const char *config = args;
+    const struct tp_config *cfg = &b->cfg;
+    struct bench_ceilings k;
+    int st = bench_ceilings(b, &k);
+    if (st) return st;
+    struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp.size, model_options_of(cfg));
+    struct gemm_product ps[GEMM_MAX_PRODUCTS];
+    int n = gemm_products(&d, cfg->train.grad_accum, ps);
+    struct gemm_row rows[GEMM_MAX_PRODUCTS];
+    int warmup = b->iters_fixed ? b->warmup : 2, iters = b->iters_fixed ? b->iters : 10;
+    if (warmup < 1) warmup = 1; // the first call chooses the algorithm
+    double sum_ms = 0.0, ideal_ms = 0.0;
+    for (int i = 0; i < n; i++) {
+        struct gemm_row *r = &rows[i];
+        r->p = ps[i];
+        r->ms = time_product(b, &ps[i], warmup, iters, cfg->train.seed + 10 * (uint64_t)i);
+        double flops = 2.0 * ps[i].N * (double)ps[i].IC * ps[i].OC;
+        r->tflops = r->ms > 0 ? flops / (r->ms * 1e-3) / 1e12 : NAN;
+        r->share = r->tflops / k.matrix_tflops;
+        r->step_ms = r->ms * ps[i].calls;
+        sum_ms += r->step_ms;
+        ideal_ms += flops * ps[i].calls / (k.matrix_tflops * 1e12) * 1e3;
+    }
+    if (b->root) gemm_print(b, config, &k, rows, n, sum_ms, ideal_ms);
+    if (b->json) gemm_json(b, config, &k, rows, n, sum_ms, ideal_ms);
+    return 0;
+}
+
+static int gemm_parse(const struct bench_opts *o, bool root, int world, void **args) {
+    (void)world;
+    return bench_parse_config_arg(o, root, "gemm", args);
+}
+
+const struct bench_mode bench_mode_gemm = {
+    .name = "gemm",
+    .synopsis = "gemm CONFIG.yaml",
+    .parse = gemm_parse,
+    .config_path = bench_config_arg,
+    .run = gemm_run,
+};
