@@ -11,8 +11,9 @@
 # (the whole step against PyTorch at each GPT-2 size); big (the largest GPT-2-shaped model tptrain
 # trains on the GPU, full recomputation) and torch_big (PyTorch's largest on the same shapes, every
 # block checkpointed: tools/torch_big.py); recompute (the step-time cost of recomputation). Also
-# memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID) and attn_*
-# (kernel variants; attn_env: tptrain alone with ATTN_ENV set, on ATTN_ENV_GRID).
+# memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID), attn_*
+# (kernel variants; attn_env: tptrain alone with ATTN_ENV set, on ATTN_ENV_GRID) and gemm (every
+# product of a step alone, `--bench gemm` on GEMM_CONFIGS).
 # Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
 set -u
 out=${OUT:-/tmp/out}
@@ -107,6 +108,13 @@ if stage model; then
         echo "== --bench model configs/bench.yaml bf16 n_head=$heads" | tee -a "$out/model.log"
         timeout 200 "$build/tptrain" --bench model configs/bench.yaml --set train.precision=bf16 \
             --set model.n_head=$heads 2>&1 | tee -a "$out/model.log" | tail -14 || status=1
+    done
+fi
+if stage gemm; then
+    # every product of a step alone against the ceiling (GEMM_CONFIGS), into model.log
+    for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
+        echo "== --bench gemm $c" | tee -a "$out/model.log"
+        timeout 200 "$build/tptrain" --bench gemm "$c" 2>&1 | tee -a "$out/model.log" | tail -20 || status=1
     done
 fi
 if stage train; then
