@@ -799,6 +799,19 @@ static int fa_hopper_order = -1; // -1: not decided yet (TPTRAIN_ATTN_ORDER=pair
 
 extern "C" void flash_attention_set_hopper_order(int pairs) { fa_hopper_order = pairs != 0; }
 
+static int fa_hopper_bwd_order = -1; // -1: not decided yet (TPTRAIN_ATTN_BWD_ORDER=heads: 1)
+
+extern "C" void flash_attention_set_hopper_bwd_order(int heads) { fa_hopper_bwd_order = heads != 0; }
+
+// The one-kernel Hopper backward's walk over the items, as flash_attention_sm90_bwd takes it.
+static int fa_bwd_order(void) {
+    if (fa_hopper_bwd_order < 0) {
+        const char *e = getenv("TPTRAIN_ATTN_BWD_ORDER");
+        fa_hopper_bwd_order = e && strcmp(e, "heads") == 0;
+    }
+    return fa_hopper_bwd_order;
+}
+
 // The persistent Hopper forward's walk over the items, as flash_attention_sm90_fwd takes it.
 static int fa_fwd_order(void) {
     if (fa_hopper_order < 0) {
@@ -916,7 +929,8 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
-                                        NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode(), fa_bwd_persist()) == 0
+                                        NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode(), fa_bwd_persist(),
+                                        fa_bwd_order()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel

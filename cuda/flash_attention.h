@@ -69,6 +69,14 @@ void flash_attention_set_hopper_pingpong(int on);
 // across heads. The same bits either way; benchmarks and tests compare them.
 void flash_attention_set_hopper_order(int pairs);
 
+// Nonzero (or the environment's TPTRAIN_ATTN_BWD_ORDER=heads): the one-kernel Hopper backward runs
+// persistent blocks that hold whole heads at a time (the key blocks of a head in pairs, p with
+// nkb - 1 - p) and walk their query tiles from the last one down, so that a head's Q, dO and dq
+// accumulator are shared in L2; zero (the default): the key blocks of different heads, longest
+// first. dq has the same bits either way (its partials are added in key-block order); dk and dv
+// sum their query tiles in the other order. Benchmarks and tests compare them.
+void flash_attention_set_hopper_bwd_order(int heads);
+
 // The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words
 // ("mma.sync D=128 padded", ...); "unsupported" when they take no such head size.
 const char *flash_attention_path(int HS);

@@ -490,10 +490,10 @@ __device__ __forceinline__ static int f9_item(int k, int G) {
 // it); every unit is nqt + 1 tiles long, and the blocks running at once hold the pairs of a few
 // heads, whose K and V they read from L2 rather than each from memory.
 template <bool PAIRS>
-__device__ __forceinline__ static int f9_fwd_work(int k, int G, int nqt, int BH, int *qt, int *bh) {
+__device__ __forceinline__ static int f9_fwd_work(int k, int G, int nqt, int BH, int items, int *qt, int *bh) {
     if constexpr (!PAIRS) {
         int w = f9_item(k, G);
-        if (w >= BH * nqt) return -1;
+        if (w >= items) return -1;
         *qt = nqt - 1 - w / BH;
         *bh = w % BH;
         return 1;
@@ -509,10 +509,10 @@ __device__ __forceinline__ static int f9_fwd_work(int k, int G, int nqt, int BH,
 
 // Whether this block has an item after its k-th (f9_fwd_work).
 template <bool PAIRS>
-__device__ __forceinline__ static bool f9_fwd_more(int k, int G, int nqt, int BH) {
+__device__ __forceinline__ static bool f9_fwd_more(int k, int G, int nqt, int BH, int items) {
     int qt, bh;
     for (int j = k + 1;; j++) {
-        int r = f9_fwd_work<PAIRS>(j, G, nqt, BH, &qt, &bh);
+        int r = f9_fwd_work<PAIRS>(j, G, nqt, BH, items, &qt, &bh);
         if (r != 0) return r > 0;
     }
 }
@@ -531,7 +531,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                    v_empty = bars + 56, q_empty = bars + 72;
 
     int tid = (int)threadIdx.x, wg = tid >> 7;
-    const int nqt = (T + F9_ROWS - 1) / F9_ROWS, G = (int)gridDim.x;
+    const int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = BH * nqt; // (PAIRS: items is not the count)
     if (tid == 0) {
         f9_mbar_init(q_full, 1);
         f9_mbar_init(q_empty, 2 * 128);
@@ -552,8 +552,8 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
             int g = 0, i = 0;
-            for (int k = 0;; k++) {
-                int qt, bh, got = f9_fwd_work<PAIRS>(k, G, nqt, BH, &qt, &bh);
+            for (int k = 0;; k++, i += !PAIRS) { // i: the items taken (PAIRS: counted at the end, past the holes)
+                int qt, bh, got = f9_fwd_work<PAIRS>(k, (int)gridDim.x, nqt, BH, items, &qt, &bh);
                 if (got < 0) break;
                 if (got == 0) continue;
                 int b = bh / NH, col = (bh % NH) * D;
@@ -577,7 +577,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                     for (int kb = 0; kb < D / 64; kb++)
                         f9_tma_load(sV + st * TILEB + kb * F9_ROWS * 128, &tmv, col + 64 * kb, kt * F9_KN, b, vf);
                 }
-                i++;
+                if constexpr (PAIRS) i++;
             }
         }
         return;
@@ -590,13 +590,13 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
     if (PP && cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
     int g = 0, i = 0;
-    for (int k = 0;; k++) {
-        int qt, bh, got = f9_fwd_work<PAIRS>(k, G, nqt, BH, &qt, &bh);
+    for (int k = 0;; k++, i += !PAIRS) {
+        int qt, bh, got = f9_fwd_work<PAIRS>(k, (int)gridDim.x, nqt, BH, items, &qt, &bh);
         if (got < 0) break;
         if (got == 0) continue;
         int b = bh / NH, h = bh % NH;
         int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-        bool more = f9_fwd_more<PAIRS>(k, G, nqt, BH);
+        bool more = f9_fwd_more<PAIRS>(k, (int)gridDim.x, nqt, BH, items);
         int r0 = q0 + cw * 64 + warp4 * 16; // this warp's first query
         float o[D / 2];
 #pragma unroll
@@ -685,7 +685,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         g += nkt;
         f9_fwd_epilogue<D>(out + (size_t)b * T * out_stride + (size_t)h * D, out_stride, lse + (size_t)bh * T,
                            o, m, l, r0, T, D, lane, scale_log2);
-        i++;
+        if constexpr (PAIRS) i++;
     }
 }
 
@@ -1069,15 +1069,15 @@ __device__ __forceinline__ static void f9_bwd_kv_init(uint32_t kv_full, uint32_t
 // The producer warpgroup of a key-block backward kernel, for one key block (the block's item-th;
 // its first query tile is the block's g0-th): thread 0 copies the block's K and V (128 rows) once
 // the consumers are done with the last item's (kv_empty), then each 64-query tile's Q and dO into
-// a stage; threads 64..127 stage the tile's log-sum-exp and D (lse_h, D_h: the head's) into Lf,
-// Df and arrive on the same "full" barrier. Threads 1..63 do not call this. The caller has lowered
-// the warpgroup's registers.
+// a stage (rev: from the last query tile down); threads 64..127 stage the tile's log-sum-exp and D
+// (lse_h, D_h: the head's) into Lf, Df and arrive on the same "full" barrier. Threads 1..63 do not
+// call this. The caller has lowered the warpgroup's registers.
 template <int D>
 __device__ __forceinline__ static void
 f9_bwd_kv_producer(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtensorMap *tmv, const CUtensorMap *tmdo,
                    uint32_t sK, uint32_t sV, uint32_t sQ, uint32_t sdO, float *Lf, float *Df, uint32_t kv_full,
                    uint32_t kv_empty, uint32_t full, uint32_t empty, const float *lse_h, const float *D_h, int col,
-                   int b, int k0, int qt0, int nqt, int T, int tid, int item, int g0) {
+                   int b, int k0, int qt0, int nqt, int T, int tid, int item, int g0, bool rev) {
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2;
     if (tid == 0) {
         if (item > 0) f9_mbar_wait(kv_empty, (uint32_t)(item - 1) & 1u);
@@ -1085,8 +1085,8 @@ f9_bwd_kv_producer(const CUtensorMap *tmq, const CUtensorMap *tmk, const CUtenso
         f9_tma_tile<D, F9_ROWS>(sK, tmk, col, k0, b, kv_full);
         f9_tma_tile<D, F9_ROWS>(sV, tmv, col, k0, b, kv_full);
     }
-    for (int qt = qt0; qt < nqt; qt++) {
-        int it = g0 + qt - qt0, st = it & 1;
+    for (int j = qt0; j < nqt; j++) {
+        int qt = rev ? nqt - 1 - (j - qt0) : j, it = g0 + j - qt0, st = it & 1;
         if (it >= 2) f9_mbar_wait(empty + 8 * st, ((it >> 1) - 1) & 1);
         uint32_t f = full + 8 * st;
         if (tid == 0) {
@@ -1131,7 +1131,8 @@ f9_bwd_dkdv_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_cons
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0 || tid >= 64)
             f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, 0, full, empty,
-                                  lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid, 0, 0);
+                                  lse + (size_t)bh * T, Dv + (size_t)bh * T, h * D, b, k0, qt0, nqt, T, tid, 0, 0,
+                                  false);
         return;
     }
 
@@ -1273,13 +1274,14 @@ f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, int nq64, size_
 // for the consumers' partial in shared dqs (dq_full), for the blocks of earlier keys (the tile's
 // counter), adds the partial to the tile of acc_h with one bulk copy (stores it, for key block 0),
 // frees dqs (dq_empty) once the copy has read it, and bumps the counter once the copy is complete.
+// rev: the tiles from the last one down, as the producer brings them.
 template <int D>
 __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *sem_h, uint32_t dqs,
                                                         uint32_t dq_full, uint32_t dq_empty, int kb,
-                                                        int qt0, int nqt, bool ordered, int g0) {
+                                                        int qt0, int nqt, bool ordered, int g0, bool rev) {
     constexpr uint32_t bytes = F9_DQ_TILE(D) * 4;
-    for (int qt = qt0; qt < nqt; qt++) {
-        int it = g0 + qt - qt0, st = it & 1; // it: the block's tile count
+    for (int j = qt0; j < nqt; j++) {
+        int qt = rev ? nqt - 1 - (j - qt0) : j, it = g0 + j - qt0, st = it & 1; // it: the block's tile count
         uint32_t src = dqs + (uint32_t)st * bytes;
         f9_mbar_wait(dq_full + 8 * st, (uint32_t)(it >> 1) & 1u);
         float *dst = acc_h + (size_t)qt * F9_DQ_TILE(D);
@@ -1306,10 +1308,41 @@ __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *
     }
 }
 
-// Item w: key block w / BH of head w % BH (the key blocks that see the most queries first). With a
-// block per item (grid: the items) block w takes item w; persistent (fewer blocks, one per
-// multiprocessor) each walks the items f9_item assigns it. 384 threads.
-template <int D>
+// The backward's k-th item of this block (one of G) over BH heads of nkb key blocks: 1 with its key
+// block and head, 0 for a place to skip, -1 past the last. Without HEADS: item w = f9_item's is key
+// block w / BH of head w % BH (the key blocks that see the most queries first; the blocks running at
+// once hold different heads). HEADS: unit u = (k / 2) * G + block is pair p = u % P of head u / P
+// (P = ceil(nkb / 2)): key block p, then nkb - 1 - p (nothing for the middle one of an odd count);
+// G is a multiple of P, so a round of units holds whole heads, whose Q, dO and dq accumulators the
+// blocks share in L2.
+template <bool HEADS>
+__device__ __forceinline__ static int f9_bwd_work(int k, int G, int nkb, int BH, int items, int *kb, int *bh) {
+    if constexpr (!HEADS) {
+        int w = f9_item(k, G);
+        if (w >= items) return -1;
+        *kb = w / BH;
+        *bh = w % BH;
+        return 1;
+    } else {
+        int P = (nkb + 1) / 2, u = (k >> 1) * G + (int)blockIdx.x;
+        if (u >= BH * P) return -1;
+        int p = u % P;
+        *bh = u / P;
+        *kb = (k & 1) ? nkb - 1 - p : p;
+        return (k & 1) && p == nkb - 1 - p ? 0 : 1;
+    }
+}
+
+// With a block per item (grid: the items) block w takes item w; persistent (fewer blocks, one per
+// multiprocessor) each walks the items f9_bwd_work assigns it. 384 threads.
+//
+// HEADS (persistent only): the blocks of a round hold whole heads, every block walking its query
+// tiles from the last one down, so that the key blocks of a head, all running at once, reach each
+// tile in key-block order one add apart (the dq order stays kb 0, 1, ...; dq's bits are the
+// default walk's, dk's and dv's sums run in the other order). Every wait is on a key block of the
+// same round that is either a lower first item or a higher pair's second item, whose own waits end
+// at a first item: with every block resident the waits end.
+template <int D, bool HEADS>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
@@ -1332,7 +1365,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     float *Df = reinterpret_cast<float *>(aligned + (sD - base));
 
     int tid = (int)threadIdx.x, wg = tid >> 7;
-    const int nqt = (T + F9_BT - 1) / F9_BT, items = BH * ((T + F9_ROWS - 1) / F9_ROWS), G = (int)gridDim.x;
+    const int nqt = (T + F9_BT - 1) / F9_BT, nkb = (T + F9_ROWS - 1) / F9_ROWS, items = BH * nkb, G = (int)gridDim.x;
     if (tid == 0) {
         for (int st = 0; st < 2; st++) {
             f9_mbar_init(dq_full + 8 * st, 2 * 128);
@@ -1346,18 +1379,20 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid != 32 && tid != 0 && tid < 64) return;
         int g = 0, i = 0;
-        for (int k = 0;; k++, i++) {
-            int w = f9_item(k, G);
-            if (w >= items) break;
-            int kb = w / BH, bh = w % BH, qt0 = kb * F9_ROWS / F9_BT;
+        for (int k = 0;; k++, i += !HEADS) { // i: the items taken (HEADS: counted at the end, past the holes)
+            int kb, bh, got = f9_bwd_work<HEADS>(k, G, nkb, BH, items, &kb, &bh);
+            if (got < 0) break;
+            if (got == 0) continue;
+            int qt0 = kb * F9_ROWS / F9_BT;
             if (tid == 32)
                 f9_bwd_dq_writer<D>(acc + (size_t)bh * nqt * F9_DQ_TILE(D), sem + (size_t)bh * nqt, dqs, dq_full,
-                                    dq_empty, kb, qt0, nqt, ordered != 0, g);
+                                    dq_empty, kb, qt0, nqt, ordered != 0, g, HEADS);
             else
                 f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, kv_empty, full,
                                       empty, lse + (size_t)bh * T, Dv + (size_t)bh * T, (bh % NH) * D, bh / NH,
-                                      kb * F9_ROWS, qt0, nqt, T, tid, i, g);
+                                      kb * F9_ROWS, qt0, nqt, T, tid, i, g, HEADS);
             g += nqt - qt0;
+            if constexpr (HEADS) i++;
         }
         return;
     }
@@ -1368,10 +1403,11 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const int nh = D == 128 ? cw : 0;
     const uint32_t my_dqs = dqs + (uint32_t)nh * 64 * 64 * 4 + (uint32_t)t * 8;
     int g = 0, i = 0;
-    for (int k = 0;; k++, i++) {
-        int w = f9_item(k, G);
-        if (w >= items) break;
-        int kb = w / BH, bh = w % BH, b = bh / NH, h = bh % NH;
+    for (int k = 0;; k++, i += !HEADS) {
+        int kb, bh, got = f9_bwd_work<HEADS>(k, G, nkb, BH, items, &kb, &bh);
+        if (got < 0) break;
+        if (got == 0) continue;
+        int b = bh / NH, h = bh % NH;
         int k0 = kb * F9_ROWS, qt0 = k0 / F9_BT;
         int wk0 = k0 + cw * 64, rk0 = wk0 + warp4 * 16;
         float dka[D / 2], dva[D / 2];
@@ -1379,8 +1415,8 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         for (int j = 0; j < D / 2; j++) dka[j] = dva[j] = 0.0f;
         f9_mbar_wait(kv_full, (uint32_t)i & 1u);
 
-        for (int qt = qt0; qt < nqt; qt++) {
-            int gt = g + qt - qt0, st = gt & 1;
+        for (int j = qt0; j < nqt; j++) {
+            int qt = HEADS ? nqt - 1 - (j - qt0) : j, gt = g + j - qt0, st = gt & 1;
             int q0 = qt * F9_BT;
             uint32_t qb = sQ + (uint32_t)st * QB, db = sdO + (uint32_t)st * QB, sSb = sS + (uint32_t)st * SB;
             const float *Lt = Lf + st * 64, *Dt = Df + st * 64;
@@ -1431,6 +1467,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
         f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
         f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
+        if constexpr (HEADS) i++;
     }
 }
 
@@ -1623,7 +1660,7 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
                                const f9_bf16 *dout, const f9_bf16 *q, const f9_bf16 *k,
                                const f9_bf16 *v, const f9_bf16 *out, const float *lse, float *scratch,
                                int B, int T, int NH, int qkv_stride, int out_stride, int ordered,
-                               int persist_mode) {
+                               int persist_mode, int heads) {
     CUtensorMap mq, mk, mv, mdo;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, 64) ||
@@ -1643,19 +1680,25 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     if (cudaGetLastError() != cudaSuccess) return 2;
     size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 2 * (size_t)F9_ROWS * F9_BT * 2 +
                   4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 80 bytes
-    if (cudaFuncSetAttribute((const void *)f9_bwd_ws_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)smem) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return 2;
-    }
     // persistent (a block per multiprocessor) for short sequences, where a block's fixed costs are a
     // large share of its work; a block per item beyond (measured: at T 2048 and 4096 the persistent blocks'
     // fixed order of items costs more in waits on the key-block order than it saves); persist_mode
-    // 0 or 1 decides instead, for measuring.
-    int items = B * NH * ((T + F9_ROWS - 1) / F9_ROWS);
-    bool persist = persist_mode >= 0 ? persist_mode == 1 : T <= 1024;
-    f9_bwd_ws_kernel<D><<<(unsigned)(persist ? min(items, f9_sm_count()) : items), F9_WS_NT, smem, st>>>(
-        mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH, B * NH, (size_t)qkv_stride, scale, scale_log2, ordered);
+    // 0 or 1 decides instead, for measuring. The heads walk is persistent always, on a multiple of
+    // a head's P = ceil(nkb / 2) units of blocks (every block resident: its waits need that); where
+    // one head's units outnumber the multiprocessors it falls back to the default walk.
+    int nkb = (T + F9_ROWS - 1) / F9_ROWS, items = B * NH * nkb, P = (nkb + 1) / 2;
+    int units = B * NH * P, grid_heads = min(units, f9_sm_count()) / P * P;
+    if (grid_heads == 0) heads = 0;
+    bool persist = heads || (persist_mode >= 0 ? persist_mode == 1 : T <= 1024);
+    auto kernel = heads ? f9_bwd_ws_kernel<D, true> : f9_bwd_ws_kernel<D, false>;
+    if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    int blocks = heads ? grid_heads : persist ? min(items, f9_sm_count()) : items;
+    kernel<<<(unsigned)blocks, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH, B * NH,
+                                                     (size_t)qkv_stride, scale, scale_log2, ordered);
     if (cudaGetLastError() != cudaSuccess) return 2;
     f9_bwd_post_kernel<D><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride, scale);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
@@ -1665,7 +1708,8 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
                                         const void *dout, const void *q, const void *k,
                                         const void *v, const void *out, const float *lse,
                                         float *scratch, int B, int T, int NH, int HS,
-                                        int qkv_stride, int out_stride, int allow_ws, int persist) {
+                                        int qkv_stride, int out_stride, int allow_ws, int persist,
+                                        int heads) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *a = (f9_bf16 *)dq, *b = (f9_bf16 *)dk, *c = (f9_bf16 *)dv;
     const f9_bf16 *g = (const f9_bf16 *)dout, *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k,
@@ -1676,10 +1720,10 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
     bool fused = allow_ws == 1 || allow_ws == 3, ordered = allow_ws == 1;
     if (ws && fused && HS == 64)
         rc = f9_bwd_fused_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                     out_stride, ordered, persist);
+                                     out_stride, ordered, persist, heads);
     if (ws && fused && HS == 128)
         rc = f9_bwd_fused_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                      out_stride, ordered, persist);
+                                      out_stride, ordered, persist, heads);
     if (rc >= 0) return rc;
     if (ws && HS == 64)
         rc = f9_bwd_ws_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,

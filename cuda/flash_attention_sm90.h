@@ -21,11 +21,13 @@ int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
 // kernels (dq, then dk and dv), which take D only; 3 the one-kernel backward adding dq's partial
 // sums in whatever order they come (not deterministic; for measuring what the order costs).
 // persist (the one-kernel backward): -1 a block per multiprocessor walking the items at T <= 1024
-// and a block per item beyond (what measured faster); 0 or 1 one or the other at every T.
+// and a block per item beyond (what measured faster); 0 or 1 one or the other at every T. heads
+// (the one-kernel backward): nonzero, the persistent blocks hold whole heads at a time and walk
+// their query tiles from the last one down (flash_attention_set_hopper_bwd_order).
 int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
                              const void *q, const void *k, const void *v, const void *out,
                              const float *lse, float *scratch, int B, int T, int NH, int HS,
-                             int qkv_stride, int out_stride, int allow_ws, int persist);
+                             int qkv_stride, int out_stride, int allow_ws, int persist, int heads);
 
 #ifdef __cplusplus
 }

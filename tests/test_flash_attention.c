@@ -326,6 +326,28 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward in pairs order differs from longest first");
     cr_expect(memcmp(l1, l3, nlse * 4) == 0, "the log-sum-exp in pairs order differs from longest first");
     free(l3);
+    // the backward walking whole heads (tiles from the last one down): dq's partials are added in the
+    // same key-block order, so dq has the default's bits; dk and dv sum their tiles in the other
+    // order (within rounding), the same bits run after run
+    uint16_t *h1 = malloc(nqkv * 2), *h2 = malloc(nqkv * 2);
+    cr_assert(h1 && h2);
+    flash_attention_set_hopper_bwd_order(1);
+    run_gpu(&d, B, T, NH, HS);
+    ct_download(h1, d.dqkv, nqkv * 2);
+    run_gpu(&d, B, T, NH, HS);
+    ct_download(h2, d.dqkv, nqkv * 2);
+    flash_attention_set_hopper_bwd_order(0);
+    cr_expect(memcmp(h1, h2, nqkv * 2) == 0, "the heads-walk backward differs between two runs");
+    for (size_t r = 0; r < BT; r++)
+        if (memcmp(h1 + r * 3 * C, g1 + r * 3 * C, (size_t)C * 2) != 0) {
+            cr_expect(false, "dq of row %zu differs between the heads walk and the default walk", r);
+            break;
+        }
+    for (size_t i = 0; i < nqkv; i++) g2f[i] = tp_bf16_to_f32(h1[i]);
+    double eh = rel_err_bf16(g1, 3 * C, g2f, 3 * C, BT, 3 * C, "dqkv (heads-walk backward)");
+    cr_expect_lt(eh, 1e-2, "dqkv: the heads-walk backward and the default differ by %g", eh);
+    free(h1);
+    free(h2);
     for (size_t i = 0; i < nout; i++) o2f[i] = tp_bf16_to_f32(o2[i]);
     for (size_t i = 0; i < nqkv; i++) g2f[i] = tp_bf16_to_f32(g2[i]);
     double e = rel_err_bf16(o1, C, o2f, C, BT, C, "out (default path)");
