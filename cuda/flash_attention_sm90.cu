@@ -482,37 +482,39 @@ __device__ __forceinline__ static int f9_item(int k, int G) {
     return k * G + ((k & 1) ? G - 1 - (int)blockIdx.x : (int)blockIdx.x);
 }
 
-// The forward's k-th item of this block (one of G) over BH heads of nqt query tiles: 1 with its
-// query tile and head, 0 for a place to skip, -1 past the last. Without PAIRS: longest first across
-// heads (f9_item; the blocks running at once hold different heads, each reading its own K and V).
-// PAIRS: unit u = (k / 2) * G + block is pair p = u % P of head u / P (P = ceil(nqt / 2)): query
-// tile nqt - 1 - p, then p (nothing, the middle tile having no partner, when nqt is odd and p is
-// it); every unit is nqt + 1 tiles long, and the blocks running at once hold the pairs of a few
-// heads, whose K and V they read from L2 rather than each from memory.
-template <bool PAIRS>
-__device__ __forceinline__ static int f9_fwd_work(int k, int G, int nqt, int BH, int items, int *qt, int *bh) {
-    if constexpr (!PAIRS) {
+// The k-th item of this block (one of G) over BH heads of n tiles each, where tile n - 1 (LONG_HIGH)
+// or tile 0 is the longest: 1 with its tile and head, 0 for a place to skip, -1 past the last.
+// Without PAIRED: item w = f9_item's is tile (n - 1 -) w / BH of head w % BH, the longest first
+// across heads, so the blocks running at once hold different heads and each reads its own operands.
+// PAIRED: unit u = (k / 2) * G + block is pair p = u % P of head u / P (P = ceil(n / 2)): the p-th
+// longest tile, then the p-th shortest (nothing for the middle one of an odd count), so every unit
+// is as long as any other and the blocks running at once hold the pairs of a few heads, whose
+// operands they read from L2 rather than each from memory. The forward walks query tiles (the last
+// is the longest), the backward key blocks (the first is).
+template <bool PAIRED, bool LONG_HIGH>
+__device__ __forceinline__ static int f9_walk(int k, int G, int n, int BH, int items, int *tile, int *bh) {
+    if constexpr (!PAIRED) {
         int w = f9_item(k, G);
         if (w >= items) return -1;
-        *qt = nqt - 1 - w / BH;
+        *tile = LONG_HIGH ? n - 1 - w / BH : w / BH;
         *bh = w % BH;
         return 1;
     } else {
-        int P = (nqt + 1) / 2, u = (k >> 1) * G + (int)blockIdx.x;
+        int P = (n + 1) / 2, u = (k >> 1) * G + (int)blockIdx.x;
         if (u >= BH * P) return -1;
-        int p = u % P;
+        int p = u % P, longer = LONG_HIGH ? n - 1 - p : p;
         *bh = u / P;
-        *qt = (k & 1) ? p : nqt - 1 - p;
-        return (k & 1) && p == nqt - 1 - p ? 0 : 1;
+        *tile = (k & 1) ? n - 1 - longer : longer;
+        return (k & 1) && p == n - 1 - p ? 0 : 1;
     }
 }
 
-// Whether this block has an item after its k-th (f9_fwd_work).
+// Whether this block has a forward item after its k-th (f9_walk).
 template <bool PAIRS>
 __device__ __forceinline__ static bool f9_fwd_more(int k, int G, int nqt, int BH, int items) {
     int qt, bh;
     for (int j = k + 1;; j++) {
-        int r = f9_fwd_work<PAIRS>(j, G, nqt, BH, items, &qt, &bh);
+        int r = f9_walk<PAIRS, true>(j, G, nqt, BH, items, &qt, &bh);
         if (r != 0) return r > 0;
     }
 }
@@ -545,7 +547,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     }
     __syncthreads();
 
-    // Persistent: a block per multiprocessor, taking the (head, query tile) items f9_fwd_work gives
+    // Persistent: a block per multiprocessor, taking the (head, query tile) items f9_walk gives
     // it. K and V stages are counted across items (g), so the producer brings in the next item's Q,
     // K and V while the consumers finish the current one.
     if (wg == 0) { // producer
@@ -553,7 +555,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         if (tid == 0) {
             int g = 0, i = 0;
             for (int k = 0;; k++, i += !PAIRS) { // i: the items taken (PAIRS: counted at the end, past the holes)
-                int qt, bh, got = f9_fwd_work<PAIRS>(k, (int)gridDim.x, nqt, BH, items, &qt, &bh);
+                int qt, bh, got = f9_walk<PAIRS, true>(k, (int)gridDim.x, nqt, BH, items, &qt, &bh);
                 if (got < 0) break;
                 if (got == 0) continue;
                 int b = bh / NH, col = (bh % NH) * D;
@@ -591,7 +593,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     if (PP && cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
     int g = 0, i = 0;
     for (int k = 0;; k++, i += !PAIRS) {
-        int qt, bh, got = f9_fwd_work<PAIRS>(k, (int)gridDim.x, nqt, BH, items, &qt, &bh);
+        int qt, bh, got = f9_walk<PAIRS, true>(k, (int)gridDim.x, nqt, BH, items, &qt, &bh);
         if (got < 0) break;
         if (got == 0) continue;
         int b = bh / NH, h = bh % NH;
@@ -1308,35 +1310,12 @@ __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *
     }
 }
 
-// The backward's k-th item of this block (one of G) over BH heads of nkb key blocks: 1 with its key
-// block and head, 0 for a place to skip, -1 past the last. Without HEADS: item w = f9_item's is key
-// block w / BH of head w % BH (the key blocks that see the most queries first; the blocks running at
-// once hold different heads). HEADS: unit u = (k / 2) * G + block is pair p = u % P of head u / P
-// (P = ceil(nkb / 2)): key block p, then nkb - 1 - p (nothing for the middle one of an odd count);
-// G is a multiple of P, so a round of units holds whole heads, whose Q, dO and dq accumulators the
-// blocks share in L2.
-template <bool HEADS>
-__device__ __forceinline__ static int f9_bwd_work(int k, int G, int nkb, int BH, int items, int *kb, int *bh) {
-    if constexpr (!HEADS) {
-        int w = f9_item(k, G);
-        if (w >= items) return -1;
-        *kb = w / BH;
-        *bh = w % BH;
-        return 1;
-    } else {
-        int P = (nkb + 1) / 2, u = (k >> 1) * G + (int)blockIdx.x;
-        if (u >= BH * P) return -1;
-        int p = u % P;
-        *bh = u / P;
-        *kb = (k & 1) ? nkb - 1 - p : p;
-        return (k & 1) && p == nkb - 1 - p ? 0 : 1;
-    }
-}
-
-// With a block per item (grid: the items) block w takes item w; persistent (fewer blocks, one per
-// multiprocessor) each walks the items f9_bwd_work assigns it. 384 threads.
+// Items are (head, key block); with a block per item (grid: the items) block w takes item w;
+// persistent (fewer blocks, one per multiprocessor) each walks the items f9_walk assigns it. 384
+// threads.
 //
-// HEADS (persistent only): the blocks of a round hold whole heads, every block walking its query
+// HEADS (persistent only, on a multiple of P blocks): the blocks of a round hold whole heads (the
+// key blocks of a head in pairs), every block walking its query
 // tiles from the last one down, so that the key blocks of a head, all running at once, reach each
 // tile in key-block order one add apart (the dq order stays kb 0, 1, ...; dq's bits are the
 // default walk's, dk's and dv's sums run in the other order). Every wait is on a key block of the
@@ -1380,7 +1359,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         if (tid != 32 && tid != 0 && tid < 64) return;
         int g = 0, i = 0;
         for (int k = 0;; k++, i += !HEADS) { // i: the items taken (HEADS: counted at the end, past the holes)
-            int kb, bh, got = f9_bwd_work<HEADS>(k, G, nkb, BH, items, &kb, &bh);
+            int kb, bh, got = f9_walk<HEADS, false>(k, G, nkb, BH, items, &kb, &bh);
             if (got < 0) break;
             if (got == 0) continue;
             int qt0 = kb * F9_ROWS / F9_BT;
@@ -1404,7 +1383,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     const uint32_t my_dqs = dqs + (uint32_t)nh * 64 * 64 * 4 + (uint32_t)t * 8;
     int g = 0, i = 0;
     for (int k = 0;; k++, i += !HEADS) {
-        int kb, bh, got = f9_bwd_work<HEADS>(k, G, nkb, BH, items, &kb, &bh);
+        int kb, bh, got = f9_walk<HEADS, false>(k, G, nkb, BH, items, &kb, &bh);
         if (got < 0) break;
         if (got == 0) continue;
         int b = bh / NH, h = bh % NH;
