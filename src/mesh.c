@@ -2,6 +2,7 @@
 #include "mesh.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common.h"
@@ -60,12 +61,26 @@ void mesh_abort(const struct mesh *m, int code, const char *msg) {
     exit(code); // not reached
 }
 
+// TPTRAIN_OVERLAP_SMS (backend_cuda's): unset, empty or a whole number; the CUDA backend checks it
+// against the device's multiprocessors.
+static bool overlap_sms_well_formed(char *err, size_t errlen) {
+    const char *v = getenv("TPTRAIN_OVERLAP_SMS");
+    if (!v || !*v) return true;
+    const char *p = v;
+    while (*p >= '0' && *p <= '9') p++;
+    if (!*p && p - v <= 9) return true;
+    snprintf(err, errlen, "TPTRAIN_OVERLAP_SMS=%s: expected a whole number of multiprocessors (0 to the "
+             "device's count less one) for the products to leave to collectives; unset it for none", v);
+    return false;
+}
+
 int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct backend *be, char *err,
                         size_t errlen) {
     enum tp_device_kind want = cfg->parallel.device;
     int ndev = backend_cuda_available() ? backend_cuda_device_count() : 0;
     int status = 0;
-    if (want == TP_DEVICE_CUDA && ndev == 0) {
+    if (!overlap_sms_well_formed(err, errlen)) status = TP_EXIT_USAGE;
+    else if (want == TP_DEVICE_CUDA && ndev == 0) {
         snprintf(err, errlen, "parallel.device: cuda requested but %s; use device: cpu or auto",
                  backend_cuda_available() ? "no CUDA device is visible" : "this build has no CUDA backend");
         status = TP_EXIT_USAGE;

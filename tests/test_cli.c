@@ -222,6 +222,19 @@ Test(cli, tp_not_dividing_heads) {
     free(out);
 }
 
+// A malformed TPTRAIN_OVERLAP_SMS stops the run before anything is built, on any backend.
+Test(cli, bad_overlap_sms_variable) {
+    char *out = malloc(OUT_CAP);
+    cr_assert_not_null(out);
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && TPTRAIN_OVERLAP_SMS=12x timeout 60 '%s' configs/tiny.yaml "
+                    "--set train.steps=1 --set train.warmup_steps=0 --set eval.every=0 --set checkpoint.dir=",
+                    tu_source_root(), tu_tptrain());
+    cr_assert_eq(rc, 2, "exit %d:\n%s", rc, out);
+    expect_has(out, "TPTRAIN_OVERLAP_SMS=12x", "the variable and its value");
+    cr_assert_eq(count_lines(out), 1, "one line of error:\n%s", out);
+    free(out);
+}
+
 // ---- config file errors
 
 // Writes a config into a fresh temp dir; returns its path in path.
