@@ -63,18 +63,21 @@ void flash_attention_set_hopper_bwd_fused(int on);
 // head size 64 (benchmarks and tests compare them).
 void flash_attention_set_hopper_pingpong(int on);
 
-// Nonzero (or the environment's TPTRAIN_ATTN_ORDER=pairs): the persistent warp-specialised Hopper
-// forward walks the query tiles of one head in pairs (tile p, then tile nqt - 1 - p), so that the
-// blocks running at once share heads and read K and V from L2; zero (the default): longest first
-// across heads. The same bits either way; benchmarks and tests compare them.
+// The walk of the persistent warp-specialised Hopper forward over its (head, query tile) items.
+// 1 (the environment's TPTRAIN_ATTN_ORDER=pairs): the query tiles of one head in pairs (tile p, then
+// tile nqt - 1 - p), so that the blocks running at once share heads and read K and V from L2; 0
+// (TPTRAIN_ATTN_ORDER=longest): longest first across heads; -1 (the default): pairs at head size
+// 128, longest first at 64, as measured fastest. The same bits either way; benchmarks and tests
+// compare them.
 void flash_attention_set_hopper_order(int pairs);
 
-// Nonzero (or the environment's TPTRAIN_ATTN_BWD_ORDER=heads): the one-kernel Hopper backward runs
-// persistent blocks that hold whole heads at a time (the key blocks of a head in pairs, p with
-// nkb - 1 - p) and walk their query tiles from the last one down, so that a head's Q, dO and dq
-// accumulator are shared in L2; zero (the default): the key blocks of different heads, longest
-// first. dq has the same bits either way (its partials are added in key-block order); dk and dv
-// sum their query tiles in the other order. Benchmarks and tests compare them.
+// The walk of the one-kernel Hopper backward. 1 (TPTRAIN_ATTN_BWD_ORDER=heads): persistent blocks
+// hold whole heads at a time (the key blocks of a head in pairs, p with nkb - 1 - p) and walk their
+// query tiles from the last one down, so that a head's Q, dO and dq accumulator are shared in L2; 0
+// (TPTRAIN_ATTN_BWD_ORDER=longest): the key blocks of different heads, longest first; -1 (the
+// default): heads up to T 4096, longest first beyond, as measured fastest. dq has the same bits
+// either way (its partials are added in key-block order); dk and dv sum their query tiles in the
+// other order. Benchmarks and tests compare them.
 void flash_attention_set_hopper_bwd_order(int heads);
 
 // The kernels flash_attention_fwd/bwd run at head size HS on the current device, in words

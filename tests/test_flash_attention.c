@@ -315,20 +315,26 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     flash_attention_set_hopper_pingpong(1);
     ct_download(o3, d.out, nout * 2);
     cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward with and without ping-pong differ");
-    // and walking the query tiles in pairs of one head: every item's arithmetic is the same
-    flash_attention_set_hopper_order(1);
-    run_gpu(&d, B, T, NH, HS);
-    flash_attention_set_hopper_order(0);
+    // each forward walk forced (pairs of one head; longest first across heads): every item's
+    // arithmetic is the same, so the default's bits either way
     float *l3 = malloc(nlse * 4);
     cr_assert(l3);
-    ct_download(o3, d.out, nout * 2);
-    ct_download(l3, d.lse, nlse * 4);
-    cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward in pairs order differs from longest first");
-    cr_expect(memcmp(l1, l3, nlse * 4) == 0, "the log-sum-exp in pairs order differs from longest first");
+    for (int order = 0; order < 2; order++) {
+        flash_attention_set_hopper_order(order);
+        run_gpu(&d, B, T, NH, HS);
+        ct_download(o3, d.out, nout * 2);
+        ct_download(l3, d.lse, nlse * 4);
+        cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward walking %s differs from the default",
+                  order ? "pairs" : "longest first");
+        cr_expect(memcmp(l1, l3, nlse * 4) == 0, "the log-sum-exp walking %s differs from the default",
+                  order ? "pairs" : "longest first");
+    }
+    flash_attention_set_hopper_order(-1);
     free(l3);
-    // the backward walking whole heads (tiles from the last one down): dq's partials are added in the
-    // same key-block order, so dq has the default's bits; dk and dv sum their tiles in the other
-    // order (within rounding), the same bits run after run
+    // each backward walk forced: whole heads (tiles from the last one down) twice, then longest
+    // first. dq's partials are added in the same key-block order, so dq has the same bits in both;
+    // dk and dv sum their tiles in another order (within rounding), the same bits run after run;
+    // the default is one of the two, bit for bit
     uint16_t *h1 = malloc(nqkv * 2), *h2 = malloc(nqkv * 2);
     cr_assert(h1 && h2);
     flash_attention_set_hopper_bwd_order(1);
@@ -336,16 +342,21 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     ct_download(h1, d.dqkv, nqkv * 2);
     run_gpu(&d, B, T, NH, HS);
     ct_download(h2, d.dqkv, nqkv * 2);
-    flash_attention_set_hopper_bwd_order(0);
     cr_expect(memcmp(h1, h2, nqkv * 2) == 0, "the heads-walk backward differs between two runs");
+    flash_attention_set_hopper_bwd_order(0);
+    run_gpu(&d, B, T, NH, HS);
+    ct_download(h2, d.dqkv, nqkv * 2);
+    flash_attention_set_hopper_bwd_order(-1);
+    cr_expect(memcmp(h1, g1, nqkv * 2) == 0 || memcmp(h2, g1, nqkv * 2) == 0,
+              "the default backward is neither forced walk, bit for bit");
     for (size_t r = 0; r < BT; r++)
-        if (memcmp(h1 + r * 3 * C, g1 + r * 3 * C, (size_t)C * 2) != 0) {
-            cr_expect(false, "dq of row %zu differs between the heads walk and the default walk", r);
+        if (memcmp(h1 + r * 3 * C, h2 + r * 3 * C, (size_t)C * 2) != 0) {
+            cr_expect(false, "dq of row %zu differs between the heads walk and the longest-first walk", r);
             break;
         }
     for (size_t i = 0; i < nqkv; i++) g2f[i] = tp_bf16_to_f32(h1[i]);
-    double eh = rel_err_bf16(g1, 3 * C, g2f, 3 * C, BT, 3 * C, "dqkv (heads-walk backward)");
-    cr_expect_lt(eh, 1e-2, "dqkv: the heads-walk backward and the default differ by %g", eh);
+    double eh = rel_err_bf16(h2, 3 * C, g2f, 3 * C, BT, 3 * C, "dqkv (heads walk against longest first)");
+    cr_expect_lt(eh, 1e-2, "dqkv: the two backward walks differ by %g", eh);
     free(h1);
     free(h2);
     for (size_t i = 0; i < nout; i++) o2f[i] = tp_bf16_to_f32(o2[i]);
@@ -382,6 +393,7 @@ Test(flash_attention, hopper_matches_portable) {
     compare_paths(1, 6, 2000, 128, 75); // a partial last tile, several key blocks per head
     compare_paths(8, 20, 1100, 64, 76);  // 9 query tiles (the middle one unpaired), > 132 blocks' work
     compare_paths(2, 40, 1100, 128, 77); // the same at head size 128 (ping-pong)
+    compare_paths(1, 2, 4200, 128, 78);  // beyond T 4096: the default backward walks longest first
     compare_paths(1, 2, 300, 80, 73);
     compare_paths(1, 1, 17, 32, 74);
 }
