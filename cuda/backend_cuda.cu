@@ -27,6 +27,8 @@
 // and context creation. Adding an op: its launcher in its family file, its declaration in
 // cuda_internal.cuh, its line in the table below.
 
+#include <cuda_profiler_api.h>
+
 #include "cuda_internal.cuh"
 
 static const char *cuda_name(void *ctx) {
@@ -132,6 +134,14 @@ static void cuda_overlap(void *ctx, int delta) {
     if (c->gemm && c->overlap_sms > 0) gemm_set_sm_target(c->gemm, c->overlap > 0 ? c->sm_count - c->overlap_sms : 0);
 }
 
+// debug.profile_step: the capture range of a profiler started with it off (ncu --profile-from-start
+// off). The range closes after the queued work has run, so that it holds exactly the step's kernels.
+static void cuda_profile(void *ctx, bool on) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    CUDA_CHECK(cudaStreamSynchronize(c->stream));
+    CUDA_CHECK(on ? cudaProfilerStart() : cudaProfilerStop());
+}
+
 static void cuda_destroy(void *ctx) {
     struct cuda_ctx *c = ctx_of(ctx);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -193,6 +203,7 @@ static const struct backend_i cuda_iface = {
     .native_stream = cuda_native_stream,
     .memory_stats = cuda_memory_stats,
     .overlap = cuda_overlap,
+    .profile = cuda_profile,
     .destroy = cuda_destroy,
     .vocab_embedding_fwd = cuda_vocab_embedding_fwd,
     .vocab_embedding_bwd = cuda_vocab_embedding_bwd,

@@ -35,6 +35,8 @@ extern "C" {
 #define EMB_BWD_GROUPS 256
 #define EMB_BWD_TILE 1024
 #define EMB_BWD_THREADS 128
+#define EMB_BWD_SORT_MAX 512 // kept tokens of a tile sorted by row up to this many (quadratic)
+#define EMB_BWD_UNROLL 8     // dout rows in flight per run
 #define LN_EPS 1e-5 // GPT-2; double, as the fp32 path's statistics are
 // bf16 layernorm backward: blocks of the fused kernel (fixed for a given N, so dw/db sum in a
 // fixed order), each leaving one (C) partial of dw and of db.

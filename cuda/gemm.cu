@@ -214,14 +214,24 @@ __global__ static void colsum_partial_kernel(float *partial, const __nv_bfloat16
     if (col < (size_t)OC) partial[(size_t)blockIdx.x * OC + col] = sum;
 }
 
-// dbias[col] += sum over c of partial[c, col], c in increasing order.
+// dbias[col] += sum over c of partial[c, col] in a fixed order: block (32, 32) per 32 columns;
+// thread (x, y) sums chunks y, y + 32, ... of column 32 * blockIdx.x + x in order, then the 32 sums
+// of a column are added in y order. Thirty-two loads in flight per column instead of one (a
+// thread per column walking every chunk was latency-bound: 5 us at GPT-2 124M's shapes).
 __global__ static void colsum_finish_kernel(float *dbias, const float *partial, int nchunks,
                                             int OC) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= OC) return;
+    __shared__ float sh[32][33];
+    int col = blockIdx.x * 32 + threadIdx.x;
     float s = 0.0f;
-    for (int c = 0; c < nchunks; c++) s += partial[(size_t)c * OC + col];
-    dbias[col] += s;
+    if (col < OC)
+        for (int c = threadIdx.y; c < nchunks; c += 32) s += partial[(size_t)c * OC + col];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < OC) {
+        float t = 0.0f;
+        for (int y = 0; y < 32; y++) t += sh[y][threadIdx.x];
+        dbias[col] += t;
+    }
 }
 
 static unsigned int grid_for(size_t n, unsigned int per_block) {
@@ -436,7 +446,7 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
         dim3 grid((unsigned)nchunks, (unsigned)((k->OC + CS_COLS - 1) / CS_COLS));
         colsum_partial_kernel<<<grid, CS_COLS, 0, g->stream>>>(partial, (const __nv_bfloat16 *)c->b,
                                                               k->N, k->OC, rows);
-        colsum_finish_kernel<<<grid_for((size_t)k->OC, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
+        colsum_finish_kernel<<<(unsigned)((k->OC + 31) / 32), dim3(32, 32), 0, g->stream>>>(
             c->dbias, partial, nchunks, k->OC);
         break;
     }

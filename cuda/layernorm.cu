@@ -167,8 +167,9 @@ layernorm_fwd_bf16_kernel(bf16 *out, float *mean, float *rstd, const bf16 *inp, 
 // keeps running column sums of dout * norm and dout for its channels over its rows, the block adds
 // its warps' sums in warp order (shared memory, 2 * C floats) and writes one partial row each of
 // pdw, pdb (gridDim, C); colsum2_finish_kernel adds the partials in block order. The second pass
-// over a row reloads it (an L1 hit) rather than holding it, which leaves the registers to the
-// column sums.
+// over a row reloads x, dout and w (L1 hits) rather than holding them, which leaves the registers
+// to the column sums; the dinp it adds to is loaded with them in the first pass, so that a row
+// waits on memory once, not twice.
 template <int VPL>
 __global__ void __launch_bounds__(TPC_BLOCK, VPL <= 4 ? 2 : 1)
 layernorm_bwd_bf16_kernel(bf16 *dinp, float *pdw, float *pdb, const bf16 *dout, const bf16 *inp,
@@ -189,6 +190,7 @@ layernorm_bwd_bf16_kernel(bf16 *dinp, float *pdw, float *pdb, const bf16 *dout, 
         bf16 *dx = dinp + (size_t)row * C;       // (C)
         float m = mean[row], rs = rstd[row];
         float s1 = 0.0f, s2 = 0.0f;
+        vec_t<bf16, 8> gp[VPL];
 #pragma unroll
         for (int j = 0; j < VPL; j++) {
             int v = lane + j * TPC_WARP;
@@ -196,6 +198,7 @@ layernorm_bwd_bf16_kernel(bf16 *dinp, float *pdw, float *pdb, const bf16 *dout, 
                 vec_t<bf16, 8> xp = ld_vec<bf16, 8>(x + (size_t)v * 8);
                 vec_t<bf16, 8> dp = ld_vec<bf16, 8>(dy + (size_t)v * 8);
                 vec_t<bf16, 8> wp = ld_vec<bf16, 8>(w + (size_t)v * 8);
+                gp[j] = ld_vec<bf16, 8>(dx + (size_t)v * 8);
 #pragma unroll
                 for (int e = 0; e < 8; e++) {
                     float n = (to_f(xp.e[e]) - m) * rs;
@@ -217,14 +220,13 @@ layernorm_bwd_bf16_kernel(bf16 *dinp, float *pdw, float *pdb, const bf16 *dout, 
                 vec_t<bf16, 8> xp = ld_vec<bf16, 8>(x + (size_t)v * 8);
                 vec_t<bf16, 8> dp = ld_vec<bf16, 8>(dy + (size_t)v * 8);
                 vec_t<bf16, 8> wp = ld_vec<bf16, 8>(w + (size_t)v * 8);
-                vec_t<bf16, 8> gp = ld_vec<bf16, 8>(dx + (size_t)v * 8);
 #pragma unroll
                 for (int e = 0; e < 8; e++) {
                     float n = (to_f(xp.e[e]) - m) * rs;
                     float dn = __fmul_rn(to_f(wp.e[e]), to_f(dp.e[e]));
-                    gp.e[e] = from_f<bf16>(to_f(gp.e[e]) + (dn - s1 - n * s2) * rs);
+                    gp[j].e[e] = from_f<bf16>(to_f(gp[j].e[e]) + (dn - s1 - n * s2) * rs);
                 }
-                st_vec<bf16, 8>(dx + (size_t)v * 8, gp);
+                st_vec<bf16, 8>(dx + (size_t)v * 8, gp[j]);
             }
         }
     }

@@ -166,15 +166,56 @@ __device__ __forceinline__ void adamw_one(float *p, E *pc, uint16_t *plo, size_t
     }
 }
 
-// p, g, m, v (n) fp32, pc (n) E or NULL, plo (n) or NULL (split masters, p NULL, then only the
-// scalar body runs); one launch over every segment (see the walk above), one
-// wave of blocks (see adamw_launch). g is scaled by grad_scale, times min(1, grad_clip /
-// ||g * grad_scale||) when norm_sq is given. The vector body keeps ADAMW_UNROLL groups of the four
-// loads in flight per thread: the stores may alias the next loads as far as the compiler knows,
-// so it would not move those above them by itself. Every element is computed alone, by the same
-// expression, whatever the grouping or the chunk it falls in.
+// Four masters from element i on, as fp32: from p, or joined from the split halves pc and plo.
+template <typename E, bool SPLIT>
+__device__ __forceinline__ vec_t<float, 4> adamw_load_masters(const float *p, const E *pc, const uint16_t *plo,
+                                                              size_t i) {
+    if constexpr (SPLIT) {
+        vec_t<float, 4> r;
+        vec_t<E, 4> hi = ld_vec<E, 4>(pc + i);
+        vec_t<uint16_t, 4> lo = ld_vec<uint16_t, 4>(plo + i);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            r.e[e] = __uint_as_float(tp_split_join(__bfloat16_as_ushort(hi.e[e]), lo.e[e]));
+        }
+        return r;
+    } else {
+        return ld_vec<float, 4>(p + i);
+    }
+}
+
+// Stores four updated masters from element i on: p and its compute copy pc (if any), or split into
+// pc (high halves) and plo.
+template <typename E, bool SPLIT>
+__device__ __forceinline__ void adamw_store_masters(float *p, E *pc, uint16_t *plo, size_t i,
+                                                    const vec_t<float, 4> &x) {
+    vec_t<E, 4> cv;
+    if constexpr (SPLIT) {
+        vec_t<uint16_t, 4> lo;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            uint32_t bits = __float_as_uint(x.e[e]);
+            cv.e[e] = __ushort_as_bfloat16(tp_split_hi(bits));
+            lo.e[e] = tp_split_lo(bits);
+        }
+        st_vec<E, 4>(pc + i, cv);
+        st_vec<uint16_t, 4>(plo + i, lo);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++) cv.e[e] = from_f<E>(x.e[e]);
+        st_vec<float, 4>(p + i, x);
+        if (pc) st_vec<E, 4>(pc + i, cv);
+    }
+}
+
+// p, g, m, v (n) fp32, pc (n) E or NULL, plo (n) or NULL (SPLIT: split masters, p NULL); one launch
+// over every segment (see the walk above), one wave of blocks (see adamw_launch). g is scaled by
+// grad_scale, times min(1, grad_clip / ||g * grad_scale||) when norm_sq is given. The vector body
+// keeps ADAMW_UNROLL groups of the four loads in flight per thread: the stores may alias the next
+// loads as far as the compiler knows, so it would not move those above them by itself. Every
+// element is computed alone, by the same expression, whatever the grouping or the chunk it falls in.
 #define ADAMW_UNROLL 2
-template <typename E, bool VEC>
+template <typename E, bool VEC, bool SPLIT>
 __global__ void adamw_kernel(float *p, E *pc, uint16_t *plo, const float *g, float *m, float *v,
                              const struct param_segment *segs, int n_segs, size_t n, size_t chunk,
                              struct adamw_args a) {
@@ -212,7 +253,7 @@ __global__ void adamw_kernel(float *p, E *pc, uint16_t *plo, const float *g, flo
                     size_t q = q0 + (size_t)u * blockDim.x;
                     if (q >= nb) break;
                     size_t i = body + 4 * q;
-                    pv[u] = ld_vec<float, 4>(p + i);
+                    pv[u] = adamw_load_masters<E, SPLIT>(p, pc, plo, i);
                     gv[u] = ld_vec<float, 4>(g + i);
                     mv[u] = ld_vec<float, 4>(m + i);
                     vv[u] = ld_vec<float, 4>(v + i);
@@ -222,14 +263,12 @@ __global__ void adamw_kernel(float *p, E *pc, uint16_t *plo, const float *g, flo
                     size_t q = q0 + (size_t)u * blockDim.x;
                     if (q >= nb) break;
                     size_t i = body + 4 * q;
-                    vec_t<E, 4> cv;
 #pragma unroll
                     for (int e = 0; e < 4; e++)
-                        cv.e[e] = from_f<E>(adamw_elem(&pv[u].e[e], &mv[u].e[e], &vv[u].e[e], gv[u].e[e] * gs, wd, a));
-                    st_vec<float, 4>(p + i, pv[u]);
+                        adamw_elem(&pv[u].e[e], &mv[u].e[e], &vv[u].e[e], gv[u].e[e] * gs, wd, a);
+                    adamw_store_masters<E, SPLIT>(p, pc, plo, i, pv[u]);
                     st_vec<float, 4>(m + i, mv[u]);
                     st_vec<float, 4>(v + i, vv[u]);
-                    if (pc) st_vec<E, 4>(pc + i, cv);
                 }
             }
             for (size_t i = body + nb * 4 + threadIdx.x; i < hi; i += blockDim.x) {
@@ -317,24 +356,33 @@ static int resident_blocks(const struct cuda_ctx *c, const void *kernel) {
 // finish together instead of a last, partly filled wave streaming alone (2048 fixed chunks were
 // 3 to 4 waves at 124M). The partition changes no result: elements are independent.
 #define ADAMW_MIN_CHUNK 4096
-template <typename E, bool VEC>
+template <typename E, bool VEC, bool SPLIT>
 static void adamw_launch_as(struct cuda_ctx *c, const struct adamw_step *s, E *pc, const struct adamw_args &a) {
-    const void *kernel = (const void *)adamw_kernel<E, VEC>;
+    const void *kernel = (const void *)adamw_kernel<E, VEC, SPLIT>;
     size_t chunk = tp_round_up(ceil_div(s->n, (size_t)resident_blocks(c, kernel)), 8);
     if (chunk < ADAMW_MIN_CHUNK) chunk = ADAMW_MIN_CHUNK;
     unsigned int nb = (unsigned int)ceil_div(s->n, chunk);
-    adamw_kernel<E, VEC><<<nb, TPC_BLOCK, 0, c->stream>>>(s->p, pc, s->p_lo, s->g, s->m, s->v, s->segs, s->n_segs,
-                                                         s->n, chunk, a);
+    adamw_kernel<E, VEC, SPLIT><<<nb, TPC_BLOCK, 0, c->stream>>>(s->p, pc, s->p_lo, s->g, s->m, s->v, s->segs,
+                                                                s->n_segs, s->n, chunk, a);
     CUDA_CHECK_LAUNCH("adamw_kernel");
 }
 
+// The vector body needs every buffer aligned to its 4-element access (split masters: only 2-byte
+// elements, so only where E is; fp32 compute copies are never split).
 template <typename E>
 static void adamw_launch(struct cuda_ctx *c, const struct adamw_step *s, E *pc,
                          const struct adamw_args &a) {
-    bool vec = s->p && aligned_to(s->p, 16) && aligned_to(s->g, 16) && aligned_to(s->m, 16) &&
-               aligned_to(s->v, 16) && aligned_to(pc, 4 * sizeof(E));
-    if (vec) adamw_launch_as<E, true>(c, s, pc, a);
-    else adamw_launch_as<E, false>(c, s, pc, a);
+    bool common = aligned_to(s->g, 16) && aligned_to(s->m, 16) && aligned_to(s->v, 16);
+    if constexpr (sizeof(E) == 2) {
+        if (!s->p) {
+            if (common && aligned_to(pc, 8) && aligned_to(s->p_lo, 8)) adamw_launch_as<E, true, true>(c, s, pc, a);
+            else adamw_launch_as<E, false, true>(c, s, pc, a);
+            return;
+        }
+    }
+    bool vec = s->p && common && aligned_to(s->p, 16) && aligned_to(pc, 4 * sizeof(E));
+    if (vec) adamw_launch_as<E, true, false>(c, s, pc, a);
+    else adamw_launch_as<E, false, false>(c, s, pc, a);
 }
 
 void cuda_adamw(void *ctx, const struct adamw_step *s) {

@@ -126,6 +126,9 @@ struct backend_i {
     // stream, -n when they are joined. While any run, the CUDA backend's products leave
     // multiprocessors to them (TPTRAIN_OVERLAP_SMS).
     void (*overlap)(void *ctx, int delta);
+    // (optional) opens (on) or closes a profiler's capture range around the work queued between
+    // (CUDA: cudaProfilerStart/Stop, for `ncu --profile-from-start off`); debug.profile_step.
+    void (*profile)(void *ctx, bool on);
     void (*destroy)(void *ctx);
 
     // ---- embeddings (vocab-parallel: this rank holds rows [vocab_start, vocab_start + n_vocab) of wte)

@@ -151,6 +151,8 @@ static const struct key_def keys[] = {
     {"debug", "check_replicas", F_BOOL(debug.check_replicas)},
     {"debug", "dump_init", F_STRING(debug.dump_init)},
     {"debug", "grad_norms", F_BOOL(debug.grad_norms)},
+    {"debug", "profile_step", F_INT(debug.profile_step), .lo = 0, .has_hi = true, .hi = 1 << 30,
+     .why = "0 marks no step; N marks the N-th step (from 1) for a profiler; at most 2^30"},
 };
 
 #define N_KEYS (sizeof keys / sizeof keys[0])
@@ -518,6 +520,7 @@ void config_defaults(struct tp_config *cfg) {
     cfg->log.every = 1;
     cfg->log.peak_tflops = 0;
     cfg->debug.check_replicas = false;
+    cfg->debug.profile_step = 0;
     cfg->debug.grad_norms = false;
 }
 

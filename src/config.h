@@ -89,6 +89,7 @@ struct tp_debug_config {
     bool check_replicas;       // hash replicated parameters across the TP group every step
     char dump_init[TP_PATH_MAX]; // "" = none, else a .safetensors file for the initial weights
     bool grad_norms;           // log per-tensor gradient norms of the first step
+    int profile_step;          // 0 = none, else the step (from 1) a profiler's capture range brackets
 };
 
 // Room in the private origin table below; config.c checks that its key table fits.

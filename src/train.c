@@ -545,7 +545,10 @@ int train_run(const struct tp_config *cfg) {
     double start = tp_now(), launch_to_loop = tp_process_age();
     for (int step = tr.start_step; !st && step < cfg->train.steps; step++) {
         struct step_result r;
+        bool profiled = cfg->debug.profile_step == step - tr.start_step + 1 && tr.be.iface->profile;
+        if (profiled) tr.be.iface->profile(tr.be.ctx, true);
         st = train_step(&tr, step, &r);
+        if (profiled) tr.be.iface->profile(tr.be.ctx, false);
         if (st) break;
         if (!isfinite(r.loss)) {
             if (tr.is_root) fprintf(stderr, "tptrain: loss became %g at step %d; lower train.lr or check the data\n", r.loss, step + 1);

@@ -118,6 +118,7 @@ static void assert_same_config(const struct tp_config *a, const struct tp_config
     cr_assert_eq(a->debug.check_replicas, b->debug.check_replicas);
     cr_assert_str_eq(a->debug.dump_init, b->debug.dump_init);
     cr_assert_eq(a->debug.grad_norms, b->debug.grad_norms);
+    cr_assert_eq(a->debug.profile_step, b->debug.profile_step);
 }
 
 // config_print's output as a string (caller frees).
@@ -246,6 +247,7 @@ Test(config, defaults_match_the_documented_values) {
     cr_assert_eq(c.debug.check_replicas, false);
     cr_assert_str_eq(c.debug.dump_init, "");
     cr_assert_eq(c.debug.grad_norms, false);
+    cr_assert_eq(c.debug.profile_step, 0);
 }
 
 Test(config, enum_names) {
@@ -555,10 +557,12 @@ Test(config, set_overrides_keys_with_file_semantics) {
     set_ok(&c, " checkpoint.dir = runs/a b ");
     set_ok(&c, "log.jsonl='null'");
     set_ok(&c, "debug.dump_init=x=y.safetensors");
+    set_ok(&c, "debug.profile_step=3");
     cr_assert_eq(c.model.n_layer, 4);
     cr_assert_eq(c.train.lr, 1e-3);
     cr_assert_eq(c.parallel.comm, TP_COMM_MPI);
     cr_assert_eq(c.debug.grad_norms, true);
+    cr_assert_eq(c.debug.profile_step, 3);
     cr_assert_eq(c.train.seed, 42ULL);
     cr_assert_str_eq(c.data.val, "", "an empty value clears a path");
     cr_assert_str_eq(c.checkpoint.dir, "runs/a b");
@@ -570,6 +574,7 @@ Test(config, bad_set_values) {
     expect_set_error("model.n_layer=abc", "expected an integer, got 'abc'");
     expect_set_error("model.n_layer=0", "must be >= 1");
     expect_set_error("train.lr=0", "must be > 0");
+    expect_set_error("debug.profile_step=-1", "must be >= 0");
     expect_set_error("parallel.comm=gloo", "expected one of auto, nccl, mpi");
     expect_set_error("model.n_layer", "expected key.path=value");
     expect_set_error("model.n_embed=64",

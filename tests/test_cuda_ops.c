@@ -1556,51 +1556,60 @@ static void run_adamw_paths(struct pair *p) {
     if (pair_bf16(p)) {
         // split masters (p NULL; high halves in p_compute, low halves in p_lo): the same update
         // bit for bit (adamw_elem rounds every operation as written, wherever it is inlined), the
-        // high half the split of the joined master
-        uint16_t *hl = tp_malloc(2 * n * sizeof(uint16_t));
-        for (size_t i = 0; i < n; i++) {
-            uint32_t b;
-            memcpy(&b, h[0] + i, sizeof b);
-            hl[i] = tp_split_hi(b);
-            hl[n + i] = tp_split_lo(b);
-        }
-        uint16_t *dh = g->alloc(p->gpu.ctx, 2 * n * sizeof(uint16_t));
-        float *d[3];
-        for (int k = 0; k < 3; k++) {
-            d[k] = g->alloc(p->gpu.ctx, n * sizeof(float));
-            g->copy_to_device(p->gpu.ctx, d[k], h[k + 1], n * sizeof(float));
-        }
-        g->copy_to_device(p->gpu.ctx, dh, hl, 2 * n * sizeof(uint16_t));
-        struct adamw_step st = {.p_compute = dh, .p_lo = dh + n, .g = d[0], .m = d[1], .v = d[2], .segs = dsegs,
-                                .n_segs = ns, .n = n, .lr = 6e-4f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
-                                .grad_scale = 0.5f, .norm_sq = nsq, .grad_clip = 1.0f, .t = 3};
-        g->adamw(p->gpu.ctx, &st);
-        g->copy_to_host(p->gpu.ctx, hl, dh, 2 * n * sizeof(uint16_t));
-        size_t differ = 0, off_half = 0;
-        double worst = 0.0;
-        for (size_t i = 0; i < n; i++) {
-            uint32_t bits = tp_split_join(hl[i], hl[n + i]);
-            float got;
-            memcpy(&got, &bits, sizeof got);
-            differ += got != out[0][0][i];
-            off_half += hl[i] != tp_split_hi(bits);
-            double e = fabs((double)got - out[0][0][i]) / (fabs((double)out[0][0][i]) + 1e-30);
-            if (e > worst) worst = e;
-        }
-        cr_expect(differ == 0 && off_half == 0, "adamw on split masters: %zu of %zu masters differ from the fp32 "
-                  "masters' update (worst %.3g relative), %zu high halves not the split", differ, n, worst, off_half);
+        // high half the split of the joined master; through the vector body (halves 8-byte
+        // aligned) and the element-wise one (one element off)
+        size_t stride = (n + 3) / 4 * 4 + 4; // the low halves' distance from the high halves
+        uint16_t *hl = tp_malloc(2 * n * sizeof(uint16_t)), *dh = g->alloc(p->gpu.ctx, 2 * stride * sizeof(uint16_t));
         float *mv = tp_malloc(n * sizeof(float));
-        for (int k = 1; k < 3; k++) {
-            g->copy_to_host(p->gpu.ctx, mv, d[k], n * sizeof(float));
-            double wm = 0.0;
+        for (int off = 0; off < 2; off++) {
             for (size_t i = 0; i < n; i++) {
-                double e = fabs((double)mv[i] - out[0][k][i]) / (fabs((double)out[0][k][i]) + 1e-30);
-                if (e > wm) wm = e;
+                uint32_t b;
+                memcpy(&b, h[0] + i, sizeof b);
+                hl[i] = tp_split_hi(b);
+                hl[n + i] = tp_split_lo(b);
             }
-            cr_expect(wm == 0.0, "adamw on split masters: moment %d differs by up to %.3g relative", k, wm);
+            float *d[3];
+            for (int k = 0; k < 3; k++) {
+                d[k] = g->alloc(p->gpu.ctx, n * sizeof(float));
+                g->copy_to_device(p->gpu.ctx, d[k], h[k + 1], n * sizeof(float));
+            }
+            g->copy_to_device(p->gpu.ctx, dh + off, hl, n * sizeof(uint16_t));
+            g->copy_to_device(p->gpu.ctx, dh + off + stride, hl + n, n * sizeof(uint16_t));
+            struct adamw_step st = {.p_compute = dh + off, .p_lo = dh + off + stride, .g = d[0], .m = d[1],
+                                    .v = d[2], .segs = dsegs, .n_segs = ns, .n = n, .lr = 6e-4f, .beta1 = 0.9f,
+                                    .beta2 = 0.95f, .eps = 1e-8f, .grad_scale = 0.5f, .norm_sq = nsq,
+                                    .grad_clip = 1.0f, .t = 3};
+            g->adamw(p->gpu.ctx, &st);
+            g->copy_to_host(p->gpu.ctx, hl, dh + off, n * sizeof(uint16_t));
+            g->copy_to_host(p->gpu.ctx, hl + n, dh + off + stride, n * sizeof(uint16_t));
+            size_t differ = 0, off_half = 0;
+            double worst = 0.0;
+            for (size_t i = 0; i < n; i++) {
+                uint32_t bits = tp_split_join(hl[i], hl[n + i]);
+                float got;
+                memcpy(&got, &bits, sizeof got);
+                differ += got != out[0][0][i];
+                off_half += hl[i] != tp_split_hi(bits);
+                double e = fabs((double)got - out[0][0][i]) / (fabs((double)out[0][0][i]) + 1e-30);
+                if (e > worst) worst = e;
+            }
+            const char *body = off ? "element-wise" : "vector";
+            cr_expect(differ == 0 && off_half == 0, "adamw on split masters (%s body): %zu of %zu masters differ "
+                      "from the fp32 masters' update (worst %.3g relative), %zu high halves not the split",
+                      body, differ, n, worst, off_half);
+            for (int k = 1; k < 3; k++) {
+                g->copy_to_host(p->gpu.ctx, mv, d[k], n * sizeof(float));
+                double wm = 0.0;
+                for (size_t i = 0; i < n; i++) {
+                    double e = fabs((double)mv[i] - out[0][k][i]) / (fabs((double)out[0][k][i]) + 1e-30);
+                    if (e > wm) wm = e;
+                }
+                cr_expect(wm == 0.0, "adamw on split masters (%s body): moment %d differs by up to %.3g relative",
+                          body, k, wm);
+            }
+            for (int k = 0; k < 3; k++) g->free(p->gpu.ctx, d[k]);
         }
         free(mv);
-        for (int k = 0; k < 3; k++) g->free(p->gpu.ctx, d[k]);
         g->free(p->gpu.ctx, dh);
         free(hl);
     }

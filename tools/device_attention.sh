@@ -11,7 +11,8 @@
 # (the whole step against PyTorch at each GPT-2 size); big (the largest GPT-2-shaped model tptrain
 # trains on the GPU, full recomputation) and torch_big (PyTorch's largest on the same shapes, every
 # block checkpointed: tools/torch_big.py); recompute (the step-time cost of recomputation). Also
-# memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID), attn_*
+# memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID), profile (one
+# training step kernel by kernel, PROFILE_CONFIG, tools/kernel_table.py), attn_*
 # (kernel variants; attn_env: tptrain alone with ATTN_ENV set, on ATTN_ENV_GRID) and gemm (every
 # product of a step alone, `--bench gemm` on GEMM_CONFIGS).
 # Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
@@ -78,6 +79,17 @@ for r in rows:
     if r[ix["Metric Name"]] in ("Duration", "Compute (SM) Throughput", "Memory Throughput"):
         print(r[ix["ID"]], r[ix["Kernel Name"]].split("(")[0][:40], r[ix["Metric Name"]], r[ix["Metric Value"]])
 PY
+fi
+if stage profile; then
+    # one training step kernel by kernel (debug.profile_step brackets step 3 of PROFILE_CONFIG): Nsight
+    # Compute at the GPU's own clocks, caches left as the previous kernel left them, so that each
+    # kernel's time is close to its time inside the step; grouped by kernel into profile.txt
+    timeout 400 ncu --profile-from-start off --cache-control none --clock-control none \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum --csv \
+        "$build/tptrain" ${PROFILE_CONFIG:-configs/gpt2-124m.yaml} --set train.steps=4 --set train.warmup_steps=0 \
+        --set eval.every=0 --set 'data.val=""' --set log.every=1 --set debug.profile_step=3 ${PROFILE_SETS:-} \
+        >"$out/profile.csv" 2>"$out/profile.err" || status=1
+    python3 tools/kernel_table.py "$out/profile.csv" | tee "$out/profile.txt"
 fi
 if stage quick; then
     timeout 120 "$build/tptrain" --bench attention 2>&1 | tee "$out/attn_quick.log"
@@ -196,6 +208,6 @@ fi
 # the tool brings back eight files: pack the logs
 tar czf "$out/logs.tar.gz" -C "$out" --exclude logs.tar.gz . 2>/dev/null
 find "$out" -maxdepth 1 -type f ! -name logs.tar.gz ! -name attn_vs_sdpa.json ! -name flash_errors.txt \
-    ! -name train_summary.txt ! -name model.log ! -name rows.txt ! -name recompute.log \
+    ! -name train_summary.txt ! -name profile.txt ! -name model.log ! -name rows.txt ! -name recompute.log \
     ! -name torch_big.log -delete
 exit $status
