@@ -43,6 +43,9 @@
 #include <string.h>
 
 #include "gemm.h"
+#ifdef FA_HAVE_SM90
+#include "gemm_sm90.h"
+#endif
 
 // ---- constants and context
 
@@ -106,6 +109,8 @@ struct gemm_ctx {
     struct gemm_entry *cache; // (ncache) tuned keys, linear search: a model has a few dozen
     int ncache, cache_cap;
     int sms; // the target new keys get (gemm_set_sm_target)
+    bool sm90_gelu;       // TPTRAIN_GEMM_SM90=1 on a compute capability 9.0 device: gemm_sm90.cu's GELU forward
+    const char *last_fwd; // what computed the last gemm_fwd (gemm_last_fwd_path)
     char err[320];
 };
 
@@ -758,6 +763,16 @@ extern "C" struct gemm_ctx *gemm_create(void *stream, size_t workspace_bytes, ch
         gemm_destroy(g);
         return NULL;
     }
+    g->last_fwd = "";
+#ifdef FA_HAVE_SM90
+    const char *own = getenv("TPTRAIN_GEMM_SM90");
+    int dev = 0, major = 0, minor = 0;
+    if (own && strcmp(own, "1") == 0 && cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess)
+        g->sm90_gelu = major == 9 && minor == 0;
+    (void)cudaGetLastError();
+#endif
     return g;
 }
 
@@ -776,6 +791,8 @@ extern "C" void gemm_destroy(struct gemm_ctx *g) {
 
 extern "C" const char *gemm_last_error(const struct gemm_ctx *g) { return g ? g->err : ""; }
 
+extern "C" const char *gemm_last_fwd_path(const struct gemm_ctx *g) { return g ? g->last_fwd : ""; }
+
 extern "C" void gemm_set_sm_target(struct gemm_ctx *g, int sms) { g->sms = sms > 0 ? sms : 0; }
 
 extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const void *inp,
@@ -790,6 +807,22 @@ extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const voi
                 GEMM_ALIGN);
         return GEMM_EBADARG;
     }
+#ifdef FA_HAVE_SM90
+    // the Hopper kernel of our own (measurement, TPTRAIN_GEMM_SM90=1) where its shapes allow, on
+    // every multiprocessor only
+    if (pre_gelu && g->sm90_gelu && g->sms == 0) {
+        int r = gemm_sm90_fwd_gelu(g->stream, out, pre_gelu, inp, w, bias, N, IC, OC);
+        if (r == 0) {
+            g->last_fwd = "sm90";
+            return GEMM_OK;
+        }
+        if (r == 2) {
+            set_err(g, &k, "the sm_90a GELU kernel failed to launch");
+            return GEMM_ECUBLAS;
+        }
+    }
+#endif
+    g->last_fwd = "cublaslt";
     struct gemm_call c = {out, pre_gelu, w, inp, bias, NULL};
     return execute(g, &k, &c);
 }

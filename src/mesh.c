@@ -74,12 +74,21 @@ static bool overlap_sms_well_formed(char *err, size_t errlen) {
     return false;
 }
 
+// TPTRAIN_GEMM_SM90 (gemm.cu's): unset, empty, 0 or 1.
+static bool gemm_sm90_well_formed(char *err, size_t errlen) {
+    const char *v = getenv("TPTRAIN_GEMM_SM90");
+    if (!v || !*v || strcmp(v, "0") == 0 || strcmp(v, "1") == 0) return true;
+    snprintf(err, errlen, "TPTRAIN_GEMM_SM90=%s: expected 0 or 1 (whether the GELU forward products run "
+             "tptrain's Hopper kernel instead of cuBLASLt's epilogue); unset it for the default, 0", v);
+    return false;
+}
+
 int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct backend *be, char *err,
                         size_t errlen) {
     enum tp_device_kind want = cfg->parallel.device;
     int ndev = backend_cuda_available() ? backend_cuda_device_count() : 0;
     int status = 0;
-    if (!overlap_sms_well_formed(err, errlen)) status = TP_EXIT_USAGE;
+    if (!overlap_sms_well_formed(err, errlen) || !gemm_sm90_well_formed(err, errlen)) status = TP_EXIT_USAGE;
     else if (want == TP_DEVICE_CUDA && ndev == 0) {
         snprintf(err, errlen, "parallel.device: cuda requested but %s; use device: cpu or auto",
                  backend_cuda_available() ? "no CUDA device is visible" : "this build has no CUDA backend");

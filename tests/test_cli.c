@@ -222,17 +222,23 @@ Test(cli, tp_not_dividing_heads) {
     free(out);
 }
 
-// A malformed TPTRAIN_OVERLAP_SMS stops the run before anything is built, on any backend.
-Test(cli, bad_overlap_sms_variable) {
+// A malformed backend variable (TPTRAIN_OVERLAP_SMS, TPTRAIN_GEMM_SM90) stops the run before
+// anything is built, on any backend, with one line naming it.
+static void expect_bad_variable(const char *assignment) {
     char *out = malloc(OUT_CAP);
     cr_assert_not_null(out);
-    int rc = tu_run(out, OUT_CAP, "cd '%s' && TPTRAIN_OVERLAP_SMS=12x timeout 60 '%s' configs/tiny.yaml "
+    int rc = tu_run(out, OUT_CAP, "cd '%s' && %s timeout 60 '%s' configs/tiny.yaml "
                     "--set train.steps=1 --set train.warmup_steps=0 --set eval.every=0 --set checkpoint.dir=",
-                    tu_source_root(), tu_tptrain());
-    cr_assert_eq(rc, 2, "exit %d:\n%s", rc, out);
-    expect_has(out, "TPTRAIN_OVERLAP_SMS=12x", "the variable and its value");
+                    tu_source_root(), assignment, tu_tptrain());
+    cr_assert_eq(rc, 2, "%s: exit %d:\n%s", assignment, rc, out);
+    expect_has(out, assignment, "the variable and its value");
     cr_assert_eq(count_lines(out), 1, "one line of error:\n%s", out);
     free(out);
+}
+
+Test(cli, bad_backend_variables) {
+    expect_bad_variable("TPTRAIN_OVERLAP_SMS=12x");
+    expect_bad_variable("TPTRAIN_GEMM_SM90=yes");
 }
 
 // ---- config file errors

@@ -22,6 +22,7 @@
 #include "backend.h"
 #include "gemm.h"
 #include "cudatest.h"
+#include "flash_attention.h"
 #include "testutil.h"
 
 #define WS_BYTES ((size_t)32 << 20)
@@ -97,6 +98,12 @@ struct ctx {
 // The multiprocessors the products of a test's contexts target (0: all); each test runs in a
 // process of its own, so setting it affects that test only.
 static int sm_target;
+
+// When set, check_fwd also expects gemm_last_fwd_path to say this where the Hopper kernels exist.
+static const char *expect_fwd_path;
+
+// Whether this build and device run the sm_90a kernels (the attention's test says the same).
+static bool hopper_kernels(void) { return strstr(flash_attention_path(64), "sm_90a") != NULL; }
 
 static struct ctx ctx_open(void) {
     struct ctx c;
@@ -179,6 +186,9 @@ static void check_fwd(int N, int IC, int OC, bool with_bias, bool gelu, uint64_t
     int rc = gemm_fwd(c.g, out, pre, inp, w, bias, N, IC, OC);
     cr_assert_eq(rc, GEMM_OK, "gemm_fwd: %d (%s)", rc, gemm_last_error(c.g));
     sync_ok();
+    if (expect_fwd_path && hopper_kernels())
+        cr_expect_str_eq(gemm_last_fwd_path(c.g), expect_fwd_path, "gemm_fwd N=%d IC=%d OC=%d took %s", N, IC,
+                         OC, gemm_last_fwd_path(c.g));
 
     double *ref = ref_fwd(inp_h, w_h, b_h, N, IC, OC);
     float *out_h = download_bf16(out, nout);
@@ -304,6 +314,20 @@ Test(gemm, fewer_multiprocessors) {
     check_fwd(256, 192, 320, true, true, 11);
     check_bwd_data(256, 320, 192, true, 12);
     check_bwd_weight(256, 192, 320, true, 2, 13);
+}
+
+// The Hopper GELU forward of our own (TPTRAIN_GEMM_SM90=1, read at gemm_create), against the same
+// double-precision reference: more 128 x 128 tiles than multiprocessors (each block walks several,
+// its two consumers in turn) and more 64-column K steps than the six stages hold, with a bias and
+// without; a shape it does not take goes to cuBLASLt.
+Test(gemm, fwd_gelu_sm90) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    expect_fwd_path = "sm90";
+    check_fwd(4096, 768, 1152, true, true, 14); // 288 tiles, 12 K steps
+    check_fwd(2048, 256, 640, false, true, 15); // 80 tiles, 4 K steps, no bias
+    check_fwd(128, 64, 128, true, true, 16);    // one tile, one K step
+    expect_fwd_path = "cublaslt";
+    check_fwd(256, 192, 320, true, true, 17);   // OC not a multiple of 128
 }
 
 Test(gemm, odd_shape_N7_IC8_OC24) {

@@ -1,0 +1,18 @@
+// gemm_sm90.h: the Hopper (sm_90a) product behind gemm.h's GELU forward; internal to cuda/ (gemm.cu
+// calls it on compute capability 9.0 devices when TPTRAIN_GEMM_SM90=1).
+#pragma once
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// out (N, OC) = gelu(pre), pre (N, OC) = inp (N, IC) @ w (OC, IC)^T + bias (OC, or NULL), bf16,
+// on stream (a cudaStream_t). Returns 0 when launched; 1 when the shape or alignment does not suit
+// the kernel (N and OC multiples of 128, IC of 64, every pointer 16-byte aligned; nothing launched);
+// 2 when the launch failed.
+int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void *inp, const void *w, const void *bias,
+                       int N, int IC, int OC);
+
+#ifdef __cplusplus
+}
+#endif
