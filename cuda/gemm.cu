@@ -111,6 +111,7 @@ struct gemm_ctx {
     int sms; // the target new keys get (gemm_set_sm_target)
     bool sm90_gelu;       // TPTRAIN_GEMM_SM90=1 on a compute capability 9.0 device: gemm_sm90.cu's GELU forward
     const char *last_fwd; // what computed the last gemm_fwd (gemm_last_fwd_path)
+    const char *last_bwd_data; // and the last gemm_bwd_data
     char err[320];
 };
 
@@ -763,7 +764,7 @@ extern "C" struct gemm_ctx *gemm_create(void *stream, size_t workspace_bytes, ch
         gemm_destroy(g);
         return NULL;
     }
-    g->last_fwd = "";
+    g->last_fwd = g->last_bwd_data = "";
 #ifdef FA_HAVE_SM90
     const char *own = getenv("TPTRAIN_GEMM_SM90");
     int dev = 0, major = 0, minor = 0;
@@ -793,6 +794,8 @@ extern "C" const char *gemm_last_error(const struct gemm_ctx *g) { return g ? g-
 
 extern "C" const char *gemm_last_fwd_path(const struct gemm_ctx *g) { return g ? g->last_fwd : ""; }
 
+extern "C" const char *gemm_last_bwd_data_path(const struct gemm_ctx *g) { return g ? g->last_bwd_data : ""; }
+
 extern "C" void gemm_set_sm_target(struct gemm_ctx *g, int sms) { g->sms = sms > 0 ? sms : 0; }
 
 extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const void *inp,
@@ -808,7 +811,7 @@ extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const voi
         return GEMM_EBADARG;
     }
 #ifdef FA_HAVE_SM90
-    // the Hopper kernel of our own (measurement, TPTRAIN_GEMM_SM90=1) where its shapes allow, on
+    // the Hopper kernels of our own (measurement, TPTRAIN_GEMM_SM90=1) where their shapes allow, on
     // every multiprocessor only
     if (pre_gelu && g->sm90_gelu && g->sms == 0) {
         int r = gemm_sm90_fwd_gelu(g->stream, out, pre_gelu, inp, w, bias, N, IC, OC);
@@ -838,6 +841,20 @@ extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, c
                 GEMM_ALIGN);
         return GEMM_EBADARG;
     }
+#ifdef FA_HAVE_SM90
+    if (pre_gelu && g->sm90_gelu && g->sms == 0) { // as gemm_fwd's
+        int r = gemm_sm90_bwd_dgelu(g->stream, dinp, dout, w, pre_gelu, N, IC, OC);
+        if (r == 0) {
+            g->last_bwd_data = "sm90";
+            return GEMM_OK;
+        }
+        if (r == 2) {
+            set_err(g, &k, "the sm_90a GELU' kernel failed to launch");
+            return GEMM_ECUBLAS;
+        }
+    }
+#endif
+    g->last_bwd_data = "cublaslt";
     struct gemm_call c = {dinp, (void *)pre_gelu, w, dout, NULL, NULL};
     return execute(g, &k, &c);
 }

@@ -45,11 +45,12 @@ void gemm_set_sm_target(struct gemm_ctx *g, int sms);
 // A one-line description of the last failure (empty when none).
 const char *gemm_last_error(const struct gemm_ctx *g);
 
-// What computed the last gemm_fwd: "cublaslt", or "sm90" for the Hopper kernel of gemm_sm90.cu,
-// which a GELU forward takes instead of cuBLASLt's epilogue when the environment has
-// TPTRAIN_GEMM_SM90=1 at gemm_create (compute capability 9.0, shapes it suits; for measuring it,
-// off by default); "" before the first.
+// What computed the last gemm_fwd / gemm_bwd_data: "cublaslt", or "sm90" for the Hopper kernels of
+// gemm_sm90.cu, which a GELU forward and a GELU'-epilogue input gradient take instead of
+// cuBLASLt's epilogues when the environment has TPTRAIN_GEMM_SM90=1 at gemm_create (compute
+// capability 9.0, shapes they suit; for measuring them, off by default); "" before the first.
 const char *gemm_last_fwd_path(const struct gemm_ctx *g);
+const char *gemm_last_bwd_data_path(const struct gemm_ctx *g);
 
 // out (N, OC) bf16 = inp (N, IC) bf16 @ w (OC, IC)^T bf16 + bias (OC) bf16 (bias NULL: none).
 // With pre_gelu (N, OC) non-NULL: pre_gelu = that product (bias included), out = gelu(pre_gelu).

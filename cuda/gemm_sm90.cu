@@ -36,9 +36,21 @@
 #define GS_STAGE_BYTES (2 * GS_BM * GS_BK * 2)
 #define GS_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 
+// What a kernel computes: the forward with the bias + GELU epilogue, or the input gradient with
+// GELU's derivative.
+enum { GS_FWD_GELU = 0, GS_BWD_DGELU = 1 };
+
 __device__ __forceinline__ static float gs_gelu(float x) {
     float cube = 0.044715f * x * x * x;
     return 0.5f * x * (1.0f + tanhf(GS_GELU_SCALE * (x + cube)));
+}
+
+// gelu'(x), as gelu.cuh's gelu_grad_f
+__device__ __forceinline__ static float gs_gelu_grad(float x) {
+    float cube = 0.044715f * x * x * x;
+    float th = tanhf(GS_GELU_SCALE * (x + cube));
+    float sech2 = 1.0f - th * th;
+    return 0.5f * (1.0f + th) + x * 0.5f * sech2 * GS_GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
 }
 
 // Keeps the compiler from moving accesses of x across the asynchronous products.
@@ -47,11 +59,13 @@ __device__ __forceinline__ static void gs_pin(float (&x)[64]) {
     for (int i = 0; i < 64; i++) asm volatile("" : "+f"(x[i])::"memory");
 }
 
-// A consumer's tile epilogue: rows m0 + 64 h + 16 warp + g (+ 8), columns n0 + 8 jj + 2 tq (+ 1) of
-// pre and out (row stride OC), from the two halves' accumulators in wgmma's m64n128 layout.
-template <bool BIAS>
-__device__ __forceinline__ static void gs_epilogue(f9_bf16 *out, f9_bf16 *pre, const f9_bf16 *bias,
-                                                   const float (&acc)[2][64], int m0, int n0, int OC,
+// A consumer's tile epilogue: rows m0 + 64 h + 16 warp + g (+ 8), columns n0 + 8 jj + 2 tq (+ 1)
+// (row stride ldo), from the two halves' accumulators in wgmma's m64n128 layout. GS_FWD_GELU:
+// aux = the sum plus bias (the pre-activation, stored), out = GELU of it; GS_BWD_DGELU: out = the
+// sum times gelu'(aux) (aux read).
+template <int MODE, bool BIAS>
+__device__ __forceinline__ static void gs_epilogue(f9_bf16 *out, f9_bf16 *aux, const f9_bf16 *bias,
+                                                   const float (&acc)[2][64], int m0, int n0, int ldo,
                                                    int warp, int lane) {
     int g = lane >> 2, tq = lane & 3;
     float2 b[16];
@@ -64,26 +78,34 @@ __device__ __forceinline__ static void gs_epilogue(f9_bf16 *out, f9_bf16 *pre, c
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
             size_t row = (size_t)(m0 + 64 * h + 16 * warp + g + 8 * hr);
-            f9_bf16 *po = out + row * OC + n0 + 2 * tq, *pp = pre + row * OC + n0 + 2 * tq;
+            f9_bf16 *po = out + row * ldo + n0 + 2 * tq, *pa = aux + row * ldo + n0 + 2 * tq;
 #pragma unroll
             for (int jj = 0; jj < 16; jj++) {
                 float v0 = acc[h][4 * jj + 2 * hr] + b[jj].x, v1 = acc[h][4 * jj + 2 * hr + 1] + b[jj].y;
-                *reinterpret_cast<uint32_t *>(pp + 8 * jj) = f9_pack(v0, v1);
-                *reinterpret_cast<uint32_t *>(po + 8 * jj) = f9_pack(gs_gelu(v0), gs_gelu(v1));
+                if constexpr (MODE == GS_FWD_GELU) {
+                    *reinterpret_cast<uint32_t *>(pa + 8 * jj) = f9_pack(v0, v1);
+                    *reinterpret_cast<uint32_t *>(po + 8 * jj) = f9_pack(gs_gelu(v0), gs_gelu(v1));
+                } else {
+                    float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(pa + 8 * jj));
+                    *reinterpret_cast<uint32_t *>(po + 8 * jj) = f9_pack(v0 * gs_gelu_grad(x.x), v1 * gs_gelu_grad(x.y));
+                }
             }
         }
 }
 
-template <bool BIAS>
+// out (M, NN) from A (M, K) K-major (tensor map ta, 128-row boxes) and B: GS_FWD_GELU, B (NN, K)
+// K-major (tb: 128-row boxes), d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major (tb: 64-row boxes, two
+// per stage side by side), d = A B.
+template <int MODE, bool BIAS>
 static __global__ void __launch_bounds__(GS_NT, 1)
-gs_fwd_gelu_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb,
-                   f9_bf16 *out, f9_bf16 *pre, const f9_bf16 *bias, int N, int IC, int OC) {
+gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb, f9_bf16 *out,
+          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN) {
     extern __shared__ __align__(1024) unsigned char gs_smem[];
     const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 32 KB
     const uint32_t full = base + GS_STAGES * GS_STAGE_BYTES;       // GS_STAGES 8-byte mbarriers,
     const uint32_t empty = full + 8 * GS_STAGES;                   // then as many again
     const int tid = (int)threadIdx.x, wg = tid >> 7;
-    const int tn = OC / GS_BN, tiles = (N / GS_BM) * tn, nk = IC / GS_BK, G = (int)gridDim.x;
+    const int tn = NN / GS_BN, tiles = (M / GS_BM) * tn, nk = K / GS_BK, G = (int)gridDim.x;
     if (tid == 0) {
         for (int s = 0; s < GS_STAGES; s++) {
             f9_mbar_init(full + 8 * s, 1);
@@ -106,7 +128,12 @@ gs_fwd_gelu_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant
                     uint32_t sa = base + (uint32_t)s * GS_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
                     f9_mbar_expect_tx(full + 8 * s, GS_STAGE_BYTES);
                     f9_tma_load(sa, &ta, kc * GS_BK, m0, 0, full + 8 * s);
-                    f9_tma_load(sb, &tb, kc * GS_BK, n0, 0, full + 8 * s);
+                    if constexpr (MODE == GS_FWD_GELU) {
+                        f9_tma_load(sb, &tb, kc * GS_BK, n0, 0, full + 8 * s);
+                    } else { // 64 rows of K by 128 columns: two 64 x 64 boxes, 8 KB apart
+                        f9_tma_load(sb, &tb, n0, kc * GS_BK, 0, full + 8 * s);
+                        f9_tma_load(sb + 64 * 128, &tb, n0 + 64, kc * GS_BK, 0, full + 8 * s);
+                    }
                 }
             }
         }
@@ -130,9 +157,14 @@ gs_fwd_gelu_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant
 #pragma unroll
             for (int h = 0; h < 2; h++)
 #pragma unroll
-                for (int kk = 0; kk < 4; kk++)
-                    wg_ss_n128(acc[h], f9_desc(sa + (uint32_t)(h * 64 * 128 + kk * 32), 16, 1024),
-                               f9_desc(sb + (uint32_t)(kk * 32), 16, 1024), kc > 0 || kk > 0);
+                for (int kk = 0; kk < 4; kk++) {
+                    uint64_t da = f9_desc(sa + (uint32_t)(h * 64 * 128 + kk * 32), 16, 1024);
+                    if constexpr (MODE == GS_FWD_GELU)
+                        wg_ss_n128<0>(acc[h], da, f9_desc(sb + (uint32_t)(kk * 32), 16, 1024), kc > 0 || kk > 0);
+                    else // rows 16 kk of the K x 128 tile, its two 64-column halves 8 KB apart
+                        wg_ss_n128<1>(acc[h], da, f9_desc(sb + (uint32_t)(kk * 16 * 128), 64 * 128, 1024),
+                                      kc > 0 || kk > 0);
+                }
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             if (kc > 0) { // the previous stage's products are done: its consumer releases it
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
@@ -145,27 +177,52 @@ gs_fwd_gelu_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant
         f9_mbar_arrive(empty + 8 * ((it0 + nk - 1) % GS_STAGES));
         // the other consumer's turn, if the block has a next tile (it is that consumer's)
         if (t + G < tiles) f9_named_arrive(2 - c, 256);
-        gs_epilogue<BIAS>(out, pre, bias, acc, (t / tn) * GS_BM, (t % tn) * GS_BN, OC, warp, lane);
+        gs_epilogue<MODE, BIAS>(out, aux, bias, acc, (t / tn) * GS_BM, (t % tn) * GS_BN, NN, warp, lane);
     }
+}
+
+// Launches gs_kernel<MODE> over an (M, NN) output; 0, or 2 when the launch failed.
+template <int MODE, bool BIAS>
+static int gs_launch(cudaStream_t st, const CUtensorMap &ma, const CUtensorMap &mb, void *out, void *aux,
+                     const void *bias, int M, int K, int NN) {
+    size_t smem = (size_t)GS_STAGES * GS_STAGE_BYTES + 16 * GS_STAGES + 1024;
+    const void *kernel = (const void *)gs_kernel<MODE, BIAS>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    int tiles = (M / GS_BM) * (NN / GS_BN), blocks = tiles < f9_sm_count() ? tiles : f9_sm_count();
+    gs_kernel<MODE, BIAS><<<(unsigned)blocks, GS_NT, smem, st>>>(ma, mb, (f9_bf16 *)out, (f9_bf16 *)aux,
+                                                                 (const f9_bf16 *)bias, M, K, NN);
+    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+}
+
+static bool gs_aligned(const void *const *p, int n) {
+    for (int i = 0; i < n; i++)
+        if (((uintptr_t)p[i] & 15u) != 0) return false;
+    return true;
 }
 
 extern "C" int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void *inp, const void *w,
                                   const void *bias, int N, int IC, int OC) {
-    if (N <= 0 || N % GS_BM || OC % GS_BN || IC <= 0 || IC % GS_BK || !out || !pre) return 1;
     const void *ptrs[5] = {out, pre, inp, w, bias};
-    for (int i = 0; i < 5; i++)
-        if (((uintptr_t)ptrs[i] & 15u) != 0) return 1;
+    if (N <= 0 || N % GS_BM || OC <= 0 || OC % GS_BN || IC <= 0 || IC % GS_BK || !out || !pre || !inp || !w ||
+        !gs_aligned(ptrs, 5))
+        return 1;
     CUtensorMap ma, mb;
     if (!f9_tensor_map(&ma, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&mb, w, IC, OC, 1, IC, GS_BN)) return 1;
-    size_t smem = (size_t)GS_STAGES * GS_STAGE_BYTES + 16 * GS_STAGES + 1024;
-    auto kernel = bias ? gs_fwd_gelu_kernel<true> : gs_fwd_gelu_kernel<false>;
-    if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
-        cudaSuccess) {
-        (void)cudaGetLastError();
-        return 2;
-    }
-    int tiles = (N / GS_BM) * (OC / GS_BN), blocks = tiles < f9_sm_count() ? tiles : f9_sm_count();
-    kernel<<<(unsigned)blocks, GS_NT, smem, (cudaStream_t)stream>>>(
-        ma, mb, (f9_bf16 *)out, (f9_bf16 *)pre, (const f9_bf16 *)bias, N, IC, OC);
-    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+    cudaStream_t st = (cudaStream_t)stream;
+    return bias ? gs_launch<GS_FWD_GELU, true>(st, ma, mb, out, pre, bias, N, IC, OC)
+                : gs_launch<GS_FWD_GELU, false>(st, ma, mb, out, pre, bias, N, IC, OC);
+}
+
+extern "C" int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre,
+                                   int N, int IC, int OC) {
+    const void *ptrs[4] = {dinp, dout, w, pre};
+    if (N <= 0 || N % GS_BM || IC <= 0 || IC % GS_BN || OC <= 0 || OC % GS_BK || !dinp || !dout || !w || !pre ||
+        !gs_aligned(ptrs, 4))
+        return 1;
+    CUtensorMap ma, mb;
+    if (!f9_tensor_map(&ma, dout, OC, N, 1, OC, GS_BM) || !f9_tensor_map(&mb, w, IC, OC, 1, IC, GS_BK)) return 1;
+    return gs_launch<GS_BWD_DGELU, false>((cudaStream_t)stream, ma, mb, dinp, (void *)pre, NULL, N, OC, IC);
 }

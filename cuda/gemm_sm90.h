@@ -1,5 +1,6 @@
-// gemm_sm90.h: the Hopper (sm_90a) product behind gemm.h's GELU forward; internal to cuda/ (gemm.cu
-// calls it on compute capability 9.0 devices when TPTRAIN_GEMM_SM90=1).
+// gemm_sm90.h: the Hopper (sm_90a) products behind gemm.h's GELU forward and GELU'-epilogue input
+// gradient; internal to cuda/ (gemm.cu calls them on compute capability 9.0 devices when
+// TPTRAIN_GEMM_SM90=1).
 #pragma once
 
 #ifdef __cplusplus
@@ -12,6 +13,11 @@ extern "C" {
 // 2 when the launch failed.
 int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void *inp, const void *w, const void *bias,
                        int N, int IC, int OC);
+
+// dinp (N, IC) = (dout (N, OC) @ w (OC, IC)) * gelu'(pre (N, IC)), bf16. The same returns; N and IC
+// multiples of 128, OC of 64.
+int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre, int N,
+                        int IC, int OC);
 
 #ifdef __cplusplus
 }

@@ -41,7 +41,8 @@ __device__ __forceinline__ static void f9_wg_commit_wait(void) {
 // ---- wgmma wrappers (operand lists written out: one output register per accumulator)
 
 // d (64 x 128 fp32, this thread's 64 values) = (scale_d ? d : 0) + A . B^T, A and B K-major
-// bf16 in shared memory (descriptors da, db).
+// bf16 in shared memory (descriptors da, db); with TB = 1, B MN-major (stored K x N: d = A . B).
+template <int TB = 0>
 __device__ __forceinline__ static void wg_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -53,7 +54,7 @@ __device__ __forceinline__ static void wg_ss_n128(float (&d)[64], uint64_t da, u
                  "%40, %41, %42, %43, %44, %45, %46, %47, "
                  "%48, %49, %50, %51, %52, %53, %54, %55, "
                  "%56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 "}, %64, %65, p, 1, 1, 0, %67;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -62,7 +63,7 @@ __device__ __forceinline__ static void wg_ss_n128(float (&d)[64], uint64_t da, u
                    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
                    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "l"(da), "l"(db), "r"(scale_d));
+                 : "l"(da), "l"(db), "r"(scale_d), "n"(TB));
 }
 
 // ---- barriers and the copy engine

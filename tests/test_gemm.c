@@ -99,7 +99,8 @@ struct ctx {
 // process of its own, so setting it affects that test only.
 static int sm_target;
 
-// When set, check_fwd also expects gemm_last_fwd_path to say this where the Hopper kernels exist.
+// When set, check_fwd and check_bwd_data also expect gemm_last_fwd_path / gemm_last_bwd_data_path
+// to say this where the Hopper kernels exist.
 static const char *expect_fwd_path;
 
 // Whether this build and device run the sm_90a kernels (the attention's test says the same).
@@ -230,6 +231,9 @@ static void check_bwd_data(int N, int IC, int OC, bool dgelu, uint64_t seed) {
     int rc = gemm_bwd_data(c.g, dinp, dout, w, pre, N, IC, OC);
     cr_assert_eq(rc, GEMM_OK, "gemm_bwd_data: %d (%s)", rc, gemm_last_error(c.g));
     sync_ok();
+    if (expect_fwd_path && hopper_kernels())
+        cr_expect_str_eq(gemm_last_bwd_data_path(c.g), expect_fwd_path, "gemm_bwd_data N=%d IC=%d OC=%d took %s", N,
+                         IC, OC, gemm_last_bwd_data_path(c.g));
     double *ref = ref_bwd_data(dout_h, w_h, pre_h, N, IC, OC);
     float *dinp_h = download_bf16(dinp, n);
     double e = err_norm(dinp_h, ref, n, "dinp");
@@ -316,18 +320,22 @@ Test(gemm, fewer_multiprocessors) {
     check_bwd_weight(256, 192, 320, true, 2, 13);
 }
 
-// The Hopper GELU forward of our own (TPTRAIN_GEMM_SM90=1, read at gemm_create), against the same
-// double-precision reference: more 128 x 128 tiles than multiprocessors (each block walks several,
-// its two consumers in turn) and more 64-column K steps than the six stages hold, with a bias and
-// without; a shape it does not take goes to cuBLASLt.
-Test(gemm, fwd_gelu_sm90) {
+// The Hopper GELU forward and GELU'-epilogue input gradient of our own (TPTRAIN_GEMM_SM90=1, read
+// at gemm_create), against the same double-precision references: more 128 x 128 tiles than
+// multiprocessors (each block walks several, its two consumers in turn) and more 64-column K steps
+// than the six stages hold, the forward with a bias and without; shapes they do not take go to
+// cuBLASLt.
+Test(gemm, gelu_products_sm90) {
     cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
     expect_fwd_path = "sm90";
-    check_fwd(4096, 768, 1152, true, true, 14); // 288 tiles, 12 K steps
-    check_fwd(2048, 256, 640, false, true, 15); // 80 tiles, 4 K steps, no bias
-    check_fwd(128, 64, 128, true, true, 16);    // one tile, one K step
+    check_fwd(4096, 768, 1152, true, true, 14);  // 288 tiles, 12 K steps
+    check_fwd(2048, 256, 640, false, true, 15);  // 80 tiles, 4 K steps, no bias
+    check_fwd(128, 64, 128, true, true, 16);     // one tile, one K step
+    check_bwd_data(4096, 1152, 768, true, 18);   // dinp 4096 x 1152: 288 tiles, 12 K steps
+    check_bwd_data(128, 128, 64, true, 19);      // one tile, one K step
     expect_fwd_path = "cublaslt";
-    check_fwd(256, 192, 320, true, true, 17);   // OC not a multiple of 128
+    check_fwd(256, 192, 320, true, true, 17);    // OC not a multiple of 128
+    check_bwd_data(256, 320, 192, true, 20);     // IC not a multiple of 128
 }
 
 Test(gemm, odd_shape_N7_IC8_OC24) {
