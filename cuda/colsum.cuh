@@ -1,7 +1,9 @@
-// colsum.cuh: the column-sum kernels shared by layernorm.cu (dw, db) and matmul.cu (dbias).
+// colsum.cuh: the column-sum kernels shared by layernorm.cu (dw, db) and matmul.cu (dbias); the
+// finish that keeps 32 loads in flight per column is colsum_finish.cuh's (gemm.cu uses it too).
 // Static: each including file gets its own copy, as kernels cannot be launched across files.
 #pragma once
 
+#include "colsum_finish.cuh"
 #include "cuda_internal.cuh"
 
 // -- column sums
@@ -26,26 +28,4 @@ static __global__ void colsum_finish_kernel(float *out, const float *partial, in
     float s = 0.0f;
     for (int k = 0; k < nchunks; k++) s += partial[(size_t)k * C + c];
     out[c] += s;
-}
-
-// Two column sums at once with more loads in flight: grid (ceil(C / 32), 2), block (32, 32);
-// blockIdx.y picks (out0, p0) or (out1, p1). Thread (x, y) sums chunks y, y + 32, ... of column
-// 32 * blockIdx.x + x in order; the 32 lane sums are then added in y order, so the result depends
-// on nchunks only. out (C) += sum of partial (nchunks, C).
-static __global__ void colsum2_finish_kernel(float *out0, const float *p0, float *out1, const float *p1,
-                                      int nchunks, int C) {
-    __shared__ float sh[32][33];
-    float *out = blockIdx.y ? out1 : out0;
-    const float *p = blockIdx.y ? p1 : p0;
-    int c = blockIdx.x * 32 + threadIdx.x;
-    float s = 0.0f;
-    if (c < C)
-        for (int k = threadIdx.y; k < nchunks; k += 32) s += p[(size_t)k * C + c];
-    sh[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        float t = 0.0f;
-        for (int y = 0; y < 32; y++) t += sh[y][threadIdx.x];
-        out[c] += t;
-    }
 }

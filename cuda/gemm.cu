@@ -42,6 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "colsum_finish.cuh"
 #include "gemm.h"
 #ifdef FA_HAVE_SM90
 #include "gemm_sm90.h"
@@ -109,7 +110,8 @@ struct gemm_ctx {
     struct gemm_entry *cache; // (ncache) tuned keys, linear search: a model has a few dozen
     int ncache, cache_cap;
     int sms; // the target new keys get (gemm_set_sm_target)
-    bool sm90_gelu;       // TPTRAIN_GEMM_SM90=1 on a compute capability 9.0 device: gemm_sm90.cu's GELU forward
+    bool sm90_gelu;       // TPTRAIN_GEMM_SM90=1 on a compute capability 9.0 device: gemm_sm90.cu's kernels
+                          // take the GELU and GELU' epilogue products
     const char *last_fwd; // what computed the last gemm_fwd (gemm_last_fwd_path)
     const char *last_bwd_data; // and the last gemm_bwd_data
     char err[320];
@@ -218,26 +220,6 @@ __global__ static void colsum_partial_kernel(float *partial, const __nv_bfloat16
     float sum = 0.0f;
     for (int p = 0; p < CS_PHASES; p++) sum += s[p][(t & 7) * 32 + (t >> 3)];
     if (col < (size_t)OC) partial[(size_t)blockIdx.x * OC + col] = sum;
-}
-
-// dbias[col] += sum over c of partial[c, col] in a fixed order: block (32, 32) per 32 columns;
-// thread (x, y) sums chunks y, y + 32, ... of column 32 * blockIdx.x + x in order, then the 32 sums
-// of a column are added in y order. Thirty-two loads in flight per column instead of one (a
-// thread per column walking every chunk was latency-bound: 5 us at GPT-2 124M's shapes).
-__global__ static void colsum_finish_kernel(float *dbias, const float *partial, int nchunks,
-                                            int OC) {
-    __shared__ float sh[32][33];
-    int col = blockIdx.x * 32 + threadIdx.x;
-    float s = 0.0f;
-    if (col < OC)
-        for (int c = threadIdx.y; c < nchunks; c += 32) s += partial[(size_t)c * OC + col];
-    sh[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < OC) {
-        float t = 0.0f;
-        for (int y = 0; y < 32; y++) t += sh[y][threadIdx.x];
-        dbias[col] += t;
-    }
 }
 
 static unsigned int grid_for(size_t n, unsigned int per_block) {
@@ -452,8 +434,9 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
         dim3 grid((unsigned)nchunks, (unsigned)((k->OC + CS_COLS - 1) / CS_COLS));
         colsum_partial_kernel<<<grid, CS_COLS, 0, g->stream>>>(partial, (const __nv_bfloat16 *)c->b,
                                                               k->N, k->OC, rows);
-        colsum_finish_kernel<<<(unsigned)((k->OC + 31) / 32), dim3(32, 32), 0, g->stream>>>(
-            c->dbias, partial, nchunks, k->OC);
+        // dbias += the chunks' sums, added in a fixed order 32 loads in flight per column
+        colsum2_finish_kernel<<<dim3((unsigned)((k->OC + 31) / 32), 1), dim3(32, 32), 0, g->stream>>>(
+            c->dbias, partial, c->dbias, partial, nchunks, k->OC);
         break;
     }
     default:
@@ -798,6 +781,24 @@ extern "C" const char *gemm_last_bwd_data_path(const struct gemm_ctx *g) { retur
 
 extern "C" void gemm_set_sm_target(struct gemm_ctx *g, int sms) { g->sms = sms > 0 ? sms : 0; }
 
+#ifdef FA_HAVE_SM90
+// Whether the Hopper kernels of our own (measurement, TPTRAIN_GEMM_SM90=1) may run: they take every
+// multiprocessor, so not while products must leave some to collectives.
+static bool sm90_usable(const struct gemm_ctx *g) { return g->sm90_gelu && g->sms == 0; }
+
+// What a call into gemm_sm90.cu (its return rc) comes to: GEMM_OK with *path "sm90" when it ran,
+// GEMM_ECUBLAS when its launch failed, -1 when the shape is not one it takes (cuBLASLt's then).
+static int sm90_outcome(struct gemm_ctx *g, const struct gemm_key *k, int rc, const char **path) {
+    if (rc == 1) return -1;
+    if (rc != 0) {
+        set_err(g, k, "the sm_90a kernel (epilogue %s) failed to launch", epi_name(k->epi));
+        return GEMM_ECUBLAS;
+    }
+    *path = "sm90";
+    return GEMM_OK;
+}
+#endif
+
 extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const void *inp,
                         const void *w, const void *bias, int N, int IC, int OC) {
     struct gemm_key k = {GP_FWD, N, IC, OC,
@@ -811,18 +812,10 @@ extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const voi
         return GEMM_EBADARG;
     }
 #ifdef FA_HAVE_SM90
-    // the Hopper kernels of our own (measurement, TPTRAIN_GEMM_SM90=1) where their shapes allow, on
-    // every multiprocessor only
-    if (pre_gelu && g->sm90_gelu && g->sms == 0) {
-        int r = gemm_sm90_fwd_gelu(g->stream, out, pre_gelu, inp, w, bias, N, IC, OC);
-        if (r == 0) {
-            g->last_fwd = "sm90";
-            return GEMM_OK;
-        }
-        if (r == 2) {
-            set_err(g, &k, "the sm_90a GELU kernel failed to launch");
-            return GEMM_ECUBLAS;
-        }
+    if (pre_gelu && sm90_usable(g)) {
+        int r = sm90_outcome(g, &k, gemm_sm90_fwd_gelu(g->stream, out, pre_gelu, inp, w, bias, N, IC, OC),
+                             &g->last_fwd);
+        if (r >= 0) return r;
     }
 #endif
     g->last_fwd = "cublaslt";
@@ -842,16 +835,10 @@ extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, c
         return GEMM_EBADARG;
     }
 #ifdef FA_HAVE_SM90
-    if (pre_gelu && g->sm90_gelu && g->sms == 0) { // as gemm_fwd's
-        int r = gemm_sm90_bwd_dgelu(g->stream, dinp, dout, w, pre_gelu, N, IC, OC);
-        if (r == 0) {
-            g->last_bwd_data = "sm90";
-            return GEMM_OK;
-        }
-        if (r == 2) {
-            set_err(g, &k, "the sm_90a GELU' kernel failed to launch");
-            return GEMM_ECUBLAS;
-        }
+    if (pre_gelu && sm90_usable(g)) {
+        int r = sm90_outcome(g, &k, gemm_sm90_bwd_dgelu(g->stream, dinp, dout, w, pre_gelu, N, IC, OC),
+                             &g->last_bwd_data);
+        if (r >= 0) return r;
     }
 #endif
     g->last_bwd_data = "cublaslt";

@@ -78,8 +78,8 @@ static bool overlap_sms_well_formed(char *err, size_t errlen) {
 static bool gemm_sm90_well_formed(char *err, size_t errlen) {
     const char *v = getenv("TPTRAIN_GEMM_SM90");
     if (!v || !*v || strcmp(v, "0") == 0 || strcmp(v, "1") == 0) return true;
-    snprintf(err, errlen, "TPTRAIN_GEMM_SM90=%s: expected 0 or 1 (whether the GELU forward products run "
-             "tptrain's Hopper kernel instead of cuBLASLt's epilogue); unset it for the default, 0", v);
+    snprintf(err, errlen, "TPTRAIN_GEMM_SM90=%s: expected 0 or 1 (whether the products with a GELU "
+             "epilogue run tptrain's Hopper kernels instead of cuBLASLt's); unset it for the default, 0", v);
     return false;
 }
 
