@@ -22,8 +22,8 @@
 //
 // Files: cuda_internal.cuh (context, checks, storage types, device helpers, the op declarations);
 // one file per op family with its kernels and launchers (embedding.cu, layernorm.cu, matmul.cu,
-// residual_gelu.cu, attention.cu, cross_entropy.cu, optim.cu, casts.cu; colsum.cuh and gelu.cuh
-// hold the kernels two families launch); this file: memory ops, timing events, the backend table
+// residual_gelu.cu, attention.cu, cross_entropy.cu, optim.cu, casts.cu; colsum.cuh,
+// colsum_finish.cuh and gelu.cuh hold the kernels two families launch); this file: memory ops, timing events, the backend table
 // and context creation. Adding an op: its launcher in its family file, its declaration in
 // cuda_internal.cuh, its line in the table below.
 
