@@ -1,8 +1,9 @@
 // gemm_sm90.cu: a Hopper (sm_90a) matrix product for a linear layer's forward with the bias + GELU
 // epilogue: out (N, OC) = gelu(pre), pre (N, OC) = inp (N, IC) @ w (OC, IC)^T + bias (OC). gemm.cu
-// runs it in place of cuBLASLt's GELU_AUX_BIAS epilogue where TPTRAIN_GEMM_SM90=1 (off by default:
-// built to be measured against cuBLASLt, whose epilogue product takes 0.154 ms at GPT-2 124M's fc
-// shape where the same product without the epilogue takes 0.107, cuda/PERF_NOTES.md).
+// runs it in place of cuBLASLt's GELU_AUX_BIAS epilogue where TPTRAIN_GEMM_SM90=1. Off by default:
+// on one H200 it matches cuBLASLt at GPT-2 124M's fc shape (0.154-0.156 ms against 0.156) and is
+// 5-25% slower elsewhere, its 128 x 128 tiles without multicast reading half the FLOP per byte of
+// L2 that cuBLASLt's clustered tiles do (cuda/PERF_NOTES.md has the table and the next steps).
 //
 // Both operands are K-major, the pattern of the attention's S = Q K^T, so the pieces are the
 // attention kernels' (sm90_common.cuh). Persistent: a block per multiprocessor walks 128 x 128
@@ -13,13 +14,13 @@
 // as CUTLASS's ping-pong kernel does): consumer c computes tiles j = c, c + 2, ... of its block
 // with wgmma m64n128k16 (two per 16 columns of K, one per 64-row half), releasing each stage (its
 // "empty" mbarrier) once the products reading it are done, and then runs the epilogue (bias, GELU,
-// stores) while the other consumer's products run. The mainloops run in strict turn (named
+// 16-byte stores after a shuffle within each quad of lanes) while the other consumer's products run. The mainloops run in strict turn (named
 // barriers 1 and 2), so the stages are consumed in the order the producer filled them and no
 // consumer waits on a barrier phase two ahead of the one it means.
 //
 // Shapes: N and OC multiples of 128, IC of 64, operands 16-byte aligned (gemm.cu checks and falls
 // back to cuBLASLt otherwise). fp32 accumulation; pre is the rounded sum, out GELU of the unrounded
-// one, as cuBLASLt's epilogue computes them.
+// one, as cuBLASLt's epilogue computes them; tanh by tanh.approx.f32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
@@ -40,15 +41,22 @@
 // GELU's derivative.
 enum { GS_FWD_GELU = 0, GS_BWD_DGELU = 1 };
 
+// tanh by the multi-function unit (one instruction; about 2^-11 relative error, below bf16's 2^-8)
+__device__ __forceinline__ static float gs_tanh(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ static float gs_gelu(float x) {
     float cube = 0.044715f * x * x * x;
-    return 0.5f * x * (1.0f + tanhf(GS_GELU_SCALE * (x + cube)));
+    return 0.5f * x * (1.0f + gs_tanh(GS_GELU_SCALE * (x + cube)));
 }
 
 // gelu'(x), as gelu.cuh's gelu_grad_f
 __device__ __forceinline__ static float gs_gelu_grad(float x) {
     float cube = 0.044715f * x * x * x;
-    float th = tanhf(GS_GELU_SCALE * (x + cube));
+    float th = gs_tanh(GS_GELU_SCALE * (x + cube));
     float sech2 = 1.0f - th * th;
     return 0.5f * (1.0f + th) + x * 0.5f * sech2 * GS_GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
 }
@@ -59,36 +67,88 @@ __device__ __forceinline__ static void gs_pin(float (&x)[64]) {
     for (int i = 0; i < 64; i++) asm volatile("" : "+f"(x[i])::"memory");
 }
 
-// A consumer's tile epilogue: rows m0 + 64 h + 16 warp + g (+ 8), columns n0 + 8 jj + 2 tq (+ 1)
-// (row stride ldo), from the two halves' accumulators in wgmma's m64n128 layout. GS_FWD_GELU:
-// aux = the sum plus bias (the pre-activation, stored), out = GELU of it; GS_BWD_DGELU: out = the
-// sum times gelu'(aux) (aux read).
-template <int MODE, bool BIAS>
-__device__ __forceinline__ static void gs_epilogue(f9_bf16 *out, f9_bf16 *aux, const f9_bf16 *bias,
-                                                   const float (&acc)[2][64], int m0, int n0, int ldo,
-                                                   int warp, int lane) {
-    int g = lane >> 2, tq = lane & 3;
-    float2 b[16];
+__device__ __forceinline__ static float2 gs_pick(const float2 (&v)[4], int i) {
+    float2 lo = (i & 1) ? v[1] : v[0], hi = (i & 1) ? v[3] : v[2];
+    return (i & 2) ? hi : lo;
+}
+
+// The four lanes of a quad (tq 0..3) each hold v[u], u = 0..3: a pair of one row's columns
+// 8 u + 2 tq, + 1. Afterwards lane tq holds the row's columns 8 tq .. 8 tq + 7 in order (w[s] came
+// from lane s), so that each lane writes 16 contiguous bytes: three exchanges, lane tq sending
+// v[tq ^ m] to lane tq ^ m.
+__device__ __forceinline__ static void gs_quad_transpose(const float2 (&v)[4], float2 (&w)[4], int tq) {
 #pragma unroll
-    for (int jj = 0; jj < 16; jj++)
-        b[jj] = BIAS ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(bias + n0 + 8 * jj + 2 * tq))
-                     : make_float2(0.0f, 0.0f);
+    for (int u = 0; u < 4; u++) w[u] = v[u]; // w[tq] = v[tq] stays; the rest are replaced
+#pragma unroll
+    for (int m = 1; m < 4; m++) {
+        float2 send = gs_pick(v, tq ^ m);
+        float2 got = make_float2(__shfl_xor_sync(0xffffffffu, send.x, m), __shfl_xor_sync(0xffffffffu, send.y, m));
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            if (u == (tq ^ m)) w[u] = got;
+    }
+}
+
+__device__ __forceinline__ static void gs_unpack8(uint4 p, float (&x)[8]) {
+    const uint32_t q[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&q[i]));
+        x[2 * i] = f.x;
+        x[2 * i + 1] = f.y;
+    }
+}
+
+// A consumer's tile epilogue for rows m0 + 64 h + 16 warp + g (+ 8) from the two halves'
+// accumulators in wgmma's m64n128 layout (lane g * 4 + tq holds columns 8 jj + 2 tq, + 1). Each
+// group of 32 columns is first passed around the quad (gs_quad_transpose) so that every lane reads
+// and writes 16 contiguous bytes (columns n0 + 32 q + 8 tq .. + 7; row stride ldo): a warp's access
+// covers 8 rows x 64 bytes, four times fewer instructions than the accumulator layout's 4-byte
+// ones. GS_FWD_GELU: aux = the sum plus bias (the pre-activation, stored), out = GELU of it;
+// GS_BWD_DGELU: out = the sum times gelu'(aux) (aux read, a row's four loads issued together).
+template <int MODE, bool BIAS>
+__device__ __forceinline__ static void gs_epilogue(f9_bf16 *__restrict__ out, f9_bf16 *__restrict__ aux,
+                                                   const f9_bf16 *__restrict__ bias, const float (&acc)[2][64],
+                                                   int m0, int n0, int ldo, int warp, int lane) {
+    const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
     for (int h = 0; h < 2; h++)
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
-            size_t row = (size_t)(m0 + 64 * h + 16 * warp + g + 8 * hr);
-            f9_bf16 *po = out + row * ldo + n0 + 2 * tq, *pa = aux + row * ldo + n0 + 2 * tq;
+            const size_t row = (size_t)(m0 + 64 * h + 16 * warp + g + 8 * hr);
+            f9_bf16 *po = out + row * ldo + n0 + 8 * tq, *pa = aux + row * ldo + n0 + 8 * tq;
+            uint4 pre[4];
+            if constexpr (MODE == GS_BWD_DGELU) {
 #pragma unroll
-            for (int jj = 0; jj < 16; jj++) {
-                float v0 = acc[h][4 * jj + 2 * hr] + b[jj].x, v1 = acc[h][4 * jj + 2 * hr + 1] + b[jj].y;
+                for (int q = 0; q < 4; q++) pre[q] = __ldg(reinterpret_cast<const uint4 *>(pa + 32 * q));
+            }
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float2 v[4], w[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++)
+                    v[u] = make_float2(acc[h][4 * (4 * q + u) + 2 * hr], acc[h][4 * (4 * q + u) + 2 * hr + 1]);
+                gs_quad_transpose(v, w, tq);
+                float x[8] = {w[0].x, w[0].y, w[1].x, w[1].y, w[2].x, w[2].y, w[3].x, w[3].y}, y[8];
                 if constexpr (MODE == GS_FWD_GELU) {
-                    *reinterpret_cast<uint32_t *>(pa + 8 * jj) = f9_pack(v0, v1);
-                    *reinterpret_cast<uint32_t *>(po + 8 * jj) = f9_pack(gs_gelu(v0), gs_gelu(v1));
+                    if constexpr (BIAS) {
+                        float b[8];
+                        gs_unpack8(__ldg(reinterpret_cast<const uint4 *>(bias + n0 + 32 * q + 8 * tq)), b);
+#pragma unroll
+                        for (int i = 0; i < 8; i++) x[i] += b[i];
+                    }
+#pragma unroll
+                    for (int i = 0; i < 8; i++) y[i] = gs_gelu(x[i]);
+                    *reinterpret_cast<uint4 *>(pa + 32 * q) =
+                        make_uint4(f9_pack(x[0], x[1]), f9_pack(x[2], x[3]), f9_pack(x[4], x[5]), f9_pack(x[6], x[7]));
                 } else {
-                    float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(pa + 8 * jj));
-                    *reinterpret_cast<uint32_t *>(po + 8 * jj) = f9_pack(v0 * gs_gelu_grad(x.x), v1 * gs_gelu_grad(x.y));
+                    float p[8];
+                    gs_unpack8(pre[q], p);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) y[i] = x[i] * gs_gelu_grad(p[i]);
                 }
+                *reinterpret_cast<uint4 *>(po + 32 * q) =
+                    make_uint4(f9_pack(y[0], y[1]), f9_pack(y[2], y[3]), f9_pack(y[4], y[5]), f9_pack(y[6], y[7]));
             }
         }
 }
@@ -146,6 +206,11 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     int j = 0; // the block's tiles so far
     for (int t = (int)blockIdx.x; t < tiles; t += G, j++) {
         if ((j & 1) != c) continue;
+        if constexpr (MODE == GS_BWD_DGELU) { // the epilogue's pre-activation rows into L2 while the products run
+            const f9_bf16 *row = aux + (size_t)((t / tn) * GS_BM + (tid & 127)) * NN + (t % tn) * GS_BN;
+            asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row));
+            asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row + 64));
+        }
         // this consumer's turn at the tensor cores: the other consumer's mainloop of tile j - 1 is done
         if (j > 0) f9_named_sync(1 + c, 256);
         int it0 = j * nk;
