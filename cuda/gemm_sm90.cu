@@ -1,22 +1,23 @@
 // gemm_sm90.cu: a Hopper (sm_90a) matrix product for a linear layer's forward with the bias + GELU
-// epilogue: out (N, OC) = gelu(pre), pre (N, OC) = inp (N, IC) @ w (OC, IC)^T + bias (OC). gemm.cu
-// runs it in place of cuBLASLt's GELU_AUX_BIAS epilogue where TPTRAIN_GEMM_SM90=1. Off by default:
-// on one H200 it matches cuBLASLt at GPT-2 124M's fc shape (0.154-0.156 ms against 0.156) and is
-// 5-25% slower elsewhere, its 128 x 128 tiles without multicast reading half the FLOP per byte of
-// L2 that cuBLASLt's clustered tiles do (cuda/PERF_NOTES.md has the table and the next steps).
+// epilogue: out (N, OC) = gelu(pre), pre (N, OC) = inp (N, IC) @ w (OC, IC)^T + bias (OC), and in a
+// second mode the input gradient with GELU's derivative. gemm.cu runs them in place of cuBLASLt's
+// GELU_AUX_BIAS and DGELU epilogues where TPTRAIN_GEMM_SM90=1. Off by default: on one H200 the
+// forward is within 2% of cuBLASLt at GPT-2 124M's fc shape and the rest 6-17% slower
+// (cuda/PERF_NOTES.md has the table, what was found and the next steps).
 //
-// Both operands are K-major, the pattern of the attention's S = Q K^T, so the pieces are the
-// attention kernels' (sm90_common.cuh). Persistent: a block per multiprocessor walks 128 x 128
-// output tiles (tile t + k * blocks for block t, N tiles of a row of the output first, so the
-// blocks running at once share inp's rows and all of w in L2). Three warpgroups: a producer whose
-// one thread brings 128 x 64 tiles of inp and w by the copy engine into GS_STAGES stages, each
-// completing on its "full" mbarrier; two consumers that take the block's tiles in turn (ping-pong,
-// as CUTLASS's ping-pong kernel does): consumer c computes tiles j = c, c + 2, ... of its block
-// with wgmma m64n128k16 (two per 16 columns of K, one per 64-row half), releasing each stage (its
-// "empty" mbarrier) once the products reading it are done, and then runs the epilogue (bias, GELU,
-// 16-byte stores after a shuffle within each quad of lanes) while the other consumer's products run. The mainloops run in strict turn (named
-// barriers 1 and 2), so the stages are consumed in the order the producer filled them and no
-// consumer waits on a barrier phase two ahead of the one it means.
+// Both operands of the forward are K-major, the pattern of the attention's S = Q K^T, so the
+// pieces are the attention kernels' (sm90_common.cuh). Persistent: blocks walk 128 x 128 output
+// tiles, N tiles of a row of the output first, so the blocks running at once share inp's rows and
+// all of w in L2. Three warpgroups: a producer whose one thread brings 128 x 64 tiles of inp and w
+// by the copy engine into GS_STAGES stages, each completing on its "full" mbarrier; two consumers
+// that take the block's tiles in turn (ping-pong, as CUTLASS's ping-pong kernel does): consumer c
+// computes tiles j = c, c + 2, ... of its block with wgmma m64n128k16 (two per 16 columns of K, one
+// per 64-row half), releasing each stage (its "empty" mbarrier) once the products reading it are
+// done, and then runs the epilogue (bias, GELU, 16-byte stores after a shuffle within each quad of
+// lanes) while the other consumer's products run. The mainloops run in strict turn (named barriers
+// 1 and 2), so the stages are consumed in the order the producer filled them and no consumer waits
+// on a barrier phase two ahead of the one it means. Where the output has an even number of 128-row
+// tile rows the blocks run in clusters of two that share w's tiles (gs_kernel's comment).
 //
 // Shapes: N and OC multiples of 128, IC of 64, operands 16-byte aligned (gemm.cu checks and falls
 // back to cuBLASLt otherwise). fp32 accumulation; pre is the rounded sum, out GELU of the unrounded
@@ -153,10 +154,55 @@ __device__ __forceinline__ static void gs_epilogue(f9_bf16 *__restrict__ out, f9
         }
 }
 
+// Cluster pieces (a pair of blocks on neighbouring multiprocessors sharing B's tile by multicast).
+__device__ __forceinline__ static void gs_mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred done;\nGS_WAITC:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra GS_WAITC;\n}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+
+// Arrives on the barrier at the same offset in block `rank` of the cluster. The default (CTA-scope)
+// release: a cluster-scope one (.release.cluster) made each arrival wait until the consumer's
+// epilogue stores of its previous tile had reached L2, and the products ran at half speed.
+__device__ __forceinline__ static void gs_mbar_arrive_remote(uint32_t bar, uint32_t rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+
+// A box of a tensor into dst and the same offset of every block in mask, each block's barrier at
+// bar's offset counting the bytes.
+__device__ __forceinline__ static void gs_tma_load_multicast(uint32_t dst, const CUtensorMap *map, int x, int y,
+                                                             uint32_t bar, uint16_t mask) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+                 " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+                 "l"(map), "r"(x), "r"(y), "r"(0), "r"(bar), "h"(mask)
+                 : "memory");
+}
+
+__device__ __forceinline__ static uint32_t gs_cluster_rank(void) {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+
 // out (M, NN) from A (M, K) K-major (tensor map ta, 128-row boxes) and B: GS_FWD_GELU, B (NN, K)
-// K-major (tb: 128-row boxes), d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major (tb: 64-row boxes, two
-// per stage side by side), d = A B.
-template <int MODE, bool BIAS>
+// K-major, d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major, d = A B; tb's boxes are 64 x 64 either way,
+// two per stage (the tile's two 64-row halves of B for the forward, its two 64-column halves for
+// the backward, 8 KB apart, which is the layout one 128-row box would give).
+//
+// CL = 2: the blocks run in clusters of two; a cluster takes units of two vertically adjacent
+// tiles (rows m0 and m0 + 128 of the same columns), each block one, and B's tile is the same for
+// both: block r loads its half r once and the copy engine writes it into both blocks' stage (TMA
+// multicast), so each block reads 24 KB per stage from L2 instead of 32 (85 FLOP per byte instead
+// of 64). A stage may be refilled only when both blocks' consumers are done with it, so each
+// consumer warp releases it on both blocks' "empty" barriers (8 arrivals per phase), and a block's
+// producer, before the block exits, waits for the release of every stage it filled, after which no
+// arrival from the other block can still come. CL = 1: one block per tile, the same code without
+// the peer.
+template <int MODE, bool BIAS, int CL>
 static __global__ void __launch_bounds__(GS_NT, 1)
 gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb, f9_bf16 *out,
           f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN) {
@@ -165,36 +211,53 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     const uint32_t full = base + GS_STAGES * GS_STAGE_BYTES;       // GS_STAGES 8-byte mbarriers,
     const uint32_t empty = full + 8 * GS_STAGES;                   // then as many again
     const int tid = (int)threadIdx.x, wg = tid >> 7;
-    const int tn = NN / GS_BN, tiles = (M / GS_BM) * tn, nk = K / GS_BK, G = (int)gridDim.x;
+    const uint32_t rank = CL > 1 ? gs_cluster_rank() : 0u;
+    // units of CL tiles stacked in M; this cluster's are cl, cl + clusters, ...
+    const int tn = NN / GS_BN, units = (M / (GS_BM * CL)) * tn, nk = K / GS_BK;
+    const int cl = (int)blockIdx.x / CL, clusters = (int)gridDim.x / CL;
     if (tid == 0) {
         for (int s = 0; s < GS_STAGES; s++) {
             f9_mbar_init(full + 8 * s, 1);
-            f9_mbar_init(empty + 8 * s, 128);
+            f9_mbar_init(empty + 8 * s, 4 * CL);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    if constexpr (CL > 1) // both blocks' barriers exist before either copies into or arrives on the other's
+        asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    else
+        __syncthreads();
 
     if (wg == 0) { // producer: one thread issues every copy, stage by stage, tile by tile
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
             int it = 0;
-            for (int t = (int)blockIdx.x; t < tiles; t += G) {
-                int m0 = (t / tn) * GS_BM, n0 = (t % tn) * GS_BN;
+            for (int u = cl; u < units; u += clusters) {
+                const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GS_BN;
                 for (int kc = 0; kc < nk; kc++, it++) {
-                    int s = it % GS_STAGES;
-                    // the stage's previous fill (it - GS_STAGES) has been read by its consumer
-                    if (it >= GS_STAGES) f9_mbar_wait(empty + 8 * s, (uint32_t)((it / GS_STAGES - 1) & 1));
-                    uint32_t sa = base + (uint32_t)s * GS_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
+                    const int s = it % GS_STAGES;
+                    // the stage's previous fill (it - GS_STAGES) has been read by every consumer of it
+                    if (it >= GS_STAGES) {
+                        const uint32_t par = (uint32_t)((it / GS_STAGES - 1) & 1);
+                        if constexpr (CL > 1) gs_mbar_wait_cluster(empty + 8 * s, par);
+                        else f9_mbar_wait(empty + 8 * s, par);
+                    }
+                    const uint32_t sa = base + (uint32_t)s * GS_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
                     f9_mbar_expect_tx(full + 8 * s, GS_STAGE_BYTES);
                     f9_tma_load(sa, &ta, kc * GS_BK, m0, 0, full + 8 * s);
-                    if constexpr (MODE == GS_FWD_GELU) {
-                        f9_tma_load(sb, &tb, kc * GS_BK, n0, 0, full + 8 * s);
-                    } else { // 64 rows of K by 128 columns: two 64 x 64 boxes, 8 KB apart
-                        f9_tma_load(sb, &tb, n0, kc * GS_BK, 0, full + 8 * s);
-                        f9_tma_load(sb + 64 * 128, &tb, n0 + 64, kc * GS_BK, 0, full + 8 * s);
+                    for (int half = CL > 1 ? (int)rank : 0; half < 2; half += CL) {
+                        const int x = MODE == GS_FWD_GELU ? kc * GS_BK : n0 + 64 * half;
+                        const int y = MODE == GS_FWD_GELU ? n0 + 64 * half : kc * GS_BK;
+                        const uint32_t dst = sb + (uint32_t)half * 64 * 128;
+                        if constexpr (CL > 1) gs_tma_load_multicast(dst, &tb, x, y, full + 8 * s, (uint16_t)3);
+                        else f9_tma_load(dst, &tb, x, y, 0, full + 8 * s);
                     }
                 }
+            }
+            // the release of each stage's last fill: after it no consumer of either block touches this block
+            for (int last = it - GS_STAGES < 0 ? 0 : it - GS_STAGES; last < it; last++) {
+                const uint32_t par = (uint32_t)((last / GS_STAGES) & 1);
+                if constexpr (CL > 1) gs_mbar_wait_cluster(empty + 8 * (last % GS_STAGES), par);
+                else f9_mbar_wait(empty + 8 * (last % GS_STAGES), par);
             }
         }
         return;
@@ -204,20 +267,21 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
     float acc[2][64];
     int j = 0; // the block's tiles so far
-    for (int t = (int)blockIdx.x; t < tiles; t += G, j++) {
+    for (int u = cl; u < units; u += clusters, j++) {
         if ((j & 1) != c) continue;
+        const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GS_BN;
         if constexpr (MODE == GS_BWD_DGELU) { // the epilogue's pre-activation rows into L2 while the products run
-            const f9_bf16 *row = aux + (size_t)((t / tn) * GS_BM + (tid & 127)) * NN + (t % tn) * GS_BN;
+            const f9_bf16 *row = aux + (size_t)(m0 + (tid & 127)) * NN + n0;
             asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row));
             asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row + 64));
         }
         // this consumer's turn at the tensor cores: the other consumer's mainloop of tile j - 1 is done
         if (j > 0) f9_named_sync(1 + c, 256);
-        int it0 = j * nk;
+        const int it0 = j * nk;
         for (int kc = 0; kc < nk; kc++) {
-            int it = it0 + kc, s = it % GS_STAGES;
+            const int it = it0 + kc, s = it % GS_STAGES;
             f9_mbar_wait(full + 8 * s, (uint32_t)((it / GS_STAGES) & 1));
-            uint32_t sa = base + (uint32_t)s * GS_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
+            const uint32_t sa = base + (uint32_t)s * GS_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
             f9_wg_fence();
 #pragma unroll
             for (int h = 0; h < 2; h++)
@@ -231,35 +295,76 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
                                       kc > 0 || kk > 0);
                 }
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-            if (kc > 0) { // the previous stage's products are done: its consumer releases it
+            if (kc > 0) { // the previous stage's products are done: each warp releases it
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-                f9_mbar_arrive(empty + 8 * ((it - 1) % GS_STAGES));
+                if (lane == 0) {
+                    f9_mbar_arrive(empty + 8 * ((it - 1) % GS_STAGES));
+                    if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it - 1) % GS_STAGES), rank ^ 1u);
+                }
             }
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         gs_pin(acc[0]);
         gs_pin(acc[1]);
-        f9_mbar_arrive(empty + 8 * ((it0 + nk - 1) % GS_STAGES));
+        if (lane == 0) {
+            f9_mbar_arrive(empty + 8 * ((it0 + nk - 1) % GS_STAGES));
+            if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it0 + nk - 1) % GS_STAGES), rank ^ 1u);
+        }
         // the other consumer's turn, if the block has a next tile (it is that consumer's)
-        if (t + G < tiles) f9_named_arrive(2 - c, 256);
-        gs_epilogue<MODE, BIAS>(out, aux, bias, acc, (t / tn) * GS_BM, (t % tn) * GS_BN, NN, warp, lane);
+        if (u + clusters < units) f9_named_arrive(2 - c, 256);
+        gs_epilogue<MODE, BIAS>(out, aux, bias, acc, m0, n0, NN, warp, lane);
     }
 }
 
-// Launches gs_kernel<MODE> over an (M, NN) output; 0, or 2 when the launch failed.
-template <int MODE, bool BIAS>
-static int gs_launch(cudaStream_t st, const CUtensorMap &ma, const CUtensorMap &mb, void *out, void *aux,
-                     const void *bias, int M, int K, int NN) {
+// Launches gs_kernel over an (M, NN) output, in clusters of two where M holds an even number of
+// 128-row tiles; 0, or 2 when the launch failed.
+template <int MODE, bool BIAS, int CL>
+static int gs_launch_cl(cudaStream_t st, const CUtensorMap &ma, const CUtensorMap &mb, void *out, void *aux,
+                        const void *bias, int M, int K, int NN) {
     size_t smem = (size_t)GS_STAGES * GS_STAGE_BYTES + 16 * GS_STAGES + 1024;
-    const void *kernel = (const void *)gs_kernel<MODE, BIAS>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess) {
+    auto kernel = gs_kernel<MODE, BIAS, CL>;
+    if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
+        cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }
-    int tiles = (M / GS_BM) * (NN / GS_BN), blocks = tiles < f9_sm_count() ? tiles : f9_sm_count();
-    gs_kernel<MODE, BIAS><<<(unsigned)blocks, GS_NT, smem, st>>>(ma, mb, (f9_bf16 *)out, (f9_bf16 *)aux,
-                                                                 (const f9_bf16 *)bias, M, K, NN);
-    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = CL;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.blockDim = dim3(GS_NT);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    // as many clusters as can run at once (a multiprocessor left over in a GPC of odd count idles)
+    static int fit[2][2][3];
+    int &clusters = fit[MODE][BIAS][CL];
+    if (clusters <= 0) {
+        cfg.gridDim = dim3((unsigned)(f9_sm_count() / CL * CL));
+        if (CL == 1 || cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
+            (void)cudaGetLastError();
+            clusters = f9_sm_count() / CL;
+        }
+    }
+    int units = (M / (GS_BM * CL)) * (NN / GS_BN), n = units < clusters ? units : clusters;
+    cfg.gridDim = dim3((unsigned)(n * CL));
+    if (cudaLaunchKernelEx(&cfg, kernel, ma, mb, (f9_bf16 *)out, (f9_bf16 *)aux, (const f9_bf16 *)bias, M, K, NN) !=
+        cudaSuccess) {
+        (void)cudaGetLastError();
+        return 2;
+    }
+    return 0;
+}
+
+template <int MODE, bool BIAS>
+static int gs_launch(cudaStream_t st, const CUtensorMap &ma, const CUtensorMap &mb, void *out, void *aux,
+                     const void *bias, int M, int K, int NN) {
+    if ((M / GS_BM) % 2 == 0)
+        return gs_launch_cl<MODE, BIAS, 2>(st, ma, mb, out, aux, bias, M, K, NN);
+    return gs_launch_cl<MODE, BIAS, 1>(st, ma, mb, out, aux, bias, M, K, NN);
 }
 
 static bool gs_aligned(const void *const *p, int n) {
@@ -275,7 +380,7 @@ extern "C" int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void
         !gs_aligned(ptrs, 5))
         return 1;
     CUtensorMap ma, mb;
-    if (!f9_tensor_map(&ma, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&mb, w, IC, OC, 1, IC, GS_BN)) return 1;
+    if (!f9_tensor_map(&ma, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&mb, w, IC, OC, 1, IC, 64)) return 1;
     cudaStream_t st = (cudaStream_t)stream;
     return bias ? gs_launch<GS_FWD_GELU, true>(st, ma, mb, out, pre, bias, N, IC, OC)
                 : gs_launch<GS_FWD_GELU, false>(st, ma, mb, out, pre, bias, N, IC, OC);

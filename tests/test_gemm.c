@@ -323,8 +323,9 @@ Test(gemm, fewer_multiprocessors) {
 // The Hopper GELU forward and GELU'-epilogue input gradient of our own (TPTRAIN_GEMM_SM90=1, read
 // at gemm_create), against the same double-precision references: more 128 x 128 tiles than
 // multiprocessors (each block walks several, its two consumers in turn) and more 64-column K steps
-// than the six stages hold, the forward with a bias and without; shapes they do not take go to
-// cuBLASLt.
+// than the six stages hold, the forward with a bias and without; an even number of 128-row tile
+// rows (blocks in clusters of two sharing B's tiles) and an odd one (a block per tile); shapes they
+// do not take go to cuBLASLt.
 Test(gemm, gelu_products_sm90) {
     cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
     expect_fwd_path = "sm90";
@@ -333,6 +334,8 @@ Test(gemm, gelu_products_sm90) {
     check_fwd(128, 64, 128, true, true, 16);     // one tile, one K step
     check_bwd_data(4096, 1152, 768, true, 18);   // dinp 4096 x 1152: 288 tiles, 12 K steps
     check_bwd_data(128, 128, 64, true, 19);      // one tile, one K step
+    check_fwd(384, 128, 384, true, true, 21);    // three tile rows: no clusters, 9 tiles
+    check_bwd_data(640, 256, 128, true, 22);     // five tile rows: no clusters, 10 tiles
     expect_fwd_path = "cublaslt";
     check_fwd(256, 192, 320, true, true, 17);    // OC not a multiple of 128
     check_bwd_data(256, 320, 192, true, 20);     // IC not a multiple of 128
