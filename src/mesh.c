@@ -74,13 +74,34 @@ static bool overlap_sms_well_formed(char *err, size_t errlen) {
     return false;
 }
 
-// TPTRAIN_GEMM_SM90 (gemm.cu's): unset, empty, 0 or 1.
-static bool gemm_sm90_well_formed(char *err, size_t errlen) {
-    const char *v = getenv("TPTRAIN_GEMM_SM90");
-    if (!v || !*v || strcmp(v, "0") == 0 || strcmp(v, "1") == 0) return true;
-    snprintf(err, errlen, "TPTRAIN_GEMM_SM90=%s: expected 0 or 1 (whether the products with a GELU "
-             "epilogue run tptrain's Hopper kernels instead of cuBLASLt's); unset it for the default, 0", v);
-    return false;
+// The CUDA backend's switches that take one of a few words (read where they act: gemm.cu,
+// flash_attention.cu; docs/usage.md lists them): unset or empty for the default, else one of
+// `values`, checked here so that a misspelt one stops the run instead of being taken as the default.
+static const struct {
+    const char *name, *values[3], *what;
+} choice_variables[] = {
+    {"TPTRAIN_GEMM_SM90", {"0", "1"}, "whether the products with a GELU epilogue run tptrain's Hopper kernels"},
+    {"TPTRAIN_ATTN_WS", {"0", "1"}, "whether the Hopper attention kernels use warp specialisation"},
+    {"TPTRAIN_ATTN_PINGPONG", {"0", "1"}, "whether the Hopper attention forward's consumers ping-pong"},
+    {"TPTRAIN_ATTN_BWD", {"fused", "split", "unordered"}, "the Hopper attention backward's kernels"},
+    {"TPTRAIN_ATTN_BWD_PERSIST", {"0", "1"}, "whether the Hopper attention backward's blocks persist"},
+    {"TPTRAIN_ATTN_ORDER", {"pairs", "longest"}, "the Hopper attention forward's walk over the work"},
+    {"TPTRAIN_ATTN_BWD_ORDER", {"heads", "longest"}, "the Hopper attention backward's walk over the work"},
+};
+
+static bool choice_variables_well_formed(char *err, size_t errlen) {
+    for (size_t i = 0; i < sizeof choice_variables / sizeof choice_variables[0]; i++) {
+        const char *v = getenv(choice_variables[i].name);
+        if (!v || !*v) continue;
+        const char *const *ok = choice_variables[i].values;
+        bool known = false;
+        for (int j = 0; j < 3 && ok[j]; j++) known = known || strcmp(v, ok[j]) == 0;
+        if (known) continue;
+        snprintf(err, errlen, "%s=%s: expected %s%s%s%s%s (%s); unset it for the default", choice_variables[i].name, v,
+                 ok[0], ok[2] ? ", " : " or ", ok[1], ok[2] ? " or " : "", ok[2] ? ok[2] : "", choice_variables[i].what);
+        return false;
+    }
+    return true;
 }
 
 int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct backend *be, char *err,
@@ -88,7 +109,7 @@ int mesh_create_backend(struct mesh *m, const struct tp_config *cfg, struct back
     enum tp_device_kind want = cfg->parallel.device;
     int ndev = backend_cuda_available() ? backend_cuda_device_count() : 0;
     int status = 0;
-    if (!overlap_sms_well_formed(err, errlen) || !gemm_sm90_well_formed(err, errlen)) status = TP_EXIT_USAGE;
+    if (!overlap_sms_well_formed(err, errlen) || !choice_variables_well_formed(err, errlen)) status = TP_EXIT_USAGE;
     else if (want == TP_DEVICE_CUDA && ndev == 0) {
         snprintf(err, errlen, "parallel.device: cuda requested but %s; use device: cpu or auto",
                  backend_cuda_available() ? "no CUDA device is visible" : "this build has no CUDA backend");

@@ -222,8 +222,8 @@ Test(cli, tp_not_dividing_heads) {
     free(out);
 }
 
-// A malformed backend variable (TPTRAIN_OVERLAP_SMS, TPTRAIN_GEMM_SM90) stops the run before
-// anything is built, on any backend, with one line naming it.
+// A malformed backend variable (TPTRAIN_OVERLAP_SMS, TPTRAIN_GEMM_SM90, the TPTRAIN_ATTN_* switches)
+// stops the run before anything is built, on any backend, with one line naming it.
 static void expect_bad_variable(const char *assignment) {
     char *out = malloc(OUT_CAP);
     cr_assert_not_null(out);
@@ -239,6 +239,8 @@ static void expect_bad_variable(const char *assignment) {
 Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_OVERLAP_SMS=12x");
     expect_bad_variable("TPTRAIN_GEMM_SM90=yes");
+    expect_bad_variable("TPTRAIN_ATTN_ORDER=pair");
+    expect_bad_variable("TPTRAIN_ATTN_BWD=splt");
 }
 
 // ---- config file errors
