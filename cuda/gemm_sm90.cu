@@ -26,6 +26,8 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "gemm_sm90.h"
 #include "sm90_common.cuh"
@@ -33,7 +35,9 @@
 #define GS_BM 128     // output rows of a tile (two 64-row halves)
 #define GS_BN 128     // output columns of a tile (one wgmma's n)
 #define GS_BK 64      // K columns of a stage (128 bytes: one swizzle row)
-#define GS_STAGES 6   // 32 KB each: inp's 128 x 64 tile, then w's
+#define GS_STAGES_MAX 6 // 32 KB each: inp's 128 x 64 tile, then w's (6 with the register epilogue,
+                        // 5 with the staged one, whose two 32 KB output tiles take the sixth's room)
+#define GS_OUT_BYTES (GS_BM * GS_BN * 2) // a consumer's staged output tile: two 64-column halves of 16 KB
 #define GS_NT 384     // producer, two consumers
 #define GS_STAGE_BYTES (2 * GS_BM * GS_BK * 2)
 #define GS_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
@@ -154,6 +158,142 @@ __device__ __forceinline__ static void gs_epilogue(f9_bf16 *__restrict__ out, f9
         }
 }
 
+// ---- the staged epilogue (TE): the tile through shared memory and out by the copy engine
+
+__device__ __forceinline__ static void gs_stmatrix4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+                 "r"(r2), "r"(r3)
+                 : "memory");
+}
+
+__device__ __forceinline__ static void gs_ldmatrix4(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// A 64-column x 128-row box of shared src (128-byte swizzled, as the copy engine reads it) to the
+// tensor at (x, y); completes in the thread's bulk group.
+__device__ __forceinline__ static void gs_tma_store(const CUtensorMap *map, uint32_t src, int x, int y) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];\n" ::"l"(map),
+                 "r"(x), "r"(y), "r"(0), "r"(src)
+                 : "memory");
+}
+
+__device__ __forceinline__ static void gs_bulk_commit(void) { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// The thread's bulk stores have read their shared memory (it may be written again).
+__device__ __forceinline__ static void gs_bulk_wait_read(void) {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
+// Where lane `lane` of warp `warp` points ldmatrix/stmatrix .x4 for the 16 x 16 block of rows
+// 64 h + 16 warp .. + 15 and columns 16 p .. + 15 of the staged tile: matrix lane / 8 is rows + 8
+// (lane / 8 odd) of column block 2 p + lane / 16, the tile's two 64-column halves 16 KB apart, each
+// row 128 bytes with its 16-byte chunks swizzled by the row (the copy engine's 128-byte swizzle).
+// The four matrices' registers are then the accumulator's (4 jj .. 4 jj + 3 for jj = 2 p, 2 p + 1)
+// in wgmma's layout, rows g and g + 8 of each 8-column block.
+__device__ __forceinline__ static uint32_t gs_stage_addr(uint32_t buf, int h, int p, int warp, int lane) {
+    const int mi = lane >> 3, r = lane & 7;
+    const int row = 64 * h + 16 * warp + 8 * (mi & 1) + r, cb = 2 * p + (mi >> 1);
+    return buf + (uint32_t)((cb >> 3) * 16384 + row * 128 + (((cb & 7) ^ r) << 4));
+}
+
+// Writes the consumer's 128 x 128 values (the two halves' accumulators, bf16) into its staged tile.
+__device__ __forceinline__ static void gs_stage_tile(uint32_t buf, const float (&acc)[2][64], int warp, int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+        for (int p = 0; p < 8; p++) {
+            const float *a = &acc[h][8 * p];
+            gs_stmatrix4(gs_stage_addr(buf, h, p, warp, lane), f9_pack(a[0], a[1]), f9_pack(a[2], a[3]),
+                         f9_pack(a[4], a[5]), f9_pack(a[6], a[7]));
+        }
+}
+
+// The staged tile to the tensor at rows m0.., columns n0.. by one thread (wt == 0) once every thread
+// of the consumer has written its part (fence.proxy.async: ordinary stores, then the copy engine's
+// reads; named barrier bar of the warpgroup's 128 threads).
+__device__ __forceinline__ static void gs_store_staged(const CUtensorMap *map, uint32_t buf, int m0, int n0, int bar,
+                                                       int wt) {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    f9_named_sync(bar, 128);
+    if (wt == 0) {
+        gs_tma_store(map, buf, n0, m0);
+        gs_tma_store(map, buf + 16384, n0 + 64, m0);
+        gs_bulk_commit();
+    }
+}
+
+// The staged epilogue. GS_FWD_GELU: aux = the sum plus bias (stored first, from the staged tile),
+// then out = GELU of the unrounded sum through the same tile once the copy engine has read it
+// (computed meanwhile). GS_BWD_DGELU: the producer brought the tile's pre-activation into the
+// staged tile (pre_full); each lane reads its values with ldmatrix in the accumulator's layout and
+// writes out = sum * gelu'(pre) back in place with stmatrix (the same addresses, so no other
+// warp's data moves), the tile goes out, and once read the buffer is the producer's again
+// (pre_empty). Thread wt == 0 of the warpgroup issues the copies.
+template <int MODE, bool BIAS>
+__device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map_out, const CUtensorMap *map_aux,
+                                                          const f9_bf16 *__restrict__ bias, float (&acc)[2][64],
+                                                          uint32_t buf, uint32_t pre_full, uint32_t pre_empty,
+                                                          uint32_t use, int m0, int n0, int bar, int warp,
+                                                          int lane) {
+    const int wt = 32 * warp + lane, tq = lane & 3;
+    if constexpr (MODE == GS_FWD_GELU) {
+        if (BIAS) {
+#pragma unroll
+            for (int jj = 0; jj < 16; jj++) {
+                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(bias + n0 + 8 * jj + 2 * tq));
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    acc[h][4 * jj] += b.x;
+                    acc[h][4 * jj + 1] += b.y;
+                    acc[h][4 * jj + 2] += b.x;
+                    acc[h][4 * jj + 3] += b.y;
+                }
+            }
+        }
+        if (wt == 0) gs_bulk_wait_read(); // the tile's previous stores have read the buffer
+        f9_named_sync(bar, 128);
+        gs_stage_tile(buf, acc, warp, lane);
+        gs_store_staged(map_aux, buf, m0, n0, bar, wt);
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int i = 0; i < 64; i++) acc[h][i] = gs_gelu(acc[h][i]);
+        if (wt == 0) gs_bulk_wait_read();
+        f9_named_sync(bar, 128);
+        gs_stage_tile(buf, acc, warp, lane);
+        gs_store_staged(map_out, buf, m0, n0, bar, wt);
+    } else {
+        (void)bias;
+        (void)map_aux;
+        f9_mbar_wait(pre_full, use & 1u);
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int p = 0; p < 8; p++) {
+                const uint32_t addr = gs_stage_addr(buf, h, p, warp, lane);
+                uint32_t pre[4];
+                gs_ldmatrix4(addr, pre);
+                float *a = &acc[h][8 * p];
+                uint32_t o[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&pre[i]));
+                    o[i] = f9_pack(a[2 * i] * gs_gelu_grad(x.x), a[2 * i + 1] * gs_gelu_grad(x.y));
+                }
+                gs_stmatrix4(addr, o[0], o[1], o[2], o[3]);
+            }
+        gs_store_staged(map_out, buf, m0, n0, bar, wt);
+        if (wt == 0) {
+            gs_bulk_wait_read();
+            f9_mbar_arrive(pre_empty);
+        }
+    }
+}
+
 // Cluster pieces (a pair of blocks on neighbouring multiprocessors sharing B's tile by multicast).
 __device__ __forceinline__ static void gs_mbar_wait_cluster(uint32_t bar, uint32_t parity) {
     asm volatile("{\n.reg .pred done;\nGS_WAITC:\n"
@@ -202,14 +342,22 @@ __device__ __forceinline__ static uint32_t gs_cluster_rank(void) {
 // producer, before the block exits, waits for the release of every stage it filled, after which no
 // arrival from the other block can still come. CL = 1: one block per tile, the same code without
 // the peer.
-template <int MODE, bool BIAS, int CL>
+//
+// TE: the staged epilogue (gs_epilogue_staged, five stages, the consumers' output tiles after them,
+// tensor maps to for out and tx for aux); else the register one (gs_epilogue, six stages).
+template <int MODE, bool BIAS, int CL, bool TE>
 static __global__ void __launch_bounds__(GS_NT, 1)
-gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb, f9_bf16 *out,
+gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb,
+          const __grid_constant__ CUtensorMap to, const __grid_constant__ CUtensorMap tx, f9_bf16 *out,
           f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN) {
+    constexpr int GS_STAGES = TE ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
     extern __shared__ __align__(1024) unsigned char gs_smem[];
     const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 32 KB
-    const uint32_t full = base + GS_STAGES * GS_STAGE_BYTES;       // GS_STAGES 8-byte mbarriers,
-    const uint32_t empty = full + 8 * GS_STAGES;                   // then as many again
+    const uint32_t staged = base + GS_STAGES * GS_STAGE_BYTES;     // TE: consumer c's tile at + c * 32 KB
+    const uint32_t full = staged + (TE ? 2 * GS_OUT_BYTES : 0);    // GS_STAGES 8-byte mbarriers,
+    const uint32_t empty = full + 8 * GS_STAGES;                   // then as many again, then (TE,
+    const uint32_t pre_full = empty + 8 * GS_STAGES;               // backward) the staged tiles' two
+    const uint32_t pre_empty = pre_full + 16;                      // and two
     const int tid = (int)threadIdx.x, wg = tid >> 7;
     const uint32_t rank = CL > 1 ? gs_cluster_rank() : 0u;
     // units of CL tiles stacked in M; this cluster's are cl, cl + clusters, ...
@@ -219,6 +367,10 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         for (int s = 0; s < GS_STAGES; s++) {
             f9_mbar_init(full + 8 * s, 1);
             f9_mbar_init(empty + 8 * s, 4 * CL);
+        }
+        for (int c = 0; c < 2; c++) {
+            f9_mbar_init(pre_full + 8 * c, 1);
+            f9_mbar_init(pre_empty + 8 * c, 1);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -230,9 +382,19 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     if (wg == 0) { // producer: one thread issues every copy, stage by stage, tile by tile
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
-            int it = 0;
-            for (int u = cl; u < units; u += clusters) {
+            int it = 0, j = 0;
+            for (int u = cl; u < units; u += clusters, j++) {
                 const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GS_BN;
+                if constexpr (TE && MODE == GS_BWD_DGELU) {
+                    // the tile's pre-activation into its consumer's staged tile, once that consumer's
+                    // store of tile j - 2 has read it
+                    const int c = j & 1;
+                    if (j >= 2) f9_mbar_wait(pre_empty + 8 * c, (uint32_t)(((j >> 1) - 1) & 1));
+                    const uint32_t dst = staged + (uint32_t)c * GS_OUT_BYTES;
+                    f9_mbar_expect_tx(pre_full + 8 * c, GS_OUT_BYTES);
+                    f9_tma_load(dst, &tx, n0, m0, 0, pre_full + 8 * c);
+                    f9_tma_load(dst + 16384, &tx, n0 + 64, m0, 0, pre_full + 8 * c);
+                }
                 for (int kc = 0; kc < nk; kc++, it++) {
                     const int s = it % GS_STAGES;
                     // the stage's previous fill (it - GS_STAGES) has been read by every consumer of it
@@ -312,17 +474,29 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         }
         // the other consumer's turn, if the block has a next tile (it is that consumer's)
         if (u + clusters < units) f9_named_arrive(2 - c, 256);
-        gs_epilogue<MODE, BIAS>(out, aux, bias, acc, m0, n0, NN, warp, lane);
+        if constexpr (TE)
+            gs_epilogue_staged<MODE, BIAS>(&to, &tx, bias, acc, staged + (uint32_t)c * GS_OUT_BYTES, pre_full + 8 * c,
+                                           pre_empty + 8 * c, (uint32_t)(j >> 1), m0, n0, 3 + c, warp, lane);
+        else
+            gs_epilogue<MODE, BIAS>(out, aux, bias, acc, m0, n0, NN, warp, lane);
     }
+    // the copy engine has finished the consumer's stores before the block's shared memory goes
+    if (TE && (tid & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-// Launches gs_kernel over an (M, NN) output, in clusters of two where M holds an even number of
-// 128-row tiles; 0, or 2 when the launch failed.
-template <int MODE, bool BIAS, int CL>
-static int gs_launch_cl(cudaStream_t st, const CUtensorMap &ma, const CUtensorMap &mb, void *out, void *aux,
-                        const void *bias, int M, int K, int NN) {
-    size_t smem = (size_t)GS_STAGES * GS_STAGE_BYTES + 16 * GS_STAGES + 1024;
-    auto kernel = gs_kernel<MODE, BIAS, CL>;
+// The kernels' tensor maps: the operands, and (the staged epilogue) out and aux as 64-column x
+// 128-row boxes.
+struct gs_maps {
+    CUtensorMap a, b, out, aux;
+};
+
+// Launches gs_kernel over an (M, NN) output; 0, or 2 when the launch failed.
+template <int MODE, bool BIAS, int CL, bool TE>
+static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
+                        int NN) {
+    constexpr int stages = TE ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
+    const size_t smem = (size_t)stages * GS_STAGE_BYTES + (TE ? 2 * GS_OUT_BYTES : 0) + 8 * (2 * stages + 4) + 1024;
+    auto kernel = gs_kernel<MODE, BIAS, CL, TE>;
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
         (void)cudaGetLastError();
@@ -340,8 +514,8 @@ static int gs_launch_cl(cudaStream_t st, const CUtensorMap &ma, const CUtensorMa
     cfg.attrs = at;
     cfg.numAttrs = 1;
     // as many clusters as can run at once (a multiprocessor left over in a GPC of odd count idles)
-    static int fit[2][2][3];
-    int &clusters = fit[MODE][BIAS][CL];
+    static int fit[2][2][3][2];
+    int &clusters = fit[MODE][BIAS][CL][TE];
     if (clusters <= 0) {
         cfg.gridDim = dim3((unsigned)(f9_sm_count() / CL * CL));
         if (CL == 1 || cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
@@ -351,20 +525,34 @@ static int gs_launch_cl(cudaStream_t st, const CUtensorMap &ma, const CUtensorMa
     }
     int units = (M / (GS_BM * CL)) * (NN / GS_BN), n = units < clusters ? units : clusters;
     cfg.gridDim = dim3((unsigned)(n * CL));
-    if (cudaLaunchKernelEx(&cfg, kernel, ma, mb, (f9_bf16 *)out, (f9_bf16 *)aux, (const f9_bf16 *)bias, M, K, NN) !=
-        cudaSuccess) {
+    if (cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
+                           (const f9_bf16 *)bias, M, K, NN) != cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }
     return 0;
 }
 
+// The epilogue: staged through shared memory and stored by the copy engine where
+// TPTRAIN_GEMM_SM90_EPILOGUE=tma (mesh.c checks the value: registers or tma), else from registers.
+static bool gs_staged_epilogue(void) {
+    static int staged = -1;
+    if (staged < 0) {
+        const char *e = getenv("TPTRAIN_GEMM_SM90_EPILOGUE");
+        staged = e && strcmp(e, "tma") == 0;
+    }
+    return staged != 0;
+}
+
+// Clusters of two where M holds an even number of 128-row tiles, else a block per tile.
 template <int MODE, bool BIAS>
-static int gs_launch(cudaStream_t st, const CUtensorMap &ma, const CUtensorMap &mb, void *out, void *aux,
-                     const void *bias, int M, int K, int NN) {
-    if ((M / GS_BM) % 2 == 0)
-        return gs_launch_cl<MODE, BIAS, 2>(st, ma, mb, out, aux, bias, M, K, NN);
-    return gs_launch_cl<MODE, BIAS, 1>(st, ma, mb, out, aux, bias, M, K, NN);
+static int gs_launch(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K, int NN) {
+    const bool pairs = (M / GS_BM) % 2 == 0;
+    if (gs_staged_epilogue())
+        return pairs ? gs_launch_cl<MODE, BIAS, 2, true>(st, m, out, aux, bias, M, K, NN)
+                     : gs_launch_cl<MODE, BIAS, 1, true>(st, m, out, aux, bias, M, K, NN);
+    return pairs ? gs_launch_cl<MODE, BIAS, 2, false>(st, m, out, aux, bias, M, K, NN)
+                 : gs_launch_cl<MODE, BIAS, 1, false>(st, m, out, aux, bias, M, K, NN);
 }
 
 static bool gs_aligned(const void *const *p, int n) {
@@ -379,11 +567,13 @@ extern "C" int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void
     if (N <= 0 || N % GS_BM || OC <= 0 || OC % GS_BN || IC <= 0 || IC % GS_BK || !out || !pre || !inp || !w ||
         !gs_aligned(ptrs, 5))
         return 1;
-    CUtensorMap ma, mb;
-    if (!f9_tensor_map(&ma, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&mb, w, IC, OC, 1, IC, 64)) return 1;
+    gs_maps m;
+    if (!f9_tensor_map(&m.a, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&m.b, w, IC, OC, 1, IC, 64) ||
+        !f9_tensor_map(&m.out, out, OC, N, 1, OC, GS_BM) || !f9_tensor_map(&m.aux, pre, OC, N, 1, OC, GS_BM))
+        return 1;
     cudaStream_t st = (cudaStream_t)stream;
-    return bias ? gs_launch<GS_FWD_GELU, true>(st, ma, mb, out, pre, bias, N, IC, OC)
-                : gs_launch<GS_FWD_GELU, false>(st, ma, mb, out, pre, bias, N, IC, OC);
+    return bias ? gs_launch<GS_FWD_GELU, true>(st, m, out, pre, bias, N, IC, OC)
+                : gs_launch<GS_FWD_GELU, false>(st, m, out, pre, bias, N, IC, OC);
 }
 
 extern "C" int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre,
@@ -392,7 +582,9 @@ extern "C" int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, c
     if (N <= 0 || N % GS_BM || IC <= 0 || IC % GS_BN || OC <= 0 || OC % GS_BK || !dinp || !dout || !w || !pre ||
         !gs_aligned(ptrs, 4))
         return 1;
-    CUtensorMap ma, mb;
-    if (!f9_tensor_map(&ma, dout, OC, N, 1, OC, GS_BM) || !f9_tensor_map(&mb, w, IC, OC, 1, IC, GS_BK)) return 1;
-    return gs_launch<GS_BWD_DGELU, false>((cudaStream_t)stream, ma, mb, dinp, (void *)pre, NULL, N, OC, IC);
+    gs_maps m;
+    if (!f9_tensor_map(&m.a, dout, OC, N, 1, OC, GS_BM) || !f9_tensor_map(&m.b, w, IC, OC, 1, IC, GS_BK) ||
+        !f9_tensor_map(&m.out, dinp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&m.aux, pre, IC, N, 1, IC, GS_BM))
+        return 1;
+    return gs_launch<GS_BWD_DGELU, false>((cudaStream_t)stream, m, dinp, (void *)pre, NULL, N, OC, IC);
 }

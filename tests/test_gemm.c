@@ -341,6 +341,19 @@ Test(gemm, gelu_products_sm90) {
     check_bwd_data(256, 320, 192, true, 20);     // IC not a multiple of 128
 }
 
+// The same products with the staged epilogue (TPTRAIN_GEMM_SM90_EPILOGUE=tma: the tile through
+// shared memory by stmatrix, out by the copy engine; the backward's pre-activation in by it).
+Test(gemm, gelu_products_sm90_staged) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_EPILOGUE", "tma", 1), 0);
+    expect_fwd_path = "sm90";
+    check_fwd(4096, 768, 1152, true, true, 23);  // clusters, 12 K steps, several tiles per consumer
+    check_fwd(384, 128, 384, false, true, 24);   // a block per tile, no bias
+    check_bwd_data(4096, 1152, 768, true, 25);   // clusters
+    check_bwd_data(640, 256, 128, true, 26);     // a block per tile
+    check_bwd_data(128, 128, 64, true, 27);      // one tile
+}
+
 Test(gemm, odd_shape_N7_IC8_OC24) {
     check_fwd(7, 8, 24, false, false, 10);
     check_fwd(7, 8, 24, true, false, 11);
