@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# device_gemm.sh: tptrain's Hopper GELU products against cuBLASLt in one device command.
+#
+#   bash tools/device_gemm.sh            # from the repository root, .device-deps carried
+#
+# Builds tptrain and the gemm suite in build-gpu, runs the suite (both epilogues' cases), the
+# sm90 cases under compute-sanitizer memcheck, then `tptrain --bench gemm` on GEMM_CONFIGS with
+# cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels under each TPTRAIN_GEMM_SM90_EPILOGUE,
+# GEMM_ROUNDS rounds alternating, and `--bench model` on MODEL_CONFIG the same three ways. Prints a
+# line per run (the fc forward and the MLP projection's input gradient in ms per call, all
+# products in ms per step); full logs under ${OUT:-/tmp/out}/gemm_logs.tar.gz.
+set -u
+out=${OUT:-/tmp/out}
+build=${BUILD_DIR:-build-gpu}
+mkdir -p "$out/logs"
+export NCCL_NVLS_ENABLE=0
+[ -f .device-deps/setup.sh ] && . .device-deps/setup.sh >"$out/logs/setup.log" 2>&1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -1
+{ [ -d "$build" ] || meson setup "$build" -Dgpu_arch="${GPU_ARCH:-90}"; } >"$out/logs/build.log" 2>&1 &&
+    ninja -C "$build" tptrain tests/test_gemm >>"$out/logs/build.log" 2>&1 || { echo "build failed"; tail -30 "$out/logs/build.log"; exit 1; }
+status=0
+timeout 120 "$build/tests/test_gemm" -j4 >"$out/logs/test.log" 2>&1 || status=1
+echo "gemm suite: $(grep -h Synthesis "$out/logs/test.log" | tail -1)"
+grep -h -B2 -A3 "Assertion\|FAIL\|CRASH" "$out/logs/test.log" | head -20
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/tests/test_gemm" --filter 'gemm/gelu_products_sm90*' \
+    >"$out/logs/memcheck.log" 2>&1 || status=1
+echo "memcheck of the sm90 cases: $(grep -h 'ERROR SUMMARY' "$out/logs/memcheck.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
+row() { grep -E '^fc fwd|^mlp proj bwd data|^all products' "$1" | awk '{printf "%s %s %s | ", $1, $2, ($1 == "all") ? $NF : $(NF-3)}'; }
+ways=("TPTRAIN_GEMM_SM90=0" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=registers" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=tma")
+n=0
+for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
+    for r in $(seq "${GEMM_ROUNDS:-2}"); do
+        for w in "${ways[@]}"; do
+            n=$((n + 1))
+            env $w timeout 90 "$build/tptrain" --bench gemm "$c" >"$out/logs/gemm_$n.log" 2>&1 || status=1
+            echo "$(basename "$c" .yaml) round $r, $w: $(row "$out/logs/gemm_$n.log")"
+        done
+    done
+done
+for w in "${ways[@]}"; do
+    n=$((n + 1))
+    env $w timeout 120 "$build/tptrain" --bench model "${MODEL_CONFIG:-configs/gpt2-124m.yaml}" >"$out/logs/model_$n.log" 2>&1 || status=1
+    echo "--bench model, $w: $(grep -A1 '^whole step (model' "$out/logs/model_$n.log" | tail -1 | cut -c1-90)"
+done
+tar czf "$out/gemm_logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
+exit $status
