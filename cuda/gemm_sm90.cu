@@ -432,7 +432,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     for (int u = cl; u < units; u += clusters, j++) {
         if ((j & 1) != c) continue;
         const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GS_BN;
-        if constexpr (MODE == GS_BWD_DGELU) { // the epilogue's pre-activation rows into L2 while the products run
+        if constexpr (MODE == GS_BWD_DGELU && !TE) { // the epilogue's pre-activation rows into L2 meanwhile
             const f9_bf16 *row = aux + (size_t)(m0 + (tid & 127)) * NN + n0;
             asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row));
             asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row + 64));
