@@ -8,7 +8,8 @@
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels under each TPTRAIN_GEMM_SM90_EPILOGUE,
 # GEMM_ROUNDS rounds alternating, and `--bench model` on MODEL_CONFIG the same three ways. Prints a
 # line per run (the fc forward and the MLP projection's input gradient in ms per call, all
-# products in ms per step); full logs under ${OUT:-/tmp/out}/gemm_logs.tar.gz.
+# products in ms per step), then (NCU=1, the default) Nsight Compute's view of the own kernels at
+# 124M with each epilogue; full logs under ${OUT:-/tmp/out}/gemm_logs.tar.gz.
 set -u
 out=${OUT:-/tmp/out}
 build=${BUILD_DIR:-build-gpu}
@@ -42,5 +43,40 @@ for w in "${ways[@]}"; do
     env $w timeout 120 "$build/tptrain" --bench model "${MODEL_CONFIG:-configs/gpt2-124m.yaml}" >"$out/logs/model_$n.log" 2>&1 || status=1
     echo "--bench model, $w: $(grep -A1 '^whole step (model' "$out/logs/model_$n.log" | tail -1 | cut -c1-90)"
 done
+if [ "${NCU:-1}" = 1 ]; then
+    # the own kernels' first launches at 124M under Nsight Compute (fc forward, then the input
+    # gradient), each epilogue: time, throughputs, issue and the leading stall reasons
+    for e in registers tma; do
+        TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=$e TPTRAIN_BENCH_ITERS=1+1 timeout 120 ncu --kernel-name regex:gs_kernel \
+            --launch-count 4 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --csv \
+            --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+            "$build/tptrain" --bench gemm configs/gpt2-124m.yaml >"$out/logs/ncu_$e.csv" 2>"$out/logs/ncu_$e.err" || status=1
+        python3 - "$out/logs/ncu_$e.csv" "$e" <<'PY'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows:
+    sys.exit(print(f"ncu {sys.argv[2]}: no rows"))
+head, rows = rows[0], rows[1:]
+I, K, M, V = (head.index(k) for k in ("ID", "Kernel Name", "Metric Name", "Metric Value"))
+keep = ("Duration", "Compute (SM) Throughput", "L2 Cache Throughput", "DRAM Throughput", "Issue Slots Busy",
+        "Eligible Warps Per Scheduler", "Warp Cycles Per Issued Instruction")
+by = {}
+for r in rows:
+    if len(r) <= V:
+        continue
+    d = by.setdefault(r[I], {"name": r[K].split("(")[0][:40]})
+    if r[M] in keep:
+        d[r[M]] = r[V]
+    elif "issue_stalled_" in r[M]:  # cycles stalled per issued instruction, by reason
+        d["stall " + r[M].split("issue_stalled_")[1].split("_per_issue")[0]] = r[V]
+for i, d in sorted(by.items(), key=lambda x: int(x[0])):
+    if int(i) % 2 == 0:
+        continue  # the warm-up launch of each product
+    stalls = sorted(((float(v.replace(",", "")), k) for k, v in d.items() if k.startswith("stall ")), reverse=True)[:4]
+    print(f"ncu {sys.argv[2]} launch {i} {d['name']}: " + ", ".join(f"{k} {d.get(k, '?')}" for k in keep)
+          + " | " + ", ".join(f"{k[6:]} {v:.2f}" for v, k in stalls))
+PY
+    done
+fi
 tar czf "$out/gemm_logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
 exit $status
