@@ -294,18 +294,12 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
     }
 }
 
-// Cluster pieces (a pair of blocks on neighbouring multiprocessors sharing B's tile by multicast).
-__device__ __forceinline__ static void gs_mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-    asm volatile("{\n.reg .pred done;\nGS_WAITC:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra GS_WAITC;\n}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
-}
+// ---- cluster pieces (a pair of blocks on neighbouring multiprocessors sharing B's tile by multicast)
 
-// Arrives on the barrier at the same offset in block `rank` of the cluster. The default (CTA-scope)
-// release: a cluster-scope one (.release.cluster) made each arrival wait until the consumer's
-// epilogue stores of its previous tile had reached L2, and the products ran at half speed.
+// Arrives on the barrier at the same offset in block `rank` of the cluster, with the default
+// (CTA-scope) release: with a cluster-scope one (.release.cluster) the products ran at half speed,
+// most likely because each arrival then waited for the consumer's epilogue stores of its previous
+// tile to reach L2.
 __device__ __forceinline__ static void gs_mbar_arrive_remote(uint32_t bar, uint32_t rank) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
@@ -398,11 +392,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
                 for (int kc = 0; kc < nk; kc++, it++) {
                     const int s = it % GS_STAGES;
                     // the stage's previous fill (it - GS_STAGES) has been read by every consumer of it
-                    if (it >= GS_STAGES) {
-                        const uint32_t par = (uint32_t)((it / GS_STAGES - 1) & 1);
-                        if constexpr (CL > 1) gs_mbar_wait_cluster(empty + 8 * s, par);
-                        else f9_mbar_wait(empty + 8 * s, par);
-                    }
+                    if (it >= GS_STAGES) f9_mbar_wait(empty + 8 * s, (uint32_t)((it / GS_STAGES - 1) & 1));
                     const uint32_t sa = base + (uint32_t)s * GS_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
                     f9_mbar_expect_tx(full + 8 * s, GS_STAGE_BYTES);
                     f9_tma_load(sa, &ta, kc * GS_BK, m0, 0, full + 8 * s);
@@ -416,11 +406,8 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
                 }
             }
             // the release of each stage's last fill: after it no consumer of either block touches this block
-            for (int last = it - GS_STAGES < 0 ? 0 : it - GS_STAGES; last < it; last++) {
-                const uint32_t par = (uint32_t)((last / GS_STAGES) & 1);
-                if constexpr (CL > 1) gs_mbar_wait_cluster(empty + 8 * (last % GS_STAGES), par);
-                else f9_mbar_wait(empty + 8 * (last % GS_STAGES), par);
-            }
+            for (int last = it - GS_STAGES < 0 ? 0 : it - GS_STAGES; last < it; last++)
+                f9_mbar_wait(empty + 8 * (last % GS_STAGES), (uint32_t)((last / GS_STAGES) & 1));
         }
         return;
     }
