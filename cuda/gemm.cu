@@ -21,6 +21,8 @@
 // (they cost 8% and 25% over a plain product, our kernels more), while for the bias gradient a
 // plain product plus our column sums beat cuBLASLt's BGRADB epilogue by about 7%, and are the
 // only plan offered (the result must not depend on which plan a rank's timing picked).
+// With TPTRAIN_GEMM_SM90=auto the GELU and GELU' products also time gemm_sm90.cu's Hopper kernel
+// against the fastest of those and keep it where it is faster (an "own" entry).
 //
 // Determinism. With a fixed algorithm and our own workspace, cuBLASLt's products are bitwise
 // reproducible on one GPU and one stream. The one place partial sums could be combined in a
@@ -80,10 +82,13 @@ struct gemm_key {
 };
 
 // A tuned way to compute one key: descriptors, the algorithm, and whether the elementwise part
-// runs in a kernel of ours after the product (split) or in cuBLASLt's epilogue.
+// runs in a kernel of ours after the product (split) or in cuBLASLt's epilogue; or (own) the whole
+// product in gemm_sm90.cu's Hopper kernel, which TPTRAIN_GEMM_SM90=auto times against the best
+// cuBLASLt candidate.
 struct gemm_entry {
     struct gemm_key key;
     int split;
+    bool own;
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t la, lb, ld; // A, B, and C = D (same layout)
     cublasLtMatmulAlgo_t algo;
@@ -110,8 +115,10 @@ struct gemm_ctx {
     struct gemm_entry *cache; // (ncache) tuned keys, linear search: a model has a few dozen
     int ncache, cache_cap;
     int sms; // the target new keys get (gemm_set_sm_target)
-    bool sm90_gelu;       // TPTRAIN_GEMM_SM90=1 on a compute capability 9.0 device: gemm_sm90.cu's kernels
-                          // take the GELU and GELU' epilogue products
+    int sm90_gelu;        // on a compute capability 9.0 device, whether gemm_sm90.cu's kernels take the GELU
+                          // and GELU' epilogue products: 0 never, 1 always (TPTRAIN_GEMM_SM90=1), 2 where
+                          // timed faster than cuBLASLt (auto)
+    bool last_own;        // whether the last execute() ran an own entry
     const char *last_fwd; // what computed the last gemm_fwd (gemm_last_fwd_path)
     const char *last_bwd_data; // and the last gemm_bwd_data
     char err[320];
@@ -392,6 +399,14 @@ static cublasStatus_t entry_init(struct gemm_entry *e, const struct gemm_key *k,
 static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
                                 const cublasLtMatmulAlgo_t *algo, const struct gemm_call *c) {
     const struct gemm_key *k = &e->key;
+#ifdef FA_HAVE_SM90
+    if (e->own) { // the call's operands back in row-major order (gemm_call holds cuBLASLt's)
+        int rc = k->product == GP_FWD
+                     ? gemm_sm90_fwd_gelu(g->stream, c->out, c->pre_gelu, c->b, c->a, c->bias, k->N, k->IC, k->OC)
+                     : gemm_sm90_bwd_dgelu(g->stream, c->out, c->b, c->a, c->pre_gelu, k->N, k->IC, k->OC);
+        return rc == 0 ? CUBLAS_STATUS_SUCCESS : rc == 1 ? CUBLAS_STATUS_NOT_SUPPORTED : CUBLAS_STATUS_EXECUTION_FAILED;
+    }
+#endif
     cublasLtEpilogue_t epi = plan_epilogue(k, e->split);
     cublasStatus_t s = CUBLAS_STATUS_SUCCESS;
     if (epi == CUBLASLT_EPILOGUE_BIAS || epi == CUBLASLT_EPILOGUE_GELU_AUX_BIAS)
@@ -574,6 +589,16 @@ static int tune(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_
         set_err(g, k, "no usable cuBLASLt algorithm (%s)", cublasLtGetStatusName(last));
         return GEMM_ECUBLAS;
     }
+    // TPTRAIN_GEMM_SM90=auto: the own Hopper kernel where it suits the shape and runs faster
+    bool gelu_key = (k->product == GP_FWD && (k->epi == GE_GELU || k->epi == GE_GELU_BIAS)) ||
+                    (k->product == GP_BWD_DATA && k->epi == GE_DGELU);
+    if (timing && g->sm90_gelu == 2 && k->sms == 0 && gelu_key) {
+        struct gemm_entry own = *best; // shares best's descriptors, which an own run does not touch
+        own.own = true;
+        float ms = time_candidate(g, &own, &own.algo, c);
+        if (ms < 0.0f) cudaGetLastError(); // a shape the kernel does not take
+        else if (ms < best_ms) best->own = true, best->ms = ms;
+    }
     return GEMM_OK;
 }
 
@@ -590,6 +615,7 @@ struct gemm_choice {
     int device;
     size_t workspace_bytes;
     int split;
+    bool own;
     cublasLtMatmulAlgo_t algo;
     float ms;
 };
@@ -624,6 +650,7 @@ static void choice_record(const struct gemm_entry *e, int device, size_t ws) {
     c->device = device;
     c->workspace_bytes = ws;
     c->split = e->split;
+    c->own = e->own;
     c->algo = e->algo;
     c->ms = e->ms;
 }
@@ -660,6 +687,7 @@ static int lookup(struct gemm_ctx *g, const struct gemm_key *k, const struct gem
             return GEMM_ECUBLAS;
         }
         e.algo = prior->algo;
+        e.own = prior->own;
         e.ms = prior->ms;
         g->cache[g->ncache] = e;
         *out = &g->cache[g->ncache++];
@@ -709,11 +737,13 @@ static int check_shape(struct gemm_ctx *g, const struct gemm_key *k) {
 }
 
 static int execute(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_call *c) {
+    g->last_own = false;
     int rc = ensure_scratch(g, k);
     if (rc != GEMM_OK) return rc;
     struct gemm_entry *e;
     rc = lookup(g, k, c, &e);
     if (rc != GEMM_OK) return rc;
+    g->last_own = e->own;
     cublasStatus_t s = entry_run(g, e, &e->algo, c);
     if (s != CUBLAS_STATUS_SUCCESS) {
         set_err(g, k, "cublasLtMatmul or epilogue kernel failed: %s", cublasLtGetStatusName(s));
@@ -751,10 +781,11 @@ extern "C" struct gemm_ctx *gemm_create(void *stream, size_t workspace_bytes, ch
 #ifdef FA_HAVE_SM90
     const char *own = getenv("TPTRAIN_GEMM_SM90");
     int dev = 0, major = 0, minor = 0;
-    if (own && strcmp(own, "1") == 0 && cudaGetDevice(&dev) == cudaSuccess &&
+    int mode = !own ? 0 : strcmp(own, "1") == 0 ? 1 : strcmp(own, "auto") == 0 ? 2 : 0;
+    if (mode && cudaGetDevice(&dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess)
-        g->sm90_gelu = major == 9 && minor == 0;
+        g->sm90_gelu = major == 9 && minor == 0 ? mode : 0;
     (void)cudaGetLastError();
 #endif
     return g;
@@ -784,7 +815,7 @@ extern "C" void gemm_set_sm_target(struct gemm_ctx *g, int sms) { g->sms = sms >
 #ifdef FA_HAVE_SM90
 // Whether the Hopper kernels of our own (measurement, TPTRAIN_GEMM_SM90=1) may run: they take every
 // multiprocessor, so not while products must leave some to collectives.
-static bool sm90_usable(const struct gemm_ctx *g) { return g->sm90_gelu && g->sms == 0; }
+static bool sm90_usable(const struct gemm_ctx *g) { return g->sm90_gelu == 1 && g->sms == 0; }
 
 // What a call into gemm_sm90.cu (its return rc) comes to: GEMM_OK with *path "sm90" when it ran,
 // GEMM_ECUBLAS when its launch failed, -1 when the shape is not one it takes (cuBLASLt's then).
@@ -818,9 +849,10 @@ extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const voi
         if (r >= 0) return r;
     }
 #endif
-    g->last_fwd = "cublaslt";
     struct gemm_call c = {out, pre_gelu, w, inp, bias, NULL};
-    return execute(g, &k, &c);
+    rc = execute(g, &k, &c);
+    g->last_fwd = g->last_own ? "sm90" : "cublaslt";
+    return rc;
 }
 
 extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, const void *w,
@@ -841,9 +873,10 @@ extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, c
         if (r >= 0) return r;
     }
 #endif
-    g->last_bwd_data = "cublaslt";
     struct gemm_call c = {dinp, (void *)pre_gelu, w, dout, NULL, NULL};
-    return execute(g, &k, &c);
+    rc = execute(g, &k, &c);
+    g->last_bwd_data = g->last_own ? "sm90" : "cublaslt";
+    return rc;
 }
 
 extern "C" int gemm_bwd_weight(struct gemm_ctx *g, float *dw, float *dbias, const void *dout,

@@ -47,8 +47,9 @@ const char *gemm_last_error(const struct gemm_ctx *g);
 
 // What computed the last gemm_fwd / gemm_bwd_data: "cublaslt", or "sm90" for the Hopper kernels of
 // gemm_sm90.cu, which a GELU forward and a GELU'-epilogue input gradient take instead of
-// cuBLASLt's epilogues when the environment has TPTRAIN_GEMM_SM90=1 at gemm_create (compute
-// capability 9.0, shapes they suit; for measuring them, off by default); "" before the first.
+// cuBLASLt's epilogues when the environment has TPTRAIN_GEMM_SM90=1 at gemm_create, or =auto and
+// they were timed faster on the shape (compute capability 9.0, shapes they suit; off by
+// default); "" before the first.
 const char *gemm_last_fwd_path(const struct gemm_ctx *g);
 const char *gemm_last_bwd_data_path(const struct gemm_ctx *g);
 

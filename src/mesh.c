@@ -80,7 +80,8 @@ static bool overlap_sms_well_formed(char *err, size_t errlen) {
 static const struct {
     const char *name, *values[3], *what;
 } choice_variables[] = {
-    {"TPTRAIN_GEMM_SM90", {"0", "1"}, "whether the products with a GELU epilogue run tptrain's Hopper kernels"},
+    {"TPTRAIN_GEMM_SM90", {"0", "1", "auto"}, "whether the products with a GELU epilogue run tptrain's Hopper "
+                                               "kernels: never, always, or where timed faster"},
     {"TPTRAIN_GEMM_SM90_EPILOGUE", {"registers", "tma"}, "how tptrain's Hopper GELU products write their tiles"},
     {"TPTRAIN_ATTN_WS", {"0", "1"}, "whether the Hopper attention kernels use warp specialisation"},
     {"TPTRAIN_ATTN_PINGPONG", {"0", "1"}, "whether the Hopper attention forward's consumers ping-pong"},

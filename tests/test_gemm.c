@@ -354,6 +354,16 @@ Test(gemm, gelu_products_sm90_staged) {
     check_bwd_data(128, 128, 64, true, 27);      // one tile
 }
 
+// TPTRAIN_GEMM_SM90=auto: each shape timed against cuBLASLt's best when first seen, the faster
+// kept; the products are right whichever won.
+Test(gemm, gelu_products_sm90_auto) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "auto", 1), 0);
+    check_fwd(4096, 768, 1152, true, true, 28);
+    check_fwd(2048, 256, 640, false, true, 29);
+    check_bwd_data(4096, 1152, 768, true, 30);
+    check_fwd(256, 192, 320, true, true, 31);    // a shape the own kernel does not take
+}
+
 Test(gemm, odd_shape_N7_IC8_OC24) {
     check_fwd(7, 8, 24, false, false, 10);
     check_fwd(7, 8, 24, true, false, 11);

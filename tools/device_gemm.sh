@@ -8,7 +8,7 @@
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels under each TPTRAIN_GEMM_SM90_EPILOGUE,
 # GEMM_ROUNDS rounds alternating, and `--bench model` on MODEL_CONFIG the same three ways. Prints a
 # line per run (the fc forward and the MLP projection's input gradient in ms per call, all
-# products in ms per step), then (NCU=1, the default) Nsight Compute's view of the own kernels at
+# products in ms per step; --bench model also with TPTRAIN_GEMM_SM90=auto), then (NCU=1, the default) Nsight Compute's view of the own kernels at
 # 124M with each epilogue; full logs under ${OUT:-/tmp/out}/gemm_logs.tar.gz.
 set -u
 out=${OUT:-/tmp/out}
@@ -38,7 +38,7 @@ for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
         done
     done
 done
-for w in "${ways[@]}"; do
+for w in "${ways[@]}" "TPTRAIN_GEMM_SM90=auto TPTRAIN_GEMM_SM90_EPILOGUE=tma"; do
     n=$((n + 1))
     env $w timeout 120 "$build/tptrain" --bench model "${MODEL_CONFIG:-configs/gpt2-124m.yaml}" >"$out/logs/model_$n.log" 2>&1 || status=1
     echo "--bench model, $w: $(grep -A1 '^whole step (model' "$out/logs/model_$n.log" | tail -1 | cut -c1-90)"
