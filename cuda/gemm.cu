@@ -21,8 +21,8 @@
 // (they cost 8% and 25% over a plain product, our kernels more), while for the bias gradient a
 // plain product plus our column sums beat cuBLASLt's BGRADB epilogue by about 7%, and are the
 // only plan offered (the result must not depend on which plan a rank's timing picked).
-// With TPTRAIN_GEMM_SM90=auto the GELU and GELU' products also time gemm_sm90.cu's Hopper kernel
-// against the fastest of those and keep it where it is faster (an "own" entry).
+// TPTRAIN_GEMM_SM90 makes gemm_sm90.cu's Hopper kernel an "own" entry of the GELU and GELU'
+// products: always (1), or where timed faster than the fastest of those (auto).
 //
 // Determinism. With a fixed algorithm and our own workspace, cuBLASLt's products are bitwise
 // reproducible on one GPU and one stream. The one place partial sums could be combined in a
@@ -83,8 +83,8 @@ struct gemm_key {
 
 // A tuned way to compute one key: descriptors, the algorithm, and whether the elementwise part
 // runs in a kernel of ours after the product (split) or in cuBLASLt's epilogue; or (own) the whole
-// product in gemm_sm90.cu's Hopper kernel, which TPTRAIN_GEMM_SM90=auto times against the best
-// cuBLASLt candidate.
+// product in gemm_sm90.cu's Hopper kernel (TPTRAIN_GEMM_SM90=1, or =auto where timed faster than
+// the best cuBLASLt candidate; no descriptors then).
 struct gemm_entry {
     struct gemm_key key;
     int split;
@@ -536,6 +536,25 @@ static int tune(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_
         return GEMM_ECUBLAS;
     }
 
+    // TPTRAIN_GEMM_SM90: the GELU and GELU' products in gemm_sm90.cu's Hopper kernel where it takes
+    // the shape, always (1: chosen untimed, no cuBLASLt candidate tried) or where it is timed faster
+    // than the fastest cuBLASLt candidate (auto, after the loop below)
+    bool own_key = g->sm90_gelu && k->sms == 0 && (k->epi == GE_GELU || k->epi == GE_GELU_BIAS || k->epi == GE_DGELU);
+    if (own_key && g->sm90_gelu == 1) {
+        memset(best, 0, sizeof *best);
+        best->key = *k;
+        best->own = true;
+        cublasStatus_t r = entry_run(g, best, &best->algo, c);
+        if (r != CUBLAS_STATUS_NOT_SUPPORTED) { // else a shape it does not take: cuBLASLt's, below
+            cublasLtMatmulPreferenceDestroy(pref);
+            cublasLtMatmulPreferenceDestroy(pref_open);
+            if (r == CUBLAS_STATUS_SUCCESS) return GEMM_OK;
+            (void)cudaGetLastError();
+            set_err(g, k, "the sm_90a kernel (epilogue %s) failed to launch", epi_name(k->epi));
+            return GEMM_ECUBLAS;
+        }
+    }
+
     int first, nplans = plan_range(k, &first);
     float best_ms = INFINITY;
     bool found = false;
@@ -589,10 +608,7 @@ static int tune(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_
         set_err(g, k, "no usable cuBLASLt algorithm (%s)", cublasLtGetStatusName(last));
         return GEMM_ECUBLAS;
     }
-    // TPTRAIN_GEMM_SM90=auto: the own Hopper kernel where it suits the shape and runs faster
-    bool gelu_key = (k->product == GP_FWD && (k->epi == GE_GELU || k->epi == GE_GELU_BIAS)) ||
-                    (k->product == GP_BWD_DATA && k->epi == GE_DGELU);
-    if (timing && g->sm90_gelu == 2 && k->sms == 0 && gelu_key) {
+    if (own_key && g->sm90_gelu == 2 && timing) {
         struct gemm_entry own = *best; // shares best's descriptors, which an own run does not touch
         own.own = true;
         float ms = time_candidate(g, &own, &own.algo, c);
@@ -812,24 +828,6 @@ extern "C" const char *gemm_last_bwd_data_path(const struct gemm_ctx *g) { retur
 
 extern "C" void gemm_set_sm_target(struct gemm_ctx *g, int sms) { g->sms = sms > 0 ? sms : 0; }
 
-#ifdef FA_HAVE_SM90
-// Whether the Hopper kernels of our own (measurement, TPTRAIN_GEMM_SM90=1) may run: they take every
-// multiprocessor, so not while products must leave some to collectives.
-static bool sm90_usable(const struct gemm_ctx *g) { return g->sm90_gelu == 1 && g->sms == 0; }
-
-// What a call into gemm_sm90.cu (its return rc) comes to: GEMM_OK with *path "sm90" when it ran,
-// GEMM_ECUBLAS when its launch failed, -1 when the shape is not one it takes (cuBLASLt's then).
-static int sm90_outcome(struct gemm_ctx *g, const struct gemm_key *k, int rc, const char **path) {
-    if (rc == 1) return -1;
-    if (rc != 0) {
-        set_err(g, k, "the sm_90a kernel (epilogue %s) failed to launch", epi_name(k->epi));
-        return GEMM_ECUBLAS;
-    }
-    *path = "sm90";
-    return GEMM_OK;
-}
-#endif
-
 extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const void *inp,
                         const void *w, const void *bias, int N, int IC, int OC) {
     struct gemm_key k = {GP_FWD, N, IC, OC,
@@ -842,13 +840,6 @@ extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const voi
                 GEMM_ALIGN);
         return GEMM_EBADARG;
     }
-#ifdef FA_HAVE_SM90
-    if (pre_gelu && sm90_usable(g)) {
-        int r = sm90_outcome(g, &k, gemm_sm90_fwd_gelu(g->stream, out, pre_gelu, inp, w, bias, N, IC, OC),
-                             &g->last_fwd);
-        if (r >= 0) return r;
-    }
-#endif
     struct gemm_call c = {out, pre_gelu, w, inp, bias, NULL};
     rc = execute(g, &k, &c);
     g->last_fwd = g->last_own ? "sm90" : "cublaslt";
@@ -866,13 +857,6 @@ extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, c
                 GEMM_ALIGN);
         return GEMM_EBADARG;
     }
-#ifdef FA_HAVE_SM90
-    if (pre_gelu && sm90_usable(g)) {
-        int r = sm90_outcome(g, &k, gemm_sm90_bwd_dgelu(g->stream, dinp, dout, w, pre_gelu, N, IC, OC),
-                             &g->last_bwd_data);
-        if (r >= 0) return r;
-    }
-#endif
     struct gemm_call c = {dinp, (void *)pre_gelu, w, dout, NULL, NULL};
     rc = execute(g, &k, &c);
     g->last_bwd_data = g->last_own ? "sm90" : "cublaslt";
