@@ -57,11 +57,6 @@ __device__ __forceinline__ static void f9_cp_wait_all(void) {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
-// Shared memory written by the generic proxy (cp.async, plain stores) becomes visible to wgmma.
-__device__ __forceinline__ static void f9_fence_async(void) {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 __device__ __forceinline__ static float f9_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -1186,8 +1181,8 @@ __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *
                          "r"(src), "r"(bytes)
                          : "memory");
         }
-        asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-        asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+        f9_bulk_commit();
+        f9_bulk_wait_read();
         f9_mbar_arrive(dq_empty + 8 * st);
         asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
         asm volatile("fence.proxy.async.global;\n" ::: "memory");

@@ -181,13 +181,6 @@ __device__ __forceinline__ static void gs_tma_store(const CUtensorMap *map, uint
                  : "memory");
 }
 
-__device__ __forceinline__ static void gs_bulk_commit(void) { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-
-// The thread's bulk stores have read their shared memory (it may be written again).
-__device__ __forceinline__ static void gs_bulk_wait_read(void) {
-    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-}
-
 // Where lane `lane` of warp `warp` points ldmatrix/stmatrix .x4 for the 16 x 16 block of rows
 // 64 h + 16 warp .. + 15 and columns 16 p .. + 15 of the staged tile: matrix lane / 8 is rows + 8
 // (lane / 8 odd) of column block 2 p + lane / 16, the tile's two 64-column halves 16 KB apart, each
@@ -217,12 +210,12 @@ __device__ __forceinline__ static void gs_stage_tile(uint32_t buf, const float (
 // reads; named barrier bar of the warpgroup's 128 threads).
 __device__ __forceinline__ static void gs_store_staged(const CUtensorMap *map, uint32_t buf, int m0, int n0, int bar,
                                                        int wt) {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    f9_fence_async();
     f9_named_sync(bar, 128);
     if (wt == 0) {
         gs_tma_store(map, buf, n0, m0);
         gs_tma_store(map, buf + 16384, n0 + 64, m0);
-        gs_bulk_commit();
+        f9_bulk_commit();
     }
 }
 
@@ -254,7 +247,7 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
                 }
             }
         }
-        if (wt == 0) gs_bulk_wait_read(); // the tile's previous stores have read the buffer
+        if (wt == 0) f9_bulk_wait_read(); // the tile's previous stores have read the buffer
         f9_named_sync(bar, 128);
         gs_stage_tile(buf, acc, warp, lane);
         gs_store_staged(map_aux, buf, m0, n0, bar, wt);
@@ -262,7 +255,7 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
         for (int h = 0; h < 2; h++)
 #pragma unroll
             for (int i = 0; i < 64; i++) acc[h][i] = gs_gelu(acc[h][i]);
-        if (wt == 0) gs_bulk_wait_read();
+        if (wt == 0) f9_bulk_wait_read();
         f9_named_sync(bar, 128);
         gs_stage_tile(buf, acc, warp, lane);
         gs_store_staged(map_out, buf, m0, n0, bar, wt);
@@ -288,7 +281,7 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
             }
         gs_store_staged(map_out, buf, m0, n0, bar, wt);
         if (wt == 0) {
-            gs_bulk_wait_read();
+            f9_bulk_wait_read();
             f9_mbar_arrive(pre_empty);
         }
     }

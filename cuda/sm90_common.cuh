@@ -33,6 +33,20 @@ __device__ __forceinline__ static void f9_wg_fence(void) {
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
 
+// Shared memory written by the generic proxy (cp.async, plain stores, stmatrix) becomes visible to
+// the async proxy (wgmma, the copy engine's stores).
+__device__ __forceinline__ static void f9_fence_async(void) {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// The thread's bulk copies issued since the last commit form one group.
+__device__ __forceinline__ static void f9_bulk_commit(void) { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// The thread's bulk copies have read their shared memory (it may be written again).
+__device__ __forceinline__ static void f9_bulk_wait_read(void) {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
 __device__ __forceinline__ static void f9_wg_commit_wait(void) {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
