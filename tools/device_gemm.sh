@@ -8,8 +8,9 @@
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels under each TPTRAIN_GEMM_SM90_EPILOGUE,
 # GEMM_ROUNDS rounds alternating, and `--bench model` on MODEL_CONFIG the same three ways. Prints a
 # line per run (the fc forward and the MLP projection's input gradient in ms per call, all
-# products in ms per step; --bench model also with TPTRAIN_GEMM_SM90=auto), then (NCU=1, the default) Nsight Compute's view of the own kernels at
-# 124M with each epilogue; full logs under ${OUT:-/tmp/out}/gemm_logs.tar.gz.
+# products in ms per step; --bench model also with TPTRAIN_GEMM_SM90=auto), then (NCU=1, the
+# default) Nsight Compute's view of the own kernels at 124M with each epilogue; full logs under
+# ${OUT:-/tmp/out}/gemm_logs.tar.gz.
 set -u
 out=${OUT:-/tmp/out}
 build=${BUILD_DIR:-build-gpu}
