@@ -1,5 +1,5 @@
-// colsum.cuh: the column-sum kernels shared by layernorm.cu (dw, db) and matmul.cu (dbias); the
-// finish that keeps 32 loads in flight per column is colsum_finish.cuh's (gemm.cu uses it too).
+// colsum.cuh: the column-sum kernel shared by layernorm.cu (dw, db) and matmul.cu (dbias); the
+// finish (32 loads in flight per column, a fixed order) is colsum_finish.cuh's, which gemm.cu uses too.
 // Static: each including file gets its own copy, as kernels cannot be launched across files.
 #pragma once
 
@@ -19,13 +19,4 @@ static __global__ void colsum_partial_kernel(float *partial, const E *x, int N, 
     float s = 0.0f;
     for (int r = r0; r < r1; r++) s += to_f(x[(size_t)r * C + c]);
     partial[(size_t)blockIdx.x * C + c] = s;
-}
-
-// out (C) += sum over chunks of partial (nchunks, C), chunks in order
-static __global__ void colsum_finish_kernel(float *out, const float *partial, int nchunks, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    float s = 0.0f;
-    for (int k = 0; k < nchunks; k++) s += partial[(size_t)k * C + c];
-    out[c] += s;
 }

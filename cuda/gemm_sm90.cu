@@ -1,9 +1,10 @@
 // gemm_sm90.cu: a Hopper (sm_90a) matrix product for a linear layer's forward with the bias + GELU
 // epilogue: out (N, OC) = gelu(pre), pre (N, OC) = inp (N, IC) @ w (OC, IC)^T + bias (OC), and in a
 // second mode the input gradient with GELU's derivative. gemm.cu runs them in place of cuBLASLt's
-// GELU_AUX_BIAS and DGELU epilogues where TPTRAIN_GEMM_SM90=1. Off by default: on one H200 the
-// forward is within 2% of cuBLASLt at GPT-2 124M's fc shape and the rest 6-17% slower
-// (cuda/PERF_NOTES.md has the table, what was found and the next steps).
+// GELU_AUX_BIAS and DGELU epilogues where TPTRAIN_GEMM_SM90=1 (or =auto, where timed faster). Off
+// by default: on one H200, with the staged epilogue, the forward is 2-7% faster than cuBLASLt at
+// GPT-2 124M's fc shape, the input gradient 2-7% slower, and both 10-12% slower at 1558M's
+// (cuda/PERF_NOTES.md has the tables, what was found and the next steps).
 //
 // Both operands of the forward are K-major, the pattern of the attention's S = Q K^T, so the
 // pieces are the attention kernels' (sm90_common.cuh). Persistent: blocks walk 128 x 128 output
@@ -513,13 +514,14 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
     return 0;
 }
 
-// The epilogue: staged through shared memory and stored by the copy engine where
-// TPTRAIN_GEMM_SM90_EPILOGUE=tma (mesh.c checks the value: registers or tma), else from registers.
+// The epilogue: staged through shared memory and stored by the copy engine (the default, and
+// TPTRAIN_GEMM_SM90_EPILOGUE=tma), or from registers (=registers; mesh.c checks the value). The
+// staged one measured 2-12% faster on every shape (cuda/PERF_NOTES.md, "The staged epilogue").
 static bool gs_staged_epilogue(void) {
     static int staged = -1;
     if (staged < 0) {
         const char *e = getenv("TPTRAIN_GEMM_SM90_EPILOGUE");
-        staged = e && strcmp(e, "tma") == 0;
+        staged = !(e && strcmp(e, "registers") == 0);
     }
     return staged != 0;
 }

@@ -331,11 +331,9 @@ static void ln_bwd_generic(struct cuda_ctx *c, E *dinp, float *dw, float *db, co
     layernorm_bwd_partial_kernel<E><<<grid, TPC_BLOCK, 0, c->stream>>>(pw, pb, dout, inp, mean,
                                                                        rstd, N, C);
     CUDA_CHECK_LAUNCH("layernorm_bwd_partial_kernel");
-    unsigned int cb = tpc_blocks((size_t)C, TPC_BLOCK);
-    colsum_finish_kernel<<<cb, TPC_BLOCK, 0, c->stream>>>(dw, pw, (int)nchunks, C);
-    CUDA_CHECK_LAUNCH("colsum_finish_kernel (layernorm dw)");
-    colsum_finish_kernel<<<cb, TPC_BLOCK, 0, c->stream>>>(db, pb, (int)nchunks, C);
-    CUDA_CHECK_LAUNCH("colsum_finish_kernel (layernorm db)");
+    colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 2), dim3(32, 32), 0, c->stream>>>(
+        dw, pw, db, pb, (int)nchunks, C);
+    CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dw, db)");
 }
 
 template <int VPL>

@@ -78,9 +78,9 @@ static void colsum_acc(struct cuda_ctx *c, float *out, const void *x, bool bf, i
     else
         colsum_partial_kernel<float><<<grid, TPC_BLOCK, 0, c->stream>>>(part, (const float *)x, N, C);
     CUDA_CHECK_LAUNCH("colsum_partial_kernel (dbias)");
-    colsum_finish_kernel<<<tpc_blocks((size_t)C, TPC_BLOCK), TPC_BLOCK, 0, c->stream>>>(
-        out, part, (int)nchunks, C);
-    CUDA_CHECK_LAUNCH("colsum_finish_kernel (dbias)");
+    colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 1), dim3(32, 32), 0, c->stream>>>(
+        out, part, out, part, (int)nchunks, C);
+    CUDA_CHECK_LAUNCH("colsum2_finish_kernel (dbias)");
 }
 
 static void matmul_fwd_f32(struct cuda_ctx *c, float *out, float *pre_gelu, const float *inp,

@@ -321,13 +321,14 @@ Test(gemm, fewer_multiprocessors) {
 }
 
 // The Hopper GELU forward and GELU'-epilogue input gradient of our own (TPTRAIN_GEMM_SM90=1, read
-// at gemm_create), against the same double-precision references: more 128 x 128 tiles than
+// at gemm_create), with the epilogue from registers (TPTRAIN_GEMM_SM90_EPILOGUE=registers), against the same double-precision references: more 128 x 128 tiles than
 // multiprocessors (each block walks several, its two consumers in turn) and more 64-column K steps
 // than the six stages hold, the forward with a bias and without; an even number of 128-row tile
 // rows (blocks in clusters of two sharing B's tiles) and an odd one (a block per tile); shapes they
 // do not take go to cuBLASLt.
 Test(gemm, gelu_products_sm90) {
     cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_EPILOGUE", "registers", 1), 0);
     expect_fwd_path = "sm90";
     check_fwd(4096, 768, 1152, true, true, 14);  // 288 tiles, 12 K steps
     check_fwd(2048, 256, 640, false, true, 15);  // 80 tiles, 4 K steps, no bias
@@ -341,7 +342,7 @@ Test(gemm, gelu_products_sm90) {
     check_bwd_data(256, 320, 192, true, 20);     // IC not a multiple of 128
 }
 
-// The same products with the staged epilogue (TPTRAIN_GEMM_SM90_EPILOGUE=tma: the tile through
+// The same products with the staged epilogue (the default, set here explicitly: the tile through
 // shared memory by stmatrix, out by the copy engine; the backward's pre-activation in by it).
 Test(gemm, gelu_products_sm90_staged) {
     cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
