@@ -816,10 +816,11 @@ static int fa_order_env(const char *name, const char *on) {
 
 // The one-kernel Hopper backward's walk over the items, as flash_attention_sm90_bwd takes it.
 // Measured on the H200 (PERF_NOTES, 2026-12-04): whole heads at once are 2-27% faster at head sizes
-// 64 and 128 up to T 4096, 1-2% slower at T 8192.
-static int fa_bwd_order(int T) {
+// 64 and 128 up to T 4096; beyond, 2-11% faster at head size 128 (T 8192 and 16384) and within 1%
+// either way at 64, which keeps longest first there.
+static int fa_bwd_order(int T, int HS) {
     if (fa_hopper_bwd_order == -2) fa_hopper_bwd_order = fa_order_env("TPTRAIN_ATTN_BWD_ORDER", "heads");
-    return fa_hopper_bwd_order >= 0 ? fa_hopper_bwd_order : T <= 4096;
+    return fa_hopper_bwd_order >= 0 ? fa_hopper_bwd_order : T <= 4096 || HS == 128;
 }
 
 // The persistent Hopper forward's walk over the items, as flash_attention_sm90_fwd takes it.
@@ -939,7 +940,7 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
     if (fa_sm90(HS))
         return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
                                         NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode(), fa_bwd_persist(),
-                                        fa_bwd_order(T)) == 0
+                                        fa_bwd_order(T, HS)) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel

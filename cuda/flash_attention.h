@@ -75,7 +75,8 @@ void flash_attention_set_hopper_order(int pairs);
 // hold whole heads at a time (the key blocks of a head in pairs, p with nkb - 1 - p) and walk their
 // query tiles from the last one down, so that a head's Q, dO and dq accumulator are shared in L2; 0
 // (TPTRAIN_ATTN_BWD_ORDER=longest): the key blocks of different heads, longest first; -1 (the
-// default): heads up to T 4096, longest first beyond, as measured fastest. dq has the same bits
+// default): heads at head size 128 and, at 64, up to T 4096 (longest first beyond), as measured
+// fastest. dq has the same bits
 // either way (its partials are added in key-block order); dk and dv sum their query tiles in the
 // other order. Benchmarks and tests compare them.
 void flash_attention_set_hopper_bwd_order(int heads);
