@@ -465,19 +465,296 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     if (TE && (tid & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+// ---- the wide tile (TPTRAIN_GEMM_SM90_TILE=256): 128 x 256 output tiles, both consumers on each
+//
+// With 128 x 128 tiles a consumer's products are two m64n128 per 16 columns of K, each reading w's
+// tile from shared memory, and the copy engine writes 32 KB per 64 columns of K into it: at the
+// tensor cores' full rate that is about 150 bytes per cycle of shared-memory traffic, more than
+// the multiprocessor's 128 (cuda/PERF_NOTES.md). cuBLASLt's kernels for these shapes take 128 x
+// 256 tiles that both consumer warpgroups compute together, each one m64n256 product per 16
+// columns (about 120 bytes per cycle at full rate). So does gw_kernel. Its two consumers then
+// finish a tile together, so the tile's epilogue cannot hide under the other consumer's products
+// as in gs_kernel; instead the consumers only put the tile (bias added, bf16) into shared memory
+// and go on to the next one, and the epilogue warps (the producer's warpgroup but the producer)
+// do the rest under their products: GS_FWD_GELU stores the pre-activation by the copy engine, overwrites each 64-column
+// chunk with GELU of it once the copy has read the chunk, and stores that; GS_BWD_DGELU multiplies
+// each value by gelu' of the pre-activation (read from memory, asked into L2 when the tile's
+// products start) and stores the result. Both round twice where gs_kernel rounds once (GELU of the
+// stored pre-activation, the product rounded to bf16 before the GELU' factor), well inside bf16's
+// tolerances (the gemm suite compares against double references).
+//
+// Shared memory: GW_STAGES stages of 48 KB (inp's 128 x 64 tile, then w's four 64 x 64 boxes), the
+// 64 KB tile in four 64-column chunks of 128 rows (128-byte swizzled, as the copy engine reads
+// them), the barriers. Three warpgroups, as gs_kernel (with four, ptxas has 128 registers per
+// thread for the consumers' 128 accumulators and cannot compile the m64n256 product): warp 0 of
+// the first is the producer, its warps 1-3 the epilogue (104 registers), the other two the
+// consumers (200).
+
+#define GW_BN 256
+#define GW_STAGES 3
+#define GW_STAGE_BYTES (GS_BM * GS_BK * 2 + GW_BN * GS_BK * 2)
+#define GW_TILE_BYTES (GS_BM * GW_BN * 2)
+#define GW_NT 384
+#define GW_EPI_THREADS 96 // warps 1-3 of the producer's warpgroup
+#define GW_CHUNK_PIECES (GS_BM * 8) // 16-byte pieces of a 64-column chunk
+
+#define GW_ACC_TEXT128 \
+    F9_ACC_TEXT64 ", " \
+    "%64, %65, %66, %67, %68, %69, %70, %71, " \
+    "%72, %73, %74, %75, %76, %77, %78, %79, " \
+    "%80, %81, %82, %83, %84, %85, %86, %87, " \
+    "%88, %89, %90, %91, %92, %93, %94, %95, " \
+    "%96, %97, %98, %99, %100, %101, %102, %103, " \
+    "%104, %105, %106, %107, %108, %109, %110, %111, " \
+    "%112, %113, %114, %115, %116, %117, %118, %119, " \
+    "%120, %121, %122, %123, %124, %125, %126, %127"
+
+// d (64 x 256 fp32, this thread's 128 values) = (scale_d ? d : 0) + A . B^T, A and B K-major; with
+// TB = 1, B MN-major (d = A . B).
+template <int TB>
+__device__ __forceinline__ static void wg_ss_n256(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" GW_ACC_TEXT128 "}, %128, %129, p, 1, 1, 0, %131;\n}\n"
+                 : F9_ACC_OUT64(d), F9_ACC_OUT64((&d[64]))
+                 : "l"(da), "l"(db), "r"(scale_d), "n"(TB));
+}
+
+__device__ __forceinline__ static uint4 gw_lds(uint32_t addr) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ static void gw_sts(uint32_t addr, uint4 v) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
+// Eight bf16 values: y = GELU(x) (GS_FWD_GELU) or x * gelu'(pre) (GS_BWD_DGELU).
+template <int MODE>
+__device__ __forceinline__ static uint4 gw_apply(uint4 v, uint4 pre) {
+    float x[8], p[8];
+    gs_unpack8(v, x);
+    if constexpr (MODE == GS_FWD_GELU) {
+        (void)pre;
+        return make_uint4(f9_pack(gs_gelu(x[0]), gs_gelu(x[1])), f9_pack(gs_gelu(x[2]), gs_gelu(x[3])),
+                          f9_pack(gs_gelu(x[4]), gs_gelu(x[5])), f9_pack(gs_gelu(x[6]), gs_gelu(x[7])));
+    } else {
+        gs_unpack8(pre, p);
+        return make_uint4(f9_pack(x[0] * gs_gelu_grad(p[0]), x[1] * gs_gelu_grad(p[1])),
+                          f9_pack(x[2] * gs_gelu_grad(p[2]), x[3] * gs_gelu_grad(p[3])),
+                          f9_pack(x[4] * gs_gelu_grad(p[4]), x[5] * gs_gelu_grad(p[5])),
+                          f9_pack(x[6] * gs_gelu_grad(p[6]), x[7] * gs_gelu_grad(p[7])));
+    }
+}
+
+// The epilogue warps' part of a tile at (m0, n0), held in shared memory at `tile`: the 96 threads
+// (et 0..95) take the 16-byte pieces of each 64-column chunk in turn, eight consecutive threads a
+// row (conflict-free under the swizzle, and 128 contiguous bytes of the pre-activation in memory).
+// Thread 0 (et == 0) issues and commits the copy engine's stores.
+template <int MODE>
+__device__ __forceinline__ static void gw_epilogue(const CUtensorMap *map_out, const CUtensorMap *map_aux,
+                                                   const f9_bf16 *__restrict__ pre, uint32_t tile, int m0, int n0,
+                                                   int NN, int et) {
+    constexpr int PER = (GW_CHUNK_PIECES + GW_EPI_THREADS - 1) / GW_EPI_THREADS; // pieces a thread takes
+#pragma unroll 1
+    for (int q = 0; q < 4; q++) {
+        const uint32_t chunk = tile + (uint32_t)q * 16384;
+        if constexpr (MODE == GS_FWD_GELU) {
+            (void)pre;
+            if (et == 0) { // the pre-activation out first, from the chunk as the consumers wrote it
+                gs_tma_store(map_aux, chunk, n0 + 64 * q, m0);
+                f9_bulk_commit();
+            }
+            uint4 v[PER];
+#pragma unroll
+            for (int k = 0; k < PER; k++) {
+                const int i = et + GW_EPI_THREADS * k, r = i >> 3;
+                if (i < GW_CHUNK_PIECES)
+                    v[k] = gw_apply<MODE>(gw_lds(chunk + (uint32_t)(r * 128 + (((i & 7) ^ (r & 7)) << 4))),
+                                          make_uint4(0, 0, 0, 0));
+            }
+            if (et == 0) f9_bulk_wait_read(); // the copy has read the chunk: it may be overwritten
+            f9_named_sync(1, GW_EPI_THREADS);
+#pragma unroll
+            for (int k = 0; k < PER; k++) {
+                const int i = et + GW_EPI_THREADS * k, r = i >> 3;
+                if (i < GW_CHUNK_PIECES) gw_sts(chunk + (uint32_t)(r * 128 + (((i & 7) ^ (r & 7)) << 4)), v[k]);
+            }
+        } else {
+            (void)map_aux;
+#pragma unroll 4
+            for (int k = 0; k < PER; k++) {
+                const int i = et + GW_EPI_THREADS * k, r = i >> 3;
+                if (i < GW_CHUNK_PIECES) {
+                    const uint32_t at = chunk + (uint32_t)(r * 128 + (((i & 7) ^ (r & 7)) << 4));
+                    const uint4 pv = __ldg(reinterpret_cast<const uint4 *>(pre + (size_t)(m0 + r) * NN + n0 + 64 * q +
+                                                                           8 * (i & 7)));
+                    gw_sts(at, gw_apply<MODE>(gw_lds(at), pv));
+                }
+            }
+        }
+        f9_fence_async();
+        f9_named_sync(1, GW_EPI_THREADS);
+        if (et == 0) {
+            gs_tma_store(map_out, chunk, n0 + 64 * q, m0);
+            f9_bulk_commit();
+        }
+    }
+}
+
+// The same products as gs_kernel (the operands and CL as there) with 128 x 256 tiles: warp 0 the
+// producer, warps 1-3 the epilogue, warpgroups 1 and 2 the consumers (rows 0-63 and 64-127 of
+// every tile).
+template <int MODE, bool BIAS, int CL>
+static __global__ void __launch_bounds__(GW_NT, 1)
+gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb,
+          const __grid_constant__ CUtensorMap to, const __grid_constant__ CUtensorMap tx, f9_bf16 *out,
+          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN) {
+    (void)out;
+    extern __shared__ __align__(1024) unsigned char gs_smem[];
+    const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 48 KB
+    const uint32_t tile = base + GW_STAGES * GW_STAGE_BYTES;         // the tile for the epilogue
+    const uint32_t full = tile + GW_TILE_BYTES, empty = full + 8 * GW_STAGES; // GW_STAGES mbarriers each,
+    const uint32_t tile_full = empty + 8 * GW_STAGES, tile_free = tile_full + 8; // then one each
+    const int tid = (int)threadIdx.x, wg = tid >> 7;
+    const uint32_t rank = CL > 1 ? gs_cluster_rank() : 0u;
+    const int tn = NN / GW_BN, units = (M / (GS_BM * CL)) * tn, nk = K / GS_BK;
+    const int cl = (int)blockIdx.x / CL, clusters = (int)gridDim.x / CL;
+    if (tid == 0) {
+        for (int s = 0; s < GW_STAGES; s++) {
+            f9_mbar_init(full + 8 * s, 1);
+            f9_mbar_init(empty + 8 * s, 8 * CL); // every consumer warp of both blocks
+        }
+        f9_mbar_init(tile_full, 8);
+        f9_mbar_init(tile_free, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    if constexpr (CL > 1)
+        asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    else
+        __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 104;\n");
+        if (tid >= 32) { // the epilogue
+            const int et = tid - 32;
+            int j = 0;
+            for (int u = cl; u < units; u += clusters, j++) {
+                const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GW_BN;
+                if constexpr (MODE == GS_BWD_DGELU) // the tile's pre-activation into L2, a line each
+                    for (int i = et; i < GS_BM * 4; i += GW_EPI_THREADS)
+                        asm volatile("prefetch.global.L2 [%0];\n" ::"l"(aux + (size_t)(m0 + (i >> 2)) * NN + n0 + 64 * (i & 3)));
+                f9_mbar_wait(tile_full, (uint32_t)(j & 1));
+                gw_epilogue<MODE>(&to, &tx, aux, tile, m0, n0, NN, et);
+                if (et == 0) { // the copies have read the tile: the consumers may write the next one
+                    f9_bulk_wait_read();
+                    f9_mbar_arrive(tile_free);
+                }
+            }
+            if (et == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+        } else if (tid == 0) { // the producer
+            int it = 0;
+            for (int u = cl; u < units; u += clusters) {
+                const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GW_BN;
+                for (int kc = 0; kc < nk; kc++, it++) {
+                    const int s = it % GW_STAGES;
+                    if (it >= GW_STAGES) f9_mbar_wait(empty + 8 * s, (uint32_t)((it / GW_STAGES - 1) & 1));
+                    const uint32_t sa = base + (uint32_t)s * GW_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
+                    f9_mbar_expect_tx(full + 8 * s, GW_STAGE_BYTES);
+                    f9_tma_load(sa, &ta, kc * GS_BK, m0, 0, full + 8 * s);
+                    for (int q = CL > 1 ? (int)rank : 0; q < 4; q += CL) { // w's four 64 x 64 boxes, 8 KB apart
+                        const int x = MODE == GS_FWD_GELU ? kc * GS_BK : n0 + 64 * q;
+                        const int y = MODE == GS_FWD_GELU ? n0 + 64 * q : kc * GS_BK;
+                        const uint32_t dst = sb + (uint32_t)q * 64 * 128;
+                        if constexpr (CL > 1) gs_tma_load_multicast(dst, &tb, x, y, full + 8 * s, (uint16_t)3);
+                        else f9_tma_load(dst, &tb, x, y, 0, full + 8 * s);
+                    }
+                }
+            }
+            for (int last = it - GW_STAGES < 0 ? 0 : it - GW_STAGES; last < it; last++)
+                f9_mbar_wait(empty + 8 * (last % GW_STAGES), (uint32_t)((last / GW_STAGES) & 1));
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 200;\n");
+    const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
+    float acc[128];
+    int j = 0;
+    for (int u = cl; u < units; u += clusters, j++) {
+        const int n0 = (u % tn) * GW_BN, it0 = j * nk;
+        for (int kc = 0; kc < nk; kc++) {
+            const int it = it0 + kc, s = it % GW_STAGES;
+            f9_mbar_wait(full + 8 * s, (uint32_t)((it / GW_STAGES) & 1));
+            const uint32_t sa = base + (uint32_t)s * GW_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
+            f9_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                const uint64_t da = f9_desc(sa + (uint32_t)(c * 64 * 128 + kk * 32), 16, 1024);
+                if constexpr (MODE == GS_FWD_GELU)
+                    wg_ss_n256<0>(acc, da, f9_desc(sb + (uint32_t)(kk * 32), 16, 1024), kc > 0 || kk > 0);
+                else // rows 16 kk of the K x 256 tile, its four 64-column chunks 8 KB apart
+                    wg_ss_n256<1>(acc, da, f9_desc(sb + (uint32_t)(kk * 16 * 128), 64 * 128, 1024), kc > 0 || kk > 0);
+            }
+            asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+            if (kc > 0) {
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                if (lane == 0) {
+                    f9_mbar_arrive(empty + 8 * ((it - 1) % GW_STAGES));
+                    if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it - 1) % GW_STAGES), rank ^ 1u);
+                }
+            }
+        }
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < 128; i++) asm volatile("" : "+f"(acc[i])::"memory");
+        if (lane == 0) {
+            f9_mbar_arrive(empty + 8 * ((it0 + nk - 1) % GW_STAGES));
+            if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it0 + nk - 1) % GW_STAGES), rank ^ 1u);
+        }
+        if constexpr (BIAS) {
+#pragma unroll
+            for (int jj = 0; jj < 32; jj++) {
+                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(bias + n0 + 8 * jj + 2 * tq));
+                acc[4 * jj] += b.x;
+                acc[4 * jj + 1] += b.y;
+                acc[4 * jj + 2] += b.x;
+                acc[4 * jj + 3] += b.y;
+            }
+        }
+        // the tile to the epilogue warpgroup, once it is done with the previous one
+        if (j > 0) f9_mbar_wait(tile_free, (uint32_t)((j - 1) & 1));
+#pragma unroll
+        for (int p = 0; p < 16; p++) {
+            const float *a = &acc[8 * p];
+            gs_stmatrix4(gs_stage_addr(tile, c, p, warp, lane), f9_pack(a[0], a[1]), f9_pack(a[2], a[3]),
+                         f9_pack(a[4], a[5]), f9_pack(a[6], a[7]));
+        }
+        f9_fence_async();
+        __syncwarp();
+        if (lane == 0) f9_mbar_arrive(tile_full);
+    }
+}
+
 // The kernels' tensor maps: the operands, and (the staged epilogue) out and aux as 64-column x
 // 128-row boxes.
 struct gs_maps {
     CUtensorMap a, b, out, aux;
 };
 
-// Launches gs_kernel over an (M, NN) output; 0, or 2 when the launch failed.
-template <int MODE, bool BIAS, int CL, bool TE>
+// Which kernel: gs_kernel with the epilogue from registers or staged, or gw_kernel.
+enum { GS_REGISTERS = 0, GS_STAGED = 1, GS_WIDE = 2 };
+
+// Launches the KIND kernel over an (M, NN) output; 0, or 2 when the launch failed.
+template <int MODE, bool BIAS, int CL, int KIND>
 static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
                         int NN) {
-    constexpr int stages = TE ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
-    const size_t smem = (size_t)stages * GS_STAGE_BYTES + (TE ? 2 * GS_OUT_BYTES : 0) + 8 * (2 * stages + 4) + 1024;
-    auto kernel = gs_kernel<MODE, BIAS, CL, TE>;
+    constexpr int stages = KIND == GS_WIDE ? GW_STAGES : KIND == GS_STAGED ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
+    const size_t smem = KIND == GS_WIDE
+                            ? (size_t)stages * GW_STAGE_BYTES + GW_TILE_BYTES + 8 * (2 * stages + 2) + 1024
+                            : (size_t)stages * GS_STAGE_BYTES + (KIND == GS_STAGED ? 2 * GS_OUT_BYTES : 0) +
+                                  8 * (2 * stages + 4) + 1024;
+    auto kernel = KIND == GS_WIDE ? gw_kernel<MODE, BIAS, CL> : gs_kernel<MODE, BIAS, CL, KIND == GS_STAGED>;
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
         (void)cudaGetLastError();
@@ -489,14 +766,13 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
     at[0].val.clusterDim.y = 1;
     at[0].val.clusterDim.z = 1;
     cudaLaunchConfig_t cfg = {};
-    cfg.blockDim = dim3(GS_NT);
+    cfg.blockDim = dim3(KIND == GS_WIDE ? GW_NT : GS_NT);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     cfg.attrs = at;
     cfg.numAttrs = 1;
     // as many clusters as can run at once (a multiprocessor left over in a GPC of odd count idles)
-    static int fit[2][2][3][2];
-    int &clusters = fit[MODE][BIAS][CL][TE];
+    static int clusters;
     if (clusters <= 0) {
         cfg.gridDim = dim3((unsigned)(f9_sm_count() / CL * CL));
         if (CL == 1 || cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters <= 0) {
@@ -504,7 +780,7 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
             clusters = f9_sm_count() / CL;
         }
     }
-    int units = (M / (GS_BM * CL)) * (NN / GS_BN), n = units < clusters ? units : clusters;
+    int units = (M / (GS_BM * CL)) * (NN / (KIND == GS_WIDE ? GW_BN : GS_BN)), n = units < clusters ? units : clusters;
     cfg.gridDim = dim3((unsigned)(n * CL));
     if (cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
                            (const f9_bf16 *)bias, M, K, NN) != cudaSuccess) {
@@ -514,27 +790,39 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
     return 0;
 }
 
-// The epilogue: staged through shared memory and stored by the copy engine (the default, and
-// TPTRAIN_GEMM_SM90_EPILOGUE=tma), or from registers (=registers; mesh.c checks the value). The
-// staged one measured 2-12% faster on every shape (cuda/PERF_NOTES.md, "The staged epilogue").
-static bool gs_staged_epilogue(void) {
-    static int staged = -1;
+// The kernel: gw_kernel where TPTRAIN_GEMM_SM90_TILE=256 and the output's columns are a multiple
+// of 256 (mesh.c checks the value: 128 or 256), else gs_kernel with its epilogue staged through
+// shared memory and stored by the copy engine (the default, and TPTRAIN_GEMM_SM90_EPILOGUE=tma) or
+// from registers (=registers). The staged one measured 2-12% faster on every shape
+// (cuda/PERF_NOTES.md, "The staged epilogue"); gw_kernel is not yet measured.
+static int gs_kind(int NN) {
+    static int staged = -1, wide = -1;
     if (staged < 0) {
-        const char *e = getenv("TPTRAIN_GEMM_SM90_EPILOGUE");
+        const char *e = getenv("TPTRAIN_GEMM_SM90_EPILOGUE"), *t = getenv("TPTRAIN_GEMM_SM90_TILE");
         staged = !(e && strcmp(e, "registers") == 0);
+        wide = t && strcmp(t, "256") == 0;
     }
-    return staged != 0;
+    return wide && NN % GW_BN == 0 ? GS_WIDE : staged ? GS_STAGED : GS_REGISTERS;
 }
 
 // Clusters of two where M holds an even number of 128-row tiles, else a block per tile.
+template <int MODE, bool BIAS, int KIND>
+static int gs_launch_kind(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
+                          int NN) {
+    return (M / GS_BM) % 2 == 0 ? gs_launch_cl<MODE, BIAS, 2, KIND>(st, m, out, aux, bias, M, K, NN)
+                                : gs_launch_cl<MODE, BIAS, 1, KIND>(st, m, out, aux, bias, M, K, NN);
+}
+
 template <int MODE, bool BIAS>
 static int gs_launch(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K, int NN) {
-    const bool pairs = (M / GS_BM) % 2 == 0;
-    if (gs_staged_epilogue())
-        return pairs ? gs_launch_cl<MODE, BIAS, 2, true>(st, m, out, aux, bias, M, K, NN)
-                     : gs_launch_cl<MODE, BIAS, 1, true>(st, m, out, aux, bias, M, K, NN);
-    return pairs ? gs_launch_cl<MODE, BIAS, 2, false>(st, m, out, aux, bias, M, K, NN)
-                 : gs_launch_cl<MODE, BIAS, 1, false>(st, m, out, aux, bias, M, K, NN);
+    switch (gs_kind(NN)) {
+    case GS_WIDE:
+        return gs_launch_kind<MODE, BIAS, GS_WIDE>(st, m, out, aux, bias, M, K, NN);
+    case GS_STAGED:
+        return gs_launch_kind<MODE, BIAS, GS_STAGED>(st, m, out, aux, bias, M, K, NN);
+    default:
+        return gs_launch_kind<MODE, BIAS, GS_REGISTERS>(st, m, out, aux, bias, M, K, NN);
+    }
 }
 
 static bool gs_aligned(const void *const *p, int n) {

@@ -355,6 +355,22 @@ Test(gemm, gelu_products_sm90_staged) {
     check_bwd_data(128, 128, 64, true, 27);      // one tile
 }
 
+// The wide tiles (TPTRAIN_GEMM_SM90_TILE=256: 128 x 256, both consumers on each, the epilogue in
+// warps of its own): several tiles per block (clusters of two, and a block per tile), fewer K steps
+// than stages, one tile; an output whose columns are not a multiple of 256 takes the 128 x 128 tiles.
+Test(gemm, gelu_products_sm90_wide) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_TILE", "256", 1), 0);
+    expect_fwd_path = "sm90";
+    check_fwd(4096, 768, 1536, true, true, 36);  // clusters, 192 tiles, 12 K steps
+    check_fwd(8192, 256, 2048, true, true, 37);  // clusters, 512 tiles (about four a block), 4 K steps
+    check_fwd(384, 128, 512, false, true, 38);   // a block per tile, 6 tiles, 2 K steps, no bias
+    check_fwd(128, 64, 256, true, true, 39);     // one tile, one K step
+    check_bwd_data(4096, 1536, 768, true, 40);   // clusters, 192 tiles
+    check_bwd_data(640, 256, 128, true, 41);     // a block per tile, 5 tiles
+    check_fwd(4096, 768, 1152, true, true, 42);  // 1152 columns: the 128 x 128 tiles
+}
+
 // TPTRAIN_GEMM_SM90=auto: each shape timed against cuBLASLt's best when first seen, the faster
 // kept; the products are right whichever won.
 Test(gemm, gelu_products_sm90_auto) {
