@@ -469,26 +469,34 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
 //
 // With 128 x 128 tiles a consumer's products are two m64n128 per 16 columns of K, each reading w's
 // tile from shared memory, and the copy engine writes 32 KB per 64 columns of K into it: at the
-// tensor cores' full rate that is about 150 bytes per cycle of shared-memory traffic, more than
-// the multiprocessor's 128 (cuda/PERF_NOTES.md). cuBLASLt's kernels for these shapes take 128 x
-// 256 tiles that both consumer warpgroups compute together, each one m64n256 product per 16
-// columns (about 120 bytes per cycle at full rate). So does gw_kernel. Its two consumers then
-// finish a tile together, so the tile's epilogue cannot hide under the other consumer's products
-// as in gs_kernel; instead the consumers only put the tile (bias added, bf16) into shared memory
-// and go on to the next one, and the epilogue warps (the producer's warpgroup but the producer)
-// do the rest under their products: GS_FWD_GELU stores the pre-activation by the copy engine, overwrites each 64-column
-// chunk with GELU of it once the copy has read the chunk, and stores that; GS_BWD_DGELU multiplies
-// each value by gelu' of the pre-activation (read from memory, asked into L2 when the tile's
-// products start) and stores the result. Both round twice where gs_kernel rounds once (GELU of the
-// stored pre-activation, the product rounded to bf16 before the GELU' factor), well inside bf16's
-// tolerances (the gemm suite compares against double references).
+// tensor cores' full rate about 150 bytes per cycle of shared-memory traffic, more than the
+// multiprocessor's 128. cuBLASLt's kernels for these shapes take 128 x 256 tiles that both
+// consumer warpgroups compute together, each one m64n256 product per 16 columns (about 120 bytes
+// per cycle at full rate). So does gw_kernel. Its two consumers finish a tile together, so the
+// tile's epilogue cannot hide under the other consumer's products as in gs_kernel; instead the
+// consumers only add the bias (which the epilogue warps put into shared memory), put the tile into
+// shared memory in bf16 and go on to the next one, and the epilogue warps (the producer's
+// warpgroup but the producer) do the rest under their products: GS_FWD_GELU stores the
+// pre-activation by the copy engine, overwrites each 64-column chunk with GELU of it once the copy
+// has read the chunk, and stores that; GS_BWD_DGELU multiplies each value by gelu' of the
+// pre-activation (read from memory, a chunk's loads all in flight, the next chunk's issued before
+// the current one is computed and the first chunk's before the tile arrives) and stores the
+// result. Both round twice where gs_kernel rounds once (GELU of the stored pre-activation; the
+// product rounded to bf16 before the GELU' factor), well inside bf16's tolerances (the gemm suite
+// compares against double references).
 //
 // Shared memory: GW_STAGES stages of 48 KB (inp's 128 x 64 tile, then w's four 64 x 64 boxes), the
 // 64 KB tile in four 64-column chunks of 128 rows (128-byte swizzled, as the copy engine reads
-// them), the barriers. Three warpgroups, as gs_kernel (with four, ptxas has 128 registers per
-// thread for the consumers' 128 accumulators and cannot compile the m64n256 product): warp 0 of
-// the first is the producer, its warps 1-3 the epilogue (104 registers), the other two the
-// consumers (200).
+// them), the barriers, the tile's bias. Three warpgroups, as gs_kernel (with four, ptxas has 128
+// registers per thread for the consumers' 128 accumulators and cannot compile the m64n256
+// product): warp 0 of the first is the producer, its warps 1-3 the epilogue (152 registers), the
+// other two the consumers (176; ptxas compiles their code within the launch's 168).
+//
+// First measurement (one H200, `--bench gemm`, the version before the bias in shared memory and the
+// backward's loads in flight): correct on the gemm suite's shapes; fc forward at 124M 0.152 ms
+// (the 128 x 128 kernel 0.151, cuBLASLt 0.157), the input gradient 0.282 (0.163, 0.159), where
+// Nsight showed the epilogue warps waiting on their loads of the pre-activation (7.8 cycles of
+// long-scoreboard stall per instruction issued).
 
 #define GW_BN 256
 #define GW_STAGES 3
@@ -551,11 +559,26 @@ __device__ __forceinline__ static uint4 gw_apply(uint4 v, uint4 pre) {
 // (et 0..95) take the 16-byte pieces of each 64-column chunk in turn, eight consecutive threads a
 // row (conflict-free under the swizzle, and 128 contiguous bytes of the pre-activation in memory).
 // Thread 0 (et == 0) issues and commits the copy engine's stores.
+#define GW_PER ((GW_CHUNK_PIECES + GW_EPI_THREADS - 1) / GW_EPI_THREADS) // pieces an epilogue thread takes
+
+// GS_BWD_DGELU: this thread's pieces of chunk q of the tile's pre-activation, all loads in flight.
+__device__ __forceinline__ static void gw_load_pre(uint4 (&pv)[GW_PER], const f9_bf16 *__restrict__ pre, int m0,
+                                                   int n0, int q, int NN, int et) {
+#pragma unroll
+    for (int k = 0; k < GW_PER; k++) {
+        const int i = et + GW_EPI_THREADS * k, r = i >> 3;
+        if (i < GW_CHUNK_PIECES)
+            pv[k] = __ldg(reinterpret_cast<const uint4 *>(pre + (size_t)(m0 + r) * NN + n0 + 64 * q + 8 * (i & 7)));
+    }
+}
+
+// GS_BWD_DGELU: pv holds chunk 0's pre-activation (loaded before the tile arrived); each piece's
+// register takes the next chunk's load as soon as it has been used, so the loads stay in flight.
 template <int MODE>
 __device__ __forceinline__ static void gw_epilogue(const CUtensorMap *map_out, const CUtensorMap *map_aux,
-                                                   const f9_bf16 *__restrict__ pre, uint32_t tile, int m0, int n0,
-                                                   int NN, int et) {
-    constexpr int PER = (GW_CHUNK_PIECES + GW_EPI_THREADS - 1) / GW_EPI_THREADS; // pieces a thread takes
+                                                   const f9_bf16 *__restrict__ pre, uint4 (&pv)[GW_PER],
+                                                   uint32_t tile, int m0, int n0, int NN, int et) {
+    constexpr int PER = GW_PER;
 #pragma unroll 1
     for (int q = 0; q < 4; q++) {
         const uint32_t chunk = tile + (uint32_t)q * 16384;
@@ -582,14 +605,16 @@ __device__ __forceinline__ static void gw_epilogue(const CUtensorMap *map_out, c
             }
         } else {
             (void)map_aux;
-#pragma unroll 4
-            for (int k = 0; k < PER; k++) {
+#pragma unroll
+            for (int k = 0; k < PER; k++) { // each piece's register takes the next chunk's load once used
                 const int i = et + GW_EPI_THREADS * k, r = i >> 3;
                 if (i < GW_CHUNK_PIECES) {
                     const uint32_t at = chunk + (uint32_t)(r * 128 + (((i & 7) ^ (r & 7)) << 4));
-                    const uint4 pv = __ldg(reinterpret_cast<const uint4 *>(pre + (size_t)(m0 + r) * NN + n0 + 64 * q +
-                                                                           8 * (i & 7)));
-                    gw_sts(at, gw_apply<MODE>(gw_lds(at), pv));
+                    const uint4 y = gw_apply<MODE>(gw_lds(at), pv[k]);
+                    if (q < 3)
+                        pv[k] = __ldg(reinterpret_cast<const uint4 *>(pre + (size_t)(m0 + r) * NN + n0 + 64 * (q + 1) +
+                                                                      8 * (i & 7)));
+                    gw_sts(at, y);
                 }
             }
         }
@@ -615,7 +640,8 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 48 KB
     const uint32_t tile = base + GW_STAGES * GW_STAGE_BYTES;         // the tile for the epilogue
     const uint32_t full = tile + GW_TILE_BYTES, empty = full + 8 * GW_STAGES; // GW_STAGES mbarriers each,
-    const uint32_t tile_full = empty + 8 * GW_STAGES, tile_free = tile_full + 8; // then one each
+    const uint32_t tile_full = empty + 8 * GW_STAGES, tile_free = tile_full + 8; // then one each,
+    const uint32_t tile_bias = tile_free + 8;                                      // then the tile's bias
     const int tid = (int)threadIdx.x, wg = tid >> 7;
     const uint32_t rank = CL > 1 ? gs_cluster_rank() : 0u;
     const int tn = NN / GW_BN, units = (M / (GS_BM * CL)) * tn, nk = K / GS_BK;
@@ -635,21 +661,28 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         __syncthreads();
 
     if (wg == 0) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 104;\n");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 152;\n");
         if (tid >= 32) { // the epilogue
             const int et = tid - 32;
             int j = 0;
             for (int u = cl; u < units; u += clusters, j++) {
                 const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GW_BN;
-                if constexpr (MODE == GS_BWD_DGELU) // the tile's pre-activation into L2, a line each
+                uint4 pv[GW_PER];
+                if constexpr (MODE == GS_BWD_DGELU) { // the tile's pre-activation into L2, chunk 0's into registers
                     for (int i = et; i < GS_BM * 4; i += GW_EPI_THREADS)
                         asm volatile("prefetch.global.L2 [%0];\n" ::"l"(aux + (size_t)(m0 + (i >> 2)) * NN + n0 + 64 * (i & 3)));
-                f9_mbar_wait(tile_full, (uint32_t)(j & 1));
-                gw_epilogue<MODE>(&to, &tx, aux, tile, m0, n0, NN, et);
-                if (et == 0) { // the copies have read the tile: the consumers may write the next one
-                    f9_bulk_wait_read();
+                    gw_load_pre(pv, aux, m0, n0, 0, NN, et);
+                }
+                if constexpr (BIAS) // the tile's bias, for the consumers to add (they read the previous
+                    if (et < GW_BN / 8) // one before handing that tile over)
+                        gw_sts(tile_bias + (uint32_t)et * 16, __ldg(reinterpret_cast<const uint4 *>(bias + n0) + et));
+                f9_named_sync(1, GW_EPI_THREADS); // the bias is written, the previous tile's epilogue done
+                if (et == 0) { // once the copies have read the previous tile, the consumers may write this one
+                    if (j > 0) f9_bulk_wait_read();
                     f9_mbar_arrive(tile_free);
                 }
+                f9_mbar_wait(tile_full, (uint32_t)(j & 1));
+                gw_epilogue<MODE>(&to, &tx, aux, pv, tile, m0, n0, NN, et);
             }
             if (et == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
         } else if (tid == 0) { // the producer
@@ -677,12 +710,12 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 200;\n");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 176;\n");
     const int c = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31, tq = lane & 3;
     float acc[128];
     int j = 0;
     for (int u = cl; u < units; u += clusters, j++) {
-        const int n0 = (u % tn) * GW_BN, it0 = j * nk;
+        const int it0 = j * nk;
         for (int kc = 0; kc < nk; kc++) {
             const int it = it0 + kc, s = it % GW_STAGES;
             f9_mbar_wait(full + 8 * s, (uint32_t)((it / GW_STAGES) & 1));
@@ -712,18 +745,21 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             f9_mbar_arrive(empty + 8 * ((it0 + nk - 1) % GW_STAGES));
             if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it0 + nk - 1) % GW_STAGES), rank ^ 1u);
         }
+        // the tile to the epilogue warps, once they are done with the previous one and have put this
+        // one's bias into shared memory
+        f9_mbar_wait(tile_free, (uint32_t)(j & 1));
         if constexpr (BIAS) {
 #pragma unroll
             for (int jj = 0; jj < 32; jj++) {
-                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(bias + n0 + 8 * jj + 2 * tq));
+                uint32_t bb;
+                asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(bb) : "r"(tile_bias + (uint32_t)(16 * jj + 4 * tq)) : "memory");
+                const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&bb));
                 acc[4 * jj] += b.x;
                 acc[4 * jj + 1] += b.y;
                 acc[4 * jj + 2] += b.x;
                 acc[4 * jj + 3] += b.y;
             }
         }
-        // the tile to the epilogue warpgroup, once it is done with the previous one
-        if (j > 0) f9_mbar_wait(tile_free, (uint32_t)((j - 1) & 1));
 #pragma unroll
         for (int p = 0; p < 16; p++) {
             const float *a = &acc[8 * p];
@@ -751,7 +787,7 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
                         int NN) {
     constexpr int stages = KIND == GS_WIDE ? GW_STAGES : KIND == GS_STAGED ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
     const size_t smem = KIND == GS_WIDE
-                            ? (size_t)stages * GW_STAGE_BYTES + GW_TILE_BYTES + 8 * (2 * stages + 2) + 1024
+                            ? (size_t)stages * GW_STAGE_BYTES + GW_TILE_BYTES + 8 * (2 * stages + 2) + GW_BN * 2 + 1024
                             : (size_t)stages * GS_STAGE_BYTES + (KIND == GS_STAGED ? 2 * GS_OUT_BYTES : 0) +
                                   8 * (2 * stages + 4) + 1024;
     auto kernel = KIND == GS_WIDE ? gw_kernel<MODE, BIAS, CL> : gs_kernel<MODE, BIAS, CL, KIND == GS_STAGED>;
@@ -805,12 +841,19 @@ static int gs_kind(int NN) {
     return wide && NN % GW_BN == 0 ? GS_WIDE : staged ? GS_STAGED : GS_REGISTERS;
 }
 
-// Clusters of two where M holds an even number of 128-row tiles, else a block per tile.
+// Clusters of two where M holds an even number of 128-row tiles, else a block per tile;
+// TPTRAIN_GEMM_SM90_CLUSTER=0 (mesh.c checks the value: 0 or 1) always a block per tile, for
+// measuring.
 template <int MODE, bool BIAS, int KIND>
 static int gs_launch_kind(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
                           int NN) {
-    return (M / GS_BM) % 2 == 0 ? gs_launch_cl<MODE, BIAS, 2, KIND>(st, m, out, aux, bias, M, K, NN)
-                                : gs_launch_cl<MODE, BIAS, 1, KIND>(st, m, out, aux, bias, M, K, NN);
+    static int allowed = -1;
+    if (allowed < 0) {
+        const char *e = getenv("TPTRAIN_GEMM_SM90_CLUSTER");
+        allowed = !(e && strcmp(e, "0") == 0);
+    }
+    return allowed && (M / GS_BM) % 2 == 0 ? gs_launch_cl<MODE, BIAS, 2, KIND>(st, m, out, aux, bias, M, K, NN)
+                                           : gs_launch_cl<MODE, BIAS, 1, KIND>(st, m, out, aux, bias, M, K, NN);
 }
 
 template <int MODE, bool BIAS>

@@ -239,6 +239,7 @@ static void expect_bad_variable(const char *assignment) {
 Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_OVERLAP_SMS=12x");
     expect_bad_variable("TPTRAIN_GEMM_SM90=yes");
+    expect_bad_variable("TPTRAIN_GEMM_SM90_TILE=192");
     expect_bad_variable("TPTRAIN_ATTN_ORDER=pair");
     expect_bad_variable("TPTRAIN_ATTN_BWD=splt");
 }

@@ -321,11 +321,11 @@ Test(gemm, fewer_multiprocessors) {
 }
 
 // The Hopper GELU forward and GELU'-epilogue input gradient of our own (TPTRAIN_GEMM_SM90=1, read
-// at gemm_create), with the epilogue from registers (TPTRAIN_GEMM_SM90_EPILOGUE=registers), against the same double-precision references: more 128 x 128 tiles than
-// multiprocessors (each block walks several, its two consumers in turn) and more 64-column K steps
-// than the six stages hold, the forward with a bias and without; an even number of 128-row tile
-// rows (blocks in clusters of two sharing B's tiles) and an odd one (a block per tile); shapes they
-// do not take go to cuBLASLt.
+// at gemm_create), with the epilogue from registers (TPTRAIN_GEMM_SM90_EPILOGUE=registers), against
+// the same double-precision references: more 128 x 128 tiles than multiprocessors (each block walks
+// several, its two consumers in turn) and more 64-column K steps than the six stages hold, the
+// forward with a bias and without; an even number of 128-row tile rows (blocks in clusters of two
+// sharing B's tiles) and an odd one (a block per tile); shapes they do not take go to cuBLASLt.
 Test(gemm, gelu_products_sm90) {
     cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
     cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_EPILOGUE", "registers", 1), 0);
