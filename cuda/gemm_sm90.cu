@@ -316,6 +316,50 @@ __device__ __forceinline__ static uint32_t gs_cluster_rank(void) {
     return r;
 }
 
+// ---- the pipeline's pieces, shared by gs_kernel and gw_kernel
+
+// The producer's fill number `it` of the STAGES stages, k columns kc * 64.. of the tile at (m0,
+// n0): once the stage's previous fill (it - STAGES) has been released by every consumer of it,
+// A's 128 x 64 box and B's NB 64 x 64 boxes (8 KB apart: for GS_FWD_GELU rows n0 + 64 q of B, for
+// GS_BWD_DGELU its columns n0 + 64 q), in clusters this block's share of B's boxes multicast to
+// both blocks; the stage's "full" barrier counts the bytes.
+template <int MODE, int CL, int STAGES, int NB>
+__device__ __forceinline__ static void gs_fill(const CUtensorMap *ta, const CUtensorMap *tb, uint32_t base,
+                                               uint32_t full, uint32_t empty, int it, int kc, int m0, int n0,
+                                               uint32_t rank) {
+    constexpr uint32_t bytes = (GS_BM + 64 * NB) * GS_BK * 2;
+    const int s = it % STAGES;
+    if (it >= STAGES) f9_mbar_wait(empty + 8 * s, (uint32_t)((it / STAGES - 1) & 1));
+    const uint32_t sa = base + (uint32_t)s * bytes, sb = sa + GS_BM * GS_BK * 2;
+    f9_mbar_expect_tx(full + 8 * s, bytes);
+    f9_tma_load(sa, ta, kc * GS_BK, m0, 0, full + 8 * s);
+    for (int q = CL > 1 ? (int)rank : 0; q < NB; q += CL) {
+        const int x = MODE == GS_FWD_GELU ? kc * GS_BK : n0 + 64 * q;
+        const int y = MODE == GS_FWD_GELU ? n0 + 64 * q : kc * GS_BK;
+        const uint32_t dst = sb + (uint32_t)q * 64 * 128;
+        if constexpr (CL > 1) gs_tma_load_multicast(dst, tb, x, y, full + 8 * s, (uint16_t)3);
+        else f9_tma_load(dst, tb, x, y, 0, full + 8 * s);
+    }
+}
+
+// The producer, before its block exits: the release of each stage's last fill (of `it` in all),
+// after which no consumer of either block touches this block.
+template <int STAGES>
+__device__ __forceinline__ static void gs_drain(uint32_t empty, int it) {
+    for (int last = it - STAGES < 0 ? 0 : it - STAGES; last < it; last++)
+        f9_mbar_wait(empty + 8 * (last % STAGES), (uint32_t)((last / STAGES) & 1));
+}
+
+// A consumer warp's release of a stage whose products are done: lane 0 arrives on the stage's
+// "empty" barrier here and, in clusters, on the peer block's.
+template <int CL>
+__device__ __forceinline__ static void gs_release(uint32_t bar, uint32_t rank, int lane) {
+    if (lane == 0) {
+        f9_mbar_arrive(bar);
+        if constexpr (CL > 1) gs_mbar_arrive_remote(bar, rank ^ 1u);
+    }
+}
+
 // out (M, NN) from A (M, K) K-major (tensor map ta, 128-row boxes) and B: GS_FWD_GELU, B (NN, K)
 // K-major, d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major, d = A B; tb's boxes are 64 x 64 either way,
 // two per stage (the tile's two 64-row halves of B for the forward, its two 64-column halves for
@@ -383,25 +427,10 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
                     f9_tma_load(dst, &tx, n0, m0, 0, pre_full + 8 * c);
                     f9_tma_load(dst + 16384, &tx, n0 + 64, m0, 0, pre_full + 8 * c);
                 }
-                for (int kc = 0; kc < nk; kc++, it++) {
-                    const int s = it % GS_STAGES;
-                    // the stage's previous fill (it - GS_STAGES) has been read by every consumer of it
-                    if (it >= GS_STAGES) f9_mbar_wait(empty + 8 * s, (uint32_t)((it / GS_STAGES - 1) & 1));
-                    const uint32_t sa = base + (uint32_t)s * GS_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
-                    f9_mbar_expect_tx(full + 8 * s, GS_STAGE_BYTES);
-                    f9_tma_load(sa, &ta, kc * GS_BK, m0, 0, full + 8 * s);
-                    for (int half = CL > 1 ? (int)rank : 0; half < 2; half += CL) {
-                        const int x = MODE == GS_FWD_GELU ? kc * GS_BK : n0 + 64 * half;
-                        const int y = MODE == GS_FWD_GELU ? n0 + 64 * half : kc * GS_BK;
-                        const uint32_t dst = sb + (uint32_t)half * 64 * 128;
-                        if constexpr (CL > 1) gs_tma_load_multicast(dst, &tb, x, y, full + 8 * s, (uint16_t)3);
-                        else f9_tma_load(dst, &tb, x, y, 0, full + 8 * s);
-                    }
-                }
+                for (int kc = 0; kc < nk; kc++, it++)
+                    gs_fill<MODE, CL, GS_STAGES, 2>(&ta, &tb, base, full, empty, it, kc, m0, n0, rank);
             }
-            // the release of each stage's last fill: after it no consumer of either block touches this block
-            for (int last = it - GS_STAGES < 0 ? 0 : it - GS_STAGES; last < it; last++)
-                f9_mbar_wait(empty + 8 * (last % GS_STAGES), (uint32_t)((last / GS_STAGES) & 1));
+            gs_drain<GS_STAGES>(empty, it);
         }
         return;
     }
@@ -440,19 +469,13 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             if (kc > 0) { // the previous stage's products are done: each warp releases it
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-                if (lane == 0) {
-                    f9_mbar_arrive(empty + 8 * ((it - 1) % GS_STAGES));
-                    if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it - 1) % GS_STAGES), rank ^ 1u);
-                }
+                gs_release<CL>(empty + 8 * ((it - 1) % GS_STAGES), rank, lane);
             }
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         gs_pin(acc[0]);
         gs_pin(acc[1]);
-        if (lane == 0) {
-            f9_mbar_arrive(empty + 8 * ((it0 + nk - 1) % GS_STAGES));
-            if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it0 + nk - 1) % GS_STAGES), rank ^ 1u);
-        }
+        gs_release<CL>(empty + 8 * ((it0 + nk - 1) % GS_STAGES), rank, lane);
         // the other consumer's turn, if the block has a next tile (it is that consumer's)
         if (u + clusters < units) f9_named_arrive(2 - c, 256);
         if constexpr (TE)
@@ -689,23 +712,10 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             int it = 0;
             for (int u = cl; u < units; u += clusters) {
                 const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GW_BN;
-                for (int kc = 0; kc < nk; kc++, it++) {
-                    const int s = it % GW_STAGES;
-                    if (it >= GW_STAGES) f9_mbar_wait(empty + 8 * s, (uint32_t)((it / GW_STAGES - 1) & 1));
-                    const uint32_t sa = base + (uint32_t)s * GW_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
-                    f9_mbar_expect_tx(full + 8 * s, GW_STAGE_BYTES);
-                    f9_tma_load(sa, &ta, kc * GS_BK, m0, 0, full + 8 * s);
-                    for (int q = CL > 1 ? (int)rank : 0; q < 4; q += CL) { // w's four 64 x 64 boxes, 8 KB apart
-                        const int x = MODE == GS_FWD_GELU ? kc * GS_BK : n0 + 64 * q;
-                        const int y = MODE == GS_FWD_GELU ? n0 + 64 * q : kc * GS_BK;
-                        const uint32_t dst = sb + (uint32_t)q * 64 * 128;
-                        if constexpr (CL > 1) gs_tma_load_multicast(dst, &tb, x, y, full + 8 * s, (uint16_t)3);
-                        else f9_tma_load(dst, &tb, x, y, 0, full + 8 * s);
-                    }
-                }
+                for (int kc = 0; kc < nk; kc++, it++)
+                    gs_fill<MODE, CL, GW_STAGES, 4>(&ta, &tb, base, full, empty, it, kc, m0, n0, rank);
             }
-            for (int last = it - GW_STAGES < 0 ? 0 : it - GW_STAGES; last < it; last++)
-                f9_mbar_wait(empty + 8 * (last % GW_STAGES), (uint32_t)((last / GW_STAGES) & 1));
+            gs_drain<GW_STAGES>(empty, it);
         }
         return;
     }
@@ -732,19 +742,13 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             if (kc > 0) {
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-                if (lane == 0) {
-                    f9_mbar_arrive(empty + 8 * ((it - 1) % GW_STAGES));
-                    if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it - 1) % GW_STAGES), rank ^ 1u);
-                }
+                gs_release<CL>(empty + 8 * ((it - 1) % GW_STAGES), rank, lane);
             }
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
         for (int i = 0; i < 128; i++) asm volatile("" : "+f"(acc[i])::"memory");
-        if (lane == 0) {
-            f9_mbar_arrive(empty + 8 * ((it0 + nk - 1) % GW_STAGES));
-            if constexpr (CL > 1) gs_mbar_arrive_remote(empty + 8 * ((it0 + nk - 1) % GW_STAGES), rank ^ 1u);
-        }
+        gs_release<CL>(empty + 8 * ((it0 + nk - 1) % GW_STAGES), rank, lane);
         // the tile to the epilogue warps, once they are done with the previous one and have put this
         // one's bias into shared memory
         f9_mbar_wait(tile_free, (uint32_t)(j & 1));
