@@ -20,6 +20,8 @@
 // on a barrier phase two ahead of the one it means. Where the output has an even number of 128-row
 // tile rows the blocks run in clusters of two that share w's tiles (gs_kernel's comment).
 //
+// gw_kernel, further down, computes the same products in 128 x 256 tiles (TPTRAIN_GEMM_SM90_TILE=256).
+//
 // Shapes: N and OC multiples of 128, IC of 64, operands 16-byte aligned (gemm.cu checks and falls
 // back to cuBLASLt otherwise). fp32 accumulation; pre is the rounded sum, out GELU of the unrounded
 // one, as cuBLASLt's epilogue computes them; tanh by tanh.approx.f32.
@@ -493,9 +495,11 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
 // With 128 x 128 tiles a consumer's products are two m64n128 per 16 columns of K, each reading w's
 // tile from shared memory, and the copy engine writes 32 KB per 64 columns of K into it: at the
 // tensor cores' full rate about 150 bytes per cycle of shared-memory traffic, more than the
-// multiprocessor's 128. cuBLASLt's kernels for these shapes take 128 x 256 tiles that both
-// consumer warpgroups compute together, each one m64n256 product per 16 columns (about 120 bytes
-// per cycle at full rate). So does gw_kernel. Its two consumers finish a tile together, so the
+// multiprocessor's 128, which suggested that gs_kernel cannot pass about 85% of that rate.
+// cuBLASLt's kernels for these shapes take 128 x 256 tiles that both consumer warpgroups compute
+// together, each one m64n256 product per 16 columns (about 120 bytes per cycle at full rate). So
+// does gw_kernel (the first measurement below did not show the gain: both kernels ran at about 55%
+// of the rate, so something else holds them first). Its two consumers finish a tile together, so the
 // tile's epilogue cannot hide under the other consumer's products as in gs_kernel; instead the
 // consumers only add the bias (which the epilogue warps put into shared memory), put the tile into
 // shared memory in bf16 and go on to the next one, and the epilogue warps (the producer's
@@ -528,6 +532,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
 #define GW_NT 384
 #define GW_EPI_THREADS 96 // warps 1-3 of the producer's warpgroup
 #define GW_CHUNK_PIECES (GS_BM * 8) // 16-byte pieces of a 64-column chunk
+#define GW_PER ((GW_CHUNK_PIECES + GW_EPI_THREADS - 1) / GW_EPI_THREADS) // pieces an epilogue thread takes
 
 #define GW_ACC_TEXT128 \
     F9_ACC_TEXT64 ", " \
@@ -578,12 +583,6 @@ __device__ __forceinline__ static uint4 gw_apply(uint4 v, uint4 pre) {
     }
 }
 
-// The epilogue warps' part of a tile at (m0, n0), held in shared memory at `tile`: the 96 threads
-// (et 0..95) take the 16-byte pieces of each 64-column chunk in turn, eight consecutive threads a
-// row (conflict-free under the swizzle, and 128 contiguous bytes of the pre-activation in memory).
-// Thread 0 (et == 0) issues and commits the copy engine's stores.
-#define GW_PER ((GW_CHUNK_PIECES + GW_EPI_THREADS - 1) / GW_EPI_THREADS) // pieces an epilogue thread takes
-
 // GS_BWD_DGELU: this thread's pieces of chunk q of the tile's pre-activation, all loads in flight.
 __device__ __forceinline__ static void gw_load_pre(uint4 (&pv)[GW_PER], const f9_bf16 *__restrict__ pre, int m0,
                                                    int n0, int q, int NN, int et) {
@@ -595,8 +594,12 @@ __device__ __forceinline__ static void gw_load_pre(uint4 (&pv)[GW_PER], const f9
     }
 }
 
-// GS_BWD_DGELU: pv holds chunk 0's pre-activation (loaded before the tile arrived); each piece's
-// register takes the next chunk's load as soon as it has been used, so the loads stay in flight.
+// The epilogue warps' part of a tile at (m0, n0), held in shared memory at `tile`: the 96 threads
+// (et 0..95) take the 16-byte pieces of each 64-column chunk in turn, eight consecutive threads a
+// row (conflict-free under the swizzle, and 128 contiguous bytes of the pre-activation in memory).
+// Thread 0 (et == 0) issues and commits the copy engine's stores. GS_BWD_DGELU: pv holds chunk 0's
+// pre-activation (loaded before the tile arrived); each piece's register takes the next chunk's
+// load as soon as it has been used, so the loads stay in flight.
 template <int MODE>
 __device__ __forceinline__ static void gw_epilogue(const CUtensorMap *map_out, const CUtensorMap *map_aux,
                                                    const f9_bf16 *__restrict__ pre, uint4 (&pv)[GW_PER],
@@ -834,7 +837,8 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
 // of 256 (mesh.c checks the value: 128 or 256), else gs_kernel with its epilogue staged through
 // shared memory and stored by the copy engine (the default, and TPTRAIN_GEMM_SM90_EPILOGUE=tma) or
 // from registers (=registers). The staged one measured 2-12% faster on every shape
-// (cuda/PERF_NOTES.md, "The staged epilogue"); gw_kernel is not yet measured.
+// (cuda/PERF_NOTES.md, "The staged epilogue"); gw_kernel's first version ran as fast as it in the
+// forward and slower in the input gradient (PERF_NOTES, "The wide tile").
 static int gs_kind(int NN) {
     static int staged = -1, wide = -1;
     if (staged < 0) {
