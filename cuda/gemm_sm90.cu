@@ -512,9 +512,10 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
 // product rounded to bf16 before the GELU' factor), well inside bf16's tolerances (the gemm suite
 // compares against double references).
 //
-// Shared memory: GW_STAGES stages of 48 KB (inp's 128 x 64 tile, then w's four 64 x 64 boxes), the
+// Shared memory: three stages of 48 KB (inp's 128 x 64 tile, then w's four 64 x 64 boxes) and the
 // 64 KB tile in four 64-column chunks of 128 rows (128-byte swizzled, as the copy engine reads
-// them), the barriers, the tile's bias. Three warpgroups, as gs_kernel (with four, ptxas has 128
+// them), or (TPTRAIN_GEMM_SM90_WIDE_STAGES=4) four stages and the tile handed over in two halves
+// through 32 KB; then the barriers and the tile's bias. Three warpgroups, as gs_kernel (with four, ptxas has 128
 // registers per thread for the consumers' 128 accumulators and cannot compile the m64n256
 // product): warp 0 of the first is the producer, its warps 1-3 the epilogue (152 registers), the
 // other two the consumers (176; ptxas compiles their code within the launch's 168).
@@ -526,7 +527,8 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
 // long-scoreboard stall per instruction issued).
 
 #define GW_BN 256
-#define GW_STAGES 3
+// Stages: three beside a 64 KB hand-over buffer (H = 1), four beside a 32 KB one (H = 2).
+__host__ __device__ constexpr int gw_stages(int H) { return H == 2 ? 4 : 3; }
 #define GW_STAGE_BYTES (GS_BM * GS_BK * 2 + GW_BN * GS_BK * 2)
 #define GW_TILE_BYTES (GS_BM * GW_BN * 2)
 #define GW_NT 384
@@ -597,17 +599,18 @@ __device__ __forceinline__ static void gw_load_pre(uint4 (&pv)[GW_PER], const f9
 // The epilogue warps' part of a tile at (m0, n0), held in shared memory at `tile`: the 96 threads
 // (et 0..95) take the 16-byte pieces of each 64-column chunk in turn, eight consecutive threads a
 // row (conflict-free under the swizzle, and 128 contiguous bytes of the pre-activation in memory).
-// Thread 0 (et == 0) issues and commits the copy engine's stores. GS_BWD_DGELU: pv holds chunk 0's
-// pre-activation (loaded before the tile arrived); each piece's register takes the next chunk's
-// load as soon as it has been used, so the loads stay in flight.
-template <int MODE>
+// Thread 0 (et == 0) issues and commits the copy engine's stores. With the tile handed over in
+// halves (four stages), a call takes the NQ = 2 chunks q0, q0 + 1 the buffer holds. GS_BWD_DGELU:
+// pv holds chunk q0's pre-activation (chunk 0's loaded before the tile arrived); each piece's
+// register takes the next chunk's load as soon as it has been used, so the loads stay in flight.
+template <int MODE, int NQ>
 __device__ __forceinline__ static void gw_epilogue(const CUtensorMap *map_out, const CUtensorMap *map_aux,
                                                    const f9_bf16 *__restrict__ pre, uint4 (&pv)[GW_PER],
-                                                   uint32_t tile, int m0, int n0, int NN, int et) {
+                                                   uint32_t tile, int q0, int m0, int n0, int NN, int et) {
     constexpr int PER = GW_PER;
 #pragma unroll 1
-    for (int q = 0; q < 4; q++) {
-        const uint32_t chunk = tile + (uint32_t)q * 16384;
+    for (int q = q0; q < q0 + NQ; q++) { // the tile's chunks q0.., held at tile + (q - q0) * 16 KB
+        const uint32_t chunk = tile + (uint32_t)(q - q0) * 16384;
         if constexpr (MODE == GS_FWD_GELU) {
             (void)pre;
             if (et == 0) { // the pre-activation out first, from the chunk as the consumers wrote it
@@ -655,25 +658,28 @@ __device__ __forceinline__ static void gw_epilogue(const CUtensorMap *map_out, c
 
 // The same products as gs_kernel (the operands and CL as there) with 128 x 256 tiles: warp 0 the
 // producer, warps 1-3 the epilogue, warpgroups 1 and 2 the consumers (rows 0-63 and 64-127 of
-// every tile).
-template <int MODE, bool BIAS, int CL>
+// every tile). H = 1: the tile handed over whole (64 KB), three stages; H = 2: in two halves of
+// 128 columns through 32 KB (the consumers wait for the first half's epilogue before writing the
+// second), four stages.
+template <int MODE, bool BIAS, int CL, int H>
 static __global__ void __launch_bounds__(GW_NT, 1)
 gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb,
           const __grid_constant__ CUtensorMap to, const __grid_constant__ CUtensorMap tx, f9_bf16 *out,
           f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN) {
     (void)out;
+    constexpr int stages = gw_stages(H), NQ = 4 / H; // NQ 64-column chunks a hand-over
     extern __shared__ __align__(1024) unsigned char gs_smem[];
     const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 48 KB
-    const uint32_t tile = base + GW_STAGES * GW_STAGE_BYTES;         // the tile for the epilogue
-    const uint32_t full = tile + GW_TILE_BYTES, empty = full + 8 * GW_STAGES; // GW_STAGES mbarriers each,
-    const uint32_t tile_full = empty + 8 * GW_STAGES, tile_free = tile_full + 8; // then one each,
+    const uint32_t tile = base + stages * GW_STAGE_BYTES;         // the hand-over buffer
+    const uint32_t full = tile + GW_TILE_BYTES / H, empty = full + 8 * stages; // stages mbarriers each,
+    const uint32_t tile_full = empty + 8 * stages, tile_free = tile_full + 8; // then one each,
     const uint32_t tile_bias = tile_free + 8;                                      // then the tile's bias
     const int tid = (int)threadIdx.x, wg = tid >> 7;
     const uint32_t rank = CL > 1 ? gs_cluster_rank() : 0u;
     const int tn = NN / GW_BN, units = (M / (GS_BM * CL)) * tn, nk = K / GS_BK;
     const int cl = (int)blockIdx.x / CL, clusters = (int)gridDim.x / CL;
     if (tid == 0) {
-        for (int s = 0; s < GW_STAGES; s++) {
+        for (int s = 0; s < stages; s++) {
             f9_mbar_init(full + 8 * s, 1);
             f9_mbar_init(empty + 8 * s, 8 * CL); // every consumer warp of both blocks
         }
@@ -707,8 +713,14 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
                     if (j > 0) f9_bulk_wait_read();
                     f9_mbar_arrive(tile_free);
                 }
-                f9_mbar_wait(tile_full, (uint32_t)(j & 1));
-                gw_epilogue<MODE>(&to, &tx, aux, pv, tile, m0, n0, NN, et);
+                for (int h = 0; h < H; h++) { // hand-over j * H + h
+                    f9_mbar_wait(tile_full, (uint32_t)((j * H + h) & 1));
+                    gw_epilogue<MODE, NQ>(&to, &tx, aux, pv, tile, h * NQ, m0, n0, NN, et);
+                    if (h + 1 < H && et == 0) { // the copies have read the half: the consumers may write the next
+                        f9_bulk_wait_read();
+                        f9_mbar_arrive(tile_free);
+                    }
+                }
             }
             if (et == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
         } else if (tid == 0) { // the producer
@@ -716,9 +728,9 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             for (int u = cl; u < units; u += clusters) {
                 const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GW_BN;
                 for (int kc = 0; kc < nk; kc++, it++)
-                    gs_fill<MODE, CL, GW_STAGES, 4>(&ta, &tb, base, full, empty, it, kc, m0, n0, rank);
+                    gs_fill<MODE, CL, stages, 4>(&ta, &tb, base, full, empty, it, kc, m0, n0, rank);
             }
-            gs_drain<GW_STAGES>(empty, it);
+            gs_drain<stages>(empty, it);
         }
         return;
     }
@@ -730,8 +742,8 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     for (int u = cl; u < units; u += clusters, j++) {
         const int it0 = j * nk;
         for (int kc = 0; kc < nk; kc++) {
-            const int it = it0 + kc, s = it % GW_STAGES;
-            f9_mbar_wait(full + 8 * s, (uint32_t)((it / GW_STAGES) & 1));
+            const int it = it0 + kc, s = it % stages;
+            f9_mbar_wait(full + 8 * s, (uint32_t)((it / stages) & 1));
             const uint32_t sa = base + (uint32_t)s * GW_STAGE_BYTES, sb = sa + GS_BM * GS_BK * 2;
             f9_wg_fence();
 #pragma unroll
@@ -745,16 +757,16 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
             if (kc > 0) {
                 asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-                gs_release<CL>(empty + 8 * ((it - 1) % GW_STAGES), rank, lane);
+                gs_release<CL>(empty + 8 * ((it - 1) % stages), rank, lane);
             }
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
         for (int i = 0; i < 128; i++) asm volatile("" : "+f"(acc[i])::"memory");
-        gs_release<CL>(empty + 8 * ((it0 + nk - 1) % GW_STAGES), rank, lane);
+        gs_release<CL>(empty + 8 * ((it0 + nk - 1) % stages), rank, lane);
         // the tile to the epilogue warps, once they are done with the previous one and have put this
         // one's bias into shared memory
-        f9_mbar_wait(tile_free, (uint32_t)(j & 1));
+        f9_mbar_wait(tile_free, (uint32_t)((j * H) & 1));
         if constexpr (BIAS) {
 #pragma unroll
             for (int jj = 0; jj < 32; jj++) {
@@ -768,14 +780,18 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             }
         }
 #pragma unroll
-        for (int p = 0; p < 16; p++) {
-            const float *a = &acc[8 * p];
-            gs_stmatrix4(gs_stage_addr(tile, c, p, warp, lane), f9_pack(a[0], a[1]), f9_pack(a[2], a[3]),
-                         f9_pack(a[4], a[5]), f9_pack(a[6], a[7]));
+        for (int h = 0; h < H; h++) { // columns 256 h / H.. of the tile: 16 x 16 blocks p of 16 / H
+            if (h > 0) f9_mbar_wait(tile_free, (uint32_t)((j * H + h) & 1));
+#pragma unroll
+            for (int p = h * (16 / H); p < (h + 1) * (16 / H); p++) {
+                const float *a = &acc[8 * p];
+                gs_stmatrix4(gs_stage_addr(tile, c, p - h * (16 / H), warp, lane), f9_pack(a[0], a[1]),
+                             f9_pack(a[2], a[3]), f9_pack(a[4], a[5]), f9_pack(a[6], a[7]));
+            }
+            f9_fence_async();
+            __syncwarp();
+            if (lane == 0) f9_mbar_arrive(tile_full);
         }
-        f9_fence_async();
-        __syncwarp();
-        if (lane == 0) f9_mbar_arrive(tile_full);
     }
 }
 
@@ -785,19 +801,21 @@ struct gs_maps {
     CUtensorMap a, b, out, aux;
 };
 
-// Which kernel: gs_kernel with the epilogue from registers or staged, or gw_kernel.
-enum { GS_REGISTERS = 0, GS_STAGED = 1, GS_WIDE = 2 };
+// Which kernel: gs_kernel with the epilogue from registers or staged, or gw_kernel with three
+// stages or four.
+enum { GS_REGISTERS = 0, GS_STAGED = 1, GS_WIDE = 2, GS_WIDE4 = 3 };
 
 // Launches the KIND kernel over an (M, NN) output; 0, or 2 when the launch failed.
 template <int MODE, bool BIAS, int CL, int KIND>
 static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
                         int NN) {
-    constexpr int stages = KIND == GS_WIDE ? GW_STAGES : KIND == GS_STAGED ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
-    const size_t smem = KIND == GS_WIDE
-                            ? (size_t)stages * GW_STAGE_BYTES + GW_TILE_BYTES + 8 * (2 * stages + 2) + GW_BN * 2 + 1024
-                            : (size_t)stages * GS_STAGE_BYTES + (KIND == GS_STAGED ? 2 * GS_OUT_BYTES : 0) +
-                                  8 * (2 * stages + 4) + 1024;
-    auto kernel = KIND == GS_WIDE ? gw_kernel<MODE, BIAS, CL> : gs_kernel<MODE, BIAS, CL, KIND == GS_STAGED>;
+    constexpr bool wide = KIND == GS_WIDE || KIND == GS_WIDE4;
+    constexpr int H = KIND == GS_WIDE4 ? 2 : 1;
+    constexpr int stages = wide ? gw_stages(H) : KIND == GS_STAGED ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
+    const size_t smem = wide ? (size_t)stages * GW_STAGE_BYTES + GW_TILE_BYTES / H + 8 * (2 * stages + 2) + GW_BN * 2 + 1024
+                             : (size_t)stages * GS_STAGE_BYTES + (KIND == GS_STAGED ? 2 * GS_OUT_BYTES : 0) +
+                                   8 * (2 * stages + 4) + 1024;
+    auto kernel = wide ? gw_kernel<MODE, BIAS, CL, H> : gs_kernel<MODE, BIAS, CL, KIND == GS_STAGED>;
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
         (void)cudaGetLastError();
@@ -809,7 +827,7 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
     at[0].val.clusterDim.y = 1;
     at[0].val.clusterDim.z = 1;
     cudaLaunchConfig_t cfg = {};
-    cfg.blockDim = dim3(KIND == GS_WIDE ? GW_NT : GS_NT);
+    cfg.blockDim = dim3(wide ? GW_NT : GS_NT);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     cfg.attrs = at;
@@ -823,7 +841,7 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
             clusters = f9_sm_count() / CL;
         }
     }
-    int units = (M / (GS_BM * CL)) * (NN / (KIND == GS_WIDE ? GW_BN : GS_BN)), n = units < clusters ? units : clusters;
+    int units = (M / (GS_BM * CL)) * (NN / (wide ? GW_BN : GS_BN)), n = units < clusters ? units : clusters;
     cfg.gridDim = dim3((unsigned)(n * CL));
     if (cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
                            (const f9_bf16 *)bias, M, K, NN) != cudaSuccess) {
@@ -842,11 +860,12 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
 static int gs_kind(int NN) {
     static int staged = -1, wide = -1;
     if (staged < 0) {
-        const char *e = getenv("TPTRAIN_GEMM_SM90_EPILOGUE"), *t = getenv("TPTRAIN_GEMM_SM90_TILE");
+        const char *e = getenv("TPTRAIN_GEMM_SM90_EPILOGUE"), *t = getenv("TPTRAIN_GEMM_SM90_TILE"),
+                   *w = getenv("TPTRAIN_GEMM_SM90_WIDE_STAGES");
         staged = !(e && strcmp(e, "registers") == 0);
-        wide = t && strcmp(t, "256") == 0;
+        wide = !(t && strcmp(t, "256") == 0) ? 0 : w && strcmp(w, "4") == 0 ? GS_WIDE4 : GS_WIDE;
     }
-    return wide && NN % GW_BN == 0 ? GS_WIDE : staged ? GS_STAGED : GS_REGISTERS;
+    return wide && NN % GW_BN == 0 ? wide : staged ? GS_STAGED : GS_REGISTERS;
 }
 
 // Clusters of two where M holds an even number of 128-row tiles, else a block per tile;
@@ -869,6 +888,8 @@ static int gs_launch(cudaStream_t st, const gs_maps &m, void *out, void *aux, co
     switch (gs_kind(NN)) {
     case GS_WIDE:
         return gs_launch_kind<MODE, BIAS, GS_WIDE>(st, m, out, aux, bias, M, K, NN);
+    case GS_WIDE4:
+        return gs_launch_kind<MODE, BIAS, GS_WIDE4>(st, m, out, aux, bias, M, K, NN);
     case GS_STAGED:
         return gs_launch_kind<MODE, BIAS, GS_STAGED>(st, m, out, aux, bias, M, K, NN);
     default:

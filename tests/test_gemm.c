@@ -371,6 +371,20 @@ Test(gemm, gelu_products_sm90_wide) {
     check_fwd(4096, 768, 1152, true, true, 42);  // 1152 columns: the 128 x 128 tiles
 }
 
+// The same with four stages and the tile handed to the epilogue warps in two halves
+// (TPTRAIN_GEMM_SM90_WIDE_STAGES=4).
+Test(gemm, gelu_products_sm90_wide4) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_TILE", "256", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_WIDE_STAGES", "4", 1), 0);
+    expect_fwd_path = "sm90";
+    check_fwd(4096, 768, 1536, true, true, 43);  // clusters, 192 tiles, 12 K steps
+    check_fwd(8192, 256, 2048, true, true, 44);  // clusters, 512 tiles, 4 K steps
+    check_fwd(384, 128, 512, false, true, 45);   // a block per tile, 2 K steps, no bias
+    check_bwd_data(4096, 1536, 768, true, 46);   // clusters
+    check_bwd_data(640, 256, 128, true, 47);     // a block per tile
+}
+
 // TPTRAIN_GEMM_SM90=auto: each shape timed against cuBLASLt's best when first seen, the faster
 // kept; the products are right whichever won.
 Test(gemm, gelu_products_sm90_auto) {

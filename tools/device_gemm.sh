@@ -6,12 +6,13 @@
 # Builds tptrain and the gemm suite in build-gpu, runs the suite (every own-kernel case), the
 # sm90 cases under compute-sanitizer memcheck, then `tptrain --bench gemm` on GEMM_CONFIGS with
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels (128 x 128 tiles with each
-# TPTRAIN_GEMM_SM90_EPILOGUE, and the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256), GEMM_ROUNDS
-# rounds alternating, and `--bench model` on MODEL_CONFIG the same ways and with
-# TPTRAIN_GEMM_SM90=auto. Prints a line per run (the fc forward and the MLP projection's input
-# gradient in ms per call, all products in ms per step), then (NCU=1, the default) Nsight
+# TPTRAIN_GEMM_SM90_EPILOGUE; the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256 with three stages
+# and four), GEMM_ROUNDS rounds alternating, and `--bench model` on MODEL_CONFIG the same ways and
+# with TPTRAIN_GEMM_SM90=auto. Prints a line per run (the fc forward and the MLP projection's
+# input gradient in ms per call, all products in ms per step), then (NCU=1, the default) Nsight
 # Compute's view of the own kernels at 124M each way; full logs under
-# ${OUT:-/tmp/out}/gemm_logs.tar.gz.
+# ${OUT:-/tmp/out}/gemm_logs.tar.gz. Extra variables for every run (e.g.
+# TPTRAIN_GEMM_SM90_CLUSTER=0) can be exported before.
 set -u
 out=${OUT:-/tmp/out}
 build=${BUILD_DIR:-build-gpu}
@@ -30,7 +31,7 @@ timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/tests/t
 echo "memcheck of the sm90 cases: $(grep -h 'ERROR SUMMARY' "$out/logs/memcheck.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
 row() { grep -E '^fc fwd|^mlp proj bwd data|^all products' "$1" | awk '{printf "%s %s %s | ", $1, $2, ($1 == "all") ? $NF : $(NF-3)}'; }
 ways=("TPTRAIN_GEMM_SM90=0" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=registers" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=tma"
-      "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_TILE=256")
+      "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_TILE=256" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_TILE=256 TPTRAIN_GEMM_SM90_WIDE_STAGES=4")
 n=0
 for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
     for r in $(seq "${GEMM_ROUNDS:-2}"); do
@@ -49,9 +50,11 @@ done
 if [ "${NCU:-1}" = 1 ]; then
     # the own kernels' first launches at 124M under Nsight Compute (fc forward, then the input
     # gradient), each epilogue: time, throughputs, issue and the leading stall reasons
-    for e in registers tma wide; do
-        tile=128; [ $e = wide ] && tile=256
-        TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=${e/wide/tma} TPTRAIN_GEMM_SM90_TILE=$tile TPTRAIN_BENCH_ITERS=1+1 \
+    for e in registers tma wide wide4; do
+        tile=128 stages=3 epi=$e
+        case $e in wide) tile=256 epi=tma ;; wide4) tile=256 stages=4 epi=tma ;; esac
+        TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=$epi TPTRAIN_GEMM_SM90_TILE=$tile \
+            TPTRAIN_GEMM_SM90_WIDE_STAGES=$stages TPTRAIN_BENCH_ITERS=1+1 \
             timeout 120 ncu --kernel-name 'regex:g[sw]_kernel' \
             --launch-count 4 --section SpeedOfLight --section WarpStateStats --section SchedulerStats --csv \
             --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
