@@ -1184,7 +1184,7 @@ __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *
         f9_bulk_commit();
         f9_bulk_wait_read();
         f9_mbar_arrive(dq_empty + 8 * st);
-        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+        f9_bulk_wait();
         asm volatile("fence.proxy.async.global;\n" ::: "memory");
         asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(sem_h + qt), "r"(kb + 1) : "memory");
     }

@@ -320,6 +320,16 @@ __device__ __forceinline__ static uint32_t gs_cluster_rank(void) {
 
 // ---- the pipeline's pieces, shared by gs_kernel and gw_kernel
 
+// After thread 0 has initialised the block's mbarriers: in clusters, both blocks' barriers exist
+// before either copies into or arrives on the other's; else the block's threads see them.
+template <int CL>
+__device__ __forceinline__ static void gs_barriers_ready(void) {
+    if constexpr (CL > 1)
+        asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    else
+        __syncthreads();
+}
+
 // The producer's fill number `it` of the STAGES stages, k columns kc * 64.. of the tile at (m0,
 // n0): once the stage's previous fill (it - STAGES) has been released by every consumer of it,
 // A's 128 x 64 box and B's NB 64 x 64 boxes (8 KB apart: for GS_FWD_GELU rows n0 + 64 q of B, for
@@ -408,10 +418,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    if constexpr (CL > 1) // both blocks' barriers exist before either copies into or arrives on the other's
-        asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-    else
-        __syncthreads();
+    gs_barriers_ready<CL>();
 
     if (wg == 0) { // producer: one thread issues every copy, stage by stage, tile by tile
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -487,7 +494,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             gs_epilogue<MODE, BIAS>(out, aux, bias, acc, m0, n0, NN, warp, lane);
     }
     // the copy engine has finished the consumer's stores before the block's shared memory goes
-    if (TE && (tid & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+    if (TE && (tid & 127) == 0) f9_bulk_wait();
 }
 
 // ---- the wide tile (TPTRAIN_GEMM_SM90_TILE=256): 128 x 256 output tiles, both consumers on each
@@ -687,10 +694,7 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         f9_mbar_init(tile_free, 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    if constexpr (CL > 1)
-        asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-    else
-        __syncthreads();
+    gs_barriers_ready<CL>();
 
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 152;\n");
@@ -722,7 +726,7 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
                     }
                 }
             }
-            if (et == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+            if (et == 0) f9_bulk_wait();
         } else if (tid == 0) { // the producer
             int it = 0;
             for (int u = cl; u < units; u += clusters) {

@@ -47,6 +47,11 @@ __device__ __forceinline__ static void f9_bulk_wait_read(void) {
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
+// The thread's bulk copies are complete (their writes done; before the block's shared memory goes).
+__device__ __forceinline__ static void f9_bulk_wait(void) {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
 __device__ __forceinline__ static void f9_wg_commit_wait(void) {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
