@@ -831,6 +831,21 @@ static int fa_fwd_order(int HS) {
     return fa_hopper_order >= 0 ? fa_hopper_order : HS == 128;
 }
 
+// The warp-specialised Hopper forward's Q stages: -2 not read from the environment yet; 1 or 2
+// (TPTRAIN_ATTN_Q_STAGES, or flash_attention_set_hopper_q_stages). One until measured on the GPU
+// (docs/attention.md): the second stage is built and compiled, not yet run.
+static int fa_hopper_q_stages = -2;
+
+extern "C" void flash_attention_set_hopper_q_stages(int n) { fa_hopper_q_stages = n == 2 ? 2 : 1; }
+
+static int fa_q_stages(void) {
+    if (fa_hopper_q_stages == -2) {
+        const char *e = getenv("TPTRAIN_ATTN_Q_STAGES");
+        fa_hopper_q_stages = e && strcmp(e, "2") == 0 ? 2 : 1;
+    }
+    return fa_hopper_q_stages;
+}
+
 // The Hopper forward's kernel choice as flash_attention_sm90_fwd takes it.
 static int fa_fwd_ws_mode(void) {
     if (!fa_ws_allowed()) return 0;
@@ -903,7 +918,7 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_fwd(stream, out, lse, q, k, v, B, T, NH, HS, qkv_stride,
-                                        out_stride, fa_fwd_ws_mode(), fa_fwd_order(HS)) == 0
+                                        out_stride, fa_fwd_ws_mode(), fa_fwd_order(HS), fa_q_stages()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     fa_bf16 *o = (fa_bf16 *)out;

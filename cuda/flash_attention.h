@@ -71,6 +71,12 @@ void flash_attention_set_hopper_pingpong(int on);
 // compare them.
 void flash_attention_set_hopper_order(int pairs);
 
+// The Q tiles of the warp-specialised Hopper forward: 2 (TPTRAIN_ATTN_Q_STAGES=2), two stages, so
+// that a persistent block's next item's Q comes in while the current item runs; 1 (the default),
+// one stage, refilled once the current item's last scores are done. The same bits either way;
+// tests compare them.
+void flash_attention_set_hopper_q_stages(int n);
+
 // The walk of the one-kernel Hopper backward. 1 (TPTRAIN_ATTN_BWD_ORDER=heads): persistent blocks
 // hold whole heads at a time (the key blocks of a head in pairs, p with nkb - 1 - p) and walk their
 // query tiles from the last one down, so that a head's Q, dO and dq accumulator are shared in L2; 0

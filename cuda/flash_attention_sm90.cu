@@ -403,21 +403,21 @@ template <int D, bool PP, bool PAIRS>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, f9_bf16 *out, float *lse, int T, int NH, int BH,
-                 size_t out_stride, float scale_log2) {
+                 size_t out_stride, float scale_log2, int qstages) {
     constexpr int TILEB = F9_ROWS * D * 2; // a 128-row tile
     extern __shared__ __align__(1024) unsigned char f9_smem[];
     const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
-    const uint32_t sQ = base, sK = sQ + TILEB, sV = sK + 2 * TILEB; // K, V: two stages
-    const uint32_t bars = sV + 2 * TILEB;                            // 8-byte mbarriers:
-    const uint32_t q_full = bars, k_full = bars + 8, v_full = bars + 24, k_empty = bars + 40,
-                   v_empty = bars + 56, q_empty = bars + 72;
+    const uint32_t sQ = base, sK = sQ + 2 * TILEB, sV = sK + 2 * TILEB; // Q, K, V: two stages each
+    const uint32_t bars = sV + 2 * TILEB;                                // 8-byte mbarriers, two of each:
+    const uint32_t q_full = bars, k_full = bars + 16, v_full = bars + 32, k_empty = bars + 48,
+                   v_empty = bars + 64, q_empty = bars + 80;
 
     int tid = (int)threadIdx.x, wg = tid >> 7;
     const int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = BH * nqt; // (PAIRS: items is not the count)
     if (tid == 0) {
-        f9_mbar_init(q_full, 1);
-        f9_mbar_init(q_empty, 2 * 128);
         for (int st = 0; st < 2; st++) {
+            f9_mbar_init(q_full + 8 * st, 1);
+            f9_mbar_init(q_empty + 8 * st, 2 * 128);
             f9_mbar_init(k_full + 8 * st, 1);
             f9_mbar_init(v_full + 8 * st, 1);
             f9_mbar_init(k_empty + 8 * st, 2 * 128);
@@ -429,7 +429,9 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
 
     // Persistent: a block per multiprocessor, taking the (head, query tile) items f9_walk gives
     // it. K and V stages are counted across items (g), so the producer brings in the next item's Q,
-    // K and V while the consumers finish the current one.
+    // K and V while the consumers finish the current one. Q: one stage (qstages 1), refilled once
+    // the item's last scores are done, or two (item i in stage i % 2), so that the next item's Q is
+    // issued right after the current item's last K and V rather than under its last products.
     if (wg == 0) { // producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (tid == 0) {
@@ -440,11 +442,13 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 if (got == 0) continue;
                 int b = bh / NH, col = (bh % NH) * D;
                 int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-                if (i >= 1) f9_mbar_wait(q_empty, (uint32_t)(i - 1) & 1u); // the last item's scores are done
-                f9_mbar_expect_tx(q_full, TILEB);
+                const int qs = qstages == 2 ? i & 1 : 0, qn = qstages == 2 ? i >> 1 : i; // stage, its fill
+                const uint32_t qf = q_full + 8 * qs;
+                if (qn >= 1) f9_mbar_wait(q_empty + 8 * qs, (uint32_t)(qn - 1) & 1u); // its last item's scores are done
+                f9_mbar_expect_tx(qf, TILEB);
 #pragma unroll
                 for (int kb = 0; kb < D / 64; kb++)
-                    f9_tma_load(sQ + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, q_full);
+                    f9_tma_load(sQ + qs * TILEB + kb * F9_ROWS * 128, &tmq, col + 64 * kb, q0, b, qf);
                 for (int kt = 0; kt < nkt; kt++, g++) {
                     int st = g & 1;
                     uint32_t kf = k_full + 8 * st, vf = v_full + 8 * st;
@@ -468,7 +472,6 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     // consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     int cw = wg - 1, warp4 = (tid >> 5) & 3, lane = tid & 31;
-    const uint64_t qdesc = f9_desc(sQ + (uint32_t)cw * 64 * 128, 16, 1024);
     const int mine = 1 + cw, other = 2 - cw; // the ping-pong's named barriers
     if (PP && cw == 1) f9_named_arrive(1, 256); // consumer 0 takes the first turn
     int g = 0, i = 0;
@@ -484,7 +487,10 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
 #pragma unroll
         for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-        f9_mbar_wait(q_full, (uint32_t)i & 1u);
+        const int qs = qstages == 2 ? i & 1 : 0, qn = qstages == 2 ? i >> 1 : i; // Q's stage, its fill
+        const uint32_t q_done = q_empty + 8 * qs; // arrived on once the item's last scores are done
+        const uint64_t qdesc = f9_desc(sQ + (uint32_t)qs * TILEB + (uint32_t)cw * 64 * 128, 16, 1024);
+        f9_mbar_wait(q_full + 8 * qs, (uint32_t)qn & 1u);
 
         if constexpr (PP) {
             // turns: scores of tile 0; then the product of tile kt - 1 with the scores of tile kt;
@@ -501,7 +507,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             f9_pin(s);
             f9_mbar_arrive(k_empty + 8 * (g & 1));
-            if (nkt == 1) f9_mbar_arrive(q_empty);
+            if (nkt == 1) f9_mbar_arrive(q_done);
             f9_softmax<D>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
 #pragma unroll
             for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
@@ -521,7 +527,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_pin(s);
                 f9_mbar_arrive(v_empty + 8 * pst);
                 f9_mbar_arrive(k_empty + 8 * st);
-                if (kt == nkt - 1) f9_mbar_arrive(q_empty);
+                if (kt == nkt - 1) f9_mbar_arrive(q_done);
                 int k0 = kt * F9_KN;
                 f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
 #pragma unroll
@@ -550,7 +556,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_wg_commit_wait();
                 f9_pin(s);
                 f9_mbar_arrive(k_empty + 8 * st);
-                if (kt == nkt - 1) f9_mbar_arrive(q_empty);
+                if (kt == nkt - 1) f9_mbar_arrive(q_done);
                 f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
                 f9_mbar_wait(v_full + 8 * st, ph);
                 uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
@@ -1334,14 +1340,15 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
 
 template <int D, bool PP>
 static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k,
-                        const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride, int order) {
+                        const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride, int order,
+                        int qstages) {
     CUtensorMap mq, mk, mv;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, F9_ROWS) ||
         !f9_tensor_map(&mk, k, cols, T, B, qkv_stride, F9_ROWS) ||
         !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, F9_ROWS))
         return -1; // the caller falls back to the cp.async kernel
-    size_t smem = 5 * (size_t)F9_ROWS * D * 2 + 1024 + 128;
+    size_t smem = 6 * (size_t)F9_ROWS * D * 2 + 1024 + 128; // two Q, K and V tiles each, slack, barriers
     auto kernel = order ? f9_fwd_ws_kernel<D, PP, true> : f9_fwd_ws_kernel<D, PP, false>;
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
@@ -1353,7 +1360,8 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
     // (order 1: of the pairs of query tiles)
     int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = B * NH * (order ? (nqt + 1) / 2 : nqt);
     kernel<<<(unsigned)min(items, f9_sm_count()), F9_WS_NT, smem, st>>>(mq, mk, mv, out, lse, T, NH, B * NH,
-                                                                        (size_t)out_stride, scale_log2);
+                                                                        (size_t)out_stride, scale_log2,
+                                                                        qstages == 2 ? 2 : 1);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
@@ -1377,7 +1385,7 @@ static int f9_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q
 
 extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
                                         const void *k, const void *v, int B, int T, int NH, int HS,
-                                        int qkv_stride, int out_stride, int allow_ws, int order) {
+                                        int qkv_stride, int out_stride, int allow_ws, int order, int qstages) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *o = (f9_bf16 *)out;
     const f9_bf16 *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k, *vv = (const f9_bf16 *)v;
@@ -1390,10 +1398,10 @@ extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, con
     // other consumer's products, and the turns cost 7% at T 4096)
     bool pp = allow_ws == 1;
     if (ws && HS == 64)
-        rc = f9_ws_launch<64, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order);
+        rc = f9_ws_launch<64, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages);
     if (ws && HS == 128)
-        rc = pp ? f9_ws_launch<128, true>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order)
-                : f9_ws_launch<128, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order);
+        rc = pp ? f9_ws_launch<128, true>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages)
+                : f9_ws_launch<128, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages);
     if (rc >= 0) return rc;
     if (HS <= 64) return f9_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
     return f9_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);

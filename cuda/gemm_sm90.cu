@@ -393,7 +393,7 @@ template <int MODE, bool BIAS, int CL, bool TE>
 static __global__ void __launch_bounds__(GS_NT, 1)
 gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb,
           const __grid_constant__ CUtensorMap to, const __grid_constant__ CUtensorMap tx, f9_bf16 *out,
-          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN) {
+          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN, int early) {
     constexpr int GS_STAGES = TE ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
     extern __shared__ __align__(1024) unsigned char gs_smem[];
     const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 32 KB
@@ -481,12 +481,16 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
                 gs_release<CL>(empty + 8 * ((it - 1) % GS_STAGES), rank, lane);
             }
         }
+        // the other consumer's turn, if the block has a next tile (it is that consumer's): with
+        // `early`, once this tile's products are issued, so that the other's queue behind them with
+        // no gap at the tensor cores (CUTLASS's ping-pong hands over there); else once they are done
+        const bool next = u + clusters < units;
+        if (early && next) f9_named_arrive(2 - c, 256);
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
         gs_pin(acc[0]);
         gs_pin(acc[1]);
         gs_release<CL>(empty + 8 * ((it0 + nk - 1) % GS_STAGES), rank, lane);
-        // the other consumer's turn, if the block has a next tile (it is that consumer's)
-        if (u + clusters < units) f9_named_arrive(2 - c, 256);
+        if (!early && next) f9_named_arrive(2 - c, 256);
         if constexpr (TE)
             gs_epilogue_staged<MODE, BIAS>(&to, &tx, bias, acc, staged + (uint32_t)c * GS_OUT_BYTES, pre_full + 8 * c,
                                            pre_empty + 8 * c, (uint32_t)(j >> 1), m0, n0, 3 + c, warp, lane);
@@ -672,8 +676,9 @@ template <int MODE, bool BIAS, int CL, int H>
 static __global__ void __launch_bounds__(GW_NT, 1)
 gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb,
           const __grid_constant__ CUtensorMap to, const __grid_constant__ CUtensorMap tx, f9_bf16 *out,
-          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN) {
+          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN, int early) {
     (void)out;
+    (void)early; // both consumers work on every tile: no turns
     constexpr int stages = gw_stages(H), NQ = 4 / H; // NQ 64-column chunks a hand-over
     extern __shared__ __align__(1024) unsigned char gs_smem[];
     const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 48 KB
@@ -809,6 +814,18 @@ struct gs_maps {
 // stages or four.
 enum { GS_REGISTERS = 0, GS_STAGED = 1, GS_WIDE = 2, GS_WIDE4 = 3 };
 
+// gs_kernel's consumers hand the turn at the tensor cores over once their tile's products are
+// issued (TPTRAIN_GEMM_SM90_TURN=issued) or once they are done (=done, the default until measured:
+// built and compiled, not yet run on a GPU).
+static int gs_early_turn(void) {
+    static int early = -1;
+    if (early < 0) {
+        const char *e = getenv("TPTRAIN_GEMM_SM90_TURN");
+        early = e && strcmp(e, "issued") == 0;
+    }
+    return early;
+}
+
 // Launches the KIND kernel over an (M, NN) output; 0, or 2 when the launch failed.
 template <int MODE, bool BIAS, int CL, int KIND>
 static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
@@ -848,7 +865,7 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
     int units = (M / (GS_BM * CL)) * (NN / (wide ? GW_BN : GS_BN)), n = units < clusters ? units : clusters;
     cfg.gridDim = dim3((unsigned)(n * CL));
     if (cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
-                           (const f9_bf16 *)bias, M, K, NN) != cudaSuccess) {
+                           (const f9_bf16 *)bias, M, K, NN, gs_early_turn()) != cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }

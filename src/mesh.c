@@ -86,11 +86,14 @@ static const struct {
     {"TPTRAIN_GEMM_SM90_TILE", {"128", "256"}, "the columns of tptrain's Hopper GELU products' output tiles"},
     {"TPTRAIN_GEMM_SM90_CLUSTER", {"0", "1"}, "whether tptrain's Hopper GELU products run in clusters of two"},
     {"TPTRAIN_GEMM_SM90_WIDE_STAGES", {"3", "4"}, "the stages of tptrain's Hopper GELU products' 128 x 256 tiles"},
+    {"TPTRAIN_GEMM_SM90_TURN", {"done", "issued"}, "when a consumer of tptrain's Hopper GELU products hands over "
+                                                  "the tensor cores"},
     {"TPTRAIN_ATTN_WS", {"0", "1"}, "whether the Hopper attention kernels use warp specialisation"},
     {"TPTRAIN_ATTN_PINGPONG", {"0", "1"}, "whether the Hopper attention forward's consumers ping-pong"},
     {"TPTRAIN_ATTN_BWD", {"fused", "split", "unordered"}, "the Hopper attention backward's kernels"},
     {"TPTRAIN_ATTN_BWD_PERSIST", {"0", "1"}, "whether the Hopper attention backward's blocks persist"},
     {"TPTRAIN_ATTN_ORDER", {"pairs", "longest"}, "the Hopper attention forward's walk over the work"},
+    {"TPTRAIN_ATTN_Q_STAGES", {"1", "2"}, "the Hopper attention forward's stages of query tiles"},
     {"TPTRAIN_ATTN_BWD_ORDER", {"heads", "longest"}, "the Hopper attention backward's walk over the work"},
 };
 

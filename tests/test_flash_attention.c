@@ -315,21 +315,26 @@ static void compare_paths(int B, int NH, int T, int HS, uint64_t seed) {
     flash_attention_set_hopper_pingpong(1);
     ct_download(o3, d.out, nout * 2);
     cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward with and without ping-pong differ");
-    // each forward walk forced (pairs of one head; longest first across heads): every item's
-    // arithmetic is the same, so the default's bits either way
+    // each forward walk forced (pairs of one head; longest first across heads), with one stage of
+    // Q tiles and with two: every item's arithmetic is the same, so the default's bits every way
     float *l3 = malloc(nlse * 4);
     cr_assert(l3);
-    for (int order = 0; order < 2; order++) {
-        flash_attention_set_hopper_order(order);
-        run_gpu(&d, B, T, NH, HS);
-        ct_download(o3, d.out, nout * 2);
-        ct_download(l3, d.lse, nlse * 4);
-        cr_expect(memcmp(o1, o3, nout * 2) == 0, "the forward walking %s differs from the default",
-                  order ? "pairs" : "longest first");
-        cr_expect(memcmp(l1, l3, nlse * 4) == 0, "the log-sum-exp walking %s differs from the default",
-                  order ? "pairs" : "longest first");
-    }
+    for (int order = 0; order < 2; order++)
+        for (int qs = 1; qs <= 2; qs++) {
+            flash_attention_set_hopper_order(order);
+            flash_attention_set_hopper_q_stages(qs);
+            run_gpu(&d, B, T, NH, HS);
+            ct_download(o3, d.out, nout * 2);
+            ct_download(l3, d.lse, nlse * 4);
+            cr_expect(memcmp(o1, o3, nout * 2) == 0,
+                      "the forward walking %s with %d Q stage(s) differs from the default",
+                      order ? "pairs" : "longest first", qs);
+            cr_expect(memcmp(l1, l3, nlse * 4) == 0,
+                      "the log-sum-exp walking %s with %d Q stage(s) differs from the default",
+                      order ? "pairs" : "longest first", qs);
+        }
     flash_attention_set_hopper_order(-1);
+    flash_attention_set_hopper_q_stages(1);
     free(l3);
     // each backward walk forced: whole heads (tiles from the last one down) twice, then longest
     // first. dq's partials are added in the same key-block order, so dq has the same bits in both;

@@ -6,7 +6,7 @@
 # Builds tptrain and the gemm suite in build-gpu, runs the suite (every own-kernel case), the
 # sm90 cases under compute-sanitizer memcheck, then `tptrain --bench gemm` on GEMM_CONFIGS with
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels (128 x 128 tiles with each
-# TPTRAIN_GEMM_SM90_EPILOGUE; the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256 with three stages
+# TPTRAIN_GEMM_SM90_EPILOGUE, the staged one also with TPTRAIN_GEMM_SM90_TURN=issued; the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256 with three stages
 # and four), GEMM_ROUNDS rounds alternating, and `--bench model` on MODEL_CONFIG the same ways and
 # with TPTRAIN_GEMM_SM90=auto. Prints a line per run (the fc forward and the MLP projection's
 # input gradient in ms per call, all products in ms per step), then (NCU=1, the default) Nsight
@@ -31,6 +31,7 @@ timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/tests/t
 echo "memcheck of the sm90 cases: $(grep -h 'ERROR SUMMARY' "$out/logs/memcheck.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
 row() { grep -E '^fc fwd|^mlp proj bwd data|^all products' "$1" | awk '{printf "%s %s %s | ", $1, $2, ($1 == "all") ? $NF : $(NF-3)}'; }
 ways=("TPTRAIN_GEMM_SM90=0" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=registers" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=tma"
+      "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=tma TPTRAIN_GEMM_SM90_TURN=issued"
       "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_TILE=256" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_TILE=256 TPTRAIN_GEMM_SM90_WIDE_STAGES=4")
 n=0
 for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
