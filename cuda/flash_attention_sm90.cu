@@ -407,8 +407,8 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
     constexpr int TILEB = F9_ROWS * D * 2; // a 128-row tile
     extern __shared__ __align__(1024) unsigned char f9_smem[];
     const uint32_t base = (f9_smem_u32(f9_smem) + 1023u) & ~1023u;
-    const uint32_t sQ = base, sK = sQ + 2 * TILEB, sV = sK + 2 * TILEB; // Q, K, V: two stages each
-    const uint32_t bars = sV + 2 * TILEB;                                // 8-byte mbarriers, two of each:
+    const uint32_t sQ = base, sK = sQ + (uint32_t)qstages * TILEB, sV = sK + 2 * TILEB; // Q: qstages stages;
+    const uint32_t bars = sV + 2 * TILEB; // K, V: two each; then 8-byte mbarriers, two of each:
     const uint32_t q_full = bars, k_full = bars + 16, v_full = bars + 32, k_empty = bars + 48,
                    v_empty = bars + 64, q_empty = bars + 80;
 
@@ -1348,7 +1348,8 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
         !f9_tensor_map(&mk, k, cols, T, B, qkv_stride, F9_ROWS) ||
         !f9_tensor_map(&mv, v, cols, T, B, qkv_stride, F9_ROWS))
         return -1; // the caller falls back to the cp.async kernel
-    size_t smem = 6 * (size_t)F9_ROWS * D * 2 + 1024 + 128; // two Q, K and V tiles each, slack, barriers
+    qstages = qstages == 2 ? 2 : 1;
+    size_t smem = (4 + qstages) * (size_t)F9_ROWS * D * 2 + 1024 + 128; // Q, two K and V tiles, slack, barriers
     auto kernel = order ? f9_fwd_ws_kernel<D, PP, true> : f9_fwd_ws_kernel<D, PP, false>;
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
@@ -1360,8 +1361,7 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
     // (order 1: of the pairs of query tiles)
     int nqt = (T + F9_ROWS - 1) / F9_ROWS, items = B * NH * (order ? (nqt + 1) / 2 : nqt);
     kernel<<<(unsigned)min(items, f9_sm_count()), F9_WS_NT, smem, st>>>(mq, mk, mv, out, lse, T, NH, B * NH,
-                                                                        (size_t)out_stride, scale_log2,
-                                                                        qstages == 2 ? 2 : 1);
+                                                                        (size_t)out_stride, scale_log2, qstages);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }
 
