@@ -565,6 +565,55 @@ Test(bench, model_two_ranks_times_communication) {
     tu_rmtree(dir);
 }
 
+static void expect_usage_error(int np, const char *args, const char *needle);
+
+// Shapes after the config replace the step's products: each shape's three passes with the fc
+// layer's epilogues, one call each, in the order given; a bad shape exits 2 naming it.
+Test(bench, gemm_times_the_shapes_given) {
+    static const int shapes[2][3] = {{64, 32, 128}, {128, 64, 32}};
+    static const char *const pass[3] = {"fwd", "bwd data", "bwd weight"};
+    static const char *const epilogue[3] = {"bias+gelu", "dgelu", "+dbias"};
+    char dir[1024], path[1200], args[2400];
+    tu_tmpdir(dir, sizeof dir, "bench_gemm_shapes");
+    snprintf(path, sizeof path, "%s/gemm.json", dir);
+    snprintf(args, sizeof args, "gemm '%s/configs/tiny.yaml' 64x32x128 128x64x32 --json '%s'", tu_source_root(),
+             path);
+    char *out = malloc(OUT_CAP);
+    int rc = run_bench_env(out, 0, "TPTRAIN_BENCH_CEILINGS=790,4300", args);
+    cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
+    cr_assert(strstr(out, "the shapes given"), "%s", out);
+    cr_assert_null(strstr(out, "qkv fwd"), "the step's products are not timed when shapes are given:\n%s", out);
+    json_t *doc = load_json(path);
+    cr_assert_str_eq(json_string_value(json_object_get(doc, "products_of")), "shapes");
+    json_t *ps = json_object_get(doc, "products");
+    cr_assert_eq(json_array_size(ps), 6);
+    double flops = 0.0;
+    for (int i = 0; i < 6; i++) {
+        const int *sh = shapes[i / 3];
+        char name[64], line[512];
+        snprintf(name, sizeof name, "%dx%dx%d %s", sh[0], sh[1], sh[2], pass[i % 3]);
+        cr_assert(find_line(out, name, 0, line, sizeof line), "no '%s' row:\n%s", name, out);
+        json_t *p = json_array_get(ps, (size_t)i);
+        cr_assert_str_eq(json_string_value(json_object_get(p, "product")), name);
+        cr_assert_str_eq(json_string_value(json_object_get(p, "epilogue")), epilogue[i % 3]);
+        cr_assert_eq(jnum_of(p, "N"), sh[0]);
+        cr_assert_eq(jnum_of(p, "IC"), sh[1]);
+        cr_assert_eq(jnum_of(p, "OC"), sh[2]);
+        cr_assert_eq(jnum_of(p, "calls_per_step"), 1.0);
+        cr_assert_gt(jnum_of(p, "ms_per_call"), 0.0);
+        flops += 2.0 * sh[0] * sh[1] * sh[2];
+    }
+    double ideal = flops / 790e12 * 1e3;
+    cr_assert_float_eq(jnum_of(doc, "ceiling_ms_per_step"), ideal, 1e-8 * ideal);
+    json_decref(doc);
+    free(out);
+    tu_rmtree(dir);
+    snprintf(args, sizeof args, "gemm '%s/configs/tiny.yaml' 64x32", tu_source_root());
+    expect_usage_error(0, args, "'64x32' is not a shape NxICxOC");
+    snprintf(args, sizeof args, "gemm '%s/configs/tiny.yaml' 64x0x32", tu_source_root());
+    expect_usage_error(0, args, "'64x0x32' is not a shape NxICxOC");
+}
+
 // ---- errors
 
 // Exit 2 and a message naming the offending value, on every rank count given.

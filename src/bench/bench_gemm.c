@@ -1,6 +1,10 @@
-// bench_gemm.c: --bench gemm CONFIG.yaml: every matrix product of one training step of the config's
-// model, each shape timed alone through the backend's matmul (the library and algorithm choice the
-// model's products get), against the matrix ceiling measured in the same run.
+// bench_gemm.c: --bench gemm CONFIG.yaml [NxICxOC ...]: every matrix product of one training step of
+// the config's model, each shape timed alone through the backend's matmul (the library and algorithm
+// choice the model's products get), against the matrix ceiling measured in the same run. With
+// shapes after the config, those instead: each one's three passes with the fc layer's epilogues
+// (forward with bias + GELU, input gradient with GELU's derivative, weight gradient with the bias
+// gradient), once per call, so that a product can be followed across sizes (say, K = IC swept at
+// fixed N and OC) on the config's backend, device and precision.
 //
 // A step's products are, per layer and micro-step, the forward, input-gradient and weight-gradient
 // products of qkv (column-parallel, bias), attention's output projection (row-parallel), fc
@@ -32,7 +36,17 @@ struct gemm_product {
     double calls;       // per step
 };
 
-#define GEMM_MAX_PRODUCTS 15
+#define GEMM_MAX_SHAPES 16
+#define GEMM_MAX_PRODUCTS (3 * GEMM_MAX_SHAPES) // at least a step's 15
+
+// What --bench gemm was given: the shapes (none: the config's step) and the config, in one
+// allocation (the driver frees it whole).
+struct gemm_args {
+    int nshapes;
+    int shape[GEMM_MAX_SHAPES][3];       // N, IC, OC
+    char names[GEMM_MAX_SHAPES][3][48];  // "NxICxOC fwd", ...
+    char config[];
+};
 
 // The step's products for dims d: 4 layers' worth of 3 passes, then the LM head's 3, with the
 // number of calls per step: L x grad_accum for the layers; for the head, whose chunks take
@@ -73,6 +87,18 @@ static int gemm_products(const struct model_dims *d, int accum, struct gemm_prod
                                          lin[i].calls};
         out[n++] = (struct gemm_product){names[i][2], GEMM_BWD_WEIGHT, R, lin[i].IC, lin[i].OC, lin[i].bias, false,
                                          lin[i].calls};
+    }
+    return n;
+}
+
+// Each shape's three passes with the fc layer's epilogues, one call each.
+static int shape_products(const struct gemm_args *a, struct gemm_product *out) {
+    int n = 0;
+    for (int i = 0; i < a->nshapes; i++) {
+        const int N = a->shape[i][0], IC = a->shape[i][1], OC = a->shape[i][2];
+        out[n++] = (struct gemm_product){a->names[i][0], GEMM_FWD, N, IC, OC, true, true, 1.0};
+        out[n++] = (struct gemm_product){a->names[i][1], GEMM_BWD_DATA, N, IC, OC, false, true, 1.0};
+        out[n++] = (struct gemm_product){a->names[i][2], GEMM_BWD_WEIGHT, N, IC, OC, true, false, 1.0};
     }
     return n;
 }
@@ -162,11 +188,15 @@ static const char *epilogue_of(const struct gemm_product *p) {
     return "-";
 }
 
-static void gemm_print(const struct bench *b, const char *config, const struct bench_ceilings *k,
+static void gemm_print(const struct bench *b, const char *config, bool given, const struct bench_ceilings *k,
                        const struct gemm_row *rows, int n, double sum_ms, double ideal_ms) {
     bench_print_setup(b, "gemm");
-    printf("config %s: products of one step, each shape timed alone (N rows x IC in -> OC out, this rank's)\n",
-           config);
+    if (given)
+        printf("config %s: the shapes given, each pass timed alone, one call each (N rows x IC in -> OC out)\n",
+               config);
+    else
+        printf("config %s: products of one step, each shape timed alone (N rows x IC in -> OC out, this rank's)\n",
+               config);
     printf("ceiling per GPU: matrix %.4g TFLOP/s (%s)\n\n", k->matrix_tflops, k->how);
     printf("%-22s %7s %6s %6s  %-9s %7s %10s %9s %7s %10s\n", "product", "N", "IC", "OC", "epilogue", "calls",
            "ms/call", "TFLOP/s", "of ceil", "ms/step");
@@ -180,10 +210,11 @@ static void gemm_print(const struct bench *b, const char *config, const struct b
            ideal_ms > 0 ? sum_ms / ideal_ms : NAN);
 }
 
-static void gemm_json(const struct bench *b, const char *config, const struct bench_ceilings *k,
+static void gemm_json(const struct bench *b, const char *config, bool given, const struct bench_ceilings *k,
                       const struct gemm_row *rows, int n, double sum_ms, double ideal_ms) {
     json_t *doc = bench_json_setup(b, "gemm");
     json_object_set_new(doc, "config", json_string(config));
+    json_object_set_new(doc, "products_of", json_string(given ? "shapes" : "step"));
     json_t *ceil = json_pack("{s:s}", "source", k->how);
     bench_json_kv(ceil, "matrix_tflops", k->matrix_tflops);
     json_object_set_new(doc, "ceilings", ceil);
@@ -208,14 +239,15 @@ static void gemm_json(const struct bench *b, const char *config, const struct be
 // ---- entry point
 
 static int gemm_run(struct bench *b, void *args) {
-    const char *config = args;
+    const struct gemm_args *a = args;
+    const char *config = a->config;
     const struct tp_config *cfg = &b->cfg;
     struct bench_ceilings k;
     int st = bench_ceilings(b, &k);
     if (st) return st;
     struct model_dims d = model_dims_make(&cfg->model, cfg->train.micro_batch, b->mesh.tp.size, model_options_of(cfg));
     struct gemm_product ps[GEMM_MAX_PRODUCTS];
-    int n = gemm_products(&d, cfg->train.grad_accum, ps);
+    int n = a->nshapes ? shape_products(a, ps) : gemm_products(&d, cfg->train.grad_accum, ps);
     struct gemm_row rows[GEMM_MAX_PRODUCTS];
     int warmup = b->iters_fixed ? b->warmup : 2, iters = b->iters_fixed ? b->iters : 10;
     if (warmup < 1) warmup = 1; // the first call chooses the algorithm
@@ -231,20 +263,57 @@ static int gemm_run(struct bench *b, void *args) {
         sum_ms += r->step_ms;
         ideal_ms += flops * ps[i].calls / (k.matrix_tflops * 1e12) * 1e3;
     }
-    if (b->root) gemm_print(b, config, &k, rows, n, sum_ms, ideal_ms);
-    if (b->json) gemm_json(b, config, &k, rows, n, sum_ms, ideal_ms);
+    if (b->root) gemm_print(b, config, a->nshapes > 0, &k, rows, n, sum_ms, ideal_ms);
+    if (b->json) gemm_json(b, config, a->nshapes > 0, &k, rows, n, sum_ms, ideal_ms);
     return 0;
+}
+
+// "NxICxOC" -> three positive ints; false otherwise.
+static bool parse_gemm_shape(const char *s, int (*out)[3]) {
+    int v[3];
+    char tail;
+    if (sscanf(s, "%dx%dx%d%c", &v[0], &v[1], &v[2], &tail) != 3 || v[0] < 1 || v[1] < 1 || v[2] < 1) return false;
+    memcpy(*out, v, sizeof v);
+    return true;
 }
 
 static int gemm_parse(const struct bench_opts *o, bool root, int world, void **args) {
     (void)world;
-    return bench_parse_config_arg(o, root, "gemm", args);
+    if (o->argc < 2) {
+        if (root)
+            fprintf(stderr, "tptrain: --bench gemm takes a config file and optionally shapes NxICxOC, e.g. "
+                            "--bench gemm configs/gpt2-124m.yaml 16384x768x3072\n");
+        return TP_EXIT_USAGE;
+    }
+    size_t len = strlen(o->argv[1]) + 1;
+    struct gemm_args *a = tp_calloc(1, sizeof *a + len);
+    memcpy(a->config, o->argv[1], len);
+    for (int i = 2; i < o->argc; i++) {
+        int (*sh)[3] = &a->shape[a->nshapes];
+        if (a->nshapes == GEMM_MAX_SHAPES || !parse_gemm_shape(o->argv[i], sh)) {
+            if (root)
+                fprintf(stderr, "tptrain: --bench gemm: '%s' is not a shape NxICxOC (rows x input width x output "
+                                "width, e.g. 16384x768x3072)%s\n",
+                        o->argv[i], a->nshapes == GEMM_MAX_SHAPES ? " or one too many (at most 16)" : "");
+            free(a);
+            return TP_EXIT_USAGE;
+        }
+        static const char *const pass[3] = {"fwd", "bwd data", "bwd weight"};
+        for (int p = 0; p < 3; p++)
+            snprintf(a->names[a->nshapes][p], sizeof a->names[0][p], "%dx%dx%d %s", (*sh)[0], (*sh)[1], (*sh)[2],
+                     pass[p]);
+        a->nshapes++;
+    }
+    *args = a;
+    return 0;
 }
+
+static const char *gemm_config(const void *args) { return ((const struct gemm_args *)args)->config; }
 
 const struct bench_mode bench_mode_gemm = {
     .name = "gemm",
-    .synopsis = "gemm CONFIG.yaml",
+    .synopsis = "gemm CONFIG.yaml [NxICxOC ...]",
     .parse = gemm_parse,
-    .config_path = bench_config_arg,
+    .config_path = gemm_config,
     .run = gemm_run,
 };
