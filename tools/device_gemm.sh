@@ -7,7 +7,8 @@
 # sm90 cases under compute-sanitizer memcheck, then `tptrain --bench gemm` on GEMM_CONFIGS with
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels (128 x 128 tiles with each
 # TPTRAIN_GEMM_SM90_EPILOGUE, the staged one also with TPTRAIN_GEMM_SM90_TURN=issued; the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256 with three stages
-# and four), GEMM_ROUNDS rounds alternating, and `--bench model` on MODEL_CONFIG the same ways and
+# and four), GEMM_ROUNDS rounds alternating, the fc products across K (GEMM_SWEEP, N x IC x OC
+# shapes: the share of the ceiling per way), and `--bench model` on MODEL_CONFIG the same ways and
 # with TPTRAIN_GEMM_SM90=auto. Prints a line per run (the fc forward and the MLP projection's
 # input gradient in ms per call, all products in ms per step), then (NCU=1, the default) Nsight
 # Compute's view of the own kernels at 124M each way; full logs under
@@ -42,6 +43,15 @@ for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
             echo "$(basename "$c" .yaml) round $r, $w: $(row "$out/logs/gemm_$n.log")"
         done
     done
+done
+# the forward and input gradient across K (IC) at GPT-2 124M's fc rows and width: how far each way's
+# share of the ceiling depends on the tile's length (per-tile costs) rather than on its mainloop
+sweep=${GEMM_SWEEP:-16384x768x3072 16384x1536x3072 16384x3072x3072 16384x6144x3072}
+for w in "${ways[@]}"; do
+    n=$((n + 1))
+    env $w timeout 120 "$build/tptrain" --bench gemm configs/gpt2-124m.yaml $sweep >"$out/logs/sweep_$n.log" 2>&1 || status=1
+    echo "sweep, $w: $(grep -E '^[0-9]+x[0-9]+x[0-9]+ (fwd|bwd data)' "$out/logs/sweep_$n.log" |
+        awk '{printf "%s %s %s ms %s | ", $1, ($2 == "fwd") ? "fwd" : "bwd", $(NF-3), $(NF-1)}')"
 done
 for w in "${ways[@]}" "TPTRAIN_GEMM_SM90=auto" "TPTRAIN_GEMM_SM90=auto TPTRAIN_GEMM_SM90_TILE=256"; do
     n=$((n + 1))
