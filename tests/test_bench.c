@@ -612,6 +612,10 @@ Test(bench, gemm_times_the_shapes_given) {
     expect_usage_error(0, args, "'64x32' is not a shape NxICxOC");
     snprintf(args, sizeof args, "gemm '%s/configs/tiny.yaml' 64x0x32", tu_source_root());
     expect_usage_error(0, args, "'64x0x32' is not a shape NxICxOC");
+    snprintf(args, sizeof args, "gemm '%s/configs/tiny.yaml' 99999999999x2x2", tu_source_root());
+    expect_usage_error(0, args, "'99999999999x2x2' is not a shape NxICxOC");
+    snprintf(args, sizeof args, "gemm '%s/configs/tiny.yaml' 100000x100000x8", tu_source_root());
+    expect_usage_error(0, args, "each matrix at most 2^30 elements");
 }
 
 // ---- errors

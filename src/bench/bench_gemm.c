@@ -268,13 +268,22 @@ static int gemm_run(struct bench *b, void *args) {
     return 0;
 }
 
-// "NxICxOC" -> three positive ints; false otherwise.
+#define GEMM_MAX_ELEMS (1LL << 30) // per operand or result: absurd shapes are refused up front
+
+// "NxICxOC" -> three positive ints, no matrix of the products over GEMM_MAX_ELEMS; false otherwise.
 static bool parse_gemm_shape(const char *s, int (*out)[3]) {
-    int v[3];
-    char tail;
-    if (sscanf(s, "%dx%dx%d%c", &v[0], &v[1], &v[2], &tail) != 3 || v[0] < 1 || v[1] < 1 || v[2] < 1) return false;
-    memcpy(*out, v, sizeof v);
-    return true;
+    char part[3][24];
+    const char *p = s;
+    for (int i = 0; i < 3; i++) {
+        const char *x = i < 2 ? strchr(p, 'x') : p + strlen(p);
+        if (!x || x - p >= (long)sizeof part[i]) return false;
+        memcpy(part[i], p, (size_t)(x - p));
+        part[i][x - p] = '\0';
+        if (!bench_parse_dim(part[i], &(*out)[i])) return false;
+        p = x + 1;
+    }
+    const long long N = (*out)[0], IC = (*out)[1], OC = (*out)[2];
+    return N * IC <= GEMM_MAX_ELEMS && N * OC <= GEMM_MAX_ELEMS && IC * OC <= GEMM_MAX_ELEMS;
 }
 
 static int gemm_parse(const struct bench_opts *o, bool root, int world, void **args) {
@@ -293,8 +302,8 @@ static int gemm_parse(const struct bench_opts *o, bool root, int world, void **a
         if (a->nshapes == GEMM_MAX_SHAPES || !parse_gemm_shape(o->argv[i], sh)) {
             if (root)
                 fprintf(stderr, "tptrain: --bench gemm: '%s' is not a shape NxICxOC (rows x input width x output "
-                                "width, e.g. 16384x768x3072)%s\n",
-                        o->argv[i], a->nshapes == GEMM_MAX_SHAPES ? " or one too many (at most 16)" : "");
+                                "width, positive, each matrix at most 2^30 elements, e.g. 16384x768x3072)%s\n",
+                        o->argv[i], a->nshapes == GEMM_MAX_SHAPES ? ", or one too many (at most 16)" : "");
             free(a);
             return TP_EXIT_USAGE;
         }
