@@ -831,19 +831,23 @@ static int fa_fwd_order(int HS) {
     return fa_hopper_order >= 0 ? fa_hopper_order : HS == 128;
 }
 
-// The warp-specialised Hopper forward's Q stages: -2 not read from the environment yet; 1 or 2
-// (TPTRAIN_ATTN_Q_STAGES, or flash_attention_set_hopper_q_stages). One until measured on the GPU
-// (docs/attention.md): the second stage is built and compiled, not yet run.
-static int fa_hopper_q_stages = -2;
+// The stages of the operand a persistent Hopper block loads once per item: the forward's Q tile
+// (TPTRAIN_ATTN_Q_STAGES, flash_attention_set_hopper_q_stages) and the one-kernel backward's K and
+// V tiles (TPTRAIN_ATTN_KV_STAGES, flash_attention_set_hopper_kv_stages): 1 or 2; -2 not read from
+// the environment yet. One until measured on the GPU (docs/attention.md): the second stages are
+// built and compiled, not yet run.
+static int fa_hopper_q_stages = -2, fa_hopper_kv_stages = -2;
 
 extern "C" void flash_attention_set_hopper_q_stages(int n) { fa_hopper_q_stages = n == 2 ? 2 : 1; }
 
-static int fa_q_stages(void) {
-    if (fa_hopper_q_stages == -2) {
-        const char *e = getenv("TPTRAIN_ATTN_Q_STAGES");
-        fa_hopper_q_stages = e && strcmp(e, "2") == 0 ? 2 : 1;
+extern "C" void flash_attention_set_hopper_kv_stages(int n) { fa_hopper_kv_stages = n == 2 ? 2 : 1; }
+
+static int fa_stages(int *setting, const char *name) {
+    if (*setting == -2) {
+        const char *e = getenv(name);
+        *setting = e && strcmp(e, "2") == 0 ? 2 : 1;
     }
-    return fa_hopper_q_stages;
+    return *setting;
 }
 
 // The Hopper forward's kernel choice as flash_attention_sm90_fwd takes it.
@@ -918,7 +922,8 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     cudaStream_t st = (cudaStream_t)stream;
     if (fa_sm90(HS))
         return flash_attention_sm90_fwd(stream, out, lse, q, k, v, B, T, NH, HS, qkv_stride,
-                                        out_stride, fa_fwd_ws_mode(), fa_fwd_order(HS), fa_q_stages()) == 0
+                                        out_stride, fa_fwd_ws_mode(), fa_fwd_order(HS),
+                                        fa_stages(&fa_hopper_q_stages, "TPTRAIN_ATTN_Q_STAGES")) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     fa_bf16 *o = (fa_bf16 *)out;
@@ -955,7 +960,8 @@ extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, c
     if (fa_sm90(HS))
         return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
                                         NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode(), fa_bwd_persist(),
-                                        fa_bwd_order(T, HS)) == 0
+                                        fa_bwd_order(T, HS),
+                                        fa_stages(&fa_hopper_kv_stages, "TPTRAIN_ATTN_KV_STAGES")) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel

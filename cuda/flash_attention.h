@@ -77,6 +77,12 @@ void flash_attention_set_hopper_order(int pairs);
 // tests compare them.
 void flash_attention_set_hopper_q_stages(int n);
 
+// The K and V tiles of the one-kernel Hopper backward at head size 64 (at 128 a second stage does
+// not fit): 2 (TPTRAIN_ATTN_KV_STAGES=2), two stages, so that a block's next key block comes in
+// while the current one runs; 1 (the default), one stage, refilled once the current key block's
+// products are done. The same bits either way; tests compare them.
+void flash_attention_set_hopper_kv_stages(int n);
+
 // The walk of the one-kernel Hopper backward. 1 (TPTRAIN_ATTN_BWD_ORDER=heads): persistent blocks
 // hold whole heads at a time (the key blocks of a head in pairs, p with nkb - 1 - p) and walk their
 // query tiles from the last one down, so that a head's Q, dO and dq accumulator are shared in L2; 0

@@ -1212,20 +1212,26 @@ static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
                  f9_bf16 *dk, f9_bf16 *dv, float *acc, unsigned *sem, const float *lse, const float *Dv,
-                 int T, int NH, int BH, size_t qkv_stride, float scale, float scale_log2, int ordered) {
+                 int T, int NH, int BH, size_t qkv_stride, float scale, float scale_log2, int ordered,
+                 int kvstages) {
     // acc (B*NH, ceil(T/64) tiles of F9_DQ_TILE(D)) fp32; sem (B*NH, ceil(T/64)) counters; ordered
-    // 0 (measurements only): the partials added as they come, in no fixed order
+    // 0 (measurements only): the partials added as they come, in no fixed order; kvstages: 1, the
+    // next item's K and V come in once the current item's products are done, or 2, item i's in
+    // stage i % 2, so they come in while the current item runs
     constexpr int KB = F9_ROWS * D * 2, QB = F9_BT * D * 2, SB = F9_ROWS * F9_BT * 2;
     extern __shared__ __align__(1024) unsigned char f9_smem[];
     unsigned char *aligned =
         f9_smem + (((f9_smem_u32(f9_smem) + 1023u) & ~1023u) - f9_smem_u32(f9_smem));
     const uint32_t base = f9_smem_u32(aligned);
-    const uint32_t sK = base, sV = sK + KB, sQ = sV + KB, sdO = sQ + 2 * QB, sS = sdO + 2 * QB;
+    // K and V of stage s at base + 2 s KB (K) and + KB (V)
+    const uint32_t sK = base, sV = sK + KB, sQ = base + (uint32_t)kvstages * 2 * KB, sdO = sQ + 2 * QB,
+                   sS = sdO + 2 * QB;
     const uint32_t sL = sS + 2 * SB, sD = sL + 2 * 256; // 64 floats a stage each
     const uint32_t dqs = sD + 2 * 256; // the dq partials, two stages of F9_DQ_TILE(D) floats
     const uint32_t bars = dqs + 2 * F9_DQ_TILE(D) * 4;
     const uint32_t kv_full = bars, full = bars + 8, empty = bars + 24;
     const uint32_t dq_full = bars + 40, dq_empty = bars + 56, kv_empty = bars + 72; // two stages each, then one
+    const uint32_t kv_full2 = bars + 80, kv_empty2 = bars + 88; // the second K and V stage's
     float *Lf = reinterpret_cast<float *>(aligned + (sL - base));
     float *Df = reinterpret_cast<float *>(aligned + (sD - base));
 
@@ -1237,8 +1243,10 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             f9_mbar_init(dq_empty + 8 * st, 1);
         }
         f9_mbar_init(kv_empty, 2 * 128);
+        f9_mbar_init(kv_full2, 1);
+        f9_mbar_init(kv_empty2, 2 * 128);
     }
-    f9_bwd_kv_init(kv_full, full, empty, tid); // its fence and block barrier cover the three above
+    f9_bwd_kv_init(kv_full, full, empty, tid); // its fence and block barrier cover the ones above
     // every role walks the same items; g counts the block's query tiles across them (stages, phases)
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -1249,13 +1257,15 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             if (got < 0) break;
             if (got == 0) continue;
             int qt0 = kb * F9_ROWS / F9_BT;
+            const int kvs = kvstages == 2 ? i & 1 : 0, kvn = kvstages == 2 ? i >> 1 : i; // K/V stage, its fill
             if (tid == 32)
                 f9_bwd_dq_writer<D>(acc + (size_t)bh * nqt * F9_DQ_TILE(D), sem + (size_t)bh * nqt, dqs, dq_full,
                                     dq_empty, kb, qt0, nqt, ordered != 0, g, HEADS);
             else
-                f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK, sV, sQ, sdO, Lf, Df, kv_full, kv_empty, full,
+                f9_bwd_kv_producer<D>(&tmq, &tmk, &tmv, &tmdo, sK + (uint32_t)kvs * 2 * KB, sV + (uint32_t)kvs * 2 * KB,
+                                      sQ, sdO, Lf, Df, kvs ? kv_full2 : kv_full, kvs ? kv_empty2 : kv_empty, full,
                                       empty, lse + (size_t)bh * T, Dv + (size_t)bh * T, (bh % NH) * D, bh / NH,
-                                      kb * F9_ROWS, qt0, nqt, T, tid, i, g, HEADS);
+                                      kb * F9_ROWS, qt0, nqt, T, tid, kvn, g, HEADS);
             g += nqt - qt0;
             if constexpr (HEADS) i++;
         }
@@ -1278,7 +1288,9 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         float dka[D / 2], dva[D / 2];
 #pragma unroll
         for (int j = 0; j < D / 2; j++) dka[j] = dva[j] = 0.0f;
-        f9_mbar_wait(kv_full, (uint32_t)i & 1u);
+        const int kvs = kvstages == 2 ? i & 1 : 0, kvn = kvstages == 2 ? i >> 1 : i; // K/V stage, its fill
+        const uint32_t sKi = sK + (uint32_t)kvs * 2 * KB, sVi = sV + (uint32_t)kvs * 2 * KB;
+        f9_mbar_wait(kvs ? kv_full2 : kv_full, (uint32_t)kvn & 1u);
 
         for (int j = qt0; j < nqt; j++) {
             int qt = HEADS ? nqt - 1 - (j - qt0) : j, gt = g + j - qt0, st = gt & 1;
@@ -1289,7 +1301,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             // warpgroup 0 always has work here; warpgroup 1 not where all its keys follow the tile's
             // queries (the diagonal tile) or lie past T (its dS^T rows are zeros then)
             if (q0 + 63 >= wk0 && wk0 < T) {
-                f9_dkdv_tile<D, true>(dka, dva, sK, sV, (uint32_t)cw * 64 * 128, qb, db, Lt, Dt, q0, rk0, T,
+                f9_dkdv_tile<D, true>(dka, dva, sKi, sVi, (uint32_t)cw * 64 * 128, qb, db, Lt, Dt, q0, rk0, T,
                                       lane, scale_log2, sSb);
             } else {
                 const uint32_t zero[F9_BT / 16][4] = {};
@@ -1300,7 +1312,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             bool mine = D == 128 || (gt & 1) == cw;
             float dqa[32];
             if (mine) {
-                const uint32_t bK = sK + (uint32_t)nh * F9_ROWS * 128;
+                const uint32_t bK = sKi + (uint32_t)nh * F9_ROWS * 128;
                 f9_wg_fence();
 #pragma unroll
                 for (int kc = 0; kc < 8; kc++)
@@ -1326,7 +1338,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             f9_fence_async(); // the partial, visible to the writer's bulk copy
             f9_mbar_arrive(dq_full + 8 * st);
         }
-        f9_mbar_arrive(kv_empty); // every product of the item has read K and V
+        f9_mbar_arrive(kvs ? kv_empty2 : kv_empty); // every product of the item has read K and V
         g += nqt - qt0;
         const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
         size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
@@ -1478,7 +1490,7 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
                                const f9_bf16 *dout, const f9_bf16 *q, const f9_bf16 *k,
                                const f9_bf16 *v, const f9_bf16 *out, const float *lse, float *scratch,
                                int B, int T, int NH, int qkv_stride, int out_stride, int ordered,
-                               int persist_mode, int heads) {
+                               int persist_mode, int heads, int kvstages) {
     CUtensorMap mq, mk, mv, mdo;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, 64) ||
@@ -1496,8 +1508,11 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     f9_bwd_pre_kernel<D><<<grid, F9_NT, 0, st>>>(Dv, sem, ordered ? NULL : acc, dout, out, T, NH,
                                                   (size_t)out_stride, nq64);
     if (cudaGetLastError() != cudaSuccess) return 2;
-    size_t smem = 2 * (size_t)F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 2 * (size_t)F9_ROWS * F9_BT * 2 +
-                  4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 80 bytes
+    // a second K and V stage fits beside the rest at head size 64 only (at 128 the kernel takes 226 KB
+    // with one)
+    kvstages = kvstages == 2 && D == 64 ? 2 : 1;
+    size_t smem = 2 * (size_t)kvstages * F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 +
+                  2 * (size_t)F9_ROWS * F9_BT * 2 + 4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 96 bytes
     // persistent (a block per multiprocessor) for short sequences, where a block's fixed costs are a
     // large share of its work; a block per item beyond (measured: at T 2048 and 4096 the persistent blocks'
     // fixed order of items costs more in waits on the key-block order than it saves); persist_mode
@@ -1516,7 +1531,7 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     }
     int blocks = heads ? grid_heads : persist ? min(items, f9_sm_count()) : items;
     kernel<<<(unsigned)blocks, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH, B * NH,
-                                                     (size_t)qkv_stride, scale, scale_log2, ordered);
+                                                     (size_t)qkv_stride, scale, scale_log2, ordered, kvstages);
     if (cudaGetLastError() != cudaSuccess) return 2;
     f9_bwd_post_kernel<D><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride, scale);
     return cudaGetLastError() == cudaSuccess ? 0 : 2;
@@ -1527,7 +1542,7 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
                                         const void *v, const void *out, const float *lse,
                                         float *scratch, int B, int T, int NH, int HS,
                                         int qkv_stride, int out_stride, int allow_ws, int persist,
-                                        int heads) {
+                                        int heads, int kvstages) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *a = (f9_bf16 *)dq, *b = (f9_bf16 *)dk, *c = (f9_bf16 *)dv;
     const f9_bf16 *g = (const f9_bf16 *)dout, *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k,
@@ -1538,10 +1553,10 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
     bool fused = allow_ws == 1 || allow_ws == 3, ordered = allow_ws == 1;
     if (ws && fused && HS == 64)
         rc = f9_bwd_fused_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                     out_stride, ordered, persist, heads);
+                                     out_stride, ordered, persist, heads, kvstages);
     if (ws && fused && HS == 128)
         rc = f9_bwd_fused_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                      out_stride, ordered, persist, heads);
+                                      out_stride, ordered, persist, heads, kvstages);
     if (rc >= 0) return rc;
     if (ws && HS == 64)
         rc = f9_bwd_ws_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,

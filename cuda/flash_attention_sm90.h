@@ -25,11 +25,14 @@ int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
 // persist (the one-kernel backward): -1 a block per multiprocessor walking the items at T <= 1024
 // and a block per item beyond (what measured faster); 0 or 1 one or the other at every T. heads
 // (the one-kernel backward): nonzero, the persistent blocks hold whole heads at a time and walk
-// their query tiles from the last one down (flash_attention_set_hopper_bwd_order).
+// their query tiles from the last one down (flash_attention_set_hopper_bwd_order). kvstages (the
+// one-kernel backward at HS 64; one elsewhere): 2, the next item's K and V tiles come into a
+// second stage while the current item runs, else one stage (flash_attention_set_hopper_kv_stages).
 int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
                              const void *q, const void *k, const void *v, const void *out,
                              const float *lse, float *scratch, int B, int T, int NH, int HS,
-                             int qkv_stride, int out_stride, int allow_ws, int persist, int heads);
+                             int qkv_stride, int out_stride, int allow_ws, int persist, int heads,
+                             int kvstages);
 
 #ifdef __cplusplus
 }

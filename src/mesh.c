@@ -94,6 +94,7 @@ static const struct {
     {"TPTRAIN_ATTN_BWD_PERSIST", {"0", "1"}, "whether the Hopper attention backward's blocks persist"},
     {"TPTRAIN_ATTN_ORDER", {"pairs", "longest"}, "the Hopper attention forward's walk over the work"},
     {"TPTRAIN_ATTN_Q_STAGES", {"1", "2"}, "the Hopper attention forward's stages of query tiles"},
+    {"TPTRAIN_ATTN_KV_STAGES", {"1", "2"}, "the Hopper attention backward's stages of key and value tiles"},
     {"TPTRAIN_ATTN_BWD_ORDER", {"heads", "longest"}, "the Hopper attention backward's walk over the work"},
 };
 
