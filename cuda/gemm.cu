@@ -22,7 +22,8 @@
 // plain product plus our column sums beat cuBLASLt's BGRADB epilogue by about 7%, and are the
 // only plan offered (the result must not depend on which plan a rank's timing picked).
 // TPTRAIN_GEMM_SM90 makes gemm_sm90.cu's Hopper kernel an "own" entry of the GELU and GELU'
-// products: always (1), or where timed faster than the fastest of those (auto).
+// products: always (1), or where timed faster than the fastest of those (auto); with
+// TPTRAIN_GEMM_SM90_PLAIN=1 also of the forwards with the bias or no epilogue.
 //
 // Determinism. With a fixed algorithm and our own workspace, cuBLASLt's products are bitwise
 // reproducible on one GPU and one stream. The one place partial sums could be combined in a
@@ -118,6 +119,7 @@ struct gemm_ctx {
     int sm90_gelu;        // on a compute capability 9.0 device, whether gemm_sm90.cu's kernels take the GELU
                           // and GELU' epilogue products: 0 never, 1 always (TPTRAIN_GEMM_SM90=1), 2 where
                           // timed faster than cuBLASLt (auto)
+    bool sm90_plain;      // and, the same way, the forwards with the bias or nothing (TPTRAIN_GEMM_SM90_PLAIN=1)
     bool last_own;        // whether the last execute() ran an own entry
     const char *last_fwd; // what computed the last gemm_fwd (gemm_last_fwd_path)
     const char *last_bwd_data; // and the last gemm_bwd_data
@@ -401,9 +403,11 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
     const struct gemm_key *k = &e->key;
 #ifdef FA_HAVE_SM90
     if (e->own) { // the call's operands back in row-major order (gemm_call holds cuBLASLt's)
-        int rc = k->product == GP_FWD
-                     ? gemm_sm90_fwd_gelu(g->stream, c->out, c->pre_gelu, c->b, c->a, c->bias, k->N, k->IC, k->OC)
-                     : gemm_sm90_bwd_dgelu(g->stream, c->out, c->b, c->a, c->pre_gelu, k->N, k->IC, k->OC);
+        const bool gelu = k->epi == GE_GELU || k->epi == GE_GELU_BIAS;
+        int rc = k->product != GP_FWD ? gemm_sm90_bwd_dgelu(g->stream, c->out, c->b, c->a, c->pre_gelu, k->N, k->IC, k->OC)
+                 : gelu ? gemm_sm90_fwd_gelu(g->stream, c->out, c->pre_gelu, c->b, c->a, c->bias, k->N, k->IC, k->OC)
+                        : gemm_sm90_fwd(g->stream, c->out, c->b, c->a, k->epi == GE_BIAS ? c->bias : NULL, k->N, k->IC,
+                                        k->OC);
         return rc == 0 ? CUBLAS_STATUS_SUCCESS : rc == 1 ? CUBLAS_STATUS_NOT_SUPPORTED : CUBLAS_STATUS_EXECUTION_FAILED;
     }
 #endif
@@ -539,7 +543,9 @@ static int tune(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_
     // TPTRAIN_GEMM_SM90: the GELU and GELU' products in gemm_sm90.cu's Hopper kernel where it takes
     // the shape, always (1: chosen untimed, no cuBLASLt candidate tried) or where it is timed faster
     // than the fastest cuBLASLt candidate (auto, after the loop below)
-    bool own_key = g->sm90_gelu && k->sms == 0 && (k->epi == GE_GELU || k->epi == GE_GELU_BIAS || k->epi == GE_DGELU);
+    bool own_key = g->sm90_gelu && k->sms == 0 &&
+                   (k->epi == GE_GELU || k->epi == GE_GELU_BIAS || k->epi == GE_DGELU ||
+                    (g->sm90_plain && k->product == GP_FWD && (k->epi == GE_NONE || k->epi == GE_BIAS)));
     if (own_key && g->sm90_gelu == 1) {
         memset(best, 0, sizeof *best);
         best->key = *k;
@@ -802,6 +808,8 @@ extern "C" struct gemm_ctx *gemm_create(void *stream, size_t workspace_bytes, ch
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess)
         g->sm90_gelu = major == 9 && minor == 0 ? mode : 0;
+    const char *plain = getenv("TPTRAIN_GEMM_SM90_PLAIN");
+    g->sm90_plain = plain && strcmp(plain, "1") == 0;
     (void)cudaGetLastError();
 #endif
     return g;

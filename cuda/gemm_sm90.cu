@@ -21,6 +21,9 @@
 // tile rows the blocks run in clusters of two that share w's tiles (gs_kernel's comment).
 //
 // gw_kernel, further down, computes the same products in 128 x 256 tiles (TPTRAIN_GEMM_SM90_TILE=256).
+// gemm_sm90_fwd runs gs_kernel with the staged epilogue on a forward with no GELU (the bias or
+// nothing), so that its mainloop can be timed against cuBLASLt's on products whose epilogue costs
+// next to nothing (TPTRAIN_GEMM_SM90_PLAIN=1; not yet run on a GPU).
 //
 // Shapes: N and OC multiples of 128, IC of 64, operands 16-byte aligned (gemm.cu checks and falls
 // back to cuBLASLt otherwise). fp32 accumulation; pre is the rounded sum, out GELU of the unrounded
@@ -45,9 +48,9 @@
 #define GS_STAGE_BYTES (2 * GS_BM * GS_BK * 2)
 #define GS_GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 
-// What a kernel computes: the forward with the bias + GELU epilogue, or the input gradient with
-// GELU's derivative.
-enum { GS_FWD_GELU = 0, GS_BWD_DGELU = 1 };
+// What a kernel computes: the forward with the bias + GELU epilogue, the input gradient with
+// GELU's derivative, or (staged epilogue only) the forward with the bias or nothing after it.
+enum { GS_FWD_GELU = 0, GS_BWD_DGELU = 1, GS_FWD_PLAIN = 2 };
 
 // tanh by the multi-function unit (one instruction; about 2^-11 relative error, below bf16's 2^-8)
 __device__ __forceinline__ static float gs_tanh(float x) {
@@ -224,7 +227,7 @@ __device__ __forceinline__ static void gs_store_staged(const CUtensorMap *map, u
 
 // The staged epilogue. GS_FWD_GELU: aux = the sum plus bias (stored first, from the staged tile),
 // then out = GELU of the unrounded sum through the same tile once the copy engine has read it
-// (computed meanwhile). GS_BWD_DGELU: the producer brought the tile's pre-activation into the
+// (computed meanwhile). GS_FWD_PLAIN: out = the sum plus bias (if any), stored alone. GS_BWD_DGELU: the producer brought the tile's pre-activation into the
 // staged tile (pre_full); each lane reads its values with ldmatrix in the accumulator's layout and
 // writes out = sum * gelu'(pre) back in place with stmatrix (the same addresses, so no other
 // warp's data moves), the tile goes out, and once read the buffer is the producer's again
@@ -236,7 +239,7 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
                                                           uint32_t use, int m0, int n0, int bar, int warp,
                                                           int lane) {
     const int wt = 32 * warp + lane, tq = lane & 3;
-    if constexpr (MODE == GS_FWD_GELU) {
+    if constexpr (MODE != GS_BWD_DGELU) {
         if (BIAS) {
 #pragma unroll
             for (int jj = 0; jj < 16; jj++) {
@@ -253,15 +256,17 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
         if (wt == 0) f9_bulk_wait_read(); // the tile's previous stores have read the buffer
         f9_named_sync(bar, 128);
         gs_stage_tile(buf, acc, warp, lane);
-        gs_store_staged(map_aux, buf, m0, n0, bar, wt);
+        gs_store_staged(MODE == GS_FWD_GELU ? map_aux : map_out, buf, m0, n0, bar, wt);
+        if constexpr (MODE == GS_FWD_GELU) {
 #pragma unroll
-        for (int h = 0; h < 2; h++)
+            for (int h = 0; h < 2; h++)
 #pragma unroll
-            for (int i = 0; i < 64; i++) acc[h][i] = gs_gelu(acc[h][i]);
-        if (wt == 0) f9_bulk_wait_read();
-        f9_named_sync(bar, 128);
-        gs_stage_tile(buf, acc, warp, lane);
-        gs_store_staged(map_out, buf, m0, n0, bar, wt);
+                for (int i = 0; i < 64; i++) acc[h][i] = gs_gelu(acc[h][i]);
+            if (wt == 0) f9_bulk_wait_read();
+            f9_named_sync(bar, 128);
+            gs_stage_tile(buf, acc, warp, lane);
+            gs_store_staged(map_out, buf, m0, n0, bar, wt);
+        }
     } else {
         (void)bias;
         (void)map_aux;
@@ -332,7 +337,7 @@ __device__ __forceinline__ static void gs_barriers_ready(void) {
 
 // The producer's fill number `it` of the STAGES stages, k columns kc * 64.. of the tile at (m0,
 // n0): once the stage's previous fill (it - STAGES) has been released by every consumer of it,
-// A's 128 x 64 box and B's NB 64 x 64 boxes (8 KB apart: for GS_FWD_GELU rows n0 + 64 q of B, for
+// A's 128 x 64 box and B's NB 64 x 64 boxes (8 KB apart: for the forwards rows n0 + 64 q of B, for
 // GS_BWD_DGELU its columns n0 + 64 q), in clusters this block's share of B's boxes multicast to
 // both blocks; the stage's "full" barrier counts the bytes.
 template <int MODE, int CL, int STAGES, int NB>
@@ -346,8 +351,8 @@ __device__ __forceinline__ static void gs_fill(const CUtensorMap *ta, const CUte
     f9_mbar_expect_tx(full + 8 * s, bytes);
     f9_tma_load(sa, ta, kc * GS_BK, m0, 0, full + 8 * s);
     for (int q = CL > 1 ? (int)rank : 0; q < NB; q += CL) {
-        const int x = MODE == GS_FWD_GELU ? kc * GS_BK : n0 + 64 * q;
-        const int y = MODE == GS_FWD_GELU ? n0 + 64 * q : kc * GS_BK;
+        const int x = MODE != GS_BWD_DGELU ? kc * GS_BK : n0 + 64 * q;
+        const int y = MODE != GS_BWD_DGELU ? n0 + 64 * q : kc * GS_BK;
         const uint32_t dst = sb + (uint32_t)q * 64 * 128;
         if constexpr (CL > 1) gs_tma_load_multicast(dst, tb, x, y, full + 8 * s, (uint16_t)3);
         else f9_tma_load(dst, tb, x, y, 0, full + 8 * s);
@@ -372,8 +377,8 @@ __device__ __forceinline__ static void gs_release(uint32_t bar, uint32_t rank, i
     }
 }
 
-// out (M, NN) from A (M, K) K-major (tensor map ta, 128-row boxes) and B: GS_FWD_GELU, B (NN, K)
-// K-major, d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major, d = A B; tb's boxes are 64 x 64 either way,
+// out (M, NN) from A (M, K) K-major (tensor map ta, 128-row boxes) and B: the forwards (GELU or
+// plain), B (NN, K) K-major, d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major, d = A B; tb's boxes are 64 x 64 either way,
 // two per stage (the tile's two 64-row halves of B for the forward, its two 64-column halves for
 // the backward, 8 KB apart, which is the layout one 128-row box would give).
 //
@@ -469,7 +474,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
 #pragma unroll
                 for (int kk = 0; kk < 4; kk++) {
                     uint64_t da = f9_desc(sa + (uint32_t)(h * 64 * 128 + kk * 32), 16, 1024);
-                    if constexpr (MODE == GS_FWD_GELU)
+                    if constexpr (MODE != GS_BWD_DGELU)
                         wg_ss_n128<0>(acc[h], da, f9_desc(sb + (uint32_t)(kk * 32), 16, 1024), kc > 0 || kk > 0);
                     else // rows 16 kk of the K x 128 tile, its two 64-column halves 8 KB apart
                         wg_ss_n128<1>(acc[h], da, f9_desc(sb + (uint32_t)(kk * 16 * 128), 64 * 128, 1024),
@@ -826,6 +831,16 @@ static int gs_early_turn(void) {
     return early;
 }
 
+// The KIND kernel for MODE (only the kernel asked for is instantiated: the plain forward exists in
+// gs_kernel's staged form alone).
+template <int MODE, bool BIAS, int CL, int KIND>
+static auto gs_kernel_of(void) {
+    if constexpr (KIND == GS_WIDE || KIND == GS_WIDE4)
+        return gw_kernel<MODE, BIAS, CL, KIND == GS_WIDE4 ? 2 : 1>;
+    else
+        return gs_kernel<MODE, BIAS, CL, KIND == GS_STAGED>;
+}
+
 // Launches the KIND kernel over an (M, NN) output; 0, or 2 when the launch failed.
 template <int MODE, bool BIAS, int CL, int KIND>
 static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
@@ -836,7 +851,7 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
     const size_t smem = wide ? (size_t)stages * GW_STAGE_BYTES + GW_TILE_BYTES / H + 8 * (2 * stages + 2) + GW_BN * 2 + 1024
                              : (size_t)stages * GS_STAGE_BYTES + (KIND == GS_STAGED ? 2 * GS_OUT_BYTES : 0) +
                                    8 * (2 * stages + 4) + 1024;
-    auto kernel = wide ? gw_kernel<MODE, BIAS, CL, H> : gs_kernel<MODE, BIAS, CL, KIND == GS_STAGED>;
+    auto kernel = gs_kernel_of<MODE, BIAS, CL, KIND>();
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
         (void)cudaGetLastError();
@@ -937,6 +952,22 @@ extern "C" int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void
     cudaStream_t st = (cudaStream_t)stream;
     return bias ? gs_launch<GS_FWD_GELU, true>(st, m, out, pre, bias, N, IC, OC)
                 : gs_launch<GS_FWD_GELU, false>(st, m, out, pre, bias, N, IC, OC);
+}
+
+extern "C" int gemm_sm90_fwd(void *stream, void *out, const void *inp, const void *w, const void *bias, int N,
+                             int IC, int OC) {
+    const void *ptrs[4] = {out, inp, w, bias};
+    if (N <= 0 || N % GS_BM || OC <= 0 || OC % GS_BN || IC <= 0 || IC % GS_BK || !out || !inp || !w ||
+        !gs_aligned(ptrs, 4))
+        return 1;
+    gs_maps m;
+    if (!f9_tensor_map(&m.a, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&m.b, w, IC, OC, 1, IC, 64) ||
+        !f9_tensor_map(&m.out, out, OC, N, 1, OC, GS_BM))
+        return 1;
+    m.aux = m.out; // not read
+    cudaStream_t st = (cudaStream_t)stream;
+    return bias ? gs_launch_kind<GS_FWD_PLAIN, true, GS_STAGED>(st, m, out, NULL, bias, N, IC, OC)
+                : gs_launch_kind<GS_FWD_PLAIN, false, GS_STAGED>(st, m, out, NULL, bias, N, IC, OC);
 }
 
 extern "C" int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre,

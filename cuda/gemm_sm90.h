@@ -1,6 +1,6 @@
 // gemm_sm90.h: the Hopper (sm_90a) products behind gemm.h's GELU forward and GELU'-epilogue input
-// gradient; internal to cuda/ (gemm.cu calls them on compute capability 9.0 devices when
-// TPTRAIN_GEMM_SM90=1).
+// gradient, and its plain forward; internal to cuda/ (gemm.cu calls them on compute capability 9.0
+// devices when TPTRAIN_GEMM_SM90=1 or auto; the plain forward also needs TPTRAIN_GEMM_SM90_PLAIN=1).
 #pragma once
 
 #ifdef __cplusplus
@@ -13,6 +13,11 @@ extern "C" {
 // 2 when the launch failed.
 int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void *inp, const void *w, const void *bias,
                        int N, int IC, int OC);
+
+// out (N, OC) = inp (N, IC) @ w (OC, IC)^T + bias (OC, or NULL), bf16: the forward with no
+// epilogue but the bias (TPTRAIN_GEMM_SM90_PLAIN=1). The same returns and shapes as above.
+int gemm_sm90_fwd(void *stream, void *out, const void *inp, const void *w, const void *bias, int N, int IC,
+                  int OC);
 
 // dinp (N, IC) = (dout (N, OC) @ w (OC, IC)) * gelu'(pre (N, IC)), bf16. The same returns; N and IC
 // multiples of 128, OC of 64.

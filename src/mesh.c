@@ -86,6 +86,7 @@ static const struct {
     {"TPTRAIN_GEMM_SM90_TILE", {"128", "256"}, "the columns of tptrain's Hopper GELU products' output tiles"},
     {"TPTRAIN_GEMM_SM90_CLUSTER", {"0", "1"}, "whether tptrain's Hopper GELU products run in clusters of two"},
     {"TPTRAIN_GEMM_SM90_WIDE_STAGES", {"3", "4"}, "the stages of tptrain's Hopper GELU products' 128 x 256 tiles"},
+    {"TPTRAIN_GEMM_SM90_PLAIN", {"0", "1"}, "whether tptrain's Hopper products also take the forwards with no GELU"},
     {"TPTRAIN_GEMM_SM90_TURN", {"done", "issued"}, "when a consumer of tptrain's Hopper GELU products hands over "
                                                   "the tensor cores"},
     {"TPTRAIN_ATTN_WS", {"0", "1"}, "whether the Hopper attention kernels use warp specialisation"},

@@ -568,11 +568,12 @@ Test(bench, model_two_ranks_times_communication) {
 static void expect_usage_error(int np, const char *args, const char *needle);
 
 // Shapes after the config replace the step's products: each shape's three passes with the fc
-// layer's epilogues, one call each, in the order given; a bad shape exits 2 naming it.
+// layer's epilogues and its forward with the bias alone, one call each, in the order given; a bad
+// shape exits 2 naming it.
 Test(bench, gemm_times_the_shapes_given) {
     static const int shapes[2][3] = {{64, 32, 128}, {128, 64, 32}};
-    static const char *const pass[3] = {"fwd", "bwd data", "bwd weight"};
-    static const char *const epilogue[3] = {"bias+gelu", "dgelu", "+dbias"};
+    static const char *const pass[4] = {"fwd", "fwd bias", "bwd data", "bwd weight"};
+    static const char *const epilogue[4] = {"bias+gelu", "bias", "dgelu", "+dbias"};
     char dir[1024], path[1200], args[2400];
     tu_tmpdir(dir, sizeof dir, "bench_gemm_shapes");
     snprintf(path, sizeof path, "%s/gemm.json", dir);
@@ -586,16 +587,16 @@ Test(bench, gemm_times_the_shapes_given) {
     json_t *doc = load_json(path);
     cr_assert_str_eq(json_string_value(json_object_get(doc, "products_of")), "shapes");
     json_t *ps = json_object_get(doc, "products");
-    cr_assert_eq(json_array_size(ps), 6);
+    cr_assert_eq(json_array_size(ps), 8);
     double flops = 0.0;
-    for (int i = 0; i < 6; i++) {
-        const int *sh = shapes[i / 3];
+    for (int i = 0; i < 8; i++) {
+        const int *sh = shapes[i / 4];
         char name[64], line[512];
-        snprintf(name, sizeof name, "%dx%dx%d %s", sh[0], sh[1], sh[2], pass[i % 3]);
+        snprintf(name, sizeof name, "%dx%dx%d %s", sh[0], sh[1], sh[2], pass[i % 4]);
         cr_assert(find_line(out, name, 0, line, sizeof line), "no '%s' row:\n%s", name, out);
         json_t *p = json_array_get(ps, (size_t)i);
         cr_assert_str_eq(json_string_value(json_object_get(p, "product")), name);
-        cr_assert_str_eq(json_string_value(json_object_get(p, "epilogue")), epilogue[i % 3]);
+        cr_assert_str_eq(json_string_value(json_object_get(p, "epilogue")), epilogue[i % 4]);
         cr_assert_eq(jnum_of(p, "N"), sh[0]);
         cr_assert_eq(jnum_of(p, "IC"), sh[1]);
         cr_assert_eq(jnum_of(p, "OC"), sh[2]);

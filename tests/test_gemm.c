@@ -385,6 +385,42 @@ Test(gemm, gelu_products_sm90_wide4) {
     check_bwd_data(640, 256, 128, true, 47);     // a block per tile
 }
 
+// The forwards with the bias or no epilogue in the staged 128 x 128 kernel (TPTRAIN_GEMM_SM90_PLAIN=1
+// beside TPTRAIN_GEMM_SM90=1): clusters, a block per tile, one tile; the GELU products as before.
+Test(gemm, plain_products_sm90) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_PLAIN", "1", 1), 0);
+    expect_fwd_path = "sm90";
+    check_fwd(4096, 768, 2304, true, false, 48);  // clusters, 576 tiles, 12 K steps, bias
+    check_fwd(256, 768, 4096, false, false, 49);  // clusters, 64 tiles, no bias (an LM head's chunk)
+    check_fwd(384, 128, 384, true, false, 50);    // a block per tile
+    check_fwd(128, 64, 128, false, false, 51);    // one tile, one K step
+    check_fwd(2048, 256, 640, true, true, 52);    // GELU, beside
+    expect_fwd_path = "cublaslt";
+    check_fwd(256, 192, 320, true, false, 53);    // OC not a multiple of 128
+}
+
+// Without TPTRAIN_GEMM_SM90_PLAIN the plain forwards stay cuBLASLt's.
+Test(gemm, plain_products_sm90_off) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    expect_fwd_path = "cublaslt";
+    check_fwd(384, 128, 384, true, false, 54);
+}
+
+// The consumers hand the tensor cores over once their products are issued
+// (TPTRAIN_GEMM_SM90_TURN=issued): several tiles per consumer with clusters and without.
+Test(gemm, sm90_turn_issued) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_PLAIN", "1", 1), 0);
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_TURN", "issued", 1), 0);
+    expect_fwd_path = "sm90";
+    check_fwd(4096, 768, 1152, true, true, 55);   // clusters, GELU
+    check_fwd(384, 128, 384, false, true, 56);    // a block per tile
+    check_bwd_data(4096, 1152, 768, true, 57);    // clusters, GELU'
+    check_bwd_data(640, 256, 128, true, 58);      // a block per tile
+    check_fwd(4096, 768, 2304, true, false, 59);  // plain
+}
+
 // TPTRAIN_GEMM_SM90=auto: each shape timed against cuBLASLt's best when first seen, the faster
 // kept; the products are right whichever won.
 Test(gemm, gelu_products_sm90_auto) {

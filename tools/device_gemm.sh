@@ -6,7 +6,8 @@
 # Builds tptrain and the gemm suite in build-gpu, runs the suite (every own-kernel case), the
 # sm90 cases under compute-sanitizer memcheck, then `tptrain --bench gemm` on GEMM_CONFIGS with
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels (128 x 128 tiles with each
-# TPTRAIN_GEMM_SM90_EPILOGUE, the staged one also with TPTRAIN_GEMM_SM90_TURN=issued; the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256 with three stages
+# TPTRAIN_GEMM_SM90_EPILOGUE, the staged one also with TPTRAIN_GEMM_SM90_TURN=issued and with the plain
+# forwards too (TPTRAIN_GEMM_SM90_PLAIN=1, both turns); the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256 with three stages
 # and four), GEMM_ROUNDS rounds alternating, the fc products across K (GEMM_SWEEP, N x IC x OC
 # shapes: the share of the ceiling per way), and `--bench model` on MODEL_CONFIG the same ways and
 # with TPTRAIN_GEMM_SM90=auto. Prints a line per run (the fc forward and the MLP projection's
@@ -30,9 +31,12 @@ grep -h -B2 -A3 "Assertion\|FAIL\|CRASH" "$out/logs/test.log" | head -20
 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$build/tests/test_gemm" --filter 'gemm/gelu_products_sm90*' \
     >"$out/logs/memcheck.log" 2>&1 || status=1
 echo "memcheck of the sm90 cases: $(grep -h 'ERROR SUMMARY' "$out/logs/memcheck.log" | sort | uniq -c | tr -s ' ' | tr '\n' ';')"
-row() { grep -E '^fc fwd|^mlp proj bwd data|^all products' "$1" | awk '{printf "%s %s %s | ", $1, $2, ($1 == "all") ? $NF : $(NF-3)}'; }
+row() { grep -E '^(qkv|attn proj|fc|mlp proj|lm head) fwd|^mlp proj bwd data|^all products' "$1" |
+    sed 's/^attn proj/attn_proj/; s/^mlp proj/mlp_proj/; s/^lm head/lm_head/' |
+    awk '{printf "%s %s %s | ", $1, $2, ($1 == "all") ? $NF : $(NF-3)}'; }
 ways=("TPTRAIN_GEMM_SM90=0" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=registers" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=tma"
       "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_EPILOGUE=tma TPTRAIN_GEMM_SM90_TURN=issued"
+      "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_PLAIN=1" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_PLAIN=1 TPTRAIN_GEMM_SM90_TURN=issued"
       "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_TILE=256" "TPTRAIN_GEMM_SM90=1 TPTRAIN_GEMM_SM90_TILE=256 TPTRAIN_GEMM_SM90_WIDE_STAGES=4")
 n=0
 for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
@@ -44,14 +48,15 @@ for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
         done
     done
 done
-# the forward and input gradient across K (IC) at GPT-2 124M's fc rows and width: how far each way's
-# share of the ceiling depends on the tile's length (per-tile costs) rather than on its mainloop
+# the forward (GELU, and bias alone) and the GELU' input gradient across K (IC) at GPT-2 124M's fc
+# rows and width: how far each way's share of the ceiling depends on the tile's length (per-tile
+# costs) and on the epilogue rather than on its mainloop
 sweep=${GEMM_SWEEP:-16384x768x3072 16384x1536x3072 16384x3072x3072 16384x6144x3072}
 for w in "${ways[@]}"; do
     n=$((n + 1))
     env $w timeout 120 "$build/tptrain" --bench gemm configs/gpt2-124m.yaml $sweep >"$out/logs/sweep_$n.log" 2>&1 || status=1
     echo "sweep, $w: $(grep -E '^[0-9]+x[0-9]+x[0-9]+ (fwd|bwd data)' "$out/logs/sweep_$n.log" |
-        awk '{printf "%s %s %s ms %s | ", $1, ($2 == "fwd") ? "fwd" : "bwd", $(NF-3), $(NF-1)}')"
+        awk '{printf "%s %s %s ms %s | ", $1, ($2 == "bwd") ? "dgelu" : ($3 == "bias") ? "bias" : "gelu", $(NF-3), $(NF-1)}')"
 done
 for w in "${ways[@]}" "TPTRAIN_GEMM_SM90=auto" "TPTRAIN_GEMM_SM90=auto TPTRAIN_GEMM_SM90_TILE=256"; do
     n=$((n + 1))

@@ -3,8 +3,9 @@
 // choice the model's products get), against the matrix ceiling measured in the same run. With
 // shapes after the config, those instead: each one's three passes with the fc layer's epilogues
 // (forward with bias + GELU, input gradient with GELU's derivative, weight gradient with the bias
-// gradient), once per call, so that a product can be followed across sizes (say, K = IC swept at
-// fixed N and OC) on the config's backend, device and precision.
+// gradient) and the forward with the bias alone, once per call, so that a product can be followed
+// across sizes (say, K = IC swept at fixed N and OC) on the config's backend, device and precision,
+// and what the GELU epilogue adds seen beside it.
 //
 // A step's products are, per layer and micro-step, the forward, input-gradient and weight-gradient
 // products of qkv (column-parallel, bias), attention's output projection (row-parallel), fc
@@ -37,14 +38,15 @@ struct gemm_product {
 };
 
 #define GEMM_MAX_SHAPES 16
-#define GEMM_MAX_PRODUCTS (3 * GEMM_MAX_SHAPES) // at least a step's 15
+#define GEMM_PASSES_PER_SHAPE 4
+#define GEMM_MAX_PRODUCTS (GEMM_PASSES_PER_SHAPE * GEMM_MAX_SHAPES) // at least a step's 15
 
 // What --bench gemm was given: the shapes (none: the config's step) and the config, in one
 // allocation (the driver frees it whole).
 struct gemm_args {
     int nshapes;
     int shape[GEMM_MAX_SHAPES][3];       // N, IC, OC
-    char names[GEMM_MAX_SHAPES][3][48];  // "NxICxOC fwd", ...
+    char names[GEMM_MAX_SHAPES][GEMM_PASSES_PER_SHAPE][48]; // "NxICxOC fwd", ...
     char config[];
 };
 
@@ -91,14 +93,18 @@ static int gemm_products(const struct model_dims *d, int accum, struct gemm_prod
     return n;
 }
 
-// Each shape's three passes with the fc layer's epilogues, one call each.
+// Each shape's three passes with the fc layer's epilogues, and its forward with the bias alone;
+// one call each.
+static const char *const shape_passes[GEMM_PASSES_PER_SHAPE] = {"fwd", "fwd bias", "bwd data", "bwd weight"};
+
 static int shape_products(const struct gemm_args *a, struct gemm_product *out) {
     int n = 0;
     for (int i = 0; i < a->nshapes; i++) {
         const int N = a->shape[i][0], IC = a->shape[i][1], OC = a->shape[i][2];
         out[n++] = (struct gemm_product){a->names[i][0], GEMM_FWD, N, IC, OC, true, true, 1.0};
-        out[n++] = (struct gemm_product){a->names[i][1], GEMM_BWD_DATA, N, IC, OC, false, true, 1.0};
-        out[n++] = (struct gemm_product){a->names[i][2], GEMM_BWD_WEIGHT, N, IC, OC, true, false, 1.0};
+        out[n++] = (struct gemm_product){a->names[i][1], GEMM_FWD, N, IC, OC, true, false, 1.0};
+        out[n++] = (struct gemm_product){a->names[i][2], GEMM_BWD_DATA, N, IC, OC, false, true, 1.0};
+        out[n++] = (struct gemm_product){a->names[i][3], GEMM_BWD_WEIGHT, N, IC, OC, true, false, 1.0};
     }
     return n;
 }
@@ -307,10 +313,9 @@ static int gemm_parse(const struct bench_opts *o, bool root, int world, void **a
             free(a);
             return TP_EXIT_USAGE;
         }
-        static const char *const pass[3] = {"fwd", "bwd data", "bwd weight"};
-        for (int p = 0; p < 3; p++)
+        for (int p = 0; p < GEMM_PASSES_PER_SHAPE; p++)
             snprintf(a->names[a->nshapes][p], sizeof a->names[0][p], "%dx%dx%d %s", (*sh)[0], (*sh)[1], (*sh)[2],
-                     pass[p]);
+                     shape_passes[p]);
         a->nshapes++;
     }
     *args = a;
