@@ -11,7 +11,8 @@
 # (the whole step against PyTorch at each GPT-2 size); big (the largest GPT-2-shaped model tptrain
 # trains on the GPU, full recomputation) and torch_big (PyTorch's largest on the same shapes, every
 # block checkpointed: tools/torch_big.py); recompute (the step-time cost of recomputation). Also
-# memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID), profile (one
+# memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID), ncu_pipes (each
+# kernel's issue and pipe utilisation and leading stalls, NCU_GRID), profile (one
 # training step kernel by kernel, PROFILE_CONFIG, tools/kernel_table.py), attn_*
 # (kernel variants; attn_env: tptrain alone with ATTN_ENV set, on ATTN_ENV_GRID) and gemm (every
 # product of a step alone, `--bench gemm` on GEMM_CONFIGS).
@@ -78,6 +79,38 @@ ix = {k: head.index(k) for k in ("ID", "Kernel Name", "Metric Name", "Metric Val
 for r in rows:
     if r[ix["Metric Name"]] in ("Duration", "Compute (SM) Throughput", "Memory Throughput"):
         print(r[ix["ID"]], r[ix["Kernel Name"]].split("(")[0][:40], r[ix["Metric Name"]], r[ix["Metric Value"]])
+PY
+fi
+if stage ncu_pipes; then
+    # what each attention kernel's instructions keep busy, at NCU_GRID: issue slots, the tensor pipe
+    # and every other pipe (xu: the multi-function unit that computes exp2; fma, alu, ...), as a
+    # share of their peak while the SM is active, with the leading stall reasons: whether the
+    # head-size-64 forward is bound by its exponentials, its issue or its products
+    TPTRAIN_BENCH_ITERS=0+1 timeout 300 ncu --kernel-name regex:'f9_(fwd|bwd)_ws' --launch-count ${NCU_LAUNCHES:-4} --csv \
+        --metrics 'regex:^sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active$' \
+        --metrics 'regex:^sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active$' \
+        --metrics 'smsp__issue_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum' \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        "$build/tptrain" --bench attention ${NCU_GRID:-4x12x64x4096 4x16x128x4096} >"$out/ncu_pipes.csv" 2>"$out/ncu_pipes.err" || status=1
+    python3 - "$out/ncu_pipes.csv" <<'PY' | tee "$out/ncu_pipes.txt"
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows:
+    sys.exit(print("ncu_pipes: no rows"))
+head, rows = rows[0], rows[1:]
+I, K, M, V = (head.index(k) for k in ("ID", "Kernel Name", "Metric Name", "Metric Value"))
+by = {}
+for r in rows:
+    d = by.setdefault(r[I], {"name": r[K].split("(")[0][:32]})
+    try:
+        d[r[M]] = float(r[V].replace(",", ""))
+    except ValueError:
+        pass
+for i, d in sorted(by.items(), key=lambda x: int(x[0])):
+    pipes = sorted(((v, k.split("__")[1].split(".")[0]) for k, v in d.items() if k != "name" and "pipe" in k and v >= 5), reverse=True)
+    stalls = sorted(((v, k.split("issue_stalled_")[1].split("_per")[0]) for k, v in d.items() if k != "name" and "issue_stalled_" in k), reverse=True)[:4]
+    print(f"{i} {d['name']} {d.get('gpu__time_duration.sum', 0) / 1e3:.1f} us, issue {d.get('smsp__issue_active.avg.pct_of_peak_sustained_active', 0):.0f}% | "
+          + ", ".join(f"{k} {v:.0f}%" for v, k in pipes[:8]) + " | stalls " + ", ".join(f"{k} {v:.2f}" for v, k in stalls))
 PY
 fi
 if stage profile; then
