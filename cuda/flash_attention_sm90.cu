@@ -1511,8 +1511,8 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     // a second K and V stage fits beside the rest at head size 64 only (at 128 the kernel takes 226 KB
     // with one)
     kvstages = kvstages == 2 && D == 64 ? 2 : 1;
-    size_t smem = 2 * (size_t)kvstages * F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 +
-                  2 * (size_t)F9_ROWS * F9_BT * 2 + 4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 96 bytes
+    size_t smem = 2 * (size_t)kvstages * F9_ROWS * D * 2 + 4 * (size_t)F9_BT * D * 2 + 2 * (size_t)F9_ROWS * F9_BT * 2 +
+                  4 * 256 + 2 * (size_t)F9_DQ_TILE(D) * 4 + 128 + 1024; // bars: 96 bytes
     // persistent (a block per multiprocessor) for short sequences, where a block's fixed costs are a
     // large share of its work; a block per item beyond (measured: at T 2048 and 4096 the persistent blocks'
     // fixed order of items costs more in waits on the key-block order than it saves); persist_mode

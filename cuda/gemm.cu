@@ -404,10 +404,11 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
 #ifdef FA_HAVE_SM90
     if (e->own) { // the call's operands back in row-major order (gemm_call holds cuBLASLt's)
         const bool gelu = k->epi == GE_GELU || k->epi == GE_GELU_BIAS;
-        int rc = k->product != GP_FWD ? gemm_sm90_bwd_dgelu(g->stream, c->out, c->b, c->a, c->pre_gelu, k->N, k->IC, k->OC)
-                 : gelu ? gemm_sm90_fwd_gelu(g->stream, c->out, c->pre_gelu, c->b, c->a, c->bias, k->N, k->IC, k->OC)
-                        : gemm_sm90_fwd(g->stream, c->out, c->b, c->a, k->epi == GE_BIAS ? c->bias : NULL, k->N, k->IC,
-                                        k->OC);
+        const void *bias = k->epi == GE_BIAS || k->epi == GE_GELU_BIAS ? c->bias : NULL;
+        int rc = k->product != GP_FWD
+                     ? gemm_sm90_bwd_dgelu(g->stream, c->out, c->b, c->a, c->pre_gelu, k->N, k->IC, k->OC)
+                 : gelu ? gemm_sm90_fwd_gelu(g->stream, c->out, c->pre_gelu, c->b, c->a, bias, k->N, k->IC, k->OC)
+                        : gemm_sm90_fwd(g->stream, c->out, c->b, c->a, bias, k->N, k->IC, k->OC);
         return rc == 0 ? CUBLAS_STATUS_SUCCESS : rc == 1 ? CUBLAS_STATUS_NOT_SUPPORTED : CUBLAS_STATUS_EXECUTION_FAILED;
     }
 #endif

@@ -227,11 +227,12 @@ __device__ __forceinline__ static void gs_store_staged(const CUtensorMap *map, u
 
 // The staged epilogue. GS_FWD_GELU: aux = the sum plus bias (stored first, from the staged tile),
 // then out = GELU of the unrounded sum through the same tile once the copy engine has read it
-// (computed meanwhile). GS_FWD_PLAIN: out = the sum plus bias (if any), stored alone. GS_BWD_DGELU: the producer brought the tile's pre-activation into the
-// staged tile (pre_full); each lane reads its values with ldmatrix in the accumulator's layout and
-// writes out = sum * gelu'(pre) back in place with stmatrix (the same addresses, so no other
-// warp's data moves), the tile goes out, and once read the buffer is the producer's again
-// (pre_empty). Thread wt == 0 of the warpgroup issues the copies.
+// (computed meanwhile). GS_FWD_PLAIN: out = the sum plus bias (if any), stored alone. GS_BWD_DGELU:
+// the producer brought the tile's pre-activation into the staged tile (pre_full); each lane reads
+// its values with ldmatrix in the accumulator's layout and writes out = sum * gelu'(pre) back in
+// place with stmatrix (the same addresses, so no other warp's data moves), the tile goes out, and
+// once read the buffer is the producer's again (pre_empty). Thread wt == 0 of the warpgroup issues
+// the copies.
 template <int MODE, bool BIAS>
 __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map_out, const CUtensorMap *map_aux,
                                                           const f9_bf16 *__restrict__ bias, float (&acc)[2][64],
@@ -378,9 +379,9 @@ __device__ __forceinline__ static void gs_release(uint32_t bar, uint32_t rank, i
 }
 
 // out (M, NN) from A (M, K) K-major (tensor map ta, 128-row boxes) and B: the forwards (GELU or
-// plain), B (NN, K) K-major, d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major, d = A B; tb's boxes are 64 x 64 either way,
-// two per stage (the tile's two 64-row halves of B for the forward, its two 64-column halves for
-// the backward, 8 KB apart, which is the layout one 128-row box would give).
+// plain), B (NN, K) K-major, d = A B^T; GS_BWD_DGELU, B (K, NN) MN-major, d = A B; tb's boxes are
+// 64 x 64 either way, two per stage (the tile's two 64-row halves of B for the forward, its two
+// 64-column halves for the backward, 8 KB apart, which is the layout one 128-row box would give).
 //
 // CL = 2: the blocks run in clusters of two; a cluster takes units of two vertically adjacent
 // tiles (rows m0 and m0 + 128 of the same columns), each block one, and B's tile is the same for
