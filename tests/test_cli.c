@@ -242,6 +242,10 @@ Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_GEMM_SM90_TILE=192");
     expect_bad_variable("TPTRAIN_ATTN_ORDER=pair");
     expect_bad_variable("TPTRAIN_ATTN_BWD=splt");
+    expect_bad_variable("TPTRAIN_ATTN_Q_STAGES=3");
+    expect_bad_variable("TPTRAIN_ATTN_KV_STAGES=two");
+    expect_bad_variable("TPTRAIN_GEMM_SM90_PLAIN=yes");
+    expect_bad_variable("TPTRAIN_GEMM_SM90_TURN=early");
 }
 
 // ---- config file errors
