@@ -389,6 +389,11 @@ __device__ __forceinline__ static int f9_walk(int k, int G, int n, int BH, int i
     }
 }
 
+// An operand a persistent block loads once per item, held in `stages` stages (1 or 2): item i's
+// stage, and which fill of that stage it is (the phase its barriers are at).
+__device__ __forceinline__ static int f9_item_stage(int i, int stages) { return stages == 2 ? i & 1 : 0; }
+__device__ __forceinline__ static int f9_item_fill(int i, int stages) { return stages == 2 ? i >> 1 : i; }
+
 // Whether this block has a forward item after its k-th (f9_walk).
 template <bool PAIRS>
 __device__ __forceinline__ static bool f9_fwd_more(int k, int G, int nqt, int BH, int items) {
@@ -442,7 +447,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 if (got == 0) continue;
                 int b = bh / NH, col = (bh % NH) * D;
                 int q0 = qt * F9_ROWS, nkt = (min(q0 + F9_ROWS, T) - 1) / F9_KN + 1;
-                const int qs = qstages == 2 ? i & 1 : 0, qn = qstages == 2 ? i >> 1 : i; // stage, its fill
+                const int qs = f9_item_stage(i, qstages), qn = f9_item_fill(i, qstages);
                 const uint32_t qf = q_full + 8 * qs;
                 if (qn >= 1) f9_mbar_wait(q_empty + 8 * qs, (uint32_t)(qn - 1) & 1u); // its last item's scores are done
                 f9_mbar_expect_tx(qf, TILEB);
@@ -487,7 +492,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
 #pragma unroll
         for (int j = 0; j < D / 2; j++) o[j] = 0.0f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-        const int qs = qstages == 2 ? i & 1 : 0, qn = qstages == 2 ? i >> 1 : i; // Q's stage, its fill
+        const int qs = f9_item_stage(i, qstages), qn = f9_item_fill(i, qstages);
         const uint32_t q_done = q_empty + 8 * qs; // arrived on once the item's last scores are done
         const uint64_t qdesc = f9_desc(sQ + (uint32_t)qs * TILEB + (uint32_t)cw * 64 * 128, 16, 1024);
         f9_mbar_wait(q_full + 8 * qs, (uint32_t)qn & 1u);
@@ -1257,7 +1262,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             if (got < 0) break;
             if (got == 0) continue;
             int qt0 = kb * F9_ROWS / F9_BT;
-            const int kvs = kvstages == 2 ? i & 1 : 0, kvn = kvstages == 2 ? i >> 1 : i; // K/V stage, its fill
+            const int kvs = f9_item_stage(i, kvstages), kvn = f9_item_fill(i, kvstages);
             if (tid == 32)
                 f9_bwd_dq_writer<D>(acc + (size_t)bh * nqt * F9_DQ_TILE(D), sem + (size_t)bh * nqt, dqs, dq_full,
                                     dq_empty, kb, qt0, nqt, ordered != 0, g, HEADS);
@@ -1288,7 +1293,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         float dka[D / 2], dva[D / 2];
 #pragma unroll
         for (int j = 0; j < D / 2; j++) dka[j] = dva[j] = 0.0f;
-        const int kvs = kvstages == 2 ? i & 1 : 0, kvn = kvstages == 2 ? i >> 1 : i; // K/V stage, its fill
+        const int kvs = f9_item_stage(i, kvstages), kvn = f9_item_fill(i, kvstages);
         const uint32_t sKi = sK + (uint32_t)kvs * 2 * KB, sVi = sV + (uint32_t)kvs * 2 * KB;
         f9_mbar_wait(kvs ? kv_full2 : kv_full, (uint32_t)kvn & 1u);
 

@@ -326,6 +326,18 @@ __device__ __forceinline__ static uint32_t gs_cluster_rank(void) {
 
 // ---- the pipeline's pieces, shared by gs_kernel and gw_kernel
 
+// The walk over an (M, NN) output in tiles of GS_BM x BN: units of CL tiles stacked in M (a
+// cluster's blocks take rank 0, 1, ... of a unit), N tiles of a row first; a cluster takes units
+// cl, cl + clusters, ...
+template <int CL, int BN>
+struct gs_walk {
+    int tn, units; // tiles across N, units in all
+    __host__ __device__ gs_walk(int M, int NN) : tn(NN / BN), units(M / (GS_BM * CL) * (NN / BN)) {}
+    // the first row and column of block `rank`'s tile of unit u
+    __device__ int m0(int u, uint32_t rank) const { return ((u / tn) * CL + (int)rank) * GS_BM; }
+    __device__ int n0(int u) const { return (u % tn) * BN; }
+};
+
 // After thread 0 has initialised the block's mbarriers: in clusters, both blocks' barriers exist
 // before either copies into or arrives on the other's; else the block's threads see them.
 template <int CL>
@@ -410,8 +422,8 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     const uint32_t pre_empty = pre_full + 16;                      // and two
     const int tid = (int)threadIdx.x, wg = tid >> 7;
     const uint32_t rank = CL > 1 ? gs_cluster_rank() : 0u;
-    // units of CL tiles stacked in M; this cluster's are cl, cl + clusters, ...
-    const int tn = NN / GS_BN, units = (M / (GS_BM * CL)) * tn, nk = K / GS_BK;
+    const gs_walk<CL, GS_BN> walk(M, NN);
+    const int units = walk.units, nk = K / GS_BK;
     const int cl = (int)blockIdx.x / CL, clusters = (int)gridDim.x / CL;
     if (tid == 0) {
         for (int s = 0; s < GS_STAGES; s++) {
@@ -431,7 +443,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         if (tid == 0) {
             int it = 0, j = 0;
             for (int u = cl; u < units; u += clusters, j++) {
-                const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GS_BN;
+                const int m0 = walk.m0(u, rank), n0 = walk.n0(u);
                 if constexpr (TE && MODE == GS_BWD_DGELU) {
                     // the tile's pre-activation into its consumer's staged tile, once that consumer's
                     // store of tile j - 2 has read it
@@ -456,7 +468,7 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     int j = 0; // the block's tiles so far
     for (int u = cl; u < units; u += clusters, j++) {
         if ((j & 1) != c) continue;
-        const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GS_BN;
+        const int m0 = walk.m0(u, rank), n0 = walk.n0(u);
         if constexpr (MODE == GS_BWD_DGELU && !TE) { // the epilogue's pre-activation rows into L2 meanwhile
             const f9_bf16 *row = aux + (size_t)(m0 + (tid & 127)) * NN + n0;
             asm volatile("prefetch.global.L2 [%0];\n" ::"l"(row));
@@ -694,7 +706,8 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
     const uint32_t tile_bias = tile_free + 8;                                      // then the tile's bias
     const int tid = (int)threadIdx.x, wg = tid >> 7;
     const uint32_t rank = CL > 1 ? gs_cluster_rank() : 0u;
-    const int tn = NN / GW_BN, units = (M / (GS_BM * CL)) * tn, nk = K / GS_BK;
+    const gs_walk<CL, GW_BN> walk(M, NN);
+    const int units = walk.units, nk = K / GS_BK;
     const int cl = (int)blockIdx.x / CL, clusters = (int)gridDim.x / CL;
     if (tid == 0) {
         for (int s = 0; s < stages; s++) {
@@ -713,7 +726,7 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
             const int et = tid - 32;
             int j = 0;
             for (int u = cl; u < units; u += clusters, j++) {
-                const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GW_BN;
+                const int m0 = walk.m0(u, rank), n0 = walk.n0(u);
                 uint4 pv[GW_PER];
                 if constexpr (MODE == GS_BWD_DGELU) { // the tile's pre-activation into L2, chunk 0's into registers
                     for (int i = et; i < GS_BM * 4; i += GW_EPI_THREADS)
@@ -741,7 +754,7 @@ gw_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         } else if (tid == 0) { // the producer
             int it = 0;
             for (int u = cl; u < units; u += clusters) {
-                const int m0 = ((u / tn) * CL + (int)rank) * GS_BM, n0 = (u % tn) * GW_BN;
+                const int m0 = walk.m0(u, rank), n0 = walk.n0(u);
                 for (int kc = 0; kc < nk; kc++, it++)
                     gs_fill<MODE, CL, stages, 4>(&ta, &tb, base, full, empty, it, kc, m0, n0, rank);
             }
@@ -878,7 +891,7 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
             clusters = f9_sm_count() / CL;
         }
     }
-    int units = (M / (GS_BM * CL)) * (NN / (wide ? GW_BN : GS_BN)), n = units < clusters ? units : clusters;
+    int units = gs_walk<CL, wide ? GW_BN : GS_BN>(M, NN).units, n = units < clusters ? units : clusters;
     cfg.gridDim = dim3((unsigned)(n * CL));
     if (cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
                            (const f9_bf16 *)bias, M, K, NN, gs_early_turn()) != cudaSuccess) {
