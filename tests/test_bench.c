@@ -678,6 +678,7 @@ Test(bench, attention_grid_from_shapes_and_configs) {
 
 Test(bench, attention_bad_input_exits_2) {
     expect_usage_error(0, "attention 2x2x16", "neither a shape BxHxHSxT");
+    expect_usage_error(0, "attention 2x2x16x99999999999", "neither a shape BxHxHSxT"); // overflows an int
     expect_usage_error(0, "attention 2x2x12x64", "head size 12 is not a multiple of 8");
     expect_usage_error(0, "attention configs/nonexistent.yaml", "nonexistent.yaml");
     tu_require_mpiexec();

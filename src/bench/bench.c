@@ -54,6 +54,19 @@ bool bench_parse_dim(const char *s, int *out) {
     return true;
 }
 
+bool bench_parse_dims(const char *s, int n, int *out) {
+    for (int i = 0; i < n; i++) {
+        const char *x = i + 1 < n ? strchr(s, 'x') : s + strlen(s);
+        char part[24];
+        if (!x || x - s >= (long)sizeof part) return false;
+        memcpy(part, s, (size_t)(x - s));
+        part[x - s] = '\0';
+        if (!bench_parse_dim(part, &out[i])) return false;
+        s = x + 1;
+    }
+    return true;
+}
+
 
 int bench_parse_config_arg(const struct bench_opts *o, bool root, const char *mode, void **args) {
     if (o->argc != 2) {

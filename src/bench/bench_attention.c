@@ -47,11 +47,8 @@ static const struct attn_shape default_shapes[] = {
 
 // "BxHxHSxT" -> shape; false unless four positive ints separated by 'x'.
 static bool parse_shape(const char *s, struct attn_shape *out) {
-    int v[4], n = 0;
-    char tail;
-    if (sscanf(s, "%dx%dx%dx%d%c", &v[0], &v[1], &v[2], &v[3], &tail) != 4) return false;
-    for (n = 0; n < 4; n++)
-        if (v[n] < 1) return false;
+    int v[4];
+    if (!bench_parse_dims(s, 4, v)) return false;
     *out = (struct attn_shape){.B = v[0], .H = v[1], .HS = v[2], .T = v[3]};
     snprintf(out->from, sizeof out->from, "argument");
     return true;

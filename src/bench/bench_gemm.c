@@ -278,16 +278,7 @@ static int gemm_run(struct bench *b, void *args) {
 
 // "NxICxOC" -> three positive ints, no matrix of the products over GEMM_MAX_ELEMS; false otherwise.
 static bool parse_gemm_shape(const char *s, int (*out)[3]) {
-    char part[3][24];
-    const char *p = s;
-    for (int i = 0; i < 3; i++) {
-        const char *x = i < 2 ? strchr(p, 'x') : p + strlen(p);
-        if (!x || x - p >= (long)sizeof part[i]) return false;
-        memcpy(part[i], p, (size_t)(x - p));
-        part[i][x - p] = '\0';
-        if (!bench_parse_dim(part[i], &(*out)[i])) return false;
-        p = x + 1;
-    }
+    if (!bench_parse_dims(s, 3, *out)) return false;
     const long long N = (*out)[0], IC = (*out)[1], OC = (*out)[2];
     return N * IC <= GEMM_MAX_ELEMS && N * OC <= GEMM_MAX_ELEMS && IC * OC <= GEMM_MAX_ELEMS;
 }

@@ -99,6 +99,9 @@ void *bench_alloc_compute(struct bench *b, size_t n); // n elements of the backe
 // A positive int (the backend ops take int sizes).
 bool bench_parse_dim(const char *s, int *out);
 
+// n positive ints separated by 'x' ("16x12x64x1024"), each as bench_parse_dim takes it.
+bool bench_parse_dims(const char *s, int n, int *out);
+
 // For modes that take one config file ("model CONFIG.yaml"): checks there is exactly one, and
 // keeps its path in *args (rank 0 explains a wrong count); bench_config_arg gives it back, as the
 // mode's config_path.
