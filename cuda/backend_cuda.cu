@@ -323,6 +323,11 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
         free(c);
         return false;
     }
+    {
+        // mesh.c has checked the value: rows (the default) or pipelined
+        const char *v = getenv("TPTRAIN_LN_BWD");
+        c->ln_bwd_pipelined = v && strcmp(v, "pipelined") == 0;
+    }
     step = "cudaStreamCreateWithFlags";
     if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)
         goto cuda_fail;

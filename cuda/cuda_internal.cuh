@@ -41,6 +41,10 @@ extern "C" {
 // bf16 layernorm backward: blocks of the fused kernel (fixed for a given N, so dw/db sum in a
 // fixed order), each leaving one (C) partial of dw and of db.
 #define LN_BWD_MAX_BLOCKS 256
+// layernorm_bwd_pipelined_kernel (TPTRAIN_LN_BWD=pipelined): threads per block, and the most
+// blocks (a constant, so that the order of the column sums depends on the shape only)
+#define LN_BWD2_THREADS 256
+#define LN_BWD2_MAX_BLOCKS 264
 // bf16 layernorm keeps a row in registers: up to LN_MAX_VPL vectors of 8 per lane (C <= 2048).
 #define LN_MAX_VPL 8
 // segments_sumsq and adamw: the flat buffer is cut into at most SEG_MAX_BLOCKS chunks of at least
@@ -76,6 +80,7 @@ struct cuda_ctx {
     int overlap;               // collectives running beside the stream (backend_i.overlap)
     int overlap_sms;           // products leave this many multiprocessors to them (TPTRAIN_OVERLAP_SMS)
     int sm_count;              // the device's multiprocessors
+    bool ln_bwd_pipelined;     // bf16 layernorm backward: layernorm_bwd_pipelined_kernel (TPTRAIN_LN_BWD)
     // memory_stats: what this backend cudaMalloc'd itself (alloc's buffers, scratch, workspaces)
     size_t mem_now, mem_peak;
     struct cuda_alloc_rec *allocs; // (n_allocs) live alloc buffers, capacity cap_allocs
@@ -288,9 +293,10 @@ void cuda_position_embedding_bwd(void *ctx, float *dwpe, const void *dout, int B
 // layernorm.cu
 void cuda_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const void *inp,
                         const void *w, const void *b, int N, int C);
-void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, const void *dout,
-                        const void *inp, const void *w, const float *mean,
-                        const float *rstd, int N, int C);
+void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, float *dsum, const void *dout,
+                        const void *inp, const void *w, const float *mean, const float *rstd, int N,
+                        int C);
+void cuda_colsum_acc(struct cuda_ctx *c, float *out, const void *x, bool bf, int N, int C);
 void cuda_residual_layernorm_fwd(void *ctx, void *out, void *ln, float *mean, float *rstd,
                                  const void *res, const void *x, const void *bias,
                                  const void *w, const void *b, int N, int C);

@@ -250,6 +250,19 @@ static void colsum_chunks(int N, int OC, int *rows_per_chunk, int *nchunks) {
     *nchunks = (N + rows - 1) / rows;
 }
 
+// out (OC) += the column sums of x (N, OC) bf16: per-chunk partials into scratch (which must hold
+// nchunks * OC floats), then added in chunk order. The order depends on (N, OC) only.
+static void colsum_run(struct gemm_ctx *g, float *out, const __nv_bfloat16 *x, int N, int OC) {
+    int rows, nchunks;
+    colsum_chunks(N, OC, &rows, &nchunks);
+    float *partial = g->scratch; // (nchunks, OC)
+    dim3 grid((unsigned)nchunks, (unsigned)((OC + CS_COLS - 1) / CS_COLS));
+    colsum_partial_kernel<<<grid, CS_COLS, 0, g->stream>>>(partial, x, N, OC, rows);
+    // out += the chunks' sums, added in a fixed order 32 loads in flight per column
+    colsum2_finish_kernel<<<dim3((unsigned)((OC + 31) / 32), 1), dim3(32, 32), 0, g->stream>>>(
+        out, partial, out, partial, nchunks, OC);
+}
+
 // Scratch floats a key needs: column-sum partials (nchunks * OC) and a dbias to accumulate into
 // while tuning (OC).
 static size_t scratch_floats(const struct gemm_key *k) {
@@ -447,18 +460,9 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
         dgelu_kernel<<<grid_for(n8, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
             (__nv_bfloat16 *)c->out, (const __nv_bfloat16 *)c->pre_gelu, n8);
         break;
-    case GE_DBIAS: {
-        int rows, nchunks;
-        colsum_chunks(k->N, k->OC, &rows, &nchunks);
-        float *partial = g->scratch; // (nchunks, OC)
-        dim3 grid((unsigned)nchunks, (unsigned)((k->OC + CS_COLS - 1) / CS_COLS));
-        colsum_partial_kernel<<<grid, CS_COLS, 0, g->stream>>>(partial, (const __nv_bfloat16 *)c->b,
-                                                              k->N, k->OC, rows);
-        // dbias += the chunks' sums, added in a fixed order 32 loads in flight per column
-        colsum2_finish_kernel<<<dim3((unsigned)((k->OC + 31) / 32), 1), dim3(32, 32), 0, g->stream>>>(
-            c->dbias, partial, c->dbias, partial, nchunks, k->OC);
+    case GE_DBIAS:
+        colsum_run(g, c->dbias, (const __nv_bfloat16 *)c->b, k->N, k->OC);
         break;
-    }
     default:
         break;
     }
@@ -870,6 +874,25 @@ extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, c
     rc = execute(g, &k, &c);
     g->last_bwd_data = g->last_own ? "sm90" : "cublaslt";
     return rc;
+}
+
+extern "C" int gemm_colsum(struct gemm_ctx *g, float *out, const void *x, int N, int C) {
+    // the scratch of a weight gradient with a bias gradient of this shape (IC plays no part)
+    struct gemm_key k = {GP_BWD_WEIGHT, N, 8, C, GE_DBIAS, g->sms};
+    int rc = check_shape(g, &k);
+    if (rc != GEMM_OK) return rc;
+    if (!out || !x || misaligned(x) || ((uintptr_t)out % sizeof(float))) {
+        set_err(g, &k, "out, x must be non-NULL, x %d-byte aligned and out 4-byte", GEMM_ALIGN);
+        return GEMM_EBADARG;
+    }
+    rc = ensure_scratch(g, &k);
+    if (rc != GEMM_OK) return rc;
+    colsum_run(g, out, (const __nv_bfloat16 *)x, N, C);
+    if (cudaGetLastError() != cudaSuccess) {
+        set_err(g, &k, "column-sum kernels failed to launch");
+        return GEMM_ECUBLAS;
+    }
+    return GEMM_OK;
 }
 
 extern "C" int gemm_bwd_weight(struct gemm_ctx *g, float *dw, float *dbias, const void *dout,

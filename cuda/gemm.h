@@ -68,6 +68,10 @@ int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, const void *
 int gemm_bwd_weight(struct gemm_ctx *g, float *dw, float *dbias, const void *dout,
                     const void *inp, int N, int IC, int OC);
 
+// out (C) fp32 += the column sums of x (N, C) bf16, added in the order gemm_bwd_weight sums a
+// bias gradient of that shape (so either gives the same bits); C a multiple of 8.
+int gemm_colsum(struct gemm_ctx *g, float *out, const void *x, int N, int C);
+
 #ifdef __cplusplus
 }
 #endif

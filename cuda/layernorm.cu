@@ -255,6 +255,150 @@ layernorm_bwd_bf16_kernel(bf16 *dinp, float *pdw, float *pdb, const bf16 *dout, 
     }
 }
 
+// The same backward with the next row in flight: warp w of block k takes rows k * nwarps + w,
+// stepping by gridDim * nwarps, and issues the loads of its next row (x, dout, dinp, mean, rstd)
+// before it works on the current one, so two rows per warp wait on memory at once. The running
+// column sums (dw, db and, with NS = 3, dsum: the column sums of dinp as stored) live in shared
+// memory, one set per warp, which leaves the registers to the two rows. Each warp's sums are laid
+// out as NS x 2 x nvec float4s: the first and the second four of vector v's eight channels apart,
+// so that a warp's 16-byte accesses are contiguous. At the end the warps' sums are added in warp
+// order into one partial row per block and sum: part (NS, gridDim, C). dinp is computed as in
+// layernorm_bwd_bf16_kernel, so it has the same bits; dw and db are summed in another order.
+template <int VPL> struct ln_bwd_row {
+    vec_t<bf16, 8> x[VPL], dy[VPL], g[VPL];
+    float m, rs;
+};
+
+template <int VPL>
+__device__ __forceinline__ void ln_bwd_row_load(ln_bwd_row<VPL> &r, int row, const bf16 *inp,
+                                                const bf16 *dout, const bf16 *dinp,
+                                                const float *mean, const float *rstd, int C,
+                                                int lane) {
+    const int nvec = C / 8;
+    size_t base = (size_t)row * C;
+    r.m = mean[row];
+    r.rs = rstd[row];
+#pragma unroll
+    for (int j = 0; j < VPL; j++) {
+        int v = lane + j * TPC_WARP;
+        if (v < nvec) {
+            r.x[j] = ld_vec<bf16, 8>(inp + base + (size_t)v * 8);
+            r.dy[j] = ld_vec<bf16, 8>(dout + base + (size_t)v * 8);
+            r.g[j] = ld_vec<bf16, 8>(dinp + base + (size_t)v * 8);
+        }
+    }
+}
+
+// Hides v's bits from the optimiser, so that what was computed from them before this point is
+// recomputed after it rather than kept in registers across it.
+template <int VPL> __device__ __forceinline__ void ln_opaque(vec_t<bf16, 8> (&v)[VPL]) {
+#pragma unroll
+    for (int j = 0; j < VPL; j++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) asm volatile("" : "+r"(reinterpret_cast<uint32_t *>(&v[j])[q]));
+}
+
+// acc (2 * nvec float4s: the sum's channels 0-3 of each vector, then 4-7) += a's 8 channels of vector v
+__device__ __forceinline__ void ln_acc_add(float4 *acc, int v, int nvec, const float (&a)[8]) {
+    float4 lo = acc[v], hi = acc[nvec + v];
+    lo.x += a[0];
+    lo.y += a[1];
+    lo.z += a[2];
+    lo.w += a[3];
+    hi.x += a[4];
+    hi.y += a[5];
+    hi.z += a[6];
+    hi.w += a[7];
+    acc[v] = lo;
+    acc[nvec + v] = hi;
+}
+
+template <int VPL, int NS>
+__global__ void __launch_bounds__(LN_BWD2_THREADS)
+layernorm_bwd_pipelined_kernel(bf16 *dinp, float *part, const bf16 *dout, const bf16 *inp,
+                               const bf16 *__restrict__ w, const float *mean, const float *rstd,
+                               int N, int C) {
+    extern __shared__ float4 ln_acc[]; // (nwarps, NS, 2 * nvec)
+    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
+    const int nwarps = blockDim.x / TPC_WARP;
+    const int nvec = C / 8;
+    float4 *acc = ln_acc + (size_t)warp * NS * 2 * nvec;
+    for (int i = lane; i < NS * 2 * nvec; i += TPC_WARP) acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    __syncwarp();
+
+    const int stride = gridDim.x * nwarps;
+    int row = blockIdx.x * nwarps + warp;
+    ln_bwd_row<VPL> cur;
+    if (row < N) ln_bwd_row_load<VPL>(cur, row, inp, dout, dinp, mean, rstd, C, lane);
+    for (; row < N; row += stride) {
+        ln_bwd_row<VPL> next;
+        if (row + stride < N)
+            ln_bwd_row_load<VPL>(next, row + stride, inp, dout, dinp, mean, rstd, C, lane);
+        const float m = cur.m, rs = cur.rs;
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < VPL; j++) {
+            int v = lane + j * TPC_WARP;
+            if (v < nvec) {
+                vec_t<bf16, 8> wp = ld_vec<bf16, 8>(w + (size_t)v * 8);
+                float dwv[8], dbv[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float n = (to_f(cur.x[j].e[e]) - m) * rs;
+                    float d = to_f(cur.dy[j].e[e]);
+                    float dn = __fmul_rn(to_f(wp.e[e]), d);
+                    s1 += dn;
+                    s2 += dn * n;
+                    dwv[e] = d * n;
+                    dbv[e] = d;
+                }
+                ln_acc_add(acc, v, nvec, dwv);
+                ln_acc_add(acc + 2 * nvec, v, nvec, dbv);
+            }
+        }
+        // the second pass recomputes norm and dnorm from the bf16 row (a few instructions) rather
+        // than holding 16 floats per vector across the reductions
+        ln_opaque<VPL>(cur.x);
+        ln_opaque<VPL>(cur.dy);
+        s1 = warp_sum_f(s1) / (float)C;
+        s2 = warp_sum_f(s2) / (float)C;
+        bf16 *dx = dinp + (size_t)row * C;
+#pragma unroll
+        for (int j = 0; j < VPL; j++) {
+            int v = lane + j * TPC_WARP;
+            if (v < nvec) {
+                vec_t<bf16, 8> wp = ld_vec<bf16, 8>(w + (size_t)v * 8);
+                vec_t<bf16, 8> gp = cur.g[j];
+                float dsv[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    float n = (to_f(cur.x[j].e[e]) - m) * rs;
+                    float dn = __fmul_rn(to_f(wp.e[e]), to_f(cur.dy[j].e[e]));
+                    gp.e[e] = from_f<bf16>(to_f(gp.e[e]) + (dn - s1 - n * s2) * rs);
+                    dsv[e] = to_f(gp.e[e]);
+                }
+                st_vec<bf16, 8>(dx + (size_t)v * 8, gp);
+                if (NS == 3) ln_acc_add(acc + 4 * nvec, v, nvec, dsv);
+            }
+        }
+        cur = next;
+    }
+
+    // the block's partial rows: the warps' sums added in warp order
+    __syncthreads();
+    for (int s = 0; s < NS; s++)
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            int v = c / 8, e = c % 8;
+            int idx = s * 2 * nvec + (e < 4 ? v : nvec + v); // the float4 holding channel c
+            float t = 0.0f;
+            for (int k = 0; k < nwarps; k++) {
+                const float *a = (const float *)(ln_acc + (size_t)k * NS * 2 * nvec + idx);
+                t += a[e % 4];
+            }
+            part[((size_t)s * gridDim.x + blockIdx.x) * C + c] = t;
+        }
+}
+
 // -- layernorm
 
 // Vectors of 8 per lane a bf16 row of C needs in the register kernels; 0 if C does not suit them.
@@ -353,21 +497,68 @@ static void ln_bwd_bf16_launch(struct cuda_ctx *c, bf16 *dinp, float *dw, float 
     CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dw, db)");
 }
 
-void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, const void *dout,
-                        const void *inp, const void *w, const float *mean,
-                        const float *rstd, int N, int C) {
-    struct cuda_ctx *c = ctx_of(ctx);
-    if (N <= 0 || C <= 0) return;
-    if (!is_bf16(c)) {
-        ln_bwd_generic(c, (float *)dinp, dw, db, (const float *)dout, (const float *)inp,
-                       (const float *)w, mean, rstd, N, C);
-        return;
+// layernorm_bwd_pipelined_kernel with NS sums (3: dsum too); dsum NULL when NS is 2.
+template <int VPL, int NS>
+static void ln_bwd_pipelined_launch(struct cuda_ctx *c, bf16 *dinp, float *dw, float *db, float *dsum,
+                                    const bf16 *dout, const bf16 *inp, const bf16 *w,
+                                    const float *mean, const float *rstd, int N, int C) {
+    const int nwarps = LN_BWD2_THREADS / TPC_WARP;
+    unsigned int nblocks = tpc_blocks((size_t)N, (size_t)nwarps);
+    if (nblocks > LN_BWD2_MAX_BLOCKS) nblocks = LN_BWD2_MAX_BLOCKS;
+    float *part = (float *)ctx_scratch(c, NS * (size_t)nblocks * C * sizeof(float)); // (NS, nblocks, C)
+    size_t smem = (size_t)nwarps * NS * C * sizeof(float);
+    static size_t smem_set; // the opt-in this instantiation has been given (one device per process)
+    if (smem > smem_set) {
+        CUDA_CHECK(cudaFuncSetAttribute(layernorm_bwd_pipelined_kernel<VPL, NS>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        smem_set = smem;
     }
-    bf16 *dx = (bf16 *)dinp;
-    const bf16 *dy = (const bf16 *)dout, *x = (const bf16 *)inp, *wb = (const bf16 *)w;
+    layernorm_bwd_pipelined_kernel<VPL, NS><<<nblocks, LN_BWD2_THREADS, smem, c->stream>>>(
+        dinp, part, dout, inp, w, mean, rstd, N, C);
+    CUDA_CHECK_LAUNCH("layernorm_bwd_pipelined_kernel");
+    size_t stride = (size_t)nblocks * C;
+    colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 2), dim3(32, 32), 0, c->stream>>>(
+        dw, part, db, part + stride, (int)nblocks, C);
+    CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dw, db)");
+    if (NS == 3) {
+        colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 1), dim3(32, 32), 0, c->stream>>>(
+            dsum, part + 2 * stride, dsum, part + 2 * stride, (int)nblocks, C);
+        CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dsum)");
+    }
+}
+
+template <int VPL>
+static void ln_bwd_pipelined(struct cuda_ctx *c, bf16 *dinp, float *dw, float *db, float *dsum,
+                             const bf16 *dout, const bf16 *inp, const bf16 *w, const float *mean,
+                             const float *rstd, int N, int C) {
+    if (dsum) ln_bwd_pipelined_launch<VPL, 3>(c, dinp, dw, db, dsum, dout, inp, w, mean, rstd, N, C);
+    else ln_bwd_pipelined_launch<VPL, 2>(c, dinp, dw, db, NULL, dout, inp, w, mean, rstd, N, C);
+}
+
+// The backward of the bf16 register kernels: the pipelined kernel, which sums dsum itself, or the
+// one-row kernel, after which dsum is summed from dinp by gemm.cu's column sums (the order a
+// linear layer's bias gradient is summed in; for any C, cuda_colsum_acc). false where C or an
+// alignment does not suit them.
+static bool ln_bwd_bf16_registers(struct cuda_ctx *c, bf16 *dx, float *dw, float *db, float *dsum,
+                                  const bf16 *dy, const bf16 *x, const bf16 *wb, const float *mean,
+                                  const float *rstd, int N, int C) {
     int vpl = ln_vpl(C);
     if (!(aligned_to(dx, 16) && aligned_to(dy, 16) && aligned_to(x, 16) && aligned_to(wb, 16)))
         vpl = 0;
+    if (vpl && c->ln_bwd_pipelined) {
+        switch (vpl) {
+        case 1: ln_bwd_pipelined<1>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        case 2: ln_bwd_pipelined<2>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        case 3: ln_bwd_pipelined<3>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        case 4: ln_bwd_pipelined<4>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        case 5: ln_bwd_pipelined<5>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        case 6: ln_bwd_pipelined<6>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        case 7: ln_bwd_pipelined<7>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        case 8: ln_bwd_pipelined<8>(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C); break;
+        default: return false;
+        }
+        return true;
+    }
     switch (vpl) {
     case 1: ln_bwd_bf16_launch<1>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
     case 2: ln_bwd_bf16_launch<2>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
@@ -377,8 +568,32 @@ void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, const void 
     case 6: ln_bwd_bf16_launch<6>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
     case 7: ln_bwd_bf16_launch<7>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
     case 8: ln_bwd_bf16_launch<8>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
-    default: ln_bwd_generic(c, dx, dw, db, dy, x, wb, mean, rstd, N, C);
+    default: return false;
     }
+    if (dsum) {
+        int rc = gemm_colsum(c->gemm, dsum, dx, N, C);
+        if (rc == GEMM_EBADARG) cuda_colsum_acc(c, dsum, dx, true, N, C);
+        else if (rc != GEMM_OK) GEMM_DIE(c, rc, "gemm_colsum (layernorm dsum)", N, C, C);
+    }
+    return true;
+}
+
+void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, float *dsum, const void *dout,
+                        const void *inp, const void *w, const float *mean, const float *rstd, int N,
+                        int C) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (N <= 0 || C <= 0) return;
+    if (!is_bf16(c)) {
+        ln_bwd_generic(c, (float *)dinp, dw, db, (const float *)dout, (const float *)inp,
+                       (const float *)w, mean, rstd, N, C);
+        if (dsum) cuda_colsum_acc(c, dsum, dinp, false, N, C);
+        return;
+    }
+    bf16 *dx = (bf16 *)dinp;
+    const bf16 *dy = (const bf16 *)dout, *x = (const bf16 *)inp, *wb = (const bf16 *)w;
+    if (ln_bwd_bf16_registers(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C)) return;
+    ln_bwd_generic(c, dx, dw, db, dy, x, wb, mean, rstd, N, C);
+    if (dsum) cuda_colsum_acc(c, dsum, dx, true, N, C);
 }
 
 

@@ -69,7 +69,9 @@ static void gemm_fallback_note(struct cuda_ctx *c, const char *op, int N, int IC
             "cuBLAS fallback for such products\n", op, N, IC, OC);
 }
 
-static void colsum_acc(struct cuda_ctx *c, float *out, const void *x, bool bf, int N, int C) {
+// out (C) += the column sums of x (N, C), bf16 (bf) or fp32: partials per COLSUM_ROWS rows in the
+// context's scratch, added in chunk order.
+void cuda_colsum_acc(struct cuda_ctx *c, float *out, const void *x, bool bf, int N, int C) {
     unsigned int nchunks = tpc_blocks((size_t)N, COLSUM_ROWS);
     float *part = (float *)ctx_scratch(c, (size_t)nchunks * C * sizeof(float)); // (nchunks, C)
     dim3 grid(nchunks, tpc_blocks((size_t)C, TPC_BLOCK));
@@ -145,7 +147,7 @@ static void matmul_bwd_f32(struct cuda_ctx *c, float *dinp, float *dw, float *db
     if (!dw) return;
     CUBLAS_CHECK(cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC,
                              &one, dw, IC));
-    if (dbias) colsum_acc(c, dbias, dout, false, N, OC);
+    if (dbias) cuda_colsum_acc(c, dbias, dout, false, N, OC);
 }
 
 static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dw, float *dbias,
@@ -175,7 +177,7 @@ static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dw, float *db
         CUBLAS_CHECK(cublasGemmEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp,
                                   CUDA_R_16BF, IC, dout, CUDA_R_16BF, OC, &one, dw, CUDA_R_32F,
                                   IC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        if (dbias) colsum_acc(c, dbias, dout, true, N, OC);
+        if (dbias) cuda_colsum_acc(c, dbias, dout, true, N, OC);
     } else if (rc != GEMM_OK) {
         GEMM_DIE(c, rc, "gemm_bwd_weight (matmul_bwd)", N, IC, OC);
     }

@@ -147,10 +147,14 @@ struct backend_i {
     // out (N, C) = (inp - mean) * rstd * w + b;  mean, rstd (N) = saved statistics
     void (*layernorm_fwd)(void *ctx, void *out, float *mean, float *rstd, const void *inp,
                           const void *w, const void *b, int N, int C);
-    // dinp (N, C) +=, dw (C) +=, db (C) +=  (dinp accumulates: it is always the residual stream)
-    void (*layernorm_bwd)(void *ctx, void *dinp, float *dw, float *db, const void *dout,
-                          const void *inp, const void *w, const float *mean, const float *rstd,
-                          int N, int C);
+    // dinp (N, C) +=, dw (C) +=, db (C) +=  (dinp accumulates: it is always the residual stream);
+    // dsum (C) += the column sums of dinp as it is left (NULL: skipped). The residual gradient
+    // leaving a layernorm's backward is the output gradient of the row-parallel layer before it,
+    // so dsum is that layer's bias gradient, summed where the rows are at hand rather than read
+    // again by the layer's backward.
+    void (*layernorm_bwd)(void *ctx, void *dinp, float *dw, float *db, float *dsum,
+                          const void *dout, const void *inp, const void *w, const float *mean,
+                          const float *rstd, int N, int C);
 
     // ---- linear layers
     // out (N, OC) = inp (N, IC) @ w (OC, IC)^T + bias (OC); bias may be NULL.

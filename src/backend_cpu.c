@@ -1006,9 +1006,9 @@ static void cpu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, co
     stage_end(&s);
 }
 
-static void cpu_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, const void *dout,
-                              const void *inp, const void *w, const float *mean, const float *rstd,
-                              int N, int C) {
+static void cpu_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, float *dsum,
+                              const void *dout, const void *inp, const void *w, const float *mean,
+                              const float *rstd, int N, int C) {
     struct stage s = stage_begin(ctx);
     size_t NC = (size_t)N * C;
     float *dif = stage_out(&s, dinp, NC);         // (N, C), accumulated into
@@ -1016,6 +1016,12 @@ static void cpu_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, const
     const float *xf = stage_in(&s, inp, NC);      // (N, C)
     const float *wf = stage_in(&s, w, (size_t)C); // (C)
     layernorm_bwd_f32(dif, dw, db, df, xf, wf, mean, rstd, N, C);
+    stage_end(&s);
+    if (!dsum) return;
+    // the column sums of dinp as stored (in bf16, rounded), in the order the linear layer's own
+    // bias gradient would have summed them
+    const float *dv = stage_in(&s, dinp, NC);
+    matmul_bwd_dbias(dsum, dv, N, C, NC >= CPU_PAR_MIN);
     stage_end(&s);
 }
 

@@ -7,7 +7,12 @@
 // backward; plus vocab_parallel_embedding (1 forward) and the LM head fused with
 // vocab_parallel_cross_entropy (2 per chunk of token rows, and 1 backward). With sequence
 // parallelism the same layers swap f and g for all-gathers and reduce-scatters along the tokens
-// (tp.h), and the layernorm gradients get one all-reduce per step. No other collective is issued.
+// (tp.h), and the gradients summed over this rank's rows only (the layernorms' weights and biases,
+// the row-parallel layers' biases) get one all-reduce per step. No other collective is issued.
+//
+// The row-parallel layers' bias gradients are the column sums of their output gradient, which is
+// the residual gradient a layernorm's backward leaves (ln_2's for the attention projection, the
+// next block's ln_1 or ln_f for the MLP projection): that backward sums it while it writes it.
 #include "model.h"
 
 #include <math.h>
@@ -230,10 +235,13 @@ static void carve_params(struct gpt2_params *p, void *base, size_t es, const str
     p->lnfb = b + t[i++].offset * es;
 }
 
-// With sequence parallelism, the layernorm gradients packed for their all-reduce (struct model's
-// ln_grads): gradient memory, allocated beside the gradients.
+// With sequence parallelism, the gradients summed over this rank's rows packed for their
+// all-reduce (struct model's ln_grads; sp_grad_count of C floats each): gradient memory, allocated
+// beside the gradients.
+static int sp_grad_count(const struct model_dims *d) { return 6 * d->L + 2; }
+
 static size_t ln_grads_bytes(const struct model_dims *d) {
-    return d->sp ? (size_t)(2 * d->L + 1) * 2 * (size_t)d->C * sizeof(float) : 0;
+    return d->sp ? (size_t)sp_grad_count(d) * (size_t)d->C * sizeof(float) : 0;
 }
 
 // Walks the activation plan once: with base == NULL it only counts bytes, otherwise it also
@@ -595,8 +603,8 @@ void model_head_fwd_bwd(struct model *m, struct comm *tp, float *loss_sum, float
     vocab_parallel_lm_head_cross_entropy(m->be, tp, &h, seq_parallel(m));
     if (loss_sum) b->sum(ctx, loss_sum, a->losses, d->N);
     b->zero(ctx, a->dres, d->S * (size_t)C * tp_dtype_size(m->dtype));
-    b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, a->dln, block_input(m, d->L), m->p.lnfw, a->lnf_mean,
-                     a->lnf_rstd, (int)d->S, C);
+    b->layernorm_bwd(ctx, a->dres, m->g.lnfw, m->g.lnfb, m->g.layers[d->L - 1].fcprojb, a->dln,
+                     block_input(m, d->L), m->p.lnfw, a->lnf_mean, a->lnf_rstd, (int)d->S, C);
 }
 
 // ---- recomputation
@@ -631,7 +639,8 @@ static void recompute_attention(struct model *m, int l) {
 
 // a->dres holds dL/d(res3) on entry; res3 = res2 + fcproj + bias, so it is also part of
 // dL/d(res2), which it holds on exit. The layer's backward starts here, so with recomputation
-// this is where its forward is rebuilt.
+// this is where its forward is rebuilt. fc_proj's bias gradient is already summed (by the
+// layernorm backward that left dL/d(res3)); ln_2's backward sums the attention projection's.
 void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
@@ -642,14 +651,15 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     if (d->recompute == TP_RECOMPUTE_FULL) recompute_block(m, tp, l);
     else if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_gelu(m, l);
     const struct tp_sequence_parallel *sp = seq_parallel(m);
-    row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcprojw, g->fcprojb, a->dres, la->fch_gelu, p->fcprojw, la->fch,
-                            N, d->Fl, d->C, sp);
+    row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcprojw, NULL, a->dres, la->fch_gelu, p->fcprojw, la->fch, N,
+                            d->Fl, d->C, sp);
     column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl, sp);
-    b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, a->dln, la->res2, p->ln2w, la->ln2_mean, la->ln2_rstd,
-                     (int)d->S, d->C);
+    b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, g->attprojb, a->dln, la->res2, p->ln2w, la->ln2_mean,
+                     la->ln2_rstd, (int)d->S, d->C);
 }
 
-// a->dres holds dL/d(res2) on entry and dL/d(block input) on exit.
+// a->dres holds dL/d(res2) on entry and dL/d(block input) on exit, which is the previous block's
+// dL/d(res3): ln_1's backward sums it into that block's fc_proj bias gradient.
 void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
@@ -659,14 +669,15 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     int N = (int)d->N;
     if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_attention(m, l);
     const struct tp_sequence_parallel *sp = seq_parallel(m);
-    row_parallel_linear_bwd(m->be, tp, a->datty, g->attprojw, g->attprojb, a->dres, la->atty, p->attprojw, NULL,
-                            N, d->Cl, d->C, sp);
+    row_parallel_linear_bwd(m->be, tp, a->datty, g->attprojw, NULL, a->dres, la->atty, p->attprojw, NULL, N, d->Cl,
+                            d->C, sp);
     b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
                      d->NHl, d->HS);
     column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl,
                                sp);
-    b->layernorm_bwd(m->be.ctx, a->dres, g->ln1w, g->ln1b, a->dln, block_input(m, l), p->ln1w, la->ln1_mean,
-                     la->ln1_rstd, (int)d->S, d->C);
+    float *prev_fcprojb = l > 0 ? m->g.layers[l - 1].fcprojb : NULL;
+    b->layernorm_bwd(m->be.ctx, a->dres, g->ln1w, g->ln1b, prev_fcprojb, a->dln, block_input(m, l), p->ln1w,
+                     la->ln1_mean, la->ln1_rstd, (int)d->S, d->C);
 }
 
 // The embedding's forward all-reduce summed disjoint partial rows: its backward is the identity.
@@ -723,25 +734,22 @@ void model_backward(struct model *m, struct comm *tp, float dloss) {
     backward_blocks(m, tp);
 }
 
-// The gradient of layernorm i's weight (bias when bias): ln_1 and ln_2 of each layer, then ln_f.
-static float *layernorm_grad(struct model *m, int i, bool bias) {
-    if (i == 2 * m->d.L) return bias ? m->g.lnfb : m->g.lnfw;
-    const struct layer_params *g = &m->g.layers[i / 2];
-    if (i % 2) return bias ? g->ln2b : g->ln2w;
-    return bias ? g->ln1b : g->ln1w;
+// Gradient i of those summed over this rank's rows (C floats each): per layer ln_1's weight and
+// bias, ln_2's, the attention projection's bias and fc_proj's; then ln_f's weight and bias.
+static float *sp_grad(struct model *m, int i) {
+    if (i >= 6 * m->d.L) return i % 2 ? m->g.lnfb : m->g.lnfw;
+    const struct layer_params *g = &m->g.layers[i / 6];
+    float *per_layer[6] = {g->ln1w, g->ln1b, g->ln2w, g->ln2b, g->attprojb, g->fcprojb};
+    return per_layer[i % 6];
 }
 
 void model_reduce_sequence_parallel_grads(struct model *m, struct comm *tp) {
     if (!m->d.sp) return;
     const struct backend_i *b = m->be.iface;
     size_t C = (size_t)m->d.C, bytes = C * sizeof(float);
-    int n = 2 * m->d.L + 1;
-    // packed, so that the group pays one all-reduce's latency instead of 2L + 1
-    for (int i = 0; i < n; i++)
-        for (int k = 0; k < 2; k++)
-            b->copy(m->be.ctx, m->ln_grads + (2 * (size_t)i + (size_t)k) * C, layernorm_grad(m, i, k), bytes);
-    comm_all_reduce(tp, m->ln_grads, (size_t)n * 2 * C, COMM_SUM);
-    for (int i = 0; i < n; i++)
-        for (int k = 0; k < 2; k++)
-            b->copy(m->be.ctx, layernorm_grad(m, i, k), m->ln_grads + (2 * (size_t)i + (size_t)k) * C, bytes);
+    int n = sp_grad_count(&m->d);
+    // packed, so that the group pays one all-reduce's latency instead of n
+    for (int i = 0; i < n; i++) b->copy(m->be.ctx, m->ln_grads + (size_t)i * C, sp_grad(m, i), bytes);
+    comm_all_reduce(tp, m->ln_grads, (size_t)n * C, COMM_SUM);
+    for (int i = 0; i < n; i++) b->copy(m->be.ctx, sp_grad(m, i), m->ln_grads + (size_t)i * C, bytes);
 }

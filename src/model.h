@@ -196,8 +196,9 @@ struct model {
                                   // masters; read and write them through model_master_*_host
     uint16_t *params_lo;          // (n_params_local) split masters' low halves (the high halves are
                                   //   params_compute), or NULL
-    float *ln_grads;              // (2L+1, 2C) with sequence parallelism the layernorm gradients packed for
-                                  //   their all-reduce; NULL without
+    float *ln_grads;              // (6L+2, C) with sequence parallelism the gradients summed over this
+                                  //   rank's rows (layernorms', row-parallel biases') packed for their
+                                  //   all-reduce; NULL without
     void *params_compute;         // (n_params_local) compute-type weights; == params in fp32
     struct gpt2_params p, g;      // views into params_compute / grads
     void *act_memory;             // one allocation for all activations

@@ -311,8 +311,8 @@ static int train_step(struct trainer *tr, int step, struct step_result *res) {
         int st = next_batch(tr, &tr->train_data);
         if (st) return st;
         // the last backward reduces each DP bucket over the group as soon as it is final; with
-        // sequence parallelism the layernorm gradients are complete only after the TP reduction
-        // below, so every bucket starts after it
+        // sequence parallelism the gradients summed over this rank's rows (layernorms', row-parallel
+        // biases') are complete only after the TP reduction below, so every bucket starts after it
         if (micro + 1 == tc->grad_accum && !m->d.sp) optim_reduce_begin(&tr->opt);
         model_forward_backward(m, &mesh->tp, tr->train_data.inputs, tr->train_data.targets, tr->loss_sums + micro,
                                dloss);

@@ -246,6 +246,7 @@ Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_ATTN_KV_STAGES=two");
     expect_bad_variable("TPTRAIN_GEMM_SM90_PLAIN=yes");
     expect_bad_variable("TPTRAIN_GEMM_SM90_TURN=early");
+    expect_bad_variable("TPTRAIN_LN_BWD=pipeline");
 }
 
 // ---- config file errors

@@ -437,7 +437,14 @@ Test(cpu_ops, layernorm_fwd_bwd) {
         float *di0 = rand_f(&a, &r, n, 1.0), *dw0 = rand_f(&a, &r, (size_t)C, 1.0);
         float *db0 = rand_f(&a, &r, (size_t)C, 1.0);
         float *dinp = copy_f(&a, di0, n), *dw = copy_f(&a, dw0, (size_t)C), *db = copy_f(&a, db0, (size_t)C);
-        OPS(be)->layernorm_bwd(be.ctx, dinp, dw, db, R, inp, w, mean, rstd, N, C);
+        float *dsum0 = rand_f(&a, &r, (size_t)C, 1.0), *dsum = copy_f(&a, dsum0, (size_t)C);
+        OPS(be)->layernorm_bwd(be.ctx, dinp, dw, db, dsum, R, inp, w, mean, rstd, N, C);
+        for (int c = 0; c < C; c++) { // dsum += the column sums of dinp as it is left
+            double s = dsum0[c];
+            for (int n = 0; n < N; n++) s += dinp[(size_t)n * C + c];
+            cr_assert(fabs(dsum[c] - s) <= 1e-5 * (1.0 + fabs(s)), "layernorm dsum C=%d col %d: %g, want %g", C, c,
+                      (double)dsum[c], s);
+        }
         double *g = ad(&a, n);
         fd_grad(ln_objective, &p, p.inp, n, g);
         double e = rel_err_added(dinp, di0, g, n);
@@ -451,6 +458,43 @@ Test(cpu_ops, layernorm_fwd_bwd) {
         arena_free(&a);
         backend_destroy(&be);
     }
+}
+
+// dsum is the column sums of dinp as the op leaves it: in bf16, the rounded values
+Test(cpu_ops, layernorm_dsum_as_stored) {
+    struct backend be = backend_cpu_create(TP_DTYPE_BF16);
+    struct arena a = {0};
+    struct rng r = {17};
+    int N = 37, C = 24;
+    size_t n = (size_t)N * C;
+    float *xf = rand_bf16(&a, &r, n, 2.0), *wf = rand_bf16(&a, &r, (size_t)C, 1.0);
+    float *df = rand_bf16(&a, &r, n, 1.0), *gf = rand_bf16(&a, &r, n, 1.0);
+    size_t es = tp_dtype_size(TP_DTYPE_BF16);
+    void *x = arena_add(&a, tp_malloc(n * es)), *w = arena_add(&a, tp_malloc((size_t)C * es));
+    void *dout = arena_add(&a, tp_malloc(n * es)), *dinp = arena_add(&a, tp_malloc(n * es));
+    OPS(be)->to_compute(be.ctx, x, xf, n);
+    OPS(be)->to_compute(be.ctx, w, wf, (size_t)C);
+    OPS(be)->to_compute(be.ctx, dout, df, n);
+    OPS(be)->to_compute(be.ctx, dinp, gf, n);
+    float *mean = af(&a, (size_t)N), *rstd = af(&a, (size_t)N);
+    for (int i = 0; i < N; i++) {
+        mean[i] = 0.1f * (float)(i % 5);
+        rstd[i] = 1.0f + 0.05f * (float)(i % 7);
+    }
+    float *dw = af(&a, (size_t)C), *db = af(&a, (size_t)C), *dsum = af(&a, (size_t)C);
+    OPS(be)->layernorm_bwd(be.ctx, dinp, dw, db, dsum, dout, x, w, mean, rstd, N, C);
+    float *left = af(&a, n);
+    OPS(be)->from_compute(be.ctx, left, dinp, n);
+    bool updated = false;
+    for (int c = 0; c < C; c++) {
+        float s = 0.0f; // the order matmul's bias gradient sums rows in: 0, 1, ...
+        for (int i = 0; i < N; i++) s += left[(size_t)i * C + c];
+        cr_assert_eq(f32_bits(dsum[c]), f32_bits(s), "col %d: %.9g, want %.9g", c, (double)dsum[c], (double)s);
+        updated = updated || f32_bits(left[c]) != f32_bits(gf[c]);
+    }
+    cr_assert(updated, "dinp was not updated");
+    arena_free(&a);
+    backend_destroy(&be);
 }
 
 // ---- GELU
@@ -1452,9 +1496,10 @@ static void run_embeddings(struct backend be, void *const *t, const struct dims 
 
 static void run_layernorm(struct backend be, void *const *t, const struct dims *d) {
     // t: out (N, C), mean (N), rstd (N), inp (N, C), w (C), b (C), dinp (N, C) +=, dw (C), db (C),
-    //    dout (N, C)
+    //    dout (N, C), dsum (C) += or NULL (in bf16 it sums the rounded dinp, so it is not the fp32
+    //    backend's bits: layernorm_dsum_as_stored checks it)
     OPS(be)->layernorm_fwd(be.ctx, t[0], t[1], t[2], t[3], t[4], t[5], d->N, d->C);
-    OPS(be)->layernorm_bwd(be.ctx, t[6], t[7], t[8], t[9], t[3], t[4], t[1], t[2], d->N, d->C);
+    OPS(be)->layernorm_bwd(be.ctx, t[6], t[7], t[8], t[10], t[9], t[3], t[4], t[1], t[2], d->N, d->C);
 }
 
 static void run_matmul(struct backend be, void *const *t, const struct dims *d) {
@@ -1509,9 +1554,9 @@ Test(cpu_ops, bf16_embeddings_layernorm_residual_gelu) {
     int lnd[][2] = {{6, 19}, {256, 192}}; // the second takes the threaded paths
     for (int s = 0; s < 2; s++) {
         size_t N = (size_t)lnd[s][0], C = (size_t)lnd[s][1];
-        struct op_case ln = {"layernorm", run_layernorm, {.N = (int)N, .C = (int)C}, 10,
+        struct op_case ln = {"layernorm", run_layernorm, {.N = (int)N, .C = (int)C}, 11,
                              {OUT(N * C), F32_OUT(N), F32_OUT(N), IN(N * C, 2.0), IN(C, 1.0),
-                              IN(C, 1.0), OUT(N * C), F32_OUT(C), F32_OUT(C), IN(N * C, 1.0)}};
+                              IN(C, 1.0), OUT(N * C), F32_OUT(C), F32_OUT(C), IN(N * C, 1.0), NONE}};
         check_case(&ln, 611 + (uint64_t)s);
         for (int with_bias = 0; with_bias < 2; with_bias++) {
             struct arg bias = with_bias ? (struct arg)IN(C, 1.0) : (struct arg)NONE;
@@ -1594,7 +1639,7 @@ static float *run_det_ops(struct arena *a, size_t *count) {
     int LN = 256, LC = 192;          // layernorm
     size_t nI = (size_t)N * IC, nW = (size_t)OC * IC, nO = (size_t)N * OC;
     size_t nqkv = (size_t)B * T * 3 * NH * HS, nat = (size_t)B * T * NH * HS, nln = (size_t)LN * LC;
-    size_t total = nO + nI + nW + OC + nat + nqkv + nln * 2 + 2 * LC + N + nO + 1;
+    size_t total = nO + nI + nW + OC + nat + nqkv + nln * 2 + 3 * LC + N + nO + 1;
     float *res = af(a, total), *o = res;
     float *inp = rand_f(a, &r, nI, 1.0), *w = rand_f(a, &r, nW, 1.0), *bias = rand_f(a, &r, OC, 1.0);
     OPS(be)->matmul_fwd(be.ctx, o, NULL, inp, w, bias, N, IC, OC);
@@ -1611,8 +1656,9 @@ static float *run_det_ops(struct arena *a, size_t *count) {
     float *x = rand_f(a, &r, nln, 1.0), *lw = rand_f(a, &r, LC, 1.0), *lb = rand_f(a, &r, LC, 1.0);
     float *mean = af(a, LN), *rstd = af(a, LN);
     OPS(be)->layernorm_fwd(be.ctx, o, mean, rstd, x, lw, lb, LN, LC);
-    OPS(be)->layernorm_bwd(be.ctx, o + nln, o + 2 * nln, o + 2 * nln + LC, o, x, lw, mean, rstd, LN, LC);
-    o += 2 * nln + 2 * LC;
+    OPS(be)->layernorm_bwd(be.ctx, o + nln, o + 2 * nln, o + 2 * nln + LC, o + 2 * nln + 2 * LC, o, x, lw, mean,
+                           rstd, LN, LC);
+    o += 2 * nln + 3 * LC;
     int targets[96];
     for (int i = 0; i < N; i++) targets[i] = (i * 37) % OC;
     float *mx = af(a, N), *sums = af(a, 2 * N);

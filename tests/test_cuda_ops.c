@@ -524,17 +524,34 @@ static void run_layernorm(struct pair *p) {
         struct buf dinp = cbuf_rand(p, (size_t)N * C, -1.0f, 1.0f); // "+="
         struct buf dw = buf_rand(p, (size_t)C, -1.0f, 1.0f);        // "+="
         struct buf db = buf_rand(p, (size_t)C, -1.0f, 1.0f);        // "+="
-        p->cpu.iface->layernorm_bwd(p->cpu.ctx, dinp.c, dw.c, db.c, dout.c, inp.c, w.c, mean.c,
-                                    rstd.c, N, C);
-        p->gpu.iface->layernorm_bwd(p->gpu.ctx, dinp.g, dw.g, db.g, dout.g, inp.g, w.g, mean.g,
-                                    rstd.g, N, C);
+        struct buf dsum = buf_rand(p, (size_t)C, -1.0f, 1.0f);      // "+="
+        double *want = tp_malloc((size_t)C * sizeof(double));
+        for (int c = 0; c < C; c++) want[c] = dsum.h[c];
+        p->cpu.iface->layernorm_bwd(p->cpu.ctx, dinp.c, dw.c, db.c, dsum.c, dout.c, inp.c, w.c,
+                                    mean.c, rstd.c, N, C);
+        p->gpu.iface->layernorm_bwd(p->gpu.ctx, dinp.g, dw.g, db.g, dsum.g, dout.g, inp.g, w.g,
+                                    mean.g, rstd.g, N, C);
         snprintf(what, sizeof what, "layernorm_bwd dinp N=%d C=%d", N, C);
         expect_close(p, &dinp, tol_for(p, TOL), what);
         snprintf(what, sizeof what, "layernorm_bwd dw N=%d C=%d", N, C);
         expect_close(p, &dw, pair_bf16(p) ? 1e-4 : TOL, what);
         snprintf(what, sizeof what, "layernorm_bwd db N=%d C=%d", N, C);
         expect_close(p, &db, pair_bf16(p) ? 1e-4 : TOL, what);
-        struct buf *all[] = {&inp, &w, &b, &out, &mean, &rstd, &dout, &dinp, &dw, &db};
+        snprintf(what, sizeof what, "layernorm_bwd dsum N=%d C=%d", N, C);
+        expect_close(p, &dsum, tol_for(p, TOL), what);
+        // and it is the column sums of dinp as the GPU stored it (in bf16, rounded): both were
+        // downloaded into h by the comparisons above
+        double dm = 0.0, wm = 0.0;
+        for (int r = 0; r < N; r++)
+            for (int c = 0; c < C; c++) want[c] += dinp.h[(size_t)r * C + c];
+        for (int c = 0; c < C; c++) {
+            dm = fmax(dm, fabs(dsum.h[c] - want[c]));
+            wm = fmax(wm, fabs(want[c]));
+        }
+        cr_expect(dm <= 1e-5 * wm, "[%s] layernorm_bwd dsum N=%d C=%d: %.3g from the sums of the stored dinp",
+                  tp_dtype_name(p->dt), N, C, dm / wm);
+        free(want);
+        struct buf *all[] = {&inp, &w, &b, &out, &mean, &rstd, &dout, &dinp, &dw, &db, &dsum};
         for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) buf_free(p, all[k]);
     }
 }
@@ -547,6 +564,15 @@ Test(cuda_ops, layernorm) {
 }
 
 Test(cuda_bf16, layernorm) {
+    struct pair p;
+    pair_open_dt(&p, 4, TP_DTYPE_BF16);
+    run_layernorm(&p);
+    pair_close(&p);
+}
+
+// The backward's other bf16 kernel (the next row in flight, dsum summed in it), read at creation
+Test(cuda_bf16, layernorm_pipelined) {
+    setenv("TPTRAIN_LN_BWD", "pipelined", 1);
     struct pair p;
     pair_open_dt(&p, 4, TP_DTYPE_BF16);
     run_layernorm(&p);
@@ -1737,19 +1763,21 @@ static unsigned char *det_run(struct backend be, uint64_t seed, size_t *n_out) {
     void *dx = g->alloc(cx, (size_t)N * C * es);
     void *dfch = g->alloc(cx, (size_t)N * 4 * C * es);
     float *dbproj = g->alloc(cx, (size_t)C * sizeof(float));
+    float *dsum = g->alloc(cx, (size_t)C * sizeof(float));
     float *dwte = g->alloc(cx, (size_t)NV * C * sizeof(float));
     float *dwpe = g->alloc(cx, (size_t)T * C * sizeof(float));
     g->attention_bwd(cx, dqkv, scratch, datt, qkv, att, saved, B, T, NH, HS);
     g->matmul_bwd(cx, dln, dwqkv, dbqkv, dqkv, ln, wqkv, NULL, N, C, 3 * C);
     // the MLP projection's backward: its input was gelu(fch_pre), so dinp gets gelu'
     g->matmul_bwd(cx, dfch, dwproj, dbproj, dy, fch, wproj, fch_pre, N, 4 * C, C);
-    g->layernorm_bwd(cx, dx, dlnw, dlnb, dln, x, lnw, mean, rstd, N, C);
+    g->layernorm_bwd(cx, dx, dlnw, dlnb, dsum, dln, x, lnw, mean, rstd, N, C);
     g->vocab_embedding_bwd(cx, dwte, dx, tok, N, C, 0, NV);
     g->position_embedding_bwd(cx, dwpe, dx, B, T, C);
     DET_KEEP(dqkv, (size_t)N * 3 * C * es);
     DET_KEEP(dfch, (size_t)N * 4 * C * es);
     DET_KEEP(grads, n_grad * sizeof(float));
     DET_KEEP(dbproj, (size_t)C * sizeof(float));
+    DET_KEEP(dsum, (size_t)C * sizeof(float));
     DET_KEEP(dx, (size_t)N * C * es);
     DET_KEEP(dwte, (size_t)NV * C * sizeof(float));
     DET_KEEP(dwpe, (size_t)T * C * sizeof(float));
@@ -1852,6 +1880,14 @@ Test(cuda_ops, deterministic) {
 }
 
 Test(cuda_bf16, deterministic) {
+    struct pair p;
+    pair_open_dt(&p, 12, TP_DTYPE_BF16);
+    run_deterministic(&p);
+    pair_close(&p);
+}
+
+Test(cuda_bf16, deterministic_ln_pipelined) {
+    setenv("TPTRAIN_LN_BWD", "pipelined", 1);
     struct pair p;
     pair_open_dt(&p, 12, TP_DTYPE_BF16);
     run_deterministic(&p);

@@ -227,10 +227,11 @@ static void op_residual_layernorm_fwd(struct cost_acc *a, const struct cost_shap
     op(a, 0, s->es * (4 * N * C + 3 * C) + 8 * N);
 }
 
-// dinp += ..., dw, db += ... from dout, inp and the saved statistics
-static void op_layernorm_bwd(struct cost_acc *a, const struct cost_shape *s) {
+// dinp += ..., dw, db += ... from dout, inp and the saved statistics; with dsum, the row-parallel
+// layer before it gets its bias gradient (dinp's column sums) from the same pass
+static void op_layernorm_bwd(struct cost_acc *a, const struct cost_shape *s, bool dsum) {
     double N = (double)s->d.S, C = s->d.C;
-    op(a, 0, s->es * (4 * N * C + C) + 8 * N + 16 * C);
+    op(a, 0, s->es * (4 * N * C + C) + 8 * N + (dsum ? 24 : 16) * C);
 }
 
 static void cost_embedding_fwd(struct cost_acc *a, const struct cost_shape *s) {
@@ -276,16 +277,17 @@ static void cost_head(struct cost_acc *a, const struct cost_shape *s) {
     double N = (double)d->N;
     op(a, 0, 4 * N);              // the loss sum
     op(a, 0, s->es * (double)d->S * C); // zeroing the residual gradient
-    op_layernorm_bwd(a, s);       // ln_f
+    op_layernorm_bwd(a, s, true); // ln_f, and the last fc_proj's bias gradient
 }
 
 static void cost_mlp_bwd(struct cost_acc *a, const struct cost_shape *s) {
     const struct model_dims *d = &s->d;
     double N = (double)d->N, C = d->C, Fl = d->Fl;
     for (int l = 0; l < d->L; l++) {
-        op_matmul_bwd(a, s, N, Fl, C, true, true); // fc_proj, GELU's derivative on its input gradient
+        op_matmul_bwd(a, s, N, Fl, C, false, true); // fc_proj (its bias gradient came with ln_f's or
+                                                    // the next ln_1's backward), GELU' on dinp
         op_matmul_bwd(a, s, N, C, Fl, true, false);
-        op_layernorm_bwd(a, s);
+        op_layernorm_bwd(a, s, true); // ln_2, and the attention projection's bias gradient
     }
 }
 
@@ -293,10 +295,10 @@ static void cost_attention_bwd(struct cost_acc *a, const struct cost_shape *s) {
     const struct model_dims *d = &s->d;
     double N = (double)d->N, C = d->C, Cl = d->Cl, T = d->T;
     for (int l = 0; l < d->L; l++) {
-        op_matmul_bwd(a, s, N, Cl, C, true, false);
+        op_matmul_bwd(a, s, N, Cl, C, false, false); // its bias gradient came with ln_2's backward
         op(a, 4 * N * T * Cl, s->es * (3 * N * Cl + 2 * N * Cl + 3 * N * Cl) + 4 * s->att_saved);
         op_matmul_bwd(a, s, N, C, 3 * Cl, true, false);
-        op_layernorm_bwd(a, s);
+        op_layernorm_bwd(a, s, l > 0); // ln_1, and the previous layer's fc_proj bias gradient
     }
 }
 
