@@ -842,6 +842,21 @@ extern "C" void flash_attention_set_hopper_q_stages(int n) { fa_hopper_q_stages 
 
 extern "C" void flash_attention_set_hopper_kv_stages(int n) { fa_hopper_kv_stages = n == 2 ? 2 : 1; }
 
+// The forward's exponentials at head size 64 (TPTRAIN_ATTN_EXP2, flash_attention_set_hopper_exp2):
+// 1 mixed, 0 all by the multi-function unit, -2 not read from the environment yet. All by the
+// multi-function unit until measured on the GPU (built and compiled, not yet run).
+static int fa_hopper_exp2 = -2;
+
+extern "C" void flash_attention_set_hopper_exp2(int mixed) { fa_hopper_exp2 = mixed != 0; }
+
+static int fa_exp2_mixed(void) {
+    if (fa_hopper_exp2 == -2) {
+        const char *e = getenv("TPTRAIN_ATTN_EXP2");
+        fa_hopper_exp2 = e && strcmp(e, "mixed") == 0;
+    }
+    return fa_hopper_exp2;
+}
+
 static int fa_stages(int *setting, const char *name) {
     if (*setting == -2) {
         const char *e = getenv(name);
@@ -903,6 +918,10 @@ extern "C" const char *flash_attention_path(int HS) {
         if (!fa_ws_allowed()) return "wgmma sm_90a";
         if (HS == 128 && fa_fwd_ws_mode() == 2) return "wgmma sm_90a, TMA + ws, no ping-pong";
         int m = fa_bwd_ws_mode();
+        if (HS == 64 && fa_exp2_mixed())
+            return m == 1   ? "wgmma sm_90a, TMA + ws, exp2 mixed"
+                   : m == 3 ? "wgmma sm_90a, TMA + ws, bwd unordered, exp2 mixed"
+                            : "wgmma sm_90a, TMA + ws, bwd split, exp2 mixed";
         return m == 1 ? "wgmma sm_90a, TMA + ws" : m == 3 ? "wgmma sm_90a, TMA + ws, bwd unordered" : "wgmma sm_90a, TMA + ws, bwd split";
     }
     switch (fa_padded(HS)) {
@@ -923,7 +942,8 @@ extern "C" int flash_attention_fwd(void *stream, void *out, float *lse, const vo
     if (fa_sm90(HS))
         return flash_attention_sm90_fwd(stream, out, lse, q, k, v, B, T, NH, HS, qkv_stride,
                                         out_stride, fa_fwd_ws_mode(), fa_fwd_order(HS),
-                                        fa_stages(&fa_hopper_q_stages, "TPTRAIN_ATTN_Q_STAGES")) == 0
+                                        fa_stages(&fa_hopper_q_stages, "TPTRAIN_ATTN_Q_STAGES"),
+                                        fa_exp2_mixed()) == 0
                    ? FLASH_OK
                    : FLASH_ECUDA;
     fa_bf16 *o = (fa_bf16 *)out;

@@ -83,6 +83,13 @@ void flash_attention_set_hopper_q_stages(int n);
 // products are done. The same bits either way; tests compare them.
 void flash_attention_set_hopper_kv_stages(int n);
 
+// The exponentials of the warp-specialised Hopper forward's softmax at head size 64: nonzero
+// (TPTRAIN_ATTN_EXP2=mixed), a quarter of them by a polynomial on the FMA pipe (relative error
+// 7.5e-5) and the rest by the multi-function unit, whose 16 per cycle per multiprocessor take as
+// long per tile as the tile's products do at that head size; zero (the default, =mufu), all by the
+// multi-function unit. Not the same bits; tests compare both with the reference.
+void flash_attention_set_hopper_exp2(int mixed);
+
 // The walk of the one-kernel Hopper backward. 1 (TPTRAIN_ATTN_BWD_ORDER=heads): persistent blocks
 // hold whole heads at a time (the key blocks of a head in pairs, p with nkb - 1 - p) and walk their
 // query tiles from the last one down, so that a head's Q, dO and dq accumulator are shared in L2; 0

@@ -63,6 +63,23 @@ __device__ __forceinline__ static float f9_exp2(float x) {
     return y;
 }
 
+// 2^x for x <= 0 (a scaled score less its row's maximum) without the multi-function unit, which
+// computes 16 exponentials per cycle per multiprocessor: as many cycles per 128 x 128 tile at head
+// size 64 as the tile's products take on the tensor cores. x = n + f with n = round(x) and |f| <=
+// 1/2 (adding and removing 1.5 * 2^23 rounds to an integer, which then sits in t's low bits); 2^f
+// by a degree-3 polynomial fitted for relative error (at most 7.5e-5, where P is rounded to bf16's
+// 2^-9 for the products); 2^n added to its exponent field. About eight FMA-pipe and integer
+// instructions. x is clamped to -126, so a masked score (-inf) gives at most 2^-126, not 0: its
+// share of a row sum is below fp32's resolution.
+__device__ __forceinline__ static float f9_exp2_poly(float x) {
+    const float magic = 12582912.0f; // 1.5 * 2^23
+    x = fmaxf(x, -126.0f);
+    const float t = __fadd_rn(x, magic); // n in the low bits of t's mantissa
+    const float f = __fsub_rn(x, __fsub_rn(t, magic));
+    const float p = fmaf(fmaf(fmaf(0.0551716154f, f, 0.242611636f), f, 0.693261033f), f, 0.999928044f);
+    return __int_as_float(__float_as_int(p) + (int)((unsigned)__float_as_int(t) << 23));
+}
+
 // Rows [row0, row0 + ROWS) of one head (rows stride elements apart) into the swizzled K-major
 // layout at dst: column block kb (64 columns) at kb * ROWS * 128 bytes; rows at or past T and
 // chunks at or past hc (the head's real 8-column chunks) zero-filled.
@@ -180,8 +197,10 @@ template <> __device__ __forceinline__ void f9_pv<128>(float (&o)[64], const uin
 // The online softmax of one 64 x 128 score tile, in place: masked where a key follows its row
 // (mask: the tile reaches past the warp's first query r0; k0: the tile's first key), scores become
 // probabilities against the new running maxima m (raw scores; the exponent is prescaled by
-// scale_log2); the output o and the row sums l are rescaled to the new maxima.
-template <int D>
+// scale_log2); the output o and the row sums l are rescaled to the new maxima. MIXED: a quarter of
+// the exponentials (columns 8 j .. 8 j + 7 for j % 4 == 3) by f9_exp2_poly on the FMA pipe, the
+// rest by the multi-function unit (TPTRAIN_ATTN_EXP2=mixed).
+template <int D, bool MIXED = false>
 __device__ __forceinline__ static void f9_softmax(float (&s)[64], float (&o)[D / 2], float (&m)[2],
                                                   float (&l)[2], bool mask, int k0, int r0, int lane,
                                                   float scale_log2) {
@@ -208,8 +227,11 @@ __device__ __forceinline__ static void f9_softmax(float (&s)[64], float (&o)[D /
         float sum = 0.0f;
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-            float p0 = f9_exp2(fmaf(s[4 * j + 2 * hr], scale_log2, -ms));
-            float p1 = f9_exp2(fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms));
+            const float x0 = fmaf(s[4 * j + 2 * hr], scale_log2, -ms);
+            const float x1 = fmaf(s[4 * j + 2 * hr + 1], scale_log2, -ms);
+            const bool poly = MIXED && (j & 3) == 3;
+            float p0 = poly ? f9_exp2_poly(x0) : f9_exp2(x0);
+            float p1 = poly ? f9_exp2_poly(x1) : f9_exp2(x1);
             s[4 * j + 2 * hr] = p0;
             s[4 * j + 2 * hr + 1] = p1;
             sum += p0 + p1;
@@ -404,7 +426,7 @@ __device__ __forceinline__ static bool f9_fwd_more(int k, int G, int nqt, int BH
     }
 }
 
-template <int D, bool PP, bool PAIRS>
+template <int D, bool PP, bool PAIRS, bool MIXED>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, f9_bf16 *out, float *lse, int T, int NH, int BH,
@@ -513,7 +535,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
             f9_pin(s);
             f9_mbar_arrive(k_empty + 8 * (g & 1));
             if (nkt == 1) f9_mbar_arrive(q_done);
-            f9_softmax<D>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
+            f9_softmax<D, MIXED>(s, o, m, l, F9_KN - 1 > r0, 0, r0, lane, scale_log2);
 #pragma unroll
             for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
             for (int kt = 1; kt < nkt; kt++) {
@@ -534,7 +556,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_mbar_arrive(k_empty + 8 * st);
                 if (kt == nkt - 1) f9_mbar_arrive(q_done);
                 int k0 = kt * F9_KN;
-                f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
+                f9_softmax<D, MIXED>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
 #pragma unroll
                 for (int kc = 0; kc < F9_KN / 16; kc++) f9_afrag16(pa[kc], s, kc);
             }
@@ -562,7 +584,7 @@ f9_fwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
                 f9_pin(s);
                 f9_mbar_arrive(k_empty + 8 * st);
                 if (kt == nkt - 1) f9_mbar_arrive(q_done);
-                f9_softmax<D>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
+                f9_softmax<D, MIXED>(s, o, m, l, k0 + F9_KN - 1 > r0, k0, r0, lane, scale_log2);
                 f9_mbar_wait(v_full + 8 * st, ph);
                 uint32_t pa[F9_KN / 16][4]; // P as bf16 A fragments, all packed before the products
 #pragma unroll
@@ -1358,7 +1380,7 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
 template <int D, bool PP>
 static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q, const f9_bf16 *k,
                         const f9_bf16 *v, int B, int T, int NH, int qkv_stride, int out_stride, int order,
-                        int qstages) {
+                        int qstages, int mixed) {
     CUtensorMap mq, mk, mv;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, F9_ROWS) ||
@@ -1367,7 +1389,9 @@ static int f9_ws_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16
         return -1; // the caller falls back to the cp.async kernel
     qstages = qstages == 2 ? 2 : 1;
     size_t smem = (4 + qstages) * (size_t)F9_ROWS * D * 2 + 1024 + 128; // Q, two K and V tiles, slack, barriers
-    auto kernel = order ? f9_fwd_ws_kernel<D, PP, true> : f9_fwd_ws_kernel<D, PP, false>;
+    auto kernel = order ? f9_fwd_ws_kernel<D, PP, true, false> : f9_fwd_ws_kernel<D, PP, false, false>;
+    if constexpr (D == 64) // the exponentials bind at head size 64 only (half the products' cycles at 128)
+        if (mixed) kernel = order ? f9_fwd_ws_kernel<D, PP, true, true> : f9_fwd_ws_kernel<D, PP, false, true>;
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
         (void)cudaGetLastError();
@@ -1402,7 +1426,8 @@ static int f9_launch(cudaStream_t st, f9_bf16 *out, float *lse, const f9_bf16 *q
 
 extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
                                         const void *k, const void *v, int B, int T, int NH, int HS,
-                                        int qkv_stride, int out_stride, int allow_ws, int order, int qstages) {
+                                        int qkv_stride, int out_stride, int allow_ws, int order, int qstages,
+                                        int exp2_mixed) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *o = (f9_bf16 *)out;
     const f9_bf16 *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k, *vv = (const f9_bf16 *)v;
@@ -1415,10 +1440,13 @@ extern "C" int flash_attention_sm90_fwd(void *stream, void *out, float *lse, con
     // other consumer's products, and the turns cost 7% at T 4096)
     bool pp = allow_ws == 1;
     if (ws && HS == 64)
-        rc = f9_ws_launch<64, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages);
+        rc = f9_ws_launch<64, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages,
+                                     exp2_mixed);
     if (ws && HS == 128)
-        rc = pp ? f9_ws_launch<128, true>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages)
-                : f9_ws_launch<128, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages);
+        rc = pp ? f9_ws_launch<128, true>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages,
+                                          exp2_mixed)
+                : f9_ws_launch<128, false>(st, o, lse, qq, kk, vv, B, T, NH, qkv_stride, out_stride, order, qstages,
+                                           exp2_mixed);
     if (rc >= 0) return rc;
     if (HS <= 64) return f9_launch<64>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);
     return f9_launch<128>(st, o, lse, qq, kk, vv, B, T, NH, HS, qkv_stride, out_stride);

@@ -12,10 +12,12 @@ extern "C" {
 // (the warp-specialised kernel's walk over the items): 0 longest first across heads, 1 query tiles
 // in pairs of one head (flash_attention_set_hopper_order); qstages (the warp-specialised kernel): 2,
 // the next item's Q tile comes into a second stage while the current item runs, else one stage
-// (flash_attention_set_hopper_q_stages). Returns 0, or 2 when the launch failed.
+// (flash_attention_set_hopper_q_stages); exp2_mixed (the warp-specialised kernel at HS 64): nonzero,
+// a quarter of the softmax's exponentials by a polynomial on the FMA pipe
+// (flash_attention_set_hopper_exp2). Returns 0, or 2 when the launch failed.
 int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q, const void *k,
                              const void *v, int B, int T, int NH, int HS, int qkv_stride,
-                             int out_stride, int allow_ws, int order, int qstages);
+                             int out_stride, int allow_ws, int order, int qstages, int exp2_mixed);
 
 // As flash_attention_bwd, under the same conditions; scratch as flash_attention_bwd_scratch_floats
 // sizes it. allow_ws: 0 the cp.async kernels; 1 (HS 64, 128) the one-kernel warp-specialised

@@ -97,6 +97,7 @@ static const struct {
     {"TPTRAIN_ATTN_Q_STAGES", {"1", "2"}, "the Hopper attention forward's stages of query tiles"},
     {"TPTRAIN_ATTN_KV_STAGES", {"1", "2"}, "the Hopper attention backward's stages of key and value tiles"},
     {"TPTRAIN_ATTN_BWD_ORDER", {"heads", "longest"}, "the Hopper attention backward's walk over the work"},
+    {"TPTRAIN_ATTN_EXP2", {"mufu", "mixed"}, "how the Hopper attention forward computes its exponentials"},
     {"TPTRAIN_LN_BWD", {"rows", "pipelined"}, "the bf16 layernorm backward's kernel"},
 };
 

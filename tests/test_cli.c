@@ -247,6 +247,7 @@ Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_GEMM_SM90_PLAIN=yes");
     expect_bad_variable("TPTRAIN_GEMM_SM90_TURN=early");
     expect_bad_variable("TPTRAIN_LN_BWD=pipeline");
+    expect_bad_variable("TPTRAIN_ATTN_EXP2=poly");
 }
 
 // ---- config file errors
