@@ -324,9 +324,11 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
         return false;
     }
     {
-        // mesh.c has checked the value: rows (the default) or pipelined
+        // mesh.c has checked the values: rows (the default) or pipelined
         const char *v = getenv("TPTRAIN_LN_BWD");
         c->ln_bwd_pipelined = v && strcmp(v, "pipelined") == 0;
+        v = getenv("TPTRAIN_EMB_BWD"); // tiles (the default) or sorted
+        c->emb_bwd_sorted = v && strcmp(v, "sorted") == 0;
     }
     step = "cudaStreamCreateWithFlags";
     if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)

@@ -37,6 +37,13 @@ extern "C" {
 #define EMB_BWD_THREADS 128
 #define EMB_BWD_SORT_MAX 512 // kept tokens of a tile sorted by row up to this many (quadratic)
 #define EMB_BWD_UNROLL 8     // dout rows in flight per run
+// vocab_embedding_bwd_sorted_kernel (TPTRAIN_EMB_BWD=sorted): groups (a power of two), the kept
+// tokens sorted and walked at once (a power of two, at least 8 x the block), threads, dout rows
+// per chunk of a run (two chunks in flight)
+#define EMB_BWD2_GROUPS 1024
+#define EMB_BWD2_CAP 2048
+#define EMB_BWD2_THREADS 128
+#define EMB_BWD2_UNROLL 16
 #define LN_EPS 1e-5 // GPT-2; double, as the fp32 path's statistics are
 // bf16 layernorm backward: blocks of the fused kernel (fixed for a given N, so dw/db sum in a
 // fixed order), each leaving one (C) partial of dw and of db.
@@ -81,6 +88,7 @@ struct cuda_ctx {
     int overlap_sms;           // products leave this many multiprocessors to them (TPTRAIN_OVERLAP_SMS)
     int sm_count;              // the device's multiprocessors
     bool ln_bwd_pipelined;     // bf16 layernorm backward: layernorm_bwd_pipelined_kernel (TPTRAIN_LN_BWD)
+    bool emb_bwd_sorted;       // token embedding backward: vocab_embedding_bwd_sorted_kernel (TPTRAIN_EMB_BWD)
     // memory_stats: what this backend cudaMalloc'd itself (alloc's buffers, scratch, workspaces)
     size_t mem_now, mem_peak;
     struct cuda_alloc_rec *allocs; // (n_allocs) live alloc buffers, capacity cap_allocs

@@ -134,6 +134,147 @@ vocab_embedding_bwd_kernel(float *dwte, const E *__restrict__ dout, const int *t
     }
 }
 
+// The same sums with fewer round trips on the critical path (TPTRAIN_EMB_BWD=sorted). Grid
+// (EMB_BWD2_GROUPS, ceil(C / (blockDim * V))): four times the groups, so a block walks a quarter of
+// the rows; its kept tokens are collected over as many tiles of the tokens as fit (EMB_BWD2_CAP
+// entries) before they are sorted and walked, so that each row's dwte is read and written once per
+// EMB_BWD2_CAP kept tokens rather than once per tile of 1024 tokens; the sort is a bitonic sort of
+// (row, list position) keys, which keeps token order within a row and takes log^2 steps instead of
+// the quadratic ranking; and a run's dout rows come EMB_BWD2_UNROLL at a time with the next chunk's
+// loads issued before the current chunk is added, so that a frequent token's run (hundreds of
+// rows at GPT-2 scale) waits on memory half as often. A row's tokens are still added one at a
+// time in token order, so dwte gets the same bits as from vocab_embedding_bwd_kernel, and as from
+// a sequential loop.
+template <typename E, int V>
+__device__ __forceinline__ void emb_bwd_chunk(vec_t<E, V> (&d)[EMB_BWD2_UNROLL], const E *dout,
+                                              const int *toks, const unsigned *keys, int k, int end,
+                                              int C, int c) {
+#pragma unroll
+    for (int u = 0; u < EMB_BWD2_UNROLL; u++)
+        if (k + u < end)
+            d[u] = ld_vec<E, V>(dout + (size_t)toks[keys[k + u] & (EMB_BWD2_CAP - 1)] * C + c);
+}
+
+template <typename E, int V>
+__global__ void __launch_bounds__(EMB_BWD2_THREADS)
+vocab_embedding_bwd_sorted_kernel(float *dwte, const E *__restrict__ dout, const int *tokens, int N,
+                                  int C, int vocab_start, int n_vocab) {
+    constexpr int GSHIFT = __builtin_ctz(EMB_BWD2_GROUPS), KSHIFT = __builtin_ctz(EMB_BWD2_CAP);
+    static_assert((EMB_BWD2_GROUPS & (EMB_BWD2_GROUPS - 1)) == 0 && (EMB_BWD2_CAP & (EMB_BWD2_CAP - 1)) == 0,
+                  "powers of two");
+    static_assert(EMB_BWD2_CAP >= 8 * EMB_BWD2_THREADS, "a round of tokens must fit");
+    // keys[k] = (row >> GSHIFT) << KSHIFT | k for the k-th kept token, toks[k] its position
+    __shared__ unsigned keys[EMB_BWD2_CAP];
+    __shared__ int toks[EMB_BWD2_CAP];
+    __shared__ int warp_n[EMB_BWD2_THREADS / TPC_WARP];
+    const int g = blockIdx.x;
+    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
+    const int nwarps = blockDim.x / TPC_WARP;
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V; // first channel of this thread
+    const int round = 8 * blockDim.x;                          // tokens a round looks at
+    int kept = 0;                                               // block-uniform
+    for (int i0 = 0; i0 < N; i0 += round) {
+        // this round's kept tokens appended in token order (as vocab_embedding_bwd_kernel lists them)
+        int jt = i0 + 8 * threadIdx.x;
+        int r8[8];
+        if (jt + 8 <= N && ((uintptr_t)tokens & 15) == 0) { // every block reads every token: 32 bytes at once
+            const int4 v[2] = {*reinterpret_cast<const int4 *>(tokens + jt),
+                               *reinterpret_cast<const int4 *>(tokens + jt + 4)};
+#pragma unroll
+            for (int u = 0; u < 8; u++) r8[u] = reinterpret_cast<const int *>(v)[u];
+        } else {
+#pragma unroll
+            for (int u = 0; u < 8; u++) r8[u] = jt + u < N ? tokens[jt + u] : vocab_start - 1;
+        }
+        unsigned mine = 0;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            int r = r8[u] - vocab_start;
+            r8[u] = r;
+            if (r >= 0 && r < n_vocab && (r & (EMB_BWD2_GROUPS - 1)) == g) mine |= 1u << u;
+        }
+        int n = __popc(mine), incl = n;
+#pragma unroll
+        for (int o = 1; o < TPC_WARP; o <<= 1) {
+            int t = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += t;
+        }
+        if (lane == TPC_WARP - 1) warp_n[warp] = incl;
+        __syncthreads();
+        int pos = kept + incl - n, total = kept;
+        for (int w = 0; w < nwarps; w++) {
+            if (w < warp) pos += warp_n[w];
+            total += warp_n[w];
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+            if (mine >> u & 1u) {
+                keys[pos] = (unsigned)(r8[u] >> GSHIFT) << KSHIFT | (unsigned)pos;
+                toks[pos] = jt + u;
+                pos++;
+            }
+        kept = total;
+        __syncthreads(); // warp_n is rewritten next round; the list is complete
+        bool last = i0 + round >= N;
+        if (!last && kept + round <= EMB_BWD2_CAP) continue; // the next round fits: keep collecting
+        if (kept == 0) continue;
+
+        // sort keys[0, kept) ascending: row, then list position (= token order)
+        int P = 2;
+        while (P < kept) P <<= 1;
+        for (int k = kept + (int)threadIdx.x; k < P; k += blockDim.x) keys[k] = 0xffffffffu;
+        __syncthreads();
+        for (int size = 2; size <= P; size <<= 1)
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int t = threadIdx.x; t < P / 2; t += blockDim.x) {
+                    int i = 2 * t - (t & (stride - 1)), j = i + stride; // i has bit `stride` clear
+                    unsigned a = keys[i], b = keys[j];
+                    if ((a > b) == ((i & size) == 0)) {
+                        keys[i] = b;
+                        keys[j] = a;
+                    }
+                }
+                __syncthreads();
+            }
+
+        // walk the runs of one row: load its dwte, add its tokens' dout rows in order, store
+        if (c < C) {
+            int k = 0;
+            unsigned rk = keys[0] >> KSHIFT; // the run's row, >> GSHIFT
+            vec_t<float, V> acc = ld_vec<float, V>(dwte + (size_t)(rk << GSHIFT | (unsigned)g) * C + c);
+            while (k < kept) {
+                int end = k + 1;
+                while (end < kept && keys[end] >> KSHIFT == rk) end++;
+                // the next run's row differs, and any earlier store to it has been issued
+                unsigned rn = end < kept ? keys[end] >> KSHIFT : 0xffffffffu;
+                vec_t<float, V> next = {};
+                if (end < kept) next = ld_vec<float, V>(dwte + (size_t)(rn << GSHIFT | (unsigned)g) * C + c);
+                vec_t<E, V> d[EMB_BWD2_UNROLL];
+                emb_bwd_chunk<E, V>(d, dout, toks, keys, k, end, C, c);
+                for (; k < end; k += EMB_BWD2_UNROLL) {
+                    vec_t<E, V> dn[EMB_BWD2_UNROLL];
+                    if (k + EMB_BWD2_UNROLL < end)
+                        emb_bwd_chunk<E, V>(dn, dout, toks, keys, k + EMB_BWD2_UNROLL, end, C, c);
+#pragma unroll
+                    for (int u = 0; u < EMB_BWD2_UNROLL; u++)
+                        if (k + u < end) {
+#pragma unroll
+                            for (int e = 0; e < V; e++) acc.e[e] += to_f(d[u].e[e]);
+                        }
+#pragma unroll
+                    for (int u = 0; u < EMB_BWD2_UNROLL; u++) d[u] = dn[u];
+                }
+                k = end;
+                st_vec<float, V>(dwte + (size_t)(rk << GSHIFT | (unsigned)g) * C + c, acc);
+                rk = rn;
+                acc = next;
+            }
+        }
+        kept = 0;
+        __syncthreads(); // the list is rewritten by the next round
+    }
+}
+
 // x (B, T, C) += wpe (T, C) broadcast over B; V divides T*C
 template <typename E, int V>
 __global__ void position_embedding_fwd_kernel(E *x, const E *wpe, int B, int T, int C) {
@@ -197,6 +338,17 @@ static void vocab_embedding_bwd_impl(struct cuda_ctx *c, float *dwte, const E *d
     // 4 channels per thread: one 16-byte dwte access, 8 or 16 bytes of dout
     const int V = 4;
     bool vec = C % V == 0 && aligned_to(dwte, 16) && aligned_to(dout, V * sizeof(E));
+    if (c->emb_bwd_sorted) {
+        dim3 grid(EMB_BWD2_GROUPS, tpc_blocks((size_t)C, (size_t)EMB_BWD2_THREADS * (vec ? V : 1)));
+        if (vec)
+            vocab_embedding_bwd_sorted_kernel<E, V><<<grid, EMB_BWD2_THREADS, 0, c->stream>>>(
+                dwte, dout, tokens, N, C, vocab_start, n_vocab);
+        else
+            vocab_embedding_bwd_sorted_kernel<E, 1><<<grid, EMB_BWD2_THREADS, 0, c->stream>>>(
+                dwte, dout, tokens, N, C, vocab_start, n_vocab);
+        CUDA_CHECK_LAUNCH("vocab_embedding_bwd_sorted_kernel");
+        return;
+    }
     int per_block = EMB_BWD_THREADS * (vec ? V : 1);
     dim3 grid(EMB_BWD_GROUPS, tpc_blocks((size_t)C, (size_t)per_block));
     if (vec)

@@ -99,6 +99,7 @@ static const struct {
     {"TPTRAIN_ATTN_BWD_ORDER", {"heads", "longest"}, "the Hopper attention backward's walk over the work"},
     {"TPTRAIN_ATTN_EXP2", {"mufu", "mixed"}, "how the Hopper attention forward computes its exponentials"},
     {"TPTRAIN_LN_BWD", {"rows", "pipelined"}, "the bf16 layernorm backward's kernel"},
+    {"TPTRAIN_EMB_BWD", {"tiles", "sorted"}, "the token embedding backward's kernel"},
 };
 
 static bool choice_variables_well_formed(char *err, size_t errlen) {

@@ -248,6 +248,7 @@ Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_GEMM_SM90_TURN=early");
     expect_bad_variable("TPTRAIN_LN_BWD=pipeline");
     expect_bad_variable("TPTRAIN_ATTN_EXP2=poly");
+    expect_bad_variable("TPTRAIN_EMB_BWD=sort");
 }
 
 // ---- config file errors

@@ -402,6 +402,8 @@ static void run_vocab_embedding(struct pair *p) {
         {1000, 77, 0, 50, 50},           // many repeated tokens
         {3000, 65, 100, 40, 300},        // most tokens outside the shard
         {2500, 64, 0, 600, 600},         // runs of one row across tiles of the backward
+        {20000, 64, 0, 3, 3},            // thousands of tokens per row: several sorts per block
+        {16384, 768, 0, 50304, 50304},   // GPT-2 scale, with frequent tokens (below)
     };
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         struct emb_shape e = shapes[s];
@@ -410,6 +412,8 @@ static void run_vocab_embedding(struct pair *p) {
         for (int i = 0; i < e.N; i++) tok.h[i] = rng_int(&p->rng, e.token_range);
         if (s == 6) // long runs of one token, so consecutive rows repeat
             for (int i = 0; i < e.N; i++) tok.h[i] = (i / 37) % 2 ? tok.h[i] : 256 + 3;
+        if (s == 8) // a few tokens a few per cent of the time each, as text has them
+            for (int i = 0; i < e.N; i++) tok.h[i] = i % 7 == 0 ? 198 : i % 11 == 0 ? 11 : i % 13 == 0 ? 262 : tok.h[i];
         ibuf_push(p, &tok);
         struct buf wte = cbuf_rand(p, (size_t)e.n_vocab * e.C, -1.0f, 1.0f);
         struct buf out = cbuf_rand(p, (size_t)e.N * e.C, -5.0f, 5.0f); // "=": must be overwritten
@@ -429,7 +433,10 @@ static void run_vocab_embedding(struct pair *p) {
                                           e.vocab_start, e.n_vocab);
         snprintf(what, sizeof what, "vocab_embedding_bwd N=%d C=%d start=%d n=%d", e.N, e.C,
                  e.vocab_start, e.n_vocab);
-        expect_close(p, &dwte, TOL, what); // fp32 sums of the same values, in the same order
+        expect_close(p, &dwte, TOL, what);
+        // fp32 sums of the same values, one token at a time in token order: the same bits
+        cr_expect(memcmp(dwte.h, dwte.c, (size_t)e.n_vocab * e.C * sizeof(float)) == 0,
+                  "[%s] %s: not the CPU's bits", tp_dtype_name(p->dt), what);
         buf_free(p, &dout);
         buf_free(p, &dwte);
         buf_free(p, &out);
@@ -446,6 +453,23 @@ Test(cuda_ops, vocab_embedding) {
 }
 
 Test(cuda_bf16, vocab_embedding) {
+    struct pair p;
+    pair_open_dt(&p, 2, TP_DTYPE_BF16);
+    run_vocab_embedding(&p);
+    pair_close(&p);
+}
+
+// The backward's other kernel (TPTRAIN_EMB_BWD=sorted, read at creation): the same bits
+Test(cuda_ops, vocab_embedding_sorted) {
+    setenv("TPTRAIN_EMB_BWD", "sorted", 1);
+    struct pair p;
+    pair_open(&p, 2);
+    run_vocab_embedding(&p);
+    pair_close(&p);
+}
+
+Test(cuda_bf16, vocab_embedding_sorted) {
+    setenv("TPTRAIN_EMB_BWD", "sorted", 1);
     struct pair p;
     pair_open_dt(&p, 2, TP_DTYPE_BF16);
     run_vocab_embedding(&p);
