@@ -312,7 +312,7 @@ void cuda_residual_layernorm_fwd(void *ctx, void *out, void *ln, float *mean, fl
 // matmul.cu
 void cuda_matmul_fwd(void *ctx, void *out, void *pre_gelu, const void *inp, const void *w,
                      const void *bias, int N, int IC, int OC);
-void cuda_matmul_bwd(void *ctx, void *dinp, float *dw, float *dbias, const void *dout,
+void cuda_matmul_bwd(void *ctx, void *dinp, float *dinp_sum, float *dw, float *dbias, const void *dout,
                      const void *inp, const void *w, const void *pre_gelu, int N, int IC,
                      int OC);
 

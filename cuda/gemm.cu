@@ -73,7 +73,9 @@
 enum gemm_product { GP_FWD, GP_BWD_DATA, GP_BWD_WEIGHT };
 
 // What the caller asked for (part of the cache key).
-enum gemm_epi { GE_NONE, GE_BIAS, GE_GELU, GE_GELU_BIAS, GE_DGELU, GE_DBIAS };
+// GE_DGELU_DSUM: the GELU' input gradient and its column sums (gemm_bwd_data's dsum), one key, so
+// that the own kernel, which sums in its epilogue, is timed against cuBLASLt plus our column sums.
+enum gemm_epi { GE_NONE, GE_BIAS, GE_GELU, GE_GELU_BIAS, GE_DGELU, GE_DBIAS, GE_DGELU_DSUM };
 
 struct gemm_key {
     int product; // enum gemm_product
@@ -102,7 +104,7 @@ struct gemm_call {
     void *pre_gelu;    // fwd: written (aux output); bwd_data: read (aux input)
     const void *a, *b; // cuBLASLt's A and B
     const void *bias;  // fwd bias (OC) bf16
-    float *dbias;      // bwd_weight: (OC) fp32, accumulated
+    float *dbias;      // bwd_weight: (OC) fp32 += dout's column sums; bwd_data (GE_DGELU_DSUM): (IC) += dinp's
 };
 
 struct gemm_ctx {
@@ -131,7 +133,7 @@ static const char *product_name(int p) {
 }
 
 static const char *epi_name(int e) {
-    static const char *names[] = {"none", "bias", "gelu", "gelu+bias", "dgelu", "dbias"};
+    static const char *names[] = {"none", "bias", "gelu", "gelu+bias", "dgelu", "dbias", "dgelu+dsum"};
     return names[e];
 }
 
@@ -263,13 +265,16 @@ static void colsum_run(struct gemm_ctx *g, float *out, const __nv_bfloat16 *x, i
         out, partial, out, partial, nchunks, OC);
 }
 
-// Scratch floats a key needs: column-sum partials (nchunks * OC) and a dbias to accumulate into
-// while tuning (OC).
+// Scratch floats a key needs: column-sum partials (nchunks rows of the summed matrix's columns, or
+// for the own GELU' kernel one row per 32 of N) and after them a sum to accumulate into while
+// tuning (one row).
 static size_t scratch_floats(const struct gemm_key *k) {
-    if (k->epi != GE_DBIAS) return 0;
-    int rows, nchunks;
-    colsum_chunks(k->N, k->OC, &rows, &nchunks);
-    return (size_t)(nchunks + 1) * (size_t)k->OC;
+    if (k->epi != GE_DBIAS && k->epi != GE_DGELU_DSUM) return 0;
+    int cols = k->epi == GE_DBIAS ? k->OC : k->IC, rows, nchunks;
+    colsum_chunks(k->N, cols, &rows, &nchunks);
+    size_t parts = (size_t)nchunks;
+    if (k->epi == GE_DGELU_DSUM && (size_t)k->N / 32 + 1 > parts) parts = (size_t)k->N / 32 + 1;
+    return (parts + 1) * (size_t)cols;
 }
 
 static int ensure_scratch(struct gemm_ctx *g, const struct gemm_key *k) {
@@ -299,6 +304,7 @@ static int plan_range(const struct gemm_key *k, int *first) {
     case GE_GELU:
     case GE_GELU_BIAS:
     case GE_DGELU:
+    case GE_DGELU_DSUM:
         *first = GEMM_LT_GELU_IS_TANH ? 0 : 1;
         return GEMM_LT_GELU_IS_TANH ? 2 : 1;
     case GE_DBIAS:
@@ -322,6 +328,7 @@ static cublasLtEpilogue_t plan_epilogue(const struct gemm_key *k, int split) {
     case GE_GELU_BIAS:
         return split ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
     case GE_DGELU:
+    case GE_DGELU_DSUM:
         return split ? CUBLASLT_EPILOGUE_DEFAULT : CUBLASLT_EPILOGUE_DGELU;
     default:
         return CUBLASLT_EPILOGUE_DEFAULT;
@@ -416,12 +423,22 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
     const struct gemm_key *k = &e->key;
 #ifdef FA_HAVE_SM90
     if (e->own) { // the call's operands back in row-major order (gemm_call holds cuBLASLt's)
-        const bool gelu = k->epi == GE_GELU || k->epi == GE_GELU_BIAS;
+        const bool gelu = k->epi == GE_GELU || k->epi == GE_GELU_BIAS, dsum = k->epi == GE_DGELU_DSUM;
         const void *bias = k->epi == GE_BIAS || k->epi == GE_GELU_BIAS ? c->bias : NULL;
+        int rows = 0;
         int rc = k->product != GP_FWD
-                     ? gemm_sm90_bwd_dgelu(g->stream, c->out, c->b, c->a, c->pre_gelu, k->N, k->IC, k->OC)
+                     ? gemm_sm90_bwd_dgelu(g->stream, c->out, c->b, c->a, c->pre_gelu, dsum ? g->scratch : NULL, &rows,
+                                           k->N, k->IC, k->OC)
                  : gelu ? gemm_sm90_fwd_gelu(g->stream, c->out, c->pre_gelu, c->b, c->a, bias, k->N, k->IC, k->OC)
                         : gemm_sm90_fwd(g->stream, c->out, c->b, c->a, bias, k->N, k->IC, k->OC);
+        if (rc == 0 && dsum) { // the kernel's partial rows added in order, or (a kind that does not sum) ours
+            if (rows > 0)
+                colsum2_finish_kernel<<<dim3((unsigned)((k->IC + 31) / 32), 1), dim3(32, 32), 0, g->stream>>>(
+                    c->dbias, g->scratch, c->dbias, g->scratch, rows, k->IC);
+            else
+                colsum_run(g, c->dbias, (const __nv_bfloat16 *)c->out, k->N, k->IC);
+            if (cudaGetLastError() != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;
+        }
         return rc == 0 ? CUBLAS_STATUS_SUCCESS : rc == 1 ? CUBLAS_STATUS_NOT_SUPPORTED : CUBLAS_STATUS_EXECUTION_FAILED;
     }
 #endif
@@ -455,10 +472,13 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
             (__nv_bfloat16 *)c->out, (const __nv_bfloat16 *)c->pre_gelu, n8);
         break;
     case GE_DGELU:
-        if (!e->split) break;
-        n8 = (size_t)k->N * (size_t)k->IC / 8;
-        dgelu_kernel<<<grid_for(n8, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
-            (__nv_bfloat16 *)c->out, (const __nv_bfloat16 *)c->pre_gelu, n8);
+    case GE_DGELU_DSUM:
+        if (e->split) {
+            n8 = (size_t)k->N * (size_t)k->IC / 8;
+            dgelu_kernel<<<grid_for(n8, GEMM_BLOCK), GEMM_BLOCK, 0, g->stream>>>(
+                (__nv_bfloat16 *)c->out, (const __nv_bfloat16 *)c->pre_gelu, n8);
+        }
+        if (k->epi == GE_DGELU_DSUM) colsum_run(g, c->dbias, (const __nv_bfloat16 *)c->out, k->N, k->IC);
         break;
     case GE_DBIAS:
         colsum_run(g, c->dbias, (const __nv_bfloat16 *)c->b, k->N, k->OC);
@@ -549,7 +569,7 @@ static int tune(struct gemm_ctx *g, const struct gemm_key *k, const struct gemm_
     // the shape, always (1: chosen untimed, no cuBLASLt candidate tried) or where it is timed faster
     // than the fastest cuBLASLt candidate (auto, after the loop below)
     bool own_key = g->sm90_gelu && k->sms == 0 &&
-                   (k->epi == GE_GELU || k->epi == GE_GELU_BIAS || k->epi == GE_DGELU ||
+                   (k->epi == GE_GELU || k->epi == GE_GELU_BIAS || k->epi == GE_DGELU || k->epi == GE_DGELU_DSUM ||
                     (g->sm90_plain && k->product == GP_FWD && (k->epi == GE_NONE || k->epi == GE_BIAS)));
     if (own_key && g->sm90_gelu == 1) {
         memset(best, 0, sizeof *best);
@@ -738,6 +758,8 @@ static int lookup(struct gemm_ctx *g, const struct gemm_key *k, const struct gem
             if (c->dbias) tc.dbias = g->scratch + (scratch_floats(k) - (size_t)k->OC);
         }
     }
+    if (k->epi == GE_DGELU_DSUM) // the output is overwritten, but the sum accumulates: tune into scratch
+        tc.dbias = g->scratch + (scratch_floats(k) - (size_t)k->IC);
     struct gemm_entry e;
     int rc = tune(g, k, &tc, timing, &e);
     if (dw_copy) {
@@ -860,8 +882,8 @@ extern "C" int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const voi
 }
 
 extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, const void *w,
-                             const void *pre_gelu, int N, int IC, int OC) {
-    struct gemm_key k = {GP_BWD_DATA, N, IC, OC, pre_gelu ? GE_DGELU : GE_NONE, g->sms};
+                             const void *pre_gelu, float *dsum, int N, int IC, int OC) {
+    struct gemm_key k = {GP_BWD_DATA, N, IC, OC, pre_gelu ? (dsum ? GE_DGELU_DSUM : GE_DGELU) : GE_NONE, g->sms};
     int rc = check_shape(g, &k);
     if (rc != GEMM_OK) return rc;
     if (!dinp || !dout || !w || misaligned(dinp) || misaligned(dout) || misaligned(w) ||
@@ -870,9 +892,14 @@ extern "C" int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, c
                 GEMM_ALIGN);
         return GEMM_EBADARG;
     }
-    struct gemm_call c = {dinp, (void *)pre_gelu, w, dout, NULL, NULL};
+    if ((uintptr_t)dsum % sizeof(float)) {
+        set_err(g, &k, "dsum must be 4-byte aligned");
+        return GEMM_EBADARG;
+    }
+    struct gemm_call c = {dinp, (void *)pre_gelu, w, dout, NULL, dsum};
     rc = execute(g, &k, &c);
     g->last_bwd_data = g->last_own ? "sm90" : "cublaslt";
+    if (rc == GEMM_OK && dsum && !pre_gelu) rc = gemm_colsum(g, dsum, dinp, N, IC);
     return rc;
 }
 

@@ -59,9 +59,11 @@ int gemm_fwd(struct gemm_ctx *g, void *out, void *pre_gelu, const void *inp, con
              const void *bias, int N, int IC, int OC);
 
 // dinp (N, IC) bf16 = dout (N, OC) bf16 @ w (OC, IC) bf16; with pre_gelu (N, IC) non-NULL the
-// result is multiplied elementwise by gelu'(pre_gelu).
+// result is multiplied elementwise by gelu'(pre_gelu). dsum (IC) fp32 += the column sums of dinp
+// as stored (NULL: skipped): summed as gemm_colsum sums, or, where gemm_sm90.cu's kernel computes
+// the GELU' product, in its epilogue (another order, fixed).
 int gemm_bwd_data(struct gemm_ctx *g, void *dinp, const void *dout, const void *w,
-                  const void *pre_gelu, int N, int IC, int OC);
+                  const void *pre_gelu, float *dsum, int N, int IC, int OC);
 
 // dw (OC, IC) fp32 += dout (N, OC)^T @ inp (N, IC); dbias (OC) fp32 += column sums of dout
 // (dbias NULL: skipped).

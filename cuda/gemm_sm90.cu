@@ -232,13 +232,16 @@ __device__ __forceinline__ static void gs_store_staged(const CUtensorMap *map, u
 // its values with ldmatrix in the accumulator's layout and writes out = sum * gelu'(pre) back in
 // place with stmatrix (the same addresses, so no other warp's data moves), the tile goes out, and
 // once read the buffer is the producer's again (pre_empty). Thread wt == 0 of the warpgroup issues
-// the copies.
+// the copies. With colsum (GS_BWD_DGELU), the column sums of the tile as stored (bf16) over each
+// warp's 32 rows go to row 4 (m0 / 128) + warp of colsum (ldc columns): each lane adds its four
+// rows of a 16-column block, the eight lanes of a column add theirs by shuffles, and lane group
+// g == p writes block p.
 template <int MODE, bool BIAS>
 __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map_out, const CUtensorMap *map_aux,
                                                           const f9_bf16 *__restrict__ bias, float (&acc)[2][64],
                                                           uint32_t buf, uint32_t pre_full, uint32_t pre_empty,
                                                           uint32_t use, int m0, int n0, int bar, int warp,
-                                                          int lane) {
+                                                          int lane, float *colsum, int ldc) {
     const int wt = 32 * warp + lane, tq = lane & 3;
     if constexpr (MODE != GS_BWD_DGELU) {
         if (BIAS) {
@@ -272,10 +275,12 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
         (void)bias;
         (void)map_aux;
         f9_mbar_wait(pre_full, use & 1u);
+        float *crow = colsum ? colsum + ((size_t)(m0 / GS_BM) * 4 + (size_t)warp) * (size_t)ldc + n0 : NULL;
 #pragma unroll
-        for (int h = 0; h < 2; h++)
+        for (int p = 0; p < 8; p++) {
+            float cs[4] = {0.0f, 0.0f, 0.0f, 0.0f}; // columns 16 p + 2 tq (+ 1), 16 p + 8 + 2 tq (+ 1)
 #pragma unroll
-            for (int p = 0; p < 8; p++) {
+            for (int h = 0; h < 2; h++) {
                 const uint32_t addr = gs_stage_addr(buf, h, p, warp, lane);
                 uint32_t pre[4];
                 gs_ldmatrix4(addr, pre);
@@ -287,7 +292,27 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
                     o[i] = f9_pack(a[2 * i] * gs_gelu_grad(x.x), a[2 * i + 1] * gs_gelu_grad(x.y));
                 }
                 gs_stmatrix4(addr, o[0], o[1], o[2], o[3]);
+                if (crow) { // o[0], o[1]: rows g and g + 8 of one column pair; o[2], o[3] of the next
+                    float2 v[4];
+#pragma unroll
+                    for (int i = 0; i < 4; i++) v[i] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&o[i]));
+                    cs[0] += v[0].x + v[1].x;
+                    cs[1] += v[0].y + v[1].y;
+                    cs[2] += v[2].x + v[3].x;
+                    cs[3] += v[2].y + v[3].y;
+                }
             }
+            if (crow) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) // over the eight row groups g (lane bits 2-4)
+#pragma unroll
+                    for (int x = 4; x < 32; x <<= 1) cs[i] += __shfl_xor_sync(0xffffffffu, cs[i], x);
+                if ((lane >> 2) == p) {
+                    *reinterpret_cast<float2 *>(crow + 16 * p + 2 * tq) = make_float2(cs[0], cs[1]);
+                    *reinterpret_cast<float2 *>(crow + 16 * p + 8 + 2 * tq) = make_float2(cs[2], cs[3]);
+                }
+            }
+        }
         gs_store_staged(map_out, buf, m0, n0, bar, wt);
         if (wt == 0) {
             f9_bulk_wait_read();
@@ -411,7 +436,7 @@ template <int MODE, bool BIAS, int CL, bool TE>
 static __global__ void __launch_bounds__(GS_NT, 1)
 gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtensorMap tb,
           const __grid_constant__ CUtensorMap to, const __grid_constant__ CUtensorMap tx, f9_bf16 *out,
-          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN, int early) {
+          f9_bf16 *aux, const f9_bf16 *bias, int M, int K, int NN, int early, float *colsum) {
     constexpr int GS_STAGES = TE ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
     extern __shared__ __align__(1024) unsigned char gs_smem[];
     const uint32_t base = (f9_smem_u32(gs_smem) + 1023u) & ~1023u; // stage s at base + s * 32 KB
@@ -511,7 +536,8 @@ gs_kernel(const __grid_constant__ CUtensorMap ta, const __grid_constant__ CUtens
         if (!early && next) f9_named_arrive(2 - c, 256);
         if constexpr (TE)
             gs_epilogue_staged<MODE, BIAS>(&to, &tx, bias, acc, staged + (uint32_t)c * GS_OUT_BYTES, pre_full + 8 * c,
-                                           pre_empty + 8 * c, (uint32_t)(j >> 1), m0, n0, 3 + c, warp, lane);
+                                           pre_empty + 8 * c, (uint32_t)(j >> 1), m0, n0, 3 + c, warp, lane, colsum,
+                                           NN);
         else
             gs_epilogue<MODE, BIAS>(out, aux, bias, acc, m0, n0, NN, warp, lane);
     }
@@ -855,10 +881,12 @@ static auto gs_kernel_of(void) {
         return gs_kernel<MODE, BIAS, CL, KIND == GS_STAGED>;
 }
 
-// Launches the KIND kernel over an (M, NN) output; 0, or 2 when the launch failed.
+// Launches the KIND kernel over an (M, NN) output; 0, or 2 when the launch failed. colsum (the
+// staged GS_BWD_DGELU only; else NULL): the output's column sums per 32 rows, as gs_epilogue_staged
+// writes them.
 template <int MODE, bool BIAS, int CL, int KIND>
 static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
-                        int NN) {
+                        int NN, float *colsum) {
     constexpr bool wide = KIND == GS_WIDE || KIND == GS_WIDE4;
     constexpr int H = KIND == GS_WIDE4 ? 2 : 1;
     constexpr int stages = wide ? gw_stages(H) : KIND == GS_STAGED ? GS_STAGES_MAX - 1 : GS_STAGES_MAX;
@@ -893,8 +921,14 @@ static int gs_launch_cl(cudaStream_t st, const gs_maps &m, void *out, void *aux,
     }
     int units = gs_walk<CL, wide ? GW_BN : GS_BN>(M, NN).units, n = units < clusters ? units : clusters;
     cfg.gridDim = dim3((unsigned)(n * CL));
-    if (cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
-                           (const f9_bf16 *)bias, M, K, NN, gs_early_turn()) != cudaSuccess) {
+    cudaError_t e;
+    if constexpr (wide)
+        e = cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
+                               (const f9_bf16 *)bias, M, K, NN, gs_early_turn());
+    else
+        e = cudaLaunchKernelEx(&cfg, kernel, m.a, m.b, m.out, m.aux, (f9_bf16 *)out, (f9_bf16 *)aux,
+                               (const f9_bf16 *)bias, M, K, NN, gs_early_turn(), colsum);
+    if (e != cudaSuccess) {
         (void)cudaGetLastError();
         return 2;
     }
@@ -923,25 +957,30 @@ static int gs_kind(int NN) {
 // measuring.
 template <int MODE, bool BIAS, int KIND>
 static int gs_launch_kind(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K,
-                          int NN) {
+                          int NN, float *colsum = NULL) {
     static int allowed = -1;
     if (allowed < 0) {
         const char *e = getenv("TPTRAIN_GEMM_SM90_CLUSTER");
         allowed = !(e && strcmp(e, "0") == 0);
     }
-    return allowed && (M / GS_BM) % 2 == 0 ? gs_launch_cl<MODE, BIAS, 2, KIND>(st, m, out, aux, bias, M, K, NN)
-                                           : gs_launch_cl<MODE, BIAS, 1, KIND>(st, m, out, aux, bias, M, K, NN);
+    return allowed && (M / GS_BM) % 2 == 0 ? gs_launch_cl<MODE, BIAS, 2, KIND>(st, m, out, aux, bias, M, K, NN, colsum)
+                                           : gs_launch_cl<MODE, BIAS, 1, KIND>(st, m, out, aux, bias, M, K, NN, colsum);
 }
 
+// colsum: asked of the staged GS_BWD_DGELU kernel; *colsum_rows gets the partial rows it wrote (0
+// from the other kinds, which do not sum).
 template <int MODE, bool BIAS>
-static int gs_launch(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K, int NN) {
+static int gs_launch(cudaStream_t st, const gs_maps &m, void *out, void *aux, const void *bias, int M, int K, int NN,
+                     float *colsum = NULL, int *colsum_rows = NULL) {
+    if (colsum_rows) *colsum_rows = 0;
     switch (gs_kind(NN)) {
     case GS_WIDE:
         return gs_launch_kind<MODE, BIAS, GS_WIDE>(st, m, out, aux, bias, M, K, NN);
     case GS_WIDE4:
         return gs_launch_kind<MODE, BIAS, GS_WIDE4>(st, m, out, aux, bias, M, K, NN);
     case GS_STAGED:
-        return gs_launch_kind<MODE, BIAS, GS_STAGED>(st, m, out, aux, bias, M, K, NN);
+        if (colsum && colsum_rows) *colsum_rows = M / GS_BM * 4;
+        return gs_launch_kind<MODE, BIAS, GS_STAGED>(st, m, out, aux, bias, M, K, NN, colsum_rows ? colsum : NULL);
     default:
         return gs_launch_kind<MODE, BIAS, GS_REGISTERS>(st, m, out, aux, bias, M, K, NN);
     }
@@ -985,7 +1024,8 @@ extern "C" int gemm_sm90_fwd(void *stream, void *out, const void *inp, const voi
 }
 
 extern "C" int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre,
-                                   int N, int IC, int OC) {
+                                   float *colsum, int *colsum_rows, int N, int IC, int OC) {
+    if (colsum_rows) *colsum_rows = 0;
     const void *ptrs[4] = {dinp, dout, w, pre};
     if (N <= 0 || N % GS_BM || IC <= 0 || IC % GS_BN || OC <= 0 || OC % GS_BK || !dinp || !dout || !w || !pre ||
         !gs_aligned(ptrs, 4))
@@ -994,5 +1034,6 @@ extern "C" int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, c
     if (!f9_tensor_map(&m.a, dout, OC, N, 1, OC, GS_BM) || !f9_tensor_map(&m.b, w, IC, OC, 1, IC, GS_BK) ||
         !f9_tensor_map(&m.out, dinp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&m.aux, pre, IC, N, 1, IC, GS_BM))
         return 1;
-    return gs_launch<GS_BWD_DGELU, false>((cudaStream_t)stream, m, dinp, (void *)pre, NULL, N, OC, IC);
+    return gs_launch<GS_BWD_DGELU, false>((cudaStream_t)stream, m, dinp, (void *)pre, NULL, N, OC, IC, colsum,
+                                          colsum_rows);
 }

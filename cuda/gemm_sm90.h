@@ -20,9 +20,12 @@ int gemm_sm90_fwd(void *stream, void *out, const void *inp, const void *w, const
                   int OC);
 
 // dinp (N, IC) = (dout (N, OC) @ w (OC, IC)) * gelu'(pre (N, IC)), bf16. The same returns; N and IC
-// multiples of 128, OC of 64.
-int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre, int N,
-                        int IC, int OC);
+// multiples of 128, OC of 64. colsum (NULL: none; else N / 32 x IC floats): the kernel with the
+// staged epilogue (the default kind) also writes the column sums of dinp as stored, each of colsum's
+// rows summing 32 of dinp's rows (a fixed set, in a fixed order: those of one warp of a tile), and
+// sets *colsum_rows to N / 32; the other kinds set it to 0 and sum nothing.
+int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre, float *colsum,
+                        int *colsum_rows, int N, int IC, int OC);
 
 #ifdef __cplusplus
 }

@@ -130,7 +130,7 @@ void cuda_matmul_fwd(void *ctx, void *out, void *pre_gelu, const void *inp, cons
                        (const float *)bias, N, IC, OC);
 }
 
-static void matmul_bwd_f32(struct cuda_ctx *c, float *dinp, float *dw, float *dbias,
+static void matmul_bwd_f32(struct cuda_ctx *c, float *dinp, float *dinp_sum, float *dw, float *dbias,
                            const float *dout, const float *inp, const float *w,
                            const float *pre_gelu, int N, int IC, int OC) {
     const float one = 1.0f, zero = 0.0f;
@@ -143,6 +143,7 @@ static void matmul_bwd_f32(struct cuda_ctx *c, float *dinp, float *dw, float *db
                                                                                 dinp, n);
             CUDA_CHECK_LAUNCH("gelu_bwd_kernel (matmul)");
         }
+        if (dinp_sum) cuda_colsum_acc(c, dinp_sum, dinp, false, N, IC);
     }
     if (!dw) return;
     CUBLAS_CHECK(cublasSgemm(c->blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, N, &one, inp, IC, dout, OC,
@@ -150,12 +151,12 @@ static void matmul_bwd_f32(struct cuda_ctx *c, float *dinp, float *dw, float *db
     if (dbias) cuda_colsum_acc(c, dbias, dout, false, N, OC);
 }
 
-static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dw, float *dbias,
+static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dinp_sum, float *dw, float *dbias,
                             const bf16 *dout, const bf16 *inp, const bf16 *w,
                             const bf16 *pre_gelu, int N, int IC, int OC) {
     const float one = 1.0f, zero = 0.0f;
     if (dinp) {
-        int rc = gemm_bwd_data(c->gemm, dinp, dout, w, pre_gelu, N, IC, OC);
+        int rc = gemm_bwd_data(c->gemm, dinp, dout, w, pre_gelu, dinp_sum, N, IC, OC);
         if (rc == GEMM_EBADARG) {
             gemm_fallback_note(c, "matmul_bwd (input gradient)", N, IC, OC);
             float *acc = (float *)ctx_scratch(c, (size_t)N * IC * sizeof(float)); // (N, IC)
@@ -166,6 +167,7 @@ static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dw, float *db
             gemm_fallback_bwd_epilogue_kernel<<<ew_blocks(n), TPC_BLOCK, 0, c->stream>>>(
                 dinp, acc, pre_gelu, n);
             CUDA_CHECK_LAUNCH("gemm_fallback_bwd_epilogue_kernel");
+            if (dinp_sum) cuda_colsum_acc(c, dinp_sum, dinp, true, N, IC);
         } else if (rc != GEMM_OK) {
             GEMM_DIE(c, rc, "gemm_bwd_data (matmul_bwd)", N, IC, OC);
         }
@@ -183,15 +185,15 @@ static void matmul_bwd_bf16(struct cuda_ctx *c, bf16 *dinp, float *dw, float *db
     }
 }
 
-void cuda_matmul_bwd(void *ctx, void *dinp, float *dw, float *dbias, const void *dout,
+void cuda_matmul_bwd(void *ctx, void *dinp, float *dinp_sum, float *dw, float *dbias, const void *dout,
                      const void *inp, const void *w, const void *pre_gelu, int N, int IC,
                      int OC) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (N <= 0 || OC <= 0 || IC <= 0) return;
     if (is_bf16(c))
-        matmul_bwd_bf16(c, (bf16 *)dinp, dw, dbias, (const bf16 *)dout, (const bf16 *)inp,
+        matmul_bwd_bf16(c, (bf16 *)dinp, dinp_sum, dw, dbias, (const bf16 *)dout, (const bf16 *)inp,
                         (const bf16 *)w, (const bf16 *)pre_gelu, N, IC, OC);
     else
-        matmul_bwd_f32(c, (float *)dinp, dw, dbias, (const float *)dout, (const float *)inp,
+        matmul_bwd_f32(c, (float *)dinp, dinp_sum, dw, dbias, (const float *)dout, (const float *)inp,
                        (const float *)w, (const float *)pre_gelu, N, IC, OC);
 }

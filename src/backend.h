@@ -162,10 +162,11 @@ struct backend_i {
     void (*matmul_fwd)(void *ctx, void *out, void *pre_gelu, const void *inp, const void *w,
                        const void *bias, int N, int IC, int OC);
     // dinp (N, IC) = dout @ w  (skipped if dinp is NULL), times gelu'(pre_gelu (N, IC)) elementwise
-    // when pre_gelu is non-NULL; dw (OC, IC) += dout^T @ inp; dbias (OC) += column sums of dout
-    // (skipped if dbias is NULL; both skipped, and inp unread, if dw is NULL: a sequence-parallel
-    // layer runs the two halves apart, each beside a collective)
-    void (*matmul_bwd)(void *ctx, void *dinp, float *dw, float *dbias, const void *dout,
+    // when pre_gelu is non-NULL; dinp_sum (IC) += column sums of dinp as stored (NULL: skipped; with
+    // the GELU, the bias gradient of the layer whose output it was); dw (OC, IC) += dout^T @ inp;
+    // dbias (OC) += column sums of dout (skipped if dbias is NULL; both skipped, and inp unread, if
+    // dw is NULL: a sequence-parallel layer runs the two halves apart, each beside a collective)
+    void (*matmul_bwd)(void *ctx, void *dinp, float *dinp_sum, float *dw, float *dbias, const void *dout,
                        const void *inp, const void *w, const void *pre_gelu, int N, int IC, int OC);
     // out (N, C) = res (N, C) + x (N, C) + bias (C); bias may be NULL; out may alias res or x.
     // Row-parallel layers add their bias here, once, after the all-reduce.

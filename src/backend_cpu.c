@@ -1006,6 +1006,16 @@ static void cpu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, co
     stage_end(&s);
 }
 
+// out (C) += the column sums of x (N, C) in the compute type as stored (in bf16, the rounded
+// values), in the order a linear layer's bias gradient sums them: where an op's output is the next
+// layer's output gradient, its sum is that layer's bias gradient, with the same bits.
+static void colsum_as_stored(void *ctx, float *out, const void *x, int N, int C) {
+    struct stage s = stage_begin(ctx);
+    size_t NC = (size_t)N * C;
+    matmul_bwd_dbias(out, stage_in(&s, x, NC), N, C, NC >= CPU_PAR_MIN);
+    stage_end(&s);
+}
+
 static void cpu_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, float *dsum,
                               const void *dout, const void *inp, const void *w, const float *mean,
                               const float *rstd, int N, int C) {
@@ -1017,12 +1027,7 @@ static void cpu_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, float
     const float *wf = stage_in(&s, w, (size_t)C); // (C)
     layernorm_bwd_f32(dif, dw, db, df, xf, wf, mean, rstd, N, C);
     stage_end(&s);
-    if (!dsum) return;
-    // the column sums of dinp as stored (in bf16, rounded), in the order the linear layer's own
-    // bias gradient would have summed them
-    const float *dv = stage_in(&s, dinp, NC);
-    matmul_bwd_dbias(dsum, dv, N, C, NC >= CPU_PAR_MIN);
-    stage_end(&s);
+    if (dsum) colsum_as_stored(ctx, dsum, dinp, N, C);
 }
 
 static void cpu_matmul_fwd(void *ctx, void *out, void *pre_gelu, const void *inp, const void *w,
@@ -1039,9 +1044,9 @@ static void cpu_matmul_fwd(void *ctx, void *out, void *pre_gelu, const void *inp
     stage_end(&s);
 }
 
-static void cpu_matmul_bwd(void *ctx, void *dinp, float *dw, float *dbias, const void *dout,
-                           const void *inp, const void *w, const void *pre_gelu, int N, int IC,
-                           int OC) {
+static void cpu_matmul_bwd(void *ctx, void *dinp, float *dinp_sum, float *dw, float *dbias,
+                           const void *dout, const void *inp, const void *w, const void *pre_gelu, int N,
+                           int IC, int OC) {
     struct stage s = stage_begin(ctx);
     size_t NI = (size_t)N * IC;
     float *dif = stage_out(&s, dinp, NI);                 // (N, IC) or NULL
@@ -1051,6 +1056,7 @@ static void cpu_matmul_bwd(void *ctx, void *dinp, float *dw, float *dbias, const
     const float *pf = stage_in(&s, pre_gelu, NI);         // (N, IC) or NULL
     matmul_bwd_f32(dif, dw, dbias, df, xf, wf, pf, N, IC, OC);
     stage_end(&s);
+    if (dinp && dinp_sum) colsum_as_stored(ctx, dinp_sum, dinp, N, IC);
 }
 
 static void cpu_residual_fwd(void *ctx, void *out, const void *res, const void *x,

@@ -640,7 +640,8 @@ static void recompute_attention(struct model *m, int l) {
 // a->dres holds dL/d(res3) on entry; res3 = res2 + fcproj + bias, so it is also part of
 // dL/d(res2), which it holds on exit. The layer's backward starts here, so with recomputation
 // this is where its forward is rebuilt. fc_proj's bias gradient is already summed (by the
-// layernorm backward that left dL/d(res3)); ln_2's backward sums the attention projection's.
+// layernorm backward that left dL/d(res3)); fc's is summed by fc_proj's input gradient, which is
+// fc's output gradient; ln_2's backward sums the attention projection's.
 void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     const struct backend_i *b = m->be.iface;
     const struct model_dims *d = &m->d;
@@ -651,9 +652,9 @@ void model_mlp_block_bwd(struct model *m, struct comm *tp, int l) {
     if (d->recompute == TP_RECOMPUTE_FULL) recompute_block(m, tp, l);
     else if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_gelu(m, l);
     const struct tp_sequence_parallel *sp = seq_parallel(m);
-    row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcprojw, NULL, a->dres, la->fch_gelu, p->fcprojw, la->fch, N,
-                            d->Fl, d->C, sp);
-    column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, g->fcb, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl, sp);
+    row_parallel_linear_bwd(m->be, tp, a->dfch, g->fcb, g->fcprojw, NULL, a->dres, la->fch_gelu, p->fcprojw, la->fch,
+                            N, d->Fl, d->C, sp);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->fcw, NULL, a->dfch, la->ln2, p->fcw, N, d->C, d->Fl, sp);
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln2w, g->ln2b, g->attprojb, a->dln, la->res2, p->ln2w, la->ln2_mean,
                      la->ln2_rstd, (int)d->S, d->C);
 }
@@ -669,8 +670,8 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     int N = (int)d->N;
     if (d->recompute == TP_RECOMPUTE_SELECTIVE) recompute_attention(m, l);
     const struct tp_sequence_parallel *sp = seq_parallel(m);
-    row_parallel_linear_bwd(m->be, tp, a->datty, g->attprojw, NULL, a->dres, la->atty, p->attprojw, NULL, N, d->Cl,
-                            d->C, sp);
+    row_parallel_linear_bwd(m->be, tp, a->datty, NULL, g->attprojw, NULL, a->dres, la->atty, p->attprojw, NULL, N,
+                            d->Cl, d->C, sp);
     b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
                      d->NHl, d->HS);
     column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl,

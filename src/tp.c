@@ -161,7 +161,7 @@ void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, f
                                 const void *dout, const void *in, const void *w, int N, int IC, int OCl,
                                 const struct tp_sequence_parallel *sp) {
     if (!sp) {
-        be.iface->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, NULL, N, IC, OCl);
+        be.iface->matmul_bwd(be.ctx, din, NULL, dw, dbias, dout, in, w, NULL, N, IC, OCl);
         copy_to_tp_region_bwd(be, tp, din, (size_t)N * (size_t)IC);
         return;
     }
@@ -170,10 +170,10 @@ void column_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, f
     // while dw is.
     size_t shard = shard_rows(tp, (size_t)N) * (size_t)IC;
     all_gather_start(be, tp, sp->rows, in, shard);
-    if (din) be.iface->matmul_bwd(be.ctx, sp->drows, NULL, NULL, dout, NULL, w, NULL, N, IC, OCl);
+    if (din) be.iface->matmul_bwd(be.ctx, sp->drows, NULL, NULL, NULL, dout, NULL, w, NULL, N, IC, OCl);
     comm_wait(tp);
     if (din) reduce_scatter_start(be, tp, din, sp->drows, shard);
-    be.iface->matmul_bwd(be.ctx, NULL, dw, dbias, dout, sp->rows, w, NULL, N, IC, OCl);
+    be.iface->matmul_bwd(be.ctx, NULL, NULL, dw, dbias, dout, sp->rows, w, NULL, N, IC, OCl);
     comm_wait(tp);
 }
 
@@ -198,13 +198,13 @@ void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, 
         b->residual_fwd(be.ctx, o->out, o->res, sum, bias, R, OC);
 }
 
-void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
+void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *din_sum, float *dw, float *dbias,
                              void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
                              int OC, const struct tp_sequence_parallel *sp) {
     const struct backend_i *b = be.iface;
     if (!sp) {
         reduce_from_tp_region_bwd(be, tp, dout, (size_t)N * (size_t)OC);
-        b->matmul_bwd(be.ctx, din, dw, dbias, dout, in, w, pre_gelu, N, ICl, OC);
+        b->matmul_bwd(be.ctx, din, din_sum, dw, dbias, dout, in, w, pre_gelu, N, ICl, OC);
         return;
     }
     // The all-gather of the output gradient runs while this rank's own rows of the input gradient
@@ -215,11 +215,11 @@ void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, floa
         if (i == 1) comm_wait(tp);
         if (rr.count[i] == 0) continue;
         const void *d = i == 0 ? dout : rows_at(be, sp->rows, rr.first[i], (size_t)OC);
-        b->matmul_bwd(be.ctx, rows_at(be, din, rr.first[i], (size_t)ICl), NULL, NULL, d, NULL, w,
+        b->matmul_bwd(be.ctx, rows_at(be, din, rr.first[i], (size_t)ICl), din_sum, NULL, NULL, d, NULL, w,
                       rows_at(be, pre_gelu, rr.first[i], (size_t)ICl), (int)rr.count[i], ICl, OC);
     }
     comm_wait(tp);
-    b->matmul_bwd(be.ctx, NULL, dw, dbias, sp->rows, in, w, NULL, N, ICl, OC);
+    b->matmul_bwd(be.ctx, NULL, NULL, dw, dbias, sp->rows, in, w, NULL, N, ICl, OC);
 }
 
 // x (rows, C) += the position embeddings of token rows [first, first + rows) of the flattened
@@ -332,8 +332,8 @@ void vocab_parallel_lm_head_cross_entropy(struct backend be, struct comm *tp, co
                                              h->dloss, n, h->Vl, h->V);
         // column_parallel_linear_bwd without its f: every chunk's rows are reduced together below
         if (grad)
-            be.iface->matmul_bwd(be.ctx, (char *)dx + (size_t)r0 * C * es, h->dw, NULL, h->logits, in, h->w, NULL,
-                                 n, h->C, h->Vl);
+            be.iface->matmul_bwd(be.ctx, (char *)dx + (size_t)r0 * C * es, NULL, h->dw, NULL, h->logits, in, h->w,
+                                 NULL, n, h->C, h->Vl);
     }
     if (!grad) return;
     if (sp) gather_from_sequence_parallel_region_bwd(be, tp, h->din, dx, N, C);

@@ -114,9 +114,11 @@ void row_parallel_linear_fwd(struct backend be, struct comm *tp, void *partial, 
 // dout (N, OC) is replicated (g backward is the identity); with sp it is this rank's (N/P, OC)
 // rows, all-gathered first. Either way the product sees every row, so the bias gradient is
 // identical on every rank. din (N, ICl) = dout @ w, times gelu'(pre_gelu) when pre_gelu is
-// non-NULL (the GELU in front of the layer is local to the shard); dw (OC, ICl) +=, dbias (OC) +=.
+// non-NULL (the GELU in front of the layer is local to the shard); din_sum (ICl) += din's column
+// sums as stored (NULL: skipped), which with the GELU in front is the bias gradient of the
+// column-parallel layer before it (its shard), summed where din is made; dw (OC, ICl) +=, dbias (OC) +=.
 // Collectives: none; with sp 1 all-gather of N*OC, overlapped with this rank's own rows of din.
-void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *dw, float *dbias,
+void row_parallel_linear_bwd(struct backend be, struct comm *tp, void *din, float *din_sum, float *dw, float *dbias,
                              void *dout, const void *in, const void *w, const void *pre_gelu, int N, int ICl,
                              int OC, const struct tp_sequence_parallel *sp);
 

@@ -265,7 +265,7 @@ static void check_matmul_bwd_fd(int N, int IC, int OC, bool with_bias, bool with
     float *dw0 = rand_f(&a, &r, nW, 0.3), *db0 = rand_f(&a, &r, (size_t)OC, 0.3);
     float *dinp = fill_f(&a, nI, 1e3f); // "=": the garbage must be overwritten
     float *dw = copy_f(&a, dw0, nW), *dbias = copy_f(&a, db0, (size_t)OC); // "+="
-    OPS(be)->matmul_bwd(be.ctx, with_dinp ? dinp : NULL, dw, with_bias ? dbias : NULL, R, inp, w,
+    OPS(be)->matmul_bwd(be.ctx, with_dinp ? dinp : NULL, NULL, dw, with_bias ? dbias : NULL, R, inp, w,
                         NULL, N, IC, OC);
 
     struct matmul_problem p = {N, IC, OC, to_d(&a, inp, nI), to_d(&a, w, nW),
@@ -312,11 +312,11 @@ Test(cpu_ops, matmul_bwd_halves_equal_the_whole) {
     float *pre = rand_f(&a, &r, nI, 2.0), *dw0 = rand_f(&a, &r, nW, 0.3), *db0 = rand_f(&a, &r, (size_t)OC, 0.3);
     float *dinp = fill_f(&a, nI, 0.0f), *dw = copy_f(&a, dw0, nW), *db = copy_f(&a, db0, (size_t)OC);
     float *dinp2 = fill_f(&a, nI, 5.0f), *dw2 = copy_f(&a, dw0, nW), *db2 = copy_f(&a, db0, (size_t)OC);
-    OPS(be)->matmul_bwd(be.ctx, dinp, dw, db, R, inp, w, pre, N, IC, OC);
-    OPS(be)->matmul_bwd(be.ctx, dinp2, NULL, db2, R, NULL, w, pre, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, dinp, NULL, dw, db, R, inp, w, pre, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, dinp2, NULL, NULL, db2, R, NULL, w, pre, N, IC, OC);
     cr_assert(memcmp(db2, db0, (size_t)OC * sizeof(float)) == 0, "dw NULL, yet dbias changed");
     cr_assert(memcmp(dinp2, dinp, nI * sizeof(float)) == 0, "the input gradient alone differs");
-    OPS(be)->matmul_bwd(be.ctx, NULL, dw2, db2, R, inp, w, NULL, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, NULL, NULL, dw2, db2, R, inp, w, NULL, N, IC, OC);
     cr_assert(memcmp(dw2, dw, nW * sizeof(float)) == 0 && memcmp(db2, db, (size_t)OC * sizeof(float)) == 0,
               "the weight and bias gradients alone differ");
     arena_free(&a);
@@ -335,7 +335,7 @@ Test(cpu_ops, matmul_bwd_large_matches_float64) {
         float *inp = rand_f(&a, &r, nI, 1.0), *w = rand_f(&a, &r, nW, 0.5), *R = rand_f(&a, &r, nO, 1.0);
         float *dw0 = rand_f(&a, &r, nW, 1.0), *db0 = rand_f(&a, &r, (size_t)OC, 1.0);
         float *dinp = fill_f(&a, nI, -7.0f), *dw = copy_f(&a, dw0, nW), *db = copy_f(&a, db0, (size_t)OC);
-        OPS(be)->matmul_bwd(be.ctx, dinp, dw, db, R, inp, w, NULL, N, IC, OC);
+        OPS(be)->matmul_bwd(be.ctx, dinp, NULL, dw, db, R, inp, w, NULL, N, IC, OC);
         double *gi = ad(&a, nI), *gw = ad(&a, nW), *gb = ad(&a, (size_t)OC);
         for (int n = 0; n < N; n++)
             for (int o = 0; o < OC; o++) {
@@ -460,6 +460,23 @@ Test(cpu_ops, layernorm_fwd_bwd) {
     }
 }
 
+// sum (C) (started at 0) must be, bit for bit, the column sums of x (N, C) as stored, added row by
+// row in order; before (optional): x's values before the op, which must have changed
+static void expect_colsum_as_stored(struct backend be, struct arena *a, const float *sum, const void *x,
+                                    const float *before, int N, int C, const char *what) {
+    size_t n = (size_t)N * C;
+    float *left = af(a, n);
+    OPS(be)->from_compute(be.ctx, left, x, n);
+    bool updated = false;
+    for (int c = 0; c < C; c++) {
+        float s = 0.0f; // the order matmul's bias gradient sums rows in: 0, 1, ...
+        for (int i = 0; i < N; i++) s += left[(size_t)i * C + c];
+        cr_assert_eq(f32_bits(sum[c]), f32_bits(s), "%s col %d: %.9g, want %.9g", what, c, (double)sum[c], (double)s);
+        updated = updated || !before || f32_bits(left[c]) != f32_bits(before[c]);
+    }
+    cr_assert(updated, "%s: its output was not written", what);
+}
+
 // dsum is the column sums of dinp as the op leaves it: in bf16, the rounded values
 Test(cpu_ops, layernorm_dsum_as_stored) {
     struct backend be = backend_cpu_create(TP_DTYPE_BF16);
@@ -483,16 +500,11 @@ Test(cpu_ops, layernorm_dsum_as_stored) {
     }
     float *dw = af(&a, (size_t)C), *db = af(&a, (size_t)C), *dsum = af(&a, (size_t)C);
     OPS(be)->layernorm_bwd(be.ctx, dinp, dw, db, dsum, dout, x, w, mean, rstd, N, C);
-    float *left = af(&a, n);
-    OPS(be)->from_compute(be.ctx, left, dinp, n);
-    bool updated = false;
-    for (int c = 0; c < C; c++) {
-        float s = 0.0f; // the order matmul's bias gradient sums rows in: 0, 1, ...
-        for (int i = 0; i < N; i++) s += left[(size_t)i * C + c];
-        cr_assert_eq(f32_bits(dsum[c]), f32_bits(s), "col %d: %.9g, want %.9g", c, (double)dsum[c], (double)s);
-        updated = updated || f32_bits(left[c]) != f32_bits(gf[c]);
-    }
-    cr_assert(updated, "dinp was not updated");
+    expect_colsum_as_stored(be, &a, dsum, dinp, gf, N, C, "layernorm_bwd");
+    // matmul_bwd's dinp_sum likewise, with GELU' (fc_proj's input gradient: fc's bias gradient)
+    float *ds2 = af(&a, (size_t)C);
+    OPS(be)->matmul_bwd(be.ctx, dinp, ds2, NULL, NULL, dout, NULL, w, x, N, C, 1); // w as a (1, C) weight
+    expect_colsum_as_stored(be, &a, ds2, dinp, NULL, N, C, "matmul_bwd");
     arena_free(&a);
     backend_destroy(&be);
 }
@@ -1249,8 +1261,8 @@ static void check_fused_gelu(enum tp_dtype dt, int N, int IC, int OC, uint64_t s
     void *dout = to_ct(be, &a, rand_f(&a, &r, nO, 1.0), nO);
     float *dw = af(&a, nW), *db = af(&a, (size_t)OC), *dw2 = af(&a, nW), *db2 = af(&a, (size_t)OC);
     void *dinp = to_ct(be, &a, fill_f(&a, nI, 3.0f), nI), *dinp2 = to_ct(be, &a, af(&a, nI), nI);
-    OPS(be)->matmul_bwd(be.ctx, dinp, dw, db, dout, inp, w, pre_in, N, IC, OC);
-    OPS(be)->matmul_bwd(be.ctx, dinp2, dw2, db2, dout, inp, w, NULL, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, dinp, NULL, dw, db, dout, inp, w, pre_in, N, IC, OC);
+    OPS(be)->matmul_bwd(be.ctx, dinp2, NULL, dw2, db2, dout, inp, w, NULL, N, IC, OC);
     OPS(be)->gelu_bwd(be.ctx, dinp2, pre_in, dinp2, nI);
     cr_assert(memcmp(dw, dw2, nW * sizeof(float)) == 0, "%s: pre_gelu changed dw", tp_dtype_name(dt));
     cr_assert(memcmp(db, db2, (size_t)OC * sizeof(float)) == 0, "%s: pre_gelu changed dbias",
@@ -1507,7 +1519,7 @@ static void run_matmul(struct backend be, void *const *t, const struct dims *d) 
     //    dinp (N, IC) or NULL, dw (OC, IC), dbias (OC) or NULL, dout (N, OC),
     //    pre_gelu_in (N, IC) or NULL: the backward's GELU input
     OPS(be)->matmul_fwd(be.ctx, t[0], t[1], t[2], t[3], t[4], d->N, d->IC, d->OC);
-    OPS(be)->matmul_bwd(be.ctx, t[5], t[6], t[7], t[8], t[2], t[3], t[9], d->N, d->IC, d->OC);
+    OPS(be)->matmul_bwd(be.ctx, t[5], NULL, t[6], t[7], t[8], t[2], t[3], t[9], d->N, d->IC, d->OC);
 }
 
 static void run_residual_gelu(struct backend be, void *const *t, const struct dims *d) {
@@ -1644,7 +1656,7 @@ static float *run_det_ops(struct arena *a, size_t *count) {
     float *inp = rand_f(a, &r, nI, 1.0), *w = rand_f(a, &r, nW, 1.0), *bias = rand_f(a, &r, OC, 1.0);
     OPS(be)->matmul_fwd(be.ctx, o, NULL, inp, w, bias, N, IC, OC);
     const float *logits = o;
-    OPS(be)->matmul_bwd(be.ctx, o + nO, o + nO + nI, o + nO + nI + nW, logits, inp, w, NULL, N, IC,
+    OPS(be)->matmul_bwd(be.ctx, o + nO, NULL, o + nO + nI, o + nO + nI + nW, logits, inp, w, NULL, N, IC,
                         OC);
     o += nO + nI + nW + OC;
     float *qkv = rand_f(a, &r, nqkv, 1.0);

@@ -639,10 +639,10 @@ static void run_matmul(struct pair *p) {
             struct buf dbias = buf_rand(p, (size_t)OC, -1.0f, 1.0f);     // "+="
             // the earlier layer's pre-activation, wide enough to reach GELU's tails
             struct buf pre_in = cbuf_rand(p, (size_t)N * IC, -4.0f, 4.0f);
-            p->cpu.iface->matmul_bwd(p->cpu.ctx, with_bias ? dinp.c : NULL, dw.c,
+            p->cpu.iface->matmul_bwd(p->cpu.ctx, with_bias ? dinp.c : NULL, NULL, dw.c,
                                      with_bias ? dbias.c : NULL, dout.c, inp.c, w.c,
                                      gelu ? pre_in.c : NULL, N, IC, OC);
-            p->gpu.iface->matmul_bwd(p->gpu.ctx, with_bias ? dinp.g : NULL, dw.g,
+            p->gpu.iface->matmul_bwd(p->gpu.ctx, with_bias ? dinp.g : NULL, NULL, dw.g,
                                      with_bias ? dbias.g : NULL, dout.g, inp.g, w.g,
                                      gelu ? pre_in.g : NULL, N, IC, OC);
             snprintf(what, sizeof what, "matmul_bwd dinp N=%d IC=%d OC=%d (skipped=%d, dgelu=%d)",
@@ -656,9 +656,9 @@ static void run_matmul(struct pair *p) {
             // dw NULL (sequence parallelism's split): the input gradient alone, inp unread,
             // dbias untouched
             struct buf dinp2 = cbuf_rand(p, (size_t)N * IC, -9.0f, 9.0f);
-            p->cpu.iface->matmul_bwd(p->cpu.ctx, dinp2.c, NULL, dbias.c, dout.c, NULL, w.c,
+            p->cpu.iface->matmul_bwd(p->cpu.ctx, dinp2.c, NULL, NULL, dbias.c, dout.c, NULL, w.c,
                                      gelu ? pre_in.c : NULL, N, IC, OC);
-            p->gpu.iface->matmul_bwd(p->gpu.ctx, dinp2.g, NULL, dbias.g, dout.g, NULL, w.g,
+            p->gpu.iface->matmul_bwd(p->gpu.ctx, dinp2.g, NULL, NULL, dbias.g, dout.g, NULL, w.g,
                                      gelu ? pre_in.g : NULL, N, IC, OC);
             snprintf(what, sizeof what, "matmul_bwd dinp alone N=%d IC=%d OC=%d (dgelu=%d)", N, IC, OC, gelu);
             expect_close(p, &dinp2, tol_for(p, TOL), what);
@@ -1791,9 +1791,9 @@ static unsigned char *det_run(struct backend be, uint64_t seed, size_t *n_out) {
     float *dwte = g->alloc(cx, (size_t)NV * C * sizeof(float));
     float *dwpe = g->alloc(cx, (size_t)T * C * sizeof(float));
     g->attention_bwd(cx, dqkv, scratch, datt, qkv, att, saved, B, T, NH, HS);
-    g->matmul_bwd(cx, dln, dwqkv, dbqkv, dqkv, ln, wqkv, NULL, N, C, 3 * C);
+    g->matmul_bwd(cx, dln, NULL, dwqkv, dbqkv, dqkv, ln, wqkv, NULL, N, C, 3 * C);
     // the MLP projection's backward: its input was gelu(fch_pre), so dinp gets gelu'
-    g->matmul_bwd(cx, dfch, dwproj, dbproj, dy, fch, wproj, fch_pre, N, 4 * C, C);
+    g->matmul_bwd(cx, dfch, NULL, dwproj, dbproj, dy, fch, wproj, fch_pre, N, 4 * C, C);
     g->layernorm_bwd(cx, dx, dlnw, dlnb, dsum, dln, x, lnw, mean, rstd, N, C);
     g->vocab_embedding_bwd(cx, dwte, dx, tok, N, C, 0, NV);
     g->position_embedding_bwd(cx, dwpe, dx, B, T, C);

@@ -216,6 +216,10 @@ static void check_fwd(int N, int IC, int OC, bool with_bias, bool gelu, uint64_t
     ctx_close(&c);
 }
 
+// With bwd_data_dsum, check_bwd_data also asks for dinp's column sums (into a nonzero start, two
+// calls: the first also tunes, which must not touch them).
+static bool bwd_data_dsum;
+
 // dinp = dout @ w (times gelu'(pre_gelu) when dgelu)
 static void check_bwd_data(int N, int IC, int OC, bool dgelu, uint64_t seed) {
     ct_require_gpu("the cuBLASLt products");
@@ -228,8 +232,14 @@ static void check_bwd_data(int N, int IC, int OC, bool dgelu, uint64_t seed) {
     size_t n = (size_t)N * IC;
     void *dinp = ct_alloc(n * 2);
     ct_poison(dinp, n * 2);
-    int rc = gemm_bwd_data(c.g, dinp, dout, w, pre, N, IC, OC);
-    cr_assert_eq(rc, GEMM_OK, "gemm_bwd_data: %d (%s)", rc, gemm_last_error(c.g));
+    float *ds0 = malloc((size_t)IC * 4), *ds = bwd_data_dsum ? ct_alloc((size_t)IC * 4) : NULL;
+    cr_assert(ds0);
+    for (int i = 0; i < IC; i++) ds0[i] = tu_rng_normal(&rng);
+    if (ds) ct_upload(ds, ds0, (size_t)IC * 4);
+    for (int t = 0; t < (ds ? 2 : 1); t++) {
+        int rc = gemm_bwd_data(c.g, dinp, dout, w, pre, ds, N, IC, OC);
+        cr_assert_eq(rc, GEMM_OK, "gemm_bwd_data: %d (%s)", rc, gemm_last_error(c.g));
+    }
     sync_ok();
     if (expect_fwd_path && hopper_kernels())
         cr_expect_str_eq(gemm_last_bwd_data_path(c.g), expect_fwd_path, "gemm_bwd_data N=%d IC=%d OC=%d took %s", N,
@@ -238,6 +248,22 @@ static void check_bwd_data(int N, int IC, int OC, bool dgelu, uint64_t seed) {
     float *dinp_h = download_bf16(dinp, n);
     double e = err_norm(dinp_h, ref, n, "dinp");
     cr_expect_leq(e, TOL_BF16, "dinp error %.3g (N=%d IC=%d OC=%d dgelu=%d)", e, N, IC, OC, dgelu);
+    if (ds) { // twice the column sums of dinp as stored, added to the start
+        double *want = malloc((size_t)IC * sizeof(double));
+        float *got = malloc((size_t)IC * 4);
+        cr_assert(want && got);
+        for (int i = 0; i < IC; i++) want[i] = 0.0;
+        for (size_t r = 0; r < (size_t)N; r++)
+            for (int i = 0; i < IC; i++) want[i] += dinp_h[r * (size_t)IC + i];
+        for (int i = 0; i < IC; i++) want[i] = ds0[i] + 2.0 * want[i];
+        ct_download(got, ds, (size_t)IC * 4);
+        double es = err_norm(got, want, (size_t)IC, "dsum");
+        cr_expect_leq(es, TOL_FP32, "dsum error %.3g (N=%d IC=%d OC=%d dgelu=%d)", es, N, IC, OC, dgelu);
+        free(want);
+        free(got);
+        cudaFree(ds);
+    }
+    free(ds0);
     free(ref);
     free(dinp_h);
     free(dout_h);
@@ -307,6 +333,31 @@ Test(gemm, fwd_gelu_bias) { check_fwd(256, 192, 320, true, true, 3); }
 Test(gemm, fwd_gelu_no_bias) { check_fwd(128, 64, 256, false, true, 4); }
 Test(gemm, bwd_data_plain) { check_bwd_data(256, 192, 320, false, 5); }
 Test(gemm, bwd_data_dgelu) { check_bwd_data(256, 320, 192, true, 6); }
+
+// dinp's column sums with the input gradient (the bias gradient of fc, from fc_proj's backward):
+// cuBLASLt's product and gemm_colsum, with and without GELU'
+Test(gemm, bwd_data_dsum) {
+    bwd_data_dsum = true;
+    check_bwd_data(256, 320, 192, true, 7);
+    check_bwd_data(256, 192, 320, false, 8);
+    check_bwd_data(4096, 1152, 768, true, 9);
+}
+
+// The same with the Hopper kernel: summed in the staged epilogue (clusters, a block per tile, one
+// tile), and after the product where the kernel does not sum (the register epilogue)
+Test(gemm, bwd_data_dsum_sm90) {
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90", "1", 1), 0);
+    bwd_data_dsum = true;
+    expect_fwd_path = "sm90";
+    check_bwd_data(4096, 1152, 768, true, 61);
+    check_bwd_data(640, 256, 128, true, 62);
+    check_bwd_data(128, 128, 64, true, 63);
+    expect_fwd_path = "cublaslt";
+    check_bwd_data(256, 320, 192, true, 64); // IC not a multiple of 128
+    cr_assert_eq(setenv("TPTRAIN_GEMM_SM90_EPILOGUE", "registers", 1), 0);
+    expect_fwd_path = "sm90";
+    check_bwd_data(640, 256, 128, true, 65);
+}
 Test(gemm, bwd_weight_plain) { check_bwd_weight(256, 192, 320, false, 1, 7); }
 Test(gemm, bwd_weight_dbias) { check_bwd_weight(256, 192, 320, true, 1, 8); }
 Test(gemm, bwd_weight_accumulates) { check_bwd_weight(200, 64, 96, true, 3, 9); }
@@ -453,7 +504,7 @@ Test(gemm, rejects_bad_args) {
     cr_expect(strstr(gemm_last_error(c.g), "IC=10") != NULL, "message names the shape: '%s'",
               gemm_last_error(c.g));
     cr_expect_eq(gemm_fwd(c.g, out, NULL, a, b, NULL, 0, 8, 24), GEMM_EBADARG, "N = 0");
-    cr_expect_eq(gemm_bwd_data(c.g, out, a, b, NULL, 8, 8, 20), GEMM_EBADARG, "OC = 20");
+    cr_expect_eq(gemm_bwd_data(c.g, out, a, b, NULL, NULL, 8, 8, 20), GEMM_EBADARG, "OC = 20");
     cr_expect_eq(gemm_bwd_weight(c.g, (float *)out, NULL, a, b, 8, -8, 24), GEMM_EBADARG, "IC < 0");
     cr_expect_eq(gemm_fwd(c.g, out, NULL, buf + 2, b, NULL, 8, 8, 24), GEMM_EBADARG,
                  "misaligned inp");
@@ -495,7 +546,7 @@ Test(gemm, bitwise_repeatable) {
         cr_assert_eq(gemm_fwd(c.g, out[r], pre[r], inp, w, bias, N, IC, OC), GEMM_OK, "%s",
                      gemm_last_error(c.g));
         // dgelu against the pre-activation of the forward, read as (N, IC) of the first rows
-        cr_assert_eq(gemm_bwd_data(c.g, dinp[r], dout, w, pre[0], N, IC, OC), GEMM_OK, "%s",
+        cr_assert_eq(gemm_bwd_data(c.g, dinp[r], dout, w, pre[0], NULL, N, IC, OC), GEMM_OK, "%s",
                      gemm_last_error(c.g));
         cr_assert_eq(gemm_bwd_weight(c.g, dw[r], db[r], dout, inp, N, IC, OC), GEMM_OK, "%s",
                      gemm_last_error(c.g));
@@ -572,7 +623,7 @@ Test(gemm, gelu_is_tanh_approximation) {
         for (int i = 0; i < M; i++) wt_h[o * M + i] = tp_bf16_from_f32(i % K == o ? 1.0f : 0.0f);
     void *wt = ct_alloc((size_t)K * M * 2);
     ct_upload(wt, wt_h, (size_t)K * M * 2);
-    cr_assert_eq(gemm_bwd_data(c.g, dinp, ones, wt, pre, N, M, K), GEMM_OK, "%s",
+    cr_assert_eq(gemm_bwd_data(c.g, dinp, ones, wt, pre, NULL, N, M, K), GEMM_OK, "%s",
                  gemm_last_error(c.g));
     sync_ok();
     float *out_f = download_bf16(out, (size_t)N * M), *pre_f = download_bf16(pre, (size_t)N * M);

@@ -201,7 +201,7 @@ static void check_linear(struct comm *tp, struct comm *self) {
         column_parallel_linear_fwd(be, c, hg, h, dx_, W1, B1, M, K, (int)hl, sp);
         struct row_parallel_out o = {.out = out, .res = dx_};
         row_parallel_linear_fwd(be, c, y, hg, W2, B2, M, (int)hl, K, &o, sp);
-        row_parallel_linear_bwd(be, c, dh, dw2, db2, DY, hg, W2, h, M, (int)hl, K, sp);
+        row_parallel_linear_bwd(be, c, dh, NULL, dw2, db2, DY, hg, W2, h, M, (int)hl, K, sp);
         column_parallel_linear_bwd(be, c, din, dw1, db1, dh, dx_, W1, M, K, (int)hl, sp);
         res[par][0] = host_of(out, rows * K);
         res[par][1] = host_of(din, rows * K);

@@ -130,12 +130,12 @@ static void run_product(void *arg, struct bench_clock *c) {
                       p->IC, p->OC);
         break;
     case GEMM_BWD_DATA:
-        b->matmul_bwd(r->be.ctx, r->dinp, NULL, NULL, r->dout, NULL, r->w, p->gelu ? r->pre : NULL, p->N, p->IC,
-                      p->OC);
+        b->matmul_bwd(r->be.ctx, r->dinp, NULL, NULL, NULL, r->dout, NULL, r->w, p->gelu ? r->pre : NULL, p->N,
+                      p->IC, p->OC);
         break;
     case GEMM_BWD_WEIGHT:
-        b->matmul_bwd(r->be.ctx, NULL, r->dw, p->bias ? r->dbias : NULL, r->dout, r->inp, r->w, NULL, p->N, p->IC,
-                      p->OC);
+        b->matmul_bwd(r->be.ctx, NULL, NULL, r->dw, p->bias ? r->dbias : NULL, r->dout, r->inp, r->w, NULL, p->N,
+                      p->IC, p->OC);
         break;
     }
 }

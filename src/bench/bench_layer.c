@@ -68,8 +68,8 @@ static void row_fwd(struct layer_bench *lb, const void *inp, struct comm *tp) {
 // Backward: the output gradient is replicated, g's backward is the identity: no collective.
 // pre_gelu non-NULL folds the GELU's derivative into dinp, as the model does.
 static void row_bwd(struct layer_bench *lb, void *dinp, const void *inp, const void *pre_gelu, struct comm *tp) {
-    row_parallel_linear_bwd(lb->b->be, tp, dinp, lb->dw2, lb->db2, lb->dy, inp, lb->w2, pre_gelu, lb->M, lb->Nl,
-                            lb->K, NULL);
+    row_parallel_linear_bwd(lb->b->be, tp, dinp, NULL, lb->dw2, lb->db2, lb->dy, inp, lb->w2, pre_gelu, lb->M,
+                            lb->Nl, lb->K, NULL);
 }
 
 static void run_column_fwd(void *arg, struct bench_clock *c) {

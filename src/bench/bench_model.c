@@ -286,7 +286,8 @@ static void cost_mlp_bwd(struct cost_acc *a, const struct cost_shape *s) {
     for (int l = 0; l < d->L; l++) {
         op_matmul_bwd(a, s, N, Fl, C, false, true); // fc_proj (its bias gradient came with ln_f's or
                                                     // the next ln_1's backward), GELU' on dinp
-        op_matmul_bwd(a, s, N, C, Fl, true, false);
+        op_matmul_bwd(a, s, N, C, Fl, true, false); // fc; its bias gradient's read of dfch is counted
+                                                    // here, though fc_proj's input gradient sums it
         op_layernorm_bwd(a, s, true); // ln_2, and the attention projection's bias gradient
     }
 }
