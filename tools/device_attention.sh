@@ -14,8 +14,10 @@
 # memcheck, sanitize, quick, ncu (each kernel's time under Nsight Compute, NCU_GRID), ncu_pipes (each
 # kernel's issue and pipe utilisation and leading stalls, NCU_GRID), profile (one
 # training step kernel by kernel, PROFILE_CONFIG, tools/kernel_table.py), attn_*
-# (kernel variants; attn_env: tptrain alone with ATTN_ENV set, on ATTN_ENV_GRID) and gemm (every
-# product of a step alone, `--bench gemm` on GEMM_CONFIGS).
+# (kernel variants; attn_env: tptrain alone with ATTN_ENV set, on ATTN_ENV_GRID), gemm (every
+# product of a step alone, `--bench gemm` on GEMM_CONFIGS) and ways (`--bench model` on each of
+# WAYS_CONFIGS once per WAYS setting, ';'-separated environment assignments, WAYS_ROUNDS rounds
+# alternating: each phase's ms and the measured step in one line per run).
 # Logs under ${OUT:-/tmp/out}. STAGES (default "build test attn model") picks stages.
 set -u
 out=${OUT:-/tmp/out}
@@ -160,6 +162,22 @@ if stage gemm; then
     for c in ${GEMM_CONFIGS:-configs/gpt2-124m.yaml configs/gpt2-1558m.yaml}; do
         echo "== --bench gemm $c" | tee -a "$out/model.log"
         timeout 200 "$build/tptrain" --bench gemm "$c" 2>&1 | tee -a "$out/model.log" | tail -20 || status=1
+    done
+fi
+if stage ways; then
+    IFS=';' read -r -a ways <<<"${WAYS:-X=0}"
+    n=0
+    for c in ${WAYS_CONFIGS:-configs/gpt2-124m.yaml}; do
+        for r in $(seq "${WAYS_ROUNDS:-2}"); do
+            for w in "${ways[@]}"; do
+                n=$((n + 1))
+                env $w timeout 200 "$build/tptrain" --bench model "$c" >"$out/ways_$n.log" 2>&1 || status=1
+                echo "$(basename "$c" .yaml) r$r [$w]: $(grep -E '^(embedding|attention|mlp|lm head|optimizer)|^whole step \(measured' \
+                    "$out/ways_$n.log" | sed 's/ (x[0-9]*)//; s/ (norm+adamw)//; s/lm head + loss fwd+bwd/head/' |
+                    awk '{ if ($1 == "whole") printf "step %s", $4; else if ($1 == "head" || $1 == "optimizer") printf "%s %s | ", $1, $2;
+                           else printf "%s %s %s | ", $1, $2, $3 }')" | tee -a "$out/ways.txt"
+            done
+        done
     done
 fi
 if stage train; then
