@@ -26,6 +26,32 @@ __global__ void vocab_embedding_fwd_kernel(E *out, const int *tokens, const E *w
     }
 }
 
+// The ordered compaction both backward kernels list a block's kept tokens with: each thread has
+// flagged up to 8 consecutive tokens (mine), and a scan over its warp, then over the warps, places
+// them after the `kept` listed so far, in token order. Returns the thread's first slot and sets
+// *total to the new count (the same in every thread). Every thread of the block calls it (it
+// synchronises once); warp_n (one int per warp, shared) is rewritten by the next call, so the
+// caller synchronises again before that.
+__device__ __forceinline__ int emb_list_slot(unsigned mine, int kept, int *warp_n, int *total) {
+    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
+    const int nwarps = blockDim.x / TPC_WARP;
+    int n = __popc(mine), incl = n; // inclusive scan of the counts over the warp
+#pragma unroll
+    for (int o = 1; o < TPC_WARP; o <<= 1) {
+        int t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+    }
+    if (lane == TPC_WARP - 1) warp_n[warp] = incl;
+    __syncthreads();
+    int pos = kept + incl - n, sum = kept;
+    for (int w = 0; w < nwarps; w++) {
+        if (w < warp) pos += warp_n[w];
+        sum += warp_n[w];
+    }
+    *total = sum;
+    return pos;
+}
+
 // grid (EMB_BWD_GROUPS, ceil(C / (blockDim * V))). Block (g, cy) owns V channels per thread of
 // every vocab row r with r % EMB_BWD_GROUPS == g. Per tile of tokens it first lists, in token
 // order, the tokens whose row is in its group (an ordered compaction: each thread flags 8
@@ -47,8 +73,6 @@ vocab_embedding_bwd_kernel(float *dwte, const E *__restrict__ dout, const int *t
     __shared__ int srows[EMB_BWD_TILE], stoks[EMB_BWD_TILE]; // the same, sorted by row (stable)
     __shared__ int warp_n[EMB_BWD_THREADS / TPC_WARP];
     const int g = blockIdx.x;
-    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
-    const int nwarps = blockDim.x / TPC_WARP;
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V; // first channel of this thread
     for (int i0 = 0; i0 < N; i0 += EMB_BWD_TILE) {
         int cnt = min(EMB_BWD_TILE, N - i0);
@@ -63,19 +87,7 @@ vocab_embedding_bwd_kernel(float *dwte, const E *__restrict__ dout, const int *t
                 r8[u] = r;
                 if (r >= 0 && r < n_vocab && (r & (EMB_BWD_GROUPS - 1)) == g) mine |= 1u << u;
             }
-            int n = __popc(mine), incl = n; // inclusive scan of the counts over the warp
-#pragma unroll
-            for (int o = 1; o < TPC_WARP; o <<= 1) {
-                int t = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += t;
-            }
-            if (lane == TPC_WARP - 1) warp_n[warp] = incl;
-            __syncthreads();
-            int pos = kept + incl - n, total = kept;
-            for (int w = 0; w < nwarps; w++) {
-                if (w < warp) pos += warp_n[w];
-                total += warp_n[w];
-            }
+            int total, pos = emb_list_slot(mine, kept, warp_n, &total);
 #pragma unroll
             for (int u = 0; u < 8; u++)
                 if (mine >> u & 1u) {
@@ -168,8 +180,6 @@ vocab_embedding_bwd_sorted_kernel(float *dwte, const E *__restrict__ dout, const
     __shared__ int toks[EMB_BWD2_CAP];
     __shared__ int warp_n[EMB_BWD2_THREADS / TPC_WARP];
     const int g = blockIdx.x;
-    const int lane = threadIdx.x % TPC_WARP, warp = threadIdx.x / TPC_WARP;
-    const int nwarps = blockDim.x / TPC_WARP;
     const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V; // first channel of this thread
     const int round = 8 * blockDim.x;                          // tokens a round looks at
     int kept = 0;                                               // block-uniform
@@ -193,19 +203,7 @@ vocab_embedding_bwd_sorted_kernel(float *dwte, const E *__restrict__ dout, const
             r8[u] = r;
             if (r >= 0 && r < n_vocab && (r & (EMB_BWD2_GROUPS - 1)) == g) mine |= 1u << u;
         }
-        int n = __popc(mine), incl = n;
-#pragma unroll
-        for (int o = 1; o < TPC_WARP; o <<= 1) {
-            int t = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += t;
-        }
-        if (lane == TPC_WARP - 1) warp_n[warp] = incl;
-        __syncthreads();
-        int pos = kept + incl - n, total = kept;
-        for (int w = 0; w < nwarps; w++) {
-            if (w < warp) pos += warp_n[w];
-            total += warp_n[w];
-        }
+        int total, pos = emb_list_slot(mine, kept, warp_n, &total);
 #pragma unroll
         for (int u = 0; u < 8; u++)
             if (mine >> u & 1u) {

@@ -95,6 +95,16 @@ static void pair_close(struct pair *p) {
 
 static bool pair_bf16(const struct pair *p) { return p->dt == TP_DTYPE_BF16; }
 
+// run on a pair whose GPU backend was created with var=value in the environment (the backend
+// reads its kernel switches at creation; each test runs in a process of its own)
+static void run_with(const char *var, const char *value, enum tp_dtype dt, uint64_t seed, void (*run)(struct pair *)) {
+    cr_assert_eq(setenv(var, value, 1), 0);
+    struct pair p;
+    pair_open_dt(&p, seed, dt);
+    run(&p);
+    pair_close(&p);
+}
+
 // The tolerance of a comparison: the fp32 one given, or the bf16 one.
 static double tol_for(const struct pair *p, double f32_tol) {
     return pair_bf16(p) ? TOL_BF16 : f32_tol;
@@ -459,21 +469,11 @@ Test(cuda_bf16, vocab_embedding) {
     pair_close(&p);
 }
 
-// The backward's other kernel (TPTRAIN_EMB_BWD=sorted, read at creation): the same bits
-Test(cuda_ops, vocab_embedding_sorted) {
-    setenv("TPTRAIN_EMB_BWD", "sorted", 1);
-    struct pair p;
-    pair_open(&p, 2);
-    run_vocab_embedding(&p);
-    pair_close(&p);
-}
+// The backward's other kernel (TPTRAIN_EMB_BWD=sorted): the same bits
+Test(cuda_ops, vocab_embedding_sorted) { run_with("TPTRAIN_EMB_BWD", "sorted", TP_DTYPE_F32, 2, run_vocab_embedding); }
 
 Test(cuda_bf16, vocab_embedding_sorted) {
-    setenv("TPTRAIN_EMB_BWD", "sorted", 1);
-    struct pair p;
-    pair_open_dt(&p, 2, TP_DTYPE_BF16);
-    run_vocab_embedding(&p);
-    pair_close(&p);
+    run_with("TPTRAIN_EMB_BWD", "sorted", TP_DTYPE_BF16, 2, run_vocab_embedding);
 }
 
 static void run_position_embedding(struct pair *p) {
@@ -594,14 +594,8 @@ Test(cuda_bf16, layernorm) {
     pair_close(&p);
 }
 
-// The backward's other bf16 kernel (the next row in flight, dsum summed in it), read at creation
-Test(cuda_bf16, layernorm_pipelined) {
-    setenv("TPTRAIN_LN_BWD", "pipelined", 1);
-    struct pair p;
-    pair_open_dt(&p, 4, TP_DTYPE_BF16);
-    run_layernorm(&p);
-    pair_close(&p);
-}
+// The backward's other bf16 kernel (the next row in flight, dsum summed in it)
+Test(cuda_bf16, layernorm_pipelined) { run_with("TPTRAIN_LN_BWD", "pipelined", TP_DTYPE_BF16, 4, run_layernorm); }
 
 // ---- linear layers
 
@@ -1910,12 +1904,9 @@ Test(cuda_bf16, deterministic) {
     pair_close(&p);
 }
 
-Test(cuda_bf16, deterministic_ln_pipelined) {
-    setenv("TPTRAIN_LN_BWD", "pipelined", 1);
-    struct pair p;
-    pair_open_dt(&p, 12, TP_DTYPE_BF16);
-    run_deterministic(&p);
-    pair_close(&p);
+Test(cuda_bf16, deterministic_new_kernels) {
+    cr_assert_eq(setenv("TPTRAIN_EMB_BWD", "sorted", 1), 0);
+    run_with("TPTRAIN_LN_BWD", "pipelined", TP_DTYPE_BF16, 12, run_deterministic);
 }
 
 // ---- NCCL on one rank
