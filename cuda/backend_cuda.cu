@@ -142,6 +142,46 @@ static void cuda_profile(void *ctx, bool on) {
     CUDA_CHECK(on ? cudaProfilerStart() : cudaProfilerStop());
 }
 
+// A training step's forward and backward as one CUDA graph (TPTRAIN_STEP_GRAPH=1; model.c decides
+// when). Relaxed capture: the host calls the ops make (tensor maps, function attributes) stay
+// allowed; what the stream itself must not do while capturing (a synchronisation) would end the
+// capture with an error, which graph_end reports as NULL.
+static bool cuda_graphs(void *ctx) { return ctx_of(ctx)->step_graphs; }
+
+static bool cuda_graph_begin(void *ctx) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    if (cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    c->capturing = true;
+    return true;
+}
+
+static void *cuda_graph_end(void *ctx) {
+    struct cuda_ctx *c = ctx_of(ctx);
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(c->stream, &g);
+    c->capturing = false;
+    cudaGraphExec_t x = NULL;
+    if (e == cudaSuccess && g) e = cudaGraphInstantiate(&x, g, 0);
+    if (g) cudaGraphDestroy(g);
+    if (e != cudaSuccess || !x) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    return (void *)x;
+}
+
+static void cuda_graph_launch(void *ctx, void *graph) {
+    CUDA_CHECK(cudaGraphLaunch((cudaGraphExec_t)graph, ctx_of(ctx)->stream));
+}
+
+static void cuda_graph_free(void *ctx, void *graph) {
+    (void)ctx;
+    if (graph) CUDA_CHECK(cudaGraphExecDestroy((cudaGraphExec_t)graph));
+}
+
 static void cuda_destroy(void *ctx) {
     struct cuda_ctx *c = ctx_of(ctx);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
@@ -204,6 +244,11 @@ static const struct backend_i cuda_iface = {
     .memory_stats = cuda_memory_stats,
     .overlap = cuda_overlap,
     .profile = cuda_profile,
+    .graphs = cuda_graphs,
+    .graph_begin = cuda_graph_begin,
+    .graph_end = cuda_graph_end,
+    .graph_launch = cuda_graph_launch,
+    .graph_free = cuda_graph_free,
     .destroy = cuda_destroy,
     .vocab_embedding_fwd = cuda_vocab_embedding_fwd,
     .vocab_embedding_bwd = cuda_vocab_embedding_bwd,
@@ -329,6 +374,8 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
         c->ln_bwd_pipelined = v && strcmp(v, "pipelined") == 0;
         v = getenv("TPTRAIN_EMB_BWD"); // tiles (the default) or sorted
         c->emb_bwd_sorted = v && strcmp(v, "sorted") == 0;
+        v = getenv("TPTRAIN_STEP_GRAPH"); // 0 (the default) or 1
+        c->step_graphs = v && strcmp(v, "1") == 0;
     }
     step = "cudaStreamCreateWithFlags";
     if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)

@@ -89,6 +89,8 @@ struct cuda_ctx {
     int sm_count;              // the device's multiprocessors
     bool ln_bwd_pipelined;     // bf16 layernorm backward: layernorm_bwd_pipelined_kernel (TPTRAIN_LN_BWD)
     bool emb_bwd_sorted;       // token embedding backward: vocab_embedding_bwd_sorted_kernel (TPTRAIN_EMB_BWD)
+    bool step_graphs;          // graph_begin records (TPTRAIN_STEP_GRAPH=1)
+    bool capturing;            // between graph_begin and graph_end
     // memory_stats: what this backend cudaMalloc'd itself (alloc's buffers, scratch, workspaces)
     size_t mem_now, mem_peak;
     struct cuda_alloc_rec *allocs; // (n_allocs) live alloc buffers, capacity cap_allocs
@@ -156,6 +158,9 @@ static inline _Noreturn void die_out_of_memory(struct cuda_ctx *c, size_t bytes,
 // pointer from an earlier call is therefore invalid after a call that asks for more.
 static inline void *ctx_scratch(struct cuda_ctx *c, size_t bytes) {
     if (bytes <= c->scratch_bytes) return c->scratch;
+    if (c->capturing) // the steps before the recorded one sized it: an op asks for more than it did then
+        tp_die(TP_EXIT_RUNTIME, "cuda backend: an op needed %zu bytes of scratch (it has %zu) while the step was "
+               "recorded as a graph; rerun with TPTRAIN_STEP_GRAPH=0 and report it", bytes, c->scratch_bytes);
     CUDA_CHECK(cudaStreamSynchronize(c->stream));
     if (c->scratch) CUDA_CHECK(cudaFree(c->scratch));
     c->mem_now -= c->scratch_bytes;

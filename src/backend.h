@@ -129,6 +129,18 @@ struct backend_i {
     // (optional) opens (on) or closes a profiler's capture range around the work queued between
     // (CUDA: cudaProfilerStart/Stop, for `ncu --profile-from-start off`); debug.profile_step.
     void (*profile)(void *ctx, bool on);
+    // (optional) graphs: the ops queued between graph_begin and graph_end are recorded, not run,
+    // into one graph that graph_launch queues as a whole (CUDA: a captured CUDA graph; one launch for
+    // a training step's hundreds of kernels). graphs: whether the backend records them (CUDA: with
+    // TPTRAIN_STEP_GRAPH=1); graph_begin returns false if recording could not start; graph_end
+    // returns the graph, or NULL if recording failed (then none of the recorded ops ran, and the
+    // caller runs them itself). A graph keeps the pointers and scalars it was recorded with, and no
+    // op may grow its scratch or wait for the device while recording.
+    bool (*graphs)(void *ctx);
+    bool (*graph_begin)(void *ctx);
+    void *(*graph_end)(void *ctx);
+    void (*graph_launch)(void *ctx, void *graph);
+    void (*graph_free)(void *ctx, void *graph);
     void (*destroy)(void *ctx);
 
     // ---- embeddings (vocab-parallel: this rank holds rows [vocab_start, vocab_start + n_vocab) of wte)

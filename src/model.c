@@ -440,6 +440,8 @@ void model_destroy(struct model *m) {
     if (m->params_lo) b->free(m->be.ctx, m->params_lo);
     b->free(m->be.ctx, m->grads);
     if (m->ln_grads) b->free(m->be.ctx, m->ln_grads);
+    if (m->step_graph.graph) b->graph_free(m->be.ctx, m->step_graph.graph);
+    if (m->step_graph.loss) b->free(m->be.ctx, m->step_graph.loss);
     b->free(m->be.ctx, m->act_memory);
     b->free(m->be.ctx, m->inputs);
     b->free(m->be.ctx, m->targets);
@@ -690,8 +692,7 @@ void model_embedding_bwd(struct model *m, struct comm *tp) {
 
 // ---- forward and backward
 
-static void forward_blocks(struct model *m, struct comm *tp, const int *inputs, const int *targets) {
-    model_set_batch(m, inputs, targets);
+static void forward_blocks(struct model *m, struct comm *tp) {
     model_embedding_fwd(m, tp);
     for (int l = 0; l < m->d.L; l++) {
         model_attention_block_fwd(m, tp, l);
@@ -718,15 +719,55 @@ static void backward_blocks(struct model *m, struct comm *tp) {
     grads_final_from(m, m->grads);
 }
 
-void model_forward_backward(struct model *m, struct comm *tp, const int *inputs, const int *targets,
-                            float *loss_sum, float dloss) {
-    forward_blocks(m, tp, inputs, targets);
+static void forward_backward_on_batch(struct model *m, struct comm *tp, float *loss_sum, float dloss) {
+    forward_blocks(m, tp);
     model_head_fwd_bwd(m, tp, loss_sum, dloss);
     backward_blocks(m, tp);
 }
 
+// The step as one graph (struct model_step_graph) where the backend records graphs and the step
+// needs nothing from the host between its ops: one rank in the TP group (no collectives) and no
+// gradient hook (the DP reduction's buckets start from the host as backward goes).
+#define MODEL_GRAPH_WARMUP 2 // steps run op by op first: they tune the products and size the scratch
+
+void model_forward_backward(struct model *m, struct comm *tp, const int *inputs, const int *targets,
+                            float *loss_sum, float dloss) {
+    const struct backend_i *b = m->be.iface;
+    struct model_step_graph *g = &m->step_graph;
+    model_set_batch(m, inputs, targets);
+    if (g->off || !b->graphs || !b->graphs(m->be.ctx) || tp->size != 1 || m->grad_hook.ready ||
+        g->eager_calls < MODEL_GRAPH_WARMUP) {
+        g->eager_calls++;
+        forward_backward_on_batch(m, tp, loss_sum, dloss);
+        return;
+    }
+    if (g->graph && g->dloss != dloss) { // recorded for another loss weight (a scalar it holds)
+        b->graph_free(m->be.ctx, g->graph);
+        g->graph = NULL;
+    }
+    if (!g->graph) {
+        if (!g->loss) g->loss = be_alloc(m, sizeof(float));
+        bool recording = b->graph_begin(m->be.ctx);
+        if (recording) {
+            forward_backward_on_batch(m, tp, g->loss, dloss);
+            g->graph = b->graph_end(m->be.ctx);
+        }
+        if (!g->graph) { // it failed: nothing ran, so op by op
+            fprintf(stderr, "tptrain: note: recording the step as a CUDA graph failed; it runs op by op\n");
+            g->off = true;
+            forward_backward_on_batch(m, tp, loss_sum, dloss);
+            return;
+        }
+        g->dloss = dloss;
+        fprintf(stderr, "tptrain: note: the step's forward and backward run as one CUDA graph (TPTRAIN_STEP_GRAPH=1)\n");
+    }
+    b->graph_launch(m->be.ctx, g->graph);
+    if (loss_sum) b->copy(m->be.ctx, loss_sum, g->loss, sizeof(float));
+}
+
 void model_forward(struct model *m, struct comm *tp, const int *inputs, const int *targets, float *loss_sum) {
-    forward_blocks(m, tp, inputs, targets);
+    model_set_batch(m, inputs, targets);
+    forward_blocks(m, tp);
     model_head_fwd(m, tp, loss_sum);
 }
 

@@ -207,6 +207,15 @@ struct model {
     int *inputs, *targets;        // (N) backend memory
     size_t bytes_allocated;       // everything this model allocated on the backend
     struct model_grad_hook grad_hook;
+    // model_forward_backward's ops recorded once as a backend graph and launched as one from then on
+    // (TPTRAIN_STEP_GRAPH=1 on CUDA; see there for when)
+    struct model_step_graph {
+        void *graph;     // NULL until recorded
+        float dloss;     // the loss weight it holds
+        float *loss;     // (1) backend memory: its loss sum, copied to the caller's each step
+        int eager_calls; // steps run op by op so far
+        bool off;        // recording failed: op by op from now on
+    } step_graph;
 };
 
 // Derives dims for a TP group of tp_size ranks (a run passes its TP comm's size; --dry-run the
@@ -260,7 +269,10 @@ float model_init_value(unsigned long long seed, const struct param_tensor *t, si
 // One training micro-step (host token ids, (N) each): forward, the fused LM head and loss with
 // their gradients, backward. Leaves the sum of the N token losses in *loss_sum (1 float, backend
 // memory); gradients accumulate into m->grads. dloss: the weight of each token's loss in the
-// objective (1 / (N * grad_accum)). tp: the TP group's comm.
+// objective (1 / (N * grad_accum)). tp: the TP group's comm. After MODEL_GRAPH_WARMUP calls, where
+// the backend records graphs (TPTRAIN_STEP_GRAPH=1), the TP group is one rank and no gradient hook
+// is set, the ops are recorded once and replayed as one graph: the same ops on the same pointers,
+// so the same bits.
 void model_forward_backward(struct model *m, struct comm *tp, const int *inputs, const int *targets,
                             float *loss_sum, float dloss);
 // The loss alone (evaluation): forward over one micro-batch, *loss_sum as above; no gradient.

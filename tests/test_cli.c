@@ -249,6 +249,7 @@ Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_LN_BWD=pipeline");
     expect_bad_variable("TPTRAIN_ATTN_EXP2=poly");
     expect_bad_variable("TPTRAIN_EMB_BWD=sort");
+    expect_bad_variable("TPTRAIN_STEP_GRAPH=yes");
 }
 
 // ---- config file errors

@@ -508,6 +508,32 @@ Test(tp_parity, cuda_sequence_parallel_and_recompute) {
     run_dir_fini(&r);
 }
 
+// The step recorded as one CUDA graph and replayed (TPTRAIN_STEP_GRAPH=1) runs the same ops on the
+// same buffers: the same weights and moments after every step, bf16 and fp32, and with gradient
+// accumulation (the graph's loss sum is copied out per micro-step).
+Test(tp_parity, cuda_step_graph_same_bits) {
+    require_gpu();
+    struct run_dir r;
+    run_dir_init(&r, "cuda-graph", -1);
+    static const char *const cases[] = {GPU_BF16_SETS, "", GPU_BF16_SETS " --set train.grad_accum=2"};
+    char sets[1024];
+    for (int i = 0; i < 3; i++)
+        for (int graph = 0; graph < 2; graph++) {
+            cr_assert_eq(setenv("TPTRAIN_STEP_GRAPH", graph ? "1" : "0", 1), 0);
+            snprintf(sets, sizeof sets, "%s --set checkpoint.dir=%s/c%d-g%d", cases[i], r.dir, i, graph);
+            run_cuda(&r, 0, graph ? r.out_log : r.ref, sets);
+            if (!graph) continue;
+            cr_assert(strstr(r.out, "run as one CUDA graph"), "case %d: the graph was not recorded:\n%s", i, r.out);
+            char a[32], b[32];
+            snprintf(a, sizeof a, "c%d-g0", i);
+            snprintf(b, sizeof b, "c%d-g1", i);
+            assert_same_checkpoint_at(&r, a, b, GPU_STEPS);
+            compare_logs_tol(r.ref, r.out_log, GPU_STEPS, 0.0, 0.0, "step graph against op by op");
+        }
+    unsetenv("TPTRAIN_STEP_GRAPH");
+    run_dir_fini(&r);
+}
+
 Test(tp_parity, nccl_single_rank_runs) {
     require_gpu();
     struct run_dir r;
