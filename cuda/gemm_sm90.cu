@@ -295,7 +295,8 @@ __device__ __forceinline__ static void gs_epilogue_staged(const CUtensorMap *map
                 if (crow) { // o[0], o[1]: rows g and g + 8 of one column pair; o[2], o[3] of the next
                     float2 v[4];
 #pragma unroll
-                    for (int i = 0; i < 4; i++) v[i] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&o[i]));
+                    for (int i = 0; i < 4; i++)
+                        v[i] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&o[i]));
                     cs[0] += v[0].x + v[1].x;
                     cs[1] += v[0].y + v[1].y;
                     cs[2] += v[2].x + v[3].x;

@@ -759,7 +759,8 @@ void model_forward_backward(struct model *m, struct comm *tp, const int *inputs,
             return;
         }
         g->dloss = dloss;
-        fprintf(stderr, "tptrain: note: the step's forward and backward run as one CUDA graph (TPTRAIN_STEP_GRAPH=1)\n");
+        fprintf(stderr, "tptrain: note: the step's forward and backward run as one CUDA graph "
+                        "(TPTRAIN_STEP_GRAPH=1)\n");
     }
     b->graph_launch(m->be.ctx, g->graph);
     if (loss_sum) b->copy(m->be.ctx, loss_sum, g->loss, sizeof(float));

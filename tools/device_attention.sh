@@ -165,6 +165,14 @@ if stage gemm; then
     done
 fi
 if stage ways; then
+    # one line per `--bench model` log: each phase's ms and the measured step
+    phase_line() {
+        grep -E '^(embedding|attention|mlp|lm head|optimizer)|^whole step \(measured' "$1" |
+            sed 's/ (x[0-9]*)//; s/ (norm+adamw)//; s/lm head + loss fwd+bwd/head/' |
+            awk '$1 == "whole" { printf "step %s", $4; next }
+                 $1 == "head" || $1 == "optimizer" { printf "%s %s | ", $1, $2; next }
+                 { printf "%s %s %s | ", $1, $2, $3 }'
+    }
     IFS=';' read -r -a ways <<<"${WAYS:-X=0}"
     n=0
     for c in ${WAYS_CONFIGS:-configs/gpt2-124m.yaml}; do
@@ -172,10 +180,7 @@ if stage ways; then
             for w in "${ways[@]}"; do
                 n=$((n + 1))
                 env $w timeout 200 "$build/tptrain" --bench model "$c" >"$out/ways_$n.log" 2>&1 || status=1
-                echo "$(basename "$c" .yaml) r$r [$w]: $(grep -E '^(embedding|attention|mlp|lm head|optimizer)|^whole step \(measured' \
-                    "$out/ways_$n.log" | sed 's/ (x[0-9]*)//; s/ (norm+adamw)//; s/lm head + loss fwd+bwd/head/' |
-                    awk '{ if ($1 == "whole") printf "step %s", $4; else if ($1 == "head" || $1 == "optimizer") printf "%s %s | ", $1, $2;
-                           else printf "%s %s %s | ", $1, $2, $3 }')" | tee -a "$out/ways.txt"
+                echo "$(basename "$c" .yaml) r$r [$w]: $(phase_line "$out/ways_$n.log")" | tee -a "$out/ways.txt"
             done
         done
     done
