@@ -573,7 +573,7 @@ static void expect_usage_error(int np, const char *args, const char *needle);
 Test(bench, gemm_times_the_shapes_given) {
     static const int shapes[2][3] = {{64, 32, 128}, {128, 64, 32}};
     static const char *const pass[4] = {"fwd", "fwd bias", "bwd data", "bwd weight"};
-    static const char *const epilogue[4] = {"bias+gelu", "bias", "dgelu", "+dbias"};
+    static const char *const epilogue[4] = {"bias+gelu", "bias", "dgelu+dsum", "+dbias"};
     char dir[1024], path[1200], args[2400];
     tu_tmpdir(dir, sizeof dir, "bench_gemm_shapes");
     snprintf(path, sizeof path, "%s/gemm.json", dir);

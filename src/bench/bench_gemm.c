@@ -1,17 +1,18 @@
 // bench_gemm.c: --bench gemm CONFIG.yaml [NxICxOC ...]: every matrix product of one training step of
 // the config's model, each shape timed alone through the backend's matmul (the library and algorithm
 // choice the model's products get), against the matrix ceiling measured in the same run. With
-// shapes after the config, those instead: each one's three passes with the fc layer's epilogues
-// (forward with bias + GELU, input gradient with GELU's derivative, weight gradient with the bias
-// gradient) and the forward with the bias alone, once per call, so that a product can be followed
+// shapes after the config, those instead: each one's three passes with the MLP's epilogues
+// (forward with bias + GELU, input gradient with GELU's derivative and its column sums, weight
+// gradient with the bias gradient) and the forward with the bias alone, once per call, so that a product can be followed
 // across sizes (say, K = IC swept at fixed N and OC) on the config's backend, device and precision,
 // and what the GELU epilogue adds seen beside it.
 //
 // A step's products are, per layer and micro-step, the forward, input-gradient and weight-gradient
-// products of qkv (column-parallel, bias), attention's output projection (row-parallel), fc
-// (column-parallel, bias and GELU) and the MLP's output projection (row-parallel, GELU's
-// derivative on its input gradient), and per chunk of the fused LM head the logits, their input
-// gradient and the tied weight's gradient. Each row of the report is one shape with its epilogue:
+// products of qkv (column-parallel, bias; its weight gradient sums its bias gradient), attention's
+// output projection (row-parallel), fc (column-parallel, bias and GELU) and the MLP's output
+// projection (row-parallel, GELU's derivative on its input gradient, whose column sums are fc's bias
+// gradient), and per chunk of the fused LM head the logits, their input gradient and the tied
+// weight's gradient. (The projections' bias gradients are summed by the layernorm backward.) Each row of the report is one shape with its epilogue:
 // ms per call, TFLOP/s, the share of the ceiling, and ms per step (calls x ms), so that the rows
 // say which shapes hold the step back and by how much.
 //
@@ -32,7 +33,7 @@ struct gemm_product {
     const char *name;   // JSON key and table row, e.g. "qkv fwd"
     enum gemm_pass pass;
     int N, IC, OC;      // rows, input width, output width (the model's row-major view)
-    bool bias;          // fwd: + bias; bwd_weight: + the bias gradient
+    bool bias;          // fwd: + bias; bwd_data: + dinp's column sums; bwd_weight: + the bias gradient
     bool gelu;          // fwd: GELU with its pre-activation kept; bwd_data: times GELU's derivative
     double calls;       // per step
 };
@@ -62,14 +63,15 @@ static int gemm_products(const struct model_dims *d, int accum, struct gemm_prod
     struct {
         const char *prefix;
         int IC, OC;
-        bool bias, fwd_gelu, dgelu;
+        bool fwd_bias, fwd_gelu, dgelu, dsum, dbias;
         double calls;
     } lin[5] = {
-        {"qkv", C, 3 * Cl, true, false, false, per_layer},
-        {"attn proj", Cl, C, true, false, false, per_layer},
-        {"fc", C, Fl, true, true, false, per_layer},
-        {"mlp proj", Fl, C, true, false, true, per_layer},
-        {"lm head", C, d->Vl, false, false, false, chunks},
+        // row-parallel products add their bias after the reduction, not in the product
+        {"qkv", C, 3 * Cl, true, false, false, false, true, per_layer},
+        {"attn proj", Cl, C, false, false, false, false, false, per_layer},
+        {"fc", C, Fl, true, true, false, false, false, per_layer},
+        {"mlp proj", Fl, C, false, false, true, true, false, per_layer},
+        {"lm head", C, d->Vl, false, false, false, false, false, chunks},
     };
     static const char *names[5][3] = {
         {"qkv fwd", "qkv bwd data", "qkv bwd weight"},
@@ -81,20 +83,18 @@ static int gemm_products(const struct model_dims *d, int accum, struct gemm_prod
     int n = 0;
     for (int i = 0; i < 5; i++) {
         int R = i == 4 ? rows : N;
-        // row-parallel products add their bias after the reduction, not in the product
-        bool fwd_bias = lin[i].bias && (i == 0 || i == 2);
-        out[n++] = (struct gemm_product){names[i][0], GEMM_FWD, R, lin[i].IC, lin[i].OC, fwd_bias, lin[i].fwd_gelu,
+        out[n++] = (struct gemm_product){names[i][0], GEMM_FWD, R, lin[i].IC, lin[i].OC, lin[i].fwd_bias,
+                                         lin[i].fwd_gelu, lin[i].calls};
+        out[n++] = (struct gemm_product){names[i][1], GEMM_BWD_DATA, R, lin[i].IC, lin[i].OC, lin[i].dsum, lin[i].dgelu,
                                          lin[i].calls};
-        out[n++] = (struct gemm_product){names[i][1], GEMM_BWD_DATA, R, lin[i].IC, lin[i].OC, false, lin[i].dgelu,
-                                         lin[i].calls};
-        out[n++] = (struct gemm_product){names[i][2], GEMM_BWD_WEIGHT, R, lin[i].IC, lin[i].OC, lin[i].bias, false,
+        out[n++] = (struct gemm_product){names[i][2], GEMM_BWD_WEIGHT, R, lin[i].IC, lin[i].OC, lin[i].dbias, false,
                                          lin[i].calls};
     }
     return n;
 }
 
-// Each shape's three passes with the fc layer's epilogues, and its forward with the bias alone;
-// one call each.
+// Each shape's three passes with the MLP's epilogues (the step's fc forward, MLP projection input
+// gradient and qkv weight gradient), and its forward with the bias alone; one call each.
 static const char *const shape_passes[GEMM_PASSES_PER_SHAPE] = {"fwd", "fwd bias", "bwd data", "bwd weight"};
 
 static int shape_products(const struct gemm_args *a, struct gemm_product *out) {
@@ -103,7 +103,7 @@ static int shape_products(const struct gemm_args *a, struct gemm_product *out) {
         const int N = a->shape[i][0], IC = a->shape[i][1], OC = a->shape[i][2];
         out[n++] = (struct gemm_product){a->names[i][0], GEMM_FWD, N, IC, OC, true, true, 1.0};
         out[n++] = (struct gemm_product){a->names[i][1], GEMM_FWD, N, IC, OC, true, false, 1.0};
-        out[n++] = (struct gemm_product){a->names[i][2], GEMM_BWD_DATA, N, IC, OC, false, true, 1.0};
+        out[n++] = (struct gemm_product){a->names[i][2], GEMM_BWD_DATA, N, IC, OC, true, true, 1.0};
         out[n++] = (struct gemm_product){a->names[i][3], GEMM_BWD_WEIGHT, N, IC, OC, true, false, 1.0};
     }
     return n;
@@ -130,8 +130,8 @@ static void run_product(void *arg, struct bench_clock *c) {
                       p->IC, p->OC);
         break;
     case GEMM_BWD_DATA:
-        b->matmul_bwd(r->be.ctx, r->dinp, NULL, NULL, NULL, r->dout, NULL, r->w, p->gelu ? r->pre : NULL, p->N,
-                      p->IC, p->OC);
+        b->matmul_bwd(r->be.ctx, r->dinp, p->bias ? r->dbias : NULL, NULL, NULL, r->dout, NULL, r->w,
+                      p->gelu ? r->pre : NULL, p->N, p->IC, p->OC);
         break;
     case GEMM_BWD_WEIGHT:
         b->matmul_bwd(r->be.ctx, NULL, NULL, r->dw, p->bias ? r->dbias : NULL, r->dout, r->inp, r->w, NULL, p->N,
@@ -160,6 +160,7 @@ static double time_product(struct bench *b, const struct gemm_product *p, int wa
         bench_fill_uniform(b->be, r.dout, N * OC, 1.0f, seed + 3);
         if (p->pass == GEMM_BWD_DATA) {
             r.dinp = bench_alloc_compute(b, N * IC);
+            if (p->bias) r.dbias = bench_alloc_floats(b, IC);
             if (p->gelu) {
                 r.pre = bench_alloc_compute(b, N * IC);
                 bench_fill_uniform(b->be, r.pre, N * IC, 2.0f, seed + 4);
@@ -188,7 +189,7 @@ struct gemm_row {
 static const char *epilogue_of(const struct gemm_product *p) {
     switch (p->pass) {
     case GEMM_FWD: return p->gelu ? "bias+gelu" : p->bias ? "bias" : "-";
-    case GEMM_BWD_DATA: return p->gelu ? "dgelu" : "-";
+    case GEMM_BWD_DATA: return p->gelu ? (p->bias ? "dgelu+dsum" : "dgelu") : p->bias ? "dsum" : "-";
     case GEMM_BWD_WEIGHT: return p->bias ? "+dbias" : "-";
     }
     return "-";
