@@ -265,27 +265,38 @@ void cuda_attention_fwd(void *ctx, void *out, float *saved, float *scratch,
     attn_bf16_unsupported(HS);
 }
 
-void cuda_attention_bwd(void *ctx, void *dqkv, float *scratch, const void *dout,
+// dqkv_sum: by the Hopper kernels as they write dqkv (TPTRAIN_ATTN_BWD_SUMS=fused, where they run),
+// else by gemm.cu's column sums over dqkv afterwards (the order qkv's weight gradient summed its
+// bias gradient in, so the same bits as before the sums moved here).
+void cuda_attention_bwd(void *ctx, void *dqkv, float *dqkv_sum, float *scratch, const void *dout,
                         const void *qkv, const void *out, const float *saved, int B,
                         int T, int NH, int HS) {
     struct cuda_ctx *c = ctx_of(ctx);
     if (B <= 0 || T <= 0 || NH <= 0 || HS <= 0) return;
+    int C = NH * HS, N = B * T;
     if (!is_bf16(c)) {
         // the probabilities are saved; the output itself is not needed
         attn_naive_bwd(c, (float *)dqkv, scratch, (const float *)dout, (const float *)qkv, saved,
                        B, T, NH, HS);
+        if (dqkv_sum) cuda_colsum_acc(c, dqkv_sum, dqkv, false, N, 3 * C);
         return;
     }
     const bf16 *x = (const bf16 *)qkv; // (B, T, 3 * NH * HS)
     bf16 *dx = (bf16 *)dqkv;           // (B, T, 3 * NH * HS)
-    int C = NH * HS;
-    if (attn_flash(c, HS)) {
-        int rc = flash_attention_bwd(c->stream, dx, dx + C, dx + 2 * (size_t)C, dout, x, x + C,
-                                     x + 2 * (size_t)C, out, saved, scratch, B, T, NH, HS, 3 * C, C);
-        FLASH_CHECK(rc, "flash_attention_bwd (attention_bwd)", B, T, NH, HS);
-        return;
+    if (!attn_flash(c, HS)) attn_bf16_unsupported(HS);
+    int summed = 0;
+    float *sums = dqkv_sum && c->attn_bwd_sums
+                      ? (float *)ctx_scratch(c, flash_attention_bwd_sums_floats(B, T, NH, HS) * sizeof(float))
+                      : NULL;
+    int rc = flash_attention_bwd_summing(c->stream, dx, dx + C, dx + 2 * (size_t)C, dout, x, x + C, x + 2 * (size_t)C,
+                                         out, saved, scratch, B, T, NH, HS, 3 * C, C, sums ? dqkv_sum : NULL, sums,
+                                         &summed);
+    FLASH_CHECK(rc, "flash_attention_bwd (attention_bwd)", B, T, NH, HS);
+    if (dqkv_sum && !summed) {
+        int r = gemm_colsum(c->gemm, dqkv_sum, dx, N, 3 * C);
+        if (r == GEMM_EBADARG) cuda_colsum_acc(c, dqkv_sum, dx, true, N, 3 * C);
+        else if (r != GEMM_OK) GEMM_DIE(c, r, "gemm_colsum (attention dqkv sums)", N, 3 * C, 3 * C);
     }
-    attn_bf16_unsupported(HS);
 }
 
 const char *cuda_attention_path(void *ctx, int HS) {

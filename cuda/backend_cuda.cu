@@ -376,6 +376,8 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
         c->emb_bwd_sorted = v && strcmp(v, "sorted") == 0;
         v = getenv("TPTRAIN_STEP_GRAPH"); // 0 (the default) or 1
         c->step_graphs = v && strcmp(v, "1") == 0;
+        v = getenv("TPTRAIN_ATTN_BWD_SUMS"); // after (the default) or fused
+        c->attn_bwd_sums = v && strcmp(v, "fused") == 0;
     }
     step = "cudaStreamCreateWithFlags";
     if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)

@@ -89,6 +89,7 @@ struct cuda_ctx {
     int sm_count;              // the device's multiprocessors
     bool ln_bwd_pipelined;     // bf16 layernorm backward: layernorm_bwd_pipelined_kernel (TPTRAIN_LN_BWD)
     bool emb_bwd_sorted;       // token embedding backward: vocab_embedding_bwd_sorted_kernel (TPTRAIN_EMB_BWD)
+    bool attn_bwd_sums;        // qkv's bias gradient summed in the Hopper attention backward (TPTRAIN_ATTN_BWD_SUMS)
     bool step_graphs;          // graph_begin records (TPTRAIN_STEP_GRAPH=1)
     bool capturing;            // between graph_begin and graph_end
     // memory_stats: what this backend cudaMalloc'd itself (alloc's buffers, scratch, workspaces)
@@ -332,7 +333,7 @@ size_t cuda_attention_saved_floats(void *ctx, int B, int T, int NH, int HS);
 size_t cuda_attention_scratch_floats(void *ctx, int B, int T, int NH, int HS);
 void cuda_attention_fwd(void *ctx, void *out, float *saved, float *scratch,
                         const void *qkv, int B, int T, int NH, int HS);
-void cuda_attention_bwd(void *ctx, void *dqkv, float *scratch, const void *dout,
+void cuda_attention_bwd(void *ctx, void *dqkv, float *dqkv_sum, float *scratch, const void *dout,
                         const void *qkv, const void *out, const float *saved, int B,
                         int T, int NH, int HS);
 const char *cuda_attention_path(void *ctx, int HS);

@@ -968,22 +968,39 @@ extern "C" size_t flash_attention_bwd_scratch_floats(int B, int T, int NH, int H
     return (bnt + 63) / 64 * 64 + tiles * 64 * (size_t)HS + tiles;
 }
 
+extern "C" size_t flash_attention_bwd_sums_floats(int B, int T, int NH, int HS) {
+    size_t C = (size_t)NH * (size_t)HS;
+    return (size_t)B * (size_t)((T + 15) / 16) * 2 * C + (size_t)B * (size_t)((T + 63) / 64) * C;
+}
+
 extern "C" int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
                                    const void *q, const void *k, const void *v, const void *out,
                                    const float *lse, float *scratch, int B, int T, int NH, int HS,
                                    int qkv_stride, int out_stride) {
+    return flash_attention_bwd_summing(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T, NH, HS,
+                                       qkv_stride, out_stride, NULL, NULL, NULL);
+}
+
+extern "C" int flash_attention_bwd_summing(void *stream, void *dq, void *dk, void *dv, const void *dout,
+                                           const void *q, const void *k, const void *v, const void *out,
+                                           const float *lse, float *scratch, int B, int T, int NH, int HS,
+                                           int qkv_stride, int out_stride, float *dsum, float *sums,
+                                           int *summed) {
+    if (summed) *summed = 0;
     if (!fa_args_ok(B, T, NH, HS, qkv_stride, out_stride)) return FLASH_EBADARG;
     if (!fa_aligned(dq) || !fa_aligned(dk) || !fa_aligned(dv) || !fa_aligned(dout) ||
-        !fa_aligned(q) || !fa_aligned(k) || !fa_aligned(v) || !fa_aligned(out) || !lse || !scratch)
+        !fa_aligned(q) || !fa_aligned(k) || !fa_aligned(v) || !fa_aligned(out) || !lse || !scratch ||
+        (dsum && (!sums || !summed)))
         return FLASH_EBADARG;
     cudaStream_t st = (cudaStream_t)stream;
-    if (fa_sm90(HS))
-        return flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T,
-                                        NH, HS, qkv_stride, out_stride, fa_bwd_ws_mode(), fa_bwd_persist(),
-                                        fa_bwd_order(T, HS),
-                                        fa_stages(&fa_hopper_kv_stages, "TPTRAIN_ATTN_KV_STAGES")) == 0
-                   ? FLASH_OK
-                   : FLASH_ECUDA;
+    if (fa_sm90(HS)) {
+        int rc = flash_attention_sm90_bwd(stream, dq, dk, dv, dout, q, k, v, out, lse, scratch, B, T, NH, HS,
+                                          qkv_stride, out_stride, fa_bwd_ws_mode(), fa_bwd_persist(),
+                                          fa_bwd_order(T, HS),
+                                          fa_stages(&fa_hopper_kv_stages, "TPTRAIN_ATTN_KV_STAGES"), dsum, sums);
+        if (rc == 3) *summed = 1;
+        return rc == 0 || rc == 3 ? FLASH_OK : FLASH_ECUDA;
+    }
     // D (B, NH, T), written by the dq kernel, read by the dk/dv kernel
     fa_bf16 *a = (fa_bf16 *)dq, *b = (fa_bf16 *)dk, *c = (fa_bf16 *)dv;
     const fa_bf16 *g = (const fa_bf16 *)dout, *qq = (const fa_bf16 *)q, *kk = (const fa_bf16 *)k,

@@ -123,6 +123,17 @@ int flash_attention_bwd(void *stream, void *dq, void *dk, void *dv, const void *
                         const float *lse, float *scratch, int B, int T, int NH, int HS,
                         int qkv_stride, int out_stride);
 
+// The same, and where the Hopper one-kernel backward runs (compute capability 9.0, HS 64 or 128,
+// aligned operands, the default TPTRAIN_ATTN_BWD), dsum (3 NH HS floats: dq's columns, then dk's,
+// dv's) += the column sums of dq, dk and dv as stored, summed as the kernels write the rows and
+// added in a fixed order, using sums (flash_attention_bwd_sums_floats floats, contents undefined);
+// *summed is then 1. Elsewhere *summed is 0 and dsum untouched: the caller sums them itself.
+int flash_attention_bwd_summing(void *stream, void *dq, void *dk, void *dv, const void *dout,
+                                const void *q, const void *k, const void *v, const void *out,
+                                const float *lse, float *scratch, int B, int T, int NH, int HS,
+                                int qkv_stride, int out_stride, float *dsum, float *sums, int *summed);
+size_t flash_attention_bwd_sums_floats(int B, int T, int NH, int HS);
+
 #ifdef __cplusplus
 }
 #endif

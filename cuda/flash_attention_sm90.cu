@@ -29,6 +29,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "colsum_finish.cuh"
 #include "flash_attention_common.cuh"
 #include "flash_attention_sm90.h"
 #include "sm90_common.cuh"
@@ -128,6 +129,38 @@ __device__ __forceinline__ static void f9_store_rows(f9_bf16 *dst, size_t stride
                 *reinterpret_cast<uint32_t *>(p + col) =
                     f9_pack(acc[4 * j + 2 * hr] * mul[hr], acc[4 * j + 2 * hr + 1] * mul[hr]);
         }
+    }
+}
+
+// f9_store_rows, and the column sums of the warp's 16 rows as stored (bf16), rows at or past T
+// left out, into sum_row's HS floats (nothing where the warp has no row before T): each lane adds
+// its two rows, the eight row groups then add theirs by shuffles, and the lanes of group 0 write.
+template <int D>
+__device__ __forceinline__ static void f9_store_rows_sum(f9_bf16 *dst, size_t stride, const float (&acc)[D / 2],
+                                                         const float (&mul)[2], int r0, int T, int HS, int lane,
+                                                         float *sum_row) {
+    f9_store_rows<D>(dst, stride, acc, mul, r0, T, HS, lane);
+    if (r0 >= T) return; // the whole warp
+    int g = lane >> 2, tq = lane & 3;
+    // one pair of columns (8 j + 2 tq, + 1) at a time, so that only two sums are live beside the
+    // accumulators (a whole row of them made ptxas serialise the kernel's products at head size 128)
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++)
+            if (r0 + g + 8 * hr < T) {
+                const uint32_t pk = f9_pack(acc[4 * j + 2 * hr] * mul[hr], acc[4 * j + 2 * hr + 1] * mul[hr]);
+                const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&pk));
+                s0 += v.x;
+                s1 += v.y;
+            }
+#pragma unroll
+        for (int x = 4; x < 32; x <<= 1) {
+            s0 += __shfl_xor_sync(0xffffffffu, s0, x);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, x);
+        }
+        if (g == 0 && 8 * j + 2 * tq < HS) *reinterpret_cast<float2 *>(sum_row + 8 * j + 2 * tq) = make_float2(s0, s1);
     }
 }
 
@@ -1157,9 +1190,12 @@ f9_bwd_pre_kernel(float *Dv, unsigned *sem, float *acc, const f9_bf16 *dout, con
 // floats as the consumers held them (see above). A block per tile (grid: B*NH * ceil(T/64)), 256
 // threads: the tile read in order into shared memory as bf16 rows (padded by 16 bytes, so the
 // 8 rows of a warp's store fall in different banks), then written out 16 bytes a thread.
-template <int D>
+// SUMS: also the tile's column sums as stored, rows past T left out, into row b * nq64 + (query
+// tile) of qsum (NH * D floats a row), at the head's columns.
+template <int D, bool SUMS>
 static __global__ void __launch_bounds__(F9_NT)
-f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, int nq64, size_t qkv_stride, float scale) {
+f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, int nq64, size_t qkv_stride, float scale,
+                   float *qsum) {
     constexpr int RS = D * 2 + 16; // bytes of a row in shared memory
     __shared__ __align__(16) unsigned char rows[F9_BT * RS];
     size_t tile = blockIdx.x; // (bh, query tile)
@@ -1176,6 +1212,15 @@ f9_bwd_post_kernel(f9_bf16 *dq, const float *acc, int T, int NH, int nq64, size_
     __syncthreads();
     int bh = (int)(tile / (size_t)nq64), b = bh / NH, h = bh % NH;
     int q0 = (int)(tile % (size_t)nq64) * F9_BT;
+    if constexpr (SUMS)
+        for (int c = (int)threadIdx.x; c < D; c += F9_NT) {
+            float s = 0.0f;
+            for (int r = 0; r < F9_BT && q0 + r < T; r++)
+                s += __bfloat162float(*reinterpret_cast<const __nv_bfloat16 *>(rows + r * RS + c * 2));
+            qsum[((size_t)b * nq64 + tile % (size_t)nq64) * NH * D + (size_t)h * D + c] = s;
+        }
+    else
+        (void)qsum;
 #pragma unroll
     for (int k = 0; k < F9_BT * D / 8 / F9_NT; k++) {
         int c = (int)threadIdx.x + k * F9_NT, row = c / (D / 8), ch = c % (D / 8);
@@ -1234,13 +1279,15 @@ __device__ __forceinline__ static void f9_bwd_dq_writer(float *acc_h, unsigned *
 // default walk's, dk's and dv's sums run in the other order). Every wait is on a key block of the
 // same round that is either a lower first item or a higher pair's second item, whose own waits end
 // at a first item: with every block resident the waits end.
-template <int D, bool HEADS>
+template <int D, bool HEADS, bool SUMS>
 static __global__ void __launch_bounds__(F9_WS_NT, 1)
 f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant__ CUtensorMap tmk,
                  const __grid_constant__ CUtensorMap tmv, const __grid_constant__ CUtensorMap tmdo,
                  f9_bf16 *dk, f9_bf16 *dv, float *acc, unsigned *sem, const float *lse, const float *Dv,
                  int T, int NH, int BH, size_t qkv_stride, float scale, float scale_log2, int ordered,
-                 int kvstages) {
+                 int kvstages, float *kvsum) {
+    // SUMS: kvsum (B * ceil(T / 16), 2 NH D): per 16 key rows of a sequence, dk's column sums then
+    // dv's, as stored (f9_store_rows_sum)
     // acc (B*NH, ceil(T/64) tiles of F9_DQ_TILE(D)) fp32; sem (B*NH, ceil(T/64)) counters; ordered
     // 0 (measurements only): the partials added as they come, in no fixed order; kvstages: 1, the
     // next item's K and V come in once the current item's products are done, or 2, item i's in
@@ -1369,8 +1416,15 @@ f9_bwd_ws_kernel(const __grid_constant__ CUtensorMap tmq, const __grid_constant_
         g += nqt - qt0;
         const float one[2] = {1.0f, 1.0f}, sc[2] = {scale, scale};
         size_t off = (size_t)b * T * qkv_stride + (size_t)h * D;
-        f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
-        f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
+        if constexpr (SUMS) {
+            float *row = kvsum + ((size_t)b * ((T + 15) / 16) + (size_t)(rk0 / 16)) * 2 * NH * D + (size_t)h * D;
+            f9_store_rows_sum<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane, row + (size_t)NH * D);
+            f9_store_rows_sum<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane, row);
+        } else {
+            (void)kvsum;
+            f9_store_rows<D>(dv + off, qkv_stride, dva, one, rk0, T, D, lane);
+            f9_store_rows<D>(dk + off, qkv_stride, dka, sc, rk0, T, D, lane);
+        }
         if constexpr (HEADS) i++;
     }
 }
@@ -1523,7 +1577,7 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
                                const f9_bf16 *dout, const f9_bf16 *q, const f9_bf16 *k,
                                const f9_bf16 *v, const f9_bf16 *out, const float *lse, float *scratch,
                                int B, int T, int NH, int qkv_stride, int out_stride, int ordered,
-                               int persist_mode, int heads, int kvstages) {
+                               int persist_mode, int heads, int kvstages, float *dsum, float *sums) {
     CUtensorMap mq, mk, mv, mdo;
     int cols = NH * D;
     if (!f9_tensor_map(&mq, q, cols, T, B, qkv_stride, 64) ||
@@ -1556,7 +1610,11 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     int units = B * NH * P, grid_heads = min(units, f9_sm_count()) / P * P;
     if (grid_heads == 0) heads = 0;
     bool persist = heads || (persist_mode >= 0 ? persist_mode == 1 : T <= 1024);
-    auto kernel = heads ? f9_bwd_ws_kernel<D, true> : f9_bwd_ws_kernel<D, false>;
+    auto kernel = heads ? f9_bwd_ws_kernel<D, true, false> : f9_bwd_ws_kernel<D, false, false>;
+    if (dsum) kernel = heads ? f9_bwd_ws_kernel<D, true, true> : f9_bwd_ws_kernel<D, false, true>;
+    // with dsum: the column sums' partial rows, dk's and dv's per 16 key rows, then dq's per tile
+    const int n16 = (T + 15) / 16, C = NH * D;
+    float *kvsum = sums, *qsum = sums + (size_t)B * n16 * 2 * C;
     if (cudaFuncSetAttribute((const void *)kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) !=
         cudaSuccess) {
         (void)cudaGetLastError();
@@ -1564,10 +1622,22 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     }
     int blocks = heads ? grid_heads : persist ? min(items, f9_sm_count()) : items;
     kernel<<<(unsigned)blocks, F9_WS_NT, smem, st>>>(mq, mk, mv, mdo, dk, dv, acc, sem, lse, Dv, T, NH, B * NH,
-                                                     (size_t)qkv_stride, scale, scale_log2, ordered, kvstages);
+                                                     (size_t)qkv_stride, scale, scale_log2, ordered, kvstages,
+                                                     kvsum);
     if (cudaGetLastError() != cudaSuccess) return 2;
-    f9_bwd_post_kernel<D><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride, scale);
-    return cudaGetLastError() == cudaSuccess ? 0 : 2;
+    if (!dsum) {
+        f9_bwd_post_kernel<D, false><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride,
+                                                                         scale, NULL);
+        return cudaGetLastError() == cudaSuccess ? 0 : 2;
+    }
+    f9_bwd_post_kernel<D, true><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride, scale,
+                                                                    qsum);
+    // dsum (q, then k and v; C each) += the partial rows, added in order
+    colsum2_finish_kernel<<<dim3((unsigned)((C + 31) / 32), 1), dim3(32, 32), 0, st>>>(dsum, qsum, dsum, qsum,
+                                                                                         B * nq64, C);
+    colsum2_finish_kernel<<<dim3((unsigned)((2 * C + 31) / 32), 1), dim3(32, 32), 0, st>>>(
+        dsum + C, kvsum, dsum + C, kvsum, B * n16, 2 * C);
+    return cudaGetLastError() == cudaSuccess ? 3 : 2;
 }
 
 extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv,
@@ -1575,7 +1645,7 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
                                         const void *v, const void *out, const float *lse,
                                         float *scratch, int B, int T, int NH, int HS,
                                         int qkv_stride, int out_stride, int allow_ws, int persist,
-                                        int heads, int kvstages) {
+                                        int heads, int kvstages, float *dsum, float *sums) {
     cudaStream_t st = (cudaStream_t)stream;
     f9_bf16 *a = (f9_bf16 *)dq, *b = (f9_bf16 *)dk, *c = (f9_bf16 *)dv;
     const f9_bf16 *g = (const f9_bf16 *)dout, *qq = (const f9_bf16 *)q, *kk = (const f9_bf16 *)k,
@@ -1586,10 +1656,10 @@ extern "C" int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *
     bool fused = allow_ws == 1 || allow_ws == 3, ordered = allow_ws == 1;
     if (ws && fused && HS == 64)
         rc = f9_bwd_fused_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                     out_stride, ordered, persist, heads, kvstages);
+                                     out_stride, ordered, persist, heads, kvstages, dsum, sums);
     if (ws && fused && HS == 128)
         rc = f9_bwd_fused_launch<128>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,
-                                      out_stride, ordered, persist, heads, kvstages);
+                                      out_stride, ordered, persist, heads, kvstages, dsum, sums);
     if (rc >= 0) return rc;
     if (ws && HS == 64)
         rc = f9_bwd_ws_launch<64>(st, a, b, c, g, qq, kk, vv, o, lse, scratch, B, T, NH, qkv_stride,

@@ -30,11 +30,14 @@ int flash_attention_sm90_fwd(void *stream, void *out, float *lse, const void *q,
 // their query tiles from the last one down (flash_attention_set_hopper_bwd_order). kvstages (the
 // one-kernel backward at HS 64; one elsewhere): 2, the next item's K and V tiles come into a
 // second stage while the current item runs, else one stage (flash_attention_set_hopper_kv_stages).
+// dsum (NULL: none; else 3 NH HS floats: dq's columns, dk's, dv's) += the column sums of dq, dk, dv
+// as stored, summed inside the one-kernel backward, using sums (flash_attention_bwd_sums_floats);
+// then the return is 3. Where another kernel runs, nothing is summed and the return is 0.
 int flash_attention_sm90_bwd(void *stream, void *dq, void *dk, void *dv, const void *dout,
                              const void *q, const void *k, const void *v, const void *out,
                              const float *lse, float *scratch, int B, int T, int NH, int HS,
                              int qkv_stride, int out_stride, int allow_ws, int persist, int heads,
-                             int kvstages);
+                             int kvstages, float *dsum, float *sums);
 
 #ifdef __cplusplus
 }

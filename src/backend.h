@@ -207,7 +207,9 @@ struct backend_i {
     void (*attention_fwd)(void *ctx, void *out, float *saved, float *scratch, const void *qkv,
                           int B, int T, int NH, int HS);
     // dqkv (B, T, 3*NH*HS) =
-    void (*attention_bwd)(void *ctx, void *dqkv, float *scratch, const void *dout,
+    // dqkv_sum (3*NH*HS) += the column sums of dqkv as stored (NULL: skipped): qkv's bias gradient,
+    // summed where dqkv is written (CUDA: inside the Hopper kernels with TPTRAIN_ATTN_BWD_SUMS=fused)
+    void (*attention_bwd)(void *ctx, void *dqkv, float *dqkv_sum, float *scratch, const void *dout,
                           const void *qkv, const void *out, const float *saved,
                           int B, int T, int NH, int HS);
     // Generation with a KV cache: one query token against the first n_ctx cached positions.

@@ -1108,7 +1108,7 @@ static void cpu_attention_fwd(void *ctx, void *out, float *saved, float *scratch
     stage_end(&s);
 }
 
-static void cpu_attention_bwd(void *ctx, void *dqkv, float *scratch, const void *dout,
+static void cpu_attention_bwd(void *ctx, void *dqkv, float *dqkv_sum, float *scratch, const void *dout,
                               const void *qkv, const void *out, const float *saved, int B, int T,
                               int NH, int HS) {
     (void)out; // the saved probabilities carry everything the backward needs
@@ -1119,6 +1119,7 @@ static void cpu_attention_bwd(void *ctx, void *dqkv, float *scratch, const void 
     const float *qf = stage_in(&s, qkv, 3 * BTC); // (B, T, 3*NH*HS)
     attention_bwd_f32(dqf, scratch, df, qf, saved, B, T, NH, HS);
     stage_end(&s);
+    if (dqkv_sum) colsum_as_stored(ctx, dqkv_sum, dqkv, B * T, 3 * NH * HS);
 }
 
 static const char *cpu_attention_path(void *ctx, int HS) {

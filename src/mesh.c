@@ -101,6 +101,7 @@ static const struct {
     {"TPTRAIN_LN_BWD", {"rows", "pipelined"}, "the bf16 layernorm backward's kernel"},
     {"TPTRAIN_EMB_BWD", {"tiles", "sorted"}, "the token embedding backward's kernel"},
     {"TPTRAIN_STEP_GRAPH", {"0", "1"}, "whether a step's forward and backward run as one CUDA graph"},
+    {"TPTRAIN_ATTN_BWD_SUMS", {"after", "fused"}, "where qkv's bias gradient is summed on the GPU"},
 };
 
 static bool choice_variables_well_formed(char *err, size_t errlen) {

@@ -674,10 +674,9 @@ void model_attention_block_bwd(struct model *m, struct comm *tp, int l) {
     const struct tp_sequence_parallel *sp = seq_parallel(m);
     row_parallel_linear_bwd(m->be, tp, a->datty, NULL, g->attprojw, NULL, a->dres, la->atty, p->attprojw, NULL, N,
                             d->Cl, d->C, sp);
-    b->attention_bwd(m->be.ctx, a->dqkv, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B, d->T,
-                     d->NHl, d->HS);
-    column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, g->qkvb, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl,
-                               sp);
+    b->attention_bwd(m->be.ctx, a->dqkv, g->qkvb, a->att_scratch, a->datty, la->qkv, la->atty, la->att_saved, d->B,
+                     d->T, d->NHl, d->HS);
+    column_parallel_linear_bwd(m->be, tp, a->dln, g->qkvw, NULL, a->dqkv, la->ln1, p->qkvw, N, d->C, 3 * d->Cl, sp);
     float *prev_fcprojb = l > 0 ? m->g.layers[l - 1].fcprojb : NULL;
     b->layernorm_bwd(m->be.ctx, a->dres, g->ln1w, g->ln1b, prev_fcprojb, a->dln, block_input(m, l), p->ln1w,
                      la->ln1_mean, la->ln1_rstd, (int)d->S, d->C);

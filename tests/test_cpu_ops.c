@@ -613,7 +613,7 @@ Test(cpu_ops, attention_fwd_bwd) {
         for (int t2 = (int)(row % (size_t)T) + 1; t2 < T; t2++)
             cr_assert(saved[row * T + (size_t)t2] == 0.0f, "probability above the diagonal");
 
-    OPS(be)->attention_bwd(be.ctx, dqkv, scratch, R, qkv, out, saved, B, T, NH, HS);
+    OPS(be)->attention_bwd(be.ctx, dqkv, NULL, scratch, R, qkv, out, saved, B, T, NH, HS);
     double *g = ad(&a, nqkv);
     fd_grad(attn_objective, &p, p.qkv, nqkv, g);
     double e = rel_err(dqkv, g, nqkv);
@@ -1538,7 +1538,7 @@ static void run_attention(struct backend be, void *const *t, const struct dims *
     //    dout (B, T, NH*HS), then decoding with n_ctx = N: dec_out (NH*HS), dec_scratch (NH, N),
     //    q (NH*HS), kcache and vcache (N + 2, NH*HS)
     OPS(be)->attention_fwd(be.ctx, t[0], t[1], t[2], t[3], d->B, d->T, d->NH, d->HS);
-    OPS(be)->attention_bwd(be.ctx, t[4], t[2], t[5], t[3], t[0], t[1], d->B, d->T, d->NH, d->HS);
+    OPS(be)->attention_bwd(be.ctx, t[4], NULL, t[2], t[5], t[3], t[0], t[1], d->B, d->T, d->NH, d->HS);
     OPS(be)->attention_decode(be.ctx, t[6], t[7], t[8], t[9], t[10], d->N, d->NH, d->HS);
 }
 
@@ -1663,7 +1663,7 @@ static float *run_det_ops(struct arena *a, size_t *count) {
     float *saved = af(a, OPS(be)->attention_saved_floats(be.ctx, B, T, NH, HS));
     float *scratch = af(a, OPS(be)->attention_scratch_floats(be.ctx, B, T, NH, HS) + 1);
     OPS(be)->attention_fwd(be.ctx, o, saved, scratch, qkv, B, T, NH, HS);
-    OPS(be)->attention_bwd(be.ctx, o + nat, scratch, o, qkv, o, saved, B, T, NH, HS);
+    OPS(be)->attention_bwd(be.ctx, o + nat, NULL, scratch, o, qkv, o, saved, B, T, NH, HS);
     o += nat + nqkv;
     float *x = rand_f(a, &r, nln, 1.0), *lw = rand_f(a, &r, LC, 1.0), *lb = rand_f(a, &r, LC, 1.0);
     float *mean = af(a, LN), *rstd = af(a, LN);

@@ -868,11 +868,28 @@ static void attention_case(struct pair *p, int B, int T, int NH, int HS) {
 
     struct buf dout = cbuf_rand(p, nout, -1.0f, 1.0f);
     struct buf dqkv = cbuf_rand(p, nqkv, -9.0f, 9.0f); // "="
+    size_t C3 = (size_t)3 * NH * HS;
+    struct buf dsum = buf_rand(p, C3, -1.0f, 1.0f); // "+=": qkv's bias gradient
+    double *want = tp_malloc(C3 * sizeof(double));
+    for (size_t c = 0; c < C3; c++) want[c] = dsum.h[c];
     // the backward gets each backend's own forward output and saved state
-    ci->attention_bwd(p->cpu.ctx, dqkv.c, cx, dout.c, qkv.c, out.c, cs, B, T, NH, HS);
-    gi->attention_bwd(p->gpu.ctx, dqkv.g, gx, dout.g, qkv.g, out.g, gs, B, T, NH, HS);
+    ci->attention_bwd(p->cpu.ctx, dqkv.c, dsum.c, cx, dout.c, qkv.c, out.c, cs, B, T, NH, HS);
+    gi->attention_bwd(p->gpu.ctx, dqkv.g, dsum.g, gx, dout.g, qkv.g, out.g, gs, B, T, NH, HS);
     snprintf(what, sizeof what, "attention_bwd B=%d T=%d NH=%d HS=%d", B, T, NH, HS);
     expect_close(p, &dqkv, tol, what);
+    snprintf(what, sizeof what, "attention_bwd dqkv_sum B=%d T=%d NH=%d HS=%d", B, T, NH, HS);
+    expect_close(p, &dsum, tol, what);
+    // and it is the column sums of dqkv as the GPU stored it (both downloaded into h above)
+    double dm = 0.0, wm = 0.0;
+    for (size_t r = 0; r < (size_t)B * T; r++)
+        for (size_t c = 0; c < C3; c++) want[c] += dqkv.h[r * C3 + c];
+    for (size_t c = 0; c < C3; c++) {
+        dm = fmax(dm, fabs(dsum.h[c] - want[c]));
+        wm = fmax(wm, fabs(want[c]));
+    }
+    cr_expect(dm <= 1e-5 * wm, "[%s] %s: %.3g from the sums of the stored dqkv", tp_dtype_name(p->dt), what, dm / wm);
+    free(want);
+    buf_free(p, &dsum);
 
     ci->free(p->cpu.ctx, cs);
     ci->free(p->cpu.ctx, cx);
@@ -894,15 +911,25 @@ Test(cuda_ops, attention) {
     pair_close(&p);
 }
 
-Test(cuda_bf16, attention) {
-    struct pair p;
-    pair_open_dt(&p, 8, TP_DTYPE_BF16);
+static void run_bf16_attention(struct pair *p) {
     // the fused kernels at their own widths (64, 128; T = 1000 has a partial last tile) and padded
     // (16, 80); bf16 has no other attention path
     int shapes[][4] = {{2, 64, 4, 64}, {1, 128, 2, 64},  {1, 1000, 2, 64}, {1, 1024, 2, 64},
                        {2, 1, 3, 64},  {2, 100, 2, 16}, {1, 7, 3, 80},    {1, 300, 2, 128}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
-        attention_case(&p, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3]);
+        attention_case(p, shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3]);
+}
+
+// qkv's bias gradient summed inside the Hopper backward (TPTRAIN_ATTN_BWD_SUMS=fused; where another
+// kernel runs, after it)
+Test(cuda_bf16, attention_sums_fused) {
+    run_with("TPTRAIN_ATTN_BWD_SUMS", "fused", TP_DTYPE_BF16, 8, run_bf16_attention);
+}
+
+Test(cuda_bf16, attention) {
+    struct pair p;
+    pair_open_dt(&p, 8, TP_DTYPE_BF16);
+    run_bf16_attention(&p);
     pair_close(&p);
 }
 
@@ -1784,7 +1811,7 @@ static unsigned char *det_run(struct backend be, uint64_t seed, size_t *n_out) {
     float *dsum = g->alloc(cx, (size_t)C * sizeof(float));
     float *dwte = g->alloc(cx, (size_t)NV * C * sizeof(float));
     float *dwpe = g->alloc(cx, (size_t)T * C * sizeof(float));
-    g->attention_bwd(cx, dqkv, scratch, datt, qkv, att, saved, B, T, NH, HS);
+    g->attention_bwd(cx, dqkv, NULL, scratch, datt, qkv, att, saved, B, T, NH, HS);
     g->matmul_bwd(cx, dln, NULL, dwqkv, dbqkv, dqkv, ln, wqkv, NULL, N, C, 3 * C);
     // the MLP projection's backward: its input was gelu(fch_pre), so dinp gets gelu'
     g->matmul_bwd(cx, dfch, NULL, dwproj, dbproj, dy, fch, wproj, fch_pre, N, 4 * C, C);

@@ -115,7 +115,7 @@ static void check_case(int B, int NH, int T, int HS, uint64_t seed) {
     ci->copy_to_device(cpu.ctx, c_qkv, qkv_f, nqkv * 4);
     ci->copy_to_device(cpu.ctx, c_dout, dout_f, nout * 4);
     ci->attention_fwd(cpu.ctx, c_out, c_saved, c_scr, c_qkv, B, T, NH, HS);
-    ci->attention_bwd(cpu.ctx, c_dqkv, c_scr, c_dout, c_qkv, c_out, c_saved, B, T, NH, HS);
+    ci->attention_bwd(cpu.ctx, c_dqkv, NULL, c_scr, c_dout, c_qkv, c_out, c_saved, B, T, NH, HS);
     float *ref_out = malloc(nout * 4), *ref_dqkv = malloc(nqkv * 4);
     cr_assert(ref_out && ref_dqkv);
     ci->copy_to_host(cpu.ctx, ref_out, c_out, nout * 4);
@@ -444,6 +444,77 @@ Test(flash_attention, hopper_matches_portable) {
     compare_paths(1, 2, 4200, 128, 78);  // beyond T 4096: the default backward walks longest first
     compare_paths(1, 2, 300, 80, 73);
     compare_paths(1, 1, 17, 32, 74);
+}
+
+// flash_attention_bwd_summing: where the one-kernel Hopper backward runs it adds the column sums of
+// dq, dk and dv as stored to dsum (and says so); elsewhere it leaves dsum alone. Checked against
+// the sums of the downloaded gradients, with each backward walk and both K/V stage counts, twice
+// (the same bits: a fixed order).
+static void check_sums(int B, int NH, int T, int HS, uint64_t seed) {
+    ct_require_gpu("the flash-attention kernels");
+    int C = NH * HS;
+    size_t BT = (size_t)B * T, nqkv = BT * 3 * C;
+    uint64_t rng = seed;
+    uint16_t *h = malloc(nqkv * 2), *g = malloc(nqkv * 2);
+    float *s0 = malloc((size_t)3 * C * 4), *s1 = malloc((size_t)3 * C * 4), *s2 = malloc((size_t)3 * C * 4);
+    double *want = malloc((size_t)3 * C * sizeof(double));
+    cr_assert(h && g && s0 && s1 && s2 && want);
+    for (size_t i = 0; i < nqkv; i++) h[i] = tp_bf16_from_f32(tu_rng_normal(&rng));
+    for (int c = 0; c < 3 * C; c++) s0[c] = (float)tu_rng_normal(&rng);
+    struct fa_bufs d = fa_bufs_alloc(B, T, NH, HS);
+    float *sums = ct_alloc(flash_attention_bwd_sums_floats(B, T, NH, HS) * 4), *dsum = ct_alloc((size_t)3 * C * 4);
+    ct_upload(d.qkv, h, nqkv * 2);
+    ct_upload(d.dout, h + nqkv - BT * C, BT * C * 2);
+    bool hopper = strstr(flash_attention_path(HS), "TMA + ws") && !strstr(flash_attention_path(HS), "bwd split");
+    for (int walk = 0; walk < 2; walk++)
+        for (int kvs = 1; kvs <= 2; kvs++) {
+            flash_attention_set_hopper_bwd_order(walk);
+            flash_attention_set_hopper_kv_stages(kvs);
+            for (int rep = 0; rep < 2; rep++) {
+                run_gpu(&d, B, T, NH, HS); // the forward's lse and out, and a backward
+                ct_upload(dsum, s0, (size_t)3 * C * 4);
+                int summed = -1;
+                int rc = flash_attention_bwd_summing(NULL, d.dqkv, d.dqkv + C, d.dqkv + 2 * C, d.dout, d.qkv,
+                                                     d.qkv + C, d.qkv + 2 * C, d.out, d.lse, d.scratch, B, T, NH,
+                                                     HS, 3 * C, C, dsum, sums, &summed);
+                cr_assert_eq(rc, FLASH_OK, "flash_attention_bwd_summing returned %d", rc);
+                cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+                cr_expect_eq(summed, hopper, "HS %d (%s): summed %d", HS, flash_attention_path(HS), summed);
+                ct_download(g, d.dqkv, nqkv * 2);
+                ct_download(rep ? s2 : s1, dsum, (size_t)3 * C * 4);
+            }
+            cr_expect(memcmp(s1, s2, (size_t)3 * C * 4) == 0, "the sums differ between two runs (walk %d, %d "
+                      "K/V stages)", walk, kvs);
+            double dm = 0.0, wm = 0.0;
+            for (int c = 0; c < 3 * C; c++) want[c] = s0[c]; // untouched where nothing was summed
+            for (size_t r = 0; hopper && r < BT; r++)
+                for (int c = 0; c < 3 * C; c++) want[c] += tp_bf16_to_f32(g[r * 3 * C + c]);
+            for (int c = 0; c < 3 * C; c++) {
+                dm = fmax(dm, fabs(s1[c] - want[c]));
+                wm = fmax(wm, fabs(want[c]));
+            }
+            cr_expect(dm <= 1e-5 * wm, "B=%d NH=%d T=%d HS=%d walk %d, %d K/V stages: sums off by %.3g", B, NH, T,
+                      HS, walk, kvs, dm / wm);
+        }
+    flash_attention_set_hopper_bwd_order(-1);
+    flash_attention_set_hopper_kv_stages(1);
+    fa_bufs_free(&d);
+    cudaFree(sums);
+    cudaFree(dsum);
+    free(h);
+    free(g);
+    free(s0);
+    free(s1);
+    free(s2);
+    free(want);
+}
+
+Test(flash_attention, bwd_sums) {
+    check_sums(2, 3, 1000, 64, 91);  // a partial last tile and 16-row group
+    check_sums(1, 2, 1100, 128, 92);
+    check_sums(8, 20, 1100, 64, 93); // more items than multiprocessors
+    check_sums(1, 1, 17, 64, 94);
+    check_sums(1, 2, 300, 80, 95);   // padded: no sums inside, dsum untouched
 }
 
 // Rejected arguments return FLASH_EBADARG before anything is launched, so no device is needed.

@@ -177,7 +177,7 @@ static void time_shape(struct backend be, const struct attn_shape *s, int warmup
                 else bi->synchronize(be.ctx), h0 = now_ms();
             }
             bi->attention_fwd(be.ctx, out, saved, scratch, qkv, B, T, H, HS);
-            if (pass) bi->attention_bwd(be.ctx, dqkv, scratch, dout, qkv, out, saved, B, T, H, HS);
+            if (pass) bi->attention_bwd(be.ctx, dqkv, NULL, scratch, dout, qkv, out, saved, B, T, H, HS);
         }
         if (events) {
             bi->event_record(be.ctx, ev[1]);

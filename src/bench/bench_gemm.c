@@ -8,11 +8,11 @@
 // and what the GELU epilogue adds seen beside it.
 //
 // A step's products are, per layer and micro-step, the forward, input-gradient and weight-gradient
-// products of qkv (column-parallel, bias; its weight gradient sums its bias gradient), attention's
-// output projection (row-parallel), fc (column-parallel, bias and GELU) and the MLP's output
-// projection (row-parallel, GELU's derivative on its input gradient, whose column sums are fc's bias
-// gradient), and per chunk of the fused LM head the logits, their input gradient and the tied
-// weight's gradient. (The projections' bias gradients are summed by the layernorm backward.) Each row of the report is one shape with its epilogue:
+// products of qkv (column-parallel, bias), attention's output projection (row-parallel), fc
+// (column-parallel, bias and GELU) and the MLP's output projection (row-parallel, GELU's derivative
+// on its input gradient, whose column sums are fc's bias gradient), and per chunk of the fused LM
+// head the logits, their input gradient and the tied weight's gradient. (qkv's bias gradient is
+// summed by the attention backward, the projections' by the layernorm backward.) Each row of the report is one shape with its epilogue:
 // ms per call, TFLOP/s, the share of the ceiling, and ms per step (calls x ms), so that the rows
 // say which shapes hold the step back and by how much.
 //
@@ -67,7 +67,7 @@ static int gemm_products(const struct model_dims *d, int accum, struct gemm_prod
         double calls;
     } lin[5] = {
         // row-parallel products add their bias after the reduction, not in the product
-        {"qkv", C, 3 * Cl, true, false, false, false, true, per_layer},
+        {"qkv", C, 3 * Cl, true, false, false, false, false, per_layer},
         {"attn proj", Cl, C, false, false, false, false, false, per_layer},
         {"fc", C, Fl, true, true, false, false, false, per_layer},
         {"mlp proj", Fl, C, false, false, true, true, false, per_layer},
@@ -93,8 +93,9 @@ static int gemm_products(const struct model_dims *d, int accum, struct gemm_prod
     return n;
 }
 
-// Each shape's three passes with the MLP's epilogues (the step's fc forward, MLP projection input
-// gradient and qkv weight gradient), and its forward with the bias alone; one call each.
+// Each shape's three passes with the MLP's epilogues (as the step's fc forward and MLP projection
+// input gradient; the weight gradient with a bias gradient, as a linear layer's backward offers),
+// and its forward with the bias alone; one call each.
 static const char *const shape_passes[GEMM_PASSES_PER_SHAPE] = {"fwd", "fwd bias", "bwd data", "bwd weight"};
 
 static int shape_products(const struct gemm_args *a, struct gemm_product *out) {

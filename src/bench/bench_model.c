@@ -298,7 +298,8 @@ static void cost_attention_bwd(struct cost_acc *a, const struct cost_shape *s) {
     for (int l = 0; l < d->L; l++) {
         op_matmul_bwd(a, s, N, Cl, C, false, false); // its bias gradient came with ln_2's backward
         op(a, 4 * N * T * Cl, s->es * (3 * N * Cl + 2 * N * Cl + 3 * N * Cl) + 4 * s->att_saved);
-        op_matmul_bwd(a, s, N, C, 3 * Cl, true, false);
+        op_matmul_bwd(a, s, N, C, 3 * Cl, true, false); // qkv; its bias gradient's read of dqkv is
+                                                        // counted here, though the attention backward sums it
         op_layernorm_bwd(a, s, l > 0); // ln_1, and the previous layer's fc_proj bias gradient
     }
 }
