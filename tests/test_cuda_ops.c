@@ -257,6 +257,21 @@ static void expect_close(struct pair *p, struct buf *b, double tol, const char *
     cr_expect(r < tol, "[%s] %s: error %.3g exceeds %.1g", tp_dtype_name(p->dt), what, r, tol);
 }
 
+// A sum the GPU added into sum (C floats; start: its values before the op) must be the column sums
+// of rows (n, C), both as downloaded into h: within float rounding of the sums in double.
+static void expect_sums_of_stored(const struct pair *p, const struct buf *sum, const double *start,
+                                  const struct buf *rows, size_t n, size_t C, const char *what) {
+    double dm = 0.0, wm = 0.0;
+    for (size_t c = 0; c < C; c++) {
+        double want = start[c];
+        for (size_t r = 0; r < n; r++) want += rows->h[r * C + c];
+        dm = fmax(dm, fabs(sum->h[c] - want));
+        wm = fmax(wm, fabs(want));
+    }
+    cr_expect(dm <= 1e-5 * wm, "[%s] %s: %.3g from the column sums of the stored rows", tp_dtype_name(p->dt), what,
+              dm / wm);
+}
+
 // ---- memory, copies and conversions
 
 static void run_alloc_copy_zero(struct pair *p) {
@@ -565,15 +580,7 @@ static void run_layernorm(struct pair *p) {
         expect_close(p, &dsum, tol_for(p, TOL), what);
         // and it is the column sums of dinp as the GPU stored it (in bf16, rounded): both were
         // downloaded into h by the comparisons above
-        double dm = 0.0, wm = 0.0;
-        for (int r = 0; r < N; r++)
-            for (int c = 0; c < C; c++) want[c] += dinp.h[(size_t)r * C + c];
-        for (int c = 0; c < C; c++) {
-            dm = fmax(dm, fabs(dsum.h[c] - want[c]));
-            wm = fmax(wm, fabs(want[c]));
-        }
-        cr_expect(dm <= 1e-5 * wm, "[%s] layernorm_bwd dsum N=%d C=%d: %.3g from the sums of the stored dinp",
-                  tp_dtype_name(p->dt), N, C, dm / wm);
+        expect_sums_of_stored(p, &dsum, want, &dinp, (size_t)N, (size_t)C, what);
         free(want);
         struct buf *all[] = {&inp, &w, &b, &out, &mean, &rstd, &dout, &dinp, &dw, &db, &dsum};
         for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) buf_free(p, all[k]);
@@ -880,14 +887,7 @@ static void attention_case(struct pair *p, int B, int T, int NH, int HS) {
     snprintf(what, sizeof what, "attention_bwd dqkv_sum B=%d T=%d NH=%d HS=%d", B, T, NH, HS);
     expect_close(p, &dsum, tol, what);
     // and it is the column sums of dqkv as the GPU stored it (both downloaded into h above)
-    double dm = 0.0, wm = 0.0;
-    for (size_t r = 0; r < (size_t)B * T; r++)
-        for (size_t c = 0; c < C3; c++) want[c] += dqkv.h[r * C3 + c];
-    for (size_t c = 0; c < C3; c++) {
-        dm = fmax(dm, fabs(dsum.h[c] - want[c]));
-        wm = fmax(wm, fabs(want[c]));
-    }
-    cr_expect(dm <= 1e-5 * wm, "[%s] %s: %.3g from the sums of the stored dqkv", tp_dtype_name(p->dt), what, dm / wm);
+    expect_sums_of_stored(p, &dsum, want, &dqkv, (size_t)B * T, C3, what);
     free(want);
     buf_free(p, &dsum);
 
