@@ -266,8 +266,8 @@ void cuda_attention_fwd(void *ctx, void *out, float *saved, float *scratch,
 }
 
 // dqkv_sum: by the Hopper kernels as they write dqkv (TPTRAIN_ATTN_BWD_SUMS=fused, where they run),
-// else by gemm.cu's column sums over dqkv afterwards (the order qkv's weight gradient summed its
-// bias gradient in, so the same bits as before the sums moved here).
+// else over dqkv afterwards as a bias gradient is (cuda_bias_colsum: the same bits qkv's weight
+// gradient gave it before the sums moved here).
 void cuda_attention_bwd(void *ctx, void *dqkv, float *dqkv_sum, float *scratch, const void *dout,
                         const void *qkv, const void *out, const float *saved, int B,
                         int T, int NH, int HS) {
@@ -278,7 +278,7 @@ void cuda_attention_bwd(void *ctx, void *dqkv, float *dqkv_sum, float *scratch, 
         // the probabilities are saved; the output itself is not needed
         attn_naive_bwd(c, (float *)dqkv, scratch, (const float *)dout, (const float *)qkv, saved,
                        B, T, NH, HS);
-        if (dqkv_sum) cuda_colsum_acc(c, dqkv_sum, dqkv, false, N, 3 * C);
+        if (dqkv_sum) cuda_bias_colsum(c, dqkv_sum, dqkv, N, 3 * C);
         return;
     }
     const bf16 *x = (const bf16 *)qkv; // (B, T, 3 * NH * HS)
@@ -292,11 +292,7 @@ void cuda_attention_bwd(void *ctx, void *dqkv, float *dqkv_sum, float *scratch, 
                                          out, saved, scratch, B, T, NH, HS, 3 * C, C, sums ? dqkv_sum : NULL, sums,
                                          &summed);
     FLASH_CHECK(rc, "flash_attention_bwd (attention_bwd)", B, T, NH, HS);
-    if (dqkv_sum && !summed) {
-        int r = gemm_colsum(c->gemm, dqkv_sum, dx, N, 3 * C);
-        if (r == GEMM_EBADARG) cuda_colsum_acc(c, dqkv_sum, dx, true, N, 3 * C);
-        else if (r != GEMM_OK) GEMM_DIE(c, r, "gemm_colsum (attention dqkv sums)", N, 3 * C, 3 * C);
-    }
+    if (dqkv_sum && !summed) cuda_bias_colsum(c, dqkv_sum, dx, N, 3 * C);
 }
 
 const char *cuda_attention_path(void *ctx, int HS) {

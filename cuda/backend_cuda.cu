@@ -303,6 +303,12 @@ static bool overlap_sms_from_env(int sm_count, int *out, char *err, size_t errle
     return true;
 }
 
+// Whether the environment sets name to value.
+static bool env_is(const char *name, const char *value) {
+    const char *v = getenv(name);
+    return v && strcmp(v, value) == 0;
+}
+
 extern "C" int backend_cuda_device_count(void) {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -368,17 +374,11 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
         free(c);
         return false;
     }
-    {
-        // mesh.c has checked the values: rows (the default) or pipelined
-        const char *v = getenv("TPTRAIN_LN_BWD");
-        c->ln_bwd_pipelined = v && strcmp(v, "pipelined") == 0;
-        v = getenv("TPTRAIN_EMB_BWD"); // tiles (the default) or sorted
-        c->emb_bwd_sorted = v && strcmp(v, "sorted") == 0;
-        v = getenv("TPTRAIN_STEP_GRAPH"); // 0 (the default) or 1
-        c->step_graphs = v && strcmp(v, "1") == 0;
-        v = getenv("TPTRAIN_ATTN_BWD_SUMS"); // after (the default) or fused
-        c->attn_bwd_sums = v && strcmp(v, "fused") == 0;
-    }
+    // the kernel switches (mesh.c has checked their values; unset is the first of each)
+    c->ln_bwd_pipelined = env_is("TPTRAIN_LN_BWD", "pipelined"); // or rows
+    c->emb_bwd_sorted = env_is("TPTRAIN_EMB_BWD", "sorted");      // or tiles
+    c->step_graphs = env_is("TPTRAIN_STEP_GRAPH", "1");           // or 0
+    c->attn_bwd_sums = env_is("TPTRAIN_ATTN_BWD_SUMS", "fused");  // or after
     step = "cudaStreamCreateWithFlags";
     if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)
         goto cuda_fail;

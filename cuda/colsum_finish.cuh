@@ -28,3 +28,11 @@ static __global__ void colsum2_finish_kernel(float *out0, const float *p0, float
         out[c] += t;
     }
 }
+
+// The launch of colsum2_finish_kernel on st for one column sum (out0 += the sum of p0's nchunks rows
+// of C) or, with out1, two; the caller checks the launch.
+static inline void colsum_finish(cudaStream_t st, int nchunks, int C, float *out0, const float *p0,
+                                 float *out1 = NULL, const float *p1 = NULL) {
+    dim3 grid((unsigned)((C + 31) / 32), out1 ? 2u : 1u);
+    colsum2_finish_kernel<<<grid, dim3(32, 32), 0, st>>>(out0, p0, out1 ? out1 : out0, out1 ? p1 : p0, nchunks, C);
+}

@@ -311,6 +311,7 @@ void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, float *dsum
                         const void *inp, const void *w, const float *mean, const float *rstd, int N,
                         int C);
 void cuda_colsum_acc(struct cuda_ctx *c, float *out, const void *x, bool bf, int N, int C);
+void cuda_bias_colsum(struct cuda_ctx *c, float *out, const void *x, int N, int C);
 void cuda_residual_layernorm_fwd(void *ctx, void *out, void *ln, float *mean, float *rstd,
                                  const void *res, const void *x, const void *bias,
                                  const void *w, const void *b, int N, int C);

@@ -1633,10 +1633,8 @@ static int f9_bwd_fused_launch(cudaStream_t st, f9_bf16 *dq, f9_bf16 *dk, f9_bf1
     f9_bwd_post_kernel<D, true><<<(unsigned)tiles, F9_NT, 0, st>>>(dq, acc, T, NH, nq64, (size_t)qkv_stride, scale,
                                                                     qsum);
     // dsum (q, then k and v; C each) += the partial rows, added in order
-    colsum2_finish_kernel<<<dim3((unsigned)((C + 31) / 32), 1), dim3(32, 32), 0, st>>>(dsum, qsum, dsum, qsum,
-                                                                                         B * nq64, C);
-    colsum2_finish_kernel<<<dim3((unsigned)((2 * C + 31) / 32), 1), dim3(32, 32), 0, st>>>(
-        dsum + C, kvsum, dsum + C, kvsum, B * n16, 2 * C);
+    colsum_finish(st, B * nq64, C, dsum, qsum);
+    colsum_finish(st, B * n16, 2 * C, dsum + C, kvsum);
     return cudaGetLastError() == cudaSuccess ? 3 : 2;
 }
 

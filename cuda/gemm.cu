@@ -261,8 +261,7 @@ static void colsum_run(struct gemm_ctx *g, float *out, const __nv_bfloat16 *x, i
     dim3 grid((unsigned)nchunks, (unsigned)((OC + CS_COLS - 1) / CS_COLS));
     colsum_partial_kernel<<<grid, CS_COLS, 0, g->stream>>>(partial, x, N, OC, rows);
     // out += the chunks' sums, added in a fixed order 32 loads in flight per column
-    colsum2_finish_kernel<<<dim3((unsigned)((OC + 31) / 32), 1), dim3(32, 32), 0, g->stream>>>(
-        out, partial, out, partial, nchunks, OC);
+    colsum_finish(g->stream, nchunks, OC, out, partial);
 }
 
 // Scratch floats a key needs: column-sum partials (nchunks rows of the summed matrix's columns, or
@@ -433,8 +432,7 @@ static cublasStatus_t entry_run(struct gemm_ctx *g, struct gemm_entry *e,
                         : gemm_sm90_fwd(g->stream, c->out, c->b, c->a, bias, k->N, k->IC, k->OC);
         if (rc == 0 && dsum) { // the kernel's partial rows added in order, or (a kind that does not sum) ours
             if (rows > 0)
-                colsum2_finish_kernel<<<dim3((unsigned)((k->IC + 31) / 32), 1), dim3(32, 32), 0, g->stream>>>(
-                    c->dbias, g->scratch, c->dbias, g->scratch, rows, k->IC);
+                colsum_finish(g->stream, rows, k->IC, c->dbias, g->scratch);
             else
                 colsum_run(g, c->dbias, (const __nv_bfloat16 *)c->out, k->N, k->IC);
             if (cudaGetLastError() != cudaSuccess) return CUBLAS_STATUS_EXECUTION_FAILED;

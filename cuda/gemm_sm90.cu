@@ -964,8 +964,9 @@ static int gs_launch_kind(cudaStream_t st, const gs_maps &m, void *out, void *au
         const char *e = getenv("TPTRAIN_GEMM_SM90_CLUSTER");
         allowed = !(e && strcmp(e, "0") == 0);
     }
-    return allowed && (M / GS_BM) % 2 == 0 ? gs_launch_cl<MODE, BIAS, 2, KIND>(st, m, out, aux, bias, M, K, NN, colsum)
-                                           : gs_launch_cl<MODE, BIAS, 1, KIND>(st, m, out, aux, bias, M, K, NN, colsum);
+    if (allowed && (M / GS_BM) % 2 == 0)
+        return gs_launch_cl<MODE, BIAS, 2, KIND>(st, m, out, aux, bias, M, K, NN, colsum);
+    return gs_launch_cl<MODE, BIAS, 1, KIND>(st, m, out, aux, bias, M, K, NN, colsum);
 }
 
 // colsum: asked of the staged GS_BWD_DGELU kernel; *colsum_rows gets the partial rows it wrote (0
@@ -993,35 +994,36 @@ static bool gs_aligned(const void *const *p, int n) {
     return true;
 }
 
-extern "C" int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void *inp, const void *w,
-                                  const void *bias, int N, int IC, int OC) {
+// The two forwards' checks and tensor maps: with pre, the GELU forward (any kind); without, the
+// plain one (the staged kernel only).
+static int gs_forward(void *stream, void *out, void *pre, const void *inp, const void *w, const void *bias, int N,
+                      int IC, int OC) {
     const void *ptrs[5] = {out, pre, inp, w, bias};
-    if (N <= 0 || N % GS_BM || OC <= 0 || OC % GS_BN || IC <= 0 || IC % GS_BK || !out || !pre || !inp || !w ||
+    if (N <= 0 || N % GS_BM || OC <= 0 || OC % GS_BN || IC <= 0 || IC % GS_BK || !out || !inp || !w ||
         !gs_aligned(ptrs, 5))
         return 1;
     gs_maps m;
     if (!f9_tensor_map(&m.a, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&m.b, w, IC, OC, 1, IC, 64) ||
-        !f9_tensor_map(&m.out, out, OC, N, 1, OC, GS_BM) || !f9_tensor_map(&m.aux, pre, OC, N, 1, OC, GS_BM))
+        !f9_tensor_map(&m.out, out, OC, N, 1, OC, GS_BM) ||
+        (pre && !f9_tensor_map(&m.aux, pre, OC, N, 1, OC, GS_BM)))
         return 1;
     cudaStream_t st = (cudaStream_t)stream;
-    return bias ? gs_launch<GS_FWD_GELU, true>(st, m, out, pre, bias, N, IC, OC)
-                : gs_launch<GS_FWD_GELU, false>(st, m, out, pre, bias, N, IC, OC);
+    if (pre)
+        return bias ? gs_launch<GS_FWD_GELU, true>(st, m, out, pre, bias, N, IC, OC)
+                    : gs_launch<GS_FWD_GELU, false>(st, m, out, pre, bias, N, IC, OC);
+    m.aux = m.out; // not read
+    return bias ? gs_launch_kind<GS_FWD_PLAIN, true, GS_STAGED>(st, m, out, NULL, bias, N, IC, OC)
+                : gs_launch_kind<GS_FWD_PLAIN, false, GS_STAGED>(st, m, out, NULL, bias, N, IC, OC);
+}
+
+extern "C" int gemm_sm90_fwd_gelu(void *stream, void *out, void *pre, const void *inp, const void *w,
+                                  const void *bias, int N, int IC, int OC) {
+    return pre ? gs_forward(stream, out, pre, inp, w, bias, N, IC, OC) : 1;
 }
 
 extern "C" int gemm_sm90_fwd(void *stream, void *out, const void *inp, const void *w, const void *bias, int N,
                              int IC, int OC) {
-    const void *ptrs[4] = {out, inp, w, bias};
-    if (N <= 0 || N % GS_BM || OC <= 0 || OC % GS_BN || IC <= 0 || IC % GS_BK || !out || !inp || !w ||
-        !gs_aligned(ptrs, 4))
-        return 1;
-    gs_maps m;
-    if (!f9_tensor_map(&m.a, inp, IC, N, 1, IC, GS_BM) || !f9_tensor_map(&m.b, w, IC, OC, 1, IC, 64) ||
-        !f9_tensor_map(&m.out, out, OC, N, 1, OC, GS_BM))
-        return 1;
-    m.aux = m.out; // not read
-    cudaStream_t st = (cudaStream_t)stream;
-    return bias ? gs_launch_kind<GS_FWD_PLAIN, true, GS_STAGED>(st, m, out, NULL, bias, N, IC, OC)
-                : gs_launch_kind<GS_FWD_PLAIN, false, GS_STAGED>(st, m, out, NULL, bias, N, IC, OC);
+    return gs_forward(stream, out, NULL, inp, w, bias, N, IC, OC);
 }
 
 extern "C" int gemm_sm90_bwd_dgelu(void *stream, void *dinp, const void *dout, const void *w, const void *pre,

@@ -475,8 +475,7 @@ static void ln_bwd_generic(struct cuda_ctx *c, E *dinp, float *dw, float *db, co
     layernorm_bwd_partial_kernel<E><<<grid, TPC_BLOCK, 0, c->stream>>>(pw, pb, dout, inp, mean,
                                                                        rstd, N, C);
     CUDA_CHECK_LAUNCH("layernorm_bwd_partial_kernel");
-    colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 2), dim3(32, 32), 0, c->stream>>>(
-        dw, pw, db, pb, (int)nchunks, C);
+    colsum_finish(c->stream, (int)nchunks, C, dw, pw, db, pb);
     CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dw, db)");
 }
 
@@ -492,8 +491,7 @@ static void ln_bwd_bf16_launch(struct cuda_ctx *c, bf16 *dinp, float *dw, float 
     layernorm_bwd_bf16_kernel<VPL><<<nblocks, TPC_BLOCK, smem, c->stream>>>(
         dinp, pw, pb, dout, inp, w, mean, rstd, N, C);
     CUDA_CHECK_LAUNCH("layernorm_bwd_bf16_kernel");
-    dim3 grid(tpc_blocks((size_t)C, 32), 2);
-    colsum2_finish_kernel<<<grid, dim3(32, 32), 0, c->stream>>>(dw, pw, db, pb, (int)nblocks, C);
+    colsum_finish(c->stream, (int)nblocks, C, dw, pw, db, pb);
     CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dw, db)");
 }
 
@@ -517,12 +515,10 @@ static void ln_bwd_pipelined_launch(struct cuda_ctx *c, bf16 *dinp, float *dw, f
         dinp, part, dout, inp, w, mean, rstd, N, C);
     CUDA_CHECK_LAUNCH("layernorm_bwd_pipelined_kernel");
     size_t stride = (size_t)nblocks * C;
-    colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 2), dim3(32, 32), 0, c->stream>>>(
-        dw, part, db, part + stride, (int)nblocks, C);
+    colsum_finish(c->stream, (int)nblocks, C, dw, part, db, part + stride);
     CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dw, db)");
     if (NS == 3) {
-        colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 1), dim3(32, 32), 0, c->stream>>>(
-            dsum, part + 2 * stride, dsum, part + 2 * stride, (int)nblocks, C);
+        colsum_finish(c->stream, (int)nblocks, C, dsum, part + 2 * stride);
         CUDA_CHECK_LAUNCH("colsum2_finish_kernel (layernorm dsum)");
     }
 }
@@ -536,9 +532,8 @@ static void ln_bwd_pipelined(struct cuda_ctx *c, bf16 *dinp, float *dw, float *d
 }
 
 // The backward of the bf16 register kernels: the pipelined kernel, which sums dsum itself, or the
-// one-row kernel, after which dsum is summed from dinp by gemm.cu's column sums (the order a
-// linear layer's bias gradient is summed in; for any C, cuda_colsum_acc). false where C or an
-// alignment does not suit them.
+// one-row kernel, after which dsum is summed from dinp as a bias gradient is (cuda_bias_colsum).
+// false where C or an alignment does not suit them.
 static bool ln_bwd_bf16_registers(struct cuda_ctx *c, bf16 *dx, float *dw, float *db, float *dsum,
                                   const bf16 *dy, const bf16 *x, const bf16 *wb, const float *mean,
                                   const float *rstd, int N, int C) {
@@ -570,11 +565,7 @@ static bool ln_bwd_bf16_registers(struct cuda_ctx *c, bf16 *dx, float *dw, float
     case 8: ln_bwd_bf16_launch<8>(c, dx, dw, db, dy, x, wb, mean, rstd, N, C); break;
     default: return false;
     }
-    if (dsum) {
-        int rc = gemm_colsum(c->gemm, dsum, dx, N, C);
-        if (rc == GEMM_EBADARG) cuda_colsum_acc(c, dsum, dx, true, N, C);
-        else if (rc != GEMM_OK) GEMM_DIE(c, rc, "gemm_colsum (layernorm dsum)", N, C, C);
-    }
+    if (dsum) cuda_bias_colsum(c, dsum, dx, N, C);
     return true;
 }
 
@@ -586,14 +577,14 @@ void cuda_layernorm_bwd(void *ctx, void *dinp, float *dw, float *db, float *dsum
     if (!is_bf16(c)) {
         ln_bwd_generic(c, (float *)dinp, dw, db, (const float *)dout, (const float *)inp,
                        (const float *)w, mean, rstd, N, C);
-        if (dsum) cuda_colsum_acc(c, dsum, dinp, false, N, C);
+        if (dsum) cuda_bias_colsum(c, dsum, dinp, N, C);
         return;
     }
     bf16 *dx = (bf16 *)dinp;
     const bf16 *dy = (const bf16 *)dout, *x = (const bf16 *)inp, *wb = (const bf16 *)w;
     if (ln_bwd_bf16_registers(c, dx, dw, db, dsum, dy, x, wb, mean, rstd, N, C)) return;
     ln_bwd_generic(c, dx, dw, db, dy, x, wb, mean, rstd, N, C);
-    if (dsum) cuda_colsum_acc(c, dsum, dx, true, N, C);
+    if (dsum) cuda_bias_colsum(c, dsum, dx, N, C);
 }
 
 

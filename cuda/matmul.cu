@@ -80,9 +80,20 @@ void cuda_colsum_acc(struct cuda_ctx *c, float *out, const void *x, bool bf, int
     else
         colsum_partial_kernel<float><<<grid, TPC_BLOCK, 0, c->stream>>>(part, (const float *)x, N, C);
     CUDA_CHECK_LAUNCH("colsum_partial_kernel (dbias)");
-    colsum2_finish_kernel<<<dim3(tpc_blocks((size_t)C, 32), 1), dim3(32, 32), 0, c->stream>>>(
-        out, part, out, part, (int)nchunks, C);
+    colsum_finish(c->stream, (int)nchunks, C, out, part);
     CUDA_CHECK_LAUNCH("colsum2_finish_kernel (dbias)");
+}
+
+// out (C) += the column sums of x (N, C) in the compute type, as a linear layer's bias gradient is
+// summed: in bf16 by gemm.cu's column sums (gemm_bwd_weight's order, so the same bits as a bias
+// gradient the product summed) where the shape suits them, else, and in fp32, cuda_colsum_acc.
+void cuda_bias_colsum(struct cuda_ctx *c, float *out, const void *x, int N, int C) {
+    if (is_bf16(c)) {
+        int rc = gemm_colsum(c->gemm, out, x, N, C);
+        if (rc == GEMM_OK) return;
+        if (rc != GEMM_EBADARG) GEMM_DIE(c, rc, "gemm_colsum (a bias gradient)", N, C, C);
+    }
+    cuda_colsum_acc(c, out, x, is_bf16(c), N, C);
 }
 
 static void matmul_fwd_f32(struct cuda_ctx *c, float *out, float *pre_gelu, const float *inp,

@@ -3,18 +3,18 @@
 // choice the model's products get), against the matrix ceiling measured in the same run. With
 // shapes after the config, those instead: each one's three passes with the MLP's epilogues
 // (forward with bias + GELU, input gradient with GELU's derivative and its column sums, weight
-// gradient with the bias gradient) and the forward with the bias alone, once per call, so that a product can be followed
-// across sizes (say, K = IC swept at fixed N and OC) on the config's backend, device and precision,
-// and what the GELU epilogue adds seen beside it.
+// gradient with the bias gradient) and the forward with the bias alone, once per call, so that a
+// product can be followed across sizes (say, K = IC swept at fixed N and OC) on the config's
+// backend, device and precision, and what the GELU epilogue adds seen beside it.
 //
 // A step's products are, per layer and micro-step, the forward, input-gradient and weight-gradient
 // products of qkv (column-parallel, bias), attention's output projection (row-parallel), fc
 // (column-parallel, bias and GELU) and the MLP's output projection (row-parallel, GELU's derivative
 // on its input gradient, whose column sums are fc's bias gradient), and per chunk of the fused LM
 // head the logits, their input gradient and the tied weight's gradient. (qkv's bias gradient is
-// summed by the attention backward, the projections' by the layernorm backward.) Each row of the report is one shape with its epilogue:
-// ms per call, TFLOP/s, the share of the ceiling, and ms per step (calls x ms), so that the rows
-// say which shapes hold the step back and by how much.
+// summed by the attention backward, the projections' by the layernorm backward.) Each row of the
+// report is one shape with its epilogue: ms per call, TFLOP/s, the share of the ceiling, and ms
+// per step (calls x ms), so that the rows say which shapes hold the step back and by how much.
 //
 // Sections: products, timing, report, entry point.
 #include <math.h>
