@@ -567,9 +567,9 @@ Test(bench, model_two_ranks_times_communication) {
 
 static void expect_usage_error(int np, const char *args, const char *needle);
 
-// Shapes after the config replace the step's products: each shape's three passes with the fc
-// layer's epilogues and its forward with the bias alone, one call each, in the order given; a bad
-// shape exits 2 naming it.
+// Shapes after the config replace the step's products: each shape's three passes with the MLP's
+// epilogues and its forward with the bias alone, one call each, in the order given; a bad shape
+// exits 2 naming it.
 Test(bench, gemm_times_the_shapes_given) {
     static const int shapes[2][3] = {{64, 32, 128}, {128, 64, 32}};
     static const char *const pass[4] = {"fwd", "fwd bias", "bwd data", "bwd weight"};

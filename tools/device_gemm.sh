@@ -6,11 +6,11 @@
 # Builds tptrain and the gemm suite in build-gpu, runs the suite (every own-kernel case), the
 # sm90 cases under compute-sanitizer memcheck, then `tptrain --bench gemm` on GEMM_CONFIGS with
 # cuBLASLt (TPTRAIN_GEMM_SM90=0) and with the own kernels (128 x 128 tiles with each
-# TPTRAIN_GEMM_SM90_EPILOGUE, the staged one also with TPTRAIN_GEMM_SM90_TURN=issued and with the plain
-# forwards too (TPTRAIN_GEMM_SM90_PLAIN=1, both turns); the 128 x 256 tiles of TPTRAIN_GEMM_SM90_TILE=256 with three stages
-# and four), GEMM_ROUNDS rounds alternating, the fc products across K (GEMM_SWEEP, N x IC x OC
-# shapes: the share of the ceiling per way), and `--bench model` on MODEL_CONFIG the same ways and
-# with TPTRAIN_GEMM_SM90=auto. Prints a line per run (the fc forward and the MLP projection's
+# TPTRAIN_GEMM_SM90_EPILOGUE, the staged one also with TPTRAIN_GEMM_SM90_TURN=issued and with the
+# plain forwards too (TPTRAIN_GEMM_SM90_PLAIN=1, both turns); the 128 x 256 tiles of
+# TPTRAIN_GEMM_SM90_TILE=256 with three stages and four), GEMM_ROUNDS rounds alternating, the fc
+# products across K (GEMM_SWEEP, N x IC x OC shapes: the share of the ceiling per way), and
+# `--bench model` on MODEL_CONFIG the same ways and with TPTRAIN_GEMM_SM90=auto. Prints a line per run (the fc forward and the MLP projection's
 # input gradient in ms per call, all products in ms per step), then (NCU=1, the default) Nsight
 # Compute's view of the own kernels at 124M each way; full logs under
 # ${OUT:-/tmp/out}/gemm_logs.tar.gz. Extra variables for every run (e.g.
