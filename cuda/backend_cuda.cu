@@ -375,7 +375,7 @@ extern "C" bool backend_cuda_create(struct backend *out, int device, enum tp_dty
         return false;
     }
     // the kernel switches (mesh.c has checked their values; unset is the first of each)
-    c->ln_bwd_pipelined = env_is("TPTRAIN_LN_BWD", "pipelined"); // or rows
+    c->ln_bwd_pipelined = !env_is("TPTRAIN_LN_BWD", "rows");     // or pipelined (the default)
     c->emb_bwd_sorted = env_is("TPTRAIN_EMB_BWD", "sorted");      // or tiles
     c->step_graphs = env_is("TPTRAIN_STEP_GRAPH", "1");           // or 0
     c->attn_bwd_sums = env_is("TPTRAIN_ATTN_BWD_SUMS", "fused");  // or after

@@ -122,6 +122,7 @@ struct gemm_ctx {
                           // and GELU' epilogue products: 0 never, 1 always (TPTRAIN_GEMM_SM90=1), 2 where
                           // timed faster than cuBLASLt (auto)
     bool sm90_plain;      // and, the same way, the forwards with the bias or nothing (TPTRAIN_GEMM_SM90_PLAIN=1)
+    bool untimed;         // TPTRAIN_GEMM_TUNE=0: cuBLASLt's first heuristic answer, the same in every process
     bool last_own;        // whether the last execute() ran an own entry
     const char *last_fwd; // what computed the last gemm_fwd (gemm_last_fwd_path)
     const char *last_bwd_data; // and the last gemm_bwd_data
@@ -740,9 +741,9 @@ static int lookup(struct gemm_ctx *g, const struct gemm_key *k, const struct gem
     }
 
     struct gemm_call tc = *c;
-    bool timing = true;
+    bool timing = !g->untimed;
     void *dw_copy = NULL;
-    if (k->product == GP_BWD_WEIGHT) {
+    if (timing && k->product == GP_BWD_WEIGHT) {
         size_t bytes = (size_t)k->IC * (size_t)k->OC * sizeof(float);
         if (cudaMalloc(&dw_copy, bytes) != cudaSuccess ||
             cudaMemcpyAsync(dw_copy, c->out, bytes, cudaMemcpyDeviceToDevice, g->stream) !=
@@ -825,6 +826,8 @@ extern "C" struct gemm_ctx *gemm_create(void *stream, size_t workspace_bytes, ch
         return NULL;
     }
     g->last_fwd = g->last_bwd_data = "";
+    const char *tune_env = getenv("TPTRAIN_GEMM_TUNE");
+    g->untimed = tune_env && strcmp(tune_env, "0") == 0;
 #ifdef FA_HAVE_SM90
     const char *own = getenv("TPTRAIN_GEMM_SM90");
     int dev = 0, major = 0, minor = 0;

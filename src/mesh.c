@@ -80,6 +80,8 @@ static bool overlap_sms_well_formed(char *err, size_t errlen) {
 static const struct {
     const char *name, *values[3], *what;
 } choice_variables[] = {
+    {"TPTRAIN_GEMM_TUNE", {"0", "1"}, "whether the products' algorithms are chosen by timing (1) or are "
+                                      "cuBLASLt's first heuristic answer, the same in every process (0)"},
     {"TPTRAIN_GEMM_SM90", {"0", "1", "auto"}, "whether the products with a GELU epilogue run tptrain's Hopper "
                                                "kernels: never, always, or where timed faster"},
     {"TPTRAIN_GEMM_SM90_EPILOGUE", {"registers", "tma"}, "how tptrain's Hopper GELU products write their tiles"},
@@ -98,7 +100,7 @@ static const struct {
     {"TPTRAIN_ATTN_KV_STAGES", {"1", "2"}, "the Hopper attention backward's stages of key and value tiles"},
     {"TPTRAIN_ATTN_BWD_ORDER", {"heads", "longest"}, "the Hopper attention backward's walk over the work"},
     {"TPTRAIN_ATTN_EXP2", {"mufu", "mixed"}, "how the Hopper attention forward computes its exponentials"},
-    {"TPTRAIN_LN_BWD", {"rows", "pipelined"}, "the bf16 layernorm backward's kernel"},
+    {"TPTRAIN_LN_BWD", {"pipelined", "rows"}, "the bf16 layernorm backward's kernel"},
     {"TPTRAIN_EMB_BWD", {"tiles", "sorted"}, "the token embedding backward's kernel"},
     {"TPTRAIN_STEP_GRAPH", {"0", "1"}, "whether a step's forward and backward run as one CUDA graph"},
     {"TPTRAIN_ATTN_BWD_SUMS", {"after", "fused"}, "where qkv's bias gradient is summed on the GPU"},

@@ -250,6 +250,7 @@ Test(cli, bad_backend_variables) {
     expect_bad_variable("TPTRAIN_ATTN_EXP2=poly");
     expect_bad_variable("TPTRAIN_EMB_BWD=sort");
     expect_bad_variable("TPTRAIN_STEP_GRAPH=yes");
+    expect_bad_variable("TPTRAIN_GEMM_TUNE=off");
     expect_bad_variable("TPTRAIN_ATTN_BWD_SUMS=inside");
 }
 

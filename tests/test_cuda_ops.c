@@ -601,8 +601,8 @@ Test(cuda_bf16, layernorm) {
     pair_close(&p);
 }
 
-// The backward's other bf16 kernel (the next row in flight, dsum summed in it)
-Test(cuda_bf16, layernorm_pipelined) { run_with("TPTRAIN_LN_BWD", "pipelined", TP_DTYPE_BF16, 4, run_layernorm); }
+// The backward's other bf16 kernel (one row at a time per warp; the default is the pipelined one)
+Test(cuda_bf16, layernorm_rows) { run_with("TPTRAIN_LN_BWD", "rows", TP_DTYPE_BF16, 4, run_layernorm); }
 
 // ---- linear layers
 
@@ -1933,7 +1933,7 @@ Test(cuda_bf16, deterministic) {
 
 Test(cuda_bf16, deterministic_new_kernels) {
     cr_assert_eq(setenv("TPTRAIN_EMB_BWD", "sorted", 1), 0);
-    run_with("TPTRAIN_LN_BWD", "pipelined", TP_DTYPE_BF16, 12, run_deterministic);
+    run_with("TPTRAIN_LN_BWD", "rows", TP_DTYPE_BF16, 12, run_deterministic);
 }
 
 // ---- NCCL on one rank
